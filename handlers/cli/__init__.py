@@ -1,0 +1,44 @@
+"""`imagen`: the command line. One module per subcommand group.
+
+Settings are read from the environment once, here, and handed to each subcommand through
+click's context (`ctx.obj`); each subcommand's options override them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from handlers.errors import ConfigError
+from handlers.settings import Settings
+from image.errors import ImagenError
+
+
+class _Group(click.Group):
+    """Turns imagen's own errors into one readable line and exit code 1, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ImagenError as error:
+            click.echo(f"imagen: {type(error).__name__}: {error}", err=True)
+            sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="imagen")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Run Hugging Face image models on Google Cloud Storage events."""
+    ctx.obj = Settings.from_env()
+
+
+def _register() -> None:
+    from handlers.cli import models, process, run, serve, worker
+
+    for module in (models, process, run, serve, worker):
+        main.add_command(module.command)
+
+
+_register()

@@ -1,0 +1,64 @@
+"""`imagen process gs://bucket/object`: one job, run now (Cloud Run Jobs, debugging)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from handlers.cli.options import param_options
+from handlers.logs import configure_logging
+
+
+@click.command("process")
+@click.argument("source")
+@click.option("--operation", help="Operation or chain; default: from the object's folder or metadata.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--output", help="Explicit output gs:// URI (in the output bucket).")
+@click.pass_obj
+def command(settings, source, operation, params, output):
+    """Run one job on SOURCE now; exit non-zero if it fails."""
+    from handlers import routing
+    from handlers.clients import storage_client
+    from handlers.errors import ConfigError
+    from handlers.events import FINALIZE, ObjectEvent, parse_gs_uri
+    from handlers.service import build_engine, build_processor
+    from handlers.storage import Store
+    from image.params import parse_chain
+
+    configure_logging()
+    bucket, name = parse_gs_uri(source)
+    layout = routing.Layout.from_settings(settings)
+    if operation:
+        job = routing.Job(
+            bucket=bucket,
+            name=name,
+            generation=None,
+            operation=operation,
+            params=param_options(params),
+            rel_path=routing.route_request_rel_path(name, layout),
+            output=parse_gs_uri(output) if output else None,
+            origin="cli",
+        )
+    else:
+        if params or output:
+            raise ConfigError("--param and --output need --operation")
+        state = Store(storage_client(settings)).stat(bucket, name)
+        if state is None:
+            raise ConfigError(f"{source} does not exist")
+        event = ObjectEvent(FINALIZE, bucket, name, str(state.generation), state.metadata, state.size)
+        job = routing.route_event(event, layout)
+        if isinstance(job, routing.Ignored):
+            raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
+    chain = parse_chain(job.operation) if job.operation else None
+    engine = build_engine(settings, operations=chain or settings.operations)
+    settings = settings.replace(operations=tuple(chain) if chain else None)
+    engine.setup()
+    outcome = build_processor(settings, engine).handle(job)
+    if outcome.status == "succeeded":
+        click.echo(outcome.output)
+    elif outcome.status == "failed":
+        click.echo(f"failed: {outcome.reason}\nreport: {outcome.report}", err=True)
+        sys.exit(1)
+    else:
+        click.echo(f"{outcome.status}: {outcome.reason}")

@@ -1,0 +1,51 @@
+"""`imagen serve`: the HTTP service for Eventarc and Pub/Sub push (Cloud Run)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import click
+
+from handlers.logs import configure_logging
+
+log = logging.getLogger("imagen.serve")
+
+
+@click.command("serve")
+@click.option("--port", type=int, help="Port to listen on [env PORT, default 8080].")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
+@click.option("--threads", default=8, show_default=True, help="HTTP threads (jobs still run one at a time).")
+@click.pass_obj
+def command(settings, port, host, operations, device, threads):
+    """Accept CloudEvents and Pub/Sub push requests at / (plus /healthz and /readyz)."""
+    from functions_framework._http import create_server
+
+    from handlers.http import create_app
+    from handlers.service import build_engine, build_processor
+    from handlers.settings import split_list
+
+    settings = settings.replace(
+        port=port, device=device, operations=split_list(operations) if operations else None
+    )
+    configure_logging()
+    engine = build_engine(settings)
+    processor = build_processor(settings, engine)
+    app = create_app(processor, lambda: engine.state)
+
+    def load_models(*_):
+        # Runs in the serving process after gunicorn forks, so CUDA is initialised there;
+        # /readyz answers 503 until the models are loaded and warm.
+        threading.Thread(target=_setup, args=(engine,), name="imagen-setup", daemon=True).start()
+
+    log.info("serving", extra={"fields": {"port": settings.port, "operations": settings.operations}})
+    create_server(app, False, threads=threads, post_worker_init=load_models).run(host, settings.port)
+
+
+def _setup(engine) -> None:
+    try:
+        engine.setup()
+    except Exception:
+        log.exception("model set-up failed; /readyz will stay 503")

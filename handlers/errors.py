@@ -1,0 +1,56 @@
+"""Cloud-side exceptions, on top of `image.errors`.
+
+    ImagenError                     (image.errors)
+    ├── InputError                  permanent: a failure report, then an ack
+    │   ├── ... image errors ...
+    │   ├── UnsafeObjectName        a name that cannot be mapped safely into the layout
+    │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
+    │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
+    ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
+    ├── ConfigError                 bad settings; raised at start-up, names the variable
+    ├── SourceSuperseded            the event's generation is gone or replaced: skip, ack
+    └── TransientError              worth retrying: 429/5xx, timeouts (HTTP 503, nack)
+        └── PreconditionLost        another writer changed the output first: look again
+
+Only the HTTP edge (`handlers.http`) and the pull worker turn these into transport answers.
+"""
+
+from __future__ import annotations
+
+from image.errors import ImagenError, InputError
+
+
+class UnsafeObjectName(InputError):
+    pass
+
+
+class SourceNotAllowed(InputError):
+    pass
+
+
+class StoragePermanentError(InputError):
+    pass
+
+
+class EventError(ImagenError):
+    """The request or message cannot be parsed; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(ImagenError):
+    pass
+
+
+class TransientError(ImagenError):
+    pass
+
+
+class SourceSuperseded(ImagenError):
+    pass
+
+
+class PreconditionLost(TransientError):
+    pass

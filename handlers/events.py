@@ -1,0 +1,223 @@
+"""Event parsing: pure functions from a raw request or message to what it asks for.
+
+Every transport (Eventarc CloudEvent, Pub/Sub push, Pub/Sub pull, a job message from another
+service) is reduced to one of two plain values:
+
+- `ObjectEvent`: Cloud Storage says something happened to an object;
+- `JobRequest`: another service asks for an operation on an object.
+
+Anything that cannot be parsed raises `EventError` with the reason; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cloudevents.http import from_http
+
+from handlers.errors import EventError
+
+FINALIZE = "finalize"
+# Cloud Storage notification eventType / CloudEvent type -> our event kind.
+_NOTIFICATION_KINDS = {
+    "OBJECT_FINALIZE": FINALIZE,
+    "OBJECT_DELETE": "delete",
+    "OBJECT_ARCHIVE": "archive",
+    "OBJECT_METADATA_UPDATE": "metadata-update",
+}
+_CLOUDEVENT_PREFIX = "google.cloud.storage.object.v1."
+_CLOUDEVENT_KINDS = {
+    "finalized": FINALIZE,
+    "deleted": "delete",
+    "archived": "archive",
+    "metadataUpdated": "metadata-update",
+}
+_JOB_FIELDS = {"source", "operation", "params", "output", "generation"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectEvent:
+    """A Cloud Storage event about one object generation."""
+
+    kind: str  # "finalize", "delete", "archive", "metadata-update", or the raw type
+    bucket: str
+    name: str
+    generation: str | None
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    size: int | None = None  # bytes, when the payload says
+    content_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """A job message published by another service."""
+
+    bucket: str
+    name: str
+    operation: str
+    params: Mapping[str, Any]
+    output: str | None = None  # "gs://bucket/path.png"
+    generation: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A Pub/Sub message, whichever way it arrived."""
+
+    data: bytes
+    attributes: Mapping[str, str]
+    message_id: str | None = None
+    delivery_attempt: int | None = None  # only set when a dead-letter policy exists
+
+
+def parse_gs_uri(uri: Any) -> tuple[str, str]:
+    """`gs://bucket/object` -> (bucket, object)."""
+    if not isinstance(uri, str) or not uri.startswith("gs://"):
+        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    if not bucket or not name:
+        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
+    return bucket, name
+
+
+def is_cloudevent(headers: Mapping[str, str]) -> bool:
+    """True for a CloudEvent in binary (ce-* headers) or structured mode."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    content_type = lowered.get("content-type", "")
+    return "ce-specversion" in lowered or content_type.startswith("application/cloudevents")
+
+
+def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> ObjectEvent:
+    """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> ObjectEvent."""
+    try:
+        event = from_http(dict(headers), body)
+    except Exception as error:  # the SDK raises several unrelated types
+        raise EventError(f"not a valid CloudEvent: {error}") from None
+    event_type = event["type"]
+    if not isinstance(event_type, str) or not event_type.startswith(_CLOUDEVENT_PREFIX):
+        raise EventError(f"not a Cloud Storage CloudEvent: type {event_type!r}")
+    short = event_type[len(_CLOUDEVENT_PREFIX) :]
+    data = event.get_data()
+    if isinstance(data, (bytes, str)):
+        data = _json_object(data, "CloudEvent data")
+    if not isinstance(data, dict):
+        raise EventError("CloudEvent data is not a Cloud Storage object resource")
+    return _object_event(_CLOUDEVENT_KINDS.get(short, short), data)
+
+
+def parse_push_envelope(body: bytes) -> Message:
+    """A Pub/Sub push request body -> Message."""
+    envelope = _json_object(body, "push request body")
+    message = envelope.get("message")
+    if not isinstance(message, dict):
+        raise EventError("push request has no 'message' object")
+    data = message.get("data", "")
+    if not isinstance(data, str):
+        raise EventError("push message 'data' is not a base64 string")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise EventError("push message 'data' is not valid base64") from None
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise EventError("push message 'attributes' is not a map of strings")
+    attempt = envelope.get("deliveryAttempt")
+    if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool)):
+        raise EventError("push 'deliveryAttempt' is not a number")
+    message_id = message.get("messageId") or message.get("message_id")
+    return Message(decoded, attributes, str(message_id) if message_id else None, attempt)
+
+
+def parse_message(message: Message) -> ObjectEvent | JobRequest:
+    """A Pub/Sub message (pushed or pulled) -> a Storage notification or a job message.
+
+    A Storage notification carries `eventType`/`payloadFormat` attributes; a job message does not.
+    """
+    attributes = message.attributes
+    if "eventType" in attributes or "payloadFormat" in attributes:
+        return _parse_notification(message)
+    return _parse_job_message(message.data)
+
+
+def _parse_notification(message: Message) -> ObjectEvent:
+    attributes = message.attributes
+    event_type = attributes.get("eventType", "")
+    kind = _NOTIFICATION_KINDS.get(event_type, event_type or "unknown")
+    if attributes.get("payloadFormat") == "JSON_API_V1" and message.data:
+        resource = _json_object(message.data, "notification payload")
+    else:  # payload NONE: the attributes are all there is
+        resource = {}
+    resource.setdefault("bucket", attributes.get("bucketId"))
+    resource.setdefault("name", attributes.get("objectId"))
+    resource.setdefault("generation", attributes.get("objectGeneration"))
+    return _object_event(kind, resource)
+
+
+def _parse_job_message(data: bytes) -> JobRequest:
+    body = _json_object(data, "job message")
+    unknown = set(body) - _JOB_FIELDS
+    if unknown:
+        raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
+    bucket, name = parse_gs_uri(body.get("source"))
+    operation = body.get("operation")
+    if not isinstance(operation, str) or not operation:
+        raise EventError("job message needs 'operation' (a string such as 'upscale')")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise EventError("job message 'params' must be an object")
+    output = body.get("output")
+    if output is not None:
+        parse_gs_uri(output)
+    return JobRequest(bucket, name, operation, params, output, _generation(body.get("generation")))
+
+
+def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:
+    bucket, name = resource.get("bucket"), resource.get("name")
+    if not isinstance(bucket, str) or not bucket:
+        raise EventError("event does not name a bucket")
+    if not isinstance(name, str) or not name:
+        raise EventError("event does not name an object")
+    metadata = resource.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise EventError("object 'metadata' is not a map")
+    size = resource.get("size")
+    try:
+        size = int(size) if size is not None else None
+    except (TypeError, ValueError):
+        raise EventError(f"object 'size' is not a number: {size!r}") from None
+    content_type = resource.get("contentType")
+    return ObjectEvent(
+        kind=kind,
+        bucket=bucket,
+        name=name,
+        generation=_generation(resource.get("generation")),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+        size=size,
+        content_type=content_type if isinstance(content_type, str) else None,
+    )
+
+
+def _generation(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if isinstance(value, bool) or not text.isdigit() or not text.isascii():
+        raise EventError(f"generation must be a number, got {value!r}")
+    return text
+
+
+def _json_object(raw: bytes | str, what: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise EventError(f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise EventError(f"{what} is not a JSON object")
+    return value

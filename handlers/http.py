@@ -1,0 +1,71 @@
+"""HTTP entry point for `imagen serve`: CloudEvents and Pub/Sub push envelopes at `/`.
+
+Answers (DESIGN.md): 2xx when the job is done, skipped, ignored or failed permanently with its
+report written; 503 for a transient fault or while models load (Pub/Sub and Eventarc retry);
+400 only for a body that cannot be parsed at all (so it ends in the dead-letter topic).
+`GET /healthz` answers while the process lives; `GET /readyz` only once models are warm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import flask
+
+from handlers.errors import EventError, TransientError
+from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
+
+log = logging.getLogger("imagen.http")
+READY = "READY"
+MAX_BODY_BYTES = 10 * 1024 * 1024  # Pub/Sub's own message limit
+
+
+def create_app(processor, state: Callable[[], str]) -> flask.Flask:
+    """A Flask app over `processor`; `state()` returns the engine state (READY when warm)."""
+    app = flask.Flask("imagen")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "alive", "state": state()}
+
+    @app.get("/readyz")
+    def readyz():
+        current = state()
+        return {"state": current}, (200 if current == READY else 503)
+
+    @app.post("/")
+    def receive():
+        current = state()
+        if current != READY:
+            return _answer(503, error=f"not ready: models are {current.lower()}", retry=True)
+        headers, body = dict(flask.request.headers), flask.request.get_data()
+        try:
+            if is_cloudevent(headers):
+                event = parse_cloudevent(headers, body)
+                message_id = flask.request.headers.get("ce-id")
+                attempt = None
+            else:
+                message = parse_push_envelope(body)
+                event = parse_message(message)
+                message_id, attempt = message.message_id, message.delivery_attempt
+        except EventError as error:
+            log.error("unparseable request: %s", error.reason, extra={"fields": {"reason": error.reason}})
+            return _answer(400, error=error.reason)
+        try:
+            outcome = processor.handle(event, message_id=message_id, attempt=attempt)
+        except TransientError as error:
+            return _answer(503, error=str(error), retry=True)
+        except Exception as error:  # a bug: answer 500 so the message is retried, not lost
+            log.exception("unexpected error", extra={"fields": {"message_id": message_id}})
+            return _answer(500, error=f"{type(error).__name__}: {error}")
+        return {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}, 200
+
+    return app
+
+
+def _answer(status: int, *, error: str, retry: bool = False):
+    headers = {"Retry-After": "10"} if retry else {}
+    return {"error": error}, status, headers

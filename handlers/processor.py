@@ -1,0 +1,360 @@
+"""The job processor: one job from event to result.
+
+    duplicate check -> download -> decode and validate -> operation(s) -> encode -> upload
+    -> result message
+
+Every error is classified: permanent ones (`InputError`) end in a failure report and an ack;
+transient ones propagate as `TransientError` so the transport retries (nack / HTTP 503), until
+the delivery attempt reaches MAX_ATTEMPTS, when a failure report ends the retries. The GPU work
+is behind the `engine` seam (`image.engine.Engine`, or a fake in unit tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
+
+from handlers import routing
+from handlers.errors import PreconditionLost, SourceSuperseded, TransientError
+from handlers.events import JobRequest, ObjectEvent
+from handlers.routing import Ignored, Job, Layout
+from handlers.storage import ObjectState, Store
+from image.codec import CONTENT_TYPES, decode_image, encode_image
+from image.errors import ImagenError, InputError, InvalidParameter
+from image.params import canonical_json, default_seed, parse_chain, validate_params
+
+log = logging.getLogger("imagen.processor")
+
+# Matches the dead-letter policy's max_delivery_attempts in infra/terraform: on the last
+# attempt a transient fault becomes a failure report, so the user learns why.
+MAX_ATTEMPTS = 5
+_FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
+
+try:
+    IMAGEN_VERSION = version("imagen")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    IMAGEN_VERSION = "0+unknown"
+
+
+class Engine(Protocol):
+    def run(self, chain, image, params, seed: int): ...
+
+    def model_id(self, chain) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a job ended. `status`: succeeded, failed, skipped (acked, no work) or ignored."""
+
+    status: str
+    source: str | None = None
+    generation: str | None = None
+    operation: str | None = None
+    output: str | None = None
+    model: str | None = None
+    seconds: float | None = None
+    reason: str | None = None
+    error: dict | None = None
+    report: str | None = None  # gs:// URI of the failure report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    chain: tuple[str, ...]
+    params: dict  # validated, as the user gave them
+    canonical: str  # imagen-params
+    format: str
+    output: tuple[str, str]
+
+    @property
+    def operation(self) -> str:
+        return ",".join(self.chain)
+
+
+class Processor:
+    def __init__(self, *, engine: Engine, store: Store, settings, results=None):
+        self._engine = engine
+        self._store = store
+        self._layout = Layout.from_settings(settings)
+        self._served = frozenset(settings.operations)
+        self._allowed_buckets = settings.allowed_buckets
+        self._max_bytes = settings.max_bytes
+        self._max_pixels = settings.max_pixels
+        self._results = results
+
+    def handle(
+        self,
+        event: ObjectEvent | JobRequest | Job,
+        *,
+        message_id: str | None = None,
+        attempt: int | None = None,
+    ) -> Outcome:
+        """Run what `event` asks for. Raises TransientError when the job should be retried."""
+        if isinstance(event, ObjectEvent):
+            routed = routing.route_event(event, self._layout)
+        elif isinstance(event, JobRequest):
+            routed = routing.route_request(event, self._layout)
+        else:
+            routed = event
+        if isinstance(routed, Ignored):
+            log.info(
+                "event ignored: %s",
+                routed.reason,
+                extra={"fields": {"reason": routed.reason, "message_id": message_id}},
+            )
+            return Outcome("ignored", reason=routed.reason)
+        return self._run(routed, message_id=message_id, attempt=attempt)
+
+    def _run(self, job: Job, *, message_id: str | None, attempt: int | None) -> Outcome:
+        job_id = message_id or _job_id(job)
+        fields = {"job_id": job_id, "source": job.source_uri, "generation": job.generation}
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        plan = None
+        try:
+            routing.check_source_allowed(job, self._allowed_buckets)
+            plan = self._plan(job)
+            if plan is None:
+                reason = f"operation {job.operation!r} is served by another worker pool"
+                log.info("job skipped: %s", reason, extra={"fields": fields})
+                return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)
+            fields["operation"] = plan.operation
+            generation = job.generation or self._live_generation(job)
+            job = dataclasses.replace(job, generation=generation)
+            fields["generation"] = generation
+
+            with _timed(timings, "check"):
+                existing = self._store.stat(*plan.output)
+            skip = _skip_reason(existing, job, plan)
+            if skip:
+                return self._skipped(job, plan, skip, fields)
+            with _timed(timings, "download"):
+                data, _, _ = self._store.read_source(
+                    job.bucket, job.name, generation, self._max_bytes
+                )
+            with _timed(timings, "decode"):
+                image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
+            seed = plan.params.get("seed", default_seed(data))
+            with _timed(timings, "operation"):
+                result = self._engine.run(plan.chain, image, plan.params, seed)
+            with _timed(timings, "encode"):
+                encoded = encode_image(
+                    result, plan.format, plan.params.get("quality", 90)
+                )
+            model = self._engine.model_id(plan.chain)
+            seconds = round(time.perf_counter() - started, 3)
+            metadata = {
+                routing.SOURCE_KEY: job.source_uri,
+                routing.SOURCE_GENERATION_KEY: generation,
+                routing.OPERATION_KEY: plan.operation,
+                routing.PARAMS_KEY: plan.canonical,
+                routing.MODEL_KEY: model,
+                routing.VERSION_KEY: IMAGEN_VERSION,
+                routing.SECONDS_KEY: f"{seconds:.3f}",
+            }
+            with _timed(timings, "upload"):
+                self._store.write_output(
+                    *plan.output,
+                    encoded,
+                    content_type=CONTENT_TYPES[plan.format],
+                    metadata=metadata,
+                    if_generation_match=existing.generation if existing else 0,
+                )
+        except SourceSuperseded as error:
+            return self._skipped(job, plan, str(error), fields)
+        except PreconditionLost:
+            # Another delivery of this job (or a newer one) wrote first: look at what it wrote.
+            skip = _skip_reason(self._store.stat(*plan.output), job, plan)
+            if skip:
+                return self._skipped(job, plan, skip, fields)
+            raise
+        except InputError as error:
+            return self._failed(job, plan, error, attempt, fields)
+        except TransientError as error:
+            if attempt is not None and attempt >= MAX_ATTEMPTS:
+                return self._failed(job, plan, error, attempt, fields)
+            log.warning(
+                "job will be retried: %s",
+                error,
+                extra={"fields": {**fields, "attempt": attempt, "timings": timings}},
+            )
+            raise
+        except ImagenError as error:
+            # A model or configuration fault on this machine: another instance may do better.
+            log.error("job failed on this instance: %s", error, extra={"fields": fields})
+            if attempt is not None and attempt >= MAX_ATTEMPTS:
+                return self._failed(job, plan, error, attempt, fields)
+            raise TransientError(str(error)) from error
+        except Exception as error:
+            log.exception("unexpected error in job", extra={"fields": fields})
+            if attempt is not None and attempt >= MAX_ATTEMPTS:
+                return self._failed(job, plan, error, attempt, fields)
+            raise TransientError(f"unexpected {type(error).__name__}: {error}") from error
+
+        output_uri = f"gs://{plan.output[0]}/{plan.output[1]}"
+        outcome = Outcome(
+            "succeeded",
+            job.source_uri,
+            generation,
+            plan.operation,
+            output=output_uri,
+            model=model,
+            seconds=seconds,
+        )
+        log.info(
+            "job succeeded: %s -> %s",
+            job.source_uri,
+            output_uri,
+            extra={"fields": {**fields, "output": output_uri, "model": model, "seconds": seconds,
+                              "timings": timings, "attempt": attempt}},
+        )
+        self._publish(outcome)
+        return outcome
+
+    def _plan(self, job: Job) -> _Plan | None:
+        """Validate the job; None when this process does not serve its operation(s)."""
+        chain = parse_chain(job.operation) if job.operation else None
+        if not chain:
+            raise InvalidParameter(
+                f"no operation for {job.name!r}: upload it under "
+                f"{self._layout.input_prefix}<operation>/ or set metadata {routing.OPERATION_KEY}"
+            )
+        if not set(chain) <= self._served:
+            return None
+        params = validate_params(chain, _params_dict(job.params))
+        fmt = params.get("format")
+        if fmt is None and job.output is not None:
+            extension = job.output[1].rsplit(".", 1)[-1].lower() if "." in job.output[1] else ""
+            fmt = _FORMAT_BY_EXTENSION.get(extension)
+        fmt = fmt or "png"
+        output = routing.output_location(job, self._layout, ",".join(chain), fmt)
+        return _Plan(chain, params, canonical_json(params), fmt, output)
+
+    def _live_generation(self, job: Job) -> str:
+        state = self._store.stat(job.bucket, job.name)
+        if state is None:
+            raise SourceSuperseded(f"{job.source_uri} does not exist")
+        return str(state.generation)
+
+    def _skipped(self, job: Job, plan: _Plan | None, reason: str, fields: dict) -> Outcome:
+        log.info("job skipped: %s", reason, extra={"fields": {**fields, "reason": reason}})
+        outcome = Outcome(
+            "skipped",
+            job.source_uri,
+            job.generation,
+            plan.operation if plan else job.operation,
+            output=f"gs://{plan.output[0]}/{plan.output[1]}" if plan else None,
+            reason=reason,
+        )
+        self._publish(outcome)
+        return outcome
+
+    def _failed(
+        self, job: Job, plan: _Plan | None, error: Exception, attempt: int | None, fields: dict
+    ) -> Outcome:
+        bucket, name = routing.failure_location(job, self._layout)
+        details = {"type": type(error).__name__, "message": str(error)}
+        report = {
+            "source": job.source_uri,
+            "generation": job.generation,
+            "operation": plan.operation if plan else job.operation,
+            "params": plan.params if plan else _report_params(job.params),
+            "error": details,
+            "attempt": attempt,
+            "time": datetime.datetime.now(datetime.UTC).isoformat(),
+        }
+        self._store.write_report(bucket, name, report)
+        report_uri = f"gs://{bucket}/{name}"
+        log.warning(
+            "job failed: %s",
+            error,
+            extra={"fields": {**fields, "error": details, "report": report_uri, "attempt": attempt}},
+        )
+        outcome = Outcome(
+            "failed",
+            job.source_uri,
+            job.generation,
+            report["operation"],
+            error=details,
+            reason=str(error),
+            report=report_uri,
+        )
+        self._publish(outcome)
+        return outcome
+
+    def _publish(self, outcome: Outcome) -> None:
+        if self._results is not None:
+            self._results.publish(outcome)
+
+
+def _skip_reason(existing: ObjectState | None, job: Job, plan: _Plan) -> str | None:
+    """Why the job needs no GPU work, judged from the output that already exists."""
+    if existing is None:
+        return None
+    meta = existing.metadata
+    if meta.get(routing.SOURCE_KEY) != job.source_uri:
+        return None
+    try:
+        done_generation = int(meta.get(routing.SOURCE_GENERATION_KEY, ""))
+    except ValueError:
+        return None
+    generation = int(job.generation)
+    if done_generation > generation:
+        return f"superseded: the output already comes from newer generation {done_generation}"
+    if (
+        done_generation == generation
+        and meta.get(routing.PARAMS_KEY) == plan.canonical
+        and meta.get(routing.OPERATION_KEY) == plan.operation
+    ):
+        return "duplicate: the output already exists for this generation and these parameters"
+    return None
+
+
+def _params_dict(raw: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise InvalidParameter(f"{routing.PARAMS_KEY} is not valid JSON") from None
+    if not isinstance(raw, Mapping):
+        raise InvalidParameter(f"{routing.PARAMS_KEY} must be a JSON object")
+    return raw
+
+
+def _report_params(raw: Any) -> Any:
+    """The parameters as given, or a bounded excerpt when they cannot be echoed back safely."""
+    try:
+        text = raw if isinstance(raw, str) else json.dumps(raw)
+    except (TypeError, ValueError, RecursionError):
+        return "<unserialisable parameters>"
+    if isinstance(raw, str) or len(text) > 2000:
+        return text[:2000]
+    return raw
+
+
+def _job_id(job: Job) -> str:
+    key = f"{job.source_uri}#{job.generation}:{job.operation}"
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class _timed:
+    """Adds the block's wall time in seconds to timings[name]."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self._timings, self._name = timings, name
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self._timings[self._name] = round(time.perf_counter() - self._start, 4)
+        return False

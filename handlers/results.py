@@ -1,0 +1,44 @@
+"""The optional results topic: one message per finished job (IMAGEN_RESULTS_TOPIC)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from google.cloud import pubsub_v1
+
+log = logging.getLogger("imagen.results")
+PUBLISH_TIMEOUT_SECONDS = 30
+
+
+class ResultPublisher:
+    def __init__(self, publisher: pubsub_v1.PublisherClient, topic_path: str):
+        self._publisher = publisher
+        self._topic = topic_path
+
+    def publish(self, outcome) -> None:
+        """Publish `outcome` (a processor Outcome); a publishing fault is logged, not raised.
+
+        The job itself is done by now: failing it would redo finished GPU work.
+        """
+        data = {
+            "source": outcome.source,
+            "generation": outcome.generation,
+            "output": outcome.output,
+            "model": outcome.model,
+            "seconds": outcome.seconds,
+            "error": outcome.error,
+        }
+        try:
+            future = self._publisher.publish(
+                self._topic,
+                json.dumps(data).encode(),
+                status=outcome.status,
+                operation=outcome.operation or "",
+            )
+            future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
+        except Exception as error:
+            log.error(
+                "could not publish the job result",
+                extra={"fields": {"topic": self._topic, "error": str(error), "source": outcome.source}},
+            )

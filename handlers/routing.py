@@ -1,0 +1,207 @@
+"""Routing: what an event asks for, and where its output and failure report go.
+
+The ignore rules of DESIGN.md live here (non-finalize events, folder placeholders, our own
+prefixes and outputs), and so does the bucket layout: every output and failure path is built
+by `output_location` and `failure_location` and stays under its prefix, whatever the input name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import posixpath
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from handlers.errors import SourceNotAllowed, UnsafeObjectName
+from handlers.events import FINALIZE, JobRequest, ObjectEvent, parse_gs_uri
+
+# Custom metadata keys: the contract with users and other services (DESIGN.md).
+OPERATION_KEY = "imagen-operation"
+PARAMS_KEY = "imagen-params"
+SOURCE_KEY = "imagen-source"
+SOURCE_GENERATION_KEY = "imagen-source-generation"
+MODEL_KEY = "imagen-model"
+VERSION_KEY = "imagen-version"
+SECONDS_KEY = "imagen-seconds"
+OUTPUT_KEYS = (SOURCE_KEY, SOURCE_GENERATION_KEY, MODEL_KEY, VERSION_KEY, SECONDS_KEY)
+
+MAX_NAME_BYTES = 1024  # Cloud Storage's limit on object names
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where things go: prefixes end with '/'; output_bucket None means the source's bucket."""
+
+    input_prefix: str = "incoming/"
+    output_prefix: str = "processed/"
+    failed_prefix: str = "failed/"
+    output_bucket: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> Layout:
+        return cls(
+            settings.input_prefix,
+            settings.output_prefix,
+            settings.failed_prefix,
+            settings.output_bucket,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of work: an operation (or chain) on one object generation."""
+
+    bucket: str
+    name: str
+    generation: str | None  # None: the live generation, resolved at download
+    operation: str  # as requested: "upscale" or "remove-background,upscale"; validated later
+    params: Mapping[str, Any] | str | None  # a dict, or the raw `imagen-params` JSON text
+    rel_path: str  # the name below incoming/<operation>/, reused under processed/ and failed/
+    output: tuple[str, str] | None = None  # explicit (bucket, name) from a job message
+    origin: str = "notification"  # "notification", "job-message" or "cli"
+    size: int | None = None  # bytes, when the event says
+
+    @property
+    def source_uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignored:
+    """An event that is not a job; `reason` is logged."""
+
+    reason: str
+
+
+def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
+    """A Storage event -> the job it asks for, or why it is none of ours."""
+    name, metadata = event.name, event.metadata
+    if event.kind != FINALIZE:
+        return Ignored(f"not a finalize event ({event.kind})")
+    if name.endswith("/"):
+        return Ignored("folder placeholder")
+    for prefix in (layout.output_prefix, layout.failed_prefix):
+        if name.startswith(prefix):
+            return Ignored(f"under imagen's own prefix {prefix!r}")
+    if any(key in metadata for key in OUTPUT_KEYS):
+        return Ignored("an imagen output (carries imagen-* output metadata)")
+    operation = metadata.get(OPERATION_KEY, "").strip()  # metadata wins over the folder
+    if name.startswith(layout.input_prefix):
+        rest = name[len(layout.input_prefix) :]
+        segment, _, rel_path = rest.partition("/")
+        if not rel_path:  # dropped straight into incoming/: no operation folder
+            segment, rel_path = "", rest
+        operation = operation or segment
+    elif operation:
+        rel_path = name
+    else:
+        return Ignored(f"outside the input prefix {layout.input_prefix!r}")
+    return Job(
+        bucket=event.bucket,
+        name=name,
+        generation=event.generation,
+        operation=operation,
+        params=metadata.get(PARAMS_KEY),
+        rel_path=rel_path,
+        origin="notification",
+        size=event.size,
+    )
+
+
+def route_request(request: JobRequest, layout: Layout) -> Job:
+    """A job message -> a job (the bucket allowlist is checked by `check_source_allowed`)."""
+    return Job(
+        bucket=request.bucket,
+        name=request.name,
+        generation=request.generation,
+        operation=request.operation,
+        params=dict(request.params),
+        rel_path=route_request_rel_path(request.name, layout),
+        output=parse_gs_uri(request.output) if request.output else None,
+        origin="job-message",
+    )
+
+
+def check_source_allowed(job: Job, allowed_buckets: frozenset[str]) -> None:
+    """Job messages may read only allowlisted buckets: anything else is refused, never tried."""
+    if job.origin == "job-message" and job.bucket not in allowed_buckets:
+        raise SourceNotAllowed(
+            f"job messages may not read gs://{job.bucket}: it is not in IMAGEN_ALLOWED_BUCKETS "
+            f"({', '.join(sorted(allowed_buckets)) or 'unset'})"
+        )
+
+
+def output_location(job: Job, layout: Layout, chain: str, extension: str) -> tuple[str, str]:
+    """(bucket, name) of the job's output: processed/<chain>/<path without extension>.<ext>."""
+    bucket = layout.output_bucket or job.bucket
+    if job.output is not None:
+        out_bucket, out_name = job.output
+        if out_bucket != bucket:
+            raise SourceNotAllowed(
+                f"output gs://{out_bucket}/... is refused: imagen writes only to gs://{bucket}"
+            )
+        check_safe_name(out_name)
+        if out_name.startswith(layout.input_prefix) or (out_bucket, out_name) == (
+            job.bucket,
+            job.name,
+        ):
+            raise SourceNotAllowed(
+                f"output {out_name!r} would be processed again (it is the source or under "
+                f"{layout.input_prefix!r})"
+            )
+        return out_bucket, out_name
+    check_safe_name(job.rel_path)
+    stem = posixpath.splitext(job.rel_path)[0] if "." in _last(job.rel_path)[1:] else job.rel_path
+    name = f"{layout.output_prefix}{chain}/{stem}.{extension}"
+    check_safe_name(name)
+    return bucket, name
+
+
+def failure_location(job: Job, layout: Layout) -> tuple[str, str]:
+    """(bucket, name) of the job's failure report: failed/<operation>/<path>.json.
+
+    Unsafe or unusable names get a report named by their hash, so the report itself always lands
+    under the failure prefix.
+    """
+    operation = job.operation or "_none"
+    operation = operation if _is_safe_segment(operation) else "_invalid"
+    try:
+        check_safe_name(job.rel_path)
+        name = f"{layout.failed_prefix}{operation}/{job.rel_path}.json"
+        check_safe_name(name)
+    except UnsafeObjectName:
+        digest = hashlib.sha256(job.name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        name = f"{layout.failed_prefix}{operation}/_unsafe/{digest}.json"
+    return job.bucket, name
+
+
+def check_safe_name(name: str) -> None:
+    """Raise UnsafeObjectName for names we refuse to read from or write to."""
+    if not name:
+        raise UnsafeObjectName("empty object name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise UnsafeObjectName(f"object name longer than {MAX_NAME_BYTES} bytes")
+    if _CONTROL.search(name):
+        raise UnsafeObjectName(f"object name {name!r} contains control characters")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
+        raise UnsafeObjectName(f"object name {name!r} has an empty, '.' or '..' segment")
+
+
+def route_request_rel_path(name: str, layout: Layout) -> str:
+    """The path an explicitly requested job files its output under: below incoming/<op>/ when
+    the source lies there, else the whole name."""
+    if name.startswith(layout.input_prefix):
+        rest = name[len(layout.input_prefix) :]
+        return rest.partition("/")[2] or rest
+    return name
+
+
+def _is_safe_segment(text: str) -> bool:
+    return bool(text) and "/" not in text and text not in (".", "..") and not _CONTROL.search(text)
+
+
+def _last(path: str) -> str:
+    return path.rsplit("/", 1)[-1]

@@ -1,0 +1,129 @@
+"""Settings: the only place that reads environment variables.
+
+`Settings.from_env()` runs once at the entry point; everything else receives the object
+(or the values it needs) as arguments. Command-line options override fields with
+`settings.replace(...)`, and `validate()` turns misconfiguration into a `ConfigError` that
+names the variable, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from handlers.errors import ConfigError
+from image.operations import OPERATION_NAMES
+
+DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "imagen" / "models"
+DEFAULT_MAX_PIXELS = 16_777_216  # 4096 x 4096
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_PORT = 8080
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model_cache_dir: Path = DEFAULT_MODEL_CACHE_DIR
+    operations: tuple[str, ...] = OPERATION_NAMES
+    input_prefix: str = "incoming/"
+    output_bucket: str | None = None
+    output_prefix: str = "processed/"
+    failed_prefix: str = "failed/"
+    results_topic: str | None = None
+    subscription: str | None = None
+    device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    allowed_buckets: frozenset[str] = frozenset()
+    project: str | None = None
+    port: int = DEFAULT_PORT
+    storage_emulator_host: str | None = None
+    pubsub_emulator_host: str | None = None
+    allow_model_download: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        values: dict = {}
+        if get("MODEL_CACHE_DIR"):
+            values["model_cache_dir"] = Path(get("MODEL_CACHE_DIR")).expanduser()
+        if get("IMAGEN_OPERATIONS"):
+            values["operations"] = split_list(get("IMAGEN_OPERATIONS"))
+        for field, name in (
+            ("input_prefix", "IMAGEN_INPUT_PREFIX"),
+            ("output_bucket", "IMAGEN_OUTPUT_BUCKET"),
+            ("output_prefix", "IMAGEN_OUTPUT_PREFIX"),
+            ("failed_prefix", "IMAGEN_FAILED_PREFIX"),
+            ("results_topic", "IMAGEN_RESULTS_TOPIC"),
+            ("subscription", "IMAGEN_SUBSCRIPTION"),
+            ("device", "IMAGEN_DEVICE"),
+            ("project", "GOOGLE_CLOUD_PROJECT"),
+            ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
+            ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST"),
+        ):
+            if get(name) is not None:
+                values[field] = get(name)
+        for field, name in (
+            ("max_pixels", "IMAGEN_MAX_PIXELS"),
+            ("max_bytes", "IMAGEN_MAX_BYTES"),
+            ("port", "PORT"),
+        ):
+            if get(name) is not None:
+                values[field] = _positive_int(name, get(name))
+        if get("IMAGEN_ALLOWED_BUCKETS"):
+            values["allowed_buckets"] = frozenset(split_list(get("IMAGEN_ALLOWED_BUCKETS")))
+        values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
+        return cls(**values).validate()
+
+    def replace(self, **overrides) -> Settings:
+        """A copy with the given (non-None) fields replaced, validated again."""
+        changes = {key: value for key, value in overrides.items() if value is not None}
+        return dataclasses.replace(self, **changes).validate()
+
+    def validate(self) -> Settings:
+        unknown = [op for op in self.operations if op not in OPERATION_NAMES]
+        if unknown or not self.operations:
+            raise ConfigError(
+                f"IMAGEN_OPERATIONS: unknown operation(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(OPERATION_NAMES)}"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
+        prefixes = {
+            "IMAGEN_INPUT_PREFIX": self.input_prefix,
+            "IMAGEN_OUTPUT_PREFIX": self.output_prefix,
+            "IMAGEN_FAILED_PREFIX": self.failed_prefix,
+        }
+        for name, prefix in prefixes.items():
+            if not prefix.endswith("/") or prefix.startswith("/") or "//" in prefix:
+                raise ConfigError(f"{name}: {prefix!r} must be a folder like 'incoming/'")
+        names = list(prefixes)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if prefixes[a].startswith(prefixes[b]) or prefixes[b].startswith(prefixes[a]):
+                    raise ConfigError(
+                        f"{a} ({prefixes[a]!r}) and {b} ({prefixes[b]!r}) overlap: imagen would "
+                        "process its own results; give them separate folders"
+                    )
+        return self
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+    if number <= 0:
+        raise ConfigError(f"{name}: must be positive, got {number}")
+    return number

@@ -1,0 +1,139 @@
+"""Cloud Storage access for jobs, through google-cloud-storage and its own retry policies.
+
+Reads name the exact generation an event is about; output writes carry a generation
+precondition, so an older job never overwrites a newer result. Library errors are translated
+here into imagen's tree: permanent (403/404/400) vs transient (429/5xx, timeouts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from handlers.errors import (
+    PreconditionLost,
+    SourceSuperseded,
+    StoragePermanentError,
+    TransientError,
+)
+from image.errors import ImageTooLarge
+
+TIMEOUT_SECONDS = 120
+_PERMANENT = (
+    api_exceptions.Forbidden,
+    api_exceptions.Unauthorized,
+    api_exceptions.BadRequest,
+    api_exceptions.NotFound,
+    api_exceptions.MethodNotAllowed,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectState:
+    """What a live object says about itself."""
+
+    generation: int
+    metadata: Mapping[str, str]
+    size: int | None
+
+
+class Store:
+    """The storage operations a job needs."""
+
+    def __init__(self, client: storage.Client):
+        self._client = client
+
+    def stat(self, bucket: str, name: str) -> ObjectState | None:
+        """The live generation of an object and its metadata; None when it does not exist."""
+        blob = self._client.bucket(bucket).blob(name)
+        try:
+            blob.reload(timeout=TIMEOUT_SECONDS)
+        except api_exceptions.NotFound:
+            return None
+        except Exception as error:
+            raise _translate(error, f"gs://{bucket}/{name}") from error
+        return ObjectState(int(blob.generation), dict(blob.metadata or {}), blob.size)
+
+    def read_source(
+        self, bucket: str, name: str, generation: str | None, max_bytes: int
+    ) -> tuple[bytes, str, Mapping[str, str]]:
+        """(bytes, generation, metadata) of the source, at the given generation if any.
+
+        Raises SourceSuperseded when that generation no longer exists, and ImageTooLarge before
+        downloading anything larger than max_bytes.
+        """
+        uri = f"gs://{bucket}/{name}" + (f"#{generation}" if generation else "")
+        blob = self._client.bucket(bucket).blob(name, generation=int(generation) if generation else None)
+        try:
+            blob.reload(timeout=TIMEOUT_SECONDS)
+            if blob.size is not None and blob.size > max_bytes:
+                raise ImageTooLarge(
+                    f"{uri} is {blob.size} bytes; the limit (IMAGEN_MAX_BYTES) is {max_bytes}"
+                )
+            data = blob.download_as_bytes(timeout=TIMEOUT_SECONDS)
+        except api_exceptions.NotFound:
+            raise SourceSuperseded(f"{uri} no longer exists (deleted or replaced)") from None
+        except ImageTooLarge:
+            raise
+        except Exception as error:
+            raise _translate(error, uri) from error
+        if len(data) > max_bytes:  # the object changed size under us; never trust metadata alone
+            raise ImageTooLarge(f"{uri} is {len(data)} bytes; the limit is {max_bytes}")
+        return data, str(blob.generation), dict(blob.metadata or {})
+
+    def write_output(
+        self,
+        bucket: str,
+        name: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str],
+        if_generation_match: int,
+    ) -> int:
+        """Write an output only if the live generation is still `if_generation_match` (0: absent).
+
+        Returns the new generation; raises PreconditionLost when someone wrote first.
+        """
+        blob = self._client.bucket(bucket).blob(name)
+        blob.metadata = dict(metadata)
+        try:
+            blob.upload_from_string(
+                data,
+                content_type=content_type,
+                if_generation_match=if_generation_match,
+                timeout=TIMEOUT_SECONDS,
+                retry=DEFAULT_RETRY,  # safe: the precondition makes the write idempotent
+            )
+        except api_exceptions.PreconditionFailed:
+            raise PreconditionLost(f"gs://{bucket}/{name} changed while the job ran") from None
+        except Exception as error:
+            raise _translate(error, f"gs://{bucket}/{name}") from error
+        return int(blob.generation)
+
+    def write_report(self, bucket: str, name: str, report: Mapping) -> None:
+        """Write (or replace) a JSON failure report."""
+        blob = self._client.bucket(bucket).blob(name)
+        body = json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True)
+        try:
+            blob.upload_from_string(
+                body.encode(),
+                content_type="application/json",
+                timeout=TIMEOUT_SECONDS,
+                retry=DEFAULT_RETRY,  # replacing a report with the same content is idempotent
+            )
+        except Exception as error:
+            # A report that cannot be written must not be lost: retry the whole job later.
+            raise TransientError(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
+
+
+def _translate(error: Exception, what: str) -> Exception:
+    if isinstance(error, _PERMANENT):
+        code = getattr(error, "code", "")
+        return StoragePermanentError(f"Cloud Storage refused {what}: {code} {error.message}".strip())
+    return TransientError(f"Cloud Storage error on {what}: {error}")

@@ -1,0 +1,107 @@
+"""The pull worker behind `imagen worker --subscription S` (GKE, Cloud Run worker pools).
+
+Streaming pull with flow control sized to the concurrency (default one job per GPU); the client
+library extends each lease up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling,
+lets the job in hand finish, and returns; messages received but not started are nacked by the
+library, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import signal
+import threading
+
+from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
+
+from handlers.errors import EventError, TransientError
+from handlers.events import Message, parse_message
+
+log = logging.getLogger("imagen.worker")
+
+
+class PullWorker:
+    def __init__(
+        self,
+        subscriber: pubsub_v1.SubscriberClient,
+        subscription: str,
+        processor,
+        *,
+        concurrency: int = 1,
+        max_lease_seconds: int = 3600,
+    ):
+        self._subscriber = subscriber
+        self._subscription = subscription
+        self._processor = processor
+        self._concurrency = concurrency
+        self._max_lease_seconds = max_lease_seconds
+        self._stop = threading.Event()
+        self._future = None
+
+    def handle(self, message) -> None:
+        """Process one pulled message, then ack it, or nack it for a retry."""
+        parsed_message = Message(
+            bytes(message.data),
+            dict(message.attributes),
+            message.message_id,
+            message.delivery_attempt,
+        )
+        fields = {"message_id": message.message_id, "attempt": message.delivery_attempt}
+        try:
+            event = parse_message(parsed_message)
+        except EventError as error:
+            # Unparseable: nack, so the dead-letter policy moves it aside after its attempts.
+            log.error("unparseable message: %s", error.reason, extra={"fields": fields})
+            message.nack()
+            return
+        try:
+            self._processor.handle(
+                event, message_id=message.message_id, attempt=message.delivery_attempt
+            )
+        except TransientError:
+            message.nack()
+            return
+        except Exception:
+            log.exception("unexpected error; the message goes back to Pub/Sub", extra={"fields": fields})
+            message.nack()
+            return
+        message.ack()
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        """Pull until `stop()` (or SIGTERM/SIGINT); returns after the jobs in hand finish."""
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self.stop())
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._concurrency, thread_name_prefix="imagen-job"
+        )
+        flow_control = pubsub_v1.types.FlowControl(
+            max_messages=self._concurrency,
+            max_lease_duration=self._max_lease_seconds,
+        )
+        self._future = self._subscriber.subscribe(
+            self._subscription,
+            self.handle,
+            flow_control=flow_control,
+            scheduler=ThreadScheduler(executor),
+            await_callbacks_on_shutdown=True,
+        )
+        # A stream that dies (no such subscription, lost permissions) must end the process too.
+        self._future.add_done_callback(lambda _: self._stop.set())
+        log.info(
+            "pulling",
+            extra={"fields": {"subscription": self._subscription, "concurrency": self._concurrency}},
+        )
+        self._stop.wait()
+        log.info("stopping: finishing the job in hand", extra={"fields": {"subscription": self._subscription}})
+        self._future.cancel()
+        try:
+            self._future.result(timeout=self._max_lease_seconds)
+        except concurrent.futures.CancelledError:
+            pass
+        log.info("stopped", extra={"fields": {"subscription": self._subscription}})
+
+    def stop(self) -> None:
+        self._stop.set()

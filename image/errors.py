@@ -1,0 +1,52 @@
+"""Exceptions raised by image work.
+
+    ImagenError                 base of every error imagen raises on purpose
+    ├── InputError              the job's input is at fault: retrying cannot help
+    │   ├── ImageDecodeError    not an image, truncated, or an unsupported format
+    │   ├── ImageTooLarge       more bytes than allowed
+    │   ├── DecompressionBomb   more pixels than allowed (checked before decoding)
+    │   ├── InvalidParameter    a parameter is unknown, of the wrong type or out of range
+    │   └── UnknownOperation    an operation name that does not exist
+    └── ModelError              the models on this machine are at fault
+        └── ModelMissing        a model is not in the cache (names the command that fixes it)
+
+`handlers.errors` adds the cloud-side failures to the same tree.
+"""
+
+from __future__ import annotations
+
+
+class ImagenError(Exception):
+    """Base class: `str(error)` is a sentence a user can act on."""
+
+
+class InputError(ImagenError):
+    """Permanent: the same input will fail the same way every time."""
+
+
+class ImageDecodeError(InputError):
+    pass
+
+
+class ImageTooLarge(InputError):
+    pass
+
+
+class DecompressionBomb(InputError):
+    pass
+
+
+class InvalidParameter(InputError):
+    pass
+
+
+class UnknownOperation(InputError):
+    pass
+
+
+class ModelError(ImagenError):
+    pass
+
+
+class ModelMissing(ModelError):
+    pass

@@ -1,0 +1,144 @@
+"""Event parsing against golden files: one real shape per file under tests/golden/."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from handlers.errors import EventError
+from handlers.events import (
+    JobRequest,
+    Message,
+    ObjectEvent,
+    is_cloudevent,
+    parse_cloudevent,
+    parse_message,
+    parse_push_envelope,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+
+def _golden(name: str) -> dict:
+    return json.loads((GOLDEN / name).read_text())
+
+
+def _plain(value) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(value)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cloudevent_binary_finalized.json",
+        "cloudevent_structured_finalized.json",
+        "cloudevent_binary_deleted.json",
+    ],
+)
+def test_cloudevents(name):
+    case = _golden(name)
+    headers, body = case["input"]["headers"], json.dumps(case["input"]["body"]).encode()
+    assert is_cloudevent(headers)
+    event = parse_cloudevent(headers, body)
+    assert isinstance(event, ObjectEvent)
+    assert _plain(event) == case["expected"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["push_notification_json_api_v1.json", "push_notification_none.json", "push_job_message.json"],
+)
+def test_push_envelopes(name):
+    case = _golden(name)
+    body = json.dumps(case["input"]).encode()
+    assert not is_cloudevent({"content-type": "application/json"})
+    message = parse_push_envelope(body)
+    assert message.message_id == case["expected_message"]["message_id"]
+    assert message.delivery_attempt == case["expected_message"]["delivery_attempt"]
+    assert _plain(parse_message(message)) == case["expected"]
+
+
+@pytest.mark.parametrize("name", ["pull_notification_emulator.json", "pull_job_message.json"])
+def test_pulled_messages(name):
+    case = _golden(name)
+    message = Message(case["input"]["data"].encode(), case["input"]["attributes"])
+    assert _plain(parse_message(message)) == case["expected"]
+
+
+def test_job_message_is_told_apart_from_notification_by_attributes():
+    data = json.dumps({"source": "gs://b/x.png", "operation": "comic"}).encode()
+    assert isinstance(parse_message(Message(data, {})), JobRequest)
+    with pytest.raises(EventError):  # the same data claimed to be a notification payload
+        parse_message(Message(b"not json", {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"}))
+
+
+def _envelope(data: bytes, **extra) -> bytes:
+    message = {"data": base64.b64encode(data).decode(), "messageId": "1", **extra}
+    return json.dumps({"message": message, "subscription": "projects/p/subscriptions/s"}).encode()
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"subscription": "s"}', "no 'message'"),
+        (b'{"message": {"data": "***"}}', "base64"),
+        (b'{"message": {"data": 5}}', "base64"),
+        (b'{"message": {"data": "", "attributes": {"a": 1}}}', "map of strings"),
+        (b'{"message": {"data": ""}, "deliveryAttempt": "two"}', "deliveryAttempt"),
+    ],
+)
+def test_malformed_push_envelopes(body, reason):
+    with pytest.raises(EventError, match=reason):
+        parse_push_envelope(body)
+
+
+@pytest.mark.parametrize(
+    "job, reason",
+    [
+        ({"operation": "upscale"}, "gs://"),
+        ({"source": "s3://b/o", "operation": "upscale"}, "gs://"),
+        ({"source": "gs://bucket-only", "operation": "upscale"}, "gs://"),
+        ({"source": "gs://b/o"}, "operation"),
+        ({"source": "gs://b/o", "operation": "upscale", "params": [1]}, "params"),
+        ({"source": "gs://b/o", "operation": "upscale", "output": "/tmp/x"}, "gs://"),
+        ({"source": "gs://b/o", "operation": "upscale", "generation": "12a"}, "generation"),
+        ({"source": "gs://b/o", "operation": "upscale", "surprise": 1}, "unknown field"),
+    ],
+)
+def test_malformed_job_messages(job, reason):
+    with pytest.raises(EventError, match=reason):
+        parse_message(Message(json.dumps(job).encode(), {}))
+
+
+@pytest.mark.parametrize(
+    "headers, body",
+    [
+        ({"ce-specversion": "1.0"}, b"{}"),  # no id/type/source
+        (
+            {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": "com.example.other"},
+            b"{}",
+        ),
+        (
+            {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s",
+             "ce-type": "google.cloud.storage.object.v1.finalized", "content-type": "application/json"},
+            b'{"bucket": "b"}',
+        ),
+        ({"content-type": "application/cloudevents+json"}, b"{not json"),
+    ],
+)
+def test_malformed_cloudevents(headers, body):
+    with pytest.raises(EventError):
+        parse_cloudevent(headers, body)
+
+
+def test_notification_for_other_event_types_keeps_the_kind():
+    message = Message(b"", {"eventType": "OBJECT_DELETE", "payloadFormat": "NONE",
+                            "bucketId": "b", "objectId": "incoming/upscale/x.png",
+                            "objectGeneration": "7"})
+    assert parse_message(message).kind == "delete"

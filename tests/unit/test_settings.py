@@ -1,0 +1,64 @@
+"""Settings: one object from the environment; misconfiguration names the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from handlers.errors import ConfigError
+from handlers.settings import Settings
+
+
+def test_defaults():
+    settings = Settings.from_env({})
+    assert settings.operations == ("upscale", "enhance", "comic", "remove-background")
+    assert (settings.input_prefix, settings.output_prefix, settings.failed_prefix) == (
+        "incoming/", "processed/", "failed/")
+    assert settings.port == 8080 and settings.device == "auto"
+    assert settings.allowed_buckets == frozenset() and settings.allow_model_download
+
+
+def test_every_variable_is_read():
+    settings = Settings.from_env({
+        "MODEL_CACHE_DIR": "/models", "IMAGEN_OPERATIONS": "upscale, comic",
+        "IMAGEN_INPUT_PREFIX": "in/", "IMAGEN_OUTPUT_BUCKET": "out-bkt", "IMAGEN_OUTPUT_PREFIX": "out/",
+        "IMAGEN_FAILED_PREFIX": "bad/", "IMAGEN_RESULTS_TOPIC": "results", "IMAGEN_SUBSCRIPTION": "sub",
+        "IMAGEN_DEVICE": "cpu", "IMAGEN_MAX_PIXELS": "1000", "IMAGEN_MAX_BYTES": "2000",
+        "IMAGEN_ALLOWED_BUCKETS": "a,b", "GOOGLE_CLOUD_PROJECT": "proj", "PORT": "9000",
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "PUBSUB_EMULATOR_HOST": "127.0.0.1:2",
+        "HF_HUB_OFFLINE": "1",
+    })
+    assert settings.model_cache_dir == Path("/models")
+    assert settings.operations == ("upscale", "comic")
+    assert (settings.input_prefix, settings.output_prefix, settings.failed_prefix) == ("in/", "out/", "bad/")
+    assert settings.output_bucket == "out-bkt" and settings.results_topic == "results"
+    assert settings.subscription == "sub" and settings.device == "cpu"
+    assert (settings.max_pixels, settings.max_bytes, settings.port) == (1000, 2000, 9000)
+    assert settings.allowed_buckets == {"a", "b"} and settings.project == "proj"
+    assert settings.storage_emulator_host and settings.pubsub_emulator_host
+    assert not settings.allow_model_download
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"IMAGEN_OPERATIONS": "upscale,sharpen"}, "IMAGEN_OPERATIONS"),
+        ({"IMAGEN_DEVICE": "tpu"}, "IMAGEN_DEVICE"),
+        ({"IMAGEN_OUTPUT_PREFIX": "incoming/out/"}, "IMAGEN_INPUT_PREFIX"),
+        ({"IMAGEN_FAILED_PREFIX": "processed/"}, "IMAGEN_OUTPUT_PREFIX"),
+        ({"IMAGEN_INPUT_PREFIX": "incoming"}, "IMAGEN_INPUT_PREFIX"),
+        ({"IMAGEN_MAX_PIXELS": "lots"}, "IMAGEN_MAX_PIXELS"),
+        ({"PORT": "-1"}, "PORT"),
+    ],
+)
+def test_misconfiguration_names_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)
+
+
+def test_command_line_overrides_are_validated():
+    settings = Settings.from_env({})
+    assert settings.replace(port=1234, device=None).port == 1234
+    with pytest.raises(ConfigError):
+        settings.replace(operations=("nope",))
