@@ -1,0 +1,282 @@
+"""Decoding untrusted image bytes with hard limits, and encoding results.
+
+`decode_image` turns bytes from a bucket into a fully loaded 8-bit "RGB" or "RGBA" image in
+sRGB, upright, with no metadata; every way the bytes can be bad is an `InputError`.
+`encode_image` writes PNG, WebP or JPEG without any of the input's metadata (EXIF, GPS, XMP,
+ICC, comments).
+
+Limits are arguments, not globals: Pillow's `Image.MAX_IMAGE_PIXELS` is process-wide, so it is
+neither relied on nor changed here. It still applies on top of `max_pixels`: Pillow refuses to
+open an image over twice its value (about 179 MP by default), and that refusal is reported as
+a `DecompressionBomb` like ours. Over its value alone Pillow only warns, and the image is
+accepted if `max_pixels` allows it (unless warnings are errors: then it is a bomb too).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from image.errors import DecompressionBomb, ImageDecodeError, ImageTooLarge, InvalidParameter
+
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
+CONTENT_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+}
+
+# Pillow plugin names; nothing else is ever tried, which also keeps the many rarely used
+# plugins (ICO, PSD, EPS, ...) away from untrusted bytes.
+_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
+_UNSUPPORTED = "not a supported image (PNG, JPEG, WebP, GIF, TIFF, BMP)"
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+_PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}
+_HIGH_DEPTH = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+_ICC_MODES = {"L", "RGB", "CMYK"}  # the colour modes ImageCms transforms
+_JPEG_BACKGROUND = (255, 255, 255)
+
+# Passed on every save: some Pillow encoders copy these from `image.info` otherwise.
+_NO_METADATA = {"exif": b"", "icc_profile": None, "xmp": b"", "comment": None}
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode `data` into a detached 8-bit "RGB" or "RGBA" sRGB image, EXIF orientation applied.
+
+    `max_bytes` bounds the encoded size (bytes) and `max_pixels` the declared width x height
+    (pixels), checked from the header before any pixel is decoded. Only the first frame of an
+    animation or multi-page file is used. An alpha channel that is fully opaque is dropped, so
+    the result is "RGB": it carries nothing and would cost the operations an alpha pass.
+
+    Raises ImageTooLarge, DecompressionBomb or ImageDecodeError.
+    """
+    # 1. Check the size of the bytes and, where Pillow allocates while opening, the header.
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"image is {len(data):,} bytes ({len(data) / 1e6:.1f} MB), over the limit of "
+            f"{max_bytes:,} bytes ({max_bytes / 1e6:.1f} MB)"
+        )
+    if not data:
+        raise ImageDecodeError(f"empty file: {_UNSUPPORTED}")
+    kind = _sniff_format(data)
+    if kind in ("GIF", "WEBP") and (declared := _declared_size(kind, data)):
+        _check_pixels(declared, max_pixels)
+
+    # 2. Open (reads the header only) and check the declared size before decoding.
+    try:
+        opened = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DecompressionBomb(f"decompression bomb refused by Pillow: {error}") from None
+    except Image.UnidentifiedImageError:
+        if kind:
+            raise ImageDecodeError(f"truncated or corrupt {kind}: unreadable header") from None
+        raise ImageDecodeError(_UNSUPPORTED) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # hostile bytes can make a plugin fail in any way
+        raise ImageDecodeError(f"truncated or corrupt {kind or 'image'}: {error}") from None
+
+    # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
+    with opened:
+        _check_pixels(opened.size, max_pixels)
+        try:
+            opened.load()
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise ImageDecodeError(f"truncated or corrupt {opened.format}: {error}") from None
+        try:
+            ImageOps.exif_transpose(opened, in_place=True)
+        except MemoryError:
+            raise
+        except Exception:
+            pass  # unreadable EXIF is bad metadata, not a bad image: keep it as stored
+        # A plugin may learn the real size only while loading: check again.
+        _check_pixels(opened.size, max_pixels)
+        if 0 in opened.size:
+            raise ImageDecodeError(f"{opened.format} image has no pixels ({_dims(opened.size)})")
+
+        # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
+        try:
+            image = _to_srgb_8bit(opened)
+        except ValueError as error:
+            raise ImageDecodeError(
+                f"unsupported {opened.format} colour mode {opened.mode}: {error}"
+            ) from None
+    image.info = {}
+    return image
+
+
+def encode_image(image: Image.Image, format: str = "png", quality: int = 90) -> bytes:
+    """Encode `image` as `format` (png, webp or jpeg), with none of its metadata.
+
+    `quality` (1..100) applies to webp and jpeg; png is lossless and ignores it. JPEG has no
+    alpha, so a transparent image is composited over white. The same image always gives the
+    same bytes.
+
+    Raises InvalidParameter for an unknown format or a quality out of range.
+    """
+    if format not in OUTPUT_FORMATS:
+        raise InvalidParameter(
+            f"unknown output format {format!r}: expected one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InvalidParameter(f"quality must be an integer from 1 to 100, not {quality!r}")
+
+    if image.mode not in ("L", "LA", "RGB", "RGBA") or "transparency" in image.info:
+        image = _to_srgb_8bit(image)  # a colour key becomes alpha rather than being dropped
+    if format == "jpeg" and image.mode in ("LA", "RGBA"):
+        image = _flatten(image, _JPEG_BACKGROUND)
+
+    buffer = io.BytesIO()
+    if format == "png":
+        # compress_level 6 without optimize: a fraction of the time for a few percent of size.
+        image.save(
+            buffer, "PNG", optimize=False, compress_level=6, transparency=None, **_NO_METADATA
+        )
+    elif format == "webp":
+        image.save(buffer, "WEBP", quality=quality, **_NO_METADATA)
+    else:
+        image.save(buffer, "JPEG", quality=quality, **_NO_METADATA)
+    return buffer.getvalue()
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The Pillow format name `data` starts like, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, kind in _SIGNATURES:
+        if data.startswith(signature):
+            return kind
+    return None
+
+
+def _declared_size(kind: str, data: bytes) -> tuple[int, int] | None:
+    """Width and height (pixels) a GIF or WebP header declares, or None if unreadable.
+
+    Pillow's plugins for these two allocate while opening (the WebP canvas, the GIF first
+    frame's disposal area), before `Image.open` returns a size to check.
+    """
+    try:
+        if kind == "WEBP":
+            return _webp_size(data)
+        return _gif_size(data)
+    except (struct.error, IndexError):
+        return None  # too short to declare anything: Pillow will reject it
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended format: 24-bit canvas size minus one
+        width, height = (int.from_bytes(data[24 + i : 27 + i], "little") + 1 for i in (0, 3))
+        return width, height
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy key frame
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """The logical screen grown to cover the first frame, as Pillow does."""
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while data[position] == 0x21:  # extension: label, then sub-blocks up to a zero length
+        position += 2
+        while data[position]:
+            position += data[position] + 1
+        position += 1
+    if data[position] == 0x2C:  # image descriptor: left, top, width, height
+        left, top, frame_width, frame_height = struct.unpack_from("<4H", data, position + 1)
+        width, height = max(width, left + frame_width), max(height, top + frame_height)
+    return width, height
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    if size[0] * size[1] > max_pixels:
+        raise DecompressionBomb(
+            f"image declares {_dims(size)} = {size[0] * size[1]:,} pixels, over the limit of "
+            f"{max_pixels:,} pixels"
+        )
+
+
+def _dims(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _to_srgb_8bit(image: Image.Image) -> Image.Image:
+    """A new "RGB" or "RGBA" sRGB image from any Pillow mode; a fully opaque alpha is dropped."""
+    icc = image.info.get("icc_profile")
+    if image.mode in _PREMULTIPLIED:
+        image = image.convert(_PREMULTIPLIED[image.mode])
+    alpha = None
+    if image.mode in _HIGH_DEPTH:
+        image, alpha = _high_depth_to_8bit(image)
+    elif image.has_transparency_data:
+        if image.mode not in ("LA", "RGBA"):
+            image = image.convert("RGBA")  # palette or tRNS colour key becomes a channel
+        alpha = image.getchannel("A")
+        image = image.convert(image.mode[:-1])
+    colour = _to_srgb(image, icc)
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        colour.putalpha(alpha)
+    return colour
+
+
+def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """Scale 16-bit or 32-bit grey to "L", 65535 (or 1.0 for float) becoming 255.
+
+    Pillow's own conversion clips at 255 instead of scaling. Integer modes are read as
+    0..65535 (what 16-bit files hold); float as 0.0..1.0, the convention of float TIFFs.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.rint(np.nan_to_num(values, nan=0.0).clip(0.0, 1.0) * 255)
+    else:
+        scaled = (values.clip(0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+    alpha = None
+    key = image.info.get("transparency")  # a 16-bit grey PNG's tRNS: one transparent value
+    if isinstance(key, int):
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+    return Image.fromarray(scaled.astype(np.uint8)), alpha
+
+
+def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """A new "RGB" image, converted from the embedded ICC profile to sRGB when there is one."""
+    if icc and image.mode not in _ICC_MODES:
+        image = image.convert("RGB")  # palette, 1-bit, YCbCr: the profile describes RGB
+    if icc:
+        # A fresh sRGB profile each call: LittleCMS profiles are not safe to share between
+        # threads, and creating one costs microseconds.
+        try:
+            return ImageCms.profileToProfile(
+                image, io.BytesIO(icc), ImageCms.createProfile("sRGB"), outputMode="RGB"
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass  # a broken profile, or one for another colour space: keep the pixels as they are
+    return image.convert("RGB")
+
+
+def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """`image` ("LA" or "RGBA") composited over an opaque `background` colour."""
+    mode = image.mode[:-1]
+    flat = Image.new(mode, image.size, background if mode == "RGB" else background[0])
+    flat.paste(image.convert(mode), mask=image.getchannel("A"))
+    return flat
