@@ -1,0 +1,149 @@
+"""The engine: the operations one process serves, set up once, run one job at a time.
+
+This is the seam between the cloud side and the models (cog's predictor):
+
+    engine = Engine(["remove-background", "upscale"], cache_dir, device="auto")
+    engine.setup()                       # load + warm up each model once; state -> READY
+    params = validate_params(chain, raw)
+    out = engine.run(chain, image, params, seed=resolve_common(params, data)["seed"])
+    engine.model_id(chain)               # "briaai/RMBG-1.4@<commit>,stabilityai/...@<commit>"
+
+One model instance per operation per process. `setup` is idempotent and thread-safe (a
+failed setup may be retried); `run` is serialised, since all operations share one device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from image.errors import ModelError, UnknownOperation
+from image.operations import OPERATION_NAMES, get_operation
+from image.params import parse_chain, resolve, validate_params
+
+logger = logging.getLogger("imagen.engine")
+
+STARTING, READY, SETUP_FAILED = "STARTING", "READY", "SETUP_FAILED"
+
+
+class Engine:
+    """Operations loaded on one device; see the module docstring."""
+
+    def __init__(
+        self,
+        operations: Sequence[str],
+        cache_dir: Path,
+        *,
+        device: str = "auto",
+        allow_download: bool = False,
+    ):
+        if isinstance(operations, str):
+            operations = parse_chain(operations)
+        for name in operations:
+            get_operation(name)  # UnknownOperation before anything loads
+        self.operations: tuple[str, ...] = tuple(dict.fromkeys(operations))
+        if not self.operations:
+            raise UnknownOperation(f"no operation given; choose from {', '.join(OPERATION_NAMES)}")
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+        self.allow_download = allow_download
+        self.state = STARTING
+        self.error: BaseException | None = None  # why setup failed
+        self.setup_seconds: dict[str, float] = {}  # per operation: load + warm-up
+        self._ops: dict = {}
+        self._setup_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    def setup(self) -> None:
+        """Load and warm up every operation once; logs each model's revision and seconds."""
+        with self._setup_lock:
+            if self.state == READY:
+                return
+            self.state, self.error = STARTING, None
+            try:
+                from image.device import resolve_device
+
+                device, dtype = resolve_device(self.device)
+                logger.info(
+                    "setting up %s on %s (%s) from %s",
+                    ",".join(self.operations),
+                    device,
+                    str(dtype).removeprefix("torch."),
+                    self.cache_dir,
+                )
+                for name in self.operations:
+                    if name in self._ops:
+                        continue  # loaded by an earlier, partly failed setup
+                    started = time.perf_counter()
+                    op = get_operation(name)()
+                    op.setup(self.cache_dir, device, dtype, allow_download=self.allow_download)
+                    self._ops[name] = op
+                    self.setup_seconds[name] = time.perf_counter() - started
+            except BaseException as error:
+                self.state, self.error = SETUP_FAILED, error
+                raise
+            self.state = READY
+            each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())
+            logger.info("ready: %s in %.2f s", each, sum(self.setup_seconds.values()))
+
+    def run(
+        self,
+        chain: Sequence[str],
+        image: Image.Image,
+        params: Mapping[str, object],
+        seed: int,
+    ) -> Image.Image:
+        """Run the operations of `chain` in order on `image`, in memory, on one device.
+
+        `params` are `validate_params(chain, ...)`'s output (checked again here: it is
+        cheap and idempotent); each operation gets its defaults filled in.
+        """
+        # 1. Check inputs
+        chain = _chain(chain)
+        for name in chain:
+            if name not in self.operations:
+                raise UnknownOperation(
+                    f"operation {name!r} is not served by this process "
+                    f"(it serves {', '.join(self.operations)})"
+                )
+        params = validate_params(chain, params)
+        if self.state != READY:
+            if self.state == SETUP_FAILED:
+                raise ModelError(f"the models failed to set up: {self.error}") from self.error
+            self.setup()
+        size = image.size
+        for name in chain:  # every size limit of the chain, before any GPU work
+            self._ops[name].check_size(size)
+            size = self._ops[name].output_size(size)
+
+        # 2. Run the chain
+        with self._run_lock:
+            for name in chain:
+                image = self._ops[name].run(image, resolve(name, params), seed)
+        return image
+
+    def model_id(self, chain: Sequence[str] | str) -> str:
+        """"repo@revision" for one operation; joined with "," for a chain."""
+        chain = _chain(chain)
+        missing = [name for name in chain if name not in self._ops]
+        if missing:
+            raise UnknownOperation(f"operation(s) {', '.join(missing)} not loaded in this process")
+        return ",".join(self._ops[name].model_id for name in chain)
+
+    def is_tiny(self) -> bool:
+        """True when any loaded model is a tiny random-weight one (tests and demos)."""
+        return any(op.loaded.tiny for op in self._ops.values())
+
+
+def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:
+    """A chain given as "a,b" or as names, checked like `parse_chain` (unknown, empty, twice)."""
+    if isinstance(chain, str):
+        return parse_chain(chain)
+    if any(not isinstance(name, str) for name in chain):
+        raise UnknownOperation(f"operation names must be strings, got {list(chain)!r}")
+    return parse_chain(",".join(chain))

@@ -1,0 +1,116 @@
+"""What enhance and comic share: img2img at the input's own size.
+
+The UNet takes sizes in multiples of `multiple` pixels (the VAE's factor times the UNet's
+down-sampling) and works well near its training resolution `native` (the UNet's sample size
+times the VAE's factor: 512 for SD1.5, 1024 for the SDXL refiner). So:
+
+- an input whose short side is below `min_side_ratio * native` is enlarged first (diffusion
+  models draw noise, not detail, far below their resolution); one above
+  `max_pixels_ratio * native**2` pixels is reduced, or for `tile_large_inputs` operations
+  processed in fixed-size overlapping tiles at its own resolution (no detail lost);
+- the working image is reflect-padded to a multiple, run, cropped, and resized back, so the
+  output has exactly the input's size whatever that is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from image.models._quiet import quiet_libraries
+from image.operations.base import Operation, attach_alpha
+from image.tiling import pad_to_multiple, to_uint8, upscale_tiled
+
+
+class Img2ImgOperation(Operation):
+    """A diffusers img2img pipeline run on the whole image, restoring its size."""
+
+    min_side_ratio: ClassVar[float] = 0.75
+    max_pixels_ratio: ClassVar[float] = 2.25  # (1.5 * native) ** 2
+    #: Large inputs: tiles at native size (keeps detail) instead of a resize.
+    tile_large_inputs: ClassVar[bool] = False
+    tile_overlap_ratio: ClassVar[float] = 0.125
+    warmup_params: ClassVar[dict[str, Any]] = {"steps": 2, "strength": 0.5}
+
+    def prepare(self) -> None:
+        pipe = self.model
+        pipe.set_progress_bar_config(disable=True)
+        self.multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def prompt(self, params: dict[str, Any]) -> str:
+        return params["prompt"]
+
+    def process(self, rgb, alpha, params, seed):
+        # 1. Choose the working size
+        width, height = rgb.size
+        scale = working_scale(
+            rgb.size,
+            min_side=self.min_side_ratio * self.native,
+            max_pixels=self.max_pixels_ratio * self.native**2,
+        )
+        if scale < 1 and self.tile_large_inputs:
+            out = self._tiled(rgb, params, seed)
+        else:
+            work = rgb
+            if scale != 1:
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                work = rgb.resize(size, Image.Resampling.LANCZOS)
+            # 2. Pad to what the UNet takes, run, crop
+            array = pad_to_multiple(np.asarray(work), self.multiple)
+            result = self._pipe(Image.fromarray(array), params, self.generator(seed))
+            out = result.crop((0, 0, work.width, work.height))
+            # 3. Back to the input's size
+            if out.size != rgb.size:
+                out = out.resize(rgb.size, Image.Resampling.LANCZOS)
+        return attach_alpha(out, alpha)
+
+    def _pipe(self, image: Image.Image, params: dict[str, Any], generator) -> Image.Image:
+        # The SDXL pipeline re-casts its VAE on every call and warns each time: noise in
+        # the service's logs, one line per job.
+        with quiet_libraries(warnings=False):
+            return self.model(
+                prompt=self.prompt(params),
+                negative_prompt=params["negative_prompt"] or None,
+                image=image,
+                strength=params["strength"],
+                num_inference_steps=params["steps"],
+                guidance_scale=params["guidance"],
+                generator=generator,
+                output_type="pil",
+            ).images[0]
+
+    def _tiled(self, rgb: Image.Image, params: dict[str, Any], seed: int) -> Image.Image:
+        tile = self.native
+        overlap = _round_to(self.native * self.tile_overlap_ratio, self.multiple // 2 or 1)
+        counter = iter(range(1 << 30))
+
+        def process(batch: np.ndarray) -> np.ndarray:
+            outs = []
+            for tile_array in batch:
+                generator = self.generator(seed, tile=next(counter))
+                tile_image = Image.fromarray(tile_array.astype(np.uint8))
+                outs.append(np.asarray(self._pipe(tile_image, params, generator), np.float32))
+            return np.stack(outs)
+
+        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap)
+        out /= 255.0
+        return Image.fromarray(to_uint8(out), "RGB")
+
+
+def working_scale(size: tuple[int, int], *, min_side: float, max_pixels: float) -> float:
+    """The factor that brings `size` into the model's range (1.0 when already in it)."""
+    width, height = size
+    if width * height > max_pixels:
+        return math.sqrt(max_pixels / (width * height))
+    if min(width, height) < min_side:
+        # Enlarging must not push the image past the pixel budget (very long strips).
+        return min(min_side / min(width, height), math.sqrt(max_pixels / (width * height)))
+    return 1.0
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)

@@ -1,0 +1,211 @@
+"""The base every operation builds on: set up once, then run many times.
+
+    op = get_operation("upscale")()
+    op.setup(cache_dir, device, dtype, allow_download=False)   # load, move, warm up
+    out = op.run(image, resolve("upscale", params), seed=1234)  # as often as needed
+
+`run` is the same for every operation: check the inputs, split off the alpha channel (the
+models see RGB), run the model under `torch.inference_mode()` with a generator seeded from
+`seed` on the model's device, and re-attach the alpha. A subclass writes `prepare` (after
+loading) and `process` (the model step), and says how it changes the image size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from image.errors import ImageTooLarge, InputError, InvalidParameter, ModelError
+from image.params import DEFAULTS, SEED_MAX, check_combination, resolve
+
+logger = logging.getLogger("imagen.operations")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+class Operation:
+    """One operation over one model. Subclasses set `name` and write `process`."""
+
+    name: ClassVar[str]
+    #: Largest input, pixels (width x height); None: any size the decoder accepted.
+    max_input_pixels: ClassVar[int | None] = None
+    #: Parameters the warm-up overrides (few steps: it only has to touch every kernel once).
+    warmup_params: ClassVar[dict[str, Any]] = {}
+    warmup_size: ClassVar[tuple[int, int]] = (64, 64)
+
+    def __init__(self) -> None:
+        self.loaded = None  # image.models LoadedModel, once set up
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    @property
+    def spec(self):
+        """This operation's `ModelSpec` in the model registry."""
+        from image.models.registry import REGISTRY
+
+        return REGISTRY[self.name]
+
+    @property
+    def model(self):
+        """The loaded pipeline or network."""
+        if self.loaded is None:
+            raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
+        return self.loaded.model
+
+    @property
+    def model_id(self) -> str:
+        """"repo@commit" of the loaded model."""
+        if self.loaded is None:
+            raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
+        return self.loaded.model_id
+
+    @property
+    def is_set_up(self) -> bool:
+        return self.loaded is not None
+
+    def setup(
+        self,
+        cache_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        allow_download: bool = False,
+        lock=None,
+    ) -> None:
+        """Load the model from `cache_dir` onto `device`, prepare it and warm it up."""
+        from image.models.loading import load_model
+
+        # 1. Load
+        started = time.perf_counter()
+        self.device, self.dtype = torch.device(device), dtype
+        self.loaded = load_model(
+            self.spec,
+            Path(cache_dir),
+            device=self.device,
+            dtype=dtype,
+            allow_download=allow_download,
+            lock=lock,
+        )
+        self.load_seconds = time.perf_counter() - started
+
+        # 2. Prepare (per operation: sizes the model takes, progress bars off...)
+        self.prepare()
+
+        # 3. Warm up outside the request path: first calls allocate and pick kernels
+        started = time.perf_counter()
+        warmup = Image.new("RGB", self.warmup_size, (128, 128, 128))
+        self.run(warmup, resolve(self.name, self.warmup_params), seed=0)
+        self.warmup_seconds = time.perf_counter() - started
+        logger.info(
+            "%s: %s loaded in %.2f s, warmed up in %.2f s",
+            self.name,
+            self.loaded.model_id,
+            self.load_seconds,
+            self.warmup_seconds,
+        )
+
+    def prepare(self) -> None:
+        """Called once after loading; reads what the model accepts from its config."""
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the result for an input of `size`; same size by default."""
+        return size
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Raise `ImageTooLarge` if this operation cannot take an input of `size` pixels."""
+        width, height = size
+        if width < 1 or height < 1:
+            raise InputError(f"{self.name}: the image is empty ({width}x{height})")
+        if self.max_input_pixels is not None and width * height > self.max_input_pixels:
+            raise ImageTooLarge(
+                f"{self.name} takes at most {self.max_input_pixels} input pixels "
+                f"({_side(self.max_input_pixels)}); this image is {width}x{height} = "
+                f"{width * height} pixels"
+            )
+
+    # -- running ---------------------------------------------------------------------------
+
+    def check_inputs(self, image: Image.Image, params: Mapping[str, Any], seed: int) -> None:
+        """Concise errors before any model work; `params` are resolved (all keys present)."""
+        if self.loaded is None:
+            raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
+        if not isinstance(image, Image.Image):
+            raise InputError(f"{self.name}: expected a PIL image, got {type(image).__name__}")
+        self.check_size(image.size)
+        expected = set(DEFAULTS[self.name])
+        if set(params) != expected:
+            missing, extra = expected - set(params), set(params) - expected
+            raise InvalidParameter(
+                f"{self.name}: resolved parameters expected; "
+                f"missing {sorted(missing)}, unknown {sorted(extra)}"
+            )
+        check_combination(self.name, params)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise InvalidParameter(f"{self.name}: seed must be a whole number from 0 to {SEED_MAX}")
+
+    def run(self, image: Image.Image, params: Mapping[str, Any], seed: int) -> Image.Image:
+        """The operation on one image; `params` as `image.params.resolve` returns them.
+
+        Any mode comes in (RGB and RGBA from the decoder; L, LA, P... from a notebook);
+        alpha is kept through the operation. The same seed gives the same pixels.
+        """
+        # 1. Check inputs
+        self.check_inputs(image, params, seed)
+
+        # 2. Split off alpha: the models see RGB
+        rgb, alpha = split_alpha(image)
+
+        # 3. Run the model
+        with torch.inference_mode():
+            return self.process(rgb, alpha, dict(params), seed)
+
+    def process(
+        self, rgb: Image.Image, alpha: Image.Image | None, params: dict[str, Any], seed: int
+    ) -> Image.Image:
+        """The model step: RGB in (and the input's alpha, if any), the result out."""
+        raise NotImplementedError
+
+    def generator(self, seed: int, tile: int = 0) -> torch.Generator:
+        """A generator on the model's device: same seed, same noise.
+
+        Tile `tile` of a tiled run gets its own stream, so results do not depend on how
+        tiles are batched.
+        """
+        return torch.Generator(device=self.device).manual_seed((seed + 7919 * tile) % 2**32)
+
+
+def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB image, alpha as "L" or None). Palette images with transparency keep it."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        image = image.convert("RGBA")
+        return image.convert("RGB"), image.getchannel("A")
+    return (image if image.mode == "RGB" else image.convert("RGB")), None
+
+
+def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:
+    """`image` with `alpha` re-attached (resized with Lanczos when the size changed)."""
+    if alpha is None:
+        return image
+    if alpha.size != image.size:
+        alpha = alpha.resize(image.size, Image.Resampling.LANCZOS)
+    out = image.convert("RGB")
+    out.putalpha(alpha)
+    return out
+
+
+def _side(pixels: int) -> str:
+    side = int(pixels**0.5)
+    return f"{side}x{side}" if side * side == pixels else f"{pixels} pixels"

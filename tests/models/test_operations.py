@@ -1,0 +1,350 @@
+"""The four operations and chains on tiny models, through the real loader, offline.
+
+Steps are kept at 2 (img2img: strength 0.5, one denoising step) so each run stays well
+under two seconds on a CPU; what is checked is plumbing: sizes, modes, alpha, determinism
+and errors. The pixels of tiny random-weight models mean nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from image.codec import encode_image
+from image.device import resolve_device
+from image.engine import READY, SETUP_FAILED, STARTING, Engine
+from image.errors import ImageTooLarge, InvalidParameter, ModelError, UnknownOperation
+from image.operations import OPERATION_NAMES, get_operation
+from image.operations._img2img import working_scale
+from image.params import resolve, validate_params
+from image.tiling import plan_tiles
+
+pytestmark = pytest.mark.models
+
+FAST = {"upscale": {"steps": 2}, "enhance": {"steps": 2, "strength": 0.5},
+        "comic": {"steps": 2, "strength": 0.5}, "remove-background": {}}
+
+
+def _fast(chain):
+    params = {}
+    for name in chain:
+        params.update(FAST[name])
+    return validate_params(tuple(chain), params)
+
+
+def _image(width=64, height=64, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                     np.full_like(x, 128)], axis=-1)
+    noise = rng.integers(-20, 20, size=base.shape)
+    rgb = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "RGBA":
+        alpha = np.where((x - width / 2) ** 2 + (y - height / 2) ** 2 < (width / 3) ** 2, 255, 0)
+        alpha[0, 0] = 77  # one half-transparent pixel
+        image.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
+    return image
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cache):
+    engine = Engine(OPERATION_NAMES, tiny_cache, device="cpu", allow_download=False)
+    assert engine.state == STARTING
+    engine.setup()
+    return engine
+
+
+def _run(engine, chain, image, seed=1, **extra):
+    chain = tuple(chain)
+    params = _fast(chain)
+    params.update(validate_params(chain, extra))
+    return engine.run(chain, image, params, seed)
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def test_engine_is_ready_with_tiny_models(engine):
+    assert engine.state == READY
+    assert engine.is_tiny()
+    assert set(engine.setup_seconds) == set(OPERATION_NAMES)
+    engine.setup()  # idempotent
+    assert engine.state == READY
+
+
+def test_model_ids(engine):
+    one = engine.model_id(["upscale"])
+    repo, _, commit = one.partition("@")
+    assert repo == "stabilityai/stable-diffusion-x4-upscaler" and len(commit) == 40
+    chain = engine.model_id(("remove-background", "upscale"))
+    assert chain == f"{engine.model_id(['remove-background'])},{one}"
+    assert engine.model_id("remove-background,upscale") == chain
+
+
+def test_setup_offline_and_only_the_named_operations(tiny_cache, offline):
+    engine = Engine(["remove-background"], tiny_cache, device="cpu")
+    engine.setup()
+    assert engine.model_id("remove-background").startswith("briaai/RMBG-1.4@")
+    out = engine.run(("remove-background",), _image(), {}, seed=0)
+    assert out.mode == "RGBA"
+    with pytest.raises(UnknownOperation, match="not served by this process"):
+        engine.run(("remove-background", "upscale"), _image(), {}, seed=0)
+
+
+def test_missing_models_fail_setup_clearly(tmp_path):
+    engine = Engine(["comic"], tmp_path / "empty", device="cpu")
+    with pytest.raises(ModelError, match="imagen models pull"):
+        engine.setup()
+    assert engine.state == SETUP_FAILED
+    with pytest.raises(ModelError, match="failed to set up"):
+        engine.run(("comic",), _image(), {}, seed=0)
+
+
+def test_unknown_operation_at_construction(tiny_cache):
+    with pytest.raises(UnknownOperation, match="sharpen"):
+        Engine(["sharpen"], tiny_cache)
+    with pytest.raises(UnknownOperation, match="no operation"):
+        Engine([], tiny_cache)
+    with pytest.raises(UnknownOperation, match="choose from"):
+        get_operation("sharpen")
+
+
+def test_run_checks_the_chain(engine):
+    with pytest.raises(InvalidParameter, match="twice"):
+        engine.run(["upscale", "upscale"], _image(), {}, seed=0)
+    with pytest.raises(UnknownOperation, match="no operation"):
+        engine.run([], _image(), {}, seed=0)
+    with pytest.raises(UnknownOperation, match="'sharpen'"):
+        engine.run("sharpen", _image(), {}, seed=0)
+
+
+# -- each operation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "op, size, mode",
+    [("upscale", (256, 256), "RGB"), ("enhance", (64, 64), "RGB"), ("comic", (64, 64), "RGB"),
+     ("remove-background", (64, 64), "RGBA")],
+)
+def test_each_operation_size_and_mode(engine, op, size, mode):
+    out = _run(engine, [op], _image())
+    assert out.size == size and out.mode == mode
+
+
+def test_chain_remove_background_then_upscale(engine):
+    out = _run(engine, ["remove-background", "upscale"], _image(48, 40))
+    assert out.size == (192, 160) and out.mode == "RGBA"
+
+
+@pytest.mark.parametrize("op", OPERATION_NAMES)
+def test_same_seed_same_bytes(engine, op):
+    first = encode_image(_run(engine, [op], _image(), seed=42))
+    again = encode_image(_run(engine, [op], _image(), seed=42))
+    assert first == again
+
+
+@pytest.mark.parametrize("op", ["upscale", "enhance", "comic"])
+def test_different_seed_differs(engine, op):
+    a = np.asarray(_run(engine, [op], _image(), seed=1))
+    b = np.asarray(_run(engine, [op], _image(), seed=2))
+    assert not np.array_equal(a, b)
+
+
+def test_large_upscale_goes_through_tiles(engine):
+    upscale = engine._ops["upscale"]
+    image = _image(150, 100)
+    plan = plan_tiles(150, 100, upscale.tile_size, upscale.tile_overlap)
+    assert len(plan.boxes) > 1  # really tiled
+    out = _run(engine, ["upscale"], image, steps=1)
+    assert out.size == (600, 400) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("op", ["enhance", "comic"])
+@pytest.mark.parametrize("size", [(70, 45), (33, 97)])
+def test_img2img_keeps_odd_sizes_exactly(engine, op, size):
+    out = _run(engine, [op], _image(*size))
+    assert out.size == size and out.mode == "RGB"
+
+
+def test_enhance_tiles_inputs_beyond_its_range(engine, monkeypatch):
+    enhance = engine._ops["enhance"]
+    calls = []
+    original = enhance._pipe
+
+    def spy(image, params, generator):
+        calls.append(image.size)
+        return original(image, params, generator)
+
+    monkeypatch.setattr(enhance, "_pipe", spy)
+    # 2 x 1.25 native: more than (1.5 x native)**2 pixels, so tiled at native size.
+    size = (enhance.native * 2 + 3, enhance.native * 5 // 4)
+    out = _run(engine, ["enhance"], _image(*size))
+    assert out.size == size
+    assert len(calls) > 1 and set(calls) == {(enhance.native, enhance.native)}
+
+
+def test_working_scale():
+    budget = 2.25 * 512**2
+    assert working_scale((512, 512), min_side=384, max_pixels=budget) == 1.0
+    assert working_scale((64, 32), min_side=384, max_pixels=budget) == 12.0
+    assert working_scale((2048, 2048), min_side=384, max_pixels=budget) == pytest.approx(0.375)
+    # A long strip is enlarged only up to the pixel budget.
+    strip = working_scale((4000, 100), min_side=384, max_pixels=budget)
+    assert strip == pytest.approx((budget / 400_000) ** 0.5)
+
+
+def test_comic_prompt_gets_its_trigger_words(engine, monkeypatch):
+    comic = engine._ops["comic"]
+    seen = []
+    original = comic._pipe
+
+    def spy(image, params, generator):
+        seen.append(comic.prompt(params))
+        return original(image, params, generator)
+
+    monkeypatch.setattr(comic, "_pipe", spy)
+    _run(engine, ["comic"], _image(), prompt="a harbour at dusk")
+    assert seen == ["ghibli style, a harbour at dusk"]
+
+
+# -- alpha ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["enhance", "comic"])
+def test_img2img_keeps_alpha(engine, op):
+    image = _image(mode="RGBA")
+    out = _run(engine, [op], image)
+    assert out.mode == "RGBA"
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(image.getchannel("A")))
+
+
+def test_upscale_enlarges_alpha_with_lanczos(engine):
+    image = _image(40, 30, mode="RGBA")
+    out = _run(engine, ["upscale"], image)
+    assert out.mode == "RGBA" and out.size == (160, 120)
+    expected = image.getchannel("A").resize((160, 120), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(expected))
+
+
+def test_remove_background_combines_with_existing_alpha(engine):
+    image = _image(mode="RGBA")
+    out = _run(engine, ["remove-background"], image)
+    alpha_in = np.asarray(image.getchannel("A"))
+    alpha_out = np.asarray(out.getchannel("A"))
+    assert (alpha_out[alpha_in == 0] == 0).all()
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(image.convert("RGB")))
+
+
+def test_other_modes_are_accepted(engine):
+    grey = _image().convert("L")
+    assert _run(engine, ["comic"], grey).mode == "RGB"
+    palette = _image(mode="RGBA").convert("P")
+    assert _run(engine, ["enhance"], palette).size == (64, 64)
+
+
+# -- remove-background ----------------------------------------------------------------------
+
+
+def _model_card_mask(model, image: Image.Image) -> np.ndarray:
+    """RMBG-1.4's model card pre- and post-processing, as published (utilities.py)."""
+    im = np.asarray(image)
+    im_tensor = torch.tensor(im, dtype=torch.float32).permute(2, 0, 1)
+    im_tensor = F.interpolate(torch.unsqueeze(im_tensor, 0), size=[1024, 1024], mode="bilinear")
+    x = torch.divide(im_tensor, 255.0)
+    x = (x - 0.5) / 1.0  # torchvision normalize([0.5]*3, [1.0]*3)
+    with torch.inference_mode():
+        result = model(x)
+    result = torch.squeeze(F.interpolate(result[0][0], size=im.shape[:2], mode="bilinear"), 0)
+    ma, mi = torch.max(result), torch.min(result)
+    result = (result - mi) / (ma - mi)
+    return (result * 255).permute(1, 2, 0).cpu().numpy().squeeze()
+
+
+def test_remove_background_follows_the_model_card(engine):
+    image = _image(90, 60)
+    out = _run(engine, ["remove-background"], image)
+    expected = _model_card_mask(engine._ops["remove-background"].model, image)
+    # The card truncates to uint8; imagen rounds: at most one level apart.
+    diff = np.abs(np.asarray(out.getchannel("A")).astype(float) - expected)
+    assert diff.max() <= 1.0
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(image))
+
+
+def test_mask_only(engine):
+    image = _image()
+    full = _run(engine, ["remove-background"], image)
+    mask = _run(engine, ["remove-background"], image, mask_only=True)
+    assert mask.mode == "L" and mask.size == (64, 64)
+    assert np.array_equal(np.asarray(mask), np.asarray(full.getchannel("A")))
+
+
+def test_background_colour(engine):
+    image = _image()
+    mask = np.asarray(_run(engine, ["remove-background"], image, mask_only=True), float) / 255
+    out = _run(engine, ["remove-background"], image, background="#00ff00")
+    assert out.mode == "RGB" and out.size == (64, 64)
+    expected = np.asarray(image, float) * mask[..., None] + np.array([0, 255, 0]) * (1 - mask[..., None])
+    assert np.abs(np.asarray(out, float) - expected).max() <= 1.0
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chain, params, match",
+    [(["upscale"], {"steps": 0}, "'steps'"), (["upscale"], {"strength": 0.5}, "'strength'"),
+     (["comic"], {"guidance": "lots"}, "'guidance'"), (["enhance"], {"steps": 2, "strength": 0.3},
+     "steps x strength"), (["remove-background"], {"mask_only": True, "background": "white"},
+     "mask_only and background"), (["remove-background"], {"background": "#12"}, "'background'")],
+)
+def test_bad_params_raise_invalid_parameter(engine, chain, params, match):
+    with pytest.raises(InvalidParameter, match=match):
+        engine.run(chain, _image(), params, seed=0)
+
+
+def test_operation_run_wants_resolved_params(engine):
+    with pytest.raises(InvalidParameter, match="resolved parameters"):
+        engine._ops["upscale"].run(_image(), {"steps": 2}, seed=0)
+    with pytest.raises(InvalidParameter, match="seed"):
+        engine._ops["upscale"].run(_image(), resolve("upscale", {}), seed=-1)
+
+
+def test_upscale_refuses_too_large_inputs_before_any_work(engine, monkeypatch):
+    upscale = engine._ops["upscale"]
+    monkeypatch.setattr(type(upscale), "max_input_pixels", 50 * 50)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(upscale, "process", fail)
+    with pytest.raises(ImageTooLarge, match="at most 2500 input pixels.*60x50"):
+        engine.run(["upscale"], _image(60, 50), {}, seed=0)
+    # In a chain, the limit is checked before the first operation runs.
+    monkeypatch.setattr(engine._ops["remove-background"], "process", fail)
+    with pytest.raises(ImageTooLarge):
+        engine.run(["remove-background", "upscale"], _image(60, 50), {}, seed=0)
+
+
+def test_default_upscale_limit_gives_at_most_8192_square():
+    upscale = get_operation("upscale")
+    assert upscale.max_input_pixels * 16 == 8192 * 8192
+
+
+# -- device ---------------------------------------------------------------------------------
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == (torch.device("cpu"), torch.float32)
+    device, dtype = resolve_device("auto")
+    if torch.cuda.is_available():
+        assert device.type == "cuda" and dtype == torch.float16
+    else:
+        assert device == torch.device("cpu") and dtype == torch.float32
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ModelError, match="not one of"):
+        resolve_device("tpu")

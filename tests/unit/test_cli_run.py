@@ -1,0 +1,121 @@
+"""`imagen run` on tiny models: every operation and a chain write correctly sized files;
+bad input exits non-zero with one readable line naming the problem."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from handlers.cli import main
+
+pytestmark = pytest.mark.models
+
+FAST = {
+    "upscale": ["--param", "steps=2"],
+    "enhance": ["--param", "steps=2", "--param", "strength=0.5"],
+    "comic": ["--param", "steps=2", "--param", "strength=0.5"],
+    "remove-background": [],
+    "remove-background,upscale": ["--param", "steps=2"],
+}
+
+
+@pytest.fixture
+def cli(tiny_cache):  # noqa: F811
+    runner = CliRunner()
+    env = {"MODEL_CACHE_DIR": str(tiny_cache), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"}
+
+    def invoke(*args):
+        return runner.invoke(main, ["run", *args], env=env, catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "operation, size, mode",
+    [("upscale", (224, 160), "RGB"), ("enhance", (56, 40), "RGB"), ("comic", (56, 40), "RGB"),
+     ("remove-background", (56, 40), "RGBA"), ("remove-background,upscale", (224, 160), "RGBA")],
+)
+def test_each_operation_writes_a_correctly_sized_file(cli, photo, operation, size, mode):
+    result = cli(str(photo), "--operation", operation, *FAST[operation])
+    assert result.exit_code == 0, result.output
+    expected = photo.with_name(f"photo.{operation.replace(',', '+')}.png")
+    assert expected.is_file()
+    with Image.open(expected) as out:
+        assert out.format == "PNG" and out.size == size and out.mode == mode
+    # One line: the path, the size, the seed and seconds.
+    assert str(expected) in result.output
+    assert f"{size[0]}x{size[1]}" in result.output
+    assert re.search(r"\d+\.\d\d s", result.output)
+
+
+def test_output_option_format_and_params(cli, photo, tmp_path):
+    target = tmp_path / "sub" / "mask.webp"
+    result = cli(str(photo), "-o", str(target), "--operation", "remove-background",
+                 "--format", "webp", "--param", "mask_only=true")
+    assert result.exit_code == 0, result.output
+    with Image.open(target) as out:
+        assert out.format == "WEBP" and out.size == (56, 40)
+
+
+def test_jpeg_default_name_and_seed_param(cli, photo):
+    args = [str(photo), "--operation", "remove-background", "--param", "background=white",
+            "--param", "format=jpg", "--param", "seed=7"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "seed=7" in result.output
+    with Image.open(photo.with_name("photo.remove-background.jpeg")) as out:
+        assert out.format == "JPEG" and out.mode == "RGB"
+
+
+def test_same_input_same_bytes(cli, photo, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for target in (a, b):
+        assert cli(str(photo), "-o", str(target), "--operation", "comic", *FAST["comic"]).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--operation", "sharpen"], "UnknownOperation: unknown operation 'sharpen'"),
+        (["--operation", "remove-background,sharpen"], "'sharpen'"),
+        (["--operation", "upscale", "--param", "steps=0"], "InvalidParameter: parameter 'steps'"),
+        (["--operation", "upscale", "--param", "colour=red"], "unknown parameter 'colour'"),
+        (["--operation", "comic", "--param", "strength=2"], "parameter 'strength'"),
+        (["--operation", "remove-background", "--param", "background=nocolour"], "'background'"),
+        (["--operation", "upscale", "--format", "png", "--param", "format=png"], "format once"),
+    ],
+)
+def test_bad_input_exits_non_zero_naming_it(cli, photo, args, message):
+    result = CliRunner().invoke(main, ["run", str(photo), *args], env={"IMAGEN_DEVICE": "cpu"})
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not list(photo.parent.glob("photo.*.*"))
+
+
+def test_not_an_image(cli, tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"hello, not an image")
+    result = cli(str(path), "--operation", "upscale")
+    assert result.exit_code == 1
+    assert "ImageDecodeError" in result.output
+
+
+def test_missing_models_name_the_fix(photo, tmp_path):
+    env = {"MODEL_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"}
+    result = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic"], env=env)
+    assert result.exit_code == 1
+    assert "imagen models pull" in result.output
