@@ -1,0 +1,175 @@
+"""`imagen models pull | list | verify | mirror`: the model cache (MODEL_CACHE_DIR) by hand.
+
+Each subcommand works on the operations this process serves (IMAGEN_OPERATIONS, default
+all) unless `--operations` names others, and on the cache dir from MODEL_CACHE_DIR unless
+`--cache-dir` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from image.models.lock import Lock, packaged_lock_path
+from image.models.registry import specs_for
+
+
+def _operations_option(function):
+    return click.option(
+        "--operations",
+        metavar="OP[,OP...]",
+        help="Comma-separated operations; default: IMAGEN_OPERATIONS (all four).",
+    )(function)
+
+
+def _cache_dir_option(function):
+    return click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Model cache; default: MODEL_CACHE_DIR.",
+    )(function)
+
+
+def _lock_option(function):
+    return click.option(
+        "--lock",
+        "lock_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Lock file; default: the image/models.lock.json shipped with imagen.",
+    )(function)
+
+
+def _specs(settings, operations: str | None):
+    names = [name.strip() for name in operations.split(",") if name.strip()] if operations else settings.operations
+    return specs_for(names)
+
+
+@click.group("models")
+def command() -> None:
+    """Pull, list, verify and mirror the models imagen runs."""
+
+
+@command.command("pull")
+@_operations_option
+@_cache_dir_option
+@_lock_option
+@click.option("--tiny", is_flag=True, help="Build small random-weight models instead (offline).")
+@click.option("--from", "source", metavar="gs://BUCKET/PREFIX", help="Restore from a mirror made by `models mirror`.")
+@click.option("--token", envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for gated models.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_obj
+def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet):
+    """Fetch models into the cache and pin their commits in the lock."""
+    from image.models import store
+
+    specs = _specs(settings, operations)
+    cache_dir = cache_dir or settings.model_cache_dir
+    lock_path = lock_path or packaged_lock_path()
+    if tiny and source:
+        raise click.UsageError("--tiny and --from exclude each other")
+    if tiny:
+        from image.models.tiny import build_tiny
+
+        commits = build_tiny(specs, cache_dir, lock=Lock.read(lock_path))
+        for repo, commit in commits.items():
+            click.echo(f"built tiny {repo}@{commit} in {cache_dir}")
+    elif source:
+        from handlers.clients import storage_client
+        from handlers.model_mirror import restore_cache
+
+        done = restore_cache(
+            source, cache_dir, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
+        )
+        click.echo(f"restored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already here) to {cache_dir}")
+    else:
+        commits = store.pull(specs, cache_dir, lock_path=lock_path, token=token, progress=not quiet)
+        for repo, commit in commits.items():
+            click.echo(f"pulled {repo}@{commit} into {cache_dir}")
+        click.echo(f"lock: {lock_path}")
+    _report_problems(store.verify(specs, cache_dir, Lock.read(lock_path)), specs)
+
+
+@command.command("list")
+@_operations_option
+@_cache_dir_option
+@_lock_option
+@click.pass_obj
+def list_(settings, operations, cache_dir, lock_path):
+    """Show each model's revision, size on disk and state."""
+    from image.models.store import list_models
+
+    cache_dir = cache_dir or settings.model_cache_dir
+    rows = list_models(_specs(settings, operations), cache_dir, Lock.read(lock_path or packaged_lock_path()))
+    click.echo(f"model cache: {cache_dir}")
+    table = [("OPERATION", "REPOSITORY", "REVISION", "SIZE", "STATUS")]
+    for row in rows:
+        status = "complete" if row.complete else ("missing" if row.revision is None or not row.bytes else "incomplete")
+        table.append((
+            row.operation,
+            row.repo_id,
+            (row.revision or "-")[:12],
+            _size(row.bytes) if row.bytes else "-",
+            status + (" (tiny)" if row.tiny else ""),
+        ))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+@command.command("verify")
+@_operations_option
+@_cache_dir_option
+@_lock_option
+@click.pass_obj
+def verify(settings, operations, cache_dir, lock_path):
+    """Check every model is complete; exit 1 naming the fix."""
+    from image.models.store import verify as verify_models
+
+    specs = _specs(settings, operations)
+    cache_dir = cache_dir or settings.model_cache_dir
+    _report_problems(verify_models(specs, cache_dir, Lock.read(lock_path or packaged_lock_path())), specs)
+    click.echo(f"{len(specs)} model(s) complete in {cache_dir}")
+
+
+@command.command("mirror")
+@click.argument("destination", metavar="gs://BUCKET/PREFIX")
+@_operations_option
+@_cache_dir_option
+@click.pass_obj
+def mirror(settings, destination, operations, cache_dir):
+    """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
+    from handlers.clients import storage_client
+    from handlers.model_mirror import mirror_cache
+
+    specs = _specs(settings, operations)
+    cache_dir = cache_dir or settings.model_cache_dir
+    done = mirror_cache(
+        cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
+    )
+    click.echo(f"mirrored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already there) to {destination}")
+
+
+def _report_problems(problems: list[str], specs) -> None:
+    """Print each problem and the command that fixes them, then exit 1; nothing if none."""
+    if not problems:
+        return
+    from image.models.store import pull_command
+
+    for problem in problems:
+        click.echo(problem, err=True)
+    broken = [spec for spec in specs if any(p.startswith(f"{spec.operation}: ") for p in problems)]
+    click.echo(f"fix: run `{pull_command(broken or specs)}` (or `imagen models pull --tiny` for test models)", err=True)
+    sys.exit(1)
+
+
+def _size(count: int) -> str:
+    """Bytes in B, KB, MB or GB (powers of 1000, as the Hub shows sizes)."""
+    value = float(count)
+    for unit in ("B", "KB", "MB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"

@@ -1,0 +1,204 @@
+"""A Cloud Storage copy of the model cache: `imagen models mirror` and `pull --from`.
+
+The seed's GCS model store, and the fastest cold start for large models on Cloud Run:
+copying from a bucket in the same region beats the Hub. The bucket holds the cache as it
+is on disk, under `gs://BUCKET/PREFIX/`: `models--org--name/blobs/*` and `refs/*` as
+objects, and the snapshots' links (`snapshots/<commit>/<file>` -> `../../blobs/<hash>`)
+recorded in a manifest rather than uploaded twice. The manifest, `PREFIX/imagen-mirror.json`,
+is written last, so a mirror without one is incomplete and is never restored from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+
+from image.errors import ModelError, ModelMissing
+
+logger = logging.getLogger("imagen.models")
+
+MANIFEST = "imagen-mirror.json"
+LARGE_FILE_BYTES = 128 * 1024 * 1024
+"""Files from this size (bytes) up are downloaded in concurrent slices, not whole."""
+
+_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """What a mirror or restore did: file counts and bytes moved."""
+
+    files: int
+    links: int
+    bytes: int
+    skipped: int
+
+
+def parse_mirror_uri(uri: str) -> tuple[str, str]:
+    """`gs://bucket/prefix` -> (bucket, "prefix/"); the prefix may be empty."""
+    if not uri.startswith("gs://") or not uri[len("gs://") :].split("/", 1)[0]:
+        raise ModelError(f"expected gs://BUCKET/PREFIX, got {uri!r}")
+    bucket, _, prefix = uri[len("gs://") :].partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def mirror_cache(
+    cache_dir: Path,
+    uri: str,
+    *,
+    client: storage.Client,
+    cache_names: Iterable[str] | None = None,
+    max_workers: int = 8,
+) -> Transfer:
+    """Copy the models in `cache_dir` (only `cache_names`, e.g. "models--org--name", if given).
+
+    Blobs already in the bucket with the same size are not sent again: they are named by
+    their content.
+    """
+    bucket_name, prefix = parse_mirror_uri(uri)
+    bucket = client.bucket(bucket_name)
+    files, links = _scan(Path(cache_dir), cache_names)
+    if not files:
+        raise ModelMissing(f"no models in {cache_dir} to mirror; run `imagen models pull` first")
+    present = {blob.name[len(prefix) :]: blob.size for blob in client.list_blobs(bucket, prefix=prefix)}
+    send = [name for name, size in files.items() if not ("/blobs/" in name and present.get(name) == size)]
+    logger.info("mirroring %d files (%d already there) from %s to %s", len(send), len(files) - len(send), cache_dir, uri)
+    results = transfer_manager.upload_many_from_filenames(
+        bucket,
+        send,
+        source_directory=str(cache_dir),
+        blob_name_prefix=prefix,
+        worker_type=transfer_manager.THREAD,
+        max_workers=max_workers,
+        raise_exception=True,
+    )
+    _raise_failures(results, send, "uploading")
+    manifest = {"format": _FORMAT, "files": files, "links": links}
+    bucket.blob(prefix + MANIFEST).upload_from_string(
+        json.dumps(manifest, indent=1, sort_keys=True), content_type="application/json"
+    )
+    return Transfer(len(send), len(links), sum(files[name] for name in send), len(files) - len(send))
+
+
+def restore_cache(
+    uri: str,
+    cache_dir: Path,
+    *,
+    client: storage.Client,
+    cache_names: Iterable[str] | None = None,
+    max_workers: int = 8,
+    large_file_bytes: int = LARGE_FILE_BYTES,
+) -> Transfer:
+    """Recreate the mirrored cache (only `cache_names`, if given) under `cache_dir`.
+
+    Files already present with the right size are kept, so an interrupted restore resumes.
+    """
+    bucket_name, prefix = parse_mirror_uri(uri)
+    bucket = client.bucket(bucket_name)
+    manifest_blob = bucket.blob(prefix + MANIFEST)
+    if not manifest_blob.exists():
+        raise ModelMissing(f"no model mirror at {uri} ({MANIFEST} is missing); run `imagen models mirror {uri}`")
+    manifest = json.loads(manifest_blob.download_as_bytes())
+    if manifest.get("format") != _FORMAT:
+        raise ModelError(f"{uri}/{MANIFEST} has format {manifest.get('format')!r}; this imagen reads {_FORMAT}")
+    wanted = _only(cache_names)
+    files = {name: size for name, size in manifest["files"].items() if wanted(name)}
+    links = {name: target for name, target in manifest["links"].items() if wanted(name)}
+    if not files:
+        raise ModelMissing(f"the model mirror at {uri} holds none of {', '.join(cache_names or ())}")
+    cache_dir = Path(cache_dir)
+    fetch = [name for name, size in files.items() if not _has(cache_dir / name, size)]
+    for name in fetch:
+        if (cache_dir / name).is_symlink():
+            (cache_dir / name).unlink()  # write a file here, not through the link into its target
+    large = [name for name in fetch if files[name] >= large_file_bytes]
+    small = [name for name in fetch if files[name] < large_file_bytes]
+    logger.info("restoring %d files (%d large) from %s to %s", len(fetch), len(large), uri, cache_dir)
+    results = transfer_manager.download_many_to_path(
+        bucket,
+        small,
+        destination_directory=str(cache_dir),
+        blob_name_prefix=prefix,
+        worker_type=transfer_manager.THREAD,
+        max_workers=max_workers,
+        raise_exception=True,
+    )
+    _raise_failures(results, small, "downloading")
+    for name in large:
+        _download_large(bucket, prefix + name, cache_dir / name, max_workers)
+    wrong = [name for name in fetch if not _has(cache_dir / name, files[name])]
+    if wrong:
+        raise ModelError(f"restored files have the wrong size: {', '.join(wrong[:5])}")
+    for name, target in links.items():
+        link = cache_dir / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return Transfer(len(fetch), len(links), sum(files[name] for name in fetch), len(files) - len(fetch))
+
+
+def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str, int], dict[str, str]]:
+    """Files to upload (relative name -> bytes) and links to record (name -> target).
+
+    Only links that stay inside the cache are recorded as links; any other link is
+    followed and its content uploaded as a file. Download leftovers are skipped.
+    """
+    wanted = _only(cache_names)
+    root = cache_dir.resolve()
+    files: dict[str, int] = {}
+    links: dict[str, str] = {}
+    for repo in sorted(cache_dir.glob("models--*")):
+        for path in sorted(repo.rglob("*")):
+            name = path.relative_to(cache_dir).as_posix()
+            if not wanted(name) or path.name.endswith((".incomplete", ".lock")):
+                continue
+            if path.is_symlink():
+                target = os.readlink(path)
+                resolved = path.resolve()
+                if not resolved.exists():
+                    raise ModelError(f"{path} is a broken link; run `imagen models verify`")
+                if not os.path.isabs(target) and resolved.is_relative_to(root):
+                    links[name] = target
+                    continue
+            if path.is_file():
+                files[name] = path.stat().st_size
+    return files, links
+
+
+def _only(cache_names: Iterable[str] | None):
+    if cache_names is None:
+        return lambda name: True
+    roots = tuple(f"{name}/" for name in cache_names)
+    return lambda name: name.startswith(roots)
+
+
+def _has(path: Path, size: int) -> bool:
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == size
+
+
+def _download_large(bucket: storage.Bucket, name: str, path: Path, max_workers: int) -> None:
+    blob = bucket.get_blob(name)  # slicing needs the size and checksum up front
+    if blob is None:
+        raise ModelMissing(f"gs://{bucket.name}/{name} is gone from the model mirror; mirror it again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".incomplete")
+    transfer_manager.download_chunks_concurrently(
+        blob, str(partial), worker_type=transfer_manager.THREAD, max_workers=max_workers
+    )
+    os.replace(partial, path)
+
+
+def _raise_failures(results: list, names: list[str], doing: str) -> None:
+    failed = [(name, result) for name, result in zip(names, results) if isinstance(result, Exception)]
+    if failed:
+        name, error = failed[0]
+        raise ModelError(f"{doing} {len(failed)} model files failed, first {name}: {error}")

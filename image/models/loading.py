@@ -1,0 +1,155 @@
+"""Load a model from the local cache: the same code for real and tiny models.
+
+Loading never touches the network: everything is read from a snapshot folder with
+`local_files_only=True`. Only when the snapshot is missing and the caller allows it
+(`allow_download`, False under HF_HUB_OFFLINE=1) is the model pulled first, the seed's
+zero-config path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from image.errors import ModelError, ModelMissing
+from image.models import store
+from image.models._quiet import quiet_libraries
+from image.models.lock import Lock
+from image.models.registry import DIFFUSERS, RMBG, ModelSpec
+
+logger = logging.getLogger("imagen.models")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run. `model_id` is "repo@commit"; `seconds` is the load time."""
+
+    model: object
+    model_id: str
+    revision: str
+    tiny: bool
+    seconds: float
+    spec: ModelSpec | None = None
+
+
+def load_model(
+    spec: ModelSpec,
+    cache_dir: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_download: bool,
+    lock: Lock | None = None,
+    token: str | None = None,
+) -> LoadedModel:
+    """Load `spec` from `cache_dir` onto `device` in `dtype`.
+
+    `lock` defaults to the lock shipped with the code. Raises ModelMissing (naming
+    `imagen models pull`) when the model is absent or incomplete and may not be pulled.
+    """
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    lock = Lock.packaged() if lock is None else lock
+    if spec.loader not in _LOADERS:
+        raise ModelError(f"{spec.operation}: unknown loader {spec.loader!r}")
+    problems = store.spec_problems(spec, cache_dir, lock)
+    _, found = store.find_snapshot(spec, cache_dir, lock)
+    # A broken tiny model is repaired by rebuilding it, not by downloading the real one.
+    if problems and allow_download and (found is None or not store.is_tiny(found)):
+        logger.info("%s: model %s not in %s; pulling it now", spec.operation, spec.repo_id, cache_dir)
+        try:
+            store.fetch(spec, cache_dir, lock=lock, token=token)
+        except ModelError as error:
+            raise ModelMissing(f"{_missing(spec, problems)}; pulling it now failed: {error}") from error
+        problems = store.spec_problems(spec, cache_dir, lock)
+    if problems:
+        raise ModelMissing(_missing(spec, problems))
+    snapshot = store.resolve_snapshot(spec, cache_dir, lock=lock)
+    model_id = f"{spec.repo_id}@{snapshot.name}"
+    tiny = store.is_tiny(snapshot)
+    logger.info("%s: loading %s%s from %s", spec.operation, model_id, " (tiny)" if tiny else "", cache_dir)
+    try:
+        with quiet_libraries():
+            model = _LOADERS[spec.loader](spec, snapshot, device=device, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as error:
+        raise ModelError(
+            f"{spec.operation}: loading {model_id} from {snapshot} failed: "
+            f"{type(error).__name__}: {_first_line(error)}; check it with `imagen models verify`"
+        ) from error
+    seconds = time.perf_counter() - started
+    logger.info("%s: loaded %s on %s (%s) in %.1f s", spec.operation, model_id, device, dtype, seconds)
+    return LoadedModel(model, model_id, snapshot.name, tiny, seconds, spec)
+
+
+def _missing(spec: ModelSpec, problems: list[str]) -> str:
+    if len(problems) == 1 and "is not in the model cache" in problems[0]:
+        return problems[0]
+    return "; ".join(problems) + f"; run `{store.pull_command([spec])}`"
+
+
+def _load_pipeline(spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype):
+    import diffusers
+
+    pipeline_class = getattr(diffusers, spec.pipeline)
+    kwargs: dict = {name: None for name in spec.disabled}
+    if "safety_checker" in spec.disabled and "requires_safety_checker" in inspect.signature(pipeline_class).parameters:
+        kwargs["requires_safety_checker"] = False
+    weights = [path.name for path in snapshot.rglob("*") if path.suffix in (".safetensors", ".bin")]
+    pipe = pipeline_class.from_pretrained(
+        snapshot,
+        dtype=dtype,
+        variant=spec.variant,
+        # Only where every component has safetensors: a pickle-only repo still loads.
+        use_safetensors=True if weights and all(w.endswith(".safetensors") for w in weights) else None,
+        local_files_only=True,
+        low_cpu_mem_usage=True,
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_rmbg(spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """RMBG-1.4's own class, built from the snapshot's code, with its safetensors weights.
+
+    `AutoModelForImageSegmentation.from_pretrained(trust_remote_code=True)` fails on this
+    repo under transformers 5 (its `BriaRMBG` never calls `post_init()`), so we take the
+    class through the same remote-code machinery, build it without random init (on the
+    meta device) and load the weights strictly. Only the snapshot on disk, at the commit
+    the lock pins, is ever imported.
+    """
+    from safetensors.torch import load_file
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config_json = json.loads((snapshot / "config.json").read_text())
+    auto_map = config_json.get("auto_map", {})
+    model_class = get_class_from_dynamic_module(
+        auto_map.get("AutoModelForImageSegmentation", "briarmbg.BriaRMBG"), snapshot, local_files_only=True
+    )
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None or not hasattr(config_class, "model_type"):
+        config_class = get_class_from_dynamic_module(
+            auto_map.get("AutoConfig", "MyConfig.RMBGConfig"), snapshot, local_files_only=True
+        )
+    config = config_class(in_ch=config_json.get("in_ch", 3), out_ch=config_json.get("out_ch", 1))
+    with torch.device("meta"):
+        model = model_class(config)
+    model.load_state_dict(load_file(snapshot / "model.safetensors"), strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelError(f"{snapshot / 'model.safetensors'} does not set {', '.join(left[:5])}")
+    return model.eval().to(device=device, dtype=dtype)
+
+
+_LOADERS = {DIFFUSERS: _load_pipeline, RMBG: _load_rmbg}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

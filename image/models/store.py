@@ -1,0 +1,339 @@
+"""The local model store: a Hugging Face cache under `cache_dir` (MODEL_CACHE_DIR).
+
+Layout, as `huggingface_hub` writes it: `cache_dir/models--org--name/` holds `blobs/`
+(content-addressed files), `snapshots/<commit>/<path in repo>` (links into `blobs/`) and
+`refs/<branch>` (the commit a branch resolved to). `pull` is the only function here that
+touches the network; finding a snapshot never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import XetDownloadError
+from tqdm.auto import tqdm
+
+from image.errors import ModelError, ModelMissing
+from image.models.lock import Lock
+from image.models.registry import DIFFUSERS, ModelSpec
+
+logger = logging.getLogger("imagen.models")
+
+TINY_MARKER = "imagen-tiny.json"
+"""Marks a snapshot built by `build_tiny`; it holds the tiny files' sizes in bytes."""
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def pull_command(specs: Iterable[ModelSpec]) -> str:
+    """The command that fetches these models, for error messages."""
+    return "imagen models pull --operations " + ",".join(spec.operation for spec in specs)
+
+
+def repo_dir(spec: ModelSpec, cache_dir: Path) -> Path:
+    return Path(cache_dir) / spec.cache_name
+
+
+def is_tiny(snapshot: Path) -> bool:
+    return (snapshot / TINY_MARKER).is_file()
+
+
+def find_snapshot(spec: ModelSpec, cache_dir: Path, lock: Lock) -> tuple[str | None, Path | None]:
+    """The commit to run (locked, else what the spec's revision resolved to) and its snapshot.
+
+    Either may be None: no commit when nothing is locked or pulled, no snapshot when the
+    commit is known but its files are not here. Local only.
+    """
+    commit = lock.revision(spec.repo_id)
+    if commit is None and _COMMIT.fullmatch(spec.revision):
+        commit = spec.revision
+    if commit is None:
+        ref = repo_dir(spec, cache_dir) / "refs" / spec.revision
+        commit = ref.read_text().strip() if ref.is_file() else None
+    if commit is None:
+        return None, None
+    snapshot = repo_dir(spec, cache_dir) / "snapshots" / commit
+    return commit, (snapshot if snapshot.is_dir() else None)
+
+
+def resolve_snapshot(spec: ModelSpec, cache_dir: Path, *, lock: Lock) -> Path:
+    """The snapshot folder to load `spec` from; ModelMissing (naming the fix) if absent."""
+    commit, snapshot = find_snapshot(spec, cache_dir, lock)
+    if snapshot is None:
+        raise ModelMissing(missing_message(spec, cache_dir, commit))
+    return snapshot
+
+
+def missing_message(spec: ModelSpec, cache_dir: Path, commit: str | None) -> str:
+    at = f"@{commit}" if commit else ""
+    return (
+        f"{spec.operation}: model {spec.repo_id}{at} is not in the model cache {cache_dir} "
+        f"(MODEL_CACHE_DIR); run `{pull_command([spec])}`"
+    )
+
+
+def snapshot_files(snapshot: Path) -> dict[str, int]:
+    """Every file in a snapshot (links followed) and its size in bytes; -1 for a broken link."""
+    files = {}
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_dir():
+            continue
+        relative = path.relative_to(snapshot).as_posix()
+        files[relative] = path.stat().st_size if path.exists() else -1
+    return files
+
+
+def select_files(spec: ModelSpec, available: Iterable[str]) -> list[str]:
+    """The repo files to fetch: each spec pattern, or its first fallback the repo has."""
+    available = list(available)
+
+    def present(pattern: str) -> list[str]:
+        return fnmatch.filter(available, pattern)
+
+    chosen: list[str] = []
+    for pattern in spec.files:
+        for candidate in (pattern, *spec.fallbacks.get(pattern, ())):
+            if present(candidate):
+                if candidate != pattern:
+                    logger.warning("%s has no %s; fetching %s instead", spec.repo_id, pattern, candidate)
+                chosen += present(candidate)
+                break
+    return sorted(set(chosen))
+
+
+def fetch(
+    spec: ModelSpec, cache_dir: Path, *, lock: Lock, token: str | None = None, progress: bool = True
+) -> tuple[str, dict[str, int]]:
+    """Download `spec` at its locked commit (else its revision); return the commit and file sizes."""
+    revision = lock.revision(spec.repo_id) or spec.revision
+    patterns = sorted({*spec.files, *(f for alts in spec.fallbacks.values() for f in alts)})
+    try:
+        # A dry run resolves the commit and lists the files without fetching any.
+        plan = snapshot_download(
+            spec.repo_id, revision=revision, cache_dir=cache_dir, token=token,
+            allow_patterns=patterns, dry_run=True,
+        )
+        if not plan:
+            raise ModelError(f"{spec.repo_id}@{revision} holds none of the files imagen needs")
+        commit = plan[0].commit_hash
+        wanted = select_files(spec, (info.filename for info in plan))
+        total = sum(info.file_size or 0 for info in plan if info.filename in wanted)
+        logger.info(
+            "pulling %s@%s: %d files, %.2f GB into %s",
+            spec.repo_id, commit, len(wanted), total / 1e9, cache_dir,
+        )
+        _drop_tiny(spec, cache_dir, commit)
+        folder = snapshot_download(
+            spec.repo_id, revision=commit, cache_dir=cache_dir, token=token,
+            allow_patterns=wanted, tqdm_class=None if progress else _QuietTqdm,
+        )
+    except (OSError, XetDownloadError) as error:
+        raise ModelError(_pull_failure(spec, revision, error)) from error
+    if revision != commit:
+        write_ref(spec, cache_dir, revision, commit)
+    sizes = snapshot_files(Path(folder))
+    return commit, {name: sizes[name] for name in wanted if name in sizes}
+
+
+def pull(
+    specs: Iterable[ModelSpec],
+    cache_dir: Path,
+    *,
+    lock_path: Path,
+    token: str | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Download each model and record its commit and file sizes in the lock at `lock_path`.
+
+    Returns repo id -> commit. The lock is written after each model, so an interrupted
+    pull keeps what it finished.
+    """
+    commits = {}
+    for spec in specs:
+        lock = Lock.read(lock_path)
+        commit, files = fetch(spec, cache_dir, lock=lock, token=token, progress=progress)
+        lock.recorded(spec.repo_id, commit, files).write(lock_path)
+        commits[spec.repo_id] = commit
+    return commits
+
+
+def _drop_tiny(spec: ModelSpec, cache_dir: Path, commit: str) -> None:
+    """Remove a tiny model sitting at the commit about to be pulled.
+
+    `pull --tiny` uses the locked commit; the Hub would take its files for cached ones
+    and keep the random weights under the real model's name.
+    """
+    snapshot = repo_dir(spec, cache_dir) / "snapshots" / commit
+    if is_tiny(snapshot):
+        logger.warning("replacing the tiny %s in %s with the real one", spec.repo_id, cache_dir)
+        shutil.rmtree(snapshot)
+
+
+def write_ref(spec: ModelSpec, cache_dir: Path, revision: str, commit: str) -> None:
+    """Point `refs/<revision>` at `commit` (branches and tags only, as huggingface_hub does)."""
+    if _COMMIT.fullmatch(revision):
+        return
+    ref = repo_dir(spec, cache_dir) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+
+
+def add_snapshot(spec: ModelSpec, cache_dir: Path, commit: str, source: Path) -> Path:
+    """Move the files under `source` into the cache as snapshot `commit`, the way the hub does.
+
+    Each file becomes a blob named by its sha256 and a relative link from the snapshot,
+    so tools that read or copy a real cache (scan, mirror) see the same shape.
+    """
+    repo = repo_dir(spec, cache_dir)
+    snapshot = repo / "snapshots" / commit
+    blobs = repo / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    for path in sorted(source.rglob("*")):
+        if path.is_dir():
+            continue
+        blob = blobs / _sha256(path)
+        if blob.exists():
+            path.unlink()
+        else:
+            os.replace(path, blob)
+        link = snapshot / path.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    write_ref(spec, cache_dir, spec.revision, commit)
+    return snapshot
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pull_failure(spec: ModelSpec, revision: str, error: BaseException) -> str:
+    """One line: the root cause (the Hub wraps it in generic errors), and a hint for auth."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    text = str(root).strip()
+    reason = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
+    everything = " ".join(str(e) for e in chain) + " ".join(type(e).__name__ for e in chain)
+    hint = ""
+    if any(mark in everything for mark in ("401", "403", "Gated", "gated")):
+        hint = f"; accept its licence at https://huggingface.co/{spec.repo_id} and set HF_TOKEN"
+    return f"pulling {spec.repo_id}@{revision} failed: {reason}{hint}"
+
+
+class _QuietTqdm(tqdm):
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def expected_sizes(spec: ModelSpec, snapshot: Path, lock: Lock) -> tuple[Mapping[str, int], str]:
+    """The sizes in bytes the snapshot's files must have, and who says so.
+
+    A tiny model's own marker, else the lock when it pins this very commit; nothing for
+    an unlocked download (the Hub checked each file as it arrived).
+    """
+    if is_tiny(snapshot):
+        return json.loads((snapshot / TINY_MARKER).read_text()).get("files", {}), TINY_MARKER
+    if lock.revision(spec.repo_id) == snapshot.name:
+        return lock.files(spec.repo_id), "the lock"
+    return {}, "the lock"
+
+
+def verify(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock) -> list[str]:
+    """Every problem that would stop a model from loading; an empty list means complete."""
+    return [problem for spec in specs for problem in spec_problems(spec, cache_dir, lock)]
+
+
+def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
+    """`verify` for one model; each problem starts with "<operation>: <repo>@<commit>: "."""
+    commit, snapshot = find_snapshot(spec, cache_dir, lock)
+    if snapshot is None:
+        return [missing_message(spec, cache_dir, commit)]
+    files = snapshot_files(snapshot)
+    problems = _layout_problems(spec, snapshot, files)
+    for name, size in files.items():
+        if size < 0:
+            problems.append(f"{name} is a broken link (its blob is gone)")
+        elif size == 0:
+            problems.append(f"{name} is empty")
+    expected, source = expected_sizes(spec, snapshot, lock)
+    for name, size in expected.items():
+        if name not in files:
+            problems.append(f"{name} is missing")
+        elif files[name] > 0 and files[name] != size:
+            problems.append(f"{name} is {files[name]} bytes, {source} says {size}")
+    prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
+    return [prefix + problem for problem in dict.fromkeys(problems)]
+
+
+def _layout_problems(spec: ModelSpec, snapshot: Path, files: Mapping[str, int]) -> list[str]:
+    if spec.loader != DIFFUSERS:
+        return [f"{name} is missing" for name in spec.files if not fnmatch.filter(files, name)]
+    try:
+        index = json.loads((snapshot / "model_index.json").read_text())
+    except FileNotFoundError:
+        return ["model_index.json is missing"]
+    except (OSError, ValueError):
+        return ["model_index.json is unreadable"]
+    problems = []
+    for name, entry in index.items():
+        if name.startswith("_") or name in spec.disabled or not isinstance(entry, list):
+            continue
+        if len(entry) != 2 or None in entry:
+            continue  # a component this pipeline does without, e.g. the refiner's text_encoder
+        needed = _component_files(entry[1])
+        for group in needed:
+            if not any(fnmatch.filter(files, f"{name}/{pattern}") for pattern in group):
+                problems.append(f"component {name} has no {' or '.join(group)}")
+    return problems
+
+
+def _component_files(class_name: str) -> list[tuple[str, ...]]:
+    """What a component's folder must hold, as alternatives per requirement."""
+    if "Scheduler" in class_name:
+        return [("scheduler_config.json",)]
+    if "Tokenizer" in class_name:
+        return [("tokenizer.json", "vocab.json"), ("tokenizer.json", "merges.txt")]
+    return [("config.json",), ("*.safetensors", "*.bin")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """One line of `imagen models list`; `bytes` is the snapshot's size on disk."""
+
+    operation: str
+    repo_id: str
+    revision: str | None
+    bytes: int
+    complete: bool
+    tiny: bool
+    problems: tuple[str, ...]
+
+
+def list_models(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock) -> list[ModelRow]:
+    rows = []
+    for spec in specs:
+        commit, snapshot = find_snapshot(spec, cache_dir, lock)
+        problems = tuple(spec_problems(spec, cache_dir, lock))
+        size = sum(max(s, 0) for s in snapshot_files(snapshot).values()) if snapshot else 0
+        tiny = snapshot is not None and is_tiny(snapshot)
+        rows.append(ModelRow(spec.operation, spec.repo_id, commit, size, not problems, tiny, problems))
+    return rows

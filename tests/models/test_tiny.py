@@ -1,0 +1,183 @@
+"""Tiny models through the production loader, offline: the path the real models take."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+
+from handlers.cli import models as models_cli
+from handlers.settings import Settings
+from image.errors import ModelError, ModelMissing
+from image.models import store
+from image.models.loading import load_model
+from image.models.lock import Lock
+from image.models.registry import REGISTRY
+from image.models.tiny import build_tiny, fake_commit
+
+pytestmark = pytest.mark.models
+
+CPU = torch.device("cpu")
+
+
+def _load(operation, cache, **kwargs):
+    return load_model(REGISTRY[operation], cache, device=CPU, dtype=torch.float32, allow_download=False, **kwargs)
+
+
+# --- the files on disk ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda spec: spec.operation)
+def test_tiny_snapshot_has_the_real_layout(tiny_cache, spec):
+    repo = tiny_cache / spec.cache_name
+    commit = (repo / "refs" / "main").read_text()
+    snapshot = repo / "snapshots" / commit
+    assert commit == (Lock.packaged().revision(spec.repo_id) or fake_commit(spec))
+    marker = json.loads((snapshot / store.TINY_MARKER).read_text())
+    assert marker["tiny"] is True
+    present = set(store.snapshot_files(snapshot)) - {store.TINY_MARKER}
+    # Exactly the files imagen fetches from the real repo, under the same names: no
+    # tokenizer.json, no pickles, nothing the production loader would not see.
+    assert present == set(spec.files), sorted(present ^ set(spec.files))
+    assert all((snapshot / name).is_symlink() for name in present), "snapshot files link into blobs/"
+
+
+def test_fp16_variant_files_hold_fp16_weights(tiny_cache):
+    snapshot = tiny_cache / REGISTRY["enhance"].cache_name / "snapshots"
+    (weights,) = snapshot.glob("*/unet/diffusion_pytorch_model.fp16.safetensors")
+    with safe_open(weights, "pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.float16}
+
+
+def test_model_index_mirrors_the_real_repos(tiny_cache):
+    def index(operation):
+        snapshot = store.resolve_snapshot(REGISTRY[operation], tiny_cache, lock=Lock.packaged())
+        return json.loads((snapshot / "model_index.json").read_text())
+
+    assert index("enhance")["text_encoder"] == [None, None]
+    assert index("enhance")["requires_aesthetics_score"] is True
+    assert index("upscale")["max_noise_level"] == 350
+    assert index("comic")["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert {index(op)["tokenizer" if op != "enhance" else "tokenizer_2"][1] for op in ("upscale", "enhance", "comic")} == {
+        "CLIPTokenizer"
+    }
+
+
+def test_tiny_tokenizer_knows_the_trigger_words(tiny_cache):
+    from transformers import CLIPTokenizer
+
+    snapshot = store.resolve_snapshot(REGISTRY["comic"], tiny_cache, lock=Lock.packaged())
+    tokenizer = CLIPTokenizer.from_pretrained(snapshot / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    ids = tokenizer("Ghibli style").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "ghibli</w>", "style</w>", "<|endoftext|>"]
+    assert len(tokenizer("ünïcode 日本 ✓").input_ids) > 2  # any text tokenizes (byte level)
+
+
+def test_build_is_deterministic(tmp_path):
+    specs = [REGISTRY["comic"], REGISTRY["remove-background"]]
+    build_tiny(specs, tmp_path / "a", lock=Lock())
+    build_tiny(specs, tmp_path / "b", lock=Lock())
+    for spec in specs:
+        blobs = lambda root: sorted(p.name for p in (root / spec.cache_name / "blobs").iterdir())  # noqa: E731
+        assert blobs(tmp_path / "a") == blobs(tmp_path / "b")
+
+
+def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
+    spec = REGISTRY["remove-background"]
+    lock = Lock().recorded(spec.repo_id, "b" * 40, {"model.safetensors": 1})
+    assert build_tiny([spec], tmp_path, lock=lock) == {spec.repo_id: "b" * 40}
+    assert _load("remove-background", tmp_path, lock=lock).model_id == f"{spec.repo_id}@{'b' * 40}"
+    assert build_tiny([spec], tmp_path, lock=lock)  # rebuilding a tiny model is fine
+
+    (tmp_path / spec.cache_name / "snapshots" / ("b" * 40) / store.TINY_MARKER).unlink()
+    with pytest.raises(ModelError, match="holds the real briaai/RMBG-1.4"):
+        build_tiny([spec], tmp_path, lock=lock)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", list(REGISTRY))
+def test_load_each_model_offline(tiny_cache, offline, operation):
+    loaded = _load(operation, tiny_cache)
+    spec = REGISTRY[operation]
+    assert re.fullmatch(re.escape(spec.repo_id) + "@[0-9a-f]{40}", loaded.model_id)
+    assert loaded.model_id.endswith("@" + loaded.revision)
+    assert loaded.tiny is True and loaded.seconds > 0
+    if spec.loader == "diffusers":
+        assert type(loaded.model).__name__ == spec.pipeline
+        assert loaded.model.unet.dtype == torch.float32  # fp16 files, loaded in the dtype asked for
+        assert all(loaded.model.components.get(name) is None for name in spec.disabled)
+
+
+def test_rmbg_comes_from_the_snapshot_code_and_keeps_its_contract(tiny_cache, offline):
+    model = _load("remove-background", tiny_cache).model
+    assert type(model).__module__.startswith("transformers_modules."), "loaded as remote code, not our package"
+    assert not model.training
+    with torch.no_grad():
+        mask = model(torch.randn(1, 3, 1024, 1024))[0][0]
+    assert mask.shape == (1, 1, 1024, 1024)
+    assert 0.0 <= float(mask.min()) and float(mask.max()) <= 1.0
+
+
+@pytest.mark.parametrize("operation", ["upscale", "enhance", "comic"])
+def test_tiny_pipelines_run(tiny_cache, offline, operation):
+    """The tiny configs satisfy each pipeline's own checks (channels, time ids, scales)."""
+    pipe = _load(operation, tiny_cache).model
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(0), "output_type": "pil"}
+    if operation != "upscale":
+        kwargs["strength"] = 0.5 if operation == "comic" else 1.0
+    output = pipe(prompt="ghibli style", image=image, **kwargs).images[0]
+    assert output.size == ((256, 256) if operation == "upscale" else (64, 64))
+
+
+def test_missing_model_is_a_clear_error(tmp_path, offline):
+    with pytest.raises(ModelMissing) as caught:
+        _load("comic", tmp_path)
+    assert "imagen models pull --operations comic" in str(caught.value)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_incomplete_model_is_a_clear_error_not_a_library_trace(copy_cache, offline):
+    snapshot = store.resolve_snapshot(REGISTRY["upscale"], copy_cache, lock=Lock.packaged())
+    shutil.rmtree(snapshot / "text_encoder")
+    with pytest.raises(ModelMissing, match="component text_encoder has no config.json.*imagen models pull --operations upscale"):
+        _load("upscale", copy_cache)
+
+
+def test_missing_model_is_pulled_when_downloads_are_allowed(tmp_path, monkeypatch):
+    """The zero-config path: a missing model is fetched first, then loaded from disk."""
+    spec = REGISTRY["remove-background"]
+    fetched = []
+
+    def fake_fetch(spec_, cache_dir, *, lock, token=None, progress=True):
+        fetched.append(spec_.repo_id)
+        build_tiny([spec_], cache_dir, lock=lock)  # what a download would leave behind
+
+    monkeypatch.setattr(store, "fetch", fake_fetch)
+    loaded = load_model(spec, tmp_path, device=CPU, dtype=torch.float32, allow_download=True, lock=Lock())
+    assert fetched == [spec.repo_id] and loaded.tiny
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_pull_tiny_then_verify(tmp_path, offline):
+    settings = Settings(model_cache_dir=tmp_path)
+    runner = CliRunner()
+    before = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background"], obj=settings)
+    assert before.exit_code == 1
+    pulled = runner.invoke(models_cli.command, ["pull", "--tiny", "--operations", "remove-background"], obj=settings)
+    assert pulled.exit_code == 0, pulled.output
+    assert "built tiny briaai/RMBG-1.4@" in pulled.output
+    after = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background"], obj=settings)
+    assert after.exit_code == 0, after.output
