@@ -28,7 +28,7 @@ from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, decode_image, encode_image
 from image.errors import ImagenError, InputError, InvalidParameter
-from image.params import canonical_json, default_seed, parse_chain, validate_params
+from image.params import canonical_json, parse_chain, resolve_common, validate_params
 
 log = logging.getLogger("imagen.processor")
 
@@ -135,19 +135,18 @@ class Processor:
             skip = _skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
+            log.info("job started", extra={"fields": {**fields, "attempt": attempt}})
             with _timed(timings, "download"):
                 data, _, _ = self._store.read_source(
                     job.bucket, job.name, generation, self._max_bytes
                 )
             with _timed(timings, "decode"):
                 image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
-            seed = plan.params.get("seed", default_seed(data))
+            common = resolve_common(plan.params, data)
             with _timed(timings, "operation"):
-                result = self._engine.run(plan.chain, image, plan.params, seed)
+                result = self._engine.run(plan.chain, image, plan.params, common["seed"])
             with _timed(timings, "encode"):
-                encoded = encode_image(
-                    result, plan.format, plan.params.get("quality", 90)
-                )
+                encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
             seconds = round(time.perf_counter() - started, 3)
             metadata = {

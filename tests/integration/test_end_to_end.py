@@ -1,0 +1,259 @@
+"""End to end on the emulator stack with the real operations (tiny models, real loader):
+upload -> Storage notification -> worker or `imagen serve` -> output in the bucket."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from PIL import Image
+
+from handlers.clients import storage_client
+from handlers.localstack import EVENTS_TOPIC, free_port, gcloud_storage_env
+from handlers.processor import Processor
+from handlers.storage import Store
+from handlers.worker import PullWorker
+
+from .conftest import PROJECT, png_bytes, wait_for
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_cache):
+    from image.engine import Engine
+
+    engine = Engine(("upscale", "enhance", "comic", "remove-background"), tiny_cache, device="cpu")
+    engine.setup()
+    return engine
+
+
+@pytest.fixture
+def tiny_settings(settings, tiny_cache, bucket):
+    return settings.replace(model_cache_dir=tiny_cache, allowed_buckets=frozenset({bucket.name}))
+
+
+@pytest.fixture
+def worker(tiny_settings, engine, subscriber, events_subscription):
+    processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
+    pull = PullWorker(subscriber, events_subscription, processor)
+    thread = threading.Thread(target=pull.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    yield pull
+    pull.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def _wait_blob(bucket, name, timeout=90):
+    return wait_for(lambda: bucket.get_blob(name), timeout=timeout, what=f"gs://{bucket.name}/{name}")
+
+
+def _size(blob):
+    return Image.open(io.BytesIO(blob.download_as_bytes())).size
+
+
+def _env(tiny_settings, **extra):
+    env = dict(os.environ)
+    env.update({
+        "MODEL_CACHE_DIR": str(tiny_settings.model_cache_dir),
+        "STORAGE_EMULATOR_HOST": tiny_settings.storage_emulator_host,
+        "PUBSUB_EMULATOR_HOST": tiny_settings.pubsub_emulator_host,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "IMAGEN_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "IMAGEN_ALLOWED_BUCKETS": ",".join(tiny_settings.allowed_buckets),
+    })
+    env.update(extra)
+    return env
+
+
+def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher):
+    # A user's upload, with parameters in metadata.
+    blob = bucket.blob("incoming/upscale/holiday/cat.png")
+    blob.metadata = {"imagen-params": json.dumps({"steps": 2, "seed": 5})}
+    blob.upload_from_string(png_bytes((40, 32)), content_type="image/png")
+    # A chain, a corrupt file, and a job message from another service on the same topic.
+    bucket.blob("incoming/remove-background,upscale/logo.png").upload_from_string(
+        png_bytes((32, 32), mode="RGBA"), content_type="image/png")
+    bucket.blob("incoming/comic/broken.jpg").upload_from_string(b"\xff\xd8\xff\xe0 not really", content_type="image/jpeg")
+    bucket.blob("uploads/portrait.png").upload_from_string(png_bytes((48, 40)), content_type="image/png")
+    job = {"source": f"gs://{bucket.name}/uploads/portrait.png", "operation": "remove-background",
+           "params": {"background": "#00ff00"}, "output": f"gs://{bucket.name}/catalog/portrait.webp"}
+    publisher.publish(publisher.topic_path(PROJECT, EVENTS_TOPIC), json.dumps(job).encode()).result()
+
+    out = _wait_blob(bucket, "processed/upscale/holiday/cat.png")
+    assert _size(out) == (160, 128)
+    assert out.metadata["imagen-source-generation"] == str(bucket.get_blob(blob.name).generation)
+    assert out.metadata["imagen-model"].startswith("stabilityai/stable-diffusion-x4-upscaler@")
+    assert json.loads(out.metadata["imagen-params"]) == {"seed": 5, "steps": 2}
+
+    chained = _wait_blob(bucket, "processed/remove-background,upscale/logo.png")
+    image = Image.open(io.BytesIO(chained.download_as_bytes()))
+    assert image.size == (128, 128) and image.mode == "RGBA"
+
+    report = json.loads(_wait_blob(bucket, "failed/comic/broken.jpg.json").download_as_bytes())
+    assert report["error"]["type"] == "ImageDecodeError"
+
+    catalog = _wait_blob(bucket, "catalog/portrait.webp")
+    assert catalog.content_type == "image/webp" and _size(catalog) == (48, 40)
+
+    # Our own outputs raise notifications too: they must be ignored, not processed again.
+    import time
+
+    time.sleep(3)
+    names = sorted(b.name for b in bucket.list_blobs())
+    assert names == sorted([
+        "catalog/portrait.webp", "failed/comic/broken.jpg.json", "incoming/comic/broken.jpg",
+        "incoming/remove-background,upscale/logo.png", "incoming/upscale/holiday/cat.png",
+        "processed/remove-background,upscale/logo.png", "processed/upscale/holiday/cat.png",
+        "uploads/portrait.png",
+    ])
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="needs the gcloud CLI")
+def test_gcloud_storage_cp_as_a_new_user_would(worker, bucket, tmp_path, storage_emulator):
+    local = tmp_path / "photo.png"
+    local.write_bytes(png_bytes((36, 28)))
+    env = dict(os.environ, **gcloud_storage_env(storage_emulator.url))
+    subprocess.run(
+        ["gcloud", "storage", "cp", str(local), f"gs://{bucket.name}/incoming/enhance/photo.png"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    out = _wait_blob(bucket, "processed/enhance/photo.png")
+    assert _size(out) == (36, 28)
+
+
+@pytest.fixture
+def serve(tiny_settings, tmp_path):
+    """`imagen serve` as a real process on a free port, ready (models loaded and warm)."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        env=_env(tiny_settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if process.poll() is not None:
+            raise AssertionError((tmp_path / "serve.log").read_text())
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_for(ready, timeout=120, what="imagen serve /readyz")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def _post(url, body: bytes, headers: dict):
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_push_subscription_and_cloudevents_into_serve(serve, bucket, subscriber, publisher):
+    with urllib.request.urlopen(serve + "/healthz") as response:
+        assert response.status == 200
+
+    push = subscriber.subscription_path(PROJECT, f"push-{uuid.uuid4().hex[:8]}")
+    subscriber.create_subscription(
+        name=push, topic=subscriber.topic_path(PROJECT, EVENTS_TOPIC),
+        push_config={"push_endpoint": serve + "/"}, ack_deadline_seconds=60,
+    )
+    try:
+        source = bucket.blob("incoming/comic/street.png")
+        source.metadata = {"imagen-params": '{"steps": 2}'}
+        source.upload_from_string(png_bytes((40, 40)), content_type="image/png")
+        out = _wait_blob(bucket, "processed/comic/street.png")
+        assert _size(out) == (40, 40)
+
+        # A redelivered notification (same object generation) must not write again.
+        source.reload()
+        resource = {"kind": "storage#object", "bucket": bucket.name, "name": source.name,
+                    "generation": str(source.generation), "metadata": source.metadata}
+        publisher.publish(
+            publisher.topic_path(PROJECT, EVENTS_TOPIC), json.dumps(resource).encode(),
+            eventType="OBJECT_FINALIZE", payloadFormat="JSON_API_V1", bucketId=bucket.name,
+            objectId=source.name, objectGeneration=str(source.generation),
+        ).result()
+        import time
+
+        time.sleep(4)
+        assert bucket.get_blob("processed/comic/street.png").generation == out.generation
+    finally:
+        subscriber.delete_subscription(subscription=push)
+
+    # Eventarc: a binary-mode CloudEvent straight into serve.
+    ce_source = bucket.blob("incoming/remove-background/shoe.png")
+    ce_source.upload_from_string(png_bytes((30, 20)), content_type="image/png")
+    ce_source.reload()
+    resource = {"bucket": bucket.name, "name": ce_source.name, "generation": str(ce_source.generation),
+                "contentType": "image/png", "size": str(ce_source.size)}
+    status, body = _post(serve + "/", json.dumps(resource).encode(), {
+        "ce-specversion": "1.0", "ce-id": "evt-1", "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket.name}",
+        "ce-subject": f"objects/{ce_source.name}", "content-type": "application/json",
+    })
+    assert status == 200 and body["status"] == "succeeded", body
+    out = bucket.get_blob("processed/remove-background/shoe.png")
+    assert Image.open(io.BytesIO(out.download_as_bytes())).mode == "RGBA"
+
+    # Structured mode, and the same event again: a duplicate, acked with 200.
+    structured = {"specversion": "1.0", "id": "evt-2", "type": "google.cloud.storage.object.v1.finalized",
+                  "source": "//storage.googleapis.com/projects/_/buckets/" + bucket.name,
+                  "datacontenttype": "application/json", "data": resource}
+    status, body = _post(serve + "/", json.dumps(structured).encode(),
+                         {"content-type": "application/cloudevents+json"})
+    assert status == 200 and body["status"] == "skipped"
+
+    # A body that cannot be parsed at all: 400, so Pub/Sub dead-letters it.
+    status, body = _post(serve + "/", b"{garbage", {"content-type": "application/json"})
+    assert status == 400 and body["error"]
+    envelope = {"message": {"data": base64.b64encode(b"[]").decode(), "messageId": "9"}, "subscription": "s"}
+    status, _ = _post(serve + "/", json.dumps(envelope).encode(), {"content-type": "application/json"})
+    assert status == 400
+
+
+def test_sigterm_during_a_job_loses_nothing(tiny_settings, bucket, events_subscription, subscriber, tmp_path):
+    """SIGTERM while a job runs: the worker finishes it (or it goes back to Pub/Sub) and exits 0."""
+    log_path = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handlers.cli", "worker", "--subscription", events_subscription,
+         "--operations", "upscale"],
+        env=_env(tiny_settings), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: b'"pulling"' in log_path.read_bytes(), timeout=120, what="worker start")
+        blob = bucket.blob("incoming/upscale/slow.png")
+        blob.metadata = {"imagen-params": '{"steps": 40}'}
+        blob.upload_from_string(png_bytes((160, 160)), content_type="image/png")
+        wait_for(lambda: b"job started" in log_path.read_bytes(), timeout=60, what="job start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=240) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = log_path.read_text()
+    done = bucket.get_blob("processed/upscale/slow.png")
+    if done is None:  # not finished: then the message must still be in Pub/Sub
+        response = subscriber.pull(subscription=events_subscription, max_messages=10, timeout=30)
+        assert any(m.message.attributes.get("objectId") == blob.name for m in response.received_messages), log
+    else:
+        assert _size(done) == (640, 640)

@@ -1,0 +1,291 @@
+"""The processor against the real storage emulator, with a fake engine (the cog seam):
+duplicate checks, generation preconditions, failure reports and error classification."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pytest
+from PIL import Image
+
+from handlers.clients import storage_client
+from handlers.errors import TransientError
+from handlers.events import JobRequest, ObjectEvent
+from handlers.processor import MAX_ATTEMPTS, Processor
+from handlers.results import ResultPublisher
+from handlers.storage import Store
+from image.errors import ModelError
+
+from .conftest import PROJECT, png_bytes, wait_for
+
+
+class FakeEngine:
+    """Doubles the size for 'upscale', mirrors otherwise; can fail or interfere on demand."""
+
+    def __init__(self, fail_with: Exception | None = None, before_return=None):
+        self.fail_with = fail_with
+        self.before_return = before_return
+        self.calls = 0
+
+    def run(self, chain, image, params, seed):
+        self.calls += 1
+        if self.fail_with:
+            raise self.fail_with
+        for op in chain:
+            image = image.resize((image.width * 2, image.height * 2)) if op == "upscale" else image.transpose(0)
+        if self.before_return:
+            self.before_return()
+        return image
+
+    def model_id(self, chain):
+        return ",".join(f"fake/{op}@0123" for op in chain)
+
+
+def _processor(settings, engine, **overrides):
+    settings = settings.replace(**overrides) if overrides else settings
+    return Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+
+
+def _upload(bucket, name, data=None, metadata=None):
+    blob = bucket.blob(name)
+    blob.metadata = metadata
+    blob.upload_from_string(data if data is not None else png_bytes(), content_type="image/png")
+    return blob
+
+
+def _event(blob):
+    blob.reload()
+    return ObjectEvent("finalize", blob.bucket.name, blob.name, str(blob.generation),
+                       dict(blob.metadata or {}), blob.size, blob.content_type)
+
+
+def _report(bucket, name):
+    blob = bucket.get_blob(name)
+    assert blob is not None, f"no failure report at {name}"
+    return json.loads(blob.download_as_bytes())
+
+
+def test_success_writes_output_with_contract_metadata(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/holiday/cat.png", metadata={"imagen-params": '{"seed": 7}'})
+    outcome = _processor(settings, FakeEngine()).handle(_event(source), message_id="m-1")
+    assert outcome.status == "succeeded"
+    assert outcome.output == f"gs://{bucket.name}/processed/upscale/holiday/cat.png"
+    blob = bucket.get_blob("processed/upscale/holiday/cat.png")
+    assert blob.content_type == "image/png"
+    assert Image.open(io.BytesIO(blob.download_as_bytes())).size == (128, 96)
+    meta = blob.metadata
+    assert meta["imagen-source"] == f"gs://{bucket.name}/incoming/upscale/holiday/cat.png"
+    assert meta["imagen-source-generation"] == str(source.generation)
+    assert meta["imagen-operation"] == "upscale"
+    assert json.loads(meta["imagen-params"]) == {"seed": 7}
+    assert meta["imagen-model"] == "fake/upscale@0123"
+    assert meta["imagen-version"] and float(meta["imagen-seconds"]) >= 0
+
+
+def test_redelivery_is_acked_without_gpu_work(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/a.png")
+    engine = FakeEngine()
+    processor = _processor(settings, engine)
+    assert processor.handle(_event(source)).status == "succeeded"
+    first = bucket.get_blob("processed/upscale/a.png").generation
+    again = processor.handle(_event(source))
+    assert again.status == "skipped" and "duplicate" in again.reason
+    assert engine.calls == 1
+    assert bucket.get_blob("processed/upscale/a.png").generation == first
+
+
+def test_new_parameters_redo_the_job(settings, bucket):
+    source = _upload(bucket, "incoming/comic/a.png")
+    processor = _processor(settings, FakeEngine())
+    processor.handle(_event(source))
+    source.metadata = {"imagen-params": '{"format": "png", "seed": 3}'}
+    source.patch()
+    assert processor.handle(_event(source)).status == "succeeded"
+
+
+def test_newer_generation_replaces_and_older_never_overwrites(settings, bucket):
+    old = _upload(bucket, "incoming/upscale/v.png", png_bytes(seed=1))
+    old_event = _event(old)
+    new = _upload(bucket, "incoming/upscale/v.png", png_bytes(seed=2))
+    new_event = _event(new)
+    assert int(new_event.generation) > int(old_event.generation)
+    processor = _processor(settings, FakeEngine())
+    assert processor.handle(new_event).status == "succeeded"
+    written = bucket.get_blob("processed/upscale/v.png")
+    late = processor.handle(old_event)
+    assert late.status == "skipped" and "newer generation" in late.reason
+    after = bucket.get_blob("processed/upscale/v.png")
+    assert after.generation == written.generation
+    assert after.metadata["imagen-source-generation"] == new_event.generation
+
+
+def test_older_output_is_replaced_by_newer_generation(settings, bucket):
+    processor = _processor(settings, FakeEngine())
+    first = _event(_upload(bucket, "incoming/upscale/w.png", png_bytes(seed=1)))
+    processor.handle(first)
+    second = _event(_upload(bucket, "incoming/upscale/w.png", png_bytes(seed=2)))
+    assert processor.handle(second).status == "succeeded"
+    meta = bucket.get_blob("processed/upscale/w.png").metadata
+    assert meta["imagen-source-generation"] == second.generation
+
+
+def test_deleted_source_is_skipped_as_superseded(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/gone.png")
+    event = _event(source)
+    source.delete()
+    outcome = _processor(settings, FakeEngine()).handle(event)
+    assert outcome.status == "skipped" and "no longer exists" in outcome.reason
+
+
+@pytest.mark.parametrize(
+    "name, data, metadata, error_type, report_name",
+    [
+        ("incoming/upscale/bad.png", b"\x89PNG\r\n\x1a\n truncated", None, "ImageDecodeError",
+         "failed/upscale/bad.png.json"),
+        ("incoming/upscale/p.png", None, {"imagen-params": '{"steps": -4}'}, "InvalidParameter",
+         "failed/upscale/p.png.json"),
+        ("incoming/upscale/j.png", None, {"imagen-params": "{not json"}, "InvalidParameter",
+         "failed/upscale/j.png.json"),
+        ("incoming/sharpen/s.png", None, None, "UnknownOperation", "failed/sharpen/s.png.json"),
+        ("incoming/loose.png", None, None, "InvalidParameter", "failed/_none/loose.png.json"),
+    ],
+)
+def test_bad_input_gets_a_failure_report(settings, bucket, name, data, metadata, error_type, report_name):
+    source = _upload(bucket, name, data, metadata)
+    engine = FakeEngine()
+    outcome = _processor(settings, engine).handle(_event(source))
+    assert outcome.status == "failed"
+    report = _report(bucket, report_name)
+    assert report["source"] == f"gs://{bucket.name}/{name}"
+    assert report["generation"] == str(source.generation)
+    assert report["error"]["type"] == error_type and report["error"]["message"]
+    assert set(report) == {"source", "generation", "operation", "params", "error", "attempt", "time"}
+    assert engine.calls == 0
+    assert not list(bucket.list_blobs(prefix="processed/"))
+
+
+def test_oversize_source_fails_before_download(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/big.png", png_bytes((200, 200)))
+    outcome = _processor(settings, FakeEngine(), max_bytes=1000).handle(_event(source))
+    assert outcome.status == "failed" and outcome.error["type"] == "ImageTooLarge"
+
+
+def test_unsafe_name_report_stays_under_the_failure_prefix(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/../../escape.png")
+    outcome = _processor(settings, FakeEngine()).handle(_event(source))
+    assert outcome.status == "failed" and outcome.error["type"] == "UnsafeObjectName"
+    names = [blob.name for blob in bucket.list_blobs()]
+    reports = [name for name in names if name.startswith("failed/upscale/_unsafe/")]
+    assert len(reports) == 1 and set(names) == {source.name, reports[0]}
+
+
+def test_event_for_our_own_output_writes_nothing(settings, bucket):
+    processor = _processor(settings, FakeEngine())
+    processor.handle(_event(_upload(bucket, "incoming/upscale/o.png")))
+    before = {blob.name: blob.generation for blob in bucket.list_blobs()}
+    output = bucket.get_blob("processed/upscale/o.png")
+    assert processor.handle(_event(output)).status == "ignored"
+    # Even a copy of an output dropped back into incoming/ is recognised by its metadata.
+    bucket.copy_blob(output, bucket, "incoming/upscale/o-copy.png")
+    assert processor.handle(_event(bucket.get_blob("incoming/upscale/o-copy.png"))).status == "ignored"
+    after = {blob.name: blob.generation for blob in bucket.list_blobs()}
+    assert {k: v for k, v in after.items() if k != "incoming/upscale/o-copy.png"} == before
+
+
+def test_operation_served_elsewhere_is_acked(settings, bucket):
+    source = _upload(bucket, "incoming/comic/a.png")
+    engine = FakeEngine()
+    outcome = _processor(settings, engine, operations=("upscale",)).handle(_event(source))
+    assert outcome.status == "skipped" and engine.calls == 0
+
+
+def test_job_message_with_explicit_output(settings, bucket):
+    _upload(bucket, "uploads/p.png")
+    request = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "webp"},
+                         f"gs://{bucket.name}/results/p.webp")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    outcome = processor.handle(request)
+    assert outcome.status == "succeeded" and outcome.output.endswith("/results/p.webp")
+    blob = bucket.get_blob("results/p.webp")
+    assert blob.content_type == "image/webp" and blob.metadata["imagen-source-generation"]
+
+
+def test_job_message_format_follows_the_output_extension(settings, bucket):
+    _upload(bucket, "uploads/q.png")
+    request = JobRequest(bucket.name, "uploads/q.png", "comic", {}, f"gs://{bucket.name}/results/q.jpg")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    assert processor.handle(request).status == "succeeded"
+    assert bucket.get_blob("results/q.jpg").content_type == "image/jpeg"
+
+
+def test_job_message_from_a_bucket_not_allowed_is_refused_unread(settings, bucket):
+    _upload(bucket, "uploads/p.png")
+    engine = FakeEngine()
+    outcome = _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
+    assert outcome.status == "failed" and outcome.error["type"] == "SourceNotAllowed"
+    assert "IMAGEN_ALLOWED_BUCKETS" in _report(bucket, "failed/upscale/uploads/p.png.json")["error"]["message"]
+    assert engine.calls == 0
+
+
+def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/t.png")
+    processor = _processor(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), attempt=1)
+    with pytest.raises(TransientError):
+        processor.handle(_event(source))  # no dead-letter policy: retry forever
+    outcome = processor.handle(_event(source), attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed"
+    assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
+
+
+def test_unexpected_errors_are_retried_not_crashing(settings, bucket):
+    source = _upload(bucket, "incoming/upscale/u.png")
+    with pytest.raises(TransientError, match="ZeroDivisionError"):
+        _processor(settings, FakeEngine(fail_with=ZeroDivisionError("bug"))).handle(_event(source))
+
+
+def test_concurrent_writer_wins_and_loser_acks(settings, bucket):
+    """Two workers get the same message: the second writer hits the precondition and acks."""
+    source = _upload(bucket, "incoming/upscale/race.png")
+    event = _event(source)
+    rival = _processor(settings, FakeEngine())
+
+    def rival_finishes_first():
+        assert rival.handle(event).status == "succeeded"
+
+    loser = _processor(settings, FakeEngine(before_return=rival_finishes_first))
+    outcome = loser.handle(event)
+    assert outcome.status == "skipped" and "duplicate" in outcome.reason
+    assert len(list(bucket.list_blobs(prefix="processed/"))) == 1
+
+
+def test_results_topic_gets_one_message_per_job(settings, bucket, publisher, subscriber):
+    topic = publisher.topic_path(PROJECT, f"results-{uuid.uuid4().hex[:8]}")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(PROJECT, f"results-sub-{uuid.uuid4().hex[:8]}")
+    subscriber.create_subscription(name=sub, topic=topic)
+    settings = settings.replace(results_topic=topic)
+    processor = Processor(engine=FakeEngine(), store=Store(storage_client(settings)), settings=settings,
+                          results=ResultPublisher(publisher, topic))
+    good = _event(_upload(bucket, "incoming/upscale/r.png"))
+    processor.handle(good)
+    processor.handle(good)
+    processor.handle(_event(_upload(bucket, "incoming/upscale/bad.png", b"nope")))
+    received = []
+
+    def pulled():
+        response = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
+        received.extend(response.received_messages)
+        return len(received) >= 3
+
+    wait_for(pulled, timeout=30, what="three result messages")
+    by_status = {m.message.attributes["status"]: json.loads(m.message.data) for m in received}
+    assert set(by_status) == {"succeeded", "skipped", "failed"}
+    assert all(m.message.attributes["operation"] == "upscale" for m in received)
+    assert by_status["succeeded"]["output"].endswith("processed/upscale/r.png")
+    assert by_status["succeeded"]["model"] == "fake/upscale@0123"
+    assert by_status["failed"]["error"]["type"] == "ImageDecodeError"
+    assert set(by_status["succeeded"]) == {"source", "generation", "output", "model", "seconds", "error"}
