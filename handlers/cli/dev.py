@@ -1,0 +1,38 @@
+"""`imagen dev`: the local stack (emulators, a worker, `imagen serve`), left running."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+
+@click.command("dev")
+@click.option("--bucket", default="imagen-dev", show_default=True, help="Bucket to create.")
+@click.option("--work-dir", default=".dev", show_default=True, type=click.Path(path_type=Path),
+              help="Where logs go.")
+@click.pass_obj
+def command(settings, bucket, work_dir):
+    """Start the local stack and print the exports that point tools at it; Ctrl-C stops it."""
+    from handlers.localstack import LocalStack
+
+    stack = LocalStack(work_dir, settings.model_cache_dir, bucket=bucket, device=settings.device)
+    click.echo("starting the emulators, a worker and imagen serve (models load first)...")
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    try:
+        stack.start()
+        click.echo("\nready. In another terminal:\n")
+        for key, value in stack.env().items():
+            click.echo(f"export {key}={shlex.quote(value)}")
+        click.echo(f"\ngcloud storage cp photo.jpg gs://{bucket}/incoming/upscale/photo.jpg")
+        click.echo(f"imagen submit photo.jpg --operation upscale --bucket {bucket} --wait")
+        click.echo(f"\nlogs: {stack.log_dir}   (Ctrl-C stops everything)")
+        stopped.wait()
+    finally:
+        click.echo("stopping...")
+        stack.stop()
