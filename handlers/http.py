@@ -3,7 +3,8 @@
 Answers (DESIGN.md): 2xx when the job is done, skipped, ignored or failed permanently with its
 report written; 503 for a transient fault or while models load (Pub/Sub and Eventarc retry);
 400 only for a body that cannot be parsed at all (so it ends in the dead-letter topic).
-`GET /healthz` answers while the process lives; `GET /readyz` only once models are warm.
+`GET /healthz` answers while the process lives; `GET /readyz` only once models are warm;
+`GET /metrics` is for Prometheus (handlers.metrics).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 import flask
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.errors import EventError, TransientError
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
@@ -35,6 +37,10 @@ def create_app(processor, state: Callable[[], str]) -> flask.Flask:
     def readyz():
         current = state()
         return {"state": current}, (200 if current == READY else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
 
     @app.post("/")
     def receive():

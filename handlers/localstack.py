@@ -191,6 +191,7 @@ class LocalStack:
         self.pubsub = PubsubEmulator(log_dir=self.log_dir)
         self.storage = StorageEmulator(log_dir=self.log_dir)
         self.serve_port = free_port()
+        self.worker_metrics_port = free_port()
         self._processes: list[_Service] = []
 
     def env(self) -> dict[str, str]:
@@ -224,7 +225,8 @@ class LocalStack:
         env = {**os.environ, **self.env()}
         self._start_process(
             "worker",
-            ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS)],
+            ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS),
+             "--metrics-port", str(self.worker_metrics_port)],
             env,
         )
         serve = self._start_process(

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
-from handlers import routing
+from handlers import metrics, routing
 from handlers.errors import PreconditionLost, SourceSuperseded, TransientError
 from handlers.events import JobRequest, ObjectEvent
 from handlers.routing import Ignored, Job, Layout
@@ -104,13 +104,21 @@ class Processor:
         else:
             routed = event
         if isinstance(routed, Ignored):
+            metrics.JOBS.labels("none", "ignored").inc()
             log.info(
                 "event ignored: %s",
                 routed.reason,
                 extra={"fields": {"reason": routed.reason, "message_id": message_id}},
             )
             return Outcome("ignored", reason=routed.reason)
-        return self._run(routed, message_id=message_id, attempt=attempt)
+        with metrics.IN_FLIGHT.track_inprogress():
+            try:
+                outcome = self._run(routed, message_id=message_id, attempt=attempt)
+            except TransientError:
+                metrics.JOBS.labels(routed.operation or "none", "retried").inc()
+                raise
+        metrics.record_outcome(outcome)
+        return outcome
 
     def _run(self, job: Job, *, message_id: str | None, attempt: int | None) -> Outcome:
         job_id = message_id or _job_id(job)

@@ -45,7 +45,10 @@ def command(settings, port, host, operations, device, threads):
 
 
 def _setup(engine) -> None:
+    from handlers.metrics import record_model_loads
+
     try:
         engine.setup()
+        record_model_loads(engine.setup_seconds)
     except Exception:
         log.exception("model set-up failed; /readyz will stay 503")

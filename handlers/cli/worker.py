@@ -16,11 +16,14 @@ from handlers.logs import configure_logging
     "--max-job-seconds", default=3600, show_default=True,
     help="Longest a job may hold its message; the lease is extended up to this.",
 )
+@click.option("--metrics-port", default=9090, show_default=True,
+              help="Port for Prometheus /metrics (0: off).")
 @click.pass_obj
-def command(settings, subscription, operations, device, concurrency, max_job_seconds):
+def command(settings, subscription, operations, device, concurrency, max_job_seconds, metrics_port):
     """Pull jobs from a subscription until SIGTERM; finish the job in hand, then exit 0."""
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
+    from handlers.metrics import record_model_loads
     from handlers.service import build_engine, build_processor
     from handlers.settings import split_list
     from handlers.worker import PullWorker
@@ -35,6 +38,15 @@ def command(settings, subscription, operations, device, concurrency, max_job_sec
     configure_logging()
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message
+    record_model_loads(engine.setup_seconds)
+    if metrics_port:
+        # Opened only now, so a readiness probe on it passes once the models are warm.
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port)
+        except OSError as error:
+            raise ConfigError(f"--metrics-port {metrics_port}: {error}; pass another port or 0") from None
     worker = PullWorker(
         subscriber_client(),
         subscription_path(settings, settings.subscription),

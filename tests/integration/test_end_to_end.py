@@ -171,6 +171,8 @@ def _post(url, body: bytes, headers: dict):
 def test_push_subscription_and_cloudevents_into_serve(serve, bucket, subscriber, publisher):
     with urllib.request.urlopen(serve + "/healthz") as response:
         assert response.status == 200
+    with urllib.request.urlopen(serve + "/metrics") as response:
+        assert b"imagen_model_load_seconds" in response.read()
 
     push = subscriber.subscription_path(PROJECT, f"push-{uuid.uuid4().hex[:8]}")
     subscriber.create_subscription(
@@ -229,14 +231,19 @@ def test_push_subscription_and_cloudevents_into_serve(serve, bucket, subscriber,
     envelope = {"message": {"data": base64.b64encode(b"[]").decode(), "messageId": "9"}, "subscription": "s"}
     status, _ = _post(serve + "/", json.dumps(envelope).encode(), {"content-type": "application/json"})
     assert status == 400
+    with urllib.request.urlopen(serve + "/metrics") as response:
+        scraped = response.read().decode()
+    assert 'imagen_jobs_total{operation="remove-background",status="succeeded"} 1.0' in scraped
+    assert 'imagen_jobs_total{operation="remove-background",status="skipped"} 1.0' in scraped
 
 
 def test_sigterm_during_a_job_loses_nothing(tiny_settings, bucket, events_subscription, subscriber, tmp_path):
     """SIGTERM while a job runs: the worker finishes it (or it goes back to Pub/Sub) and exits 0."""
     log_path = tmp_path / "worker.log"
+    metrics_port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "handlers.cli", "worker", "--subscription", events_subscription,
-         "--operations", "upscale"],
+         "--operations", "upscale", "--metrics-port", str(metrics_port)],
         env=_env(tiny_settings), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
     )
     try:
@@ -245,6 +252,10 @@ def test_sigterm_during_a_job_loses_nothing(tiny_settings, bucket, events_subscr
         blob.metadata = {"imagen-params": '{"steps": 40}'}
         blob.upload_from_string(png_bytes((160, 160)), content_type="image/png")
         wait_for(lambda: b"job started" in log_path.read_bytes(), timeout=60, what="job start")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            scraped = response.read().decode()
+        assert "imagen_jobs_in_flight 1.0" in scraped
+        assert 'imagen_model_load_seconds{operation="upscale"}' in scraped
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=240) == 0, log_path.read_text()
     finally:
