@@ -2,7 +2,8 @@
 
 Answers (DESIGN.md): 2xx when the job is done, skipped, ignored or failed permanently with its
 report written; 503 for a transient fault or while models load (Pub/Sub and Eventarc retry);
-400 only for a body that cannot be parsed at all (so it ends in the dead-letter topic).
+400 only for a body that cannot be parsed at all (so it ends in the dead-letter topic);
+401/403 for a push without a valid OIDC token when push authentication is configured.
 `GET /healthz` answers while the process lives; `GET /readyz` only once models are warm;
 `GET /metrics` is for Prometheus (handlers.metrics).
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import flask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
 
@@ -24,8 +26,9 @@ READY = "READY"
 MAX_BODY_BYTES = 10 * 1024 * 1024  # Pub/Sub's own message limit
 
 
-def create_app(processor, state: Callable[[], str]) -> flask.Flask:
-    """A Flask app over `processor`; `state()` returns the engine state (READY when warm)."""
+def create_app(processor, state: Callable[[], str], authenticator=None) -> flask.Flask:
+    """A Flask app over `processor`; `state()` returns the engine state (READY when warm);
+    `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`."""
     app = flask.Flask("imagen")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -44,6 +47,12 @@ def create_app(processor, state: Callable[[], str]) -> flask.Flask:
 
     @app.post("/")
     def receive():
+        if authenticator is not None:
+            try:
+                authenticator.check(flask.request.headers.get("Authorization"))
+            except AuthError as error:
+                log.warning("push refused: %s", error, extra={"fields": {"status": error.status}})
+                return _answer(error.status, error=str(error))
         current = state()
         if current != READY:
             return _answer(503, error=f"not ready: models are {current.lower()}", retry=True)

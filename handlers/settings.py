@@ -37,6 +37,8 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     allowed_buckets: frozenset[str] = frozenset()
+    push_audience: str | None = None
+    push_service_accounts: frozenset[str] = frozenset()
     project: str | None = None
     port: int = DEFAULT_PORT
     storage_emulator_host: str | None = None
@@ -63,6 +65,7 @@ class Settings:
             ("failed_prefix", "IMAGEN_FAILED_PREFIX"),
             ("results_topic", "IMAGEN_RESULTS_TOPIC"),
             ("subscription", "IMAGEN_SUBSCRIPTION"),
+            ("push_audience", "IMAGEN_PUSH_AUDIENCE"),
             ("device", "IMAGEN_DEVICE"),
             ("project", "GOOGLE_CLOUD_PROJECT"),
             ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
@@ -79,6 +82,8 @@ class Settings:
                 values[field] = _positive_int(name, get(name))
         if get("IMAGEN_ALLOWED_BUCKETS"):
             values["allowed_buckets"] = frozenset(split_list(get("IMAGEN_ALLOWED_BUCKETS")))
+        if get("IMAGEN_PUSH_SERVICE_ACCOUNTS"):
+            values["push_service_accounts"] = frozenset(split_list(get("IMAGEN_PUSH_SERVICE_ACCOUNTS")))
         values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
         return cls(**values).validate()
 
@@ -96,6 +101,10 @@ class Settings:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.push_service_accounts and not self.push_audience:
+            raise ConfigError(
+                "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push endpoint URL)"
+            )
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,
             "IMAGEN_OUTPUT_PREFIX": self.output_prefix,

@@ -33,7 +33,12 @@ def command(settings, port, host, operations, device, threads):
     configure_logging()
     engine = build_engine(settings)
     processor = build_processor(settings, engine)
-    app = create_app(processor, lambda: engine.state)
+    authenticator = None
+    if settings.push_audience:
+        from handlers.auth import PushAuthenticator
+
+        authenticator = PushAuthenticator(settings.push_audience, settings.push_service_accounts)
+    app = create_app(processor, lambda: engine.state, authenticator)
 
     def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;

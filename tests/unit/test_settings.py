@@ -27,7 +27,8 @@ def test_every_variable_is_read():
         "IMAGEN_DEVICE": "cpu", "IMAGEN_MAX_PIXELS": "1000", "IMAGEN_MAX_BYTES": "2000",
         "IMAGEN_ALLOWED_BUCKETS": "a,b", "GOOGLE_CLOUD_PROJECT": "proj", "PORT": "9000",
         "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "PUBSUB_EMULATOR_HOST": "127.0.0.1:2",
-        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1", "IMAGEN_PUSH_AUDIENCE": "https://svc/",
+        "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
     })
     assert settings.model_cache_dir == Path("/models")
     assert settings.operations == ("upscale", "comic")
@@ -38,6 +39,8 @@ def test_every_variable_is_read():
     assert settings.allowed_buckets == {"a", "b"} and settings.project == "proj"
     assert settings.storage_emulator_host and settings.pubsub_emulator_host
     assert not settings.allow_model_download
+    assert settings.push_audience == "https://svc/"
+    assert settings.push_service_accounts == {"push@p.iam.gserviceaccount.com"}
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ def test_every_variable_is_read():
         ({"IMAGEN_INPUT_PREFIX": "incoming"}, "IMAGEN_INPUT_PREFIX"),
         ({"IMAGEN_MAX_PIXELS": "lots"}, "IMAGEN_MAX_PIXELS"),
         ({"PORT": "-1"}, "PORT"),
+        ({"IMAGEN_PUSH_SERVICE_ACCOUNTS": "a@b.iam.gserviceaccount.com"}, "IMAGEN_PUSH_AUDIENCE"),
     ],
 )
 def test_misconfiguration_names_the_variable(env, variable):

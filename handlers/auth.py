@@ -1,0 +1,54 @@
+"""Push authentication: verify the OIDC token Pub/Sub push (or Eventarc) attaches to a request.
+
+Enabled when IMAGEN_PUSH_AUDIENCE is set: the token must be a Google-signed ID token for that
+audience, from one of IMAGEN_PUSH_SERVICE_ACCOUNTS (when set), with a verified email. On Cloud
+Run the platform's own invoker check runs first; this check makes `imagen serve` safe to expose
+anywhere else too (GKE, a VM) and guards against a misconfigured ingress.
+"""
+
+from __future__ import annotations
+
+import google.auth.exceptions
+import google.auth.transport.requests
+from google.oauth2 import id_token
+
+from image.errors import ImagenError
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+
+
+class AuthError(ImagenError):
+    """`status` is the HTTP answer: 401 (no or bad token) or 403 (a valid token, wrong sender)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class PushAuthenticator:
+    def __init__(self, audience: str, allowed_emails: frozenset[str] = frozenset(),
+                 certs_url: str = GOOGLE_CERTS_URL):
+        self._audience = audience
+        self._allowed = allowed_emails
+        self._certs_url = certs_url
+        # One session: google-auth caches the signing certificates per their Cache-Control.
+        self._request = google.auth.transport.requests.Request()
+
+    def check(self, authorization: str | None) -> dict:
+        """Verify an `Authorization` header value; return the token's claims or raise AuthError."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "missing bearer token")
+        try:
+            claims = id_token.verify_token(
+                token.strip(), self._request, audience=self._audience, certs_url=self._certs_url,
+                clock_skew_in_seconds=10,
+            )
+        except (ValueError, google.auth.exceptions.GoogleAuthError) as error:
+            raise AuthError(401, f"invalid token: {error}") from None
+        email = claims.get("email")
+        if not claims.get("email_verified") or not email:
+            raise AuthError(403, "token has no verified email")
+        if self._allowed and email not in self._allowed:
+            raise AuthError(403, f"{email} may not push to this service")
+        return claims
