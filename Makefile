@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+OPERATIONS := upscale enhance comic remove-background
 
-.PHONY: venv test demo dev download-models models-tiny worker-upscale worker-enhance worker-comic worker-remove-background clean
+.PHONY: venv test demo dev bench download-models models-tiny clean $(addprefix worker-,$(OPERATIONS))
 
 venv: $(STAMP)
 
@@ -22,6 +24,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
+
+# The local stack left running; prints the exports for gcloud storage and the client libraries.
+dev: $(STAMP)
+	$(BIN)/imagen dev
+
+# A local pull worker for one operation, e.g. `make worker-upscale` (subscription
+# imagen-<operation> unless IMAGEN_SUBSCRIPTION is set; point it at `imagen dev` or GCP).
+$(addprefix worker-,$(OPERATIONS)): worker-%: $(STAMP)
+	$(BIN)/imagen worker --operations $* --subscription $${IMAGEN_SUBSCRIPTION:-imagen-$*}
 
 download-models: $(STAMP)
 	$(BIN)/imagen models pull

@@ -66,7 +66,7 @@ class Outcome:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     chain: tuple[str, ...]
     params: dict  # validated, as the user gave them
     canonical: str  # imagen-params
@@ -128,7 +128,7 @@ class Processor:
         plan = None
         try:
             routing.check_source_allowed(job, self._allowed_buckets)
-            plan = self._plan(job)
+            plan = plan_job(job, self._layout, self._served)
             if plan is None:
                 reason = f"operation {job.operation!r} is served by another worker pool"
                 log.info("job skipped: %s", reason, extra={"fields": fields})
@@ -140,7 +140,7 @@ class Processor:
 
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
-            skip = _skip_reason(existing, job, plan)
+            skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
             log.info("job started", extra={"fields": {**fields, "attempt": attempt}})
@@ -178,7 +178,7 @@ class Processor:
             return self._skipped(job, plan, str(error), fields)
         except PreconditionLost:
             # Another delivery of this job (or a newer one) wrote first: look at what it wrote.
-            skip = _skip_reason(self._store.stat(*plan.output), job, plan)
+            skip = skip_reason(self._store.stat(*plan.output), job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
             raise
@@ -225,32 +225,13 @@ class Processor:
         self._publish(outcome)
         return outcome
 
-    def _plan(self, job: Job) -> _Plan | None:
-        """Validate the job; None when this process does not serve its operation(s)."""
-        chain = parse_chain(job.operation) if job.operation else None
-        if not chain:
-            raise InvalidParameter(
-                f"no operation for {job.name!r}: upload it under "
-                f"{self._layout.input_prefix}<operation>/ or set metadata {routing.OPERATION_KEY}"
-            )
-        if not set(chain) <= self._served:
-            return None
-        params = validate_params(chain, _params_dict(job.params))
-        fmt = params.get("format")
-        if fmt is None and job.output is not None:
-            extension = job.output[1].rsplit(".", 1)[-1].lower() if "." in job.output[1] else ""
-            fmt = _FORMAT_BY_EXTENSION.get(extension)
-        fmt = fmt or "png"
-        output = routing.output_location(job, self._layout, ",".join(chain), fmt)
-        return _Plan(chain, params, canonical_json(params), fmt, output)
-
     def _live_generation(self, job: Job) -> str:
         state = self._store.stat(job.bucket, job.name)
         if state is None:
             raise SourceSuperseded(f"{job.source_uri} does not exist")
         return str(state.generation)
 
-    def _skipped(self, job: Job, plan: _Plan | None, reason: str, fields: dict) -> Outcome:
+    def _skipped(self, job: Job, plan: Plan | None, reason: str, fields: dict) -> Outcome:
         log.info("job skipped: %s", reason, extra={"fields": {**fields, "reason": reason}})
         outcome = Outcome(
             "skipped",
@@ -264,7 +245,7 @@ class Processor:
         return outcome
 
     def _failed(
-        self, job: Job, plan: _Plan | None, error: Exception, attempt: int | None, fields: dict
+        self, job: Job, plan: Plan | None, error: Exception, attempt: int | None, fields: dict
     ) -> Outcome:
         bucket, name = routing.failure_location(job, self._layout)
         details = {"type": type(error).__name__, "message": str(error)}
@@ -301,7 +282,27 @@ class Processor:
             self._results.publish(outcome)
 
 
-def _skip_reason(existing: ObjectState | None, job: Job, plan: _Plan) -> str | None:
+def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
+    """Validate a job and decide its output; None when `served` lacks one of its operations."""
+    chain = parse_chain(job.operation) if job.operation else None
+    if not chain:
+        raise InvalidParameter(
+            f"no operation for {job.name!r}: upload it under "
+            f"{layout.input_prefix}<operation>/ or set metadata {routing.OPERATION_KEY}"
+        )
+    if not set(chain) <= served:
+        return None
+    params = validate_params(chain, _params_dict(job.params))
+    fmt = params.get("format")
+    if fmt is None and job.output is not None:
+        extension = job.output[1].rsplit(".", 1)[-1].lower() if "." in job.output[1] else ""
+        fmt = _FORMAT_BY_EXTENSION.get(extension)
+    fmt = fmt or "png"
+    output = routing.output_location(job, layout, ",".join(chain), fmt)
+    return Plan(chain, params, canonical_json(params), fmt, output)
+
+
+def skip_reason(existing: ObjectState | None, job: Job, plan: Plan) -> str | None:
     """Why the job needs no GPU work, judged from the output that already exists."""
     if existing is None:
         return None

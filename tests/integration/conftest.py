@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import uuid
 
@@ -12,8 +13,12 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 from PIL import Image
 
+from handlers.clients import storage_client
 from handlers.localstack import EVENTS_TOPIC, PROJECT, PubsubEmulator, StorageEmulator
+from handlers.processor import Processor
 from handlers.settings import Settings
+from handlers.storage import Store
+from handlers.worker import PullWorker
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +114,29 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_cache):
+    from image.engine import Engine
+
+    engine = Engine(("upscale", "enhance", "comic", "remove-background"), tiny_cache, device="cpu")
+    engine.setup()
+    return engine
+
+
+@pytest.fixture
+def tiny_settings(settings, tiny_cache, bucket):
+    return settings.replace(model_cache_dir=tiny_cache, allowed_buckets=frozenset({bucket.name}))
+
+
+@pytest.fixture
+def worker(tiny_settings, engine, subscriber, events_subscription):
+    processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
+    pull = PullWorker(subscriber, events_subscription, processor)
+    thread = threading.Thread(target=pull.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    yield pull
+    pull.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()

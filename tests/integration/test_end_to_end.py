@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -19,39 +18,9 @@ import uuid
 import pytest
 from PIL import Image
 
-from handlers.clients import storage_client
 from handlers.localstack import EVENTS_TOPIC, free_port, gcloud_storage_env
-from handlers.processor import Processor
-from handlers.storage import Store
-from handlers.worker import PullWorker
 
 from .conftest import PROJECT, png_bytes, wait_for
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_cache):
-    from image.engine import Engine
-
-    engine = Engine(("upscale", "enhance", "comic", "remove-background"), tiny_cache, device="cpu")
-    engine.setup()
-    return engine
-
-
-@pytest.fixture
-def tiny_settings(settings, tiny_cache, bucket):
-    return settings.replace(model_cache_dir=tiny_cache, allowed_buckets=frozenset({bucket.name}))
-
-
-@pytest.fixture
-def worker(tiny_settings, engine, subscriber, events_subscription):
-    processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
-    pull = PullWorker(subscriber, events_subscription, processor)
-    thread = threading.Thread(target=pull.run, kwargs={"install_signal_handlers": False}, daemon=True)
-    thread.start()
-    yield pull
-    pull.stop()
-    thread.join(timeout=60)
-    assert not thread.is_alive()
 
 
 def _wait_blob(bucket, name, timeout=90):

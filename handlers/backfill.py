@@ -1,0 +1,115 @@
+"""Backfill: queue job messages for existing objects that have no up-to-date output.
+
+Objects are judged exactly as the processor judges a job (routing, then `plan_job`, then the
+output's `imagen-source-generation` and parameters), so a backfill queues only what a worker
+would really do, and running it again after a stop queues nothing already done. Each message
+names the object generation it was listed at.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+
+from google.cloud import storage
+
+from handlers import routing
+from handlers.events import FINALIZE, ObjectEvent
+from handlers.processor import plan_job, skip_reason
+from handlers.routing import Ignored, Layout
+from handlers.storage import ObjectState, Store
+from image.errors import InputError
+from image.operations import OPERATION_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    uri: str
+    action: str  # "queue", "done" or "skip"
+    reason: str = ""
+    message: dict | None = None  # the job message to publish, for "queue"
+
+
+@dataclasses.dataclass
+class Summary:
+    queued: int = 0
+    done: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, decision: Decision) -> None:
+        if decision.action == "queue":
+            self.queued += 1
+        elif decision.action == "done":
+            self.done += 1
+        else:
+            self.skipped[decision.reason] += 1
+
+    def lines(self) -> list[str]:
+        lines = [f"queued: {self.queued}", f"already done: {self.done}",
+                 f"skipped: {sum(self.skipped.values())}"]
+        lines += [f"  {count} x {reason}" for reason, count in self.skipped.most_common()]
+        return lines
+
+
+def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | None) -> Decision:
+    """What to do about one listed object."""
+    uri = f"gs://{blob.bucket.name}/{blob.name}"
+    generation = str(blob.generation)
+    metadata = dict(blob.metadata or {})
+    if operation:  # as if the object carried imagen-operation metadata
+        metadata[routing.OPERATION_KEY] = operation
+    job = routing.route_event(
+        ObjectEvent(FINALIZE, blob.bucket.name, blob.name, generation, metadata, blob.size), layout
+    )
+    if isinstance(job, Ignored):
+        return Decision(uri, "skip", job.reason)
+    try:
+        plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
+    except InputError as error:
+        return Decision(uri, "skip", f"would fail: {type(error).__name__}")
+    state: ObjectState | None = store.stat(*plan.output)
+    if skip_reason(state, job, plan):
+        return Decision(uri, "done")
+    message = {"source": uri, "operation": plan.operation, "params": plan.params, "generation": generation}
+    return Decision(uri, "queue", message=message)
+
+
+def backfill(
+    client: storage.Client,
+    bucket: str,
+    prefix: str,
+    layout: Layout,
+    *,
+    operation: str | None,
+    publish: Callable[[bytes], None] | None,
+    rate: float,
+    on_decision: Callable[[Decision], None] = lambda decision: None,
+) -> Summary:
+    """List gs://bucket/prefix and publish a job message for each object needing work.
+
+    `publish` None is a dry run. `rate` bounds publishing in messages per second.
+    """
+    store = Store(client)
+    summary = Summary()
+    interval = 1.0 / rate if rate > 0 else 0.0
+    next_at = time.monotonic()
+    for blob in _objects(client, bucket, prefix):
+        decision = decide(blob, layout, store, operation)
+        if decision.action == "queue" and publish is not None:
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            publish(json.dumps(decision.message).encode())
+            next_at = max(next_at, time.monotonic()) + interval
+        summary.add(decision)
+        on_decision(decision)
+    return summary
+
+
+def _objects(client: storage.Client, bucket: str, prefix: str) -> Iterator[storage.Blob]:
+    for blob in client.list_blobs(bucket, prefix=prefix):
+        if not blob.name.endswith("/"):
+            yield blob

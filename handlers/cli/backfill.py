@@ -1,0 +1,44 @@
+"""`imagen backfill gs://BUCKET/PREFIX`: queue jobs for objects without an up-to-date output."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("backfill")
+@click.argument("location")
+@click.option("--topic", required=True, help="Topic the workers listen on (name or full path).")
+@click.option("--operation", help="Operation or chain for every object (default: from its folder).")
+@click.option("--dry-run", is_flag=True, help="Decide and report; publish nothing.")
+@click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most.")
+@click.option("--verbose", "-v", is_flag=True, help="Print every object's decision.")
+@click.pass_obj
+def command(settings, location, topic, operation, dry_run, rate, verbose):
+    """List LOCATION and publish job messages only for objects with no output for their current
+    generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
+    from handlers.backfill import backfill
+    from handlers.clients import publisher_client, storage_client, topic_path
+    from handlers.routing import Layout
+
+    if not location.startswith("gs://"):
+        raise click.BadParameter("expected gs://BUCKET/PREFIX", param_hint="LOCATION")
+    bucket, _, prefix = location[len("gs://"):].partition("/")
+    publish = None
+    if not dry_run:
+        publisher, path = publisher_client(), topic_path(settings, topic)
+
+        def publish(data: bytes) -> None:
+            publisher.publish(path, data).result(timeout=60)
+
+    def show(decision):
+        if verbose or (dry_run and decision.action == "queue"):
+            click.echo(f"{decision.action:>5}  {decision.uri}  {decision.reason}".rstrip())
+
+    summary = backfill(
+        storage_client(settings), bucket, prefix, Layout.from_settings(settings),
+        operation=operation, publish=publish, rate=rate, on_decision=show,
+    )
+    if dry_run:
+        click.echo("dry run: nothing published")
+    for line in summary.lines():
+        click.echo(line)

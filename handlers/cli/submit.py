@@ -1,0 +1,55 @@
+"""`imagen submit FILE... --operation OP`: upload jobs, wait for results, download them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from handlers.cli.options import param_options
+
+
+@click.command("submit")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--operation", required=True, help="Operation or chain, e.g. upscale or remove-background,upscale.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--bucket", required=True, envvar="IMAGEN_BUCKET", help="Input bucket [env IMAGEN_BUCKET].")
+@click.option("--wait/--no-wait", default=False, help="Wait for each output or failure report.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Download outputs here (implies --wait).")
+@click.option("--timeout", default=900, show_default=True, help="Seconds to wait, in all.")
+@click.pass_obj
+def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
+    """Upload FILES under incoming/<operation>/ and, with --wait, report each result."""
+    from handlers.clients import storage_client
+    from handlers.routing import Layout
+    from handlers import submit
+
+    client = storage_client(settings)
+    layout = Layout.from_settings(settings)
+    values = param_options(params)
+    submissions = []
+    for path in files:
+        submission = submit.upload(client, path, bucket, operation, values, layout)
+        click.echo(f"uploaded {path} -> gs://{bucket}/{submission.job.name} (generation {submission.job.generation})")
+        submissions.append(submission)
+    if not (wait or out_dir):
+        return
+
+    def report(submission):
+        if submission.status == "succeeded":
+            line = f"done     {submission.path.name} -> {submission.output_uri} ({submission.seconds} s)"
+            if out_dir:
+                line += f" -> {submit.download(client, submission, out_dir)}"
+        else:
+            line = f"failed   {submission.path.name}: {submission.reason}"
+        click.echo(line)
+
+    with click.progressbar(length=len(submissions), label="waiting", file=sys.stderr) as bar:
+        submit.wait(client, submissions, timeout, on_result=lambda s: (bar.update(1), report(s)))
+    for submission in submissions:
+        if submission.status == "timed out":
+            click.echo(f"timeout  {submission.path.name}: {submission.reason}", err=True)
+    if any(s.status != "succeeded" for s in submissions):
+        sys.exit(1)

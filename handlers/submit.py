@@ -1,0 +1,101 @@
+"""Submit: upload local files as jobs and wait for each output or failure report.
+
+The scriptable replacement for `gsutil cp` plus polling: each upload's generation is noted,
+and only an output (or failure report) for that very generation counts as its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mimetypes
+import time
+from pathlib import Path
+
+from google.api_core.exceptions import NotFound
+from google.cloud import storage
+
+from handlers import routing
+from handlers.processor import plan_job
+from handlers.routing import Job, Layout
+from image.operations import OPERATION_NAMES
+from image.params import canonical_json
+
+
+@dataclasses.dataclass
+class Submission:
+    path: Path
+    job: Job
+    output: tuple[str, str]
+    report: tuple[str, str]
+    status: str = "queued"  # queued, succeeded, failed
+    reason: str = ""
+    seconds: str = ""
+    local_output: Path | None = None
+
+    @property
+    def output_uri(self) -> str:
+        return f"gs://{self.output[0]}/{self.output[1]}"
+
+
+def upload(client: storage.Client, path: Path, bucket: str, operation: str, params: dict,
+           layout: Layout) -> Submission:
+    """Upload one file under incoming/<operation>/ with its parameters; validates them first."""
+    name = f"{layout.input_prefix}{operation}/{path.name}"
+    job = Job(bucket, name, None, operation, params, path.name)
+    plan = plan_job(job, layout, frozenset(OPERATION_NAMES))  # bad input fails here, not later
+    blob = client.bucket(bucket).blob(name)
+    blob.metadata = {routing.PARAMS_KEY: canonical_json(plan.params)} if plan.params else None
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    blob.upload_from_filename(str(path), content_type=content_type)
+    job = dataclasses.replace(job, generation=str(blob.generation))
+    return Submission(path, job, plan.output, routing.failure_location(job, layout))
+
+
+def poll(client: storage.Client, submission: Submission) -> bool:
+    """Look once for the submission's result; True when it has one."""
+    source = submission.job
+    output = _blob(client, *submission.output)
+    if output is not None and (output.metadata or {}).get(routing.SOURCE_GENERATION_KEY) == source.generation:
+        submission.status = "succeeded"
+        submission.seconds = (output.metadata or {}).get(routing.SECONDS_KEY, "")
+        return True
+    report = _blob(client, *submission.report)
+    if report is not None:
+        try:
+            body = json.loads(report.download_as_bytes())
+        except (NotFound, ValueError):
+            return False
+        if body.get("generation") == source.generation:
+            submission.status = "failed"
+            error = body.get("error") or {}
+            submission.reason = f"{error.get('type')}: {error.get('message')}"
+            return True
+    return False
+
+
+def download(client: storage.Client, submission: Submission, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = out_dir / Path(submission.output[1]).name
+    client.bucket(submission.output[0]).blob(submission.output[1]).download_to_filename(str(local))
+    submission.local_output = local
+    return local
+
+
+def wait(client: storage.Client, submissions: list[Submission], timeout: float,
+         on_result=lambda submission: None, interval: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(submissions)
+    while pending and time.monotonic() < deadline:
+        for submission in list(pending):
+            if poll(client, submission):
+                pending.remove(submission)
+                on_result(submission)
+        if pending:
+            time.sleep(interval)
+    for submission in pending:
+        submission.status, submission.reason = "timed out", f"no result after {timeout:.0f} s"
+
+
+def _blob(client: storage.Client, bucket: str, name: str):
+    return client.bucket(bucket).get_blob(name)

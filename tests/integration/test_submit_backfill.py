@@ -1,0 +1,112 @@
+"""`imagen submit` and `imagen backfill` against the emulator stack and a real worker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from click.testing import CliRunner
+from PIL import Image
+
+from handlers.cli import main
+from handlers.clients import storage_client
+from handlers.events import JobRequest, Message, parse_message
+from handlers.processor import Processor
+from handlers.storage import Store
+
+from .conftest import PROJECT, png_bytes, wait_for
+from .test_processor import FakeEngine
+
+
+def _cli_env(settings) -> dict:
+    return {
+        "STORAGE_EMULATOR_HOST": settings.storage_emulator_host,
+        "PUBSUB_EMULATOR_HOST": settings.pubsub_emulator_host,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+    }
+
+
+def test_submit_waits_downloads_and_reports_failures(worker, tiny_settings, bucket, tmp_path):
+    good, bad = tmp_path / "sunset.png", tmp_path / "notes.png"
+    good.write_bytes(png_bytes((24, 20)))
+    bad.write_bytes(b"shopping list, not a picture")
+    out = tmp_path / "results"
+    result = CliRunner().invoke(
+        main,
+        ["submit", str(good), str(bad), "--operation", "remove-background", "--param", "mask_only=true",
+         "--bucket", bucket.name, "--out", str(out), "--timeout", "120"],
+        env=_cli_env(tiny_settings),
+    )
+    assert result.exit_code == 1, result.output  # one of the two failed
+    assert f"gs://{bucket.name}/incoming/remove-background/sunset.png" in result.output
+    assert "done     sunset.png" in result.output
+    assert "failed   notes.png: ImageDecodeError" in result.output
+    mask = Image.open(out / "sunset.png")
+    assert mask.size == (24, 20) and mask.mode == "L"
+    uploaded = bucket.get_blob("incoming/remove-background/sunset.png")
+    assert json.loads(uploaded.metadata["imagen-params"]) == {"mask_only": True}
+
+
+def test_submit_refuses_bad_parameters_before_uploading(tiny_settings, bucket, tmp_path):
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes())
+    result = CliRunner().invoke(
+        main, ["submit", str(picture), "--operation", "upscale", "--param", "steps=-3", "--bucket", bucket.name],
+        env=_cli_env(tiny_settings),
+    )
+    assert result.exit_code == 1 and "steps" in result.output
+    assert list(bucket.list_blobs()) == []
+
+
+def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucket, publisher, subscriber):
+    processor = Processor(engine=FakeEngine(), store=Store(storage_client(tiny_settings)), settings=tiny_settings)
+
+    def upload(name, data=None, metadata=None):
+        blob = bucket.blob(name)
+        blob.metadata = metadata
+        blob.upload_from_string(data or png_bytes(), content_type="image/png")
+        blob.reload()
+        return blob
+
+    done = upload("incoming/upscale/done.png")
+    processor.handle(JobRequest(bucket.name, done.name, "upscale", {}, generation=str(done.generation)))
+    stale = upload("incoming/comic/stale.png")
+    processor.handle(JobRequest(bucket.name, stale.name, "comic", {}, generation=str(stale.generation)))
+    stale = upload("incoming/comic/stale.png", png_bytes(seed=9))  # a newer generation since
+    todo = upload("incoming/comic/todo.png", metadata={"imagen-params": '{"steps": 3}'})
+    upload("elsewhere/readme.png")
+
+    topic = publisher.topic_path(PROJECT, f"jobs-{uuid.uuid4().hex[:8]}")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(PROJECT, f"jobs-sub-{uuid.uuid4().hex[:8]}")
+    subscriber.create_subscription(name=sub, topic=topic)
+    env = _cli_env(tiny_settings)
+    args = ["backfill", f"gs://{bucket.name}/", "--topic", topic, "--rate", "50"]
+
+    dry = CliRunner().invoke(main, args + ["--dry-run"], env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "queued: 2" in dry.output and "already done: 1" in dry.output
+    assert "outside the input prefix" in dry.output and "nothing published" in dry.output
+
+    first = CliRunner().invoke(main, args, env=env)
+    assert first.exit_code == 0 and "queued: 2" in first.output, first.output
+    messages = []
+
+    def pulled():
+        response = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
+        messages.extend(response.received_messages)
+        if response.received_messages:
+            subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in response.received_messages])
+        return len(messages) >= 2
+
+    wait_for(pulled, timeout=30, what="two job messages")
+    jobs = {job.name: job for job in (parse_message(Message(m.message.data, dict(m.message.attributes)))
+                                       for m in messages)}
+    assert set(jobs) == {"incoming/comic/stale.png", "incoming/comic/todo.png"}
+    assert jobs["incoming/comic/stale.png"].generation == str(stale.generation)
+    assert jobs["incoming/comic/todo.png"].params == {"steps": 3}
+
+    for job in jobs.values():  # the workers do their part...
+        assert processor.handle(job).status == "succeeded"
+    again = CliRunner().invoke(main, args, env=env)  # ...and a rerun queues nothing
+    assert again.exit_code == 0 and "queued: 0" in again.output and "already done: 3" in again.output
