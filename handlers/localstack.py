@@ -211,6 +211,9 @@ class LocalStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import pubsub_v1, storage
 
+        # The client libraries find emulators through the environment: point this process at
+        # the stack while it runs (`stop()` puts the previous values back).
+        self._saved_env = {key: os.environ.get(key) for key in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
         self.pubsub.start()
         os.environ["PUBSUB_EMULATOR_HOST"] = self.pubsub.host
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -266,6 +269,11 @@ class LocalStack:
         self._processes.clear()
         self.storage.stop()
         self.pubsub.stop()
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def __enter__(self):
         return self.start()

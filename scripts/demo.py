@@ -30,8 +30,8 @@ BUCKET = "imagen-demo"
 TIMEOUT_SECONDS = 900
 
 
-def choose_models(settings: Settings) -> tuple[Path, bool]:
-    """(cache dir, tiny?): the real models when complete in MODEL_CACHE_DIR, else tiny ones."""
+def choose_models(settings: Settings, work_dir: Path) -> tuple[Path, bool]:
+    """(cache dir, tiny?): MODEL_CACHE_DIR when it holds every model, else tiny ones built here."""
     from image.models.lock import Lock
     from image.models.registry import REGISTRY
     from image.models.store import list_models, verify
@@ -39,14 +39,13 @@ def choose_models(settings: Settings) -> tuple[Path, bool]:
 
     specs = list(REGISTRY.values())
     lock = Lock.packaged()
-    rows = list_models(specs, settings.model_cache_dir, lock)
-    if not verify(specs, settings.model_cache_dir, lock) and not any(row.tiny for row in rows):
-        return settings.model_cache_dir, False
-    tiny_dir = WORK_DIR / "models"
-    if verify(specs, tiny_dir, lock):
-        print(f"real models not found in {settings.model_cache_dir}: building tiny ones in {tiny_dir}")
-        build_tiny(specs, tiny_dir, lock=lock)
-    return tiny_dir, True
+    cache_dir = settings.model_cache_dir
+    if verify(specs, cache_dir, lock):
+        cache_dir = work_dir / "models"
+        if verify(specs, cache_dir, lock):
+            print(f"models not found in {settings.model_cache_dir}: building tiny ones in {cache_dir}")
+            build_tiny(specs, cache_dir, lock=lock)
+    return cache_dir, any(row.tiny for row in list_models(specs, cache_dir, lock))
 
 
 def jobs(tiny: bool) -> list[dict]:
@@ -78,13 +77,13 @@ def failure_name(job: dict) -> str:
     return "failed/" + job["name"][len("incoming/"):] + ".json"
 
 
-def main() -> int:
+def main(output_dir: Path = OUTPUT_DIR, work_dir: Path = WORK_DIR) -> int:
     settings = Settings.from_env()
-    cache_dir, tiny = choose_models(settings)
-    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
-    (OUTPUT_DIR / "inputs").mkdir(parents=True)
-    (OUTPUT_DIR / "outputs").mkdir(parents=True)
-    stack = LocalStack(WORK_DIR / "run", cache_dir, bucket=BUCKET, device=settings.device)
+    cache_dir, tiny = choose_models(settings, work_dir)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    (output_dir / "inputs").mkdir(parents=True)
+    (output_dir / "outputs").mkdir(parents=True)
+    stack = LocalStack(work_dir / "run", cache_dir, bucket=BUCKET, device=settings.device)
     print("starting the local stack (emulators, worker, imagen serve)...", flush=True)
     try:
         stack.start()
@@ -92,15 +91,15 @@ def main() -> int:
         todo = jobs(tiny)
         for job in todo:
             data = job.get("data") or samples.png(job["image"])
-            (OUTPUT_DIR / "inputs" / Path(job["name"]).name).write_bytes(data)
+            (output_dir / "inputs" / Path(job["name"]).name).write_bytes(data)
             blob = bucket.blob(job["name"])
             blob.metadata = {"imagen-params": json.dumps(job["params"])} if job["params"] else None
             blob.upload_from_string(data, content_type="image/png")
             print(f"uploaded gs://{BUCKET}/{job['name']}", flush=True)
-        results = wait_for_results(bucket, todo)
+        results = wait_for_results(bucket, todo, output_dir)
     finally:
         stack.stop()
-    page = write_gallery(results, tiny, cache_dir)
+    page = write_gallery(results, tiny, cache_dir, output_dir)
     failed = [r for r in results if r["status"] == "missing"]
     for result in results:
         print(f"{result['status']:>9}  {result['where']}")
@@ -110,7 +109,7 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def wait_for_results(bucket, todo: list[dict]) -> list[dict]:
+def wait_for_results(bucket, todo: list[dict], output_dir: Path) -> list[dict]:
     pending = {job["name"]: job for job in todo}
     results: dict[str, dict] = {}
     deadline = time.monotonic() + TIMEOUT_SECONDS
@@ -119,7 +118,7 @@ def wait_for_results(bucket, todo: list[dict]) -> list[dict]:
             output = bucket.get_blob(output_name(job))
             report = bucket.get_blob(failure_name(job))
             if output is not None:
-                local = OUTPUT_DIR / "outputs" / Path(output.name).name
+                local = output_dir / "outputs" / Path(output.name).name
                 local.write_bytes(output.download_as_bytes())
                 results[name] = {"job": job, "status": "succeeded", "where": f"gs://{BUCKET}/{output.name}",
                                  "local": local, "metadata": output.metadata or {}}
@@ -136,7 +135,7 @@ def wait_for_results(bucket, todo: list[dict]) -> list[dict]:
     return [results[job["name"]] for job in todo]
 
 
-def write_gallery(results: list[dict], tiny: bool, cache_dir: Path) -> Path:
+def write_gallery(results: list[dict], tiny: bool, cache_dir: Path, output_dir: Path) -> Path:
     if tiny:
         banner = ("<p class='warn'><b>Tiny random-weight models.</b> These outputs come from small "
                   "models with random weights, built offline by <code>imagen models pull --tiny</code>: "
@@ -168,7 +167,7 @@ def write_gallery(results: list[dict], tiny: bool, cache_dir: Path) -> Path:
                      f"{result['status']}</h2><div class='pair'><figure>{left}<figcaption>input</figcaption>"
                      f"</figure><figure>{right}<figcaption>output</figcaption></figure></div>"
                      f"<table>{rows}</table></section>")
-    page = OUTPUT_DIR / "index.html"
+    page = output_dir / "index.html"
     page.write_text(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>imagen demo</title><style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; }}
