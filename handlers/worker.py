@@ -1,7 +1,9 @@
 """The pull worker behind `imagen worker --subscription S` (GKE, Cloud Run worker pools).
 
-Streaming pull with flow control sized to the concurrency (default one job per GPU); the client
-library extends each lease up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling,
+Streaming pull with flow control sized to the concurrency (default one job per GPU) plus
+`prefetch` jobs that download and decode while the GPU runs (the engine runs one job at a time,
+so a prefetched job waits for the GPU, not the network); the client library extends each lease
+up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling,
 lets the job in hand finish, and returns; messages received but not started are nacked by the
 library, so nothing is lost.
 """
@@ -30,12 +32,13 @@ class PullWorker:
         processor,
         *,
         concurrency: int = 1,
+        prefetch: int = 1,
         max_lease_seconds: int = 3600,
     ):
         self._subscriber = subscriber
         self._subscription = subscription
         self._processor = processor
-        self._concurrency = concurrency
+        self._in_hand = concurrency + prefetch
         self._max_lease_seconds = max_lease_seconds
         self._stop = threading.Event()
         self._future = None
@@ -75,10 +78,10 @@ class PullWorker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stop())
         executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self._concurrency, thread_name_prefix="imagen-job"
+            max_workers=self._in_hand, thread_name_prefix="imagen-job"
         )
         flow_control = pubsub_v1.types.FlowControl(
-            max_messages=self._concurrency,
+            max_messages=self._in_hand,
             max_lease_duration=self._max_lease_seconds,
         )
         self._future = self._subscriber.subscribe(
@@ -92,7 +95,7 @@ class PullWorker:
         self._future.add_done_callback(lambda _: self._stop.set())
         log.info(
             "pulling",
-            extra={"fields": {"subscription": self._subscription, "concurrency": self._concurrency}},
+            extra={"fields": {"subscription": self._subscription, "messages_in_hand": self._in_hand}},
         )
         self._stop.wait()
         log.info("stopping: finishing the job in hand", extra={"fields": {"subscription": self._subscription}})

@@ -12,6 +12,8 @@ from handlers.logs import configure_logging
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
 @click.option("--concurrency", default=1, show_default=True, help="Jobs in flight (1 per GPU).")
+@click.option("--prefetch", default=1, show_default=True,
+              help="Further jobs downloaded and decoded while the GPU works (0: off).")
 @click.option(
     "--max-job-seconds", default=3600, show_default=True,
     help="Longest a job may hold its message; the lease is extended up to this.",
@@ -19,8 +21,9 @@ from handlers.logs import configure_logging
 @click.option("--metrics-port", default=9090, show_default=True,
               help="Port for Prometheus /metrics (0: off).")
 @click.pass_obj
-def command(settings, subscription, operations, device, concurrency, max_job_seconds, metrics_port):
-    """Pull jobs from a subscription until SIGTERM; finish the job in hand, then exit 0."""
+def command(settings, subscription, operations, device, concurrency, prefetch, max_job_seconds,
+            metrics_port):
+    """Pull jobs from a subscription until SIGTERM; finish the jobs in hand, then exit 0."""
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
     from handlers.metrics import record_model_loads
@@ -52,6 +55,7 @@ def command(settings, subscription, operations, device, concurrency, max_job_sec
         subscription_path(settings, settings.subscription),
         build_processor(settings, engine),
         concurrency=concurrency,
+        prefetch=prefetch,
         max_lease_seconds=max_job_seconds,
     )
     worker.run()

@@ -1,0 +1,60 @@
+"""The pull worker's prefetch: the next job downloads and decodes while the GPU works."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from handlers.clients import storage_client
+from handlers.processor import Processor
+from handlers.storage import Store
+from handlers.worker import PullWorker
+
+from .conftest import png_bytes, wait_for
+from .test_processor import FakeEngine
+
+
+class OneGpuEngine(FakeEngine):
+    """Runs one job at a time, like image.engine.Engine, and records when jobs arrive."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+
+    def run(self, chain, image, params, seed):
+        job = seed
+        self.events.append(("arrived", job))  # download and decode are done by now
+        with self._lock:
+            self.events.append(("start", job))
+            time.sleep(2.5)
+            self.events.append(("end", job))
+        return super().run(chain, image, params, seed)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subscriber, events_subscription,
+                                                          prefetch):
+    engine = OneGpuEngine()
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=prefetch)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    try:
+        for index in (1, 2):
+            blob = bucket.blob(f"incoming/upscale/{index}.png")
+            blob.metadata = {"imagen-params": f'{{"seed": {index}}}'}
+            blob.upload_from_string(png_bytes(seed=index), content_type="image/png")
+        wait_for(lambda: len(list(bucket.list_blobs(prefix="processed/"))) == 2, timeout=60, what="two outputs")
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    first_end = engine.events.index(("end", engine.events[0][1]))
+    second_arrival = [i for i, (kind, job) in enumerate(engine.events)
+                      if kind == "arrived" and job != engine.events[0][1]][0]
+    if prefetch:
+        assert second_arrival < first_end, engine.events  # decoded while the first job ran
+    else:
+        assert second_arrival > first_end, engine.events  # one message in hand at a time
