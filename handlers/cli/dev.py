@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import threading
@@ -22,7 +23,7 @@ def command(settings, bucket, work_dir):
     stack = LocalStack(work_dir, settings.model_cache_dir, bucket=bucket, device=settings.device)
     click.echo("starting the emulators, a worker and imagen serve (models load first)...")
     stopped = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stopped.set())
     try:
         stack.start()
@@ -34,5 +35,8 @@ def command(settings, bucket, work_dir):
         click.echo(f"\nlogs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()
     finally:
-        click.echo("stopping...")
+        # Stop first: stdout may already be gone (a closed terminal, a pipe whose reader got
+        # the same Ctrl-C), and a failed echo must not leave the stack running.
         stack.stop()
+        with contextlib.suppress(OSError):
+            click.echo("stopped.")
