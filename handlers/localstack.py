@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -24,6 +25,15 @@ from pathlib import Path
 
 PROJECT = "imagen-local"
 EVENTS_TOPIC = "imagen-events"
+
+
+def answers_200(url: str, timeout: float = 2) -> bool:
+    """True when `url` answers HTTP 200 (a connection error or another status is False)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:  # URLError and HTTPError included
+        return False
 
 
 def free_port() -> int:
@@ -145,11 +155,7 @@ class StorageEmulator(_Service):
         return self
 
     def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return answers_200(f"{self.url}/storage/v1/b")
 
 
 def _fake_gcs_binary() -> Path:
@@ -247,8 +253,6 @@ class LocalStack:
         return self
 
     def _start_process(self, name: str, args: list[str], env: dict) -> _Service:
-        import sys
-
         service = _Service(self.log_dir)
         service.name = f"imagen-{name}"
         service.log_path = self.log_dir / f"imagen-{name}.log"
@@ -257,11 +261,7 @@ class LocalStack:
         return service
 
     def _serve_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.serve_port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return answers_200(f"http://127.0.0.1:{self.serve_port}/readyz")
 
     def stop(self) -> None:
         for service in reversed(self._processes):

@@ -18,7 +18,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from handlers.localstack import EVENTS_TOPIC, free_port, gcloud_storage_env
+from handlers.localstack import EVENTS_TOPIC, answers_200, free_port, gcloud_storage_env
 
 from .conftest import PROJECT, png_bytes, wait_for
 
@@ -116,11 +116,7 @@ def serve(tiny_settings, tmp_path):
     def ready():
         if process.poll() is not None:
             raise AssertionError((tmp_path / "serve.log").read_text())
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_200(url + "/readyz")
 
     wait_for(ready, timeout=120, what="imagen serve /readyz")
     yield url

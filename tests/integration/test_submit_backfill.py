@@ -73,7 +73,7 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     stale = upload("incoming/comic/stale.png")
     processor.handle(JobRequest(bucket.name, stale.name, "comic", {}, generation=str(stale.generation)))
     stale = upload("incoming/comic/stale.png", png_bytes(seed=9))  # a newer generation since
-    todo = upload("incoming/comic/todo.png", metadata={"imagen-params": '{"steps": 3}'})
+    upload("incoming/comic/todo.png", metadata={"imagen-params": '{"steps": 3}'})
     upload("elsewhere/readme.png")
 
     topic = publisher.topic_path(PROJECT, f"jobs-{uuid.uuid4().hex[:8]}")
