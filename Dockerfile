@@ -1,0 +1,88 @@
+# syntax=docker/dockerfile:1.7
+#
+# imagen's GPU image: the CUDA build of torch, the project, and the models of the chosen
+# operations baked in. Build with BuildKit; the Hugging Face token is a build secret, never
+# an ARG or ENV, so it is in no layer and no image history:
+#
+#   DOCKER_BUILDKIT=1 docker build --secret id=hf_token,env=HF_TOKEN \
+#       --build-arg OPERATIONS=upscale -t imagen-upscale .
+#
+# OPERATIONS picks the models (default: all four, the all-in-one image); per-worker images
+# carry only their own. MODEL_SOURCE=tiny bakes random-weight models (no token, no Hub:
+# smoke-test images); MODEL_SOURCE=none bakes none, for workers that mount a model volume
+# or restore a GCS mirror at start. docs/deploy.md has the sizes and when to use which.
+#
+# The install and model steps are scripts/docker_steps.sh; tests/infra/test_docker_steps.py
+# runs the same script (tiny models, a temporary prefix), since CI has no Docker engine.
+
+# A CUDA 12 image for the NVIDIA container environment (NVIDIA_* variables, driver library
+# paths). Its `base` flavour on purpose: torch's CUDA wheels bring their own CUDA runtime,
+# cuBLAS and cuDNN as pip packages, so a `runtime`/`cudnn-runtime` base would hold a second
+# copy (several GB) of the same libraries. CUDA 12.x wheels also run on Cloud Run's L4
+# driver (535, CUDA 12.2) through CUDA minor-version compatibility; CUDA 13 wheels would not.
+# Keep its CUDA major version and TORCH_INDEX_URL's (cu128) in step.
+
+# --- python: the CUDA base plus Python 3.12; the build and runtime stages both start here.
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS python
+ARG DEBIAN_FRONTEND=noninteractive
+# Versions are not pinned (DL3008): Ubuntu's archive keeps only the current, security-
+# patched build of each package, so a pin would break the build at its next update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    IMAGEN_VENV=/opt/imagen \
+    PATH=/opt/imagen/bin:$PATH
+
+# --- deps: the virtual environment with torch (CUDA build) and the other dependencies.
+# Only pyproject.toml comes in, so this multi-GB layer is rebuilt only when it changes.
+FROM python AS deps
+# The PyTorch index of the CUDA build; the torch version itself comes from pyproject.toml.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+COPY scripts/docker_steps.sh /usr/local/bin/docker_steps.sh
+COPY pyproject.toml /src/pyproject.toml
+RUN PYTHON=python3.12 docker_steps.sh venv \
+    && TORCH_INDEX_URL=${TORCH_INDEX_URL} docker_steps.sh deps /src
+
+# --- app: the project itself.
+FROM deps AS app
+COPY README.md /src/README.md
+COPY handlers /src/handlers
+COPY image /src/image
+RUN docker_steps.sh app /src
+
+# --- models: `imagen models pull` for OPERATIONS into /models, then `imagen models verify`.
+FROM app AS models
+ARG OPERATIONS=upscale,enhance,comic,remove-background
+ARG MODEL_SOURCE=hub
+ENV MODEL_CACHE_DIR=/models
+# required=false: builds of ungated or tiny models (or none) need no token.
+RUN --mount=type=secret,id=hf_token,required=false \
+    OPERATIONS=${OPERATIONS} MODEL_SOURCE=${MODEL_SOURCE} docker_steps.sh models
+
+# --- runtime: the interpreter, the virtual environment and the models; nothing else.
+FROM python AS runtime
+ARG OPERATIONS=upscale,enhance,comic,remove-background
+ARG MODEL_SOURCE=hub
+LABEL org.opencontainers.image.title="imagen" \
+      org.opencontainers.image.description="Hugging Face image models on Cloud Storage events" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin imagen
+# The venv from the models stage: same files as the app stage, plus the model lock the pull
+# recorded, so `imagen models list` in the image shows the commits it carries.
+COPY --from=models /opt/imagen /opt/imagen
+# Owned by root and read-only to the runtime user: nothing at run time may change a model.
+COPY --from=models /models /models
+ENV MODEL_CACHE_DIR=/models \
+    HF_HUB_OFFLINE=1 \
+    IMAGEN_OPERATIONS=${OPERATIONS} \
+    PORT=8080
+USER 10001:10001
+# As the runtime user, offline: the copied cache is complete and readable.
+RUN if [ "$MODEL_SOURCE" != none ]; then imagen models verify; fi
+EXPOSE 8080
+# No HEALTHCHECK: Cloud Run and GKE ignore it and probe themselves (the Cloud Run startup
+# probe on /readyz, the GKE readiness probe); and `imagen worker` serves no /healthz.
+CMD ["imagen", "serve"]

@@ -1,0 +1,122 @@
+# One Cloud Run GPU service per operation, running `imagen serve` from that operation's
+# image. Private: no allUsers, ingress internal; Pub/Sub push (or Eventarc) calls it with
+# an OIDC token of a service account that holds run.invoker on it.
+
+locals {
+  startup_probe_period = 10
+
+  # With a model mirror the image carries no models (built with MODEL_SOURCE=none): restore
+  # them from the bucket into the instance's in-memory /tmp, then serve. The startup probe
+  # window covers the copy (same region: about a minute for the largest model).
+  mirror_cache_dir = "/tmp/models"
+  mirror_command = var.model_mirror == "" ? null : [
+    "/bin/sh", "-c",
+    "imagen models pull --from '${var.model_mirror}' --quiet && exec imagen serve",
+  ]
+}
+
+resource "google_cloud_run_v2_service" "worker" {
+  for_each = local.services
+
+  name                = "${var.name_prefix}-${each.key}"
+  location            = var.region
+  description         = "imagen ${each.key}: ${var.input_prefix}${each.key}/ -> ${var.output_prefix}${each.key}/"
+  ingress             = var.ingress
+  deletion_protection = var.deletion_protection
+  # Every caller needs run.invoker (the push or Eventarc service account).
+  invoker_iam_disabled = false
+
+  template {
+    service_account = google_service_account.worker[each.key].email
+
+    # One job per instance: a job owns the GPU; more requests scale out instead.
+    max_instance_request_concurrency = 1
+    # Push and Eventarc requests end at 600 s; longer jobs belong to the GKE pull workers.
+    timeout = "600s"
+
+    scaling {
+      min_instance_count = var.min_instances
+      max_instance_count = var.max_instances
+    }
+
+    node_selector {
+      accelerator = var.gpu_type
+    }
+    gpu_zonal_redundancy_disabled = !var.gpu_zonal_redundancy
+
+    containers {
+      image   = "${local.image_repository}/imagen-${each.key}:${var.image_tag}"
+      command = local.mirror_command
+
+      ports {
+        container_port = 8080
+      }
+
+      resources {
+        limits = {
+          cpu              = var.cpu
+          memory           = var.memory
+          "nvidia.com/gpu" = "1"
+        }
+        # GPU services need CPU always allocated (instance-based billing): no throttling
+        # between requests, so the loaded models stay warm and usable.
+        cpu_idle          = false
+        startup_cpu_boost = true
+      }
+
+      dynamic "env" {
+        for_each = merge(
+          local.common_env,
+          { IMAGEN_OPERATIONS = each.key },
+          var.model_mirror == "" ? {} : { MODEL_CACHE_DIR = local.mirror_cache_dir },
+        )
+        content {
+          name  = env.key
+          value = env.value
+        }
+      }
+
+      # No traffic until the models are loaded and warmed up: /readyz answers 503 until
+      # then. Generous, since a cold start reads several GB of weights onto the GPU.
+      startup_probe {
+        initial_delay_seconds = 0
+        period_seconds        = local.startup_probe_period
+        timeout_seconds       = 5
+        failure_threshold     = ceil(var.startup_timeout_seconds / local.startup_probe_period)
+        http_get {
+          path = "/readyz"
+          port = 8080
+        }
+      }
+
+      # Restart an instance whose server stopped answering (not one busy with a job: the
+      # HTTP threads answer /healthz while the GPU works).
+      liveness_probe {
+        period_seconds    = 30
+        timeout_seconds   = 5
+        failure_threshold = 3
+        http_get {
+          path = "/healthz"
+          port = 8080
+        }
+      }
+    }
+  }
+
+  lifecycle {
+    # Releases roll out through cloudbuild.yaml (_DEPLOY=true); Terraform must not roll
+    # them back to var.image_tag. gcloud also stamps client fields on update.
+    ignore_changes = [
+      template[0].containers[0].image,
+      client,
+      client_version,
+    ]
+  }
+
+  depends_on = [
+    google_project_service.enabled,
+    google_storage_bucket_iam_member.worker_reads_input,
+    google_storage_bucket_iam_member.worker_writes_results,
+    google_storage_bucket_iam_member.worker_writes_failures,
+  ]
+}

@@ -1,0 +1,87 @@
+# delivery = "eventarc": the alternative to push. One trigger per operation sends every
+# object-finalized CloudEvent of the input bucket to that operation's service, which skips
+# (2xx) the objects outside its folder. Eventarc cannot filter Storage events by prefix and
+# manages its own subscription, so there is no per-operation filter, dead-letter topic or
+# backlog alert here: prefer push unless you need CloudEvents end to end.
+
+resource "google_service_account" "eventarc" {
+  count = local.eventarc ? 1 : 0
+
+  account_id   = "${var.name_prefix}-eventarc"
+  display_name = "imagen Eventarc triggers"
+  description  = "Identity of the Eventarc triggers that call the imagen services."
+
+  depends_on = [google_project_service.enabled]
+}
+
+# Eventarc requires its trigger identities to hold eventReceiver; the role exists only at
+# project level and grants receiving events, nothing else.
+resource "google_project_iam_member" "eventarc_receiver" {
+  count = local.eventarc ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/eventarc.eventReceiver"
+  member  = google_service_account.eventarc[0].member
+}
+
+# Eventarc delivers through Pub/Sub push: the Pub/Sub service agent signs the OIDC tokens
+# as the trigger account (needed explicitly in projects created before April 2021).
+resource "google_service_account_iam_member" "pubsub_signs_as_eventarc" {
+  count = local.eventarc ? 1 : 0
+
+  service_account_id = google_service_account.eventarc[0].name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.pubsub_service_agent
+}
+
+resource "google_cloud_run_v2_service_iam_member" "eventarc_invokes" {
+  for_each = local.eventarc ? local.services : toset([])
+
+  name     = google_cloud_run_v2_service.worker[each.key].name
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = google_service_account.eventarc[0].member
+}
+
+# Eventarc's Storage triggers publish through a topic Eventarc creates (its name is not
+# known here): Google documents this grant to the Cloud Storage service agent at project
+# level for them.
+resource "google_project_iam_member" "gcs_publishes_for_eventarc" {
+  count = local.eventarc ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/pubsub.publisher"
+  member  = local.gcs_service_agent
+}
+
+resource "google_eventarc_trigger" "worker" {
+  for_each = local.eventarc ? local.services : toset([])
+
+  name            = "${var.name_prefix}-${each.key}"
+  location        = var.region
+  service_account = google_service_account.eventarc[0].email
+
+  matching_criteria {
+    attribute = "type"
+    value     = "google.cloud.storage.object.v1.finalized"
+  }
+  matching_criteria {
+    attribute = "bucket"
+    value     = google_storage_bucket.input.name
+  }
+
+  destination {
+    cloud_run_service {
+      service = google_cloud_run_v2_service.worker[each.key].name
+      region  = var.region
+      path    = "/"
+    }
+  }
+
+  depends_on = [
+    google_project_iam_member.eventarc_receiver,
+    google_project_iam_member.gcs_publishes_for_eventarc,
+    google_service_account_iam_member.pubsub_signs_as_eventarc,
+    google_cloud_run_v2_service_iam_member.eventarc_invokes,
+  ]
+}

@@ -1,0 +1,121 @@
+# Identities and least privilege. Every grant is on one resource (a bucket, a topic, a
+# subscription, a service, a service account), never on the project, except the few roles
+# that exist only at project level (noted where they are). No primitive roles, no allUsers.
+
+# --- the workers --------------------------------------------------------------------------
+
+# One identity per operation (the Cloud Run service's, or the GKE worker's through
+# Workload Identity): a compromised worker reaches only what every worker must.
+resource "google_service_account" "worker" {
+  for_each = local.operations
+
+  account_id   = "${var.name_prefix}-${each.key}"
+  display_name = "imagen ${each.key} worker"
+  description  = "Reads input images, writes results and failure reports."
+
+  depends_on = [google_project_service.enabled]
+}
+
+# Read the images to process (and the object metadata that may carry parameters).
+resource "google_storage_bucket_iam_member" "worker_reads_input" {
+  for_each = local.operations
+
+  bucket = google_storage_bucket.input.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.worker[each.key].member
+}
+
+# Write (and replace: a retry rewrites its report) failure reports, in failed/ only.
+resource "google_storage_bucket_iam_member" "worker_writes_failures" {
+  for_each = local.operations
+
+  bucket = google_storage_bucket.input.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.worker[each.key].member
+
+  condition {
+    title       = "failure-reports-only"
+    description = "Objects under ${var.failed_prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.input.name}/objects/${var.failed_prefix}\")"
+  }
+}
+
+# Write, read back (the idempotency check reads the output's metadata) and replace results,
+# under the output folder only.
+resource "google_storage_bucket_iam_member" "worker_writes_results" {
+  for_each = local.operations
+
+  bucket = local.output_bucket
+  role   = "roles/storage.objectUser"
+  member = google_service_account.worker[each.key].member
+
+  condition {
+    title       = "results-only"
+    description = "Objects under ${var.output_prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${local.output_bucket}/objects/${var.output_prefix}\")"
+  }
+}
+
+# Sources that job messages may name, in buckets managed elsewhere.
+resource "google_storage_bucket_iam_member" "worker_reads_allowed" {
+  for_each = {
+    for pair in setproduct(var.operations, var.allowed_buckets) : "${pair[0]}/${pair[1]}" => {
+      operation = pair[0]
+      bucket    = pair[1]
+    }
+    if pair[1] != var.input_bucket
+  }
+
+  bucket = each.value.bucket
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.worker[each.value.operation].member
+}
+
+resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
+  for_each = var.results_topic ? local.operations : toset([])
+
+  topic  = google_pubsub_topic.results[0].id
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.worker[each.key].member
+}
+
+# Cloud Run with a model mirror: read it at start.
+resource "google_storage_bucket_iam_member" "worker_reads_model_mirror" {
+  for_each = local.cloudrun && var.model_mirror != "" ? local.operations : toset([])
+
+  bucket = local.model_mirror_bucket
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.worker[each.key].member
+}
+
+# --- Pub/Sub push -------------------------------------------------------------------------
+
+# Signs the push requests' OIDC tokens; holds run.invoker on the services and nothing else.
+resource "google_service_account" "push" {
+  count = local.push ? 1 : 0
+
+  account_id   = "${var.name_prefix}-push"
+  display_name = "imagen Pub/Sub push"
+  description  = "Identity of Pub/Sub push requests to the imagen services."
+
+  depends_on = [google_project_service.enabled]
+}
+
+# The Pub/Sub service agent mints the OIDC tokens as the push account: token creator on
+# that one account (not the project).
+resource "google_service_account_iam_member" "pubsub_signs_as_push" {
+  count = local.push ? 1 : 0
+
+  service_account_id = google_service_account.push[0].name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.pubsub_service_agent
+}
+
+resource "google_cloud_run_v2_service_iam_member" "push_invokes" {
+  for_each = local.push ? local.services : toset([])
+
+  name     = google_cloud_run_v2_service.worker[each.key].name
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = google_service_account.push[0].member
+}

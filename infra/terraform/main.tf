@@ -1,0 +1,116 @@
+# imagen on Google Cloud: a bucket whose new images are processed on GPUs.
+#
+#   input bucket --(Storage notification, incoming/ only)--> notification topic
+#     --(one filtered subscription per operation)--> Cloud Run GPU service (push, OIDC)
+#                                                  or GKE worker pool (pull, KEDA)
+#     --(5 failed deliveries)--> the operation's dead-letter topic and subscription
+#
+# One file per concern: storage.tf, pubsub.tf, cloudrun.tf, eventarc.tf, gke.tf, iam.tf,
+# build.tf, monitoring.tf. docs/deploy.md walks through an apply.
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+data "google_storage_project_service_account" "gcs" {
+  project = var.project_id
+}
+
+locals {
+  operations = toset(var.operations)
+
+  cloudrun = var.mode == "cloudrun"
+  gke      = var.mode == "gke"
+  push     = local.cloudrun && var.delivery == "push"
+  eventarc = local.cloudrun && var.delivery == "eventarc"
+
+  # Our own topic and subscriptions carry the jobs unless Eventarc does (it makes its own).
+  pubsub = local.push || local.gke
+
+  # A Cloud Run service needs an image: none before the first build (image_tag empty).
+  services = local.cloudrun && var.image_tag != "" ? local.operations : toset([])
+  # Push subscriptions need a service URL to push to.
+  subscriptions = local.gke ? local.operations : (local.push ? local.services : toset([]))
+
+  # The processor writes its own failure report on delivery attempt 5
+  # (handlers/processor.py MAX_ATTEMPTS); Pub/Sub dead-letters after the same count, so
+  # a message in a dead-letter topic always has a failure report next to it.
+  max_delivery_attempts = 5
+  # Push requests end after 600 s at most, so that is also the longest a push job can take;
+  # the pull worker extends its lease beyond this for longer jobs.
+  ack_deadline_seconds = 600
+
+  input_bucket  = google_storage_bucket.input.name
+  output_bucket = var.output_bucket == "" ? google_storage_bucket.input.name : google_storage_bucket.output[0].name
+
+  pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  gcs_service_agent    = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+
+  image_repository = "${var.region}-docker.pkg.dev/${var.project_id}/${var.artifact_repository}"
+
+  model_mirror_bucket = var.model_mirror == "" ? "" : split("/", trimprefix(var.model_mirror, "gs://"))[0]
+
+  # Which messages an operation's subscription receives: Storage notifications for objects
+  # in its folder, and job messages from other services, which carry no objectId and must
+  # name the operation in an `operation` attribute (docs/deploy.md). Chains
+  # ("remove-background,upscale") need a worker that serves all of their operations.
+  subscription_filters = {
+    for op in var.operations : op => join(" OR ", [
+      "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")",
+      "attributes.operation = \"${op}\"",
+    ])
+  }
+
+  # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
+  # IMAGEN_SUBSCRIPTION are per operation.
+  common_env = merge(
+    {
+      GOOGLE_CLOUD_PROJECT   = var.project_id
+      IMAGEN_DEVICE          = "cuda" # fail loudly rather than run diffusion on a CPU
+      IMAGEN_INPUT_PREFIX    = var.input_prefix
+      IMAGEN_OUTPUT_BUCKET   = local.output_bucket
+      IMAGEN_OUTPUT_PREFIX   = var.output_prefix
+      IMAGEN_FAILED_PREFIX   = var.failed_prefix
+      IMAGEN_ALLOWED_BUCKETS = join(",", distinct(concat([var.input_bucket], var.allowed_buckets)))
+    },
+    var.results_topic ? { IMAGEN_RESULTS_TOPIC = google_pubsub_topic.results[0].id } : {},
+    var.extra_env,
+  )
+}
+
+resource "google_project_service" "enabled" {
+  for_each = toset(concat(
+    [
+      "artifactregistry.googleapis.com",
+      "cloudbuild.googleapis.com",
+      "iam.googleapis.com",
+      "iamcredentials.googleapis.com",
+      "monitoring.googleapis.com",
+      "pubsub.googleapis.com",
+      "run.googleapis.com",
+      "secretmanager.googleapis.com",
+      "storage.googleapis.com",
+    ],
+    local.eventarc ? ["eventarc.googleapis.com"] : [],
+    local.gke ? ["container.googleapis.com"] : [],
+  ))
+
+  project = var.project_id
+  service = each.value
+  # Other things in the project may use these APIs too.
+  disable_on_destroy = false
+}
+
+check "k8s_names" {
+  assert {
+    condition     = var.mode != "gke" || var.name_prefix == "imagen"
+    error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>: with another name_prefix, rename them there too."
+  }
+}
+
+check "eventarc_output_bucket" {
+  assert {
+    condition     = !local.eventarc || var.output_bucket != ""
+    error_message = "delivery = eventarc cannot filter by folder: with results in the input bucket every result wakes every service. Set output_bucket."
+  }
+}

@@ -1,0 +1,81 @@
+output "input_bucket" {
+  description = "Drop images under gs://<this>/<input_prefix><operation>/."
+  value       = google_storage_bucket.input.name
+}
+
+output "output_bucket" {
+  description = "Results appear under gs://<this>/<output_prefix><operation>/."
+  value       = local.output_bucket
+}
+
+output "notification_topic" {
+  description = "The topic of the Storage notifications; other services publish job messages here (with an `operation` attribute)."
+  value       = local.pubsub ? google_pubsub_topic.jobs[0].id : null
+}
+
+output "subscriptions" {
+  description = "Operation -> its job subscription."
+  value       = { for op, sub in google_pubsub_subscription.jobs : op => sub.id }
+}
+
+output "dead_letter_topics" {
+  description = "Operation -> its dead-letter topic."
+  value       = { for op, topic in google_pubsub_topic.dead_letter : op => topic.id }
+}
+
+output "dead_letter_subscriptions" {
+  description = "Operation -> the subscription that keeps its dead letters."
+  value       = { for op, sub in google_pubsub_subscription.dead_letter : op => sub.id }
+}
+
+output "results_topic" {
+  description = "The results topic (IMAGEN_RESULTS_TOPIC), when enabled."
+  value       = var.results_topic ? google_pubsub_topic.results[0].id : null
+}
+
+output "service_urls" {
+  description = "Operation -> Cloud Run service URL (private: callers need run.invoker)."
+  value       = { for op, svc in google_cloud_run_v2_service.worker : op => svc.uri }
+}
+
+output "image_repository" {
+  description = "Push images here as imagen-<operation>:<tag> (cloudbuild.yaml does)."
+  value       = local.image_repository
+}
+
+output "worker_service_accounts" {
+  description = "Operation -> the worker's service account."
+  value       = { for op, sa in google_service_account.worker : op => sa.email }
+}
+
+output "build_service_account" {
+  description = "Pass to `gcloud builds submit --service-account`."
+  value       = google_service_account.build.id
+}
+
+output "build_source_staging_dir" {
+  description = "Pass to `gcloud builds submit --gcs-source-staging-dir`."
+  value       = "gs://${google_storage_bucket.build_sources.name}/source"
+}
+
+output "hf_token_secret" {
+  description = "Add the Hugging Face token as a version of this secret."
+  value       = google_secret_manager_secret.hf_token.secret_id
+}
+
+output "keda_service_account" {
+  description = "GKE mode: annotate the KEDA operator's Kubernetes service account with this (iam.gke.io/gcp-service-account)."
+  value       = local.gke ? google_service_account.keda[0].email : null
+}
+
+output "k8s_config_env" {
+  description = "GKE mode: the contents of infra/k8s/base/config.env."
+  value = local.gke ? join("", [
+    for name, value in local.common_env : "${name}=${value}\n"
+  ]) : null
+}
+
+output "k8s_workload_identity_env" {
+  description = "GKE mode: the contents of infra/k8s/base/workload-identity.env."
+  value       = local.gke ? "SERVICE_ACCOUNT_DOMAIN=${var.project_id}.iam.gserviceaccount.com\n" : null
+}

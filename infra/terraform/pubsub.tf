@@ -1,0 +1,128 @@
+# The notification topic, one subscription per operation (push to Cloud Run, or pulled by
+# the GKE workers), a dead-letter topic + subscription per operation, and the optional
+# results topic.
+
+resource "google_pubsub_topic" "jobs" {
+  count = local.pubsub ? 1 : 0
+
+  name = "${var.name_prefix}-jobs"
+  # Long enough to replay a day of uploads after a bad release (seek to a time).
+  message_retention_duration = "86400s"
+
+  depends_on = [google_project_service.enabled]
+}
+
+# The Cloud Storage service agent publishes the bucket's notifications.
+resource "google_pubsub_topic_iam_member" "gcs_publishes_jobs" {
+  count = local.pubsub ? 1 : 0
+
+  topic  = google_pubsub_topic.jobs[0].id
+  role   = "roles/pubsub.publisher"
+  member = local.gcs_service_agent
+}
+
+# Other services that submit job messages (DESIGN.md, "A job message from another service").
+resource "google_pubsub_topic_iam_member" "job_publishers" {
+  for_each = local.pubsub ? toset(var.job_publishers) : toset([])
+
+  topic  = google_pubsub_topic.jobs[0].id
+  role   = "roles/pubsub.publisher"
+  member = each.value
+}
+
+resource "google_pubsub_subscription" "jobs" {
+  for_each = local.subscriptions
+
+  name   = "${var.name_prefix}-${each.key}"
+  topic  = google_pubsub_topic.jobs[0].id
+  filter = var.subscription_filter ? local.subscription_filters[each.key] : null
+
+  ack_deadline_seconds       = local.ack_deadline_seconds
+  message_retention_duration = "604800s" # 7 days: a long GPU outage loses nothing
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter[each.key].id
+    max_delivery_attempts = local.max_delivery_attempts
+  }
+
+  # Never expire for inactivity: a pool scaled to zero for a month still gets its jobs.
+  expiration_policy {
+    ttl = ""
+  }
+
+  dynamic "push_config" {
+    for_each = local.push ? [each.key] : []
+    content {
+      push_endpoint = "${google_cloud_run_v2_service.worker[push_config.value].uri}/"
+      # Signed by the push service account, which alone holds run.invoker on the service.
+      oidc_token {
+        service_account_email = google_service_account.push[0].email
+        audience              = google_cloud_run_v2_service.worker[push_config.value].uri
+      }
+    }
+  }
+
+  # The service agent must be able to move messages to the dead-letter topic before the
+  # first one fails five times.
+  depends_on = [google_pubsub_topic_iam_member.dead_letter_publisher]
+}
+
+# --- dead letters -------------------------------------------------------------------------
+
+resource "google_pubsub_topic" "dead_letter" {
+  for_each = local.pubsub ? local.operations : toset([])
+
+  name                       = "${var.name_prefix}-${each.key}-dead-letter"
+  message_retention_duration = "604800s"
+
+  depends_on = [google_project_service.enabled]
+}
+
+# Keeps what was dead-lettered (a topic alone keeps nothing for a reader), for inspection
+# and replay; the alert in monitoring.tf watches its backlog.
+resource "google_pubsub_subscription" "dead_letter" {
+  for_each = local.pubsub ? local.operations : toset([])
+
+  name                       = "${var.name_prefix}-${each.key}-dead-letter"
+  topic                      = google_pubsub_topic.dead_letter[each.key].id
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# The Pub/Sub service agent forwards undeliverable messages: publisher on the dead-letter
+# topic, subscriber on the source subscription (to ack them there).
+resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
+  for_each = local.pubsub ? local.operations : toset([])
+
+  topic  = google_pubsub_topic.dead_letter[each.key].id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_service_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
+  for_each = local.subscriptions
+
+  subscription = google_pubsub_subscription.jobs[each.key].id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_service_agent
+}
+
+# --- results ------------------------------------------------------------------------------
+
+resource "google_pubsub_topic" "results" {
+  count = var.results_topic ? 1 : 0
+
+  name                       = "${var.name_prefix}-results"
+  message_retention_duration = "604800s"
+
+  depends_on = [google_project_service.enabled]
+}

@@ -1,0 +1,62 @@
+# Buckets: uniform access (IAM only, no object ACLs), no public access, versioning off
+# (outputs are replaced on purpose, with generation preconditions; old versions would only
+# cost money).
+
+resource "google_storage_bucket" "input" {
+  name     = var.input_bucket
+  location = var.region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = var.storage_force_destroy
+
+  # Failure reports are for a person to look at, then go.
+  lifecycle_rule {
+    condition {
+      age            = var.failed_retention_days
+      matches_prefix = [var.failed_prefix]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  # Half-finished resumable uploads of large images.
+  lifecycle_rule {
+    condition {
+      age = 7
+    }
+    action {
+      type = "AbortIncompleteMultipartUpload"
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_storage_bucket" "output" {
+  count = var.output_bucket == "" ? 0 : 1
+
+  name     = var.output_bucket
+  location = var.region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = var.storage_force_destroy
+
+  depends_on = [google_project_service.enabled]
+}
+
+# New objects under the input folder only: results and failure reports never notify, so
+# they cannot loop, and no other upload to the bucket costs a message.
+resource "google_storage_notification" "incoming" {
+  count = local.pubsub ? 1 : 0
+
+  bucket             = google_storage_bucket.input.name
+  topic              = google_pubsub_topic.jobs[0].id
+  payload_format     = "JSON_API_V1"
+  event_types        = ["OBJECT_FINALIZE"]
+  object_name_prefix = var.input_prefix
+
+  depends_on = [google_pubsub_topic_iam_member.gcs_publishes_jobs]
+}

@@ -1,0 +1,284 @@
+# --- where --------------------------------------------------------------------------------
+
+variable "project_id" {
+  description = "The Google Cloud project everything is created in."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the buckets, Cloud Run services, Artifact Registry repository and Eventarc triggers. It must offer the GPU type on Cloud Run (e.g. us-central1, europe-west1, europe-west4, asia-southeast1)."
+  type        = string
+  default     = "us-central1"
+}
+
+variable "name_prefix" {
+  description = "Prefix of every resource name (topics, subscriptions, services, service accounts: <prefix>-<operation>). infra/k8s assumes the default, imagen."
+  type        = string
+  default     = "imagen"
+
+  validation {
+    # Service account ids are 6-30 characters: <prefix>-remove-background must fit.
+    condition     = can(regex("^[a-z][a-z0-9-]{1,11}$", var.name_prefix))
+    error_message = "name_prefix: 2-12 lowercase letters, digits or hyphens, starting with a letter."
+  }
+}
+
+variable "labels" {
+  description = "Labels added to every resource that takes labels."
+  type        = map(string)
+  default     = {}
+}
+
+# --- buckets and folders ------------------------------------------------------------------
+
+variable "input_bucket" {
+  description = "Name of the bucket users drop images into (created here), under <input_prefix><operation>/."
+  type        = string
+}
+
+variable "output_bucket" {
+  description = "Name of the bucket results are written to (created here); empty: the input bucket. A separate bucket is required with delivery = \"eventarc\" (see docs/deploy.md)."
+  type        = string
+  default     = ""
+}
+
+variable "input_prefix" {
+  description = "Folder watched for new images (IMAGEN_INPUT_PREFIX)."
+  type        = string
+  default     = "incoming/"
+}
+
+variable "output_prefix" {
+  description = "Folder results are written under (IMAGEN_OUTPUT_PREFIX)."
+  type        = string
+  default     = "processed/"
+}
+
+variable "failed_prefix" {
+  description = "Folder failure reports are written under, in the input bucket (IMAGEN_FAILED_PREFIX)."
+  type        = string
+  default     = "failed/"
+}
+
+variable "failed_retention_days" {
+  description = "Failure reports are deleted this many days after they are written."
+  type        = number
+  default     = 30
+}
+
+variable "allowed_buckets" {
+  description = "Other buckets that job messages may name as a source (IMAGEN_ALLOWED_BUCKETS); the workers get read access to them. The input bucket is always allowed."
+  type        = list(string)
+  default     = []
+}
+
+variable "job_publishers" {
+  description = "IAM members (e.g. serviceAccount:svc@p.iam.gserviceaccount.com) allowed to publish job messages to the notification topic. Each must set the message attribute `operation`."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.job_publishers : !contains(["allUsers", "allAuthenticatedUsers"], m)])
+    error_message = "job_publishers: allUsers and allAuthenticatedUsers are not allowed."
+  }
+}
+
+variable "storage_force_destroy" {
+  description = "Let `terraform destroy` delete buckets that still hold objects."
+  type        = bool
+  default     = false
+}
+
+# --- what runs where ----------------------------------------------------------------------
+
+variable "operations" {
+  description = "Operations to deploy; each gets its own image, worker, subscription and dead-letter topic."
+  type        = list(string)
+  default     = ["upscale", "enhance", "comic", "remove-background"]
+
+  validation {
+    condition     = length(var.operations) > 0 && alltrue([for op in var.operations : contains(["upscale", "enhance", "comic", "remove-background"], op)])
+    error_message = "operations: a non-empty subset of upscale, enhance, comic, remove-background."
+  }
+}
+
+variable "mode" {
+  description = "cloudrun: Cloud Run GPU services fed by Pub/Sub push (or Eventarc). gke: Pub/Sub pull subscriptions and Workload Identity for the workers in infra/k8s on an existing GKE cluster."
+  type        = string
+  default     = "cloudrun"
+
+  validation {
+    condition     = contains(["cloudrun", "gke"], var.mode)
+    error_message = "mode: cloudrun or gke."
+  }
+}
+
+variable "delivery" {
+  description = "Cloud Run mode only. push: Storage notification -> topic -> filtered push subscription per operation, with retries and a dead-letter topic. eventarc: an Eventarc trigger per operation (no prefix filter, no dead-letter topic)."
+  type        = string
+  default     = "push"
+
+  validation {
+    condition     = contains(["push", "eventarc"], var.delivery)
+    error_message = "delivery: push or eventarc."
+  }
+}
+
+variable "subscription_filter" {
+  description = "Filter each operation's subscription to its own folder (and job messages whose `operation` attribute names it). Turn off only for objects routed by `imagen-operation` metadata alone: every worker then receives every message and acks the ones it does not serve."
+  type        = bool
+  default     = true
+}
+
+variable "results_topic" {
+  description = "Create the results topic (IMAGEN_RESULTS_TOPIC): one message per finished job."
+  type        = bool
+  default     = false
+}
+
+# --- Cloud Run ----------------------------------------------------------------------------
+
+variable "image_tag" {
+  description = "Image tag (the commit cloudbuild.yaml tagged) the Cloud Run services are created with. Empty: no services yet (first apply, before the first build). Later releases roll out through cloudbuild.yaml's _DEPLOY=true; Terraform ignores the image after creation."
+  type        = string
+  default     = ""
+}
+
+variable "gpu_type" {
+  description = "GPU of each Cloud Run instance (node_selector accelerator) and of the GKE node pool (cloud.google.com/gke-accelerator)."
+  type        = string
+  default     = "nvidia-l4"
+}
+
+variable "gpu_zonal_redundancy" {
+  description = "Reserve GPU capacity in other zones for failover (dearer, its own quota). Off: best-effort failover, the cheaper GPU price."
+  type        = bool
+  default     = false
+}
+
+variable "min_instances" {
+  description = "Instances kept warm per operation. 0 scales to zero (a cold start loads the models); each warm GPU instance is billed all the time."
+  type        = number
+  default     = 0
+}
+
+variable "max_instances" {
+  description = "Instance ceiling per operation; bounded by the project's Cloud Run GPU quota in the region."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.max_instances >= 1
+    error_message = "max_instances: at least 1."
+  }
+}
+
+variable "cpu" {
+  description = "vCPUs per instance (GPU services need at least 4)."
+  type        = string
+  default     = "8"
+}
+
+variable "memory" {
+  description = "Memory per instance (GPU services need at least 16Gi; the SDXL refiner wants 32Gi)."
+  type        = string
+  default     = "32Gi"
+}
+
+variable "startup_timeout_seconds" {
+  description = "How long a new instance may take to load and warm its models before Cloud Run gives up on it (the /readyz startup probe window)."
+  type        = number
+  default     = 600
+
+  validation {
+    # Cloud Run caps failure_threshold x period_seconds (1800 s for GPU services).
+    condition     = var.startup_timeout_seconds >= 60 && var.startup_timeout_seconds <= 1800
+    error_message = "startup_timeout_seconds: 60 to 1800."
+  }
+}
+
+variable "ingress" {
+  description = "Cloud Run ingress. INGRESS_TRAFFIC_INTERNAL_ONLY still admits Pub/Sub push and Eventarc from this project; nothing is reachable without an identity holding run.invoker either way."
+  type        = string
+  default     = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+
+  validation {
+    condition     = contains(["INGRESS_TRAFFIC_INTERNAL_ONLY", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER", "INGRESS_TRAFFIC_ALL"], var.ingress)
+    error_message = "ingress: one of INGRESS_TRAFFIC_INTERNAL_ONLY, INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER, INGRESS_TRAFFIC_ALL."
+  }
+}
+
+variable "model_mirror" {
+  description = "gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build the images with _MODEL_SOURCE=none). Empty: models are baked into the images."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.model_mirror == "" || can(regex("^gs://[a-z0-9][a-z0-9._-]+(/.*)?$", var.model_mirror))
+    error_message = "model_mirror: empty or gs://BUCKET/PREFIX."
+  }
+}
+
+variable "extra_env" {
+  description = "More environment variables for every worker, e.g. IMAGEN_MAX_PIXELS."
+  type        = map(string)
+  default     = {}
+}
+
+variable "deletion_protection" {
+  description = "Refuse to destroy the Cloud Run services."
+  type        = bool
+  default     = true
+}
+
+# --- GKE ----------------------------------------------------------------------------------
+
+variable "gke_namespace" {
+  description = "GKE mode: the namespace of infra/k8s (its Kubernetes service accounts are imagen-<operation>)."
+  type        = string
+  default     = "imagen"
+}
+
+variable "gke_node_service_account" {
+  description = "GKE mode: email of the GPU node pool's service account, given read access to the image repository. Empty: grant it yourself."
+  type        = string
+  default     = ""
+}
+
+variable "keda_namespace" {
+  description = "GKE mode: namespace of the KEDA operator."
+  type        = string
+  default     = "keda"
+}
+
+variable "keda_service_account" {
+  description = "GKE mode: Kubernetes service account of the KEDA operator, which reads subscription backlogs from Cloud Monitoring."
+  type        = string
+  default     = "keda-operator"
+}
+
+# --- build and operations -----------------------------------------------------------------
+
+variable "artifact_repository" {
+  description = "Artifact Registry repository the images are pushed to (cloudbuild.yaml's _REPOSITORY)."
+  type        = string
+  default     = "imagen"
+}
+
+variable "keep_image_versions" {
+  description = "Image versions kept per operation; older ones are deleted (each is 6-13 GB)."
+  type        = number
+  default     = 10
+}
+
+variable "hf_token_secret" {
+  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty: add the token as a version yourself, so it never sits in Terraform state."
+  type        = string
+  default     = "imagen-hf-token"
+}
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channel ids told when a dead-letter subscription holds messages."
+  type        = list(string)
+  default     = []
+}

@@ -1,0 +1,20 @@
+terraform {
+  # `check` blocks.
+  required_version = ">= 1.5"
+
+  required_providers {
+    google = {
+      source = "hashicorp/google"
+      # What this module uses is in 6.x from mid-2025 (Cloud Run v2 GPU fields:
+      # node_selector, gpu_zonal_redundancy_disabled) and in 7.x.
+      version = ">= 6.40, < 8.0"
+    }
+  }
+}
+
+provider "google" {
+  project = var.project_id
+  region  = var.region
+
+  default_labels = merge({ app = "imagen" }, var.labels)
+}

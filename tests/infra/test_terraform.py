@@ -1,0 +1,395 @@
+"""infra/terraform: formatting, and the properties the deployment relies on, read from the
+parsed HCL (python-hcl2). The Google provider cannot be downloaded here, so there is no
+`terraform validate`; test_references_resolve stands in for its reference checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.infra.conftest import TERRAFORM_DIR, expr, one, operation_names, strings_in
+
+PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+PUBLIC_MEMBERS = {"allUsers", "allAuthenticatedUsers"}
+IAM_MEMBER_TYPES = re.compile(r"^google_.*_iam_member$")
+AUTHORITATIVE_IAM = re.compile(r"^google_.*_iam_(binding|policy)$")
+
+# Project-level grants are allowed only for roles that exist at no narrower level; each
+# with the reason it is there (see the resource's comment).
+PROJECT_ROLES = {
+    "roles/eventarc.eventReceiver": "Eventarc requires it of trigger identities",
+    "roles/pubsub.publisher": "Cloud Storage agent, for Eventarc's own (unnamed) topic",
+    "roles/monitoring.viewer": "KEDA reads subscription backlogs; metric reads are project-wide",
+    "roles/logging.logWriter": "the build writes its logs",
+}
+
+
+def _members(body: dict) -> list[str]:
+    member = body.get("member")
+    return [member] if member else list(body.get("members", []))
+
+
+def test_terraform_fmt():
+    terraform = shutil.which("terraform")
+    if terraform is None:
+        pytest.skip("terraform is not installed")
+    result = subprocess.run(
+        [terraform, "fmt", "-check", "-diff", "-recursive", str(TERRAFORM_DIR)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"run `terraform fmt -recursive infra/terraform`:\n{result.stdout}"
+
+
+def test_provider_is_google_6_or_7(terraform):
+    google = one(terraform.terraform)["required_providers"][0]["google"]
+    assert google["source"] == "hashicorp/google"
+    assert google["version"] == ">= 6.40, < 8.0"
+
+
+def test_operations_match_the_code(terraform):
+    assert tuple(terraform.default("operations")) == operation_names()
+    validation = expr(one(terraform.variables["operations"]["validation"])["condition"])
+    for op in operation_names():
+        assert f'"{op}"' in validation
+
+
+def test_mode_and_delivery_choices(terraform):
+    assert terraform.default("mode") == "cloudrun"
+    assert terraform.default("delivery") == "push"
+
+    def condition(variable):
+        return expr(one(terraform.variables[variable]["validation"])["condition"])
+
+    assert condition("mode") == 'contains(["cloudrun", "gke"], var.mode)'
+    assert condition("delivery") == 'contains(["push", "eventarc"], var.delivery)'
+
+
+# --- Cloud Run ----------------------------------------------------------------------------
+
+
+def _service(terraform) -> dict:
+    return terraform.resource("google_cloud_run_v2_service", "worker")
+
+
+def test_cloud_run_has_a_gpu(terraform):
+    template = one(_service(terraform)["template"])
+    assert expr(one(template["node_selector"])["accelerator"]) == "var.gpu_type"
+    assert terraform.default("gpu_type") == "nvidia-l4"
+    assert "gpu_zonal_redundancy_disabled" in template
+    container = one(template["containers"])
+    resources = one(container["resources"])
+    assert resources["limits"]["nvidia.com/gpu"] == "1"
+    # GPU services need CPU always allocated: no throttling between requests.
+    assert resources["cpu_idle"] is False
+
+
+def test_cloud_run_runs_one_job_per_instance_within_push_limits(terraform):
+    template = one(_service(terraform)["template"])
+    assert template["max_instance_request_concurrency"] == 1
+    assert template["timeout"] == "600s"
+    scaling = one(template["scaling"])
+    assert expr(scaling["min_instance_count"]) == "var.min_instances"
+    assert expr(scaling["max_instance_count"]) == "var.max_instances"
+    assert terraform.default("min_instances") == 0
+
+
+def test_cloud_run_startup_probe_waits_for_warm_models(terraform):
+    container = one(one(_service(terraform)["template"])["containers"])
+    probe = one(container["startup_probe"])
+    assert one(probe["http_get"])["path"] == "/readyz"
+    period = terraform.locals["startup_probe_period"]
+    assert expr(probe["period_seconds"]) == "local.startup_probe_period"
+    assert expr(probe["failure_threshold"]) == "ceil(var.startup_timeout_seconds / local.startup_probe_period)"
+    window = -(-terraform.default("startup_timeout_seconds") // period) * period
+    # Minutes, not the default 240 s: a cold start reads GBs of weights onto the GPU.
+    assert 300 <= window <= 1800
+    assert one(one(container["liveness_probe"])["http_get"])["path"] == "/healthz"
+
+
+def test_cloud_run_environment_follows_design(terraform):
+    common = terraform.locals["common_env"]
+    text = json.dumps(common)
+    for name in (
+        "GOOGLE_CLOUD_PROJECT", "IMAGEN_DEVICE", "IMAGEN_INPUT_PREFIX", "IMAGEN_OUTPUT_BUCKET",
+        "IMAGEN_OUTPUT_PREFIX", "IMAGEN_FAILED_PREFIX", "IMAGEN_ALLOWED_BUCKETS", "IMAGEN_RESULTS_TOPIC",
+    ):
+        assert name in text, name
+    container = one(one(_service(terraform)["template"])["containers"])
+    env = expr(one(container["dynamic"])["env"]["for_each"])
+    assert "IMAGEN_OPERATIONS = each.key" in env
+    # PORT is Cloud Run's to set.
+    assert "PORT" not in text and "PORT" not in env
+    assert {"port": 8080} == {"port": one(container["ports"])["container_port"]}
+
+
+def test_cloud_run_is_private(terraform):
+    service = _service(terraform)
+    assert expr(service["ingress"]) == "var.ingress"
+    assert terraform.default("ingress") == "INGRESS_TRAFFIC_INTERNAL_ONLY"
+    assert service["invoker_iam_disabled"] is False
+    invokers = [
+        body for type_, _, body in terraform.all_resources()
+        if type_ == "google_cloud_run_v2_service_iam_member" and body["role"] == "roles/run.invoker"
+    ]
+    assert {expr(body["member"]) for body in invokers} == {
+        "google_service_account.push[0].member", "google_service_account.eventarc[0].member",
+    }
+
+
+def test_cloud_run_image_is_owned_by_the_release_pipeline(terraform):
+    lifecycle = one(_service(terraform)["lifecycle"])
+    assert "template[0].containers[0].image" in [expr(item) for item in lifecycle["ignore_changes"]]
+
+
+# --- Pub/Sub ------------------------------------------------------------------------------
+
+
+def test_subscriptions_filter_by_folder_and_operation_attribute(terraform):
+    filters = expr(terraform.locals["subscription_filters"])
+    assert 'hasPrefix(attributes.objectId, \\"${var.input_prefix}${op}/\\")' in filters
+    assert 'attributes.operation = \\"${op}\\"' in filters
+    sub = terraform.resource("google_pubsub_subscription", "jobs")
+    assert expr(sub["filter"]) == "var.subscription_filter ? local.subscription_filters[each.key] : null"
+    assert terraform.default("subscription_filter") is True
+
+
+def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
+    from handlers.processor import MAX_ATTEMPTS
+
+    sub = terraform.resource("google_pubsub_subscription", "jobs")
+    policy = one(sub["dead_letter_policy"])
+    assert expr(policy["max_delivery_attempts"]) == "local.max_delivery_attempts"
+    assert terraform.locals["max_delivery_attempts"] == MAX_ATTEMPTS == 5
+    assert expr(policy["dead_letter_topic"]) == "google_pubsub_topic.dead_letter[each.key].id"
+    retry = one(sub["retry_policy"])
+    assert retry["minimum_backoff"] and retry["maximum_backoff"]
+    # Push requests have at most 600 s; the ack deadline may not be shorter than a job.
+    assert expr(sub["ack_deadline_seconds"]) == "local.ack_deadline_seconds"
+    assert terraform.locals["ack_deadline_seconds"] == 600
+    assert one(sub["expiration_policy"])["ttl"] == ""
+
+
+def test_dead_letter_topics_are_kept_and_watched(terraform):
+    dl_sub = terraform.resource("google_pubsub_subscription", "dead_letter")
+    assert expr(dl_sub["topic"]) == "google_pubsub_topic.dead_letter[each.key].id"
+    publisher = terraform.resource("google_pubsub_topic_iam_member", "dead_letter_publisher")
+    assert publisher["role"] == "roles/pubsub.publisher"
+    assert expr(publisher["member"]) == "local.pubsub_service_agent"
+    subscriber = terraform.resource("google_pubsub_subscription_iam_member", "dead_letter_subscriber")
+    assert subscriber["role"] == "roles/pubsub.subscriber"
+    assert expr(subscriber["member"]) == "local.pubsub_service_agent"
+    assert expr(subscriber["subscription"]) == "google_pubsub_subscription.jobs[each.key].id"
+    assert expr(terraform.locals["pubsub_service_agent"]) == (
+        "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    )
+    alert = terraform.resource("google_monitoring_alert_policy", "dead_letters")
+    condition = one(alert["dynamic"])["conditions"]["content"]
+    threshold = one(one(condition)["condition_threshold"])
+    assert "pubsub.googleapis.com/subscription/num_undelivered_messages" in expr(threshold["filter"])
+    assert "google_pubsub_subscription.dead_letter[conditions.value].name" in expr(threshold["filter"])
+    assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
+
+
+def test_push_carries_an_oidc_token_of_the_invoker(terraform):
+    sub = terraform.resource("google_pubsub_subscription", "jobs")
+    push = one(sub["dynamic"])["push_config"]["content"]
+    oidc = one(one(push)["oidc_token"])
+    assert expr(oidc["service_account_email"]) == "google_service_account.push[0].email"
+    assert "google_cloud_run_v2_service.worker" in expr(oidc["audience"])
+    invoker = terraform.resource("google_cloud_run_v2_service_iam_member", "push_invokes")
+    assert invoker["role"] == "roles/run.invoker"
+    assert expr(invoker["member"]) == "google_service_account.push[0].member"
+    # The Pub/Sub agent mints tokens as that one account, not project-wide.
+    signer = terraform.resource("google_service_account_iam_member", "pubsub_signs_as_push")
+    assert signer["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert expr(signer["service_account_id"]) == "google_service_account.push[0].name"
+    assert expr(signer["member"]) == "local.pubsub_service_agent"
+
+
+def test_storage_notification_covers_the_input_folder_only(terraform):
+    notification = terraform.resource("google_storage_notification", "incoming")
+    assert notification["payload_format"] == "JSON_API_V1"
+    assert notification["event_types"] == ["OBJECT_FINALIZE"]
+    assert expr(notification["object_name_prefix"]) == "var.input_prefix"
+    assert terraform.default("input_prefix") == "incoming/"
+    assert "google_pubsub_topic_iam_member.gcs_publishes_jobs" in [expr(d) for d in notification["depends_on"]]
+    grant = terraform.resource("google_pubsub_topic_iam_member", "gcs_publishes_jobs")
+    assert grant["role"] == "roles/pubsub.publisher" and expr(grant["member"]) == "local.gcs_service_agent"
+
+
+def test_eventarc_alternative(terraform):
+    trigger = terraform.resource("google_eventarc_trigger", "worker")
+    criteria = {c["attribute"]: expr(c["value"]) for c in trigger["matching_criteria"]}
+    assert criteria == {
+        "type": "google.cloud.storage.object.v1.finalized",
+        "bucket": "google_storage_bucket.input.name",
+    }
+    destination = one(one(trigger["destination"])["cloud_run_service"])
+    assert expr(destination["service"]) == "google_cloud_run_v2_service.worker[each.key].name"
+    assert expr(trigger["service_account"]) == "google_service_account.eventarc[0].email"
+
+
+# --- storage ------------------------------------------------------------------------------
+
+
+def test_buckets_are_uniform_and_never_public(terraform):
+    buckets = terraform.resources["google_storage_bucket"]
+    assert set(buckets) == {"input", "output", "build_sources"}
+    for name, bucket in buckets.items():
+        assert bucket["uniform_bucket_level_access"] is True, name
+        assert bucket["public_access_prevention"] == "enforced", name
+
+
+def test_failure_reports_expire(terraform):
+    rules = terraform.resource("google_storage_bucket", "input")["lifecycle_rule"]
+    failed = [r for r in rules if "matches_prefix" in one(r["condition"])]
+    assert len(failed) == 1
+    condition = one(failed[0]["condition"])
+    assert [expr(p) for p in condition["matches_prefix"]] == ["var.failed_prefix"]
+    assert expr(condition["age"]) == "var.failed_retention_days"
+    assert one(failed[0]["action"])["type"] == "Delete"
+    assert terraform.default("failed_retention_days") == 30
+    assert terraform.default("failed_prefix") == "failed/"
+
+
+# --- IAM ----------------------------------------------------------------------------------
+
+
+def test_nothing_is_public(terraform):
+    for type_, name, body in terraform.all_resources():
+        for member in _members(body):
+            assert expr(member) not in PUBLIC_MEMBERS, f"{type_}.{name} grants {member}"
+    # Anywhere in the configuration (comments aside; the job_publishers validation names
+    # them only to refuse them).
+    code = json.dumps([terraform.resources, terraform.data, terraform.locals, terraform.outputs])
+    assert "allUsers" not in code and "allAuthenticatedUsers" not in code
+
+
+def test_no_primitive_roles_and_no_authoritative_bindings(terraform):
+    for type_, name, body in terraform.all_resources():
+        assert not AUTHORITATIVE_IAM.match(type_), f"{type_}.{name} would replace others' grants"
+        if "role" in body:
+            assert body["role"] not in PRIMITIVE_ROLES, f"{type_}.{name}: {body['role']}"
+
+
+def test_project_level_grants_are_the_unavoidable_few(terraform):
+    grants = terraform.resources.get("google_project_iam_member", {})
+    for name, body in grants.items():
+        assert body["role"] in PROJECT_ROLES, f"google_project_iam_member.{name}: {body['role']} at project level"
+        assert "google_service_account.worker" not in expr(body["member"]), name
+
+
+def test_worker_accounts_hold_least_privilege(terraform):
+    """The runtime accounts read inputs, write results and failure reports in their own
+    folders, publish results, pull their own subscription: nothing else, nowhere else."""
+    allowed = {
+        ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectUser"),
+        ("google_pubsub_topic_iam_member", "roles/pubsub.publisher"),
+        ("google_pubsub_subscription_iam_member", "roles/pubsub.subscriber"),
+    }
+    found = set()
+    for type_, name, body in terraform.all_resources():
+        if not IAM_MEMBER_TYPES.match(type_) or "google_service_account.worker[" not in expr(body.get("member", "")):
+            continue
+        found.add((type_, body["role"]))
+        assert (type_, body["role"]) in allowed, f"{type_}.{name}: {body['role']}"
+        if body["role"] == "roles/storage.objectUser":
+            condition = one(body["condition"])
+            assert "resource.name.startsWith(" in expr(condition["expression"]), name
+        if type_ == "google_pubsub_topic_iam_member":
+            assert expr(body["topic"]) == "google_pubsub_topic.results[0].id", name
+        if type_ == "google_pubsub_subscription_iam_member":
+            assert expr(body["subscription"]) == "google_pubsub_subscription.jobs[each.key].id", name
+    assert found == allowed
+    writes = {
+        name: expr(one(body["condition"])["expression"])
+        for name, body in terraform.resources["google_storage_bucket_iam_member"].items()
+        if body["role"] == "roles/storage.objectUser"
+    }
+    assert "${var.failed_prefix}" in writes["worker_writes_failures"]
+    assert "${var.output_prefix}" in writes["worker_writes_results"]
+
+
+def test_gke_workload_identity_matches_the_manifests(terraform, rendered):
+    binding = terraform.resource("google_service_account_iam_member", "worker_workload_identity")
+    assert binding["role"] == "roles/iam.workloadIdentityUser"
+    assert expr(binding["member"]) == "serviceAccount:${local.workload_pool}[${var.gke_namespace}/imagen-${each.key}]"
+    assert expr(terraform.locals["workload_pool"]) == "${var.project_id}.svc.id.goog"
+    namespace = terraform.default("gke_namespace")
+    accounts = {
+        (doc["metadata"]["namespace"], doc["metadata"]["name"])
+        for doc in rendered["base"] if doc["kind"] == "ServiceAccount"
+    }
+    for op in operation_names():
+        assert (namespace, f"imagen-{op}") in accounts
+    keda = terraform.resource("google_project_iam_member", "keda_reads_metrics")
+    assert keda["role"] == "roles/monitoring.viewer"
+
+
+def test_build_account_can_push_read_the_token_and_deploy_only(terraform):
+    roles = {
+        (type_, body["role"])
+        for type_, _, body in terraform.all_resources()
+        if IAM_MEMBER_TYPES.match(type_) and expr(body.get("member", "")) == "google_service_account.build.member"
+    }
+    assert roles == {
+        ("google_artifact_registry_repository_iam_member", "roles/artifactregistry.writer"),
+        ("google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
+        ("google_project_iam_member", "roles/logging.logWriter"),
+        ("google_cloud_run_v2_service_iam_member", "roles/run.developer"),
+        ("google_service_account_iam_member", "roles/iam.serviceAccountUser"),
+    }
+
+
+def test_token_secret_holds_no_value(terraform):
+    assert "google_secret_manager_secret_version" not in terraform.resources
+    repo = terraform.resource("google_artifact_registry_repository", "images")
+    assert one(repo["docker_config"])["immutable_tags"] is True
+
+
+# --- outputs and references ---------------------------------------------------------------
+
+
+def test_useful_outputs(terraform):
+    for name in (
+        "input_bucket", "output_bucket", "notification_topic", "subscriptions", "dead_letter_topics",
+        "dead_letter_subscriptions", "results_topic", "service_urls", "image_repository",
+        "build_service_account", "hf_token_secret", "k8s_config_env", "k8s_workload_identity_env",
+    ):
+        assert name in terraform.outputs, name
+        assert terraform.outputs[name].get("description"), name
+
+
+_REFERENCE = re.compile(r"(?<![\w.\"])(var|local|data\.[a-z0-9_]+|google_[a-z0-9_]+)\.([a-z0-9_]+)")
+
+
+def test_references_resolve(terraform):
+    """Every var., local., data. and resource reference names something declared."""
+    declared = {
+        "var": set(terraform.variables),
+        "local": set(terraform.locals),
+    }
+    for type_, named in terraform.resources.items():
+        declared[type_] = set(named)
+    for type_, named in terraform.data.items():
+        declared[f"data.{type_}"] = set(named)
+    everything = [terraform.resources, terraform.data, terraform.locals, terraform.outputs, terraform.checks]
+    unresolved = set()
+    for text in strings_in(everything):
+        for kind, name in _REFERENCE.findall(text):
+            if kind.startswith("google_") and kind not in declared and "." not in kind:
+                # a provider attribute path like google_project_service.enabled is declared;
+                # anything else starting google_ must be too
+                unresolved.add(f"{kind}.{name}")
+            elif kind in declared and name not in declared[kind]:
+                unresolved.add(f"{kind}.{name}")
+    assert not unresolved, f"undeclared: {sorted(unresolved)}"
+    sources = "\n".join(text for file, text in terraform.text.items() if file != "variables.tf")
+    unused = {name for name in terraform.variables if f"var.{name}" not in sources}
+    assert not unused, f"unused variables: {sorted(unused)}"
