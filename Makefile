@@ -34,6 +34,10 @@ dev: $(STAMP)
 $(addprefix worker-,$(OPERATIONS)): worker-%: $(STAMP)
 	$(BIN)/imagen worker --operations $* --subscription $${IMAGEN_SUBSCRIPTION:-imagen-$*}
 
+# Stock diffusers vs imagen, same process (bench/README.md); BENCH_ARGS=--tiny runs on the CPU.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 download-models: $(STAMP)
 	$(BIN)/imagen models pull
 

@@ -8,6 +8,9 @@ This is the seam between the cloud side and the models (cog's predictor):
     out = engine.run(chain, image, params, seed=resolve_common(params, data)["seed"])
     engine.model_id(chain)               # "briaai/RMBG-1.4@<commit>,stabilityai/...@<commit>"
 
+`tuning` (image/operations/tuning.py) sets the speed switches; None takes the defaults for
+the device. `lock` is the model lock to load by (the packaged one by default).
+
 One model instance per operation per process. `setup` is idempotent and thread-safe (a
 failed setup may be retried); `run` is serialised, since all operations share one device.
 """
@@ -41,6 +44,8 @@ class Engine:
         *,
         device: str = "auto",
         allow_download: bool = False,
+        tuning=None,
+        lock=None,
     ):
         if isinstance(operations, str):
             operations = parse_chain(operations)
@@ -52,6 +57,8 @@ class Engine:
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.allow_download = allow_download
+        self.tuning = tuning
+        self.lock = lock
         self.state = STARTING
         self.error: BaseException | None = None  # why setup failed
         self.setup_seconds: dict[str, float] = {}  # per operation: load + warm-up
@@ -81,7 +88,14 @@ class Engine:
                         continue  # loaded by an earlier, partly failed setup
                     started = time.perf_counter()
                     op = get_operation(name)()
-                    op.setup(self.cache_dir, device, dtype, allow_download=self.allow_download)
+                    op.setup(
+                        self.cache_dir,
+                        device,
+                        dtype,
+                        allow_download=self.allow_download,
+                        lock=self.lock,
+                        tuning=self.tuning,
+                    )
                     self._ops[name] = op
                     self.setup_seconds[name] = time.perf_counter() - started
             except BaseException as error:

@@ -4,14 +4,27 @@ Loading never touches the network: everything is read from a snapshot folder wit
 `local_files_only=True`. Only when the snapshot is missing and the caller allows it
 (`allow_download`, False under HF_HUB_OFFLINE=1) is the model pulled first, the seed's
 zero-config path.
+
+Two cold-start switches (the same weights either way; see image/operations/tuning.py):
+
+- `read_ahead`: threads read every weight file of the snapshot into the page cache, one per
+  file, and start CUDA, while the main thread builds the model classes. The libraries build
+  components one after another on purpose: diffusers and transformers change process-wide
+  state while they build (the default dtype, `torch.nn.init`, accelerate's meta-device
+  patch), so building two at once in threads is not safe; reading files is.
+- `direct_to_device`: `device_map` puts each tensor on the GPU as it is read from the
+  safetensors file (no full copy in host memory, no random initialisation, no `.to()`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -47,11 +60,14 @@ def load_model(
     allow_download: bool,
     lock: Lock | None = None,
     token: str | None = None,
+    read_ahead: bool = False,
+    direct_to_device: bool = False,
 ) -> LoadedModel:
     """Load `spec` from `cache_dir` onto `device` in `dtype`.
 
     `lock` defaults to the lock shipped with the code. Raises ModelMissing (naming
     `imagen models pull`) when the model is absent or incomplete and may not be pulled.
+    `read_ahead` and `direct_to_device` are the cold-start switches of the module docstring.
     """
     started = time.perf_counter()
     cache_dir = Path(cache_dir)
@@ -74,9 +90,13 @@ def load_model(
     model_id = f"{spec.repo_id}@{snapshot.name}"
     tiny = store.is_tiny(snapshot)
     logger.info("%s: loading %s%s from %s", spec.operation, model_id, " (tiny)" if tiny else "", cache_dir)
+    if read_ahead:
+        start_read_ahead(snapshot, device)
     try:
         with quiet_libraries():
-            model = _LOADERS[spec.loader](spec, snapshot, device=device, dtype=dtype)
+            model = _LOADERS[spec.loader](
+                spec, snapshot, device=device, dtype=dtype, direct_to_device=direct_to_device
+            )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as error:
         raise ModelError(
             f"{spec.operation}: loading {model_id} from {snapshot} failed: "
@@ -93,7 +113,58 @@ def _missing(spec: ModelSpec, problems: list[str]) -> str:
     return "; ".join(problems) + f"; run `{store.pull_command([spec])}`"
 
 
-def _load_pipeline(spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype):
+def start_read_ahead(snapshot: Path, device: torch.device) -> list[threading.Thread]:
+    """Read the snapshot's weight files into the page cache in background threads.
+
+    One daemon thread per file (reads release the GIL), and one that initialises CUDA when
+    `device` is a GPU. Nothing waits for them: the loader reads the same files and finds
+    them cached, or reads alongside. Errors only cost the head start.
+    """
+    files = sorted(
+        {path.resolve() for path in Path(snapshot).rglob("*") if path.suffix in (".safetensors", ".bin")},
+        key=lambda path: -path.stat().st_size,
+    )
+    threads = [threading.Thread(target=_read_file, args=(path,), daemon=True) for path in files]
+    if torch.device(device).type == "cuda":
+        threads.append(threading.Thread(target=_init_cuda, daemon=True))
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+_READ_CHUNK = 16 << 20  # bytes
+
+
+def _read_file(path: Path) -> None:
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            buffer = bytearray(_READ_CHUNK)
+            while handle.readinto(buffer):
+                pass
+    except OSError as error:  # the loader will report it properly
+        logger.debug("read-ahead of %s failed: %s", path, error)
+
+
+def _init_cuda() -> None:
+    try:
+        torch.cuda.init()
+    except RuntimeError as error:
+        logger.debug("CUDA initialisation in the background failed: %s", error)
+
+
+def _device_map(device: torch.device) -> str | None:
+    """The `device_map` diffusers accepts for `device` ("cuda"), or None where it has none."""
+    device = torch.device(device)
+    if device.type != "cuda" or (device.index not in (None, torch.cuda.current_device())):
+        return None
+    return "cuda"
+
+
+def _load_pipeline(
+    spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype, direct_to_device: bool = False
+):
     import diffusers
 
     pipeline_class = getattr(diffusers, spec.pipeline)
@@ -101,7 +172,8 @@ def _load_pipeline(spec: ModelSpec, snapshot: Path, *, device: torch.device, dty
     if "safety_checker" in spec.disabled and "requires_safety_checker" in inspect.signature(pipeline_class).parameters:
         kwargs["requires_safety_checker"] = False
     weights = [path.name for path in snapshot.rglob("*") if path.suffix in (".safetensors", ".bin")]
-    pipe = pipeline_class.from_pretrained(
+    load = functools.partial(
+        pipeline_class.from_pretrained,
         snapshot,
         dtype=dtype,
         variant=spec.variant,
@@ -111,11 +183,24 @@ def _load_pipeline(spec: ModelSpec, snapshot: Path, *, device: torch.device, dty
         low_cpu_mem_usage=True,
         **kwargs,
     )
+    device_map = _device_map(device) if direct_to_device else None
+    pipe = None
+    if device_map is not None:
+        try:
+            pipe = load(device_map=device_map)
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+            # A speed-up must never be why a model does not load: take the plain path.
+            logger.warning("%s: loading with device_map=%r failed (%s); loading to the CPU first",
+                           spec.operation, device_map, _first_line(error))
+    if pipe is None:
+        pipe = load()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def _load_rmbg(spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _load_rmbg(
+    spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: torch.dtype, direct_to_device: bool = False
+) -> torch.nn.Module:
     """RMBG-1.4's own class, built from the snapshot's code, with its safetensors weights.
 
     `AutoModelForImageSegmentation.from_pretrained(trust_remote_code=True)` fails on this
@@ -140,7 +225,8 @@ def _load_rmbg(spec: ModelSpec, snapshot: Path, *, device: torch.device, dtype: 
     config = config_class(in_ch=config_json.get("in_ch", 3), out_ch=config_json.get("out_ch", 1))
     with torch.device("meta"):
         model = model_class(config)
-    model.load_state_dict(load_file(snapshot / "model.safetensors"), strict=True, assign=True)
+    target = str(device) if direct_to_device and torch.device(device).type == "cuda" else "cpu"
+    model.load_state_dict(load_file(snapshot / "model.safetensors", device=target), strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelError(f"{snapshot / 'model.safetensors'} does not set {', '.join(left[:5])}")

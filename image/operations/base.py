@@ -4,6 +4,9 @@
     op.setup(cache_dir, device, dtype, allow_download=False)   # load, move, warm up
     out = op.run(image, resolve("upscale", params), seed=1234)  # as often as needed
 
+`setup` also applies the speed switches of a `Tuning` (image/operations/tuning.py; the
+defaults for the device unless one is given) between loading and the warm-up.
+
 `run` is the same for every operation: check the inputs, split off the alpha channel (the
 models see RGB), run the model under `torch.inference_mode()` with a generator seeded from
 `seed` on the model's device, and re-attach the alpha. A subclass writes `prepare` (after
@@ -43,6 +46,8 @@ class Operation:
         self.loaded = None  # image.models LoadedModel, once set up
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
+        self.tuning = None  # the Tuning in force, once set up
+        self.tuned: list[str] = []  # the switches that were applied
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
 
@@ -80,13 +85,23 @@ class Operation:
         dtype: torch.dtype,
         allow_download: bool = False,
         lock=None,
+        tuning=None,
     ) -> None:
-        """Load the model from `cache_dir` onto `device`, prepare it and warm it up."""
+        """Load the model from `cache_dir` onto `device`, prepare, tune and warm it up.
+
+        `tuning` is a `Tuning`; None takes `Tuning.for_device(device)`.
+        """
         from image.models.loading import load_model
+        from image.operations.tuning import (
+            Tuning,
+            load_compile_cache,
+            save_compile_cache,
+        )
 
         # 1. Load
         started = time.perf_counter()
         self.device, self.dtype = torch.device(device), dtype
+        self.tuning = Tuning.for_device(self.device) if tuning is None else tuning
         self.loaded = load_model(
             self.spec,
             Path(cache_dir),
@@ -94,27 +109,45 @@ class Operation:
             dtype=dtype,
             allow_download=allow_download,
             lock=lock,
+            read_ahead=self.tuning.read_ahead,
+            direct_to_device=self.tuning.direct_to_device,
         )
         self.load_seconds = time.perf_counter() - started
 
-        # 2. Prepare (per operation: sizes the model takes, progress bars off...)
+        # 2. Prepare (per operation: sizes the model takes, progress bars off...), then tune
         self.prepare()
+        self.tuned = self.tune(self.tuning)
+        if self.tuning.compile:
+            load_compile_cache(self.tuning.compile_cache)
 
-        # 3. Warm up outside the request path: first calls allocate and pick kernels
+        # 3. Warm up outside the request path: first calls allocate, pick kernels, compile
         started = time.perf_counter()
-        warmup = Image.new("RGB", self.warmup_size, (128, 128, 128))
-        self.run(warmup, resolve(self.name, self.warmup_params), seed=0)
+        self.warm_up()
         self.warmup_seconds = time.perf_counter() - started
+        if self.tuning.compile:
+            save_compile_cache(self.tuning.compile_cache)
         logger.info(
-            "%s: %s loaded in %.2f s, warmed up in %.2f s",
+            "%s: %s loaded in %.2f s, warmed up in %.2f s (%s)",
             self.name,
             self.loaded.model_id,
             self.load_seconds,
             self.warmup_seconds,
+            ", ".join(self.tuned) or "stock",
         )
 
     def prepare(self) -> None:
         """Called once after loading; reads what the model accepts from its config."""
+
+    def warm_up(self) -> None:
+        """One short run on a small grey image (`warmup_size`, `warmup_params`)."""
+        warmup = Image.new("RGB", self.warmup_size, (128, 128, 128))
+        self.run(warmup, resolve(self.name, self.warmup_params), seed=0)
+
+    def tune(self, tuning) -> list[str]:
+        """Apply `tuning`'s runtime switches to the loaded model; returns those applied."""
+        from image.operations.tuning import tune_pipeline
+
+        return tune_pipeline(self.model, tuning, self.device)
 
     # -- sizes -----------------------------------------------------------------------------
 

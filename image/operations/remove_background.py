@@ -28,6 +28,11 @@ class RemoveBackground(Operation):
     def prepare(self) -> None:
         self.model.eval()
 
+    def tune(self, tuning) -> list[str]:
+        from image.operations.tuning import tune_network
+
+        return tune_network(self.model, tuning, self.device)
+
     def process(self, rgb, alpha, params, seed):
         # 1. Pre-process (model card)
         pixels = torch.from_numpy(np.asarray(rgb).copy()).to(self.device)

@@ -4,7 +4,14 @@ Every UNet call sees exactly `tile_size` x `tile_size` input pixels (smaller ima
 reflect-padded up to one tile), so GPU memory is bounded whatever the input, and one compiled
 graph serves every job. Tiles overlap by `tile_overlap` pixels and are blended with cosine
 ramps (`image.tiling`). The tile defaults to twice the UNet's training crop (its
-`sample_size`: 128 for the real model, so 256-pixel tiles giving 1024-pixel outputs).
+`sample_size`: 128 for the real model, so 256-pixel tiles giving 1024-pixel outputs); the
+`upscale_tile` and `upscale_tile_batch` switches of `Tuning` change the tile and how many
+tiles go through the UNet at once.
+
+`upscale_tile` may also name several sizes, buckets (e.g. (256, 512)): each image then takes
+the bucket that needs the fewest tile pixels for it (ties: the larger tile, fewer seams), so
+a 512-pixel input runs as one 512 tile instead of nine overlapping 256 ones, and there is
+still one fixed shape per bucket. Each bucket is warmed up at start-up.
 
 Alpha is not the model's business: it is enlarged with Lanczos and re-attached.
 """
@@ -17,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from image.operations.base import Operation, attach_alpha
-from image.tiling import to_uint8, upscale_tiled
+from image.params import resolve
+from image.tiling import plan_tiles, to_uint8, upscale_tiled
 
 # Output at most 8192 x 8192: beyond that the PNG alone is hundreds of megabytes and the
 # float blending canvas several gigabytes of host memory.
@@ -30,11 +38,13 @@ class Upscale(Operation):
     warmup_params: ClassVar[dict[str, Any]] = {"steps": 2}
 
     def __init__(self, tile_size: int | None = None, tile_overlap: int | None = None,
-                 tile_batch: int = 1) -> None:
+                 tile_batch: int | None = None) -> None:
         super().__init__()
-        self.tile_size = tile_size  # input pixels; None: 2 x the UNet's sample_size
+        self.tile_size = tile_size  # input pixels; None: the tuning's, else 2 x the UNet's sample_size
         self.tile_overlap = tile_overlap  # input pixels; None: tile_size / 8
-        self.tile_batch = tile_batch
+        self.tile_batch = tile_batch  # None: the tuning's (1 by default)
+        self.tile_sizes: tuple[int, ...] = ()  # the buckets, smallest first (tile_size is the first)
+        self._overlap_given = tile_overlap
         self.scale = 4
 
     def prepare(self) -> None:
@@ -42,15 +52,47 @@ class Upscale(Operation):
         pipe.set_progress_bar_config(disable=True)
         self.scale = pipe.vae_scale_factor
         multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        if self.tile_size is None:
-            self.tile_size = 2 * pipe.unet.config.sample_size
-        if self.tile_overlap is None:
-            self.tile_overlap = max(multiple, self.tile_size // 8)
-        if self.tile_size % multiple or 2 * self.tile_overlap > self.tile_size:
-            raise ValueError(
-                f"upscale tile {self.tile_size} (overlap {self.tile_overlap}) must be a multiple "
-                f"of {multiple} with overlap at most half the tile"
-            )
+        if self.tile_size is not None:
+            sizes = (self.tile_size,)
+        else:
+            chosen = self.tuning.upscale_tile if self.tuning else None
+            sizes = (chosen,) if isinstance(chosen, int) else tuple(chosen or ())
+            sizes = sizes or (2 * pipe.unet.config.sample_size,)
+        if self.tile_batch is None:
+            self.tile_batch = self.tuning.upscale_tile_batch if self.tuning else 1
+        self._multiple = multiple
+        self.tile_sizes = tuple(sorted(set(sizes)))
+        for tile in self.tile_sizes:
+            overlap = self._overlap(tile)
+            if tile % multiple or 2 * overlap > tile:
+                raise ValueError(
+                    f"upscale tile {tile} (overlap {overlap}) must be a multiple "
+                    f"of {multiple} with overlap at most half the tile"
+                )
+        self.tile_size = self.tile_sizes[0]
+        self.tile_overlap = self._overlap(self.tile_size)
+
+    def _overlap(self, tile: int) -> int:
+        given = self._overlap_given
+        return given if given is not None else max(self._multiple, tile // 8)
+
+    def tile_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(tile, overlap) in input pixels for an image of `size`: the bucket with the
+        fewest tile pixels, the larger one on a tie."""
+        best = None
+        for tile in self.tile_sizes:
+            overlap = self._overlap(tile)
+            pixels = len(plan_tiles(size[0], size[1], tile, overlap).boxes) * tile * tile
+            if best is None or pixels <= best[0]:
+                best = (pixels, tile, overlap)
+        return best[1], best[2]
+
+    def warm_up(self) -> None:
+        """One short run per tile bucket: each shape's first call happens here."""
+        params = resolve(self.name, self.warmup_params)
+        for tile in self.tile_sizes:
+            side = self.warmup_size[0] if tile == self.tile_size else tile  # one tile of that size
+            self.run(Image.new("RGB", (side, side), (128, 128, 128)), params, seed=0)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] * self.scale, size[1] * self.scale
@@ -77,13 +119,14 @@ class Upscale(Operation):
             ).images
 
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding at the end)
+        tile, overlap = self.tile_for(rgb.size)
         array = np.asarray(rgb, dtype=np.float32) / 255.0
         out = upscale_tiled(
             array,
             upscale_batch,
             scale=self.scale,
-            tile=self.tile_size,
-            overlap=self.tile_overlap,
+            tile=tile,
+            overlap=overlap,
             batch_size=self.tile_batch,
         )
         image = Image.fromarray(to_uint8(out), "RGB")

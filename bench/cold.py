@@ -1,0 +1,142 @@
+"""Cold start: a fresh Python process, from its start until the model is ready on the device.
+
+- stock: `python -c` that imports torch and diffusers, runs `from_pretrained` on the
+  snapshot and `.to(device)` (what the anchor measured; no warm-up);
+- imagen: `python -c` that builds an `Engine` for the operation and runs `Engine.setup()`
+  (load through the production loader, tune, warm up): the moment `/readyz` would say 200.
+
+Before each start the page cache is emptied, as `--drop-caches` says: `all` drops the whole
+page cache (`/proc/sys/vm/drop_caches`, as root; libraries are read from disk again too, as
+on a fresh instance), `weights` evicts only the snapshot's files (`posix_fadvise(DONTNEED)`,
+no root needed, harmless on a shared machine), `none` keeps it warm. `all` falls back to
+`weights` where it is not allowed; the table says what was done. The parent times from
+`Popen` to the child's ready line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.cases import stock_kwargs
+from bench.configs import snapshot_of
+from image.models.registry import REGISTRY
+
+READY = "BENCH-READY "
+_ROOT = Path(__file__).resolve().parent.parent
+
+_STOCK = """
+import time; started = time.perf_counter()
+import json, torch, diffusers
+imported = time.perf_counter()
+cls = getattr(diffusers, {pipeline!r})
+pipe = cls.from_pretrained({snapshot!r}, dtype=getattr(torch, {dtype!r}), **{extra!r}).to({device!r})
+if torch.cuda.is_available() and {device!r}.startswith("cuda"):
+    torch.cuda.synchronize()
+done = time.perf_counter()
+print({ready!r} + json.dumps({{"import_seconds": imported - started, "setup_seconds": done - imported}}), flush=True)
+"""
+
+_IMAGEN = """
+import time; started = time.perf_counter()
+import json
+from image.engine import Engine
+from image.models.lock import Lock
+from image.operations.tuning import Tuning
+imported = time.perf_counter()
+engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
+engine.setup()
+done = time.perf_counter()
+op = engine._ops[{operation!r}]
+print({ready!r} + json.dumps({{"import_seconds": imported - started, "setup_seconds": done - imported,
+      "load_seconds": op.load_seconds, "warmup_seconds": op.warmup_seconds}}), flush=True)
+"""
+
+
+def stock_code(operation: str, cache_dir: Path, device: str, dtype: str) -> str:
+    return _STOCK.format(pipeline=REGISTRY[operation].pipeline, snapshot=str(snapshot_of(operation, cache_dir)),
+                         dtype=dtype, extra=stock_kwargs(operation), device=device, ready=READY)
+
+
+def imagen_code(operation: str, cache_dir: Path, device: str, tuning) -> str:
+    tuning_code = "None" if tuning is None else f"Tuning(**{tuning.as_dict()!r})"
+    return _IMAGEN.format(operation=operation, cache=str(cache_dir), device=device,
+                          tuning=tuning_code, ready=READY)
+
+
+def drop_page_cache(paths: list[Path], how: str = "weights") -> str:
+    """Empty the page cache as `how` says (all, weights, none); returns what was done."""
+    if how == "all":
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            return "dropped"
+        except OSError:
+            pass
+    if how == "none":
+        return "warm"
+    evicted = False
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            evicted = True
+        finally:
+            os.close(fd)
+    return "weights evicted" if evicted else "warm"
+
+
+def time_child(code: str, *, timeout: float = 600) -> tuple[float, dict]:
+    """Seconds from starting `python -c code` until it prints its ready line, and its phases."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryFile("w+") as errors:
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,
+                                 text=True, env=env, cwd=_ROOT)
+        try:
+            for line in child.stdout:
+                if line.startswith(READY):
+                    seconds = time.perf_counter() - started
+                    return seconds, json.loads(line[len(READY):])
+            child.wait(timeout)
+            errors.seek(0)
+            tail = errors.read()[-2000:]
+            raise RuntimeError(f"the child exited ({child.returncode}) before it was ready:\n{tail}")
+        finally:
+            child.kill()
+            child.wait()
+
+
+def run_cold(operations: list[str], cache_dir: Path, *, device: str, dtype: str, tuning,
+             repeats: int = 1, target_seconds: float | None = None, drop_caches: str = "weights") -> list[dict]:
+    """Cold start of each operation, stock then imagen, `repeats` times each (median kept)."""
+    rows = []
+    for operation in operations:
+        snapshot = snapshot_of(operation, cache_dir)
+        weights = [p.resolve() for p in snapshot.rglob("*") if p.suffix in (".safetensors", ".bin")]
+        row = {"operation": operation, "target_seconds": target_seconds}
+        for label, code in (("stock", stock_code(operation, cache_dir, device, dtype)),
+                            ("imagen", imagen_code(operation, cache_dir, device, tuning))):
+            times, phases = [], {}
+            for _ in range(repeats):
+                row["page_cache"] = drop_page_cache(weights, drop_caches)
+                try:
+                    seconds, phases = time_child(code)
+                except RuntimeError as error:
+                    row[f"{label}_error"] = str(error)[-500:]
+                    break
+                times.append(seconds)
+            if times:
+                row[f"{label}_seconds"] = round(sorted(times)[len(times) // 2], 2)
+                row[f"{label}_runs"] = [round(t, 2) for t in times]
+                row[f"{label}_phases"] = {k: round(v, 2) for k, v in phases.items()}
+        rows.append(row)
+    return rows

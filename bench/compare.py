@@ -1,0 +1,104 @@
+"""Run the cases: per operation, the stock pipeline's cases, then imagen's, one model at a time.
+
+Only one model is on the device at a time (loaded, timed, freed), so each peak memory figure
+is that path's own, weights included. Outputs of the two paths are compared pixel by pixel:
+with every switch off they are equal; with the GPU defaults they differ by fp16 noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.cases import Case, ImagenRunner, StockRunner, input_image
+from bench.timing import free, measure
+
+logger = logging.getLogger("bench")
+
+GIB = 1024**3
+
+
+def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: torch.dtype,
+              *, tuning=None, stock: bool = True, repeats: int | None = None) -> list[dict]:
+    """Time every case on both paths; returns one result dict per case (see bench/README.md)."""
+    rows = {case.name: _row(case) for case in cases}
+    for operation in dict.fromkeys(case.operation for case in cases):
+        mine = [case for case in cases if case.operation == operation]
+        outputs: dict[str, np.ndarray] = {}
+        if stock and any(case.stock for case in mine):
+            _run_path(StockRunner, operation, [c for c in mine if c.stock], cache_dir, device, dtype,
+                      rows, outputs, repeats=repeats)
+        _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
+                  repeats=repeats, tuning=tuning)
+    return [rows[case.name] for case in cases]
+
+
+def _row(case: Case) -> dict:
+    return {
+        "case": case.name,
+        "operation": case.operation,
+        "input": [case.size, case.size],
+        "output": [case.output_size, case.output_size],
+        "steps": case.steps,
+        "strength": case.strength,
+        "guidance": case.guidance,
+        "stock": None,
+        "imagen": None,
+        "ratio": None,
+        "max_diff": None,
+        "mean_diff": None,
+        "target_seconds": case.target_seconds,
+        "target_peak_gib": case.target_peak_gib,
+        "anchor_seconds": case.anchor_seconds,
+        "anchor_peak_gib": case.anchor_peak_gib,
+    }
+
+
+def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, outputs, *, repeats, **extra):
+    label = runner_class.label
+    try:
+        runner = runner_class(operation, cache_dir, device, dtype, **extra)
+    except Exception as error:  # noqa: BLE001 - a path that cannot load is a finding, not a crash
+        logger.error("%s %s: loading failed: %s", label, operation, error)
+        for case in cases:
+            rows[case.name][label] = {"error": f"load: {type(error).__name__}: {error}"}
+        return
+    try:
+        for case in cases:
+            image = input_image(case.size)
+            logger.info("%s %s: %dx%d, %d steps", label, case.name, case.size, case.size, case.steps)
+            try:
+                timing, output = measure(lambda case=case, image=image: runner(case, image), device,
+                                         warmup=case.warmup, repeats=repeats or case.repeats)
+            except Exception as error:  # noqa: BLE001 - out of memory, say: record it, go on
+                logger.error("%s %s failed: %s", label, case.name, error)
+                logger.debug("%s", traceback.format_exc())
+                rows[case.name][label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                free(device)
+                continue
+            rows[case.name][label] = {
+                "seconds": round(timing.seconds, 4),
+                "runs": [round(s, 4) for s in timing.runs],
+                "peak_gib": None if timing.peak_bytes is None else round(timing.peak_bytes / GIB, 2),
+                "setup_seconds": round(runner.load_seconds, 2),
+            }
+            pixels = np.asarray(output.convert("RGB"), dtype=np.int16)
+            if label == "stock":
+                outputs[case.name] = pixels
+            else:
+                _compare(rows[case.name], outputs.get(case.name), pixels)
+    finally:
+        runner.close()
+        free(device)
+
+
+def _compare(row: dict, stock_pixels, imagen_pixels) -> None:
+    if row["stock"] and "seconds" in row["stock"] and "seconds" in row["imagen"]:
+        row["ratio"] = round(row["imagen"]["seconds"] / row["stock"]["seconds"], 3)
+    if stock_pixels is not None and stock_pixels.shape == imagen_pixels.shape:
+        diff = np.abs(stock_pixels - imagen_pixels)
+        row["max_diff"], row["mean_diff"] = int(diff.max()), round(float(diff.mean()), 3)

@@ -1,0 +1,162 @@
+"""The bench's outputs: a Markdown table on stdout and JSON (plus the same table) in a folder.
+
+    path = write_results(results, Path("bench/results"))   # <card>-<kind>-<UTC time>.json
+    print(format_table(results))
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def environment(device: torch.device, dtype: torch.dtype, kind: str) -> dict:
+    """What the figures were measured on and with."""
+    import diffusers
+    import transformers
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "card": card,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kind": kind,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpus": _cpu_count(),
+        "commit": _git_commit(),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_results(results: dict, folder: Path = RESULTS_DIR) -> Path:
+    """Write `results` as JSON and the table as Markdown beside it; returns the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = results["environment"]
+    card = re.sub(r"[^a-z0-9]+", "-", env["card"].lower()).strip("-")[:40]
+    stamp = env["created"].replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
+    path = folder / f"{card}-{env['kind']}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.with_suffix(".md").write_text(format_report(results) + "\n")
+    return path
+
+
+def read_results(path: Path | None = None, folder: Path = RESULTS_DIR) -> tuple[dict, Path]:
+    """A results JSON: `path`, else the newest in `folder`."""
+    if path is None:
+        found = sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit(f"no results in {folder}; run `python -m bench` first")
+        path = found[-1]
+    return json.loads(Path(path).read_text()), Path(path)
+
+
+def _s(value, digits=3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _path(row: dict, label: str, key: str, digits: int = 3) -> str:
+    entry = row.get(label)
+    if entry is None:
+        return "-"
+    if "error" in entry:
+        return "error"
+    return _s(entry.get(key), digits)
+
+
+def _target(row: dict) -> str:
+    parts = []
+    imagen = row.get("imagen") or {}
+    if row.get("target_seconds") is not None:
+        ok = imagen.get("seconds") is not None and imagen["seconds"] <= row["target_seconds"]
+        parts.append(f"≤ {row['target_seconds']} s {'✓' if ok else '✗'}")
+    if row.get("target_peak_gib") is not None:
+        peak = imagen.get("peak_gib")
+        ok = peak is not None and peak <= row["target_peak_gib"]
+        parts.append(f"≤ {row['target_peak_gib']} GiB {'✓' if ok else '✗'}")
+    return ", ".join(parts) or "-"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The stock-vs-imagen table, one line per case (Markdown)."""
+    header = (
+        "| case | input → output | steps | stock s | imagen s | imagen/stock | stock peak GiB "
+        "| imagen peak GiB | max / mean diff | target |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        size = f"{row['input'][0]}² → {row['output'][0]}²"
+        steps = str(row["steps"]) + (f" × {row['strength']}" if row.get("strength") else "")
+        diff = "-" if row.get("max_diff") is None else f"{row['max_diff']} / {row['mean_diff']}"
+        ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
+        lines.append(
+            f"| {row['case']} | {size} | {steps} | {_path(row, 'stock', 'seconds')} "
+            f"| {_path(row, 'imagen', 'seconds')} | {ratio} | {_path(row, 'stock', 'peak_gib', 2)} "
+            f"| {_path(row, 'imagen', 'peak_gib', 2)} | {diff} | {_target(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_cold(rows: list[dict]) -> str:
+    """The cold-start table: a fresh process until ready, stock vs imagen."""
+    lines = [
+        "| operation | page cache | stock s | imagen s | imagen/stock | imagen: import / setup s | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = "-" if not row.get("stock_seconds") or not row.get("imagen_seconds") else (
+            f"{row['imagen_seconds'] / row['stock_seconds']:.2f}")
+        phases = row.get("imagen_phases") or {}
+        split = f"{_s(phases.get('import_seconds'), 2)} / {_s(phases.get('setup_seconds'), 2)}"
+        target = "-"
+        if row.get("target_seconds") is not None and row.get("imagen_seconds") is not None:
+            ok = row["imagen_seconds"] <= row["target_seconds"]
+            target = f"≤ {row['target_seconds']} s {'✓' if ok else '✗'}"
+        lines.append(
+            f"| {row['operation']} | {row['page_cache']} | {_s(row.get('stock_seconds'), 2)} "
+            f"| {_s(row.get('imagen_seconds'), 2)} | {ratio} | {split} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def format_report(results: dict) -> str:
+    """Everything in a results dict, as the Markdown printed and written beside the JSON."""
+    env = results["environment"]
+    head = (
+        f"{env['card']}, {env['dtype']}, {env['kind']} models; torch {env['torch']}, "
+        f"diffusers {env['diffusers']}; {env['created']}\n"
+        f"imagen switches on: {', '.join(results.get('switches_on', [])) or 'none (stock)'}"
+    )
+    parts: list[str] = [head]
+    if results.get("cases"):
+        parts.append(format_table(results["cases"]))
+    if results.get("cold"):
+        parts.append("Cold start (fresh process until ready):\n\n" + format_cold(results["cold"]))
+    return "\n\n".join(parts)

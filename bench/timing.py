@@ -1,0 +1,62 @@
+"""Timing and peak memory of one callable: warm-up runs, then the median of timed runs.
+
+On CUDA each run is timed with CUDA events between two `torch.cuda.synchronize()` calls
+(device time, no queued work left over), and the peak is `torch.cuda.max_memory_allocated`
+over the timed runs (weights included, as the anchor measured it). On the CPU runs are timed
+with `time.perf_counter` and there is no peak figure (None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds per run (each timed run, and their median) and peak bytes (None on the CPU)."""
+
+    seconds: float
+    runs: list[float]
+    peak_bytes: int | None
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> tuple[Timing, object]:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; returns the timing and
+    the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = []
+    for _ in range(max(1, repeats)):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            runs.append(start.elapsed_time(end) / 1000.0)
+        else:
+            started = time.perf_counter()
+            result = fn()
+            runs.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    return Timing(statistics.median(runs), runs, peak), result
+
+
+def free(device: torch.device) -> None:
+    """Release what the last model held, so the next one's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

@@ -1,0 +1,95 @@
+"""The bench harness on one tiny case: table, JSON, cost table; and its small parts.
+
+`make bench BENCH_ARGS=--tiny` runs every tiny case; this keeps the harness working in CI
+with the cheapest one (the 64 -> 256 upscale: one tile, so imagen and stock give the same
+pixels).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+
+from bench import cold, cost
+from bench.cases import FULL_CASES, TINY_CASES, cases_named
+from bench.cli import main, parse_switches
+from bench.configs import FULL_CONFIGS, UNET_PARAMETERS, build_full_pipeline
+from image.operations.tuning import Tuning
+
+pytestmark = pytest.mark.models
+
+
+def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsys):
+    results_dir = tmp_path / "results"
+    argv = ["--tiny", "--cases", "upscale-64", "--repeats", "1",
+            "--cache", str(tiny_cache), "--results-dir", str(results_dir)]  # read only
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| case | input → output |" in out and "| upscale-64 | 64² → 256² |" in out
+
+    [path] = results_dir.glob("*.json")
+    assert path.name.startswith("cpu-") and "-tiny-" in path.name
+    assert path.with_suffix(".md").read_text().startswith("cpu")
+    results = json.loads(path.read_text())
+    assert results["environment"]["kind"] == "tiny" and results["switches_on"] == ["read_ahead"]
+    [row] = results["cases"]
+    assert row["stock"]["seconds"] > 0 and row["imagen"]["seconds"] > 0
+    assert row["ratio"] == pytest.approx(row["imagen"]["seconds"] / row["stock"]["seconds"], rel=0.01)
+    assert row["max_diff"] == 0  # one tile, CPU defaults: stock's pixels
+
+    assert main(["--cost", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "$ / 1000 at Cloud Run L4" in table and "| upscale-64 | imagen |" in table
+    assert "list prices" in table
+
+
+def test_cost_per_thousand_images():
+    results = {"environment": {"card": "NVIDIA H100 80GB HBM3", "device": "cuda:0"},
+               "cases": [{"case": "comic", "operation": "comic", "stock": {"seconds": 1.0},
+                          "imagen": {"seconds": 0.5}}]}
+    rows = cost.cost_rows(results)
+    h100 = next(p for p in cost.PRICES if p.card == "H100")
+    assert [r["path"] for r in rows] == ["stock", "imagen"]
+    assert rows[1]["dollars_per_1000"][h100.name] == pytest.approx(500 * h100.dollars_per_second)
+    assert rows[1]["same_card"] == {"Cloud Run L4": False, "GCE H100 on-demand": True}
+    assert "(other card)" in cost.format_cost(results)
+
+
+def test_switches_parse():
+    base = Tuning.for_device("cuda")
+    tuned = parse_switches(["compile=on", "channels_last=off", "upscale_tile=512",
+                            "compile_mode=max-autotune"], base)
+    assert tuned.compile and not tuned.channels_last and tuned.upscale_tile == 512
+    assert tuned.compile_mode == "max-autotune" and tuned.fuse_qkv
+    assert parse_switches(["upscale_tile=512,256"], base).upscale_tile == (512, 256)
+    for bad in (["compile"], ["warp=on"], ["compile=maybe"], ["upscale_tile=big"]):
+        with pytest.raises(SystemExit):
+            parse_switches(bad, base)
+
+
+def test_cases():
+    assert [c.name for c in cases_named("full", ["upscale"])] == [
+        "upscale-256", "upscale-512", "upscale-1024"]
+    assert [c.name for c in cases_named("tiny", ["comic", "upscale-64"])] == ["comic", "upscale-64"]
+    with pytest.raises(SystemExit, match="unknown case"):
+        cases_named("tiny", ["sharpen"])
+    assert {c.operation for c in FULL_CASES} == {c.operation for c in TINY_CASES}
+    assert FULL_CASES[0].params()["steps"] == 50 and FULL_CASES[0].params()["strength"] == 0.75
+
+
+@pytest.mark.parametrize("operation", list(FULL_CONFIGS))
+def test_full_configs_are_the_anchor_architectures(operation):
+    pipe = build_full_pipeline(operation, device="meta")  # no memory, no init
+    parameters = sum(p.numel() for p in pipe.unet.parameters())
+    assert parameters == pytest.approx(UNET_PARAMETERS[operation], abs=0.1e6)
+
+
+def test_cold_start_children(tmp_path):
+    code = cold.imagen_code("upscale", tmp_path, "cpu", Tuning.for_device("cpu"))
+    ast.parse(code)
+    seconds, phases = cold.time_child(f"print({cold.READY!r} + '{{\"x\": 1}}')")
+    assert seconds > 0 and phases == {"x": 1}
+    with pytest.raises(RuntimeError, match="before it was ready"):
+        cold.time_child("import sys; sys.exit(3)")

@@ -1,0 +1,222 @@
+"""Optimised and stock compute the same function: each speed switch against stock diffusers.
+
+Tiny models on the CPU, the same input, steps and seed. With the CPU defaults imagen's
+operations give stock diffusers' pixels exactly; each switch is then turned on alone and its
+output compared with stock's (float32 outputs in 0..1, so the tolerances are fractions of
+one 8-bit level unless said otherwise). Cold-start switches are checked on the weights they
+load. Two steps keep each run to a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cases import Case, ImagenRunner, StockRunner, input_image
+from image.engine import Engine
+from image.models import loading
+from image.models.lock import Lock
+from image.models.registry import REGISTRY
+from image.operations.tuning import (
+    Tuning,
+    load_compile_cache,
+    save_compile_cache,
+    tune_pipeline,
+)
+
+pytestmark = pytest.mark.models
+
+CPU = torch.device("cpu")
+# At the tiny models' native sizes: img2img runs the image as it is, upscale in one tile.
+CASES = {
+    "comic": Case("comic", "comic", 256, steps=2, strength=0.5, guidance=7.5),
+    "enhance": Case("enhance", "enhance", 256, steps=2, strength=0.5, guidance=5.0),
+    "upscale": Case("upscale", "upscale", 64, steps=2, guidance=9.0),
+}
+OPERATIONS = tuple(CASES)
+
+
+def _pipe(op, cache):
+    """A fresh pipeline through imagen's loader, everything off."""
+    return loading.load_model(
+        REGISTRY[op], cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock()
+    ).model
+
+
+def _call(pipe, op):
+    """The pipeline on the case's input, float32 output in 0..1."""
+    case = CASES[op]
+    kwargs = {
+        "prompt": "a photo",
+        "negative_prompt": "blurry",
+        "image": input_image(case.size),
+        "num_inference_steps": case.steps,
+        "guidance_scale": case.guidance,
+        "generator": torch.Generator(device=CPU).manual_seed(7),
+        "output_type": "np",
+    }
+    if case.strength is not None:
+        kwargs["strength"] = case.strength
+    with torch.inference_mode():
+        return pipe(**kwargs).images[0]
+
+
+@pytest.fixture(scope="module")
+def stock_np(tiny_cache):
+    """Stock outputs per operation (pipeline level), computed once."""
+    return {op: _call(_pipe(op, tiny_cache), op) for op in OPERATIONS}
+
+
+# -- imagen's operation is stock diffusers -------------------------------------------------
+
+
+def test_cpu_defaults_are_stock():
+    assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
+    assert Tuning.for_device("cuda").enabled() == ["channels_last", "fuse_qkv", "read_ahead", "direct_to_device"]
+    assert Tuning.stock().enabled() == []
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_operation_with_cpu_defaults_gives_stock_pixels(tiny_cache, op):
+    case = CASES[op]
+    image = input_image(case.size)
+    stock = StockRunner(op, tiny_cache, CPU, torch.float32)
+    imagen = ImagenRunner(op, tiny_cache, CPU, torch.float32, tuning=Tuning.for_device(CPU))
+    expected = np.asarray(stock(case, image))
+    got = np.asarray(imagen(case, image))
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected)
+
+
+# -- each switch alone -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+@pytest.mark.parametrize(
+    "switch, tolerance",
+    [
+        ("channels_last", 1e-4),  # another conv kernel, the same sums in another order
+        ("fuse_qkv", 1e-5),  # one matmul over concatenated weights
+        # bfloat16 keeps 8 mantissa bits, rounded in every VAE layer (encode and decode):
+        # up to ~12 8-bit levels on a few pixels of these random models, under one on average.
+        ("vae_bf16", 0.05),
+    ],
+)
+def test_switch_computes_the_same_function(tiny_cache, stock_np, op, switch, tolerance):
+    pipe = _pipe(op, tiny_cache)
+    done = tune_pipeline(pipe, Tuning.stock().replace(**{switch: True}), CPU)
+    assert done == [switch]
+    out = _call(pipe, op)
+    diff = np.abs(out - stock_np[op])
+    assert diff.max() <= tolerance, f"{switch}: max difference {diff.max():.2e}"
+    if switch == "vae_bf16":
+        assert diff.mean() <= 0.004
+        assert pipe.vae.dtype == torch.bfloat16 and not pipe.vae.config.force_upcast
+
+
+def test_vae_tiling_changes_nothing_below_its_tile_and_stays_close_above(tiny_cache, stock_np):
+    # Above the tile the decode is blended from tiles (GroupNorm sees each tile alone): not
+    # bit-stock, which is why the switch is off by default.
+    pipe = _pipe("upscale", tiny_cache)
+    assert tune_pipeline(pipe, Tuning.stock().replace(vae_tiling=True), CPU) == ["vae_tiling"]
+    tiled = _call(pipe, "upscale")
+    assert tiled.shape == stock_np["upscale"].shape and np.isfinite(tiled).all()
+    assert np.abs(tiled - stock_np["upscale"]).mean() < 0.15
+    pipe.vae.tile_latent_min_size, pipe.vae.tile_sample_min_size = 4096, 16384
+    assert np.array_equal(_call(pipe, "upscale"), stock_np["upscale"])
+
+
+def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
+    # Inductor takes minutes on a CPU; the eager backend runs the same captured graphs.
+    compile_module = torch.nn.Module.compile
+
+    def eager(self, *args, mode=None, **kwargs):
+        return compile_module(self, *args, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    pipe = _pipe("upscale", tiny_cache)
+    assert tune_pipeline(pipe, Tuning.stock().replace(compile=True), CPU) == ["compile(default)"]
+    assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
+
+
+def test_compile_cache_is_written_once_and_loaded(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artefacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    path = tmp_path / "compile" / "cache.bin"
+    assert not load_compile_cache(path)
+    assert save_compile_cache(path) and path.read_bytes() == b"artefacts"
+    assert not save_compile_cache(path)  # an existing cache is kept
+    assert load_compile_cache(path) and loaded == [b"artefacts"]
+    assert not load_compile_cache(None) and not save_compile_cache(None)
+
+
+def test_upscale_tile_switches_and_batches_give_the_same_pixels(tiny_cache):
+    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
+                    tuning=Tuning.for_device(CPU).replace(upscale_tile_batch=4))
+    engine.setup()
+    op = engine._ops["upscale"]
+    assert (op.tile_size, op.tile_batch) == (64, 4)  # 2 x the tiny UNet's sample_size
+    image, params = input_image(96), {**CASES["upscale"].params(), "steps": 1}  # 2 x 2 tiles
+    batched = np.asarray(engine.run(["upscale"], image, params, seed=3), dtype=int)
+    op.tile_batch = 1  # each tile has its own seeded generator: batching changes no noise
+    single = np.asarray(engine.run(["upscale"], image, params, seed=3), dtype=int)
+    assert np.abs(batched - single).max() <= 1
+    op.tuning, op.tile_size, op.tile_overlap = Tuning(upscale_tile=128), None, None
+    op.prepare()
+    assert (op.tile_size, op.tile_overlap, op.tile_sizes) == (128, 16, (128,))
+    # Buckets: the fewest tile pixels for each image, the larger tile on a tie.
+    op.tuning, op.tile_size = Tuning(upscale_tile=(128, 64)), None
+    op.prepare()
+    assert op.tile_sizes == (64, 128) and op.tile_size == 64
+    assert op.tile_for((64, 64)) == (64, 8)
+    assert op.tile_for((96, 96)) == (128, 16)  # 4 x 64² = 1 x 128²
+    assert op.tile_for((40, 200)) == (64, 8)  # 4 tiles of 64² beat 2 of 128²
+
+
+# -- cold-start switches: the same weights -----------------------------------------------------
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value for name in ("unet", "vae", "text_encoder")
+            if getattr(pipe, name, None) is not None
+            for key, value in getattr(pipe, name).state_dict().items()}
+
+
+def _assert_same_weights(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def test_read_ahead_reads_every_weight_file_and_loads_the_same_weights(tiny_cache):
+    spec = REGISTRY["upscale"]
+    snapshot = loading.store.resolve_snapshot(spec, tiny_cache, lock=Lock())
+    threads = loading.start_read_ahead(snapshot, CPU)
+    assert len(threads) == len([p for p in snapshot.rglob("*.safetensors")])
+    for thread in threads:
+        thread.join(30)
+    ahead = loading.load_model(spec, tiny_cache, device=CPU, dtype=torch.float32,
+                               allow_download=False, lock=Lock(), read_ahead=True).model
+    _assert_same_weights(ahead, _pipe("upscale", tiny_cache))
+
+
+def test_direct_to_device_loads_the_same_weights(tiny_cache, monkeypatch, caplog):
+    # On a GPU the map is {"": "cuda"}; here the CPU stands in to run the same code path.
+    spec = REGISTRY["upscale"]
+    assert loading._device_map(CPU) is None
+    monkeypatch.setattr(loading, "_device_map", lambda device: "cpu")
+    direct = loading.load_model(spec, tiny_cache, device=CPU, dtype=torch.float32,
+                                allow_download=False, lock=Lock(), direct_to_device=True).model
+    _assert_same_weights(direct, _pipe("upscale", tiny_cache))
+    # A device_map diffusers refuses is a warning and the plain load, never a failed start.
+    monkeypatch.setattr(loading, "_device_map", lambda device: "tpu-of-the-future")
+    with caplog.at_level(logging.WARNING, logger="imagen.models"):
+        plain = loading.load_model(spec, tiny_cache, device=CPU, dtype=torch.float32,
+                                   allow_download=False, lock=Lock(), direct_to_device=True).model
+    assert "loading to the CPU first" in caplog.text
+    _assert_same_weights(plain, direct)
