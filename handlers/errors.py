@@ -7,6 +7,8 @@
     │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
     ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
+    ├── Undeliverable               refused, with no bucket of ours to report in (HTTP 400, nack:
+    │                               the message ends in the dead-letter topic)
     ├── ConfigError                 bad settings; raised at start-up, names the variable
     ├── SourceSuperseded            the event's generation is gone or replaced: skip, ack
     └── TransientError              worth retrying: 429/5xx, timeouts (HTTP 503, nack)
@@ -38,6 +40,11 @@ class EventError(ImagenError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Undeliverable(ImagenError):
+    """A job refused before any read whose report would have to be written into a bucket we
+    must not touch: it is left to the dead-letter topic instead."""
 
 
 class ConfigError(ImagenError):

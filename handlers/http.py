@@ -2,7 +2,8 @@
 
 Answers (DESIGN.md): 2xx when the job is done, skipped, ignored or failed permanently with its
 report written; 503 for a transient fault or while models load (Pub/Sub and Eventarc retry);
-400 only for a body that cannot be parsed at all (so it ends in the dead-letter topic);
+400 for a body that cannot be parsed at all, or a job message refused with no bucket of ours to
+report in (either way it ends in the dead-letter topic);
 401/403 for a push without a valid OIDC token when push authentication is configured.
 `GET /healthz` answers while the process lives; `GET /readyz` only once models are warm;
 `GET /metrics` is for Prometheus (handlers.metrics).
@@ -18,7 +19,7 @@ import flask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.auth import AuthError
-from handlers.errors import EventError, TransientError
+from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
 
 log = logging.getLogger("imagen.http")
@@ -73,6 +74,8 @@ def create_app(processor, state: Callable[[], str], authenticator=None) -> flask
             outcome = processor.handle(event, message_id=message_id, attempt=attempt)
         except TransientError as error:
             return _answer(503, error=str(error), retry=True)
+        except Undeliverable as error:
+            return _answer(400, error=str(error))
         except Exception as error:  # a bug: answer 500 so the message is retried, not lost
             log.exception("unexpected error", extra={"fields": {"message_id": message_id}})
             return _answer(500, error=f"{type(error).__name__}: {error}")

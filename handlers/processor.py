@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 from handlers import metrics, routing
-from handlers.errors import PreconditionLost, SourceSuperseded, TransientError
+from handlers.errors import PreconditionLost, SourceSuperseded, TransientError, Undeliverable
 from handlers.events import JobRequest, ObjectEvent
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
@@ -249,6 +249,10 @@ class Processor:
     ) -> Outcome:
         bucket, name = routing.failure_location(job, self._layout)
         details = {"type": type(error).__name__, "message": str(error)}
+        if job.origin == "job-message" and bucket not in self._allowed_buckets:
+            # Its report would land in a bucket outside the allowlist: write nothing there.
+            log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
+            raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         report = {
             "source": job.source_uri,
             "generation": job.generation,

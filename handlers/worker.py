@@ -18,7 +18,7 @@ import threading
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
-from handlers.errors import EventError, TransientError
+from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
 
 log = logging.getLogger("imagen.worker")
@@ -63,8 +63,8 @@ class PullWorker:
             self._processor.handle(
                 event, message_id=message.message_id, attempt=message.delivery_attempt
             )
-        except TransientError:
-            message.nack()
+        except (TransientError, Undeliverable):
+            message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
             return
         except Exception:
             log.exception("unexpected error; the message goes back to Pub/Sub", extra={"fields": fields})

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from handlers.clients import storage_client
-from handlers.errors import TransientError
+from handlers.errors import TransientError, Undeliverable
 from handlers.events import JobRequest, ObjectEvent
 from handlers.processor import MAX_ATTEMPTS, Processor
 from handlers.results import ResultPublisher
@@ -221,12 +221,22 @@ def test_job_message_format_follows_the_output_extension(settings, bucket):
 
 
 def test_job_message_from_a_bucket_not_allowed_is_refused_unread(settings, bucket):
+    """Refused before any read; its report would land in the foreign bucket, so nothing is
+    written there and the message is left to the dead-letter topic."""
     _upload(bucket, "uploads/p.png")
     engine = FakeEngine()
-    outcome = _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
-    assert outcome.status == "failed" and outcome.error["type"] == "SourceNotAllowed"
-    assert "IMAGEN_ALLOWED_BUCKETS" in _report(bucket, "failed/upscale/uploads/p.png.json")["error"]["message"]
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
+        _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
+    assert [blob.name for blob in bucket.list_blobs()] == ["uploads/p.png"]
     assert engine.calls == 0
+
+
+def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket(settings, bucket):
+    _upload(bucket, "uploads/p.png")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {"steps": "many"}))
+    assert outcome.status == "failed"
+    assert _report(bucket, "failed/upscale/uploads/p.png.json")["error"]["type"] == "InvalidParameter"
 
 
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
