@@ -1,29 +1,48 @@
-"""Google Cloud clients, built from settings (emulators included) in one place."""
+"""Google Cloud clients, built from settings (emulators included) in one place.
+
+Emulator endpoints come from the settings object, not from the libraries' own reading of the
+environment, so a process can talk to an emulator it started itself (the local stack) and the
+environment is read in one place only.
+"""
 
 from __future__ import annotations
 
+import grpc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
+from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 EMULATOR_PROJECT = "imagen-local"
 
 
 def storage_client(settings) -> storage.Client:
     if settings.storage_emulator_host:
-        # The library reads STORAGE_EMULATOR_HOST itself; it still needs credentials and a project.
         return storage.Client(
-            project=settings.project or EMULATOR_PROJECT, credentials=AnonymousCredentials()
+            project=settings.project or EMULATOR_PROJECT,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": _with_scheme(settings.storage_emulator_host)},
         )
     return storage.Client(project=settings.project)
 
 
-def publisher_client() -> pubsub_v1.PublisherClient:
-    # PUBSUB_EMULATOR_HOST, when set, is honoured by the library itself.
+def publisher_client(settings) -> pubsub_v1.PublisherClient:
+    if settings.pubsub_emulator_host:  # the emulator speaks plain gRPC, no TLS, no credentials
+        channel = grpc.insecure_channel(settings.pubsub_emulator_host)
+        return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel))
     return pubsub_v1.PublisherClient()
 
 
-def subscriber_client() -> pubsub_v1.SubscriberClient:
+def subscriber_client(settings) -> pubsub_v1.SubscriberClient:
+    if settings.pubsub_emulator_host:
+        channel = grpc.insecure_channel(settings.pubsub_emulator_host)
+        return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
     return pubsub_v1.SubscriberClient()
+
+
+def _with_scheme(host: str) -> str:
+    # STORAGE_EMULATOR_HOST may be "localhost:4443" or "http://localhost:4443".
+    return host if "://" in host else f"http://{host}"
 
 
 def topic_path(settings, topic: str) -> str:

@@ -23,7 +23,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-PROJECT = "imagen-local"
+from handlers.clients import EMULATOR_PROJECT, publisher_client, storage_client, subscriber_client
+from handlers.settings import child_environment
+
+PROJECT = EMULATOR_PROJECT
 EVENTS_TOPIC = "imagen-events"
 
 
@@ -146,11 +149,11 @@ class StorageEmulator(_Service):
             "-port", str(self.port), "-external-url", self.url, "-backend", "memory",
             "-log-level", "warn",
         ]
-        env = dict(os.environ)
+        extra = {}
         if pubsub_host:
             argv += ["-event.pubsub-project-id", project, "-event.pubsub-topic", topic]
-            env["PUBSUB_EMULATOR_HOST"] = pubsub_host
-        self._spawn(argv, env)
+            extra["PUBSUB_EMULATOR_HOST"] = pubsub_host
+        self._spawn(argv, child_environment(extra))
         self._wait_until(self._answers, timeout)
         return self
 
@@ -213,25 +216,25 @@ class LocalStack:
             **gcloud_storage_env(self.storage.url),
         }
 
-    def start(self, ready_timeout: float = 600) -> LocalStack:
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import pubsub_v1, storage
+    def settings(self):
+        """Settings that point this process's clients at the stack."""
+        from handlers.settings import Settings
 
-        # The client libraries find emulators through the environment: point this process at
-        # the stack while it runs (`stop()` puts the previous values back).
-        self._saved_env = {key: os.environ.get(key) for key in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
+        return Settings(storage_emulator_host=self.storage.url, pubsub_emulator_host=self.pubsub.host,
+                        project=PROJECT)
+
+    def start(self, ready_timeout: float = 600) -> LocalStack:
         self.pubsub.start()
-        os.environ["PUBSUB_EMULATOR_HOST"] = self.pubsub.host
-        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        settings = self.settings()
+        publisher, subscriber = publisher_client(settings), subscriber_client(settings)
         topic = publisher.topic_path(PROJECT, EVENTS_TOPIC)
         publisher.create_topic(name=topic)
         self.storage.start(pubsub_host=self.pubsub.host)
-        os.environ["STORAGE_EMULATOR_HOST"] = self.storage.url
-        storage.Client(project=PROJECT, credentials=AnonymousCredentials()).create_bucket(self.bucket)
+        storage_client(settings).create_bucket(self.bucket)
 
         worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
         subscriber.create_subscription(name=worker_sub, topic=topic, ack_deadline_seconds=60)
-        env = {**os.environ, **self.env()}
+        env = child_environment(self.env())
         self._start_process(
             "worker",
             ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS),
@@ -269,11 +272,6 @@ class LocalStack:
         self._processes.clear()
         self.storage.stop()
         self.pubsub.stop()
-        for key, value in getattr(self, "_saved_env", {}).items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     def __enter__(self):
         return self.start()

@@ -27,7 +27,7 @@ def build_engine(settings, operations=None):
 def build_processor(settings, engine) -> Processor:
     results = None
     if settings.results_topic:
-        results = ResultPublisher(publisher_client(), topic_path(settings, settings.results_topic))
+        results = ResultPublisher(publisher_client(settings), topic_path(settings, settings.results_topic))
     return Processor(
         engine=engine, store=Store(storage_client(settings)), settings=settings, results=results
     )

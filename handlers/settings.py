@@ -124,6 +124,11 @@ class Settings:
         return self
 
 
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a child process: this process's, with `extra` on top."""
+    return {**os.environ, **extra}
+
+
 def split_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 

@@ -16,10 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-
-from handlers.localstack import PROJECT, LocalStack
+from handlers.clients import storage_client
+from handlers.localstack import LocalStack
 from handlers.settings import Settings
 from scripts import samples
 
@@ -87,7 +85,7 @@ def main(output_dir: Path = OUTPUT_DIR, work_dir: Path = WORK_DIR) -> int:
     print("starting the local stack (emulators, worker, imagen serve)...", flush=True)
     try:
         stack.start()
-        bucket = storage.Client(project=PROJECT, credentials=AnonymousCredentials()).bucket(BUCKET)
+        bucket = storage_client(stack.settings()).bucket(BUCKET)
         todo = jobs(tiny)
         for job in todo:
             data = job.get("data") or samples.png(job["image"])

@@ -25,7 +25,7 @@ def command(settings, location, topic, operation, dry_run, rate, verbose):
     bucket, _, prefix = location[len("gs://"):].partition("/")
     publish = None
     if not dry_run:
-        publisher, path = publisher_client(), topic_path(settings, topic)
+        publisher, path = publisher_client(settings), topic_path(settings, topic)
 
         def publish(data: bytes) -> None:
             publisher.publish(path, data).result(timeout=60)

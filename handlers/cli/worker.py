@@ -51,7 +51,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         except OSError as error:
             raise ConfigError(f"--metrics-port {metrics_port}: {error}; pass another port or 0") from None
     worker = PullWorker(
-        subscriber_client(),
+        subscriber_client(settings),
         subscription_path(settings, settings.subscription),
         build_processor(settings, engine),
         concurrency=concurrency,
