@@ -190,7 +190,7 @@ def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:
     size = resource.get("size")
     try:
         size = int(size) if size is not None else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         raise EventError(f"object 'size' is not a number: {size!r}") from None
     content_type = resource.get("contentType")
     return ObjectEvent(

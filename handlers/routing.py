@@ -28,6 +28,9 @@ SECONDS_KEY = "imagen-seconds"
 OUTPUT_KEYS = (SOURCE_KEY, SOURCE_GENERATION_KEY, MODEL_KEY, VERSION_KEY, SECONDS_KEY)
 
 MAX_NAME_BYTES = 1024  # Cloud Storage's limit on object names
+# Longest operation text used as a folder of a report path; longer ones file under "_invalid",
+# so a report name always fits in MAX_NAME_BYTES.
+MAX_SEGMENT_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -182,7 +185,11 @@ def check_safe_name(name: str) -> None:
     """Raise UnsafeObjectName for names we refuse to read from or write to."""
     if not name:
         raise UnsafeObjectName("empty object name")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, from a forged event: Cloud Storage wants UTF-8
+        raise UnsafeObjectName(f"object name {name!r} is not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
         raise UnsafeObjectName(f"object name longer than {MAX_NAME_BYTES} bytes")
     if _CONTROL.search(name):
         raise UnsafeObjectName(f"object name {name!r} contains control characters")
@@ -200,7 +207,13 @@ def route_request_rel_path(name: str, layout: Layout) -> str:
 
 
 def _is_safe_segment(text: str) -> bool:
-    return bool(text) and "/" not in text and text not in (".", "..") and not _CONTROL.search(text)
+    """A name fit for one folder of a report path: the operation as given, when it is one."""
+    if not text or "/" in text or text in (".", "..") or _CONTROL.search(text):
+        return False
+    try:
+        return len(text.encode("utf-8")) <= MAX_SEGMENT_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def _last(path: str) -> str:

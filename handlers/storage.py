@@ -121,8 +121,12 @@ class Store:
         blob = self._client.bucket(bucket).blob(name)
         body = json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True)
         try:
+            data = body.encode()
+        except UnicodeEncodeError:  # a forged name with a lone surrogate: JSON can escape it
+            data = json.dumps(report, indent=2, ensure_ascii=True, sort_keys=True).encode()
+        try:
             blob.upload_from_string(
-                body.encode(),
+                data,
                 content_type="application/json",
                 timeout=TIMEOUT_SECONDS,
                 retry=DEFAULT_RETRY,  # replacing a report with the same content is idempotent

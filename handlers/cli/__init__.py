@@ -35,9 +35,9 @@ def main(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from handlers.cli import backfill, dev, models, process, run, serve, submit, worker
+    from handlers.cli import backfill, dev, dlq, models, process, run, serve, submit, worker
 
-    for module in (backfill, dev, models, process, run, serve, submit, worker):
+    for module in (backfill, dev, dlq, models, process, run, serve, submit, worker):
         main.add_command(module.command)
 
 

@@ -1,0 +1,98 @@
+"""`imagen dlq list | replay`: the dead-letter subscription, by hand.
+
+    imagen dlq list --subscription imagen-upscale-dead-letter
+    imagen dlq replay --subscription imagen-upscale-dead-letter [--topic imagen-events]
+
+`list` shows each message (what it asks for, or why it cannot be parsed; its attributes and
+delivery attempts) and leaves it there. `replay` publishes each back to the topic of the
+subscription it came from (or `--topic`) and then acks it from the dead-letter subscription.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _subscription_option(function):
+    return click.option(
+        "--subscription",
+        required=True,
+        help="The dead-letter subscription: name or projects/P/subscriptions/S.",
+    )(function)
+
+
+def _limit_option(function):
+    function = click.option(
+        "--wait",
+        default=5.0,
+        show_default=True,
+        type=click.FloatRange(0.1),
+        help="Seconds a pull waits for more messages before the subscription looks empty.",
+    )(function)
+    return click.option(
+        "--limit", default=1000, show_default=True, type=click.IntRange(1), help="Messages at most."
+    )(function)
+
+
+@click.group("dlq")
+def command() -> None:
+    """Inspect and replay dead-lettered messages."""
+
+
+@command.command("list")
+@_subscription_option
+@_limit_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.pass_obj
+def list_(settings, subscription, limit, wait, as_json):
+    """Show the messages in a dead-letter subscription; they stay there."""
+    from handlers.clients import subscriber_client, subscription_path
+    from handlers.dlq import list_dead_letters
+
+    path = subscription_path(settings, subscription)
+    letters = list_dead_letters(subscriber_client(settings), path, limit=limit, wait_seconds=wait)
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
+        return
+    click.echo(f"{len(letters)} message(s) in {path} (left there)")
+    for letter in letters:
+        published = letter.publish_time.isoformat() if letter.publish_time else "?"
+        attempts = letter.source_attempts if letter.source_attempts is not None else "?"
+        origin = f" from {letter.source_subscription}" if letter.source_subscription else ""
+        click.echo(f"- {letter.message_id}  published {published}  attempts {attempts}{origin}")
+        click.echo(f"  {letter.describe()}")
+        attributes = ", ".join(f"{k}={v}" for k, v in sorted(letter.replay_attributes.items()))
+        click.echo(f"  attributes: {attributes or '(none)'}")
+
+
+@command.command("replay")
+@_subscription_option
+@_limit_option
+@click.option("--topic", help="Publish here instead of the topic each message came from.")
+@click.option("--message-id", "message_ids", multiple=True, help="Only these (repeatable).")
+@click.pass_obj
+def replay_(settings, subscription, limit, wait, topic, message_ids):
+    """Publish dead letters back (publish first, then ack: at least once)."""
+    from handlers.clients import publisher_client, subscriber_client, subscription_path, topic_path
+    from handlers.dlq import replay
+
+    path = subscription_path(settings, subscription)
+    report = replay(
+        subscriber_client(settings),
+        publisher_client(settings),
+        path,
+        topic=topic_path(settings, topic) if topic else None,
+        limit=limit,
+        message_ids=frozenset(message_ids),
+        wait_seconds=wait,
+    )
+    click.echo(f"replayed {len(report.replayed)} message(s) from {path}")
+    for message_id, why in sorted(report.failed.items()):
+        click.echo(f"not replayed {message_id}: {why}", err=True)
+    if report.left:
+        click.echo(f"left {report.left} unselected message(s) in place")
+    if report.failed:
+        raise SystemExit(1)

@@ -1,0 +1,269 @@
+"""Dead letters: inspect and replay the messages Pub/Sub moved to a dead-letter topic.
+
+A message lands there after the main subscription's `max_delivery_attempts` (MAX_ATTEMPTS in
+the processor): usually a body that could not be parsed (HTTP 400 / nack), or a transient
+fault that outlived every attempt and whose failure report could not be written either.
+
+    letters = list_dead_letters(subscriber, dlq_subscription)   # pulled, then nacked: they stay
+    report = replay(subscriber, publisher, dlq_subscription)   # republished, then acked
+
+Replay is at least once: each message is published (with its attributes, minus the ones
+Pub/Sub added when dead-lettering it) and only acked from the dead-letter subscription once
+the publish is confirmed. A crash in between replays it twice, which the processor's
+idempotence absorbs (a duplicate is skipped without GPU work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+from collections.abc import Collection, Iterator, Mapping
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import pubsub_v1
+
+from handlers.errors import EventError
+from handlers.events import JobRequest, Message, ObjectEvent, parse_message
+
+log = logging.getLogger("imagen.dlq")
+
+# Attributes Pub/Sub adds when it dead-letters a message (and names reserved to Google).
+_DEAD_LETTER_PREFIX = "CloudPubSubDeadLetter"
+SOURCE_SUBSCRIPTION = "CloudPubSubDeadLetterSourceSubscription"
+SOURCE_PROJECT = "CloudPubSubDeadLetterSourceSubscriptionProject"
+SOURCE_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
+BATCH = 100  # messages per pull
+PULL_SECONDS = 5.0  # how long a pull waits for messages before the subscription looks empty
+LEASE_SECONDS = 120  # how long pulled messages are held while they are listed or replayed
+PUBLISH_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """One message in the dead-letter subscription."""
+
+    ack_id: str
+    message_id: str
+    data: bytes
+    attributes: Mapping[str, str]
+    publish_time: datetime.datetime | None
+    delivery_attempt: int | None  # on the dead-letter subscription itself, when it has a policy
+
+    @property
+    def source_attempts(self) -> int | None:
+        """Deliveries on the original subscription before it was dead-lettered."""
+        value = self.attributes.get(SOURCE_DELIVERY_COUNT, "")
+        return int(value) if value.isdigit() else None
+
+    @property
+    def source_subscription(self) -> str | None:
+        """The full path of the subscription that dead-lettered it, when Pub/Sub says."""
+        name = self.attributes.get(SOURCE_SUBSCRIPTION)
+        if not name:
+            return None
+        if name.startswith("projects/"):
+            return name
+        project = self.attributes.get(SOURCE_PROJECT)
+        return f"projects/{project}/subscriptions/{name}" if project else None
+
+    @property
+    def replay_attributes(self) -> dict[str, str]:
+        """The attributes it was first published with."""
+        return {
+            key: value
+            for key, value in self.attributes.items()
+            if not key.startswith(_DEAD_LETTER_PREFIX) and not key.startswith("goog")
+        }
+
+    def describe(self) -> str:
+        """What the message asks for, in one line, or why it cannot be parsed."""
+        try:
+            event = parse_message(Message(self.data, self.replay_attributes, self.message_id))
+        except EventError as error:
+            return f"unparseable: {error.reason}; data {_excerpt(self.data)}"
+        if isinstance(event, ObjectEvent):
+            generation = f"#{event.generation}" if event.generation else ""
+            return f"notification {event.kind} gs://{event.bucket}/{event.name}{generation}"
+        assert isinstance(event, JobRequest)
+        output = f" -> {event.output}" if event.output else ""
+        return f"job message {event.operation} gs://{event.bucket}/{event.name}{output}"
+
+    def to_json(self) -> dict:
+        return {
+            "message_id": self.message_id,
+            "publish_time": self.publish_time.isoformat() if self.publish_time else None,
+            "source_subscription": self.source_subscription,
+            "source_attempts": self.source_attempts,
+            "delivery_attempt": self.delivery_attempt,
+            "attributes": dict(self.attributes),
+            "data": _excerpt(self.data, 2000),
+            "summary": self.describe(),
+        }
+
+
+@dataclasses.dataclass
+class ReplayReport:
+    replayed: list[str] = dataclasses.field(default_factory=list)  # message ids
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # message id -> why
+    left: int = 0  # pulled but not selected: left in the dead-letter subscription
+
+
+def list_dead_letters(
+    subscriber: pubsub_v1.SubscriberClient,
+    subscription: str,
+    *,
+    limit: int = 1000,
+    wait_seconds: float = PULL_SECONDS,
+) -> list[DeadLetter]:
+    """Up to `limit` messages in the dead-letter `subscription`; they are all left there.
+
+    `wait_seconds`: how long a pull waits for more messages before the listing ends."""
+    letters: list[DeadLetter] = []
+    try:
+        for batch in _batches(subscriber, subscription, limit, wait_seconds):
+            letters.extend(batch)
+    finally:
+        # Nack everything pulled: the messages are available again at once.
+        _nack(subscriber, subscription, [letter.ack_id for letter in letters])
+    return letters
+
+
+def replay(
+    subscriber: pubsub_v1.SubscriberClient,
+    publisher: pubsub_v1.PublisherClient,
+    subscription: str,
+    *,
+    topic: str | None = None,
+    limit: int = 1000,
+    message_ids: Collection[str] = (),
+    wait_seconds: float = PULL_SECONDS,
+) -> ReplayReport:
+    """Republish dead letters, then ack them from the dead-letter `subscription`.
+
+    Each goes to `topic` (a full path) or, when None, back to the topic of the subscription
+    that dead-lettered it. `message_ids`, when given, selects which; the rest are left, and so
+    is any message whose publish fails.
+    """
+    report = ReplayReport()
+    topics: dict[str, str | None] = {}
+    held: list[str] = []  # ack ids to leave in place, nacked once the whole run is over
+    try:
+        for batch in _batches(subscriber, subscription, limit, wait_seconds):
+            futures = []
+            for letter in batch:
+                if message_ids and letter.message_id not in message_ids:
+                    report.left += 1
+                    held.append(letter.ack_id)
+                    continue
+                target = topic or _source_topic(subscriber, letter, topics)
+                if target is None:
+                    report.failed[letter.message_id] = (
+                        "no topic: it does not name the subscription it came from; pass --topic"
+                    )
+                    held.append(letter.ack_id)
+                    continue
+                futures.append(
+                    (letter, publisher.publish(target, letter.data, **letter.replay_attributes))
+                )
+            done = []
+            for letter, future in futures:  # publish first, ack after: at least once
+                try:
+                    future.result(timeout=PUBLISH_SECONDS)
+                except Exception as error:
+                    report.failed[letter.message_id] = f"publish failed: {error}"
+                    held.append(letter.ack_id)
+                    continue
+                done.append(letter.ack_id)
+                report.replayed.append(letter.message_id)
+            if done:
+                subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done})
+            log.info(
+                "dead letters replayed",
+                extra={
+                    "fields": {
+                        "subscription": subscription,
+                        "replayed": len(done),
+                        "failed": len(futures) - len(done),
+                    }
+                },
+            )
+    finally:
+        _nack(subscriber, subscription, held)
+    return report
+
+
+def _batches(
+    subscriber: pubsub_v1.SubscriberClient, subscription: str, limit: int, wait_seconds: float
+) -> Iterator[list[DeadLetter]]:
+    """Pulled batches until the subscription looks empty or `limit` messages were pulled.
+
+    Messages pulled stay leased (LEASE_SECONDS) until the caller acks or nacks them, so no
+    message comes twice within one listing."""
+    seen = 0
+    while seen < limit:
+        try:
+            response = subscriber.pull(
+                request={"subscription": subscription, "max_messages": min(BATCH, limit - seen)},
+                timeout=wait_seconds,
+            )
+        except api_exceptions.DeadlineExceeded:
+            return
+        received = list(response.received_messages)
+        if not received:
+            return
+        subscriber.modify_ack_deadline(
+            request={
+                "subscription": subscription,
+                "ack_ids": [r.ack_id for r in received],
+                "ack_deadline_seconds": LEASE_SECONDS,
+            }
+        )
+        seen += len(received)
+        yield [_dead_letter(r) for r in received]
+
+
+def _dead_letter(received) -> DeadLetter:
+    message = received.message
+    publish_time = message.publish_time if message.publish_time else None
+    return DeadLetter(
+        ack_id=received.ack_id,
+        message_id=message.message_id,
+        data=bytes(message.data),
+        attributes=dict(message.attributes),
+        publish_time=publish_time,
+        delivery_attempt=received.delivery_attempt or None,
+    )
+
+
+def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None]) -> str | None:
+    path = letter.source_subscription
+    if path is None:
+        return None
+    if path not in cache:
+        try:
+            cache[path] = subscriber.get_subscription(request={"subscription": path}).topic
+        except api_exceptions.NotFound:
+            cache[path] = None
+    return cache[path]
+
+
+def _nack(subscriber, subscription: str, ack_ids: list[str]) -> None:
+    for start in range(0, len(ack_ids), BATCH):
+        subscriber.modify_ack_deadline(
+            request={
+                "subscription": subscription,
+                "ack_ids": ack_ids[start : start + BATCH],
+                "ack_deadline_seconds": 0,
+            }
+        )
+
+
+def _excerpt(data: bytes, limit: int = 160) -> str:
+    """The data as text (JSON compacted) when it is, else its bytes; cut to `limit` chars."""
+    try:
+        text = json.dumps(json.loads(data), separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = repr(data)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

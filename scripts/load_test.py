@@ -1,0 +1,398 @@
+"""Load and crash test: `python -m scripts.load_test [--n 300] [--seed 0]`.
+
+Starts the emulators, builds the tiny models (`imagen models pull --tiny`) in a temporary
+MODEL_CACHE_DIR, runs two `imagen worker` processes on one subscription (remove-background,
+the fastest operation, on the CPU), uploads N pictures, and meanwhile SIGKILLs one of the
+workers at random moments and restarts it. It watches the output prefix the whole time,
+recording each output's generation when first seen, and checks at the end:
+
+- exactly N outputs, none missing ("lost"), none written twice ("duplicates": an output whose
+  generation changed after it was first seen, or one from another source generation);
+- no failure reports;
+
+then prints those figures, the throughput, the kills and the redeliveries (jobs started more
+than once, and redeliveries acked as duplicates without GPU work), and exits 1 if any check
+failed. `tests/reliability/test_crash_and_load.py` runs it small (N=20, one kill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import pubsub_v1, storage
+from PIL import Image
+
+from handlers.localstack import EVENTS_TOPIC, PROJECT, PubsubEmulator, StorageEmulator
+
+OPERATION = "remove-background"
+ACK_DEADLINE_SECONDS = 10  # the subscription's; Pub/Sub's minimum
+# A streaming pull holds its messages on a lease of its own, 60 s in google-cloud-pubsub
+# (unless FlowControl.max_duration_per_lease_extension is set): what a killed worker held
+# (more than its flow control allows, on the emulator) comes back only after that.
+LEASE_SECONDS = 60
+
+
+@dataclasses.dataclass
+class LoadReport:
+    n: int
+    outputs: int
+    duplicates: int
+    lost: int
+    failures: int
+    seconds: float  # first upload to last output
+    kills: int
+    jobs_started: int
+    duplicate_skips: int
+    writes: int  # "job succeeded" log lines: outputs written (a killed worker may not log one)
+
+    @property
+    def throughput(self) -> float:
+        return self.outputs / self.seconds if self.seconds else 0.0
+
+    @property
+    def redeliveries(self) -> int:
+        """Deliveries beyond the first for a job: started again, or acked as a duplicate."""
+        return max(self.jobs_started - self.outputs, 0) + self.duplicate_skips
+
+    @property
+    def ok(self) -> bool:
+        return self.outputs == self.n and not (self.duplicates or self.lost or self.failures)
+
+    def lines(self) -> list[str]:
+        return [
+            f"N            {self.n}",
+            f"outputs      {self.outputs}",
+            f"duplicates   {self.duplicates}",
+            f"lost         {self.lost}",
+            f"failures     {self.failures}",
+            f"throughput   {self.throughput:.2f} jobs/s ({self.outputs} in {self.seconds:.1f} s)",
+            f"kills        {self.kills} (SIGKILL, then restart)",
+            (
+                f"redeliveries {self.redeliveries} ({self.jobs_started} jobs started for "
+                f"{self.outputs} outputs; {self.duplicate_skips} redeliveries acked as duplicates)"
+            ),
+        ]
+
+
+IMAGEN = (sys.executable, "-m", "handlers.cli")
+
+
+class Worker:
+    """One `imagen worker` process; its log (JSON lines) is appended across restarts."""
+
+    def __init__(self, name: str, subscription: str, env: dict, log_path: Path, imagen=IMAGEN):
+        self.name, self.subscription, self.env, self.log_path = name, subscription, env, log_path
+        self.imagen = tuple(imagen)
+        self.process: subprocess.Popen | None = None
+        self._offset = 0
+
+    def start(self) -> None:
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *self.imagen,
+                    "worker",
+                    "--subscription",
+                    self.subscription,
+                    "--operations",
+                    OPERATION,
+                    "--metrics-port",
+                    "0",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, killed as one
+            )
+
+    def wait_pulling(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self._tail()}")
+            with open(self.log_path, "rb") as log:
+                log.seek(self._offset)
+                if b'"message": "pulling"' in log.read():
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {self.name} did not start pulling:\n{self._tail()}")
+
+    def busy(self) -> bool:
+        """Whether this run of the process (since its last start) has started a job."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._offset)
+            return b'"message": "job started"' in log.read()
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def count(self, needle: bytes) -> int:
+        return self.log_path.read_bytes().count(needle) if self.log_path.exists() else 0
+
+    def _tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+class OutputWatch:
+    """Lists the output and failure prefixes every `interval` seconds; records each output's
+    generation when first seen and every later change of it."""
+
+    def __init__(self, bucket: storage.Bucket, interval: float = 0.5):
+        self.bucket, self.interval = bucket, interval
+        self.first: dict[str, int] = {}
+        self.changed: set[str] = set()
+        self.failures: set[str] = set()
+        self.last_new = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.scan()
+
+    def scan(self) -> None:
+        for blob in self.bucket.list_blobs(prefix="processed/"):
+            if blob.name not in self.first:
+                self.first[blob.name] = blob.generation
+                self.last_new = time.monotonic()
+            elif blob.generation != self.first[blob.name]:
+                self.changed.add(blob.name)
+        self.failures.update(blob.name for blob in self.bucket.list_blobs(prefix="failed/"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.scan()
+
+
+def picture(index: int) -> bytes:
+    image = Image.new("RGB", (32, 24), ((index * 37) % 256, (index * 91) % 256, 128))
+    image.paste((255, 255, 255), (8 + index % 8, 6, 20, 18))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def run_load(
+    n: int,
+    *,
+    pubsub_host: str,
+    storage_url: str,
+    model_cache_dir: Path,
+    work_dir: Path,
+    kills: int | None = None,
+    kill_every: tuple[float, float] = (3.0, 10.0),
+    seed: int = 0,
+    timeout: float = 900,
+    settle: float = LEASE_SECONDS + 5,
+    imagen=IMAGEN,
+    log=print,
+) -> LoadReport:
+    """Run the load on running emulators; see the module docstring.
+
+    `kills`: how many times to SIGKILL worker A (None: every `kill_every` seconds, a random
+    interval, until every output exists). `settle`: seconds to keep watching after the last
+    output, so that late redeliveries of killed jobs would show. `imagen`: the command line
+    that runs imagen.
+    """
+    rng = random.Random(seed)
+    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub_host
+    os.environ["STORAGE_EMULATOR_HOST"] = storage_url
+    gcs = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+    bucket = gcs.create_bucket(f"load-{uuid.uuid4().hex[:12]}")
+    subscriber = pubsub_v1.SubscriberClient()
+    subscription = subscriber.subscription_path(PROJECT, f"load-{bucket.name}")
+    subscriber.create_subscription(
+        name=subscription,
+        topic=subscriber.topic_path(PROJECT, EVENTS_TOPIC),
+        ack_deadline_seconds=ACK_DEADLINE_SECONDS,
+    )
+    env = {
+        **os.environ,
+        "PUBSUB_EMULATOR_HOST": pubsub_host,
+        "STORAGE_EMULATOR_HOST": storage_url,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "MODEL_CACHE_DIR": str(model_cache_dir),
+        "IMAGEN_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # two workers on a small machine: one core each
+        "PYTHONUNBUFFERED": "1",
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    victim = Worker("A", subscription, env, work_dir / "worker-A.log", imagen)
+    steady = Worker("B", subscription, env, work_dir / "worker-B.log", imagen)
+    workers = (victim, steady)
+    watch = OutputWatch(bucket)
+    kill_count = 0
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.wait_pulling()
+        log(
+            f"two workers pulling from {subscription}; uploading {n} pictures to gs://{bucket.name}"
+        )
+        watch.start()
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: bucket.blob(
+                        f"incoming/{OPERATION}/load/{i:05d}.png"
+                    ).upload_from_string(picture(i), content_type="image/png"),
+                    range(n),
+                )
+            )
+        log(f"uploaded {n} in {time.monotonic() - started:.1f} s")
+
+        deadline = started + timeout
+        # Kill A at a random moment while it has a job in hand: after a random interval
+        # (none for a fixed number of kills), once its log shows a job started since its start.
+        due = time.monotonic() + (0.0 if kills is not None else rng.uniform(*kill_every))
+        while len(watch.first) < n and time.monotonic() < deadline:
+            more = kills is None or kill_count < kills
+            if more and time.monotonic() >= due and victim.busy():
+                time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the job
+                victim.kill()
+                kill_count += 1
+                log(f"SIGKILL worker A ({len(watch.first)}/{n} outputs); restarting it")
+                time.sleep(rng.uniform(0.0, 1.0))
+                victim.start()
+                victim.wait_pulling()
+                due = time.monotonic() + rng.uniform(*kill_every)
+            time.sleep(0.05)
+        finished = watch.last_new
+        time.sleep(settle)  # redeliveries of killed jobs would write (or skip) by now
+    finally:
+        watch.stop()
+        for worker in workers:
+            worker.stop()
+        subscriber.delete_subscription(subscription=subscription)
+
+    expected = {f"processed/{OPERATION}/load/{i:05d}.png" for i in range(n)}
+    stray = set(watch.first) - expected
+    outputs = len(expected & set(watch.first))
+    writes = sum(w.count(b'"message": "job succeeded') for w in workers)
+    # Written twice: seen changing, beyond the names expected, from a stale source, or logged
+    # as written more often than there are outputs (a rewrite between two listings).
+    duplicates = max(
+        len(watch.changed) + len(stray) + _wrong_source(bucket, expected & set(watch.first)),
+        writes - outputs,
+    )
+    return LoadReport(
+        n=n,
+        outputs=outputs,
+        duplicates=duplicates,
+        lost=n - outputs,
+        failures=len(watch.failures),
+        seconds=max(finished - started, 1e-9),
+        kills=kill_count,
+        jobs_started=sum(w.count(b'"message": "job started"') for w in workers),
+        duplicate_skips=sum(w.count(b'"message": "job skipped: duplicate') for w in workers),
+        writes=writes,
+    )
+
+
+def _wrong_source(bucket: storage.Bucket, names: set[str]) -> int:
+    """Outputs whose imagen-source-generation is not their source's (a stale overwrite)."""
+    sources = {
+        b.name: str(b.generation) for b in bucket.list_blobs(prefix=f"incoming/{OPERATION}/")
+    }
+    wrong = 0
+    for blob in bucket.list_blobs(prefix=f"processed/{OPERATION}/"):
+        if blob.name in names:
+            source = "incoming/" + blob.name.removeprefix("processed/")
+            if (blob.metadata or {}).get("imagen-source-generation") != sources.get(source):
+                wrong += 1
+    return wrong
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Crash-and-load test on the emulator stack.")
+    parser.add_argument("--n", type=int, default=300, help="uploads (default 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kill-every",
+        type=float,
+        nargs=2,
+        default=(3.0, 10.0),
+        metavar=("MIN", "MAX"),
+        help="seconds between kills of worker A, drawn uniformly (default 3 10)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for all outputs")
+    parser.add_argument("--work-dir", type=Path, help="logs and models (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="imagen-load-"))
+    models = work_dir / "models"
+    print(f"work dir {work_dir}: building the tiny models")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "handlers.cli",
+            "models",
+            "pull",
+            "--tiny",
+            "--operations",
+            OPERATION,
+            "--cache-dir",
+            str(models),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    with (
+        PubsubEmulator(log_dir=work_dir / "logs") as pubsub,
+        StorageEmulator(log_dir=work_dir / "logs") as gcs,
+    ):
+        pubsub.start()
+        os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
+        publisher = pubsub_v1.PublisherClient()
+        publisher.create_topic(name=publisher.topic_path(PROJECT, EVENTS_TOPIC))
+        gcs.start(pubsub_host=pubsub.host)
+        report = run_load(
+            args.n,
+            pubsub_host=pubsub.host,
+            storage_url=gcs.url,
+            model_cache_dir=models,
+            work_dir=work_dir,
+            kill_every=tuple(args.kill_every),
+            seed=args.seed,
+            timeout=args.timeout,
+        )
+    print("\n".join(report.lines()))
+    print("OK" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Dead letters. The Pub/Sub emulator applies no dead-letter policy, so a topic and
+subscription play the dead-letter pair, filled with messages shaped as Pub/Sub dead-letters
+them; `imagen dlq list | replay` run against the emulator. The deliveryAttempt-aware path of
+the push endpoint is tested through the Flask app."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from handlers.cli import main as imagen
+from handlers.dlq import (
+    SOURCE_DELIVERY_COUNT,
+    SOURCE_PROJECT,
+    SOURCE_SUBSCRIPTION,
+    list_dead_letters,
+    replay,
+)
+from handlers.processor import MAX_ATTEMPTS
+from image.errors import ModelError
+from tests.integration.conftest import PROJECT, png_bytes, wait_for
+from tests.integration.test_processor import FakeEngine
+from tests.reliability.conftest import app_for, notification_envelope, processor_for
+
+pytestmark = pytest.mark.integration
+WAIT = 1.0  # seconds a pull waits: the emulator answers at once when it holds messages
+
+
+@pytest.fixture
+def topology(publisher, subscriber):
+    """A main topic with a worker subscription, and a dead-letter topic with its subscription."""
+    suffix = uuid.uuid4().hex[:8]
+    main_topic = publisher.topic_path(PROJECT, f"main-{suffix}")
+    dead_topic = publisher.topic_path(PROJECT, f"dead-{suffix}")
+    main_sub = subscriber.subscription_path(PROJECT, f"main-sub-{suffix}")
+    dead_sub = subscriber.subscription_path(PROJECT, f"dead-sub-{suffix}")
+    for topic in (main_topic, dead_topic):
+        publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=main_sub, topic=main_topic, ack_deadline_seconds=10)
+    subscriber.create_subscription(name=dead_sub, topic=dead_topic, ack_deadline_seconds=10)
+    yield {
+        "main_topic": main_topic,
+        "main_sub": main_sub,
+        "dead_topic": dead_topic,
+        "dead_sub": dead_sub,
+        "suffix": suffix,
+    }
+    for sub in (main_sub, dead_sub):
+        subscriber.delete_subscription(subscription=sub)
+    for topic in (main_topic, dead_topic):
+        publisher.delete_topic(topic=topic)
+
+
+def _dead_letter(publisher, topology, data: bytes, **attributes) -> str:
+    """Publish to the dead-letter topic as Pub/Sub does when it gives up on a message."""
+    added = {
+        SOURCE_SUBSCRIPTION: topology["main_sub"].rsplit("/", 1)[1],
+        SOURCE_PROJECT: PROJECT,
+        SOURCE_DELIVERY_COUNT: str(MAX_ATTEMPTS),
+        "CloudPubSubDeadLetterSourceTopicPublishTime": "2026-11-26T08:00:00Z",
+    }
+    return publisher.publish(topology["dead_topic"], data, **attributes, **added).result(timeout=30)
+
+
+@pytest.fixture
+def dead_letters(publisher, topology):
+    notification = json.dumps(
+        {"bucket": "b", "name": "incoming/upscale/cat.png", "generation": "7"}
+    )
+    ids = {
+        "notification": _dead_letter(
+            publisher,
+            topology,
+            notification.encode(),
+            eventType="OBJECT_FINALIZE",
+            payloadFormat="JSON_API_V1",
+            bucketId="b",
+            objectId="incoming/upscale/cat.png",
+            objectGeneration="7",
+        ),
+        "job": _dead_letter(
+            publisher,
+            topology,
+            json.dumps({"source": "gs://b/uploads/a.png", "operation": "comic"}).encode(),
+            origin="catalog",
+        ),
+        "garbage": _dead_letter(publisher, topology, b"\x00not json"),
+    }
+    return ids
+
+
+def _pull_all(subscriber, subscription, expected: int, timeout=30):
+    received = []
+
+    def enough():
+        response = subscriber.pull(subscription=subscription, max_messages=10, timeout=5)
+        received.extend(response.received_messages)
+        if response.received_messages:
+            subscriber.acknowledge(
+                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
+            )
+        return len(received) >= expected
+
+    wait_for(enough, timeout=timeout, what=f"{expected} message(s) on {subscription}")
+    return received
+
+
+def test_list_shows_each_dead_letter_and_leaves_it_there(subscriber, topology, dead_letters):
+    first = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert {letter.message_id for letter in first} == set(dead_letters.values())
+    by_id = {letter.message_id: letter for letter in first}
+    notification = by_id[dead_letters["notification"]]
+    assert notification.source_attempts == MAX_ATTEMPTS
+    assert notification.source_subscription == topology["main_sub"]
+    assert notification.describe() == "notification finalize gs://b/incoming/upscale/cat.png#7"
+    assert by_id[dead_letters["job"]].describe() == "job message comic gs://b/uploads/a.png"
+    assert (
+        by_id[dead_letters["garbage"]]
+        .describe()
+        .startswith("unparseable: job message is not valid JSON")
+    )
+    # Listing is read-only: every message is still there, at once (they were nacked).
+    again = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert {letter.message_id for letter in again} == set(dead_letters.values())
+
+
+def test_replay_republishes_with_the_original_attributes_then_acks(
+    subscriber, publisher, topology, dead_letters
+):
+    report = replay(
+        subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT
+    )  # topic: from the source sub
+    assert sorted(report.replayed) == sorted(dead_letters.values()) and not report.failed
+    received = _pull_all(subscriber, topology["main_sub"], 3)
+    by_data = {bytes(m.message.data): dict(m.message.attributes) for m in received}
+    assert by_data[b"\x00not json"] == {}
+    assert by_data[
+        json.dumps({"source": "gs://b/uploads/a.png", "operation": "comic"}).encode()
+    ] == {"origin": "catalog"}
+    notification = next(attrs for attrs in by_data.values() if "eventType" in attrs)
+    assert notification == {
+        "eventType": "OBJECT_FINALIZE",
+        "payloadFormat": "JSON_API_V1",
+        "bucketId": "b",
+        "objectId": "incoming/upscale/cat.png",
+        "objectGeneration": "7",
+    }
+    assert (
+        list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT) == []
+    )  # acked: gone
+
+
+def test_replay_of_selected_messages_leaves_the_rest(subscriber, publisher, topology, dead_letters):
+    report = replay(
+        subscriber,
+        publisher,
+        topology["dead_sub"],
+        topic=topology["main_topic"],
+        message_ids={dead_letters["job"]},
+        wait_seconds=WAIT,
+    )
+    assert report.replayed == [dead_letters["job"]] and report.left == 2
+    assert len(_pull_all(subscriber, topology["main_sub"], 1)) == 1
+    left = {
+        letter.message_id
+        for letter in list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    }
+    assert left == {dead_letters["notification"], dead_letters["garbage"]}
+
+
+def test_replay_without_a_known_topic_leaves_the_message(subscriber, publisher, topology):
+    publisher.publish(topology["dead_topic"], b"{}").result(timeout=30)  # no source attributes
+    report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
+    assert not report.replayed and len(report.failed) == 1
+    assert "--topic" in next(iter(report.failed.values()))
+    assert len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 1
+
+
+def test_cli_list_and_replay(subscriber, topology, dead_letters):
+    runner = CliRunner()
+    listed = runner.invoke(
+        imagen, ["dlq", "list", "--subscription", topology["dead_sub"], "--wait", "1"]
+    )
+    assert listed.exit_code == 0, listed.output
+    assert f"3 message(s) in {topology['dead_sub']} (left there)" in listed.output
+    for message_id in dead_letters.values():
+        assert message_id in listed.output
+    assert "attempts 5" in listed.output and "unparseable" in listed.output
+    as_json = runner.invoke(
+        imagen, ["dlq", "list", "--subscription", topology["dead_sub"], "--json", "--wait", "1"]
+    )
+    rows = [json.loads(line) for line in as_json.output.splitlines()]
+    assert {row["message_id"] for row in rows} == set(dead_letters.values())
+
+    short_name = topology["dead_sub"].rsplit("/", 1)[1]  # a name, resolved in the project
+    replayed = runner.invoke(
+        imagen,
+        [
+            "dlq",
+            "replay",
+            "--subscription",
+            short_name,
+            "--wait",
+            "1",
+            "--topic",
+            topology["main_topic"].rsplit("/", 1)[1],
+        ],
+    )
+    assert replayed.exit_code == 0, replayed.output
+    assert "replayed 3 message(s)" in replayed.output
+    assert len(_pull_all(subscriber, topology["main_sub"], 3)) == 3
+
+
+# -- the deliveryAttempt-aware push path -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attempt, status, outcome",
+    [
+        (MAX_ATTEMPTS - 1, 503, None),  # more attempts to come: Pub/Sub retries
+        (MAX_ATTEMPTS, 200, "failed"),  # the last one: a report, so the user learns why
+    ],
+)
+def test_push_on_the_last_delivery_attempt_writes_a_report(
+    bucket, settings, attempt, status, outcome
+):
+    blob = bucket.blob("incoming/upscale/t.png")
+    blob.upload_from_string(png_bytes(), content_type="image/png")
+    processor = processor_for(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
+    response = app_for(processor).post("/", json=notification_envelope(blob, attempt=attempt))
+    assert response.status_code == status, response.get_json()
+    report = bucket.get_blob("failed/upscale/t.png.json")
+    if outcome is None:
+        assert response.headers.get("Retry-After") and report is None
+    else:
+        assert response.get_json()["status"] == outcome
+        body = json.loads(report.download_as_bytes())
+        assert body["attempt"] == MAX_ATTEMPTS and "CUDA out of memory" in body["error"]["message"]

@@ -1,0 +1,201 @@
+"""Storage faults: a fault-injecting proxy (scripts/fault_proxy.py) between the processor's
+storage client (STORAGE_EMULATOR_HOST = the proxy) and fake-gcs-server.
+
+Transient faults (503s, stalls, an answer lost after the write) are retried with
+google-cloud-storage's own backoff and the job completes with one output, written once.
+Permanent ones (403, 404) end in a failure report (or a skip, for a source that is gone)
+after a single request: no retry storm, and the pull worker acks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from handlers import storage as storage_module
+from handlers.clients import storage_client
+from handlers.errors import TransientError
+from handlers.events import ObjectEvent
+from handlers.processor import Processor
+from handlers.storage import Store
+from handlers.worker import PullWorker
+from scripts.fault_proxy import FaultProxy, Rule
+from tests.integration.conftest import png_bytes, wait_for
+from tests.integration.test_processor import FakeEngine
+from tests.reliability.conftest import assert_within_layout
+
+pytestmark = pytest.mark.integration
+
+SOURCE = "incoming/upscale/photo.png"
+OUTPUT = "processed/upscale/photo.png"
+REPORT = "failed/upscale/photo.png.json"
+# Request lines as the proxy sees them (percent-decoded): metadata, media download, upload.
+SOURCE_META = rf"^GET /storage/v1/b/[^/]+/o/{SOURCE}\?"
+SOURCE_DOWNLOAD = rf"^GET /download/storage/v1/b/[^/]+/o/{SOURCE}\?"
+SOURCE_ANY = rf"/o/{SOURCE}\?"
+UPLOAD = r"^POST /upload/storage/v1/b/"
+# Multipart uploads name their object in the metadata part of the body.
+OUTPUT_BODY = rb'"name": ?"processed/upscale/photo\.png"'
+REPORT_BODY = rb'"name": ?"failed/upscale/broken\.png\.json"'
+
+
+@pytest.fixture
+def proxy(storage_emulator):
+    with FaultProxy(storage_emulator.url) as running:
+        yield running
+
+
+@pytest.fixture
+def through_proxy(settings, proxy, monkeypatch):
+    """Build a processor whose storage client talks to the proxy, as a worker with
+    STORAGE_EMULATOR_HOST pointing at it would."""
+
+    def build(engine=None, **overrides) -> Processor:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        proxied = settings.replace(storage_emulator_host=proxy.url, **overrides)
+        store = Store(storage_client(proxied))  # the library reads the variable here
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", settings.storage_emulator_host)
+        return Processor(engine=engine or FakeEngine(), store=store, settings=proxied)
+
+    return build
+
+
+def _upload(bucket, name=SOURCE, data=None) -> ObjectEvent:
+    """Upload straight to the emulator (not through the proxy); the event a notification gives."""
+    blob = bucket.blob(name)
+    blob.upload_from_string(png_bytes() if data is None else data, content_type="image/png")
+    blob.reload()
+    return ObjectEvent(
+        "finalize", bucket.name, name, str(blob.generation), {}, blob.size, "image/png"
+    )
+
+
+def _output_generation(bucket):
+    blob = bucket.get_blob(OUTPUT)
+    return blob.generation if blob else None
+
+
+def test_503s_and_a_stall_are_retried_and_the_job_completes(bucket, proxy, through_proxy):
+    event = _upload(bucket)
+    proxy.add(Rule(SOURCE_META, status=503, times=1))
+    proxy.add(Rule(SOURCE_DOWNLOAD, status=503, times=2))
+    proxy.add(Rule(SOURCE_DOWNLOAD, status=None, stall=1.0, times=1))  # slow, within the timeout
+    proxy.add(Rule(UPLOAD, body=OUTPUT_BODY, status=503, times=1))
+    engine = FakeEngine()
+    started = time.monotonic()
+    outcome = through_proxy(engine).handle(event)
+    assert outcome.status == "succeeded"
+    assert engine.calls == 1
+    assert proxy.count(SOURCE_META, faults_only=True) == 1
+    assert proxy.count(SOURCE_DOWNLOAD) == 3  # two 503s, then the stalled one that succeeded
+    assert proxy.count(UPLOAD, faults_only=True) == 1
+    assert time.monotonic() - started >= 1.0  # the stall was waited out, not cut short
+    assert assert_within_layout(bucket, {SOURCE})["outputs"] == [OUTPUT]
+
+
+def test_stall_past_the_timeout_is_retried(bucket, proxy, through_proxy, monkeypatch):
+    # TIMEOUT_SECONDS is 120 s in production; 1 s here so a 3 s stall is a timeout.
+    monkeypatch.setattr(storage_module, "TIMEOUT_SECONDS", 1)
+    event = _upload(bucket)
+    proxy.add(Rule(SOURCE_DOWNLOAD, status=None, stall=3.0, times=1))
+    outcome = through_proxy().handle(event)
+    assert outcome.status == "succeeded"
+    assert proxy.count(SOURCE_DOWNLOAD) == 2  # the stalled attempt timed out, the retry worked
+
+
+def test_answer_lost_after_the_write_leaves_one_output_written_once(bucket, proxy, through_proxy):
+    """The upload lands, its answer is lost (503): the retry meets the generation precondition,
+    the processor finds its own output, and acks. No second write."""
+    event = _upload(bucket)
+    proxy.add(Rule(UPLOAD, body=OUTPUT_BODY, status=503, after_forward=True, times=1))
+    outcome = through_proxy().handle(event)
+    assert outcome.status == "skipped" and "duplicate" in outcome.reason
+    first = _output_generation(bucket)
+    assert first is not None
+    assert proxy.count(UPLOAD) == 2  # the write, and the retry refused by ifGenerationMatch=0
+    again = through_proxy().handle(event)  # a redelivery, for good measure
+    assert again.status == "skipped" and _output_generation(bucket) == first
+
+
+@pytest.mark.parametrize(
+    "rule, expect, error, target",
+    [
+        (Rule(SOURCE_ANY, status=403), "failed", "StoragePermanentError", SOURCE_ANY),
+        (Rule(UPLOAD, body=OUTPUT_BODY, status=403), "failed", "StoragePermanentError", UPLOAD),
+        (Rule(UPLOAD, body=OUTPUT_BODY, status=404), "failed", "StoragePermanentError", UPLOAD),
+        # A source that is gone is superseded (deleted or replaced): skipped, as DESIGN.md says.
+        (Rule(SOURCE_ANY, status=404), "skipped", None, SOURCE_ANY),
+    ],
+    ids=["source-403", "output-403", "output-404", "source-404"],
+)
+def test_permanent_errors_end_after_one_request(
+    bucket, proxy, through_proxy, rule, expect, error, target
+):
+    event = _upload(bucket)
+    proxy.add(rule)
+    engine = FakeEngine()
+    outcome = through_proxy(engine).handle(event)
+    assert outcome.status == expect
+    faulted = proxy.count(target, faults_only=True)
+    assert faulted == 1, f"{faulted} requests refused: a retry storm"
+    found = assert_within_layout(bucket, {SOURCE})
+    assert not found["outputs"]
+    if error:
+        assert found["reports"] == [REPORT]
+        report = json.loads(bucket.get_blob(REPORT).download_as_bytes())
+        assert report["error"]["type"] == error and str(rule.status) in report["error"]["message"]
+    else:
+        assert not found["reports"]
+
+
+def test_report_write_faults_retry_then_succeed(bucket, proxy, through_proxy):
+    event = _upload(bucket, "incoming/upscale/broken.png", b"not an image")
+    proxy.add(Rule(UPLOAD, body=REPORT_BODY, status=503, times=2))
+    outcome = through_proxy().handle(event)
+    assert outcome.status == "failed" and outcome.error["type"] == "ImageDecodeError"
+    assert proxy.count(UPLOAD, faults_only=True) == 2
+    assert bucket.get_blob("failed/upscale/broken.png.json") is not None
+
+
+def test_report_that_cannot_be_written_sends_the_job_back(bucket, proxy, through_proxy):
+    """A report refused for good is not dropped: the job goes back to Pub/Sub (and, after the
+    dead-letter policy's attempts, to the dead-letter topic)."""
+    event = _upload(bucket, "incoming/upscale/broken.png", b"not an image")
+    proxy.add(Rule(UPLOAD, body=REPORT_BODY, status=403))
+    with pytest.raises(TransientError, match="cannot write failure report"):
+        through_proxy().handle(event)
+    assert proxy.count(UPLOAD, faults_only=True) == 1  # 403 is not retried in the process
+
+
+def test_pull_worker_acks_a_permanent_fault_once(
+    bucket, proxy, through_proxy, subscriber, events_subscription
+):
+    """Through Pub/Sub: a 403 on the source gives one report and one ack, no redelivery."""
+    processor = through_proxy()
+    calls = []
+    original = processor.handle
+
+    def counting(event, **kwargs):
+        if getattr(event, "name", None) == SOURCE:
+            calls.append(kwargs.get("message_id"))
+        return original(event, **kwargs)
+
+    processor.handle = counting
+    proxy.add(Rule(SOURCE_ANY, status=403))
+    worker = PullWorker(subscriber, events_subscription, processor)
+    thread = threading.Thread(
+        target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True
+    )
+    thread.start()
+    try:
+        bucket.blob(SOURCE).upload_from_string(png_bytes(), content_type="image/png")
+        wait_for(lambda: bucket.get_blob(REPORT), timeout=30, what="the failure report")
+        time.sleep(3)  # a nack would be redelivered at once; an ack never
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert len(calls) == 1, calls
+    assert proxy.count(SOURCE_ANY) == 1
