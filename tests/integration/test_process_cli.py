@@ -1,0 +1,62 @@
+"""`imagen process gs://...` (Cloud Run Jobs, debugging), and the same result on every path."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from handlers.cli import main
+
+from .conftest import png_bytes
+
+
+def _env(settings, tiny_cache) -> dict:
+    return {
+        "STORAGE_EMULATOR_HOST": settings.storage_emulator_host,
+        "PUBSUB_EMULATOR_HOST": settings.pubsub_emulator_host,
+        "GOOGLE_CLOUD_PROJECT": "imagen-local",
+        "MODEL_CACHE_DIR": str(tiny_cache),
+        "IMAGEN_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def test_process_gives_the_same_bytes_as_imagen_run(settings, tiny_cache, bucket, tmp_path):
+    data = png_bytes((40, 30), seed=3)
+    blob = bucket.blob("incoming/comic/harbour.png")
+    blob.metadata = {"imagen-params": '{"steps": 2}'}
+    blob.upload_from_string(data, content_type="image/png")
+    env = _env(settings, tiny_cache)
+
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/comic/harbour.png"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"gs://{bucket.name}/processed/comic/harbour.png" in result.output
+    cloud = bucket.get_blob("processed/comic/harbour.png").download_as_bytes()
+
+    local_in, local_out = tmp_path / "harbour.png", tmp_path / "out.png"
+    local_in.write_bytes(data)
+    result = CliRunner().invoke(
+        main, ["run", str(local_in), "-o", str(local_out), "--operation", "comic", "--param", "steps=2"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert local_out.read_bytes() == cloud  # same input, same parameters, same default seed
+
+
+def test_process_exits_non_zero_with_the_report_location(settings, tiny_cache, bucket):
+    bucket.blob("incoming/upscale/notes.png").upload_from_string(b"not a picture", content_type="image/png")
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/upscale/notes.png"],
+                                env=_env(settings, tiny_cache))
+    assert result.exit_code == 1
+    assert "not a supported image" in result.output
+    assert f"gs://{bucket.name}/failed/upscale/notes.png.json" in result.output
+    assert bucket.get_blob("failed/upscale/notes.png.json") is not None
+
+
+def test_process_with_an_explicit_operation_outside_the_input_prefix(settings, tiny_cache, bucket):
+    bucket.blob("photos/shoe.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
+    result = CliRunner().invoke(
+        main, ["process", f"gs://{bucket.name}/photos/shoe.png", "--operation", "remove-background",
+               "--param", "mask_only=true"],
+        env=_env(settings, tiny_cache),
+    )
+    assert result.exit_code == 0, result.output
+    assert bucket.get_blob("processed/remove-background/photos/shoe.png") is not None
