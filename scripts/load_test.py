@@ -32,18 +32,15 @@ import time
 import uuid
 from pathlib import Path
 
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import pubsub_v1, storage
+from google.cloud import storage
 from PIL import Image
 
+from handlers.clients import publisher_client, storage_client, subscriber_client
 from handlers.localstack import EVENTS_TOPIC, PROJECT, PubsubEmulator, StorageEmulator
+from handlers.settings import Settings, child_environment
 
 OPERATION = "remove-background"
 ACK_DEADLINE_SECONDS = 10  # the subscription's; Pub/Sub's minimum
-# A streaming pull holds its messages on a lease of its own, 60 s in google-cloud-pubsub
-# (unless FlowControl.max_duration_per_lease_extension is set): what a killed worker held
-# (more than its flow control allows, on the emulator) comes back only after that.
-LEASE_SECONDS = 60
 
 
 @dataclasses.dataclass
@@ -88,7 +85,31 @@ class LoadReport:
         ]
 
 
-IMAGEN = (sys.executable, "-m", "handlers.cli")
+def imagen_command(lease_seconds: int | None = None) -> tuple[str, ...]:
+    """The command line that runs `imagen`.
+
+    With `lease_seconds`, its pull worker extends each lease by at most that many seconds
+    (FlowControl.max_duration_per_lease_extension), so what a killed worker held comes back
+    after about that long. Without, google-cloud-pubsub extends leases by the 99th percentile
+    of its ack latency, up to 600 s. On the emulator, which ignores flow control and hands one
+    streaming pull hundreds of messages, that latency grows with the backlog, and a kill can
+    strand messages for ten minutes; Pub/Sub itself holds a worker to its flow control.
+    """
+    if lease_seconds is None:
+        return (sys.executable, "-m", "handlers.cli")
+    code = (
+        "import functools, types; from google.cloud import pubsub_v1; import handlers.worker as w; "
+        "flow = functools.partial(pubsub_v1.types.FlowControl, "
+        f"max_duration_per_lease_extension={int(lease_seconds)}); "
+        "w.pubsub_v1 = types.SimpleNamespace(types=types.SimpleNamespace(FlowControl=flow)); "
+        "from handlers.cli import main; main(prog_name='imagen')"
+    )
+    return (sys.executable, "-c", code)
+
+
+IMAGEN = imagen_command()
+LEASE_SECONDS = 10  # the load's default bound on lease extensions (see imagen_command)
+BOUNDED_IMAGEN = imagen_command(LEASE_SECONDS)
 
 
 class Worker:
@@ -159,16 +180,11 @@ class Worker:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-class OutputWatch:
-    """Lists the output and failure prefixes every `interval` seconds; records each output's
-    generation when first seen and every later change of it."""
+class _Periodic:
+    """Calls `tick()` every `interval` seconds on its own thread, from start() to stop()."""
 
-    def __init__(self, bucket: storage.Bucket, interval: float = 0.5):
-        self.bucket, self.interval = bucket, interval
-        self.first: dict[str, int] = {}
-        self.changed: set[str] = set()
-        self.failures: set[str] = set()
-        self.last_new = time.monotonic()
+    def __init__(self, interval: float):
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -178,9 +194,54 @@ class OutputWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.scan()
 
-    def scan(self) -> None:
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.tick()
+
+
+class Heartbeat(_Periodic):
+    """Publishes a harmless notification (an OBJECT_DELETE, which workers ignore and ack) every
+    `interval` seconds. The Pub/Sub emulator re-dispatches expired messages (those a killed
+    worker held) to the remaining streaming pulls only when its topic sees traffic; without
+    any, they come back a minute or more late. A production topic is rarely this quiet."""
+
+    def __init__(self, publisher, topic: str, bucket: str, interval: float = 1.0):
+        super().__init__(interval)
+        self.topic, self.bucket = topic, bucket
+        self._publisher = publisher
+
+    def tick(self) -> None:
+        self._publisher.publish(
+            self.topic,
+            b"",
+            eventType="OBJECT_DELETE",
+            payloadFormat="NONE",
+            bucketId=self.bucket,
+            objectId="heartbeat",
+        ).result(timeout=30)
+
+
+class OutputWatch(_Periodic):
+    """Lists the output and failure prefixes every `interval` seconds; records each output's
+    generation when first seen and every later change of it."""
+
+    def __init__(self, bucket: storage.Bucket, interval: float = 0.5):
+        super().__init__(interval)
+        self.bucket = bucket
+        self.first: dict[str, int] = {}
+        self.changed: set[str] = set()
+        self.failures: set[str] = set()
+        self.last_new = time.monotonic()
+
+    def stop(self) -> None:
+        super().stop()
+        self.tick()  # a last look
+
+    def tick(self) -> None:
         for blob in self.bucket.list_blobs(prefix="processed/"):
             if blob.name not in self.first:
                 self.first[blob.name] = blob.generation
@@ -188,10 +249,6 @@ class OutputWatch:
             elif blob.generation != self.first[blob.name]:
                 self.changed.add(blob.name)
         self.failures.update(blob.name for blob in self.bucket.list_blobs(prefix="failed/"))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.scan()
 
 
 def picture(index: int) -> bytes:
@@ -214,7 +271,7 @@ def run_load(
     seed: int = 0,
     timeout: float = 900,
     settle: float = LEASE_SECONDS + 5,
-    imagen=IMAGEN,
+    imagen=BOUNDED_IMAGEN,
     log=print,
 ) -> LoadReport:
     """Run the load on running emulators; see the module docstring.
@@ -225,33 +282,35 @@ def run_load(
     that runs imagen.
     """
     rng = random.Random(seed)
-    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub_host
-    os.environ["STORAGE_EMULATOR_HOST"] = storage_url
-    gcs = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-    bucket = gcs.create_bucket(f"load-{uuid.uuid4().hex[:12]}")
-    subscriber = pubsub_v1.SubscriberClient()
+    stack = _stack_settings(pubsub_host, storage_url)
+    bucket = storage_client(stack).create_bucket(f"load-{uuid.uuid4().hex[:12]}")
+    subscriber = subscriber_client(stack)
     subscription = subscriber.subscription_path(PROJECT, f"load-{bucket.name}")
     subscriber.create_subscription(
         name=subscription,
         topic=subscriber.topic_path(PROJECT, EVENTS_TOPIC),
         ack_deadline_seconds=ACK_DEADLINE_SECONDS,
     )
-    env = {
-        **os.environ,
-        "PUBSUB_EMULATOR_HOST": pubsub_host,
-        "STORAGE_EMULATOR_HOST": storage_url,
-        "GOOGLE_CLOUD_PROJECT": PROJECT,
-        "MODEL_CACHE_DIR": str(model_cache_dir),
-        "IMAGEN_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # two workers on a small machine: one core each
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = child_environment(
+        {
+            "PUBSUB_EMULATOR_HOST": pubsub_host,
+            "STORAGE_EMULATOR_HOST": storage_url,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "MODEL_CACHE_DIR": str(model_cache_dir),
+            "IMAGEN_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",  # two workers on a small machine: one core each
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
     victim = Worker("A", subscription, env, work_dir / "worker-A.log", imagen)
     steady = Worker("B", subscription, env, work_dir / "worker-B.log", imagen)
     workers = (victim, steady)
     watch = OutputWatch(bucket)
+    heartbeat = Heartbeat(
+        publisher_client(stack), subscriber.topic_path(PROJECT, EVENTS_TOPIC), bucket.name
+    )
     kill_count = 0
     try:
         for worker in workers:
@@ -262,6 +321,7 @@ def run_load(
             f"two workers pulling from {subscription}; uploading {n} pictures to gs://{bucket.name}"
         )
         watch.start()
+        heartbeat.start()
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(
@@ -293,6 +353,7 @@ def run_load(
         finished = watch.last_new
         time.sleep(settle)  # redeliveries of killed jobs would write (or skip) by now
     finally:
+        heartbeat.stop()
         watch.stop()
         for worker in workers:
             worker.stop()
@@ -319,6 +380,13 @@ def run_load(
         jobs_started=sum(w.count(b'"message": "job started"') for w in workers),
         duplicate_skips=sum(w.count(b'"message": "job skipped: duplicate') for w in workers),
         writes=writes,
+    )
+
+
+def _stack_settings(pubsub_host: str, storage_url: str | None) -> Settings:
+    """Settings that point this process's clients at the emulators."""
+    return Settings(
+        pubsub_emulator_host=pubsub_host, storage_emulator_host=storage_url, project=PROJECT
     )
 
 
@@ -349,34 +417,26 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between kills of worker A, drawn uniformly (default 3 10)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for all outputs")
+    parser.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=LEASE_SECONDS,
+        help="bound on each worker's lease extensions, seconds; 0: the library's own (p99 of "
+        f"ack latency, up to 600 s) (default {LEASE_SECONDS})",
+    )
     parser.add_argument("--work-dir", type=Path, help="logs and models (default: a temporary dir)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="imagen-load-"))
     models = work_dir / "models"
     print(f"work dir {work_dir}: building the tiny models")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "handlers.cli",
-            "models",
-            "pull",
-            "--tiny",
-            "--operations",
-            OPERATION,
-            "--cache-dir",
-            str(models),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    pull = ["models", "pull", "--tiny", "--operations", OPERATION, "--cache-dir", str(models)]
+    subprocess.run([*IMAGEN, *pull], check=True, stdout=subprocess.DEVNULL)
     with (
         PubsubEmulator(log_dir=work_dir / "logs") as pubsub,
         StorageEmulator(log_dir=work_dir / "logs") as gcs,
     ):
         pubsub.start()
-        os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
-        publisher = pubsub_v1.PublisherClient()
+        publisher = publisher_client(_stack_settings(pubsub.host, None))
         publisher.create_topic(name=publisher.topic_path(PROJECT, EVENTS_TOPIC))
         gcs.start(pubsub_host=pubsub.host)
         report = run_load(
@@ -388,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             kill_every=tuple(args.kill_every),
             seed=args.seed,
             timeout=args.timeout,
+            imagen=imagen_command(args.lease_seconds or None),
         )
     print("\n".join(report.lines()))
     print("OK" if report.ok else "FAILED")

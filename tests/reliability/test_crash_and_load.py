@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 
 import pytest
@@ -22,19 +21,6 @@ from tests.integration.test_processor import FakeEngine
 from tests.reliability.conftest import assert_within_layout, notification_envelope, processor_for
 
 pytestmark = pytest.mark.integration
-
-# `imagen` with the streaming pull's own lease at 10 s instead of the library's 60 s, so the
-# messages a killed worker held come back within this test's time (what
-# FlowControl.max_duration_per_lease_extension would do; the code path is the same).
-SHORT_LEASE_IMAGEN = (
-    sys.executable,
-    "-c",
-    (
-        "from google.cloud.pubsub_v1.subscriber._protocol import streaming_pull_manager as m; "
-        "m._DEFAULT_STREAM_ACK_DEADLINE = 10; "
-        "from handlers.cli import main; main(prog_name='imagen')"
-    ),
-)
 
 
 def test_sigkill_and_restart_during_load_loses_and_duplicates_nothing(
@@ -50,7 +36,6 @@ def test_sigkill_and_restart_during_load_loses_and_duplicates_nothing(
         seed=6,
         timeout=240,
         settle=4,
-        imagen=SHORT_LEASE_IMAGEN,
         log=lambda *_: None,
     )
     print("\n".join(report.lines()))

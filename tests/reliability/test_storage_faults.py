@@ -49,15 +49,13 @@ def proxy(storage_emulator):
 
 
 @pytest.fixture
-def through_proxy(settings, proxy, monkeypatch):
+def through_proxy(settings, proxy):
     """Build a processor whose storage client talks to the proxy, as a worker with
     STORAGE_EMULATOR_HOST pointing at it would."""
 
     def build(engine=None, **overrides) -> Processor:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         proxied = settings.replace(storage_emulator_host=proxy.url, **overrides)
-        store = Store(storage_client(proxied))  # the library reads the variable here
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", settings.storage_emulator_host)
+        store = Store(storage_client(proxied))
         return Processor(engine=engine or FakeEngine(), store=store, settings=proxied)
 
     return build
