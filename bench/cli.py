@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
                         help="change one of imagen's switches (image/operations/tuning.py), e.g. "
                         "compile=on, channels_last=off, upscale_tile=512; repeatable")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:SWITCH=VALUE ...",
+                        help="also time imagen with these switches changed (space-separated), in "
+                        "the same process, against the same stock run, e.g. "
+                        "'bf16vae: vae_bf16=on upscale_tile=256,512'; repeatable")
     parser.add_argument("--stock-tuning", action="store_true",
                         help="run imagen with every switch off (checks it equals stock)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: the case's)")
@@ -74,6 +78,20 @@ def parse_switches(items: list[str], base):
     return base.replace(**changes)
 
 
+def parse_variants(items: list[str], base) -> list[tuple[str, object]]:
+    """`NAME: SWITCH=VALUE SWITCH=VALUE` items as (name, Tuning) pairs built on `base`."""
+    variants = []
+    for item in items:
+        name, sep, changes = item.partition(":")
+        name = name.strip()
+        if not sep or not name or not changes.split():
+            raise SystemExit(f"--variant {item!r}: expected 'NAME: SWITCH=VALUE ...'")
+        if name in {n for n, _ in variants}:
+            raise SystemExit(f"--variant {name!r} is given twice")
+        variants.append((name, parse_switches(changes.split(), base)))
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = cases_named(kind, args.cases.split(",") if args.cases else None)
     base = Tuning.stock() if args.stock_tuning else Tuning.for_device(device)
     tuning = parse_switches(args.switch, base)
+    variants = parse_variants(args.variant, tuning)
     cache = args.cache or DEFAULT_CACHE / kind
     operations = list(dict.fromkeys(case.operation for case in cases))
 
@@ -117,12 +136,20 @@ def main(argv: list[str] | None = None) -> int:
             "environment": report.environment(device, dtype, kind),
             "tuning": tuning.as_dict(),
             "switches_on": tuning.enabled(),
+            "variants": {name: variant.as_dict() for name, variant in variants},
             "cases": [],
             "cold": [],
         }
+        results_dir = args.results_dir or report.RESULTS_DIR
+
+        def save(rows):  # after each path: a run cut short keeps what it measured
+            results["cases"] = rows
+            report.write_results(results, results_dir)
+
         if not args.cold_only:
             results["cases"] = run_cases(cases, cache, device, dtype, tuning=tuning,
-                                         stock=not args.no_stock, repeats=args.repeats)
+                                         stock=not args.no_stock, repeats=args.repeats,
+                                         variants=variants, on_update=save)
         if args.cold or args.cold_only:
             from bench.cold import run_cold
 
@@ -132,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 target_seconds=6.0 if kind == FULL else None,
                 drop_caches=args.drop_caches or ("all" if kind == FULL else "weights"),
             )
-    path = report.write_results(results, args.results_dir or report.RESULTS_DIR)
+    path = report.write_results(results, results_dir)
     print(report.format_report(results))
     print(f"\nwritten: {path}")
     failed = [row["case"] for row in results["cases"] if any(

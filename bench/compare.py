@@ -23,17 +23,34 @@ GIB = 1024**3
 
 
 def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: torch.dtype,
-              *, tuning=None, stock: bool = True, repeats: int | None = None) -> list[dict]:
-    """Time every case on both paths; returns one result dict per case (see bench/README.md)."""
+              *, tuning=None, stock: bool = True, repeats: int | None = None,
+              variants: list[tuple[str, object]] = (), on_update=None) -> list[dict]:
+    """Time every case on both paths; returns one result dict per case (see bench/README.md).
+
+    `variants` are (name, Tuning) pairs: imagen again with other switches, in the same
+    process, each compared with the same stock run (the row's "variants"). `on_update` is
+    called with the rows after each path, so a run cut short keeps what it measured.
+    """
     rows = {case.name: _row(case) for case in cases}
+
+    def updated():
+        if on_update is not None:
+            on_update([rows[case.name] for case in cases])
+
     for operation in dict.fromkeys(case.operation for case in cases):
         mine = [case for case in cases if case.operation == operation]
         outputs: dict[str, np.ndarray] = {}
         if stock and any(case.stock for case in mine):
             _run_path(StockRunner, operation, [c for c in mine if c.stock], cache_dir, device, dtype,
                       rows, outputs, repeats=repeats)
+            updated()
         _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
                   repeats=repeats, tuning=tuning)
+        updated()
+        for name, variant in variants:
+            _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
+                      repeats=repeats, tuning=variant, variant=name)
+            updated()
     return [rows[case.name] for case in cases]
 
 
@@ -55,17 +72,26 @@ def _row(case: Case) -> dict:
         "target_peak_gib": case.target_peak_gib,
         "anchor_seconds": case.anchor_seconds,
         "anchor_peak_gib": case.anchor_peak_gib,
+        "variants": {},
     }
 
 
-def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, outputs, *, repeats, **extra):
-    label = runner_class.label
+def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, outputs, *, repeats,
+              variant: str | None = None, **extra):
+    label = runner_class.label if variant is None else f"imagen[{variant}]"
+
+    def put(case, entry):
+        if variant is None:
+            rows[case.name][label] = entry
+        else:
+            rows[case.name]["variants"][variant] = entry
+
     try:
         runner = runner_class(operation, cache_dir, device, dtype, **extra)
     except Exception as error:  # noqa: BLE001 - a path that cannot load is a finding, not a crash
         logger.error("%s %s: loading failed: %s", label, operation, error)
         for case in cases:
-            rows[case.name][label] = {"error": f"load: {type(error).__name__}: {error}"}
+            put(case, {"error": f"load: {type(error).__name__}: {error}"})
         return
     try:
         for case in cases:
@@ -77,28 +103,36 @@ def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, ou
             except Exception as error:  # noqa: BLE001 - out of memory, say: record it, go on
                 logger.error("%s %s failed: %s", label, case.name, error)
                 logger.debug("%s", traceback.format_exc())
-                rows[case.name][label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                put(case, {"error": f"{type(error).__name__}: {str(error)[:300]}"})
                 free(device)
                 continue
-            rows[case.name][label] = {
+            entry = {
                 "seconds": round(timing.seconds, 4),
                 "runs": [round(s, 4) for s in timing.runs],
                 "peak_gib": None if timing.peak_bytes is None else round(timing.peak_bytes / GIB, 2),
                 "setup_seconds": round(runner.load_seconds, 2),
             }
+            if variant is not None:
+                entry["switches_on"] = extra["tuning"].enabled()
+                entry["tuning"] = extra["tuning"].as_dict()
+            put(case, entry)
             pixels = np.asarray(output.convert("RGB"), dtype=np.int16)
             if label == "stock":
                 outputs[case.name] = pixels
             else:
-                _compare(rows[case.name], outputs.get(case.name), pixels)
+                _compare(rows[case.name]["stock"], entry, outputs.get(case.name), pixels)
+                if variant is None:
+                    for key in ("ratio", "max_diff", "mean_diff"):
+                        rows[case.name][key] = entry.pop(key, None)
     finally:
         runner.close()
         free(device)
 
 
-def _compare(row: dict, stock_pixels, imagen_pixels) -> None:
-    if row["stock"] and "seconds" in row["stock"] and "seconds" in row["imagen"]:
-        row["ratio"] = round(row["imagen"]["seconds"] / row["stock"]["seconds"], 3)
+def _compare(stock: dict | None, entry: dict, stock_pixels, imagen_pixels) -> None:
+    """Ratio and pixel difference of an imagen `entry` against the stock run, into `entry`."""
+    if stock and "seconds" in stock:
+        entry["ratio"] = round(entry["seconds"] / stock["seconds"], 3)
     if stock_pixels is not None and stock_pixels.shape == imagen_pixels.shape:
         diff = np.abs(stock_pixels - imagen_pixels)
-        row["max_diff"], row["mean_diff"] = int(diff.max()), round(float(diff.mean()), 3)
+        entry["max_diff"], entry["mean_diff"] = int(diff.max()), round(float(diff.mean()), 3)

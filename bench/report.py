@@ -108,10 +108,10 @@ def format_table(rows: list[dict]) -> str:
     """The stock-vs-imagen table, one line per case (Markdown)."""
     header = (
         "| case | input → output | steps | stock s | imagen s | imagen/stock | stock peak GiB "
-        "| imagen peak GiB | max / mean diff | target |"
+        "| imagen peak GiB | max / mean diff | imagen setup s | target |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in _with_variants(rows):
         size = f"{row['input'][0]}² → {row['output'][0]}²"
         steps = str(row["steps"]) + (f" × {row['strength']}" if row.get("strength") else "")
         diff = "-" if row.get("max_diff") is None else f"{row['max_diff']} / {row['mean_diff']}"
@@ -119,8 +119,29 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['case']} | {size} | {steps} | {_path(row, 'stock', 'seconds')} "
             f"| {_path(row, 'imagen', 'seconds')} | {ratio} | {_path(row, 'stock', 'peak_gib', 2)} "
-            f"| {_path(row, 'imagen', 'peak_gib', 2)} | {diff} | {_target(row)} |"
+            f"| {_path(row, 'imagen', 'peak_gib', 2)} | {diff} | {_path(row, 'imagen', 'setup_seconds', 1)} "
+            f"| {_target(row)} |"
         )
+    return "\n".join(lines)
+
+
+def _with_variants(rows: list[dict]):
+    """Each case's row, then one row per variant (imagen with other switches; same stock)."""
+    for row in rows:
+        yield row
+        for name, entry in (row.get("variants") or {}).items():
+            yield {**row, "case": f"{row['case']} [{name}]", "imagen": entry,
+                   "ratio": entry.get("ratio"), "max_diff": entry.get("max_diff"),
+                   "mean_diff": entry.get("mean_diff")}
+
+
+def format_variants(results: dict) -> str:
+    """What each variant changed, relative to the imagen column's switches."""
+    base = results.get("tuning") or {}
+    lines = []
+    for name, tuning in (results.get("variants") or {}).items():
+        changed = [f"{key}={value}" for key, value in tuning.items() if base.get(key) != value]
+        lines.append(f"- [{name}]: {', '.join(changed) or 'same switches'}")
     return "\n".join(lines)
 
 
@@ -157,6 +178,9 @@ def format_report(results: dict) -> str:
     parts: list[str] = [head]
     if results.get("cases"):
         parts.append(format_table(results["cases"]))
+    if results.get("variants"):
+        parts.append("Variants (imagen with other switches, same process, same stock run):\n\n"
+                     + format_variants(results))
     if results.get("cold"):
         parts.append("Cold start (fresh process until ready):\n\n" + format_cold(results["cold"]))
     return "\n\n".join(parts)

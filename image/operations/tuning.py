@@ -22,6 +22,7 @@ The others are off until a GPU benchmark shows they pay (`python -m bench --swit
 | `vae_tiling` | VAE decodes big latents in tiles (bounded memory) | tiles are blended: not bit-stock |
 | `vae_bf16` | the VAE runs in bfloat16 where the pipeline would upcast it to fp32 | bfloat16 rounding: a few 8-bit levels |
 | `compile` | `torch.compile` of the UNet (`compile_mode`), fixed shapes | first call compiles (minutes) |
+| `cuda_graphs` | the UNet's launches recorded once per shape and replayed (image/operations/graphs.py) | on for CUDA |
 | `upscale_tile` | upscale's tile side in input pixels, or several (buckets; see upscale.py) | None: 2 x the UNet's sample_size |
 | `upscale_tile_batch` | upscale tiles per UNet call | |
 
@@ -38,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from image.operations.graphs import graph_module
+
 logger = logging.getLogger("imagen.operations")
 
 SWITCHES = (
@@ -49,6 +52,7 @@ SWITCHES = (
     "vae_tiling",
     "vae_bf16",
     "compile",
+    "cuda_graphs",
 )
 """The on/off switches, in the order reports list them."""
 
@@ -65,6 +69,7 @@ class Tuning:
     vae_tiling: bool = False
     vae_bf16: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
     compile_cache: str | None = None  # a file path; see the module docstring
     upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
@@ -79,7 +84,8 @@ class Tuning:
     def for_device(cls, device: torch.device | str) -> Tuning:
         """The defaults on `device`: the safe, standard switches on CUDA; stock on the CPU."""
         if torch.device(device).type == "cuda":
-            return cls(channels_last=True, fuse_qkv=True, read_ahead=True, direct_to_device=True)
+            return cls(channels_last=True, fuse_qkv=True, read_ahead=True, direct_to_device=True,
+                       cuda_graphs=True)
         return cls(read_ahead=True)
 
     def replace(self, **changes) -> Tuning:
@@ -121,8 +127,12 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         pipe.vae.enable_tiling()
         done.append("vae_tiling")
     if tuning.compile:
-        pipe.unet.compile(mode=tuning.compile_mode, dynamic=False)
+        # The forward itself, so that CUDA graphs (applied last) capture the compiled kernels.
+        pipe.unet.forward = torch.compile(pipe.unet.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
+    if tuning.cuda_graphs and device.type == "cuda":
+        graph_module(pipe.unet)
+        done.append("cuda_graphs")
     return done
 
 
@@ -136,8 +146,11 @@ def tune_network(model: torch.nn.Module, tuning: Tuning, device: torch.device) -
         model.to(memory_format=torch.channels_last)
         done.append("channels_last")
     if tuning.compile:
-        model.compile(mode=tuning.compile_mode, dynamic=False)
+        model.forward = torch.compile(model.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
+    if tuning.cuda_graphs and device.type == "cuda":
+        graph_module(model)
+        done.append("cuda_graphs")
     return done
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from bench import cold, cost
 from bench.cases import FULL_CASES, TINY_CASES, cases_named
-from bench.cli import main, parse_switches
+from bench.cli import main, parse_switches, parse_variants
 from bench.configs import FULL_CONFIGS, UNET_PARAMETERS, build_full_pipeline
 from image.operations.tuning import Tuning
 
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.models
 def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsys):
     results_dir = tmp_path / "results"
     argv = ["--tiny", "--cases", "upscale-64", "--repeats", "1",
-            "--cache", str(tiny_cache), "--results-dir", str(results_dir)]  # read only
+            "--cache", str(tiny_cache), "--results-dir", str(results_dir),  # read only
+            "--variant", "batched: upscale_tile_batch=2 channels_last=on"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| case | input → output |" in out and "| upscale-64 | 64² → 256² |" in out
@@ -38,6 +39,11 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert row["stock"]["seconds"] > 0 and row["imagen"]["seconds"] > 0
     assert row["ratio"] == pytest.approx(row["imagen"]["seconds"] / row["stock"]["seconds"], rel=0.01)
     assert row["max_diff"] == 0  # one tile, CPU defaults: stock's pixels
+    variant = row["variants"]["batched"]
+    assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead"]
+    assert variant["max_diff"] <= 1 and "ratio" in variant
+    assert results["variants"]["batched"]["upscale_tile_batch"] == 2
+    assert "| upscale-64 [batched] |" in out and "- [batched]: channels_last=True, upscale_tile_batch=2" in out
 
     assert main(["--cost", str(path)]) == 0
     table = capsys.readouterr().out
@@ -55,6 +61,15 @@ def test_cost_per_thousand_images():
     assert rows[1]["dollars_per_1000"][h100.name] == pytest.approx(500 * h100.dollars_per_second)
     assert rows[1]["same_card"] == {"Cloud Run L4": False, "GCE H100 on-demand": True}
     assert "(other card)" in cost.format_cost(results)
+
+
+def test_variants_parse():
+    base = Tuning.for_device("cpu")
+    [(name, tuning)] = parse_variants(["big: upscale_tile=256,512 vae_bf16=on"], base)
+    assert name == "big" and tuning == base.replace(upscale_tile=(256, 512), vae_bf16=True)
+    for bad in (["x"], ["x:"], [": vae_bf16=on"], ["a: vae_bf16=on", "a: compile=on"]):
+        with pytest.raises(SystemExit):
+            parse_variants(bad, base)
 
 
 def test_switches_parse():

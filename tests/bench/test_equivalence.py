@@ -75,7 +75,8 @@ def stock_np(tiny_cache):
 
 def test_cpu_defaults_are_stock():
     assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
-    assert Tuning.for_device("cuda").enabled() == ["channels_last", "fuse_qkv", "read_ahead", "direct_to_device"]
+    assert Tuning.for_device("cuda").enabled() == ["channels_last", "fuse_qkv", "read_ahead", "direct_to_device",
+                                                   "cuda_graphs"]
     assert Tuning.stock().enabled() == []
 
 
@@ -131,12 +132,12 @@ def test_vae_tiling_changes_nothing_below_its_tile_and_stays_close_above(tiny_ca
 
 def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
     # Inductor takes minutes on a CPU; the eager backend runs the same captured graphs.
-    compile_module = torch.nn.Module.compile
+    compile_function = torch.compile
 
-    def eager(self, *args, mode=None, **kwargs):
-        return compile_module(self, *args, backend="eager", **kwargs)
+    def eager(fn, *args, mode=None, **kwargs):
+        return compile_function(fn, *args, backend="eager", **kwargs)
 
-    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    monkeypatch.setattr(torch, "compile", eager)
     pipe = _pipe("upscale", tiny_cache)
     assert tune_pipeline(pipe, Tuning.stock().replace(compile=True), CPU) == ["compile(default)"]
     assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5

@@ -1,0 +1,137 @@
+"""CUDA graphs for a model's forward: capture once per input shape, then replay every step.
+
+A diffusion UNet at batch 2 is small work for an H100/H200 but a thousand kernel launches
+from Python; per step the GPU waits on the CPU more than it computes. A CUDA graph records
+those launches once and replays them with one call, so a step costs what the GPU takes.
+
+    unet.forward = GraphedForward(unet.forward)     # what the `cuda_graphs` switch does
+
+How it keeps the model's function:
+
+- one graph per *signature*: the shapes, dtypes and devices of the tensor arguments and the
+  values of the others (None, flags). A new signature (a new image size, a new tile bucket)
+  is captured on its first call: two eager runs on a side stream (cuBLAS and cuDNN pick their
+  kernels and workspaces), then the capture. Calls whose tensors are not all on CUDA, that
+  need gradients, or that come while another capture runs go through eagerly;
+- the arguments are copied into the graph's own input tensors before each replay, and the
+  output is copied out after it, so nothing a caller holds is overwritten by the next step
+  (schedulers keep past outputs);
+- graphs share one memory pool, so shapes do not each keep their own activations; it is safe
+  because each replay's output is copied out before any other graph runs;
+- at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
+  sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
+  captured) marks its signature eager, logs once, and the call runs eagerly.
+
+The parameters must not move or change after the first capture (the graph holds their
+addresses): the switch is applied last, after every other one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+logger = logging.getLogger("imagen.operations")
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+class GraphedForward:
+    """`forward` with CUDA-graph replay per signature; see the module docstring."""
+
+    def __init__(self, forward: Callable[..., Any], *, max_graphs: int = 8, warmup_runs: int = 2):
+        self.forward = forward
+        self.max_graphs = max_graphs
+        self.warmup_runs = warmup_runs
+        self.graphs: dict[tuple, _Graph] = {}
+        self.eager_signatures: set[tuple] = set()
+        self.pool = None
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        key = signature(leaves, spec)
+        if key is None or key in self.eager_signatures:
+            return self.forward(*args, **kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs or torch.cuda.is_current_stream_capturing():
+                return self.forward(*args, **kwargs)
+            graph = self._capture(key, leaves, spec)
+            if graph is None:
+                return self.forward(*args, **kwargs)
+        return graph.replay(leaves)
+
+    def _capture(self, key: tuple, leaves: list, spec) -> _Graph | None:
+        inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        args, kwargs = tree_unflatten(inputs, spec)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_runs):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = self.forward(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
+            logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
+            self.eager_signatures.add(key)
+            torch.cuda.synchronize()
+            return None
+        captured = _Graph(graph, inputs, *tree_flatten(output))
+        self.graphs[key] = captured
+        logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
+        return captured
+
+
+class _Graph:
+    """One captured graph, its input tensors and its output structure."""
+
+    def __init__(self, graph, inputs: list, outputs: list, output_spec) -> None:
+        self.graph, self.inputs, self.outputs, self.output_spec = graph, inputs, outputs, output_spec
+
+    def replay(self, leaves: list):
+        for static, value in zip(self.inputs, leaves, strict=True):
+            if isinstance(static, torch.Tensor):
+                static.copy_(value)
+        self.graph.replay()
+        out = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in self.outputs]
+        return tree_unflatten(out, self.output_spec)
+
+
+def signature(leaves: list, spec) -> tuple | None:
+    """What a graph is captured for: tensor shapes, dtypes and devices, the other values.
+
+    None when the call cannot be replayed from a graph: a tensor off CUDA or needing
+    gradients, or an argument that is neither a tensor nor a plain value.
+    """
+    key = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != "cuda" or leaf.requires_grad:
+                return None
+            key.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+        elif isinstance(leaf, _SCALARS):
+            key.append((type(leaf).__name__, leaf))
+        else:
+            return None
+    return tuple(key)
+
+
+def _describe(key: tuple) -> str:
+    shapes = [item[0] for item in key[1:] if isinstance(item[0], tuple)]
+    return " ".join("x".join(map(str, shape)) or "scalar" for shape in shapes)
+
+
+def graph_module(module: torch.nn.Module, **options) -> GraphedForward:
+    """Route `module`'s forward through CUDA graphs (in place); returns the wrapper."""
+    graphed = GraphedForward(module.forward, **options)
+    module.forward = graphed
+    return graphed

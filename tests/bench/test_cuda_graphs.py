@@ -1,0 +1,113 @@
+"""CUDA graphs (image/operations/graphs.py) replay the function the eager UNet computes.
+
+The signature rules and the eager path run everywhere; the capture and replay tests need a
+GPU and are skipped without one (bench/gpu_session.sh runs them on the device machine, on the
+tiny models through the production loader).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cases import input_image
+from image.models import loading
+from image.models.lock import Lock
+from image.models.registry import REGISTRY
+from image.operations.graphs import GraphedForward, graph_module, signature
+from image.operations.tuning import Tuning, tune_pipeline
+from torch.utils._pytree import tree_flatten
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _key(*args, **kwargs):
+    return signature(*tree_flatten((args, kwargs)))
+
+
+def test_signature_tells_shapes_and_values_apart_and_refuses_what_cannot_replay():
+    # A tensor off CUDA cannot feed a graph: eager.
+    assert _key(torch.zeros(2, 4)) is None
+    assert _key(torch.empty(2, 4, device="meta")) is None
+    assert _key(torch.zeros(1), object()) is None
+    if torch.cuda.is_available():
+        a = torch.zeros(2, 4, 8, 8, device="cuda")
+        assert _key(a, 5, return_dict=False) == _key(a.clone(), 5, return_dict=False)
+        assert _key(a, 5, return_dict=False) != _key(a[:1], 5, return_dict=False)
+        assert _key(a, 5, return_dict=False) != _key(a, 6, return_dict=False)
+        assert _key(a, added={"x": a}) != _key(a, added=None)
+        assert _key(a.requires_grad_()) is None
+
+
+def test_off_cuda_the_wrapper_is_the_eager_forward():
+    calls = []
+
+    def forward(x, scale=1.0):
+        calls.append(x.shape)
+        return (x * scale,)
+
+    graphed = GraphedForward(forward)
+    out = graphed(torch.ones(3), scale=2.0)
+    assert torch.equal(out[0], torch.full((3,), 2.0)) and calls == [(3,)] and not graphed.graphs
+
+
+def test_the_switch_is_applied_on_cuda_only(tiny_cache):
+    pipe = loading.load_model(REGISTRY["comic"], tiny_cache, device=torch.device("cpu"),
+                              dtype=torch.float32, allow_download=False, lock=Lock()).model
+    assert tune_pipeline(pipe, Tuning.stock().replace(cuda_graphs=True), torch.device("cpu")) == []
+    assert not isinstance(pipe.unet.forward, GraphedForward)
+
+
+# -- on a GPU ------------------------------------------------------------------------------
+
+
+def _cuda_pipe(op, cache):
+    return loading.load_model(REGISTRY[op], cache, device=torch.device("cuda"), dtype=torch.float16,
+                              allow_download=False, lock=Lock()).model
+
+
+def _call(pipe, op, size, seed=7):
+    kwargs = {"prompt": "a photo", "negative_prompt": "blurry", "image": input_image(size),
+              "num_inference_steps": 3, "guidance_scale": 7.5, "output_type": "np",
+              "generator": torch.Generator(device="cuda").manual_seed(seed)}
+    if op != "upscale":
+        kwargs["strength"] = 0.7
+    with torch.inference_mode():
+        return pipe(**kwargs).images[0]
+
+
+@cuda
+@pytest.mark.parametrize("op", ["comic", "enhance", "upscale"])
+def test_graphed_unet_gives_the_eager_pixels(tiny_cache, op):
+    pipe = _cuda_pipe(op, tiny_cache)
+    size = 64 if op == "upscale" else 256
+    eager = [_call(pipe, op, size, seed) for seed in (1, 2)]
+    assert tune_pipeline(pipe, Tuning.stock().replace(cuda_graphs=True), torch.device("cuda")) == ["cuda_graphs"]
+    graphed = [_call(pipe, op, size, seed) for seed in (1, 2)]
+    # The same kernels in the same order: equal up to fp16 rounding of reused workspaces.
+    for a, b in zip(eager, graphed, strict=True):
+        assert np.abs(a - b).max() <= 2e-3
+    assert len(pipe.unet.forward.graphs) == 1  # one shape, one graph, replayed every step
+
+
+@cuda
+def test_each_shape_gets_its_graph_and_outputs_are_not_overwritten(tiny_cache):
+    pipe = _cuda_pipe("comic", tiny_cache)
+    graphed = graph_module(pipe.unet, max_graphs=2)
+    first = _call(pipe, "comic", 256)
+    _call(pipe, "comic", 192)
+    assert len(graphed.graphs) == 2
+    _call(pipe, "comic", 128)  # beyond max_graphs: eager, still right
+    assert len(graphed.graphs) == 2
+    assert np.abs(_call(pipe, "comic", 256) - first).max() <= 2e-3
+
+    # Two replays in a row: the first result is a copy, not the graph's output buffer.
+    sample = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
+    states = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device="cuda", dtype=torch.float16)
+    t = torch.tensor(10, device="cuda")
+    with torch.inference_mode():
+        one = pipe.unet(sample, t, encoder_hidden_states=states, return_dict=False)[0]
+        kept = one.clone()
+        pipe.unet(sample * 2, t, encoder_hidden_states=states, return_dict=False)
+        assert torch.equal(one, kept)
