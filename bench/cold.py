@@ -47,9 +47,8 @@ import time; started = time.perf_counter()
 import json
 from image.engine import Engine
 from image.models.lock import Lock
-from image.operations.tuning import Tuning
 imported = time.perf_counter()
-engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
+{tuning_import}engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
 engine.setup()
 done = time.perf_counter()
 op = engine._ops[{operation!r}]
@@ -64,9 +63,15 @@ def stock_code(operation: str, cache_dir: Path, device: str, dtype: str) -> str:
 
 
 def imagen_code(operation: str, cache_dir: Path, device: str, tuning) -> str:
-    tuning_code = "None" if tuning is None else f"Tuning(**{tuning.as_dict()!r})"
+    # The defaults go as None, as `imagen serve` passes them: then nothing imports torch
+    # before Engine.setup starts reading the weights.
+    from image.operations.tuning import Tuning
+
+    default = tuning is not None and tuning == Tuning.for_device(device)
+    tuning_code = "None" if tuning is None or default else f"Tuning(**{tuning.as_dict()!r})"
+    tuning_import = "" if tuning_code == "None" else "from image.operations.tuning import Tuning\n"
     return _IMAGEN.format(operation=operation, cache=str(cache_dir), device=device,
-                          tuning=tuning_code, ready=READY)
+                          tuning=tuning_code, tuning_import=tuning_import, ready=READY)
 
 
 def drop_page_cache(paths: list[Path], how: str = "weights") -> str:

@@ -44,22 +44,24 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
 
-# 1. img2img: stock vs imagen (CUDA defaults), and what CUDA graphs and a bf16 VAE each bring.
-step 150 "$PY" -m bench "${TINY[@]}" --cases comic,enhance \
-  --variant "no-graphs: cuda_graphs=off" --variant "bf16vae: vae_bf16=on"
-# 2. upscale: stock vs imagen, and the candidates for the 512/1024 targets: a bf16 VAE,
-#    and 256/512 tile buckets with it.
-step 170 "$PY" -m bench "${TINY[@]}" --cases upscale \
-  --variant "bf16vae: vae_bf16=on" --variant "buckets: vae_bf16=on upscale_tile=256,512"
-# 3. Cold start: a fresh process until ready, stock vs imagen, page cache dropped.
-step 100 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic,upscale
-# 4. The CUDA-graph equivalence tests on the tiny models (skipped on a CPU).
+# 1. img2img: stock vs imagen (CUDA defaults), and what channels_last and cuDNN's search each do.
+step 120 "$PY" -m bench "${TINY[@]}" --cases comic,enhance \
+  --variant "cl: channels_last=on" --variant "no-cudnn: cudnn_benchmark=off"
+# 2. upscale at 256 and 512 (one tile each with the 256/512 buckets), and 256 tiles only.
+step 130 "$PY" -m bench "${TINY[@]}" --cases upscale-256,upscale-512 --variant "tiles256: upscale_tile=256"
+# 3. Cold start: a fresh process until ready, stock vs imagen, whole page cache dropped.
+step 80 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic
+# 4. Any size in bounded memory: 1024 -> 4096, imagen only.
+step 70 "$PY" -m bench "${TINY[@]}" --no-stock --cases upscale-1024
+# 5. Cold start with the libraries cached and only the weights evicted (a warm node).
+step 60 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --drop-caches weights
+# 6. The CUDA-graph equivalence tests on the tiny models (skipped on a CPU).
 step 60 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
-# 5. torch.compile with its artefacts: compile once (writes the cache), then a fresh
+# 7. torch.compile with its artefacts: compile once (writes the cache), then a fresh
 #    process with an empty Inductor cache that loads the artefacts instead of compiling.
 CC=/tmp/imagen-compile/comic.bin
-step 150 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-1 "$PY" -m bench "${TINY[@]}" --no-stock --cases comic \
-  --switch compile=on --switch compile_cache=$CC
+step 150 env TORCHDYNAMO_VERBOSE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-1 "$PY" -m bench "${TINY[@]}" \
+  --no-stock --cases comic --switch compile=on --switch compile_cache=$CC
 step 90 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-2 "$PY" -m bench "${TINY[@]}" --no-stock --cases comic \
   --switch compile=on --switch compile_cache=$CC
 find "$OUT" /tmp/imagen-compile -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -73,6 +73,7 @@ class Engine:
                 return
             self.state, self.error = STARTING, None
             try:
+                self._read_weights_ahead()  # before torch and diffusers are imported
                 from image.device import resolve_device
 
                 device, dtype = resolve_device(self.device)
@@ -104,6 +105,26 @@ class Engine:
             self.state = READY
             each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())
             logger.info("ready: %s in %.2f s", each, sum(self.setup_seconds.values()))
+
+    def _read_weights_ahead(self) -> None:
+        """Start reading every operation's weight files while the libraries import.
+
+        Only the default tuning and tunings with `read_ahead` (the switch's own check is
+        torch-bound, hence no Tuning import here); any problem is left to the loader.
+        """
+        if self.tuning is not None and not getattr(self.tuning, "read_ahead", False):
+            return
+        from image.models import store
+        from image.models.lock import Lock
+        from image.models.readahead import read_ahead, weight_files
+        from image.models.registry import REGISTRY
+
+        lock = self.lock if self.lock is not None else Lock.packaged()
+        for name in self.operations:
+            try:
+                read_ahead(weight_files(store.resolve_snapshot(REGISTRY[name], self.cache_dir, lock=lock)))
+            except Exception as error:  # noqa: BLE001 - a head start only; the loader reports
+                logger.debug("%s: no read-ahead (%s)", name, error)
 
     def run(
         self,

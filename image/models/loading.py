@@ -23,7 +23,6 @@ import functools
 import inspect
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from image.errors import ModelError, ModelMissing
 from image.models import store
 from image.models._quiet import quiet_libraries
 from image.models.lock import Lock
+from image.models.readahead import read_ahead, weight_files
 from image.models.registry import DIFFUSERS, RMBG, ModelSpec
 
 logger = logging.getLogger("imagen.models")
@@ -114,37 +114,15 @@ def _missing(spec: ModelSpec, problems: list[str]) -> str:
 
 
 def start_read_ahead(snapshot: Path, device: torch.device) -> list[threading.Thread]:
-    """Read the snapshot's weight files into the page cache in background threads.
-
-    One daemon thread per file (reads release the GIL), and one that initialises CUDA when
-    `device` is a GPU. Nothing waits for them: the loader reads the same files and finds
-    them cached, or reads alongside. Errors only cost the head start.
-    """
-    files = sorted(
-        {path.resolve() for path in Path(snapshot).rglob("*") if path.suffix in (".safetensors", ".bin")},
-        key=lambda path: -path.stat().st_size,
-    )
-    threads = [threading.Thread(target=_read_file, args=(path,), daemon=True) for path in files]
+    """Read the snapshot's weight files into the page cache in background threads (one per
+    file, each file once per process: image/models/readahead.py), and initialise CUDA in
+    another when `device` is a GPU. Nothing waits for them."""
+    threads = read_ahead(weight_files(snapshot))
     if torch.device(device).type == "cuda":
-        threads.append(threading.Thread(target=_init_cuda, daemon=True))
-    for thread in threads:
-        thread.start()
+        cuda = threading.Thread(target=_init_cuda, daemon=True)
+        cuda.start()
+        threads.append(cuda)
     return threads
-
-
-_READ_CHUNK = 16 << 20  # bytes
-
-
-def _read_file(path: Path) -> None:
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            buffer = bytearray(_READ_CHUNK)
-            while handle.readinto(buffer):
-                pass
-    except OSError as error:  # the loader will report it properly
-        logger.debug("read-ahead of %s failed: %s", path, error)
 
 
 def _init_cuda() -> None:

@@ -84,8 +84,8 @@ class Tuning:
     def for_device(cls, device: torch.device | str) -> Tuning:
         """The defaults on `device`: the safe, standard switches on CUDA; stock on the CPU."""
         if torch.device(device).type == "cuda":
-            return cls(channels_last=True, fuse_qkv=True, read_ahead=True, direct_to_device=True,
-                       cuda_graphs=True)
+            return cls(fuse_qkv=True, read_ahead=True, direct_to_device=True, cudnn_benchmark=True,
+                       vae_bf16=True, cuda_graphs=True, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 
     def replace(self, **changes) -> Tuning:
@@ -106,9 +106,11 @@ class Tuning:
 def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
     """Apply `tuning` to a loaded pipeline in place; returns what was done, for the log."""
     done = []
-    if tuning.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # process-wide: every model here has fixed shapes
-        done.append("cudnn_benchmark")
+    if device.type == "cuda":
+        # Process-wide, so set either way: the last model set up decides (one per process here).
+        torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
+        if tuning.cudnn_benchmark:
+            done.append("cudnn_benchmark")
     if tuning.fuse_qkv and _can_fuse(pipe):
         # Before channels_last: fusing builds new Linear layers (memory format does not apply).
         try:
@@ -120,7 +122,7 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         for module in (pipe.unet, pipe.vae):
             module.to(memory_format=torch.channels_last)
         done.append("channels_last")
-    if tuning.vae_bf16:
+    if tuning.vae_bf16 and _upcasts_vae(pipe):
         vae_in_bfloat16(pipe.vae)
         done.append("vae_bf16")
     if tuning.vae_tiling:
@@ -139,9 +141,10 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
 def tune_network(model: torch.nn.Module, tuning: Tuning, device: torch.device) -> list[str]:
     """Apply the switches that make sense for a plain CNN (remove-background)."""
     done = []
-    if tuning.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        done.append("cudnn_benchmark")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
+        if tuning.cudnn_benchmark:
+            done.append("cudnn_benchmark")
     if tuning.channels_last:
         model.to(memory_format=torch.channels_last)
         done.append("channels_last")
@@ -160,6 +163,13 @@ def _can_fuse(pipe) -> bool:
         return False
     names = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
     return not any("Added" in name for name in names)
+
+
+def _upcasts_vae(pipe) -> bool:
+    """Whether the pipeline runs a float16 VAE in float32 (SDXL, the x4 upscaler): only there
+    does a bfloat16 VAE save anything. SD1.5's runs in float16 and hands its latents to the
+    UNet as they come, so a bfloat16 VAE would only change the dtype the UNet gets."""
+    return hasattr(pipe, "upcast_vae") and bool(getattr(pipe.vae.config, "force_upcast", False))
 
 
 def vae_in_bfloat16(vae) -> None:
