@@ -4,4 +4,7 @@ import sys
 
 from bench.cli import main
 
-sys.exit(main())
+# Guarded: libraries that start worker processes with "spawn" (Inductor's compile workers)
+# import the main module again in each child, which must not rerun the bench.
+if __name__ == "__main__":
+    sys.exit(main())

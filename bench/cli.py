@@ -78,8 +78,9 @@ def parse_switches(items: list[str], base):
     return base.replace(**changes)
 
 
-def parse_variants(items: list[str], base) -> list[tuple[str, object]]:
-    """`NAME: SWITCH=VALUE SWITCH=VALUE` items as (name, Tuning) pairs built on `base`."""
+def parse_variants(items: list[str], tuning_for) -> list[tuple[str, object]]:
+    """`NAME: SWITCH=VALUE SWITCH=VALUE` items as (name, operation -> Tuning) pairs: each
+    variant is the switches in force for that operation (`tuning_for`) with its changes."""
     variants = []
     for item in items:
         name, sep, changes = item.partition(":")
@@ -88,7 +89,8 @@ def parse_variants(items: list[str], base) -> list[tuple[str, object]]:
             raise SystemExit(f"--variant {item!r}: expected 'NAME: SWITCH=VALUE ...'")
         if name in {n for n, _ in variants}:
             raise SystemExit(f"--variant {name!r} is given twice")
-        variants.append((name, parse_switches(changes.split(), base)))
+        parse_switches(changes.split(), tuning_for(None))  # a typo fails before any work
+        variants.append((name, lambda op, changes=changes.split(): parse_switches(changes, tuning_for(op))))
     return variants
 
 
@@ -124,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             "full-size models on the CPU: building and running them takes a long time; "
             "use --tiny, or a GPU")
     cases = cases_named(kind, args.cases.split(",") if args.cases else None)
-    base = Tuning.stock() if args.stock_tuning else Tuning.for_device(device)
-    tuning = parse_switches(args.switch, base)
-    variants = parse_variants(args.variant, tuning)
+
+    def tuning_for(operation):  # imagen's switches for `operation`: its defaults and --switch
+        base = Tuning.stock() if args.stock_tuning else Tuning.for_device(device, operation)
+        return parse_switches(args.switch, base)
+
+    variants = parse_variants(args.variant, tuning_for)
     cache = args.cache or DEFAULT_CACHE / kind
     operations = list(dict.fromkeys(case.operation for case in cases))
 
@@ -134,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_models(operations, cache, kind=kind, device=device)
         results = {
             "environment": report.environment(device, dtype, kind),
-            "tuning": tuning.as_dict(),
-            "switches_on": tuning.enabled(),
-            "variants": {name: variant.as_dict() for name, variant in variants},
+            "tuning": {op: tuning_for(op).as_dict() for op in operations},
+            "switches_on": {op: tuning_for(op).enabled() for op in operations},
+            "variants": {name: {op: variant(op).as_dict() for op in operations} for name, variant in variants},
             "cases": [],
             "cold": [],
         }
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             report.write_results(results, results_dir)
 
         if not args.cold_only:
-            results["cases"] = run_cases(cases, cache, device, dtype, tuning=tuning,
+            results["cases"] = run_cases(cases, cache, device, dtype, tuning=tuning_for,
                                          stock=not args.no_stock, repeats=args.repeats,
                                          variants=variants, on_update=save)
         if args.cold or args.cold_only:
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
             results["cold"] = run_cold(
                 operations, cache, device=device.type, dtype=str(dtype).removeprefix("torch."),
-                tuning=tuning, repeats=args.cold_repeats,
+                tuning=tuning_for, repeats=args.cold_repeats,
                 target_seconds=6.0 if kind == FULL else None,
                 drop_caches=args.drop_caches or ("all" if kind == FULL else "weights"),
             )

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.cases import stock_kwargs
+from bench.compare import for_operation
 from bench.configs import snapshot_of
 from image.models.registry import REGISTRY
 
@@ -67,7 +68,7 @@ def imagen_code(operation: str, cache_dir: Path, device: str, tuning) -> str:
     # before Engine.setup starts reading the weights.
     from image.operations.tuning import Tuning
 
-    default = tuning is not None and tuning == Tuning.for_device(device)
+    default = tuning is not None and tuning == Tuning.for_device(device, operation)
     tuning_code = "None" if tuning is None or default else f"Tuning(**{tuning.as_dict()!r})"
     tuning_import = "" if tuning_code == "None" else "from image.operations.tuning import Tuning\n"
     return _IMAGEN.format(operation=operation, cache=str(cache_dir), device=device,
@@ -129,7 +130,8 @@ def run_cold(operations: list[str], cache_dir: Path, *, device: str, dtype: str,
         weights = [p.resolve() for p in snapshot.rglob("*") if p.suffix in (".safetensors", ".bin")]
         row = {"operation": operation, "target_seconds": target_seconds}
         for label, code in (("stock", stock_code(operation, cache_dir, device, dtype)),
-                            ("imagen", imagen_code(operation, cache_dir, device, tuning))):
+                            ("imagen", imagen_code(operation, cache_dir, device,
+                                                   for_operation(tuning, operation)))):
             times, phases = [], {}
             for _ in range(repeats):
                 row["page_cache"] = drop_page_cache(weights, drop_caches)

@@ -27,7 +27,8 @@ def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: t
               variants: list[tuple[str, object]] = (), on_update=None) -> list[dict]:
     """Time every case on both paths; returns one result dict per case (see bench/README.md).
 
-    `variants` are (name, Tuning) pairs: imagen again with other switches, in the same
+    `tuning` is imagen's switches: a Tuning, or a function of the operation giving one.
+    `variants` are (name, Tuning or function) pairs: imagen again with other switches, in the same
     process, each compared with the same stock run (the row's "variants"). `on_update` is
     called with the rows after each path, so a run cut short keeps what it measured.
     """
@@ -45,13 +46,18 @@ def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: t
                       rows, outputs, repeats=repeats)
             updated()
         _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
-                  repeats=repeats, tuning=tuning)
+                  repeats=repeats, tuning=for_operation(tuning, operation))
         updated()
         for name, variant in variants:
             _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
-                      repeats=repeats, tuning=variant, variant=name)
+                      repeats=repeats, tuning=for_operation(variant, operation), variant=name)
             updated()
     return [rows[case.name] for case in cases]
+
+
+def for_operation(tuning, operation: str):
+    """`tuning` itself, or what it gives for `operation` when it is a function (None stays)."""
+    return tuning(operation) if callable(tuning) else tuning
 
 
 def _row(case: Case) -> dict:

@@ -65,9 +65,10 @@ def cost_rows(results: dict, prices=PRICES) -> list[dict]:
     card = results["environment"]["card"]
     rows = []
     for case in results.get("cases", []):
-        for label in ("stock", "imagen"):
-            entry = case.get(label) or {}
-            seconds = entry.get("seconds")
+        paths = [("stock", case.get("stock")), ("imagen", case.get("imagen"))]
+        paths += [(f"imagen [{name}]", entry) for name, entry in (case.get("variants") or {}).items()]
+        for label, entry in paths:
+            seconds = (entry or {}).get("seconds")
             if seconds is None:
                 continue
             rows.append({

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures in one device call (about 8 minutes on an H100 or H200):
+# Issue 7's GPU figures in one device call (SESSION_SECONDS, 480 by default, on an H100 or H200):
 #
-#   .venv/bin/pip download --no-deps -d bench/.cache/wheels \
-#       diffusers==0.42.1 transformers==5.24.0 importlib_metadata==8.7.0 regex   # once, here
-#   run(command="bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=560)
+#   (once, here: download the wheels as bench/README.md, "On a device machine", says)
+#   run(command="bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -44,20 +43,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
 
-# 1. img2img: stock vs imagen (CUDA defaults), and what channels_last and cuDNN's search each do.
-step 120 "$PY" -m bench "${TINY[@]}" --cases comic,enhance \
-  --variant "cl: channels_last=on" --variant "no-cudnn: cudnn_benchmark=off"
-# 2. upscale at 256 and 512 (one tile each with the 256/512 buckets), and 256 tiles only.
-step 130 "$PY" -m bench "${TINY[@]}" --cases upscale-256,upscale-512 --variant "tiles256: upscale_tile=256"
-# 3. Cold start: a fresh process until ready, stock vs imagen, whole page cache dropped.
-step 80 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic
-# 4. Any size in bounded memory: 1024 -> 4096, imagen only.
-step 70 "$PY" -m bench "${TINY[@]}" --no-stock --cases upscale-1024
-# 5. Cold start with the libraries cached and only the weights evicted (a warm node).
-step 60 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --drop-caches weights
-# 6. The CUDA-graph equivalence tests on the tiny models (skipped on a CPU).
+# 1. Issue 7's cases, stock vs imagen with the CUDA defaults (builds the full-size models
+#    once, into bench/.cache/full); channels_last on everywhere as a variant.
+step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,upscale-256,upscale-512 \
+  --variant "cl: channels_last=on"
+step 60 "$PY" -m bench "${TINY[@]}" --no-stock --cases upscale-1024
+# 2. Cold start, whole page cache dropped: the defaults, then without each cold-start switch
+#    (neither has yet been shown to pay: imagen's cold start was slower than stock's).
+step 60 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic
+step 40 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --switch read_ahead=off
+step 40 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --switch direct_to_device=off
+# 3. The CUDA-graph equivalence tests on the tiny models (skipped on a CPU).
 step 60 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
-# 7. torch.compile with its artefacts: compile once (writes the cache), then a fresh
+# 4. torch.compile with its artefacts: compile once (writes the cache), then a fresh
 #    process with an empty Inductor cache that loads the artefacts instead of compiling.
 CC=/tmp/imagen-compile/comic.bin
 step 150 env TORCHDYNAMO_VERBOSE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-1 "$PY" -m bench "${TINY[@]}" \

@@ -139,10 +139,21 @@ def format_variants(results: dict) -> str:
     """What each variant changed, relative to the imagen column's switches."""
     base = results.get("tuning") or {}
     lines = []
-    for name, tuning in (results.get("variants") or {}).items():
-        changed = [f"{key}={value}" for key, value in tuning.items() if base.get(key) != value]
-        lines.append(f"- [{name}]: {', '.join(changed) or 'same switches'}")
+    for name, per_operation in (results.get("variants") or {}).items():
+        changed = {}
+        for operation, tuning in per_operation.items():
+            for key, value in tuning.items():
+                if (base.get(operation) or {}).get(key) != value:
+                    changed.setdefault(key, value)
+        lines.append(f"- [{name}]: {', '.join(f'{k}={v}' for k, v in changed.items()) or 'same switches'}")
     return "\n".join(lines)
+
+
+def _switches_on(results: dict) -> str:
+    on = results.get("switches_on") or {}
+    if isinstance(on, list):  # results written before switches were per operation
+        return ", ".join(on) or "none (stock)"
+    return "; ".join(f"{op}: {', '.join(names) or 'none (stock)'}" for op, names in on.items()) or "-"
 
 
 def format_cold(rows: list[dict]) -> str:
@@ -173,7 +184,7 @@ def format_report(results: dict) -> str:
     head = (
         f"{env['card']}, {env['dtype']}, {env['kind']} models; torch {env['torch']}, "
         f"diffusers {env['diffusers']}; {env['created']}\n"
-        f"imagen switches on: {', '.join(results.get('switches_on', [])) or 'none (stock)'}"
+        f"imagen switches on: {_switches_on(results)}"
     )
     parts: list[str] = [head]
     if results.get("cases"):

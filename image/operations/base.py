@@ -89,7 +89,7 @@ class Operation:
     ) -> None:
         """Load the model from `cache_dir` onto `device`, prepare, tune and warm it up.
 
-        `tuning` is a `Tuning`; None takes `Tuning.for_device(device)`.
+        `tuning` is a `Tuning`; None takes `Tuning.for_device(device, self.name)`.
         """
         from image.models.loading import load_model
         from image.operations.tuning import (
@@ -101,7 +101,7 @@ class Operation:
         # 1. Load
         started = time.perf_counter()
         self.device, self.dtype = torch.device(device), dtype
-        self.tuning = Tuning.for_device(self.device) if tuning is None else tuning
+        self.tuning = Tuning.for_device(self.device, self.name) if tuning is None else tuning
         self.loaded = load_model(
             self.spec,
             Path(cache_dir),

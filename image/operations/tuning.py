@@ -1,30 +1,29 @@
 """Speed switches for the operations, one named field each; `Tuning.for_device` picks defaults.
 
-    tuning = Tuning.for_device(torch.device("cuda"))       # the defaults on a GPU
-    tuning = tuning.replace(compile=True)                   # one switch changed
+    tuning = Tuning.for_device("cuda", "comic")      # the defaults for comic on a GPU
+    tuning = tuning.replace(compile=True)            # one switch changed
     op.setup(cache_dir, device, dtype, tuning=tuning)
 
-Every switch but `vae_tiling` keeps the function the model computes: results match stock
-diffusers within the rounding of the dtype (tests/bench/test_equivalence.py checks each on
-tiny models). On the
-CPU the defaults are all off except `read_ahead` (it only reads files early), so CPU results
-are stock diffusers' to the bit. On CUDA the defaults are the standard, numerically safe
-ones: channels_last and fused QKV (diffusers already runs attention through PyTorch's SDPA).
-The others are off until a GPU benchmark shows they pay (`python -m bench --switch NAME=on`):
+Every switch but `vae_tiling` and `vae_bf16` keeps the function the model computes to within
+fp16 rounding (tests/bench/test_equivalence.py and tests/bench/test_cuda_graphs.py check each
+on tiny models; the bench's diff column on full-size ones). On the CPU the defaults are all
+off except `read_ahead` (it only reads files early), so CPU results are stock diffusers' to
+the bit. On CUDA a switch is on by default only where an H200 run of `make bench` showed it
+pays (bench/README.md has the figures):
 
-| switch | what it does | why it is off by default |
+| switch | what it does | CUDA default, and why |
 |---|---|---|
-| `channels_last` | UNet and VAE in NHWC memory format (cuDNN's fast layout for fp16) | on for CUDA |
-| `fuse_qkv` | one matmul for Q, K, V (self-attention), K, V (cross-attention) | on for CUDA |
-| `read_ahead` | read the weight files (and start CUDA) in threads while the classes are built | on |
-| `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on for CUDA |
-| `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | each new image size pays the search |
-| `vae_tiling` | VAE decodes big latents in tiles (bounded memory) | tiles are blended: not bit-stock |
-| `vae_bf16` | the VAE runs in bfloat16 where the pipeline would upcast it to fp32 | bfloat16 rounding: a few 8-bit levels |
-| `compile` | `torch.compile` of the UNet (`compile_mode`), fixed shapes | first call compiles (minutes) |
-| `cuda_graphs` | the UNet's launches recorded once per shape and replayed (image/operations/graphs.py) | on for CUDA |
-| `upscale_tile` | upscale's tile side in input pixels, or several (buckets; see upscale.py) | None: 2 x the UNet's sample_size |
-| `upscale_tile_batch` | upscale tiles per UNet call | |
+| `cuda_graphs` | the UNet's launches recorded once per shape and replayed (graphs.py) | on: comic 1.22 -> 0.46 s |
+| `channels_last` | UNet and VAE in NHWC memory format | comic only: 0.52 -> 0.45 s with graphs; enhance 0.89 -> 0.93 s, eager comic 18 % slower |
+| `fuse_qkv` | one matmul for Q, K, V (self-attention), K, V (cross-attention) | on: standard; not measured alone |
+| `vae_bf16` | a bfloat16 VAE where the pipeline would upcast it to float32 (SDXL, x4 upscaler) | on: upscale 512 -> 2048 peak 20.8 -> 11.4 GiB; enhance -7 %; a few 8-bit levels |
+| `upscale_tile` | upscale's tile side in input pixels; several sizes are buckets (upscale.py) | (256, 512): a 512 input in one tile, 9.8 -> 5.3 s |
+| `read_ahead` | read the weight files in threads while the libraries import and CUDA starts | on; cold start not yet faster than stock (see bench/README.md) |
+| `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on; as read_ahead |
+| `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
+| `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
+| `compile` | `torch.compile` of the UNet (`compile_mode`), fixed shapes | off: not yet measured on a GPU |
+| `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 
 `compile_cache` names a file for PyTorch's compile caches (`torch.compiler.save_cache_artifacts`):
 loaded before the warm-up when it exists, written after it otherwise, so an image built with a
@@ -57,6 +56,11 @@ SWITCHES = (
 """The on/off switches, in the order reports list them."""
 
 
+CHANNELS_LAST_PAYS = frozenset({"comic"})
+"""Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); enhance ran
+4 % slower, upscale and remove-background were not measured with it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """How an operation is set up for speed; see the module docstring for each field."""
@@ -81,11 +85,12 @@ class Tuning:
         return cls()
 
     @classmethod
-    def for_device(cls, device: torch.device | str) -> Tuning:
-        """The defaults on `device`: the safe, standard switches on CUDA; stock on the CPU."""
+    def for_device(cls, device: torch.device | str, operation: str | None = None) -> Tuning:
+        """The defaults for `operation` on `device`: on CUDA the switches the bench showed to
+        pay (see the module docstring); stock diffusers on the CPU."""
         if torch.device(device).type == "cuda":
-            return cls(fuse_qkv=True, read_ahead=True, direct_to_device=True, cudnn_benchmark=True,
-                       vae_bf16=True, cuda_graphs=True, upscale_tile=(256, 512))
+            return cls(channels_last=operation in CHANNELS_LAST_PAYS, fuse_qkv=True, read_ahead=True,
+                       direct_to_device=True, vae_bf16=True, cuda_graphs=True, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 
     def replace(self, **changes) -> Tuning:

@@ -34,7 +34,7 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert path.name.startswith("cpu-") and "-tiny-" in path.name
     assert path.with_suffix(".md").read_text().startswith("cpu")
     results = json.loads(path.read_text())
-    assert results["environment"]["kind"] == "tiny" and results["switches_on"] == ["read_ahead"]
+    assert results["environment"]["kind"] == "tiny" and results["switches_on"] == {"upscale": ["read_ahead"]}
     [row] = results["cases"]
     assert row["stock"]["seconds"] > 0 and row["imagen"]["seconds"] > 0
     assert row["ratio"] == pytest.approx(row["imagen"]["seconds"] / row["stock"]["seconds"], rel=0.01)
@@ -42,7 +42,7 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     variant = row["variants"]["batched"]
     assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead"]
     assert variant["max_diff"] <= 1 and "ratio" in variant
-    assert results["variants"]["batched"]["upscale_tile_batch"] == 2
+    assert results["variants"]["batched"]["upscale"]["upscale_tile_batch"] == 2
     assert "| upscale-64 [batched] |" in out and "- [batched]: channels_last=True, upscale_tile_batch=2" in out
 
     assert main(["--cost", str(path)]) == 0
@@ -64,12 +64,16 @@ def test_cost_per_thousand_images():
 
 
 def test_variants_parse():
-    base = Tuning.for_device("cpu")
-    [(name, tuning)] = parse_variants(["big: upscale_tile=256,512 vae_bf16=on"], base)
-    assert name == "big" and tuning == base.replace(upscale_tile=(256, 512), vae_bf16=True)
-    for bad in (["x"], ["x:"], [": vae_bf16=on"], ["a: vae_bf16=on", "a: compile=on"]):
+    def tuning_for(operation):
+        return Tuning.for_device("cuda", operation)
+
+    [(name, variant)] = parse_variants(["big: upscale_tile=256 vae_bf16=off"], tuning_for)
+    assert name == "big"
+    assert variant("comic") == tuning_for("comic").replace(upscale_tile=256, vae_bf16=False)
+    assert variant("comic").channels_last and not variant("enhance").channels_last
+    for bad in (["x"], ["x:"], [": vae_bf16=on"], ["a: vae_bf16=on", "a: compile=on"], ["a: nope=1"]):
         with pytest.raises(SystemExit):
-            parse_variants(bad, base)
+            parse_variants(bad, tuning_for)
 
 
 def test_switches_parse():

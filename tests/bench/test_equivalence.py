@@ -75,8 +75,10 @@ def stock_np(tiny_cache):
 
 def test_cpu_defaults_are_stock():
     assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
-    assert Tuning.for_device("cuda").enabled() == [
-        "fuse_qkv", "read_ahead", "direct_to_device", "cudnn_benchmark", "vae_bf16", "cuda_graphs"]
+    cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16", "cuda_graphs"]
+    assert Tuning.for_device("cuda").enabled() == Tuning.for_device("cuda", "enhance").enabled() == cuda
+    assert Tuning.for_device("cuda", "comic").enabled() == ["channels_last", *cuda]  # measured: pays there
+    assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert Tuning.stock().enabled() == []
 
 
