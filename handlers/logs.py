@@ -30,7 +30,9 @@ class JsonFormatter(logging.Formatter):
         entry.update(fields)
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
+        # name that was not valid UTF-8) cannot make the line unwritable.
+        return json.dumps(entry, default=str, ensure_ascii=True)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -22,7 +22,13 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 from handlers import metrics, routing
-from handlers.errors import PreconditionLost, SourceSuperseded, TransientError, Undeliverable
+from handlers.errors import (
+    PreconditionLost,
+    SourceNotAllowed,
+    SourceSuperseded,
+    TransientError,
+    Undeliverable,
+)
 from handlers.events import JobRequest, ObjectEvent
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
@@ -140,6 +146,7 @@ class Processor:
 
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
+            check_replaceable(existing, job, plan)
             skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
@@ -304,6 +311,21 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     fmt = fmt or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)
+
+
+def check_replaceable(existing: ObjectState | None, job: Job, plan: Plan) -> None:
+    """An explicitly named output may replace only an earlier imagen output.
+
+    Outputs under processed/ are imagen's own; a job message's `output` can name any object
+    outside incoming/ and failed/, and must not overwrite one that imagen did not write.
+    """
+    if job.output is None or existing is None or routing.SOURCE_KEY in existing.metadata:
+        return
+    bucket, name = plan.output
+    raise SourceNotAllowed(
+        f"output gs://{bucket}/{name} exists and was not written by imagen (no "
+        f"{routing.SOURCE_KEY} metadata): refusing to replace it; name another output"
+    )
 
 
 def skip_reason(existing: ObjectState | None, job: Job, plan: Plan) -> str | None:

@@ -155,6 +155,10 @@ def output_location(job: Job, layout: Layout, chain: str, extension: str) -> tup
                 f"output {out_name!r} would be processed again (it is the source or under "
                 f"{layout.input_prefix!r})"
             )
+        if out_name.startswith(layout.failed_prefix):
+            raise SourceNotAllowed(
+                f"output {out_name!r} is refused: {layout.failed_prefix!r} holds failure reports"
+            )
         return out_bucket, out_name
     check_safe_name(job.rel_path)
     stem = posixpath.splitext(job.rel_path)[0] if "." in _last(job.rel_path)[1:] else job.rel_path

@@ -16,7 +16,7 @@ then prints those figures, the throughput, the kills and the redeliveries (jobs 
 than once, and redeliveries acked as duplicates without GPU work), and exits 1 if any check
 failed. `tests/reliability/test_crash_and_load.py` runs it small (N=20, one kill).
 
-Two things about the emulator shape the run (see `imagen_command` and `Heartbeat`): it ignores
+Two things about the emulator shape the run (see `LEASE_SECONDS` and `Heartbeat`): it ignores
 the workers' flow control, and it re-dispatches a killed worker's messages only when its topic
 sees traffic. The workers therefore run with lease extensions bounded to LEASE_SECONDS, and a
 heartbeat of ignored notifications keeps the topic busy.
@@ -92,39 +92,22 @@ class LoadReport:
         ]
 
 
-def imagen_command(lease_seconds: int | None = None) -> tuple[str, ...]:
-    """The command line that runs `imagen`.
-
-    With `lease_seconds`, its pull worker extends each lease by at most that many seconds
-    (FlowControl.max_duration_per_lease_extension), so what a killed worker held comes back
-    after about that long. Without, google-cloud-pubsub extends leases by the 99th percentile
-    of its ack latency, up to 600 s. On the emulator, which ignores flow control and hands one
-    streaming pull hundreds of messages, that latency grows with the backlog, and a kill can
-    strand messages for ten minutes; Pub/Sub itself holds a worker to its flow control.
-    """
-    if lease_seconds is None:
-        return (sys.executable, "-m", "handlers.cli")
-    code = (
-        "import functools, types; from google.cloud import pubsub_v1; import handlers.worker as w; "
-        "flow = functools.partial(pubsub_v1.types.FlowControl, "
-        f"max_duration_per_lease_extension={int(lease_seconds)}); "
-        "w.pubsub_v1 = types.SimpleNamespace(types=types.SimpleNamespace(FlowControl=flow)); "
-        "from handlers.cli import main; main(prog_name='imagen')"
-    )
-    return (sys.executable, "-c", code)
-
-
-IMAGEN = imagen_command()
-LEASE_SECONDS = 10  # the load's default bound on lease extensions (see imagen_command)
-BOUNDED_IMAGEN = imagen_command(LEASE_SECONDS)
+IMAGEN = (sys.executable, "-m", "handlers.cli")
+LEASE_SECONDS = 10
+"""The workers' `--lease-extension-seconds`: what a killed worker held comes back after about
+this long. With the client library's own extensions (its 99th percentile of ack latency, up
+to 600 s) the emulator, which ignores flow control and hands one streaming pull hundreds of
+messages, sees that latency grow with the backlog, and a kill can strand messages for ten
+minutes; Pub/Sub itself holds a worker to its flow control."""
 
 
 class Worker:
     """One `imagen worker` process; its log (JSON lines) is appended across restarts."""
 
-    def __init__(self, name: str, subscription: str, env: dict, log_path: Path, imagen=IMAGEN):
+    def __init__(self, name: str, subscription: str, env: dict, log_path: Path,
+                 lease_seconds: int = LEASE_SECONDS):
         self.name, self.subscription, self.env, self.log_path = name, subscription, env, log_path
-        self.imagen = tuple(imagen)
+        self.lease_seconds = lease_seconds
         self.process: subprocess.Popen | None = None
         self._offset = 0
 
@@ -133,8 +116,10 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [
-                    *self.imagen,
+                    *IMAGEN,
                     "worker",
+                    "--lease-extension-seconds",
+                    str(self.lease_seconds),
                     "--subscription",
                     self.subscription,
                     "--operations",
@@ -279,16 +264,16 @@ def run_load(
     seed: int = 0,
     timeout: float = 900,
     settle: float = LEASE_SECONDS + 5,
-    imagen=BOUNDED_IMAGEN,
+    lease_seconds: int = LEASE_SECONDS,
     log=print,
 ) -> LoadReport:
     """Run the load on running emulators; see the module docstring.
 
     `kills`: how many times to SIGKILL worker A (None: every `kill_every` seconds, a random
     interval, until `kill_until` of the outputs exist: the tail drains without kills, which
-    on the emulator would otherwise keep stranding the last messages). `settle`: seconds to keep watching after the last
-    output, so that late redeliveries of killed jobs would show. `imagen`: the command line
-    that runs imagen.
+    on the emulator would otherwise keep stranding the last messages). `settle`: seconds to
+    keep watching after the last output, so that late redeliveries of killed jobs would show.
+    `lease_seconds`: the workers' `--lease-extension-seconds`.
     """
     rng = random.Random(seed)
     stack = _stack_settings(pubsub_host, storage_url)
@@ -313,8 +298,8 @@ def run_load(
         }
     )
     work_dir.mkdir(parents=True, exist_ok=True)
-    victim = Worker("A", subscription, env, work_dir / "worker-A.log", imagen)
-    steady = Worker("B", subscription, env, work_dir / "worker-B.log", imagen)
+    victim = Worker("A", subscription, env, work_dir / "worker-A.log", lease_seconds)
+    steady = Worker("B", subscription, env, work_dir / "worker-B.log", lease_seconds)
     workers = (victim, steady)
     watch = OutputWatch(bucket)
     heartbeat = Heartbeat(
@@ -435,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lease-seconds",
         type=int,
         default=LEASE_SECONDS,
-        help="bound on each worker's lease extensions, seconds; 0: the library's own (p99 of "
+        help="each worker's --lease-extension-seconds; 0: the library's own (p99 of "
         f"ack latency, up to 600 s) (default {LEASE_SECONDS})",
     )
     parser.add_argument("--work-dir", type=Path, help="logs and models (default: a temporary dir)")
@@ -462,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             kill_every=tuple(args.kill_every),
             seed=args.seed,
             timeout=args.timeout,
-            imagen=imagen_command(args.lease_seconds or None),
+            lease_seconds=args.lease_seconds,
         )
     print("\n".join(report.lines()))
     print("OK" if report.ok else "FAILED")

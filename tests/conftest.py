@@ -1,7 +1,10 @@
-"""Fixtures shared by every test tier."""
+"""Fixtures shared by every test tier: the tiny models, and the real emulators (fake-gcs-server
+and Google's Pub/Sub emulator), each started once per session whichever tier asks first."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,3 +24,91 @@ def tiny_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("tiny-models")
     build_tiny(list(REGISTRY.values()), cache, lock=Lock.packaged())
     return cache
+
+
+# -- the real emulators -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory):
+    from google.cloud import pubsub_v1
+
+    from handlers.localstack import EVENTS_TOPIC, PROJECT, PubsubEmulator
+
+    emulator = PubsubEmulator(log_dir=tmp_path_factory.mktemp("pubsub")).start()
+    os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+    publisher = pubsub_v1.PublisherClient()
+    publisher.create_topic(name=publisher.topic_path(PROJECT, EVENTS_TOPIC))
+    yield emulator
+    os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_emulator(pubsub_emulator, tmp_path_factory):
+    from handlers.localstack import StorageEmulator
+
+    emulator = StorageEmulator(log_dir=tmp_path_factory.mktemp("gcs")).start(
+        pubsub_host=pubsub_emulator.host
+    )
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    yield emulator
+    os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(storage_emulator):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from handlers.localstack import PROJECT
+
+    return storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+
+
+@pytest.fixture
+def bucket(gcs):
+    return gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def publisher(pubsub_emulator):
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.PublisherClient()
+
+
+@pytest.fixture(scope="session")
+def subscriber(pubsub_emulator):
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.SubscriberClient()
+
+
+@pytest.fixture
+def events_subscription(subscriber):
+    """A fresh pull subscription on the Storage notification topic."""
+    from handlers.localstack import EVENTS_TOPIC, PROJECT
+
+    path = subscriber.subscription_path(PROJECT, f"events-{uuid.uuid4().hex[:10]}")
+    subscriber.create_subscription(
+        name=path, topic=subscriber.topic_path(PROJECT, EVENTS_TOPIC), ack_deadline_seconds=30
+    )
+    yield path
+    subscriber.delete_subscription(subscription=path)
+
+
+@pytest.fixture
+def settings(storage_emulator, pubsub_emulator, tmp_path):
+    from handlers.localstack import PROJECT
+    from handlers.settings import Settings
+
+    return Settings.from_env({
+        "STORAGE_EMULATOR_HOST": storage_emulator.url,
+        "PUBSUB_EMULATOR_HOST": pubsub_emulator.host,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "IMAGEN_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "MODEL_CACHE_DIR": str(tmp_path / "no-models"),
+    })

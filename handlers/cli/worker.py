@@ -18,11 +18,16 @@ from handlers.logs import configure_logging
     "--max-job-seconds", default=3600, show_default=True,
     help="Longest a job may hold its message; the lease is extended up to this.",
 )
+@click.option(
+    "--lease-extension-seconds", default=60, show_default=True, type=click.IntRange(min=0),
+    help="Each lease renewal's extension: a crashed worker's jobs are redelivered after about "
+    "this long (0: the client library's own, up to 600).",
+)
 @click.option("--metrics-port", default=9090, show_default=True,
               help="Port for Prometheus /metrics (0: off).")
 @click.pass_obj
 def command(settings, subscription, operations, device, concurrency, prefetch, max_job_seconds,
-            metrics_port):
+            lease_extension_seconds, metrics_port):
     """Pull jobs from a subscription until SIGTERM; finish the jobs in hand, then exit 0."""
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
@@ -57,5 +62,6 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         concurrency=concurrency,
         prefetch=prefetch,
         max_lease_seconds=max_job_seconds,
+        lease_extension_seconds=lease_extension_seconds,
     )
     worker.run()

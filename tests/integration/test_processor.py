@@ -212,6 +212,24 @@ def test_job_message_with_explicit_output(settings, bucket):
     assert blob.content_type == "image/webp" and blob.metadata["imagen-source-generation"]
 
 
+def test_an_explicit_output_replaces_imagens_own_but_never_a_users_object(settings, bucket):
+    _upload(bucket, "uploads/p.png")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    # The user's own file: refused with a report, the file untouched.
+    bucket.blob("results/mine.png").upload_from_string(b"keep me", content_type="image/png")
+    mine = JobRequest(bucket.name, "uploads/p.png", "upscale", {}, f"gs://{bucket.name}/results/mine.png")
+    outcome = processor.handle(mine)
+    assert outcome.status == "failed" and "not written by imagen" in outcome.reason
+    assert bucket.get_blob("results/mine.png").download_as_bytes() == b"keep me"
+    assert bucket.get_blob("failed/upscale/uploads/p.png.json") is not None
+    # An earlier imagen output at that name: replaced when the job asks for other parameters.
+    ours = JobRequest(bucket.name, "uploads/p.png", "upscale", {}, f"gs://{bucket.name}/results/ours.png")
+    assert processor.handle(ours).status == "succeeded"
+    again = JobRequest(bucket.name, "uploads/p.png", "upscale", {"seed": 7}, f"gs://{bucket.name}/results/ours.png")
+    assert processor.handle(again).status == "succeeded"
+    assert '"seed":7' in bucket.get_blob("results/ours.png").metadata["imagen-params"]
+
+
 def test_job_message_format_follows_the_output_extension(settings, bucket):
     _upload(bucket, "uploads/q.png")
     request = JobRequest(bucket.name, "uploads/q.png", "comic", {}, f"gs://{bucket.name}/results/q.jpg")

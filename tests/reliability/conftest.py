@@ -1,5 +1,5 @@
-"""Fixtures for the reliability tier: the integration tier's real emulators (imported, so this
-directory runs on its own too), a tiny remove-background engine, and helpers that drive the
+"""Fixtures for the reliability tier: a tiny remove-background engine (the real emulators come
+from tests/conftest.py, shared with the integration tier), and helpers that drive the
 processor the way Pub/Sub push does and check that nothing lands outside the layout."""
 
 from __future__ import annotations
@@ -15,16 +15,6 @@ from handlers.http import create_app
 from handlers.processor import Processor
 from handlers.routing import Layout
 from handlers.storage import Store
-from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
-    bucket,
-    events_subscription,
-    gcs,
-    publisher,
-    pubsub_emulator,
-    settings,
-    storage_emulator,
-    subscriber,
-)
 
 READY = "READY"
 

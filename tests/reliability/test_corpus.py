@@ -690,9 +690,17 @@ REQUESTS = [
         "ignored",
     ),
     (
-        "body-over-10-mb",
+        "push-of-a-10-mb-message-is-read-not-refused",  # then refused for what it says
         {"content-type": "application/json"},
-        b"{" + b" " * (10 * 1024 * 1024) + b"}",
+        {"message": {"data": base64.b64encode(b"x" * 10_000_000).decode(), "messageId": "1"},
+         "subscription": "projects/p/subscriptions/s"},
+        400,
+        None,
+    ),
+    (
+        "body-over-14-mib",  # more than a 10 MB Pub/Sub message, base64-encoded, can be
+        {"content-type": "application/json"},
+        b"{" + b" " * (14 * 1024 * 1024) + b"}",
         413,
         None,
     ),

@@ -128,6 +128,7 @@ def test_job_message_routing_and_allowlist():
         ("gs://bkt/incoming/upscale/loop.png", LAYOUT),  # would trigger itself
         ("gs://bkt/uploads/p.png", LAYOUT),  # the source itself
         ("gs://bkt/a/../b.png", LAYOUT),
+        ("gs://bkt/failed/upscale/p.png.json", LAYOUT),  # where failure reports go
     ],
 )
 def test_explicit_outputs_are_confined(output, layout):
