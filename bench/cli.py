@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="run imagen with every switch off (checks it equals stock)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: the case's)")
     parser.add_argument("--no-stock", action="store_true", help="time imagen only")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each path's case once more under torch.profiler; top operators "
+                        "go to <results>/profile-<time>/<path>-<case>.txt")
     parser.add_argument("--cold", action="store_true", help="also time a cold start per operation")
     parser.add_argument("--cold-only", action="store_true", help="time cold starts only")
     parser.add_argument("--cold-repeats", type=int, default=1)
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         results_dir = args.results_dir or report.RESULTS_DIR
 
+        stamp = results["environment"]["created"].replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
+        profile_dir = results_dir / f"profile-{stamp}"
+
         def save(rows):  # after each path: a run cut short keeps what it measured
             results["cases"] = rows
             report.write_results(results, results_dir)
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cold_only:
             results["cases"] = run_cases(cases, cache, device, dtype, tuning=tuning_for,
                                          stock=not args.no_stock, repeats=args.repeats,
-                                         variants=variants, on_update=save)
+                                         variants=variants, on_update=save,
+                                         profile_dir=profile_dir if args.profile else None)
         if args.cold or args.cold_only:
             from bench.cold import run_cold
 

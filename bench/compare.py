@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bench.cases import Case, ImagenRunner, StockRunner, input_image
-from bench.timing import free, measure
+from bench.timing import free, measure, profile
 
 logger = logging.getLogger("bench")
 
@@ -24,13 +24,16 @@ GIB = 1024**3
 
 def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: torch.dtype,
               *, tuning=None, stock: bool = True, repeats: int | None = None,
-              variants: list[tuple[str, object]] = (), on_update=None) -> list[dict]:
+              variants: list[tuple[str, object]] = (), on_update=None,
+              profile_dir: Path | None = None) -> list[dict]:
     """Time every case on both paths; returns one result dict per case (see bench/README.md).
 
     `tuning` is imagen's switches: a Tuning, or a function of the operation giving one.
     `variants` are (name, Tuning or function) pairs: imagen again with other switches, in the same
     process, each compared with the same stock run (the row's "variants"). `on_update` is
-    called with the rows after each path, so a run cut short keeps what it measured.
+    called with the rows after each path, so a run cut short keeps what it measured. With
+    `profile_dir`, each path's case runs once more under torch.profiler, its top operators
+    written there (one text file per path and case).
     """
     rows = {case.name: _row(case) for case in cases}
 
@@ -43,14 +46,15 @@ def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: t
         outputs: dict[str, np.ndarray] = {}
         if stock and any(case.stock for case in mine):
             _run_path(StockRunner, operation, [c for c in mine if c.stock], cache_dir, device, dtype,
-                      rows, outputs, repeats=repeats)
+                      rows, outputs, repeats=repeats, profile_dir=profile_dir)
             updated()
         _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
-                  repeats=repeats, tuning=for_operation(tuning, operation))
+                  repeats=repeats, tuning=for_operation(tuning, operation), profile_dir=profile_dir)
         updated()
         for name, variant in variants:
             _run_path(ImagenRunner, operation, mine, cache_dir, device, dtype, rows, outputs,
-                      repeats=repeats, tuning=for_operation(variant, operation), variant=name)
+                      repeats=repeats, tuning=for_operation(variant, operation), variant=name,
+                      profile_dir=profile_dir)
             updated()
     return [rows[case.name] for case in cases]
 
@@ -83,7 +87,7 @@ def _row(case: Case) -> dict:
 
 
 def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, outputs, *, repeats,
-              variant: str | None = None, **extra):
+              variant: str | None = None, profile_dir: Path | None = None, **extra):
     label = runner_class.label if variant is None else f"imagen[{variant}]"
 
     def put(case, entry):
@@ -121,6 +125,13 @@ def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, ou
             if variant is not None:
                 entry["switches_on"] = extra["tuning"].enabled()
                 entry["tuning"] = extra["tuning"].as_dict()
+            if profile_dir is not None:
+                path = Path(profile_dir) / f"{label}-{case.name}.txt".replace("[", "-").replace("]", "")
+                try:
+                    profile(lambda case=case, image=image: runner(case, image), device, path)
+                    entry["profile"] = path.name
+                except Exception as error:  # noqa: BLE001 - the figures stand without it
+                    logger.error("%s %s: profiling failed: %s", label, case.name, error)
             put(case, entry)
             pixels = np.asarray(output.convert("RGB"), dtype=np.int16)
             if label == "stock":

@@ -48,6 +48,8 @@ $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__,
 step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,upscale-256,upscale-512 \
   --variant "cl: channels_last=on"
 step 60 "$PY" -m bench "${TINY[@]}" --no-stock --cases upscale-1024
+# 1b. Where the time goes: one profiled run per path (top operators by GPU time).
+step 90 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,upscale-256 --repeats 1 --profile
 # 2. Cold start, whole page cache dropped: the defaults, then without each cold-start switch
 #    (neither has yet been shown to pay: imagen's cold start was slower than stock's).
 step 60 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic

@@ -60,3 +60,31 @@ def free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def profile(fn: Callable[[], object], device: torch.device, path) -> str:
+    """Run `fn` once under torch.profiler and write its top operators by self device time
+    (CPU time on the CPU) to `path`; returns the table."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+        try:
+            table = averages.table(sort_by=key, row_limit=30)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    table = table or averages.table(row_limit=30)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table + "\n")
+    return table

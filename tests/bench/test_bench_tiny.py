@@ -25,7 +25,7 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     results_dir = tmp_path / "results"
     argv = ["--tiny", "--cases", "upscale-64", "--repeats", "1",
             "--cache", str(tiny_cache), "--results-dir", str(results_dir),  # read only
-            "--variant", "batched: upscale_tile_batch=2 channels_last=on"]
+            "--variant", "batched: upscale_tile_batch=2 channels_last=on", "--profile"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| case | input → output |" in out and "| upscale-64 | 64² → 256² |" in out
@@ -43,6 +43,11 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead"]
     assert variant["max_diff"] <= 1 and "ratio" in variant
     assert results["variants"]["batched"]["upscale"]["upscale_tile_batch"] == 2
+    [profiles] = results_dir.glob("profile-*")
+    assert sorted(p.name for p in profiles.iterdir()) == [
+        "imagen-batched-upscale-64.txt", "imagen-upscale-64.txt", "stock-upscale-64.txt"]
+    assert "aten::" in (profiles / "imagen-upscale-64.txt").read_text()
+    assert row["imagen"]["profile"] == "imagen-upscale-64.txt"
     assert "| upscale-64 [batched] |" in out and "- [batched]: channels_last=True, upscale_tile_batch=2" in out
 
     assert main(["--cost", str(path)]) == 0
