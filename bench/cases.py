@@ -133,6 +133,8 @@ class StockRunner:
         spec = REGISTRY[operation]
         import diffusers
 
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False  # stock's default, whatever ran before
         started = time.perf_counter()
         pipeline_class = getattr(diffusers, spec.pipeline)
         self.pipe = pipeline_class.from_pretrained(

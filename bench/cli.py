@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_report(results))
     print(f"\nwritten: {path}")
     failed = [row["case"] for row in results["cases"] if any(
-        isinstance(row.get(label), dict) and "error" in row[label] for label in ("stock", "imagen"))]
+        isinstance(entry, dict) and "error" in entry
+        for entry in (row.get("stock"), row.get("imagen"), *(row.get("variants") or {}).values()))]
     failed += [row["operation"] for row in results["cold"] if any(k.endswith("_error") for k in row)]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

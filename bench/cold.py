@@ -49,7 +49,7 @@ import json
 from image.engine import Engine
 from image.models.lock import Lock
 imported = time.perf_counter()
-{tuning_import}engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
+engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
 engine.setup()
 done = time.perf_counter()
 op = engine._ops[{operation!r}]
@@ -64,15 +64,15 @@ def stock_code(operation: str, cache_dir: Path, device: str, dtype: str) -> str:
 
 
 def imagen_code(operation: str, cache_dir: Path, device: str, tuning) -> str:
-    # The defaults go as None, as `imagen serve` passes them: then nothing imports torch
+    # The defaults go as None, as `imagen serve` passes them, so nothing imports torch
     # before Engine.setup starts reading the weights.
     from image.operations.tuning import Tuning
 
+    # Other switches go as a dict, which Engine turns into a Tuning after its read-ahead.
     default = tuning is not None and tuning == Tuning.for_device(device, operation)
-    tuning_code = "None" if tuning is None or default else f"Tuning(**{tuning.as_dict()!r})"
-    tuning_import = "" if tuning_code == "None" else "from image.operations.tuning import Tuning\n"
+    tuning_code = "None" if tuning is None or default else repr(tuning.as_dict())
     return _IMAGEN.format(operation=operation, cache=str(cache_dir), device=device,
-                          tuning=tuning_code, tuning_import=tuning_import, ready=READY)
+                          tuning=tuning_code, ready=READY)
 
 
 def drop_page_cache(paths: list[Path], how: str = "weights") -> str:

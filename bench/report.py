@@ -140,12 +140,13 @@ def format_variants(results: dict) -> str:
     base = results.get("tuning") or {}
     lines = []
     for name, per_operation in (results.get("variants") or {}).items():
-        changed = {}
+        changed: dict[str, list] = {}
         for operation, tuning in per_operation.items():
             for key, value in tuning.items():
-                if (base.get(operation) or {}).get(key) != value:
-                    changed.setdefault(key, value)
-        lines.append(f"- [{name}]: {', '.join(f'{k}={v}' for k, v in changed.items()) or 'same switches'}")
+                if (base.get(operation) or {}).get(key) != value and value not in changed.setdefault(key, []):
+                    changed[key].append(value)
+        text = ", ".join(f"{k}={'/'.join(map(str, v))}" for k, v in changed.items() if v)
+        lines.append(f"- [{name}]: {text or 'same switches'}")
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ This is the seam between the cloud side and the models (cog's predictor):
     out = engine.run(chain, image, params, seed=resolve_common(params, data)["seed"])
     engine.model_id(chain)               # "briaai/RMBG-1.4@<commit>,stabilityai/...@<commit>"
 
-`tuning` (image/operations/tuning.py) sets the speed switches; None takes the defaults for
-the device. `lock` is the model lock to load by (the packaged one by default).
+`tuning` (image/operations/tuning.py) sets the speed switches: None takes each operation's
+defaults for the device; a Tuning, or its fields as a dict, applies to every operation. `lock` is the model lock to load by (the packaged one by default).
 
 One model instance per operation per process. `setup` is idempotent and thread-safe (a
 failed setup may be retried); `run` is serialised, since all operations share one device.
@@ -95,7 +95,7 @@ class Engine:
                         dtype,
                         allow_download=self.allow_download,
                         lock=self.lock,
-                        tuning=self.tuning,
+                        tuning=_tuning(self.tuning),
                     )
                     self._ops[name] = op
                     self.setup_seconds[name] = time.perf_counter() - started
@@ -109,10 +109,13 @@ class Engine:
     def _read_weights_ahead(self) -> None:
         """Start reading every operation's weight files while the libraries import.
 
-        Only the default tuning and tunings with `read_ahead` (the switch's own check is
-        torch-bound, hence no Tuning import here); any problem is left to the loader.
+        Only the default tuning and tunings with `read_ahead` (read here without importing
+        Tuning, which imports torch); any problem is left to the loader.
         """
-        if self.tuning is not None and not getattr(self.tuning, "read_ahead", False):
+        if isinstance(self.tuning, Mapping):
+            if not self.tuning.get("read_ahead", False):
+                return
+        elif self.tuning is not None and not getattr(self.tuning, "read_ahead", False):
             return
         from image.models import store
         from image.models.lock import Lock
@@ -182,3 +185,16 @@ def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:
     if any(not isinstance(name, str) for name in chain):
         raise UnknownOperation(f"operation names must be strings, got {list(chain)!r}")
     return parse_chain(",".join(chain))
+
+
+def _tuning(tuning):
+    """A `Tuning` from what `Engine` was given: None (each operation's defaults), a Tuning, or
+    its fields as a mapping (`Tuning.as_dict()`: builds it only now, after the read-ahead)."""
+    if isinstance(tuning, Mapping):
+        from image.operations.tuning import Tuning
+
+        fields = dict(tuning)
+        if isinstance(fields.get("upscale_tile"), list):
+            fields["upscale_tile"] = tuple(fields["upscale_tile"])
+        return Tuning(**fields)
+    return tuning

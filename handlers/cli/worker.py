@@ -7,6 +7,12 @@ import click
 from handlers.logs import configure_logging
 
 
+def _lease_extension(ctx, param, value: int) -> int:
+    if value != 0 and not 10 <= value <= 600:
+        raise click.BadParameter("0 (the client library's own) or 10 to 600 seconds (Pub/Sub's range)")
+    return value
+
+
 @click.command("worker")
 @click.option("--subscription", help="Subscription name or full path [env IMAGEN_SUBSCRIPTION].")
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
@@ -19,9 +25,9 @@ from handlers.logs import configure_logging
     help="Longest a job may hold its message; the lease is extended up to this.",
 )
 @click.option(
-    "--lease-extension-seconds", default=60, show_default=True, type=click.IntRange(min=0),
+    "--lease-extension-seconds", default=60, show_default=True, type=int, callback=_lease_extension,
     help="Each lease renewal's extension: a crashed worker's jobs are redelivered after about "
-    "this long (0: the client library's own, up to 600).",
+    "this long (0: the client library's own, up to 600; else 10 to 600).",
 )
 @click.option("--metrics-port", default=9090, show_default=True,
               help="Port for Prometheus /metrics (0: off).")

@@ -11,13 +11,15 @@ How it keeps the model's function:
 - one graph per *signature*: the shapes, dtypes and devices of the tensor arguments and the
   values of the others (None, flags). A new signature (a new image size, a new tile bucket)
   is captured on its first call: two eager runs on a side stream (cuBLAS and cuDNN pick their
-  kernels and workspaces), then the capture. Calls whose tensors are not all on CUDA, that
-  need gradients, or that come while another capture runs go through eagerly;
+  kernels and workspaces), then the capture. Calls outside `torch.inference_mode()` (the
+  graph's tensors are inference tensors), whose tensors are not all on CUDA, or that come
+  while another capture runs go through eagerly;
 - the arguments are copied into the graph's own input tensors before each replay, and the
   output is copied out after it, so nothing a caller holds is overwritten by the next step
   (schedulers keep past outputs);
-- graphs share one memory pool, so shapes do not each keep their own activations; it is safe
-  because each replay's output is copied out before any other graph runs;
+- every graph of the process shares one memory pool, so shapes and models do not each keep
+  their own activations; it is safe because replays never overlap (the engine runs one job
+  at a time) and each replay's output is copied out before any other graph runs;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
   sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
   captured) marks its signature eager, logs once, and the call runs eagerly.
@@ -38,6 +40,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 logger = logging.getLogger("imagen.operations")
 
 _SCALARS = (type(None), bool, int, float, str)
+_pool = None  # the process's graph memory pool, created with the first capture
+
+
+def _shared_pool():
+    global _pool
+    if _pool is None:
+        _pool = torch.cuda.graph_pool_handle()
+    return _pool
 
 
 class GraphedForward:
@@ -49,9 +59,10 @@ class GraphedForward:
         self.warmup_runs = warmup_runs
         self.graphs: dict[tuple, _Graph] = {}
         self.eager_signatures: set[tuple] = set()
-        self.pool = None
 
     def __call__(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return self.forward(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         key = signature(leaves, spec)
         if key is None or key in self.eager_signatures:
@@ -68,19 +79,20 @@ class GraphedForward:
     def _capture(self, key: tuple, leaves: list, spec) -> _Graph | None:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = tree_unflatten(inputs, spec)
+        stream = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_runs):
                     self.forward(*args, **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
+            stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=_shared_pool()):
                 output = self.forward(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
+            # A failed capture can leave the capture stream current: put the caller's back.
+            torch.cuda.set_stream(stream)
             logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
             self.eager_signatures.add(key)
             torch.cuda.synchronize()

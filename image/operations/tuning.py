@@ -13,7 +13,7 @@ pays (bench/README.md has the figures):
 
 | switch | what it does | CUDA default, and why |
 |---|---|---|
-| `cuda_graphs` | the UNet's launches recorded once per shape and replayed (graphs.py) | on: comic 1.22 -> 0.46 s |
+| `cuda_graphs` | the UNet's launches recorded once per shape and replayed (graphs.py) | on for the diffusion operations: comic 1.22 -> 0.46 s |
 | `channels_last` | UNet and VAE in NHWC memory format | comic only: 0.52 -> 0.45 s with graphs; enhance 0.89 -> 0.93 s, eager comic 18 % slower |
 | `fuse_qkv` | one matmul for Q, K, V (self-attention), K, V (cross-attention) | on: standard; not measured alone |
 | `vae_bf16` | a bfloat16 VAE where the pipeline would upcast it to float32 (SDXL, x4 upscaler) | on: upscale 512 -> 2048 peak 20.8 -> 11.4 GiB; enhance -7 %; a few 8-bit levels |
@@ -56,6 +56,13 @@ SWITCHES = (
 """The on/off switches, in the order reports list them."""
 
 
+INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs themselves: `cuda_graphs` stands aside."""
+
+DIFFUSION = frozenset({"comic", "enhance", "upscale"})
+"""Operations with a diffusion UNet, run dozens of times per image: where CUDA graphs pay.
+remove-background runs its network once per image and was not measured with them."""
+
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); enhance ran
 4 % slower, upscale and remove-background were not measured with it."""
@@ -90,7 +97,8 @@ class Tuning:
         pay (see the module docstring); stock diffusers on the CPU."""
         if torch.device(device).type == "cuda":
             return cls(channels_last=operation in CHANNELS_LAST_PAYS, fuse_qkv=True, read_ahead=True,
-                       direct_to_device=True, vae_bf16=True, cuda_graphs=True, upscale_tile=(256, 512))
+                       direct_to_device=True, vae_bf16=True,
+                       cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 
     def replace(self, **changes) -> Tuning:
@@ -138,8 +146,11 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         pipe.unet.forward = torch.compile(pipe.unet.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
     if tuning.cuda_graphs and device.type == "cuda":
-        graph_module(pipe.unet)
-        done.append("cuda_graphs")
+        if tuning.compile and tuning.compile_mode in INDUCTOR_GRAPH_MODES:
+            logger.info("cuda_graphs left to torch.compile's %s mode", tuning.compile_mode)
+        else:
+            graph_module(pipe.unet)
+            done.append("cuda_graphs")
     return done
 
 
@@ -157,8 +168,11 @@ def tune_network(model: torch.nn.Module, tuning: Tuning, device: torch.device) -
         model.forward = torch.compile(model.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
     if tuning.cuda_graphs and device.type == "cuda":
-        graph_module(model)
-        done.append("cuda_graphs")
+        if tuning.compile and tuning.compile_mode in INDUCTOR_GRAPH_MODES:
+            logger.info("cuda_graphs left to torch.compile's %s mode", tuning.compile_mode)
+        else:
+            graph_module(model)
+            done.append("cuda_graphs")
     return done
 
 
@@ -170,11 +184,18 @@ def _can_fuse(pipe) -> bool:
     return not any("Added" in name for name in names)
 
 
+_UPCASTING_PIPELINES = frozenset({
+    "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline", "StableDiffusionUpscalePipeline",
+})
+
+
 def _upcasts_vae(pipe) -> bool:
     """Whether the pipeline runs a float16 VAE in float32 (SDXL, the x4 upscaler): only there
     does a bfloat16 VAE save anything. SD1.5's runs in float16 and hands its latents to the
-    UNet as they come, so a bfloat16 VAE would only change the dtype the UNet gets."""
-    return hasattr(pipe, "upcast_vae") and bool(getattr(pipe.vae.config, "force_upcast", False))
+    UNet as they come, so a bfloat16 VAE would only change the dtype the UNet gets. By class
+    (diffusers deprecates the `upcast_vae` method these pipelines have), or that method."""
+    upcasting = type(pipe).__name__ in _UPCASTING_PIPELINES or hasattr(pipe, "upcast_vae")
+    return upcasting and bool(getattr(pipe.vae.config, "force_upcast", False))
 
 
 def vae_in_bfloat16(vae) -> None:
@@ -183,8 +204,9 @@ def vae_in_bfloat16(vae) -> None:
     The pipelines upcast a float16 VAE with `force_upcast` to float32 around every encode
     and decode; a bfloat16 VAE is left alone once `force_upcast` is off. Inputs arrive in
     the pipeline's dtype, so each entry module casts them to bfloat16 on the way in.
-    Numerically: bfloat16 rounding (8 mantissa bits) in every layer of the VAE, a few
-    8-bit levels at most; hence off by default until a GPU run shows it pays.
+    Numerically: bfloat16 rounding (8 mantissa bits) in every layer of the VAE: up to ~10
+    8-bit levels on random weights, under one on average. On by default on CUDA (it halves
+    the 2048-pixel upscale's peak memory); off on the CPU.
     """
     vae.to(torch.bfloat16)
     vae.register_to_config(force_upcast=False)

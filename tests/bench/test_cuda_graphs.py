@@ -111,3 +111,7 @@ def test_each_shape_gets_its_graph_and_outputs_are_not_overwritten(tiny_cache):
         kept = one.clone()
         pipe.unet(sample * 2, t, encoder_hidden_states=states, return_dict=False)
         assert torch.equal(one, kept)
+    count = len(graphed.graphs)
+    with torch.no_grad():  # outside inference mode: eager, no graph, no error
+        eager = pipe.unet(sample, t, encoder_hidden_states=states, return_dict=False)[0]
+    assert len(graphed.graphs) == count and torch.allclose(eager, kept, atol=2e-3)

@@ -79,6 +79,7 @@ def test_cpu_defaults_are_stock():
     assert Tuning.for_device("cuda").enabled() == Tuning.for_device("cuda", "enhance").enabled() == cuda
     assert Tuning.for_device("cuda", "comic").enabled() == ["channels_last", *cuda]  # measured: pays there
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
+    assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
     assert Tuning.stock().enabled() == []
 
 
@@ -212,6 +213,20 @@ def test_read_ahead_reads_every_weight_file_and_loads_the_same_weights(tiny_cach
     ahead = loading.load_model(spec, tiny_cache, device=CPU, dtype=torch.float32,
                                allow_download=False, lock=Lock(), read_ahead=True).model
     _assert_same_weights(ahead, _pipe("upscale", tiny_cache))
+
+
+def test_engine_takes_tuning_fields_and_reads_ahead_only_when_asked(tiny_cache, monkeypatch):
+    started = []
+    monkeypatch.setattr(readahead, "read_ahead", lambda paths: started.append(list(paths)) or [])
+    fields = Tuning.for_device(CPU).replace(read_ahead=False, upscale_tile_batch=2).as_dict()
+    fields["upscale_tile"] = [64]  # as JSON would give it
+    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(), tuning=fields)
+    engine.setup()
+    assert started == []  # read_ahead off: no early read
+    op = engine._ops["upscale"]
+    assert op.tuning == Tuning(**{**fields, "upscale_tile": (64,)}) and op.tile_batch == 2
+    Engine(["upscale"], tiny_cache, device="cpu", lock=Lock())._read_weights_ahead()
+    assert len(started) == 1 and started[0]  # the defaults read ahead, before any import
 
 
 def test_direct_to_device_loads_the_same_weights(tiny_cache, monkeypatch, caplog):
