@@ -14,7 +14,7 @@ log = logging.getLogger("imagen.service")
 
 def build_engine(settings, operations=None):
     """The model engine for the served operations (not loaded yet: call `setup()`)."""
-    from image.engine import Engine  # imports torch: keep it off the CLI's import path
+    from image.engine import Engine  # light (torch comes in Engine.setup), yet off the CLI's path
 
     return Engine(
         operations or settings.operations,
