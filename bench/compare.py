@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bench.cases import Case, ImagenRunner, StockRunner, input_image
+from bench.flops import unet_tflop
 from bench.timing import free, measure, profile
 
 logger = logging.getLogger("bench")
@@ -36,6 +37,13 @@ def run_cases(cases: list[Case], cache_dir: Path, device: torch.device, dtype: t
     written there (one text file per path and case).
     """
     rows = {case.name: _row(case) for case in cases}
+    for case in cases:
+        try:
+            tflop = unet_tflop(case, cache_dir)
+        except Exception as error:  # noqa: BLE001 - a figure less, not a failed run
+            logger.warning("%s: UNet arithmetic not counted: %s", case.name, error)
+            tflop = None
+        rows[case.name]["unet_tflop"] = None if tflop is None else round(tflop, 3)
 
     def updated():
         if on_update is not None:

@@ -108,9 +108,9 @@ def format_table(rows: list[dict]) -> str:
     """The stock-vs-imagen table, one line per case (Markdown)."""
     header = (
         "| case | input → output | steps | stock s | imagen s | imagen/stock | stock peak GiB "
-        "| imagen peak GiB | max / mean diff | imagen setup s | target |"
+        "| imagen peak GiB | max / mean diff | UNet TFLOP/s stock / imagen | imagen setup s | target |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in _with_variants(rows):
         size = f"{row['input'][0]}² → {row['output'][0]}²"
         steps = str(row["steps"]) + (f" × {row['strength']}" if row.get("strength") else "")
@@ -119,10 +119,23 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['case']} | {size} | {steps} | {_path(row, 'stock', 'seconds')} "
             f"| {_path(row, 'imagen', 'seconds')} | {ratio} | {_path(row, 'stock', 'peak_gib', 2)} "
-            f"| {_path(row, 'imagen', 'peak_gib', 2)} | {diff} | {_path(row, 'imagen', 'setup_seconds', 1)} "
+            f"| {_path(row, 'imagen', 'peak_gib', 2)} | {diff} | {_rates(row)} "
+            f"| {_path(row, 'imagen', 'setup_seconds', 1)} "
             f"| {_target(row)} |"
         )
     return "\n".join(lines)
+
+
+def _rates(row: dict) -> str:
+    """UNet TFLOP per second of each path: the stock pipeline's UNet work / seconds."""
+    tflop = row.get("unet_tflop")
+    if not tflop:
+        return "-"
+    rates = []
+    for label in ("stock", "imagen"):
+        seconds = (row.get(label) or {}).get("seconds")
+        rates.append("-" if not seconds else f"{tflop / seconds:.0f}")
+    return " / ".join(rates)
 
 
 def _with_variants(rows: list[dict]):

@@ -39,6 +39,7 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert row["stock"]["seconds"] > 0 and row["imagen"]["seconds"] > 0
     assert row["ratio"] == pytest.approx(row["imagen"]["seconds"] / row["stock"]["seconds"], rel=0.01)
     assert row["max_diff"] == 0  # one tile, CPU defaults: stock's pixels
+    assert row["unet_tflop"] > 0  # counted on the meta device from the snapshot's config
     variant = row["variants"]["batched"]
     assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead"]
     assert variant["max_diff"] <= 1 and "ratio" in variant
@@ -122,3 +123,21 @@ def test_cold_start_children(tmp_path):
     assert seconds > 0 and phases == {"x": 1}
     with pytest.raises(RuntimeError, match="before it was ready"):
         cold.time_child("import sys; sys.exit(3)")
+
+
+def test_unet_arithmetic_matches_the_anchor_architectures(tmp_path, monkeypatch):
+    # Counted from a config on the meta device: the full-size comic UNet (SD1.5) does about
+    # 0.8 TFLOP per 512-pixel image per step, twice that with guidance (batch 2).
+    import json
+
+    from bench import flops
+    from bench.configs import FULL_CONFIGS
+
+    snapshot = tmp_path / "snap"
+    for component, config in (("unet", FULL_CONFIGS["comic"]["unet"]), ("vae", FULL_CONFIGS["comic"]["vae"])):
+        (snapshot / component).mkdir(parents=True)
+        (snapshot / component / "config.json").write_text(json.dumps(config))
+    case = next(c for c in FULL_CASES if c.name == "comic")
+    monkeypatch.setattr(flops, "snapshot_of", lambda operation, cache_dir: snapshot)
+    tflop = flops.unet_tflop(case, tmp_path)
+    assert tflop == pytest.approx(37 * 1.61, rel=0.02)  # 50 steps x 0.75 strength
