@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -54,31 +53,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_switches(items: list[str], base):
-    """`base` (a Tuning) with NAME=VALUE changes; booleans take on/off/true/false/1/0."""
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    changes = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in fields:
-            raise SystemExit(f"--switch {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
-        current = getattr(base, name)
-        text = value.strip().lower()
-        if isinstance(current, bool):
-            if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-                raise SystemExit(f"--switch {item!r}: {name} takes on or off")
-            changes[name] = text in ("on", "true", "1", "yes")
-        elif name in ("upscale_tile", "upscale_tile_batch"):
-            try:
-                numbers = tuple(int(part) for part in text.split(",")) if text not in ("", "none", "default") else None
-            except ValueError:
-                raise SystemExit(f"--switch {item!r}: {name} takes whole numbers") from None
-            if numbers is not None and (len(numbers) == 1 or name == "upscale_tile_batch"):
-                numbers = numbers[0]
-            changes[name] = numbers
-        else:
-            changes[name] = None if text in ("", "none", "default") else value.strip()
-    return base.replace(**changes)
+    """`base` (a Tuning) with NAME=VALUE changes (image.operations.tuning.parse_changes)."""
+    from image.operations.tuning import parse_changes
+
+    try:
+        return parse_changes(base, items)
+    except ValueError as error:
+        raise SystemExit(f"--switch {error}") from None
 
 
 def parse_variants(items: list[str], tuning_for) -> list[tuple[str, object]]:

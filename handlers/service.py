@@ -21,6 +21,7 @@ def build_engine(settings, operations=None):
         settings.model_cache_dir,
         device=settings.device,
         allow_download=settings.allow_model_download,
+        tuning_changes=settings.tuning,
     )
 
 

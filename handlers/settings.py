@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Settings:
     storage_emulator_host: str | None = None
     pubsub_emulator_host: str | None = None
     allow_model_download: bool = True
+    tuning: tuple[str, ...] = ()  # NAME=VALUE speed-switch changes (IMAGEN_TUNING)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +87,9 @@ class Settings:
         if get("IMAGEN_PUSH_SERVICE_ACCOUNTS"):
             values["push_service_accounts"] = frozenset(split_list(get("IMAGEN_PUSH_SERVICE_ACCOUNTS")))
         values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
+        if get("IMAGEN_TUNING"):
+            # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
+            values["tuning"] = tuple(item for item in re.split(r"[;\s]+", get("IMAGEN_TUNING")) if item)
         return cls(**values).validate()
 
     def replace(self, **overrides) -> Settings:
@@ -101,6 +106,13 @@ class Settings:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.tuning:
+            from image.operations.switches import Tuning, parse_changes  # torch-free
+
+            try:
+                parse_changes(Tuning(), self.tuning)
+            except ValueError as error:
+                raise ConfigError(f"IMAGEN_TUNING: {error}") from None
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError(
                 "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push endpoint URL)"

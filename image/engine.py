@@ -9,7 +9,8 @@ This is the seam between the cloud side and the models (cog's predictor):
     engine.model_id(chain)               # "briaai/RMBG-1.4@<commit>,stabilityai/...@<commit>"
 
 `tuning` (image/operations/tuning.py) sets the speed switches: None takes each operation's
-defaults for the device; a Tuning, or its fields as a dict, applies to every operation. `lock` is the model lock to load by (the packaged one by default).
+defaults for the device; a Tuning, or its fields as a dict, applies to every operation;
+`tuning_changes` ("NAME=VALUE" items, IMAGEN_TUNING) are applied on top. `lock` is the model lock to load by (the packaged one by default).
 
 One model instance per operation per process. `setup` is idempotent and thread-safe (a
 failed setup may be retried); `run` is serialised, since all operations share one device.
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from image.errors import ModelError, UnknownOperation
+from image.errors import InvalidParameter, ModelError, UnknownOperation
 from image.operations import OPERATION_NAMES, get_operation
+from image.operations.switches import Tuning, parse_changes
 from image.params import parse_chain, resolve, validate_params
 
 logger = logging.getLogger("imagen.engine")
@@ -46,6 +48,7 @@ class Engine:
         allow_download: bool = False,
         tuning=None,
         lock=None,
+        tuning_changes: Sequence[str] = (),
     ):
         if isinstance(operations, str):
             operations = parse_chain(operations)
@@ -58,6 +61,12 @@ class Engine:
         self.device = device
         self.allow_download = allow_download
         self.tuning = tuning
+        self.tuning_changes = tuple(tuning_changes)
+        if self.tuning_changes:  # a typo fails here, before anything loads
+            try:
+                parse_changes(Tuning(), self.tuning_changes)
+            except ValueError as error:
+                raise InvalidParameter(f"tuning: {error}") from None
         self.lock = lock
         self.state = STARTING
         self.error: BaseException | None = None  # why setup failed
@@ -95,7 +104,7 @@ class Engine:
                         dtype,
                         allow_download=self.allow_download,
                         lock=self.lock,
-                        tuning=_tuning(self.tuning),
+                        tuning=self._tuning_for(name, device),
                     )
                     self._ops[name] = op
                     self.setup_seconds[name] = time.perf_counter() - started
@@ -106,16 +115,24 @@ class Engine:
             each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())
             logger.info("ready: %s in %.2f s", each, sum(self.setup_seconds.values()))
 
+    def _tuning_for(self, name: str, device):
+        """The switches for operation `name`: the given tuning (None: its defaults on
+        `device`), with `tuning_changes` applied on top."""
+        tuning = _tuning(self.tuning)
+        if not self.tuning_changes:
+            return tuning
+        base = Tuning.for_device(device, name) if tuning is None else tuning
+        return parse_changes(base, self.tuning_changes)
+
     def _read_weights_ahead(self) -> None:
         """Start reading every operation's weight files while the libraries import.
 
-        Only the default tuning and tunings with `read_ahead` (read here without importing
-        Tuning, which imports torch); any problem is left to the loader.
+        Only where `read_ahead` is on (the switches are torch-free data); any problem is left
+        to the loader.
         """
-        if isinstance(self.tuning, Mapping):
-            if not self.tuning.get("read_ahead", False):
-                return
-        elif self.tuning is not None and not getattr(self.tuning, "read_ahead", False):
+        given = _tuning(self.tuning)
+        base = Tuning(read_ahead=True) if given is None else given  # on by default everywhere
+        if not parse_changes(base, self.tuning_changes).read_ahead:
             return
         from image.models import store
         from image.models.lock import Lock
@@ -191,8 +208,6 @@ def _tuning(tuning):
     """A `Tuning` from what `Engine` was given: None (each operation's defaults), a Tuning, or
     its fields as a mapping (`Tuning.as_dict()`: builds it only now, after the read-ahead)."""
     if isinstance(tuning, Mapping):
-        from image.operations.tuning import Tuning
-
         fields = dict(tuning)
         if isinstance(fields.get("upscale_tile"), list):
             fields["upscale_tile"] = tuple(fields["upscale_tile"])

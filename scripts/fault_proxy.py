@@ -26,11 +26,15 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
+import logging
 import random
 import re
+import sys
 import threading
 import time
 import urllib.parse
+
+logger = logging.getLogger("imagen.fault_proxy")
 
 _HOP_BY_HOP = {
     "connection",
@@ -84,6 +88,17 @@ class Seen:
     status: int | None = None
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-request (a test ending, a timeout it was told to hit) is
+        # the point of a fault proxy, not an error to print on stderr.
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            logger.warning("fault proxy: request from %s failed: %r", client_address, error)
+
+
 class FaultProxy:
     """A ThreadingHTTPServer on 127.0.0.1 forwarding to `upstream`; see the module docstring."""
 
@@ -96,8 +111,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.seen: list[Seen] = []
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), self._handler_class())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
 

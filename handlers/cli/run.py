@@ -52,7 +52,7 @@ def run(settings, source, output, operation, params, output_format, device, mode
         output = source.with_name(f"{source.stem}.{'+'.join(chain)}.{common['format']}")
 
     # 2. Load only the chain's models
-    from image.engine import Engine  # imports torch: keep it off `imagen --help`
+    from image.engine import Engine  # keep the image package off `imagen --help`
 
     started = time.perf_counter()
     engine = Engine(
@@ -60,6 +60,7 @@ def run(settings, source, output, operation, params, output_format, device, mode
         settings.model_cache_dir,
         device=settings.device,
         allow_download=settings.allow_model_download,
+        tuning_changes=settings.tuning,
     )
     engine.setup()
     setup_seconds = time.perf_counter() - started

@@ -32,7 +32,6 @@ warm cache does not compile from scratch at start-up.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -42,76 +41,14 @@ from image.operations.graphs import graph_module
 
 logger = logging.getLogger("imagen.operations")
 
-SWITCHES = (
-    "channels_last",
-    "fuse_qkv",
-    "read_ahead",
-    "direct_to_device",
-    "cudnn_benchmark",
-    "vae_tiling",
-    "vae_bf16",
-    "compile",
-    "cuda_graphs",
+from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
+    CHANNELS_LAST_PAYS,
+    DIFFUSION,
+    INDUCTOR_GRAPH_MODES,
+    SWITCHES,
+    Tuning,
+    parse_changes,
 )
-"""The on/off switches, in the order reports list them."""
-
-
-INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-"""torch.compile modes that capture CUDA graphs themselves: `cuda_graphs` stands aside."""
-
-DIFFUSION = frozenset({"comic", "enhance", "upscale"})
-"""Operations with a diffusion UNet, run dozens of times per image: where CUDA graphs pay.
-remove-background runs its network once per image and was not measured with them."""
-
-CHANNELS_LAST_PAYS = frozenset({"comic"})
-"""Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); enhance ran
-4 % slower, upscale and remove-background were not measured with it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """How an operation is set up for speed; see the module docstring for each field."""
-
-    channels_last: bool = False
-    fuse_qkv: bool = False
-    read_ahead: bool = False
-    direct_to_device: bool = False
-    cudnn_benchmark: bool = False
-    vae_tiling: bool = False
-    vae_bf16: bool = False
-    compile: bool = False
-    cuda_graphs: bool = False
-    compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
-    compile_cache: str | None = None  # a file path; see the module docstring
-    upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
-    upscale_tile_batch: int = 1
-
-    @classmethod
-    def stock(cls) -> Tuning:
-        """Everything off: what stock diffusers does."""
-        return cls()
-
-    @classmethod
-    def for_device(cls, device: torch.device | str, operation: str | None = None) -> Tuning:
-        """The defaults for `operation` on `device`: on CUDA the switches the bench showed to
-        pay (see the module docstring); stock diffusers on the CPU."""
-        if torch.device(device).type == "cuda":
-            return cls(channels_last=operation in CHANNELS_LAST_PAYS, fuse_qkv=True, read_ahead=True,
-                       direct_to_device=True, vae_bf16=True,
-                       cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
-        return cls(read_ahead=True)
-
-    def replace(self, **changes) -> Tuning:
-        """A copy with `changes`; unknown names raise TypeError."""
-        return dataclasses.replace(self, **changes)
-
-    def enabled(self) -> list[str]:
-        """Names of the switches that are on."""
-        return [name for name in SWITCHES if getattr(self, name)]
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # -- applying the switches to a loaded diffusers pipeline --------------------------------------
 

@@ -17,6 +17,7 @@ import torch
 
 from bench.cases import Case, ImagenRunner, StockRunner, input_image
 from image.engine import Engine
+from image.errors import InvalidParameter
 from image.models import loading, readahead
 from image.models.lock import Lock
 from image.models.registry import REGISTRY
@@ -227,6 +228,19 @@ def test_engine_takes_tuning_fields_and_reads_ahead_only_when_asked(tiny_cache, 
     assert op.tuning == Tuning(**{**fields, "upscale_tile": (64,)}) and op.tile_batch == 2
     Engine(["upscale"], tiny_cache, device="cpu", lock=Lock())._read_weights_ahead()
     assert len(started) == 1 and started[0]  # the defaults read ahead, before any import
+
+
+def test_engine_applies_tuning_changes_on_each_operations_defaults(tiny_cache, monkeypatch):
+    started = []
+    monkeypatch.setattr(readahead, "read_ahead", lambda paths: started.append(list(paths)) or [])
+    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
+                    tuning_changes=("upscale_tile_batch=2", "read_ahead=off"))
+    engine.setup()
+    op = engine._ops["upscale"]
+    assert op.tuning == Tuning.for_device(CPU, "upscale").replace(upscale_tile_batch=2, read_ahead=False)
+    assert op.tile_batch == 2 and started == []  # read_ahead=off: not even the early read
+    with pytest.raises(InvalidParameter, match="NAME one of"):
+        Engine(["upscale"], tiny_cache, device="cpu", tuning_changes=("graphs=on",))
 
 
 def test_direct_to_device_loads_the_same_weights(tiny_cache, monkeypatch, caplog):

@@ -29,6 +29,7 @@ def test_every_variable_is_read():
         "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "PUBSUB_EMULATOR_HOST": "127.0.0.1:2",
         "HF_HUB_OFFLINE": "1", "IMAGEN_PUSH_AUDIENCE": "https://svc/",
         "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
+        "IMAGEN_TUNING": " cuda_graphs=off; upscale_tile=256,512  vae_bf16=off ",
     })
     assert settings.model_cache_dir == Path("/models")
     assert settings.operations == ("upscale", "comic")
@@ -41,6 +42,7 @@ def test_every_variable_is_read():
     assert not settings.allow_model_download
     assert settings.push_audience == "https://svc/"
     assert settings.push_service_accounts == {"push@p.iam.gserviceaccount.com"}
+    assert settings.tuning == ("cuda_graphs=off", "upscale_tile=256,512", "vae_bf16=off")
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,9 @@ def test_every_variable_is_read():
         ({"IMAGEN_MAX_PIXELS": "lots"}, "IMAGEN_MAX_PIXELS"),
         ({"PORT": "-1"}, "PORT"),
         ({"IMAGEN_PUSH_SERVICE_ACCOUNTS": "a@b.iam.gserviceaccount.com"}, "IMAGEN_PUSH_AUDIENCE"),
+        ({"IMAGEN_TUNING": "cuda_graph=off"}, "IMAGEN_TUNING"),  # a typo: no such switch
+        ({"IMAGEN_TUNING": "vae_bf16=maybe"}, "IMAGEN_TUNING"),
+        ({"IMAGEN_TUNING": "upscale_tile=0"}, "IMAGEN_TUNING"),
     ],
 )
 def test_misconfiguration_names_the_variable(env, variable):
@@ -66,3 +71,13 @@ def test_command_line_overrides_are_validated():
     assert settings.replace(port=1234, device=None).port == 1234
     with pytest.raises(ConfigError):
         settings.replace(operations=("nope",))
+
+
+def test_tuning_is_validated_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from handlers.settings import Settings; "
+            "Settings.from_env({'IMAGEN_TUNING': 'cuda_graphs=off'}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,114 @@
+"""The speed switches as data: `Tuning`, its defaults per device and operation, and the
+NAME=VALUE changes IMAGEN_TUNING and the bench take. Torch-free, so settings validate it at
+start-up and the engine builds it before torch is imported; image/operations/tuning.py
+applies it to a loaded model and documents each switch and the figures behind its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SWITCHES = (
+    "channels_last",
+    "fuse_qkv",
+    "read_ahead",
+    "direct_to_device",
+    "cudnn_benchmark",
+    "vae_tiling",
+    "vae_bf16",
+    "compile",
+    "cuda_graphs",
+)
+"""The on/off switches, in the order reports list them."""
+
+
+INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs themselves: `cuda_graphs` stands aside."""
+
+DIFFUSION = frozenset({"comic", "enhance", "upscale"})
+"""Operations with a diffusion UNet, run dozens of times per image: where CUDA graphs pay.
+remove-background runs its network once per image and was not measured with them."""
+
+CHANNELS_LAST_PAYS = frozenset({"comic"})
+"""Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); enhance ran
+4 % slower, upscale and remove-background were not measured with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """How an operation is set up for speed; image/operations/tuning.py describes each field."""
+
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    read_ahead: bool = False
+    direct_to_device: bool = False
+    cudnn_benchmark: bool = False
+    vae_tiling: bool = False
+    vae_bf16: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
+    compile_cache: str | None = None  # a file path; see the module docstring
+    upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
+    upscale_tile_batch: int = 1
+
+    @classmethod
+    def stock(cls) -> Tuning:
+        """Everything off: what stock diffusers does."""
+        return cls()
+
+    @classmethod
+    def for_device(cls, device, operation: str | None = None) -> Tuning:
+        """The defaults for `operation` on `device`: on CUDA the switches the bench showed to
+        pay (see the module docstring); stock diffusers on the CPU."""
+        if str(device).split(":")[0] == "cuda":  # a torch.device or its name
+            return cls(channels_last=operation in CHANNELS_LAST_PAYS, fuse_qkv=True, read_ahead=True,
+                       direct_to_device=True, vae_bf16=True,
+                       cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
+        return cls(read_ahead=True)
+
+    def replace(self, **changes) -> Tuning:
+        """A copy with `changes`; unknown names raise TypeError."""
+        return dataclasses.replace(self, **changes)
+
+    def enabled(self) -> list[str]:
+        """Names of the switches that are on."""
+        return [name for name in SWITCHES if getattr(self, name)]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_changes(base: Tuning, items) -> Tuning:
+    """`base` with NAME=VALUE changes (IMAGEN_TUNING, `python -m bench --switch`): on/off for
+    the switches, whole numbers for `upscale_tile` (several: buckets) and
+    `upscale_tile_batch`, text for `compile_mode` and `compile_cache` (none: unset).
+    Raises ValueError naming what is wrong."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    changes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        current = getattr(base, name)
+        text = value.strip().lower()
+        if isinstance(current, bool):
+            if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{item!r}: {name} takes on or off")
+            changes[name] = text in ("on", "true", "1", "yes")
+        elif name in ("upscale_tile", "upscale_tile_batch"):
+            try:
+                numbers = tuple(int(part) for part in text.split(",")) if text not in ("", "none", "default") else None
+            except ValueError:
+                raise ValueError(f"{item!r}: {name} takes whole numbers") from None
+            if numbers is not None and any(n < 1 for n in numbers):
+                raise ValueError(f"{item!r}: {name} takes positive numbers")
+            if numbers is not None and (len(numbers) == 1 or name == "upscale_tile_batch"):
+                numbers = numbers[0]
+            if name == "upscale_tile_batch" and numbers is None:
+                numbers = 1
+            changes[name] = numbers
+        else:
+            changes[name] = None if text in ("", "none", "default") else value.strip()
+    return base.replace(**changes)
