@@ -48,6 +48,7 @@ import time; started = time.perf_counter()
 import json
 from image.engine import Engine
 from image.models.lock import Lock
+from image.operations.switches import Tuning
 imported = time.perf_counter()
 engine = Engine([{operation!r}], {cache!r}, device={device!r}, tuning={tuning}, lock=Lock())
 engine.setup()
@@ -64,13 +65,12 @@ def stock_code(operation: str, cache_dir: Path, device: str, dtype: str) -> str:
 
 
 def imagen_code(operation: str, cache_dir: Path, device: str, tuning) -> str:
-    # The defaults go as None, as `imagen serve` passes them, so nothing imports torch
-    # before Engine.setup starts reading the weights.
-    from image.operations.tuning import Tuning
+    # The defaults go as None, as `imagen serve` passes them. Either way nothing imports
+    # torch before Engine.setup starts reading the weights (the switches are torch-free).
+    from image.operations.switches import Tuning
 
-    # Other switches go as a dict, which Engine turns into a Tuning after its read-ahead.
     default = tuning is not None and tuning == Tuning.for_device(device, operation)
-    tuning_code = "None" if tuning is None or default else repr(tuning.as_dict())
+    tuning_code = "None" if tuning is None or default else repr(tuning)
     return _IMAGEN.format(operation=operation, cache=str(cache_dir), device=device,
                           tuning=tuning_code, ready=READY)
 

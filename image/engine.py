@@ -8,9 +8,10 @@ This is the seam between the cloud side and the models (cog's predictor):
     out = engine.run(chain, image, params, seed=resolve_common(params, data)["seed"])
     engine.model_id(chain)               # "briaai/RMBG-1.4@<commit>,stabilityai/...@<commit>"
 
-`tuning` (image/operations/tuning.py) sets the speed switches: None takes each operation's
-defaults for the device; a Tuning, or its fields as a dict, applies to every operation;
-`tuning_changes` ("NAME=VALUE" items, IMAGEN_TUNING) are applied on top. `lock` is the model lock to load by (the packaged one by default).
+`tuning` (image/operations/switches.py) sets the speed switches: None takes each operation's
+defaults for the device, a Tuning applies to every operation; `tuning_changes` ("NAME=VALUE"
+items, IMAGEN_TUNING) are applied on top. `lock` is the model lock to load by (the packaged
+one by default).
 
 One model instance per operation per process. `setup` is idempotent and thread-safe (a
 failed setup may be retried); `run` is serialised, since all operations share one device.
@@ -115,13 +116,10 @@ class Engine:
             each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())
             logger.info("ready: %s in %.2f s", each, sum(self.setup_seconds.values()))
 
-    def _tuning_for(self, name: str, device):
+    def _tuning_for(self, name: str, device) -> Tuning:
         """The switches for operation `name`: the given tuning (None: its defaults on
-        `device`), with `tuning_changes` applied on top."""
-        tuning = _tuning(self.tuning)
-        if not self.tuning_changes:
-            return tuning
-        base = Tuning.for_device(device, name) if tuning is None else tuning
+        `device`, a torch.device or its name), with `tuning_changes` applied on top."""
+        base = Tuning.for_device(device, name) if self.tuning is None else self.tuning
         return parse_changes(base, self.tuning_changes)
 
     def _read_weights_ahead(self) -> None:
@@ -130,10 +128,6 @@ class Engine:
         Only where `read_ahead` is on (the switches are torch-free data); any problem is left
         to the loader.
         """
-        given = _tuning(self.tuning)
-        base = Tuning(read_ahead=True) if given is None else given  # on by default everywhere
-        if not parse_changes(base, self.tuning_changes).read_ahead:
-            return
         from image.models import store
         from image.models.lock import Lock
         from image.models.readahead import read_ahead, weight_files
@@ -141,6 +135,8 @@ class Engine:
 
         lock = self.lock if self.lock is not None else Lock.packaged()
         for name in self.operations:
+            if not self._tuning_for(name, self.device).read_ahead:  # "auto": as on any device
+                continue
             try:
                 read_ahead(weight_files(store.resolve_snapshot(REGISTRY[name], self.cache_dir, lock=lock)))
             except Exception as error:  # noqa: BLE001 - a head start only; the loader reports
@@ -203,13 +199,3 @@ def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:
         raise UnknownOperation(f"operation names must be strings, got {list(chain)!r}")
     return parse_chain(",".join(chain))
 
-
-def _tuning(tuning):
-    """A `Tuning` from what `Engine` was given: None (each operation's defaults), a Tuning, or
-    its fields as a mapping (`Tuning.as_dict()`: builds it only now, after the read-ahead)."""
-    if isinstance(tuning, Mapping):
-        fields = dict(tuning)
-        if isinstance(fields.get("upscale_tile"), list):
-            fields["upscale_tile"] = tuple(fields["upscale_tile"])
-        return Tuning(**fields)
-    return tuning

@@ -38,9 +38,6 @@ from pathlib import Path
 import torch
 
 from image.operations.graphs import graph_module
-
-logger = logging.getLogger("imagen.operations")
-
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
     DIFFUSION,
@@ -50,17 +47,14 @@ from image.operations.switches import (  # noqa: F401  (the data half, re-export
     parse_changes,
 )
 
+logger = logging.getLogger("imagen.operations")
+
 # -- applying the switches to a loaded diffusers pipeline --------------------------------------
 
 
 def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
     """Apply `tuning` to a loaded pipeline in place; returns what was done, for the log."""
-    done = []
-    if device.type == "cuda":
-        # Process-wide, so set either way: the last model set up decides (one per process here).
-        torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
-        if tuning.cudnn_benchmark:
-            done.append("cudnn_benchmark")
+    done = _cudnn(tuning, device)
     if tuning.fuse_qkv and _can_fuse(pipe):
         # Before channels_last: fusing builds new Linear layers (memory format does not apply).
         try:
@@ -78,37 +72,37 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
     if tuning.vae_tiling:
         pipe.vae.enable_tiling()
         done.append("vae_tiling")
-    if tuning.compile:
-        # The forward itself, so that CUDA graphs (applied last) capture the compiled kernels.
-        pipe.unet.forward = torch.compile(pipe.unet.forward, mode=tuning.compile_mode, dynamic=False)
-        done.append(f"compile({tuning.compile_mode or 'default'})")
-    if tuning.cuda_graphs and device.type == "cuda":
-        if tuning.compile and tuning.compile_mode in INDUCTOR_GRAPH_MODES:
-            logger.info("cuda_graphs left to torch.compile's %s mode", tuning.compile_mode)
-        else:
-            graph_module(pipe.unet)
-            done.append("cuda_graphs")
-    return done
+    return done + _compile_and_graph(pipe.unet, tuning, device)
 
 
 def tune_network(model: torch.nn.Module, tuning: Tuning, device: torch.device) -> list[str]:
     """Apply the switches that make sense for a plain CNN (remove-background)."""
-    done = []
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
-        if tuning.cudnn_benchmark:
-            done.append("cudnn_benchmark")
+    done = _cudnn(tuning, device)
     if tuning.channels_last:
         model.to(memory_format=torch.channels_last)
         done.append("channels_last")
+    return done + _compile_and_graph(model, tuning, device)
+
+
+def _cudnn(tuning: Tuning, device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return []
+    # Process-wide, so set either way: the last model set up decides (one per process here).
+    torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
+    return ["cudnn_benchmark"] if tuning.cudnn_benchmark else []
+
+
+def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.device) -> list[str]:
+    """`compile`, then `cuda_graphs` (last: the graphs capture the compiled kernels)."""
+    done = []
     if tuning.compile:
-        model.forward = torch.compile(model.forward, mode=tuning.compile_mode, dynamic=False)
+        module.forward = torch.compile(module.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
     if tuning.cuda_graphs and device.type == "cuda":
         if tuning.compile and tuning.compile_mode in INDUCTOR_GRAPH_MODES:
             logger.info("cuda_graphs left to torch.compile's %s mode", tuning.compile_mode)
         else:
-            graph_module(model)
+            graph_module(module)
             done.append("cuda_graphs")
     return done
 

@@ -115,10 +115,12 @@ def test_cold_start_children(tmp_path):
     code = cold.imagen_code("upscale", tmp_path, "cpu", Tuning.for_device("cpu"))
     ast.parse(code)
     assert "tuning=None" in code  # the defaults: as imagen serve passes them
-    # Other switches go as a dict: nothing imports torch before Engine.setup reads ahead.
+    # Other switches go as a Tuning from the torch-free switches module: nothing imports
+    # torch before Engine.setup reads ahead.
     code = cold.imagen_code("upscale", tmp_path, "cpu", Tuning.for_device("cpu").replace(read_ahead=False))
     ast.parse(code)
-    assert "'read_ahead': False" in code and "Tuning" not in code
+    assert "read_ahead=False" in code and "image.operations.tuning" not in code
+    assert "from image.operations.switches import Tuning" in code
     seconds, phases = cold.time_child(f"print({cold.READY!r} + '{{\"x\": 1}}')")
     assert seconds > 0 and phases == {"x": 1}
     with pytest.raises(RuntimeError, match="before it was ready"):

@@ -216,16 +216,15 @@ def test_read_ahead_reads_every_weight_file_and_loads_the_same_weights(tiny_cach
     _assert_same_weights(ahead, _pipe("upscale", tiny_cache))
 
 
-def test_engine_takes_tuning_fields_and_reads_ahead_only_when_asked(tiny_cache, monkeypatch):
+def test_engine_takes_a_tuning_and_reads_ahead_only_when_asked(tiny_cache, monkeypatch):
     started = []
     monkeypatch.setattr(readahead, "read_ahead", lambda paths: started.append(list(paths)) or [])
-    fields = Tuning.for_device(CPU).replace(read_ahead=False, upscale_tile_batch=2).as_dict()
-    fields["upscale_tile"] = [64]  # as JSON would give it
-    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(), tuning=fields)
+    tuning = Tuning.for_device(CPU).replace(read_ahead=False, upscale_tile_batch=2, upscale_tile=(64,))
+    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(), tuning=tuning)
     engine.setup()
     assert started == []  # read_ahead off: no early read
     op = engine._ops["upscale"]
-    assert op.tuning == Tuning(**{**fields, "upscale_tile": (64,)}) and op.tile_batch == 2
+    assert op.tuning == tuning and op.tile_batch == 2
     Engine(["upscale"], tiny_cache, device="cpu", lock=Lock())._read_weights_ahead()
     assert len(started) == 1 and started[0]  # the defaults read ahead, before any import
 
