@@ -2,7 +2,10 @@
 # Issue 7's GPU figures in one device call (SESSION_SECONDS, 480 by default, on an H100 or H200):
 #
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
-#   run(command="bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
+#   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
+#
+# PHASE=final (the default): comic and enhance with and without torch.compile, the cold-start
+# probe, the graph tests; PHASE=explore: the same cases profiled (top kernels per path).
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -13,8 +16,9 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/bench-out}
-TINY=()  # BENCH_TINY=1: a dry run of this script on the CPU, tiny models
-[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny)
+TINY=()  # BENCH_TINY=1: a dry run of this script on the CPU, tiny models (their own case names)
+UP256=upscale-256
+[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny) && UP256=upscale-64
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-480}))
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
@@ -43,25 +47,24 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
 
-# 1. Issue 7's cases, stock vs imagen with the CUDA defaults (builds the full-size models
-#    once, into bench/.cache/full); channels_last on everywhere as a variant.
-step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,upscale-256,upscale-512 \
-  --variant "cl: channels_last=on"
-step 60 "$PY" -m bench "${TINY[@]}" --no-stock --cases upscale-1024
-# 1b. Where the time goes: one profiled run per path (top operators by GPU time).
-step 90 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,upscale-256 --repeats 1 --profile
-# 2. Cold start, whole page cache dropped: the defaults, then without each cold-start switch
-#    (neither has yet been shown to pay: imagen's cold start was slower than stock's).
-step 60 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic
-step 40 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --switch read_ahead=off
-step 40 "$PY" -m bench "${TINY[@]}" --cold-only --cases comic --switch direct_to_device=off
-# 3. The CUDA-graph equivalence tests on the tiny models (skipped on a CPU).
-step 60 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
-# 4. torch.compile with its artefacts: compile once (writes the cache), then a fresh
-#    process with an empty Inductor cache that loads the artefacts instead of compiling.
-CC=/tmp/imagen-compile/comic.bin
-step 150 env TORCHDYNAMO_VERBOSE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-1 "$PY" -m bench "${TINY[@]}" \
-  --no-stock --cases comic --switch compile=on --switch compile_cache=$CC
-step 90 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-2 "$PY" -m bench "${TINY[@]}" --no-stock --cases comic \
-  --switch compile=on --switch compile_cache=$CC
-find "$OUT" /tmp/imagen-compile -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"
+case "${PHASE:-final}" in
+explore)
+  # comic, enhance and upscale-256: stock, the defaults and torch.compile on top of them,
+  # each path profiled once (top kernels by GPU time; builds the full-size models once).
+  step 230 "$PY" -m bench "${TINY[@]}" --cases comic,enhance,$UP256 --repeats 2 --profile \
+    --variant "compiled: compile=on"
+  [ ${#TINY[@]} -eq 0 ] && step 90 "$PY" -m bench.coldprobe comic
+  step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  ;;
+final)
+  # 1. comic, then enhance: stock, the defaults, and torch.compile (NHWC) under the CUDA
+  #    graphs; between them, where a cold start's seconds go on this disk, stock and imagen
+  #    from a torch-free parent (root: drops the whole page cache; bench/coldprobe.py).
+  step 110 "$PY" -m bench "${TINY[@]}" --cases comic --variant "compiled: compile=on channels_last=on"
+  [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
+  step 150 "$PY" -m bench "${TINY[@]}" --cases enhance --variant "compiled: compile=on channels_last=on"
+  # 2. The CUDA-graph tests on the tiny models (skipped on a CPU).
+  step 40 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  ;;
+esac
+find "$OUT" -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -17,7 +17,7 @@ How it keeps the model's function:
 - the arguments are copied into the graph's own input tensors before each replay, and the
   output is copied out after it, so nothing a caller holds is overwritten by the next step
   (schedulers keep past outputs);
-- every graph of the process shares one memory pool, so shapes and models do not each keep
+- the live graphs of the process share one memory pool, so shapes and models do not each keep
   their own activations; it is safe because replays never overlap (the engine runs one job
   at a time) and each replay's output is copied out before any other graph runs;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
@@ -31,6 +31,7 @@ addresses): the switch is applied last, after every other one.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -40,12 +41,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 logger = logging.getLogger("imagen.operations")
 
 _SCALARS = (type(None), bool, int, float, str)
-_pool = None  # the process's graph memory pool, created with the first capture
+_pool = None  # the graph memory pool the live graphs share
+_live: weakref.WeakSet = weakref.WeakSet()  # the captured graphs still alive
 
 
 def _shared_pool():
+    """The live graphs' pool; a new one once they are all gone. PyTorch retires a pool when
+    its last graph dies, and capturing into a retired pool fails an internal assertion that
+    also leaves the CUDA generator mid-capture (each later random draw then fails). Only a
+    process that drops its models (the bench, tests) gets here twice."""
     global _pool
-    if _pool is None:
+    if _pool is None or not _live:
         _pool = torch.cuda.graph_pool_handle()
     return _pool
 
@@ -98,6 +104,7 @@ class GraphedForward:
             torch.cuda.synchronize()
             return None
         captured = _Graph(graph, inputs, *tree_flatten(output))
+        _live.add(captured)
         self.graphs[key] = captured
         logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
         return captured

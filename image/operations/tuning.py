@@ -96,6 +96,9 @@ def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.de
     """`compile`, then `cuda_graphs` (last: the graphs capture the compiled kernels)."""
     done = []
     if tuning.compile:
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True  # 1x1 convolutions as matrix products (diffusers' advice)
         module.forward = torch.compile(module.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
     if tuning.cuda_graphs and device.type == "cuda":

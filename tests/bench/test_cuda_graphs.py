@@ -115,3 +115,25 @@ def test_each_shape_gets_its_graph_and_outputs_are_not_overwritten(tiny_cache):
     with torch.no_grad():  # outside inference mode: eager, no graph, no error
         eager = pipe.unet(sample, t, encoder_hidden_states=states, return_dict=False)[0]
     assert len(graphed.graphs) == count and torch.allclose(eager, kept, atol=2e-3)
+
+
+@cuda
+def test_graphs_of_a_dropped_model_leave_a_pool_the_next_model_can_capture_into():
+    # PyTorch retires a pool whose graphs all died; capturing into it again fails an internal
+    # assertion and leaves the CUDA generator mid-capture. The bench drops each model in turn.
+    import gc
+
+    def capture_one():
+        layer = torch.nn.Linear(64, 64, device="cuda", dtype=torch.float16)
+        graphed = graph_module(layer)
+        x = torch.randn(8, 64, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            out = layer(x)
+            assert len(graphed.graphs) == 1 and torch.allclose(out, graphed.forward(x), atol=1e-3)
+        return out
+
+    kept = capture_one()  # an output the caller keeps, beyond the graph's life
+    gc.collect()
+    capture_one()
+    torch.randn(4, device="cuda")  # the generator is not left mid-capture
+    assert kept.isfinite().all()

@@ -1,0 +1,165 @@
+"""Where a cold start's seconds go on this machine's disk: `python -m bench.coldprobe OPERATION`.
+
+Needs root (it empties the whole page cache between measurements) and the bench's full-size
+models (any `python -m bench` run on the GPU builds them). Prints one JSON object:
+
+- `disk`: the largest weight file read once by one sequential stream and once by the
+  read-ahead pool (image/models/readahead.py), in MB/s;
+- `import_all_s`: a fresh process importing torch, diffusers and transformers;
+- `stock_cold`: the stock cold start (bench/cold.py) and, after it, how much of each
+  package's files and of the weights it left in the page cache (what a cold start reads);
+- `pool_*`: the read-ahead pool over every library file (how long, how many bytes) and the
+  import measured again right after it (the floor read-ahead could reach), then the import
+  with the pool started inside the importing process (what `Engine.setup` does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+
+import subprocess
+
+from image.models import readahead
+
+_IMPORTS = "import torch, diffusers, transformers; diffusers.StableDiffusionImg2ImgPipeline"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of `path` in the page cache, its size), by mincore on a shared read-only map."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return 0, 0
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0, 0
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return 0, size
+        pages = (size + _PAGE - 1) // _PAGE
+        vector = ctypes.create_string_buffer(pages)
+        _libc.mincore(address, size, vector)
+        _libc.munmap(address, size)
+        return sum(byte & 1 for byte in vector.raw) * _PAGE, size
+    finally:
+        os.close(fd)
+
+
+def drop_all() -> str:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return "dropped"
+
+
+def timed(code: str) -> float:
+    """Seconds a fresh `python -c code` takes from start to exit (it must succeed)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT, env=_ENV,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    return round(time.perf_counter() - started, 2)
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _children(operation: str, cache: Path) -> dict:
+    """The cold bench's child programs and the snapshot, from a helper process: this one
+    must not import torch (pages it maps stay in the page cache whatever is dropped)."""
+    code = ("import json, sys; from pathlib import Path; from bench.cold import stock_code, imagen_code;"
+            "from bench.configs import snapshot_of; from image.operations.switches import Tuning;"
+            f"op, cache = {operation!r}, Path({str(cache)!r});"
+            "off = Tuning.for_device('cuda', op).replace(read_ahead=False);"
+            "print(json.dumps({'snapshot': str(snapshot_of(op, cache)), 'stock': stock_code(op, cache, 'cuda', 'float16'),"
+            "'imagen': imagen_code(op, cache, 'cuda', None), 'imagen_no_read_ahead': imagen_code(op, cache, 'cuda', off)}))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT, env=_ENV, capture_output=True,
+                         text=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def read_alone(path: Path) -> float:
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as handle:
+        buffer = bytearray(16 << 20)
+        while handle.readinto(buffer):
+            pass
+    return time.perf_counter() - started
+
+
+def pooled(paths: list[Path], libraries: bool) -> float:
+    readahead._queued.clear()
+    started = time.perf_counter()
+    readahead.read_ahead(paths, libraries=libraries)
+    readahead.wait()
+    return time.perf_counter() - started
+
+
+def main(operation: str = "comic") -> dict:
+    report = _Report()
+    cache = Path(os.environ.get("BENCH_CACHE", Path(__file__).parent / ".cache" / "full"))
+    children = _children(operation, cache)
+    weights = readahead.weight_files(Path(children["snapshot"]))
+    libraries = readahead.library_files()
+    report["operation"], report["page_cache"] = operation, drop_all()
+    biggest = weights[0]
+    megabytes = biggest.stat().st_size / 1e6
+    report["disk_file_mb"] = round(megabytes)
+    report["disk_one_stream_mb_s"] = round(megabytes / read_alone(biggest))
+    drop_all()
+    report["disk_pool_mb_s"] = round(megabytes / pooled([biggest], libraries=False))
+    drop_all()
+    report["import_all_s"] = timed(_IMPORTS)
+    drop_all()
+    report["stock_cold_s"] = timed(children["stock"])
+    packages: dict[str, list[int]] = {}
+    top = []
+    for path in readahead.library_files(skip=frozenset()) + weights:  # the skipped folders too
+        resident, size = resident_bytes(path)
+        key = "weights" if path in weights else path.relative_to(_site_of(path)).parts[0]
+        totals = packages.setdefault(key, [0, 0])
+        totals[0] += resident
+        totals[1] += size
+        top.append((resident, size, str(path.relative_to(_site_of(path))) if key != "weights" else path.name))
+    report["stock_cold_resident_mb"] = {k: [round(r / 1e6), round(s / 1e6)] for k, (r, s) in packages.items()}
+    report["stock_cold_top_files_mb"] = [[round(r / 1e6), round(s / 1e6), name]
+                                         for r, s, name in sorted(top, reverse=True)[:25]]
+    drop_all()
+    report["import_all_with_pool_s"] = timed(
+        "from image.models.readahead import read_ahead, library_files\n"
+        "read_ahead(library_files(), libraries=True)\n" + _IMPORTS)
+    for name in ("imagen", "imagen_no_read_ahead"):
+        drop_all()
+        report[f"{name}_cold_s"] = timed(children[name])
+    return report
+
+
+def _site_of(path: Path) -> Path:
+    """The sys.path entry `path` was found under (site-packages, or the wheels' target)."""
+    roots = [Path(entry).resolve() for entry in sys.path if entry and Path(entry).is_dir()]
+    return max((root for root in roots if path.is_relative_to(root)), key=lambda root: len(root.parts),
+               default=path.parent)
+
+
+class _Report(dict):
+    """A dict that prints each figure as it is set (a step cut short keeps what it measured)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(json.dumps({key: value}), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
