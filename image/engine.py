@@ -123,23 +123,20 @@ class Engine:
         return parse_changes(base, self.tuning_changes)
 
     def _read_weights_ahead(self) -> None:
-        """Start reading the libraries (on a GPU) and every operation's weight files while
-        torch and diffusers import.
+        """Start reading every operation's weight files while the libraries import.
 
         Only where `read_ahead` is on (the switches are torch-free data); any problem is left
-        to the imports and the loader.
+        to the loader.
         """
         from image.models import store
         from image.models.lock import Lock
-        from image.models.readahead import library_files, read_ahead, weight_files
+        from image.models.readahead import read_ahead, weight_files
         from image.models.registry import REGISTRY
 
         lock = self.lock if self.lock is not None else Lock.packaged()
-        names = [name for name in self.operations if self._tuning_for(name, self.device).read_ahead]
-        if names and _gpu_likely(self.device):
-            # On a CPU the libraries are a fraction of a GPU build's: not worth the reads.
-            read_ahead(library_files(), libraries=True)
-        for name in names:
+        for name in self.operations:
+            if not self._tuning_for(name, self.device).read_ahead:  # "auto": as on any device
+                continue
             try:
                 read_ahead(weight_files(store.resolve_snapshot(REGISTRY[name], self.cache_dir, lock=lock)))
             except Exception as error:  # noqa: BLE001 - a head start only; the loader reports
@@ -192,12 +189,6 @@ class Engine:
     def is_tiny(self) -> bool:
         """True when any loaded model is a tiny random-weight one (tests and demos)."""
         return any(op.loaded.tiny for op in self._ops.values())
-
-
-def _gpu_likely(device: str) -> bool:
-    """Whether `device` ("auto", "cuda:0", "cpu") will be a GPU, told without importing torch."""
-    name = str(device)
-    return name.startswith("cuda") or (name == "auto" and Path("/dev/nvidiactl").exists())
 
 
 def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:

@@ -7,8 +7,8 @@ zero-config path.
 
 Two cold-start switches (the same weights either way; see image/operations/tuning.py):
 
-- `read_ahead`: threads read every weight file of the snapshot into the page cache, in
-  parallel chunks (image/models/readahead.py), and CUDA starts in another, while the main thread builds the model classes. The libraries build
+- `read_ahead`: threads read every weight file of the snapshot into the page cache, one per
+  file, and start CUDA, while the main thread builds the model classes. The libraries build
   components one after another on purpose: diffusers and transformers change process-wide
   state while they build (the default dtype, `torch.nn.init`, accelerate's meta-device
   patch), so building two at once in threads is not safe; reading files is.
@@ -113,14 +113,16 @@ def _missing(spec: ModelSpec, problems: list[str]) -> str:
     return "; ".join(problems) + f"; run `{store.pull_command([spec])}`"
 
 
-def start_read_ahead(snapshot: Path, device: torch.device) -> list[Path]:
-    """Queue the snapshot's weight files for the read-ahead threads (each file once per
-    process: image/models/readahead.py), and initialise CUDA in a thread of its own when
-    `device` is a GPU. Nothing waits for either; returns the files queued now."""
-    queued = read_ahead(weight_files(snapshot))
+def start_read_ahead(snapshot: Path, device: torch.device) -> list[threading.Thread]:
+    """Read the snapshot's weight files into the page cache in background threads (one per
+    file, each file once per process: image/models/readahead.py), and initialise CUDA in
+    another when `device` is a GPU. Nothing waits for them."""
+    threads = read_ahead(weight_files(snapshot))
     if torch.device(device).type == "cuda":
-        threading.Thread(target=_init_cuda, daemon=True, name="cuda-init").start()
-    return queued
+        cuda = threading.Thread(target=_init_cuda, daemon=True)
+        cuda.start()
+        threads.append(cuda)
+    return threads
 
 
 def _init_cuda() -> None:

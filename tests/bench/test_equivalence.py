@@ -203,41 +203,22 @@ def _assert_same_weights(a, b):
 
 
 def test_read_ahead_reads_every_weight_file_and_loads_the_same_weights(tiny_cache, monkeypatch):
-    monkeypatch.setattr(readahead, "_queued", set())  # earlier tests' engines read ahead too
-    monkeypatch.setattr(readahead, "CHUNK", 4096)  # several chunks per file, in any order
+    monkeypatch.setattr(readahead, "_started", set())  # earlier tests' engines read ahead too
     spec = REGISTRY["upscale"]
     snapshot = loading.store.resolve_snapshot(spec, tiny_cache, lock=Lock())
-    queued = loading.start_read_ahead(snapshot, CPU)
-    assert sorted(queued) == sorted(p.resolve() for p in snapshot.rglob("*.safetensors"))
+    threads = loading.start_read_ahead(snapshot, CPU)
+    assert len(threads) == len([p for p in snapshot.rglob("*.safetensors")])
     assert loading.start_read_ahead(snapshot, CPU) == []  # each file once per process
-    assert readahead.wait(30)
+    for thread in threads:
+        thread.join(30)
     ahead = loading.load_model(spec, tiny_cache, device=CPU, dtype=torch.float32,
                                allow_download=False, lock=Lock(), read_ahead=True).model
     _assert_same_weights(ahead, _pipe("upscale", tiny_cache))
 
 
-def test_library_files_lists_shared_libraries_before_sources_without_importing():
-    files = readahead.library_files(("torch", "no_such_package_here"))
-    kinds = [".so" in path.name for path in files]
-    assert kinds.index(False) > 0 and True not in kinds[kinds.index(False):]  # libraries, then sources
-    assert any(path.name.startswith("libtorch") for path in files)
-    assert any(path.name == "__init__.py" and path.parent.name == "torch" for path in files)
-
-
-def test_engine_reads_libraries_ahead_only_for_a_gpu(tiny_cache, monkeypatch):
-    calls = []
-    monkeypatch.setattr(readahead, "read_ahead", lambda paths, libraries=False: calls.append(libraries) or [])
-    Engine(["upscale"], tiny_cache, device="cpu", lock=Lock())._read_weights_ahead()
-    assert calls == [False]  # weights only: a CPU build's libraries are not worth the reads
-    calls.clear()
-    monkeypatch.setattr(readahead, "library_files", lambda: [])
-    Engine(["upscale"], tiny_cache, device="cuda", lock=Lock())._read_weights_ahead()
-    assert calls == [True, False]  # libraries first, then the weights
-
-
 def test_engine_takes_a_tuning_and_reads_ahead_only_when_asked(tiny_cache, monkeypatch):
     started = []
-    monkeypatch.setattr(readahead, "read_ahead", lambda paths, libraries=False: started.append(list(paths)) or [])
+    monkeypatch.setattr(readahead, "read_ahead", lambda paths: started.append(list(paths)) or [])
     tuning = Tuning.for_device(CPU).replace(read_ahead=False, upscale_tile_batch=2, upscale_tile=(64,))
     engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(), tuning=tuning)
     engine.setup()
@@ -250,7 +231,7 @@ def test_engine_takes_a_tuning_and_reads_ahead_only_when_asked(tiny_cache, monke
 
 def test_engine_applies_tuning_changes_on_each_operations_defaults(tiny_cache, monkeypatch):
     started = []
-    monkeypatch.setattr(readahead, "read_ahead", lambda paths, libraries=False: started.append(list(paths)) or [])
+    monkeypatch.setattr(readahead, "read_ahead", lambda paths: started.append(list(paths)) or [])
     engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
                     tuning_changes=("upscale_tile_batch=2", "read_ahead=off"))
     engine.setup()
