@@ -12,7 +12,12 @@ from handlers.storage import Store
 log = logging.getLogger("imagen.service")
 
 
-def build_engine(settings, operations=None):
+ONE_SHOT = ("compile=off",)
+"""Tuning changes for a process that runs one job and exits (`imagen process`, `imagen run`):
+a compile would outlast the job. IMAGEN_TUNING comes after, so it can still turn it on."""
+
+
+def build_engine(settings, operations=None, *, one_shot: bool = False):
     """The model engine for the served operations (not loaded yet: call `setup()`)."""
     from image.engine import Engine  # light (torch comes in Engine.setup), yet off the CLI's path
 
@@ -21,7 +26,7 @@ def build_engine(settings, operations=None):
         settings.model_cache_dir,
         device=settings.device,
         allow_download=settings.allow_model_download,
-        tuning_changes=settings.tuning,
+        tuning_changes=(ONE_SHOT if one_shot else ()) + tuple(settings.tuning),
     )
 
 

@@ -51,7 +51,7 @@ def command(settings, source, operation, params, output):
         if isinstance(job, routing.Ignored):
             raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
     chain = parse_chain(job.operation) if job.operation else None
-    engine = build_engine(settings, operations=chain or settings.operations)
+    engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)
     settings = settings.replace(operations=tuple(chain) if chain else None)
     engine.setup()
     outcome = build_processor(settings, engine).handle(job)

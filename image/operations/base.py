@@ -16,6 +16,7 @@ loading) and `process` (the model step), and says how it changes the image size.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +51,8 @@ class Operation:
         self.tuned: list[str] = []  # the switches that were applied
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
+        self.background: threading.Thread | None = None  # a compile after the warm-up, if any
+        self._busy = threading.Lock()  # held around every model call (the background swap waits)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -94,6 +97,8 @@ class Operation:
         from image.models.loading import load_model
         from image.operations.tuning import (
             Tuning,
+            compile_in_background,
+            compiles_in_background,
             load_compile_cache,
             save_compile_cache,
         )
@@ -117,15 +122,20 @@ class Operation:
         # 2. Prepare (per operation: sizes the model takes, progress bars off...), then tune
         self.prepare()
         self.tuned = self.tune(self.tuning)
-        if self.tuning.compile:
+        background = compiles_in_background(self.tuning, self.device)
+        if self.tuning.compile and not background:
             load_compile_cache(self.tuning.compile_cache)
 
         # 3. Warm up outside the request path: first calls allocate, pick kernels, compile
         started = time.perf_counter()
         self.warm_up()
         self.warmup_seconds = time.perf_counter() - started
-        if self.tuning.compile:
+        if self.tuning.compile and not background:
             save_compile_cache(self.tuning.compile_cache)
+        if background:
+            # Ready now on the uncompiled graphs; the compiled ones replace them when done.
+            self.background = compile_in_background(self.name, getattr(self.model, "unet", self.model),
+                                                    self.tuning, self._busy)
         logger.info(
             "%s: %s loaded in %.2f s, warmed up in %.2f s (%s)",
             self.name,
@@ -134,6 +144,14 @@ class Operation:
             self.warmup_seconds,
             ", ".join(self.tuned) or "stock",
         )
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Wait for the background compile, if any (the bench times the compiled model);
+        True once nothing runs in the background."""
+        if self.background is not None:
+            self.background.join(timeout)
+            return not self.background.is_alive()
+        return True
 
     def prepare(self) -> None:
         """Called once after loading; reads what the model accepts from its config."""
@@ -199,8 +217,8 @@ class Operation:
         # 2. Split off alpha: the models see RGB
         rgb, alpha = split_alpha(image)
 
-        # 3. Run the model
-        with torch.inference_mode():
+        # 3. Run the model (one call at a time: a background compile swaps graphs between calls)
+        with self._busy, torch.inference_mode():
             return self.process(rgb, alpha, dict(params), seed)
 
     def process(

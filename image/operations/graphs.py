@@ -22,7 +22,11 @@ How it keeps the model's function:
   at a time) and each replay's output is copied out before any other graph runs;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
   sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
-  captured) marks its signature eager, logs once, and the call runs eagerly.
+  captured) marks its signature eager, logs once, and the call runs eagerly. Captures use
+  CUDA's thread-local mode: other threads' CUDA calls meanwhile do not spoil them;
+- `adopt(compiled, lock)` swaps a faster forward (torch.compile's) into the captured
+  signatures while the model keeps serving: it compiles outside `lock`, then captures again
+  and swaps holding it (the `background_compile` switch, image/operations/tuning.py).
 
 The parameters must not move or change after the first capture (the graph holds their
 addresses): the switch is applied last, after every other one.
@@ -65,6 +69,7 @@ class GraphedForward:
         self.warmup_runs = warmup_runs
         self.graphs: dict[tuple, _Graph] = {}
         self.eager_signatures: set[tuple] = set()
+        self.adopting = False  # `adopt` is compiling: no new captures meanwhile
 
     def __call__(self, *args, **kwargs):
         if not torch.is_inference_mode_enabled():
@@ -75,14 +80,53 @@ class GraphedForward:
             return self.forward(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
-            if len(self.graphs) >= self.max_graphs or torch.cuda.is_current_stream_capturing():
+            if (len(self.graphs) >= self.max_graphs or self.adopting
+                    or torch.cuda.is_current_stream_capturing()):
                 return self.forward(*args, **kwargs)
-            graph = self._capture(key, leaves, spec)
-            if graph is None:
+            try:
+                graph = self._capture(key, leaves, spec, self.forward)
+            except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
+                logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
+                self.eager_signatures.add(key)
                 return self.forward(*args, **kwargs)
+            self.graphs[key] = graph
+            logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
         return graph.replay(leaves)
 
-    def _capture(self, key: tuple, leaves: list, spec) -> _Graph | None:
+    def adopt(self, forward: Callable[..., Any], lock) -> int:
+        """Capture every graph again with `forward`, the same function with other kernels (a
+        compiled one), and replay those from then on; returns how many. Safe while the model
+        serves from another thread that holds `lock` around its calls:
+
+        1. `forward` runs once per captured signature, outside `lock`, on a side stream: this
+           is where torch.compile compiles, for as long as it takes, while calls go on
+           replaying the old graphs (new signatures meanwhile run eagerly, uncaptured);
+        2. holding `lock` (no call in flight), each graph is captured again and the set is
+           swapped in; the old graphs are never replayed after that. A failed capture keeps
+           the old graphs and raises.
+
+        Signatures first seen later are captured with the original forward.
+        """
+        self.adopting = True
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                compiled = dict(self.graphs)
+                for graph in compiled.values():
+                    args, kwargs = tree_unflatten(graph.input_copies(), graph.spec)
+                    with torch.cuda.stream(side):
+                        forward(*args, **kwargs)
+                    side.synchronize()
+                with lock:
+                    adopted = dict(self.graphs)  # a capture that was under way is kept as it is
+                    for key, graph in compiled.items():
+                        adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward)
+                    self.graphs = adopted
+            return len(compiled)
+        finally:
+            self.adopting = False
+
+    def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = tree_unflatten(inputs, spec)
         stream = torch.cuda.current_stream()
@@ -91,30 +135,33 @@ class GraphedForward:
             side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_runs):
-                    self.forward(*args, **kwargs)
+                    forward(*args, **kwargs)
             stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_shared_pool()):
-                output = self.forward(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
+            # thread_local: CUDA calls other threads make meanwhile (another operation's job, a
+            # background compile) do not invalidate this capture.
+            with torch.cuda.graph(graph, pool=_shared_pool(), capture_error_mode="thread_local"):
+                output = forward(*args, **kwargs)
+        except BaseException:
             # A failed capture can leave the capture stream current: put the caller's back.
             torch.cuda.set_stream(stream)
-            logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
-            self.eager_signatures.add(key)
             torch.cuda.synchronize()
-            return None
-        captured = _Graph(graph, inputs, *tree_flatten(output))
+            raise
+        captured = _Graph(graph, inputs, spec, *tree_flatten(output))
         _live.add(captured)
-        self.graphs[key] = captured
-        logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
         return captured
 
 
 class _Graph:
     """One captured graph, its input tensors and its output structure."""
 
-    def __init__(self, graph, inputs: list, outputs: list, output_spec) -> None:
-        self.graph, self.inputs, self.outputs, self.output_spec = graph, inputs, outputs, output_spec
+    def __init__(self, graph, inputs: list, spec, outputs: list, output_spec) -> None:
+        self.graph, self.inputs, self.spec = graph, inputs, spec
+        self.outputs, self.output_spec = outputs, output_spec
+
+    def input_copies(self) -> list:
+        """Copies of the input leaves, as the capture saw them (for capturing again)."""
+        return [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in self.inputs]
 
     def replay(self, leaves: list):
         for static, value in zip(self.inputs, leaves, strict=True):

@@ -137,3 +137,30 @@ def test_graphs_of_a_dropped_model_leave_a_pool_the_next_model_can_capture_into(
     capture_one()
     torch.randn(4, device="cuda")  # the generator is not left mid-capture
     assert kept.isfinite().all()
+
+
+@cuda
+def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(tiny_cache):
+    # The CUDA default for comic: ready on the uncompiled graphs, compiled ones swapped in.
+    from image.operations import get_operation
+    from image.params import resolve
+
+    tuning = Tuning.for_device("cuda", "comic")
+    assert tuning.compile and tuning.background_compile
+    ops = {}
+    for name, each in (("plain", tuning.replace(compile=False)), ("compiled", tuning)):
+        ops[name] = get_operation("comic")()
+        ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each)
+    op = ops["compiled"]
+    graphed = op.model.unet.forward
+    assert "compile(background)" in op.tuned and op.wait_background(900)
+    assert graphed.graphs and not graphed.adopting  # the warm-up's shape, captured again, compiled
+    params = resolve("comic", {"steps": 4, "strength": 0.6})
+    image = input_image(op.native)  # the native size: the signature the warm-up captured
+    count = len(graphed.graphs)
+    compiled, plain = (np.asarray(ops[n].run(image, params, seed=3), dtype=np.int16) for n in ("compiled", "plain"))
+    assert len(graphed.graphs) == count  # replayed, not captured again
+    assert np.abs(compiled - plain).max() <= 3  # Inductor's kernels: fp16 rounding apart
+    other = input_image(op.native // 2)  # a new shape: captured with the uncompiled forward
+    assert np.abs(np.asarray(op.run(other, params, seed=3), dtype=np.int16)
+                  - np.asarray(ops["plain"].run(other, params, seed=3), dtype=np.int16)).max() <= 3

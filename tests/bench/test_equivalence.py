@@ -23,6 +23,7 @@ from image.models.lock import Lock
 from image.models.registry import REGISTRY
 from image.operations.tuning import (
     Tuning,
+    compiles_in_background,
     load_compile_cache,
     save_compile_cache,
     tune_pipeline,
@@ -76,12 +77,56 @@ def stock_np(tiny_cache):
 
 def test_cpu_defaults_are_stock():
     assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
-    cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16", "cuda_graphs"]
-    assert Tuning.for_device("cuda").enabled() == Tuning.for_device("cuda", "enhance").enabled() == cuda
-    assert Tuning.for_device("cuda", "comic").enabled() == ["channels_last", *cuda]  # measured: pays there
+    cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16"]
+    assert Tuning.for_device("cuda").enabled() == Tuning.for_device("cuda", "upscale").enabled() == [
+        *cuda, "cuda_graphs"]
+    # Measured to pay there: compiled (after ready) in NHWC under the graphs.
+    for op in ("comic", "enhance"):
+        assert Tuning.for_device("cuda", op).enabled() == [
+            "channels_last", *cuda, "compile", "cuda_graphs"]
+        assert Tuning.for_device("cuda", op).background_compile
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
     assert Tuning.stock().enabled() == []
+
+
+def test_compiling_waits_for_ready_only_under_cuda_graphs():
+    cuda, comic = torch.device("cuda"), Tuning.for_device("cuda", "comic")
+    assert compiles_in_background(comic, cuda)
+    assert not compiles_in_background(comic, CPU)  # no graphs on a CPU: compiled in the warm-up
+    assert not compiles_in_background(comic.replace(cuda_graphs=False), cuda)
+    assert not compiles_in_background(comic.replace(background_compile=False), cuda)
+    assert not compiles_in_background(comic.replace(compile_mode="reduce-overhead"), cuda)  # its own graphs
+    assert not compiles_in_background(Tuning.for_device("cuda", "upscale"), cuda)  # not measured
+
+
+def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
+    from handlers.service import build_engine
+    from handlers.settings import Settings
+
+    settings = Settings.from_env({"IMAGEN_TUNING": "cuda_graphs=off"})
+    assert build_engine(settings).tuning_changes == ("cuda_graphs=off",)
+    assert build_engine(settings, one_shot=True).tuning_changes == ("compile=off", "cuda_graphs=off")
+    told = Settings.from_env({"IMAGEN_TUNING": "compile=on"})
+    engine = build_engine(told, ["comic"], one_shot=True)
+    assert engine._tuning_for("comic", "cuda").compile  # IMAGEN_TUNING comes last and wins
+
+
+def test_a_run_waits_while_the_model_is_busy(tiny_cache):
+    # The background compile swaps graphs holding the operation's lock, between calls.
+    import threading
+
+    engine = Engine(["remove-background"], tiny_cache, device="cpu", lock=Lock())
+    engine.setup()
+    op = engine._ops["remove-background"]
+    done = threading.Event()
+    with op._busy:
+        worker = threading.Thread(target=lambda: (engine.run(["remove-background"], input_image(64), {}, 1),
+                                                  done.set()))
+        worker.start()
+        assert not done.wait(1.0)
+    assert done.wait(60)
+    worker.join()
 
 
 @pytest.mark.parametrize("op", OPERATIONS)
