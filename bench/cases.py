@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +178,7 @@ class ImagenRunner:
         started = time.perf_counter()
         self.op = get_operation(operation)()
         self.op.setup(cache_dir, device, dtype, lock=BENCH_LOCK, tuning=tuning)
+        self.op.start_background(threading.Lock())  # as Engine.setup does once all are ready
         self.op.wait_background()  # time the compiled model where it compiles after ready
         _sync(device)
         self.load_seconds = time.perf_counter() - started  # load + tune + warm-up (+ compile)

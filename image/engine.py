@@ -115,6 +115,11 @@ class Engine:
             self.state = READY
             each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())
             logger.info("ready: %s in %.2f s", each, sum(self.setup_seconds.values()))
+            for name, op in self._ops.items():
+                # After every model is loaded (compiling overlaps nothing but jobs), holding
+                # the run lock only to swap the compiled graphs in.
+                if op.start_background(self._run_lock):
+                    logger.info("%s: compiling in the background; serving uncompiled meanwhile", name)
 
     def _tuning_for(self, name: str, device) -> Tuning:
         """The switches for operation `name`: the given tuning (None: its defaults on

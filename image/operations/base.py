@@ -51,8 +51,7 @@ class Operation:
         self.tuned: list[str] = []  # the switches that were applied
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
-        self.background: threading.Thread | None = None  # a compile after the warm-up, if any
-        self._busy = threading.Lock()  # held around every model call (the background swap waits)
+        self.background: threading.Thread | None = None  # a compile after ready, if any
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -97,7 +96,6 @@ class Operation:
         from image.models.loading import load_model
         from image.operations.tuning import (
             Tuning,
-            compile_in_background,
             compiles_in_background,
             load_compile_cache,
             save_compile_cache,
@@ -132,10 +130,6 @@ class Operation:
         self.warmup_seconds = time.perf_counter() - started
         if self.tuning.compile and not background:
             save_compile_cache(self.tuning.compile_cache)
-        if background:
-            # Ready now on the uncompiled graphs; the compiled ones replace them when done.
-            self.background = compile_in_background(self.name, getattr(self.model, "unet", self.model),
-                                                    self.tuning, self._busy)
         logger.info(
             "%s: %s loaded in %.2f s, warmed up in %.2f s (%s)",
             self.name,
@@ -144,6 +138,21 @@ class Operation:
             self.warmup_seconds,
             ", ".join(self.tuned) or "stock",
         )
+
+    def start_background(self, lock) -> bool:
+        """Start what `tuning` leaves until after ready: the background compile (True when
+        started). `lock` must be held around every call of the model while it runs."""
+        from image.operations.tuning import (
+            compile_in_background,
+            compiles_in_background,
+        )
+
+        if self.background is not None or not compiles_in_background(self.tuning, self.device):
+            return False
+        # Ready already on the uncompiled graphs; the compiled ones replace them when done.
+        self.background = compile_in_background(self.name, getattr(self.model, "unet", self.model),
+                                                self.tuning, lock)
+        return True
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Wait for the background compile, if any (the bench times the compiled model);
@@ -217,8 +226,8 @@ class Operation:
         # 2. Split off alpha: the models see RGB
         rgb, alpha = split_alpha(image)
 
-        # 3. Run the model (one call at a time: a background compile swaps graphs between calls)
-        with self._busy, torch.inference_mode():
+        # 3. Run the model
+        with torch.inference_mode():
             return self.process(rgb, alpha, dict(params), seed)
 
     def process(

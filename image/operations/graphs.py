@@ -22,8 +22,9 @@ How it keeps the model's function:
   at a time) and each replay's output is copied out before any other graph runs;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
   sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
-  captured) marks its signature eager, logs once, and the call runs eagerly. Captures use
-  CUDA's thread-local mode: other threads' CUDA calls meanwhile do not spoil them;
+  captured) marks its signature eager, logs once, and the call runs eagerly. One capture at a
+  time per process: a call that finds another under way runs eagerly and captures later;
+  captures use CUDA's thread-local mode (other threads' allocations do not spoil them);
 - `adopt(compiled, lock)` swaps a faster forward (torch.compile's) into the captured
   signatures while the model keeps serving: it compiles outside `lock`, then captures again
   and swaps holding it (the `background_compile` switch, image/operations/tuning.py).
@@ -35,6 +36,7 @@ addresses): the switch is applied last, after every other one.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +49,8 @@ logger = logging.getLogger("imagen.operations")
 _SCALARS = (type(None), bool, int, float, str)
 _pool = None  # the graph memory pool the live graphs share
 _live: weakref.WeakSet = weakref.WeakSet()  # the captured graphs still alive
+_capturing = threading.Lock()  # one capture at a time in the process (CUDA graphs allow no more)
+_broken = False  # a failed capture left CUDA unusable for captures: eager from then on
 
 
 def _shared_pool():
@@ -69,7 +73,7 @@ class GraphedForward:
         self.warmup_runs = warmup_runs
         self.graphs: dict[tuple, _Graph] = {}
         self.eager_signatures: set[tuple] = set()
-        self.adopting = False  # `adopt` is compiling: no new captures meanwhile
+        self.adopted: Callable[..., Any] | None = None  # the forward `adopt` swapped in
 
     def __call__(self, *args, **kwargs):
         if not torch.is_inference_mode_enabled():
@@ -80,15 +84,18 @@ class GraphedForward:
             return self.forward(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
-            if (len(self.graphs) >= self.max_graphs or self.adopting
-                    or torch.cuda.is_current_stream_capturing()):
+            if len(self.graphs) >= self.max_graphs or _broken or torch.cuda.is_current_stream_capturing():
                 return self.forward(*args, **kwargs)
+            if not _capturing.acquire(blocking=False):
+                return self.forward(*args, **kwargs)  # a background compile: captured later
             try:
                 graph = self._capture(key, leaves, spec, self.forward)
             except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
                 logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
                 self.eager_signatures.add(key)
                 return self.forward(*args, **kwargs)
+            finally:
+                _capturing.release()
             self.graphs[key] = graph
             logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
         return graph.replay(leaves)
@@ -96,35 +103,39 @@ class GraphedForward:
     def adopt(self, forward: Callable[..., Any], lock) -> int:
         """Capture every graph again with `forward`, the same function with other kernels (a
         compiled one), and replay those from then on; returns how many. Safe while the model
-        serves from another thread that holds `lock` around its calls:
+        serves from another thread that holds `lock` around its calls. The whole time it holds
+        the process's capture lock: no other capture starts (new signatures run eagerly and
+        are captured later), since one capture per process is all CUDA graphs allow and
+        compiling synchronises the device.
 
-        1. `forward` runs once per captured signature, outside `lock`, on a side stream: this
+        1. `forward` runs once per captured signature on a side stream, outside `lock`: this
            is where torch.compile compiles, for as long as it takes, while calls go on
-           replaying the old graphs (new signatures meanwhile run eagerly, uncaptured);
-        2. holding `lock` (no call in flight), each graph is captured again and the set is
-           swapped in; the old graphs are never replayed after that. A failed capture keeps
-           the old graphs and raises.
+           replaying the old graphs;
+        2. holding `lock` (no call in flight anywhere), each graph is captured again (a
+           recompile here fails instead of compiling inside the capture) and the set is
+           swapped in; the old graphs are released there too, never replayed again. A failed
+           capture keeps the old graphs and raises.
 
         Signatures first seen later are captured with the original forward.
         """
-        self.adopting = True
-        try:
-            with torch.inference_mode():
-                side = torch.cuda.Stream()
-                compiled = dict(self.graphs)
-                for graph in compiled.values():
-                    args, kwargs = tree_unflatten(graph.input_copies(), graph.spec)
-                    with torch.cuda.stream(side):
-                        forward(*args, **kwargs)
-                    side.synchronize()
-                with lock:
-                    adopted = dict(self.graphs)  # a capture that was under way is kept as it is
-                    for key, graph in compiled.items():
-                        adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward)
-                    self.graphs = adopted
-            return len(compiled)
-        finally:
-            self.adopting = False
+        with _capturing, torch.inference_mode():
+            compiled = dict(self.graphs)
+            side = torch.cuda.Stream()
+            for graph in compiled.values():
+                args, kwargs = tree_unflatten(graph.input_copies(), graph.spec)
+                side.wait_stream(torch.cuda.current_stream())  # the copies are made there
+                with torch.cuda.stream(side):
+                    forward(*args, **kwargs)
+                side.synchronize()
+            with lock, torch.compiler.set_stance("fail_on_recompile"):
+                adopted = dict(self.graphs)
+                for key, graph in compiled.items():
+                    adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward)
+                self.graphs, self.adopted = adopted, forward
+                compiled.clear()  # the old graphs die here, under the lock
+                graph = None
+                torch.cuda.synchronize()
+            return len(self.graphs)
 
     def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -146,10 +157,25 @@ class GraphedForward:
             # A failed capture can leave the capture stream current: put the caller's back.
             torch.cuda.set_stream(stream)
             torch.cuda.synchronize()
+            _check_after_failed_capture()
             raise
         captured = _Graph(graph, inputs, spec, *tree_flatten(output))
         _live.add(captured)
         return captured
+
+
+def _check_after_failed_capture() -> None:
+    """Some capture failures leave CUDA's default generator mid-capture (PyTorch unwinds only
+    part of it): every later random draw on it then fails. Say so, and capture no more in
+    this process (the jobs' own generators still work, eagerly)."""
+    global _broken
+    try:
+        torch.empty(1, device="cuda").normal_()
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        _broken = True
+        logger.error("a failed CUDA graph capture left CUDA in a bad state (%s); no more graphs in this "
+                     "process: restart it to get them back", error)
 
 
 class _Graph:

@@ -27,10 +27,11 @@ pays (bench/README.md has the figures):
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 
 `compile` with `background_compile` (the CUDA default where compile is on): the operation warms
-up and is ready on the uncompiled CUDA graphs; then a daemon thread compiles the UNet for each
-captured shape (the warm-up's native size) while jobs keep running, and swaps the compiled
-graphs in between two jobs (`GraphedForward.adopt`, `compile_in_background`). Compiles run one
-at a time per process; a failure is logged and the uncompiled graphs stay. Shapes first seen
+up and is ready on the uncompiled CUDA graphs; once every operation is (`Engine.setup`), a
+daemon thread compiles each UNet for its captured shapes (the warm-up's native size) while
+jobs keep running, and swaps the compiled graphs in between two jobs (`GraphedForward.adopt`,
+`compile_in_background`, holding the engine's run lock). Compiles run one at a time per
+process; a failure is logged and the uncompiled graphs stay. Shapes first seen
 later are captured uncompiled (no compile in a request's path). Without graphs, or on the CPU,
 `compile` compiles in the warm-up instead. `imagen run` and `imagen process` (one job, then
 exit) turn compile off unless IMAGEN_TUNING turns it on.
@@ -141,9 +142,9 @@ _one_at_a_time = threading.Lock()  # background compiles run one after another
 
 def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lock) -> threading.Thread:
     """Compile `module`'s graphed forward in a daemon thread and swap it into the graphs
-    (`GraphedForward.adopt`); the model serves uncompiled meanwhile. `lock` is what the
-    operation holds around every call of the model. A failure is logged and changes nothing:
-    the uncompiled graphs stay."""
+    (`GraphedForward.adopt`); the model serves uncompiled meanwhile. `lock` is held around
+    every call of the model (the engine's run lock: every operation idle). A failure is logged
+    and changes nothing: the uncompiled graphs stay."""
     graphed = module.forward
 
     def work():
@@ -157,13 +158,16 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                 _inductor_options()
                 compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
                 count = graphed.adopt(compiled, lock)
-                save_compile_cache(tuning.compile_cache)
             except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
                 logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
                                name, type(error).__name__, error)
                 return
-        logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again)",
-                    name, time.perf_counter() - started, count, "" if count == 1 else "s")
+            logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again)",
+                        name, time.perf_counter() - started, count, "" if count == 1 else "s")
+            try:
+                save_compile_cache(tuning.compile_cache)
+            except Exception as error:  # noqa: BLE001 - the compiled model is in use regardless
+                logger.warning("%s: writing the compile cache %s failed: %s", name, tuning.compile_cache, error)
 
     thread = threading.Thread(target=work, daemon=True, name=f"compile-{name}")
     thread.start()

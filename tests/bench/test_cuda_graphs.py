@@ -142,6 +142,8 @@ def test_graphs_of_a_dropped_model_leave_a_pool_the_next_model_can_capture_into(
 @cuda
 def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(tiny_cache):
     # The CUDA default for comic: ready on the uncompiled graphs, compiled ones swapped in.
+    import threading
+
     from image.operations import get_operation
     from image.params import resolve
 
@@ -153,8 +155,12 @@ def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(t
         ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each)
     op = ops["compiled"]
     graphed = op.model.unet.forward
-    assert "compile(background)" in op.tuned and op.wait_background(900)
-    assert graphed.graphs and not graphed.adopting  # the warm-up's shape, captured again, compiled
+    uncompiled = dict(graphed.graphs)
+    assert "compile(background)" in op.tuned and uncompiled and op.background is None
+    assert op.start_background(threading.Lock()) and op.wait_background(900)
+    assert graphed.adopted is not None  # the swap happened (a failure only logs)
+    assert graphed.graphs.keys() == uncompiled.keys()  # the warm-up's shape, captured again...
+    assert all(graphed.graphs[key] is not uncompiled[key] for key in uncompiled)  # ...compiled
     params = resolve("comic", {"steps": 4, "strength": 0.6})
     image = input_image(op.native)  # the native size: the signature the warm-up captured
     count = len(graphed.graphs)

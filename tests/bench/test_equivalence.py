@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench.cases import Case, ImagenRunner, StockRunner, input_image
-from image.engine import Engine
+from image.engine import READY, Engine
 from image.errors import InvalidParameter
 from image.models import loading, readahead
 from image.models.lock import Lock
@@ -112,21 +112,22 @@ def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
     assert engine._tuning_for("comic", "cuda").compile  # IMAGEN_TUNING comes last and wins
 
 
-def test_a_run_waits_while_the_model_is_busy(tiny_cache):
-    # The background compile swaps graphs holding the operation's lock, between calls.
-    import threading
+def test_the_engine_starts_background_compiles_once_every_operation_is_ready(tiny_cache, monkeypatch):
+    from image.operations import tuning as tuning_module
 
-    engine = Engine(["remove-background"], tiny_cache, device="cpu", lock=Lock())
+    started = []
+
+    def start(name, module, tuning, lock):
+        started.append((name, engine.state, set(engine._ops), lock))
+
+    # On a CPU nothing compiles in the background (no graphs); the wiring is what is checked.
+    monkeypatch.setattr(tuning_module, "compiles_in_background", lambda tuning, device: True)
+    monkeypatch.setattr(tuning_module, "compile_in_background", start)
+    engine = Engine(["comic", "remove-background"], tiny_cache, device="cpu", lock=Lock())
     engine.setup()
-    op = engine._ops["remove-background"]
-    done = threading.Event()
-    with op._busy:
-        worker = threading.Thread(target=lambda: (engine.run(["remove-background"], input_image(64), {}, 1),
-                                                  done.set()))
-        worker.start()
-        assert not done.wait(1.0)
-    assert done.wait(60)
-    worker.join()
+    assert [name for name, *_ in started] == ["comic", "remove-background"]
+    for _, state, loaded, lock in started:
+        assert state == READY and loaded == {"comic", "remove-background"} and lock is engine._run_lock
 
 
 @pytest.mark.parametrize("op", OPERATIONS)
