@@ -203,4 +203,3 @@ def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:
     if any(not isinstance(name, str) for name in chain):
         raise UnknownOperation(f"operation names must be strings, got {list(chain)!r}")
     return parse_chain(",".join(chain))
-

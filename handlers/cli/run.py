@@ -52,17 +52,10 @@ def run(settings, source, output, operation, params, output_format, device, mode
         output = source.with_name(f"{source.stem}.{'+'.join(chain)}.{common['format']}")
 
     # 2. Load only the chain's models
-    from handlers.service import ONE_SHOT
-    from image.engine import Engine  # keep the image package off `imagen --help`
+    from handlers.service import build_engine  # keeps the image package off `imagen --help`
 
     started = time.perf_counter()
-    engine = Engine(
-        chain,
-        settings.model_cache_dir,
-        device=settings.device,
-        allow_download=settings.allow_model_download,
-        tuning_changes=ONE_SHOT + settings.tuning,
-    )
+    engine = build_engine(settings, operations=chain, one_shot=True)
     engine.setup()
     setup_seconds = time.perf_counter() - started
 

@@ -132,10 +132,11 @@ class GraphedForward:
                 for key, graph in compiled.items():
                     adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward)
                 self.graphs, self.adopted = adopted, forward
+                count = len(compiled)
                 compiled.clear()  # the old graphs die here, under the lock
                 graph = None
                 torch.cuda.synchronize()
-            return len(self.graphs)
+            return count
 
     def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

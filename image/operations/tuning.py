@@ -110,7 +110,8 @@ def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.de
     """`compile`, then `cuda_graphs` (last: the graphs capture the compiled kernels). With
     `background_compile` under the graphs, compiling is left to `compile_in_background`."""
     done = []
-    if tuning.compile and not compiles_in_background(tuning, device):
+    background = compiles_in_background(tuning, device)
+    if tuning.compile and not background:
         _inductor_options()
         module.forward = torch.compile(module.forward, mode=tuning.compile_mode, dynamic=False)
         done.append(f"compile({tuning.compile_mode or 'default'})")
@@ -120,7 +121,7 @@ def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.de
         else:
             graph_module(module)
             done.append("cuda_graphs")
-    if compiles_in_background(tuning, device):
+    if background:
         done.append("compile(background)")
     return done
 
