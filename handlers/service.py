@@ -19,6 +19,7 @@ a compile would outlast the job. IMAGEN_TUNING comes after, so it can still turn
 
 def build_engine(settings, operations=None, *, one_shot: bool = False):
     """The model engine for the served operations (not loaded yet: call `setup()`)."""
+    from handlers.compile_cache import open_compile_cache
     from image.engine import Engine  # light (torch comes in Engine.setup), yet off the CLI's path
 
     return Engine(
@@ -27,6 +28,7 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
         device=settings.device,
         allow_download=settings.allow_model_download,
         tuning_changes=(ONE_SHOT if one_shot else ()) + tuple(settings.tuning),
+        compile_cache=open_compile_cache(settings),
     )
 
 

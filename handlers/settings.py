@@ -46,6 +46,7 @@ class Settings:
     pubsub_emulator_host: str | None = None
     allow_model_download: bool = True
     tuning: tuple[str, ...] = ()  # NAME=VALUE speed-switch changes (IMAGEN_TUNING)
+    compile_cache: str | None = None  # gs://BUCKET/PREFIX or a folder (IMAGEN_COMPILE_CACHE)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +70,7 @@ class Settings:
             ("subscription", "IMAGEN_SUBSCRIPTION"),
             ("push_audience", "IMAGEN_PUSH_AUDIENCE"),
             ("device", "IMAGEN_DEVICE"),
+            ("compile_cache", "IMAGEN_COMPILE_CACHE"),
             ("project", "GOOGLE_CLOUD_PROJECT"),
             ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
             ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST"),
@@ -113,6 +115,13 @@ class Settings:
                 parse_changes(Tuning(), self.tuning)
             except ValueError as error:
                 raise ConfigError(f"IMAGEN_TUNING: {error}") from None
+        if self.compile_cache and self.compile_cache.startswith("gs://"):
+            if not self.compile_cache[len("gs://"):].split("/", 1)[0]:
+                raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r} names no bucket; "
+                                  "expected gs://BUCKET/PREFIX or a folder")
+        elif self.compile_cache and "://" in self.compile_cache:
+            raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
+                              "or a folder are supported")
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError(
                 "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push endpoint URL)"

@@ -11,7 +11,8 @@ This is the seam between the cloud side and the models (cog's predictor):
 `tuning` (image/operations/switches.py) sets the speed switches: None takes each operation's
 defaults for the device, a Tuning applies to every operation; `tuning_changes` ("NAME=VALUE"
 items, IMAGEN_TUNING) are applied on top. `lock` is the model lock to load by (the packaged
-one by default).
+one by default). `compile_cache` (image/operations/compile_cache.py; IMAGEN_COMPILE_CACHE) is
+where compiled kernels are shared with other processes, for the operations that compile.
 
 One model instance per operation per process. `setup` is idempotent and thread-safe (a
 failed setup may be retried); `run` is serialised, since all operations share one device.
@@ -50,6 +51,7 @@ class Engine:
         tuning=None,
         lock=None,
         tuning_changes: Sequence[str] = (),
+        compile_cache=None,
     ):
         if isinstance(operations, str):
             operations = parse_chain(operations)
@@ -69,6 +71,7 @@ class Engine:
             except ValueError as error:
                 raise InvalidParameter(f"tuning: {error}") from None
         self.lock = lock
+        self.compile_cache = compile_cache
         self.state = STARTING
         self.error: BaseException | None = None  # why setup failed
         self.setup_seconds: dict[str, float] = {}  # per operation: load + warm-up
@@ -106,6 +109,7 @@ class Engine:
                         allow_download=self.allow_download,
                         lock=self.lock,
                         tuning=self._tuning_for(name, device),
+                        compile_cache=self.compile_cache,
                     )
                     self._ops[name] = op
                     self.setup_seconds[name] = time.perf_counter() - started
@@ -120,6 +124,21 @@ class Engine:
                 # the run lock only to swap the compiled graphs in.
                 if op.start_background(self._run_lock):
                     logger.info("%s: compiling in the background; serving uncompiled meanwhile", name)
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds (None: for good) for the background compiles
+        started at setup; True once none is running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for op in self._ops.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not op.wait_background(left):
+                return False
+        return True
+
+    def compiled_artefacts(self) -> dict[str, str]:
+        """{operation: its artefact's name in the compile cache} for the operations that
+        compile (image/operations/compile_cache.py); after setup."""
+        return {name: op.artefact_name for name, op in self._ops.items() if op.tuning.compile}
 
     def _tuning_for(self, name: str, device) -> Tuning:
         """The switches for operation `name`: the given tuning (None: its defaults on

@@ -1,4 +1,5 @@
-"""`imagen models pull | list | verify | mirror`: the model cache (MODEL_CACHE_DIR) by hand.
+"""`imagen models pull | list | verify | mirror | compile`: the model cache (MODEL_CACHE_DIR)
+and the compile cache (IMAGEN_COMPILE_CACHE) by hand.
 
 Each subcommand works on the operations this process serves (IMAGEN_OPERATIONS, default
 all) unless `--operations` names others, and on the cache dir from MODEL_CACHE_DIR unless
@@ -150,6 +151,49 @@ def mirror(settings, destination, operations, cache_dir):
         cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
     )
     click.echo(f"mirrored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already there) to {destination}")
+
+
+@command.command("compile")
+@_operations_option
+@_cache_dir_option
+@click.option("--to", "location", metavar="gs://BUCKET/PREFIX|DIR",
+              help="Compile cache to fill; default: IMAGEN_COMPILE_CACHE.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
+@click.pass_obj
+def compile_(settings, operations, cache_dir, location, device):
+    """Compile the models here and store the artefacts the instances load.
+
+    Run it on the kind of GPU the service runs on, from the service's image (the artefacts
+    are per GPU model, PyTorch version and model revision): then no instance compiles.
+    Without it the first instance after each release does the same, in the background.
+    Compiles what the switches compile (on CUDA: comic and enhance; IMAGEN_TUNING=compile=on
+    for the others). Exits 1 when an operation ends with no artefact stored.
+    """
+    from handlers.logs import configure_logging
+    from handlers.service import build_engine
+
+    configure_logging()
+    settings = settings.replace(compile_cache=location, device=device, model_cache_dir=cache_dir)
+    if not settings.compile_cache:
+        raise click.UsageError("where to? give --to gs://BUCKET/PREFIX (or a folder) or set IMAGEN_COMPILE_CACHE")
+    names = [spec.operation for spec in _specs(settings, operations)]
+    engine = build_engine(settings, names)
+    engine.setup()
+    artefacts = engine.compiled_artefacts()
+    for name in names:
+        if name not in artefacts:
+            click.echo(f"{name}: not compiled (compile is off for it here; IMAGEN_TUNING=compile=on turns it on)",
+                       err=True)
+    engine.wait_background()  # on CUDA the compile runs after ready, as in the service
+    missing = []
+    for name, artefact in artefacts.items():
+        if engine.compile_cache.get(artefact) is None:
+            missing.append(name)
+            click.echo(f"{name}: no artefact stored; the log above says why", err=True)
+        else:
+            click.echo(f"{name}: {engine.compile_cache}{'' if str(engine.compile_cache).endswith('/') else '/'}{artefact}")
+    if missing or not artefacts:
+        sys.exit(1)
 
 
 def _report_problems(problems: list[str], specs) -> None:

@@ -5,7 +5,8 @@
     out = op.run(image, resolve("upscale", params), seed=1234)  # as often as needed
 
 `setup` also applies the speed switches of a `Tuning` (image/operations/tuning.py; the
-defaults for the device unless one is given) between loading and the warm-up.
+defaults for the device unless one is given) between loading and the warm-up; a compile cache
+(image/operations/compile_cache.py) lends a compile the kernels an earlier process made.
 
 `run` is the same for every operation: check the inputs, split off the alpha channel (the
 models see RGB), run the model under `torch.inference_mode()` with a generator seeded from
@@ -52,6 +53,7 @@ class Operation:
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
         self.background: threading.Thread | None = None  # a compile after ready, if any
+        self.compile_cache = None  # where compiled artefacts are loaded from and stored
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -88,17 +90,20 @@ class Operation:
         allow_download: bool = False,
         lock=None,
         tuning=None,
+        compile_cache=None,
     ) -> None:
         """Load the model from `cache_dir` onto `device`, prepare, tune and warm it up.
 
         `tuning` is a `Tuning`; None takes `Tuning.for_device(device, self.name)`.
+        `compile_cache` (a compile_cache.CompileCache) serves and keeps compiled artefacts
+        where `tuning` compiles.
         """
         from image.models.loading import load_model
+        from image.operations import compile_cache as artefacts
         from image.operations.tuning import (
             Tuning,
             compiles_in_background,
-            load_compile_cache,
-            save_compile_cache,
+            describe_compile,
         )
 
         # 1. Load
@@ -120,16 +125,19 @@ class Operation:
         # 2. Prepare (per operation: sizes the model takes, progress bars off...), then tune
         self.prepare()
         self.tuned = self.tune(self.tuning)
-        background = compiles_in_background(self.tuning, self.device)
-        if self.tuning.compile and not background:
-            load_compile_cache(self.tuning.compile_cache)
+        self.compile_cache = compile_cache
+        compiles_now = self.tuning.compile and not compiles_in_background(self.tuning, self.device)
+        if compiles_now:
+            artefacts.load(compile_cache, self.artefact_name, self.name)
+            before = artefacts.inductor_counts()
 
         # 3. Warm up outside the request path: first calls allocate, pick kernels, compile
         started = time.perf_counter()
         self.warm_up()
         self.warmup_seconds = time.perf_counter() - started
-        if self.tuning.compile and not background:
-            save_compile_cache(self.tuning.compile_cache)
+        if compiles_now:
+            logger.info("%s: compiled in the warm-up (%s)", self.name, describe_compile(before))
+            artefacts.save(compile_cache, self.artefact_name, self.name)
         logger.info(
             "%s: %s loaded in %.2f s, warmed up in %.2f s (%s)",
             self.name,
@@ -151,8 +159,15 @@ class Operation:
             return False
         # Ready already on the uncompiled graphs; the compiled ones replace them when done.
         self.background = compile_in_background(self.name, getattr(self.model, "unet", self.model),
-                                                self.tuning, lock)
+                                                self.tuning, lock, self.compile_cache, self.artefact_name)
         return True
+
+    @property
+    def artefact_name(self) -> str:
+        """The name of this model's compiled artefact in a compile cache."""
+        from image.operations.compile_cache import artefact_name
+
+        return artefact_name(self.name, self.model_id, self.dtype, self.tuning, self.device)
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Wait for the background compile, if any (the bench times the compiled model);

@@ -54,7 +54,6 @@ class Tuning:
     background_compile: bool = False  # how `compile` runs: after ready, under the graphs
     cuda_graphs: bool = False
     compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
-    compile_cache: str | None = None  # a file path; see the module docstring
     upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
     upscale_tile_batch: int = 1
 
@@ -89,7 +88,7 @@ class Tuning:
 def parse_changes(base: Tuning, items) -> Tuning:
     """`base` with NAME=VALUE changes (IMAGEN_TUNING, `python -m bench --switch`): on/off for
     the switches, whole numbers for `upscale_tile` (several: buckets) and
-    `upscale_tile_batch`, text for `compile_mode` and `compile_cache` (none: unset).
+    `upscale_tile_batch`, text for `compile_mode` (none: unset).
     Raises ValueError naming what is wrong."""
     fields = {f.name: f for f in dataclasses.fields(base)}
     changes = {}

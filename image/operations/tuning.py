@@ -36,9 +36,10 @@ later are captured uncompiled (no compile in a request's path). Without graphs, 
 `compile` compiles in the warm-up instead. `imagen run` and `imagen process` (one job, then
 exit) turn compile off unless IMAGEN_TUNING turns it on.
 
-`compile_cache` names a file for PyTorch's compile caches (`torch.compiler.save_cache_artifacts`):
-loaded before compiling when it exists, written after it otherwise, so an instance that finds
-the file (baked into the image, or on a shared volume) skips most of Inductor's work.
+With a compile cache (`Engine(..., compile_cache=...)`, IMAGEN_COMPILE_CACHE in production;
+image/operations/compile_cache.py), the compile first loads the artefact an earlier instance
+on the same kind of GPU stored, and stores its own when there is none: later instances reach
+the compiled speed in seconds.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 import torch
 
+from image.operations import compile_cache
 from image.operations.graphs import GraphedForward, graph_module
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
@@ -138,14 +139,24 @@ def _inductor_options() -> None:
     inductor.conv_1x1_as_mm = True  # 1x1 convolutions as matrix products (diffusers' advice)
 
 
+def describe_compile(before: dict[str, int]) -> str:
+    """Inductor's graphs since `before` (compile_cache.inductor_counts()), for the log:
+    how many came from the compile cache and how many were compiled anew."""
+    now = compile_cache.inductor_counts()
+    return (f"Inductor graphs: {now['hits'] - before['hits']} from the cache, "
+            f"{now['misses'] - before['misses']} compiled")
+
+
 _one_at_a_time = threading.Lock()  # background compiles run one after another
 
 
-def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lock) -> threading.Thread:
+def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lock, cache=None,
+                          artefact: str = "") -> threading.Thread:
     """Compile `module`'s graphed forward in a daemon thread and swap it into the graphs
     (`GraphedForward.adopt`); the model serves uncompiled meanwhile. `lock` is held around
-    every call of the model (the engine's run lock: every operation idle). A failure is logged
-    and changes nothing: the uncompiled graphs stay."""
+    every call of the model (the engine's run lock: every operation idle). `cache` (a
+    compile_cache.CompileCache) gives the artefact named `artefact` first and takes it after.
+    A failure is logged and changes nothing: the uncompiled graphs stay."""
     graphed = module.forward
 
     def work():
@@ -155,7 +166,8 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                 if not isinstance(graphed, GraphedForward) or not graphed.graphs:
                     logger.warning("%s: nothing captured to compile; staying uncompiled", name)
                     return
-                load_compile_cache(tuning.compile_cache)
+                compile_cache.load(cache, artefact, name)
+                before = compile_cache.inductor_counts()
                 _inductor_options()
                 compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
                 count = graphed.adopt(compiled, lock)
@@ -163,12 +175,10 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                 logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
                                name, type(error).__name__, error)
                 return
-            logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again)",
-                        name, time.perf_counter() - started, count, "" if count == 1 else "s")
-            try:
-                save_compile_cache(tuning.compile_cache)
-            except Exception as error:  # noqa: BLE001 - the compiled model is in use regardless
-                logger.warning("%s: writing the compile cache %s failed: %s", name, tuning.compile_cache, error)
+            logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
+                        name, time.perf_counter() - started, count, "" if count == 1 else "s",
+                        describe_compile(before))
+            compile_cache.save(cache, artefact, name)
 
     thread = threading.Thread(target=work, daemon=True, name=f"compile-{name}")
     thread.start()
@@ -229,28 +239,3 @@ def _cast_inputs(dtype: torch.dtype):
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     return hook
-
-
-# -- compile caches -------------------------------------------------------------------------
-
-
-def load_compile_cache(path: str | Path | None) -> bool:
-    """Load PyTorch's compile caches from `path` if it exists; True when loaded."""
-    if not path or not Path(path).is_file():
-        return False
-    torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-    logger.info("compile cache loaded from %s", path)
-    return True
-
-
-def save_compile_cache(path: str | Path | None) -> bool:
-    """Write what this process compiled to `path` (once: an existing file is kept)."""
-    if not path or Path(path).exists():
-        return False
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
-        return False
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(saved[0])
-    logger.info("compile cache written to %s", path)
-    return True

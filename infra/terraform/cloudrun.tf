@@ -118,5 +118,7 @@ resource "google_cloud_run_v2_service" "worker" {
     google_storage_bucket_iam_member.worker_reads_input,
     google_storage_bucket_iam_member.worker_writes_results,
     google_storage_bucket_iam_member.worker_writes_failures,
+    google_storage_bucket_iam_member.worker_loads_compiled,
+    google_storage_bucket_iam_member.worker_stores_compiled,
   ]
 }

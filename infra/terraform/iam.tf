@@ -79,6 +79,37 @@ resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
   member = google_service_account.worker[each.key].member
 }
 
+# The compile cache: load the operation's compiled kernels and store them when missing (never
+# replace: no delete permission), in the operation's own folder only. An artefact is code
+# the workers run, so no worker can write one another operation loads.
+resource "google_storage_bucket_iam_member" "worker_loads_compiled" {
+  for_each = var.compile_cache ? local.operations : toset([])
+
+  bucket = google_storage_bucket.compiled[0].name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.worker[each.key].member
+
+  condition {
+    title       = "own-operation-only"
+    description = "Objects under ${each.key}/"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${each.key}/\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "worker_stores_compiled" {
+  for_each = var.compile_cache ? local.operations : toset([])
+
+  bucket = google_storage_bucket.compiled[0].name
+  role   = "roles/storage.objectCreator"
+  member = google_service_account.worker[each.key].member
+
+  condition {
+    title       = "own-operation-only"
+    description = "Objects under ${each.key}/"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${each.key}/\")"
+  }
+}
+
 # Cloud Run with a model mirror: read it at start.
 resource "google_storage_bucket_iam_member" "worker_reads_model_mirror" {
   for_each = local.cloudrun && var.model_mirror != "" ? local.operations : toset([])

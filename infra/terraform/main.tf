@@ -48,6 +48,8 @@ locals {
 
   image_repository = "${var.region}-docker.pkg.dev/${var.project_id}/${var.artifact_repository}"
 
+  compile_cache_bucket = var.compile_cache_bucket != "" ? var.compile_cache_bucket : "${var.input_bucket}-compiled"
+
   model_mirror_bucket = var.model_mirror == "" ? "" : split("/", trimprefix(var.model_mirror, "gs://"))[0]
 
   # Which messages an operation's subscription receives: Storage notifications for objects
@@ -74,6 +76,7 @@ locals {
       IMAGEN_ALLOWED_BUCKETS = join(",", distinct(concat([var.input_bucket], var.allowed_buckets)))
     },
     var.results_topic ? { IMAGEN_RESULTS_TOPIC = google_pubsub_topic.results[0].id } : {},
+    var.compile_cache ? { IMAGEN_COMPILE_CACHE = "gs://${google_storage_bucket.compiled[0].name}/" } : {},
     var.extra_env,
   )
 }

@@ -47,6 +47,32 @@ resource "google_storage_bucket" "output" {
   depends_on = [google_project_service.enabled]
 }
 
+# Compiled GPU kernels the instances share (IMAGEN_COMPILE_CACHE; handlers/compile_cache.py).
+# Everything in it can be made again by compiling, so it is always destroyable, and an
+# artefact goes after 30 days: old PyTorch, GPU and model versions do not pile up, and the
+# next instance of an operation stores a fresh one.
+resource "google_storage_bucket" "compiled" {
+  count = var.compile_cache ? 1 : 0
+
+  name     = local.compile_cache_bucket
+  location = var.region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = true
+
+  lifecycle_rule {
+    condition {
+      age = 30
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
 # New objects under the input folder only: results and failure reports never notify, so
 # they cannot loop, and no other upload to the bucket costs a message.
 resource "google_storage_notification" "incoming" {

@@ -219,6 +219,18 @@ variable "model_mirror" {
   }
 }
 
+variable "compile_cache" {
+  description = "Share compiled GPU kernels between instances (IMAGEN_COMPILE_CACHE, a bucket created here): the first instance of an operation on a GPU type compiles after it is ready (a minute or more) and stores them; later instances load them and reach the compiled speed in seconds. false: every instance compiles on its own."
+  type        = bool
+  default     = true
+}
+
+variable "compile_cache_bucket" {
+  description = "Name of the compile cache bucket (created here). Empty: \"<input_bucket>-compiled\"."
+  type        = string
+  default     = ""
+}
+
 variable "extra_env" {
   description = "More environment variables for every worker, e.g. IMAGEN_MAX_PIXELS."
   type        = map(string)

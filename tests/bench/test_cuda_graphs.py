@@ -140,11 +140,12 @@ def test_graphs_of_a_dropped_model_leave_a_pool_the_next_model_can_capture_into(
 
 
 @cuda
-def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(tiny_cache):
+def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(tiny_cache, tmp_path):
     # The CUDA default for comic: ready on the uncompiled graphs, compiled ones swapped in.
     import threading
 
     from image.operations import get_operation
+    from image.operations.compile_cache import DirectoryCache
     from image.params import resolve
 
     tuning = Tuning.for_device("cuda", "comic")
@@ -152,13 +153,16 @@ def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(t
     ops = {}
     for name, each in (("plain", tuning.replace(compile=False)), ("compiled", tuning)):
         ops[name] = get_operation("comic")()
-        ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each)
+        ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each,
+                        compile_cache=DirectoryCache(tmp_path / name))
     op = ops["compiled"]
     graphed = op.model.unet.forward
     uncompiled = dict(graphed.graphs)
     assert "compile(background)" in op.tuned and uncompiled and op.background is None
     assert op.start_background(threading.Lock()) and op.wait_background(900)
     assert graphed.adopted is not None  # the swap happened (a failure only logs)
+    assert DirectoryCache(tmp_path / "compiled").get(op.artefact_name)  # and its kernels were stored
+    assert not (tmp_path / "plain").exists()  # nothing compiled, nothing stored
     assert graphed.graphs.keys() == uncompiled.keys()  # the warm-up's shape, captured again...
     assert all(graphed.graphs[key] is not uncompiled[key] for key in uncompiled)  # ...compiled
     params = resolve("comic", {"steps": 4, "strength": 0.6})
@@ -170,3 +174,28 @@ def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(t
     other = input_image(op.native // 2)  # a new shape: captured with the uncompiled forward
     assert np.abs(np.asarray(op.run(other, params, seed=3), dtype=np.int16)
                   - np.asarray(ops["plain"].run(other, params, seed=3), dtype=np.int16)).max() <= 3
+
+
+@cuda
+def test_a_fresh_process_takes_the_background_compile_from_the_compile_cache(tiny_cache, tmp_path):
+    # What a second instance does: `imagen models compile` follows the service's path (ready,
+    # then the background compile); the second run, with Inductor's own cache folder empty,
+    # must take every graph from the artefact the first stored.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_CACHE_DIR": str(tiny_cache), "IMAGEN_DEVICE": "cuda",
+           "IMAGEN_COMPILE_CACHE": str(tmp_path / "store")}
+    swaps = []
+    for run in ("first", "second"):
+        done = subprocess.run([sys.executable, "-m", "handlers.cli", "models", "compile", "--operations", "comic"],
+                              env={**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / run)},
+                              capture_output=True, text=True, timeout=900, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        messages = [json.loads(line)["message"] for line in done.stdout.splitlines() if line.startswith("{")]
+        swaps += [m for m in messages if m.startswith("comic: compiled model in use after")]
+    assert len(swaps) == 2, swaps
+    assert "Inductor graphs: 0 from the cache" in swaps[0] and " 0 compiled)" not in swaps[0], swaps
+    assert " 0 compiled)" in swaps[1] and "Inductor graphs: 0 from the cache" not in swaps[1], swaps

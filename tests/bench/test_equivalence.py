@@ -21,11 +21,10 @@ from image.errors import InvalidParameter
 from image.models import loading, readahead
 from image.models.lock import Lock
 from image.models.registry import REGISTRY
+from image.operations.compile_cache import DirectoryCache
 from image.operations.tuning import (
     Tuning,
     compiles_in_background,
-    load_compile_cache,
-    save_compile_cache,
     tune_pipeline,
 )
 
@@ -112,18 +111,20 @@ def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
     assert engine._tuning_for("comic", "cuda").compile  # IMAGEN_TUNING comes last and wins
 
 
-def test_the_engine_starts_background_compiles_once_every_operation_is_ready(tiny_cache, monkeypatch):
+def test_the_engine_starts_background_compiles_once_every_operation_is_ready(tiny_cache, monkeypatch, tmp_path):
     from image.operations import tuning as tuning_module
 
     started = []
 
-    def start(name, module, tuning, lock):
+    def start(name, module, tuning, lock, cache, artefact):
         started.append((name, engine.state, set(engine._ops), lock))
+        assert cache is store and artefact == engine._ops[name].artefact_name
 
     # On a CPU nothing compiles in the background (no graphs); the wiring is what is checked.
     monkeypatch.setattr(tuning_module, "compiles_in_background", lambda tuning, device: True)
     monkeypatch.setattr(tuning_module, "compile_in_background", start)
-    engine = Engine(["comic", "remove-background"], tiny_cache, device="cpu", lock=Lock())
+    store = DirectoryCache(tmp_path)
+    engine = Engine(["comic", "remove-background"], tiny_cache, device="cpu", lock=Lock(), compile_cache=store)
     engine.setup()
     assert [name for name, *_ in started] == ["comic", "remove-background"]
     for _, state, loaded, lock in started:
@@ -195,18 +196,6 @@ def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
     pipe = _pipe("upscale", tiny_cache)
     assert tune_pipeline(pipe, Tuning.stock().replace(compile=True), CPU) == ["compile(default)"]
     assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
-
-
-def test_compile_cache_is_written_once_and_loaded(tmp_path, monkeypatch):
-    loaded = []
-    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artefacts", None))
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
-    path = tmp_path / "compile" / "cache.bin"
-    assert not load_compile_cache(path)
-    assert save_compile_cache(path) and path.read_bytes() == b"artefacts"
-    assert not save_compile_cache(path)  # an existing cache is kept
-    assert load_compile_cache(path) and loaded == [b"artefacts"]
-    assert not load_compile_cache(None) and not save_compile_cache(None)
 
 
 def test_upscale_tile_switches_and_batches_give_the_same_pixels(tiny_cache):

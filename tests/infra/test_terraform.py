@@ -116,6 +116,7 @@ def test_cloud_run_environment_follows_design(terraform):
     for name in (
         "GOOGLE_CLOUD_PROJECT", "IMAGEN_DEVICE", "IMAGEN_INPUT_PREFIX", "IMAGEN_OUTPUT_BUCKET",
         "IMAGEN_OUTPUT_PREFIX", "IMAGEN_FAILED_PREFIX", "IMAGEN_ALLOWED_BUCKETS", "IMAGEN_RESULTS_TOPIC",
+        "IMAGEN_COMPILE_CACHE",
     ):
         assert name in text, name
     container = one(one(_service(terraform)["template"])["containers"])
@@ -238,7 +239,7 @@ def test_eventarc_alternative(terraform):
 
 def test_buckets_are_uniform_and_never_public(terraform):
     buckets = terraform.resources["google_storage_bucket"]
-    assert set(buckets) == {"input", "output", "build_sources"}
+    assert set(buckets) == {"input", "output", "build_sources", "compiled"}
     for name, bucket in buckets.items():
         assert bucket["uniform_bucket_level_access"] is True, name
         assert bucket["public_access_prevention"] == "enforced", name
@@ -289,6 +290,7 @@ def test_worker_accounts_hold_least_privilege(terraform):
     allowed = {
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
         ("google_storage_bucket_iam_member", "roles/storage.objectUser"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectCreator"),
         ("google_pubsub_topic_iam_member", "roles/pubsub.publisher"),
         ("google_pubsub_subscription_iam_member", "roles/pubsub.subscriber"),
     }
@@ -313,6 +315,23 @@ def test_worker_accounts_hold_least_privilege(terraform):
     }
     assert "${var.failed_prefix}" in writes["worker_writes_failures"]
     assert "${var.output_prefix}" in writes["worker_writes_results"]
+
+
+def test_compile_cache_is_shared_per_operation_and_expires(terraform):
+    """Compiled kernels are code the workers run: each worker reads and creates (never
+    replaces) only its own operation's, and old ones go."""
+    assert terraform.default("compile_cache") is True
+    bucket = terraform.resource("google_storage_bucket", "compiled")
+    assert expr(bucket["name"]) == "local.compile_cache_bucket" and bucket["force_destroy"] is True
+    rule = one(bucket["lifecycle_rule"])
+    assert one(rule["condition"])["age"] == 30 and one(rule["action"])["type"] == "Delete"
+    grants = terraform.resources["google_storage_bucket_iam_member"]
+    assert grants["worker_loads_compiled"]["role"] == "roles/storage.objectViewer"
+    assert grants["worker_stores_compiled"]["role"] == "roles/storage.objectCreator"
+    for name in ("worker_loads_compiled", "worker_stores_compiled"):
+        assert expr(grants[name]["bucket"]) == "google_storage_bucket.compiled[0].name"
+        assert expr(one(grants[name]["condition"])["expression"]).endswith('/objects/${each.key}/")'), name
+    assert "IMAGEN_COMPILE_CACHE" in json.dumps(terraform.locals["common_env"])
 
 
 def test_gke_workload_identity_matches_the_manifests(terraform, rendered):

@@ -1,0 +1,54 @@
+"""IMAGEN_COMPILE_CACHE: where instances share compiled kernels (image/operations/compile_cache.py).
+
+`gs://BUCKET/PREFIX` (Terraform's default: a bucket of its own) or a folder (a volume every
+instance mounts). The first instance on a kind of GPU compiles in the background after it is
+ready and stores the artefact; later instances load it and reach the compiled speed in
+seconds instead of a minute or more. In Cloud Storage an artefact is created once and never
+replaced (`ifGenerationMatch=0`): two instances racing both compile, one stores.
+"""
+
+from __future__ import annotations
+
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.cloud import storage
+
+from handlers.model_mirror import parse_mirror_uri
+from image.operations.compile_cache import DirectoryCache
+
+
+class StorageCompileCache:
+    """Artefacts as objects under gs://BUCKET/PREFIX/."""
+
+    def __init__(self, client: storage.Client, uri: str) -> None:
+        name, self.prefix = parse_mirror_uri(uri)
+        self.bucket = client.bucket(name)
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket.name}/{self.prefix}"
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            return self.bucket.blob(self.prefix + name).download_as_bytes()
+        except NotFound:
+            return None
+
+    def put(self, name: str, data: bytes) -> bool:
+        blob = self.bucket.blob(self.prefix + name)
+        try:
+            # Created, never replaced: idempotent, so the library retries it on transient errors.
+            blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+        except PreconditionFailed:
+            return False
+        return True
+
+
+def open_compile_cache(settings):
+    """The settings' compile cache (None when IMAGEN_COMPILE_CACHE is unset)."""
+    location = settings.compile_cache
+    if not location:
+        return None
+    if location.startswith("gs://"):
+        from handlers.clients import storage_client
+
+        return StorageCompileCache(storage_client(settings), location)
+    return DirectoryCache(location)
