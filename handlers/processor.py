@@ -50,7 +50,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 class Engine(Protocol):
-    def run(self, chain, image, params, seed: int): ...
+    def run(self, chain, image, params, seed: int, max_seconds: float | None = None): ...
 
     def model_id(self, chain) -> str: ...
 
@@ -85,8 +85,12 @@ class Plan:
 
 
 class Processor:
-    def __init__(self, *, engine: Engine, store: Store, settings, results=None):
+    def __init__(self, *, engine: Engine, store: Store, settings, results=None,
+                 max_job_seconds: float | None = None):
+        """`max_job_seconds`: each job's budget on the device; past it the job fails with a
+        report (JobTooLong) instead of holding the GPU until the request or lease ends."""
         self._engine = engine
+        self._max_job_seconds = max_job_seconds
         self._store = store
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
@@ -159,7 +163,8 @@ class Processor:
                 image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
             common = resolve_common(plan.params, data)
             with _timed(timings, "operation"):
-                result = self._engine.run(plan.chain, image, plan.params, common["seed"])
+                result = self._engine.run(plan.chain, image, plan.params, common["seed"],
+                                          max_seconds=self._max_job_seconds)
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)

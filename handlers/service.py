@@ -19,8 +19,9 @@ a compile would outlast the job. IMAGEN_TUNING comes after, so it can still turn
 
 def build_engine(settings, operations=None, *, one_shot: bool = False):
     """The model engine for the served operations (not loaded yet: call `setup()`)."""
+    # Light (torch comes in Engine.setup), yet off the CLI's path.
     from handlers.compile_cache import open_compile_cache
-    from image.engine import Engine  # light (torch comes in Engine.setup), yet off the CLI's path
+    from image.engine import Engine
 
     return Engine(
         operations or settings.operations,
@@ -32,10 +33,11 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
     )
 
 
-def build_processor(settings, engine) -> Processor:
+def build_processor(settings, engine, max_job_seconds: float | None = None) -> Processor:
     results = None
     if settings.results_topic:
         results = ResultPublisher(publisher_client(settings), topic_path(settings, settings.results_topic))
     return Processor(
-        engine=engine, store=Store(storage_client(settings)), settings=settings, results=results
+        engine=engine, store=Store(storage_client(settings)), settings=settings, results=results,
+        max_job_seconds=max_job_seconds,
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from image.deadline import Deadline
 from image.errors import InvalidParameter, ModelError, UnknownOperation
 from image.operations import OPERATION_NAMES, get_operation
 from image.operations.switches import Tuning, parse_changes
@@ -172,11 +173,14 @@ class Engine:
         image: Image.Image,
         params: Mapping[str, object],
         seed: int,
+        max_seconds: float | None = None,
     ) -> Image.Image:
         """Run the operations of `chain` in order on `image`, in memory, on one device.
 
         `params` are `validate_params(chain, ...)`'s output (checked again here: it is
-        cheap and idempotent); each operation gets its defaults filled in.
+        cheap and idempotent); each operation gets its defaults filled in. `max_seconds`
+        budgets the work from when the device is this job's (after any wait for it):
+        past it the operation stops at its next denoising step with JobTooLong.
         """
         # 1. Check inputs
         chain = _chain(chain)
@@ -198,8 +202,9 @@ class Engine:
 
         # 2. Run the chain
         with self._run_lock:
+            deadline = Deadline(max_seconds) if max_seconds else None
             for name in chain:
-                image = self._ops[name].run(image, resolve(name, params), seed)
+                image = self._ops[name].run(image, resolve(name, params), seed, deadline)
         return image
 
     def model_id(self, chain: Sequence[str] | str) -> str:

@@ -6,7 +6,8 @@
     │   ├── ImageTooLarge       more bytes than allowed
     │   ├── DecompressionBomb   more pixels than allowed (checked before decoding)
     │   ├── InvalidParameter    a parameter is unknown, of the wrong type or out of range
-    │   └── UnknownOperation    an operation name that does not exist
+    │   ├── UnknownOperation    an operation name that does not exist
+    │   └── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
     └── ModelError              the models on this machine are at fault
         └── ModelMissing        a model is not in the cache (names the command that fixes it)
 
@@ -41,6 +42,10 @@ class InvalidParameter(InputError):
 
 
 class UnknownOperation(InputError):
+    pass
+
+
+class JobTooLong(InputError):
     pass
 
 

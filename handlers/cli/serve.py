@@ -11,6 +11,10 @@ from handlers.logs import configure_logging
 
 log = logging.getLogger("imagen.serve")
 
+PUSH_JOB_SECONDS = 510
+"""Cloud Run ends a push or Eventarc request after 600 s (infra/terraform); the other 90 s are
+for download, decode, encode, upload and the failure report."""
+
 
 @click.command("serve")
 @click.option("--port", type=int, help="Port to listen on [env PORT, default 8080].")
@@ -18,8 +22,13 @@ log = logging.getLogger("imagen.serve")
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
 @click.option("--threads", default=8, show_default=True, help="HTTP threads (jobs still run one at a time).")
+@click.option(
+    "--max-job-seconds", default=PUSH_JOB_SECONDS, show_default=True, type=click.IntRange(1),
+    help="A job's budget on the GPU: past it the job stops and fails with a report, before the "
+    "platform's 600 s request limit would kill it and Pub/Sub redeliver it to run again.",
+)
 @click.pass_obj
-def command(settings, port, host, operations, device, threads):
+def command(settings, port, host, operations, device, threads, max_job_seconds):
     """Accept CloudEvents and Pub/Sub push requests at / (plus /healthz and /readyz)."""
     from functions_framework._http import create_server
 
@@ -32,7 +41,7 @@ def command(settings, port, host, operations, device, threads):
     )
     configure_logging()
     engine = build_engine(settings)
-    processor = build_processor(settings, engine)
+    processor = build_processor(settings, engine, max_job_seconds=max_job_seconds)
     authenticator = None
     if settings.push_audience:
         from handlers.auth import PushAuthenticator

@@ -13,6 +13,18 @@ def _lease_extension(ctx, param, value: int) -> int:
     return value
 
 
+TRANSFER_SECONDS = 120
+"""Lease time per job beyond its GPU budget: download, decode, encode, upload, report."""
+
+
+def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
+    """The longest a message is leased: a job received now may wait for the jobs ahead of
+    it (ceil(prefetch / concurrency) of them per GPU slot), then run its own budget; the
+    lease must outlast that, or Pub/Sub redelivers a job that is still running."""
+    ahead = -(-prefetch // max(concurrency, 1))
+    return (1 + ahead) * (max_job_seconds + TRANSFER_SECONDS)
+
+
 @click.command("worker")
 @click.option("--subscription", help="Subscription name or full path [env IMAGEN_SUBSCRIPTION].")
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
@@ -21,8 +33,9 @@ def _lease_extension(ctx, param, value: int) -> int:
 @click.option("--prefetch", default=1, show_default=True,
               help="Further jobs downloaded and decoded while the GPU works (0: off).")
 @click.option(
-    "--max-job-seconds", default=3600, show_default=True,
-    help="Longest a job may hold its message; the lease is extended up to this.",
+    "--max-job-seconds", default=3600, show_default=True, type=click.IntRange(1),
+    help="A job's budget on the GPU: past it the job stops and fails with a report. Leases "
+    "are extended long enough for the jobs ahead of it and its own budget.",
 )
 @click.option(
     "--lease-extension-seconds", default=60, show_default=True, type=int, callback=_lease_extension,
@@ -64,10 +77,10 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     worker = PullWorker(
         subscriber_client(settings),
         subscription_path(settings, settings.subscription),
-        build_processor(settings, engine),
+        build_processor(settings, engine, max_job_seconds=max_job_seconds),
         concurrency=concurrency,
         prefetch=prefetch,
-        max_lease_seconds=max_job_seconds,
+        max_lease_seconds=lease_budget(max_job_seconds, concurrency, prefetch),
         lease_extension_seconds=lease_extension_seconds,
     )
     worker.run()

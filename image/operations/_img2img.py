@@ -73,14 +73,14 @@ class Img2ImgOperation(Operation):
                 work = rgb.resize(size, Image.Resampling.LANCZOS)
             # 2. Pad to what the UNet takes, run, crop
             array = pad_to_multiple(np.asarray(work), self.multiple)
-            result = self._pipe(Image.fromarray(array), params, self.generator(seed))
+            result = self._pipe(Image.fromarray(array), params, self.generator(seed), "")
             out = result.crop((0, 0, work.width, work.height))
             # 3. Back to the input's size
             if out.size != rgb.size:
                 out = out.resize(rgb.size, Image.Resampling.LANCZOS)
         return attach_alpha(out, alpha)
 
-    def _pipe(self, image: Image.Image, params: dict[str, Any], generator) -> Image.Image:
+    def _pipe(self, image: Image.Image, params: dict[str, Any], generator, where: str) -> Image.Image:
         # The SDXL pipeline re-casts its VAE on every call and warns each time: noise in
         # the service's logs, one line per job.
         with quiet_libraries(warnings=False):
@@ -93,6 +93,7 @@ class Img2ImgOperation(Operation):
                 guidance_scale=params["guidance"],
                 generator=generator,
                 output_type="pil",
+                callback_on_step_end=self.step_check(where),
             ).images[0]
 
     def _tiled(self, rgb: Image.Image, params: dict[str, Any], seed: int) -> Image.Image:
@@ -103,9 +104,10 @@ class Img2ImgOperation(Operation):
         def process(batch: np.ndarray) -> np.ndarray:
             outs = []
             for tile_array in batch:
-                generator = self.generator(seed, tile=next(counter))
+                number = next(counter)
+                generator = self.generator(seed, tile=number)
                 tile_image = Image.fromarray(tile_array.astype(np.uint8))
-                outs.append(np.asarray(self._pipe(tile_image, params, generator), np.float32))
+                outs.append(np.asarray(self._pipe(tile_image, params, generator, f"tile {number + 1} "), np.float32))
             return np.stack(outs)
 
         out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap)

@@ -54,6 +54,7 @@ class Operation:
         self.warmup_seconds = 0.0
         self.background: threading.Thread | None = None  # a compile after ready, if any
         self.compile_cache = None  # where compiled artefacts are loaded from and stored
+        self.deadline = None  # the running job's image.deadline.Deadline, if it has one
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -229,21 +230,42 @@ class Operation:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise InvalidParameter(f"{self.name}: seed must be a whole number from 0 to {SEED_MAX}")
 
-    def run(self, image: Image.Image, params: Mapping[str, Any], seed: int) -> Image.Image:
+    def run(self, image: Image.Image, params: Mapping[str, Any], seed: int, deadline=None) -> Image.Image:
         """The operation on one image; `params` as `image.params.resolve` returns them.
 
         Any mode comes in (RGB and RGBA from the decoder; L, LA, P... from a notebook);
-        alpha is kept through the operation. The same seed gives the same pixels.
+        alpha is kept through the operation. The same seed gives the same pixels. A
+        `deadline` (image.deadline.Deadline) is checked before the model runs and between
+        its denoising steps: JobTooLong once it has passed.
         """
         # 1. Check inputs
         self.check_inputs(image, params, seed)
+        if deadline is not None:
+            deadline.check(f"{self.name} before it started")
 
         # 2. Split off alpha: the models see RGB
         rgb, alpha = split_alpha(image)
 
         # 3. Run the model
-        with torch.inference_mode():
-            return self.process(rgb, alpha, dict(params), seed)
+        self.deadline = deadline
+        try:
+            with torch.inference_mode():
+                return self.process(rgb, alpha, dict(params), seed)
+        finally:
+            self.deadline = None
+
+    def step_check(self, where: str):
+        """A diffusers `callback_on_step_end` checking the job's deadline after each step
+        (None without a deadline: the pipeline then runs exactly as stock)."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+
+        def check(pipe, step, timestep, outputs):
+            deadline.check(f"{self.name} {where}at denoising step {step + 1}")
+            return outputs
+
+        return check
 
     def process(
         self, rgb: Image.Image, alpha: Image.Image | None, params: dict[str, Any], seed: int

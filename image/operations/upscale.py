@@ -97,6 +97,11 @@ class Upscale(Operation):
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] * self.scale, size[1] * self.scale
 
+    def _step_callback(self, where: str):
+        """The deadline check in the form the x4 pipeline takes (its older `callback`)."""
+        check = self.step_check(where)
+        return None if check is None else (lambda step, timestep, latents: check(None, step, timestep, None))
+
     def process(self, rgb, alpha, params, seed):
         # 1. Tiles go through the pipeline in batches, each with its own seeded generator
         pipe = self.model
@@ -106,6 +111,7 @@ class Upscale(Operation):
             nonlocal done
             count = len(batch)
             generators = [self.generator(seed, tile=done + i) for i in range(count)]
+            where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
             return pipe(
                 prompt=[params["prompt"]] * count,
@@ -116,6 +122,7 @@ class Upscale(Operation):
                 noise_level=params["noise_level"],
                 generator=generators if count > 1 else generators[0],
                 output_type="np",
+                callback=self._step_callback(where),
             ).images
 
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding at the end)

@@ -29,7 +29,7 @@ class FakeEngine:
         self.before_return = before_return
         self.calls = 0
 
-    def run(self, chain, image, params, seed):
+    def run(self, chain, image, params, seed, max_seconds=None):
         self.calls += 1
         if self.fail_with:
             raise self.fail_with
@@ -267,6 +267,23 @@ def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket
     outcome = processor.handle(_event(source), attempt=MAX_ATTEMPTS)
     assert outcome.status == "failed"
     assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
+
+
+def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engine, bucket):
+    # The real (tiny) engine: the upscale stops at its first denoising step past the budget,
+    # and the job ends at once (a retry would take as long) instead of being redelivered.
+    source = _upload(bucket, "incoming/upscale/slow.png")
+    processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings,
+                          max_job_seconds=1e-9)
+    outcome = processor.handle(_event(source), attempt=1)
+    assert outcome.status == "failed"
+    error = _report(bucket, "failed/upscale/slow.png.json")["error"]
+    assert error["type"] == "JobTooLong"
+    assert "past the job's time budget of 1e-09 s; a retry would take as long" in error["message"]
+    assert not list(bucket.list_blobs(prefix="processed/"))
+    roomy = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings,
+                      max_job_seconds=3600)
+    assert roomy.handle(_event(_upload(bucket, "incoming/upscale/fast.png")), attempt=1).status == "succeeded"
 
 
 def test_unexpected_errors_are_retried_not_crashing(settings, bucket):

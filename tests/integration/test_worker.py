@@ -24,7 +24,7 @@ class OneGpuEngine(FakeEngine):
         self.events: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
-    def run(self, chain, image, params, seed):
+    def run(self, chain, image, params, seed, max_seconds=None):
         job = seed
         self.events.append(("arrived", job))  # download and decode are done by now
         with self._lock:

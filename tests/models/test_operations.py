@@ -175,9 +175,9 @@ def test_enhance_tiles_inputs_beyond_its_range(engine, monkeypatch):
     calls = []
     original = enhance._pipe
 
-    def spy(image, params, generator):
+    def spy(image, params, generator, where):
         calls.append(image.size)
-        return original(image, params, generator)
+        return original(image, params, generator, where)
 
     monkeypatch.setattr(enhance, "_pipe", spy)
     # 2 x 1.25 native: more than (1.5 x native)**2 pixels, so tiled at native size.
@@ -202,9 +202,9 @@ def test_comic_prompt_gets_its_trigger_words(engine, monkeypatch):
     seen = []
     original = comic._pipe
 
-    def spy(image, params, generator):
+    def spy(image, params, generator, where):
         seen.append(comic.prompt(params))
-        return original(image, params, generator)
+        return original(image, params, generator, where)
 
     monkeypatch.setattr(comic, "_pipe", spy)
     _run(engine, ["comic"], _image(), prompt="a harbour at dusk")

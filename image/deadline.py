@@ -1,0 +1,35 @@
+"""A job's time budget on the GPU: the work stops at the first denoising step past it.
+
+    deadline = Deadline(540)                      # started now
+    deadline.check("upscale at denoising step 12")  # raises JobTooLong once 540 s have passed
+
+The engine starts one when it starts a job on the device (after any wait for it), and the
+operations check it between denoising steps, tiles and operations: a job that would run for
+an hour on a slow card stops with an error that says so, instead of holding the GPU until
+the platform kills the request and redelivers it to do the same again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from image.errors import JobTooLong
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def check(self, where: str) -> None:
+        """Raise JobTooLong naming `where` once the budget is spent."""
+        elapsed = self.elapsed()
+        if elapsed > self.seconds:
+            raise JobTooLong(
+                f"{where}: stopped after {elapsed:.0f} s, past the job's time budget of {self.seconds:g} s; "
+                "a retry would take as long. A smaller image or fewer steps fits, or raise the budget "
+                "(--max-job-seconds)"
+            )

@@ -1,0 +1,92 @@
+"""A job's time budget (image/deadline.py): the operations stop between denoising steps once
+it has passed, and run exactly as before while it has not. Tiny models on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from image.deadline import Deadline
+from image.engine import Engine
+from image.errors import InputError, JobTooLong
+from image.models.lock import Lock
+from image.operations import get_operation
+from image.params import resolve
+
+pytestmark = pytest.mark.models
+
+
+class Clock(Deadline):
+    """A deadline whose every check finds one more second gone."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.checks = 0
+
+    def elapsed(self) -> float:
+        self.checks += 1
+        return float(self.checks)
+
+
+@pytest.fixture(scope="module")
+def ops(tiny_cache):
+    loaded = {}
+    for name in ("comic", "upscale", "remove-background"):
+        loaded[name] = get_operation(name)()
+        loaded[name].setup(tiny_cache, torch.device("cpu"), torch.float32, lock=Lock())
+    return loaded
+
+
+def _image(side: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def test_the_budget_is_a_permanent_error_that_says_where_and_how_long():
+    deadline = Deadline(30)
+    deadline.check("comic at denoising step 3")  # within it: nothing
+    deadline.started -= 45
+    with pytest.raises(JobTooLong) as raised:
+        deadline.check("comic at denoising step 3")
+    assert isinstance(raised.value, InputError)  # a retry would take as long: report, no retry
+    assert str(raised.value).startswith("comic at denoising step 3: stopped after 45 s, past the job's time "
+                                        "budget of 30 s; a retry would take as long.")
+
+
+@pytest.mark.parametrize(("name", "side", "steps", "where"), [
+    ("comic", 64, 4, "comic at denoising step 2"),  # 4 x 0.75 strength: 3 steps run
+    ("upscale", 32, 4, "upscale tile 1 at denoising step 2"),
+])
+def test_diffusion_stops_at_the_first_step_past_the_budget(ops, name, side, steps, where):
+    params = resolve(name, {"steps": steps})
+    clock = Clock(2.5)  # check 1: before the start, 2: after step 1, 3: after step 2 -> past
+    with pytest.raises(JobTooLong, match=f"^{where}: stopped after 3 s"):
+        ops[name].run(_image(side), params, seed=1, deadline=clock)
+    assert clock.checks == 3
+    assert ops[name].deadline is None  # nothing left behind for the next job
+
+
+@pytest.mark.parametrize(("name", "side"), [("comic", 64), ("upscale", 32), ("remove-background", 48)])
+def test_within_the_budget_the_pixels_are_the_same(ops, name, side):
+    params = resolve(name, {"steps": 2} if name != "remove-background" else {})
+    free = np.asarray(ops[name].run(_image(side), params, seed=5))
+    budgeted = np.asarray(ops[name].run(_image(side), params, seed=5, deadline=Deadline(3600)))
+    assert np.array_equal(free, budgeted)
+
+
+def test_a_job_that_starts_past_its_budget_does_not_run(ops):
+    late = Deadline(1)
+    late.started -= 5
+    with pytest.raises(JobTooLong, match="^remove-background before it started: stopped after 5 s"):
+        ops["remove-background"].run(_image(48), resolve("remove-background", {}), seed=0, deadline=late)
+
+
+def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache):
+    engine = Engine(["remove-background", "upscale"], tiny_cache, device="cpu", lock=Lock())
+    engine.setup()
+    params = {"steps": 2}
+    assert engine.run(["remove-background", "upscale"], _image(32), params, seed=0, max_seconds=3600).size == (128, 128)
+    with pytest.raises(JobTooLong, match="past the job's time budget of 1e-09 s"):
+        engine.run(["remove-background", "upscale"], _image(32), params, seed=0, max_seconds=1e-9)
