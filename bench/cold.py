@@ -100,9 +100,11 @@ def drop_page_cache(paths: list[Path], how: str = "weights") -> str:
     return "weights evicted" if evicted else "warm"
 
 
-def time_child(code: str, *, timeout: float = 600) -> tuple[float, dict]:
-    """Seconds from starting `python -c code` until it prints its ready line, and its phases."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+def time_child(code: str, *, timeout: float = 600, env: dict | None = None) -> tuple[float, dict]:
+    """Seconds from starting `python -c code` until it prints its ready line, and its phases.
+    `env`: variables for the child on top of this process's."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+") as errors:
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,

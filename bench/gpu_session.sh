@@ -4,8 +4,10 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): comic and enhance with and without torch.compile, the cold-start
-# probe, the graph tests; PHASE=explore: the same cases profiled (top kernels per path).
+# PHASE=final (the default): the graph tests, the compile-cache probe, upscale compiled, comic
+# and enhance with the defaults, the cold-start probe (about 15 minutes in all: give it two
+# calls of SESSION_SECONDS=560: the second with STEPS="4 5", the steps the first did not
+# reach); PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -23,6 +25,8 @@ DEADLINE=$((SECONDS + ${SESSION_SECONDS:-480}))
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
 export PYTHONUNBUFFERED=1
+
+want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }  # STEPS: which numbered steps run
 
 step() {
   local limit=$1
@@ -57,14 +61,18 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # 1. comic, then enhance: stock, the defaults, and torch.compile (NHWC) under the CUDA
-  #    graphs; between them, where a cold start's seconds go on this disk, stock and imagen
-  #    from a torch-free parent (root: drops the whole page cache; bench/coldprobe.py).
-  step 110 "$PY" -m bench "${TINY[@]}" --cases comic --variant "compiled: compile=on channels_last=on"
-  [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
-  step 150 "$PY" -m bench "${TINY[@]}" --cases enhance --variant "compiled: compile=on channels_last=on"
-  # 2. The CUDA-graph tests on the tiny models (skipped on a CPU).
-  step 40 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  # 1. The CUDA-graph tests on the tiny models, first: the background compile's swap and the
+  #    compile cache's round trip (a fresh process loading the stored kernels) have not run
+  #    on a GPU yet (skipped on a CPU).
+  want 1 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  # 2. How soon a new instance runs compiled: from scratch, then with the compile cache
+  #    (bench/compileprobe.py; full-size comic, then enhance).
+  want 2 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" comic enhance
+  # 3. upscale compiled (not yet measured): its two tile buckets under the graphs.
+  want 3 && step 240 "$PY" -m bench "${TINY[@]}" --cases $UP256 --variant "compiled: compile=on"
+  # 4. comic and enhance with today's defaults (compiled after ready: the bench waits).
+  want 4 && step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance
+  want 5 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
   ;;
 esac
 find "$OUT" -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -143,3 +143,17 @@ def test_unet_arithmetic_matches_the_anchor_architectures(tmp_path, monkeypatch)
     monkeypatch.setattr(flops, "snapshot_of", lambda operation, cache_dir: snapshot)
     tflop = flops.unet_tflop(case, tmp_path)
     assert tflop == pytest.approx(37 * 1.61, rel=0.02)  # 50 steps x 0.75 strength
+
+
+def test_compile_probe_shows_the_second_process_compiling_nothing(tiny_cache, tmp_path):
+    # bench/compileprobe.py's two fresh processes on the CPU (a real Inductor compile of the
+    # tiny remove-background net, in the warm-up): the second takes every graph from the
+    # artefact the first stored. On a GPU, tests/bench/test_cuda_graphs.py does the same
+    # through the background compile.
+    from bench.compileprobe import probe
+
+    scratch, cached = probe("remove-background", tiny_cache, "cpu", tmp_path)
+    assert scratch["artefact"] == cached["artefact"] and (tmp_path / "store" / scratch["artefact"]).is_file()
+    assert (scratch["graphs_compiled"], scratch["graphs_from_cache"]) == (1, 0), scratch
+    assert (cached["graphs_compiled"], cached["graphs_from_cache"]) == (0, 1), cached
+    assert scratch["compiled_s"] >= scratch["ready_s"] > 0
