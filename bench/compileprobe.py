@@ -43,8 +43,9 @@ print({ready_line!r} + json.dumps({{"ready_s": round(ready - started, 2), "compi
 """
 
 
-def probe(operation: str, cache_dir: Path, device: str, workdir: Path) -> list[dict]:
-    """The two processes' figures for `operation`: from scratch, then from the stored artefact."""
+def probe(operation: str, cache_dir: Path, device: str, workdir: Path, on_row=None) -> list[dict]:
+    """The two processes' figures for `operation`: from scratch, then from the stored artefact
+    (`on_row` is called with each as it comes)."""
     changes = ("compile=on",) if device == "cpu" else ()  # on CUDA the defaults decide
     code = _CHILD.format(operation=operation, cache=str(cache_dir), device=device, changes=changes,
                          store=str(workdir / "store"), ready_line=READY)
@@ -56,6 +57,8 @@ def probe(operation: str, cache_dir: Path, device: str, workdir: Path) -> list[d
         row = {"operation": operation, "run": run, "process_s": round(seconds, 2), **figures}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if on_row:
+            on_row(row)
     return rows
 
 
@@ -78,13 +81,18 @@ def main(argv=None) -> list[dict]:
     cache = args.cache or DEFAULT_CACHE / kind
     prepare_models(args.operations, cache, kind=kind, device=device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="compileprobe-") as workdir:
-        for operation in args.operations:
-            rows += probe(operation, cache, device.type, Path(workdir) / operation)
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     out = RESULTS_DIR / f"{slug}-compileprobe-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    out.write_text(json.dumps({"card": card, "torch": torch.__version__, "kind": kind, "rows": rows}, indent=1) + "\n")
+    rows = []
+
+    def save(row):  # after each process: a run cut short keeps what it measured
+        rows.append(row)
+        out.write_text(json.dumps({"card": card, "torch": torch.__version__, "kind": kind, "rows": rows},
+                                  indent=1) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="compileprobe-") as workdir:
+        for operation in args.operations:
+            probe(operation, cache, device.type, Path(workdir) / operation, on_row=save)
     print(f"written: {out.relative_to(_ROOT)}")
     return rows
 

@@ -4,10 +4,11 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): the graph tests, the compile-cache probe, upscale compiled, comic
-# and enhance with the defaults, the cold-start probe (about 15 minutes in all: give it two
-# calls of SESSION_SECONDS=560: the second with STEPS="4 5", the steps the first did not
-# reach); PHASE=explore: comic, enhance, upscale profiled.
+# PHASE=final (the default): the graph tests, upscale compiled, the compile-cache probe, comic
+# and enhance with the defaults, the cold-start probe: more than one session's 15 minutes of
+# device time. First call SESSION_SECONDS=560 (steps 1-3 fit); then, if `status` leaves time
+# for another start, STEPS="<the steps not reached>" with SESSION_SECONDS = what is left less
+# a minute. PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -65,13 +66,14 @@ final)
   #    compile cache's round trip (a fresh process loading the stored kernels) have not run
   #    on a GPU yet (skipped on a CPU).
   want 1 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
-  # 2. How soon a new instance runs compiled: from scratch, then with the compile cache
-  #    (bench/compileprobe.py; full-size comic, then enhance).
-  want 2 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" comic enhance
-  # 3. upscale compiled (not yet measured): its two tile buckets under the graphs.
-  want 3 && step 240 "$PY" -m bench "${TINY[@]}" --cases $UP256 --variant "compiled: compile=on"
+  # 2. upscale compiled (not yet measured): its two tile buckets under the graphs.
+  want 2 && step 200 "$PY" -m bench "${TINY[@]}" --cases $UP256 --variant "compiled: compile=on"
+  # 3. How soon a new instance runs compiled: from scratch, then with the compile cache
+  #    (bench/compileprobe.py; full-size comic, then enhance; each process's row is saved).
+  want 3 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" comic enhance
   # 4. comic and enhance with today's defaults (compiled after ready: the bench waits).
   want 4 && step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance
+  # 5. Where a cold start's seconds go (root: drops the page cache).
   want 5 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
   ;;
 esac

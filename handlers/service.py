@@ -29,7 +29,7 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
         device=settings.device,
         allow_download=settings.allow_model_download,
         tuning_changes=(ONE_SHOT if one_shot else ()) + tuple(settings.tuning),
-        compile_cache=open_compile_cache(settings),
+        compile_cache=None if one_shot else open_compile_cache(settings),  # one job: no compile to share
     )
 
 

@@ -116,9 +116,15 @@ class Settings:
             except ValueError as error:
                 raise ConfigError(f"IMAGEN_TUNING: {error}") from None
         if self.compile_cache and self.compile_cache.startswith("gs://"):
-            if not self.compile_cache[len("gs://"):].split("/", 1)[0]:
+            bucket = self.compile_cache[len("gs://"):].split("/", 1)[0]
+            if not bucket:
                 raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r} names no bucket; "
                                   "expected gs://BUCKET/PREFIX or a folder")
+            if bucket in self.allowed_buckets or bucket == self.output_bucket:
+                # Whoever can upload there could put code in front of every worker.
+                raise ConfigError(f"IMAGEN_COMPILE_CACHE: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or "
+                                  "IMAGEN_OUTPUT_BUCKET); compiled artefacts are code the workers run: give them "
+                                  "a bucket only the workers can write")
         elif self.compile_cache and "://" in self.compile_cache:
             raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
                               "or a folder are supported")

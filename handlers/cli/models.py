@@ -187,7 +187,7 @@ def compile_(settings, operations, cache_dir, location, device):
     engine.wait_background()  # on CUDA the compile runs after ready, as in the service
     missing = []
     for name, artefact in artefacts.items():
-        if engine.compile_cache.get(artefact) is None:
+        if not engine.compile_cache.has(artefact):
             missing.append(name)
             click.echo(f"{name}: no artefact stored; the log above says why", err=True)
         else:

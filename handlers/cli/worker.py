@@ -18,11 +18,10 @@ TRANSFER_SECONDS = 120
 
 
 def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
-    """The longest a message is leased: a job received now may wait for the jobs ahead of
-    it (ceil(prefetch / concurrency) of them per GPU slot), then run its own budget; the
-    lease must outlast that, or Pub/Sub redelivers a job that is still running."""
-    ahead = -(-prefetch // max(concurrency, 1))
-    return (1 + ahead) * (max_job_seconds + TRANSFER_SECONDS)
+    """The longest a message is leased: the engine runs one job at a time, so the last of
+    the `concurrency + prefetch` messages in hand may wait for all the others before it runs
+    its own budget; the lease must outlast that, or Pub/Sub redelivers a running job."""
+    return (concurrency + prefetch) * (max_job_seconds + TRANSFER_SECONDS)
 
 
 @click.command("worker")

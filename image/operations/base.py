@@ -16,6 +16,7 @@ loading) and `process` (the model step), and says how it changes the image size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -100,12 +101,8 @@ class Operation:
         where `tuning` compiles.
         """
         from image.models.loading import load_model
-        from image.operations import compile_cache as artefacts
-        from image.operations.tuning import (
-            Tuning,
-            compiles_in_background,
-            describe_compile,
-        )
+        from image.operations.compile_cache import CompileSession
+        from image.operations.tuning import Tuning, compiles_in_background
 
         # 1. Load
         started = time.perf_counter()
@@ -128,17 +125,16 @@ class Operation:
         self.tuned = self.tune(self.tuning)
         self.compile_cache = compile_cache
         compiles_now = self.tuning.compile and not compiles_in_background(self.tuning, self.device)
-        if compiles_now:
-            artefacts.load(compile_cache, self.artefact_name, self.name)
-            before = artefacts.inductor_counts()
+        session = (CompileSession(compile_cache, self.artefact_name, self.name) if compiles_now
+                   else contextlib.nullcontext())
 
         # 3. Warm up outside the request path: first calls allocate, pick kernels, compile
         started = time.perf_counter()
-        self.warm_up()
+        with session:
+            self.warm_up()
         self.warmup_seconds = time.perf_counter() - started
         if compiles_now:
-            logger.info("%s: compiled in the warm-up (%s)", self.name, describe_compile(before))
-            artefacts.save(compile_cache, self.artefact_name, self.name)
+            logger.info("%s: compiled in the warm-up (%s)", self.name, session.describe())
         logger.info(
             "%s: %s loaded in %.2f s, warmed up in %.2f s (%s)",
             self.name,

@@ -7,29 +7,36 @@ operation, model revision, switches, GPU and PyTorch version, in a store every i
 Before an operation compiles its model it loads the artefact named for it, if the store has
 one (`torch.compiler.load_cache_artifacts`): Inductor then finds the kernels it generated
 before and skips code generation, and Dynamo only traces (seconds instead of 50-80 s of CPU
-per model). After compiling it stores what it made, unless the store has it already: the
-first instance on a kind of GPU compiles, every later one loads. A store that fails costs
-only that: a warning, and the compile runs as without one. Torch is imported only by the
-functions that need it (a store is built before the engine imports torch).
+per model). After compiling it stores what it made, unless the store has it already or
+everything came from the artefact: the first instance on a kind of GPU compiles, every later
+one loads. Each operation's compile records its artefacts apart (one operation's artefact
+holds no other's kernels). A store that fails costs only that: a warning, and the compile
+runs as without one. Torch is imported only by the functions that need it (a store is built
+before the engine imports torch).
 
 An artefact holds code that the loading process runs: a store must be writable only by the
 workers themselves (Terraform grants each worker its own operation's folder, nothing else).
 
 The name changes with everything the kernels depend on, so a stale artefact is never loaded
 for the wrong model: `comic/torch-2.11.0+cu130/nvidia-h200-sm90/<digest>.bin`, the digest
-over the model revision, the dtype and the switches that change the compiled graph.
+over the model revision, the dtype, the switches that change the compiled graph, the
+diffusers and Triton versions and imagen's operations code (a release that changes how a
+model is set up gets new artefacts; artefacts are never replaced).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +48,10 @@ _NOT_IN_THE_GRAPH = frozenset({"read_ahead", "direct_to_device", "background_com
 
 
 class CompileCache(Protocol):
-    """Where the artefacts live: `get` a name's bytes (None: not there), `put` them (False:
-    one was there already, kept). `str()` names the place for the log."""
+    """Where the artefacts live: `has` a name, `get` its bytes (None: not there), `put` them
+    (False: one was there already, kept). `str()` names the place for the log."""
+
+    def has(self, name: str) -> bool: ...
 
     def get(self, name: str) -> bytes | None: ...
 
@@ -57,6 +66,9 @@ class DirectoryCache:
 
     def __str__(self) -> str:
         return str(self.root)
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
 
     def get(self, name: str) -> bytes | None:
         path = self.root / name
@@ -85,9 +97,26 @@ def artefact_name(operation: str, model_id: str, dtype: torch.dtype, tuning, dev
     import torch
 
     switches = {k: v for k, v in tuning.as_dict().items() if k not in _NOT_IN_THE_GRAPH}
-    identity = json.dumps([model_id, str(dtype), switches], sort_keys=True, default=str)
+    identity = json.dumps([model_id, str(dtype), switches, _versions()], sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return f"{operation}/torch-{torch.__version__}/{device_tag(device)}/{digest}.bin"
+
+
+@functools.cache
+def _versions() -> dict[str, str | None]:
+    """What else the compiled kernels depend on: diffusers (the model code), Triton (the
+    kernels' compiler) and imagen's operations code (how models are set up and compiled)."""
+    found = {}
+    for package in ("diffusers", "triton"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + b"\0" + path.read_bytes())
+    found["imagen-operations"] = code.hexdigest()[:16]
+    return found
 
 
 def device_tag(device: torch.device) -> str:
@@ -100,6 +129,61 @@ def device_tag(device: torch.device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return f"{name}-sm{major}{minor}"
+
+
+class CompileSession:
+    """One operation's compile, inside `with`: its artefact loaded first (if `cache` has it),
+    what it compiled stored after (unless everything came from the artefact, or the store
+    has one already), and its artefacts recorded apart from any other operation's.
+
+        with CompileSession(cache, name, "comic") as session:
+            ...                                   # the first calls of the compiled model
+        logger.info("compiled (%s)", session.describe())
+
+    An exception inside stores nothing. Compiles must not overlap (they do not: the warm-ups
+    run one after another, the background compiles one at a time).
+    """
+
+    def __init__(self, cache: CompileCache | None, name: str, operation: str) -> None:
+        self.cache, self.name, self.operation = cache, name, operation
+        self.loaded = False
+        self.counts: dict[str, int] | None = None  # Inductor graphs: hits and misses inside
+        self._apart = contextlib.ExitStack()
+
+    def __enter__(self) -> Self:
+        self._apart.enter_context(_artefacts_apart())
+        self.loaded = load(self.cache, self.name, self.operation)
+        self._before = inductor_counts()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self.counts = self._since_start()
+            if kind is None and (self.counts["misses"] or not self.loaded):
+                save(self.cache, self.name, self.operation)
+        finally:
+            self._apart.close()
+
+    def _since_start(self) -> dict[str, int]:
+        now = inductor_counts()
+        return {key: now[key] - self._before[key] for key in now}
+
+    def describe(self) -> str:
+        """"Inductor graphs: 3 from the cache, 0 compiled", for the log."""
+        counts = self.counts or self._since_start()
+        return f"Inductor graphs: {counts['hits']} from the cache, {counts['misses']} compiled"
+
+
+def _artefacts_apart():
+    """PyTorch records every compile artefact of the process for save_cache_artifacts; this
+    keeps one operation's apart. CacheArtifactManager is PyTorch's internal: where it lacks
+    this, artefacts accumulate (harmless: one operation's artefact also holds the earlier ones)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        return CacheArtifactManager.with_fresh_cache()
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
 
 
 def load(cache: CompileCache | None, name: str, operation: str) -> bool:
@@ -133,6 +217,8 @@ def save(cache: CompileCache | None, name: str, operation: str) -> bool:
     if cache is None:
         return False
     try:
+        if cache.has(name):
+            return False
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return False

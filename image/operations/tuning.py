@@ -139,14 +139,6 @@ def _inductor_options() -> None:
     inductor.conv_1x1_as_mm = True  # 1x1 convolutions as matrix products (diffusers' advice)
 
 
-def describe_compile(before: dict[str, int]) -> str:
-    """Inductor's graphs since `before` (compile_cache.inductor_counts()), for the log:
-    how many came from the compile cache and how many were compiled anew."""
-    now = compile_cache.inductor_counts()
-    return (f"Inductor graphs: {now['hits'] - before['hits']} from the cache, "
-            f"{now['misses'] - before['misses']} compiled")
-
-
 _one_at_a_time = threading.Lock()  # background compiles run one after another
 
 
@@ -166,19 +158,16 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                 if not isinstance(graphed, GraphedForward) or not graphed.graphs:
                     logger.warning("%s: nothing captured to compile; staying uncompiled", name)
                     return
-                compile_cache.load(cache, artefact, name)
-                before = compile_cache.inductor_counts()
-                _inductor_options()
-                compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
-                count = graphed.adopt(compiled, lock)
+                with compile_cache.CompileSession(cache, artefact, name) as session:
+                    _inductor_options()
+                    compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
+                    count = graphed.adopt(compiled, lock)
+                    logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
+                                name, time.perf_counter() - started, count, "" if count == 1 else "s",
+                                session.describe())
             except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
                 logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
                                name, type(error).__name__, error)
-                return
-            logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
-                        name, time.perf_counter() - started, count, "" if count == 1 else "s",
-                        describe_compile(before))
-            compile_cache.save(cache, artefact, name)
 
     thread = threading.Thread(target=work, daemon=True, name=f"compile-{name}")
     thread.start()

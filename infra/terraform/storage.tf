@@ -70,6 +70,13 @@ resource "google_storage_bucket" "compiled" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = length(local.compile_cache_bucket) <= 63
+      error_message = "The compile cache bucket name \"${local.compile_cache_bucket}\" is over 63 characters: set compile_cache_bucket."
+    }
+  }
+
   depends_on = [google_project_service.enabled]
 }
 

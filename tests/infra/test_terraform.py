@@ -323,6 +323,8 @@ def test_compile_cache_is_shared_per_operation_and_expires(terraform):
     assert terraform.default("compile_cache") is True
     bucket = terraform.resource("google_storage_bucket", "compiled")
     assert expr(bucket["name"]) == "local.compile_cache_bucket" and bucket["force_destroy"] is True
+    precondition = one(one(bucket["lifecycle"])["precondition"])
+    assert expr(precondition["condition"]) == "length(local.compile_cache_bucket) <= 63"  # a name GCS takes
     rule = one(bucket["lifecycle_rule"])
     assert one(rule["condition"])["age"] == 30 and one(rule["action"])["type"] == "Delete"
     grants = terraform.resources["google_storage_bucket_iam_member"]

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_an_artefact_is_created_once_and_never_replaced(gcs, bucket):
-    store = StorageCompileCache(gcs, f"gs://{bucket.name}/compiled")
+    store = StorageCompileCache(lambda: gcs, f"gs://{bucket.name}/compiled")
     assert str(store) == f"gs://{bucket.name}/compiled/"
-    assert store.get("comic/a.bin") is None
-    assert store.put("comic/a.bin", b"first")
+    assert store.get("comic/a.bin") is None and not store.has("comic/a.bin")
+    assert store.put("comic/a.bin", b"first") and store.has("comic/a.bin")
     assert not store.put("comic/a.bin", b"second")  # another instance got there first
     assert store.get("comic/a.bin") == b"first"
     assert [blob.name for blob in bucket.list_blobs()] == ["compiled/comic/a.bin"]
@@ -42,6 +42,21 @@ def test_the_setting_picks_the_store(storage_emulator, tmp_path):
     for wrong in ("gs://", "gs:///prefix", "s3://bucket/prefix"):
         with pytest.raises(ConfigError, match="IMAGEN_COMPILE_CACHE"):
             Settings.from_env({"IMAGEN_COMPILE_CACHE": wrong})
+    # Where uploaders can write, artefacts (code the workers run) would be theirs to write.
+    for images in ({"IMAGEN_ALLOWED_BUCKETS": "uploads,other"}, {"IMAGEN_OUTPUT_BUCKET": "uploads"}):
+        with pytest.raises(ConfigError, match="code the workers run"):
+            Settings.from_env({**images, "IMAGEN_COMPILE_CACHE": "gs://uploads/compiled"})
+
+
+def test_a_store_that_cannot_connect_fails_at_use_not_at_start(caplog):
+    from image.operations import compile_cache
+
+    def no_credentials():
+        raise OSError("no credentials found")
+
+    store = StorageCompileCache(no_credentials, "gs://somewhere/compiled")  # nothing called yet
+    assert not compile_cache.load(store, "comic/a.bin", "comic")  # a warning; the compile goes on
+    assert "no credentials found" in caplog.text
 
 
 def _compile(env, tmp_path, run: str, *args: str) -> subprocess.CompletedProcess:
@@ -80,7 +95,8 @@ def test_models_compile_stores_what_a_fresh_process_then_loads(storage_emulator,
     messages = _messages(second.stdout)
     assert any(m.startswith("remove-background: compiled artefact loaded from gs://") for m in messages)
     assert "remove-background: compiled in the warm-up (Inductor graphs: 1 from the cache, 0 compiled)" in messages
-    assert [blob.name for blob in bucket.list_blobs()] == [stored]  # kept, not written again
+    assert not any("stored" in m or "storing" in m for m in messages)  # all from the artefact: nothing to store
+    assert [blob.name for blob in bucket.list_blobs()] == [stored]
 
 
 def test_models_compile_says_what_it_cannot_do(storage_emulator, bucket, tiny_cache, tmp_path):

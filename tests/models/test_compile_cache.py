@@ -27,8 +27,8 @@ MODEL = "org/model@0123456789abcdef"
 
 def test_a_directory_keeps_the_first_artefact_whole_and_readable_by_others(tmp_path):
     store = DirectoryCache(tmp_path / "cache")
-    assert store.get("comic/a.bin") is None
-    assert store.put("comic/a.bin", b"first")
+    assert store.get("comic/a.bin") is None and not store.has("comic/a.bin")
+    assert store.put("comic/a.bin", b"first") and store.has("comic/a.bin")
     assert not store.put("comic/a.bin", b"second")  # the first writer wins
     assert store.get("comic/a.bin") == b"first"
     assert [p.name for p in (tmp_path / "cache" / "comic").iterdir()] == ["a.bin"]  # no partial file left
@@ -55,6 +55,16 @@ def test_the_name_follows_what_the_kernels_depend_on_and_nothing_else():
     assert name not in others and len(others) == 5
 
 
+def test_the_name_follows_the_library_versions_and_imagens_operations_code(monkeypatch):
+    tuning = Tuning.for_device("cuda", "comic")
+    name = artefact_name("comic", MODEL, torch.float16, tuning, CPU)
+    assert set(compile_cache._versions()) == {"diffusers", "triton", "imagen-operations"}
+    for changed in ({"diffusers": "0.99.0"}, {"triton": "9.9.9"}, {"imagen-operations": "another release"}):
+        versions = {**compile_cache._versions(), **changed}
+        monkeypatch.setattr(compile_cache, "_versions", lambda versions=versions: versions)
+        assert artefact_name("comic", MODEL, torch.float16, tuning, CPU) != name
+
+
 class _Unreachable:
     """A store whose backend is down."""
 
@@ -79,9 +89,40 @@ def test_a_failing_store_is_a_warning_and_the_compile_goes_on(caplog):
 def test_an_artefact_from_another_build_is_a_warning(tmp_path, caplog):
     store = DirectoryCache(tmp_path)
     store.put("comic/a.bin", b"not an artefact")
-    with caplog.at_level(logging.INFO, logger="imagen.operations"):
+    with caplog.at_level(logging.WARNING, logger="imagen.operations"):
         assert not compile_cache.load(store, "comic/a.bin", "comic")
-    assert "compiling from scratch" in caplog.text
+    assert "comic: the compiled artefact comic/a.bin in " in caplog.text
+    assert "is unreadable here, compiling from scratch" in caplog.text
+
+
+class _Recording(DirectoryCache):
+    """A folder store that notes what it was asked."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.asked = []
+
+    def has(self, name):
+        self.asked.append(("has", name))
+        return super().has(name)
+
+    def put(self, name, data):
+        self.asked.append(("put", name))
+        return super().put(name, data)
+
+
+def test_a_session_stores_only_after_a_compile_that_ended_well(tmp_path):
+    failed = _Recording(tmp_path / "failed")
+    with pytest.raises(RuntimeError), compile_cache.CompileSession(failed, "comic/a.bin", "comic"):
+        raise RuntimeError("the compile broke")
+    assert failed.asked == []  # nothing stored from a broken compile
+    # Nothing compiled inside the session: whatever this process compiled before stays out
+    # (each operation's artefact holds its own kernels only), so there is nothing to store.
+    store = _Recording(tmp_path / "store")
+    with compile_cache.CompileSession(store, "comic/a.bin", "comic") as session:
+        pass
+    assert store.asked == [("has", "comic/a.bin")] and not store.has("comic/a.bin")
+    assert session.describe() == "Inductor graphs: 0 from the cache, 0 compiled"
 
 
 def test_operations_that_do_not_compile_touch_no_store(tiny_cache, tmp_path):

@@ -33,7 +33,7 @@ class Clock(Deadline):
 @pytest.fixture(scope="module")
 def ops(tiny_cache):
     loaded = {}
-    for name in ("comic", "upscale", "remove-background"):
+    for name in ("comic", "enhance", "upscale", "remove-background"):
         loaded[name] = get_operation(name)()
         loaded[name].setup(tiny_cache, torch.device("cpu"), torch.float32, lock=Lock())
     return loaded
@@ -57,7 +57,8 @@ def test_the_budget_is_a_permanent_error_that_says_where_and_how_long():
 
 @pytest.mark.parametrize(("name", "side", "steps", "where"), [
     ("comic", 64, 4, "comic at denoising step 2"),  # 4 x 0.75 strength: 3 steps run
-    ("upscale", 32, 4, "upscale tile 1 at denoising step 2"),
+    ("enhance", 64, 10, "enhance at denoising step 2"),  # SDXL's pipeline; 10 x 0.3: 3 steps
+    ("upscale", 32, 4, "upscale tile 1 at denoising step 2"),  # the x4 pipeline's older callback
 ])
 def test_diffusion_stops_at_the_first_step_past_the_budget(ops, name, side, steps, where):
     params = resolve(name, {"steps": steps})
@@ -83,10 +84,19 @@ def test_a_job_that_starts_past_its_budget_does_not_run(ops):
         ops["remove-background"].run(_image(48), resolve("remove-background", {}), seed=0, deadline=late)
 
 
-def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache):
+def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache, monkeypatch):
+    from image import engine as engine_module
+
     engine = Engine(["remove-background", "upscale"], tiny_cache, device="cpu", lock=Lock())
     engine.setup()
     params = {"steps": 2}
-    assert engine.run(["remove-background", "upscale"], _image(32), params, seed=0, max_seconds=3600).size == (128, 128)
-    with pytest.raises(JobTooLong, match="past the job's time budget of 1e-09 s"):
-        engine.run(["remove-background", "upscale"], _image(32), params, seed=0, max_seconds=1e-9)
+    chain = ["remove-background", "upscale"]
+    assert engine.run(chain, _image(32), params, seed=0, max_seconds=3600).size == (128, 128)
+    # One budget for the chain: remove-background's check uses the first second, upscale's
+    # start the second, its first step the third.
+    clocks = []
+    monkeypatch.setattr(engine_module, "Deadline", lambda seconds: clocks.append(Clock(seconds)) or clocks[-1])
+    with pytest.raises(JobTooLong, match="^upscale tile 1 at denoising step 1: stopped after 3 s, past the job's "
+                                         "time budget of 2.5 s"):
+        engine.run(chain, _image(32), params, seed=0, max_seconds=2.5)
+    assert len(clocks) == 1 and clocks[0].checks == 3
