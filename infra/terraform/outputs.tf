@@ -8,6 +8,11 @@ output "output_bucket" {
   value       = local.output_bucket
 }
 
+output "compile_cache" {
+  description = "IMAGEN_COMPILE_CACHE: where the workers share compiled GPU kernels (null with compile_cache = false)."
+  value       = var.compile_cache ? "gs://${google_storage_bucket.compiled[0].name}/" : null
+}
+
 output "notification_topic" {
   description = "The topic of the Storage notifications; other services publish job messages here (with an `operation` attribute)."
   value       = local.pubsub ? google_pubsub_topic.jobs[0].id : null

@@ -379,7 +379,7 @@ def test_token_secret_holds_no_value(terraform):
 
 def test_useful_outputs(terraform):
     for name in (
-        "input_bucket", "output_bucket", "notification_topic", "subscriptions", "dead_letter_topics",
+        "input_bucket", "output_bucket", "compile_cache", "notification_topic", "subscriptions", "dead_letter_topics",
         "dead_letter_subscriptions", "results_topic", "service_urls", "image_repository",
         "build_service_account", "hf_token_secret", "k8s_config_env", "k8s_workload_identity_env",
     ):
