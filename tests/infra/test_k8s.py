@@ -10,6 +10,7 @@ import re
 import jsonschema
 import pytest
 
+from handlers.cli.worker import TRANSFER_SECONDS
 from tests.infra import crd_schemas
 from tests.infra.conftest import K8S_DIR, KUSTOMIZATIONS, ROOT, by_kind, operation_names
 
@@ -85,7 +86,7 @@ def test_each_operation_has_a_gpu_worker(rendered, terraform, operation):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     # SIGTERM lets the job in hand finish: the grace period outlasts the longest job.
     max_job = int(container["args"][container["args"].index("--max-job-seconds") + 1])
-    assert pod["terminationGracePeriodSeconds"] > max_job >= 3600
+    assert pod["terminationGracePeriodSeconds"] >= max_job + TRANSFER_SECONDS and max_job >= 3600
     assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert pod["serviceAccountName"] == name
