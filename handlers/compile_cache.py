@@ -2,8 +2,8 @@
 
 `gs://BUCKET/PREFIX` (Terraform's default: a bucket of its own) or a folder (a volume every
 instance mounts). The first instance on a kind of GPU compiles in the background after it is
-ready and stores the artefact; later instances load it and reach the compiled speed in
-seconds instead of a minute or more. In Cloud Storage an artefact is created once and never
+ready and stores the artefact; later instances load it and skip Inductor's code generation
+(only Dynamo's trace is left). In Cloud Storage an artefact is created once and never
 replaced (`ifGenerationMatch=0`): two instances racing both compile, one stores. The
 location must be writable by the workers only (an artefact is code they run): settings
 refuse a bucket that job messages may read or that results go to.

@@ -6,8 +6,8 @@ operation, model revision, switches, GPU and PyTorch version, in a store every i
 
 Before an operation compiles its model it loads the artefact named for it, if the store has
 one (`torch.compiler.load_cache_artifacts`): Inductor then finds the kernels it generated
-before and skips code generation, and Dynamo only traces (seconds instead of 50-80 s of CPU
-per model). After compiling it stores what it made, unless the store has it already or
+before and skips code generation, and Dynamo only traces (the 50-80 s a compile takes on a
+GPU machine are mostly code generation; the saving there is not measured yet). After compiling it stores what it made, unless the store has it already or
 everything came from the artefact: the first instance on a kind of GPU compiles, every later
 one loads. Each operation's compile records its artefacts apart (one operation's artefact
 holds no other's kernels). A store that fails costs only that: a warning, and the compile

@@ -39,7 +39,7 @@ exit) turn compile off unless IMAGEN_TUNING turns it on.
 With a compile cache (`Engine(..., compile_cache=...)`, IMAGEN_COMPILE_CACHE in production;
 image/operations/compile_cache.py), the compile first loads the artefact an earlier instance
 on the same kind of GPU stored, and stores its own when there is none: later instances reach
-the compiled speed in seconds.
+the compiled speed sooner.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ variable "model_mirror" {
 }
 
 variable "compile_cache" {
-  description = "Share compiled GPU kernels between instances (IMAGEN_COMPILE_CACHE, a bucket created here): the first instance of an operation on a GPU type compiles after it is ready (a minute or more) and stores them; later instances load them and reach the compiled speed in seconds. false: every instance compiles on its own."
+  description = "Share compiled GPU kernels between instances (IMAGEN_COMPILE_CACHE, a bucket created here): the first instance of an operation on a GPU type compiles after it is ready (a minute or more) and stores them; later instances load them instead of generating kernels again. false: every instance compiles on its own."
   type        = bool
   default     = true
 }
