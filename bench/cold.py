@@ -100,6 +100,14 @@ def drop_page_cache(paths: list[Path], how: str = "weights") -> str:
     return "weights evicted" if evicted else "warm"
 
 
+def stop_children_on_sigterm() -> None:
+    """Make SIGTERM (gpu_session.sh's step limit) an exception in this process, so the
+    child it is timing is killed on the way out instead of running on into the next step."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def time_child(code: str, *, timeout: float = 600, env: dict | None = None) -> tuple[float, dict]:
     """Seconds from starting `python -c code` until it prints its ready line, and its phases.
     `env`: variables for the child on top of this process's."""

@@ -179,4 +179,9 @@ class _Report(dict):
 
 
 if __name__ == "__main__":
+    import signal
+
+    # A step limit's SIGTERM as an exception: subprocess.run then kills the child it waits on
+    # (bench.cold has the same helper, but importing it would import torch here).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main(*sys.argv[1:])

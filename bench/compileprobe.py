@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cold import _ROOT, READY, time_child
+from bench.cold import _ROOT, READY, stop_children_on_sigterm, time_child
 
 _CHILD = """
 import time; started = time.perf_counter()
@@ -68,6 +68,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a dry run)")
     parser.add_argument("--cache", type=Path, help="model cache (default: the bench's, as `python -m bench`)")
     args = parser.parse_args(argv)
+    stop_children_on_sigterm()
 
     import torch
 
