@@ -6,13 +6,13 @@ operation, model revision, switches, GPU and PyTorch version, in a store every i
 
 Before an operation compiles its model it loads the artefact named for it, if the store has
 one (`torch.compiler.load_cache_artifacts`): Inductor then finds the kernels it generated
-before and skips code generation, and Dynamo only traces (the 50-80 s a compile takes on a
-GPU machine are mostly code generation; the saving there is not measured yet). After compiling it stores what it made, unless the store has it already or
-everything came from the artefact: the first instance on a kind of GPU compiles, every later
-one loads. Each operation's compile records its artefacts apart (one operation's artefact
-holds no other's kernels). A store that fails costs only that: a warning, and the compile
-runs as without one. Torch is imported only by the functions that need it (a store is built
-before the engine imports torch).
+before and skips code generation, and Dynamo only traces (on an H200, comic's time until
+compiled went from 74 s to 26 s). After compiling it stores what it made, unless the store
+has it already or everything came from the artefact: the first instance on a kind of GPU
+compiles, every later one loads. Each operation's compile records its artefacts apart (one
+operation's artefact holds no other's kernels). A store that fails costs only that: a
+warning, and the compile runs as without one. Torch is imported only by the functions that
+need it (a store is built before the engine imports torch).
 
 An artefact holds code that the loading process runs: a store must be writable only by the
 workers themselves (Terraform grants each worker its own operation's folder, nothing else).

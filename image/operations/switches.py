@@ -31,7 +31,8 @@ remove-background runs its network once per image and was not measured with them
 
 COMPILE_PAYS = frozenset({"comic", "enhance"})
 """Operations whose UNet ran faster compiled (Inductor, NHWC) under the CUDA graphs on an H200:
-comic 0.454 -> 0.309 s, enhance 0.898 -> 0.792 s. upscale and remove-background: not measured."""
+comic 0.454 -> 0.309 s, enhance 0.898 -> 0.792 s. upscale: its compile had not finished after
+160 s (not measured); remove-background: not measured."""
 
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); uncompiled
@@ -78,8 +79,10 @@ class Tuning:
         return dataclasses.replace(self, **changes)
 
     def enabled(self) -> list[str]:
-        """Names of the switches that are on."""
-        return [name for name in SWITCHES if getattr(self, name)]
+        """Names of the switches that are on; compile names its mode where one is set."""
+        names = [name for name in SWITCHES if getattr(self, name)]
+        return [f"compile({self.compile_mode})" if name == "compile" and self.compile_mode else name
+                for name in names]
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

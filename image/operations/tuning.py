@@ -22,7 +22,7 @@ pays (bench/README.md has the figures):
 | `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on; as read_ahead |
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
-| `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic and enhance: 0.454 -> 0.309 s and 0.898 -> 0.792 s under graphs; upscale not measured |
+| `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic and enhance: 0.454 -> 0.309 s and 0.898 -> 0.792 s under graphs; upscale: its compile outlasted 160 s, speed not measured |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-80 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 
