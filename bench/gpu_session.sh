@@ -4,10 +4,10 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): the graph tests, upscale compiled, the compile-cache probe, comic
-# and enhance with the defaults, the cold-start probe: more than one session's 15 minutes of
-# device time. First call SESSION_SECONDS=560 (steps 1-3 fit); then, if `status` leaves time
-# for another start, STEPS="<the steps not reached>" with SESSION_SECONDS = what is left less
+# PHASE=final (the default): upscale compiled, enhance autotuned, the compile-cache probe for
+# enhance, the cold-start probe, the graph tests: more than one session's 15 minutes of device
+# time. First call SESSION_SECONDS=560 (steps 1-2 fill it); then at once, on the machine still
+# warm (30 s), STEPS="<the steps not reached>" with SESSION_SECONDS = what `status` leaves less
 # a minute. PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
@@ -62,19 +62,20 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # 1. The CUDA-graph tests on the tiny models, first: the background compile's swap and the
-  #    compile cache's round trip (a fresh process loading the stored kernels) have not run
-  #    on a GPU yet (skipped on a CPU).
-  want 1 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
-  # 2. upscale compiled (not yet measured): its two tile buckets under the graphs.
-  want 2 && step 200 "$PY" -m bench "${TINY[@]}" --cases $UP256 --variant "compiled: compile=on"
-  # 3. How soon a new instance runs compiled: from scratch, then with the compile cache
-  #    (bench/compileprobe.py; full-size comic, then enhance; each process's row is saved).
-  want 3 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" comic enhance
-  # 4. comic and enhance with today's defaults (compiled after ready: the bench waits).
-  want 4 && step 240 "$PY" -m bench "${TINY[@]}" --cases comic,enhance
-  # 5. Where a cold start's seconds go (root: drops the page cache).
-  want 5 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
+  # Session 4 ran the graph tests (10 passed), comic with the defaults (0.345 s) and the
+  # compile-cache probe for comic (74 -> 26 s until compiled); these are what is left.
+  # 1. upscale-256 compiled, alone (the variant did not finish in 160 s last time): does
+  #    compiling pay for upscale, and how long does its compile take.
+  want 1 && step 300 "$PY" -m bench "${TINY[@]}" --cases $UP256 --switch compile=on
+  # 2. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
+  #    needs; minutes of compiling, paid once per GPU model through the compile cache).
+  want 2 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
+  # 3. How soon a new enhance instance runs compiled, from scratch then with the compile cache.
+  want 3 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" enhance
+  # 4. Where a cold start's seconds go (root: drops the page cache).
+  want 4 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
+  # 5. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
+  want 5 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 esac
 find "$OUT" -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -87,6 +87,8 @@ def test_cpu_defaults_are_stock():
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
     assert Tuning.stock().enabled() == []
+    assert Tuning(compile=True, compile_mode="max-autotune-no-cudagraphs").enabled() == [
+        "compile(max-autotune-no-cudagraphs)"]  # the reports name the mode measured
 
 
 def test_compiling_waits_for_ready_only_under_cuda_graphs():
