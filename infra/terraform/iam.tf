@@ -58,17 +58,28 @@ resource "google_storage_bucket_iam_member" "worker_writes_results" {
 
 # Sources that job messages may name, in buckets managed elsewhere.
 resource "google_storage_bucket_iam_member" "worker_reads_allowed" {
-  for_each = {
-    for pair in setproduct(var.operations, var.allowed_buckets) : "${pair[0]}/${pair[1]}" => {
-      operation = pair[0]
-      bucket    = pair[1]
-    }
-    if pair[1] != var.input_bucket
-  }
+  for_each = local.allowed_sources
 
   bucket = each.value.bucket
   role   = "roles/storage.objectViewer"
   member = google_service_account.worker[each.value.operation].member
+}
+
+# A job message's failure report goes beside its source (failed/ of the source's bucket), as
+# in the input bucket: without this grant the report's write is refused, and the job is
+# retried (GPU work included) until it is dead-lettered with no report.
+resource "google_storage_bucket_iam_member" "worker_reports_allowed" {
+  for_each = local.allowed_sources
+
+  bucket = each.value.bucket
+  role   = "roles/storage.objectUser"
+  member = google_service_account.worker[each.value.operation].member
+
+  condition {
+    title       = "failure-reports-only"
+    description = "Objects under ${var.failed_prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value.bucket}/objects/${var.failed_prefix}\")"
+  }
 }
 
 resource "google_pubsub_topic_iam_member" "worker_publishes_results" {

@@ -48,6 +48,16 @@ locals {
 
   image_repository = "${var.region}-docker.pkg.dev/${var.project_id}/${var.artifact_repository}"
 
+  # (operation, bucket) pairs for the buckets managed elsewhere that job messages may read:
+  # each operation's worker reads sources there and writes failure reports beside them.
+  allowed_sources = {
+    for pair in setproduct(var.operations, var.allowed_buckets) : "${pair[0]}/${pair[1]}" => {
+      operation = pair[0]
+      bucket    = pair[1]
+    }
+    if pair[1] != var.input_bucket
+  }
+
   compile_cache_bucket = var.compile_cache_bucket != "" ? var.compile_cache_bucket : "${var.input_bucket}-compiled"
 
   model_mirror_bucket = var.model_mirror == "" ? "" : split("/", trimprefix(var.model_mirror, "gs://"))[0]

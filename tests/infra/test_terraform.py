@@ -315,6 +315,10 @@ def test_worker_accounts_hold_least_privilege(terraform):
     }
     assert "${var.failed_prefix}" in writes["worker_writes_failures"]
     assert "${var.output_prefix}" in writes["worker_writes_results"]
+    # Job messages' sources in other allowed buckets: read, and a failure report beside them.
+    assert "${var.failed_prefix}" in writes["worker_reports_allowed"]
+    grants = terraform.resources["google_storage_bucket_iam_member"]
+    assert expr(grants["worker_reports_allowed"]["for_each"]) == expr(grants["worker_reads_allowed"]["for_each"])
 
 
 def test_compile_cache_is_shared_per_operation_and_expires(terraform):
