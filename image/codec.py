@@ -122,6 +122,21 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     return image
 
 
+MAX_SIDE = {"png": 2**31 - 1, "webp": 16383, "jpeg": 65500}
+"""The widest and tallest image each output format can hold (WebP's and libjpeg's limits)."""
+
+
+def check_encodable(size: tuple[int, int], format: str) -> None:
+    """Raise ImageTooLarge if an image of `size` (width, height) cannot be written as `format`."""
+    limit = MAX_SIDE.get(format)
+    if limit is not None and max(size) > limit:
+        others = [name for name, side in MAX_SIDE.items() if max(size) <= side]
+        raise ImageTooLarge(
+            f"a {format} image is at most {limit} pixels on a side; this result would be "
+            f"{size[0]}x{size[1]}: choose format {' or '.join(others) or '(none fits)'}, or a smaller image"
+        )
+
+
 def encode_image(image: Image.Image, format: str = "png", quality: int = 90) -> bytes:
     """Encode `image` as `format` (png, webp or jpeg), with none of its metadata.
 
@@ -129,7 +144,8 @@ def encode_image(image: Image.Image, format: str = "png", quality: int = 90) -> 
     alpha, so a transparent image is composited over white. The same image always gives the
     same bytes.
 
-    Raises InvalidParameter for an unknown format or a quality out of range.
+    Raises InvalidParameter for an unknown format or a quality out of range, ImageTooLarge for
+    an image wider or taller than the format holds.
     """
     if format not in OUTPUT_FORMATS:
         raise InvalidParameter(
@@ -137,6 +153,7 @@ def encode_image(image: Image.Image, format: str = "png", quality: int = 90) -> 
         )
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise InvalidParameter(f"quality must be an integer from 1 to 100, not {quality!r}")
+    check_encodable(image.size, format)
 
     if image.mode not in ("L", "LA", "RGB", "RGBA") or "transparency" in image.info:
         image = _to_srgb_8bit(image)  # a colour key becomes alpha rather than being dropped

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from image.codec import check_encodable
 from image.deadline import Deadline
 from image.errors import InvalidParameter, ModelError, UnknownOperation
 from image.operations import OPERATION_NAMES, get_operation
@@ -199,6 +200,7 @@ class Engine:
         for name in chain:  # every size limit of the chain, before any GPU work
             self._ops[name].check_size(size)
             size = self._ops[name].output_size(size)
+        check_encodable(size, params.get("format", "png"))  # and the output format's
 
         # 2. Run the chain
         with self._run_lock:

@@ -329,6 +329,19 @@ def test_upscale_refuses_too_large_inputs_before_any_work(engine, monkeypatch):
         engine.run(["remove-background", "upscale"], _image(60, 50), {}, seed=0)
 
 
+def test_a_result_the_format_cannot_hold_is_refused_before_any_work(engine, monkeypatch):
+    """WebP holds at most 16383 pixels a side: a 4096-wide upscale (x4) as webp is refused
+    before the model runs (an input error: a failure report, not a retried job)."""
+    upscale = engine._ops["upscale"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(upscale, "process", fail)
+    with pytest.raises(ImageTooLarge, match=r"webp image is at most 16383 .* 16384x64: choose format png or jpeg"):
+        engine.run(["upscale"], _image(4096, 16), {"format": "webp"}, seed=0)
+
+
 def test_default_upscale_limit_gives_at_most_8192_square():
     upscale = get_operation("upscale")
     assert upscale.max_input_pixels * 16 == 8192 * 8192

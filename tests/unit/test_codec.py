@@ -556,6 +556,15 @@ def test_quality_changes_size(fmt):
     assert len(encode_image(source, fmt, quality=10)) < len(encode_image(source, fmt, quality=95))
 
 
+@pytest.mark.parametrize(("fmt", "side"), [("webp", 16383), ("jpeg", 65500)])
+def test_a_format_refuses_more_than_its_largest_side_as_an_input_error(fmt, side):
+    """Pillow's encoders fail with ValueError / OSError past these; that is the user's
+    parameter, not a transient fault, so it is ImageTooLarge naming the formats that fit."""
+    assert encode_image(Image.new("RGB", (side, 1)), fmt)
+    with pytest.raises(ImageTooLarge, match=f"{fmt} image is at most {side} pixels.*choose format png"):
+        encode_image(Image.new("RGB", (1, side + 1)), fmt)
+
+
 def test_jpeg_composites_alpha_over_white():
     source = Image.new("RGBA", (16, 8), (255, 0, 0, 255))
     source.paste((0, 0, 255, 0), (8, 0, 16, 8))
