@@ -26,6 +26,7 @@ from handlers.errors import (
     PreconditionLost,
     SourceNotAllowed,
     SourceSuperseded,
+    StoragePermanentError,
     TransientError,
     Undeliverable,
 )
@@ -125,7 +126,7 @@ class Processor:
             try:
                 outcome = self._run(routed, message_id=message_id, attempt=attempt)
             except TransientError:
-                metrics.JOBS.labels(routed.operation or "none", "retried").inc()
+                metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()
                 raise
         metrics.record_outcome(outcome)
         return outcome
@@ -179,21 +180,24 @@ class Processor:
                 routing.SECONDS_KEY: f"{seconds:.3f}",
             }
             with _timed(timings, "upload"):
-                self._store.write_output(
-                    *plan.output,
-                    encoded,
-                    content_type=CONTENT_TYPES[plan.format],
-                    metadata=metadata,
-                    if_generation_match=existing.generation if existing else 0,
-                )
+                try:
+                    self._store.write_output(
+                        *plan.output,
+                        encoded,
+                        content_type=CONTENT_TYPES[plan.format],
+                        metadata=metadata,
+                        if_generation_match=existing.generation if existing else 0,
+                    )
+                except PreconditionLost:
+                    # Another delivery of this job (or a newer one) wrote first: look at what
+                    # it wrote. Anything else (and this look's own errors) goes to the
+                    # handlers below, the last attempt's report included.
+                    skip = skip_reason(self._store.stat(*plan.output), job, plan)
+                    if skip:
+                        return self._skipped(job, plan, skip, fields)
+                    raise
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
-        except PreconditionLost:
-            # Another delivery of this job (or a newer one) wrote first: look at what it wrote.
-            skip = skip_reason(self._store.stat(*plan.output), job, plan)
-            if skip:
-                return self._skipped(job, plan, skip, fields)
-            raise
         except InputError as error:
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
@@ -238,9 +242,11 @@ class Processor:
         return outcome
 
     def _live_generation(self, job: Job) -> str:
+        """The source's current generation, for jobs that name none (job messages, the CLI):
+        a source that does not exist is the sender's mistake, reported like any other."""
         state = self._store.stat(job.bucket, job.name)
         if state is None:
-            raise SourceSuperseded(f"{job.source_uri} does not exist")
+            raise StoragePermanentError(f"{job.source_uri} does not exist")
         return str(state.generation)
 
     def _skipped(self, job: Job, plan: Plan | None, reason: str, fields: dict) -> Outcome:

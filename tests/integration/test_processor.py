@@ -257,6 +257,16 @@ def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket
     assert _report(bucket, "failed/upscale/uploads/p.png.json")["error"]["type"] == "InvalidParameter"
 
 
+def test_job_message_for_a_missing_object_is_reported_not_skipped(settings, bucket):
+    """An upload deleted before its event is skipped; a job message naming an object that
+    does not exist is the sender's mistake: a failure report says so."""
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/typo.png", "upscale", {}))
+    assert outcome.status == "failed"
+    report = _report(bucket, "failed/upscale/uploads/typo.png.json")["error"]
+    assert report == {"type": "StoragePermanentError", "message": f"gs://{bucket.name}/uploads/typo.png does not exist"}
+
+
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
     source = _upload(bucket, "incoming/upscale/t.png")
     processor = _processor(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
@@ -305,6 +315,29 @@ def test_concurrent_writer_wins_and_loser_acks(settings, bucket):
     outcome = loser.handle(event)
     assert outcome.status == "skipped" and "duplicate" in outcome.reason
     assert len(list(bucket.list_blobs(prefix="processed/"))) == 1
+
+
+def test_a_lost_write_race_on_the_last_attempt_still_gets_its_report(settings, bucket):
+    """Another job (other parameters) writes the same output while this one runs: not a
+    duplicate, so a retry; on the last delivery attempt a failure report, never a dead
+    letter without one."""
+    _upload(bucket, "uploads/race.png")
+    allowed = frozenset({bucket.name})
+    rival = _processor(settings, FakeEngine(), allowed_buckets=allowed)
+    rival_seeds = iter([7, 8])
+
+    def rival_finishes_first():  # a new output each time, between our check and our write
+        request = JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": next(rival_seeds)})
+        assert rival.handle(request).status == "succeeded"
+
+    loser = _processor(settings, FakeEngine(before_return=rival_finishes_first), allowed_buckets=allowed)
+    with pytest.raises(TransientError, match="changed while the job ran"):
+        loser.handle(JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 1}), attempt=1)
+    loser = _processor(settings, FakeEngine(before_return=rival_finishes_first), allowed_buckets=allowed)
+    outcome = loser.handle(JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 2}),
+                           attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed"
+    assert _report(bucket, "failed/upscale/uploads/race.png.json")["error"]["type"] == "PreconditionLost"
 
 
 def test_results_topic_gets_one_message_per_job(settings, bucket, publisher, subscriber):
