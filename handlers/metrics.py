@@ -5,11 +5,17 @@
     imagen_job_seconds{operation}           wall time of jobs that ran (histogram, seconds)
     imagen_jobs_in_flight                   jobs being processed now
     imagen_model_load_seconds{operation}    load + warm-up time of each model at start-up
+
+`operation` is an operation or chain as jobs name it, "none" where a job names none, and
+"invalid" for any other text (a job message's free text must not add a series per typo).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from image.errors import ImagenError
+from image.params import parse_chain
 
 JOBS = Counter("imagen_jobs", "Jobs finished, by operation and status.", ["operation", "status"])
 JOB_SECONDS = Histogram(
@@ -24,8 +30,18 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 
 
+def operation_label(operation: str | None) -> str:
+    """The `operation` label for a job's operation text (see the module docstring)."""
+    if not operation:
+        return "none"
+    try:
+        return ",".join(parse_chain(operation))
+    except ImagenError:
+        return "invalid"
+
+
 def record_outcome(outcome) -> None:
-    operation = outcome.operation or "none"
+    operation = operation_label(outcome.operation)
     JOBS.labels(operation, outcome.status).inc()
     if outcome.status == "succeeded" and outcome.seconds is not None:
         JOB_SECONDS.labels(operation).observe(outcome.seconds)
