@@ -3,7 +3,8 @@
 Objects are judged exactly as the processor judges a job (routing, then `plan_job`, then the
 output's `imagen-source-generation` and parameters), so a backfill queues only what a worker
 would really do, and running it again after a stop queues nothing already done. Each message
-names the object generation it was listed at.
+names the object generation it was listed at, and carries the `operation` attribute that
+each operation's subscription filters on (without it, filtered subscriptions drop it).
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def backfill(
     layout: Layout,
     *,
     operation: str | None,
-    publish: Callable[[bytes], None] | None,
+    publish: Callable[[bytes, dict[str, str]], None] | None,
     rate: float,
     on_decision: Callable[[Decision], None] = lambda decision: None,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
-    `publish` None is a dry run. `rate` bounds publishing in messages per second.
+    `publish(data, attributes)`; None is a dry run. `rate` bounds publishing in messages per
+    second.
     """
     store = Store(client)
     summary = Summary()
@@ -102,7 +104,7 @@ def backfill(
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            publish(json.dumps(decision.message).encode())
+            publish(json.dumps(decision.message).encode(), {"operation": decision.message["operation"]})
             next_at = max(next_at, time.monotonic()) + interval
         summary.add(decision)
         on_decision(decision)

@@ -27,8 +27,8 @@ def command(settings, location, topic, operation, dry_run, rate, verbose):
     if not dry_run:
         publisher, path = publisher_client(settings), topic_path(settings, topic)
 
-        def publish(data: bytes) -> None:
-            publisher.publish(path, data).result(timeout=60)
+        def publish(data: bytes, attributes: dict[str, str]) -> None:
+            publisher.publish(path, data, **attributes).result(timeout=60)
 
     def show(decision):
         if verbose or (dry_run and decision.action == "queue"):

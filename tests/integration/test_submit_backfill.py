@@ -103,6 +103,8 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     jobs = {job.name: job for job in (parse_message(Message(m.message.data, dict(m.message.attributes)))
                                        for m in messages)}
     assert set(jobs) == {"incoming/comic/stale.png", "incoming/comic/todo.png"}
+    # The attribute each operation's subscription filters on (infra/terraform/main.tf).
+    assert [dict(m.message.attributes) for m in messages] == [{"operation": "comic"}] * 2
     assert jobs["incoming/comic/stale.png"].generation == str(stale.generation)
     assert jobs["incoming/comic/todo.png"].params == {"steps": 3}
 
