@@ -120,5 +120,8 @@ resource "google_cloud_run_v2_service" "worker" {
     google_storage_bucket_iam_member.worker_writes_failures,
     google_storage_bucket_iam_member.worker_loads_compiled,
     google_storage_bucket_iam_member.worker_stores_compiled,
+    google_storage_bucket_iam_member.worker_reads_allowed,
+    google_storage_bucket_iam_member.worker_reports_allowed,
+    google_storage_bucket_iam_member.worker_reads_model_mirror,
   ]
 }

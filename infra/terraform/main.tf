@@ -51,7 +51,7 @@ locals {
   # (operation, bucket) pairs for the buckets managed elsewhere that job messages may read:
   # each operation's worker reads sources there and writes failure reports beside them.
   allowed_sources = {
-    for pair in setproduct(var.operations, var.allowed_buckets) : "${pair[0]}/${pair[1]}" => {
+    for pair in setproduct(var.operations, distinct(var.allowed_buckets)) : "${pair[0]}/${pair[1]}" => {
       operation = pair[0]
       bucket    = pair[1]
     }
@@ -118,12 +118,5 @@ check "k8s_names" {
   assert {
     condition     = var.mode != "gke" || var.name_prefix == "imagen"
     error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>: with another name_prefix, rename them there too."
-  }
-}
-
-check "eventarc_output_bucket" {
-  assert {
-    condition     = !local.eventarc || var.output_bucket != ""
-    error_message = "delivery = eventarc cannot filter by folder: with results in the input bucket every result wakes every service. Set output_bucket."
   }
 }

@@ -31,6 +31,14 @@ resource "google_storage_bucket" "input" {
     }
   }
 
+  lifecycle {
+    # An error, not a `check` (which only warns and applies anyway).
+    precondition {
+      condition     = !local.eventarc || var.output_bucket != ""
+      error_message = "delivery = eventarc cannot filter by folder: with results in the input bucket every result wakes every service. Set output_bucket."
+    }
+  }
+
   depends_on = [google_project_service.enabled]
 }
 

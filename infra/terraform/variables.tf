@@ -67,7 +67,7 @@ variable "failed_retention_days" {
 }
 
 variable "allowed_buckets" {
-  description = "Other buckets that job messages may name as a source (IMAGEN_ALLOWED_BUCKETS); the workers get read access to them. The input bucket is always allowed."
+  description = "Other buckets that job messages may name as a source (IMAGEN_ALLOWED_BUCKETS); the workers get read access to them, and may write failure reports under the failed prefix there (an IAM condition: the bucket needs uniform bucket-level access). The input bucket is always allowed."
   type        = list(string)
   default     = []
 }

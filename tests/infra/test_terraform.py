@@ -321,6 +321,14 @@ def test_worker_accounts_hold_least_privilege(terraform):
     assert expr(grants["worker_reports_allowed"]["for_each"]) == expr(grants["worker_reads_allowed"]["for_each"])
 
 
+def test_eventarc_without_an_output_bucket_stops_the_plan(terraform):
+    """A precondition, not a `check` block: checks only warn, and the apply goes on."""
+    bucket = terraform.resource("google_storage_bucket", "input")
+    precondition = one(one(bucket["lifecycle"])["precondition"])
+    assert "!local.eventarc || var.output_bucket != " in expr(precondition["condition"])
+    assert "eventarc_output_bucket" not in terraform.checks
+
+
 def test_compile_cache_is_shared_per_operation_and_expires(terraform):
     """Compiled kernels are code the workers run: each worker reads and creates (never
     replaces) only its own operation's, and old ones go."""
