@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from handlers.events import JobRequest, ObjectEvent
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, decode_image, encode_image
-from image.errors import ImagenError, InputError, InvalidParameter
+from image.errors import ImagenError, InputError, InvalidParameter, Withdrawn
 from image.params import canonical_json, parse_chain, resolve_common, validate_params
 
 log = logging.getLogger("imagen.processor")
@@ -51,7 +51,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 class Engine(Protocol):
-    def run(self, chain, image, params, seed: int, max_seconds: float | None = None): ...
+    def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None): ...
 
     def model_id(self, chain) -> str: ...
 
@@ -106,8 +106,10 @@ class Processor:
         *,
         message_id: str | None = None,
         attempt: int | None = None,
+        withdrawn: Callable[[], bool] | None = None,
     ) -> Outcome:
-        """Run what `event` asks for. Raises TransientError when the job should be retried."""
+        """Run what `event` asks for. Raises TransientError when the job should be retried,
+        also when `withdrawn()` is True once the GPU is free for it (a stopping worker)."""
         if isinstance(event, ObjectEvent):
             routed = routing.route_event(event, self._layout)
         elif isinstance(event, JobRequest):
@@ -124,14 +126,15 @@ class Processor:
             return Outcome("ignored", reason=routed.reason)
         with metrics.IN_FLIGHT.track_inprogress():
             try:
-                outcome = self._run(routed, message_id=message_id, attempt=attempt)
+                outcome = self._run(routed, message_id=message_id, attempt=attempt, withdrawn=withdrawn)
             except TransientError:
                 metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()
                 raise
         metrics.record_outcome(outcome)
         return outcome
 
-    def _run(self, job: Job, *, message_id: str | None, attempt: int | None) -> Outcome:
+    def _run(self, job: Job, *, message_id: str | None, attempt: int | None,
+             withdrawn: Callable[[], bool] | None) -> Outcome:
         job_id = message_id or _job_id(job)
         fields = {"job_id": job_id, "source": job.source_uri, "generation": job.generation}
         timings: dict[str, float] = {}
@@ -165,7 +168,7 @@ class Processor:
             common = resolve_common(plan.params, data)
             with _timed(timings, "operation"):
                 result = self._engine.run(plan.chain, image, plan.params, common["seed"],
-                                          max_seconds=self._max_job_seconds)
+                                          max_seconds=self._max_job_seconds, withdrawn=withdrawn)
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
@@ -209,6 +212,10 @@ class Processor:
                 extra={"fields": {**fields, "attempt": attempt, "timings": timings}},
             )
             raise
+        except Withdrawn as error:
+            # Not a fault and no attempt spent on the GPU: back to Pub/Sub whatever the attempt.
+            log.info("job handed back: %s", error, extra={"fields": fields})
+            raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error, extra={"fields": fields})

@@ -3,9 +3,10 @@
 Streaming pull with flow control sized to the concurrency (default one job per GPU) plus
 `prefetch` jobs that download and decode while the GPU runs (the engine runs one job at a time,
 so a prefetched job waits for the GPU, not the network); the client library extends each lease
-up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling,
-lets the job in hand finish, and returns; messages received but not started are nacked by the
-library, so nothing is lost.
+up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling, lets the job on the GPU
+finish, hands back (nacks) prefetched jobs still waiting for the GPU, so a drain takes one
+job's time, and returns; messages received but not started are nacked by the library, so
+nothing is lost.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class PullWorker:
             return
         try:
             self._processor.handle(
-                event, message_id=message.message_id, attempt=message.delivery_attempt
+                event, message_id=message.message_id, attempt=message.delivery_attempt,
+                withdrawn=self._stop.is_set,
             )
         except (TransientError, Undeliverable):
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
@@ -75,7 +77,8 @@ class PullWorker:
         message.ack()
 
     def run(self, install_signal_handlers: bool = True) -> None:
-        """Pull until `stop()` (or SIGTERM/SIGINT); returns after the jobs in hand finish."""
+        """Pull until `stop()` (or SIGTERM/SIGINT); returns once the job on the GPU finishes
+        and the ones waiting for it are handed back."""
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stop())
@@ -104,7 +107,8 @@ class PullWorker:
             extra={"fields": {"subscription": self._subscription, "messages_in_hand": self._in_hand}},
         )
         self._stop.wait()
-        log.info("stopping: finishing the job in hand", extra={"fields": {"subscription": self._subscription}})
+        log.info("stopping: finishing the job on the GPU, handing back the ones waiting",
+                 extra={"fields": {"subscription": self._subscription}})
         self._future.cancel()
         try:
             self._future.result(timeout=self._max_lease_seconds)

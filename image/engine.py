@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from image.codec import check_encodable
 from image.deadline import Deadline
-from image.errors import InvalidParameter, ModelError, UnknownOperation
+from image.errors import InvalidParameter, ModelError, UnknownOperation, Withdrawn
 from image.operations import OPERATION_NAMES, get_operation
 from image.operations.switches import Tuning, parse_changes
 from image.params import parse_chain, resolve, validate_params
@@ -175,13 +175,16 @@ class Engine:
         params: Mapping[str, object],
         seed: int,
         max_seconds: float | None = None,
+        withdrawn: Callable[[], bool] | None = None,
     ) -> Image.Image:
         """Run the operations of `chain` in order on `image`, in memory, on one device.
 
         `params` are `validate_params(chain, ...)`'s output (checked again here: it is
         cheap and idempotent); each operation gets its defaults filled in. `max_seconds`
         budgets the work from when the device is this job's (after any wait for it):
-        past it the operation stops at its next denoising step with JobTooLong.
+        past it the operation stops at its next denoising step with JobTooLong. `withdrawn()`
+        is asked once the device is this job's: True raises Withdrawn before any work (a
+        stopping worker hands back the jobs still waiting rather than run them all).
         """
         # 1. Check inputs
         chain = _chain(chain)
@@ -204,6 +207,8 @@ class Engine:
 
         # 2. Run the chain
         with self._run_lock:
+            if withdrawn is not None and withdrawn():
+                raise Withdrawn("the job was handed back before it started: this process is stopping")
             deadline = Deadline(max_seconds) if max_seconds else None
             for name in chain:
                 image = self._ops[name].run(image, resolve(name, params), seed, deadline)

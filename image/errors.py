@@ -49,6 +49,11 @@ class JobTooLong(InputError):
     pass
 
 
+class Withdrawn(ImagenError):
+    """The job was called off before it got the device (its process is stopping): nothing
+    ran, and it should go back to where it came from to run elsewhere."""
+
+
 class ModelError(ImagenError):
     pass
 

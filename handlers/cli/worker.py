@@ -46,7 +46,8 @@ def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
 @click.pass_obj
 def command(settings, subscription, operations, device, concurrency, prefetch, max_job_seconds,
             lease_extension_seconds, metrics_port):
-    """Pull jobs from a subscription until SIGTERM; finish the jobs in hand, then exit 0."""
+    """Pull jobs from a subscription until SIGTERM; finish the job on the GPU, hand back the
+    ones waiting for it, then exit 0."""
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
     from handlers.metrics import record_model_loads

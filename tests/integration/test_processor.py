@@ -29,7 +29,7 @@ class FakeEngine:
         self.before_return = before_return
         self.calls = 0
 
-    def run(self, chain, image, params, seed, max_seconds=None):
+    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
         self.calls += 1
         if self.fail_with:
             raise self.fail_with

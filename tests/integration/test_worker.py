@@ -8,9 +8,11 @@ import time
 import pytest
 
 from handlers.clients import storage_client
+from handlers.errors import TransientError
 from handlers.processor import Processor
 from handlers.storage import Store
 from handlers.worker import PullWorker
+from image.errors import Withdrawn
 
 from .conftest import png_bytes, wait_for
 from .test_processor import FakeEngine
@@ -24,10 +26,13 @@ class OneGpuEngine(FakeEngine):
         self.events: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
-    def run(self, chain, image, params, seed, max_seconds=None):
+    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
         job = seed
         self.events.append(("arrived", job))  # download and decode are done by now
         with self._lock:
+            if withdrawn is not None and withdrawn():  # as image.engine.Engine does
+                self.events.append(("withdrawn", job))
+                raise Withdrawn("stopping")
             self.events.append(("start", job))
             time.sleep(2.5)
             self.events.append(("end", job))
@@ -58,3 +63,44 @@ def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subs
         assert second_arrival < first_end, engine.events  # decoded while the first job ran
     else:
         assert second_arrival > first_end, engine.events  # one message in hand at a time
+
+
+def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
+        settings, bucket, subscriber, events_subscription):
+    """SIGTERM with a prefetched job waiting for the GPU: the running job finishes, the waiting
+    one is handed back unrun (TransientError: the worker nacks it), so a drain takes one job's
+    time (GKE's grace period). Its redelivery is Pub/Sub's: the emulator honours a nack sent
+    after the stream closed only at the ack deadline, so it is not waited for here."""
+    engine = OneGpuEngine()
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    raised = {}
+    handle = processor.handle
+
+    def recording(event, **kwargs):
+        try:
+            return handle(event, **kwargs)
+        except Exception as error:
+            raised[event.name] = error
+            raise
+
+    processor.handle = recording
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    try:
+        for index in (1, 2):
+            blob = bucket.blob(f"incoming/upscale/{index}.png")
+            blob.metadata = {"imagen-params": f'{{"seed": {index}}}'}
+            blob.upload_from_string(png_bytes(seed=index), content_type="image/png")
+        wait_for(lambda: [kind for kind, _ in engine.events].count("arrived") == 2 and
+                 ("start", engine.events[0][1]) in engine.events, timeout=60, what="one job running, one waiting")
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    first, second = engine.events[0][1], 3 - engine.events[0][1]
+    assert ("end", first) in engine.events and ("withdrawn", second) in engine.events, engine.events
+    assert ("start", second) not in engine.events
+    assert [blob.name for blob in bucket.list_blobs(prefix="processed/")] == [f"processed/upscale/{first}.png"]
+    assert list(raised) == [f"incoming/upscale/{second}.png"]
+    assert isinstance(raised[f"incoming/upscale/{second}.png"], TransientError)

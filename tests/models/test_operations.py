@@ -16,7 +16,7 @@ from PIL import Image
 from image.codec import encode_image
 from image.device import resolve_device
 from image.engine import READY, SETUP_FAILED, STARTING, Engine
-from image.errors import ImageTooLarge, InvalidParameter, ModelError, UnknownOperation
+from image.errors import ImageTooLarge, InvalidParameter, ModelError, UnknownOperation, Withdrawn
 from image.operations import OPERATION_NAMES, get_operation
 from image.operations._img2img import working_scale
 from image.params import resolve, validate_params
@@ -340,6 +340,16 @@ def test_a_result_the_format_cannot_hold_is_refused_before_any_work(engine, monk
     monkeypatch.setattr(upscale, "process", fail)
     with pytest.raises(ImageTooLarge, match=r"webp image is at most 16383 .* 16384x64: choose format png or jpeg"):
         engine.run(["upscale"], _image(4096, 16), {"format": "webp"}, seed=0)
+
+
+def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypatch):
+    """A stopping worker hands back the jobs still waiting for the device (Withdrawn)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(engine._ops["upscale"], "process", fail)
+    with pytest.raises(Withdrawn, match="handed back"):
+        engine.run(["upscale"], _image(), {}, seed=0, withdrawn=lambda: True)
 
 
 def test_default_upscale_limit_gives_at_most_8192_square():
