@@ -39,12 +39,8 @@ class OneGpuEngine(FakeEngine):
         return super().run(chain, image, params, seed)
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subscriber, events_subscription,
-                                                          prefetch):
-    engine = OneGpuEngine()
-    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
-    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=prefetch)
+def _two_jobs_then_stop(worker, bucket, until, what):
+    """Run `worker`, upload two seeded images, wait `until()`, stop it and wait for it to end."""
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     thread.start()
     try:
@@ -52,10 +48,21 @@ def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subs
             blob = bucket.blob(f"incoming/upscale/{index}.png")
             blob.metadata = {"imagen-params": f'{{"seed": {index}}}'}
             blob.upload_from_string(png_bytes(seed=index), content_type="image/png")
-        wait_for(lambda: len(list(bucket.list_blobs(prefix="processed/"))) == 2, timeout=60, what="two outputs")
+        wait_for(until, timeout=60, what=what)
     finally:
         worker.stop()
         thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subscriber, events_subscription,
+                                                          prefetch):
+    engine = OneGpuEngine()
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=prefetch)
+    _two_jobs_then_stop(worker, bucket, lambda: len(list(bucket.list_blobs(prefix="processed/"))) == 2,
+                        "two outputs")
     first_end = engine.events.index(("end", engine.events[0][1]))
     second_arrival = [i for i, (kind, job) in enumerate(engine.events)
                       if kind == "arrived" and job != engine.events[0][1]][0]
@@ -85,19 +92,8 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
 
     processor.handle = recording
     worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
-    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
-    thread.start()
-    try:
-        for index in (1, 2):
-            blob = bucket.blob(f"incoming/upscale/{index}.png")
-            blob.metadata = {"imagen-params": f'{{"seed": {index}}}'}
-            blob.upload_from_string(png_bytes(seed=index), content_type="image/png")
-        wait_for(lambda: [kind for kind, _ in engine.events].count("arrived") == 2 and
-                 ("start", engine.events[0][1]) in engine.events, timeout=60, what="one job running, one waiting")
-    finally:
-        worker.stop()
-        thread.join(timeout=30)
-    assert not thread.is_alive()
+    _two_jobs_then_stop(worker, bucket, lambda: [kind for kind, _ in engine.events].count("arrived") == 2 and
+                        ("start", engine.events[0][1]) in engine.events, "one job running, one waiting")
     first, second = engine.events[0][1], 3 - engine.events[0][1]
     assert ("end", first) in engine.events and ("withdrawn", second) in engine.events, engine.events
     assert ("start", second) not in engine.events
