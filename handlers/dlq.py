@@ -1,8 +1,10 @@
 """Dead letters: inspect and replay the messages Pub/Sub moved to a dead-letter topic.
 
-A message lands there after the main subscription's `max_delivery_attempts` (MAX_ATTEMPTS in
-the processor): usually a body that could not be parsed (HTTP 400 / nack), or a transient
-fault that outlived every attempt and whose failure report could not be written either.
+A message lands there after the main subscription's `max_delivery_attempts` (20 with the
+Terraform; more than the processor's MAX_ATTEMPTS, after which a job's transient fault ends in
+a failure report): a job turned away every time (Cloud Run's 429, every instance busy), a
+body that could not be parsed (HTTP 400 / nack), a refused job message, or a job whose
+failure report could not be written.
 
     letters = list_dead_letters(subscriber, dlq_subscription)   # pulled, then nacked: they stay
     report = replay(subscriber, publisher, dlq_subscription)   # republished, then acked

@@ -39,8 +39,9 @@ from image.params import canonical_json, parse_chain, resolve_common, validate_p
 
 log = logging.getLogger("imagen.processor")
 
-# Matches the dead-letter policy's max_delivery_attempts in infra/terraform: on the last
-# attempt a transient fault becomes a failure report, so the user learns why.
+# From this delivery attempt on a transient fault becomes a failure report, so the user
+# learns why. infra/terraform's dead-letter policy allows more deliveries (20) for those that
+# never reach a job (Cloud Run's 429 while every instance is busy).
 MAX_ATTEMPTS = 5
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 

@@ -32,10 +32,14 @@ locals {
   # Push subscriptions need a service URL to push to.
   subscriptions = local.gke ? local.operations : (local.push ? local.services : toset([]))
 
-  # The processor writes its own failure report on delivery attempt 5
-  # (handlers/processor.py MAX_ATTEMPTS); Pub/Sub dead-letters after the same count, so
-  # a message in a dead-letter topic always has a failure report next to it.
-  max_delivery_attempts = 5
+  # From delivery attempt 5 on (handlers/processor.py MAX_ATTEMPTS) a job that hits a
+  # transient fault gets a failure report instead of another retry. Pub/Sub allows more
+  # deliveries than that before the dead-letter topic, for the ones that never reach a job:
+  # Cloud Run answering 429 while every instance is busy (a burst larger than
+  # max_instances: 20 attempts are about two hours of backoff), a worker handing a waiting
+  # job back on shutdown. So a job that ran and kept failing has its report, and a dead
+  # letter is a message imagen never answered with one.
+  max_delivery_attempts = 20
   # Push requests end after 600 s at most, so that is also the longest a push job can take;
   # the pull worker extends its lease beyond this for longer jobs.
   ack_deadline_seconds = 600

@@ -1,6 +1,6 @@
-# A message in a dead-letter subscription is a job that failed five deliveries: its image
-# has a failure report under failed/, or a worker keeps crashing on it. Either way a
-# person should look (docs/deploy.md, Troubleshooting).
+# A message in a dead-letter subscription went 20 deliveries without an answer: turned away
+# while every instance was busy, unparseable, refused, or a worker keeps crashing on it.
+# Either way a person should look (docs/deploy.md, Troubleshooting).
 
 resource "google_monitoring_alert_policy" "dead_letters" {
   count = local.pubsub ? 1 : 0
@@ -36,10 +36,12 @@ resource "google_monitoring_alert_policy" "dead_letters" {
   documentation {
     mime_type = "text/markdown"
     content   = <<-EOT
-      Jobs reached the dead-letter subscription `${var.name_prefix}-<operation>-dead-letter`
-      after ${local.max_delivery_attempts} failed deliveries. Look for the failure report under
-      `gs://${var.input_bucket}/${var.failed_prefix}<operation>/`, then the worker logs. Replay
-      a fixed job by re-uploading its image; drain the subscription once done.
+      Messages reached the dead-letter subscription `${var.name_prefix}-<operation>-dead-letter`
+      after ${local.max_delivery_attempts} deliveries that imagen never answered with a result or
+      a failure report: turned away while every instance was busy (HTTP 429: raise
+      max_instances), unparseable, job messages for a bucket outside allowed_buckets, or a
+      report that could not be written. `imagen dlq list` shows them; the worker logs say why.
+      Replay them with `imagen dlq replay` once fixed; drain the subscription once done.
     EOT
   }
 
