@@ -33,7 +33,7 @@ from image.deadline import Deadline
 from image.errors import InvalidParameter, ModelError, UnknownOperation, Withdrawn
 from image.operations import OPERATION_NAMES, get_operation
 from image.operations.switches import Tuning, parse_changes
-from image.params import parse_chain, resolve, validate_params
+from image.params import COMMON_DEFAULTS, parse_chain, resolve, validate_params
 
 logger = logging.getLogger("imagen.engine")
 
@@ -203,7 +203,7 @@ class Engine:
         for name in chain:  # every size limit of the chain, before any GPU work
             self._ops[name].check_size(size)
             size = self._ops[name].output_size(size)
-        check_encodable(size, params.get("format", "png"))  # and the output format's
+        check_encodable(size, params.get("format", COMMON_DEFAULTS["format"]))  # and the format's
 
         # 2. Run the chain
         with self._run_lock:

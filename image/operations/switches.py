@@ -80,9 +80,8 @@ class Tuning:
 
     def enabled(self) -> list[str]:
         """Names of the switches that are on; compile names its mode where one is set."""
-        names = [name for name in SWITCHES if getattr(self, name)]
         return [f"compile({self.compile_mode})" if name == "compile" and self.compile_mode else name
-                for name in names]
+                for name in SWITCHES if getattr(self, name)]
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
