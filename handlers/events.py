@@ -14,7 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,6 +75,7 @@ class Message:
     attributes: Mapping[str, str]
     message_id: str | None = None
     delivery_attempt: int | None = None  # only set when a dead-letter policy exists
+    published: datetime.datetime | None = None  # when Pub/Sub accepted it (UTC)
 
 
 def parse_gs_uri(uri: Any) -> tuple[str, str]:
@@ -92,8 +95,9 @@ def is_cloudevent(headers: Mapping[str, str]) -> bool:
     return "ce-specversion" in lowered or content_type.startswith("application/cloudevents")
 
 
-def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> ObjectEvent:
-    """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> ObjectEvent."""
+def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> tuple[ObjectEvent, datetime.datetime | None]:
+    """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> (ObjectEvent, its
+    `time`: when the object changed, or None when absent or unreadable)."""
     try:
         event = from_http(dict(headers), body)
     except Exception as error:  # the SDK raises several unrelated types
@@ -107,7 +111,7 @@ def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> ObjectEvent:
         data = _json_object(data, "CloudEvent data")
     if not isinstance(data, dict):
         raise EventError("CloudEvent data is not a Cloud Storage object resource")
-    return _object_event(_CLOUDEVENT_KINDS.get(short, short), data)
+    return _object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(event.get("time"))
 
 
 def parse_push_envelope(body: bytes) -> Message:
@@ -132,7 +136,8 @@ def parse_push_envelope(body: bytes) -> Message:
     if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool)):
         raise EventError("push 'deliveryAttempt' is not a number")
     message_id = message.get("messageId") or message.get("message_id")
-    return Message(decoded, attributes, str(message_id) if message_id else None, attempt)
+    published = parse_timestamp(message.get("publishTime") or message.get("publish_time"))
+    return Message(decoded, attributes, str(message_id) if message_id else None, attempt, published)
 
 
 def parse_message(message: Message) -> ObjectEvent | JobRequest:
@@ -202,6 +207,21 @@ def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:
         size=size,
         content_type=content_type if isinstance(content_type, str) else None,
     )
+
+
+def parse_timestamp(value: Any) -> datetime.datetime | None:
+    """An RFC 3339 time as Pub/Sub and CloudEvents write it ("2026-11-26T23:13:28.123456789Z")
+    -> an aware UTC datetime; None for anything else. Only used to judge a delivery's age, so a
+    missing or odd value costs nothing but that."""
+    if not isinstance(value, str):
+        return None
+    # Python reads at most microseconds: cut nanoseconds to six digits.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value.strip()).replace("Z", "+00:00").replace("z", "+00:00")
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed.astimezone(datetime.UTC) if parsed.tzinfo else None
 
 
 def _generation(value: Any) -> str | None:

@@ -62,18 +62,18 @@ def create_app(processor, state: Callable[[], str], authenticator=None) -> flask
         headers, body = dict(flask.request.headers), flask.request.get_data()
         try:
             if is_cloudevent(headers):
-                event = parse_cloudevent(headers, body)
+                event, sent = parse_cloudevent(headers, body)
                 message_id = flask.request.headers.get("ce-id")
-                attempt = None
+                attempt = None  # Eventarc does not count: `sent` bounds the retries
             else:
                 message = parse_push_envelope(body)
                 event = parse_message(message)
-                message_id, attempt = message.message_id, message.delivery_attempt
+                message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
         except EventError as error:
             log.error("unparseable request: %s", error.reason, extra={"fields": {"reason": error.reason}})
             return _answer(400, error=error.reason)
         try:
-            outcome = processor.handle(event, message_id=message_id, attempt=attempt)
+            outcome = processor.handle(event, message_id=message_id, attempt=attempt, sent=sent)
         except TransientError as error:
             return _answer(503, error=str(error), retry=True)
         except Undeliverable as error:

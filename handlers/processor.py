@@ -5,7 +5,8 @@
 
 Every error is classified: permanent ones (`InputError`) end in a failure report and an ack;
 transient ones propagate as `TransientError` so the transport retries (nack / HTTP 503), until
-the delivery attempt reaches MAX_ATTEMPTS, when a failure report ends the retries. The GPU work
+the delivery attempt reaches MAX_ATTEMPTS (with no attempt number: until the event is
+MAX_RETRY_SECONDS old), when a failure report ends the retries. The GPU work
 is behind the `engine` seam (`image.engine.Engine`, or a fake in unit tests).
 """
 
@@ -43,6 +44,12 @@ log = logging.getLogger("imagen.processor")
 # learns why. infra/terraform's dead-letter policy allows more deliveries (20) for those that
 # never reach a job (Cloud Run's 429 while every instance is busy).
 MAX_ATTEMPTS = 5
+# A delivery with no attempt number (Eventarc's CloudEvents; a subscription without a
+# dead-letter policy) is judged by its age instead: this long after the event, a transient
+# fault ends in a failure report too. Without it Eventarc retries, with GPU work each time,
+# for its 24 h retention and then drops the event without a word. Pub/Sub's backoff (10 s
+# doubling to 600 s) fits about eight tries in this window.
+MAX_RETRY_SECONDS = 1800
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 
 try:
@@ -107,10 +114,13 @@ class Processor:
         *,
         message_id: str | None = None,
         attempt: int | None = None,
+        sent: datetime.datetime | None = None,
         withdrawn: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Run what `event` asks for. Raises TransientError when the job should be retried,
-        also when `withdrawn()` is True once the GPU is free for it (a stopping worker)."""
+        also when `withdrawn()` is True once the GPU is free for it (a stopping worker).
+        `attempt` is the delivery attempt when the transport counts them; otherwise `sent`
+        (when the event happened or was published) bounds the retries (MAX_RETRY_SECONDS)."""
         if isinstance(event, ObjectEvent):
             routed = routing.route_event(event, self._layout)
         elif isinstance(event, JobRequest):
@@ -127,7 +137,8 @@ class Processor:
             return Outcome("ignored", reason=routed.reason)
         with metrics.IN_FLIGHT.track_inprogress():
             try:
-                outcome = self._run(routed, message_id=message_id, attempt=attempt, withdrawn=withdrawn)
+                outcome = self._run(routed, message_id=message_id, attempt=attempt, sent=sent,
+                                    withdrawn=withdrawn)
             except TransientError:
                 metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()
                 raise
@@ -135,7 +146,7 @@ class Processor:
         return outcome
 
     def _run(self, job: Job, *, message_id: str | None, attempt: int | None,
-             withdrawn: Callable[[], bool] | None) -> Outcome:
+             sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
         job_id = message_id or _job_id(job)
         fields = {"job_id": job_id, "source": job.source_uri, "generation": job.generation}
         timings: dict[str, float] = {}
@@ -205,8 +216,8 @@ class Processor:
         except InputError as error:
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
-            if attempt is not None and attempt >= MAX_ATTEMPTS:
-                return self._failed(job, plan, error, attempt, fields)
+            if (last := last_try(attempt, sent)) is not None:
+                return self._failed(job, plan, error, attempt, fields, note=last)
             log.warning(
                 "job will be retried: %s",
                 error,
@@ -220,13 +231,13 @@ class Processor:
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error, extra={"fields": fields})
-            if attempt is not None and attempt >= MAX_ATTEMPTS:
-                return self._failed(job, plan, error, attempt, fields)
+            if (last := last_try(attempt, sent)) is not None:
+                return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
             log.exception("unexpected error in job", extra={"fields": fields})
-            if attempt is not None and attempt >= MAX_ATTEMPTS:
-                return self._failed(job, plan, error, attempt, fields)
+            if (last := last_try(attempt, sent)) is not None:
+                return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(f"unexpected {type(error).__name__}: {error}") from error
 
         output_uri = f"gs://{plan.output[0]}/{plan.output[1]}"
@@ -271,10 +282,12 @@ class Processor:
         return outcome
 
     def _failed(
-        self, job: Job, plan: Plan | None, error: Exception, attempt: int | None, fields: dict
+        self, job: Job, plan: Plan | None, error: Exception, attempt: int | None, fields: dict,
+        note: str = "",
     ) -> Outcome:
+        """Write the failure report; `note` (why retries ended) is appended to its message."""
         bucket, name = routing.failure_location(job, self._layout)
-        details = {"type": type(error).__name__, "message": str(error)}
+        details = {"type": type(error).__name__, "message": f"{error}{note}"}
         if job.origin == "job-message" and bucket not in self._allowed_buckets:
             # Its report would land in a bucket outside the allowlist: write nothing there.
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
@@ -310,6 +323,21 @@ class Processor:
     def _publish(self, outcome: Outcome) -> None:
         if self._results is not None:
             self._results.publish(outcome)
+
+
+def last_try(attempt: int | None, sent: datetime.datetime | None,
+             now: datetime.datetime | None = None) -> str | None:
+    """None while a transient fault should be retried; on the last try, a note for the
+    report: the delivery attempt reached MAX_ATTEMPTS, or (no attempt number) the event is
+    MAX_RETRY_SECONDS old. With neither, retries are the transport's to bound."""
+    if attempt is not None:
+        return "" if attempt >= MAX_ATTEMPTS else None
+    if sent is None:
+        return None
+    age = ((now or datetime.datetime.now(datetime.UTC)) - sent).total_seconds()
+    if age < MAX_RETRY_SECONDS:
+        return None
+    return f" (still failing {age / 60:.0f} min after the event: retries end here)"
 
 
 def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:

@@ -53,6 +53,7 @@ class PullWorker:
             dict(message.attributes),
             message.message_id,
             message.delivery_attempt,
+            message.publish_time,
         )
         fields = {"message_id": message.message_id, "attempt": message.delivery_attempt}
         try:
@@ -65,7 +66,7 @@ class PullWorker:
         try:
             self._processor.handle(
                 event, message_id=message.message_id, attempt=message.delivery_attempt,
-                withdrawn=self._stop.is_set,
+                sent=parsed_message.published, withdrawn=self._stop.is_set,
             )
         except (TransientError, Undeliverable):
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts

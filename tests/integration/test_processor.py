@@ -3,6 +3,7 @@ duplicate checks, generation preconditions, failure reports and error classifica
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import uuid
@@ -13,7 +14,7 @@ from PIL import Image
 from handlers.clients import storage_client
 from handlers.errors import TransientError, Undeliverable
 from handlers.events import JobRequest, ObjectEvent
-from handlers.processor import MAX_ATTEMPTS, Processor
+from handlers.processor import MAX_ATTEMPTS, MAX_RETRY_SECONDS, Processor, last_try
 from handlers.results import ResultPublisher
 from handlers.storage import Store
 from image.errors import ModelError
@@ -273,10 +274,35 @@ def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket
     with pytest.raises(TransientError):
         processor.handle(_event(source), attempt=1)
     with pytest.raises(TransientError):
-        processor.handle(_event(source))  # no dead-letter policy: retry forever
+        processor.handle(_event(source))  # no attempt number and no time: the transport's to bound
     outcome = processor.handle(_event(source), attempt=MAX_ATTEMPTS)
     assert outcome.status == "failed"
     assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
+
+
+def test_deliveries_without_an_attempt_number_stop_retrying_by_age(settings, bucket):
+    """Eventarc counts no attempts: a transient fault is retried while the event is young,
+    and ends in a report MAX_RETRY_SECONDS after it, instead of 24 h of GPU retries."""
+    source = _upload(bucket, "incoming/upscale/old.png")
+    processor = _processor(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
+    now = datetime.datetime.now(datetime.UTC)
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), sent=now - datetime.timedelta(seconds=MAX_RETRY_SECONDS - 60))
+    assert bucket.get_blob("failed/upscale/old.png.json") is None
+    outcome = processor.handle(_event(source), sent=now - datetime.timedelta(seconds=MAX_RETRY_SECONDS + 60))
+    assert outcome.status == "failed"
+    report = _report(bucket, "failed/upscale/old.png.json")
+    assert report["attempt"] is None
+    assert report["error"] == {"type": "ModelError", "message":
+                               "CUDA out of memory (still failing 31 min after the event: retries end here)"}
+
+
+def test_the_attempt_number_wins_over_the_age():
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    assert last_try(1, old) is None  # a dead-letter policy counts: five tries, whatever the age
+    assert last_try(MAX_ATTEMPTS, None) == ""
+    assert last_try(None, None) is None
+    assert last_try(None, old).startswith(" (still failing 1440 min")
 
 
 def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engine, bucket):

@@ -5,6 +5,7 @@ the push endpoint is tested through the Flask app."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 
@@ -19,7 +20,7 @@ from handlers.dlq import (
     list_dead_letters,
     replay,
 )
-from handlers.processor import MAX_ATTEMPTS
+from handlers.processor import MAX_ATTEMPTS, MAX_RETRY_SECONDS
 from image.errors import ModelError
 from tests.integration.conftest import PROJECT, png_bytes, wait_for
 from tests.integration.test_processor import FakeEngine
@@ -239,3 +240,36 @@ def test_push_on_the_last_delivery_attempt_writes_a_report(
         assert response.get_json()["status"] == outcome
         body = json.loads(report.download_as_bytes())
         assert body["attempt"] == MAX_ATTEMPTS and "CUDA out of memory" in body["error"]["message"]
+
+
+def _cloudevent(blob, sent: datetime.datetime) -> tuple[dict, bytes]:
+    """Eventarc's binary-mode CloudEvent for `blob`'s upload, sent at `sent`."""
+    blob.reload()
+    headers = {
+        "ce-specversion": "1.0", "ce-id": uuid.uuid4().hex[:12],
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
+        "ce-subject": f"objects/{blob.name}", "ce-time": sent.isoformat().replace("+00:00", "Z"),
+        "content-type": "application/json",
+    }
+    return headers, json.dumps(blob._properties).encode()
+
+
+@pytest.mark.parametrize("age_seconds, status", [(60, 503), (MAX_RETRY_SECONDS + 60, 200)])
+def test_eventarc_retries_end_in_a_report_once_the_event_is_old(bucket, settings, age_seconds, status):
+    """CloudEvents carry no delivery attempt, and Eventarc has no dead-letter topic: a young
+    event is retried (503), an old one gets its failure report (200) instead of a day of GPU
+    retries and a silent drop."""
+    blob = bucket.blob("incoming/upscale/e.png")
+    blob.upload_from_string(png_bytes(), content_type="image/png")
+    processor = processor_for(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
+    sent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=age_seconds)
+    headers, body = _cloudevent(blob, sent)
+    response = app_for(processor).post("/", data=body, headers=headers)
+    assert response.status_code == status, response.get_json()
+    report = bucket.get_blob("failed/upscale/e.png.json")
+    if status == 503:
+        assert report is None
+    else:
+        error = json.loads(report.download_as_bytes())["error"]
+        assert error["type"] == "ModelError" and "retries end here" in error["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from handlers.events import (
     parse_cloudevent,
     parse_message,
     parse_push_envelope,
+    parse_timestamp,
 )
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -43,9 +45,10 @@ def test_cloudevents(name):
     case = _golden(name)
     headers, body = case["input"]["headers"], json.dumps(case["input"]["body"]).encode()
     assert is_cloudevent(headers)
-    event = parse_cloudevent(headers, body)
+    event, sent = parse_cloudevent(headers, body)
     assert isinstance(event, ObjectEvent)
     assert _plain(event) == case["expected"]
+    assert sent == datetime.datetime(2026, 11, 26, 8, 0, 0, 123456, tzinfo=datetime.UTC)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +62,26 @@ def test_push_envelopes(name):
     message = parse_push_envelope(body)
     assert message.message_id == case["expected_message"]["message_id"]
     assert message.delivery_attempt == case["expected_message"]["delivery_attempt"]
+    assert message.published == parse_timestamp(case["input"]["message"]["publishTime"])
+    assert message.published.tzinfo is datetime.UTC
     assert _plain(parse_message(message)) == case["expected"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2026-11-26T08:00:01Z", datetime.datetime(2026, 11, 26, 8, 0, 1, tzinfo=datetime.UTC)),
+        # Pub/Sub writes nanoseconds; Python keeps microseconds.
+        ("2026-11-26T08:00:01.123456789Z", datetime.datetime(2026, 11, 26, 8, 0, 1, 123456, tzinfo=datetime.UTC)),
+        ("2026-11-26T09:00:01+01:00", datetime.datetime(2026, 11, 26, 8, 0, 1, tzinfo=datetime.UTC)),
+        ("2026-11-26T08:00:01", None),  # no zone: not a time we can compare
+        ("yesterday", None),
+        (12345, None),
+        (None, None),
+    ],
+)
+def test_timestamps(text, expected):
+    assert parse_timestamp(text) == expected
 
 
 @pytest.mark.parametrize("name", ["pull_notification_emulator.json", "pull_job_message.json"])
