@@ -5,6 +5,7 @@
     │   ├── ... image errors ...
     │   ├── UnsafeObjectName        a name that cannot be mapped safely into the layout
     │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
+    │   ├── OutputTaken             the output path holds another live source's result
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
     ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
     ├── Undeliverable               refused, with no bucket of ours to report in (HTTP 400, nack:
@@ -32,6 +33,10 @@ class SourceNotAllowed(InputError):
 
 class StoragePermanentError(InputError):
     pass
+
+
+class OutputTaken(InputError):
+    """Two sources map to one output (photo.jpg and photo.png): the first keeps it."""
 
 
 class EventError(ImagenError):

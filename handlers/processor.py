@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 from handlers import metrics, routing
 from handlers.errors import (
+    EventError,
+    OutputTaken,
     PreconditionLost,
     SourceNotAllowed,
     SourceSuperseded,
@@ -31,7 +33,7 @@ from handlers.errors import (
     TransientError,
     Undeliverable,
 )
-from handlers.events import JobRequest, ObjectEvent
+from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, decode_image, encode_image
@@ -167,6 +169,7 @@ class Processor:
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
             check_replaceable(existing, job, plan)
+            self._check_not_taken(existing, job, plan)
             skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
@@ -259,6 +262,29 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _check_not_taken(self, existing: ObjectState | None, job: Job, plan: Plan) -> None:
+        """A derived output (processed/<op>/<path without extension>.<format>) can be claimed
+        by two sources, photo.jpg and photo.png. The one written first keeps it while its
+        source lives; the other fails with a report, whichever order they arrive in, so a
+        redelivery never swaps one result for the other. A job message's explicit `output`
+        is its sender's choice and may replace it."""
+        other = existing.metadata.get(routing.SOURCE_KEY) if existing else None
+        if job.output is not None or other is None or other == job.source_uri:
+            return
+        try:
+            other_bucket, other_name = parse_gs_uri(other)
+            alive = self._store.stat(other_bucket, other_name) is not None
+        except EventError:  # metadata someone edited by hand: not a source we can look at
+            return
+        except StoragePermanentError:  # cannot look (no access): assume it lives
+            alive = True
+        if alive:
+            bucket, name = plan.output
+            raise OutputTaken(
+                f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
+                f"output name: rename one of them (outputs drop the source's extension)"
+            )
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):

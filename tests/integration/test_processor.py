@@ -393,3 +393,36 @@ def test_results_topic_gets_one_message_per_job(settings, bucket, publisher, sub
     assert by_status["succeeded"]["model"] == "fake/upscale@0123"
     assert by_status["failed"]["error"]["type"] == "ImageDecodeError"
     assert set(by_status["succeeded"]) == {"source", "generation", "output", "model", "seconds", "error"}
+
+
+def test_two_sources_with_one_output_name_keep_the_first_result(settings, bucket):
+    """photo.jpg and photo.png both map to processed/upscale/photo.png: the first keeps it while
+    it lives, the other gets a report, and no redelivery swaps one result for the other."""
+    processor = _processor(settings, FakeEngine())
+    first = _upload(bucket, "incoming/upscale/photo.jpg")
+    second = _upload(bucket, "incoming/upscale/photo.png")
+    assert processor.handle(_event(first)).status == "succeeded"
+    written = bucket.get_blob("processed/upscale/photo.png").generation
+
+    outcome = processor.handle(_event(second))
+    assert outcome.status == "failed"
+    error = _report(bucket, "failed/upscale/photo.png.json")["error"]
+    assert error["type"] == "OutputTaken"
+    assert f"already holds the result of gs://{bucket.name}/incoming/upscale/photo.jpg" in error["message"]
+    assert processor.handle(_event(first)).status == "skipped"  # a redelivery: still the first's
+    assert bucket.get_blob("processed/upscale/photo.png").generation == written
+
+    first.delete()  # the first source is gone: the other may have the name
+    assert processor.handle(_event(second)).status == "succeeded"
+    meta = bucket.get_blob("processed/upscale/photo.png").metadata
+    assert meta["imagen-source"] == f"gs://{bucket.name}/incoming/upscale/photo.png"
+
+
+def test_an_explicit_output_may_replace_another_sources_result(settings, bucket):
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    _upload(bucket, "uploads/a.png")
+    _upload(bucket, "uploads/b.png")
+    target = f"gs://{bucket.name}/processed/catalog/item.png"
+    assert processor.handle(JobRequest(bucket.name, "uploads/a.png", "upscale", {}, target)).status == "succeeded"
+    assert processor.handle(JobRequest(bucket.name, "uploads/b.png", "upscale", {}, target)).status == "succeeded"
+    assert bucket.get_blob("processed/catalog/item.png").metadata["imagen-source"].endswith("/uploads/b.png")
