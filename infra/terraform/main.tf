@@ -3,7 +3,8 @@
 #   input bucket --(Storage notification, incoming/ only)--> notification topic
 #     --(one filtered subscription per operation)--> Cloud Run GPU service (push, OIDC)
 #                                                  or GKE worker pool (pull, KEDA)
-#     --(5 failed deliveries)--> the operation's dead-letter topic and subscription
+#     --(20 unanswered deliveries)--> the operation's dead-letter topic and subscription
+#     (what no operation's filter takes --> the unrouted subscription, kept and alerted on)
 #
 # One file per concern: storage.tf, pubsub.tf, cloudrun.tf, eventarc.tf, gke.tf, iam.tf,
 # build.tf, monitoring.tf. docs/deploy.md walks through an apply.
@@ -77,6 +78,19 @@ locals {
     ])
   }
 
+  # What no operation's filter takes: uploads outside every operation's folder (a typo, a
+  # chain such as remove-background,upscale, an object straight under the input prefix) and
+  # job messages without an `operation` attribute. Pub/Sub would drop them unseen; the
+  # unrouted subscription keeps them (pubsub.tf) and monitoring.tf alerts on them. A filter
+  # holds at most 256 bytes: with many operations or a long input prefix it cannot be
+  # written, and a check says so.
+  unrouted_filter = format("NOT (%s)", join(" OR ", concat(
+    [for op in var.operations : "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")"],
+    ["attributes:operation"],
+  )))
+  unrouted_filter_fits = length(local.unrouted_filter) <= 256
+  unrouted             = local.pubsub && var.subscription_filter && local.unrouted_filter_fits
+
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
   # IMAGEN_SUBSCRIPTION are per operation.
   common_env = merge(
@@ -116,6 +130,13 @@ resource "google_project_service" "enabled" {
   service = each.value
   # Other things in the project may use these APIs too.
   disable_on_destroy = false
+}
+
+check "unrouted_filter_fits" {
+  assert {
+    condition     = !local.pubsub || !var.subscription_filter || local.unrouted_filter_fits
+    error_message = "The unrouted subscription's filter would exceed Pub/Sub's 256 bytes (many operations or a long input_prefix): it is not created, so uploads outside every operation's folder are dropped unseen. Shorten input_prefix, or set subscription_filter = false."
+  }
 }
 
 check "k8s_names" {

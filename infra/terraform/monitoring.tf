@@ -53,3 +53,56 @@ resource "google_monitoring_alert_policy" "dead_letters" {
 
   depends_on = [google_project_service.enabled]
 }
+
+# An upload (or job message) that no operation's subscription takes: a folder that names no
+# deployed operation, a chain, or a job message without an `operation` attribute.
+resource "google_monitoring_alert_policy" "unrouted" {
+  count = local.unrouted ? 1 : 0
+
+  display_name = "imagen: uploads no worker serves"
+  combiner     = "OR"
+  severity     = "WARNING"
+
+  conditions {
+    display_name = "unrouted backlog"
+    condition_threshold {
+      filter = join(" AND ", [
+        "resource.type = \"pubsub_subscription\"",
+        "resource.labels.subscription_id = \"${google_pubsub_subscription.unrouted[0].name}\"",
+        "metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\"",
+      ])
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "60s"
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+      trigger {
+        count = 1
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      Messages reached `${var.name_prefix}-unrouted`: no worker pool's subscription takes them,
+      so they get no output and no failure report. Usually an upload under a folder that names
+      no deployed operation (a typo, `${var.input_prefix}` itself, or a chain such as
+      `remove-background,upscale`: chains need one worker serving all their operations), or a
+      job message without an `operation` attribute naming one deployed operation.
+      `imagen dlq list --subscription ${var.name_prefix}-unrouted` shows them. Move the objects
+      under an operation's folder (or fix the publisher), then drain the subscription;
+      `imagen dlq replay --topic ${var.name_prefix}-jobs` re-publishes them once a pool serves them.
+    EOT
+  }
+
+  notification_channels = var.alert_notification_channels
+
+  alert_strategy {
+    auto_close = "86400s"
+  }
+
+  depends_on = [google_project_service.enabled]
+}

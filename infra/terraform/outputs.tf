@@ -33,6 +33,11 @@ output "dead_letter_subscriptions" {
   value       = { for op, sub in google_pubsub_subscription.dead_letter : op => sub.id }
 }
 
+output "unrouted_subscription" {
+  description = "Keeps the messages no operation's subscription takes (null when not created)."
+  value       = local.unrouted ? google_pubsub_subscription.unrouted[0].id : null
+}
+
 output "results_topic" {
   description = "The results topic (IMAGEN_RESULTS_TOPIC), when enabled."
   value       = var.results_topic ? google_pubsub_topic.results[0].id : null

@@ -158,6 +158,107 @@ def test_subscriptions_filter_by_folder_and_operation_attribute(terraform):
     assert terraform.default("subscription_filter") is True
 
 
+_FILTER_TOKEN = re.compile(
+    r'\s*(?:(?P<prefix>hasPrefix\(attributes\.(?P<pkey>\w+),\s*"(?P<pvalue>[^"]*)"\))'
+    r'|(?P<equals>attributes\.(?P<ekey>\w+)\s*=\s*"(?P<evalue>[^"]*)")'
+    r'|(?P<has>attributes:(?P<hkey>\w+))|(?P<word>NOT|AND|OR)|(?P<paren>[()]))'
+)
+
+
+def _matches(pubsub_filter: str, attributes: dict[str, str]) -> bool:
+    """Pub/Sub's filter language, the part these filters use, evaluated for one message."""
+    tokens, position = [], 0
+    while position < len(pubsub_filter.rstrip()):
+        token = _FILTER_TOKEN.match(pubsub_filter, position)
+        assert token, f"cannot read {pubsub_filter[position:]!r}"
+        tokens.append(token)
+        position = token.end()
+
+    def atom(i):
+        token = tokens[i]
+        if token["word"] == "NOT":
+            value, i = atom(i + 1)
+            return not value, i
+        if token["paren"] == "(":
+            value, i = either(i + 1)
+            assert tokens[i]["paren"] == ")"
+            return value, i + 1
+        if token["prefix"]:
+            return attributes.get(token["pkey"], None) is not None and attributes[token["pkey"]].startswith(token["pvalue"]), i + 1
+        if token["equals"]:
+            return attributes.get(token["ekey"]) == token["evalue"], i + 1
+        return token["hkey"] in attributes, i + 1
+
+    def either(i):  # the filters here join with OR only
+        value, i = atom(i)
+        while i < len(tokens) and tokens[i]["word"] == "OR":
+            other, i = atom(i + 1)
+            value = value or other
+        return value, i
+
+    value, end = either(0)
+    assert end == len(tokens)
+    return value
+
+
+@pytest.fixture(scope="module")
+def rendered_filters(terraform, tmp_path_factory):
+    """The subscription filters as Terraform writes them for the default variables: the
+    locals' own expressions, evaluated by terraform in a module of their own (no provider)."""
+    binary = shutil.which("terraform")
+    if binary is None:
+        pytest.skip("terraform is not installed")
+    module = tmp_path_factory.mktemp("filters")
+    (module / "main.tf").write_text(
+        f"""variable "operations" {{ default = {json.dumps(terraform.default("operations"))} }}
+variable "input_prefix" {{ default = {json.dumps(terraform.default("input_prefix"))} }}
+output "per_operation" {{ value = {expr(terraform.locals["subscription_filters"])} }}
+output "unrouted" {{ value = {expr(terraform.locals["unrouted_filter"])} }}
+"""
+    )
+    for command in (["init", "-input=false"], ["apply", "-input=false", "-auto-approve"]):
+        result = subprocess.run([binary, f"-chdir={module}", *command], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([binary, f"-chdir={module}", "output", "-json"], capture_output=True, text=True, timeout=60)
+    outputs = json.loads(result.stdout)
+    return outputs["per_operation"]["value"], outputs["unrouted"]["value"]
+
+
+@pytest.mark.parametrize(
+    "attributes, taken_by",
+    [
+        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscale/a.png"}, {"upscale"}),
+        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a/b.png"}, {"remove-background"}),
+        # A chain, a typo, the bare input folder: no pool serves them, the unrouted
+        # subscription keeps them where Pub/Sub would have dropped them.
+        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"}, {"unrouted"}),
+        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscal/a.png"}, {"unrouted"}),
+        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/a.png"}, {"unrouted"}),
+        ({"operation": "enhance"}, {"enhance"}),  # a job message naming its operation
+        ({}, {"unrouted"}),  # a job message without the attribute
+    ],
+)
+def test_every_message_reaches_one_subscription(rendered_filters, attributes, taken_by):
+    per_operation, unrouted = rendered_filters
+    filters = {**per_operation, "unrouted": unrouted}
+    assert {name for name, text in filters.items() if _matches(text, attributes)} == taken_by
+    assert all(len(text.encode()) <= 256 for text in filters.values()), "Pub/Sub filters hold 256 bytes"
+
+
+def test_unrouted_messages_are_kept_and_watched(terraform):
+    sub = terraform.resource("google_pubsub_subscription", "unrouted")
+    assert expr(sub["count"]) == "local.unrouted ? 1 : 0"
+    assert expr(sub["filter"]) == "local.unrouted_filter"
+    assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
+    assert expr(terraform.locals["unrouted"]) == (
+        "local.pubsub && var.subscription_filter && local.unrouted_filter_fits"
+    )
+    alert = terraform.resource("google_monitoring_alert_policy", "unrouted")
+    threshold = one(one(alert["conditions"])["condition_threshold"])
+    assert "google_pubsub_subscription.unrouted[0].name" in expr(threshold["filter"])
+    assert "unrouted_filter_fits" in terraform.checks
+
+
 def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
     from handlers.processor import MAX_ATTEMPTS
 
