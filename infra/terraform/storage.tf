@@ -34,6 +34,15 @@ resource "google_storage_bucket" "input" {
   lifecycle {
     # An error, not a `check` (which only warns and applies anyway).
     precondition {
+      # Each folder inside another would loop (results processed again) or mix results
+      # with reports; handlers/settings.py refuses the same at start-up.
+      condition = alltrue([
+        for pair in setproduct([var.input_prefix, var.output_prefix, var.failed_prefix], [var.input_prefix, var.output_prefix, var.failed_prefix]) :
+        pair[0] == pair[1] || (!startswith(pair[0], pair[1]) && !startswith(pair[1], pair[0]))
+      ]) && length(distinct([var.input_prefix, var.output_prefix, var.failed_prefix])) == 3
+      error_message = "input_prefix, output_prefix and failed_prefix must be three folders, none inside another."
+    }
+    precondition {
       condition     = !local.eventarc || var.output_bucket != ""
       error_message = "delivery = eventarc cannot filter by folder: with results in the input bucket every result wakes every service. Set output_bucket."
     }

@@ -46,18 +46,39 @@ variable "input_prefix" {
   description = "Folder watched for new images (IMAGEN_INPUT_PREFIX)."
   type        = string
   default     = "incoming/"
+
+  validation {
+    # As handlers/settings.py checks IMAGEN_INPUT_PREFIX at start-up, so a bad value stops the plan
+    # rather than every worker.
+    condition     = can(regex("^([^/]+/)+$", var.input_prefix))
+    error_message = "input_prefix: a folder like \"incoming/\" (ends with /, no leading / or empty segment)."
+  }
 }
 
 variable "output_prefix" {
   description = "Folder results are written under (IMAGEN_OUTPUT_PREFIX)."
   type        = string
   default     = "processed/"
+
+  validation {
+    # As handlers/settings.py checks IMAGEN_OUTPUT_PREFIX at start-up, so a bad value stops the plan
+    # rather than every worker.
+    condition     = can(regex("^([^/]+/)+$", var.output_prefix))
+    error_message = "output_prefix: a folder like \"processed/\" (ends with /, no leading / or empty segment)."
+  }
 }
 
 variable "failed_prefix" {
   description = "Folder failure reports are written under, in the input bucket (IMAGEN_FAILED_PREFIX)."
   type        = string
   default     = "failed/"
+
+  validation {
+    # As handlers/settings.py checks IMAGEN_FAILED_PREFIX at start-up, so a bad value stops the plan
+    # rather than every worker.
+    condition     = can(regex("^([^/]+/)+$", var.failed_prefix))
+    error_message = "failed_prefix: a folder like \"failed/\" (ends with /, no leading / or empty segment)."
+  }
 }
 
 variable "failed_retention_days" {

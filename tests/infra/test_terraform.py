@@ -201,27 +201,67 @@ def _matches(pubsub_filter: str, attributes: dict[str, str]) -> bool:
     return value
 
 
-@pytest.fixture(scope="module")
-def rendered_filters(terraform, tmp_path_factory):
-    """The subscription filters as Terraform writes them for the default variables: the
-    locals' own expressions, evaluated by terraform in a module of their own (no provider)."""
+def _evaluate(tmp_path, variables: dict, outputs: dict[str, str]) -> dict:
+    """Terraform's own value of each expression in `outputs`, with `variables` at the given
+    defaults, in a module of its own (no provider, so no network)."""
     binary = shutil.which("terraform")
     if binary is None:
         pytest.skip("terraform is not installed")
-    module = tmp_path_factory.mktemp("filters")
-    (module / "main.tf").write_text(
-        f"""variable "operations" {{ default = {json.dumps(terraform.default("operations"))} }}
-variable "input_prefix" {{ default = {json.dumps(terraform.default("input_prefix"))} }}
-output "per_operation" {{ value = {expr(terraform.locals["subscription_filters"])} }}
-output "unrouted" {{ value = {expr(terraform.locals["unrouted_filter"])} }}
-"""
-    )
+    text = "".join(f'variable "{name}" {{ default = {json.dumps(value)} }}\n' for name, value in variables.items())
+    text += "".join(f'output "{name}" {{ value = {expression} }}\n' for name, expression in outputs.items())
+    (tmp_path / "main.tf").write_text(text)
     for command in (["init", "-input=false"], ["apply", "-input=false", "-auto-approve"]):
-        result = subprocess.run([binary, f"-chdir={module}", *command], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([binary, f"-chdir={tmp_path}", *command], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
-    result = subprocess.run([binary, f"-chdir={module}", "output", "-json"], capture_output=True, text=True, timeout=60)
-    outputs = json.loads(result.stdout)
-    return outputs["per_operation"]["value"], outputs["unrouted"]["value"]
+    result = subprocess.run([binary, f"-chdir={tmp_path}", "output", "-json"], capture_output=True, text=True, timeout=60)
+    return {name: value["value"] for name, value in json.loads(result.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def rendered_filters(terraform, tmp_path_factory):
+    """The subscription filters as Terraform writes them for the default variables."""
+    values = _evaluate(
+        tmp_path_factory.mktemp("filters"),
+        {name: terraform.default(name) for name in ("operations", "input_prefix")},
+        {"per_operation": expr(terraform.locals["subscription_filters"]),
+         "unrouted": expr(terraform.locals["unrouted_filter"])},
+    )
+    return values["per_operation"], values["unrouted"]
+
+
+def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
+    """The variables' validation and the input bucket's precondition accept exactly the
+    prefixes handlers/settings.py accepts, so a bad one stops the plan, not every worker."""
+    from handlers.errors import ConfigError
+    from handlers.settings import Settings
+
+    samples = [("incoming/", "processed/", "failed/"), ("in/", "out/", "in-failed/"),
+               ("a/b/", "processed/", "failed/"), ("incoming", "processed/", "failed/"),
+               ("/incoming/", "processed/", "failed/"), ("in//x/", "processed/", "failed/"),
+               ("incoming/", "incoming/done/", "failed/"), ("failed/", "processed/", "failed/")]
+    rule = expr(one(terraform.variables["input_prefix"]["validation"])["condition"])
+    precondition = next(
+        expr(item["condition"]) for item in one(terraform.resource("google_storage_bucket", "input")["lifecycle"])["precondition"]
+        if "var.failed_prefix" in expr(item["condition"])
+    )
+    for name in ("output_prefix", "failed_prefix"):
+        assert expr(one(terraform.variables[name]["validation"])["condition"]) == rule.replace("input_prefix", name)
+    outputs = {}
+    for i, (inp, out, failed) in enumerate(samples):
+        bind = {"var.input_prefix": inp, "var.output_prefix": out, "var.failed_prefix": failed}
+        checks = [rule.replace("var.input_prefix", json.dumps(value)) for value in bind.values()]
+        overlap = precondition
+        for ref, value in bind.items():
+            overlap = overlap.replace(ref, json.dumps(value))
+        outputs[f"s{i}"] = f"alltrue([{', '.join(checks)}]) && ({overlap})"
+    values = _evaluate(tmp_path, {}, outputs)
+    for i, (inp, out, failed) in enumerate(samples):
+        try:
+            Settings(input_prefix=inp, output_prefix=out, failed_prefix=failed).validate()
+            accepted = True
+        except ConfigError:
+            accepted = False
+        assert values[f"s{i}"] is accepted, (inp, out, failed)
 
 
 @pytest.mark.parametrize(
@@ -426,8 +466,8 @@ def test_worker_accounts_hold_least_privilege(terraform):
 def test_eventarc_without_an_output_bucket_stops_the_plan(terraform):
     """A precondition, not a `check` block: checks only warn, and the apply goes on."""
     bucket = terraform.resource("google_storage_bucket", "input")
-    precondition = one(one(bucket["lifecycle"])["precondition"])
-    assert "!local.eventarc || var.output_bucket != " in expr(precondition["condition"])
+    conditions = [expr(item["condition"]) for item in one(bucket["lifecycle"])["precondition"]]
+    assert any("!local.eventarc || var.output_bucket != " in condition for condition in conditions)
     assert "eventarc_output_bucket" not in terraform.checks
 
 
