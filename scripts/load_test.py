@@ -307,9 +307,11 @@ def run_load(
     )
     kill_count = 0
     try:
-        for worker in workers:
+        # With a fixed number of kills A must get jobs to be killed in: it pulls alone while
+        # the pictures go up, and B joins after (with the tiny model a worker that pulls
+        # from the start can take all twenty before A starts one).
+        for worker in workers if kills is None else (victim,):
             worker.start()
-        for worker in workers:
             worker.wait_pulling()
         log(
             f"two workers pulling from {subscription}; uploading {n} pictures to gs://{bucket.name}"
@@ -327,6 +329,8 @@ def run_load(
                 )
             )
         log(f"uploaded {n} in {time.monotonic() - started:.1f} s")
+        if kills is not None:
+            steady.start()
 
         deadline = started + timeout
         # Kill A at a random moment while it has a job in hand: after a random interval
