@@ -210,9 +210,11 @@ class Processor:
                     # Another delivery of this job (or a newer one) wrote first: look at what
                     # it wrote. Anything else (and this look's own errors) goes to the
                     # handlers below, the last attempt's report included.
-                    skip = skip_reason(self._store.stat(*plan.output), job, plan)
+                    now = self._store.stat(*plan.output)
+                    skip = skip_reason(now, job, plan)
                     if skip:
                         return self._skipped(job, plan, skip, fields)
+                    self._check_not_taken(now, job, plan)  # another source won the race
                     raise
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
@@ -280,6 +282,11 @@ class Processor:
         except StoragePermanentError:  # cannot look (no access): assume it lives
             alive = True
         if alive:
+            # A late event for a source since deleted or replaced is skipped, as it would be
+            # at its download, rather than reported.
+            own = self._store.stat(job.bucket, job.name)
+            if own is None or str(own.generation) != job.generation:
+                raise SourceSuperseded(f"{job.source_uri}#{job.generation} no longer exists")
             bucket, name = plan.output
             raise OutputTaken(
                 f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "

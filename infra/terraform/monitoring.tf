@@ -92,9 +92,12 @@ resource "google_monitoring_alert_policy" "unrouted" {
       no deployed operation (a typo, `${var.input_prefix}` itself, or a chain such as
       `remove-background,upscale`: chains need one worker serving all their operations), or a
       job message without an `operation` attribute naming one deployed operation.
+      A folder placeholder made in the console outside an operation's folder lands here too.
       `imagen dlq list --subscription ${var.name_prefix}-unrouted` shows them. Move the objects
-      under an operation's folder (or fix the publisher), then drain the subscription;
-      `imagen dlq replay --topic ${var.name_prefix}-jobs` re-publishes them once a pool serves them.
+      under an operation's folder (or fix the publisher), then drain the subscription
+      (`gcloud pubsub subscriptions seek ${var.name_prefix}-unrouted --time=NOW`, NOW in RFC 3339);
+      or, once a pool serves them, `imagen dlq replay --subscription ${var.name_prefix}-unrouted
+      --topic ${var.name_prefix}-jobs` re-publishes them.
     EOT
   }
 

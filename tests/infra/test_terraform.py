@@ -230,15 +230,17 @@ def rendered_filters(terraform, tmp_path_factory):
 
 
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
-    """The variables' validation and the input bucket's precondition accept exactly the
-    prefixes handlers/settings.py accepts, so a bad one stops the plan, not every worker."""
+    """The variables' validation and the input bucket's precondition accept the prefixes
+    handlers/settings.py accepts, so a bad one stops the plan, not every worker; Terraform
+    also refuses characters a Pub/Sub filter would need escaped (or count as two bytes)."""
     from handlers.errors import ConfigError
     from handlers.settings import Settings
 
     samples = [("incoming/", "processed/", "failed/"), ("in/", "out/", "in-failed/"),
                ("a/b/", "processed/", "failed/"), ("incoming", "processed/", "failed/"),
                ("/incoming/", "processed/", "failed/"), ("in//x/", "processed/", "failed/"),
-               ("incoming/", "incoming/done/", "failed/"), ("failed/", "processed/", "failed/")]
+               ("incoming/", "incoming/done/", "failed/"), ("failed/", "processed/", "failed/"),
+               ('in"x/', "processed/", "failed/"), ("entrée/", "processed/", "failed/")]
     rule = expr(one(terraform.variables["input_prefix"]["validation"])["condition"])
     precondition = next(
         expr(item["condition"]) for item in one(terraform.resource("google_storage_bucket", "input")["lifecycle"])["precondition"]
@@ -258,7 +260,7 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
     for i, (inp, out, failed) in enumerate(samples):
         try:
             Settings(input_prefix=inp, output_prefix=out, failed_prefix=failed).validate()
-            accepted = True
+            accepted = re.fullmatch(r"[A-Za-z0-9._/-]+", inp + out + failed) is not None
         except ConfigError:
             accepted = False
         assert values[f"s{i}"] is accepted, (inp, out, failed)

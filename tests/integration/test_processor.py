@@ -411,6 +411,10 @@ def test_two_sources_with_one_output_name_keep_the_first_result(settings, bucket
     assert f"already holds the result of gs://{bucket.name}/incoming/upscale/photo.jpg" in error["message"]
     assert processor.handle(_event(first)).status == "skipped"  # a redelivery: still the first's
     assert bucket.get_blob("processed/upscale/photo.png").generation == written
+    late = _event(second)
+    _upload(bucket, "incoming/upscale/photo.png")  # replaced: the old event is late, not a conflict
+    assert processor.handle(late).status == "skipped"
+    second = bucket.get_blob("incoming/upscale/photo.png")
 
     first.delete()  # the first source is gone: the other may have the name
     assert processor.handle(_event(second)).status == "succeeded"
