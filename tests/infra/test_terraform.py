@@ -295,10 +295,7 @@ def test_unrouted_messages_are_kept_and_watched(terraform):
     assert expr(terraform.locals["unrouted"]) == (
         "local.pubsub && var.subscription_filter && local.unrouted_filter_fits"
     )
-    alert = terraform.resource("google_monitoring_alert_policy", "unrouted")
-    threshold = one(one(alert["conditions"])["condition_threshold"])
-    assert "google_pubsub_subscription.unrouted[0].name" in expr(threshold["filter"])
-    assert "unrouted_filter_fits" in terraform.checks
+    assert "unrouted_filter_fits" in terraform.checks  # watched: test_dead_letter_topics_are_kept_and_watched
 
 
 def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
@@ -332,11 +329,14 @@ def test_dead_letter_topics_are_kept_and_watched(terraform):
         "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
     )
     alert = terraform.resource("google_monitoring_alert_policy", "dead_letters")
-    condition = one(alert["dynamic"])["conditions"]["content"]
-    threshold = one(one(condition)["condition_threshold"])
+    conditions = one(alert["dynamic"])["conditions"]
+    assert expr(conditions["for_each"]) == "local.watched_backlogs"
+    threshold = one(one(conditions["content"])["condition_threshold"])
     assert "pubsub.googleapis.com/subscription/num_undelivered_messages" in expr(threshold["filter"])
-    assert "google_pubsub_subscription.dead_letter[conditions.value].name" in expr(threshold["filter"])
+    assert "resource.labels.subscription_id = \\\"${conditions.value}\\\"" in expr(threshold["filter"])
     assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
+    watched = expr(terraform.locals["watched_backlogs"])
+    assert "google_pubsub_subscription.dead_letter" in watched and "google_pubsub_subscription.unrouted" in watched
 
 
 def test_push_carries_an_oidc_token_of_the_invoker(terraform):
