@@ -210,11 +210,11 @@ class Processor:
                     # Another delivery of this job (or a newer one) wrote first: look at what
                     # it wrote. Anything else (and this look's own errors) goes to the
                     # handlers below, the last attempt's report included.
-                    now = self._store.stat(*plan.output)
-                    skip = skip_reason(now, job, plan)
+                    winner = self._store.stat(*plan.output)
+                    skip = skip_reason(winner, job, plan)
                     if skip:
                         return self._skipped(job, plan, skip, fields)
-                    self._check_not_taken(now, job, plan)  # another source won the race
+                    self._check_not_taken(winner, job, plan)  # another source won the race
                     raise
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)

@@ -310,8 +310,10 @@ def run_load(
         # With a fixed number of kills A must get jobs to be killed in: it pulls alone while
         # the pictures go up, and B joins after (with the tiny model a worker that pulls
         # from the start can take all twenty before A starts one).
-        for worker in workers if kills is None else (victim,):
+        first = workers if kills is None else (victim,)
+        for worker in first:
             worker.start()
+        for worker in first:
             worker.wait_pulling()
         log(
             f"two workers pulling from {subscription}; uploading {n} pictures to gs://{bucket.name}"
