@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 from google.cloud.storage import transfer_manager
 
@@ -81,11 +82,35 @@ def mirror_cache(
         raise_exception=True,
     )
     _raise_failures(results, send, "uploading")
-    manifest = {"format": _FORMAT, "files": files, "links": links}
-    bucket.blob(prefix + MANIFEST).upload_from_string(
-        json.dumps(manifest, indent=1, sort_keys=True), content_type="application/json"
-    )
+    _write_manifest(bucket, prefix + MANIFEST, files, links)
     return Transfer(len(send), len(links), sum(files[name] for name in send), len(files) - len(send))
+
+
+def _write_manifest(bucket: storage.Bucket, name: str, files: dict[str, int], links: dict[str, str]) -> None:
+    """Record the mirrored models in the manifest, keeping the entries of every other model
+    already there: mirrors made one operation at a time (from per-operation images) add up
+    instead of each hiding the others'. Written with a generation precondition, so two
+    mirrors at once both land."""
+    mirrored = {entry.split("/", 1)[0] for entry in [*files, *links]}
+    for _ in range(5):
+        blob = bucket.get_blob(name)
+        manifest = {"format": _FORMAT, "files": {}, "links": {}}
+        if blob is not None:
+            previous = json.loads(blob.download_as_bytes())
+            if previous.get("format") == _FORMAT:
+                manifest = previous
+        for key, entries in (("files", files), ("links", links)):
+            kept = {k: v for k, v in manifest[key].items() if k.split("/", 1)[0] not in mirrored}
+            manifest[key] = {**kept, **entries}
+        try:
+            bucket.blob(name).upload_from_string(
+                json.dumps(manifest, indent=1, sort_keys=True), content_type="application/json",
+                if_generation_match=blob.generation if blob is not None else 0,
+            )
+            return
+        except api_exceptions.PreconditionFailed:
+            continue  # another mirror wrote it meanwhile: merge with theirs
+    raise ModelError(f"gs://{bucket.name}/{name} kept changing while it was written; mirror again")
 
 
 def restore_cache(

@@ -107,6 +107,21 @@ def test_restore_only_the_operations_asked_for(gcs, bucket, cache, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [REGISTRY["remove-background"].cache_name]
 
 
+def test_mirrors_of_one_operation_at_a_time_add_up(gcs, bucket, cache, tmp_path):
+    """Each per-operation image mirrors its own model: the manifest keeps the others', so
+    every operation's instances can restore theirs."""
+    uri = f"gs://{bucket.name}/shared"
+    names = [spec.cache_name for spec in SPECS]
+    for name in names:
+        mirror_cache(cache, uri, client=gcs, cache_names=[name])
+    for name in names:
+        restore_cache(uri, tmp_path / name, client=gcs, cache_names=[name])
+        assert [p.name for p in (tmp_path / name).iterdir()] == [name]
+    mirror_cache(cache, uri, client=gcs, cache_names=names[:1])  # again: replaces its own entries only
+    restore_cache(uri, tmp_path / "all", client=gcs)
+    assert _tree(tmp_path / "all") == _tree(cache)
+
+
 def test_restore_without_a_mirror_names_the_fix(gcs, bucket, tmp_path):
     with pytest.raises(ModelMissing, match="imagen models mirror"):
         restore_cache(f"gs://{bucket.name}/nothing", tmp_path, client=gcs)
