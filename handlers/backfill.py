@@ -1,10 +1,13 @@
 """Backfill: queue job messages for existing objects that have no up-to-date output.
 
 Objects are judged exactly as the processor judges a job (routing, then `plan_job`, then the
-output's `imagen-source-generation` and parameters), so a backfill queues only what a worker
-would really do, and running it again after a stop queues nothing already done. Each message
-names the object generation it was listed at, and carries the `operation` attribute that
-each operation's subscription filters on (without it, filtered subscriptions drop it).
+output's `imagen-source-generation` and parameters, and whether another source's result holds
+the output), so a backfill queues only what a worker would really do, and running it again
+after a stop queues nothing already done. What failed before for the same generation and
+parameters (its failure report says so) is not queued again unless asked (`retry_failed`):
+a permanent failure would fail again, and a transient one already had its retries. Each
+message names the object generation it was listed at, and carries the `operation` attribute
+that each operation's subscription filters on (without it, filtered subscriptions drop it).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from google.cloud import storage
 
 from handlers import routing
 from handlers.events import FINALIZE, ObjectEvent
-from handlers.processor import plan_job, skip_reason
+from handlers.processor import plan_job, skip_reason, taken_by
 from handlers.routing import Ignored, Layout
 from handlers.storage import ObjectState, Store
 from image.errors import InputError
 from image.operations import OPERATION_NAMES
+from image.params import canonical_json
+
+OUTPUT_TAKEN = "would fail: OutputTaken (another source's result holds its output name)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Decision:
     action: str  # "queue", "done" or "skip"
     reason: str = ""
     message: dict | None = None  # the job message to publish, for "queue"
+    output: tuple[str, str] | None = None  # (bucket, name) its job would write, for "queue"
 
 
 @dataclasses.dataclass
@@ -55,7 +62,8 @@ class Summary:
         return lines
 
 
-def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | None) -> Decision:
+def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | None,
+           retry_failed: bool = False) -> Decision:
     """What to do about one listed object."""
     uri = f"gs://{blob.bucket.name}/{blob.name}"
     generation = str(blob.generation)
@@ -74,8 +82,25 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
     state: ObjectState | None = store.stat(*plan.output)
     if skip_reason(state, job, plan):
         return Decision(uri, "done")
+    if taken_by(state, job, store.stat):
+        return Decision(uri, "skip", OUTPUT_TAKEN)
+    if not retry_failed:
+        report = store.read_report(*routing.failure_location(job, layout))
+        if _same_job(report, generation, plan.canonical):
+            return Decision(uri, "skip", "failed before with these parameters (see its failure report; "
+                                         "--retry-failed queues it again)")
     message = {"source": uri, "operation": plan.operation, "params": plan.params, "generation": generation}
-    return Decision(uri, "queue", message=message)
+    return Decision(uri, "queue", message=message, output=plan.output)
+
+
+def _same_job(report: dict | None, generation: str, canonical: str) -> bool:
+    """Whether a failure report is about this generation with these parameters."""
+    if not report or str(report.get("generation")) != generation:
+        return False
+    try:
+        return canonical_json(report.get("params") or {}) == canonical
+    except (TypeError, ValueError):
+        return False
 
 
 def backfill(
@@ -87,19 +112,27 @@ def backfill(
     operation: str | None,
     publish: Callable[[bytes, dict[str, str]], None] | None,
     rate: float,
+    retry_failed: bool = False,
     on_decision: Callable[[Decision], None] = lambda decision: None,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
     `publish(data, attributes)`; None is a dry run. `rate` bounds publishing in messages per
-    second.
+    second. Of two listed objects that would write one output (photo.jpg, photo.png), only
+    the first is queued: the other would fail with OutputTaken.
     """
     store = Store(client)
     summary = Summary()
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
+    claimed: set[tuple[str, str]] = set()
     for blob in _objects(client, bucket, prefix):
-        decision = decide(blob, layout, store, operation)
+        decision = decide(blob, layout, store, operation, retry_failed)
+        if decision.action == "queue":
+            if decision.output in claimed:
+                decision = Decision(decision.uri, "skip", OUTPUT_TAKEN)
+            else:
+                claimed.add(decision.output)
         if decision.action == "queue" and publish is not None:
             delay = next_at - time.monotonic()
             if delay > 0:

@@ -266,32 +266,20 @@ class Processor:
         return outcome
 
     def _check_not_taken(self, existing: ObjectState | None, job: Job, plan: Plan) -> None:
-        """A derived output (processed/<op>/<path without extension>.<format>) can be claimed
-        by two sources, photo.jpg and photo.png. The one written first keeps it while its
-        source lives; the other fails with a report, whichever order they arrive in, so a
-        redelivery never swaps one result for the other. A job message's explicit `output`
-        is its sender's choice and may replace it."""
-        other = existing.metadata.get(routing.SOURCE_KEY) if existing else None
-        if job.output is not None or other is None or other == job.source_uri:
+        """OutputTaken when another live source's result holds the job's derived output
+        (`taken_by`), unless the job's own source is gone: a late event is skipped, as it
+        would be at its download, rather than reported."""
+        other = taken_by(existing, job, self._store.stat)
+        if other is None:
             return
-        try:
-            other_bucket, other_name = parse_gs_uri(other)
-            alive = self._store.stat(other_bucket, other_name) is not None
-        except EventError:  # metadata someone edited by hand: not a source we can look at
-            return
-        except StoragePermanentError:  # cannot look (no access): assume it lives
-            alive = True
-        if alive:
-            # A late event for a source since deleted or replaced is skipped, as it would be
-            # at its download, rather than reported.
-            own = self._store.stat(job.bucket, job.name)
-            if own is None or str(own.generation) != job.generation:
-                raise SourceSuperseded(f"{job.source_uri}#{job.generation} no longer exists")
-            bucket, name = plan.output
-            raise OutputTaken(
-                f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
-                f"output name: rename one of them (outputs drop the source's extension)"
-            )
+        own = self._store.stat(job.bucket, job.name)
+        if own is None or str(own.generation) != job.generation:
+            raise SourceSuperseded(f"{job.source_uri}#{job.generation} no longer exists")
+        bucket, name = plan.output
+        raise OutputTaken(
+            f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
+            f"output name: rename one of them (outputs drop the source's extension)"
+        )
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):
@@ -356,6 +344,27 @@ class Processor:
     def _publish(self, outcome: Outcome) -> None:
         if self._results is not None:
             self._results.publish(outcome)
+
+
+def taken_by(existing: ObjectState | None, job: Job,
+             stat: Callable[[str, str], ObjectState | None]) -> str | None:
+    """The other source whose result holds the job's derived output, while that source lives.
+
+    A derived output (processed/<op>/<path without extension>.<format>) can be claimed by two
+    sources, photo.jpg and photo.png: the one written first keeps it while its source lives,
+    whichever order they arrive in, so a redelivery never swaps one result for the other. A
+    job message's explicit `output` is its sender's choice and may replace it.
+    """
+    other = existing.metadata.get(routing.SOURCE_KEY) if existing else None
+    if job.output is not None or other is None or other == job.source_uri:
+        return None
+    try:
+        bucket, name = parse_gs_uri(other)
+        return other if stat(bucket, name) is not None else None
+    except EventError:  # metadata someone edited by hand: not a source we can look at
+        return None
+    except StoragePermanentError:  # cannot look (no access): assume it lives
+        return other
 
 
 def last_try(attempt: int | None, sent: datetime.datetime | None,

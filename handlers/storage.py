@@ -116,6 +116,21 @@ class Store:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return int(blob.generation)
 
+    def read_report(self, bucket: str, name: str) -> dict | None:
+        """A failure report written by `write_report`; None when there is none (or it is
+        not a JSON object)."""
+        try:
+            data = self._client.bucket(bucket).blob(name).download_as_bytes(timeout=TIMEOUT_SECONDS)
+        except api_exceptions.NotFound:
+            return None
+        except Exception as error:
+            raise _translate(error, f"gs://{bucket}/{name}") from error
+        try:
+            report = json.loads(data)
+        except ValueError:
+            return None
+        return report if isinstance(report, dict) else None
+
     def write_report(self, bucket: str, name: str, report: Mapping) -> None:
         """Write (or replace) a JSON failure report."""
         blob = self._client.bucket(bucket).blob(name)

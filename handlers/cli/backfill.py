@@ -11,9 +11,11 @@ import click
 @click.option("--operation", help="Operation or chain for every object (default: from its folder).")
 @click.option("--dry-run", is_flag=True, help="Decide and report; publish nothing.")
 @click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most.")
+@click.option("--retry-failed", is_flag=True,
+              help="Queue objects whose failure report is for this generation and these parameters too.")
 @click.option("--verbose", "-v", is_flag=True, help="Print every object's decision.")
 @click.pass_obj
-def command(settings, location, topic, operation, dry_run, rate, verbose):
+def command(settings, location, topic, operation, dry_run, rate, retry_failed, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
     from handlers.backfill import backfill
@@ -36,7 +38,7 @@ def command(settings, location, topic, operation, dry_run, rate, verbose):
 
     summary = backfill(
         storage_client(settings), bucket, prefix, Layout.from_settings(settings),
-        operation=operation, publish=publish, rate=rate, on_decision=show,
+        operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, on_decision=show,
     )
     if dry_run:
         click.echo("dry run: nothing published")

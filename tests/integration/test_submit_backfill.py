@@ -112,3 +112,18 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
         assert processor.handle(job).status == "succeeded"
     again = CliRunner().invoke(main, args, env=env)  # ...and a rerun queues nothing
     assert again.exit_code == 0 and "queued: 0" in again.output and "already done: 3" in again.output
+
+    # Neither what would fail for want of an output name, nor what failed before, is queued.
+    upload("incoming/upscale/done.jpg")  # done.png's output name: done.png's result holds it
+    upload("incoming/upscale/b.jpg")
+    upload("incoming/upscale/b.png")  # b.jpg's, listed just before: only b.jpg is queued
+    broken = upload("incoming/upscale/broken.png", b"not a picture")
+    assert processor.handle(JobRequest(bucket.name, broken.name, "upscale", {},
+                                       generation=str(broken.generation))).status == "failed"
+    dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "queued: 1" in dry.output and f"queue  gs://{bucket.name}/incoming/upscale/b.jpg" in dry.output, dry.output
+    assert "2 x would fail: OutputTaken" in dry.output
+    assert "1 x failed before with these parameters" in dry.output
+    retry = CliRunner().invoke(main, args + ["--dry-run", "--retry-failed"], env=env)
+    assert "queued: 2" in retry.output, retry.output
