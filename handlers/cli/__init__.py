@@ -16,14 +16,21 @@ from image.errors import ImagenError
 
 
 class _Group(click.Group):
-    """Turns imagen's own errors into one readable line and exit code 1, not a traceback."""
+    """Turns imagen's own errors, and a Google Cloud API's refusal (no such topic,
+    subscription or bucket; no permission), into one readable line and exit code 1, not a
+    traceback."""
 
     def invoke(self, ctx):
+        from google.api_core.exceptions import GoogleAPICallError
+
         try:
             return super().invoke(ctx)
         except ImagenError as error:
             click.echo(f"imagen: {type(error).__name__}: {error}", err=True)
             sys.exit(2 if isinstance(error, ConfigError) else 1)
+        except GoogleAPICallError as error:
+            click.echo(f"imagen: {type(error).__name__}: {error.message or error}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)

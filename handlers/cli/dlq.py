@@ -94,5 +94,8 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         click.echo(f"not replayed {message_id}: {why}", err=True)
     if report.left:
         click.echo(f"left {report.left} unselected message(s) in place")
-    if report.failed:
+    missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed))
+    if missing:
+        click.echo(f"not found in {path}: {', '.join(missing)}", err=True)
+    if report.failed or missing:
         raise SystemExit(1)

@@ -180,6 +180,17 @@ def test_replay_without_a_known_topic_leaves_the_message(subscriber, publisher, 
     assert len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 1
 
 
+def test_cli_names_a_missing_message_or_subscription_in_one_line(subscriber, topology, dead_letters):
+    runner = CliRunner()
+    typo = runner.invoke(imagen, ["dlq", "replay", "--subscription", topology["dead_sub"], "--wait", "1",
+                                  "--topic", topology["main_topic"], "--message-id", "no-such-id"])
+    assert typo.exit_code == 1 and "not found in" in typo.output and "no-such-id" in typo.output
+    assert "replayed 0 message(s)" in typo.output
+    missing = runner.invoke(imagen, ["dlq", "list", "--subscription", "no-such-subscription", "--wait", "1"])
+    assert missing.exit_code == 1, missing.output
+    assert missing.output.startswith("imagen: NotFound: ") and "Traceback" not in missing.output
+
+
 def test_cli_list_and_replay(subscriber, topology, dead_letters):
     runner = CliRunner()
     listed = runner.invoke(
