@@ -16,8 +16,9 @@ from google.api_core.exceptions import NotFound
 from google.cloud import storage
 
 from handlers import routing
-from handlers.processor import plan_job
+from handlers.processor import Plan, plan_job
 from handlers.routing import Job, Layout
+from image.errors import InvalidParameter
 from image.operations import OPERATION_NAMES
 from image.params import canonical_json
 
@@ -38,13 +39,29 @@ class Submission:
         return f"gs://{self.output[0]}/{self.output[1]}"
 
 
-def upload(client: storage.Client, path: Path, bucket: str, operation: str, params: dict,
-           layout: Layout) -> Submission:
-    """Upload one file under incoming/<operation>/ with its parameters; validates them first."""
-    name = f"{layout.input_prefix}{operation}/{path.name}"
-    job = Job(bucket, name, None, operation, params, path.name)
-    plan = plan_job(job, layout, frozenset(OPERATION_NAMES))  # bad input fails here, not later
-    blob = client.bucket(bucket).blob(name)
+def prepare(paths: list[Path], bucket: str, operation: str, params: dict, layout: Layout) -> list[tuple[Path, Job, Plan]]:
+    """Each file's job, validated before anything is uploaded: bad parameters fail here, and
+    so do two files that would land on one object (a/photo.jpg, b/photo.jpg) or write one
+    output (photo.jpg, photo.png), which would otherwise cost one of them its result."""
+    planned, names, outputs = [], {}, {}
+    for path in paths:
+        name = f"{layout.input_prefix}{operation.strip()}/{path.name}"
+        job = Job(bucket, name, None, operation, params, path.name)
+        plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
+        name = f"{layout.input_prefix}{plan.operation}/{path.name}"  # the canonical folder
+        job = dataclasses.replace(job, name=name)
+        output_uri = "gs://{}/{}".format(*plan.output)
+        for seen, key, where in ((names, name, f"gs://{bucket}/{name}"), (outputs, plan.output, output_uri)):
+            if key in seen:
+                raise InvalidParameter(f"{seen[key]} and {path} would both go to {where}: rename one")
+            seen[key] = path
+        planned.append((path, job, plan))
+    return planned
+
+
+def upload(client: storage.Client, path: Path, job: Job, plan: Plan, layout: Layout) -> Submission:
+    """Upload one prepared file under incoming/<operation>/ with its parameters."""
+    blob = client.bucket(job.bucket).blob(job.name)
     blob.metadata = {routing.PARAMS_KEY: canonical_json(plan.params)} if plan.params else None
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     blob.upload_from_filename(str(path), content_type=content_type)
@@ -94,7 +111,9 @@ def wait(client: storage.Client, submissions: list[Submission], timeout: float,
         if pending:
             time.sleep(interval)
     for submission in pending:
-        submission.status, submission.reason = "timed out", f"no result after {timeout:.0f} s"
+        report = f"gs://{submission.report[0]}/{submission.report[1]}"
+        submission.status = "timed out"
+        submission.reason = f"no result after {timeout:.0f} s (watched {submission.output_uri} and {report})"
 
 
 def _blob(client: storage.Client, bucket: str, name: str):

@@ -30,8 +30,8 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     layout = Layout.from_settings(settings)
     values = param_options(params)
     submissions = []
-    for path in files:
-        submission = submit.upload(client, path, bucket, operation, values, layout)
+    for path, job, plan in submit.prepare(list(files), bucket, operation, values, layout):
+        submission = submit.upload(client, path, job, plan, layout)
         click.echo(f"uploaded {path} -> gs://{bucket}/{submission.job.name} (generation {submission.job.generation})")
         submissions.append(submission)
     if not (wait or out_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -56,6 +57,28 @@ def test_submit_refuses_bad_parameters_before_uploading(tiny_settings, bucket, t
     )
     assert result.exit_code == 1 and "steps" in result.output
     assert list(bucket.list_blobs()) == []
+
+
+@pytest.mark.parametrize("names", [("a/photo.jpg", "b/photo.jpg"), ("photo.jpg", "photo.png")])
+def test_submit_refuses_files_that_would_share_an_object_or_output(tiny_settings, bucket, tmp_path, names):
+    paths = []
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png_bytes())
+        paths.append(str(tmp_path / name))
+    result = CliRunner().invoke(main, ["submit", *paths, "--operation", " upscale", "--bucket", bucket.name],
+                                env=_cli_env(tiny_settings))
+    assert result.exit_code == 1 and "would both go to gs://" in result.output and "rename one" in result.output
+    assert list(bucket.list_blobs()) == []
+
+
+def test_submit_uploads_under_the_operations_own_folder(tiny_settings, bucket, tmp_path):
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes())
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", " upscale ", "--bucket", bucket.name],
+                                env=_cli_env(tiny_settings))
+    assert result.exit_code == 0, result.output
+    assert [blob.name for blob in bucket.list_blobs()] == ["incoming/upscale/a.png"]
 
 
 def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucket, publisher, subscriber):
