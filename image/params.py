@@ -382,6 +382,8 @@ def _as_colour(value: object, bad) -> str:
         rgb = ImageColor.getrgb(value.strip())
     except ValueError:
         raise bad() from None
+    if not all(0 <= channel <= 255 for channel in rgb):  # Pillow passes rgb(999,0,0) through
+        raise bad()
     if len(rgb) == 4 and rgb[3] != 255:
         raise bad("a background cannot be transparent")
     return "#{:02x}{:02x}{:02x}".format(*rgb[:3])

@@ -34,6 +34,7 @@ class Img2ImgOperation(Operation):
     #: Large inputs: tiles at native size (keeps detail) instead of a resize.
     tile_large_inputs: ClassVar[bool] = False
     tile_overlap_ratio: ClassVar[float] = 0.125
+    max_aspect_ratio = 32
     warmup_params: ClassVar[dict[str, Any]] = {"steps": 2, "strength": 0.5}
 
     def prepare(self) -> None:

@@ -41,6 +41,10 @@ class Operation:
     name: ClassVar[str]
     #: Largest input, pixels (width x height); None: any size the decoder accepted.
     max_input_pixels: ClassVar[int | None] = None
+    #: Longest side over shortest, at most; None: any. Operations that pad the short side up
+    #: to a tile or the UNet's multiple set it: a 1 x 100000 strip would otherwise be worked
+    #: on (and held in memory) as a 256 x 100000 or 1024 x 100000 one.
+    max_aspect_ratio: ClassVar[int | None] = None
     #: Parameters the warm-up overrides (few steps: it only has to touch every kernel once).
     warmup_params: ClassVar[dict[str, Any]] = {}
     warmup_size: ClassVar[tuple[int, int]] = (64, 64)
@@ -199,6 +203,11 @@ class Operation:
         width, height = size
         if width < 1 or height < 1:
             raise InputError(f"{self.name}: the image is empty ({width}x{height})")
+        if self.max_aspect_ratio is not None and max(size) > self.max_aspect_ratio * min(size):
+            raise ImageTooLarge(
+                f"{self.name} takes images at most {self.max_aspect_ratio} times longer than wide; "
+                f"this one is {width}x{height}: crop it, or cut it into pieces"
+            )
         if self.max_input_pixels is not None and width * height > self.max_input_pixels:
             raise ImageTooLarge(
                 f"{self.name} takes at most {self.max_input_pixels} input pixels "

@@ -35,6 +35,7 @@ MAX_INPUT_PIXELS = 2048 * 2048
 class Upscale(Operation):
     name = "upscale"
     max_input_pixels = MAX_INPUT_PIXELS
+    max_aspect_ratio = 32
     warmup_params: ClassVar[dict[str, Any]] = {"steps": 2}
 
     def __init__(self, tile_size: int | None = None, tile_overlap: int | None = None,

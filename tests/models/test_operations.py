@@ -338,8 +338,19 @@ def test_a_result_the_format_cannot_hold_is_refused_before_any_work(engine, monk
         raise AssertionError("the model ran")
 
     monkeypatch.setattr(upscale, "process", fail)
-    with pytest.raises(ImageTooLarge, match=r"webp image is at most 16383 .* 16384x64: choose format png or jpeg"):
-        engine.run(["upscale"], _image(4096, 16), {"format": "webp"}, seed=0)
+    with pytest.raises(ImageTooLarge, match=r"webp image is at most 16383 .* 16384x512: choose format png or jpeg"):
+        engine.run(["upscale"], _image(4096, 128), {"format": "webp"}, seed=0)
+
+
+@pytest.mark.parametrize("chain", [["upscale"], ["comic"], ["enhance"], ["remove-background", "upscale"]])
+def test_long_thin_strips_are_refused_before_any_work(engine, monkeypatch, chain):
+    """Tiles and the UNet's multiple pad the short side: a 2 x 100 strip would be worked on,
+    and held in memory, as a far larger image. Refused as input, not retried as a fault."""
+    for op in engine._ops.values():
+        monkeypatch.setattr(op, "process", lambda *args, **kwargs: pytest.fail("the model ran"))
+    with pytest.raises(ImageTooLarge, match=f"{chain[-1]} takes images at most 32 times longer than wide; "
+                                            "this one is 2x100"):
+        engine.run(chain, _image(2, 100), {}, seed=0)
 
 
 def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypatch):

@@ -248,7 +248,8 @@ def test_background_colour(value, expected):
     assert validate_params(("remove-background",), {"background": value}) == {"background": expected}
 
 
-@pytest.mark.parametrize("value", ["nocolour", "#12", "#10203080", 255, (255, 255, 255), None, ""])
+@pytest.mark.parametrize("value", ["nocolour", "#12", "#10203080", 255, (255, 255, 255), None, "",
+                                   "rgb(999,0,0)", "hsl(400,200%,50%)"])
 def test_background_rejections(value):
     with pytest.raises(InvalidParameter, match="'background'"):
         validate_params(("remove-background",), {"background": value})
