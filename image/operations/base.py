@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,6 +46,9 @@ class Operation:
     #: to a tile or the UNet's multiple set it: a 1 x 100000 strip would otherwise be worked
     #: on (and held in memory) as a 256 x 100000 or 1024 x 100000 one.
     max_aspect_ratio: ClassVar[int | None] = None
+    #: Whether the colours under fully transparent pixels are replaced by those of the nearest
+    #: visible ones before the model sees the image (`fill_hidden_colours`).
+    fills_hidden_colours: ClassVar[bool] = True
     #: Parameters the warm-up overrides (few steps: it only has to touch every kernel once).
     warmup_params: ClassVar[dict[str, Any]] = {}
     warmup_size: ClassVar[tuple[int, int]] = (64, 64)
@@ -250,6 +254,8 @@ class Operation:
 
         # 2. Split off alpha: the models see RGB
         rgb, alpha = split_alpha(image)
+        if alpha is not None and self.fills_hidden_colours:
+            rgb = fill_hidden_colours(rgb, alpha)
 
         # 3. Run the model
         self.deadline = deadline
@@ -295,6 +301,41 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
         image = image.convert("RGBA")
         return image.convert("RGB"), image.getchannel("A")
     return (image if image.mode == "RGB" else image.convert("RGB")), None
+
+
+def fill_hidden_colours(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
+    """`rgb` with each fully transparent pixel given the colour of the visible pixels around
+    it: the alpha-weighted mean over the smallest enclosing 2^k block that holds any
+    (push-pull over an image pyramid, linear in the pixels).
+
+    What lies under transparency is usually black: a model that sees RGB would blend it into
+    the edges, and the re-attached, resized alpha would show it as a dark fringe.
+    """
+    weight = np.asarray(alpha, np.float32) / 255.0
+    hidden = weight == 0
+    if not hidden.any() or hidden.all():
+        return rgb
+    colour = np.asarray(rgb, np.float32)
+    levels = [(colour * weight[..., None], weight)]
+    while max(levels[-1][1].shape) > 1:  # push: sums over 2x2 blocks, down to one pixel
+        levels.append(tuple(_block_sums(level) for level in levels[-1]))
+    estimate = None
+    for weighted, total in reversed(levels):  # pull: each level's colour, or its parent's
+        mean = weighted / np.maximum(total, 1e-12)[..., None]
+        if estimate is not None:
+            parent = estimate.repeat(2, 0).repeat(2, 1)[: total.shape[0], : total.shape[1]]
+            mean = np.where((total > 0)[..., None], mean, parent)
+        estimate = mean
+    out = np.where(hidden[..., None], estimate, colour)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+
+def _block_sums(values: np.ndarray) -> np.ndarray:
+    """Sums over 2x2 blocks (an odd edge padded with zeros): half the size each way."""
+    height, width = values.shape[:2]
+    pad = [(0, height % 2), (0, width % 2)] + [(0, 0)] * (values.ndim - 2)
+    even = np.pad(values, pad)
+    return even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]
 
 
 def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:

@@ -24,6 +24,7 @@ MEAN, STD = 0.5, 1.0
 
 class RemoveBackground(Operation):
     name = "remove-background"
+    fills_hidden_colours = False  # its result keeps the input's colours as they are
 
     def prepare(self) -> None:
         self.model.eval()

@@ -1,0 +1,47 @@
+"""Transparency around the models: what they see under fully transparent pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from image.operations.base import attach_alpha, fill_hidden_colours, split_alpha
+
+
+def _disc(size=(64, 48)) -> Image.Image:
+    """A white disc on transparent black: what a cut-out usually looks like inside."""
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((12, 8, 44, 40), fill=(255, 255, 255, 255))
+    return image
+
+
+def test_hidden_pixels_take_the_visible_colours_and_visible_ones_stay():
+    image = _disc()
+    image.putpixel((60, 44), (0, 0, 255, 128))  # half transparent: its colour is its own
+    rgb, alpha = split_alpha(image)
+    filled = np.asarray(fill_hidden_colours(rgb, alpha))
+    visible = np.asarray(alpha) > 0
+    assert (filled[visible] == np.asarray(rgb)[visible]).all()
+    assert (filled[:40, :48] > 200).all()  # around the disc: its white, not the black beneath
+    assert tuple(filled[44, 60]) == (0, 0, 255)
+
+
+def test_nothing_hidden_or_nothing_visible_leaves_the_image_alone():
+    rgb = Image.new("RGB", (8, 8), (1, 2, 3))
+    assert fill_hidden_colours(rgb, Image.new("L", (8, 8), 255)) is rgb
+    assert fill_hidden_colours(rgb, Image.new("L", (8, 8), 0)) is rgb
+
+
+def test_an_enlarged_cut_out_has_no_dark_fringe():
+    """The edge of an upscaled cut-out (bicubic standing in for the model, the alpha enlarged
+    with Lanczos as attach_alpha does) stays white where it is half transparent."""
+    rgb, alpha = split_alpha(_disc())
+
+    def enlarged(colours: Image.Image) -> np.ndarray:
+        big = attach_alpha(colours.resize((256, 192), Image.Resampling.BICUBIC), alpha)
+        pixels = np.asarray(big)
+        edge = (pixels[..., 3] > 0) & (pixels[..., 3] < 255)
+        return pixels[edge][:, :3].mean()
+
+    assert enlarged(rgb) < 200  # the black beneath bleeds in
+    assert enlarged(fill_hidden_colours(rgb, alpha)) > 250
