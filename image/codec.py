@@ -276,7 +276,13 @@ def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | 
 
 
 def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
-    """A new "RGB" image, converted from the embedded ICC profile to sRGB when there is one."""
+    """A new "RGB" image, converted from the embedded ICC profile to sRGB when there is one
+    (CIELAB always: Pillow's plain conversion would read L, a, b as R, G, B)."""
+    if image.mode == "LAB":
+        lab_to_srgb = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(image, lab_to_srgb)
     if icc and image.mode not in _ICC_MODES:
         image = image.convert("RGB")  # palette, 1-bit, YCbCr: the profile describes RGB
     if icc:

@@ -279,6 +279,15 @@ def test_cmyk_becomes_rgb(fmt, tolerance):
     assert pixels(image)[8, 8].tolist() == pytest.approx([255, 0, 0], abs=tolerance)
 
 
+def test_cielab_tiff_becomes_the_same_colours_in_rgb():
+    """L 50, a 0, b 0 is a mid grey (sRGB 119), not (0, 84, 251) as a plain conversion gives;
+    pure red's L*a*b* (54, 81, 70) comes back red."""
+    grey = decode(save(Image.new("LAB", (4, 4), (127, 128, 128)), "TIFF"))
+    assert grey.mode == "RGB" and pixels(grey)[2, 2].tolist() == pytest.approx([119, 119, 119], abs=2)
+    red = decode(save(Image.new("LAB", (4, 4), (138, 128 + 80, 128 + 67)), "TIFF"))
+    assert pixels(red)[2, 2].tolist() == pytest.approx([255, 0, 0], abs=12)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_grey_with_alpha_becomes_rgba(fmt):
     image = decode(save(Image.new("LA", (2, 2), (100, 128)), fmt))
