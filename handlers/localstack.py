@@ -235,7 +235,7 @@ class LocalStack:
         worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
         subscriber.create_subscription(name=worker_sub, topic=topic, ack_deadline_seconds=60)
         env = child_environment(self.env())
-        self._start_process(
+        worker = self._start_process(
             "worker",
             ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS),
              "--metrics-port", str(self.worker_metrics_port)],
@@ -248,6 +248,9 @@ class LocalStack:
             env,
         )
         serve._wait_until(self._serve_ready, ready_timeout)
+        # The worker opens its metrics port once its models are warm: "ready" means both.
+        worker._wait_until(lambda: answers_200(f"http://127.0.0.1:{self.worker_metrics_port}/metrics"),
+                           ready_timeout)
         subscriber.create_subscription(
             name=subscriber.subscription_path(PROJECT, "imagen-push"), topic=topic,
             push_config={"push_endpoint": f"http://127.0.0.1:{self.serve_port}/"},

@@ -22,11 +22,21 @@ def command(settings, bucket, work_dir):
 
     stack = LocalStack(work_dir, settings.model_cache_dir, bucket=bucket, device=settings.device)
     click.echo("starting the emulators, a worker and imagen serve (models load first)...")
-    stopped = threading.Event()
+    stopped, started = threading.Event(), threading.Event()
+
+    def stop(*_):
+        # Still starting (models load for minutes): stop now, not after; once only, so a
+        # second Ctrl-C cannot cut the stopping short.
+        first = not stopped.is_set()
+        stopped.set()
+        if first and not started.is_set():
+            raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stopped.set())
+        signal.signal(signum, stop)
     try:
         stack.start()
+        started.set()
         click.echo("\nready. In another terminal:\n")
         for key, value in stack.env().items():
             click.echo(f"export {key}={shlex.quote(value)}")
@@ -34,6 +44,8 @@ def command(settings, bucket, work_dir):
         click.echo(f"imagen submit photo.jpg --operation upscale --bucket {bucket} --wait")
         click.echo(f"\nlogs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         # Stop first: stdout may already be gone (a closed terminal, a pipe whose reader got
         # the same Ctrl-C), and a failed echo must not leave the stack running.
