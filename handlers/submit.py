@@ -48,8 +48,8 @@ def prepare(paths: list[Path], bucket: str, operation: str, params: dict, layout
         name = f"{layout.input_prefix}{operation.strip()}/{path.name}"
         job = Job(bucket, name, None, operation, params, path.name)
         plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
-        name = f"{layout.input_prefix}{plan.operation}/{path.name}"  # the canonical folder
-        job = dataclasses.replace(job, name=name)
+        name = f"{layout.input_prefix}{plan.operation}/{path.name}"  # the folder as imagen spells it
+        job = dataclasses.replace(job, name=name, operation=plan.operation)  # and its report's
         output_uri = "gs://{}/{}".format(*plan.output)
         for seen, key, where in ((names, name, f"gs://{bucket}/{name}"), (outputs, plan.output, output_uri)):
             if key in seen:

@@ -13,7 +13,9 @@ from handlers.cli import main
 from handlers.clients import storage_client
 from handlers.events import JobRequest, Message, parse_message
 from handlers.processor import Processor
+from handlers.routing import Layout, failure_location
 from handlers.storage import Store
+from handlers.submit import prepare
 
 from .conftest import PROJECT, png_bytes, wait_for
 from .test_processor import FakeEngine
@@ -79,6 +81,8 @@ def test_submit_uploads_under_the_operations_own_folder(tiny_settings, bucket, t
                                 env=_cli_env(tiny_settings))
     assert result.exit_code == 0, result.output
     assert [blob.name for blob in bucket.list_blobs()] == ["incoming/upscale/a.png"]
+    [(_, job, plan)] = prepare([picture], bucket.name, " upscale ", {}, Layout())
+    assert failure_location(job, Layout()) == (bucket.name, "failed/upscale/a.png.json")  # where submit looks
 
 
 def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucket, publisher, subscriber):
