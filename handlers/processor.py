@@ -169,7 +169,6 @@ class Processor:
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
             check_replaceable(existing, job, plan)
-            self._check_not_taken(existing, job, plan)
             skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
@@ -178,6 +177,8 @@ class Processor:
                 data, _, _ = self._store.read_source(
                     job.bucket, job.name, generation, self._max_bytes
                 )
+            # After the download, which skips a late event for a source since replaced.
+            self._check_not_taken(existing, job, plan)
             with _timed(timings, "decode"):
                 image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
             common = resolve_common(plan.params, data)
@@ -267,19 +268,14 @@ class Processor:
 
     def _check_not_taken(self, existing: ObjectState | None, job: Job, plan: Plan) -> None:
         """OutputTaken when another live source's result holds the job's derived output
-        (`taken_by`), unless the job's own source is gone: a late event is skipped, as it
-        would be at its download, rather than reported."""
+        (`taken_by`)."""
         other = taken_by(existing, job, self._store.stat)
-        if other is None:
-            return
-        own = self._store.stat(job.bucket, job.name)
-        if own is None or str(own.generation) != job.generation:
-            raise SourceSuperseded(f"{job.source_uri}#{job.generation} no longer exists")
-        bucket, name = plan.output
-        raise OutputTaken(
-            f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
-            f"output name: rename one of them (outputs drop the source's extension)"
-        )
+        if other is not None:
+            bucket, name = plan.output
+            raise OutputTaken(
+                f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
+                f"output name: rename one of them (outputs drop the source's extension)"
+            )
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):
