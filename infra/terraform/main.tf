@@ -78,6 +78,9 @@ locals {
     ])
   }
 
+  # The three folders; none may lie inside another (storage.tf, as handlers/settings.py).
+  prefixes = [var.input_prefix, var.output_prefix, var.failed_prefix]
+
   # What no operation's filter takes: uploads outside every operation's folder (a typo, a
   # chain such as remove-background,upscale, an object straight under the input prefix) and
   # job messages without an `operation` attribute. Pub/Sub would drop them unseen; the

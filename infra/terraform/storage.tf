@@ -36,10 +36,10 @@ resource "google_storage_bucket" "input" {
     precondition {
       # Each folder inside another would loop (results processed again) or mix results
       # with reports; handlers/settings.py refuses the same at start-up.
-      condition = alltrue([
-        for pair in setproduct([var.input_prefix, var.output_prefix, var.failed_prefix], [var.input_prefix, var.output_prefix, var.failed_prefix]) :
+      condition = length(distinct(local.prefixes)) == 3 && alltrue([
+        for pair in setproduct(local.prefixes, local.prefixes) :
         pair[0] == pair[1] || (!startswith(pair[0], pair[1]) && !startswith(pair[1], pair[0]))
-      ]) && length(distinct([var.input_prefix, var.output_prefix, var.failed_prefix])) == 3
+      ])
       error_message = "input_prefix, output_prefix and failed_prefix must be three folders, none inside another."
     }
     precondition {

@@ -244,17 +244,17 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
     rule = expr(one(terraform.variables["input_prefix"]["validation"])["condition"])
     precondition = next(
         expr(item["condition"]) for item in one(terraform.resource("google_storage_bucket", "input")["lifecycle"])["precondition"]
-        if "var.failed_prefix" in expr(item["condition"])
+        if "local.prefixes" in expr(item["condition"])
     )
+    assert [expr(item) for item in terraform.locals["prefixes"]] == [
+        "var.input_prefix", "var.output_prefix", "var.failed_prefix"]
     for name in ("output_prefix", "failed_prefix"):
         assert expr(one(terraform.variables[name]["validation"])["condition"]) == rule.replace("input_prefix", name)
     outputs = {}
     for i, (inp, out, failed) in enumerate(samples):
         bind = {"var.input_prefix": inp, "var.output_prefix": out, "var.failed_prefix": failed}
         checks = [rule.replace("var.input_prefix", json.dumps(value)) for value in bind.values()]
-        overlap = precondition
-        for ref, value in bind.items():
-            overlap = overlap.replace(ref, json.dumps(value))
+        overlap = precondition.replace("local.prefixes", json.dumps([inp, out, failed]))
         outputs[f"s{i}"] = f"alltrue([{', '.join(checks)}]) && ({overlap})"
     values = _evaluate(tmp_path, {}, outputs)
     for i, (inp, out, failed) in enumerate(samples):
