@@ -45,11 +45,11 @@ def prepare(paths: list[Path], bucket: str, operation: str, params: dict, layout
     output (photo.jpg, photo.png), which would otherwise cost one of them its result."""
     planned, names, outputs = [], {}, {}
     for path in paths:
-        name = f"{layout.input_prefix}{operation.strip()}/{path.name}"
-        job = Job(bucket, name, None, operation, params, path.name)
-        plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
-        name = f"{layout.input_prefix}{plan.operation}/{path.name}"  # the folder as imagen spells it
-        job = dataclasses.replace(job, name=name, operation=plan.operation)  # and its report's
+        plan = plan_job(Job(bucket, path.name, None, operation, params, path.name), layout,
+                        frozenset(OPERATION_NAMES))
+        # The folder, and the report's, name the operation as imagen spells it.
+        name = f"{layout.input_prefix}{plan.operation}/{path.name}"
+        job = Job(bucket, name, None, plan.operation, params, path.name)
         output_uri = "gs://{}/{}".format(*plan.output)
         for seen, key, where in ((names, name, f"gs://{bucket}/{name}"), (outputs, plan.output, output_uri)):
             if key in seen:
