@@ -4,9 +4,9 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): upscale compiled, enhance autotuned, the compile-cache probe for
-# enhance, the cold-start probe, the graph tests: more than one session's 15 minutes of device
-# time. First call SESSION_SECONDS=560 (steps 1-2 fill it); then at once, on the machine still
+# PHASE=final (the default): upscale 1024 compiled, enhance autotuned, the compile-cache probe
+# for upscale and enhance, the cold-start probe, the graph tests: more than one session's 15
+# minutes of device time. First call SESSION_SECONDS=560 (steps 1-2 fill it); then at once, on the machine still
 # warm (30 s), STEPS="<the steps not reached>" with SESSION_SECONDS = what `status` leaves less
 # a minute. PHASE=explore: comic, enhance, upscale profiled.
 #
@@ -22,7 +22,8 @@ OUT=${OUT:-/tmp/bench-out}
 TINY=()  # BENCH_TINY=1: a dry run of this script on the CPU, tiny models (their own case names)
 UP256=upscale-256
 UP512=upscale-512
-[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny) && UP256=upscale-64 && UP512=upscale-96
+UP1024=upscale-1024
+[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny) && UP256=upscale-64 && UP512=upscale-96 && UP1024=upscale-128
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-480}))
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
@@ -63,18 +64,17 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # Session 4 ran the graph tests (10 passed), comic with the defaults (0.345 s) and the
-  # compile-cache probe for comic (74 -> 26 s until compiled); these are what is left.
-  # 1. upscale compiled, alone (the variant did not finish in 160 s last time: it compiles
-  #    both tile buckets, 256 and 512): does compiling pay, and how long does it take. Both
-  #    cases share the one compile; 512 -> 2048 needs the UNet at ~185 TFLOP/s for its 4 s
-  #    target (138 uncompiled), 256 -> 1024 ~360 (193).
-  want 1 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --switch compile=on
+  # Session 4 ran the graph tests, comic with the defaults and the compile-cache probe for
+  # comic; session 5 upscale compiled (it pays: now the default), enhance with the defaults and
+  # the graph tests again. These are what is left.
+  # 1. upscale 1024 -> 4096 with today's defaults (compiled: both tile buckets, ~130-170 s, then
+  #    sixteen-odd 256 tiles): does the 16 GiB bound hold compiled, and its time.
+  want 1 && step 240 "$PY" -m bench "${TINY[@]}" --cases $UP1024
   # 2. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
   #    needs; minutes of compiling, paid once per GPU model through the compile cache).
   want 2 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
-  # 3. How soon a new enhance instance runs compiled, from scratch then with the compile cache.
-  want 3 && step 240 "$PY" -m bench.compileprobe "${TINY[@]}" enhance
+  # 3. How soon a new instance runs compiled, from scratch then with the compile cache.
+  want 3 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
   # 4. Where a cold start's seconds go (root: drops the page cache).
   want 4 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
   # 5. The GPU tests again (background swap, compile-cache round trip, graphed = eager).

@@ -166,7 +166,7 @@ def compile_(settings, operations, cache_dir, location, device):
     Run it on the kind of GPU the service runs on, from the service's image (the artefacts
     are per GPU model, PyTorch version and model revision): then no instance generates kernels.
     Without it the first instance after each release does the same, in the background.
-    Compiles what the switches compile (on CUDA: comic and enhance; IMAGEN_TUNING=compile=on
+    Compiles what the switches compile (on CUDA: comic, enhance and upscale; IMAGEN_TUNING=compile=on
     for the others). Exits 1 when an operation ends with no artefact stored.
     """
     from handlers.logs import configure_logging

@@ -29,15 +29,17 @@ DIFFUSION = frozenset({"comic", "enhance", "upscale"})
 """Operations with a diffusion UNet, run dozens of times per image: where CUDA graphs pay.
 remove-background runs its network once per image and was not measured with them."""
 
-COMPILE_PAYS = frozenset({"comic", "enhance"})
+COMPILE_PAYS = frozenset({"comic", "enhance", "upscale"})
 """Operations whose UNet ran faster compiled (Inductor, NHWC) under the CUDA graphs on an H200:
-comic 0.454 -> 0.309 s, enhance 0.898 -> 0.792 s. upscale: its compile had not finished after
-160 s (not measured); remove-background: not measured."""
+comic 0.454 -> 0.309 s, enhance 0.898 -> 0.792 s, upscale 256 -> 1024 3.62 -> 2.03 s and
+512 -> 2048 5.34 -> 4.33 s (both tile buckets compiled, 133 s on 16 CPUs); remove-background:
+not measured."""
 
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); uncompiled
-enhance ran 4 % slower (compiled, it runs in NHWC: that is the variant measured), upscale
-and remove-background were not measured with it."""
+enhance ran 4 % slower. Compiled operations run in NHWC whatever this says (the variant
+measured: compiled upscale in NHWC 2.03 / 4.33 s and 3.8 / 9.0 GiB, in NCHW 2.12 / 4.18 s and
+4.4 / 11.5 GiB); remove-background was not measured with it."""
 
 
 @dataclasses.dataclass(frozen=True)

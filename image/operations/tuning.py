@@ -14,7 +14,7 @@ pays (bench/README.md has the figures):
 | switch | what it does | CUDA default, and why |
 |---|---|---|
 | `cuda_graphs` | the UNet's launches recorded once per shape and replayed (graphs.py) | on for the diffusion operations: comic 1.22 -> 0.46 s |
-| `channels_last` | UNet and VAE in NHWC memory format | comic and enhance (with compile): comic 0.52 -> 0.45 s with graphs; uncompiled enhance 0.89 -> 0.93 s |
+| `channels_last` | UNet and VAE in NHWC memory format | comic, and whatever compiles: comic 0.52 -> 0.45 s with graphs; uncompiled enhance 0.89 -> 0.93 s |
 | `fuse_qkv` | one matmul for Q, K, V (self-attention), K, V (cross-attention) | on: standard; not measured alone |
 | `vae_bf16` | a bfloat16 VAE where the pipeline would upcast it to float32 (SDXL, x4 upscaler) | on: upscale 512 -> 2048 peak 20.8 -> 11.4 GiB; enhance -7 %; a few 8-bit levels |
 | `upscale_tile` | upscale's tile side in input pixels; several sizes are buckets (upscale.py) | (256, 512): a 512 input in one tile, 9.8 -> 5.3 s |
@@ -22,8 +22,8 @@ pays (bench/README.md has the figures):
 | `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on; as read_ahead |
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
-| `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic and enhance: 0.454 -> 0.309 s and 0.898 -> 0.792 s under graphs; upscale: its compile outlasted 160 s, speed not measured |
-| `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-80 s for Inductor |
+| `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
+| `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 
 `compile` with `background_compile` (the CUDA default where compile is on): the operation warms

@@ -76,7 +76,7 @@ def test_variants_parse():
     [(name, variant)] = parse_variants(["big: upscale_tile=256 vae_bf16=off"], tuning_for)
     assert name == "big"
     assert variant("comic") == tuning_for("comic").replace(upscale_tile=256, vae_bf16=False)
-    assert variant("comic").channels_last and not variant("upscale").channels_last
+    assert variant("comic").channels_last and not variant("remove-background").channels_last
     for bad in (["x"], ["x:"], [": vae_bf16=on"], ["a: vae_bf16=on", "a: compile=on"], ["a: nope=1"]):
         with pytest.raises(SystemExit):
             parse_variants(bad, tuning_for)

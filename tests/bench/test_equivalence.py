@@ -77,10 +77,9 @@ def stock_np(tiny_cache):
 def test_cpu_defaults_are_stock():
     assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
     cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16"]
-    assert Tuning.for_device("cuda").enabled() == Tuning.for_device("cuda", "upscale").enabled() == [
-        *cuda, "cuda_graphs"]
+    assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs"]
     # Measured to pay there: compiled (after ready) in NHWC under the graphs.
-    for op in ("comic", "enhance"):
+    for op in ("comic", "enhance", "upscale"):
         assert Tuning.for_device("cuda", op).enabled() == [
             "channels_last", *cuda, "compile", "cuda_graphs"]
         assert Tuning.for_device("cuda", op).background_compile
@@ -98,7 +97,9 @@ def test_compiling_waits_for_ready_only_under_cuda_graphs():
     assert not compiles_in_background(comic.replace(cuda_graphs=False), cuda)
     assert not compiles_in_background(comic.replace(background_compile=False), cuda)
     assert not compiles_in_background(comic.replace(compile_mode="reduce-overhead"), cuda)  # its own graphs
-    assert not compiles_in_background(Tuning.for_device("cuda", "upscale"), cuda)  # not measured
+    assert compiles_in_background(Tuning.for_device("cuda", "upscale"), cuda)  # both tile buckets
+    assert Tuning.for_device("cuda", "upscale").channels_last  # compiled upscale was measured in NHWC
+    assert not compiles_in_background(Tuning.for_device("cuda", "remove-background"), cuda)  # not measured
 
 
 def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
