@@ -2,6 +2,7 @@
 
     deadline = Deadline(540)                      # started now
     deadline.check("upscale at denoising step 12")  # raises JobTooLong once 540 s have passed
+    deadline.check_pace(2, 90, "tiles", "upscale")  # ... or now, if 90 tiles would take 594 s+
 
 The engine starts one when it starts a job on the device (after any wait for it), and the
 operations check it between denoising steps, tiles and operations: a job that would run for
@@ -29,7 +30,23 @@ class Deadline:
         elapsed = self.elapsed()
         if elapsed > self.seconds:
             raise JobTooLong(
-                f"{where}: stopped after {elapsed:.0f} s, past the job's time budget of {self.seconds:g} s; "
-                "a retry would take as long. A smaller image or fewer steps fits, or raise the budget "
-                "(--max-job-seconds)"
+                f"{where}: stopped after {elapsed:.0f} s, past the job's time budget of {self.seconds:g} s; {_ADVICE}"
             )
+
+    def check_pace(self, done: int, total: int, what: str, where: str) -> None:
+        """After `done` of `total` like parts of a job (`what`: "tiles"): raise JobTooLong at
+        once when, at the pace so far, the whole would overrun the budget by more than a tenth,
+        instead of spending the budget before failing. Closer calls are left to `check`."""
+        if not 0 < done < total:
+            return
+        elapsed = self.elapsed()
+        projected = elapsed / done * total
+        if projected > 1.1 * self.seconds:
+            raise JobTooLong(
+                f"{where}: {done} of {total} {what} took {elapsed:.0f} s, so all would take about "
+                f"{projected:.0f} s, past the job's time budget of {self.seconds:g} s; {_ADVICE}"
+            )
+
+
+_ADVICE = ("a retry would take as long. A smaller image or fewer steps fits, or raise the budget "
+           "(--max-job-seconds)")

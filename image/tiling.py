@@ -12,9 +12,11 @@ spread evenly from 0 to L - tile, so neighbours overlap by at least `overlap` pi
 tile's weight ramps from ~0 to 1 over the first `overlap * scale` output pixels of a side that
 has a neighbour (and back down on the far side); sides on the image border keep weight 1.
 Weights are separable (x ramp times y ramp) and the grid is a product of the two axes, so the
-normalising sum is the product of two 1-D sums: no full-size weight canvas is kept.
+normalising sum is the product of two 1-D sums: no full-size weight canvas is kept. Tiles go
+in row-major order, and output rows no later tile reaches are written out as each row of tiles
+ends: besides the result, only one band of `tile * scale` rows is held in float32.
 
-    out = upscale_tiled(array, process, scale=4, tile=256, overlap=32)
+    out = upscale_tiled(array, process, scale=4, tile=256, overlap=32, levels=255.0)  # uint8
 """
 
 from __future__ import annotations
@@ -131,41 +133,72 @@ def axis_weights(starts: tuple[int, ...], tile: int, ramp: int) -> list[np.ndarr
 
 
 class Stitcher:
-    """Accumulates scaled tiles of a plan and returns the blended (H*s, W*s, C) image."""
+    """Blends the scaled tiles of a plan, added in row-major order, into the (H*s, W*s, C)
+    output. Only the band of output rows the current row of tiles covers is held in float32;
+    rows no later tile reaches are normalised and written out as soon as the row of tiles
+    above them is done, so besides the output the memory is one band (out_tile rows).
+    `levels`: None, a float32 output; a number, uint8 (value x levels, rounded, clipped)."""
 
-    def __init__(self, plan: TilePlan, scale: int, channels: int):
+    def __init__(self, plan: TilePlan, scale: int, channels: int, levels: float | None = None):
         self.plan = plan
         self.scale = scale
+        self.levels = levels
         out_tile, ramp = plan.tile * scale, plan.overlap * scale
+        self._out_tile = out_tile
         self._wx = axis_weights(plan.xs, out_tile, ramp)
         self._wy = axis_weights(plan.ys, out_tile, ramp)
         width, height = plan.canvas_width * scale, plan.canvas_height * scale
-        self._sum = np.zeros((height, width, channels), dtype=np.float32)
         self._norm_x = np.zeros(width, dtype=np.float32)
         self._norm_y = np.zeros(height, dtype=np.float32)
         for x, w in zip(plan.xs, self._wx):
             self._norm_x[x * scale : x * scale + out_tile] += w
         for y, w in zip(plan.ys, self._wy):
             self._norm_y[y * scale : y * scale + out_tile] += w
+        self._band = np.zeros((out_tile, width, channels), dtype=np.float32)
+        self._top = 0  # the output row band[0] holds
+        self._row = 0  # the row of tiles being added
+        dtype = np.float32 if levels is None else np.uint8
+        self.output = np.empty((plan.height * scale, plan.width * scale, channels), dtype=dtype)
 
     def add(self, index: int, tile: np.ndarray) -> None:
         """Blend in the output of tile `index` (row-major, as `plan.boxes`)."""
         columns = len(self.plan.xs)
         row, col = divmod(index, columns)
-        out_tile = self.plan.tile * self.scale
+        out_tile = self._out_tile
         if tile.shape[:2] != (out_tile, out_tile):
             raise ValueError(f"tile {index} is {tile.shape[:2]}, expected {out_tile}x{out_tile}")
-        x, y = self.plan.xs[col] * self.scale, self.plan.ys[row] * self.scale
+        if row < self._row:
+            raise ValueError(f"tile {index} came after a tile of row {self._row}: tiles go in row-major order")
+        while self._row < row:
+            self._row += 1
+            self._advance(self.plan.ys[self._row] * self.scale)
+        x = self.plan.xs[col] * self.scale
         weight = self._wy[row][:, None, None] * self._wx[col][None, :, None]
-        self._sum[y : y + out_tile, x : x + out_tile] += weight * tile
+        self._band[:, x : x + out_tile] += weight * tile
 
     def result(self) -> np.ndarray:
-        """The blended image, cropped to the unpadded size: (H*scale, W*scale, C) float32."""
-        height, width = self.plan.height * self.scale, self.plan.width * self.scale
-        out = self._sum[:height, :width]
-        out /= self._norm_y[:height, None, None]
-        out /= self._norm_x[None, :width, None]
-        return out
+        """The blended image, cropped to the unpadded size: (H*scale, W*scale, C), float32
+        or (with `levels`) uint8. Call it once every tile is in."""
+        self._advance(self._top + self._out_tile)
+        return self.output
+
+    def _advance(self, top: int) -> None:
+        """Write out the band's rows above output row `top` and move the band down to it."""
+        count = top - self._top
+        self._write(self._band[:count], self._top)
+        self._band[: self._out_tile - count] = self._band[count:]
+        self._band[self._out_tile - count :] = 0
+        self._top = top
+
+    def _write(self, rows: np.ndarray, top: int) -> None:
+        height, width = self.output.shape[:2]
+        end = min(top + len(rows), height)
+        if end <= top:
+            return  # padding below the image
+        done = rows[: end - top, :width]
+        done /= self._norm_y[top:end, None, None]
+        done /= self._norm_x[None, :width, None]
+        self.output[top:end] = done if self.levels is None else to_uint8(done, self.levels)
 
 
 def upscale_tiled(
@@ -177,12 +210,15 @@ def upscale_tiled(
     overlap: int,
     batch_size: int = 1,
     on_tile: Callable[[int, int], None] | None = None,
+    levels: float | None = None,
 ) -> np.ndarray:
     """Run `process` over fixed-size tiles of an (H, W, C) array and blend the results.
 
     `process` takes a batch (N, tile, tile, C) and returns (N, tile*scale, tile*scale, C);
     N is at most `batch_size`. `on_tile(done, total)` is called after each batch. Returns
-    (H*scale, W*scale, C) float32.
+    (H*scale, W*scale, C): float32, or uint8 with `levels` (each value x `levels`, rounded and
+    clipped to 0..255: 255 for values in 0..1). Memory besides the input and the output: one
+    band of tile*scale output rows in float32 (Stitcher).
     """
     _check_geometry(tile, overlap)
     if array.ndim != 3:
@@ -190,7 +226,7 @@ def upscale_tiled(
     height, width, channels = array.shape
     plan = plan_tiles(width, height, tile, overlap)
     canvas = pad_to(array, plan.canvas_width, plan.canvas_height)
-    stitcher = Stitcher(plan, scale, channels)
+    stitcher = Stitcher(plan, scale, channels, levels)
     boxes = plan.boxes
     for first in range(0, len(boxes), batch_size):
         batch_boxes = boxes[first : first + batch_size]
@@ -205,9 +241,9 @@ def upscale_tiled(
     return stitcher.result()
 
 
-def to_uint8(array: np.ndarray) -> np.ndarray:
-    """Float 0..1 to uint8, rounding; works in place (a large canvas is gigabytes)."""
-    array *= 255.0
+def to_uint8(array: np.ndarray, levels: float = 255.0) -> np.ndarray:
+    """`array` x `levels` (255: floats 0..1), rounded and clipped, as uint8; works in place."""
+    array *= levels
     np.rint(array, out=array)
     np.clip(array, 0, 255, out=array)
     return array.astype(np.uint8)

@@ -23,7 +23,7 @@ from PIL import Image
 from image.models._quiet import quiet_libraries
 from image.operations.base import Operation, attach_alpha
 from image.params import resolve
-from image.tiling import pad_to_multiple, to_uint8, upscale_tiled
+from image.tiling import pad_to_multiple, upscale_tiled
 
 
 class Img2ImgOperation(Operation):
@@ -111,9 +111,8 @@ class Img2ImgOperation(Operation):
                 outs.append(np.asarray(self._pipe(tile_image, params, generator, f"tile {number + 1} "), np.float32))
             return np.stack(outs)
 
-        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap)
-        out /= 255.0
-        return Image.fromarray(to_uint8(out), "RGB")
+        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap, levels=1.0)
+        return Image.fromarray(out, "RGB")
 
 
 def working_scale(size: tuple[int, int], *, min_side: float, max_pixels: float) -> float:

@@ -25,11 +25,13 @@ from PIL import Image
 
 from image.operations.base import Operation, attach_alpha
 from image.params import resolve
-from image.tiling import plan_tiles, to_uint8, upscale_tiled
+from image.tiling import plan_tiles, upscale_tiled
 
-# Output at most 8192 x 8192: beyond that the PNG alone is hundreds of megabytes and the
-# float blending canvas several gigabytes of host memory.
-MAX_INPUT_PIXELS = 2048 * 2048
+# Output at most 16384 x 16384 (268 MP), IMAGEN_MAX_PIXELS' default for the input: the tiles
+# stream into a uint8 result (image.tiling.Stitcher), so host memory is about 10 bytes per
+# output pixel (the result, its Pillow copy, the encoded file), ~2.7 GB at this limit. Time is
+# what bounds it on a GPU: a job past its budget stops early (Deadline.check_pace).
+MAX_INPUT_PIXELS = 4096 * 4096
 
 
 class Upscale(Operation):
@@ -126,9 +128,14 @@ class Upscale(Operation):
                 callback=self._step_callback(where),
             ).images
 
-        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding at the end)
+        def on_tile(done: int, total: int) -> None:
+            if self.deadline is not None:  # hundreds of tiles on a slow card: fail after the first
+                self.deadline.check_pace(done, total, "tiles", f"{self.name} after tile {done}")
+
+        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done)
         tile, overlap = self.tile_for(rgb.size)
-        array = np.asarray(rgb, dtype=np.float32) / 255.0
+        array = np.asarray(rgb, dtype=np.float32)
+        array /= 255.0
         out = upscale_tiled(
             array,
             upscale_batch,
@@ -136,8 +143,10 @@ class Upscale(Operation):
             tile=tile,
             overlap=overlap,
             batch_size=self.tile_batch,
+            on_tile=on_tile,
+            levels=255.0,
         )
-        image = Image.fromarray(to_uint8(out), "RGB")
+        image = Image.fromarray(out, "RGB")
 
         # 3. Alpha: Lanczos to the new size
         return attach_alpha(image, alpha)

@@ -55,6 +55,39 @@ def test_the_budget_is_a_permanent_error_that_says_where_and_how_long():
                                         "budget of 30 s; a retry would take as long.")
 
 
+class Stopwatch(Deadline):
+    """A deadline on which every check finds the same time gone."""
+
+    def __init__(self, seconds: float, elapsed: float) -> None:
+        super().__init__(seconds)
+        self.fixed = elapsed
+
+    def elapsed(self) -> float:
+        return self.fixed
+
+
+def test_a_job_that_cannot_finish_in_time_stops_after_its_first_parts():
+    deadline = Stopwatch(100, 10)  # 10 s for the first of 20 tiles: all would take 200 s
+    with pytest.raises(JobTooLong) as raised:
+        deadline.check_pace(1, 20, "tiles", "upscale after tile 1")
+    assert isinstance(raised.value, InputError)
+    assert str(raised.value).startswith("upscale after tile 1: 1 of 20 tiles took 10 s, so all would take about "
+                                        "200 s, past the job's time budget of 100 s; a retry would take as long.")
+    deadline.check_pace(1, 10, "tiles", "upscale")  # about 100 s: close calls are left to check()
+    deadline.check_pace(2, 21, "tiles", "upscale")  # 105 s: within a tenth over
+    deadline.check_pace(20, 20, "tiles", "upscale")  # done: nothing left to project
+
+
+def test_upscale_stops_after_the_first_tile_when_the_rest_would_not_fit(ops):
+    params = resolve("upscale", {"steps": 2})
+    image = _image(96)  # four 64-pixel tiles on the tiny upscaler
+    with pytest.raises(JobTooLong, match="^upscale after tile 1: 1 of 4 tiles took 40 s, so all would take about "
+                                         "160 s, past the job's time budget of 100 s"):
+        ops["upscale"].run(image, params, seed=1, deadline=Stopwatch(100, 40))
+    done = ops["upscale"].run(image, params, seed=1, deadline=Stopwatch(100, 25))  # 100 s in all: it runs
+    assert done.size == (384, 384)
+
+
 @pytest.mark.parametrize(("name", "side", "steps", "where"), [
     ("comic", 64, 4, "comic at denoising step 2"),  # 4 x 0.75 strength: 3 steps run
     ("enhance", 64, 10, "enhance at denoising step 2"),  # SDXL's pipeline; 10 x 0.3: 3 steps

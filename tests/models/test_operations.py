@@ -363,9 +363,12 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
         engine.run(["upscale"], _image(), {}, seed=0, withdrawn=lambda: True)
 
 
-def test_default_upscale_limit_gives_at_most_8192_square():
+def test_default_upscale_limit_gives_at_most_16384_square():
     upscale = get_operation("upscale")
-    assert upscale.max_input_pixels * 16 == 8192 * 8192
+    assert upscale.max_input_pixels * 16 == 16384 * 16384
+    upscale().check_size((4000, 3000))  # a phone photo: a 16000 x 12000 result
+    with pytest.raises(ImageTooLarge, match="at most 16777216 input pixels"):
+        upscale().check_size((4097, 4096))
 
 
 # -- device ---------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Tiling math without a model: coverage, fixed tile size, exact identity, no visible seams."""
+"""Tiling math without a model: coverage, fixed tile size, exact identity, no visible seams,
+memory of one band of rows besides the result."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from image.tiling import (
     Box,
+    Stitcher,
     axis_weights,
     pad_to,
     pad_to_multiple,
@@ -122,6 +126,71 @@ def test_process_sees_fixed_shapes_and_progress_is_reported():
     assert progress[-1] == (total, total)
 
 
+def _noisy(scale: int):
+    """An 'upscaler' whose tiles disagree everywhere: every output pixel is blended."""
+    rng = np.random.default_rng(7)
+
+    def process(batch):
+        out = batch.repeat(scale, axis=1).repeat(scale, axis=2)
+        return out + rng.normal(0, 0.2, out.shape).astype(np.float32)
+
+    return process
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap", "batch_size"), [
+    ((300, 200), 64, 8, 1), ((300, 200), 64, 32, 3), ((500, 70), 256, 32, 2), ((64, 64), 64, 8, 1),
+    ((129, 300), 64, 0, 5), ((40, 30), 64, 8, 1)])
+def test_uint8_result_is_the_float_result_rounded_once(size, tile, overlap, batch_size):
+    """The rows are written out band by band as uint8; the same as blending the whole float
+    image first and rounding it at the end (and the same float image either way)."""
+    width, height = size
+    image = np.random.default_rng(2).random((height, width, 3), dtype=np.float32)
+    as_float = upscale_tiled(image, _noisy(4), scale=4, tile=tile, overlap=overlap, batch_size=batch_size)
+    as_uint8 = upscale_tiled(image, _noisy(4), scale=4, tile=tile, overlap=overlap, batch_size=batch_size,
+                             levels=255.0)
+    assert as_uint8.dtype == np.uint8 and as_uint8.shape == (height * 4, width * 4, 3)
+    expected = np.clip(np.rint(as_float * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(as_uint8, expected)
+    # The float path against a whole-canvas blend, computed here the plain way.
+    plan = plan_tiles(width, height, tile, overlap)
+    wx, wy = axis_weights(plan.xs, tile * 4, overlap * 4), axis_weights(plan.ys, tile * 4, overlap * 4)
+    canvas = np.zeros((plan.canvas_height * 4, plan.canvas_width * 4, 3), np.float32)
+    weights = np.zeros(canvas.shape[:2], np.float32)
+    padded = pad_to(image, plan.canvas_width, plan.canvas_height)
+    tiles = _noisy(4)(np.stack([padded[b.top:b.bottom, b.left:b.right] for b in plan.boxes]))
+    for index, (box, out) in enumerate(zip(plan.boxes, tiles)):
+        w = wy[index // len(plan.xs)][:, None] * wx[index % len(plan.xs)][None, :]
+        canvas[box.top * 4:box.bottom * 4, box.left * 4:box.right * 4] += w[..., None] * out
+        weights[box.top * 4:box.bottom * 4, box.left * 4:box.right * 4] += w
+    whole = (canvas / weights[..., None])[: height * 4, : width * 4]
+    np.testing.assert_allclose(as_float, whole, atol=1e-5)
+
+
+def test_memory_is_the_result_and_one_band_of_rows():
+    """Upscaling 600 x 400 by 4 in 64-pixel tiles: besides the input and the uint8 result, one
+    band of 256 float rows, where a whole float canvas would be four times the result."""
+    image = np.random.default_rng(3).random((400, 600, 3), dtype=np.float32)
+    result_bytes = 1600 * 2400 * 3
+    band_bytes = 256 * 2400 * 3 * 4
+    tracemalloc.start()
+    try:
+        out = upscale_tiled(image, _nearest(4), scale=4, tile=64, overlap=8, levels=255.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.nbytes == result_bytes
+    assert peak < result_bytes + 2 * band_bytes, (peak, result_bytes, band_bytes)
+    assert peak < 4 * result_bytes  # the float canvas alone was that
+
+
+def test_tiles_must_come_in_row_order():
+    plan = plan_tiles(200, 200, 64, 8)
+    stitcher = Stitcher(plan, 2, 3)
+    stitcher.add(len(plan.xs), np.zeros((128, 128, 3), np.float32))  # the first of row 2
+    with pytest.raises(ValueError, match="row-major order"):
+        stitcher.add(0, np.zeros((128, 128, 3), np.float32))
+
+
 def test_wrong_tile_output_size_is_an_error():
     with pytest.raises(ValueError, match="expected"):
         upscale_tiled(np.zeros((10, 10, 3)), lambda b: b, scale=2, tile=8, overlap=2)
@@ -186,3 +255,4 @@ def test_to_uint8_rounds_and_clips():
     out = to_uint8(np.array([[-0.1, 0.0, 0.5 / 255, 1.5 / 255, 1.0, 1.2]], dtype=np.float32))
     assert out.dtype == np.uint8
     assert out.tolist() == [[0, 0, 0, 2, 255, 255]]
+    assert to_uint8(np.array([-3.0, 2.5, 3.5, 254.6, 300.0]), levels=1.0).tolist() == [0, 2, 4, 255, 255]
