@@ -6,6 +6,8 @@
     │   ├── UnsafeObjectName        a name that cannot be mapped safely into the layout
     │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
     │   ├── OutputTaken             the output path holds another live source's result
+    │   ├── OperationNotServed      a filtered subscription brought a job for another pool's
+    │   │                           operation (imagen-operation metadata across folders)
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
     ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
     ├── Undeliverable               refused, with no bucket of ours to report in (HTTP 400, nack:
@@ -37,6 +39,12 @@ class StoragePermanentError(InputError):
 
 class OutputTaken(InputError):
     """Two sources map to one output (photo.jpg and photo.png): the first keeps it."""
+
+
+class OperationNotServed(InputError):
+    """A job this pool cannot serve reached it through a subscription filtered to its own
+    operations (IMAGEN_FILTERED_SUBSCRIPTION): no other pool received it, so skipping it would
+    lose it."""
 
 
 class EventError(ImagenError):

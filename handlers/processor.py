@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from handlers import metrics, routing
 from handlers.errors import (
     EventError,
+    OperationNotServed,
     OutputTaken,
     PreconditionLost,
     SourceNotAllowed,
@@ -106,6 +107,7 @@ class Processor:
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
+        self._filtered = settings.filtered_subscription
         self._max_bytes = settings.max_bytes
         self._max_pixels = settings.max_pixels
         self._results = results
@@ -157,6 +159,8 @@ class Processor:
         try:
             routing.check_source_allowed(job, self._allowed_buckets)
             plan = plan_job(job, self._layout, self._served)
+            if plan is None and self._filtered:
+                raise OperationNotServed(_not_served(job, self._served, self._layout))
             if plan is None:
                 reason = f"operation {job.operation!r} is served by another worker pool"
                 log.info("job skipped: %s", reason, extra={"fields": fields})
@@ -396,6 +400,18 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     fmt = fmt or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)
+
+
+def _not_served(job: Job, served: frozenset[str], layout: Layout) -> str:
+    """Why a filtered subscription's job cannot run here, and where it should have gone."""
+    chain = parse_chain(job.operation)
+    where = (f"upload it under {layout.input_prefix}{chain[0]}/ instead, or publish a job message with the "
+             f"attribute operation={chain[0]}" if len(chain) == 1 else
+             "a chain needs a worker pool that serves all of its operations")
+    return (f"{job.source_uri} asks for {job.operation!r}, which this worker pool ({', '.join(sorted(served))}) "
+            f"does not serve; its subscription takes only its own operations' folders and job messages, so "
+            f"no other pool received it ({routing.OPERATION_KEY} metadata cannot send an upload to another "
+            f"pool on this deployment): {where}")
 
 
 def check_replaceable(existing: ObjectState | None, job: Job, plan: Plan) -> None:

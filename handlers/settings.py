@@ -47,6 +47,10 @@ class Settings:
     allow_model_download: bool = True
     tuning: tuple[str, ...] = ()  # NAME=VALUE speed-switch changes (IMAGEN_TUNING)
     compile_cache: str | None = None  # gs://BUCKET/PREFIX or a folder (IMAGEN_COMPILE_CACHE)
+    # IMAGEN_FILTERED_SUBSCRIPTION: this process's subscription delivers only its operations'
+    # folders and job messages naming them (Terraform's subscription_filter), so a job for
+    # another operation reached no other pool: it fails with a report instead of being skipped.
+    filtered_subscription: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +93,8 @@ class Settings:
         if get("IMAGEN_PUSH_SERVICE_ACCOUNTS"):
             values["push_service_accounts"] = frozenset(split_list(get("IMAGEN_PUSH_SERVICE_ACCOUNTS")))
         values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
+        if get("IMAGEN_FILTERED_SUBSCRIPTION") is not None:
+            values["filtered_subscription"] = _flag("IMAGEN_FILTERED_SUBSCRIPTION", get("IMAGEN_FILTERED_SUBSCRIPTION"))
         if get("IMAGEN_TUNING"):
             # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
             values["tuning"] = tuple(item for item in re.split(r"[;\s]+", get("IMAGEN_TUNING")) if item)
@@ -168,3 +174,11 @@ def _positive_int(name: str, value: str) -> int:
     if number <= 0:
         raise ConfigError(f"{name}: must be positive, got {number}")
     return number
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"{name}: {value!r} is not true or false")

@@ -78,6 +78,10 @@ locals {
     ])
   }
 
+  # Each operation's workers receive only their own folders and job messages (push or pull):
+  # a job for another operation reached nobody else, so they report it (IMAGEN_FILTERED_SUBSCRIPTION).
+  filtered = local.pubsub && var.subscription_filter
+
   # The three folders; none may lie inside another (storage.tf, as handlers/settings.py).
   prefixes = [var.input_prefix, var.output_prefix, var.failed_prefix]
 
@@ -92,7 +96,7 @@ locals {
     ["attributes:operation"],
   )))
   unrouted_filter_fits = length(local.unrouted_filter) <= 256
-  unrouted             = local.pubsub && var.subscription_filter && local.unrouted_filter_fits
+  unrouted             = local.filtered && local.unrouted_filter_fits
 
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
   # IMAGEN_SUBSCRIPTION are per operation.
@@ -108,6 +112,7 @@ locals {
     },
     var.results_topic ? { IMAGEN_RESULTS_TOPIC = google_pubsub_topic.results[0].id } : {},
     var.compile_cache ? { IMAGEN_COMPILE_CACHE = "gs://${google_storage_bucket.compiled[0].name}/" } : {},
+    local.filtered ? { IMAGEN_FILTERED_SUBSCRIPTION = "true" } : {},
     var.extra_env,
   )
 }
@@ -137,7 +142,7 @@ resource "google_project_service" "enabled" {
 
 check "unrouted_filter_fits" {
   assert {
-    condition     = !local.pubsub || !var.subscription_filter || local.unrouted_filter_fits
+    condition     = !local.filtered || local.unrouted_filter_fits
     error_message = "The unrouted subscription's filter would exceed Pub/Sub's 256 bytes (many operations or a long input_prefix): it is not created, so uploads outside every operation's folder are dropped unseen. Shorten input_prefix, or set subscription_filter = false."
   }
 }

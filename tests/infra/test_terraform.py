@@ -156,6 +156,12 @@ def test_subscriptions_filter_by_folder_and_operation_attribute(terraform):
     sub = terraform.resource("google_pubsub_subscription", "jobs")
     assert expr(sub["filter"]) == "var.subscription_filter ? local.subscription_filters[each.key] : null"
     assert terraform.default("subscription_filter") is True
+    # Filtered, a pool is told so: what it cannot serve reached no other pool, so it reports it
+    # (handlers/settings.py reads "true"). Eventarc triggers are not filtered by folder.
+    assert expr(terraform.locals["filtered"]) == "local.pubsub && var.subscription_filter"
+    assert 'local.filtered ? {IMAGEN_FILTERED_SUBSCRIPTION = "true"} : {}' in expr(terraform.locals["common_env"])
+    from handlers.settings import Settings
+    assert Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "true"}).filtered_subscription
 
 
 _FILTER_TOKEN = re.compile(
@@ -293,7 +299,7 @@ def test_unrouted_messages_are_kept_and_watched(terraform):
     assert expr(sub["filter"]) == "local.unrouted_filter"
     assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
     assert expr(terraform.locals["unrouted"]) == (
-        "local.pubsub && var.subscription_filter && local.unrouted_filter_fits"
+        "local.filtered && local.unrouted_filter_fits"
     )
     assert "unrouted_filter_fits" in terraform.checks  # watched: test_dead_letter_topics_are_kept_and_watched
 

@@ -202,6 +202,29 @@ def test_operation_served_elsewhere_is_acked(settings, bucket):
     assert outcome.status == "skipped" and engine.calls == 0
 
 
+def test_filtered_subscription_reports_what_it_cannot_serve(settings, bucket):
+    """On a deployment whose subscriptions are filtered by folder (Terraform's default), an
+    upload whose imagen-operation metadata names another pool's operation reached only this
+    pool: a report says where to put it, instead of an ack that loses it."""
+    source = _upload(bucket, "incoming/upscale/moved.png", metadata={"imagen-operation": "comic"})
+    engine = FakeEngine()
+    processor = _processor(settings, engine, operations=("upscale",), filtered_subscription=True)
+    outcome = processor.handle(_event(source))
+    assert outcome.status == "failed" and engine.calls == 0
+    report = _report(bucket, "failed/comic/moved.png.json")
+    assert report["error"]["type"] == "OperationNotServed"
+    assert "upload it under incoming/comic/ instead" in report["error"]["message"]
+    assert "this worker pool (upscale) does not serve" in report["error"]["message"]
+    # A chain gets its own advice; the pool's own operations run as before.
+    chained = _upload(bucket, "incoming/upscale/chained.png",
+                      metadata={"imagen-operation": "remove-background,upscale"})
+    assert processor.handle(_event(chained)).status == "failed"
+    assert "serves all of its operations" in _report(bucket, "failed/remove-background,upscale/chained.png.json")[
+        "error"]["message"]
+    own = _upload(bucket, "incoming/upscale/own.png")
+    assert processor.handle(_event(own)).status == "succeeded" and engine.calls == 1
+
+
 def test_job_message_with_explicit_output(settings, bucket):
     _upload(bucket, "uploads/p.png")
     request = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "webp"},

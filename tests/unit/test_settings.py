@@ -17,6 +17,7 @@ def test_defaults():
         "incoming/", "processed/", "failed/")
     assert settings.port == 8080 and settings.device == "auto"
     assert settings.allowed_buckets == frozenset() and settings.allow_model_download
+    assert not settings.filtered_subscription
 
 
 def test_every_variable_is_read():
@@ -30,6 +31,7 @@ def test_every_variable_is_read():
         "HF_HUB_OFFLINE": "1", "IMAGEN_PUSH_AUDIENCE": "https://svc/",
         "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
         "IMAGEN_TUNING": " cuda_graphs=off; upscale_tile=256,512  vae_bf16=off ",
+        "IMAGEN_FILTERED_SUBSCRIPTION": "true",
     })
     assert settings.model_cache_dir == Path("/models")
     assert settings.operations == ("upscale", "comic")
@@ -43,6 +45,8 @@ def test_every_variable_is_read():
     assert settings.push_audience == "https://svc/"
     assert settings.push_service_accounts == {"push@p.iam.gserviceaccount.com"}
     assert settings.tuning == ("cuda_graphs=off", "upscale_tile=256,512", "vae_bf16=off")
+    assert settings.filtered_subscription
+    assert not Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "false"}).filtered_subscription
 
 
 @pytest.mark.parametrize(
@@ -59,6 +63,7 @@ def test_every_variable_is_read():
         ({"IMAGEN_TUNING": "cuda_graph=off"}, "IMAGEN_TUNING"),  # a typo: no such switch
         ({"IMAGEN_TUNING": "vae_bf16=maybe"}, "IMAGEN_TUNING"),
         ({"IMAGEN_TUNING": "upscale_tile=0"}, "IMAGEN_TUNING"),
+        ({"IMAGEN_FILTERED_SUBSCRIPTION": "sometimes"}, "IMAGEN_FILTERED_SUBSCRIPTION"),
     ],
 )
 def test_misconfiguration_names_the_variable(env, variable):
