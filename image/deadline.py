@@ -33,18 +33,20 @@ class Deadline:
                 f"{where}: stopped after {elapsed:.0f} s, past the job's time budget of {self.seconds:g} s; {_ADVICE}"
             )
 
-    def check_pace(self, done: int, total: int, what: str, where: str) -> None:
-        """After `done` of `total` like parts of a job (`what`: "tiles"): raise JobTooLong at
-        once when, at the pace so far, the whole would overrun the budget by more than a tenth,
-        instead of spending the budget before failing. Closer calls are left to `check`."""
+    def check_pace(self, done: int, total: int, what: str, where: str, since: float = 0.0) -> None:
+        """After `done` of `total` like parts of a job (`what`: "tiles") that started `since`
+        seconds into the budget: raise JobTooLong at once when, at their pace, the job would
+        overrun the budget by more than a tenth, instead of spending the budget before failing.
+        Closer calls are left to `check`."""
         if not 0 < done < total:
             return
         elapsed = self.elapsed()
-        projected = elapsed / done * total
+        projected = since + (elapsed - since) / done * total
         if projected > 1.1 * self.seconds:
+            before = f" (after {since:.0f} s of other work)" if since >= 0.5 else ""
             raise JobTooLong(
-                f"{where}: {done} of {total} {what} took {elapsed:.0f} s, so all would take about "
-                f"{projected:.0f} s, past the job's time budget of {self.seconds:g} s; {_ADVICE}"
+                f"{where}: {done} of {total} {what} took {elapsed - since:.0f} s{before}, so the job would take "
+                f"about {projected:.0f} s, past its time budget of {self.seconds:g} s; {_ADVICE}"
             )
 
 

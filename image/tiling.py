@@ -186,8 +186,11 @@ class Stitcher:
         """Write out the band's rows above output row `top` and move the band down to it."""
         count = top - self._top
         self._write(self._band[:count], self._top)
-        self._band[: self._out_tile - count] = self._band[count:]
-        self._band[self._out_tile - count :] = 0
+        keep = self._out_tile - count
+        for start in range(0, keep, count):  # chunks that do not overlap: no band-sized temporary
+            end = min(start + count, keep)
+            self._band[start:end] = self._band[start + count : end + count]
+        self._band[keep:] = 0
         self._top = top
 
     def _write(self, rows: np.ndarray, top: int) -> None:

@@ -111,7 +111,8 @@ class Img2ImgOperation(Operation):
                 outs.append(np.asarray(self._pipe(tile_image, params, generator, f"tile {number + 1} "), np.float32))
             return np.stack(outs)
 
-        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap, levels=1.0)
+        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap, levels=1.0,
+                            on_tile=self.tile_check())
         return Image.fromarray(out, "RGB")
 
 

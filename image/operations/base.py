@@ -278,6 +278,20 @@ class Operation:
 
         return check
 
+    def tile_check(self):
+        """An `upscale_tiled` `on_tile` callback, made just before the tiles start: stops the
+        job after a batch of tiles when, at their pace, all its tiles would overrun its deadline
+        (Deadline.check_pace), rather than after the whole budget. None without a deadline."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        since = deadline.elapsed()  # a chain's earlier operations, the input's preparation
+
+        def check(done: int, total: int) -> None:
+            deadline.check_pace(done, total, "tiles", f"{self.name} after tile {done}", since=since)
+
+        return check
+
     def process(
         self, rgb: Image.Image, alpha: Image.Image | None, params: dict[str, Any], seed: int
     ) -> Image.Image:
@@ -344,7 +358,7 @@ def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:
         return image
     if alpha.size != image.size:
         alpha = alpha.resize(image.size, Image.Resampling.LANCZOS)
-    out = image.convert("RGB")
+    out = image if image.mode == "RGB" else image.convert("RGB")  # a large result is gigabytes
     out.putalpha(alpha)
     return out
 

@@ -28,9 +28,10 @@ from image.params import resolve
 from image.tiling import plan_tiles, upscale_tiled
 
 # Output at most 16384 x 16384 (268 MP), IMAGEN_MAX_PIXELS' default for the input: the tiles
-# stream into a uint8 result (image.tiling.Stitcher), so host memory is about 10 bytes per
-# output pixel (the result, its Pillow copy, the encoded file), ~2.7 GB at this limit. Time is
-# what bounds it on a GPU: a job past its budget stops early (Deadline.check_pace).
+# stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
+# about 2.5 GB (3.8 GB with alpha; up to ~4.5 GB for a 32:1 strip, whose float band of rows
+# spans its long side). Time is what bounds it on a GPU: a job whose first tiles show it cannot
+# finish within its budget stops there (Deadline.check_pace).
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
@@ -128,10 +129,6 @@ class Upscale(Operation):
                 callback=self._step_callback(where),
             ).images
 
-        def on_tile(done: int, total: int) -> None:
-            if self.deadline is not None:  # hundreds of tiles on a slow card: fail after the first
-                self.deadline.check_pace(done, total, "tiles", f"{self.name} after tile {done}")
-
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done)
         tile, overlap = self.tile_for(rgb.size)
         array = np.asarray(rgb, dtype=np.float32)
@@ -143,10 +140,12 @@ class Upscale(Operation):
             tile=tile,
             overlap=overlap,
             batch_size=self.tile_batch,
-            on_tile=on_tile,
+            on_tile=self.tile_check(),  # hundreds of tiles on a slow card: stop after the first
             levels=255.0,
         )
+        del array
         image = Image.fromarray(out, "RGB")
+        del out
 
         # 3. Alpha: Lanczos to the new size
         return attach_alpha(image, alpha)

@@ -71,31 +71,58 @@ def test_a_job_that_cannot_finish_in_time_stops_after_its_first_parts():
     with pytest.raises(JobTooLong) as raised:
         deadline.check_pace(1, 20, "tiles", "upscale after tile 1")
     assert isinstance(raised.value, InputError)
-    assert str(raised.value).startswith("upscale after tile 1: 1 of 20 tiles took 10 s, so all would take about "
-                                        "200 s, past the job's time budget of 100 s; a retry would take as long.")
+    assert str(raised.value).startswith("upscale after tile 1: 1 of 20 tiles took 10 s, so the job would take "
+                                        "about 200 s, past its time budget of 100 s; a retry would take as long.")
     deadline.check_pace(1, 10, "tiles", "upscale")  # about 100 s: close calls are left to check()
     deadline.check_pace(2, 21, "tiles", "upscale")  # 105 s: within a tenth over
     deadline.check_pace(20, 20, "tiles", "upscale")  # done: nothing left to project
+    # Work before the tiles (a chain's earlier operation) counts once, not once per tile.
+    later = Stopwatch(100, 40)
+    later.check_pace(1, 4, "tiles", "upscale", since=30)  # 30 + 4 x 10 = 70 s
+    with pytest.raises(JobTooLong, match=r"^upscale: 1 of 10 tiles took 10 s \(after 30 s of other work\), so "
+                                         "the job would take about 130 s"):
+        later.check_pace(1, 10, "tiles", "upscale", since=30)
+
+
+class Ticker(Deadline):
+    """A deadline on which every check finds `step` more seconds gone."""
+
+    def __init__(self, seconds: float, step: float) -> None:
+        super().__init__(seconds)
+        self.step, self.now = step, 0.0
+
+    def elapsed(self) -> float:
+        self.now += self.step
+        return self.now
 
 
 def test_upscale_stops_after_the_first_tile_when_the_rest_would_not_fit(ops):
     params = resolve("upscale", {"steps": 2})
     image = _image(96)  # four 64-pixel tiles on the tiny upscaler
-    with pytest.raises(JobTooLong, match="^upscale after tile 1: 1 of 4 tiles took 40 s, so all would take about "
-                                         "160 s, past the job's time budget of 100 s"):
-        ops["upscale"].run(image, params, seed=1, deadline=Stopwatch(100, 40))
-    done = ops["upscale"].run(image, params, seed=1, deadline=Stopwatch(100, 25))  # 100 s in all: it runs
+    # Checks, 10 s apart: before the start, as the tiles start, after each step, after tile 1.
+    with pytest.raises(JobTooLong, match=r"^upscale after tile 1: 1 of 4 tiles took 30 s \(after 20 s of other "
+                                         r"work\), so the job would take about 140 s, past its time budget of 100 s"):
+        ops["upscale"].run(image, params, seed=1, deadline=Ticker(100, 10))
+    done = ops["upscale"].run(image, params, seed=1, deadline=Stopwatch(100, 25))  # no time passes: it runs
     assert done.size == (384, 384)
+
+
+def test_enhance_stops_after_the_first_tile_of_a_large_image_that_would_not_fit(ops):
+    params = resolve("enhance", {"steps": 4})  # x 0.3 strength: one step per tile
+    image = _image(600)  # past 2.25 x the tiny refiner's native 256^2: nine native tiles
+    with pytest.raises(JobTooLong, match=r"^enhance after tile 1: 1 of 9 tiles took 20 s \(after 20 s of other "
+                                         r"work\), so the job would take about 200 s"):
+        ops["enhance"].run(image, params, seed=1, deadline=Ticker(100, 10))
 
 
 @pytest.mark.parametrize(("name", "side", "steps", "where"), [
     ("comic", 64, 4, "comic at denoising step 2"),  # 4 x 0.75 strength: 3 steps run
     ("enhance", 64, 10, "enhance at denoising step 2"),  # SDXL's pipeline; 10 x 0.3: 3 steps
-    ("upscale", 32, 4, "upscale tile 1 at denoising step 2"),  # the x4 pipeline's older callback
+    ("upscale", 32, 4, "upscale tile 1 at denoising step 1"),  # the x4 pipeline's older callback
 ])
 def test_diffusion_stops_at_the_first_step_past_the_budget(ops, name, side, steps, where):
     params = resolve(name, {"steps": steps})
-    clock = Clock(2.5)  # check 1: before the start, 2: after step 1, 3: after step 2 -> past
+    clock = Clock(2.5)  # check 1: before the start, 2: after step 1 (upscale: the tiles' start), 3: past
     with pytest.raises(JobTooLong, match=f"^{where}: stopped after 3 s"):
         ops[name].run(_image(side), params, seed=1, deadline=clock)
     assert clock.checks == 3
@@ -126,10 +153,10 @@ def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache, monkey
     chain = ["remove-background", "upscale"]
     assert engine.run(chain, _image(32), params, seed=0, max_seconds=3600).size == (128, 128)
     # One budget for the chain: remove-background's check uses the first second, upscale's
-    # start the second, its first step the third.
+    # start the second, its tiles' start the third, its first step the fourth.
     clocks = []
     monkeypatch.setattr(engine_module, "Deadline", lambda seconds: clocks.append(Clock(seconds)) or clocks[-1])
-    with pytest.raises(JobTooLong, match="^upscale tile 1 at denoising step 1: stopped after 3 s, past the job's "
+    with pytest.raises(JobTooLong, match="^upscale tile 1 at denoising step 1: stopped after 4 s, past the job's "
                                          "time budget of 2.5 s"):
         engine.run(chain, _image(32), params, seed=0, max_seconds=2.5)
-    assert len(clocks) == 1 and clocks[0].checks == 3
+    assert len(clocks) == 1 and clocks[0].checks == 4

@@ -179,7 +179,8 @@ def test_memory_is_the_result_and_one_band_of_rows():
     finally:
         tracemalloc.stop()
     assert out.nbytes == result_bytes
-    assert peak < result_bytes + 2 * band_bytes, (peak, result_bytes, band_bytes)
+    # Besides those: a few tiles' worth of temporaries (0.8 MB each), no second band.
+    assert peak < result_bytes + band_bytes + 5_000_000, (peak, result_bytes, band_bytes)
     assert peak < 4 * result_bytes  # the float canvas alone was that
 
 
