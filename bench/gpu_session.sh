@@ -4,11 +4,12 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): upscale 1024 compiled, enhance autotuned, the compile-cache probe
-# for upscale and enhance, the cold-start probe, the graph tests: more than one session's 15
-# minutes of device time. First call SESSION_SECONDS=560 (steps 1-2 fill it); then at once, on the machine still
-# warm (30 s), STEPS="<the steps not reached>" with SESSION_SECONDS = what `status` leaves less
-# a minute. PHASE=explore: comic, enhance, upscale profiled.
+# PHASE=final (the default): upscale 512 and 1024 compiled and profiled, enhance autotuned, the
+# compile-cache probe for upscale and enhance, the cold-start probe, the graph tests: more than
+# one session's 15 minutes of device time. First call SESSION_SECONDS=560 (steps 1-2 fill it);
+# then at once, on the machine still warm (30 s), STEPS="<the steps not reached>" with
+# SESSION_SECONDS = what `status` leaves less a minute. PHASE=explore: comic, enhance, upscale
+# profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -67,9 +68,10 @@ final)
   # Session 4 ran the graph tests, comic with the defaults and the compile-cache probe for
   # comic; session 5 upscale compiled (it pays: now the default), enhance with the defaults and
   # the graph tests again. These are what is left.
-  # 1. upscale 1024 -> 4096 with today's defaults (compiled: both tile buckets, ~130-170 s, then
-  #    sixteen-odd 256 tiles): does the 16 GiB bound hold compiled, and its time.
-  want 1 && step 240 "$PY" -m bench "${TINY[@]}" --cases $UP1024
+  # 1. upscale 512 -> 2048 and 1024 -> 4096 with today's defaults (compiled: both tile buckets,
+  #    ~130-170 s), profiled: does the 16 GiB bound hold compiled, and how much of 512's 4.3 s
+  #    (4 s target) is the VAE's 2048^2 decode, which is not compiled.
+  want 1 && step 300 "$PY" -m bench "${TINY[@]}" --cases $UP512,$UP1024 --profile
   # 2. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
   #    needs; minutes of compiling, paid once per GPU model through the compile cache).
   want 2 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
