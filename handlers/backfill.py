@@ -93,9 +93,17 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
     return Decision(uri, "queue", message=message, output=plan.output)
 
 
+# Failures of where a job was delivered, not of the job: backfill's job message names the
+# operation, so it reaches the pool that serves it.
+_ROUTING_FAILURES = frozenset({"OperationNotServed"})
+
+
 def _same_job(report: dict | None, generation: str, canonical: str) -> bool:
-    """Whether a failure report is about this generation with these parameters."""
+    """Whether a failure report is about this generation with these parameters (and about
+    the job itself, not where it was delivered)."""
     if not report or str(report.get("generation")) != generation:
+        return False
+    if (report.get("error") or {}).get("type") in _ROUTING_FAILURES:
         return False
     try:
         return canonical_json(report.get("params") or {}) == canonical

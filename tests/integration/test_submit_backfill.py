@@ -154,3 +154,13 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     assert "1 x failed before with these parameters" in dry.output
     retry = CliRunner().invoke(main, args + ["--dry-run", "--retry-failed"], env=env)
     assert "queued: 2" in retry.output, retry.output
+
+    # A job a filtered pool could not serve failed for where it was delivered, not for what it
+    # is: backfill's job message names its operation, so it is queued, for that pool.
+    moved = upload("incoming/upscale/moved.png", metadata={"imagen-operation": "comic"})
+    upscale_pool = Processor(engine=FakeEngine(), store=Store(storage_client(tiny_settings)),
+                             settings=tiny_settings.replace(operations=("upscale",), filtered_subscription=True))
+    assert upscale_pool.handle(JobRequest(bucket.name, moved.name, "comic", {},
+                                          generation=str(moved.generation))).error["type"] == "OperationNotServed"
+    dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
+    assert f"queue  gs://{bucket.name}/incoming/upscale/moved.png" in dry.output, dry.output
