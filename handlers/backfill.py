@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from google.cloud import storage
 
 from handlers import routing
+from handlers.errors import OperationNotServed
 from handlers.events import FINALIZE, ObjectEvent
 from handlers.processor import plan_job, skip_reason, taken_by
 from handlers.routing import Ignored, Layout
@@ -95,7 +96,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
 
 # Failures of where a job was delivered, not of the job: backfill's job message names the
 # operation, so it reaches the pool that serves it.
-_ROUTING_FAILURES = frozenset({"OperationNotServed"})
+_ROUTING_FAILURES = frozenset({OperationNotServed.__name__})
 
 
 def _same_job(report: dict | None, generation: str, canonical: str) -> bool:

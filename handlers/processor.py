@@ -159,9 +159,9 @@ class Processor:
         try:
             routing.check_source_allowed(job, self._allowed_buckets)
             plan = plan_job(job, self._layout, self._served)
-            if plan is None and self._filtered:
-                raise OperationNotServed(_not_served(job, self._served, self._layout))
             if plan is None:
+                if self._filtered:  # nobody else received it: skipping it would lose it
+                    raise OperationNotServed(_not_served(job, self._served, self._layout))
                 reason = f"operation {job.operation!r} is served by another worker pool"
                 log.info("job skipped: %s", reason, extra={"fields": fields})
                 return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)

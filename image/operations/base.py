@@ -353,12 +353,13 @@ def _block_sums(values: np.ndarray) -> np.ndarray:
 
 
 def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:
-    """`image` with `alpha` re-attached (resized with Lanczos when the size changed)."""
+    """`image` with `alpha` re-attached (resized with Lanczos when the size changed); an RGB
+    `image` gets it in place (a large result is gigabytes), so pass one nothing else uses."""
     if alpha is None:
         return image
     if alpha.size != image.size:
         alpha = alpha.resize(image.size, Image.Resampling.LANCZOS)
-    out = image if image.mode == "RGB" else image.convert("RGB")  # a large result is gigabytes
+    out = image if image.mode == "RGB" else image.convert("RGB")
     out.putalpha(alpha)
     return out
 
