@@ -85,18 +85,26 @@ locals {
   # The three folders; none may lie inside another (storage.tf, as handlers/settings.py).
   prefixes = [var.input_prefix, var.output_prefix, var.failed_prefix]
 
-  # What no operation's filter takes: uploads outside every operation's folder (a typo, a
-  # chain such as remove-background,upscale, an object straight under the input prefix) and
-  # job messages without an `operation` attribute. Pub/Sub would drop them unseen; the
-  # unrouted subscription keeps them (pubsub.tf) and monitoring.tf alerts on them. A filter
-  # holds at most 256 bytes: with many operations or a long input prefix it cannot be
-  # written, and a check says so.
+  # What no operation's filter takes, which Pub/Sub would drop unseen, kept instead by two
+  # subscriptions (pubsub.tf) that monitoring.tf alerts on:
+  # - unrouted: uploads outside every operation's folder (a typo, a chain such as
+  #   remove-background,upscale, an object straight under the input prefix) and job messages
+  #   without an `operation` attribute;
+  # - unrouted_jobs: job messages whose `operation` attribute names no deployed operation
+  #   (a chain, a typo, an operation this deployment leaves out).
+  # A filter holds at most 256 bytes: one filter for both would not fit four operations. The
+  # first grows with the input prefix (a check says when it cannot be written); the second
+  # is at most 179 bytes (the operations' names are fixed).
   unrouted_filter = format("NOT (%s)", join(" OR ", concat(
     [for op in var.operations : "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")"],
     ["attributes:operation"],
   )))
+  unrouted_jobs_filter = format("attributes:operation AND NOT (%s)", join(" OR ",
+    [for op in var.operations : "attributes.operation = \"${op}\""],
+  ))
   unrouted_filter_fits = length(local.unrouted_filter) <= 256
   unrouted             = local.filtered && local.unrouted_filter_fits
+  unrouted_jobs        = local.filtered
 
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
   # IMAGEN_SUBSCRIPTION are per operation.

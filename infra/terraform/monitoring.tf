@@ -1,8 +1,9 @@
 # Messages waiting for a person, never for a worker:
 # - a dead-letter subscription: 20 deliveries went without an answer (turned away while every
 #   instance was busy, unparseable, refused, or a worker keeps crashing on it);
-# - the unrouted subscription: no operation's filter takes them (a folder that names no
-#   deployed operation, a chain, a job message without an `operation` attribute).
+# - the unrouted subscriptions: no operation's filter takes them (a folder that names no
+#   deployed operation, a chain, a job message without an `operation` attribute, or one
+#   whose attribute names no deployed operation).
 # docs/deploy.md, Troubleshooting, says what to do with each.
 
 locals {
@@ -10,6 +11,7 @@ locals {
   watched_backlogs = merge(
     { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => sub.name },
     { for sub in google_pubsub_subscription.unrouted : "unrouted backlog" => sub.name },
+    { for sub in google_pubsub_subscription.unrouted_jobs : "unrouted job messages backlog" => sub.name },
   )
 }
 
@@ -54,16 +56,18 @@ resource "google_monitoring_alert_policy" "dead_letters" {
       `imagen dlq list` shows them; the worker logs say why. Replay them with
       `imagen dlq replay` once fixed; drain the subscription once done.
 
-      **Unrouted** (`${var.name_prefix}-unrouted`): messages no worker pool's subscription
-      takes, so no output and no failure report: an upload under a folder that names no
-      deployed operation (a typo, `${var.input_prefix}` itself, a console folder placeholder,
-      or a chain such as `remove-background,upscale`: chains need one worker serving all their
-      operations), or a job message without an `operation` attribute naming one deployed
-      operation. `imagen dlq list --subscription ${var.name_prefix}-unrouted` shows them. Move
-      the objects under an operation's folder (or fix the publisher), then drain the
-      subscription (`gcloud pubsub subscriptions seek ${var.name_prefix}-unrouted --time=NOW`,
-      NOW in RFC 3339); or, once a pool serves them, `imagen dlq replay --subscription
-      ${var.name_prefix}-unrouted --topic ${var.name_prefix}-jobs` re-publishes them.
+      **Unrouted** (`${var.name_prefix}-unrouted`, `${var.name_prefix}-unrouted-jobs`): messages
+      no worker pool's subscription takes, so no output and no failure report. In
+      `-unrouted`: an upload under a folder that names no deployed operation (a typo,
+      `${var.input_prefix}` itself, a console folder placeholder, or a chain such as
+      `remove-background,upscale`: chains need one worker serving all their operations), or a
+      job message without an `operation` attribute. In `-unrouted-jobs`: a job message whose
+      `operation` attribute names no deployed operation (a chain, a typo, one left out).
+      `imagen dlq list --subscription <name>` shows them. Move the objects under an
+      operation's folder (or fix the publisher), then drain the subscription
+      (`gcloud pubsub subscriptions seek <name> --time=NOW`, NOW in RFC 3339); or, once a
+      pool serves them, `imagen dlq replay --subscription <name> --topic
+      ${var.name_prefix}-jobs` re-publishes them.
     EOT
   }
 

@@ -34,8 +34,13 @@ output "dead_letter_subscriptions" {
 }
 
 output "unrouted_subscription" {
-  description = "Keeps the messages no operation's subscription takes (null when not created)."
+  description = "Keeps the uploads no operation's subscription takes, and job messages without an operation attribute (null when not created)."
   value       = local.unrouted ? google_pubsub_subscription.unrouted[0].id : null
+}
+
+output "unrouted_jobs_subscription" {
+  description = "Keeps the job messages whose operation attribute names no deployed operation (null when not created)."
+  value       = local.unrouted_jobs ? google_pubsub_subscription.unrouted_jobs[0].id : null
 }
 
 output "results_topic" {

@@ -72,15 +72,30 @@ resource "google_pubsub_subscription" "jobs" {
   depends_on = [google_pubsub_topic_iam_member.dead_letter_publisher]
 }
 
-# Messages no operation's subscription takes (main.tf, local.unrouted_filter): kept for a
-# week with no consumer, so a typo'd folder or an unserved chain is seen (monitoring.tf
-# alerts) instead of acknowledged by Pub/Sub for nobody. `imagen dlq list` reads them.
+# Messages no operation's subscription takes (main.tf, local.unrouted_filter and
+# unrouted_jobs_filter): kept for a week with no consumer, so a typo'd folder, an unserved
+# chain or a job message for an operation left out is seen (monitoring.tf alerts) instead of
+# acknowledged by Pub/Sub for nobody. `imagen dlq list` reads them.
 resource "google_pubsub_subscription" "unrouted" {
   count = local.unrouted ? 1 : 0
 
   name                       = "${var.name_prefix}-unrouted"
   topic                      = google_pubsub_topic.jobs[0].id
   filter                     = local.unrouted_filter
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+resource "google_pubsub_subscription" "unrouted_jobs" {
+  count = local.unrouted_jobs ? 1 : 0
+
+  name                       = "${var.name_prefix}-unrouted-jobs"
+  topic                      = google_pubsub_topic.jobs[0].id
+  filter                     = local.unrouted_jobs_filter
   ack_deadline_seconds       = 60
   message_retention_duration = "604800s"
 

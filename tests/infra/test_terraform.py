@@ -195,11 +195,14 @@ def _matches(pubsub_filter: str, attributes: dict[str, str]) -> bool:
             return attributes.get(token["ekey"]) == token["evalue"], i + 1
         return token["hkey"] in attributes, i + 1
 
-    def either(i):  # the filters here join with OR only
+    def either(i):  # atoms joined by one of AND, OR: Pub/Sub needs parentheses to mix them
         value, i = atom(i)
-        while i < len(tokens) and tokens[i]["word"] == "OR":
+        joiner = None
+        while i < len(tokens) and tokens[i]["word"] in ("AND", "OR"):
+            assert joiner in (None, tokens[i]["word"]), f"AND and OR mixed without parentheses: {pubsub_filter}"
+            joiner = tokens[i]["word"]
             other, i = atom(i + 1)
-            value = value or other
+            value = (value and other) if joiner == "AND" else (value or other)
         return value, i
 
     value, end = either(0)
@@ -230,9 +233,10 @@ def rendered_filters(terraform, tmp_path_factory):
         tmp_path_factory.mktemp("filters"),
         {name: terraform.default(name) for name in ("operations", "input_prefix")},
         {"per_operation": expr(terraform.locals["subscription_filters"]),
-         "unrouted": expr(terraform.locals["unrouted_filter"])},
+         "unrouted": expr(terraform.locals["unrouted_filter"]),
+         "unrouted-jobs": expr(terraform.locals["unrouted_jobs_filter"])},
     )
-    return values["per_operation"], values["unrouted"]
+    return values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
 
 
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
@@ -284,24 +288,31 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
         ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/a.png"}, {"unrouted"}),
         ({"operation": "enhance"}, {"enhance"}),  # a job message naming its operation
         ({}, {"unrouted"}),  # a job message without the attribute
+        # Job messages whose attribute names no deployed operation: a chain, a typo. No
+        # pool's filter takes them; the unrouted-jobs subscription keeps them.
+        ({"operation": "remove-background,upscale"}, {"unrouted-jobs"}),
+        ({"operation": "upscal"}, {"unrouted-jobs"}),
+        ({"operation": ""}, {"unrouted-jobs"}),
     ],
 )
 def test_every_message_reaches_one_subscription(rendered_filters, attributes, taken_by):
     per_operation, unrouted = rendered_filters
-    filters = {**per_operation, "unrouted": unrouted}
+    filters = {**per_operation, **unrouted}
     assert {name for name, text in filters.items() if _matches(text, attributes)} == taken_by
     assert all(len(text.encode()) <= 256 for text in filters.values()), "Pub/Sub filters hold 256 bytes"
 
 
-def test_unrouted_messages_are_kept_and_watched(terraform):
-    sub = terraform.resource("google_pubsub_subscription", "unrouted")
-    assert expr(sub["count"]) == "local.unrouted ? 1 : 0"
-    assert expr(sub["filter"]) == "local.unrouted_filter"
+@pytest.mark.parametrize("name", ["unrouted", "unrouted_jobs"])
+def test_unrouted_messages_are_kept_and_watched(terraform, name):
+    sub = terraform.resource("google_pubsub_subscription", name)
+    assert expr(sub["count"]) == f"local.{name} ? 1 : 0"
+    assert expr(sub["filter"]) == f"local.{name}_filter"
     assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
-    assert expr(terraform.locals["unrouted"]) == (
-        "local.filtered && local.unrouted_filter_fits"
-    )
-    assert "unrouted_filter_fits" in terraform.checks  # watched: test_dead_letter_topics_are_kept_and_watched
+    # The job messages' filter always fits (179 bytes at most: the operations' names are fixed).
+    fits = {"unrouted": " && local.unrouted_filter_fits", "unrouted_jobs": ""}[name]
+    assert expr(terraform.locals[name]) == f"local.filtered{fits}"
+    assert "unrouted_filter_fits" in terraform.checks
+    assert f"google_pubsub_subscription.{name}" in expr(terraform.locals["watched_backlogs"])
 
 
 def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
