@@ -4,9 +4,10 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): upscale 512 and 1024 compiled and profiled, enhance autotuned, the
-# compile-cache probe for upscale and enhance, the cold-start probe, the graph tests: more than
-# one session's 15 minutes of device time. First call SESSION_SECONDS=560 (steps 1-2 fill it);
+# PHASE=final (the default): the VAE attention probe, upscale 512 and 1024 compiled and
+# profiled, upscale 512 with vae_matmul_attention, enhance autotuned, the compile-cache probe
+# for upscale and enhance, the cold-start probe, the graph tests: more than one session's 15
+# minutes of device time. First call SESSION_SECONDS=560 (steps 1-3 fill it);
 # then at once, on the machine still warm (30 s), STEPS="<the steps not reached>" with
 # SESSION_SECONDS = what `status` leaves less a minute. PHASE=explore: comic, enhance, upscale
 # profiled.
@@ -30,7 +31,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
 export PYTHONUNBUFFERED=1
 
-want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }  # STEPS: which numbered steps run
+want() { [[ " ${STEPS:-1 2 3 4 5 6 7} " == *" $1 "* ]]; }  # STEPS: which numbered steps run
 
 step() {
   local limit=$1
@@ -68,19 +69,26 @@ final)
   # Session 4 ran the graph tests, comic with the defaults and the compile-cache probe for
   # comic; session 5 upscale compiled (it pays: now the default), enhance with the defaults and
   # the graph tests again. These are what is left.
-  # 1. upscale 512 -> 2048 and 1024 -> 4096 with today's defaults (compiled: both tile buckets,
+  # 1. The VAE's one-head, 512-wide attention alone (seconds): scaled_dot_product_attention
+  #    against the chunked matrix products of the vae_matmul_attention switch, at the
+  #    latent sizes the operations decode (512^2 for an upscale 512 tile: ~140 TFLOP).
+  want 1 && step 90 "$PY" -m bench.attnprobe "${TINY[@]}"
+  # 2. upscale 512 -> 2048 and 1024 -> 4096 with today's defaults (compiled: both tile buckets,
   #    ~130-170 s), profiled: does the 16 GiB bound hold compiled, and how much of 512's 4.3 s
-  #    (4 s target) is the VAE's 2048^2 decode, which is not compiled.
-  want 1 && step 300 "$PY" -m bench "${TINY[@]}" --cases $UP512,$UP1024 --profile
-  # 2. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
+  #    (4 s target) is the VAE's decode (its attention: step 1), which is not compiled.
+  want 2 && step 300 "$PY" -m bench "${TINY[@]}" --cases $UP512,$UP1024 --profile
+  # 3. upscale 512 -> 2048 with the VAE attention as matrix products (Inductor's on-disk
+  #    cache from step 2 shortens the compile): the switch's end-to-end figure and memory.
+  want 3 && step 200 "$PY" -m bench "${TINY[@]}" --cases $UP512 --no-stock --switch vae_matmul_attention=on
+  # 4. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
   #    needs; minutes of compiling, paid once per GPU model through the compile cache).
-  want 2 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
-  # 3. How soon a new instance runs compiled, from scratch then with the compile cache.
-  want 3 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
-  # 4. Where a cold start's seconds go (root: drops the page cache).
-  want 4 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
-  # 5. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
-  want 5 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  want 4 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
+  # 5. How soon a new instance runs compiled, from scratch then with the compile cache.
+  want 5 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
+  # 6. Where a cold start's seconds go (root: drops the page cache).
+  want 6 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
+  # 7. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
+  want 7 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 esac
 find "$OUT" -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -16,6 +16,7 @@ SWITCHES = (
     "cudnn_benchmark",
     "vae_tiling",
     "vae_bf16",
+    "vae_matmul_attention",
     "compile",
     "cuda_graphs",
 )
@@ -53,6 +54,7 @@ class Tuning:
     cudnn_benchmark: bool = False
     vae_tiling: bool = False
     vae_bf16: bool = False
+    vae_matmul_attention: bool = False
     compile: bool = False
     background_compile: bool = False  # how `compile` runs: after ready, under the graphs
     cuda_graphs: bool = False

@@ -22,6 +22,7 @@ pays (bench/README.md has the figures):
 | `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on; as read_ahead |
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
+| `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | off: not measured yet; written for the x4 upscaler's 512-tile decode (262,144 positions, beyond flash attention's 256-wide heads) |
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
@@ -52,6 +53,7 @@ import torch
 
 from image.operations import compile_cache
 from image.operations.graphs import GraphedForward, graph_module
+from image.operations.vae_attention import use_matmul_attention
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
     COMPILE_PAYS,
@@ -87,6 +89,8 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
     if tuning.vae_tiling:
         pipe.vae.enable_tiling()
         done.append("vae_tiling")
+    if tuning.vae_matmul_attention and use_matmul_attention(pipe.vae):
+        done.append("vae_matmul_attention")
     return done + _compile_and_graph(pipe.unet, tuning, device)
 
 
