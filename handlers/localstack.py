@@ -211,9 +211,11 @@ class LocalStack:
             "GOOGLE_CLOUD_PROJECT": PROJECT,
             "MODEL_CACHE_DIR": str(self.model_cache_dir),
             "IMAGEN_ALLOWED_BUCKETS": self.bucket,
-            # Every pool here receives every message (the emulator does not filter): not a
-            # deployment whose pools must report what they do not serve, whatever the shell says.
+            # Every pool here receives every message (the emulator does not filter), and a pool
+            # serves several operations (chains included): neither rule for reporting what a
+            # pool does not serve applies, whatever the shell says.
             "IMAGEN_FILTERED_SUBSCRIPTION": "false",
+            "IMAGEN_DEPLOYED_OPERATIONS": "",
             "IMAGEN_DEVICE": self.device,
             "HF_HUB_OFFLINE": "1",
             **gcloud_storage_env(self.storage.url),

@@ -108,6 +108,7 @@ class Processor:
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
         self._filtered = settings.filtered_subscription
+        self._deployed = settings.deployed_operations
         self._max_bytes = settings.max_bytes
         self._max_pixels = settings.max_pixels
         self._results = results
@@ -162,7 +163,13 @@ class Processor:
             if plan is None:
                 if self._filtered:  # nobody else received it: skipping it would lose it
                     raise OperationNotServed(_not_served(job, self._served, self._layout))
-                reason = f"operation {job.operation!r} is served by another worker pool"
+                if self._deployed and not _served_by_a_pool(job, self._deployed):
+                    if self._deployed[0] in self._served:  # one pool reports it, the others skip
+                        raise OperationNotServed(_not_deployed(job, self._deployed, self._layout))
+                    reason = (f"operation {job.operation!r} is served by no worker pool; the "
+                              f"{self._deployed[0]} pool reports it")
+                else:
+                    reason = f"operation {job.operation!r} is served by another worker pool"
                 log.info("job skipped: %s", reason, extra={"fields": fields})
                 return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)
             fields["operation"] = plan.operation
@@ -400,6 +407,20 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     fmt = fmt or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)
+
+
+def _served_by_a_pool(job: Job, deployed: tuple[str, ...]) -> bool:
+    """Whether one of the deployment's pools (one operation each) serves `job`."""
+    chain = parse_chain(job.operation)
+    return len(chain) == 1 and chain[0] in deployed
+
+
+def _not_deployed(job: Job, deployed: tuple[str, ...], layout: Layout) -> str:
+    """Why no pool of an unfiltered deployment runs `job`, and what would."""
+    return (f"{job.source_uri} asks for {job.operation!r}, which no worker pool of this deployment serves "
+            f"(its pools serve {', '.join(deployed)}, one operation each): upload it under "
+            f"{layout.input_prefix}<operation>/ for one of those, deploy the operation, or run a worker "
+            f"that serves all of a chain's operations")
 
 
 def _not_served(job: Job, served: frozenset[str], layout: Layout) -> str:

@@ -51,6 +51,11 @@ class Settings:
     # folders and job messages naming them (Terraform's subscription_filter), so a job for
     # another operation reached no other pool: it fails with a report instead of being skipped.
     filtered_subscription: bool = False
+    # IMAGEN_DEPLOYED_OPERATIONS: on an unfiltered deployment (Eventarc, or subscriptions
+    # without filters), every pool receives every job; this lists the operations its pools
+    # serve, one pool each, so a job none serves (a chain, an operation left out) is reported
+    # by one of them, the pool serving the first listed, instead of being skipped by all.
+    deployed_operations: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +100,8 @@ class Settings:
         values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
         if get("IMAGEN_FILTERED_SUBSCRIPTION") is not None:
             values["filtered_subscription"] = _flag("IMAGEN_FILTERED_SUBSCRIPTION", get("IMAGEN_FILTERED_SUBSCRIPTION"))
+        if get("IMAGEN_DEPLOYED_OPERATIONS"):
+            values["deployed_operations"] = split_list(get("IMAGEN_DEPLOYED_OPERATIONS"))
         if get("IMAGEN_TUNING"):
             # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
             values["tuning"] = tuple(item for item in re.split(r"[;\s]+", get("IMAGEN_TUNING")) if item)
@@ -112,6 +119,14 @@ class Settings:
                 f"IMAGEN_OPERATIONS: unknown operation(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(OPERATION_NAMES)}"
             )
+        if self.deployed_operations:
+            unknown = [op for op in self.deployed_operations if op not in OPERATION_NAMES]
+            if unknown or not set(self.operations) <= set(self.deployed_operations):
+                raise ConfigError(
+                    f"IMAGEN_DEPLOYED_OPERATIONS: {', '.join(self.deployed_operations)} must name operations "
+                    f"(unknown: {', '.join(unknown) or 'none'}) and include this worker's own "
+                    f"(IMAGEN_OPERATIONS: {', '.join(self.operations)})"
+                )
         if self.device not in DEVICES:
             raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.tuning:

@@ -120,7 +120,9 @@ locals {
     },
     var.results_topic ? { IMAGEN_RESULTS_TOPIC = google_pubsub_topic.results[0].id } : {},
     var.compile_cache ? { IMAGEN_COMPILE_CACHE = "gs://${google_storage_bucket.compiled[0].name}/" } : {},
-    local.filtered ? { IMAGEN_FILTERED_SUBSCRIPTION = "true" } : {},
+    # Filtered, a pool reports what it cannot serve (nobody else received it); unfiltered,
+    # every pool receives every job, and the first operation's pool reports those none serves.
+    local.filtered ? { IMAGEN_FILTERED_SUBSCRIPTION = "true" } : { IMAGEN_DEPLOYED_OPERATIONS = join(",", var.operations) },
     var.extra_env,
   )
 }

@@ -147,7 +147,7 @@ variable "delivery" {
 }
 
 variable "subscription_filter" {
-  description = "Filter each operation's subscription to its own folder (and job messages whose `operation` attribute names it). Filtered, the workers are told so (IMAGEN_FILTERED_SUBSCRIPTION) and report an upload whose `imagen-operation` metadata names another pool's operation (OperationNotServed). Turn off only for objects routed by that metadata alone (they must still be under the input prefix, which the bucket notification covers): every worker then receives every message and acks the ones it does not serve."
+  description = "Filter each operation's subscription to its own folder (and job messages whose `operation` attribute names it). Filtered, the workers are told so (IMAGEN_FILTERED_SUBSCRIPTION) and report an upload whose `imagen-operation` metadata names another pool's operation (OperationNotServed). Turn off only for objects routed by that metadata alone (they must still be under the input prefix, which the bucket notification covers): every worker then receives every message and acks the ones it does not serve; a job no deployed operation serves (a chain, one left out) is reported once, by the first operation's workers (IMAGEN_DEPLOYED_OPERATIONS)."
   type        = bool
   default     = true
 }

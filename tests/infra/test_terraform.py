@@ -159,9 +159,14 @@ def test_subscriptions_filter_by_folder_and_operation_attribute(terraform):
     # Filtered, a pool is told so: what it cannot serve reached no other pool, so it reports it
     # (handlers/settings.py reads "true"). Eventarc triggers are not filtered by folder.
     assert expr(terraform.locals["filtered"]) == "local.pubsub && var.subscription_filter"
-    assert 'local.filtered ? {IMAGEN_FILTERED_SUBSCRIPTION = "true"} : {}' in expr(terraform.locals["common_env"])
+    # Unfiltered, every pool receives every job: each is told the deployed operations, and the
+    # first one's pool reports a job none serves.
+    assert ('local.filtered ? {IMAGEN_FILTERED_SUBSCRIPTION = "true"} : '
+            '{IMAGEN_DEPLOYED_OPERATIONS = join(",", var.operations)}') in expr(terraform.locals["common_env"])
     from handlers.settings import Settings
     assert Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "true"}).filtered_subscription
+    assert Settings.from_env({"IMAGEN_OPERATIONS": "comic", "IMAGEN_DEPLOYED_OPERATIONS": "upscale,comic"}
+                             ).deployed_operations == ("upscale", "comic")
 
 
 _FILTER_TOKEN = re.compile(

@@ -225,6 +225,30 @@ def test_filtered_subscription_reports_what_it_cannot_serve(settings, bucket):
     assert processor.handle(_event(own)).status == "succeeded" and engine.calls == 1
 
 
+def test_unfiltered_deployment_reports_once_what_no_pool_serves(settings, bucket):
+    """Eventarc, or subscriptions without filters: every pool receives every job. One that
+    none of the deployment's pools serves (an operation left out, a chain) gets one report,
+    from the pool of the first deployed operation; the others skip it, as they skip the jobs
+    of another pool."""
+    deployed = {"deployed_operations": ("upscale", "comic")}
+    engines = {op: FakeEngine() for op in deployed["deployed_operations"]}
+    pools = {op: _processor(settings, engines[op], operations=(op,), **deployed) for op in engines}
+    for name, operation in (("incoming/enhance/left-out.png", "enhance"), ("incoming/comic,upscale/chain.png", "comic,upscale")):
+        event = _event(_upload(bucket, name))
+        assert pools["upscale"].handle(event).status == "failed"
+        skipped = pools["comic"].handle(event)
+        assert skipped.status == "skipped" and "the upscale pool reports it" in skipped.reason
+        report = _report(bucket, f"failed/{operation}/{name.rsplit('/', 1)[1]}.json")
+        assert report["error"]["type"] == "OperationNotServed"
+        assert "no worker pool of this deployment serves" in report["error"]["message"]
+    # Another pool's job is skipped without a report; its own pool runs it.
+    other = _event(_upload(bucket, "incoming/comic/mine.png"))
+    assert pools["upscale"].handle(other).status == "skipped"
+    assert pools["comic"].handle(other).status == "succeeded"
+    assert engines["upscale"].calls == 0 and engines["comic"].calls == 1
+    assert not bucket.get_blob("failed/comic/mine.png.json")
+
+
 def test_job_message_with_explicit_output(settings, bucket):
     _upload(bucket, "uploads/p.png")
     request = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "webp"},
