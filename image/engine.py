@@ -30,7 +30,13 @@ from PIL import Image
 
 from image.codec import check_encodable
 from image.deadline import Deadline
-from image.errors import InvalidParameter, ModelError, UnknownOperation, Withdrawn
+from image.errors import (
+    InvalidParameter,
+    ModelError,
+    OutOfDeviceMemory,
+    UnknownOperation,
+    Withdrawn,
+)
 from image.operations import OPERATION_NAMES, get_operation
 from image.operations.switches import Tuning, parse_changes
 from image.params import COMMON_DEFAULTS, parse_chain, resolve, validate_params
@@ -210,9 +216,35 @@ class Engine:
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
             deadline = Deadline(max_seconds) if max_seconds else None
-            for name in chain:
-                image = self._ops[name].run(image, resolve(name, params), seed, deadline)
-        return image
+            return self._run_chain(chain, image, params, seed, deadline)
+
+    def _run_chain(self, chain, image, params, seed, deadline) -> Image.Image:
+        """The chain's operations in order. Out of device memory, the chain runs once more
+        after the allocator gives its cached blocks back (another job's leftovers, or
+        fragmentation, can be the cause); out of memory again, the job itself needs more than
+        the GPU has: OutOfDeviceMemory, a failure report rather than retries on the same kind
+        of GPU. The retry spends the same time budget."""
+        import torch
+
+        for attempt in (1, 2):
+            try:
+                out = image
+                for name in chain:
+                    out = self._ops[name].run(out, resolve(name, params), seed, deadline)
+                return out
+            except torch.OutOfMemoryError as error:
+                what = str(error).strip().splitlines()[0][:300] if str(error).strip() else "out of memory"
+            # Here, past the handler: the error's traceback (the frames and tensors that ran
+            # out) is gone, so their memory can be given back.
+            _release_device_memory()
+            if attempt == 2:
+                raise OutOfDeviceMemory(
+                    f"{', '.join(chain)} ran out of GPU memory on a {image.width}x{image.height} input, "
+                    f"also after freeing the memory cache ({what}): send a smaller image, or run this "
+                    f"operation on a GPU with more memory")
+            logger.warning("%s ran out of GPU memory (%s); trying once more after freeing the cache",
+                           ", ".join(chain), what)
+        raise AssertionError("unreachable")
 
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""
@@ -225,6 +257,17 @@ class Engine:
     def is_tiny(self) -> bool:
         """True when any loaded model is a tiny random-weight one (tests and demos)."""
         return any(op.loaded.tiny for op in self._ops.values())
+
+
+def _release_device_memory() -> None:
+    """Give the caching allocator's free blocks back to the device (a no-op without CUDA)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:

@@ -7,7 +7,8 @@
     │   ├── DecompressionBomb   more pixels than allowed (checked before decoding)
     │   ├── InvalidParameter    a parameter is unknown, of the wrong type or out of range
     │   ├── UnknownOperation    an operation name that does not exist
-    │   └── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
+    │   ├── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
+    │   └── OutOfDeviceMemory   the job ran out of GPU memory, again after the cache was freed
     └── ModelError              the models on this machine are at fault
         └── ModelMissing        a model is not in the cache (names the command that fixes it)
 
@@ -47,6 +48,11 @@ class UnknownOperation(InputError):
 
 class JobTooLong(InputError):
     pass
+
+
+class OutOfDeviceMemory(InputError):
+    """The job needs more GPU memory than this GPU has beside the models: a retry on the same
+    kind of GPU would run out too."""
 
 
 class Withdrawn(ImagenError):
