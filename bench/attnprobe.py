@@ -4,8 +4,9 @@ against imagen's chunked matrix products (image/operations/vae_attention.py, the
 `python -m bench.attnprobe [--tiny]`.
 
 Per size it prints and writes (bench/results/<card>-attnprobe-<time>.json) the median
-milliseconds of each (device events, after a warm-up), the TFLOP/s that makes (4 N^2 d), and
-each one's largest difference from a float32 reference on the same inputs. In bfloat16, as
+milliseconds of each (device events, after a warm-up), the TFLOP/s that makes (4 N^2 d), the
+memory each allocates at its peak, and each one's largest difference from PyTorch's float32
+attention on the same inputs. In bfloat16, as
 imagen's VAE runs (vae_bf16). `--tiny` is a dry run on the CPU with small sizes.
 """
 
@@ -28,26 +29,17 @@ TINY_SIZES = {1024: "tiny", 4096: "tiny"}
 WIDTH = 512
 
 
-def _reference(q, k, v) -> torch.Tensor:
-    """Float32 attention, a chunk of queries at a time (the whole score matrix would not fit)."""
-    from image.operations.vae_attention import attention
-
-    return attention(q.float(), k.float(), v.float())
-
-
-def _bmm_takes_out_dtype(like: torch.Tensor) -> bool:
-    """Whether this PyTorch multiplies half-precision inputs into float32 on this device (the
-    fast path of vae_attention's scores; without it they are multiplied in float32)."""
-    a = torch.ones(1, 2, 2, dtype=like.dtype, device=like.device)
-    try:
-        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):  # NotImplementedError included
-        return False
+def _reference(q, k, v, rows: int = 4096) -> torch.Tensor:
+    """Float32 scaled_dot_product_attention, a chunk of queries at a time (independent of
+    vae_attention's code; whole, the math kernel's score matrix would not fit)."""
+    keys, values = k.float(), v.float()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(q[..., i:i + rows, :].float(), keys, values)
+                      for i in range(0, q.shape[-2], rows)], dim=-2)
 
 
 def probe_size(positions: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     from bench.timing import measure
-    from image.operations.vae_attention import attention
+    from image.operations.vae_attention import attention, has_float32_products
 
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 1, positions, WIDTH, device=device, dtype=dtype, generator=generator)
@@ -55,11 +47,12 @@ def probe_size(positions: int, device: torch.device, dtype: torch.dtype, repeats
     reference = _reference(q, k, v)
     flop = 4 * positions**2 * WIDTH
     row = {"positions": positions, "case": (TINY_SIZES | SIZES)[positions], "dtype": str(dtype).removeprefix("torch."),
-           "half_inputs_float32_scores": _bmm_takes_out_dtype(q)}
+           "half_inputs_float32_scores": has_float32_products(q)}
     paths = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         "matmul": lambda: attention(q, k, v),
     }
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     for name, fn in paths.items():
         try:
             with torch.inference_mode():
@@ -70,7 +63,8 @@ def probe_size(positions: int, device: torch.device, dtype: torch.dtype, repeats
         row[f"{name}_ms"] = round(timing.seconds * 1000, 2)
         row[f"{name}_tflops"] = round(flop / timing.seconds / 1e12, 1)
         row[f"{name}_max_diff"] = float((out.float() - reference).abs().max())
-        row[f"{name}_peak_gib"] = None if timing.peak_bytes is None else round(timing.peak_bytes / 2**30, 2)
+        # What the call itself allocated at its peak, beyond the inputs and the reference.
+        row[f"{name}_peak_gib"] = None if timing.peak_bytes is None else round((timing.peak_bytes - baseline) / 2**30, 2)
         del out
     return row
 

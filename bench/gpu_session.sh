@@ -7,9 +7,10 @@
 # PHASE=final (the default): the VAE attention probe, upscale 512 and 1024 compiled and
 # profiled, upscale 512 with vae_matmul_attention, enhance autotuned, the compile-cache probe
 # for upscale and enhance, the cold-start probe, the graph tests: more than one session's 15
-# minutes of device time. First call SESSION_SECONDS=560 (steps 1-3 fill it);
-# then at once, on the machine still warm (30 s), STEPS="<the steps not reached>" with
-# SESSION_SECONDS = what `status` leaves less a minute. PHASE=explore: comic, enhance, upscale
+# minutes of device time. First call SESSION_SECONDS=580 (steps 1-3: 60 + 300 + 200 s, and
+# the wheels' install), timeout_s=595; what `status` leaves after it (~3 min, the machine's
+# start counts) fits step 6 or 7 at most: STEPS=7, SESSION_SECONDS = that less a minute. Steps
+# 4 and 5 wait for another session. PHASE=explore: comic, enhance, upscale
 # profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
@@ -72,7 +73,7 @@ final)
   # 1. The VAE's one-head, 512-wide attention alone (seconds): scaled_dot_product_attention
   #    against the chunked matrix products of the vae_matmul_attention switch, at the
   #    latent sizes the operations decode (512^2 for an upscale 512 tile: ~140 TFLOP).
-  want 1 && step 90 "$PY" -m bench.attnprobe "${TINY[@]}"
+  want 1 && step 60 "$PY" -m bench.attnprobe "${TINY[@]}"
   # 2. upscale 512 -> 2048 and 1024 -> 4096 with today's defaults (compiled: both tile buckets,
   #    ~130-170 s), profiled: does the 16 GiB bound hold compiled, and how much of 512's 4.3 s
   #    (4 s target) is the VAE's decode (its attention: step 1), which is not compiled.

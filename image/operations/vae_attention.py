@@ -11,9 +11,10 @@ queries, which cuBLAS runs at its full rate:
     scores = (q / sqrt(d)) @ k^T       # a chunk of query rows against every key, float32
     out    = softmax(scores) @ v       # probabilities in the model's dtype, as flash rounds them
 
-The float32 scores of a chunk are held at once (`chunk_bytes`, 512 MiB by default, bounds
-them); the chunks are independent, so the result is the attention itself, not an
-approximation, rounded where a fused kernel rounds. Not measured yet: the `vae_matmul_attention`
+A chunk's scores and probabilities are held at once (`chunk_bytes`, 512 MiB by default,
+bounds them); the chunks are independent, so the result is the attention itself, not an
+approximation, rounded where PyTorch's own kernels round (q is scaled in the model's dtype,
+as its math path does). Not measured yet: the `vae_matmul_attention`
 switch is off by default until the bench shows it pays (bench/README.md).
 
     processor = MatmulAttention(vae_attention.processor)
@@ -24,6 +25,8 @@ processor it replaced.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -68,31 +71,41 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (batch, heads, positions, d) tensors, as
     `torch.nn.functional.scaled_dot_product_attention` computes it by default. The scores are
-    float32 (as a fused kernel keeps them), `chunk_bytes` of them at a time."""
+    float32 (as a fused kernel keeps them); a chunk's scores and probabilities (10 bytes a
+    score: float32 scores and softmax, the probabilities in the model's dtype) take at most
+    `chunk_bytes`."""
     *lead, length, width = query.shape
     positions = key.shape[-2]
-    queries = (query * width**-0.5).reshape(-1, length, width)
+    queries = (query * width**-0.5).reshape(-1, length, width)  # in q's dtype, as PyTorch's math path
     keys = key.reshape(-1, positions, width).transpose(1, 2)
     values = value.reshape(-1, positions, value.shape[-1])
-    rows = max(1, chunk_bytes // (queries.shape[0] * positions * 4))
+    rows = max(1, chunk_bytes // (queries.shape[0] * positions * 10))
+    half = has_float32_products(queries)
+    if not half:
+        queries, keys = queries.float(), keys.float()  # the CPU, or a PyTorch without it
     out = torch.empty(queries.shape[0], length, values.shape[-1], dtype=value.dtype, device=value.device)
     for start in range(0, length, rows):
-        scores = _float32_product(queries[:, start:start + rows], keys)
+        chunk = queries[:, start:start + rows]
+        scores = torch.bmm(chunk, keys, out_dtype=torch.float32) if half else torch.bmm(chunk, keys)
         probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
         del scores
         out[:, start:start + rows] = torch.bmm(probabilities, values)
     return out.view(*lead, length, values.shape[-1])
 
 
-def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with float32 results: on CUDA, half-precision inputs at tensor-core speed
-    (cuBLAS accumulates in float32 and writes float32); elsewhere in float32."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a PyTorch without bmm's out_dtype
-            pass
-    return torch.bmm(a.float(), b.float())
+def has_float32_products(a: torch.Tensor) -> bool:
+    """Whether bmm multiplies `a`'s half-precision dtype into float32 here (CUDA, in recent
+    PyTorch: tensor-core speed, float32 accumulation and result)."""
+    return a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _float32_output(a.device, a.dtype)
+
+
+@functools.cache
+def _float32_output(device: torch.device, dtype: torch.dtype) -> bool:
+    probe = torch.ones(1, 1, 1, dtype=dtype, device=device)
+    try:
+        return torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, NotImplementedError):  # no out_dtype argument, or no kernel for it
+        return False
 
 
 def use_matmul_attention(vae, chunk_bytes: int = CHUNK_BYTES) -> bool:
