@@ -7,8 +7,8 @@
     │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
     │   ├── OutputTaken             the output path holds another live source's result
     │   ├── OperationNotServed      a filtered subscription brought a job for another pool's
-    │   │                           operation (imagen-operation metadata across folders), or
-    │   │                           no pool of an unfiltered deployment serves the job
+    │   │                           operation (imagen-operation metadata across folders)
+    │   ├── OperationNotDeployed    no pool of an unfiltered deployment serves the job
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
     ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
     ├── Undeliverable               refused, with no bucket of ours to report in (HTTP 400, nack:
@@ -45,8 +45,13 @@ class OutputTaken(InputError):
 class OperationNotServed(InputError):
     """A job this pool cannot serve reached it through a subscription filtered to its own
     operations (IMAGEN_FILTERED_SUBSCRIPTION): no other pool received it, so skipping it would
-    lose it. Or, where every pool receives every job, no pool of the deployment serves it
-    (IMAGEN_DEPLOYED_OPERATIONS): one of them reports it."""
+    lose it. A job message naming the operation reaches the right pool."""
+
+
+class OperationNotDeployed(InputError):
+    """Every pool receives every job (IMAGEN_DEPLOYED_OPERATIONS) and none of them serves this
+    one (a chain, an operation left out): one of them reports it. No message reaches a pool
+    that is not there."""
 
 
 class EventError(ImagenError):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from handlers import metrics, routing
 from handlers.errors import (
     EventError,
+    OperationNotDeployed,
     OperationNotServed,
     OutputTaken,
     PreconditionLost,
@@ -165,7 +166,7 @@ class Processor:
                     raise OperationNotServed(_not_served(job, self._served, self._layout))
                 if self._deployed and not _served_by_a_pool(job, self._deployed):
                     if self._deployed[0] in self._served:  # one pool reports it, the others skip
-                        raise OperationNotServed(_not_deployed(job, self._deployed, self._layout))
+                        raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
                     reason = (f"operation {job.operation!r} is served by no worker pool; the "
                               f"{self._deployed[0]} pool reports it")
                 else:

@@ -53,8 +53,9 @@ class Settings:
     filtered_subscription: bool = False
     # IMAGEN_DEPLOYED_OPERATIONS: on an unfiltered deployment (Eventarc, or subscriptions
     # without filters), every pool receives every job; this lists the operations its pools
-    # serve, one pool each, so a job none serves (a chain, an operation left out) is reported
-    # by one of them, the pool serving the first listed, instead of being skipped by all.
+    # serve, one pool each (Terraform's), so a job none serves (a chain, an operation left
+    # out) is reported by one of them, the pool serving the first listed, instead of being
+    # skipped by all. Not for pools of several operations: they serve chains it cannot see.
     deployed_operations: tuple[str, ...] = ()
 
     @classmethod
@@ -119,14 +120,10 @@ class Settings:
                 f"IMAGEN_OPERATIONS: unknown operation(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(OPERATION_NAMES)}"
             )
-        if self.deployed_operations:
-            unknown = [op for op in self.deployed_operations if op not in OPERATION_NAMES]
-            if unknown or not set(self.operations) <= set(self.deployed_operations):
-                raise ConfigError(
-                    f"IMAGEN_DEPLOYED_OPERATIONS: {', '.join(self.deployed_operations)} must name operations "
-                    f"(unknown: {', '.join(unknown) or 'none'}) and include this worker's own "
-                    f"(IMAGEN_OPERATIONS: {', '.join(self.operations)})"
-                )
+        unknown = [op for op in self.deployed_operations if op not in OPERATION_NAMES]
+        if unknown:
+            raise ConfigError(f"IMAGEN_DEPLOYED_OPERATIONS: unknown operation(s) {', '.join(unknown)}; "
+                              f"choose from {', '.join(OPERATION_NAMES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.tuning:

@@ -4,7 +4,7 @@
 #     --(one filtered subscription per operation)--> Cloud Run GPU service (push, OIDC)
 #                                                  or GKE worker pool (pull, KEDA)
 #     --(20 unanswered deliveries)--> the operation's dead-letter topic and subscription
-#     (what no operation's filter takes --> the unrouted subscription, kept and alerted on)
+#     (what no operation's filter takes --> the unrouted subscriptions, kept and alerted on)
 #
 # One file per concern: storage.tf, pubsub.tf, cloudrun.tf, eventarc.tf, gke.tf, iam.tf,
 # build.tf, monitoring.tf. docs/deploy.md walks through an apply.
@@ -100,7 +100,7 @@ locals {
     ["attributes:operation"],
   )))
   unrouted_jobs_filter = format("attributes:operation AND NOT (%s)", join(" OR ",
-    [for op in var.operations : "attributes.operation = \"${op}\""],
+    [for op in distinct(var.operations) : "attributes.operation = \"${op}\""],
   ))
   unrouted_filter_fits = length(local.unrouted_filter) <= 256
   unrouted             = local.filtered && local.unrouted_filter_fits

@@ -7,11 +7,14 @@
 # docs/deploy.md, Troubleshooting, says what to do with each.
 
 locals {
-  # condition name -> the subscription it watches
+  unrouted_subscriptions = concat(
+    google_pubsub_subscription.unrouted[*].name, google_pubsub_subscription.unrouted_jobs[*].name,
+  )
+  # condition name -> the subscriptions it watches (one condition for both unrouted ones: a
+  # policy holds at most 6 conditions, and the four dead-letter ones take four)
   watched_backlogs = merge(
-    { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => sub.name },
-    { for sub in google_pubsub_subscription.unrouted : "unrouted backlog" => sub.name },
-    { for sub in google_pubsub_subscription.unrouted_jobs : "unrouted job messages backlog" => sub.name },
+    { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => [sub.name] },
+    length(local.unrouted_subscriptions) > 0 ? { "unrouted backlog" = local.unrouted_subscriptions } : {},
   )
 }
 
@@ -29,7 +32,7 @@ resource "google_monitoring_alert_policy" "dead_letters" {
       condition_threshold {
         filter = join(" AND ", [
           "resource.type = \"pubsub_subscription\"",
-          "resource.labels.subscription_id = \"${conditions.value}\"",
+          format("resource.labels.subscription_id = one_of(%s)", join(", ", [for name in conditions.value : "\"${name}\""])),
           "metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\"",
         ])
         comparison      = "COMPARISON_GT"

@@ -312,7 +312,7 @@ variable "hf_token_secret" {
 }
 
 variable "alert_notification_channels" {
-  description = "Cloud Monitoring notification channel ids told when a dead-letter subscription, or the unrouted one, holds messages."
+  description = "Cloud Monitoring notification channel ids told when a dead-letter subscription, or an unrouted one, holds messages."
   type        = list(string)
   default     = []
 }

@@ -317,7 +317,8 @@ def test_unrouted_messages_are_kept_and_watched(terraform, name):
     fits = {"unrouted": " && local.unrouted_filter_fits", "unrouted_jobs": ""}[name]
     assert expr(terraform.locals[name]) == f"local.filtered{fits}"
     assert "unrouted_filter_fits" in terraform.checks
-    assert f"google_pubsub_subscription.{name}" in expr(terraform.locals["watched_backlogs"])
+    assert f"google_pubsub_subscription.{name}[*].name" in expr(terraform.locals["unrouted_subscriptions"])
+    assert "local.unrouted_subscriptions" in expr(terraform.locals["watched_backlogs"])
 
 
 def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
@@ -337,7 +338,7 @@ def test_subscriptions_dead_letter_after_the_processors_attempts(terraform):
     assert one(sub["expiration_policy"])["ttl"] == ""
 
 
-def test_dead_letter_topics_are_kept_and_watched(terraform):
+def test_dead_letter_topics_are_kept_and_watched(terraform, tmp_path):
     dl_sub = terraform.resource("google_pubsub_subscription", "dead_letter")
     assert expr(dl_sub["topic"]) == "google_pubsub_topic.dead_letter[each.key].id"
     publisher = terraform.resource("google_pubsub_topic_iam_member", "dead_letter_publisher")
@@ -355,10 +356,15 @@ def test_dead_letter_topics_are_kept_and_watched(terraform):
     assert expr(conditions["for_each"]) == "local.watched_backlogs"
     threshold = one(one(conditions["content"])["condition_threshold"])
     assert "pubsub.googleapis.com/subscription/num_undelivered_messages" in expr(threshold["filter"])
-    assert "resource.labels.subscription_id = \\\"${conditions.value}\\\"" in expr(threshold["filter"])
+    # One condition may watch several subscriptions (both unrouted ones: a policy holds six).
+    rendered = _evaluate(tmp_path, {}, {"filter": expr(threshold["filter"]).replace(
+        "conditions.value", '["imagen-unrouted", "imagen-unrouted-jobs"]')})["filter"]
+    assert rendered == ('resource.type = "pubsub_subscription" AND resource.labels.subscription_id = '
+                        'one_of("imagen-unrouted", "imagen-unrouted-jobs") AND '
+                        'metric.type = "pubsub.googleapis.com/subscription/num_undelivered_messages"')
     assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
     watched = expr(terraform.locals["watched_backlogs"])
-    assert "google_pubsub_subscription.dead_letter" in watched and "google_pubsub_subscription.unrouted" in watched
+    assert "google_pubsub_subscription.dead_letter" in watched and "local.unrouted_subscriptions" in watched
 
 
 def test_push_carries_an_oidc_token_of_the_invoker(terraform):

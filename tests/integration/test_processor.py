@@ -239,7 +239,7 @@ def test_unfiltered_deployment_reports_once_what_no_pool_serves(settings, bucket
         skipped = pools["comic"].handle(event)
         assert skipped.status == "skipped" and "the upscale pool reports it" in skipped.reason
         report = _report(bucket, f"failed/{operation}/{name.rsplit('/', 1)[1]}.json")
-        assert report["error"]["type"] == "OperationNotServed"
+        assert report["error"]["type"] == "OperationNotDeployed"
         assert "no worker pool of this deployment serves" in report["error"]["message"]
     # Another pool's job is skipped without a report; its own pool runs it.
     other = _event(_upload(bucket, "incoming/comic/mine.png"))
