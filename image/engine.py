@@ -190,7 +190,8 @@ class Engine:
         budgets the work from when the device is this job's (after any wait for it):
         past it the operation stops at its next denoising step with JobTooLong. `withdrawn()`
         is asked once the device is this job's: True raises Withdrawn before any work (a
-        stopping worker hands back the jobs still waiting rather than run them all).
+        stopping worker hands back the jobs still waiting rather than run them all). Out of
+        GPU memory raises OutOfDeviceMemory (a ModelError: retried) after freeing the cache.
         """
         # 1. Check inputs
         chain = _chain(chain)
@@ -219,32 +220,28 @@ class Engine:
             return self._run_chain(chain, image, params, seed, deadline)
 
     def _run_chain(self, chain, image, params, seed, deadline) -> Image.Image:
-        """The chain's operations in order. Out of device memory, the chain runs once more
-        after the allocator gives its cached blocks back (another job's leftovers, or
-        fragmentation, can be the cause); out of memory again, the job itself needs more than
-        the GPU has: OutOfDeviceMemory, a failure report rather than retries on the same kind
-        of GPU. The retry spends the same time budget."""
+        """The chain's operations in order. Out of device memory, the allocator's cache is
+        given back and OutOfDeviceMemory raised: a fault of this instance for now (a background
+        compile may hold memory, another instance may have more free), retried like one, whose
+        last attempt's report says what ran out on what input."""
         import torch
 
-        for attempt in (1, 2):
-            try:
-                out = image
-                for name in chain:
-                    out = self._ops[name].run(out, resolve(name, params), seed, deadline)
-                return out
-            except torch.OutOfMemoryError as error:
-                what = str(error).strip().splitlines()[0][:300] if str(error).strip() else "out of memory"
-            # Here, past the handler: the error's traceback (the frames and tensors that ran
-            # out) is gone, so their memory can be given back.
-            _release_device_memory()
-            if attempt == 2:
-                raise OutOfDeviceMemory(
-                    f"{', '.join(chain)} ran out of GPU memory on a {image.width}x{image.height} input, "
-                    f"also after freeing the memory cache ({what}): send a smaller image, or run this "
-                    f"operation on a GPU with more memory")
-            logger.warning("%s ran out of GPU memory (%s); trying once more after freeing the cache",
-                           ", ".join(chain), what)
-        raise AssertionError("unreachable")
+        try:
+            out = image
+            for name in chain:
+                out = self._ops[name].run(out, resolve(name, params), seed, deadline)
+            return out
+        except torch.OutOfMemoryError as error:
+            lines = str(error).strip().splitlines()
+            what = lines[0][:300] if lines else "out of memory"
+        # Past the handler: the error's traceback (the frames and tensors that ran out) is gone.
+        _release_device_memory()
+        compiling = sorted(name for name, op in self._ops.items()
+                           if op.background is not None and op.background.is_alive())
+        raise OutOfDeviceMemory(
+            f"{', '.join(chain)} ran out of GPU memory on a {image.width}x{image.height} input ({what})"
+            + (f", while {', '.join(compiling)} compiled in the background" if compiling else "")
+            + ": if every attempt does, send a smaller image or deploy on a GPU with more memory")
 
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""

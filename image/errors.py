@@ -7,10 +7,11 @@
     │   ├── DecompressionBomb   more pixels than allowed (checked before decoding)
     │   ├── InvalidParameter    a parameter is unknown, of the wrong type or out of range
     │   ├── UnknownOperation    an operation name that does not exist
-    │   ├── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
-    │   └── OutOfDeviceMemory   the job ran out of GPU memory, again after the cache was freed
+    │   └── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
     └── ModelError              the models on this machine are at fault
-        └── ModelMissing        a model is not in the cache (names the command that fixes it)
+        ├── ModelMissing        a model is not in the cache (names the command that fixes it)
+        └── OutOfDeviceMemory   the job ran out of GPU memory here (retried: elsewhere or later
+                                it may fit)
 
 `handlers.errors` adds the cloud-side failures to the same tree.
 """
@@ -50,11 +51,6 @@ class JobTooLong(InputError):
     pass
 
 
-class OutOfDeviceMemory(InputError):
-    """The job needs more GPU memory than this GPU has beside the models: a retry on the same
-    kind of GPU would run out too."""
-
-
 class Withdrawn(ImagenError):
     """The job was called off before it got the device (its process is stopping): nothing
     ran, and it should go back to where it came from to run elsewhere."""
@@ -66,3 +62,9 @@ class ModelError(ImagenError):
 
 class ModelMissing(ModelError):
     pass
+
+
+class OutOfDeviceMemory(ModelError):
+    """The job ran out of GPU memory on this instance: retried like any fault of the instance
+    (a background compile may have held memory; another instance may have more free), and
+    reported once the attempts run out."""

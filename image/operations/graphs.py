@@ -91,11 +91,16 @@ class GraphedForward:
             try:
                 graph = self._capture(key, leaves, spec, self.forward)
             except Exception as error:  # noqa: BLE001 - any capture failure: run this shape eagerly
-                logger.warning("CUDA graph capture failed, running this shape eagerly: %s", error)
+                # The text, not the error: a log record that holds it (a queued handler, a test's
+                # capture) would hold the failed frames and their device memory.
+                logger.warning("CUDA graph capture failed, running this shape eagerly: %s", str(error))
                 self.eager_signatures.add(key)
-                return self.forward(*args, **kwargs)
             finally:
                 _capturing.release()
+            if graph is None:
+                # Past the handler, so what the failed capture held (an out-of-memory one
+                # included) is released before the eager run needs the memory.
+                return self.forward(*args, **kwargs)
             self.graphs[key] = graph
             logger.debug("captured a CUDA graph for %s (%d in all)", _describe(key), len(self.graphs))
         return graph.replay(leaves)
@@ -173,6 +178,8 @@ def _check_after_failed_capture() -> None:
     try:
         torch.empty(1, device="cuda").normal_()
         torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        return  # the device is full (the capture may have run out too), not left mid-capture
     except RuntimeError as error:
         _broken = True
         logger.error("a failed CUDA graph capture left CUDA in a bad state (%s); no more graphs in this "

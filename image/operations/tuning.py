@@ -171,7 +171,7 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                                 session.describe())
             except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
                 logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
-                               name, type(error).__name__, error)
+                               name, type(error).__name__, str(error))
 
     thread = threading.Thread(target=work, daemon=True, name=f"compile-{name}")
     thread.start()

@@ -17,8 +17,7 @@ approximation, rounded where PyTorch's own kernels round (q is scaled in the mod
 as its math path does). Not measured yet: the `vae_matmul_attention`
 switch is off by default until the bench shows it pays (bench/README.md).
 
-    processor = MatmulAttention(vae_attention.processor)
-    vae.set_attn_processor(processor)
+    use_matmul_attention(pipe.vae)      # what the switch does (image/operations/tuning.py)
 
 Attention calls it was not written for (a mask, cross-attention, a spatial norm) go to the
 processor it replaced.

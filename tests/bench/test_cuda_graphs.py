@@ -52,6 +52,42 @@ def test_off_cuda_the_wrapper_is_the_eager_forward():
     assert torch.equal(out[0], torch.full((3,), 2.0)) and calls == [(3,)] and not graphed.graphs
 
 
+def test_a_capture_that_runs_out_of_memory_runs_that_shape_eagerly_and_breaks_nothing(monkeypatch):
+    """The CPU stands in for CUDA (the signature is forced): a capture that fails, out of
+    memory among others, leaves that shape eager and the call answered eagerly after the
+    failed capture is gone; an out-of-memory probe afterwards does not switch graphs off."""
+    from image.operations import graphs
+
+    released = []
+
+    class Held:  # what the failed capture's frames hold
+        def __del__(self):
+            released.append(1)
+
+    def capture(self, key, leaves, spec, forward):
+        held = Held()  # noqa: F841 - alive in this frame until the error's traceback is dropped
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def forward(x):
+        assert released, "the eager run started while the failed capture still held its memory"
+        return x * 2
+
+    monkeypatch.setattr(graphs, "signature", lambda leaves, spec: ("a shape",))
+    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(GraphedForward, "_capture", capture)
+    graphed = GraphedForward(forward)
+    with torch.inference_mode():
+        assert torch.equal(graphed(torch.ones(2)), torch.full((2,), 2.0))
+    assert graphed.eager_signatures == {("a shape",)} and not graphed.graphs
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(graphs.torch, "empty", full)
+    graphs._check_after_failed_capture()
+    assert not graphs._broken
+
+
 def test_the_switch_is_applied_on_cuda_only(tiny_cache):
     pipe = loading.load_model(REGISTRY["comic"], tiny_cache, device=torch.device("cpu"),
                               dtype=torch.float32, allow_download=False, lock=Lock()).model

@@ -17,7 +17,7 @@ from handlers.events import JobRequest, ObjectEvent
 from handlers.processor import MAX_ATTEMPTS, MAX_RETRY_SECONDS, Processor, last_try
 from handlers.results import ResultPublisher
 from handlers.storage import Store
-from image.errors import ModelError
+from image.errors import ModelError, OutOfDeviceMemory
 
 from .conftest import PROJECT, png_bytes, wait_for
 
@@ -316,15 +316,19 @@ def test_job_message_for_a_missing_object_is_reported_not_skipped(settings, buck
 
 
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
+    # The engine's out-of-memory: a fault of this instance (another may fit it), retried.
     source = _upload(bucket, "incoming/upscale/t.png")
-    processor = _processor(settings, FakeEngine(fail_with=ModelError("CUDA out of memory")))
+    message = "upscale ran out of GPU memory on a 64x64 input (CUDA out of memory. Tried to allocate 9.00 GiB)"
+    processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
     with pytest.raises(TransientError):
         processor.handle(_event(source), attempt=1)
     with pytest.raises(TransientError):
         processor.handle(_event(source))  # no attempt number and no time: the transport's to bound
     outcome = processor.handle(_event(source), attempt=MAX_ATTEMPTS)
     assert outcome.status == "failed"
-    assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
+    report = _report(bucket, "failed/upscale/t.png.json")
+    assert report["attempt"] == MAX_ATTEMPTS
+    assert report["error"] == {"type": "OutOfDeviceMemory", "message": message}
 
 
 def test_deliveries_without_an_attempt_number_stop_retrying_by_age(settings, bucket):

@@ -18,7 +18,6 @@ from image.device import resolve_device
 from image.engine import READY, SETUP_FAILED, STARTING, Engine
 from image.errors import (
     ImageTooLarge,
-    InputError,
     InvalidParameter,
     ModelError,
     OutOfDeviceMemory,
@@ -371,34 +370,25 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
         engine.run(["upscale"], _image(), {}, seed=0, withdrawn=lambda: True)
 
 
-def test_out_of_device_memory_is_tried_once_more_then_reported(engine, monkeypatch, caplog):
-    """A GPU out of memory: the chain runs again after the cache is freed (another job's
-    leftovers can be the cause); out of memory again, a permanent error that says what to do,
-    instead of retries of a job that needs more than the GPU has."""
+def test_out_of_device_memory_frees_the_cache_and_says_what_ran_out(engine, monkeypatch):
+    """A GPU out of memory: the allocator's cache is given back (after the failed frames are
+    gone) and the job fails with OutOfDeviceMemory, a fault of this instance (retried, then
+    reported), naming the operations and the job's input size."""
     from image import engine as engine_module
 
-    op = engine._ops["upscale"]
-    real = op.process
-    failures, freed = [], []
+    freed = []
 
     def process(*args, **kwargs):
-        if len(failures) < failing:
-            failures.append(1)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore lines")
 
-    monkeypatch.setattr(op, "process", process)
+    monkeypatch.setattr(engine._ops["upscale"], "process", process)
     monkeypatch.setattr(engine_module, "_release_device_memory", lambda: freed.append(1))
-    failing = 1
-    chain = ["remove-background", "upscale"]
-    assert engine.run(chain, _image(32, 24), FAST["upscale"], seed=0).size == (128, 96)
-    assert len(freed) == 1 and "trying once more after freeing the cache" in caplog.text
-    failures.clear()
-    failing = 2
     with pytest.raises(OutOfDeviceMemory, match=r"^remove-background, upscale ran out of GPU memory on a 32x24 "
-                                                r"input, also after freeing the memory cache \(CUDA out of memory"):
-        engine.run(chain, _image(32, 24), FAST["upscale"], seed=0)
-    assert len(freed) == 3 and issubclass(OutOfDeviceMemory, InputError)  # a report, not a retry
+                                                r"input \(CUDA out of memory. Tried to allocate 9.00 GiB\): if "
+                                                r"every attempt does, send a smaller image") as raised:
+        engine.run(["remove-background", "upscale"], _image(32, 24), FAST["upscale"], seed=0)
+    assert freed == [1] and isinstance(raised.value, ModelError)  # retried as the instance's fault
+    assert raised.value.__context__ is None  # raised past the handler: the failed frames are released
 
 
 def test_default_upscale_limit_gives_at_most_16384_square():
