@@ -64,8 +64,9 @@ class Summary:
 
 
 def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | None,
-           retry_failed: bool = False) -> Decision:
-    """What to do about one listed object."""
+           retry_failed: bool = False, only: frozenset[str] = frozenset()) -> Decision:
+    """What to do about one listed object. `only`: the operations and chains some worker
+    serves (each as `parse_chain` writes it); a job for anything else is not queued."""
     uri = f"gs://{blob.bucket.name}/{blob.name}"
     generation = str(blob.generation)
     metadata = dict(blob.metadata or {})
@@ -80,6 +81,8 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
         plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
     except InputError as error:
         return Decision(uri, "skip", f"would fail: {type(error).__name__}")
+    if only and plan.operation not in only:
+        return Decision(uri, "skip", f"not served: {plan.operation} (not among --only: {'; '.join(sorted(only))})")
     state: ObjectState | None = store.stat(*plan.output)
     if skip_reason(state, job, plan):
         return Decision(uri, "done")
@@ -122,6 +125,7 @@ def backfill(
     publish: Callable[[bytes, dict[str, str]], None] | None,
     rate: float,
     retry_failed: bool = False,
+    only: frozenset[str] = frozenset(),
     on_decision: Callable[[Decision], None] = lambda decision: None,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
@@ -136,7 +140,7 @@ def backfill(
     next_at = time.monotonic()
     claimed: set[tuple[str, str]] = set()
     for blob in _objects(client, bucket, prefix):
-        decision = decide(blob, layout, store, operation, retry_failed)
+        decision = decide(blob, layout, store, operation, retry_failed, only)
         if decision.action == "queue":
             if decision.output in claimed:
                 decision = Decision(decision.uri, "skip", OUTPUT_TAKEN)

@@ -13,17 +13,26 @@ import click
 @click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most.")
 @click.option("--retry-failed", is_flag=True,
               help="Queue objects whose failure report is for this generation and these parameters too.")
+@click.option("--only", "only", multiple=True, metavar="OP",
+              help="Queue only jobs for this operation or chain (one a deployed worker serves); "
+              "repeatable. Default: every operation and chain.")
 @click.option("--verbose", "-v", is_flag=True, help="Print every object's decision.")
 @click.pass_obj
-def command(settings, location, topic, operation, dry_run, rate, retry_failed, verbose):
+def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
     from handlers.backfill import backfill
     from handlers.clients import publisher_client, storage_client, topic_path
     from handlers.routing import Layout
+    from image.errors import ImagenError
+    from image.params import parse_chain
 
     if not location.startswith("gs://"):
         raise click.BadParameter("expected gs://BUCKET/PREFIX", param_hint="LOCATION")
+    try:
+        served = frozenset(",".join(parse_chain(item)) for item in only)
+    except ImagenError as error:
+        raise click.BadParameter(str(error), param_hint="--only") from None
     bucket, _, prefix = location[len("gs://"):].partition("/")
     publish = None
     if not dry_run:
@@ -38,7 +47,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, v
 
     summary = backfill(
         storage_client(settings), bucket, prefix, Layout.from_settings(settings),
-        operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, on_decision=show,
+        operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
+        on_decision=show,
     )
     if dry_run:
         click.echo("dry run: nothing published")

@@ -176,3 +176,15 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
     assert f"queue  gs://{bucket.name}/incoming/upscale/left-out.png" not in dry.output, dry.output
     assert "2 x failed before with these parameters" in dry.output, dry.output
+
+    # --only: what the deployment serves; the rest (here upscale's jobs) is not queued, where a
+    # filtered deployment would keep each in its unrouted subscription at every run.
+    only = CliRunner().invoke(main, args + ["--dry-run", "-v", "--only", "comic", "--only", "remove-background , upscale"],
+                              env=env)
+    assert only.exit_code == 0, only.output
+    assert f"skip  gs://{bucket.name}/incoming/upscale/b.jpg  not served: upscale (not among --only: comic; " \
+           "remove-background,upscale)" in only.output, only.output
+    assert f"queue  gs://{bucket.name}/incoming/upscale/moved.png" in only.output  # comic, by its metadata
+    assert "queued: 1" in only.output, only.output
+    wrong = CliRunner().invoke(main, args + ["--dry-run", "--only", "upscal"], env=env)
+    assert wrong.exit_code == 2 and "unknown operation 'upscal'" in wrong.output, wrong.output
