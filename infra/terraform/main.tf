@@ -87,10 +87,10 @@ locals {
 
   # What no operation's filter takes, which Pub/Sub would drop unseen, kept instead by two
   # subscriptions (pubsub.tf) that monitoring.tf alerts on:
-  # - unrouted: uploads outside every operation's folder (a typo, a chain such as
+  # - <prefix>-unrouted: uploads outside every operation's folder (a typo, a chain such as
   #   remove-background,upscale, an object straight under the input prefix) and job messages
   #   without an `operation` attribute;
-  # - unrouted_jobs: job messages whose `operation` attribute names no deployed operation
+  # - <prefix>-unrouted-jobs: job messages whose `operation` attribute names no deployed operation
   #   (a chain, a typo, an operation this deployment leaves out).
   # A filter holds at most 256 bytes: one filter for both would not fit four operations. The
   # first grows with the input prefix (a check says when it cannot be written); the second
@@ -103,8 +103,11 @@ locals {
     [for op in distinct(var.operations) : "attributes.operation = \"${op}\""],
   ))
   unrouted_filter_fits = length(local.unrouted_filter) <= 256
-  unrouted             = local.filtered && local.unrouted_filter_fits
-  unrouted_jobs        = local.filtered
+  # subscription name (after the prefix) -> its filter, for those created
+  unrouted_filters = merge(
+    local.filtered && local.unrouted_filter_fits ? { unrouted = local.unrouted_filter } : {},
+    local.filtered ? { "unrouted-jobs" = local.unrouted_jobs_filter } : {},
+  )
 
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
   # IMAGEN_SUBSCRIPTION are per operation.

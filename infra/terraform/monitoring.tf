@@ -7,9 +7,7 @@
 # docs/deploy.md, Troubleshooting, says what to do with each.
 
 locals {
-  unrouted_subscriptions = concat(
-    google_pubsub_subscription.unrouted[*].name, google_pubsub_subscription.unrouted_jobs[*].name,
-  )
+  unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
   # condition name -> the subscriptions it watches (one condition for both unrouted ones: a
   # policy holds at most 6 conditions, and the four dead-letter ones take four)
   watched_backlogs = merge(

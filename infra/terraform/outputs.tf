@@ -35,12 +35,12 @@ output "dead_letter_subscriptions" {
 
 output "unrouted_subscription" {
   description = "Keeps the uploads no operation's subscription takes, and job messages without an operation attribute (null when not created)."
-  value       = local.unrouted ? google_pubsub_subscription.unrouted[0].id : null
+  value       = try(google_pubsub_subscription.unrouted["unrouted"].id, null)
 }
 
 output "unrouted_jobs_subscription" {
   description = "Keeps the job messages whose operation attribute names no deployed operation (null when not created)."
-  value       = local.unrouted_jobs ? google_pubsub_subscription.unrouted_jobs[0].id : null
+  value       = try(google_pubsub_subscription.unrouted["unrouted-jobs"].id, null)
 }
 
 output "results_topic" {

@@ -72,16 +72,16 @@ resource "google_pubsub_subscription" "jobs" {
   depends_on = [google_pubsub_topic_iam_member.dead_letter_publisher]
 }
 
-# Messages no operation's subscription takes (main.tf, local.unrouted_filter and
-# unrouted_jobs_filter): kept for a week with no consumer, so a typo'd folder, an unserved
-# chain or a job message for an operation left out is seen (monitoring.tf alerts) instead of
-# acknowledged by Pub/Sub for nobody. `imagen dlq list` reads them.
+# Messages no operation's subscription takes (main.tf, local.unrouted_filters): kept for a
+# week with no consumer, so a typo'd folder, an unserved chain or a job message for an
+# operation left out is seen (monitoring.tf alerts) instead of acknowledged by Pub/Sub for
+# nobody. `imagen dlq list` reads them.
 resource "google_pubsub_subscription" "unrouted" {
-  count = local.unrouted ? 1 : 0
+  for_each = local.unrouted_filters
 
-  name                       = "${var.name_prefix}-unrouted"
+  name                       = "${var.name_prefix}-${each.key}"
   topic                      = google_pubsub_topic.jobs[0].id
-  filter                     = local.unrouted_filter
+  filter                     = each.value
   ack_deadline_seconds       = 60
   message_retention_duration = "604800s"
 
@@ -90,18 +90,10 @@ resource "google_pubsub_subscription" "unrouted" {
   }
 }
 
-resource "google_pubsub_subscription" "unrouted_jobs" {
-  count = local.unrouted_jobs ? 1 : 0
-
-  name                       = "${var.name_prefix}-unrouted-jobs"
-  topic                      = google_pubsub_topic.jobs[0].id
-  filter                     = local.unrouted_jobs_filter
-  ack_deadline_seconds       = 60
-  message_retention_duration = "604800s"
-
-  expiration_policy {
-    ttl = ""
-  }
+# It was one subscription (count) before job messages got their own: keep what it holds.
+moved {
+  from = google_pubsub_subscription.unrouted[0]
+  to   = google_pubsub_subscription.unrouted["unrouted"]
 }
 
 # --- dead letters -------------------------------------------------------------------------

@@ -307,17 +307,26 @@ def test_every_message_reaches_one_subscription(rendered_filters, attributes, ta
     assert all(len(text.encode()) <= 256 for text in filters.values()), "Pub/Sub filters hold 256 bytes"
 
 
-@pytest.mark.parametrize("name", ["unrouted", "unrouted_jobs"])
-def test_unrouted_messages_are_kept_and_watched(terraform, name):
-    sub = terraform.resource("google_pubsub_subscription", name)
-    assert expr(sub["count"]) == f"local.{name} ? 1 : 0"
-    assert expr(sub["filter"]) == f"local.{name}_filter"
+def test_unrouted_messages_are_kept_and_watched(terraform, tmp_path):
+    sub = terraform.resource("google_pubsub_subscription", "unrouted")
+    assert expr(sub["for_each"]) == "local.unrouted_filters"
+    assert "var.name_prefix}-${each.key" in expr(sub["name"]) and expr(sub["filter"]) == "each.value"
     assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
-    # The job messages' filter always fits (179 bytes at most: the operations' names are fixed).
-    fits = {"unrouted": " && local.unrouted_filter_fits", "unrouted_jobs": ""}[name]
-    assert expr(terraform.locals[name]) == f"local.filtered{fits}"
+    # Filtered deployments get both; the uploads' one only where its filter fits (a check says
+    # when not); the job messages' one always fits (179 bytes at most: the names are fixed).
+    created = expr(terraform.locals["unrouted_filters"])
+    cases = {(filtered, fits): created.replace("local.unrouted_filter_fits", fits).replace("local.filtered", filtered)
+             .replace("local.unrouted_jobs_filter", '"J"').replace("local.unrouted_filter", '"U"')
+             for filtered in ("true", "false") for fits in ("true", "false")}
+    values = _evaluate(tmp_path, {}, {f"c_{f}_{fits}": text for (f, fits), text in cases.items()})
+    assert values["c_true_true"] == {"unrouted": "U", "unrouted-jobs": "J"}
+    assert values["c_true_false"] == {"unrouted-jobs": "J"}
+    assert values["c_false_true"] == values["c_false_false"] == {}
     assert "unrouted_filter_fits" in terraform.checks
-    assert f"google_pubsub_subscription.{name}[*].name" in expr(terraform.locals["unrouted_subscriptions"])
+    # It was one subscription with count: the move keeps what an existing one holds.
+    assert re.search(r'moved \{\s*from = google_pubsub_subscription\.unrouted\[0\]\s*'
+                     r'to\s*= google_pubsub_subscription\.unrouted\["unrouted"\]\s*\}', terraform.text["pubsub.tf"])
+    assert "google_pubsub_subscription.unrouted" in expr(terraform.locals["unrouted_subscriptions"])
     assert "local.unrouted_subscriptions" in expr(terraform.locals["watched_backlogs"])
 
 
