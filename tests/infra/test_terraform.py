@@ -244,6 +244,26 @@ def rendered_filters(terraform, tmp_path_factory):
     return values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
 
 
+def test_cpu_and_memory_below_cloud_runs_gpu_minimum_stop_the_plan(terraform, tmp_path):
+    """Cloud Run GPU services need at least 4 vCPUs and 16 GiB: a plan says so, in the forms
+    Cloud Run takes, instead of the apply failing on the API."""
+    samples = {
+        "cpu": {"8": True, "4": True, "6": True, "8000m": True, "4000m": True, "2": False, "3999m": False,
+                "eight": False},
+        "memory": {"32Gi": True, "16Gi": True, "16384Mi": True, "18G": True, "17180M": True, "8Gi": False,
+                   "16383Mi": False, "17G": False, "lots": False, "32": False},
+    }
+    outputs = {}
+    for name, values in samples.items():
+        assert terraform.default(name) in values and values[terraform.default(name)]
+        rule = expr(one(terraform.variables[name]["validation"])["condition"])
+        for i, value in enumerate(values):
+            outputs[f"{name}_{i}"] = rule.replace(f"var.{name}", json.dumps(value))
+    got = _evaluate(tmp_path, {}, outputs)
+    for name, values in samples.items():
+        assert {value: got[f"{name}_{i}"] for i, value in enumerate(values)} == values
+
+
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
     """The variables' validation and the input bucket's precondition accept the prefixes
     handlers/settings.py accepts, so a bad one stops the plan, not every worker; Terraform
