@@ -90,10 +90,15 @@ resource "google_pubsub_subscription" "unrouted" {
   }
 }
 
-# It was one subscription (count) before job messages got their own: keep what it holds.
+# They were two resources with count before: keep what they hold.
 moved {
   from = google_pubsub_subscription.unrouted[0]
   to   = google_pubsub_subscription.unrouted["unrouted"]
+}
+
+moved {
+  from = google_pubsub_subscription.unrouted_jobs[0]
+  to   = google_pubsub_subscription.unrouted["unrouted-jobs"]
 }
 
 # --- dead letters -------------------------------------------------------------------------

@@ -199,6 +199,7 @@ variable "cpu" {
   description = "vCPUs per instance (GPU services need at least 4)."
   type        = string
   default     = "8"
+  nullable    = false
 
   validation {
     # "8" or "8000m", as Cloud Run takes them.
@@ -211,6 +212,7 @@ variable "memory" {
   description = "Memory per instance (GPU services need at least 16Gi; the SDXL refiner wants 32Gi)."
   type        = string
   default     = "32Gi"
+  nullable    = false
 
   validation {
     # "32Gi", "16384Mi", "20G" or "20000M", as Cloud Run takes them; in GiB here.

@@ -343,9 +343,10 @@ def test_unrouted_messages_are_kept_and_watched(terraform, tmp_path):
     assert values["c_true_false"] == {"unrouted-jobs": "J"}
     assert values["c_false_true"] == values["c_false_false"] == {}
     assert "unrouted_filter_fits" in terraform.checks
-    # It was one subscription with count: the move keeps what an existing one holds.
-    assert re.search(r'moved \{\s*from = google_pubsub_subscription\.unrouted\[0\]\s*'
-                     r'to\s*= google_pubsub_subscription\.unrouted\["unrouted"\]\s*\}', terraform.text["pubsub.tf"])
+    # They were two resources with count: the moves keep what existing ones hold.
+    for old, key in (("unrouted", "unrouted"), ("unrouted_jobs", "unrouted-jobs")):
+        assert re.search(rf'moved \{{\s*from = google_pubsub_subscription\.{old}\[0\]\s*'
+                         rf'to\s*= google_pubsub_subscription\.unrouted\["{key}"\]\s*\}}', terraform.text["pubsub.tf"])
     assert "google_pubsub_subscription.unrouted" in expr(terraform.locals["unrouted_subscriptions"])
     assert "local.unrouted_subscriptions" in expr(terraform.locals["watched_backlogs"])
 
