@@ -39,7 +39,13 @@ from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, decode_image, encode_image
-from image.errors import ImagenError, InputError, InvalidParameter, Withdrawn
+from image.errors import (
+    ImagenError,
+    InputError,
+    InvalidParameter,
+    OutOfDeviceMemory,
+    Withdrawn,
+)
 from image.params import canonical_json, parse_chain, resolve_common, validate_params
 
 log = logging.getLogger("imagen.processor")
@@ -48,6 +54,9 @@ log = logging.getLogger("imagen.processor")
 # learns why. infra/terraform's dead-letter policy allows more deliveries (20) for those that
 # never reach a job (Cloud Run's 429 while every instance is busy).
 MAX_ATTEMPTS = 5
+# Out of GPU memory with no background compile holding memory: a second delivery (another
+# instance, or this one later) settles it; more would each spend the GPU time again.
+OUT_OF_MEMORY_ATTEMPTS = 2
 # A delivery with no attempt number (Eventarc's CloudEvents; a subscription without a
 # dead-letter policy) is judged by its age instead: this long after the event, a transient
 # fault ends in a failure report too. Without it Eventarc retries, with GPU work each time,
@@ -249,7 +258,7 @@ class Processor:
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error, extra={"fields": fields})
-            if (last := last_try(attempt, sent)) is not None:
+            if (last := last_try(attempt, sent, _attempts_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
@@ -375,19 +384,28 @@ def taken_by(existing: ObjectState | None, job: Job,
         return other
 
 
-def last_try(attempt: int | None, sent: datetime.datetime | None,
+def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: int = MAX_ATTEMPTS,
              now: datetime.datetime | None = None) -> str | None:
     """None while a transient fault should be retried; on the last try, a note for the
-    report: the delivery attempt reached MAX_ATTEMPTS, or (no attempt number) the event is
-    MAX_RETRY_SECONDS old. With neither, retries are the transport's to bound."""
+    report: the delivery attempt reached `attempts` (MAX_ATTEMPTS), or (no attempt number) the
+    event is MAX_RETRY_SECONDS old. With neither, retries are the transport's to bound."""
     if attempt is not None:
-        return "" if attempt >= MAX_ATTEMPTS else None
+        return "" if attempt >= attempts else None
     if sent is None:
         return None
     age = ((now or datetime.datetime.now(datetime.UTC)) - sent).total_seconds()
     if age < MAX_RETRY_SECONDS:
         return None
     return f" (still failing {age / 60:.0f} min after the event: retries end here)"
+
+
+def _attempts_for(error: Exception) -> int:
+    """How many deliveries a fault of the instance gets. Out of GPU memory twice with no
+    background compile holding memory, the job needs more than the GPU has: each further try
+    would spend its GPU time to run out again."""
+    if isinstance(error, OutOfDeviceMemory) and not error.compiling:
+        return OUT_OF_MEMORY_ATTEMPTS
+    return MAX_ATTEMPTS
 
 
 def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:

@@ -241,7 +241,8 @@ class Engine:
         raise OutOfDeviceMemory(
             f"{', '.join(chain)} ran out of GPU memory on a {image.width}x{image.height} input ({what})"
             + (f", while {', '.join(compiling)} compiled in the background" if compiling else "")
-            + ": if every attempt does, send a smaller image or deploy on a GPU with more memory")
+            + ": if every attempt does, send a smaller image or deploy on a GPU with more memory",
+            compiling=bool(compiling))
 
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""

@@ -65,6 +65,10 @@ class ModelMissing(ModelError):
 
 
 class OutOfDeviceMemory(ModelError):
-    """The job ran out of GPU memory on this instance: retried like any fault of the instance
-    (a background compile may have held memory; another instance may have more free), and
-    reported once the attempts run out."""
+    """The job ran out of GPU memory on this instance: retried like a fault of the instance
+    (another instance, or this one later, may have the memory free) and reported once the
+    attempts run out; `compiling`: a background compile was holding memory meanwhile."""
+
+    def __init__(self, message: str, compiling: bool = False) -> None:
+        super().__init__(message)
+        self.compiling = compiling

@@ -14,7 +14,13 @@ from PIL import Image
 from handlers.clients import storage_client
 from handlers.errors import TransientError, Undeliverable
 from handlers.events import JobRequest, ObjectEvent
-from handlers.processor import MAX_ATTEMPTS, MAX_RETRY_SECONDS, Processor, last_try
+from handlers.processor import (
+    MAX_ATTEMPTS,
+    MAX_RETRY_SECONDS,
+    OUT_OF_MEMORY_ATTEMPTS,
+    Processor,
+    last_try,
+)
 from handlers.results import ResultPublisher
 from handlers.storage import Store
 from image.errors import ModelError, OutOfDeviceMemory
@@ -316,19 +322,36 @@ def test_job_message_for_a_missing_object_is_reported_not_skipped(settings, buck
 
 
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
-    # The engine's out-of-memory: a fault of this instance (another may fit it), retried.
     source = _upload(bucket, "incoming/upscale/t.png")
-    message = "upscale ran out of GPU memory on a 64x64 input (CUDA out of memory. Tried to allocate 9.00 GiB)"
-    processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
+    processor = _processor(settings, FakeEngine(fail_with=ModelError("CUDA error: unspecified launch failure")))
     with pytest.raises(TransientError):
         processor.handle(_event(source), attempt=1)
     with pytest.raises(TransientError):
         processor.handle(_event(source))  # no attempt number and no time: the transport's to bound
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), attempt=MAX_ATTEMPTS - 1)
     outcome = processor.handle(_event(source), attempt=MAX_ATTEMPTS)
     assert outcome.status == "failed"
-    report = _report(bucket, "failed/upscale/t.png.json")
-    assert report["attempt"] == MAX_ATTEMPTS
+    assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
+
+
+def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket):
+    """Another instance (or this one later) may have the memory; a second run out of memory
+    settles it, unless a background compile held memory, when the usual attempts remain."""
+    source = _upload(bucket, "incoming/upscale/big.png")
+    message = "upscale ran out of GPU memory on a 64x64 input (CUDA out of memory. Tried to allocate 9.00 GiB)"
+    processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), attempt=1)
+    assert processor.handle(_event(source), attempt=OUT_OF_MEMORY_ATTEMPTS).status == "failed"
+    report = _report(bucket, "failed/upscale/big.png.json")
+    assert report["attempt"] == OUT_OF_MEMORY_ATTEMPTS == 2
     assert report["error"] == {"type": "OutOfDeviceMemory", "message": message}
+    compiling = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message, compiling=True)))
+    other = _upload(bucket, "incoming/upscale/while-compiling.png")
+    with pytest.raises(TransientError):
+        compiling.handle(_event(other), attempt=OUT_OF_MEMORY_ATTEMPTS)
+    assert compiling.handle(_event(other), attempt=MAX_ATTEMPTS).status == "failed"
 
 
 def test_deliveries_without_an_attempt_number_stop_retrying_by_age(settings, bucket):

@@ -388,6 +388,7 @@ def test_out_of_device_memory_frees_the_cache_and_says_what_ran_out(engine, monk
                                                 r"every attempt does, send a smaller image") as raised:
         engine.run(["remove-background", "upscale"], _image(32, 24), FAST["upscale"], seed=0)
     assert freed == [1] and isinstance(raised.value, ModelError)  # retried as the instance's fault
+    assert not raised.value.compiling  # no background compile held memory (the processor's rule)
     assert raised.value.__context__ is None  # raised past the handler: the failed frames are released
 
 
