@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import time
 
 import torch
 
@@ -75,21 +73,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    from bench.report import RESULTS_DIR
+    from bench.report import probe_results
     from image.device import resolve_device
 
     device, _ = resolve_device("cpu" if args.tiny else "auto")
     dtype = torch.bfloat16
     sizes = TINY_SIZES if args.tiny else SIZES
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = RESULTS_DIR / f"{slug}-attnprobe-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    card, out = probe_results(device, "attnprobe")
     rows = []
     for positions in sizes:
         row = probe_size(positions, device, dtype, args.repeats)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
     print(f"written: {out}")
     return rows

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
-import time
 from pathlib import Path
 
 from bench.cold import _ROOT, READY, stop_children_on_sigterm, time_child
@@ -74,16 +72,14 @@ def main(argv=None) -> list[dict]:
 
     from bench.cli import DEFAULT_CACHE
     from bench.configs import FULL, TINY, prepare_models
-    from bench.report import RESULTS_DIR
+    from bench.report import probe_results
     from image.device import resolve_device
 
     kind = TINY if args.tiny else FULL
     device, _ = resolve_device("cpu" if args.tiny else "auto")
     cache = args.cache or DEFAULT_CACHE / kind
     prepare_models(args.operations, cache, kind=kind, device=device)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = RESULTS_DIR / f"{slug}-compileprobe-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    card, out = probe_results(device, "compileprobe")
     rows = []
 
     def save(row):  # after each process: a run cut short keeps what it measured

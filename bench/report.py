@@ -55,6 +55,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def probe_results(device: torch.device, probe: str, folder: Path = RESULTS_DIR) -> tuple[str, Path]:
+    """(the card's name, the JSON file a probe writes its rows to): bench/results/<card>-<probe>-<UTC time>.json."""
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return card, Path(folder) / f"{slug}-{probe}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+
+
 def write_results(results: dict, folder: Path = RESULTS_DIR) -> Path:
     """Write `results` as JSON and the table as Markdown beside it; returns the JSON path."""
     folder = Path(folder)
