@@ -171,15 +171,7 @@ class Processor:
             routing.check_source_allowed(job, self._allowed_buckets)
             plan = plan_job(job, self._layout, self._served)
             if plan is None:
-                if self._filtered:  # nobody else received it: skipping it would lose it
-                    raise OperationNotServed(_not_served(job, self._served, self._layout))
-                if self._deployed and not _served_by_a_pool(job, self._deployed):
-                    if self._deployed[0] in self._served:  # one pool reports it, the others skip
-                        raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
-                    reason = (f"operation {job.operation!r} is served by no worker pool; the "
-                              f"{self._deployed[0]} pool reports it")
-                else:
-                    reason = f"operation {job.operation!r} is served by another worker pool"
+                reason = self._why_skip(job)
                 log.info("job skipped: %s", reason, extra={"fields": fields})
                 return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)
             fields["operation"] = plan.operation
@@ -286,6 +278,19 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _why_skip(self, job: Job) -> str:
+        """Why this pool skips a job for operations it does not serve; raises instead where
+        skipping would lose the job: on a filtered subscription (no other pool received it),
+        and, where every pool receives every job, for one no deployed pool serves (the first
+        deployed operation's pool reports it, the others skip)."""
+        if self._filtered:
+            raise OperationNotServed(_not_served(job, self._served, self._layout))
+        if not self._deployed or _served_by_a_pool(job, self._deployed):
+            return f"operation {job.operation!r} is served by another worker pool"
+        if self._deployed[0] in self._served:
+            raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
+        return f"operation {job.operation!r} is served by no worker pool; the {self._deployed[0]} pool reports it"
 
     def _check_not_taken(self, existing: ObjectState | None, job: Job, plan: Plan) -> None:
         """OutputTaken when another live source's result holds the job's derived output

@@ -236,8 +236,7 @@ class Engine:
             what = lines[0][:300] if lines else "out of memory"
         # Past the handler: the error's traceback (the frames and tensors that ran out) is gone.
         _release_device_memory()
-        compiling = sorted(name for name, op in self._ops.items()
-                           if op.background is not None and op.background.is_alive())
+        compiling = sorted(name for name, op in self._ops.items() if not op.wait_background(0))
         raise OutOfDeviceMemory(
             f"{', '.join(chain)} ran out of GPU memory on a {image.width}x{image.height} input ({what})"
             + (f", while {', '.join(compiling)} compiled in the background" if compiling else "")
