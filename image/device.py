@@ -3,9 +3,14 @@
 `auto` takes the GPU in fp16 when CUDA is present, else the CPU in fp32 (fp16 on the CPU is
 slow and poorly supported). `cuda` without a GPU is a start-up error, not a silent fallback:
 a GPU service that quietly runs on the CPU would look healthy and be 100x slower.
+
+`out_of_memory(error)` tells a GPU out of memory apart from other failures, in the forms the
+CUDA libraries raise it besides PyTorch's own.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -36,3 +41,31 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, torch.dtype]:
             )
         return device, torch.float16
     raise ModelError(f"device {name!r} is not one of {', '.join(DEVICE_NAMES)}")
+
+
+# The first line of an error that says the GPU ran out of memory, besides PyTorch's own
+# OutOfMemoryError: a CUDA call's "CUDA error: out of memory", a CUDA library that could not
+# allocate its workspace (cuBLAS, cuDNN, cuFFT, cuSOLVER, cuRAND).
+_OUT_OF_MEMORY = re.compile(r"out of memory|_ALLOC_FAILED|_ALLOCATION_FAILED", re.IGNORECASE)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What says the device ran out of memory (a first line, at most 300 characters), found in
+    `error` or an error behind it (its cause or context, a compiler's `inner_exception`: Dynamo
+    and Inductor wrap what failed inside them); None when none does. Only a first line counts,
+    so a wrapper's message that quotes the failure further down is looked through."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        lines = str(current).strip().splitlines()
+        first = lines[0][:300] if lines else ""
+        if isinstance(current, torch.OutOfMemoryError):
+            return first or "out of memory"
+        if isinstance(current, RuntimeError) and _OUT_OF_MEMORY.search(first):
+            return first
+        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None

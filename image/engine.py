@@ -31,6 +31,7 @@ from PIL import Image
 from image.codec import check_encodable
 from image.deadline import Deadline
 from image.errors import (
+    ImagenError,
     InvalidParameter,
     ModelError,
     OutOfDeviceMemory,
@@ -224,16 +225,19 @@ class Engine:
         given back and OutOfDeviceMemory raised: a fault of this instance for now (a background
         compile may hold memory, another instance may have more free), retried like one, whose
         last attempt's report says what ran out on what input."""
-        import torch
+        from image.device import out_of_memory  # imports torch: set up by now
 
         try:
             out = image
             for name in chain:
                 out = self._ops[name].run(out, resolve(name, params), seed, deadline)
             return out
-        except torch.OutOfMemoryError as error:
-            lines = str(error).strip().splitlines()
-            what = lines[0][:300] if lines else "out of memory"
+        except ImagenError:
+            raise  # classified already
+        except Exception as error:
+            what = out_of_memory(error)  # PyTorch's OutOfMemoryError, or a CUDA library's
+            if what is None:
+                raise
         # Past the handler: the error's traceback (the frames and tensors that ran out) is gone.
         _release_device_memory()
         compiling = sorted(name for name, op in self._ops.items() if not op.wait_background(0))

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from image.device import out_of_memory
+
 logger = logging.getLogger("imagen.operations")
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -178,9 +180,9 @@ def _check_after_failed_capture() -> None:
     try:
         torch.empty(1, device="cuda").normal_()
         torch.cuda.synchronize()
-    except torch.OutOfMemoryError:
-        return  # the device is full (the capture may have run out too), not left mid-capture
     except RuntimeError as error:
+        if out_of_memory(error):
+            return  # the device is full (the capture may have run out too), not left mid-capture
         _broken = True
         logger.error("a failed CUDA graph capture left CUDA in a bad state (%s); no more graphs in this "
                      "process: restart it to get them back", error)

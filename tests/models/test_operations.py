@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from image.codec import encode_image
-from image.device import resolve_device
+from image.device import out_of_memory, resolve_device
 from image.engine import READY, SETUP_FAILED, STARTING, Engine
 from image.errors import (
     ImageTooLarge,
@@ -390,6 +390,55 @@ def test_out_of_device_memory_frees_the_cache_and_says_what_ran_out(engine, monk
     assert freed == [1] and isinstance(raised.value, ModelError)  # retried as the instance's fault
     assert not raised.value.compiling  # no background compile held memory (the processor's rule)
     assert raised.value.__context__ is None  # raised past the handler: the failed frames are released
+
+
+def _wrapped_by_the_compiler(inner: Exception) -> Exception:
+    """What Dynamo raises when the compiled code ran out: the failure inside, `from None`."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        raise inner
+    except Exception as error:  # noqa: BLE001 - the wrapping under test
+        return BackendCompilerFailed(lambda: None, error, None)
+
+
+@pytest.mark.parametrize("raised, what", [
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+     "CUDA error: out of memory"),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    (_wrapped_by_the_compiler(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+     "CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_every_form_of_running_out_of_device_memory_is_out_of_device_memory(engine, monkeypatch, raised, what):
+    """The CUDA libraries, and the compiler wrapping them, say "out of memory" in their own
+    ways: each is the same fault (freed, retried, then a report saying so), not an
+    'unexpected RuntimeError'."""
+    from image import engine as engine_module
+
+    def process(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(engine._ops["upscale"], "process", process)
+    monkeypatch.setattr(engine_module, "_release_device_memory", lambda: None)
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        engine.run(["upscale"], _image(32, 24), FAST["upscale"], seed=0)
+    assert f"input ({what}):" in str(caught.value)
+
+
+def test_other_failures_of_the_model_are_not_taken_for_out_of_memory(engine, monkeypatch):
+    failure = RuntimeError("Expected all tensors to be on the same device (out of luck)")
+
+    def process(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(engine._ops["upscale"], "process", process)
+    with pytest.raises(RuntimeError) as caught:
+        engine.run(["upscale"], _image(32, 24), FAST["upscale"], seed=0)
+    assert caught.value is failure
+    assert out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory")) is None  # the host's
+    assert out_of_memory(ValueError("out of memory")) is None  # not from the device's libraries
 
 
 def test_default_upscale_limit_gives_at_most_16384_square():
