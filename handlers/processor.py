@@ -63,6 +63,9 @@ OUT_OF_MEMORY_ATTEMPTS = 2
 # for its 24 h retention and then drops the event without a word. Pub/Sub's backoff (10 s
 # doubling to 600 s) fits about eight tries in this window.
 MAX_RETRY_SECONDS = 1800
+# The same for a job out of GPU memory with no compile running: long enough for a second
+# delivery (Pub/Sub's first backoff is 10 s), short of MAX_RETRY_SECONDS' eight tries.
+OUT_OF_MEMORY_RETRY_SECONDS = 600
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 
 try:
@@ -250,7 +253,7 @@ class Processor:
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error, extra={"fields": fields})
-            if (last := last_try(attempt, sent, _attempts_for(error))) is not None:
+            if (last := last_try(attempt, sent, *_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
@@ -390,27 +393,29 @@ def taken_by(existing: ObjectState | None, job: Job,
 
 
 def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: int = MAX_ATTEMPTS,
-             now: datetime.datetime | None = None) -> str | None:
+             seconds: float = MAX_RETRY_SECONDS, now: datetime.datetime | None = None) -> str | None:
     """None while a transient fault should be retried; on the last try, a note for the
     report: the delivery attempt reached `attempts` (MAX_ATTEMPTS), or (no attempt number) the
-    event is MAX_RETRY_SECONDS old. With neither, retries are the transport's to bound."""
+    event is `seconds` (MAX_RETRY_SECONDS) old. With neither, retries are the transport's to
+    bound."""
     if attempt is not None:
         return "" if attempt >= attempts else None
     if sent is None:
         return None
     age = ((now or datetime.datetime.now(datetime.UTC)) - sent).total_seconds()
-    if age < MAX_RETRY_SECONDS:
+    if age < seconds:
         return None
     return f" (still failing {age / 60:.0f} min after the event: retries end here)"
 
 
-def _attempts_for(error: Exception) -> int:
-    """How many deliveries a fault of the instance gets. Out of GPU memory twice with no
-    background compile holding memory, the job needs more than the GPU has: each further try
-    would spend its GPU time to run out again."""
+def _retries_for(error: Exception) -> tuple[int, float]:
+    """How many deliveries a fault of the instance gets, and (without attempt numbers) for how
+    long after the event. Out of GPU memory twice with no background compile holding memory,
+    the job needs more than the GPU has: each further try would spend its GPU time to run out
+    again."""
     if isinstance(error, OutOfDeviceMemory) and not error.compiling:
-        return OUT_OF_MEMORY_ATTEMPTS
-    return MAX_ATTEMPTS
+        return OUT_OF_MEMORY_ATTEMPTS, OUT_OF_MEMORY_RETRY_SECONDS
+    return MAX_ATTEMPTS, MAX_RETRY_SECONDS
 
 
 def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:

@@ -18,6 +18,7 @@ from handlers.processor import (
     MAX_ATTEMPTS,
     MAX_RETRY_SECONDS,
     OUT_OF_MEMORY_ATTEMPTS,
+    OUT_OF_MEMORY_RETRY_SECONDS,
     Processor,
     last_try,
 )
@@ -369,6 +370,25 @@ def test_deliveries_without_an_attempt_number_stop_retrying_by_age(settings, buc
     assert report["attempt"] is None
     assert report["error"] == {"type": "ModelError", "message":
                                "CUDA out of memory (still failing 31 min after the event: retries end here)"}
+
+
+def test_out_of_gpu_memory_without_attempt_numbers_ends_sooner(settings, bucket):
+    """Eventarc: out of GPU memory with no compile running is reported once the event is
+    OUT_OF_MEMORY_RETRY_SECONDS old (time for a second delivery), not after half an hour."""
+    source = _upload(bucket, "incoming/upscale/huge.png")
+    message = "upscale ran out of GPU memory on a 64x64 input (CUDA error: out of memory)"
+    processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
+    now = datetime.datetime.now(datetime.UTC)
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), sent=now - datetime.timedelta(seconds=30))
+    outcome = processor.handle(_event(source), sent=now - datetime.timedelta(seconds=OUT_OF_MEMORY_RETRY_SECONDS))
+    assert outcome.status == "failed" and OUT_OF_MEMORY_RETRY_SECONDS < MAX_RETRY_SECONDS
+    assert _report(bucket, "failed/upscale/huge.png.json")["error"]["message"] == (
+        f"{message} (still failing {OUT_OF_MEMORY_RETRY_SECONDS // 60} min after the event: retries end here)")
+    compiling = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message, compiling=True)))
+    other = _upload(bucket, "incoming/upscale/while-compiling.png")
+    with pytest.raises(TransientError):  # a compile held memory: the usual half hour
+        compiling.handle(_event(other), sent=now - datetime.timedelta(seconds=OUT_OF_MEMORY_RETRY_SECONDS))
 
 
 def test_the_attempt_number_wins_over_the_age():
