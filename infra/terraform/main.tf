@@ -128,6 +128,9 @@ locals {
     local.filtered ? { IMAGEN_FILTERED_SUBSCRIPTION = "true" } : { IMAGEN_DEPLOYED_OPERATIONS = join(",", var.operations) },
     var.extra_env,
   )
+  # What `imagen submit` and `imagen backfill` need, run elsewhere, to find the outputs and
+  # reports as the workers write them (output client_env).
+  client_env_names = ["GOOGLE_CLOUD_PROJECT", "IMAGEN_INPUT_PREFIX", "IMAGEN_OUTPUT_BUCKET", "IMAGEN_OUTPUT_PREFIX", "IMAGEN_FAILED_PREFIX"]
 }
 
 resource "google_project_service" "enabled" {

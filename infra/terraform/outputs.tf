@@ -43,6 +43,23 @@ output "unrouted_jobs_subscription" {
   value       = try(google_pubsub_subscription.unrouted["unrouted-jobs"].id, null)
 }
 
+output "client_env" {
+  description = "Shell lines that point `imagen submit` and `imagen backfill` at this deployment's buckets and folders, as its workers have them: eval \"$(terraform output -raw client_env)\"."
+  value = join("", concat(
+    ["export IMAGEN_BUCKET='${google_storage_bucket.input.name}'\n"],
+    [for name in local.client_env_names : "export ${name}='${local.common_env[name]}'\n"],
+  ))
+}
+
+output "backfill_command" {
+  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null with Eventarc (no topic)."
+  value = local.pubsub ? join(" ", concat(
+    ["imagen", "backfill", "gs://${google_storage_bucket.input.name}/${local.common_env["IMAGEN_INPUT_PREFIX"]}"],
+    ["--topic", google_pubsub_topic.jobs[0].id],
+    flatten([for op in distinct(var.operations) : ["--only", op]]),
+  )) : null
+}
+
 output "results_topic" {
   description = "The results topic (IMAGEN_RESULTS_TOPIC), when enabled."
   value       = var.results_topic ? google_pubsub_topic.results[0].id : null

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -596,9 +597,51 @@ def test_useful_outputs(terraform):
         "input_bucket", "output_bucket", "compile_cache", "notification_topic", "subscriptions", "dead_letter_topics",
         "dead_letter_subscriptions", "results_topic", "service_urls", "image_repository",
         "build_service_account", "hf_token_secret", "k8s_config_env", "k8s_workload_identity_env",
+        "client_env", "backfill_command",
     ):
         assert name in terraform.outputs, name
         assert terraform.outputs[name].get("description"), name
+
+
+def test_client_env_and_backfill_command_point_the_cli_at_the_deployment(terraform, tmp_path):
+    """`eval "$(terraform output -raw client_env)"` gives `imagen submit` and `imagen backfill`
+    the workers' buckets and folders (their outputs are judged there); backfill_command is
+    the CLI's own command line, queuing only for the deployed operations."""
+    from handlers.cli.backfill import command as backfill
+    from handlers.routing import Layout
+    from handlers.settings import Settings
+
+    operations = terraform.default("operations")
+    worker_env = {"GOOGLE_CLOUD_PROJECT": "proj", "IMAGEN_DEVICE": "cuda", "IMAGEN_INPUT_PREFIX": "drop/",
+                  "IMAGEN_OUTPUT_BUCKET": "proj-results", "IMAGEN_OUTPUT_PREFIX": "done/",
+                  "IMAGEN_FAILED_PREFIX": "errors/", "IMAGEN_ALLOWED_BUCKETS": "proj-in"}
+    topic = "projects/proj/topics/imagen-events"
+
+    def stand_ins(text: str, pubsub: str) -> str:
+        for reference, value in (("google_storage_bucket.input.name", "var.bucket"), ("local.common_env", "var.env"),
+                                 ("local.client_env_names", json.dumps(terraform.locals["client_env_names"])),
+                                 ("google_pubsub_topic.jobs[0].id", json.dumps(topic)), ("local.pubsub", pubsub)):
+            text = text.replace(reference, value)
+        return text
+
+    client_env, command = (expr(terraform.outputs[name]["value"]) for name in ("client_env", "backfill_command"))
+    values = _evaluate(tmp_path, {"bucket": "proj-in", "env": worker_env, "operations": operations + operations[:1]},
+                       {"env": stand_ins(client_env, "true"), "command": stand_ins(command, "true"),
+                        "eventarc": stand_ins(command, "false")})
+    shell = subprocess.run(["bash", "-c", 'eval "$CLIENT_ENV" && env -0'], env={"CLIENT_ENV": values["env"]},
+                           capture_output=True, text=True, check=True, timeout=30).stdout
+    exported = dict(line.split("=", 1) for line in shell.split("\0") if line)
+    assert exported["IMAGEN_BUCKET"] == "proj-in" and "IMAGEN_DEVICE" not in exported  # not the client's
+    settings = Settings.from_env(exported)
+    assert Layout.from_settings(settings) == Layout("drop/", "done/", "errors/", "proj-results")
+    assert settings.project == "proj"
+
+    args = shlex.split(values["command"])
+    assert args[:2] == ["imagen", "backfill"]
+    parsed = backfill.make_context("backfill", args[2:], obj=settings).params
+    assert parsed["location"] == "gs://proj-in/drop/" and parsed["topic"] == topic
+    assert parsed["only"] == tuple(operations)  # once each
+    assert values.get("eventarc") is None  # null (left out of the outputs): no topic to queue on
 
 
 _REFERENCE = re.compile(r"(?<![\w.\"])(var|local|data\.[a-z0-9_]+|google_[a-z0-9_]+)\.([a-z0-9_]+)")
