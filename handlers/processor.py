@@ -171,12 +171,15 @@ class Processor:
         started = time.perf_counter()
         plan = None
         try:
-            routing.check_source_allowed(job, self._allowed_buckets)
-            plan = plan_job(job, self._layout, self._served)
-            if plan is None:
-                reason = self._why_skip(job)
+            # Whose job it is first: where every pool receives every job, the pools that skip
+            # it neither report nor refuse it (one report, one dead letter, not one per pool).
+            chain = self._chain(job)
+            if chain is None or not set(chain) <= self._served:
+                reason = self._why_skip(job, chain)
                 log.info("job skipped: %s", reason, extra={"fields": fields})
                 return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)
+            routing.check_source_allowed(job, self._allowed_buckets)
+            plan = plan_job(job, self._layout, self._served)
             fields["operation"] = plan.operation
             generation = job.generation or self._live_generation(job)
             job = dataclasses.replace(job, generation=generation)
@@ -282,16 +285,33 @@ class Processor:
         self._publish(outcome)
         return outcome
 
-    def _why_skip(self, job: Job) -> str:
-        """Why this pool skips a job for operations it does not serve; raises instead where
-        skipping would lose the job: on a filtered subscription (no other pool received it),
-        and, where every pool receives every job, for one no deployed pool serves (the first
-        deployed operation's pool reports it, the others skip)."""
+    def _reports_for_every_pool(self) -> bool:
+        """Whether this pool reports the jobs no pool runs, on a deployment where every pool
+        receives every job (IMAGEN_DEPLOYED_OPERATIONS): the first deployed operation's does."""
+        return self._deployed[0] in self._served
+
+    def _chain(self, job: Job) -> tuple[str, ...] | None:
+        """The job's operations. One that names none, or an unknown one, is reported (the
+        InputError) by this pool, unless every pool received it and another reports it: None."""
+        try:
+            return job_chain(job, self._layout)
+        except InputError:
+            if self._filtered or not self._deployed or self._reports_for_every_pool():
+                raise
+            return None
+
+    def _why_skip(self, job: Job, chain: tuple[str, ...] | None) -> str:
+        """Why this pool skips a job for operations it does not serve (`chain`; None: no valid
+        operation); raises instead where skipping would lose the job: on a filtered subscription
+        (no other pool received it), and, where every pool receives every job, for one no
+        deployed pool serves (the first deployed operation's pool reports it, the others skip)."""
+        if chain is None:
+            return f"the job names no valid operation; the {self._deployed[0]} pool reports it"
         if self._filtered:
-            raise OperationNotServed(_not_served(job, self._served, self._layout))
-        if not self._deployed or _served_by_a_pool(job, self._deployed):
+            raise OperationNotServed(_not_served(job, chain, self._served, self._layout))
+        if not self._deployed or (len(chain) == 1 and chain[0] in self._deployed):
             return f"operation {job.operation!r} is served by another worker pool"
-        if self._deployed[0] in self._served:
+        if self._reports_for_every_pool():
             raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
         return f"operation {job.operation!r} is served by no worker pool; the {self._deployed[0]} pool reports it"
 
@@ -418,14 +438,21 @@ def _retries_for(error: Exception) -> tuple[int, float]:
     return MAX_ATTEMPTS, MAX_RETRY_SECONDS
 
 
-def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
-    """Validate a job and decide its output; None when `served` lacks one of its operations."""
+def job_chain(job: Job, layout: Layout) -> tuple[str, ...]:
+    """The job's operations in order; InvalidParameter or UnknownOperation when it names none
+    or a bad one."""
     chain = parse_chain(job.operation) if job.operation else None
     if not chain:
         raise InvalidParameter(
             f"no operation for {job.name!r}: upload it under "
             f"{layout.input_prefix}<operation>/ or set metadata {routing.OPERATION_KEY}"
         )
+    return chain
+
+
+def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
+    """Validate a job and decide its output; None when `served` lacks one of its operations."""
+    chain = job_chain(job, layout)
     if not set(chain) <= served:
         return None
     params = validate_params(chain, _params_dict(job.params))
@@ -438,12 +465,6 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     return Plan(chain, params, canonical_json(params), fmt, output)
 
 
-def _served_by_a_pool(job: Job, deployed: tuple[str, ...]) -> bool:
-    """Whether one of the deployment's pools (one operation each) serves `job`."""
-    chain = parse_chain(job.operation)
-    return len(chain) == 1 and chain[0] in deployed
-
-
 def _not_deployed(job: Job, deployed: tuple[str, ...], layout: Layout) -> str:
     """Why no pool of an unfiltered deployment runs `job`, and what would."""
     return (f"{job.source_uri} asks for {job.operation!r}, which no worker pool of this deployment serves "
@@ -452,9 +473,8 @@ def _not_deployed(job: Job, deployed: tuple[str, ...], layout: Layout) -> str:
             f"that serves all of a chain's operations")
 
 
-def _not_served(job: Job, served: frozenset[str], layout: Layout) -> str:
+def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout: Layout) -> str:
     """Why a filtered subscription's job cannot run here, and where it should have gone."""
-    chain = parse_chain(job.operation)
     where = (f"upload it under {layout.input_prefix}{chain[0]}/ instead, or publish a job message with the "
              f"attribute operation={chain[0]}" if len(chain) == 1 else
              "a chain needs a worker pool that serves all of its operations")
@@ -516,14 +536,21 @@ def _params_dict(raw: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
 
 
 def _report_params(raw: Any) -> Any:
-    """The parameters as given, or a bounded excerpt when they cannot be echoed back safely."""
+    """The parameters as given (an upload's imagen-params JSON read as the object it holds),
+    or a bounded excerpt when they cannot be echoed back safely."""
+    if isinstance(raw, str):
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):
+            return raw[:2000]
+        if not isinstance(parsed, dict):
+            return raw[:2000]
+        raw = parsed
     try:
-        text = raw if isinstance(raw, str) else json.dumps(raw)
+        text = json.dumps(raw)
     except (TypeError, ValueError, RecursionError):
         return "<unserialisable parameters>"
-    if isinstance(raw, str) or len(text) > 2000:
-        return text[:2000]
-    return raw
+    return text[:2000] if len(text) > 2000 else raw
 
 
 def _job_id(job: Job) -> str:

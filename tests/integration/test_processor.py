@@ -256,6 +256,25 @@ def test_unfiltered_deployment_reports_once_what_no_pool_serves(settings, bucket
     assert not bucket.get_blob("failed/comic/mine.png.json")
 
 
+def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_once(settings, bucket):
+    """Where every pool receives every job, a job naming no valid operation (a typo'd folder,
+    an upload with no folder) is reported by the first deployed operation's pool only, and a
+    job message the allowlist refuses is dead-lettered only by the pool that would run it."""
+    deployed = {"deployed_operations": ("upscale", "comic")}
+    pools = {op: _processor(settings, FakeEngine(), operations=(op,), **deployed) for op in ("upscale", "comic")}
+    for name, report_name in (("incoming/upscal/typo.png", "failed/upscal/typo.png.json"),
+                              ("incoming/enhance,comic,enhance/twice.png", "failed/enhance,comic,enhance/twice.png.json")):
+        event = _event(_upload(bucket, name, metadata={"imagen-params": '{"steps": 5}'}))
+        skipped = pools["comic"].handle(event)
+        assert skipped.status == "skipped" and "names no valid operation; the upscale pool reports it" in skipped.reason
+        assert pools["upscale"].handle(event).status == "failed"
+        assert _report(bucket, report_name)["params"] == {"steps": 5}  # the object, as uploaded
+    refused = JobRequest(bucket.name, "uploads/p.png", "comic", {})
+    assert pools["upscale"].handle(refused).status == "skipped"  # not its job: acked, not refused
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
+        pools["comic"].handle(refused)
+
+
 def test_job_message_with_explicit_output(settings, bucket):
     _upload(bucket, "uploads/p.png")
     request = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "webp"},
