@@ -231,11 +231,12 @@ class Processor:
                     # it wrote. Anything else (and this look's own errors) goes to the
                     # handlers below, the last attempt's report included.
                     winner = self._store.stat(*plan.output)
-                    skip = skip_reason(winner, job, plan)
-                    if skip:
-                        return self._skipped(job, plan, skip, fields)
-                    self._check_not_taken(winner, job, plan)  # another source won the race
-                    raise
+                    if not _written_with(winner, metadata):  # else: our own write, whose answer
+                        skip = skip_reason(winner, job, plan)  # was lost and retried
+                        if skip:
+                            return self._skipped(job, plan, skip, fields)
+                        self._check_not_taken(winner, job, plan)  # another source won the race
+                        raise
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -482,6 +483,13 @@ def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout
             f"does not serve; its subscription takes only its own operations' folders and job messages, so "
             f"no other pool received it ({routing.OPERATION_KEY} metadata cannot send an upload to another "
             f"pool on this deployment): {where}")
+
+
+def _written_with(existing: ObjectState | None, metadata: Mapping[str, str]) -> bool:
+    """Whether `existing` carries exactly this write's metadata: the write itself, whose
+    answer was lost and whose retry then found it there (its seconds, to the millisecond,
+    tell it apart from another delivery's)."""
+    return existing is not None and all(existing.metadata.get(key) == value for key, value in metadata.items())
 
 
 def check_replaceable(existing: ObjectState | None, job: Job, plan: Plan) -> None:
