@@ -219,9 +219,9 @@ def parse_timestamp(value: Any) -> datetime.datetime | None:
     text = re.sub(r"(\.\d{6})\d+", r"\1", value.strip()).replace("Z", "+00:00").replace("z", "+00:00")
     try:
         parsed = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        return parsed.astimezone(datetime.UTC) if parsed.tzinfo else None
+    except (ValueError, OverflowError):  # OverflowError: "0001-01-01T00:00:00+01:00"
         return None
-    return parsed.astimezone(datetime.UTC) if parsed.tzinfo else None
 
 
 def _generation(value: Any) -> str | None:

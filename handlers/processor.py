@@ -147,11 +147,11 @@ class Processor:
             routed = event
         if isinstance(routed, Ignored):
             metrics.JOBS.labels("none", "ignored").inc()
-            log.info(
-                "event ignored: %s",
-                routed.reason,
-                extra={"fields": {"reason": routed.reason, "message_id": message_id}},
-            )
+            fields = {"reason": routed.reason, "message_id": message_id,
+                      "source": f"gs://{event.bucket}/{event.name}", "generation": event.generation}
+            if isinstance(event, ObjectEvent):
+                fields["event"] = event.kind
+            log.info("event ignored: %s", routed.reason, extra={"fields": fields})
             return Outcome("ignored", reason=routed.reason)
         with metrics.IN_FLIGHT.track_inprogress():
             try:

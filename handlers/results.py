@@ -34,7 +34,7 @@ class ResultPublisher:
                 self._topic,
                 json.dumps(data).encode(),
                 status=outcome.status,
-                operation=outcome.operation or "",
+                operation=_attribute(outcome.operation or ""),
             )
             future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
         except Exception as error:
@@ -42,3 +42,9 @@ class ResultPublisher:
                 "could not publish the job result",
                 extra={"fields": {"topic": self._topic, "error": str(error), "source": outcome.source}},
             )
+
+
+def _attribute(value: str) -> str:
+    """`value` as an attribute Pub/Sub takes: at most 1024 bytes of UTF-8 (a failed job's
+    operation is whatever its sender wrote)."""
+    return value.encode("utf-8", "replace")[:1024].decode("utf-8", "ignore")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
 import uuid
 
 import pytest
@@ -19,6 +20,7 @@ from handlers.processor import (
     MAX_RETRY_SECONDS,
     OUT_OF_MEMORY_ATTEMPTS,
     OUT_OF_MEMORY_RETRY_SECONDS,
+    Outcome,
     Processor,
     last_try,
 )
@@ -189,7 +191,7 @@ def test_unsafe_name_report_stays_under_the_failure_prefix(settings, bucket):
     assert len(reports) == 1 and set(names) == {source.name, reports[0]}
 
 
-def test_event_for_our_own_output_writes_nothing(settings, bucket):
+def test_event_for_our_own_output_writes_nothing(settings, bucket, caplog):
     processor = _processor(settings, FakeEngine())
     processor.handle(_event(_upload(bucket, "incoming/upscale/o.png")))
     before = {blob.name: blob.generation for blob in bucket.list_blobs()}
@@ -197,7 +199,12 @@ def test_event_for_our_own_output_writes_nothing(settings, bucket):
     assert processor.handle(_event(output)).status == "ignored"
     # Even a copy of an output dropped back into incoming/ is recognised by its metadata.
     bucket.copy_blob(output, bucket, "incoming/upscale/o-copy.png")
-    assert processor.handle(_event(bucket.get_blob("incoming/upscale/o-copy.png"))).status == "ignored"
+    copy = _event(bucket.get_blob("incoming/upscale/o-copy.png"))
+    with caplog.at_level(logging.INFO, logger="imagen.processor"):
+        assert processor.handle(copy).status == "ignored"
+    ignored = [r for r in caplog.records if r.getMessage().startswith("event ignored")]
+    assert ignored[-1].fields["source"] == f"gs://{bucket.name}/incoming/upscale/o-copy.png"  # which upload
+    assert ignored[-1].fields["generation"] == copy.generation and ignored[-1].fields["event"] == "finalize"
     after = {blob.name: blob.generation for blob in bucket.list_blobs()}
     assert {k: v for k, v in after.items() if k != "incoming/upscale/o-copy.png"} == before
 
@@ -506,6 +513,18 @@ def test_results_topic_gets_one_message_per_job(settings, bucket, publisher, sub
     assert by_status["succeeded"]["model"] == "fake/upscale@0123"
     assert by_status["failed"]["error"]["type"] == "ImageDecodeError"
     assert set(by_status["succeeded"]) == {"source", "generation", "output", "model", "seconds", "error"}
+
+
+def test_a_result_for_an_overlong_operation_is_still_published(settings, publisher, subscriber):
+    """A failed job's operation is whatever its sender wrote: Pub/Sub takes at most 1024 bytes
+    in an attribute, so the result carries the first 1024 (a whole character at the end)."""
+    topic = publisher.topic_path(PROJECT, f"results-{uuid.uuid4().hex[:8]}")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(PROJECT, f"results-sub-{uuid.uuid4().hex[:8]}")
+    subscriber.create_subscription(name=sub, topic=topic)
+    ResultPublisher(publisher, topic).publish(Outcome("failed", "gs://b/o.png", "1", "é" * 1000))
+    response = subscriber.pull(subscription=sub, max_messages=1, timeout=10)
+    assert response.received_messages[0].message.attributes["operation"] == "é" * 512
 
 
 def test_two_sources_with_one_output_name_keep_the_first_result(settings, bucket):

@@ -75,6 +75,7 @@ def test_push_envelopes(name):
         ("2026-11-26T08:00:01.123456789Z", datetime.datetime(2026, 11, 26, 8, 0, 1, 123456, tzinfo=datetime.UTC)),
         ("2026-11-26T09:00:01+01:00", datetime.datetime(2026, 11, 26, 8, 0, 1, tzinfo=datetime.UTC)),
         ("2026-11-26T08:00:01", None),  # no zone: not a time we can compare
+        ("0001-01-01T00:00:00+01:00", None),  # before year 1 in UTC: no time at all
         ("yesterday", None),
         (12345, None),
         (None, None),
