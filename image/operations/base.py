@@ -324,13 +324,25 @@ def fill_hidden_colours(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
 
     What lies under transparency is usually black: a model that sees RGB would blend it into
     the edges, and the re-attached, resized alpha would show it as a dark fringe.
+
+    The full-size level is worked band by band (a visible pixel keeps its colour, a hidden
+    one takes its 2x2 block's parent), so the float planes are a quarter of the image's
+    size: a chain can hand an operation a 16384 x 16384 cut-out, ~90 bytes a pixel whole.
     """
-    weight = np.asarray(alpha, np.float32) / 255.0
-    hidden = weight == 0
+    opacity = np.asarray(alpha)
+    hidden = opacity == 0
     if not hidden.any() or hidden.all():
         return rgb
-    colour = np.asarray(rgb, np.float32)
-    levels = [(colour * weight[..., None], weight)]
+    colour = np.asarray(rgb)
+    height, width = hidden.shape
+    weighted = np.empty(((height + 1) // 2, (width + 1) // 2, 3), np.float32)
+    total = np.empty(weighted.shape[:2], np.float32)
+    for top in range(0, height, _FILL_BAND):  # push from full size, one band of rows at a time
+        weight = opacity[top:top + _FILL_BAND].astype(np.float32) / 255.0
+        half = slice(top // 2, (top + _FILL_BAND) // 2)
+        weighted[half] = _block_sums(colour[top:top + _FILL_BAND].astype(np.float32) * weight[..., None])
+        total[half] = _block_sums(weight)
+    levels = [(weighted, total)]
     while max(levels[-1][1].shape) > 1:  # push: sums over 2x2 blocks, down to one pixel
         levels.append(tuple(_block_sums(level) for level in levels[-1]))
     estimate = None
@@ -340,8 +352,17 @@ def fill_hidden_colours(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
             parent = estimate.repeat(2, 0).repeat(2, 1)[: total.shape[0], : total.shape[1]]
             mean = np.where((total > 0)[..., None], mean, parent)
         estimate = mean
-    out = np.where(hidden[..., None], estimate, colour)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    out = np.empty_like(colour)
+    for top in range(0, height, _FILL_BAND):  # full size: hidden pixels take their parent's colour
+        rows = slice(top, top + _FILL_BAND)
+        band = hidden[rows].shape[0]
+        parent = estimate[top // 2:(top + band + 1) // 2].repeat(2, 0).repeat(2, 1)[:band, :width]
+        filled = np.clip(np.rint(parent), 0, 255).astype(np.uint8)
+        out[rows] = np.where(hidden[rows][..., None], filled, colour[rows])
+    return Image.fromarray(out, "RGB")
+
+
+_FILL_BAND = 512  # rows per band in fill_hidden_colours: even, so no 2x2 block spans two
 
 
 def _block_sums(values: np.ndarray) -> np.ndarray:

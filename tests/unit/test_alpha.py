@@ -45,3 +45,23 @@ def test_an_enlarged_cut_out_has_no_dark_fringe():
 
     assert enlarged(rgb) < 200  # the black beneath bleeds in
     assert enlarged(fill_hidden_colours(rgb, alpha)) > 250
+
+
+def test_the_fill_is_the_same_whatever_the_band_of_rows(monkeypatch):
+    """The full-size level is worked band by band (memory): bands of 2 rows, of 6, or the
+    whole image in one give the same pixels, odd sizes and scattered holes included."""
+    from image.operations import base
+
+    rng = np.random.default_rng(7)
+    for height, width in ((37, 23), (64, 1), (1, 50), (129, 65)):
+        rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+        opacity = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        opacity[rng.random((height, width)) < 0.6] = 0
+        alpha = Image.fromarray(opacity, "L")
+        results = []
+        for band in (2, 6, 4096):
+            monkeypatch.setattr(base, "_FILL_BAND", band)
+            results.append(np.asarray(fill_hidden_colours(rgb, alpha)))
+        assert all((result == results[-1]).all() for result in results[:-1]), (height, width)
+        visible = opacity > 0
+        assert (results[-1][visible] == np.asarray(rgb)[visible]).all()
