@@ -314,6 +314,10 @@ def _coerce(key: str, value: object, param: Param) -> Any:
             raise bad(f"{len(value)} characters is too long")
         if "\x00" in value:
             raise bad("contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, as JSON's "\ud800" gives: no tokenizer takes it
+            raise bad("is not valid Unicode (a lone surrogate)") from None
         return value
     if param.kind == "choice":
         if isinstance(value, str):

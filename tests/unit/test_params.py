@@ -223,6 +223,11 @@ def test_text_params():
     for bad in ("x" * 1001, 5, None, ["a"], {"a": 1}, "a\x00b"):
         with pytest.raises(InvalidParameter, match="'prompt'"):
             validate_params(("comic",), {"prompt": bad})
+    # JSON may hold a lone surrogate ("\ud800"): the tokenizer would fail on it, retried as a bug.
+    lone = json.loads('{"prompt": "sky \\ud800"}')["prompt"]
+    with pytest.raises(InvalidParameter, match="'negative_prompt'.*not valid Unicode"):
+        validate_params(("enhance",), {"negative_prompt": lone})
+    assert validate_params(("comic",), {"prompt": "ciel 🌅 é"})["prompt"] == "ciel 🌅 é"
 
 
 @pytest.mark.parametrize(
