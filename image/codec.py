@@ -113,7 +113,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
-            image = _to_srgb_8bit(opened)
+            image = to_srgb_8bit(opened)
         except ValueError as error:
             raise ImageDecodeError(
                 f"unsupported {opened.format} colour mode {opened.mode}: {error}"
@@ -156,7 +156,7 @@ def encode_image(image: Image.Image, format: str = "png", quality: int = 90) -> 
     check_encodable(image.size, format)
 
     if image.mode not in ("L", "LA", "RGB", "RGBA") or "transparency" in image.info:
-        image = _to_srgb_8bit(image)  # a colour key becomes alpha rather than being dropped
+        image = to_srgb_8bit(image)  # a colour key becomes alpha rather than being dropped
     if format == "jpeg" and image.mode in ("LA", "RGBA"):
         image = _flatten(image, _JPEG_BACKGROUND)
 
@@ -238,7 +238,7 @@ def _dims(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def _to_srgb_8bit(image: Image.Image) -> Image.Image:
+def to_srgb_8bit(image: Image.Image) -> Image.Image:
     """A new "RGB" or "RGBA" sRGB image from any Pillow mode; a fully opaque alpha is dropped."""
     icc = image.info.get("icc_profile")
     if image.mode in _PREMULTIPLIED:

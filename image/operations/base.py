@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from image.codec import to_srgb_8bit
 from image.errors import ImageTooLarge, InputError, InvalidParameter, ModelError
 from image.params import DEFAULTS, SEED_MAX, check_combination, resolve
 
 logger = logging.getLogger("imagen.operations")
-
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 class Operation:
@@ -308,13 +307,14 @@ class Operation:
 
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """(RGB image, alpha as "L" or None). Palette images with transparency keep it."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in _ALPHA_MODES:
-        image = image.convert("RGBA")
+    """(RGB image, alpha as "L" or None). Any other mode, an embedded ICC profile or a
+    transparency key (a notebook's Image.open: 16-bit, float, CMYK, palette...) is first made
+    8-bit sRGB as the decoder makes it, alpha kept; a fully opaque alpha then goes."""
+    if image.mode not in ("RGB", "RGBA") or "icc_profile" in image.info or "transparency" in image.info:
+        image = to_srgb_8bit(image)
+    if image.mode == "RGBA":
         return image.convert("RGB"), image.getchannel("A")
-    return (image if image.mode == "RGB" else image.convert("RGB")), None
+    return image, None
 
 
 def fill_hidden_colours(rgb: Image.Image, alpha: Image.Image) -> Image.Image:

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from image.operations.base import attach_alpha, fill_hidden_colours, split_alpha
+from tests.unit.test_codec import rgb_profile
 
 
 def _disc(size=(64, 48)) -> Image.Image:
@@ -65,3 +66,29 @@ def test_the_fill_is_the_same_whatever_the_band_of_rows(monkeypatch):
         assert all((result == results[-1]).all() for result in results[:-1]), (height, width)
         visible = opacity > 0
         assert (results[-1][visible] == np.asarray(rgb)[visible]).all()
+
+
+def test_any_pillow_image_is_split_as_the_decoder_would_make_it():
+    """Engine.run takes a notebook's Image.open result too: 16-bit and float grey are scaled
+    (not clipped to white or black), a colour key becomes alpha, an ICC profile is applied."""
+    from PIL import ImageCms
+
+    rgb, alpha = split_alpha(Image.new("I;16", (4, 4), 30000))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (117, 117, 117) and alpha is None
+    assert split_alpha(Image.new("F", (4, 4), 0.5))[0].getpixel((0, 0)) == (128, 128, 128)
+    keyed = Image.new("RGB", (2, 1), (10, 20, 30))
+    keyed.putpixel((1, 0), (1, 2, 3))
+    keyed.info["transparency"] = (1, 2, 3)
+    assert np.asarray(split_alpha(keyed)[1]).tolist() == [[255, 0]]
+    grey = Image.new("LA", (2, 2), (100, 128))
+    rgb, alpha = split_alpha(grey)
+    assert rgb.getpixel((0, 0)) == (100, 100, 100) and alpha.getpixel((0, 0)) == 128
+    # A profile whose red is sRGB's green (as the codec's own test builds it).
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).profile
+    red, green, blue = (c[0] for c in (srgb.red_colorant, srgb.green_colorant, srgb.blue_colorant))
+    tagged = Image.new("RGB", (1, 1), (255, 0, 0))
+    tagged.info["icc_profile"] = rgb_profile(green, red, blue)
+    assert split_alpha(tagged)[0].getpixel((0, 0)) == (0, 255, 0)
+    plain = Image.new("RGBA", (2, 2), (1, 2, 3, 255))
+    rgb, alpha = split_alpha(plain)  # the decoder's own RGBA: split as it is
+    assert rgb.getpixel((0, 0)) == (1, 2, 3) and alpha.getpixel((0, 0)) == 255
