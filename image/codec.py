@@ -94,6 +94,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
     with opened:
         _check_pixels(opened.size, max_pixels)
+        _key_to_8bit(opened)
         try:
             opened.load()
         except MemoryError:
@@ -224,6 +225,16 @@ def _gif_size(data: bytes) -> tuple[int, int]:
         left, top, frame_width, frame_height = struct.unpack_from("<4H", data, position + 1)
         width, height = max(width, left + frame_width), max(height, top + frame_height)
     return width, height
+
+
+def _key_to_8bit(opened: Image.Image) -> None:
+    """A 16-bit RGB PNG is read as 8-bit (each sample's high byte) but its tRNS colour key
+    stays 16-bit, so the wrong pixels would turn transparent: the key's high bytes instead
+    (which also take colours within 1/256 of it). Call before loading: the tile says 16-bit."""
+    key = opened.info.get("transparency")
+    if (opened.format == "PNG" and opened.mode == "RGB" and isinstance(key, tuple)
+            and any(tile.args == "RGB;16B" for tile in opened.tile)):
+        opened.info["transparency"] = tuple(value >> 8 for value in key)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

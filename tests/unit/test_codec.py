@@ -238,6 +238,16 @@ def test_16_bit_grey_png_with_a_transparent_value():
     assert pixels(image)[0].tolist() == [[0, 0, 0, 255], [255, 255, 255, 0]]
 
 
+def test_16_bit_rgb_png_colour_key_marks_its_own_pixels():
+    """Pillow reads 16-bit RGB as each sample's high byte but keeps the tRNS key in 16 bits:
+    compared as they were, a near-black key turned grey pixels (high byte 100) transparent."""
+    from tests.reliability.crafted import png
+
+    row = b"\x00" + struct.pack(">6H", 100, 100, 100, 25700, 25700, 25700)
+    data = png(2, 1, 16, 2, row, ((b"tRNS", struct.pack(">3H", 100, 100, 100)),))
+    assert pixels(decode(data))[0].tolist() == [[0, 0, 0, 0], [100, 100, 100, 255]]
+
+
 def test_32_bit_integer_tiff_is_read_as_16_bit_range():
     image = decode(save(Image.fromarray(np.array([[0, 65535, 70000]], np.int32), "I"), "TIFF"))
     assert pixels(image)[0, :, 0].tolist() == [0, 255, 255]
