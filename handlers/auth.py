@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import google.auth.exceptions
 import google.auth.transport.requests
+import requests
+from cachecontrol import CacheControl
 from google.oauth2 import id_token
 
 from image.errors import ImagenError
@@ -18,7 +20,8 @@ GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 
 
 class AuthError(ImagenError):
-    """`status` is the HTTP answer: 401 (no or bad token) or 403 (a valid token, wrong sender)."""
+    """`status` is the HTTP answer: 401 (no or bad token), 403 (a valid token, wrong sender)
+    or 503 (the signing certificates could not be fetched: try again)."""
 
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
@@ -31,8 +34,9 @@ class PushAuthenticator:
         self._audience = audience
         self._allowed = allowed_emails
         self._certs_url = certs_url
-        # One session: google-auth caches the signing certificates per their Cache-Control.
-        self._request = google.auth.transport.requests.Request()
+        # google-auth fetches the signing certificates at every check; a caching session keeps
+        # them as long as Google's Cache-Control says (hours), as google-auth's docs advise.
+        self._request = google.auth.transport.requests.Request(session=CacheControl(requests.Session()))
 
     def check(self, authorization: str | None) -> dict:
         """Verify an `Authorization` header value; return the token's claims or raise AuthError."""
@@ -44,6 +48,9 @@ class PushAuthenticator:
                 token.strip(), self._request, audience=self._audience, certs_url=self._certs_url,
                 clock_skew_in_seconds=10,
             )
+        except google.auth.exceptions.TransportError as error:
+            # Not the token's fault: the sender retries on 503 (Pub/Sub and Eventarc do).
+            raise AuthError(503, f"could not fetch the token's signing certificates: {error}") from None
         except (ValueError, google.auth.exceptions.GoogleAuthError) as error:
             raise AuthError(401, f"invalid token: {error}") from None
         email = claims.get("email")

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
 
-from handlers.auth import PushAuthenticator
+from handlers.auth import AuthError, PushAuthenticator
 from handlers.clients import storage_client
 from handlers.http import create_app
 from handlers.processor import Processor
@@ -27,6 +27,7 @@ from .conftest import png_bytes
 from .test_processor import FakeEngine
 
 AUDIENCE = "https://imagen-upscale-abc-uc.a.run.app/"
+FETCHES: list[str] = []  # the certificate endpoint's requests
 PUSHER = "imagen-push@my-project.iam.gserviceaccount.com"
 
 
@@ -52,8 +53,10 @@ def certs():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            FETCHES.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "public, max-age=19774, must-revalidate, no-transform")  # Google's
             self.end_headers()
             self.wfile.write(body)
 
@@ -127,3 +130,20 @@ def test_health_endpoints_stay_open(client):
     http_client, _, _ = client
     assert http_client.get("/healthz").status_code == 200
     assert http_client.get("/readyz").status_code == 200
+
+
+def test_signing_certificates_are_fetched_once_while_fresh(settings, certs):
+    """google-auth would fetch them at every push: kept per their Cache-Control instead."""
+    authenticator = PushAuthenticator(AUDIENCE, frozenset({PUSHER}), certs[1])
+    before = len(FETCHES)
+    for _ in range(3):
+        assert authenticator.check(f"Bearer {_token(certs[0])}")["email"] == PUSHER
+    assert len(FETCHES) - before == 1
+
+
+def test_unreachable_certificates_answer_503_not_401(certs):
+    """Not the token's fault: the push is retried rather than logged as an invalid token."""
+    authenticator = PushAuthenticator(AUDIENCE, frozenset({PUSHER}), "http://127.0.0.1:9/certs")  # nothing listens
+    with pytest.raises(AuthError) as refused:
+        authenticator.check(f"Bearer {_token(certs[0])}")
+    assert refused.value.status == 503 and "signing certificates" in str(refused.value)
