@@ -268,17 +268,28 @@ def to_srgb_8bit(image: Image.Image) -> Image.Image:
     return colour
 
 
+_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT = 258, 262, 339  # TIFF tags
+
+
 def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     """Scale 16-bit or 32-bit grey to "L", 65535 (or 1.0 for float) becoming 255.
 
     Pillow's own conversion clips at 255 instead of scaling. Integer modes are read as
-    0..65535 (what 16-bit files hold); float as 0.0..1.0, the convention of float TIFFs.
+    0..65535 (what 16-bit files hold; a signed 16-bit TIFF's -32768..32767 is shifted there);
+    float as 0.0..1.0, the convention of float TIFFs; a WhiteIsZero TIFF is inverted.
     """
     values = np.asarray(image)
+    tags = {number: value[0] if isinstance(value, tuple) and value else value  # per sample: the first's
+            for number, value in (getattr(image, "tag_v2", None) or {}).items()
+            if number in (_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT)}  # a TIFF's: how its samples read
     if image.mode == "F":
         scaled = np.rint(np.nan_to_num(values, nan=0.0).clip(0.0, 1.0) * 255)
     else:
+        if tags.get(_SAMPLE_FORMAT) == 2 and tags.get(_BITS_PER_SAMPLE) == 16:  # signed: -32768 is black
+            values = values.astype(np.int32) + 32768
         scaled = (values.clip(0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+    if tags.get(_PHOTOMETRIC) == 0:  # WhiteIsZero (Pillow inverts only 8-bit and 1-bit grey)
+        scaled = 255 - scaled
     alpha = None
     key = image.info.get("transparency")  # a 16-bit grey PNG's tRNS: one transparent value
     if isinstance(key, int):

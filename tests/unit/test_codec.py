@@ -248,6 +248,16 @@ def test_16_bit_rgb_png_colour_key_marks_its_own_pixels():
     assert pixels(decode(data))[0].tolist() == [[0, 0, 0, 0], [100, 100, 100, 255]]
 
 
+def test_16_bit_tiff_sample_format_and_photometric_are_honoured():
+    """A signed 16-bit TIFF's -32768 is black and 32767 white; a WhiteIsZero one is inverted
+    (Pillow does both only for 8-bit grey)."""
+    signed = np.array([[-32768, 0, 32767]], np.int16).view(np.uint16)
+    image = decode(save(Image.fromarray(signed), "TIFF", tiffinfo={339: 2}))
+    assert pixels(image)[0, :, 0].tolist() == [0, 128, 255]
+    white_is_zero = decode(save(Image.fromarray(np.array([[0, 65535]], np.uint16)), "TIFF", tiffinfo={262: 0}))
+    assert pixels(white_is_zero)[0, :, 0].tolist() == [255, 0]
+
+
 def test_32_bit_integer_tiff_is_read_as_16_bit_range():
     image = decode(save(Image.fromarray(np.array([[0, 65535, 70000]], np.int32), "I"), "TIFF"))
     assert pixels(image)[0, :, 0].tolist() == [0, 255, 255]
