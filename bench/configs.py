@@ -1,7 +1,7 @@
 """The models the bench runs: full-size architectures (random weights) or the tiny ones.
 
-Full-size configs are the architecture facts of /work/shared/ANCHOR-CONFIGS.md (layer counts,
-widths, schedulers), the ones the stock anchor figures were measured with, so a bench run
+Full-size configs are the architecture facts (layer counts, widths, schedulers) of the team's
+ANCHOR-CONFIGS.md (outside this repository), the ones the stock anchor figures were measured with, so a bench run
 compares like with like. Tiny models are exactly those of `imagen models pull --tiny`
 (image/models/tiny.py). Either way the models are written once into a Hugging Face cache
 layout under one cache folder, so both paths read the same files:

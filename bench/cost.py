@@ -38,11 +38,11 @@ PRICES = (
     Price(
         name="Cloud Run L4",
         card="L4",
-        # GPU $0.0001867/s (no zonal redundancy) + the minimum 4 vCPU x $0.000018/s
-        # + 16 GiB x $0.000002/s, instance-based billing, Tier 1 region (us-central1).
-        dollars_per_second=0.0001867 + 4 * 0.000018 + 16 * 0.000002,
-        breakdown="L4 $0.0001867/s + 4 vCPU x $0.000018/s + 16 GiB x $0.000002/s (Tier 1, "
-        "instance-based billing, no zonal redundancy)",
+        # GPU $0.0001867/s (no zonal redundancy) + infra/terraform's default 8 vCPU x
+        # $0.000018/s + 32 GiB x $0.000002/s, instance-based billing, Tier 1 region (us-central1).
+        dollars_per_second=0.0001867 + 8 * 0.000018 + 32 * 0.000002,
+        breakdown="L4 $0.0001867/s + 8 vCPU x $0.000018/s + 32 GiB x $0.000002/s (Terraform's "
+        "default cpu and memory; Tier 1, instance-based billing, no zonal redundancy)",
         source="https://cloud.google.com/run/pricing",
     ),
     Price(
