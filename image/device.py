@@ -51,9 +51,11 @@ _OUT_OF_MEMORY = re.compile(r"out of memory|_ALLOC_FAILED|_ALLOCATION_FAILED", r
 
 def out_of_memory(error: BaseException) -> str | None:
     """What says the device ran out of memory (a first line, at most 300 characters), found in
-    `error` or an error behind it (its cause or context, a compiler's `inner_exception`: Dynamo
-    and Inductor wrap what failed inside them); None when none does. Only a first line counts,
-    so a wrapper's message that quotes the failure further down is looked through."""
+    `error` or an error it was raised from (its `__cause__`, a compiler's `inner_exception`:
+    Dynamo and Inductor wrap what failed inside them); None when none does. Not `__context__`:
+    an error raised while an out-of-memory one was being handled is a failure of its own. Only
+    a first line counts, so a wrapper's message that quotes the failure further down is looked
+    through."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -67,5 +69,5 @@ def out_of_memory(error: BaseException) -> str | None:
             return first or "out of memory"
         if isinstance(current, RuntimeError) and _OUT_OF_MEMORY.search(first):
             return first
-        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+        pending += [current.__cause__, getattr(current, "inner_exception", None)]
     return None

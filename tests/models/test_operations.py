@@ -439,6 +439,13 @@ def test_other_failures_of_the_model_are_not_taken_for_out_of_memory(engine, mon
     assert caught.value is failure
     assert out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory")) is None  # the host's
     assert out_of_memory(ValueError("out of memory")) is None  # not from the device's libraries
+    try:  # a failure while an out-of-memory one was handled is its own (its __context__ is not read)
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("operation not permitted when stream is capturing")  # noqa: B904
+    except RuntimeError as later:
+        assert later.__context__ is not None and out_of_memory(later) is None
 
 
 def test_default_upscale_limit_gives_at_most_16384_square():
