@@ -52,8 +52,8 @@ output "client_env" {
 }
 
 output "backfill_command" {
-  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null with Eventarc (no topic)."
-  value = local.pubsub ? join(" ", concat(
+  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null until the operations' subscriptions exist (the second apply) and with Eventarc (no topic)."
+  value = length(local.subscriptions) > 0 ? join(" ", concat(
     ["imagen", "backfill", "gs://${google_storage_bucket.input.name}/${local.common_env["IMAGEN_INPUT_PREFIX"]}"],
     ["--topic", google_pubsub_topic.jobs[0].id],
     flatten([for op in distinct(var.operations) : ["--only", op]]),

@@ -617,17 +617,18 @@ def test_client_env_and_backfill_command_point_the_cli_at_the_deployment(terrafo
                   "IMAGEN_FAILED_PREFIX": "errors/", "IMAGEN_ALLOWED_BUCKETS": "proj-in"}
     topic = "projects/proj/topics/imagen-events"
 
-    def stand_ins(text: str, pubsub: str) -> str:
+    def stand_ins(text: str, subscriptions: list[str]) -> str:
         for reference, value in (("google_storage_bucket.input.name", "var.bucket"), ("local.common_env", "var.env"),
                                  ("local.client_env_names", json.dumps(terraform.locals["client_env_names"])),
-                                 ("google_pubsub_topic.jobs[0].id", json.dumps(topic)), ("local.pubsub", pubsub)):
+                                 ("google_pubsub_topic.jobs[0].id", json.dumps(topic)),
+                                 ("local.subscriptions", json.dumps(subscriptions))):
             text = text.replace(reference, value)
         return text
 
     client_env, command = (expr(terraform.outputs[name]["value"]) for name in ("client_env", "backfill_command"))
     values = _evaluate(tmp_path, {"bucket": "proj-in", "env": worker_env, "operations": operations + operations[:1]},
-                       {"env": stand_ins(client_env, "true"), "command": stand_ins(command, "true"),
-                        "eventarc": stand_ins(command, "false")})
+                       {"env": stand_ins(client_env, operations), "command": stand_ins(command, operations),
+                        "no_subscriptions": stand_ins(command, [])})
     shell = subprocess.run(["bash", "-c", 'eval "$CLIENT_ENV" && env -0'], env={"CLIENT_ENV": values["env"]},
                            capture_output=True, text=True, check=True, timeout=30).stdout
     exported = dict(line.split("=", 1) for line in shell.split("\0") if line)
@@ -641,7 +642,9 @@ def test_client_env_and_backfill_command_point_the_cli_at_the_deployment(terrafo
     parsed = backfill.make_context("backfill", args[2:], obj=settings).params
     assert parsed["location"] == "gs://proj-in/drop/" and parsed["topic"] == topic
     assert parsed["only"] == tuple(operations)  # once each
-    assert values.get("eventarc") is None  # null (left out of the outputs): no topic to queue on
+    # Null (left out of the outputs) with Eventarc and before the services' apply: no pool
+    # would receive what it queued.
+    assert values.get("no_subscriptions") is None
 
 
 _REFERENCE = re.compile(r"(?<![\w.\"])(var|local|data\.[a-z0-9_]+|google_[a-z0-9_]+)\.([a-z0-9_]+)")
