@@ -94,7 +94,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
     with opened:
         _check_pixels(opened.size, max_pixels)
-        _key_to_8bit(opened)
+        if (key := _colour_key(opened)) is not None:  # while the tile still says 16-bit
+            opened.info["transparency"] = key
         try:
             opened.load()
         except MemoryError:
@@ -227,14 +228,19 @@ def _gif_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _key_to_8bit(opened: Image.Image) -> None:
-    """A 16-bit RGB PNG is read as 8-bit (each sample's high byte) but its tRNS colour key
-    stays 16-bit, so the wrong pixels would turn transparent: the key's high bytes instead
-    (which also take colours within 1/256 of it). Call before loading: the tile says 16-bit."""
-    key = opened.info.get("transparency")
-    if (opened.format == "PNG" and opened.mode == "RGB" and isinstance(key, tuple)
-            and any(tile.args == "RGB;16B" for tile in opened.tile)):
-        opened.info["transparency"] = tuple(value >> 8 for value in key)
+def _colour_key(image: Image.Image) -> tuple[int, int, int] | None:
+    """An RGB image's tRNS colour key as its pixels hold colours. A 16-bit RGB PNG is read as
+    8-bit (each sample's high byte) but its key stays 16-bit, so it would mark the wrong
+    pixels: its high bytes instead (they also take colours within 1/256 of it). 16-bit shows in
+    the tile before loading, or in a key above 255 (an image loaded by its caller with a key
+    of 255 or less cannot be told from an 8-bit one)."""
+    key = image.info.get("transparency")
+    if image.mode != "RGB" or not isinstance(key, tuple) or len(key) != 3:
+        return None
+    tiles = getattr(image, "tile", None) or ()
+    if any(value > 255 for value in key) or any(getattr(tile, "args", None) == "RGB;16B" for tile in tiles):
+        return tuple(value >> 8 for value in key)
+    return key
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -257,6 +263,8 @@ def to_srgb_8bit(image: Image.Image) -> Image.Image:
     alpha = None
     if image.mode in _HIGH_DEPTH:
         image, alpha = _high_depth_to_8bit(image)
+    elif (key := _colour_key(image)) is not None:  # the caller's image keeps its info
+        alpha = Image.fromarray(np.where((np.asarray(image) == key).all(axis=-1), 0, 255).astype(np.uint8))
     elif image.has_transparency_data:
         if image.mode not in ("LA", "RGBA"):
             image = image.convert("RGBA")  # palette or tRNS colour key becomes a channel

@@ -309,7 +309,8 @@ class Operation:
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     """(RGB image, alpha as "L" or None). Any other mode, an embedded ICC profile or a
     transparency key (a notebook's Image.open: 16-bit, float, CMYK, palette...) is first made
-    8-bit sRGB as the decoder makes it, alpha kept; a fully opaque alpha then goes."""
+    8-bit sRGB as the decoder makes it, alpha kept (a fully opaque one dropped, as the decoder
+    does; a plain RGBA image's alpha is kept whatever it holds)."""
     if image.mode not in ("RGB", "RGBA") or "icc_profile" in image.info or "transparency" in image.info:
         image = to_srgb_8bit(image)
     if image.mode == "RGBA":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import struct
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 from image.operations.base import attach_alpha, fill_hidden_colours, split_alpha
+from tests.reliability.crafted import png
 from tests.unit.test_codec import rgb_profile
 
 
@@ -80,6 +84,11 @@ def test_any_pillow_image_is_split_as_the_decoder_would_make_it():
     keyed.putpixel((1, 0), (1, 2, 3))
     keyed.info["transparency"] = (1, 2, 3)
     assert np.asarray(split_alpha(keyed)[1]).tolist() == [[255, 0]]
+    # A 16-bit RGB PNG opened, not yet loaded: its colour key in the pixels' 8 bits, as decoded.
+    row = b"\x00" + struct.pack(">6H", 100, 100, 100, 25700, 25700, 25700)
+    sixteen = Image.open(io.BytesIO(png(2, 1, 16, 2, row, ((b"tRNS", struct.pack(">3H", 100, 100, 100)),))))
+    assert np.asarray(split_alpha(sixteen)[1]).tolist() == [[0, 255]]
+    assert sixteen.info["transparency"] == (100, 100, 100)  # the caller's image is left as it was
     grey = Image.new("LA", (2, 2), (100, 128))
     rgb, alpha = split_alpha(grey)
     assert rgb.getpixel((0, 0)) == (100, 100, 100) and alpha.getpixel((0, 0)) == 128
