@@ -5,8 +5,8 @@
 
 Every error is classified: permanent ones (`InputError`) end in a failure report and an ack;
 transient ones propagate as `TransientError` so the transport retries (nack / HTTP 503), until
-the delivery attempt reaches MAX_ATTEMPTS (with no attempt number: until the event is
-MAX_RETRY_SECONDS old), when a failure report ends the retries. The GPU work
+the delivery attempt reaches MAX_ATTEMPTS (with no attempt number: until a delivery starts
+MAX_RETRY_SECONDS after the event), when a failure report ends the retries. The GPU work
 is behind the `engine` seam (`image.engine.Engine`, or a fake in unit tests).
 """
 
@@ -58,13 +58,15 @@ MAX_ATTEMPTS = 5
 # instance, or this one later) settles it; more would each spend the GPU time again.
 OUT_OF_MEMORY_ATTEMPTS = 2
 # A delivery with no attempt number (Eventarc's CloudEvents; a subscription without a
-# dead-letter policy) is judged by its age instead: this long after the event, a transient
-# fault ends in a failure report too. Without it Eventarc retries, with GPU work each time,
+# dead-letter policy) is judged by its age instead: one that starts this long after the
+# event ends a transient fault in a failure report too (its age when it starts: a long job
+# cannot spend the window in one try). Without it Eventarc retries, with GPU work each time,
 # for its 24 h retention and then drops the event without a word. Pub/Sub's backoff (10 s
 # doubling to 600 s) fits about eight tries in this window.
 MAX_RETRY_SECONDS = 1800
-# The same for a job out of GPU memory with no compile running: long enough for a second
-# delivery (Pub/Sub's first backoff is 10 s), short of MAX_RETRY_SECONDS' eight tries.
+# The same for a job out of GPU memory with no compile running: a delivery after the first
+# (Pub/Sub's first backoff is 10 s) usually starts past it, short of MAX_RETRY_SECONDS' eight
+# tries; only a first delivery that waited this long for an instance is its last.
 OUT_OF_MEMORY_RETRY_SECONDS = 600
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 
@@ -169,6 +171,7 @@ class Processor:
         fields = {"job_id": job_id, "source": job.source_uri, "generation": job.generation}
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
         plan = None
         try:
             # Whose job it is first: where every pool receives every job, the pools that skip
@@ -242,7 +245,7 @@ class Processor:
         except InputError as error:
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
-            if (last := last_try(attempt, sent)) is not None:
+            if (last := last_try(attempt, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             log.warning(
                 "job will be retried: %s",
@@ -257,12 +260,12 @@ class Processor:
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error, extra={"fields": fields})
-            if (last := last_try(attempt, sent, *_retries_for(error))) is not None:
+            if (last := last_try(attempt, sent, *_retries_for(error), now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
             log.exception("unexpected error in job", extra={"fields": fields})
-            if (last := last_try(attempt, sent)) is not None:
+            if (last := last_try(attempt, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(f"unexpected {type(error).__name__}: {error}") from error
 
@@ -298,6 +301,7 @@ class Processor:
             return job_chain(job, self._layout)
         except InputError:
             if self._filtered or not self._deployed or self._reports_for_every_pool():
+                routing.check_source_allowed(job, self._allowed_buckets)  # a refusal says so first
                 raise
             return None
 
@@ -309,10 +313,12 @@ class Processor:
         if chain is None:
             return f"the job names no valid operation; the {self._deployed[0]} pool reports it"
         if self._filtered:
+            routing.check_source_allowed(job, self._allowed_buckets)  # a refusal says so first
             raise OperationNotServed(_not_served(job, chain, self._served, self._layout))
         if not self._deployed or (len(chain) == 1 and chain[0] in self._deployed):
             return f"operation {job.operation!r} is served by another worker pool"
         if self._reports_for_every_pool():
+            routing.check_source_allowed(job, self._allowed_buckets)
             raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
         return f"operation {job.operation!r} is served by no worker pool; the {self._deployed[0]} pool reports it"
 
@@ -417,8 +423,8 @@ def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: int 
              seconds: float = MAX_RETRY_SECONDS, now: datetime.datetime | None = None) -> str | None:
     """None while a transient fault should be retried; on the last try, a note for the
     report: the delivery attempt reached `attempts` (MAX_ATTEMPTS), or (no attempt number) the
-    event is `seconds` (MAX_RETRY_SECONDS) old. With neither, retries are the transport's to
-    bound."""
+    event was `seconds` (MAX_RETRY_SECONDS) old at `now`, when the delivery started. With
+    neither, retries are the transport's to bound."""
     if attempt is not None:
         return "" if attempt >= attempts else None
     if sent is None:
@@ -548,7 +554,7 @@ def _report_params(raw: Any) -> Any:
     or a bounded excerpt when they cannot be echoed back safely."""
     if isinstance(raw, str):
         try:
-            parsed = json.loads(raw)
+            parsed = json.loads(raw, parse_constant=_no_constant)  # a report must stay strict JSON
         except (ValueError, RecursionError):
             return raw[:2000]
         if not isinstance(parsed, dict):
@@ -559,6 +565,10 @@ def _report_params(raw: Any) -> Any:
     except (TypeError, ValueError, RecursionError):
         return "<unserialisable parameters>"
     return text[:2000] if len(text) > 2000 else raw
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _job_id(job: Job) -> str:

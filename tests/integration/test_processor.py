@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import logging
+import time
 import uuid
 
 import pytest
@@ -280,6 +281,14 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     assert pools["upscale"].handle(refused).status == "skipped"  # not its job: acked, not refused
     with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
         pools["comic"].handle(refused)
+    # Refused and misnamed: the refusal is what the reporting pool says (fixing the name alone
+    # would not help).
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
+        pools["upscale"].handle(JobRequest(bucket.name, "uploads/p.png", "upscal", {}))
+    # Parameters JSON cannot hold stay the text they were: a report is strict JSON.
+    nan = _event(_upload(bucket, "incoming/upscal/nan.png", metadata={"imagen-params": '{"steps": NaN}'}))
+    assert pools["upscale"].handle(nan).status == "failed"
+    assert _report(bucket, "failed/upscal/nan.png.json")["params"] == '{"steps": NaN}'
 
 
 def test_job_message_with_explicit_output(settings, bucket):
@@ -415,6 +424,17 @@ def test_out_of_gpu_memory_without_attempt_numbers_ends_sooner(settings, bucket)
     other = _upload(bucket, "incoming/upscale/while-compiling.png")
     with pytest.raises(TransientError):  # a compile held memory: the usual half hour
         compiling.handle(_event(other), sent=now - datetime.timedelta(seconds=OUT_OF_MEMORY_RETRY_SECONDS))
+
+    class SlowToRunOut(FakeEngine):  # the window passes while the first delivery runs
+        def run(self, *args, **kwargs):
+            time.sleep(2)
+            return super().run(*args, **kwargs)
+
+    long_job = _upload(bucket, "incoming/upscale/long.png")
+    with pytest.raises(TransientError):  # judged by its age when it started: one more delivery
+        _processor(settings, SlowToRunOut(fail_with=OutOfDeviceMemory(message))).handle(
+            _event(long_job), sent=datetime.datetime.now(datetime.UTC)
+            - datetime.timedelta(seconds=OUT_OF_MEMORY_RETRY_SECONDS - 1))
 
 
 def test_the_attempt_number_wins_over_the_age():
