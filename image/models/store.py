@@ -156,13 +156,21 @@ def pull(
     """Download each model and record its commit and file sizes in the lock at `lock_path`.
 
     Returns repo id -> commit. The lock is written after each model, so an interrupted
-    pull keeps what it finished.
+    pull keeps what it finished; only when it changes, and a lock that cannot be written (the
+    one packaged in an image, pulled into a volume by a read-only container) is left as it
+    is with a warning: an unpinned model is then found by the cache's `refs/<branch>`.
     """
     commits = {}
     for spec in specs:
         lock = Lock.read(lock_path)
         commit, files = fetch(spec, cache_dir, lock=lock, token=token, progress=progress)
-        lock.recorded(spec.repo_id, commit, files).write(lock_path)
+        updated = lock.recorded(spec.repo_id, commit, files)
+        if updated.to_json() != lock.to_json():
+            try:
+                updated.write(lock_path)
+            except OSError as error:
+                logger.warning("%s@%s is pulled but not recorded in the model lock %s (%s); the loader finds "
+                               "it through the cache's refs/%s", spec.repo_id, commit, lock_path, error, spec.revision)
         commits[spec.repo_id] = commit
     return commits
 

@@ -164,6 +164,36 @@ def test_pull_records_the_commit_and_sizes_then_reuses_the_lock(tmp_path, monkey
     assert hub.calls[0]["revision"] == hub.commit, "a locked repo is pulled at its locked commit"
 
 
+def test_pull_into_a_volume_with_a_lock_it_cannot_write(tmp_path, monkeypatch, caplog):
+    """The GKE model-pull Job runs read-only: the image's lock cannot take the commits. Each
+    model is still pulled (not only the first), and the loader finds it by the cache's ref."""
+    specs = [REGISTRY["remove-background"], REGISTRY["upscale"]]
+    hub = FakeHub({name: b"x" for spec in specs for name in spec.files} | {"model_index.json": b"{}"})
+    monkeypatch.setattr(store, "snapshot_download", hub)
+    read_only = tmp_path / "site-packages" / "image"
+    read_only.mkdir(parents=True)
+    lock_path = read_only / "models.lock.json"
+    lock_path.write_text("{}")
+
+    def refuse(self, path):
+        raise OSError(30, "Read-only file system", str(path))  # EROFS, as the container's root
+
+    monkeypatch.setattr(Lock, "write", refuse)
+    cache = tmp_path / "models"
+    assert store.pull(specs, cache, lock_path=lock_path, progress=False) == {s.repo_id: hub.commit for s in specs}
+    assert lock_path.read_text() == "{}"
+    assert sum("not recorded in the model lock" in r.getMessage() for r in caplog.records) == 2
+    for spec in specs:
+        assert store.find_snapshot(spec, cache, Lock.read(lock_path)) == (hub.commit, cache / spec.cache_name / "snapshots" / hub.commit)
+    # A lock that already holds the commits (a pinned image's) is not written at all.
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "snapshot_download", hub)
+    pinned = tmp_path / "pinned.json"
+    store.pull(specs, cache, lock_path=pinned, progress=False)
+    monkeypatch.setattr(Lock, "write", lambda self, path: pytest.fail("rewrote an unchanged lock"))
+    store.pull(specs, tmp_path / "again", lock_path=pinned, progress=False)
+
+
 def test_pull_replaces_a_tiny_model_at_the_same_commit(tmp_path, monkeypatch):
     from image.models.tiny import build_tiny
 
