@@ -211,3 +211,7 @@ def test_pvc_overlay_job_pulls_every_model_into_it(rendered):
     images = {_container(d)["image"] for d in by_kind(documents, "Deployment")}
     assert container["image"] in images
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # The volume binds in its first pod's zone: the Job goes where the workers go.
+    for name, deployment in {d["metadata"]["name"]: d for d in by_kind(documents, "Deployment")}.items():
+        assert pod["nodeSelector"] == _pod(deployment)["nodeSelector"], name
+        assert pod["tolerations"] == _pod(deployment)["tolerations"], name
