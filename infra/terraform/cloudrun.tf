@@ -5,6 +5,22 @@
 locals {
   startup_probe_period = 10
 
+  # var.cpu and var.memory as numbers (vCPUs, GiB), in the forms Cloud Run takes; 0 for others.
+  cpu_count = try(tonumber(var.cpu), tonumber(trimsuffix(var.cpu, "m")) / 1000, 0)
+  memory_gib = try(
+    tonumber(regex("^([0-9]+)Gi$", var.memory)[0]),
+    tonumber(regex("^([0-9]+)Mi$", var.memory)[0]) / 1024,
+    tonumber(regex("^([0-9]+)G$", var.memory)[0]) * 1000000000 / 1073741824,
+    tonumber(regex("^([0-9]+)M$", var.memory)[0]) * 1000000 / 1073741824,
+    0,
+  )
+  # Cloud Run's instance shapes ("Configure memory limits", "Configure CPU limits", GPU
+  # requirements): 4, 6 or 8 vCPUs and 16 to 32 GiB for a GPU service; more than 16 GiB needs
+  # 6 vCPUs, more than 24 GiB 8 (the default 8 vCPU, 32 GiB is the largest shape). Checked at
+  # plan (the service's precondition) rather than failing the apply.
+  cloud_run_shape_fits = (contains([4, 6, 8], local.cpu_count) && local.memory_gib >= 16 && local.memory_gib <= 32
+  && (local.memory_gib <= 16 || local.cpu_count >= 6) && (local.memory_gib <= 24 || local.cpu_count >= 8))
+
   # With a model mirror the image carries no models (built with MODEL_SOURCE=none): restore
   # them from the bucket into the instance's in-memory /tmp, then serve. The startup probe
   # window covers the copy (same region: about a minute for the largest model).
@@ -104,6 +120,10 @@ resource "google_cloud_run_v2_service" "worker" {
   }
 
   lifecycle {
+    precondition {
+      condition     = local.cloud_run_shape_fits
+      error_message = "cpu = \"${var.cpu}\", memory = \"${var.memory}\" is not a Cloud Run GPU shape: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\")."
+    }
     # Releases roll out through cloudbuild.yaml (_DEPLOY=true); Terraform must not roll
     # them back to var.image_tag. gcloud also stamps client fields on update.
     ignore_changes = [

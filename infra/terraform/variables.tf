@@ -196,35 +196,17 @@ variable "max_instances" {
 }
 
 variable "cpu" {
-  description = "vCPUs per instance (GPU services need at least 4)."
+  description = "vCPUs per Cloud Run instance: 4, 6 or 8 (\"8\" or \"8000m\"); with memory, one of Cloud Run's GPU shapes (checked at plan, cloudrun.tf)."
   type        = string
   default     = "8"
   nullable    = false
-
-  validation {
-    # "8" or "8000m", as Cloud Run takes them.
-    condition     = try(tonumber(var.cpu), tonumber(trimsuffix(var.cpu, "m")) / 1000, 0) >= 4
-    error_message = "cpu: Cloud Run GPU services need at least 4 vCPUs (\"4\" or \"4000m\")."
-  }
 }
 
 variable "memory" {
-  description = "Memory per instance (GPU services need at least 16Gi; the SDXL refiner wants 32Gi)."
+  description = "Memory per Cloud Run instance: 16Gi to 32Gi (\"32Gi\", \"16384Mi\", \"20G\"); above 16Gi needs 6 vCPUs, above 24Gi 8. The SDXL refiner wants 32Gi."
   type        = string
   default     = "32Gi"
   nullable    = false
-
-  validation {
-    # "32Gi", "16384Mi", "20G" or "20000M", as Cloud Run takes them; in GiB here.
-    condition = try(
-      tonumber(regex("^([0-9]+)Gi$", var.memory)[0]),
-      tonumber(regex("^([0-9]+)Mi$", var.memory)[0]) / 1024,
-      tonumber(regex("^([0-9]+)G$", var.memory)[0]) * 1000000000 / 1073741824,
-      tonumber(regex("^([0-9]+)M$", var.memory)[0]) * 1000000 / 1073741824,
-      0,
-    ) >= 16
-    error_message = "memory: Cloud Run GPU services need at least 16Gi (e.g. \"16Gi\", \"32Gi\"); the SDXL refiner wants 32Gi."
-  }
 }
 
 variable "startup_timeout_seconds" {

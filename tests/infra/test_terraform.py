@@ -245,24 +245,29 @@ def rendered_filters(terraform, tmp_path_factory):
     return values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
 
 
-def test_cpu_and_memory_below_cloud_runs_gpu_minimum_stop_the_plan(terraform, tmp_path):
-    """Cloud Run GPU services need at least 4 vCPUs and 16 GiB: a plan says so, in the forms
-    Cloud Run takes, instead of the apply failing on the API."""
-    samples = {
-        "cpu": {"8": True, "4": True, "6": True, "8000m": True, "4000m": True, "2": False, "3999m": False,
-                "eight": False},
-        "memory": {"32Gi": True, "16Gi": True, "16384Mi": True, "18G": True, "17180M": True, "8Gi": False,
-                   "16383Mi": False, "17G": False, "lots": False, "32": False},
+def test_cpu_and_memory_outside_cloud_runs_gpu_shapes_stop_the_plan(terraform, tmp_path):
+    """Cloud Run GPU services take 4, 6 or 8 vCPUs and 16 to 32 GiB, and more memory needs
+    more CPU (over 16 GiB 6 vCPUs, over 24 GiB 8): the service's precondition says so at plan,
+    in the forms Cloud Run takes, instead of the apply failing on the API."""
+    shapes = {
+        ("8", "32Gi"): True, ("8000m", "32768Mi"): True, ("4", "16Gi"): True, ("4000m", "16384Mi"): True,
+        ("6", "24Gi"): True, ("6", "18G"): True, ("8", "17180M"): True,
+        ("4", "32Gi"): False, ("6", "25Gi"): False, ("4", "17Gi"): False,  # too little CPU for the memory
+        ("8", "48Gi"): False, ("16", "32Gi"): False, ("2", "8Gi"): False, ("5", "16Gi"): False,
+        ("3999m", "16Gi"): False, ("8", "16383Mi"): False, ("8", "17G"): False, ("eight", "32Gi"): False,
+        ("8", "lots"): False, ("8", "32"): False,
     }
+    assert shapes[(terraform.default("cpu"), terraform.default("memory"))]
+    fits = expr(terraform.locals["cloud_run_shape_fits"])
+    cpu, memory = expr(terraform.locals["cpu_count"]), expr(terraform.locals["memory_gib"])
     outputs = {}
-    for name, values in samples.items():
-        assert terraform.default(name) in values and values[terraform.default(name)]
-        rule = expr(one(terraform.variables[name]["validation"])["condition"])
-        for i, value in enumerate(values):
-            outputs[f"{name}_{i}"] = rule.replace(f"var.{name}", json.dumps(value))
+    for i, (cpu_value, memory_value) in enumerate(shapes):
+        outputs[f"shape_{i}"] = (fits.replace("local.cpu_count", f"({cpu})").replace("local.memory_gib", f"({memory})")
+                                 .replace("var.cpu", json.dumps(cpu_value)).replace("var.memory", json.dumps(memory_value)))
     got = _evaluate(tmp_path, {}, outputs)
-    for name, values in samples.items():
-        assert {value: got[f"{name}_{i}"] for i, value in enumerate(values)} == values
+    assert {shape: got[f"shape_{i}"] for i, shape in enumerate(shapes)} == shapes
+    lifecycle = one(_service(terraform)["lifecycle"])
+    assert expr(one(lifecycle["precondition"])["condition"]) == "local.cloud_run_shape_fits"
 
 
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
