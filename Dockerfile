@@ -70,9 +70,10 @@ LABEL org.opencontainers.image.title="imagen" \
       org.opencontainers.image.description="Hugging Face image models on Cloud Storage events" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin imagen
-# The venv from the models stage: same files as the app stage, plus the model lock the pull
-# recorded, so `imagen models list` in the image shows the commits it carries.
-COPY --from=models /opt/imagen /opt/imagen
+# The venv from the app stage, not the models stage (where the pull rewrote the packaged
+# lock): the same ~6 GB layer in every operation's image, stored and pulled once. The models
+# are found by their pins, or by the cache's refs/<branch> where the lock has none.
+COPY --from=app /opt/imagen /opt/imagen
 # Owned by root and read-only to the runtime user: nothing at run time may change a model.
 COPY --from=models /models /models
 ENV MODEL_CACHE_DIR=/models \

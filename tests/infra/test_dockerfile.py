@@ -128,7 +128,7 @@ def test_runtime_is_offline_non_root_and_serves(dockerfile):
     assert any(i.keyword == "EXPOSE" and i.args == "8080" for i in runtime.instructions)
     copies = [copy_sources(i) for i in runtime.instructions if i.keyword == "COPY"]
     assert [(c[0], c[1], c[2].get("from")) for c in copies] == [
-        (["/opt/imagen"], "/opt/imagen", "models"),
+        (["/opt/imagen"], "/opt/imagen", "app"),  # one venv layer for every operation's image
         (["/models"], "/models", "models"),
     ]
 
