@@ -131,6 +131,15 @@ def test_keda_scales_each_worker_on_its_subscription(rendered, operation):
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "gcp-pubsub"
     assert trigger["metadata"]["subscriptionName"] == name
+    # One pod per the messages a worker holds (defaults: one on the GPU, one prefetched): no
+    # pod started for a message another pod already holds.
+    from handlers.cli.worker import command as worker
+
+    defaults = {p.name: p.default for p in worker.params}
+    container = next(c for c in _pod(next(d for d in by_kind(rendered["base"], "Deployment")
+                                          if d["metadata"]["name"] == name))["containers"])
+    assert not {"--concurrency", "--prefetch"} & set(container.get("args", []))
+    assert int(trigger["metadata"]["value"]) == defaults["concurrency"] + defaults["prefetch"]
     auths = {doc["metadata"]["name"]: doc for doc in by_kind(rendered["base"], "TriggerAuthentication")}
     assert auths[trigger["authenticationRef"]["name"]]["spec"]["podIdentity"] == {"provider": "gcp"}
 
