@@ -31,7 +31,12 @@ ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# The base image sets NVIDIA_REQUIRE_CUDA=cuda>=12.8, which the NVIDIA container runtime
+# checks against the driver's own CUDA version: a 535 driver (12.2) would refuse to start the
+# container although minor-version compatibility (above) runs it. A driver really too old
+# still fails, at CUDA's initialisation, with CUDA's error.
+ENV NVIDIA_DISABLE_REQUIRE=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     IMAGEN_VENV=/opt/imagen \
     PATH=/opt/imagen/bin:$PATH
