@@ -30,8 +30,6 @@ for download, decode, encode, upload and the failure report."""
 @click.pass_obj
 def command(settings, port, host, operations, device, threads, max_job_seconds):
     """Accept CloudEvents and Pub/Sub push requests at / (plus /healthz and /readyz)."""
-    from functions_framework._http import create_server
-
     from handlers.http import create_app
     from handlers.service import build_engine, build_processor
     from handlers.settings import split_list
@@ -55,7 +53,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
         threading.Thread(target=_setup, args=(engine,), name="imagen-setup", daemon=True).start()
 
     log.info("serving", extra={"fields": {"port": settings.port, "operations": settings.operations}})
-    create_server(app, False, threads=threads, post_worker_init=load_models).run(host, settings.port)
+    _server(app, host, settings.port, threads, post_worker_init=load_models).run()
 
 
 def _setup(engine) -> None:
@@ -66,3 +64,22 @@ def _setup(engine) -> None:
         record_model_loads(engine.setup_seconds)
     except Exception:
         log.exception("model set-up failed; /readyz will stay 503")
+
+
+def _server(app, host: str, port: int, threads: int, post_worker_init):
+    """gunicorn serving `app`: one worker process (the GPU's one set of models), `threads`
+    request threads, no worker timeout (a job may take minutes; Cloud Run bounds a request,
+    and --max-job-seconds the job), `post_worker_init` run in the worker once forked."""
+    import gunicorn.app.base
+
+    class Server(gunicorn.app.base.BaseApplication):
+        def load_config(self):
+            options = {"bind": f"{host}:{port}", "workers": 1, "threads": threads, "timeout": 0,
+                       "loglevel": "error", "limit_request_line": 0, "post_worker_init": post_worker_init}
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    return Server()
