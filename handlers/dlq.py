@@ -110,6 +110,7 @@ class ReplayReport:
     replayed: list[str] = dataclasses.field(default_factory=list)  # message ids
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # message id -> why
     left: int = 0  # pulled but not selected: left in the dead-letter subscription
+    returned: int = 0  # this run's own copies pulled back: the topic feeds the subscription
 
 
 def list_dead_letters(
@@ -146,15 +147,22 @@ def replay(
 
     Each goes to `topic` (a full path) or, when None, back to the topic of the subscription
     that dead-lettered it. `message_ids`, when given, selects which; the rest are left, and so
-    is any message whose publish fails.
+    is any message whose publish fails. Where `topic` feeds `subscription` itself (the unrouted
+    subscriptions' filters take the copies again), a copy this run published and pulls back is
+    left too (`returned`): each message is replayed once, not until `limit`.
     """
     report = ReplayReport()
     topics: dict[str, str | None] = {}
     held: list[str] = []  # ack ids to leave in place, nacked once the whole run is over
+    published: set[str] = set()  # message ids of this run's copies
     try:
         for batch in _batches(subscriber, subscription, limit, wait_seconds):
             futures = []
             for letter in batch:
+                if letter.message_id in published:
+                    report.returned += 1
+                    held.append(letter.ack_id)
+                    continue
                 if message_ids and letter.message_id not in message_ids:
                     report.left += 1
                     held.append(letter.ack_id)
@@ -172,7 +180,7 @@ def replay(
             done = []
             for letter, future in futures:  # publish first, ack after: at least once
                 try:
-                    future.result(timeout=PUBLISH_SECONDS)
+                    published.add(future.result(timeout=PUBLISH_SECONDS))
                 except Exception as error:
                     report.failed[letter.message_id] = f"publish failed: {error}"
                     held.append(letter.ack_id)

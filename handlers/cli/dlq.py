@@ -94,6 +94,9 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         click.echo(f"not replayed {message_id}: {why}", err=True)
     if report.left:
         click.echo(f"left {report.left} unselected message(s) in place")
+    if report.returned:
+        click.echo(f"{report.returned} replayed message(s) came back to {path}: the topic feeds it (nothing "
+                   "else serves them yet); they are left there: drain it once they are done", err=True)
     missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed))
     if missing:
         click.echo(f"not found in {path}: {', '.join(missing)}", err=True)

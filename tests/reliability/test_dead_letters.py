@@ -180,6 +180,19 @@ def test_replay_without_a_known_topic_leaves_the_message(subscriber, publisher, 
     assert len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 1
 
 
+def test_replay_into_the_topic_that_feeds_the_subscription_replays_each_once(subscriber, publisher, topology):
+    """The unrouted subscriptions' filters take a replayed copy again (nothing serves it yet):
+    each message is published once, its copy left where it came back, not replayed until
+    `limit` (the copies would multiply, each a job for whatever does serve them)."""
+    ids = {publisher.publish(topology["dead_topic"], f"job {n}".encode()).result(timeout=30) for n in range(3)}
+    report = replay(subscriber, publisher, topology["dead_sub"], topic=topology["dead_topic"], limit=50,
+                    wait_seconds=WAIT)
+    assert sorted(report.replayed) == sorted(ids) and not report.failed
+    assert report.returned == 3
+    left = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert sorted(bytes(letter.data) for letter in left) == [b"job 0", b"job 1", b"job 2"]
+
+
 def test_cli_names_a_missing_message_or_subscription_in_one_line(subscriber, topology, dead_letters):
     runner = CliRunner()
     typo = runner.invoke(imagen, ["dlq", "replay", "--subscription", topology["dead_sub"], "--wait", "1",
