@@ -5,7 +5,10 @@ copying from a bucket in the same region beats the Hub. The bucket holds the cac
 is on disk, under `gs://BUCKET/PREFIX/`: `models--org--name/blobs/*` and `refs/*` as
 objects, and the snapshots' links (`snapshots/<commit>/<file>` -> `../../blobs/<hash>`)
 recorded in a manifest rather than uploaded twice. The manifest, `PREFIX/imagen-mirror.json`,
-is written last, so a mirror without one is incomplete and is never restored from.
+is written last, so a mirror without one is incomplete and is never restored from. It also
+holds each `refs/*` file's content (40 bytes, the same size whatever commit it names): a
+restore writes them from it, so a cache holding another commit's ref takes the mirror's, and
+a mirror run that failed after uploading a new ref still restores the manifest's.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def mirror_cache(
     """
     bucket_name, prefix = parse_mirror_uri(uri)
     bucket = client.bucket(bucket_name)
-    files, links = _scan(Path(cache_dir), cache_names)
+    files, links, refs = _scan(Path(cache_dir), cache_names)
     if not files:
         raise ModelMissing(f"no models in {cache_dir} to mirror; run `imagen models pull` first")
     present = {blob.name[len(prefix) :]: blob.size for blob in client.list_blobs(bucket, prefix=prefix)}
@@ -82,11 +85,12 @@ def mirror_cache(
         raise_exception=True,
     )
     _raise_failures(results, send, "uploading")
-    _write_manifest(bucket, prefix + MANIFEST, files, links)
+    _write_manifest(bucket, prefix + MANIFEST, files, links, refs)
     return Transfer(len(send), len(links), sum(files[name] for name in send), len(files) - len(send))
 
 
-def _write_manifest(bucket: storage.Bucket, name: str, files: dict[str, int], links: dict[str, str]) -> None:
+def _write_manifest(bucket: storage.Bucket, name: str, files: dict[str, int], links: dict[str, str],
+                    refs: dict[str, str]) -> None:
     """Record the mirrored models in the manifest, keeping the entries of every other model
     already there: mirrors made one operation at a time (from per-operation images) add up
     instead of each hiding the others'. Written with a generation precondition, so two
@@ -99,8 +103,8 @@ def _write_manifest(bucket: storage.Bucket, name: str, files: dict[str, int], li
             previous = json.loads(blob.download_as_bytes())
             if previous.get("format") == _FORMAT:
                 manifest = previous
-        for key, entries in (("files", files), ("links", links)):
-            kept = {k: v for k, v in manifest[key].items() if k.split("/", 1)[0] not in mirrored}
+        for key, entries in (("files", files), ("links", links), ("refs", refs)):
+            kept = {k: v for k, v in manifest.get(key, {}).items() if k.split("/", 1)[0] not in mirrored}
             manifest[key] = {**kept, **entries}
         try:
             bucket.blob(name).upload_from_string(
@@ -137,10 +141,14 @@ def restore_cache(
     wanted = _only(cache_names)
     files = {name: size for name, size in manifest["files"].items() if wanted(name)}
     links = {name: target for name, target in manifest["links"].items() if wanted(name)}
+    refs = {name: text for name, text in manifest.get("refs", {}).items() if wanted(name)}
     if not files:
         raise ModelMissing(f"the model mirror at {uri} holds none of {', '.join(cache_names or ())}")
     cache_dir = Path(cache_dir)
-    fetch = [name for name, size in files.items() if not _has(cache_dir / name, size)]
+    # A ref is as long whatever commit it names: written from the manifest below, or (a mirror
+    # made before refs were in it) always fetched.
+    fetch = [name for name, size in files.items()
+             if name not in refs and ("/refs/" in name or not _has(cache_dir / name, size))]
     for name in fetch:
         if (cache_dir / name).is_symlink():
             (cache_dir / name).unlink()  # write a file here, not through the link into its target
@@ -168,11 +176,25 @@ def restore_cache(
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
-    return Transfer(len(fetch), len(links), sum(files[name] for name in fetch), len(files) - len(fetch))
+    written = [name for name, text in refs.items() if _write_ref(cache_dir / name, text)]
+    moved = len(fetch) + len(written)
+    return Transfer(moved, len(links), sum(files.get(name, 0) for name in [*fetch, *written]), len(files) - moved)
 
 
-def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str, int], dict[str, str]]:
-    """Files to upload (relative name -> bytes) and links to record (name -> target).
+def _write_ref(path: Path, text: str) -> bool:
+    """Make `path` hold `text` (a ref: the commit a branch names); False when it already does."""
+    if path.is_file() and not path.is_symlink() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        path.unlink()
+    path.write_text(text)
+    return True
+
+
+def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """Files to upload (relative name -> bytes), links to record (name -> target) and the refs'
+    contents (name -> commit; uploaded as files too).
 
     Only links that stay inside the cache are recorded as links; any other link is
     followed and its content uploaded as a file. Download leftovers are skipped.
@@ -181,6 +203,7 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str,
     root = cache_dir.resolve()
     files: dict[str, int] = {}
     links: dict[str, str] = {}
+    refs: dict[str, str] = {}
     for repo in sorted(cache_dir.glob("models--*")):
         for path in sorted(repo.rglob("*")):
             name = path.relative_to(cache_dir).as_posix()
@@ -196,7 +219,9 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str,
                     continue
             if path.is_file():
                 files[name] = path.stat().st_size
-    return files, links
+                if name.split("/", 2)[1:2] == ["refs"]:  # models--org--name/refs/<branch>
+                    refs[name] = path.read_text()
+    return files, links, refs
 
 
 def _only(cache_names: Iterable[str] | None):

@@ -100,6 +100,22 @@ def test_round_trip_keeps_the_cache_layout(gcs, bucket, cache, tmp_path):
     assert resent.files == len(refs), "blobs already in the bucket are not sent again"
 
 
+def test_restore_gives_a_cache_the_mirrors_refs(gcs, bucket, cache, tmp_path):
+    """A ref is 40 bytes whatever commit it names: a cache filled at another commit (or with
+    tiny models) takes the mirror's ref, or unpinned models would load the old weights; and a
+    ref the mirror's manifest does not name (a failed later mirror run) is not restored."""
+    uri = f"gs://{bucket.name}/refs-check"
+    mirror_cache(cache, uri, client=gcs)
+    restored = tmp_path / "restored"
+    restore_cache(uri, restored, client=gcs)
+    ref = next(name for name in _tree(cache) if "/refs/" in name)
+    (restored / ref).write_text("f" * 40)  # what another commit's pull left
+    bucket.blob(f"refs-check/{ref}").upload_from_string("e" * 40)  # a mirror run cut short
+    got = restore_cache(uri, restored, client=gcs)
+    assert (restored / ref).read_text() == (cache / ref).read_text()
+    assert got.files == 1  # the ref alone
+
+
 def test_restore_only_the_operations_asked_for(gcs, bucket, cache, tmp_path):
     uri = f"gs://{bucket.name}/m"
     mirror_cache(cache, uri, client=gcs)
