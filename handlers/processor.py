@@ -359,7 +359,9 @@ class Processor:
         note: str = "",
     ) -> Outcome:
         """Write the failure report; `note` (why retries ended) is appended to its message."""
-        bucket, name = routing.failure_location(job, self._layout)
+        # Under the operation as imagen spells it ("a, b" is the chain a,b), where backfill looks.
+        where = dataclasses.replace(job, operation=plan.operation) if plan else job
+        bucket, name = routing.failure_location(where, self._layout)
         details = {"type": type(error).__name__, "message": f"{error}{note}"}
         if job.origin == "job-message" and bucket not in self._allowed_buckets:
             # Its report would land in a bucket outside the allowlist: write nothing there.

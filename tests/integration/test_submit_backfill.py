@@ -11,7 +11,7 @@ from PIL import Image
 
 from handlers.cli import main
 from handlers.clients import storage_client
-from handlers.events import JobRequest, Message, parse_message
+from handlers.events import JobRequest, Message, ObjectEvent, parse_message
 from handlers.processor import Processor
 from handlers.routing import Layout, failure_location
 from handlers.storage import Store
@@ -176,6 +176,18 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
     assert f"queue  gs://{bucket.name}/incoming/upscale/left-out.png" not in dry.output, dry.output
     assert "2 x failed before with these parameters" in dry.output, dry.output
+
+    # A chain spelled "a, b" in metadata: its report lies under the chain as imagen spells it,
+    # where backfill looks, so the failure is not queued again at every run.
+    spaced = upload("incoming/upscale/spaced.png", b"not a picture",
+                    metadata={"imagen-operation": "remove-background, upscale"})
+    event = ObjectEvent("finalize", bucket.name, spaced.name, str(spaced.generation), dict(spaced.metadata),
+                        spaced.size, spaced.content_type)
+    assert processor.handle(event).status == "failed"
+    assert bucket.get_blob("failed/remove-background,upscale/spaced.png.json") is not None
+    dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
+    assert f"queue  gs://{bucket.name}/incoming/upscale/spaced.png" not in dry.output, dry.output
+    assert "3 x failed before with these parameters" in dry.output, dry.output
 
     # --only: what the deployment serves; the rest (here upscale's jobs) is not queued, where a
     # filtered deployment would keep each in its unrouted subscription at every run.
