@@ -199,7 +199,7 @@ def validate_params(chain: tuple[str, ...] | list[str], raw: Mapping[str, object
 
     Raises `InvalidParameter` for a key no operation of the chain accepts, a value of the
     wrong type or out of range, or a combination an operation cannot run (steps x strength
-    below one step, `mask_only` with `background`).
+    below one step, `mask_only` with `background`, or before another operation).
     """
     # 1. Check inputs
     if not isinstance(raw, Mapping):
@@ -223,9 +223,14 @@ def validate_params(chain: tuple[str, ...] | list[str], raw: Mapping[str, object
             )
         result[key] = _coerce(key, value, accepted[key])
 
-    # 3. Check combinations per operation, with defaults filled in
+    # 3. Check combinations per operation, with defaults filled in, and across the chain
     for op in chain:
         check_combination(op, resolve(op, result))
+    if result.get("mask_only") and chain[-1] != "remove-background":
+        raise InvalidParameter(
+            f"mask_only gives a mask, so remove-background must end the chain ({','.join(chain)}): "
+            "the operations after it would take the mask for a picture"
+        )
     return result
 
 

@@ -28,8 +28,10 @@ def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
 @click.option("--subscription", help="Subscription name or full path [env IMAGEN_SUBSCRIPTION].")
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
-@click.option("--concurrency", default=1, show_default=True, help="Jobs in flight (1 per GPU).")
-@click.option("--prefetch", default=1, show_default=True,
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1),
+              help="Jobs handled at once; the GPU still runs one at a time (one device per process), "
+              "so more only overlaps their transfers.")
+@click.option("--prefetch", default=1, show_default=True, type=click.IntRange(0),
               help="Further jobs downloaded and decoded while the GPU works (0: off).")
 @click.option(
     "--max-job-seconds", default=3600, show_default=True, type=click.IntRange(1),

@@ -300,8 +300,9 @@ class Operation:
     def generator(self, seed: int, tile: int = 0) -> torch.Generator:
         """A generator on the model's device: same seed, same noise.
 
-        Tile `tile` of a tiled run gets its own stream, so results do not depend on how
-        tiles are batched.
+        Tile `tile` of a tiled run gets its own stream, so its noise does not depend on how
+        tiles are batched (the pixels may still differ by a level or so: kernels round
+        differently at another batch size).
         """
         return torch.Generator(device=self.device).manual_seed((seed + 7919 * tile) % 2**32)
 

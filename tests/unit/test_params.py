@@ -337,3 +337,12 @@ def test_default_seed_is_stable_and_in_range():
     assert default_seed(b"abc") != default_seed(b"abd")
     assert default_seed(b"abc") == 0xBA7816BF  # first 4 bytes of sha256("abc")
     assert 0 <= default_seed(b"") < 2**32
+
+
+def test_a_mask_must_end_the_chain():
+    """The operations after remove-background would restyle its mask as if it were a photo."""
+    assert validate_params(("upscale", "remove-background"), {"mask_only": True}) == {"mask_only": True}
+    for chain in (("remove-background", "upscale"), ("remove-background", "comic")):
+        with pytest.raises(InvalidParameter, match="remove-background must end the chain"):
+            validate_params(chain, {"mask_only": True})
+    assert validate_params(("remove-background", "upscale"), {"mask_only": False}) == {"mask_only": False}
