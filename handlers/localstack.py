@@ -275,14 +275,27 @@ class LocalStack:
         return answers_200(f"http://127.0.0.1:{self.serve_port}/readyz")
 
     def stop(self) -> None:
-        for service in reversed(self._processes):
-            service.stop()
+        """Stop every process and both emulators, each whatever happens while stopping the
+        others (a second Ctrl-C while a worker drains must not leave the emulators behind)."""
+        services = [*reversed(self._processes), self.storage, self.pubsub]
         self._processes.clear()
-        self.storage.stop()
-        self.pubsub.stop()
+        _stop_each(services)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _stop_each(services: list) -> None:
+    """`stop()` each of `services` in order; an exception from one (a Ctrl-C included) still
+    stops the rest, and the first is raised at the end."""
+    first = None
+    for service in services:
+        try:
+            service.stop()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, once all are stopped
+            first = first or error
+    if first is not None:
+        raise first

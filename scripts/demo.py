@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -184,5 +185,13 @@ td {{ font-family: monospace; word-break: break-all; }}
     return page
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
+    # The stack's processes run in sessions of their own, out of a terminal's or a CI runner's
+    # reach: a SIGTERM or a closed terminal must go through main's `finally` and stop them.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     sys.exit(main())
