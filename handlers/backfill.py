@@ -89,7 +89,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
     if taken_by(state, job, store.stat):
         return Decision(uri, "skip", OUTPUT_TAKEN)
     if not retry_failed:
-        report = store.read_report(*routing.failure_location(dataclasses.replace(job, operation=plan.operation), layout))
+        report = store.read_report(*routing.failure_location(job, layout))
         if _same_job(report, generation, plan.canonical):
             return Decision(uri, "skip", "failed before with these parameters (see its failure report; "
                                          "--retry-failed queues it again)")

@@ -176,12 +176,13 @@ class Processor:
         try:
             # Whose job it is first: where every pool receives every job, the pools that skip
             # it neither report nor refuse it (one report, one dead letter, not one per pool).
-            chain = self._chain(job)
-            if chain is None or not set(chain) <= self._served:
-                reason = self._why_skip(job, chain)
-                log.info("job skipped: %s", reason, extra={"fields": fields})
-                return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=reason)
-            routing.check_source_allowed(job, self._allowed_buckets)
+            skip, report = self._triage(job)
+            if skip:
+                log.info("job skipped: %s", skip, extra={"fields": fields})
+                return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
+            routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
+            if report:
+                raise report
             plan = plan_job(job, self._layout, self._served)
             fields["operation"] = plan.operation
             generation = job.generation or self._live_generation(job)
@@ -289,38 +290,31 @@ class Processor:
         self._publish(outcome)
         return outcome
 
-    def _reports_for_every_pool(self) -> bool:
-        """Whether this pool reports the jobs no pool runs, on a deployment where every pool
-        receives every job (IMAGEN_DEPLOYED_OPERATIONS): the first deployed operation's does."""
-        return self._deployed[0] in self._served
-
-    def _chain(self, job: Job) -> tuple[str, ...] | None:
-        """The job's operations. One that names none, or an unknown one, is reported (the
-        InputError) by this pool, unless every pool received it and another reports it: None."""
+    def _triage(self, job: Job) -> tuple[str | None, InputError | None]:
+        """What this pool does with `job`: (why it skips it, None), (None, the error its report
+        gives), or (None, None) to run it. A job naming no valid operation, or one this pool
+        does not serve, is reported on a filtered subscription (no other pool received it) and
+        where the pools are unknown; where every pool receives every job
+        (IMAGEN_DEPLOYED_OPERATIONS), the first deployed operation's pool reports what no pool
+        runs and the others skip it, as they skip another pool's jobs."""
+        shared = not self._filtered and bool(self._deployed)
+        # The pool that reports what no pool runs, when it is another one.
+        reporter = self._deployed[0] if shared and self._deployed[0] not in self._served else None
         try:
-            return job_chain(job, self._layout)
-        except InputError:
-            if self._filtered or not self._deployed or self._reports_for_every_pool():
-                routing.check_source_allowed(job, self._allowed_buckets)  # a refusal says so first
-                raise
-            return None
-
-    def _why_skip(self, job: Job, chain: tuple[str, ...] | None) -> str:
-        """Why this pool skips a job for operations it does not serve (`chain`; None: no valid
-        operation); raises instead where skipping would lose the job: on a filtered subscription
-        (no other pool received it), and, where every pool receives every job, for one no
-        deployed pool serves (the first deployed operation's pool reports it, the others skip)."""
-        if chain is None:
-            return f"the job names no valid operation; the {self._deployed[0]} pool reports it"
+            chain = job_chain(job, self._layout)
+        except InputError as error:
+            if reporter:
+                return f"the job names no valid operation; the {reporter} pool reports it", None
+            return None, error
+        if set(chain) <= self._served:
+            return None, None
         if self._filtered:
-            routing.check_source_allowed(job, self._allowed_buckets)  # a refusal says so first
-            raise OperationNotServed(_not_served(job, chain, self._served, self._layout))
+            return None, OperationNotServed(_not_served(job, chain, self._served, self._layout))
         if not self._deployed or (len(chain) == 1 and chain[0] in self._deployed):
-            return f"operation {job.operation!r} is served by another worker pool"
-        if self._reports_for_every_pool():
-            routing.check_source_allowed(job, self._allowed_buckets)
-            raise OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
-        return f"operation {job.operation!r} is served by no worker pool; the {self._deployed[0]} pool reports it"
+            return f"operation {job.operation!r} is served by another worker pool", None
+        if reporter:
+            return f"operation {job.operation!r} is served by no worker pool; the {reporter} pool reports it", None
+        return None, OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
 
     def _check_not_taken(self, existing: ObjectState | None, job: Job, plan: Plan) -> None:
         """OutputTaken when another live source's result holds the job's derived output
@@ -359,9 +353,7 @@ class Processor:
         note: str = "",
     ) -> Outcome:
         """Write the failure report; `note` (why retries ended) is appended to its message."""
-        # Under the operation as imagen spells it ("a, b" is the chain a,b), where backfill looks.
-        where = dataclasses.replace(job, operation=plan.operation) if plan else job
-        bucket, name = routing.failure_location(where, self._layout)
+        bucket, name = routing.failure_location(job, self._layout)
         details = {"type": type(error).__name__, "message": f"{error}{note}"}
         if job.origin == "job-message" and bucket not in self._allowed_buckets:
             # Its report would land in a bucket outside the allowlist: write nothing there.

@@ -16,6 +16,8 @@ from typing import Any
 
 from handlers.errors import SourceNotAllowed, UnsafeObjectName
 from handlers.events import FINALIZE, JobRequest, ObjectEvent, parse_gs_uri
+from image.errors import InputError
+from image.params import parse_chain
 
 # Custom metadata keys: the contract with users and other services (DESIGN.md).
 OPERATION_KEY = "imagen-operation"
@@ -60,7 +62,8 @@ class Job:
     bucket: str
     name: str
     generation: str | None  # None: the live generation, resolved at download
-    operation: str  # as requested: "upscale" or "remove-background,upscale"; validated later
+    operation: str  # "upscale" or "remove-background,upscale", as imagen spells it when it
+    # parses ("a, b" is "a,b", so reports and outputs land in one folder); validated later
     params: Mapping[str, Any] | str | None  # a dict, or the raw `imagen-params` JSON text
     rel_path: str  # the name below incoming/<operation>/, reused under processed/ and failed/
     output: tuple[str, str] | None = None  # explicit (bucket, name) from a job message
@@ -106,12 +109,21 @@ def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
         bucket=event.bucket,
         name=name,
         generation=event.generation,
-        operation=operation,
+        operation=_spelled(operation),
         params=metadata.get(PARAMS_KEY),
         rel_path=rel_path,
         origin="notification",
         size=event.size,
     )
+
+
+def _spelled(operation: str) -> str:
+    """The operation or chain as imagen writes it, when it parses; as given otherwise (the
+    processor reports what is wrong with it)."""
+    try:
+        return ",".join(parse_chain(operation)) if operation else operation
+    except InputError:
+        return operation
 
 
 def route_request(request: JobRequest, layout: Layout) -> Job:
@@ -120,7 +132,7 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
         bucket=request.bucket,
         name=request.name,
         generation=request.generation,
-        operation=request.operation,
+        operation=_spelled(request.operation),
         params=dict(request.params),
         rel_path=route_request_rel_path(request.name, layout),
         output=parse_gs_uri(request.output) if request.output else None,

@@ -32,6 +32,17 @@ def test_operation_from_first_folder():
     assert failure_location(job, LAYOUT) == ("bkt", "failed/upscale/holiday/cat.jpg.json")
 
 
+def test_a_chain_is_spelled_as_imagen_writes_it():
+    """"a, b" in metadata or a job message is the chain a,b: its report and output folders are
+    the chain's, wherever the job came from (backfill looks for the report there)."""
+    job = route_event(_event("incoming/upscale/a.png", metadata={"imagen-operation": "remove-background , upscale"}),
+                      LAYOUT)
+    assert job.operation == "remove-background,upscale"
+    assert failure_location(job, LAYOUT) == ("bkt", "failed/remove-background,upscale/a.png.json")
+    assert route_request(JobRequest("bkt", "u/a.png", " comic", {}), LAYOUT).operation == "comic"
+    assert route_event(_event("incoming/upscal/a.png"), LAYOUT).operation == "upscal"  # reported as it is
+
+
 def test_chain_folder_and_params_metadata():
     job = route_event(
         _event("incoming/remove-background,upscale/a.png", metadata={"imagen-params": '{"steps": 5}'}),
