@@ -148,7 +148,7 @@ def restore_cache(
     # A ref is as long whatever commit it names: written from the manifest below, or (a mirror
     # made before refs were in it) always fetched.
     fetch = [name for name, size in files.items()
-             if name not in refs and ("/refs/" in name or not _has(cache_dir / name, size))]
+             if name not in refs and (_is_ref(name) or not _has(cache_dir / name, size))]
     for name in fetch:
         if (cache_dir / name).is_symlink():
             (cache_dir / name).unlink()  # write a file here, not through the link into its target
@@ -219,9 +219,14 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str,
                     continue
             if path.is_file():
                 files[name] = path.stat().st_size
-                if name.split("/", 2)[1:2] == ["refs"]:  # models--org--name/refs/<branch>
+                if _is_ref(name):
                     refs[name] = path.read_text()
     return files, links, refs
+
+
+def _is_ref(name: str) -> bool:
+    """Whether a cache-relative name is a ref, `models--org--name/refs/<branch>`."""
+    return name.split("/", 2)[1:2] == ["refs"]
 
 
 def _only(cache_names: Iterable[str] | None):

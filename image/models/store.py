@@ -165,7 +165,7 @@ def pull(
         lock = Lock.read(lock_path)
         commit, files = fetch(spec, cache_dir, lock=lock, token=token, progress=progress)
         updated = lock.recorded(spec.repo_id, commit, files)
-        if updated.to_json() != lock.to_json():
+        if updated != lock:
             try:
                 updated.write(lock_path)
             except OSError as error:
