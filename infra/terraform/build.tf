@@ -1,5 +1,30 @@
 # Building the images (cloudbuild.yaml): the Artifact Registry repository, the Hugging Face
-# token's secret, a bucket for the uploaded sources, and the build's service account.
+# token's secret, a bucket for the uploaded sources, the build's service account, and (with
+# build_images) the build itself, run from this apply by modules/images.
+
+module "images" {
+  source = "./modules/images"
+
+  source_root = abspath("${path.module}/../..")
+  # image_tag set: those images are yours, nothing is built.
+  build        = var.build_images && var.image_tag == ""
+  project_id   = var.project_id
+  region       = var.region
+  repository   = google_artifact_registry_repository.images.repository_id
+  operations   = var.operations
+  model_source = var.build_model_source != "" ? var.build_model_source : (var.model_mirror != "" ? "none" : "hub")
+  # From the resources rather than the variables, so the build waits for them.
+  hf_token_secret       = google_secret_manager_secret.hf_token.secret_id
+  build_service_account = google_service_account.build.id
+  staging_dir           = "gs://${google_storage_bucket.build_sources.name}/source"
+
+  depends_on = [
+    google_artifact_registry_repository_iam_member.build_pushes,
+    google_secret_manager_secret_iam_member.build_reads_token,
+    google_storage_bucket_iam_member.build_reads_sources,
+    google_project_iam_member.build_writes_logs,
+  ]
+}
 
 resource "google_artifact_registry_repository" "images" {
   location      = var.region
@@ -69,7 +94,7 @@ resource "google_storage_bucket" "build_sources" {
 resource "google_service_account" "build" {
   account_id   = "${var.name_prefix}-build"
   display_name = "imagen Cloud Build"
-  description  = "Builds and pushes the imagen images; with _DEPLOY, rolls the Cloud Run services."
+  description  = "Builds and pushes the imagen images."
 
   depends_on = [google_project_service.enabled]
 }
@@ -99,23 +124,4 @@ resource "google_project_iam_member" "build_writes_logs" {
   project = var.project_id
   role    = "roles/logging.logWriter"
   member  = google_service_account.build.member
-}
-
-# _DEPLOY=true: update each service (developer on that service only) and act as its
-# runtime service account, which a new revision runs as.
-resource "google_cloud_run_v2_service_iam_member" "build_deploys" {
-  for_each = local.services
-
-  name     = google_cloud_run_v2_service.worker[each.key].name
-  location = var.region
-  role     = "roles/run.developer"
-  member   = google_service_account.build.member
-}
-
-resource "google_service_account_iam_member" "build_acts_as_worker" {
-  for_each = local.cloudrun ? local.operations : toset([])
-
-  service_account_id = google_service_account.worker[each.key].name
-  role               = "roles/iam.serviceAccountUser"
-  member             = google_service_account.build.member
 }

@@ -61,7 +61,7 @@ resource "google_cloud_run_v2_service" "worker" {
     gpu_zonal_redundancy_disabled = !var.gpu_zonal_redundancy
 
     containers {
-      image   = "${local.image_repository}/imagen-${each.key}:${var.image_tag}"
+      image   = "${local.image_repository}/imagen-${each.key}:${local.image_tag}"
       command = local.mirror_command
 
       ports {
@@ -124,16 +124,16 @@ resource "google_cloud_run_v2_service" "worker" {
       condition     = local.cloud_run_shape_fits
       error_message = "cpu = \"${var.cpu}\", memory = \"${var.memory}\" is not a Cloud Run GPU shape: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\")."
     }
-    # Releases roll out through cloudbuild.yaml (_DEPLOY=true); Terraform must not roll
-    # them back to var.image_tag. gcloud also stamps client fields on update.
+    # Someone's `gcloud run services update` stamps these; they change nothing that runs.
     ignore_changes = [
-      template[0].containers[0].image,
       client,
       client_version,
     ]
   }
 
   depends_on = [
+    # A new tag's images are pushed before a revision may name them.
+    module.images,
     google_project_service.enabled,
     google_storage_bucket_iam_member.worker_reads_input,
     google_storage_bucket_iam_member.worker_writes_results,

@@ -28,8 +28,10 @@ locals {
   # Our own topic and subscriptions carry the jobs unless Eventarc does (it makes its own).
   pubsub = local.push || local.gke
 
-  # A Cloud Run service needs an image: none before the first build (image_tag empty).
-  services = local.cloudrun && var.image_tag != "" ? local.operations : toset([])
+  # What the services run: the images built by this apply (build.tf), or the tag given.
+  image_tag = var.image_tag != "" ? var.image_tag : (var.build_images ? module.images.tag : "")
+  # A Cloud Run service needs an image: none without a tag.
+  services = local.cloudrun && local.image_tag != "" ? local.operations : toset([])
   # Push subscriptions need a service URL to push to.
   subscriptions = local.gke ? local.operations : (local.push ? local.services : toset([]))
 

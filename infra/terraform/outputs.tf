@@ -52,7 +52,7 @@ output "client_env" {
 }
 
 output "backfill_command" {
-  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null until the operations' subscriptions exist (the second apply) and with Eventarc (no topic)."
+  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null while there are no subscriptions (Cloud Run without an image yet) and with Eventarc (no topic)."
   value = length(local.subscriptions) > 0 ? join(" ", concat(
     ["imagen", "backfill", "gs://${google_storage_bucket.input.name}/${local.common_env["IMAGEN_INPUT_PREFIX"]}"],
     ["--topic", google_pubsub_topic.jobs[0].id],
@@ -70,6 +70,11 @@ output "service_urls" {
   value       = { for op, svc in google_cloud_run_v2_service.worker : op => svc.uri }
 }
 
+output "image_tag" {
+  description = "The tag the workers run (imagen-<operation>:<tag>): built by this apply (build_images) or the image_tag given; null when there is none yet. GKE: the tag for infra/k8s/base/kustomization.yaml."
+  value       = local.image_tag != "" ? local.image_tag : null
+}
+
 output "image_repository" {
   description = "Push images here as imagen-<operation>:<tag> (cloudbuild.yaml does)."
   value       = local.image_repository
@@ -81,17 +86,17 @@ output "worker_service_accounts" {
 }
 
 output "build_service_account" {
-  description = "Pass to `gcloud builds submit --service-account`."
+  description = "Building by hand (build_images = false): pass to `gcloud builds submit --service-account`."
   value       = google_service_account.build.id
 }
 
 output "build_source_staging_dir" {
-  description = "Pass to `gcloud builds submit --gcs-source-staging-dir`."
+  description = "Building by hand (build_images = false): pass to `gcloud builds submit --gcs-source-staging-dir`."
   value       = "gs://${google_storage_bucket.build_sources.name}/source"
 }
 
 output "hf_token_secret" {
-  description = "Add the Hugging Face token as a version of this secret."
+  description = "The secret holding the Hugging Face token the builds use (a new version replaces it)."
   value       = google_secret_manager_secret.hf_token.secret_id
 }
 

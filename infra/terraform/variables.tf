@@ -161,7 +161,7 @@ variable "results_topic" {
 # --- Cloud Run ----------------------------------------------------------------------------
 
 variable "image_tag" {
-  description = "Image tag (the commit cloudbuild.yaml tagged) the Cloud Run services are created with. Empty: no services yet (first apply, before the first build). Later releases roll out through cloudbuild.yaml's _DEPLOY=true; Terraform ignores the image after creation."
+  description = "The images' tag (imagen-<operation>:<tag>) when you build them yourself (cloudbuild.yaml tags them with COMMIT_SHA). Empty: with build_images, the tag of the build this apply runs; without, no Cloud Run services yet. The services run this tag: changing it rolls them out."
   type        = string
   default     = ""
 }
@@ -233,7 +233,7 @@ variable "ingress" {
 }
 
 variable "model_mirror" {
-  description = "gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build the images with _MODEL_SOURCE=none). Empty: models are baked into the images."
+  description = "gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build_images then builds them without models, tagged <tag>-slim). Empty: models are baked into the images."
   type        = string
   default     = ""
 
@@ -295,6 +295,23 @@ variable "keda_service_account" {
 
 # --- build and operations -----------------------------------------------------------------
 
+variable "build_images" {
+  description = "Build the images from this checkout with Cloud Build during `terraform apply` (gcloud must be logged in where terraform runs), whenever what goes into them changes, and run the services on them. Ignored while image_tag is set. The first build stores the Hugging Face token from HF_TOKEN (or your `hf auth login`) in hf_token_secret if it has none."
+  type        = bool
+  default     = true
+}
+
+variable "build_model_source" {
+  description = "What build_images bakes into the images (the Dockerfile's MODEL_SOURCE): hub (the models; needs the token), tiny (random weights: a smoke test of the deployment's plumbing, no good results), none (no models: for model_mirror or the GKE PVC). Empty: none with model_mirror, hub otherwise."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = contains(["", "hub", "tiny", "none"], var.build_model_source)
+    error_message = "build_model_source: empty, hub, tiny or none."
+  }
+}
+
 variable "artifact_repository" {
   description = "Artifact Registry repository the images are pushed to (cloudbuild.yaml's _REPOSITORY)."
   type        = string
@@ -308,7 +325,7 @@ variable "keep_image_versions" {
 }
 
 variable "hf_token_secret" {
-  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty: add the token as a version yourself, so it never sits in Terraform state."
+  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; build_images stores the first version from HF_TOKEN at the first build, or add it yourself. Either way it never sits in Terraform state."
   type        = string
   default     = "imagen-hf-token"
 }

@@ -61,6 +61,7 @@ class Terraform:
     checks: dict[str, dict]
     terraform: list[dict]
     text: dict[str, str]  # file name -> source
+    modules: dict[str, dict] = dataclasses.field(default_factory=dict)  # module calls
 
     def resource(self, type_: str, name: str) -> dict:
         assert name in self.resources.get(type_, {}), f"no resource {type_}.{name}"
@@ -81,12 +82,17 @@ def _unquote(key: str) -> str:
 
 @pytest.fixture(scope="session")
 def terraform() -> Terraform:
+    return parse_terraform(TERRAFORM_DIR)
+
+
+def parse_terraform(directory: Path) -> Terraform:
+    """A Terraform module's .tf files (not its sub-modules'), parsed."""
     import hcl2
     from hcl2 import SerializationOptions
 
     options = SerializationOptions(with_comments=False, explicit_blocks=False, strip_string_quotes=True)
     model = Terraform({}, {}, {}, {}, {}, {}, [], {})
-    for path in sorted(TERRAFORM_DIR.glob("*.tf")):
+    for path in sorted(directory.glob("*.tf")):
         text = path.read_text()
         model.text[path.name] = text
         parsed = hcl2.loads(text, serialization_options=options)
@@ -106,6 +112,8 @@ def terraform() -> Terraform:
             model.outputs.update({_unquote(k): v for k, v in block.items()})
         for block in parsed.get("check", []):
             model.checks.update({_unquote(k): v for k, v in block.items()})
+        for block in parsed.get("module", []):
+            model.modules.update({_unquote(k): v for k, v in block.items()})
         model.terraform += parsed.get("terraform", [])
     return model
 

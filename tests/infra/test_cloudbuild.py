@@ -90,12 +90,11 @@ def test_images_are_tagged_with_the_commit_and_pushed_to_artifact_registry(cloud
     assert 'docker push --all-tags "$${image}"' in script
 
 
-def test_deploy_is_optional(cloudbuild):
-    assert cloudbuild["substitutions"]["_DEPLOY"] == "false"
-    deploy = next(step for step in cloudbuild["steps"] if step["id"] == "deploy")
-    script = deploy["args"][-1]
-    assert 'deploy="${_DEPLOY}"' in script and 'if [ "$${deploy}" != "true" ]' in script
-    assert "gcloud run services update" in script
+def test_the_build_deploys_nothing(cloudbuild):
+    """Terraform owns what the services run (image_tag, or the tag of its own build): a
+    build that rolled them out would be undone by the next apply."""
+    assert [step["id"] for step in cloudbuild["steps"]] == ["build-and-push"]
+    assert "gcloud run" not in "\n".join(strings_in(cloudbuild))
 
 
 def _shellcheck() -> str | None:
@@ -103,7 +102,7 @@ def _shellcheck() -> str | None:
     return str(path) if path.exists() else shutil.which("shellcheck")
 
 
-@pytest.mark.parametrize("step_id", ["build-and-push", "deploy"])
+@pytest.mark.parametrize("step_id", ["build-and-push"])
 def test_step_scripts_are_valid_bash(cloudbuild, step_id, tmp_path):
     step = next(step for step in cloudbuild["steps"] if step["id"] == step_id)
     assert step["entrypoint"] == "bash" and step["args"][0] == "-c"

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.infra.conftest import TERRAFORM_DIR, expr, one, operation_names, strings_in
+from tests.infra.conftest import TERRAFORM_DIR, expr, one, operation_names, parse_terraform, strings_in
 
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
 PUBLIC_MEMBERS = {"allUsers", "allAuthenticatedUsers"}
@@ -142,9 +142,59 @@ def test_cloud_run_is_private(terraform):
     }
 
 
-def test_cloud_run_image_is_owned_by_the_release_pipeline(terraform):
-    lifecycle = one(_service(terraform)["lifecycle"])
-    assert "template[0].containers[0].image" in [expr(item) for item in lifecycle["ignore_changes"]]
+def test_cloud_run_runs_the_tag_terraform_holds(terraform):
+    """One owner of what runs: the image is the tag of this apply's build (or image_tag), so
+    an apply with new sources builds and then rolls the services out, and nothing else
+    changes the image behind Terraform's back."""
+    service = _service(terraform)
+    container = one(one(service["template"])["containers"])
+    assert container["image"] == "${local.image_repository}/imagen-${each.key}:${local.image_tag}"
+    ignored = [expr(item) for item in one(service["lifecycle"])["ignore_changes"]]
+    assert not [item for item in ignored if "image" in item]
+    # The build has pushed a new tag before a revision names it.
+    assert "module.images" in [expr(item) for item in service["depends_on"]]
+    assert expr(terraform.locals["image_tag"]) == (
+        'var.image_tag != "" ? var.image_tag : (var.build_images ? module.images.tag : "")'
+    )
+    assert expr(terraform.locals["services"]) == 'local.cloudrun && local.image_tag != "" ? local.operations : toset([])'
+
+
+def test_images_are_built_by_the_apply_unless_a_tag_is_given(terraform):
+    assert terraform.default("build_images") is True
+    assert terraform.default("image_tag") == ""
+    images = terraform.modules["images"]
+    assert images["source"] == "./modules/images"
+    assert expr(images["build"]) == 'var.build_images && var.image_tag == ""'
+    assert expr(images["source_root"]) == 'abspath("${path.module}/../..")'
+    # Models baked by default; none where the services restore them from a mirror.
+    assert expr(images["model_source"]) == (
+        'var.build_model_source != "" ? var.build_model_source : (var.model_mirror != "" ? "none" : "hub")'
+    )
+    # The build's service account may push, read the token and the sources, and log before
+    # the build starts.
+    assert {expr(item) for item in images["depends_on"]} == {
+        "google_artifact_registry_repository_iam_member.build_pushes",
+        "google_secret_manager_secret_iam_member.build_reads_token",
+        "google_storage_bucket_iam_member.build_reads_sources",
+        "google_project_iam_member.build_writes_logs",
+    }
+    # The id: `name` may be the full resource name, not a path segment of the image.
+    assert expr(images["repository"]) == "google_artifact_registry_repository.images.repository_id"
+    assert expr(images["hf_token_secret"]) == "google_secret_manager_secret.hf_token.secret_id"
+    assert expr(images["build_service_account"]) == "google_service_account.build.id"
+
+
+def test_the_images_module_is_called_with_what_it_declares(terraform):
+    module = parse_terraform(TERRAFORM_DIR / "modules" / "images")
+    given = set(terraform.modules["images"]) - {"source", "depends_on", "count", "for_each", "providers"}
+    declared = set(module.variables)
+    assert given == declared, f"given, not declared: {given - declared}; declared, not given: {declared - given}"
+    for text in strings_in([terraform.resources, terraform.locals, terraform.outputs, terraform.modules]):
+        for name in re.findall(r"module\.images\.(\w+)", text):
+            assert name in module.outputs, f"module.images.{name} is not an output"
+    # A module of Terraform's built-ins only: it needs no provider, so its test applies it.
+    assert not any(block.get("required_providers") for block in module.terraform)
+    assert set(module.resources) == {"terraform_data"}
 
 
 # --- Pub/Sub ------------------------------------------------------------------------------
@@ -572,7 +622,7 @@ def test_gke_workload_identity_matches_the_manifests(terraform, rendered):
     assert keda["role"] == "roles/monitoring.viewer"
 
 
-def test_build_account_can_push_read_the_token_and_deploy_only(terraform):
+def test_build_account_can_push_read_the_token_and_nothing_else(terraform):
     roles = {
         (type_, body["role"])
         for type_, _, body in terraform.all_resources()
@@ -583,8 +633,6 @@ def test_build_account_can_push_read_the_token_and_deploy_only(terraform):
         ("google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"),
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
         ("google_project_iam_member", "roles/logging.logWriter"),
-        ("google_cloud_run_v2_service_iam_member", "roles/run.developer"),
-        ("google_service_account_iam_member", "roles/iam.serviceAccountUser"),
     }
 
 
@@ -602,7 +650,7 @@ def test_useful_outputs(terraform):
         "input_bucket", "output_bucket", "compile_cache", "notification_topic", "subscriptions", "dead_letter_topics",
         "dead_letter_subscriptions", "results_topic", "service_urls", "image_repository",
         "build_service_account", "hf_token_secret", "k8s_config_env", "k8s_workload_identity_env",
-        "client_env", "backfill_command",
+        "client_env", "backfill_command", "image_tag",
     ):
         assert name in terraform.outputs, name
         assert terraform.outputs[name].get("description"), name
@@ -665,7 +713,8 @@ def test_references_resolve(terraform):
         declared[type_] = set(named)
     for type_, named in terraform.data.items():
         declared[f"data.{type_}"] = set(named)
-    everything = [terraform.resources, terraform.data, terraform.locals, terraform.outputs, terraform.checks]
+    everything = [terraform.resources, terraform.data, terraform.locals, terraform.outputs, terraform.checks,
+                  terraform.modules]
     unresolved = set()
     for text in strings_in(everything):
         for kind, name in _REFERENCE.findall(text):

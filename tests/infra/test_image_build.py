@@ -1,0 +1,265 @@
+"""infra/terraform/modules/images and scripts/build_images.sh: `terraform apply` tags the
+images by what goes into them and runs the Cloud Build build when that changes.
+
+The module needs no provider, so these tests apply it for real with the machine's terraform,
+on a copy of the build's inputs. Cloud Build and Secret Manager cannot run here: `gcloud` on
+PATH is a recorder that answers as they would (a secret's versions, a build's id and state)
+and writes down every call, so the tests check what imagen asks of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.infra.conftest import ROOT, TERRAFORM_DIR
+
+MODULE = TERRAFORM_DIR / "modules" / "images"
+
+FAKE_GCLOUD = textwrap.dedent(f"""\
+    #!{sys.executable}
+    import json, os, sys
+    from pathlib import Path
+    state = Path(os.environ["FAKE_GCLOUD_STATE"])
+    args = sys.argv[1:]
+    call = {{"args": args, "cwd": os.getcwd()}}
+    if args[:3] == ["secrets", "versions", "add"]:
+        call["stdin"] = sys.stdin.read()
+        (state / "versions").write_text("1\\n")
+    with (state / "calls.jsonl").open("a") as calls:
+        calls.write(json.dumps(call) + "\\n")
+    if args[:3] == ["secrets", "versions", "list"]:
+        versions = state / "versions"
+        print(versions.read_text().strip() if versions.exists() else "")
+    elif args[:2] == ["builds", "submit"]:
+        print("build-1")
+    elif args[:2] == ["builds", "describe"] and "value(logUrl)" in args:
+        print("https://console.cloud.google.com/cloud-build/builds/build-1")
+    elif args[:2] == ["builds", "describe"]:
+        statuses = state / "statuses"
+        lines = statuses.read_text().split() if statuses.exists() else []
+        print(lines[0] if lines else "SUCCESS")
+        statuses.write_text("\\n".join(lines[1:]))
+    """)
+
+
+class Project:
+    """The build's inputs (a copy of this repository's), the module, and a recording gcloud."""
+
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path / "repo"
+        for name in ("Dockerfile", ".dockerignore", "cloudbuild.yaml", "pyproject.toml", "README.md"):
+            (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, self.root / name)
+        for name in ("scripts/docker_steps.sh", "scripts/build_images.sh"):
+            (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, self.root / name)
+        self.write("handlers/app.py", "APP = 1\n")
+        self.write("image/ops.py", "OPS = 1\n")
+        self.write("image/models.lock.json", "{}\n")
+
+        self.module = tmp_path / "module"
+        shutil.copytree(MODULE, self.module)
+        self.state = tmp_path / "gcloud"
+        self.state.mkdir()
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        gcloud = bin_dir / "gcloud"
+        gcloud.write_text(FAKE_GCLOUD)
+        gcloud.chmod(0o755)
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.env = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(self.home),
+            "FAKE_GCLOUD_STATE": str(self.state),
+            "BUILD_POLL_SECONDS": "0",
+            "CHECKPOINT_DISABLE": "1",  # no call home to HashiCorp
+            "TF_IN_AUTOMATION": "1",
+        }
+        self.terraform("init", "-input=false", "-backend=false")
+
+    def write(self, name: str, text: str) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def terraform(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [shutil.which("terraform"), f"-chdir={self.module}", *args],
+            env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=300,
+        )
+
+    def apply(self, build: bool = True, model_source: str = "hub", operations=("upscale", "comic"),
+              env: dict | None = None) -> subprocess.CompletedProcess:
+        variables = {
+            "source_root": str(self.root), "build": str(build).lower(), "project_id": "proj",
+            "region": "us-central1", "repository": "imagen", "model_source": model_source,
+            "operations": json.dumps(list(operations)), "hf_token_secret": "imagen-hf-token",
+            "build_service_account": "projects/proj/serviceAccounts/imagen-build@proj.iam.gserviceaccount.com",
+            "staging_dir": "gs://proj-imagen-build/source",
+        }
+        flags = [f"-var={name}={value}" for name, value in variables.items()]
+        return self.terraform("apply", "-auto-approve", "-input=false", "-no-color", *flags, env=env)
+
+    def tag(self) -> str:
+        return json.loads(self.terraform("output", "-json", "tag").stdout)
+
+    def calls(self, *prefix: str) -> list[dict]:
+        path = self.state / "calls.jsonl"
+        calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [call for call in calls if call["args"][: len(prefix)] == list(prefix)]
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    if shutil.which("terraform") is None:
+        pytest.skip("terraform is not installed")
+    return Project(tmp_path)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _substitutions(call: dict) -> dict[str, str]:
+    value = call["args"][call["args"].index("--substitutions") + 1]
+    assert value.startswith("^;^")  # _OPERATIONS holds commas, gcloud's default separator
+    return dict(item.split("=", 1) for item in value[3:].split(";"))
+
+
+def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
+    _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
+    first = project.tag()
+    assert first.startswith("src-") and len(first) == len("src-") + 16
+    [submit] = project.calls("builds", "submit")
+    assert submit["cwd"] == str(project.root)  # the build context is the repository root
+    assert submit["args"][2:] == [
+        ".", "--config", "cloudbuild.yaml", "--project", "proj", "--region", "us-central1",
+        "--service-account", "projects/proj/serviceAccounts/imagen-build@proj.iam.gserviceaccount.com",
+        "--gcs-source-staging-dir", "gs://proj-imagen-build/source",
+        "--substitutions", submit["args"][submit["args"].index("--substitutions") + 1],
+        "--async", "--format", "value(id)",
+    ]
+    assert _substitutions(submit) == {
+        "_REGION": "us-central1", "_REPOSITORY": "imagen", "_OPERATIONS": "upscale,comic",
+        "_HF_TOKEN_SECRET": "imagen-hf-token", "_MODEL_SOURCE": "hub", "_TAG_SUFFIX": "",
+        "COMMIT_SHA": first, "SHORT_SHA": first,
+    }
+
+    # Nothing changed, or only what the images do not depend on: no build, same tag.
+    _ok(project.apply())
+    project.write("README.md", "# edited\n")
+    project.write("handlers/__pycache__/app.cpython-312.pyc", "bytecode")
+    project.write("image/notes.pyc", "bytecode")
+    project.write("docs/deploy.md", "elsewhere\n")
+    _ok(project.apply())
+    assert project.tag() == first
+    assert len(project.calls("builds", "submit")) == 1
+
+    # The code changed: a new tag, built.
+    project.write("image/ops.py", "OPS = 2\n")
+    _ok(project.apply())
+    second = project.tag()
+    assert second != first
+    submits = project.calls("builds", "submit")
+    assert len(submits) == 2 and _substitutions(submits[1])["COMMIT_SHA"] == second
+
+    # Another operation: built (cloudbuild.yaml skips the images already pushed).
+    _ok(project.apply(operations=("upscale", "comic", "enhance")))
+    assert project.tag() == second
+    assert _substitutions(project.calls("builds", "submit")[2])["_OPERATIONS"] == "upscale,comic,enhance"
+
+    # Each of the other inputs makes a new tag too.
+    for name in ("Dockerfile", "pyproject.toml", "cloudbuild.yaml", "scripts/docker_steps.sh",
+                 "handlers/app.py", "image/models.lock.json", ".dockerignore"):
+        before = project.tag()
+        project.write(name, (project.root / name).read_text() + "\n# changed\n")
+        _ok(project.apply(build=False, operations=("upscale", "comic", "enhance")))
+        assert project.tag() != before, name
+    assert len(project.calls("builds", "submit")) == 3  # build = false builds nothing
+
+
+def test_images_without_models_are_tagged_apart(project):
+    _ok(project.apply(build=False))
+    baked = project.tag()
+    _ok(project.apply(build=False, model_source="none"))
+    assert project.tag() == f"{baked}-slim"
+    _ok(project.apply(build=False, model_source="tiny"))
+    assert project.tag() == f"{baked}-tiny"
+    _ok(project.apply(model_source="tiny", env={"HF_TOKEN": "hf_token"}))
+    [submit] = project.calls("builds", "submit")
+    assert _substitutions(submit)["_MODEL_SOURCE"] == "tiny"
+    assert _substitutions(submit)["COMMIT_SHA"] == f"{baked}-tiny"
+
+
+def test_the_first_build_stores_the_token_from_the_environment(project):
+    _ok(project.apply(env={"HF_TOKEN": "hf_from_env"}))
+    [add] = project.calls("secrets", "versions", "add")
+    assert add["args"][3:] == ["imagen-hf-token", "--project", "proj", "--data-file=-", "--quiet"]
+    assert add["stdin"] == "hf_from_env"  # on stdin, as is: never an argument
+    assert "hf_from_env" not in json.dumps(project.calls("builds"))
+
+
+def test_the_token_comes_from_the_hugging_face_login_without_hf_token(project):
+    token = project.home / ".cache" / "huggingface" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("hf_from_login\n")
+    _ok(project.apply())
+    [add] = project.calls("secrets", "versions", "add")
+    assert add["stdin"] == "hf_from_login"
+
+
+def test_a_secret_with_a_version_is_left_alone(project):
+    (project.state / "versions").write_text("3\n")
+    _ok(project.apply(env={"HF_TOKEN": "hf_other"}))
+    assert project.calls("secrets", "versions", "add") == []
+    assert len(project.calls("builds", "submit")) == 1
+
+
+def test_no_token_stops_before_the_build_and_says_how_to_give_one(project):
+    result = project.apply()
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "no Hugging Face token" in output and "export HF_TOKEN=" in output
+    assert "gcloud secrets versions add imagen-hf-token --project proj --data-file=-" in output
+    assert project.calls("builds", "submit") == []
+    # Given one, the next apply builds.
+    _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
+    assert len(project.calls("builds", "submit")) == 1
+
+
+def test_a_failed_build_fails_the_apply_and_the_next_apply_builds_again(project):
+    (project.state / "statuses").write_text("QUEUED\nWORKING\nFAILURE\n")
+    result = project.apply(env={"HF_TOKEN": "hf_token"})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Cloud Build build-1 ended FAILURE" in output
+    assert "https://console.cloud.google.com/cloud-build/builds/build-1" in output
+    assert len(project.calls("builds", "describe")) == 1 + 3  # the log URL, then three states
+    _ok(project.apply())
+    assert len(project.calls("builds", "submit")) == 2
+
+
+def test_the_script_is_valid_bash_and_checks_its_environment(tmp_path):
+    script = ROOT / "scripts" / "build_images.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    shellcheck = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
+    if shellcheck:
+        lint = subprocess.run([shellcheck, "--severity", "warning", str(script)],
+                              capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert missing.returncode == 2
+    assert "PROJECT is not set" in missing.stderr
