@@ -43,6 +43,7 @@ from image.errors import (
     ImagenError,
     InputError,
     InvalidParameter,
+    JobTooLong,
     OutOfDeviceMemory,
     Withdrawn,
 )
@@ -68,6 +69,12 @@ MAX_RETRY_SECONDS = 1800
 # (Pub/Sub's first backoff is 10 s) usually starts past it, short of MAX_RETRY_SECONDS' eight
 # tries; only a first delivery that waited this long for an instance is its last.
 OUT_OF_MEMORY_RETRY_SECONDS = 600
+# What a job needs after the model, to encode and upload its output (megapixels a second,
+# both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
+# PNG ran at 3.4 Mpx/s, WebP 7.6, JPEG 200 here), plus a few seconds for the upload to start
+# and for a failure report. A 16384x16384 PNG (a 4096-wide upscale) needs over two minutes.
+FINISH_MEGAPIXELS_PER_SECOND = {"png": 2.0, "webp": 4.0, "jpeg": 25.0}
+FINISH_BASE_SECONDS = 10.0
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 
 try:
@@ -78,6 +85,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 class Engine(Protocol):
     def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None): ...
+
+    def output_size(self, chain, size: tuple[int, int]) -> tuple[int, int]: ...
 
     def model_id(self, chain) -> str: ...
 
@@ -113,11 +122,15 @@ class Plan:
 
 class Processor:
     def __init__(self, *, engine: Engine, store: Store, settings, results=None,
-                 max_job_seconds: float | None = None):
+                 max_job_seconds: float | None = None, job_seconds: float | None = None):
         """`max_job_seconds`: each job's budget on the device; past it the job fails with a
-        report (JobTooLong) instead of holding the GPU until the request or lease ends."""
+        report (JobTooLong) instead of holding the GPU until the request or lease ends.
+        `job_seconds`: the time a job has in all, from its delivery to its upload (the push
+        request's limit, a lease's share), not counting a wait for the device: the device's
+        budget shrinks so that what came before and the output's encode and upload fit."""
         self._engine = engine
         self._max_job_seconds = max_job_seconds
+        self._job_seconds = job_seconds
         self._store = store
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
@@ -205,9 +218,10 @@ class Processor:
             with _timed(timings, "decode"):
                 image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
             common = resolve_common(plan.params, data)
+            budget = self._device_budget(plan, image.size, time.perf_counter() - started)
             with _timed(timings, "operation"):
                 result = self._engine.run(plan.chain, image, plan.params, common["seed"],
-                                          max_seconds=self._max_job_seconds, withdrawn=withdrawn)
+                                          max_seconds=budget, withdrawn=withdrawn)
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
@@ -289,6 +303,26 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _device_budget(self, plan: Plan, size: tuple[int, int], spent: float) -> float | None:
+        """The job's seconds on the device: `max_job_seconds`, less what `job_seconds` cannot
+        spare after the `spent` seconds so far and the output's encode and upload. JobTooLong
+        when nothing is left: the model would run only for the request or lease to end first,
+        and the job to be redelivered and run again."""
+        if self._job_seconds is None:
+            return self._max_job_seconds
+        width, height = self._engine.output_size(plan.chain, size)
+        finish = FINISH_BASE_SECONDS + width * height / 1e6 / FINISH_MEGAPIXELS_PER_SECOND[plan.format]
+        left = self._job_seconds - spent - finish
+        budget = left if self._max_job_seconds is None else min(self._max_job_seconds, left)
+        if budget <= 0:
+            raise JobTooLong(
+                f"no time left for the model: the job has {self._job_seconds:g} s in all, {spent:.0f} s went to "
+                f"fetching and decoding the input and about {finish:.0f} s are needed to encode and upload its "
+                f"{width}x{height} {plan.format} output; a retry would take as long. A smaller image, or "
+                f"jpeg or webp output (format), fits"
+            )
+        return budget
 
     def _triage(self, job: Job) -> tuple[str | None, InputError | None]:
         """What this pool does with `job`: (why it skips it, None), (None, the error its report

@@ -33,11 +33,12 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
     )
 
 
-def build_processor(settings, engine, max_job_seconds: float | None = None) -> Processor:
+def build_processor(settings, engine, max_job_seconds: float | None = None,
+                    job_seconds: float | None = None) -> Processor:
     results = None
     if settings.results_topic:
         results = ResultPublisher(publisher_client(settings), topic_path(settings, settings.results_topic))
     return Processor(
         engine=engine, store=Store(storage_client(settings)), settings=settings, results=results,
-        max_job_seconds=max_job_seconds,
+        max_job_seconds=max_job_seconds, job_seconds=job_seconds,
     )

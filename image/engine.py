@@ -247,6 +247,14 @@ class Engine:
             + ": if every attempt does, send a smaller image or deploy on a GPU with more memory",
             compiling=bool(compiling))
 
+    def output_size(self, chain: Sequence[str] | str, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of what `chain` makes of an input of `size`."""
+        for name in _chain(chain):
+            if name not in self._ops:
+                raise UnknownOperation(f"operation {name!r} is not served by this process")
+            size = self._ops[name].output_size(size)
+        return size
+
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""
         chain = _chain(chain)

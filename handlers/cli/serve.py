@@ -14,6 +14,10 @@ log = logging.getLogger("imagen.serve")
 PUSH_JOB_SECONDS = 510
 """Cloud Run ends a push or Eventarc request after 600 s (infra/terraform); the other 90 s are
 for download, decode, encode, upload and the failure report."""
+PUSH_REQUEST_SECONDS = 585
+"""A job's whole time (Cloud Run's 600 s, less its own queueing and ours): a job whose input
+came slowly or whose output is huge gets less time on the GPU, so that it still ends inside
+the request (processor.Processor's job_seconds)."""
 
 
 @click.command("serve")
@@ -25,7 +29,9 @@ for download, decode, encode, upload and the failure report."""
 @click.option(
     "--max-job-seconds", default=PUSH_JOB_SECONDS, show_default=True, type=click.IntRange(1),
     help="A job's budget on the GPU: past it the job stops and fails with a report, before the "
-    "platform's 600 s request limit would kill it and Pub/Sub redeliver it to run again.",
+    "platform's 600 s request limit would kill it and Pub/Sub redeliver it to run again. A job "
+    "whose input came slowly or whose output is huge (a PNG of hundreds of megapixels takes "
+    "minutes to encode) gets less, so that it still ends inside the request.",
 )
 @click.pass_obj
 def command(settings, port, host, operations, device, threads, max_job_seconds):
@@ -39,7 +45,8 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     )
     configure_logging()
     engine = build_engine(settings)
-    processor = build_processor(settings, engine, max_job_seconds=max_job_seconds)
+    processor = build_processor(settings, engine, max_job_seconds=max_job_seconds,
+                                job_seconds=max(max_job_seconds, PUSH_REQUEST_SECONDS))
     authenticator = None
     if settings.push_audience:
         from handlers.auth import PushAuthenticator

@@ -79,7 +79,8 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     worker = PullWorker(
         subscriber_client(settings),
         subscription_path(settings, settings.subscription),
-        build_processor(settings, engine, max_job_seconds=max_job_seconds),
+        build_processor(settings, engine, max_job_seconds=max_job_seconds,
+                        job_seconds=max_job_seconds + TRANSFER_SECONDS),
         concurrency=concurrency,
         prefetch=prefetch,
         max_lease_seconds=lease_budget(max_job_seconds, concurrency, prefetch),

@@ -17,6 +17,8 @@ from handlers.clients import storage_client
 from handlers.errors import TransientError, Undeliverable
 from handlers.events import JobRequest, ObjectEvent
 from handlers.processor import (
+    FINISH_BASE_SECONDS,
+    FINISH_MEGAPIXELS_PER_SECOND,
     MAX_ATTEMPTS,
     MAX_RETRY_SECONDS,
     OUT_OF_MEMORY_ATTEMPTS,
@@ -39,9 +41,11 @@ class FakeEngine:
         self.fail_with = fail_with
         self.before_return = before_return
         self.calls = 0
+        self.budgets = []
 
     def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
         self.calls += 1
+        self.budgets.append(max_seconds)
         if self.fail_with:
             raise self.fail_with
         for op in chain:
@@ -49,6 +53,11 @@ class FakeEngine:
         if self.before_return:
             self.before_return()
         return image
+
+    def output_size(self, chain, size):
+        for op in chain:
+            size = (size[0] * 2, size[1] * 2) if op == "upscale" else size
+        return size
 
     def model_id(self, chain):
         return ",".join(f"fake/{op}@0123" for op in chain)
@@ -458,8 +467,52 @@ def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engi
     assert "past the job's time budget of 1e-09 s; a retry would take as long" in error["message"]
     assert not list(bucket.list_blobs(prefix="processed/"))
     roomy = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings,
-                      max_job_seconds=3600)
+                      max_job_seconds=3600, job_seconds=3720)  # the worker's: the engine sizes the output
     assert roomy.handle(_event(_upload(bucket, "incoming/upscale/fast.png")), attempt=1).status == "succeeded"
+
+
+def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, bucket):
+    """With a limit on the whole job (a push request's), the model gets what the input's
+    download and the output's encode and upload leave, at most --max-job-seconds; a job with
+    nothing left fails before it runs instead of being cut off and redelivered to run again."""
+
+    def processor(engine, job_seconds):
+        return Processor(engine=engine, store=Store(storage_client(settings)), settings=settings,
+                         max_job_seconds=510, job_seconds=job_seconds)
+
+    small = FakeEngine()
+    assert processor(small, 585).handle(_event(_upload(bucket, "incoming/upscale/b1.png")), attempt=1).status == "succeeded"
+    assert small.budgets == [510]  # a 128x128 output needs seconds, not the request's 75 spare
+
+    class Huge(FakeEngine):
+        def output_size(self, chain, size):
+            return 16384, 16384  # a 4096-wide upscale: 268 megapixels
+
+    huge = Huge()
+    png = _upload(bucket, "incoming/upscale/b2.png")
+    assert processor(huge, 585).handle(_event(png), attempt=1).status == "succeeded"
+    finish = FINISH_BASE_SECONDS + 16384 * 16384 / 1e6 / FINISH_MEGAPIXELS_PER_SECOND["png"]
+    assert finish > 75  # more than the request's margin beyond --max-job-seconds
+    [budget] = huge.budgets
+    assert 585 - finish - 5 < budget < 585 - finish
+    # JPEG encodes far faster: the model keeps its whole budget.
+    jpeg = _upload(bucket, "incoming/upscale/b3.png", metadata={"imagen-params": '{"format": "jpeg"}'})
+    assert processor(huge, 585).handle(_event(jpeg), attempt=1).status == "succeeded"
+    assert huge.budgets[1] == 510
+
+    # Nothing left: a report, no GPU time, no retry.
+    never = Huge()
+    source = _upload(bucket, "incoming/upscale/b4.png")
+    outcome = processor(never, 120).handle(_event(source), attempt=1)
+    assert outcome.status == "failed" and never.calls == 0
+    error = _report(bucket, "failed/upscale/b4.png.json")["error"]
+    assert error["type"] == "JobTooLong"
+    assert "no time left for the model: the job has 120 s in all" in error["message"]
+    assert "encode and upload its 16384x16384 png output" in error["message"]
+    # Without a limit on the whole job (the one-shot CLI), the device budget is all there is.
+    unlimited = Huge()
+    assert processor(unlimited, None).handle(_event(_upload(bucket, "incoming/upscale/b5.png")), attempt=1).status == "succeeded"
+    assert unlimited.budgets == [510]
 
 
 def test_unexpected_errors_are_retried_not_crashing(settings, bucket):

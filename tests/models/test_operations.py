@@ -145,6 +145,11 @@ def test_each_operation_size_and_mode(engine, op, size, mode):
 def test_chain_remove_background_then_upscale(engine):
     out = _run(engine, ["remove-background", "upscale"], _image(48, 40))
     assert out.size == (192, 160) and out.mode == "RGBA"
+    # What the processor budgets encode and upload time by, before running anything.
+    assert engine.output_size(["remove-background", "upscale"], (48, 40)) == (192, 160)
+    assert engine.output_size("comic", (48, 40)) == (48, 40)
+    with pytest.raises(UnknownOperation, match="'sharpen'"):
+        engine.output_size("sharpen", (48, 40))
 
 
 @pytest.mark.parametrize("op", OPERATION_NAMES)
