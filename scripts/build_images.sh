@@ -6,10 +6,10 @@
 #   PROJECT REGION REPOSITORY OPERATIONS MODEL_SOURCE TAG HF_TOKEN_SECRET
 #   BUILD_SERVICE_ACCOUNT STAGING_DIR
 #
-# The Hugging Face token: where the secret has no version yet, the first is stored from
-# HF_TOKEN, else from the file at HF_TOKEN_PATH, else from the huggingface_hub login
-# ($HF_HOME/token, ~/.cache/huggingface/token). It is never printed, passed as an argument
-# or written anywhere but the secret. Later changes: `gcloud secrets versions add`.
+# The Hugging Face token: HF_TOKEN, when set, becomes the secret's latest version unless it
+# already is; without it, a secret with no version gets the token of HF_TOKEN_PATH or of the
+# huggingface_hub login ($HF_HOME/token, by default ~/.cache/huggingface/token). It goes to
+# Secret Manager on stdin: never printed, passed as an argument or written anywhere else.
 #
 # BUILD_POLL_SECONDS (default 30): how often the build's state is read.
 set -euo pipefail
@@ -26,18 +26,32 @@ done
 poll="${BUILD_POLL_SECONDS:-30}"
 
 # --- the token -------------------------------------------------------------------------------
+store_token() {
+  printf %s "$1" | gcloud secrets versions add "$HF_TOKEN_SECRET" --project "$PROJECT" \
+    --data-file=- --quiet > /dev/null
+}
+
 enabled=$(gcloud secrets versions list "$HF_TOKEN_SECRET" --project "$PROJECT" \
-  --filter "state:enabled" --limit 1 --format "value(name)")
-if [ -z "$enabled" ]; then
+  --filter "state:ENABLED" --limit 1 --format "value(name)")
+if [ -n "$enabled" ] && [ -n "${HF_TOKEN:-}" ]; then
+  # The token given now is the one meant: store it unless it is the latest already.
+  if ! current=$(gcloud secrets versions access latest --secret "$HF_TOKEN_SECRET" --project "$PROJECT" 2> /dev/null); then
+    echo "imagen: cannot read $HF_TOKEN_SECRET to compare it with HF_TOKEN: its latest version is used" >&2
+  elif [ "$current" != "$HF_TOKEN" ]; then
+    store_token "$HF_TOKEN"
+    echo "imagen: stored HF_TOKEN as the new latest version of $HF_TOKEN_SECRET"
+  fi
+  unset current
+elif [ -z "$enabled" ]; then
   token="${HF_TOKEN:-}"
-  file="${HF_TOKEN_PATH:-${HF_HOME:-$HOME/.cache/huggingface}/token}"
+  file="${HF_TOKEN_PATH:-${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/token}"
   if [ -z "$token" ] && [ -r "$file" ]; then
     token=$(tr -d '[:space:]' < "$file")
   fi
   if [ -z "$token" ]; then
-    cat >&2 <<MESSAGE
+    cat >&2 << MESSAGE
 imagen: no Hugging Face token to build the images with.
-The build downloads the models with a token stored in the secret $HF_TOKEN_SECRET, which has
+Every build reads one from the secret $HF_TOKEN_SECRET (to download the models), which has
 none yet. Give it one, then run terraform apply again:
   export HF_TOKEN=hf_...          (a read token of the account that accepted the models' terms)
 or store it yourself:
@@ -45,8 +59,7 @@ or store it yourself:
 MESSAGE
     exit 1
   fi
-  printf %s "$token" | gcloud secrets versions add "$HF_TOKEN_SECRET" --project "$PROJECT" \
-    --data-file=- --quiet > /dev/null
+  store_token "$token"
   unset token
   echo "imagen: stored the Hugging Face token as the first version of $HF_TOKEN_SECRET"
 fi
@@ -57,38 +70,73 @@ substitutions="^;^_REGION=$REGION;_REPOSITORY=$REPOSITORY;_OPERATIONS=$OPERATION
 substitutions+=";_HF_TOKEN_SECRET=$HF_TOKEN_SECRET;_MODEL_SOURCE=$MODEL_SOURCE;_TAG_SUFFIX="
 substitutions+=";COMMIT_SHA=$TAG;SHORT_SHA=$TAG"
 
-# --async and then polling rather than streaming the log: streaming needs the right to read
-# the project's logs and ends (without the build) when the connection drops.
-build=$(gcloud builds submit . --config cloudbuild.yaml --project "$PROJECT" --region "$REGION" \
-  --service-account "$BUILD_SERVICE_ACCOUNT" --gcs-source-staging-dir "$STAGING_DIR" \
-  --substitutions "$substitutions" --async --format "value(id)")
-url=$(gcloud builds describe "$build" --project "$PROJECT" --region "$REGION" --format "value(logUrl)")
-echo "imagen: building imagen-{${OPERATIONS}}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
-echo "imagen: its log: $url"
-
-started=$SECONDS
-unread=0
-while true; do
-  if ! status=$(gcloud builds describe "$build" --project "$PROJECT" --region "$REGION" --format "value(status)"); then
-    unread=$((unread + 1))
-    if [ "$unread" -ge 10 ]; then
-      echo "imagen: cannot read the state of Cloud Build $build (it goes on without us): $url" >&2
-      exit 1
+# Waits for build $1 (log at $2); 0 when it succeeded.
+wait_for() {
+  local build=$1 url=$2 status unread=0
+  while true; do
+    if ! status=$(gcloud builds describe "$build" --project "$PROJECT" --region "$REGION" --format "value(status)"); then
+      unread=$((unread + 1))
+      if [ "$unread" -ge 10 ]; then
+        echo "imagen: cannot read the state of Cloud Build $build (it goes on without us): $url" >&2
+        return 1
+      fi
+      status=UNREAD
+    else
+      unread=0
     fi
-    status=UNREAD
-  else
-    unread=0
+    case "$status" in
+      SUCCESS) return 0 ;;
+      FAILURE | INTERNAL_ERROR | TIMEOUT | CANCELLED | EXPIRED)
+        echo "imagen: Cloud Build $build ended $status; its log: $url" >&2
+        return 1
+        ;;
+    esac
+    sleep "$poll"
+  done
+}
+
+done_message() {
+  echo "imagen: images built: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-{$OPERATIONS}:$TAG"
+}
+
+# A build of this tag still running (an apply interrupted before it ended): wait for it
+# rather than race it to push the same immutable tags.
+ongoing=$(gcloud builds list --ongoing --project "$PROJECT" --region "$REGION" \
+  --format "value(id,substitutions.COMMIT_SHA)" 2> /dev/null | awk -v tag="$TAG" '$2 == tag {print $1; exit}') || true
+if [ -n "$ongoing" ]; then
+  echo "imagen: Cloud Build $ongoing is already building $TAG: waiting for it"
+  if wait_for "$ongoing" "https://console.cloud.google.com/cloud-build/builds;region=$REGION/$ongoing?project=$PROJECT"; then
+    done_message
+    exit 0
   fi
-  case "$status" in
-    SUCCESS)
-      echo "imagen: images built in $(( (SECONDS - started) / 60 )) min: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-<operation>:$TAG"
-      exit 0
-      ;;
-    FAILURE | INTERNAL_ERROR | TIMEOUT | CANCELLED | EXPIRED)
-      echo "imagen: Cloud Build $build ended $status; its log: $url" >&2
-      echo "imagen: fix the cause and run terraform apply again (images already pushed are kept)" >&2
-      exit 1
-      ;;
-  esac
-  sleep "$poll"
+fi
+
+# --async and then polling rather than streaming the log: streaming needs the right to read
+# the project's logs and ends (without the build) when the connection drops. A build that
+# fails within minutes of a first apply may have started before the build account's new
+# permissions reached every service (IAM takes up to a few minutes): it is submitted once more.
+for try in 1 2; do
+  started=$SECONDS
+  read -r build url < <(gcloud builds submit . --config cloudbuild.yaml --project "$PROJECT" \
+    --region "$REGION" --service-account "$BUILD_SERVICE_ACCOUNT" \
+    --gcs-source-staging-dir "$STAGING_DIR" --substitutions "$substitutions" \
+    --async --format "value(id,logUrl)")
+  if [ -z "${build:-}" ]; then
+    echo "imagen: gcloud builds submit started no build" >&2
+    exit 1
+  fi
+  echo "imagen: building imagen-{$OPERATIONS}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
+  echo "imagen: its log: $url"
+  if wait_for "$build" "$url"; then
+    done_message
+    exit 0
+  fi
+  if [ "$try" = 1 ] && [ $((SECONDS - started)) -lt 300 ]; then
+    echo "imagen: it failed within $((SECONDS - started)) s; new permissions can take minutes: trying once more in 60 s" >&2
+    sleep $((poll < 60 ? poll : 60))
+    continue
+  fi
+  break
 done
+echo "imagen: fix the cause and run terraform apply again (images already pushed are kept)" >&2
+exit 1

@@ -301,6 +301,12 @@ variable "build_images" {
   default     = true
 }
 
+variable "image_revision" {
+  description = "build_images: change it (a date, say) to build new images of unchanged sources, which picks up the base image's and the dependencies' newer releases (security fixes) and rolls the services out. Part of the tag's hash; empty adds nothing."
+  type        = string
+  default     = ""
+}
+
 variable "build_model_source" {
   description = "What build_images bakes into the images (the Dockerfile's MODEL_SOURCE): hub (the models; needs the token), tiny (random weights: a smoke test of the deployment's plumbing, no good results), none (no models: for model_mirror or the GKE PVC). Empty: none with model_mirror, hub otherwise."
   type        = string

@@ -33,15 +33,22 @@ FAKE_GCLOUD = textwrap.dedent(f"""\
     if args[:3] == ["secrets", "versions", "add"]:
         call["stdin"] = sys.stdin.read()
         (state / "versions").write_text("1\\n")
+        (state / "latest").write_text(call["stdin"])
     with (state / "calls.jsonl").open("a") as calls:
         calls.write(json.dumps(call) + "\\n")
     if args[:3] == ["secrets", "versions", "list"]:
         versions = state / "versions"
         print(versions.read_text().strip() if versions.exists() else "")
+    elif args[:4] == ["secrets", "versions", "access", "latest"]:
+        latest = state / "latest"
+        if not latest.exists():
+            sys.exit("ERROR: (gcloud.secrets.versions.access) PERMISSION_DENIED")
+        print(latest.read_text(), end="")
+    elif args[:2] == ["builds", "list"]:
+        ongoing = state / "ongoing"
+        print(ongoing.read_text() if ongoing.exists() else "", end="")
     elif args[:2] == ["builds", "submit"]:
-        print("build-1")
-    elif args[:2] == ["builds", "describe"] and "value(logUrl)" in args:
-        print("https://console.cloud.google.com/cloud-build/builds/build-1")
+        print("build-1\\thttps://console.cloud.google.com/cloud-build/builds/build-1")
     elif args[:2] == ["builds", "describe"]:
         statuses = state / "statuses"
         lines = statuses.read_text().split() if statuses.exists() else []
@@ -98,9 +105,9 @@ class Project:
         )
 
     def apply(self, build: bool = True, model_source: str = "hub", operations=("upscale", "comic"),
-              env: dict | None = None) -> subprocess.CompletedProcess:
+              env: dict | None = None, revision: str = "") -> subprocess.CompletedProcess:
         variables = {
-            "source_root": str(self.root), "build": str(build).lower(), "project_id": "proj",
+            "source_root": str(self.root), "build": str(build).lower(), "project_id": "proj", "revision": revision,
             "region": "us-central1", "repository": "imagen", "model_source": model_source,
             "operations": json.dumps(list(operations)), "hf_token_secret": "imagen-hf-token",
             "build_service_account": "projects/proj/serviceAccounts/imagen-build@proj.iam.gserviceaccount.com",
@@ -147,7 +154,7 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
         "--service-account", "projects/proj/serviceAccounts/imagen-build@proj.iam.gserviceaccount.com",
         "--gcs-source-staging-dir", "gs://proj-imagen-build/source",
         "--substitutions", submit["args"][submit["args"].index("--substitutions") + 1],
-        "--async", "--format", "value(id)",
+        "--async", "--format", "value(id,logUrl)",
     ]
     assert _substitutions(submit) == {
         "_REGION": "us-central1", "_REPOSITORY": "imagen", "_OPERATIONS": "upscale,comic",
@@ -187,6 +194,12 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
         assert project.tag() != before, name
     assert len(project.calls("builds", "submit")) == 3  # build = false builds nothing
 
+    # The same sources again, for the base image's and the dependencies' new releases.
+    before = project.tag()
+    _ok(project.apply(operations=("upscale", "comic", "enhance"), revision="2026-12-01"))
+    assert project.tag() != before
+    assert len(project.calls("builds", "submit")) == 4
+
 
 def test_images_without_models_are_tagged_apart(project):
     _ok(project.apply(build=False))
@@ -218,11 +231,25 @@ def test_the_token_comes_from_the_hugging_face_login_without_hf_token(project):
     assert add["stdin"] == "hf_from_login"
 
 
-def test_a_secret_with_a_version_is_left_alone(project):
+def test_a_secret_with_a_version_is_kept_or_replaced_by_a_new_hf_token(project):
     (project.state / "versions").write_text("3\n")
-    _ok(project.apply(env={"HF_TOKEN": "hf_other"}))
+    (project.state / "latest").write_text("hf_current")
+    _ok(project.apply())  # no HF_TOKEN: the stored one is used
+    _ok(project.apply(env={"HF_TOKEN": "hf_current"}, revision="again"))  # the same one: nothing to store
     assert project.calls("secrets", "versions", "add") == []
-    assert len(project.calls("builds", "submit")) == 1
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_rotated"}, revision="rotated"))
+    [add] = project.calls("secrets", "versions", "add")
+    assert add["stdin"] == "hf_rotated"
+    assert "stored HF_TOKEN as the new latest version of imagen-hf-token" in result.stdout
+    assert "hf_rotated" not in result.stdout + result.stderr
+    assert len(project.calls("builds", "submit")) == 3
+
+
+def test_an_unreadable_secret_is_used_as_it_is(project):
+    (project.state / "versions").write_text("3\n")  # and no access to its value
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_other"}))
+    assert "cannot read imagen-hf-token to compare it with HF_TOKEN: its latest version is used" in result.stdout
+    assert project.calls("secrets", "versions", "add") == []
 
 
 def test_no_token_stops_before_the_build_and_says_how_to_give_one(project):
@@ -238,15 +265,59 @@ def test_no_token_stops_before_the_build_and_says_how_to_give_one(project):
 
 
 def test_a_failed_build_fails_the_apply_and_the_next_apply_builds_again(project):
-    (project.state / "statuses").write_text("QUEUED\nWORKING\nFAILURE\n")
+    # A quick failure is submitted once more (a first apply's new permissions may not have
+    # reached Cloud Build yet); a second one fails the apply with the log's address.
+    (project.state / "statuses").write_text("QUEUED\nWORKING\nFAILURE\nFAILURE\n")
     result = project.apply(env={"HF_TOKEN": "hf_token"})
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "Cloud Build build-1 ended FAILURE" in output
-    assert "https://console.cloud.google.com/cloud-build/builds/build-1" in output
-    assert len(project.calls("builds", "describe")) == 1 + 3  # the log URL, then three states
-    _ok(project.apply())
+    assert "Cloud Build build-1 ended FAILURE; its log: https://console.cloud.google.com/cloud-build/builds/build-1" in output
+    assert "trying once more in 60 s" in output
+    assert "fix the cause and run terraform apply again" in output
     assert len(project.calls("builds", "submit")) == 2
+    assert len(project.calls("builds", "describe")) == 4
+    _ok(project.apply())
+    assert len(project.calls("builds", "submit")) == 3
+
+
+def test_a_quick_failure_then_success_is_a_success(project):
+    (project.state / "statuses").write_text("FAILURE\nWORKING\nSUCCESS\n")
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
+    assert "images built: us-central1-docker.pkg.dev/proj/imagen/imagen-{upscale,comic}:src-" in result.stdout
+    assert len(project.calls("builds", "submit")) == 2
+
+
+def test_a_build_of_the_tag_still_running_is_waited_for_not_raced(project):
+    _ok(project.apply(build=False))
+    tag = project.tag()
+    (project.state / "ongoing").write_text(f"build-0\tsrc-someotherone\nbuild-7\t{tag}\n")
+    (project.state / "statuses").write_text("WORKING\nSUCCESS\n")
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
+    assert f"Cloud Build build-7 is already building {tag}: waiting for it" in result.stdout
+    assert project.calls("builds", "submit") == []
+    assert [call["args"][2] for call in project.calls("builds", "describe")] == ["build-7", "build-7"]
+
+
+def test_what_the_build_uploads_is_what_the_tag_is_a_hash_of(project):
+    """.gcloudignore lets through the Docker build context (.dockerignore's allow-list) and the
+    build's configuration: the files the tag hashes, and README.md (the package's long
+    description, left out of the hash). A local .venv, tfvars or saved plan stays here."""
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        pytest.skip("gcloud is not installed")
+    _ok(project.apply(build=False))
+    hashed = set(json.loads(project.terraform("output", "-json", "files").stdout))
+    for name in (".venv/lib/x.py", "infra/terraform/terraform.tfvars", "tfplan", "handlers/__pycache__/a.pyc",
+                 "scripts/demo.py", "docs/deploy.md"):
+        project.write(name, "local only\n")
+    shutil.copy(ROOT / ".gcloudignore", project.root / ".gcloudignore")
+    listed = subprocess.run(
+        [gcloud, "meta", "list-files-for-upload", str(project.root)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "CLOUDSDK_CONFIG": str(project.home / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
+    )
+    assert listed.returncode == 0, listed.stderr
+    uploaded = set(listed.stdout.split())
+    assert uploaded == hashed | {"README.md"}
 
 
 def test_the_script_is_valid_bash_and_checks_its_environment(tmp_path):

@@ -1,11 +1,12 @@
 # The workers' images: their tag, from what goes into them, and (with `build`) the Cloud
 # Build run that makes them, from `terraform apply` on the machine that runs it.
 #
-# The tag is a hash of the build's inputs, so it names exactly what was built: an edit to the
-# code, the Dockerfile or the model lock makes a new tag, a new build and, through the
-# services that use the tag, a roll-out; an apply with nothing changed builds nothing. It
-# needs no git (a tarball or a checkout with uncommitted edits gets its own tag, never a
-# commit's).
+# The tag is a hash of the build's inputs as they are in the working tree (what the build
+# uploads, .gcloudignore): an edit to the code, the Dockerfile or the model lock makes a new
+# tag, a new build and, through the services that use the tag, a roll-out; an apply with
+# nothing changed builds nothing. It needs no git (a tarball or a checkout with uncommitted
+# edits gets its own tag, never a commit's). What it cannot see, the base image's and the
+# dependency ranges' newer releases, a new `revision` picks up.
 #
 # No providers: only Terraform's built-in terraform_data. tests/infra/test_image_build.py
 # applies this module for real, with a recording `gcloud` on PATH.
@@ -42,6 +43,12 @@ variable "operations" {
   type        = list(string)
 }
 
+variable "revision" {
+  description = "Anything: a new value is a new tag (a rebuild of the same sources). Empty adds nothing."
+  type        = string
+  default     = ""
+}
+
 variable "model_source" {
   description = "The Dockerfile's MODEL_SOURCE: hub (baked models), tiny (random weights) or none."
   type        = string
@@ -64,7 +71,7 @@ variable "staging_dir" {
 
 locals {
   # What the images are made of: the Dockerfile's build context (the .dockerignore allow-list)
-  # and the build's own configuration. README.md goes into the build context only as the
+  # and the build's own configuration (with README.md, what .gcloudignore uploads). README.md goes into the build context only as the
   # package's long description: left out, so a documentation edit does not rebuild every image.
   patterns = [
     "Dockerfile", ".dockerignore", "cloudbuild.yaml",
@@ -77,7 +84,10 @@ locals {
     for file in flatten([for pattern in local.patterns : tolist(fileset(var.source_root, pattern))]) :
     file if length(regexall(local.ignored, file)) == 0
   ]))
-  digest = sha256(join("\n", [for file in local.files : "${file} ${filesha256("${var.source_root}/${file}")}"]))
+  digest = sha256(join("\n", concat(
+    var.revision == "" ? [] : ["revision ${var.revision}"],
+    [for file in local.files : "${file} ${filesha256("${var.source_root}/${file}")}"],
+  )))
 
   # Images of the same sources without models must not take the baked images' tag: tags are
   # immutable in the repository.
