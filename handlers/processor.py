@@ -38,7 +38,7 @@ from handlers.errors import (
 from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
-from image.codec import CONTENT_TYPES, decode_image, encode_image
+from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
 from image.errors import (
     ImagenError,
     InputError,
@@ -75,6 +75,11 @@ OUT_OF_MEMORY_RETRY_SECONDS = 600
 # and for a failure report. A 16384x16384 PNG (a 4096-wide upscale) needs over two minutes.
 FINISH_MEGAPIXELS_PER_SECOND = {"png": 2.0, "webp": 4.0, "jpeg": 25.0}
 FINISH_BASE_SECONDS = 10.0
+# Less than this left for the model is no time at all: it would stop at its first steps.
+MIN_MODEL_SECONDS = 30.0
+# What fetching and decoding an input normally takes, for telling an output too big to
+# finish in time (a permanent failure) from an input that came slowly (retried).
+FETCH_ALLOWANCE_SECONDS = 30.0
 _FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
 
 try:
@@ -83,10 +88,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     IMAGEN_VERSION = "0+unknown"
 
 
+def _finish_seconds(size: tuple[int, int], format: str) -> float:
+    """About how long encoding and uploading an output of `size` as `format` takes."""
+    return FINISH_BASE_SECONDS + size[0] * size[1] / 1e6 / FINISH_MEGAPIXELS_PER_SECOND[format]
+
+
 class Engine(Protocol):
     def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None): ...
 
-    def output_size(self, chain, size: tuple[int, int]) -> tuple[int, int]: ...
+    def output_size(self, chain, size: tuple[int, int], format: str) -> tuple[int, int]: ...
 
     def model_id(self, chain) -> str: ...
 
@@ -306,23 +316,35 @@ class Processor:
 
     def _device_budget(self, plan: Plan, size: tuple[int, int], spent: float) -> float | None:
         """The job's seconds on the device: `max_job_seconds`, less what `job_seconds` cannot
-        spare after the `spent` seconds so far and the output's encode and upload. JobTooLong
-        when nothing is left: the model would run only for the request or lease to end first,
-        and the job to be redelivered and run again."""
+        spare after the `spent` seconds so far and the output's encode and upload, so that the
+        job ends inside its request or lease instead of being cut off and run again. Checks
+        the chain's and the format's size limits first (ImageTooLarge).
+
+        Too little left: JobTooLong when the output alone could never be finished in time (a
+        retry would not fit either); a TransientError, retried, when the input was slow to
+        fetch (the next delivery may be quicker)."""
+        width, height = self._engine.output_size(plan.chain, size, plan.format)
         if self._job_seconds is None:
             return self._max_job_seconds
-        width, height = self._engine.output_size(plan.chain, size)
-        finish = FINISH_BASE_SECONDS + width * height / 1e6 / FINISH_MEGAPIXELS_PER_SECOND[plan.format]
+        finish = _finish_seconds((width, height), plan.format)
         left = self._job_seconds - spent - finish
-        budget = left if self._max_job_seconds is None else min(self._max_job_seconds, left)
-        if budget <= 0:
+        if left >= MIN_MODEL_SECONDS:
+            return left if self._max_job_seconds is None else min(self._max_job_seconds, left)
+        output = f"its {width}x{height} {plan.format} output"
+        if self._job_seconds - finish < MIN_MODEL_SECONDS + FETCH_ALLOWANCE_SECONDS:
+            fits = [name for name in FINISH_MEGAPIXELS_PER_SECOND if max(width, height) <= MAX_SIDE[name]
+                    and self._job_seconds - _finish_seconds((width, height), name)
+                    >= MIN_MODEL_SECONDS + FETCH_ALLOWANCE_SECONDS]
             raise JobTooLong(
-                f"no time left for the model: the job has {self._job_seconds:g} s in all, {spent:.0f} s went to "
-                f"fetching and decoding the input and about {finish:.0f} s are needed to encode and upload its "
-                f"{width}x{height} {plan.format} output; a retry would take as long. A smaller image, or "
-                f"jpeg or webp output (format), fits"
+                f"no time left for the model: encoding and uploading {output} takes about {finish:.0f} s of "
+                f"the job's {self._job_seconds:g} s; a retry would take as long. "
+                + (f"Format {' or '.join(fits)} or a smaller image fits" if fits else "A smaller image fits")
             )
-        return budget
+        raise TransientError(
+            f"no time left for the model: fetching and decoding the input took {spent:.0f} s, and {output} needs "
+            f"about {finish:.0f} s to encode and upload, of the job's {self._job_seconds:g} s; retried (the "
+            f"next delivery may fetch it faster)"
+        )
 
     def _triage(self, job: Job) -> tuple[str | None, InputError | None]:
         """What this pool does with `job`: (why it skips it, None), (None, the error its report

@@ -203,15 +203,7 @@ class Engine:
                     f"(it serves {', '.join(self.operations)})"
                 )
         params = validate_params(chain, params)
-        if self.state != READY:
-            if self.state == SETUP_FAILED:
-                raise ModelError(f"the models failed to set up: {self.error}") from self.error
-            self.setup()
-        size = image.size
-        for name in chain:  # every size limit of the chain, before any GPU work
-            self._ops[name].check_size(size)
-            size = self._ops[name].output_size(size)
-        check_encodable(size, params.get("format", COMMON_DEFAULTS["format"]))  # and the format's
+        self.output_size(chain, image.size, params.get("format", COMMON_DEFAULTS["format"]))
 
         # 2. Run the chain
         with self._run_lock:
@@ -247,12 +239,20 @@ class Engine:
             + ": if every attempt does, send a smaller image or deploy on a GPU with more memory",
             compiling=bool(compiling))
 
-    def output_size(self, chain: Sequence[str] | str, size: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) of what `chain` makes of an input of `size`."""
+    def output_size(self, chain: Sequence[str] | str, size: tuple[int, int], format: str) -> tuple[int, int]:
+        """(width, height) of what `chain` makes of an input of `size`, once every size limit
+        of the chain and of the output `format` has been checked (ImageTooLarge, before any
+        GPU work). Sets the models up first if that has not happened yet."""
+        if self.state != READY:
+            if self.state == SETUP_FAILED:
+                raise ModelError(f"the models failed to set up: {self.error}") from self.error
+            self.setup()
         for name in _chain(chain):
             if name not in self._ops:
                 raise UnknownOperation(f"operation {name!r} is not served by this process")
+            self._ops[name].check_size(size)
             size = self._ops[name].output_size(size)
+        check_encodable(size, format)
         return size
 
     def model_id(self, chain: Sequence[str] | str) -> str:

@@ -54,7 +54,7 @@ class FakeEngine:
             self.before_return()
         return image
 
-    def output_size(self, chain, size):
+    def output_size(self, chain, size, format):
         for op in chain:
             size = (size[0] * 2, size[1] * 2) if op == "upscale" else size
         return size
@@ -471,10 +471,10 @@ def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engi
     assert roomy.handle(_event(_upload(bucket, "incoming/upscale/fast.png")), attempt=1).status == "succeeded"
 
 
-def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, bucket):
+def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, bucket, monkeypatch):
     """With a limit on the whole job (a push request's), the model gets what the input's
     download and the output's encode and upload leave, at most --max-job-seconds; a job with
-    nothing left fails before it runs instead of being cut off and redelivered to run again."""
+    nothing left does not run only to be cut off and redelivered to run again."""
 
     def processor(engine, job_seconds):
         return Processor(engine=engine, store=Store(storage_client(settings)), settings=settings,
@@ -485,7 +485,7 @@ def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, buck
     assert small.budgets == [510]  # a 128x128 output needs seconds, not the request's 75 spare
 
     class Huge(FakeEngine):
-        def output_size(self, chain, size):
+        def output_size(self, chain, size, format):
             return 16384, 16384  # a 4096-wide upscale: 268 megapixels
 
     huge = Huge()
@@ -500,18 +500,41 @@ def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, buck
     assert processor(huge, 585).handle(_event(jpeg), attempt=1).status == "succeeded"
     assert huge.budgets[1] == 510
 
-    # Nothing left: a report, no GPU time, no retry.
+    # An output that could never be finished in time: a report at once, no GPU time, no
+    # retry, naming what would fit (not webp: it holds at most 16383 pixels a side).
     never = Huge()
     source = _upload(bucket, "incoming/upscale/b4.png")
     outcome = processor(never, 120).handle(_event(source), attempt=1)
     assert outcome.status == "failed" and never.calls == 0
     error = _report(bucket, "failed/upscale/b4.png.json")["error"]
     assert error["type"] == "JobTooLong"
-    assert "no time left for the model: the job has 120 s in all" in error["message"]
-    assert "encode and upload its 16384x16384 png output" in error["message"]
+    assert error["message"] == (
+        f"no time left for the model: encoding and uploading its 16384x16384 png output takes about {finish:.0f} s "
+        "of the job's 120 s; a retry would take as long. Format jpeg or a smaller image fits"
+    )
+
+    # An input that came slowly: retried (the next delivery may be quicker), reported on the
+    # last attempt like any transient fault.
+    monkeypatch.setattr("handlers.processor.MIN_MODEL_SECONDS", 1.0)
+    monkeypatch.setattr("handlers.processor.FETCH_ALLOWANCE_SECONDS", 0.0)
+    monkeypatch.setattr("handlers.processor.FINISH_BASE_SECONDS", 0.0)
+    slow = processor(FakeEngine(), 2.0)
+    read = slow._store.read_source
+
+    def slow_read(*args, **kwargs):
+        time.sleep(1.5)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(slow._store, "read_source", slow_read)
+    with pytest.raises(TransientError, match=r"fetching and decoding the input took \d+ s.*retried"):
+        slow.handle(_event(_upload(bucket, "incoming/upscale/b5.png")), attempt=1)
+    last = slow.handle(_event(_upload(bucket, "incoming/upscale/b6.png")), attempt=MAX_ATTEMPTS)
+    assert last.status == "failed"
+    assert _report(bucket, "failed/upscale/b6.png.json")["error"]["type"] == "TransientError"
+
     # Without a limit on the whole job (the one-shot CLI), the device budget is all there is.
     unlimited = Huge()
-    assert processor(unlimited, None).handle(_event(_upload(bucket, "incoming/upscale/b5.png")), attempt=1).status == "succeeded"
+    assert processor(unlimited, None).handle(_event(_upload(bucket, "incoming/upscale/b7.png")), attempt=1).status == "succeeded"
     assert unlimited.budgets == [510]
 
 

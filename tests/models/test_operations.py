@@ -146,10 +146,12 @@ def test_chain_remove_background_then_upscale(engine):
     out = _run(engine, ["remove-background", "upscale"], _image(48, 40))
     assert out.size == (192, 160) and out.mode == "RGBA"
     # What the processor budgets encode and upload time by, before running anything.
-    assert engine.output_size(["remove-background", "upscale"], (48, 40)) == (192, 160)
-    assert engine.output_size("comic", (48, 40)) == (48, 40)
+    assert engine.output_size(["remove-background", "upscale"], (48, 40), "png") == (192, 160)
+    assert engine.output_size("comic", (48, 40), "jpeg") == (48, 40)
     with pytest.raises(UnknownOperation, match="'sharpen'"):
-        engine.output_size("sharpen", (48, 40))
+        engine.output_size("sharpen", (48, 40), "png")
+    with pytest.raises(ImageTooLarge, match="webp image is at most 16383"):
+        engine.output_size("upscale", (4096, 4096), "webp")
 
 
 @pytest.mark.parametrize("op", OPERATION_NAMES)
