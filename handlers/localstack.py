@@ -180,6 +180,25 @@ def gcloud_storage_env(storage_url: str) -> dict[str, str]:
     }
 
 
+
+def choose_models(model_cache_dir: Path, tiny_dir: Path) -> tuple[Path, bool]:
+    """(cache dir, tiny?) for a local stack: `model_cache_dir` when it holds every model,
+    else tiny random-weight ones, built in `tiny_dir` the first time (offline, seconds)."""
+    from image.models.lock import Lock
+    from image.models.registry import REGISTRY
+    from image.models.store import list_models, verify
+    from image.models.tiny import build_tiny
+
+    specs = list(REGISTRY.values())
+    lock = Lock.packaged()
+    cache_dir = Path(model_cache_dir)
+    if verify(specs, cache_dir, lock):
+        cache_dir = Path(tiny_dir)
+        if verify(specs, cache_dir, lock):
+            print(f"models not found in {model_cache_dir}: building tiny ones in {cache_dir}")
+            build_tiny(specs, cache_dir, lock=lock)
+    return cache_dir, any(row.tiny for row in list_models(specs, cache_dir, lock))
+
 class LocalStack:
     """The whole local stack: both emulators, a bucket, a pull worker and `imagen serve` behind a
     push subscription, each worker serving some of the operations (as separate pools would).

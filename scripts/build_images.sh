@@ -7,11 +7,13 @@
 #   BUILD_SERVICE_ACCOUNT STAGING_DIR
 #
 # The Hugging Face token: HF_TOKEN, when set, becomes the secret's latest version unless it
-# already is; without it, a secret with no version gets the token of HF_TOKEN_PATH or of the
-# huggingface_hub login ($HF_HOME/token, by default ~/.cache/huggingface/token). It goes to
-# Secret Manager on stdin: never printed, passed as an argument or written anywhere else.
+# already is; without it, a secret with no enabled latest version gets the token of
+# HF_TOKEN_PATH or of the huggingface_hub login ($HF_HOME/token, by default
+# ~/.cache/huggingface/token). It goes to Secret Manager on stdin: never printed, passed as an
+# argument or written anywhere else.
 #
-# BUILD_POLL_SECONDS (default 30): how often the build's state is read.
+# BUILD_POLL_SECONDS (default 30): how often the build's state is read; BUILD_RETRY_SECONDS
+# (default 60): the wait before the one resubmission of a build that failed at once.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,19 +33,23 @@ store_token() {
     --data-file=- --quiet > /dev/null
 }
 
-enabled=$(gcloud secrets versions list "$HF_TOKEN_SECRET" --project "$PROJECT" \
-  --filter "state:ENABLED" --limit 1 --format "value(name)")
-if [ -n "$enabled" ] && [ -n "${HF_TOKEN:-}" ]; then
-  # The token given now is the one meant: store it unless it is the latest already.
+# What every build reads is the latest version, which must be enabled (a disabled or
+# destroyed latest, a leaked token switched off, counts as none).
+latest=$(gcloud secrets versions describe latest --secret "$HF_TOKEN_SECRET" --project "$PROJECT" \
+  --format "value(state)" 2> /dev/null) || latest=""
+given=$(printf %s "${HF_TOKEN:-}" | tr -d '[:space:]')
+if [ "$latest" = ENABLED ] && [ -n "$given" ]; then
+  # The token given now is the one meant: stored unless it is the latest already.
   if ! current=$(gcloud secrets versions access latest --secret "$HF_TOKEN_SECRET" --project "$PROJECT" 2> /dev/null); then
-    echo "imagen: cannot read $HF_TOKEN_SECRET to compare it with HF_TOKEN: its latest version is used" >&2
-  elif [ "$current" != "$HF_TOKEN" ]; then
-    store_token "$HF_TOKEN"
+    store_token "$given"
+    echo "imagen: stored HF_TOKEN as the new latest version of $HF_TOKEN_SECRET (the current one could not be read to compare)"
+  elif [ "$current" != "$given" ]; then
+    store_token "$given"
     echo "imagen: stored HF_TOKEN as the new latest version of $HF_TOKEN_SECRET"
   fi
   unset current
-elif [ -z "$enabled" ]; then
-  token="${HF_TOKEN:-}"
+elif [ "$latest" != ENABLED ]; then
+  token=$given
   file="${HF_TOKEN_PATH:-${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/token}"
   if [ -z "$token" ] && [ -r "$file" ]; then
     token=$(tr -d '[:space:]' < "$file")
@@ -51,8 +57,8 @@ elif [ -z "$enabled" ]; then
   if [ -z "$token" ]; then
     cat >&2 << MESSAGE
 imagen: no Hugging Face token to build the images with.
-Every build reads one from the secret $HF_TOKEN_SECRET (to download the models), which has
-none yet. Give it one, then run terraform apply again:
+Every build reads one from the latest version of the secret $HF_TOKEN_SECRET (to download the
+models), which has none enabled. Give it one, then run terraform apply again:
   export HF_TOKEN=hf_...          (a read token of the account that accepted the models' terms)
 or store it yourself:
   printf %s "\$HF_TOKEN" | gcloud secrets versions add $HF_TOKEN_SECRET --project $PROJECT --data-file=-
@@ -61,8 +67,9 @@ MESSAGE
   fi
   store_token "$token"
   unset token
-  echo "imagen: stored the Hugging Face token as the first version of $HF_TOKEN_SECRET"
+  echo "imagen: stored the Hugging Face token as the latest version of $HF_TOKEN_SECRET"
 fi
+unset given
 
 # --- the build -------------------------------------------------------------------------------
 # _OPERATIONS holds commas, gcloud's separator between substitutions: ^;^ picks another one.
@@ -70,7 +77,8 @@ substitutions="^;^_REGION=$REGION;_REPOSITORY=$REPOSITORY;_OPERATIONS=$OPERATION
 substitutions+=";_HF_TOKEN_SECRET=$HF_TOKEN_SECRET;_MODEL_SOURCE=$MODEL_SOURCE;_TAG_SUFFIX="
 substitutions+=";COMMIT_SHA=$TAG;SHORT_SHA=$TAG"
 
-# Waits for build $1 (log at $2); 0 when it succeeded.
+# Waits for build $1 (log at $2): 0 it succeeded, 1 it failed, 2 it was cancelled, 3 its
+# state could not be read (it may still be running).
 wait_for() {
   local build=$1 url=$2 status unread=0
   while true; do
@@ -78,7 +86,7 @@ wait_for() {
       unread=$((unread + 1))
       if [ "$unread" -ge 10 ]; then
         echo "imagen: cannot read the state of Cloud Build $build (it goes on without us): $url" >&2
-        return 1
+        return 3
       fi
       status=UNREAD
     else
@@ -86,28 +94,31 @@ wait_for() {
     fi
     case "$status" in
       SUCCESS) return 0 ;;
-      FAILURE | INTERNAL_ERROR | TIMEOUT | CANCELLED | EXPIRED)
+      FAILURE | INTERNAL_ERROR | TIMEOUT | EXPIRED)
         echo "imagen: Cloud Build $build ended $status; its log: $url" >&2
         return 1
+        ;;
+      CANCELLED)
+        echo "imagen: Cloud Build $build was cancelled; its log: $url" >&2
+        return 2
         ;;
     esac
     sleep "$poll"
   done
 }
 
-done_message() {
-  echo "imagen: images built: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-{$OPERATIONS}:$TAG"
-}
-
 # A build of this tag still running (an apply interrupted before it ended): wait for it
-# rather than race it to push the same immutable tags.
+# rather than race it to push the same immutable tags, then build what it did not (another
+# operation since); cloudbuild.yaml skips what it pushed.
 ongoing=$(gcloud builds list --ongoing --project "$PROJECT" --region "$REGION" \
   --format "value(id,substitutions.COMMIT_SHA)" 2> /dev/null | awk -v tag="$TAG" '$2 == tag {print $1; exit}') || true
 if [ -n "$ongoing" ]; then
   echo "imagen: Cloud Build $ongoing is already building $TAG: waiting for it"
-  if wait_for "$ongoing" "https://console.cloud.google.com/cloud-build/builds;region=$REGION/$ongoing?project=$PROJECT"; then
-    done_message
-    exit 0
+  code=0
+  wait_for "$ongoing" "https://console.cloud.google.com/cloud-build/builds;region=$REGION/$ongoing?project=$PROJECT" || code=$?
+  if [ "$code" = 3 ]; then
+    echo "imagen: not starting another build of $TAG beside it: apply again once it has ended" >&2
+    exit 1
   fi
 fi
 
@@ -117,23 +128,31 @@ fi
 # permissions reached every service (IAM takes up to a few minutes): it is submitted once more.
 for try in 1 2; do
   started=$SECONDS
-  read -r build url < <(gcloud builds submit . --config cloudbuild.yaml --project "$PROJECT" \
-    --region "$REGION" --service-account "$BUILD_SERVICE_ACCOUNT" \
-    --gcs-source-staging-dir "$STAGING_DIR" --substitutions "$substitutions" \
-    --async --format "value(id,logUrl)")
-  if [ -z "${build:-}" ]; then
-    echo "imagen: gcloud builds submit started no build" >&2
-    exit 1
+  code=0
+  if ! submitted=$(gcloud builds submit . --config cloudbuild.yaml --project "$PROJECT" \
+      --region "$REGION" --service-account "$BUILD_SERVICE_ACCOUNT" \
+      --gcs-source-staging-dir "$STAGING_DIR" --substitutions "$substitutions" \
+      --async --format "value(id,logUrl)"); then
+    echo "imagen: gcloud builds submit failed (above)" >&2
+    code=1
+  else
+    IFS=$'\t' read -r build url <<< "$submitted" || true
+    if [ -z "${build:-}" ]; then
+      echo "imagen: gcloud builds submit started no build" >&2
+      exit 1
+    fi
+    echo "imagen: building imagen-{$OPERATIONS}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
+    echo "imagen: its log: $url"
+    wait_for "$build" "$url" || code=$?
+    if [ "$code" = 0 ]; then
+      echo "imagen: images built: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-{$OPERATIONS}:$TAG"
+      exit 0
+    fi
   fi
-  echo "imagen: building imagen-{$OPERATIONS}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
-  echo "imagen: its log: $url"
-  if wait_for "$build" "$url"; then
-    done_message
-    exit 0
-  fi
-  if [ "$try" = 1 ] && [ $((SECONDS - started)) -lt 300 ]; then
-    echo "imagen: it failed within $((SECONDS - started)) s; new permissions can take minutes: trying once more in 60 s" >&2
-    sleep $((poll < 60 ? poll : 60))
+  if [ "$code" = 1 ] && [ "$try" = 1 ] && [ $((SECONDS - started)) -lt 300 ]; then
+    retry="${BUILD_RETRY_SECONDS:-60}"
+    echo "imagen: that failed within $((SECONDS - started)) s; a new project's permissions can take minutes: trying once more in $retry s" >&2
+    sleep "$retry"
     continue
   fi
   break

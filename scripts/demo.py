@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from handlers.clients import storage_client
-from handlers.localstack import LocalStack
+from handlers.localstack import LocalStack, choose_models
 from handlers.settings import Settings
 from scripts import samples
 
@@ -27,24 +27,6 @@ WORK_DIR = ROOT / ".demo"
 OUTPUT_DIR = ROOT / "demo-output"
 BUCKET = "imagen-demo"
 TIMEOUT_SECONDS = 900
-
-
-def choose_models(settings: Settings, work_dir: Path) -> tuple[Path, bool]:
-    """(cache dir, tiny?): MODEL_CACHE_DIR when it holds every model, else tiny ones built here."""
-    from image.models.lock import Lock
-    from image.models.registry import REGISTRY
-    from image.models.store import list_models, verify
-    from image.models.tiny import build_tiny
-
-    specs = list(REGISTRY.values())
-    lock = Lock.packaged()
-    cache_dir = settings.model_cache_dir
-    if verify(specs, cache_dir, lock):
-        cache_dir = work_dir / "models"
-        if verify(specs, cache_dir, lock):
-            print(f"models not found in {settings.model_cache_dir}: building tiny ones in {cache_dir}")
-            build_tiny(specs, cache_dir, lock=lock)
-    return cache_dir, any(row.tiny for row in list_models(specs, cache_dir, lock))
 
 
 def jobs(tiny: bool) -> list[dict]:
@@ -78,7 +60,7 @@ def failure_name(job: dict) -> str:
 
 def main(output_dir: Path = OUTPUT_DIR, work_dir: Path = WORK_DIR) -> int:
     settings = Settings.from_env()
-    cache_dir, tiny = choose_models(settings, work_dir)
+    cache_dir, tiny = choose_models(settings.model_cache_dir, work_dir / "models")
     shutil.rmtree(output_dir, ignore_errors=True)
     (output_dir / "inputs").mkdir(parents=True)
     (output_dir / "outputs").mkdir(parents=True)

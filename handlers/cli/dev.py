@@ -18,9 +18,13 @@ import click
 @click.pass_obj
 def command(settings, bucket, work_dir):
     """Start the local stack and print the exports that point tools at it; Ctrl-C stops it."""
-    from handlers.localstack import LocalStack
+    from handlers.localstack import LocalStack, choose_models
 
-    stack = LocalStack(work_dir, settings.model_cache_dir, bucket=bucket, device=settings.device)
+    cache_dir, tiny = choose_models(settings.model_cache_dir, work_dir / "models")
+    if tiny:
+        click.echo(f"using tiny random-weight models ({cache_dir}): the plumbing is real, the pictures "
+                   f"are noise; `imagen models pull` into MODEL_CACHE_DIR for the real ones")
+    stack = LocalStack(work_dir, cache_dir, bucket=bucket, device=settings.device)
     click.echo("starting the emulators, a worker and imagen serve (models load first)...")
     stopped, started = threading.Event(), threading.Event()
 

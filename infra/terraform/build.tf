@@ -60,7 +60,8 @@ resource "google_artifact_registry_repository" "images" {
   depends_on = [google_project_service.enabled]
 }
 
-# The secret only: its value (a version) is added by hand, so it is never in the state.
+# The secret only: its value (a version) is stored by scripts/build_images.sh or by hand,
+# never through Terraform, so it is never in the state.
 resource "google_secret_manager_secret" "hf_token" {
   secret_id = var.hf_token_secret
 

@@ -171,3 +171,17 @@ check "k8s_names" {
     error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>: with another name_prefix, rename them there too."
   }
 }
+
+check "cloud_run_has_an_image" {
+  assert {
+    condition     = !local.cloudrun || local.image_tag != ""
+    error_message = "No image to run (build_images = false and no image_tag): there are no Cloud Run services, so no push subscriptions either; on a deployment that has them this plan removes them, with the jobs they hold. Set image_tag in terraform.tfvars, or build_images = true."
+  }
+}
+
+check "model_mirror_is_cloud_run_only" {
+  assert {
+    condition     = var.model_mirror == "" || local.cloudrun
+    error_message = "model_mirror: only the Cloud Run services restore models from it. In GKE mode its images are built without models (-slim) and nothing fills /models: use the PVC overlay (infra/k8s/overlays/pvc-models, filled with `imagen models pull --from`), or leave model_mirror empty to bake the models in."
+  }
+}

@@ -167,7 +167,7 @@ variable "image_tag" {
 }
 
 variable "gpu_type" {
-  description = "GPU of each Cloud Run instance (node_selector accelerator) and of the GKE node pool (cloud.google.com/gke-accelerator)."
+  description = "GPU of each Cloud Run instance (node_selector accelerator). Cloud Run only: GKE's is the node pool's and infra/k8s's node selector."
   type        = string
   default     = "nvidia-l4"
 }
@@ -233,7 +233,7 @@ variable "ingress" {
 }
 
 variable "model_mirror" {
-  description = "gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build_images then builds them without models, tagged <tag>-slim). Empty: models are baked into the images."
+  description = "Cloud Run only: gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build_images then builds them without models, tagged <tag>-slim). Empty: models are baked into the images. (GKE: fill the PVC overlay's volume from the mirror instead.)"
   type        = string
   default     = ""
 
@@ -296,7 +296,7 @@ variable "keda_service_account" {
 # --- build and operations -----------------------------------------------------------------
 
 variable "build_images" {
-  description = "Build the images from this checkout with Cloud Build during `terraform apply` (gcloud must be logged in where terraform runs), whenever what goes into them changes, and run the services on them. Ignored while image_tag is set. The first build stores the Hugging Face token from HF_TOKEN (or your `hf auth login`) in hf_token_secret if it has none."
+  description = "Build the images from this checkout with Cloud Build during `terraform apply` (gcloud must be logged in where terraform runs), whenever what goes into them changes, and run the services on them. Ignored while image_tag is set. An apply that builds stores HF_TOKEN as hf_token_secret's latest version unless it already is (without HF_TOKEN, an empty secret gets your `hf auth login` token)."
   type        = bool
   default     = true
 }
@@ -308,7 +308,7 @@ variable "image_revision" {
 }
 
 variable "build_model_source" {
-  description = "What build_images bakes into the images (the Dockerfile's MODEL_SOURCE): hub (the models; needs the token), tiny (random weights: a smoke test of the deployment's plumbing, no good results), none (no models: for model_mirror or the GKE PVC). Empty: none with model_mirror, hub otherwise."
+  description = "What build_images bakes into the images (the Dockerfile's MODEL_SOURCE): hub (the models), tiny (random weights: a smoke test of the deployment's plumbing, no good results), none (no models: for model_mirror or the GKE PVC). Empty: none with model_mirror, hub otherwise. Every build needs the token in hf_token_secret, whatever the source (cloudbuild.yaml reads it)."
   type        = string
   default     = ""
 
@@ -325,13 +325,13 @@ variable "artifact_repository" {
 }
 
 variable "keep_image_versions" {
-  description = "Image versions kept per operation; older ones are deleted (each is 6-13 GB)."
+  description = "Image versions kept per operation whatever their age; older ones are deleted once 30 days old (each is 6-13 GB)."
   type        = number
   default     = 10
 }
 
 variable "hf_token_secret" {
-  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; build_images stores the first version from HF_TOKEN at the first build, or add it yourself. Either way it never sits in Terraform state."
+  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; an apply that builds (build_images) stores HF_TOKEN from its environment, or add versions yourself. Either way the token never sits in Terraform state."
   type        = string
   default     = "imagen-hf-token"
 }

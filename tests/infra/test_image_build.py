@@ -32,28 +32,39 @@ FAKE_GCLOUD = textwrap.dedent(f"""\
     call = {{"args": args, "cwd": os.getcwd()}}
     if args[:3] == ["secrets", "versions", "add"]:
         call["stdin"] = sys.stdin.read()
-        (state / "versions").write_text("1\\n")
         (state / "latest").write_text(call["stdin"])
+        (state / "latest_state").write_text("ENABLED")
     with (state / "calls.jsonl").open("a") as calls:
         calls.write(json.dumps(call) + "\\n")
-    if args[:3] == ["secrets", "versions", "list"]:
-        versions = state / "versions"
-        print(versions.read_text().strip() if versions.exists() else "")
+
+    def take(name, default):
+        # The next line of a file of answers, one per call.
+        path = state / name
+        lines = path.read_text().split() if path.exists() else []
+        path.write_text("\\n".join(lines[1:]))
+        return lines[0] if lines else default
+
+    if args[:4] == ["secrets", "versions", "describe", "latest"]:
+        if not (state / "latest").exists():
+            sys.exit("ERROR: (gcloud.secrets.versions.describe) NOT_FOUND: Secret Version [latest] not found")
+        print((state / "latest_state").read_text() if (state / "latest_state").exists() else "ENABLED")
     elif args[:4] == ["secrets", "versions", "access", "latest"]:
-        latest = state / "latest"
-        if not latest.exists():
+        if (state / "access_denied").exists() or (state / "latest_state").exists() and (state / "latest_state").read_text() != "ENABLED":
             sys.exit("ERROR: (gcloud.secrets.versions.access) PERMISSION_DENIED")
-        print(latest.read_text(), end="")
+        print((state / "latest").read_text(), end="")  # as gcloud: no newline added
     elif args[:2] == ["builds", "list"]:
         ongoing = state / "ongoing"
         print(ongoing.read_text() if ongoing.exists() else "", end="")
     elif args[:2] == ["builds", "submit"]:
-        print("build-1\\thttps://console.cloud.google.com/cloud-build/builds/build-1")
+        if take("submits", "OK") == "FAIL":
+            sys.exit("ERROR: (gcloud.builds.submit) PERMISSION_DENIED: caller does not have permission to act as service account")
+        number = len([line for line in (state / "calls.jsonl").read_text().splitlines() if '"submit"' in line])
+        print(f"build-{{number}}\\thttps://console.cloud.google.com/cloud-build/builds/build-{{number}}")
     elif args[:2] == ["builds", "describe"]:
-        statuses = state / "statuses"
-        lines = statuses.read_text().split() if statuses.exists() else []
-        print(lines[0] if lines else "SUCCESS")
-        statuses.write_text("\\n".join(lines[1:]))
+        status = take("statuses", "SUCCESS")
+        if status == "UNREADABLE":
+            sys.exit("ERROR: (gcloud.builds.describe) There was a problem refreshing your current auth tokens")
+        print(status)
     """)
 
 
@@ -88,6 +99,7 @@ class Project:
             "HOME": str(self.home),
             "FAKE_GCLOUD_STATE": str(self.state),
             "BUILD_POLL_SECONDS": "0",
+            "BUILD_RETRY_SECONDS": "0",
             "CHECKPOINT_DISABLE": "1",  # no call home to HashiCorp
             "TF_IN_AUTOMATION": "1",
         }
@@ -232,10 +244,9 @@ def test_the_token_comes_from_the_hugging_face_login_without_hf_token(project):
 
 
 def test_a_secret_with_a_version_is_kept_or_replaced_by_a_new_hf_token(project):
-    (project.state / "versions").write_text("3\n")
     (project.state / "latest").write_text("hf_current")
     _ok(project.apply())  # no HF_TOKEN: the stored one is used
-    _ok(project.apply(env={"HF_TOKEN": "hf_current"}, revision="again"))  # the same one: nothing to store
+    _ok(project.apply(env={"HF_TOKEN": "hf_current\n"}, revision="again"))  # the same one: nothing to store
     assert project.calls("secrets", "versions", "add") == []
     result = _ok(project.apply(env={"HF_TOKEN": "hf_rotated"}, revision="rotated"))
     [add] = project.calls("secrets", "versions", "add")
@@ -245,11 +256,23 @@ def test_a_secret_with_a_version_is_kept_or_replaced_by_a_new_hf_token(project):
     assert len(project.calls("builds", "submit")) == 3
 
 
-def test_an_unreadable_secret_is_used_as_it_is(project):
-    (project.state / "versions").write_text("3\n")  # and no access to its value
-    result = _ok(project.apply(env={"HF_TOKEN": "hf_other"}))
-    assert "cannot read imagen-hf-token to compare it with HF_TOKEN: its latest version is used" in result.stdout
-    assert project.calls("secrets", "versions", "add") == []
+def test_a_token_that_cannot_be_compared_is_stored(project):
+    (project.state / "latest").write_text("hf_old")
+    (project.state / "access_denied").write_text("")  # Secret Version Manager without Accessor
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_new"}))
+    assert "the current one could not be read to compare" in result.stdout
+    [add] = project.calls("secrets", "versions", "add")
+    assert add["stdin"] == "hf_new"
+
+
+def test_a_disabled_latest_version_counts_as_none(project):
+    (project.state / "latest").write_text("hf_leaked")
+    (project.state / "latest_state").write_text("DISABLED")
+    result = project.apply()
+    assert result.returncode != 0 and "has none enabled" in result.stdout + result.stderr
+    assert project.calls("builds", "submit") == []
+    _ok(project.apply(env={"HF_TOKEN": "hf_fresh"}))
+    assert [add["stdin"] for add in project.calls("secrets", "versions", "add")] == ["hf_fresh"]
 
 
 def test_no_token_stops_before_the_build_and_says_how_to_give_one(project):
@@ -272,7 +295,8 @@ def test_a_failed_build_fails_the_apply_and_the_next_apply_builds_again(project)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "Cloud Build build-1 ended FAILURE; its log: https://console.cloud.google.com/cloud-build/builds/build-1" in output
-    assert "trying once more in 60 s" in output
+    assert "a new project's permissions can take minutes: trying once more in 0 s" in output
+    assert "Cloud Build build-2 ended FAILURE" in output
     assert "fix the cause and run terraform apply again" in output
     assert len(project.calls("builds", "submit")) == 2
     assert len(project.calls("builds", "describe")) == 4
@@ -287,6 +311,21 @@ def test_a_quick_failure_then_success_is_a_success(project):
     assert len(project.calls("builds", "submit")) == 2
 
 
+def test_a_refused_submit_is_tried_once_more(project):
+    (project.state / "submits").write_text("FAIL\nOK\n")
+    result = _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
+    assert "act as service account" in result.stderr + result.stdout
+    assert "gcloud builds submit failed (above)" in result.stdout + result.stderr
+    assert len(project.calls("builds", "submit")) == 2
+
+
+def test_a_cancelled_build_is_not_submitted_again(project):
+    (project.state / "statuses").write_text("CANCELLED\n")
+    result = project.apply(env={"HF_TOKEN": "hf_token"})
+    assert result.returncode != 0 and "Cloud Build build-1 was cancelled" in result.stdout + result.stderr
+    assert len(project.calls("builds", "submit")) == 1
+
+
 def test_a_build_of_the_tag_still_running_is_waited_for_not_raced(project):
     _ok(project.apply(build=False))
     tag = project.tag()
@@ -294,8 +333,22 @@ def test_a_build_of_the_tag_still_running_is_waited_for_not_raced(project):
     (project.state / "statuses").write_text("WORKING\nSUCCESS\n")
     result = _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
     assert f"Cloud Build build-7 is already building {tag}: waiting for it" in result.stdout
+    [listed] = project.calls("builds", "list")
+    assert listed["args"][2:] == ["--ongoing", "--project", "proj", "--region", "us-central1",
+                                  "--format", "value(id,substitutions.COMMIT_SHA)"]
+    assert [call["args"][2] for call in project.calls("builds", "describe")][:2] == ["build-7", "build-7"]
+    # Then its own build, for what that one did not build (cloudbuild.yaml skips what it pushed).
+    assert len(project.calls("builds", "submit")) == 1
+
+
+def test_a_running_build_whose_state_cannot_be_read_is_not_raced(project):
+    _ok(project.apply(build=False))
+    (project.state / "ongoing").write_text(f"build-7\t{project.tag()}\n")
+    (project.state / "statuses").write_text("UNREADABLE\n" * 10)
+    result = project.apply(env={"HF_TOKEN": "hf_token"})
+    assert result.returncode != 0
+    assert "not starting another build" in result.stdout + result.stderr
     assert project.calls("builds", "submit") == []
-    assert [call["args"][2] for call in project.calls("builds", "describe")] == ["build-7", "build-7"]
 
 
 def test_what_the_build_uploads_is_what_the_tag_is_a_hash_of(project):

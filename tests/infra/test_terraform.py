@@ -159,6 +159,18 @@ def test_cloud_run_runs_the_tag_terraform_holds(terraform):
     assert expr(terraform.locals["services"]) == 'local.cloudrun && local.image_tag != "" ? local.operations : toset([])'
 
 
+def test_plans_that_would_leave_workers_without_models_or_an_image_warn(terraform):
+    """A Cloud Run apply with no tag (build_images = false, image_tag forgotten) removes the
+    services and their push subscriptions; a model mirror in GKE mode builds images without
+    models that nothing fills. Both are legitimate states mid-way, so warnings (check blocks),
+    not errors."""
+    image = one(terraform.checks["cloud_run_has_an_image"]["assert"])
+    assert expr(image["condition"]) == '!local.cloudrun || local.image_tag != ""'
+    assert "Set image_tag in terraform.tfvars" in image["error_message"]
+    mirror = one(terraform.checks["model_mirror_is_cloud_run_only"]["assert"])
+    assert expr(mirror["condition"]) == 'var.model_mirror == "" || local.cloudrun'
+
+
 def test_images_are_built_by_the_apply_unless_a_tag_is_given(terraform):
     assert terraform.default("build_images") is True
     assert terraform.default("image_tag") == ""

@@ -102,6 +102,19 @@ def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
         build_tiny([spec], tmp_path, lock=lock)
 
 
+def test_a_local_stack_uses_complete_models_or_builds_tiny_ones(tiny_cache, tmp_path, capsys):
+    """`make demo` and `make dev` on a fresh checkout: no models anywhere, so tiny ones are
+    built once (and said so); complete models in MODEL_CACHE_DIR are used as they are."""
+    from handlers.localstack import choose_models
+
+    assert choose_models(tiny_cache, tmp_path / "unused") == (tiny_cache, True)
+    assert not (tmp_path / "unused").exists()
+    assert choose_models(tmp_path / "empty", tmp_path / "tiny") == (tmp_path / "tiny", True)
+    assert "building tiny ones" in capsys.readouterr().out
+    assert choose_models(tmp_path / "empty", tmp_path / "tiny") == (tmp_path / "tiny", True)
+    assert "building" not in capsys.readouterr().out  # built once
+
+
 # --- loading -------------------------------------------------------------------------------
 
 
