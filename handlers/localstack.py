@@ -180,7 +180,6 @@ def gcloud_storage_env(storage_url: str) -> dict[str, str]:
     }
 
 
-
 def choose_models(model_cache_dir: Path, tiny_dir: Path) -> tuple[Path, bool]:
     """(cache dir, tiny?) for a local stack: `model_cache_dir` when it holds every model,
     else tiny random-weight ones, built in `tiny_dir` the first time (offline, seconds)."""
@@ -198,6 +197,7 @@ def choose_models(model_cache_dir: Path, tiny_dir: Path) -> tuple[Path, bool]:
             print(f"models not found in {model_cache_dir}: building tiny ones in {cache_dir}")
             build_tiny(specs, cache_dir, lock=lock)
     return cache_dir, any(row.tiny for row in list_models(specs, cache_dir, lock))
+
 
 class LocalStack:
     """The whole local stack: both emulators, a bucket, a pull worker and `imagen serve` behind a
