@@ -4,7 +4,7 @@
 # sources change; every value comes from the environment Terraform sets:
 #
 #   PROJECT REGION REPOSITORY OPERATIONS MODEL_SOURCE TAG HF_TOKEN_SECRET
-#   BUILD_SERVICE_ACCOUNT STAGING_DIR
+#   BUILD_SERVICE_ACCOUNT STAGING_DIR, and CHAINS (space-separated, may be empty)
 #
 # The Hugging Face token: HF_TOKEN, when set, becomes the secret's latest version unless it
 # already is; without it, a secret with no enabled latest version gets the token of
@@ -74,8 +74,14 @@ unset given
 # --- the build -------------------------------------------------------------------------------
 # _OPERATIONS holds commas, gcloud's separator between substitutions: ^;^ picks another one.
 substitutions="^;^_REGION=$REGION;_REPOSITORY=$REPOSITORY;_OPERATIONS=$OPERATIONS"
-substitutions+=";_HF_TOKEN_SECRET=$HF_TOKEN_SECRET;_MODEL_SOURCE=$MODEL_SOURCE;_TAG_SUFFIX="
+substitutions+=";_CHAINS=${CHAINS:-};_HF_TOKEN_SECRET=$HF_TOKEN_SECRET;_MODEL_SOURCE=$MODEL_SOURCE;_TAG_SUFFIX="
 substitutions+=";COMMIT_SHA=$TAG;SHORT_SHA=$TAG"
+
+# The images' names after imagen-: the operations, then the chains with hyphens.
+images=$OPERATIONS
+for chain in ${CHAINS:-}; do
+  images+=",${chain//,/-}"
+done
 
 # Waits for build $1 (log at $2): 0 it succeeded, 1 it failed, 2 it was cancelled, 3 its
 # state could not be read (it may still be running).
@@ -141,11 +147,11 @@ for try in 1 2; do
       echo "imagen: gcloud builds submit started no build" >&2
       exit 1
     fi
-    echo "imagen: building imagen-{$OPERATIONS}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
+    echo "imagen: building imagen-{$images}:$TAG (Cloud Build $build, 20-60 minutes the first time)"
     echo "imagen: its log: $url"
     wait_for "$build" "$url" || code=$?
     if [ "$code" = 0 ]; then
-      echo "imagen: images built: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-{$OPERATIONS}:$TAG"
+      echo "imagen: images built: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/imagen-{$images}:$TAG"
       exit 0
     fi
   fi

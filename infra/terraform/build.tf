@@ -12,6 +12,7 @@ module "images" {
   region       = var.region
   repository   = google_artifact_registry_repository.images.repository_id
   operations   = var.operations
+  chains       = var.chains
   revision     = var.image_revision
   model_source = var.build_model_source != "" ? var.build_model_source : (var.model_mirror != "" ? "none" : "hub")
   # From the resources rather than the variables, so the build waits for them.

@@ -34,7 +34,7 @@ locals {
 resource "google_cloud_run_v2_service" "worker" {
   for_each = local.services
 
-  name                = "${var.name_prefix}-${each.key}"
+  name                = "${var.name_prefix}-${local.pool_names[each.key]}"
   location            = var.region
   description         = "imagen ${each.key}: ${var.input_prefix}${each.key}/ -> ${var.output_prefix}${each.key}/"
   ingress             = var.ingress
@@ -61,7 +61,7 @@ resource "google_cloud_run_v2_service" "worker" {
     gpu_zonal_redundancy_disabled = !var.gpu_zonal_redundancy
 
     containers {
-      image   = "${local.image_repository}/imagen-${each.key}:${local.image_tag}"
+      image   = "${local.image_repository}/imagen-${local.pool_names[each.key]}:${local.image_tag}"
       command = local.mirror_command
 
       ports {

@@ -57,7 +57,7 @@ resource "google_project_iam_member" "gcs_publishes_for_eventarc" {
 resource "google_eventarc_trigger" "worker" {
   for_each = local.eventarc ? local.services : toset([])
 
-  name            = "${var.name_prefix}-${each.key}"
+  name            = "${var.name_prefix}-${local.pool_names[each.key]}"
   location        = var.region
   service_account = google_service_account.eventarc[0].email
 

@@ -9,16 +9,16 @@ locals {
 }
 
 resource "google_service_account_iam_member" "worker_workload_identity" {
-  for_each = local.gke ? local.operations : toset([])
+  for_each = local.gke ? local.pools : toset([])
 
   service_account_id = google_service_account.worker[each.key].name
   role               = "roles/iam.workloadIdentityUser"
-  member             = "serviceAccount:${local.workload_pool}[${var.gke_namespace}/imagen-${each.key}]"
+  member             = "serviceAccount:${local.workload_pool}[${var.gke_namespace}/imagen-${local.pool_names[each.key]}]"
 }
 
 # Pull, ack and extend leases on its own subscription; no other.
 resource "google_pubsub_subscription_iam_member" "worker_pulls" {
-  for_each = local.gke ? local.operations : toset([])
+  for_each = local.gke ? local.pools : toset([])
 
   subscription = google_pubsub_subscription.jobs[each.key].id
   role         = "roles/pubsub.subscriber"

@@ -4,12 +4,12 @@
 
 # --- the workers --------------------------------------------------------------------------
 
-# One identity per operation (the Cloud Run service's, or the GKE worker's through
-# Workload Identity): a compromised worker reaches only what every worker must.
+# One identity per pool, an operation's or a chain's (the Cloud Run service's, or the GKE
+# worker's through Workload Identity): a compromised worker reaches only what every worker must.
 resource "google_service_account" "worker" {
-  for_each = local.operations
+  for_each = local.pools
 
-  account_id   = "${var.name_prefix}-${each.key}"
+  account_id   = local.pool_accounts[each.key]
   display_name = "imagen ${each.key} worker"
   description  = "Reads input images, writes results and failure reports."
 
@@ -18,7 +18,7 @@ resource "google_service_account" "worker" {
 
 # Read the images to process (and the object metadata that may carry parameters).
 resource "google_storage_bucket_iam_member" "worker_reads_input" {
-  for_each = local.operations
+  for_each = local.pools
 
   bucket = google_storage_bucket.input.name
   role   = "roles/storage.objectViewer"
@@ -27,7 +27,7 @@ resource "google_storage_bucket_iam_member" "worker_reads_input" {
 
 # Write (and replace: a retry rewrites its report) failure reports, in failed/ only.
 resource "google_storage_bucket_iam_member" "worker_writes_failures" {
-  for_each = local.operations
+  for_each = local.pools
 
   bucket = google_storage_bucket.input.name
   role   = "roles/storage.objectUser"
@@ -43,7 +43,7 @@ resource "google_storage_bucket_iam_member" "worker_writes_failures" {
 # Write, read back (the idempotency check reads the output's metadata) and replace results,
 # under the output folder only.
 resource "google_storage_bucket_iam_member" "worker_writes_results" {
-  for_each = local.operations
+  for_each = local.pools
 
   bucket = local.output_bucket
   role   = "roles/storage.objectUser"
@@ -83,7 +83,7 @@ resource "google_storage_bucket_iam_member" "worker_reports_allowed" {
 }
 
 resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
-  for_each = var.results_topic ? local.operations : toset([])
+  for_each = var.results_topic ? local.pools : toset([])
 
   topic  = google_pubsub_topic.results[0].id
   role   = "roles/pubsub.publisher"
@@ -91,39 +91,46 @@ resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
 }
 
 # The compile cache: load the operation's compiled kernels and store them when missing (never
-# replace: no delete permission), in the operation's own folder only. An artefact is code
-# the workers run, so no worker can write one another operation loads.
+# replace: no delete permission), in the operation's own folder only (a chain's pool: each of
+# its operations'). An artefact is code the workers run, so no worker can write one another
+# operation loads.
 resource "google_storage_bucket_iam_member" "worker_loads_compiled" {
-  for_each = var.compile_cache ? local.operations : toset([])
+  for_each = var.compile_cache ? local.pools : toset([])
 
   bucket = google_storage_bucket.compiled[0].name
   role   = "roles/storage.objectViewer"
   member = google_service_account.worker[each.key].member
 
   condition {
-    title       = "own-operation-only"
-    description = "Objects under ${each.key}/"
-    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${each.key}/\")"
+    title       = "own-operations-only"
+    description = "Objects under ${join("/, ", split(",", each.key))}/"
+    expression = join(" || ", [
+      for op in split(",", each.key) :
+      "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${op}/\")"
+    ])
   }
 }
 
 resource "google_storage_bucket_iam_member" "worker_stores_compiled" {
-  for_each = var.compile_cache ? local.operations : toset([])
+  for_each = var.compile_cache ? local.pools : toset([])
 
   bucket = google_storage_bucket.compiled[0].name
   role   = "roles/storage.objectCreator"
   member = google_service_account.worker[each.key].member
 
   condition {
-    title       = "own-operation-only"
-    description = "Objects under ${each.key}/"
-    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${each.key}/\")"
+    title       = "own-operations-only"
+    description = "Objects under ${join("/, ", split(",", each.key))}/"
+    expression = join(" || ", [
+      for op in split(",", each.key) :
+      "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.compiled[0].name}/objects/${op}/\")"
+    ])
   }
 }
 
 # Cloud Run with a model mirror: read it at start.
 resource "google_storage_bucket_iam_member" "worker_reads_model_mirror" {
-  for_each = local.cloudrun && var.model_mirror != "" ? local.operations : toset([])
+  for_each = local.cloudrun && var.model_mirror != "" ? local.pools : toset([])
 
   bucket = local.model_mirror_bucket
   role   = "roles/storage.objectViewer"

@@ -18,7 +18,17 @@ data "google_storage_project_service_account" "gcs" {
 }
 
 locals {
-  operations = toset(var.operations)
+  # What the worker pools serve: an operation each, or a chain of them (var.chains), the key
+  # of every per-pool resource, and its name in resource names ("remove-background,upscale"
+  # -> "remove-background-upscale").
+  pool_list  = distinct(concat(var.operations, var.chains))
+  pools      = toset(local.pool_list)
+  pool_names = { for pool in local.pools : pool => replace(pool, ",", "-") }
+  # Service account ids are at most 30 characters: a long chain's is a digest of it.
+  pool_accounts = {
+    for pool, name in local.pool_names : pool =>
+    length("${var.name_prefix}-${name}") <= 30 ? "${var.name_prefix}-${name}" : "${var.name_prefix}-chain-${substr(sha256(pool), 0, 8)}"
+  }
 
   cloudrun = var.mode == "cloudrun"
   gke      = var.mode == "gke"
@@ -31,9 +41,9 @@ locals {
   # What the services run: the images built by this apply (build.tf), or the tag given.
   image_tag = var.image_tag != "" ? var.image_tag : (var.build_images ? module.images.tag : "")
   # A Cloud Run service needs an image: none without a tag.
-  services = local.cloudrun && local.image_tag != "" ? local.operations : toset([])
+  services = local.cloudrun && local.image_tag != "" ? local.pools : toset([])
   # Push subscriptions need a service URL to push to.
-  subscriptions = local.gke ? local.operations : (local.push ? local.services : toset([]))
+  subscriptions = local.gke ? local.pools : (local.push ? local.services : toset([]))
 
   # From delivery attempt 5 on (handlers/processor.py MAX_ATTEMPTS) a job that hits a
   # transient fault gets a failure report instead of another retry. Pub/Sub allows more
@@ -58,7 +68,7 @@ locals {
   # (operation, bucket) pairs for the buckets managed elsewhere that job messages may read:
   # each operation's worker reads sources there and writes failure reports beside them.
   allowed_sources = {
-    for pair in setproduct(var.operations, distinct(var.allowed_buckets)) : "${pair[0]}/${pair[1]}" => {
+    for pair in setproduct(tolist(local.pools), distinct(var.allowed_buckets)) : "${pair[0]}/${pair[1]}" => {
       operation = pair[0]
       bucket    = pair[1]
     }
@@ -71,10 +81,10 @@ locals {
 
   # Which messages an operation's subscription receives: Storage notifications for objects
   # in its folder, and job messages from other services, which carry no objectId and must
-  # name the operation in an `operation` attribute (docs/deploy.md). Chains
-  # ("remove-background,upscale") need a worker that serves all of their operations.
+  # name the operation in an `operation` attribute (docs/deploy.md). A chain's pool
+  # ("remove-background,upscale", var.chains) has its own folder and attribute value.
   subscription_filters = {
-    for op in var.operations : op => join(" OR ", [
+    for op in local.pools : op => join(" OR ", [
       "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")",
       "attributes.operation = \"${op}\"",
     ])
@@ -87,28 +97,29 @@ locals {
   # The three folders; none may lie inside another (storage.tf, as handlers/settings.py).
   prefixes = [var.input_prefix, var.output_prefix, var.failed_prefix]
 
-  # What no operation's filter takes, which Pub/Sub would drop unseen, kept instead by two
+  # What no pool's filter takes, which Pub/Sub would drop unseen, kept instead by two
   # subscriptions (pubsub.tf) that monitoring.tf alerts on:
-  # - <prefix>-unrouted: uploads outside every operation's folder (a typo, a chain such as
-  #   remove-background,upscale, an object straight under the input prefix) and job messages
-  #   without an `operation` attribute;
-  # - <prefix>-unrouted-jobs: job messages whose `operation` attribute names no deployed operation
-  #   (a chain, a typo, an operation this deployment leaves out).
+  # - <prefix>-unrouted: uploads outside every pool's folder (a typo, a chain not in
+  #   var.chains, an object straight under the input prefix) and job messages without an
+  #   `operation` attribute;
+  # - <prefix>-unrouted-jobs: job messages whose `operation` attribute names no deployed
+  #   operation or chain (a typo, one this deployment leaves out).
   # A filter holds at most 256 bytes: one filter for both would not fit four operations. The
-  # first grows with the input prefix (a check says when it cannot be written); the second
-  # is at most 179 bytes (the operations' names are fixed).
+  # first grows with the input prefix, both with the chains (a check says when one cannot be
+  # written); the second is 179 bytes for the four operations alone.
   unrouted_filter = format("NOT (%s)", join(" OR ", concat(
-    [for op in var.operations : "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")"],
+    [for op in local.pools : "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")"],
     ["attributes:operation"],
   )))
   unrouted_jobs_filter = format("attributes:operation AND NOT (%s)", join(" OR ",
-    [for op in distinct(var.operations) : "attributes.operation = \"${op}\""],
+    [for op in local.pools : "attributes.operation = \"${op}\""],
   ))
-  unrouted_filter_fits = length(local.unrouted_filter) <= 256
+  unrouted_filter_fits      = length(local.unrouted_filter) <= 256
+  unrouted_jobs_filter_fits = length(local.unrouted_jobs_filter) <= 256
   # subscription name (after the prefix) -> its filter, for those created
   unrouted_filters = merge(
     local.filtered && local.unrouted_filter_fits ? { unrouted = local.unrouted_filter } : {},
-    local.filtered ? { "unrouted-jobs" = local.unrouted_jobs_filter } : {},
+    local.filtered && local.unrouted_jobs_filter_fits ? { "unrouted-jobs" = local.unrouted_jobs_filter } : {},
   )
 
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
@@ -160,8 +171,8 @@ resource "google_project_service" "enabled" {
 
 check "unrouted_filter_fits" {
   assert {
-    condition     = !local.filtered || local.unrouted_filter_fits
-    error_message = "The unrouted subscription's filter would exceed Pub/Sub's 256 bytes (many operations or a long input_prefix): it is not created, so uploads outside every operation's folder are dropped unseen. Shorten input_prefix, or set subscription_filter = false."
+    condition     = !local.filtered || (local.unrouted_filter_fits && local.unrouted_jobs_filter_fits)
+    error_message = "An unrouted subscription's filter would exceed Pub/Sub's 256 bytes (many operations and chains, or a long input_prefix): it is not created, so uploads outside every pool's folder, or job messages for an operation no pool serves, are dropped unseen. Shorten input_prefix or deploy fewer chains, or set subscription_filter = false (no chains then)."
   }
 }
 

@@ -9,9 +9,15 @@
 locals {
   unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
   # condition name -> the subscriptions it watches (one condition for both unrouted ones: a
-  # policy holds at most 6 conditions, and the four dead-letter ones take four)
+  # policy holds at most 6 conditions; one per pool's dead letters while they fit, else one
+  # for all of them, the incident naming the subscription)
+  dead_letter_conditions = (
+    length(google_pubsub_subscription.dead_letter) <= 5
+    ? { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => [sub.name] }
+    : { "dead-letter backlog" = [for sub in google_pubsub_subscription.dead_letter : sub.name] }
+  )
   watched_backlogs = merge(
-    { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => [sub.name] },
+    local.dead_letter_conditions,
     length(local.unrouted_subscriptions) > 0 ? { "unrouted backlog" = local.unrouted_subscriptions } : {},
   )
 }
@@ -61,9 +67,9 @@ resource "google_monitoring_alert_policy" "dead_letters" {
       no worker pool's subscription takes, so no output and no failure report. In
       `-unrouted`: an upload under a folder that names no deployed operation (a typo,
       `${var.input_prefix}` itself, a console folder placeholder, or a chain such as
-      `remove-background,upscale`: chains need one worker serving all their operations), or a
-      job message without an `operation` attribute. In `-unrouted-jobs`: a job message whose
-      `operation` attribute names no deployed operation (a chain, a typo, one left out).
+      `remove-background,upscale` that is not in `chains`), or a job message without an
+      `operation` attribute. In `-unrouted-jobs`: a job message whose `operation` attribute
+      names no deployed operation or chain (a typo, one left out).
       `imagen dlq list --subscription <name>` shows them. Move the objects under an
       operation's folder (or fix the publisher), then drain the subscription
       (`gcloud pubsub subscriptions seek <name> --time=NOW`, NOW in RFC 3339); or, once a

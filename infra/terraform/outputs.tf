@@ -52,11 +52,11 @@ output "client_env" {
 }
 
 output "backfill_command" {
-  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null while there are no subscriptions (Cloud Run without an image yet) and with Eventarc (no topic)."
+  description = "`imagen backfill` for this deployment's input folder: its topic, and --only per deployed operation and chain (so no job is queued that no worker serves). Run with client_env set; add --dry-run first. Null while there are no subscriptions (Cloud Run without an image yet) and with Eventarc (no topic)."
   value = length(local.subscriptions) > 0 ? join(" ", concat(
     ["imagen", "backfill", "gs://${google_storage_bucket.input.name}/${local.common_env["IMAGEN_INPUT_PREFIX"]}"],
     ["--topic", google_pubsub_topic.jobs[0].id],
-    flatten([for op in distinct(var.operations) : ["--only", op]]),
+    flatten([for pool in local.pool_list : ["--only", pool]]),
   )) : null
 }
 

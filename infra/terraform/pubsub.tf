@@ -33,7 +33,7 @@ resource "google_pubsub_topic_iam_member" "job_publishers" {
 resource "google_pubsub_subscription" "jobs" {
   for_each = local.subscriptions
 
-  name   = "${var.name_prefix}-${each.key}"
+  name   = "${var.name_prefix}-${local.pool_names[each.key]}"
   topic  = google_pubsub_topic.jobs[0].id
   filter = var.subscription_filter ? local.subscription_filters[each.key] : null
 
@@ -104,9 +104,9 @@ moved {
 # --- dead letters -------------------------------------------------------------------------
 
 resource "google_pubsub_topic" "dead_letter" {
-  for_each = local.pubsub ? local.operations : toset([])
+  for_each = local.pubsub ? local.pools : toset([])
 
-  name                       = "${var.name_prefix}-${each.key}-dead-letter"
+  name                       = "${var.name_prefix}-${local.pool_names[each.key]}-dead-letter"
   message_retention_duration = "604800s"
 
   depends_on = [google_project_service.enabled]
@@ -115,9 +115,9 @@ resource "google_pubsub_topic" "dead_letter" {
 # Keeps what was dead-lettered (a topic alone keeps nothing for a reader), for inspection
 # and replay; the alert in monitoring.tf watches its backlog.
 resource "google_pubsub_subscription" "dead_letter" {
-  for_each = local.pubsub ? local.operations : toset([])
+  for_each = local.pubsub ? local.pools : toset([])
 
-  name                       = "${var.name_prefix}-${each.key}-dead-letter"
+  name                       = "${var.name_prefix}-${local.pool_names[each.key]}-dead-letter"
   topic                      = google_pubsub_topic.dead_letter[each.key].id
   ack_deadline_seconds       = 60
   message_retention_duration = "604800s"
@@ -130,7 +130,7 @@ resource "google_pubsub_subscription" "dead_letter" {
 # The Pub/Sub service agent forwards undeliverable messages: publisher on the dead-letter
 # topic, subscriber on the source subscription (to ack them there).
 resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
-  for_each = local.pubsub ? local.operations : toset([])
+  for_each = local.pubsub ? local.pools : toset([])
 
   topic  = google_pubsub_topic.dead_letter[each.key].id
   role   = "roles/pubsub.publisher"

@@ -43,6 +43,10 @@ resource "google_storage_bucket" "input" {
       error_message = "input_prefix, output_prefix and failed_prefix must be three folders, none inside another."
     }
     precondition {
+      condition     = length(var.chains) == 0 || local.filtered
+      error_message = "chains need filtered subscriptions (delivery = push, or mode = gke, with subscription_filter = true): unfiltered, every pool would receive every chain's jobs."
+    }
+    precondition {
       condition     = !local.eventarc || var.output_bucket != ""
       error_message = "delivery = eventarc cannot filter by folder: with results in the input bucket every result wakes every service. Set output_bucket."
     }

@@ -124,6 +124,22 @@ variable "operations" {
   }
 }
 
+variable "chains" {
+  description = "Chains to deploy, each run in order on one GPU by a pool of its own (\"remove-background,upscale\": a cut-out, then upscaled), fed from the folder <input_prefix><chain>/ and job messages whose operation names the chain. Each gets an image with its operations' models, imagen-<the chain with hyphens>, a worker, a subscription and a dead-letter topic, as an operation does. Needs filtered subscriptions (push or GKE, subscription_filter = true)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition = alltrue([
+      for chain in var.chains : length(split(",", chain)) >= 2
+      && length(distinct(split(",", chain))) == length(split(",", chain))
+      && alltrue([for op in split(",", chain) : contains(["upscale", "enhance", "comic", "remove-background"], op)])
+      && length(replace(chain, ",", "-")) <= 36
+    ]) && length(distinct(var.chains)) == length(var.chains)
+    error_message = "chains: distinct chains of two or more different operations from upscale, enhance, comic, remove-background, comma-separated without spaces (\"remove-background,upscale\"), at most 36 characters."
+  }
+}
+
 variable "mode" {
   description = "cloudrun: Cloud Run GPU services fed by Pub/Sub push (or Eventarc). gke: Pub/Sub pull subscriptions and Workload Identity for the workers in infra/k8s on an existing GKE cluster."
   type        = string

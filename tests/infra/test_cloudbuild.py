@@ -81,13 +81,46 @@ def test_builds_with_buildkit_and_the_token_as_a_secret(cloudbuild):
 def test_images_are_tagged_with_the_commit_and_pushed_to_artifact_registry(cloudbuild):
     script = next(step for step in cloudbuild["steps"] if step["id"] == "build-and-push")["args"][-1]
     assert 'repo="${_REGION}-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}"' in script
-    assert 'image="$${repo}/imagen-$${op}"' in script
+    assert '''image="$${repo}/imagen-$(echo "$${pool}" | tr ',' '-')"''' in script
     assert 'commit="$COMMIT_SHA"' in script and 'short="$SHORT_SHA"' in script
     assert 'tag="$${commit}${_TAG_SUFFIX}"' in script
     assert '--tag "$${image}:$${tag}"' in script
     assert '--tag "$${image}:$${short}${_TAG_SUFFIX}"' in script
-    assert '--build-arg OPERATIONS="$${op}"' in script
+    assert '--build-arg OPERATIONS="$${pool}"' in script
     assert 'docker push --all-tags "$${image}"' in script
+
+
+def test_one_image_per_operation_and_per_chain(cloudbuild, tmp_path):
+    """The build step itself, run with a docker that records its calls (no Docker engine
+    here): imagen-<operation> with that operation's models, then imagen-<chain with hyphens>
+    with all of the chain's; an image already pushed is skipped."""
+    script = next(step for step in cloudbuild["steps"] if step["id"] == "build-and-push")["args"][-1]
+    values = {**_values(cloudbuild), "_OPERATIONS": "upscale,comic", "_CHAINS": "remove-background,upscale comic,upscale"}
+    path = tmp_path / "build.sh"
+    path.write_text(_substitute(script, values))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text('#!/bin/sh\necho "$*" >> "$DOCKER_CALLS"\n'
+                      '[ "$1 $2" = "manifest inspect" ] && case "$3" in *imagen-comic:*) exit 0;; *) exit 1;; esac\nexit 0\n')
+    docker.chmod(0o755)
+    calls = tmp_path / "calls"
+    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DOCKER_CALLS": str(calls)})
+    assert result.returncode == 0, result.stderr
+    builds = [line.split() for line in calls.read_text().splitlines() if line.startswith("build ")]
+    built = {
+        next(arg.split("=", 1)[1] for arg in args if arg.startswith("OPERATIONS=")):  # the models
+        args[args.index("--tag") + 1].split("/")[-1]  # the image
+        for args in builds
+    }
+    repo = "us-central1-docker.pkg.dev/my-project/imagen"
+    assert built == {
+        "upscale": f"imagen-upscale:{SAMPLE['COMMIT_SHA']}",
+        "remove-background,upscale": f"imagen-remove-background-upscale:{SAMPLE['COMMIT_SHA']}",
+        "comic,upscale": f"imagen-comic-upscale:{SAMPLE['COMMIT_SHA']}",
+    }  # imagen-comic was pushed already
+    assert "=== " + f"{repo}/imagen-comic:{SAMPLE['COMMIT_SHA']} exists, skipped" in result.stdout
 
 
 def test_the_build_deploys_nothing(cloudbuild):

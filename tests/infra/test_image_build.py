@@ -117,8 +117,9 @@ class Project:
         )
 
     def apply(self, build: bool = True, model_source: str = "hub", operations=("upscale", "comic"),
-              env: dict | None = None, revision: str = "") -> subprocess.CompletedProcess:
+              env: dict | None = None, revision: str = "", chains=()) -> subprocess.CompletedProcess:
         variables = {
+            "chains": json.dumps(list(chains)),
             "source_root": str(self.root), "build": str(build).lower(), "project_id": "proj", "revision": revision,
             "region": "us-central1", "repository": "imagen", "model_source": model_source,
             "operations": json.dumps(list(operations)), "hf_token_secret": "imagen-hf-token",
@@ -169,7 +170,7 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
         "--async", "--format", "value(id,logUrl)",
     ]
     assert _substitutions(submit) == {
-        "_REGION": "us-central1", "_REPOSITORY": "imagen", "_OPERATIONS": "upscale,comic",
+        "_REGION": "us-central1", "_REPOSITORY": "imagen", "_OPERATIONS": "upscale,comic", "_CHAINS": "",
         "_HF_TOKEN_SECRET": "imagen-hf-token", "_MODEL_SOURCE": "hub", "_TAG_SUFFIX": "",
         "COMMIT_SHA": first, "SHORT_SHA": first,
     }
@@ -197,6 +198,13 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
     assert project.tag() == second
     assert _substitutions(project.calls("builds", "submit")[2])["_OPERATIONS"] == "upscale,comic,enhance"
 
+    # A chain: built too (its image holds its operations' models), as one more image name.
+    result = _ok(project.apply(operations=("upscale", "comic", "enhance"), chains=("remove-background,upscale",)))
+    assert _substitutions(project.calls("builds", "submit")[3])["_CHAINS"] == "remove-background,upscale"
+    assert "imagen-{upscale,comic,enhance,remove-background-upscale}:" in result.stdout
+    assert len(project.calls("builds", "submit")) == 4
+    _ok(project.apply(build=False, operations=("upscale", "comic", "enhance")))  # and back
+
     # Each of the other inputs makes a new tag too.
     for name in ("Dockerfile", "pyproject.toml", "cloudbuild.yaml", "scripts/docker_steps.sh",
                  "handlers/app.py", "image/models.lock.json", ".dockerignore"):
@@ -204,13 +212,13 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
         project.write(name, (project.root / name).read_text() + "\n# changed\n")
         _ok(project.apply(build=False, operations=("upscale", "comic", "enhance")))
         assert project.tag() != before, name
-    assert len(project.calls("builds", "submit")) == 3  # build = false builds nothing
+    assert len(project.calls("builds", "submit")) == 4  # build = false builds nothing
 
     # The same sources again, for the base image's and the dependencies' new releases.
     before = project.tag()
     _ok(project.apply(operations=("upscale", "comic", "enhance"), revision="2026-12-01"))
     assert project.tag() != before
-    assert len(project.calls("builds", "submit")) == 4
+    assert len(project.calls("builds", "submit")) == 5
 
 
 def test_images_without_models_are_tagged_apart(project):

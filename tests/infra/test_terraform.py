@@ -148,7 +148,7 @@ def test_cloud_run_runs_the_tag_terraform_holds(terraform):
     changes the image behind Terraform's back."""
     service = _service(terraform)
     container = one(one(service["template"])["containers"])
-    assert container["image"] == "${local.image_repository}/imagen-${each.key}:${local.image_tag}"
+    assert container["image"] == "${local.image_repository}/imagen-${local.pool_names[each.key]}:${local.image_tag}"
     ignored = [expr(item) for item in one(service["lifecycle"])["ignore_changes"]]
     assert not [item for item in ignored if "image" in item]
     # The build has pushed a new tag before a revision names it.
@@ -156,7 +156,54 @@ def test_cloud_run_runs_the_tag_terraform_holds(terraform):
     assert expr(terraform.locals["image_tag"]) == (
         'var.image_tag != "" ? var.image_tag : (var.build_images ? module.images.tag : "")'
     )
-    assert expr(terraform.locals["services"]) == 'local.cloudrun && local.image_tag != "" ? local.operations : toset([])'
+    assert expr(terraform.locals["services"]) == 'local.cloudrun && local.image_tag != "" ? local.pools : toset([])'
+
+
+def test_chains_get_pools_of_their_own(terraform, tmp_path):
+    """A chain listed in `chains` is a pool like an operation: its key is the chain as jobs
+    spell it, its resource names the chain with hyphens, its service account id fits 30
+    characters; the variable takes only chains the engine runs."""
+    condition = expr(one(terraform.variables["chains"]["validation"])["condition"])
+    samples = {
+        "ok": ["remove-background,upscale", "comic,upscale"],
+        "long": ["remove-background,upscale,enhance"],
+        "single": ["upscale"],
+        "repeat": ["upscale,upscale"],
+        "unknown": ["remove-background,sharpen"],
+        "spaced": ["remove-background, upscale"],
+        "twice": ["comic,upscale", "comic,upscale"],
+        "four": ["remove-background,upscale,enhance,comic"],
+    }
+    outputs = {f"valid_{name}": condition.replace("var.chains", json.dumps(chains)) for name, chains in samples.items()}
+    locals_ = {name: expr(terraform.locals[name]) for name in ("pool_list", "pools", "pool_names", "pool_accounts")}
+    naming = locals_["pool_accounts"].replace("local.pool_names", f"({locals_['pool_names']})").replace(
+        "local.pools", f"({locals_['pools']})").replace("local.pool_list", f"({locals_['pool_list']})")
+    outputs["accounts"] = naming
+    outputs["names"] = locals_["pool_names"].replace("local.pools", f"({locals_['pools']})").replace(
+        "local.pool_list", f"({locals_['pool_list']})")
+    values = _evaluate(tmp_path, {"operations": ["upscale", "comic"], "name_prefix": "imagen",
+                                  "chains": ["remove-background,upscale", "comic,upscale", "remove-background,upscale,enhance"]},
+                       outputs)
+    assert {name for name in samples if values[f"valid_{name}"]} == {"ok", "long"}
+    assert values["names"] == {
+        "upscale": "upscale", "comic": "comic", "remove-background,upscale": "remove-background-upscale",
+        "comic,upscale": "comic-upscale", "remove-background,upscale,enhance": "remove-background-upscale-enhance",
+    }
+    accounts = values["accounts"]
+    assert accounts["upscale"] == "imagen-upscale" and accounts["comic,upscale"] == "imagen-comic-upscale"
+    assert re.fullmatch(r"imagen-chain-[0-9a-f]{8}", accounts["remove-background,upscale"])
+    assert len(set(accounts.values())) == len(accounts)
+    assert all(re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", account) for account in accounts.values())
+    # Every per-pool resource is keyed by the pool; a chain's service serves its operations.
+    for type_, name in (("google_service_account", "worker"), ("google_pubsub_topic", "dead_letter")):
+        assert "local.pools" in expr(terraform.resource(type_, name)["for_each"]), (type_, name)
+    assert expr(terraform.resource("google_service_account", "worker")["account_id"]) == "local.pool_accounts[each.key]"
+    assert expr(terraform.locals["services"]).startswith("local.cloudrun") and "local.pools" in expr(terraform.locals["services"])
+    # Unfiltered, every pool would receive every chain's jobs: the plan stops.
+    preconditions = [expr(item["condition"]) for item in
+                     one(terraform.resource("google_storage_bucket", "input")["lifecycle"])["precondition"]]
+    assert "length(var.chains) == 0 || local.filtered" in preconditions
+    assert expr(terraform.modules["images"]["chains"]) == "var.chains"
 
 
 def test_plans_that_would_leave_workers_without_models_or_an_image_warn(terraform):
@@ -296,15 +343,24 @@ def _evaluate(tmp_path, variables: dict, outputs: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def rendered_filters(terraform, tmp_path_factory):
-    """The subscription filters as Terraform writes them for the default variables."""
-    values = _evaluate(
-        tmp_path_factory.mktemp("filters"),
-        {name: terraform.default(name) for name in ("operations", "input_prefix")},
-        {"per_operation": expr(terraform.locals["subscription_filters"]),
-         "unrouted": expr(terraform.locals["unrouted_filter"]),
-         "unrouted-jobs": expr(terraform.locals["unrouted_jobs_filter"])},
-    )
-    return values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
+    """The subscription filters as Terraform writes them for the default variables and the
+    given chains (cached per chains)."""
+    cache = {}
+
+    def render(chains=()):
+        if chains not in cache:
+            pools = expr(terraform.locals["pools"]).replace("local.pool_list", f"({expr(terraform.locals['pool_list'])})")
+            values = _evaluate(
+                tmp_path_factory.mktemp("filters"),
+                {**{name: terraform.default(name) for name in ("operations", "input_prefix")}, "chains": list(chains)},
+                {name: expr(terraform.locals[local]).replace("local.pools", f"({pools})")
+                 for name, local in (("per_operation", "subscription_filters"), ("unrouted", "unrouted_filter"),
+                                     ("unrouted-jobs", "unrouted_jobs_filter"))},
+            )
+            cache[chains] = values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
+        return cache[chains]
+
+    return render
 
 
 def test_cpu_and_memory_outside_cloud_runs_gpu_shapes_stop_the_plan(terraform, tmp_path):
@@ -369,28 +425,43 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
         assert values[f"s{i}"] is accepted, (inp, out, failed)
 
 
+CHAIN = ("remove-background,upscale",)
+
+
 @pytest.mark.parametrize(
-    "attributes, taken_by",
+    "chains, attributes, taken_by",
     [
-        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscale/a.png"}, {"upscale"}),
-        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a/b.png"}, {"remove-background"}),
-        # A chain, a typo, the bare input folder: no pool serves them, the unrouted
-        # subscription keeps them where Pub/Sub would have dropped them.
-        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"}, {"unrouted"}),
-        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscal/a.png"}, {"unrouted"}),
-        ({"eventType": "OBJECT_FINALIZE", "objectId": "incoming/a.png"}, {"unrouted"}),
-        ({"operation": "enhance"}, {"enhance"}),  # a job message naming its operation
-        ({}, {"unrouted"}),  # a job message without the attribute
+        ((), {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscale/a.png"}, {"upscale"}),
+        ((), {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a/b.png"}, {"remove-background"}),
+        # A chain not deployed, a typo, the bare input folder: no pool serves them, the
+        # unrouted subscription keeps them where Pub/Sub would have dropped them.
+        ((), {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"}, {"unrouted"}),
+        ((), {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscal/a.png"}, {"unrouted"}),
+        ((), {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/a.png"}, {"unrouted"}),
+        ((), {"operation": "enhance"}, {"enhance"}),  # a job message naming its operation
+        ((), {}, {"unrouted"}),  # a job message without the attribute
         # Job messages whose attribute names no deployed operation: a chain, a typo. No
         # pool's filter takes them; the unrouted-jobs subscription keeps them.
-        ({"operation": "remove-background,upscale"}, {"unrouted-jobs"}),
-        ({"operation": "upscal"}, {"unrouted-jobs"}),
-        ({"operation": ""}, {"unrouted-jobs"}),
+        ((), {"operation": "remove-background,upscale"}, {"unrouted-jobs"}),
+        ((), {"operation": "upscal"}, {"unrouted-jobs"}),
+        ((), {"operation": ""}, {"unrouted-jobs"}),
+        # A deployed chain has its own pool: its folder and attribute, and nothing else.
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"},
+         {"remove-background,upscale"}),
+        (CHAIN, {"operation": "remove-background,upscale"}, {"remove-background,upscale"}),
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a.png"}, {"remove-background"}),
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscale/a.png"}, {"upscale"}),
+        (CHAIN, {"operation": "comic,upscale"}, {"unrouted-jobs"}),
+        # With a chain beside the four operations the uploads' unrouted filter no longer fits
+        # Pub/Sub's 256 bytes: that subscription is not created (a check warns, deploy.md says).
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic,upscale/a.png"}, set()),
     ],
 )
-def test_every_message_reaches_one_subscription(rendered_filters, attributes, taken_by):
-    per_operation, unrouted = rendered_filters
-    filters = {**per_operation, **unrouted}
+def test_every_message_reaches_one_subscription(rendered_filters, chains, attributes, taken_by):
+    per_operation, unrouted = rendered_filters(chains)
+    created = {name: text for name, text in unrouted.items() if len(text.encode()) <= 256}  # as unrouted_filters
+    assert ("unrouted" in created) is (not chains)
+    filters = {**per_operation, **created}
     assert {name for name, text in filters.items() if _matches(text, attributes)} == taken_by
     assert all(len(text.encode()) <= 256 for text in filters.values()), "Pub/Sub filters hold 256 bytes"
 
@@ -400,17 +471,21 @@ def test_unrouted_messages_are_kept_and_watched(terraform, tmp_path):
     assert expr(sub["for_each"]) == "local.unrouted_filters"
     assert "var.name_prefix}-${each.key" in expr(sub["name"]) and expr(sub["filter"]) == "each.value"
     assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
-    # Filtered deployments get both; the uploads' one only where its filter fits (a check says
-    # when not); the job messages' one always fits (179 bytes at most: the names are fixed).
+    # Filtered deployments get both, each only where its filter fits (a check says when not:
+    # a long input prefix, or chains beside the four operations).
     created = expr(terraform.locals["unrouted_filters"])
-    cases = {(filtered, fits): created.replace("local.unrouted_filter_fits", fits).replace("local.filtered", filtered)
+    cases = {(filtered, fits, jobs_fit): created.replace("local.unrouted_jobs_filter_fits", jobs_fit)
+             .replace("local.unrouted_filter_fits", fits).replace("local.filtered", filtered)
              .replace("local.unrouted_jobs_filter", '"J"').replace("local.unrouted_filter", '"U"')
-             for filtered in ("true", "false") for fits in ("true", "false")}
-    values = _evaluate(tmp_path, {}, {f"c_{f}_{fits}": text for (f, fits), text in cases.items()})
-    assert values["c_true_true"] == {"unrouted": "U", "unrouted-jobs": "J"}
-    assert values["c_true_false"] == {"unrouted-jobs": "J"}
-    assert values["c_false_true"] == values["c_false_false"] == {}
-    assert "unrouted_filter_fits" in terraform.checks
+             for filtered in ("true", "false") for fits in ("true", "false") for jobs_fit in ("true", "false")}
+    values = _evaluate(tmp_path, {}, {"c_" + "_".join(case): text for case, text in cases.items()})
+    assert values["c_true_true_true"] == {"unrouted": "U", "unrouted-jobs": "J"}
+    assert values["c_true_false_true"] == {"unrouted-jobs": "J"}
+    assert values["c_true_true_false"] == {"unrouted": "U"}
+    assert values["c_true_false_false"] == {}
+    assert all(value == {} for case, value in values.items() if case.startswith("c_false"))
+    check = expr(one(terraform.checks["unrouted_filter_fits"]["assert"])["condition"])
+    assert check == "!local.filtered || (local.unrouted_filter_fits && local.unrouted_jobs_filter_fits)"
     # They were two resources with count: the moves keep what existing ones hold.
     for old, key in (("unrouted", "unrouted"), ("unrouted_jobs", "unrouted-jobs")):
         assert re.search(rf'moved \{{\s*from = google_pubsub_subscription\.{old}\[0\]\s*'
@@ -462,7 +537,17 @@ def test_dead_letter_topics_are_kept_and_watched(terraform, tmp_path):
                         'metric.type = "pubsub.googleapis.com/subscription/num_undelivered_messages"')
     assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
     watched = expr(terraform.locals["watched_backlogs"])
-    assert "google_pubsub_subscription.dead_letter" in watched and "local.unrouted_subscriptions" in watched
+    assert "local.dead_letter_conditions" in watched and "local.unrouted_subscriptions" in watched
+    # One condition per pool's dead letters while they fit beside the unrouted one (six at
+    # most), else one for all of them.
+    per_pool = expr(terraform.locals["dead_letter_conditions"])
+    pools = lambda n: json.dumps({f"p{i}": {"name": f"imagen-p{i}-dead-letter"} for i in range(n)})  # noqa: E731
+    (tmp_path / "conditions").mkdir()
+    values = _evaluate(tmp_path / "conditions", {}, {
+        f"n{n}": per_pool.replace("google_pubsub_subscription.dead_letter", pools(n)) for n in (4, 5, 6)})
+    assert values["n5"] == {f"p{i}: dead-letter backlog": [f"imagen-p{i}-dead-letter"] for i in range(5)}
+    assert values["n6"] == {"dead-letter backlog": [f"imagen-p{i}-dead-letter" for i in range(6)]}
+    assert len(values["n4"]) == 4
 
 
 def test_push_carries_an_oidc_token_of_the_invoker(terraform):
@@ -599,7 +684,7 @@ def test_eventarc_without_an_output_bucket_stops_the_plan(terraform):
     assert "eventarc_output_bucket" not in terraform.checks
 
 
-def test_compile_cache_is_shared_per_operation_and_expires(terraform):
+def test_compile_cache_is_shared_per_operation_and_expires(terraform, tmp_path):
     """Compiled kernels are code the workers run: each worker reads and creates (never
     replaces) only its own operation's, and old ones go."""
     assert terraform.default("compile_cache") is True
@@ -614,14 +699,24 @@ def test_compile_cache_is_shared_per_operation_and_expires(terraform):
     assert grants["worker_stores_compiled"]["role"] == "roles/storage.objectCreator"
     for name in ("worker_loads_compiled", "worker_stores_compiled"):
         assert expr(grants[name]["bucket"]) == "google_storage_bucket.compiled[0].name"
-        assert expr(one(grants[name]["condition"])["expression"]).endswith('/objects/${each.key}/")'), name
+    # Each operation's folder: a chain's pool, each of its operations'.
+    conditions = {name: expr(one(grants[name]["condition"])["expression"]).replace(
+        "google_storage_bucket.compiled[0].name", '"B"') for name in ("worker_loads_compiled", "worker_stores_compiled")}
+    assert len(set(conditions.values())) == 1
+    values = _evaluate(tmp_path, {}, {key.replace(",", "_"): conditions["worker_loads_compiled"].replace(
+        "each.key", json.dumps(key)) for key in ("upscale", "remove-background,upscale")})
+    assert values["upscale"] == 'resource.name.startsWith("projects/_/buckets/B/objects/upscale/")'
+    assert values["remove-background_upscale"] == (
+        'resource.name.startsWith("projects/_/buckets/B/objects/remove-background/") || '
+        'resource.name.startsWith("projects/_/buckets/B/objects/upscale/")')
     assert "IMAGEN_COMPILE_CACHE" in json.dumps(terraform.locals["common_env"])
 
 
 def test_gke_workload_identity_matches_the_manifests(terraform, rendered):
     binding = terraform.resource("google_service_account_iam_member", "worker_workload_identity")
     assert binding["role"] == "roles/iam.workloadIdentityUser"
-    assert expr(binding["member"]) == "serviceAccount:${local.workload_pool}[${var.gke_namespace}/imagen-${each.key}]"
+    assert expr(binding["member"]) == (
+        "serviceAccount:${local.workload_pool}[${var.gke_namespace}/imagen-${local.pool_names[each.key]}]")
     assert expr(terraform.locals["workload_pool"]) == "${var.project_id}.svc.id.goog"
     namespace = terraform.default("gke_namespace")
     accounts = {
@@ -686,7 +781,8 @@ def test_client_env_and_backfill_command_point_the_cli_at_the_deployment(terrafo
         for reference, value in (("google_storage_bucket.input.name", "var.bucket"), ("local.common_env", "var.env"),
                                  ("local.client_env_names", json.dumps(terraform.locals["client_env_names"])),
                                  ("google_pubsub_topic.jobs[0].id", json.dumps(topic)),
-                                 ("local.subscriptions", json.dumps(subscriptions))):
+                                 ("local.subscriptions", json.dumps(subscriptions)),
+                                 ("local.pool_list", json.dumps(list(dict.fromkeys(operations))))):
             text = text.replace(reference, value)
         return text
 

@@ -243,8 +243,8 @@ def test_filtered_subscription_reports_what_it_cannot_serve(settings, bucket):
     chained = _upload(bucket, "incoming/upscale/chained.png",
                       metadata={"imagen-operation": "remove-background,upscale"})
     assert processor.handle(_event(chained)).status == "failed"
-    assert "serves all of its operations" in _report(bucket, "failed/remove-background,upscale/chained.png.json")[
-        "error"]["message"]
+    message = _report(bucket, "failed/remove-background,upscale/chained.png.json")["error"]["message"]
+    assert "incoming/remove-background,upscale/ instead, where a worker pool serves the whole chain" in message
     own = _upload(bucket, "incoming/upscale/own.png")
     assert processor.handle(_event(own)).status == "succeeded" and engine.calls == 1
 

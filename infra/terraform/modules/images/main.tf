@@ -43,6 +43,12 @@ variable "operations" {
   type        = list(string)
 }
 
+variable "chains" {
+  description = "One image per chain (\"remove-background,upscale\") with its operations' models, imagen-<the chain with hyphens>."
+  type        = list(string)
+  default     = []
+}
+
 variable "revision" {
   description = "Anything: a new value is a new tag (a rebuild of the same sources). Empty adds nothing."
   type        = string
@@ -103,6 +109,7 @@ resource "terraform_data" "build" {
   triggers_replace = {
     tag        = local.tag
     operations = join(",", sort(var.operations))
+    chains     = join(" ", sort(var.chains))
     registry   = "${var.region}/${var.project_id}/${var.repository}"
   }
 
@@ -115,6 +122,7 @@ resource "terraform_data" "build" {
       REGION                = var.region
       REPOSITORY            = var.repository
       OPERATIONS            = join(",", var.operations)
+      CHAINS                = join(" ", var.chains)
       MODEL_SOURCE          = var.model_source
       TAG                   = local.tag
       HF_TOKEN_SECRET       = var.hf_token_secret
