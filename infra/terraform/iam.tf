@@ -102,7 +102,7 @@ resource "google_storage_bucket_iam_member" "worker_loads_compiled" {
   member = google_service_account.worker[each.key].member
 
   condition {
-    title       = "own-operations-only"
+    title       = "own-operation-only"
     description = "Objects under ${join("/, ", split(",", each.key))}/"
     expression = join(" || ", [
       for op in split(",", each.key) :
@@ -119,7 +119,7 @@ resource "google_storage_bucket_iam_member" "worker_stores_compiled" {
   member = google_service_account.worker[each.key].member
 
   condition {
-    title       = "own-operations-only"
+    title       = "own-operation-only"
     description = "Objects under ${join("/, ", split(",", each.key))}/"
     expression = join(" || ", [
       for op in split(",", each.key) :
