@@ -97,30 +97,47 @@ locals {
   # The three folders; none may lie inside another (storage.tf, as handlers/settings.py).
   prefixes = [var.input_prefix, var.output_prefix, var.failed_prefix]
 
-  # What no pool's filter takes, which Pub/Sub would drop unseen, kept instead by two
+  # What no pool's filter takes, which Pub/Sub would drop unseen, kept instead by
   # subscriptions (pubsub.tf) that monitoring.tf alerts on:
   # - <prefix>-unrouted: uploads outside every pool's folder (a typo, a chain not in
   #   var.chains, an object straight under the input prefix) and job messages without an
   #   `operation` attribute;
   # - <prefix>-unrouted-jobs: job messages whose `operation` attribute names no deployed
   #   operation or chain (a typo, one this deployment leaves out).
-  # A filter holds at most 256 bytes: one filter for both would not fit four operations. The
-  # first grows with the input prefix, both with the chains (a check says when one cannot be
-  # written); the second is 179 bytes for the four operations alone.
+  # A filter holds at most 256 bytes: one filter for both would not fit four operations, and
+  # the four operations with `incoming/` leave no room for a chain's folder. So the names that
+  # start with an operation that begins a chain ("remove-background..." for
+  # remove-background,upscale) are set apart as a whole in those two, and kept, less that
+  # operation's pools, by two more: <prefix>-unrouted-<operation> and
+  # <prefix>-unrouted-jobs-<operation>. Without chains the filters are as they always were.
+  # A check says when one cannot be written (a long input prefix, many chains of one head).
+  chain_heads = distinct([for chain in var.chains : split(",", chain)[0]])
   unrouted_filter = format("NOT (%s)", join(" OR ", concat(
-    [for op in local.pools : "hasPrefix(attributes.objectId, \"${var.input_prefix}${op}/\")"],
+    [for pool in concat(var.operations, var.chains) : "hasPrefix(attributes.objectId, \"${var.input_prefix}${pool}/\")"
+    if !contains(local.chain_heads, split(",", pool)[0])],
+    [for head in local.chain_heads : "hasPrefix(attributes.objectId, \"${var.input_prefix}${head}\")"],
     ["attributes:operation"],
   )))
-  unrouted_jobs_filter = format("attributes:operation AND NOT (%s)", join(" OR ",
-    [for op in local.pools : "attributes.operation = \"${op}\""],
-  ))
-  unrouted_filter_fits      = length(local.unrouted_filter) <= 256
-  unrouted_jobs_filter_fits = length(local.unrouted_jobs_filter) <= 256
-  # subscription name (after the prefix) -> its filter, for those created
-  unrouted_filters = merge(
-    local.filtered && local.unrouted_filter_fits ? { unrouted = local.unrouted_filter } : {},
-    local.filtered && local.unrouted_jobs_filter_fits ? { "unrouted-jobs" = local.unrouted_jobs_filter } : {},
+  unrouted_jobs_filter = format("attributes:operation AND NOT (%s)", join(" OR ", concat(
+    [for pool in local.pool_list : "attributes.operation = \"${pool}\"" if !contains(local.chain_heads, split(",", pool)[0])],
+    [for head in local.chain_heads : "hasPrefix(attributes.operation, \"${head}\")"],
+  )))
+  # subscription name (after the prefix) -> its filter, whether or not it fits
+  unrouted_candidates = merge(
+    { unrouted = local.unrouted_filter, "unrouted-jobs" = local.unrouted_jobs_filter },
+    [for head in local.chain_heads : {
+      "unrouted-${head}" = format("NOT attributes:operation AND hasPrefix(attributes.objectId, \"%s%s\") AND NOT (%s)",
+        var.input_prefix, head, join(" OR ", [
+          for pool in local.pool_list : "hasPrefix(attributes.objectId, \"${var.input_prefix}${pool}/\")" if split(",", pool)[0] == head
+      ]))
+      "unrouted-jobs-${head}" = format("hasPrefix(attributes.operation, \"%s\") AND NOT (%s)", head, join(" OR ", [
+        for pool in local.pool_list : "attributes.operation = \"${pool}\"" if split(",", pool)[0] == head
+      ]))
+    }]...
   )
+  unrouted_filters_fit = alltrue([for text in values(local.unrouted_candidates) : length(text) <= 256])
+  # those created
+  unrouted_filters = local.filtered ? { for name, text in local.unrouted_candidates : name => text if length(text) <= 256 } : {}
 
   # The environment every worker shares (DESIGN.md, Configuration); IMAGEN_OPERATIONS and
   # IMAGEN_SUBSCRIPTION are per operation.
@@ -171,7 +188,7 @@ resource "google_project_service" "enabled" {
 
 check "unrouted_filter_fits" {
   assert {
-    condition     = !local.filtered || (local.unrouted_filter_fits && local.unrouted_jobs_filter_fits)
+    condition     = !local.filtered || local.unrouted_filters_fit
     error_message = "An unrouted subscription's filter would exceed Pub/Sub's 256 bytes (many operations and chains, or a long input_prefix): it is not created, so uploads outside every pool's folder, or job messages for an operation no pool serves, are dropped unseen. Shorten input_prefix or deploy fewer chains, or set subscription_filter = false (no chains then)."
   }
 }

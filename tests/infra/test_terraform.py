@@ -341,26 +341,46 @@ def _evaluate(tmp_path, variables: dict, outputs: dict[str, str]) -> dict:
     return {name: value["value"] for name, value in json.loads(result.stdout).items()}
 
 
+def _inline(terraform, text: str) -> str:
+    """`text` with every reference to a local value replaced by its expression, over and over,
+    so that a module of variables alone (_evaluate) can compute it."""
+    pattern = re.compile(r"local\.([a-z0-9_]+)")
+    while match := pattern.search(text):
+        text = text[: match.start()] + f"({expr(terraform.locals[match.group(1)])})" + text[match.end():]
+    return text
+
+
 @pytest.fixture(scope="module")
 def rendered_filters(terraform, tmp_path_factory):
     """The subscription filters as Terraform writes them for the default variables and the
-    given chains (cached per chains)."""
+    given chains (cached per chains): (each pool's, the unrouted candidates')."""
     cache = {}
 
     def render(chains=()):
         if chains not in cache:
-            pools = expr(terraform.locals["pools"]).replace("local.pool_list", f"({expr(terraform.locals['pool_list'])})")
             values = _evaluate(
                 tmp_path_factory.mktemp("filters"),
                 {**{name: terraform.default(name) for name in ("operations", "input_prefix")}, "chains": list(chains)},
-                {name: expr(terraform.locals[local]).replace("local.pools", f"({pools})")
-                 for name, local in (("per_operation", "subscription_filters"), ("unrouted", "unrouted_filter"),
-                                     ("unrouted-jobs", "unrouted_jobs_filter"))},
+                {name: _inline(terraform, expr(terraform.locals[local]))
+                 for name, local in (("per_pool", "subscription_filters"), ("unrouted", "unrouted_candidates"))},
             )
-            cache[chains] = values["per_operation"], {name: values[name] for name in ("unrouted", "unrouted-jobs")}
+            cache[chains] = values["per_pool"], values["unrouted"]
         return cache[chains]
 
     return render
+
+
+def test_the_default_unrouted_filters_are_as_before_chains(rendered_filters):
+    """A Pub/Sub filter cannot change in place: a different string replaces the subscription
+    and what it holds. Deployments without chains keep the exact filters they were made with."""
+    _, unrouted = rendered_filters(())
+    folders = ("upscale", "enhance", "comic", "remove-background")  # var.operations' order
+    assert unrouted == {
+        "unrouted": "NOT (" + " OR ".join(f'hasPrefix(attributes.objectId, "incoming/{op}/")' for op in folders)
+                    + " OR attributes:operation)",
+        "unrouted-jobs": "attributes:operation AND NOT ("
+                         + " OR ".join(f'attributes.operation = "{op}"' for op in folders) + ")",
+    }
 
 
 def test_cpu_and_memory_outside_cloud_runs_gpu_shapes_stop_the_plan(terraform, tmp_path):
@@ -425,7 +445,16 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
         assert values[f"s{i}"] is accepted, (inp, out, failed)
 
 
+def test_two_chains_of_one_first_operation_overflow_its_unrouted_filter(rendered_filters):
+    """The documented limit: the folders of an operation's pools must fit one filter beside
+    it; two chains of remove-background do not, and that subscription is not created (the
+    check warns)."""
+    _, unrouted = rendered_filters(("remove-background,upscale", "remove-background,comic"))
+    assert [name for name, text in unrouted.items() if len(text.encode()) > 256] == ["unrouted-remove-background"]
+
+
 CHAIN = ("remove-background,upscale",)
+TWO_HEADS = ("remove-background,upscale", "comic,upscale")
 
 
 @pytest.mark.parametrize(
@@ -452,18 +481,37 @@ CHAIN = ("remove-background,upscale",)
         (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a.png"}, {"remove-background"}),
         (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/upscale/a.png"}, {"upscale"}),
         (CHAIN, {"operation": "comic,upscale"}, {"unrouted-jobs"}),
-        # With a chain beside the four operations the uploads' unrouted filter no longer fits
-        # Pub/Sub's 256 bytes: that subscription is not created (a check warns, deploy.md says).
-        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic,upscale/a.png"}, set()),
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic,upscale/a.png"}, {"unrouted"}),
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/a.png"}, {"unrouted"}),
+        (CHAIN, {}, {"unrouted"}),
+        # What starts with the chain's first operation, but is none of its pools' folders or
+        # names, has subscriptions of its own (the four operations and a chain's folder would
+        # not fit one 256-byte filter).
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,comic/a.png"},
+         {"unrouted-remove-background"}),
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-backgroundd/a.png"},
+         {"unrouted-remove-background"}),
+        (CHAIN, {"operation": "remove-background,comic"}, {"unrouted-jobs-remove-background"}),
+        (CHAIN, {"operation": "remove-backgroun"}, {"unrouted-jobs"}),
+        (CHAIN, {"operation": ""}, {"unrouted-jobs"}),
+        (CHAIN, {"operation": "enhance"}, {"enhance"}),
+        (CHAIN, {"operation": "remove-background"}, {"remove-background"}),
+        # Chains of two first operations.
+        (TWO_HEADS, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic,upscale/a.png"}, {"comic,upscale"}),
+        (TWO_HEADS, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic,enhance/a.png"}, {"unrouted-comic"}),
+        (TWO_HEADS, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/comic/a.png"}, {"comic"}),
+        (TWO_HEADS, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"},
+         {"remove-background,upscale"}),
+        (TWO_HEADS, {"operation": "comic,upscale"}, {"comic,upscale"}),
+        (TWO_HEADS, {"operation": "comic,enhance"}, {"unrouted-jobs-comic"}),
+        (TWO_HEADS, {"operation": "upscale,comic"}, {"unrouted-jobs"}),
     ],
 )
 def test_every_message_reaches_one_subscription(rendered_filters, chains, attributes, taken_by):
-    per_operation, unrouted = rendered_filters(chains)
-    created = {name: text for name, text in unrouted.items() if len(text.encode()) <= 256}  # as unrouted_filters
-    assert ("unrouted" in created) is (not chains)
-    filters = {**per_operation, **created}
+    per_pool, unrouted = rendered_filters(chains)
+    assert all(len(text.encode()) <= 256 for text in unrouted.values()), "Pub/Sub filters hold 256 bytes"
+    filters = {**per_pool, **unrouted}
     assert {name for name, text in filters.items() if _matches(text, attributes)} == taken_by
-    assert all(len(text.encode()) <= 256 for text in filters.values()), "Pub/Sub filters hold 256 bytes"
 
 
 def test_unrouted_messages_are_kept_and_watched(terraform, tmp_path):
@@ -471,21 +519,18 @@ def test_unrouted_messages_are_kept_and_watched(terraform, tmp_path):
     assert expr(sub["for_each"]) == "local.unrouted_filters"
     assert "var.name_prefix}-${each.key" in expr(sub["name"]) and expr(sub["filter"]) == "each.value"
     assert sub["message_retention_duration"] == "604800s" and "push_config" not in sub
-    # Filtered deployments get both, each only where its filter fits (a check says when not:
-    # a long input prefix, or chains beside the four operations).
+    # Filtered deployments get every one whose filter fits (a check says when one does not:
+    # a long input prefix, many chains of one first operation); unfiltered ones none.
     created = expr(terraform.locals["unrouted_filters"])
-    cases = {(filtered, fits, jobs_fit): created.replace("local.unrouted_jobs_filter_fits", jobs_fit)
-             .replace("local.unrouted_filter_fits", fits).replace("local.filtered", filtered)
-             .replace("local.unrouted_jobs_filter", '"J"').replace("local.unrouted_filter", '"U"')
-             for filtered in ("true", "false") for fits in ("true", "false") for jobs_fit in ("true", "false")}
-    values = _evaluate(tmp_path, {}, {"c_" + "_".join(case): text for case, text in cases.items()})
-    assert values["c_true_true_true"] == {"unrouted": "U", "unrouted-jobs": "J"}
-    assert values["c_true_false_true"] == {"unrouted-jobs": "J"}
-    assert values["c_true_true_false"] == {"unrouted": "U"}
-    assert values["c_true_false_false"] == {}
-    assert all(value == {} for case, value in values.items() if case.startswith("c_false"))
+    candidates = json.dumps({"unrouted": "U", "unrouted-jobs": "J" * 257, "unrouted-comic": "C"})
+    values = _evaluate(tmp_path, {}, {
+        f"filtered_{filtered}": created.replace("local.filtered", filtered).replace("local.unrouted_candidates", candidates)
+        for filtered in ("true", "false")})
+    assert values == {"filtered_true": {"unrouted": "U", "unrouted-comic": "C"}, "filtered_false": {}}
     check = expr(one(terraform.checks["unrouted_filter_fits"]["assert"])["condition"])
-    assert check == "!local.filtered || (local.unrouted_filter_fits && local.unrouted_jobs_filter_fits)"
+    assert check == "!local.filtered || local.unrouted_filters_fit"
+    assert expr(terraform.locals["unrouted_filters_fit"]) == (
+        "alltrue([for text in values(local.unrouted_candidates) : length(text) <= 256])")
     # They were two resources with count: the moves keep what existing ones hold.
     for old, key in (("unrouted", "unrouted"), ("unrouted_jobs", "unrouted-jobs")):
         assert re.search(rf'moved \{{\s*from = google_pubsub_subscription\.{old}\[0\]\s*'

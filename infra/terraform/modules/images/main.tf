@@ -106,12 +106,15 @@ resource "terraform_data" "build" {
 
   # A new tag, another operation or another registry: build. cloudbuild.yaml skips the images
   # already pushed, so adding an operation builds only its own.
-  triggers_replace = {
-    tag        = local.tag
-    operations = join(",", sort(var.operations))
-    chains     = join(" ", sort(var.chains))
-    registry   = "${var.region}/${var.project_id}/${var.repository}"
-  }
+  triggers_replace = merge(
+    {
+      tag        = local.tag
+      operations = join(",", sort(var.operations))
+      registry   = "${var.region}/${var.project_id}/${var.repository}"
+    },
+    # Only with chains: a new key would replace (rebuild) every deployment made before them.
+    length(var.chains) > 0 ? { chains = join(" ", sort(var.chains)) } : {},
+  )
 
   provisioner "local-exec" {
     command     = "bash scripts/build_images.sh"
