@@ -534,8 +534,9 @@ def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout
     """Why a filtered subscription's job cannot run here, and where it should have gone."""
     where = (f"upload it under {layout.input_prefix}{chain[0]}/ instead, or publish a job message with the "
              f"attribute operation={chain[0]}" if len(chain) == 1 else
-             f"upload it under {layout.input_prefix}{','.join(chain)}/ instead, where a worker pool serves "
-             f"the whole chain (Terraform: list it in chains)")
+             f"upload it under {layout.input_prefix}{','.join(chain)}/ instead, or publish a job message with the "
+             f"attribute operation={','.join(chain)}, where a worker pool serves the whole chain (Terraform: list "
+             f"it in chains)")
     return (f"{job.source_uri} asks for {job.operation!r}, which this worker pool ({', '.join(sorted(served))}) "
             f"does not serve; its subscription takes only its own operations' folders and job messages, so "
             f"no other pool received it ({routing.OPERATION_KEY} metadata cannot send an upload to another "

@@ -244,7 +244,8 @@ def test_filtered_subscription_reports_what_it_cannot_serve(settings, bucket):
                       metadata={"imagen-operation": "remove-background,upscale"})
     assert processor.handle(_event(chained)).status == "failed"
     message = _report(bucket, "failed/remove-background,upscale/chained.png.json")["error"]["message"]
-    assert "incoming/remove-background,upscale/ instead, where a worker pool serves the whole chain" in message
+    assert "upload it under incoming/remove-background,upscale/ instead, or publish a job message" in message
+    assert "operation=remove-background,upscale, where a worker pool serves the whole chain" in message
     own = _upload(bucket, "incoming/upscale/own.png")
     assert processor.handle(_event(own)).status == "succeeded" and engine.calls == 1
 
