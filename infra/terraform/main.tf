@@ -21,7 +21,8 @@ locals {
   # What the worker pools serve: an operation each, or a chain of them (var.chains), the key
   # of every per-pool resource, and its name in resource names ("remove-background,upscale"
   # -> "remove-background-upscale").
-  pool_list  = distinct(concat(var.operations, var.chains))
+  # (chains sorted: the unrouted filters below do not change with their order)
+  pool_list  = distinct(concat(var.operations, sort(var.chains)))
   pools      = toset(local.pool_list)
   pool_names = { for pool in local.pools : pool => replace(pool, ",", "-") }
   # Service account ids are at most 30 characters: a long chain's is a digest of it.
@@ -111,9 +112,10 @@ locals {
   # operation's pools, by two more: <prefix>-unrouted-<operation> and
   # <prefix>-unrouted-jobs-<operation>. Without chains the filters are as they always were.
   # A check says when one cannot be written (a long input prefix, many chains of one head).
-  chain_heads = distinct([for chain in var.chains : split(",", chain)[0]])
+  chain_heads = sort(distinct([for chain in var.chains : split(",", chain)[0]]))
   unrouted_filter = format("NOT (%s)", join(" OR ", concat(
-    [for pool in concat(var.operations, var.chains) : "hasPrefix(attributes.objectId, \"${var.input_prefix}${pool}/\")"
+    # var.operations as it is without chains: the filter deployments were made with.
+    [for pool in length(var.chains) > 0 ? local.pool_list : var.operations : "hasPrefix(attributes.objectId, \"${var.input_prefix}${pool}/\")"
     if !contains(local.chain_heads, split(",", pool)[0])],
     [for head in local.chain_heads : "hasPrefix(attributes.objectId, \"${var.input_prefix}${head}\")"],
     ["attributes:operation"],

@@ -63,7 +63,9 @@ resource "google_monitoring_alert_policy" "dead_letters" {
       `imagen dlq list` shows them; the worker logs say why. Replay them with
       `imagen dlq replay` once fixed; drain the subscription once done.
 
-      **Unrouted** (`${var.name_prefix}-unrouted`, `${var.name_prefix}-unrouted-jobs`): messages
+      **Unrouted** (`${var.name_prefix}-unrouted`, `${var.name_prefix}-unrouted-jobs`, and with
+      chains `${var.name_prefix}-unrouted-<operation>` for what starts with a chain's first
+      operation): messages
       no worker pool's subscription takes, so no output and no failure report. In
       `-unrouted`: an upload under a folder that names no deployed operation (a typo,
       `${var.input_prefix}` itself, a console folder placeholder, or a chain such as

@@ -43,6 +43,11 @@ output "unrouted_jobs_subscription" {
   value       = try(google_pubsub_subscription.unrouted["unrouted-jobs"].id, null)
 }
 
+output "unrouted_chain_subscriptions" {
+  description = "With chains: the subscriptions that keep what starts with a chain's first operation but no pool takes (imagen-unrouted-<operation>, imagen-unrouted-jobs-<operation>)."
+  value       = { for name, sub in google_pubsub_subscription.unrouted : name => sub.id if !contains(["unrouted", "unrouted-jobs"], name) }
+}
+
 output "client_env" {
   description = "Shell lines that point `imagen submit` and `imagen backfill` at this deployment's buckets and folders, as its workers have them: eval \"$(terraform output -raw client_env)\"."
   value = join("", concat(

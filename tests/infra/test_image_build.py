@@ -160,6 +160,10 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
     _ok(project.apply(env={"HF_TOKEN": "hf_token"}))
     first = project.tag()
     assert first.startswith("src-") and len(first) == len("src-") + 16
+    # What makes a build: a new key here would rebuild every deployment made before it.
+    state = json.loads(project.terraform("show", "-json").stdout)
+    [build] = state["values"]["root_module"]["resources"]
+    assert set(build["values"]["triggers_replace"]) == {"tag", "operations", "registry"}
     [submit] = project.calls("builds", "submit")
     assert submit["cwd"] == str(project.root)  # the build context is the repository root
     assert submit["args"][2:] == [

@@ -445,6 +445,26 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
         assert values[f"s{i}"] is accepted, (inp, out, failed)
 
 
+def test_unrouted_filters_follow_neither_the_chains_order_nor_duplicates(terraform, rendered_filters, tmp_path):
+    """Filters cannot change in place: listing the same chains in another order, or an
+    operation twice, must not rewrite (replace) them. A chain whose first operation is not
+    deployed still has its names kept."""
+    assert rendered_filters(TWO_HEADS) == rendered_filters(tuple(reversed(TWO_HEADS)))
+    variables = {"input_prefix": "incoming/", "chains": list(CHAIN)}
+    outputs = {"unrouted": _inline(terraform, expr(terraform.locals["unrouted_candidates"]))}
+    (tmp_path / "twice").mkdir()
+    twice = _evaluate(tmp_path / "twice", {**variables, "operations": [*terraform.default("operations"), "comic"]}, outputs)
+    (tmp_path / "once").mkdir()
+    once = _evaluate(tmp_path / "once", {**variables, "operations": terraform.default("operations")}, outputs)
+    assert twice == once
+    (tmp_path / "headless").mkdir()
+    headless = _evaluate(tmp_path / "headless", {**variables, "operations": ["upscale"]}, outputs)["unrouted"]
+    upload = {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background/a.png"}
+    assert [name for name, text in headless.items() if _matches(text, upload)] == ["unrouted-remove-background"]
+    chain_upload = {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background,upscale/a.png"}
+    assert [name for name, text in headless.items() if _matches(text, chain_upload)] == []  # the chain's pool's
+
+
 def test_two_chains_of_one_first_operation_overflow_its_unrouted_filter(rendered_filters):
     """The documented limit: the folders of an operation's pools must fit one filter beside
     it; two chains of remove-background do not, and that subscription is not created (the
@@ -505,6 +525,9 @@ TWO_HEADS = ("remove-background,upscale", "comic,upscale")
         (TWO_HEADS, {"operation": "comic,upscale"}, {"comic,upscale"}),
         (TWO_HEADS, {"operation": "comic,enhance"}, {"unrouted-jobs-comic"}),
         (TWO_HEADS, {"operation": "upscale,comic"}, {"unrouted-jobs"}),
+        # Exactly the head's name, and a message with both attributes (the pool's name wins).
+        (CHAIN, {"eventType": "OBJECT_FINALIZE", "objectId": "incoming/remove-background"}, {"unrouted-remove-background"}),
+        (CHAIN, {"objectId": "incoming/remove-background,comic/a.png", "operation": "enhance"}, {"enhance"}),
     ],
 )
 def test_every_message_reaches_one_subscription(rendered_filters, chains, attributes, taken_by):
@@ -802,7 +825,7 @@ def test_useful_outputs(terraform):
         "input_bucket", "output_bucket", "compile_cache", "notification_topic", "subscriptions", "dead_letter_topics",
         "dead_letter_subscriptions", "results_topic", "service_urls", "image_repository",
         "build_service_account", "hf_token_secret", "k8s_config_env", "k8s_workload_identity_env",
-        "client_env", "backfill_command", "image_tag",
+        "client_env", "backfill_command", "image_tag", "unrouted_chain_subscriptions",
     ):
         assert name in terraform.outputs, name
         assert terraform.outputs[name].get("description"), name
