@@ -317,24 +317,27 @@ class Processor:
     def _device_budget(self, plan: Plan, size: tuple[int, int], spent: float) -> float | None:
         """The job's seconds on the device: `max_job_seconds`, less what `job_seconds` cannot
         spare after the `spent` seconds so far and the output's encode and upload, so that the
-        job ends inside its request or lease instead of being cut off and run again. Checks
-        the chain's and the format's size limits first (ImageTooLarge).
+        job ends inside its request or lease instead of being cut off and run again. Sizing
+        the output checks the chain's and the format's size limits first (ImageTooLarge).
 
         Too little left: JobTooLong when the output alone could never be finished in time (a
         retry would not fit either); a TransientError, retried, when the input was slow to
         fetch (the next delivery may be quicker)."""
-        width, height = self._engine.output_size(plan.chain, size, plan.format)
         if self._job_seconds is None:
-            return self._max_job_seconds
+            return self._max_job_seconds  # the engine checks the sizes as it runs
+        width, height = self._engine.output_size(plan.chain, size, plan.format)
+
+        def could_finish(format: str) -> bool:  # with a usual fetch and some model time
+            spare = self._job_seconds - _finish_seconds((width, height), format)
+            return max(width, height) <= MAX_SIDE[format] and spare >= MIN_MODEL_SECONDS + FETCH_ALLOWANCE_SECONDS
+
         finish = _finish_seconds((width, height), plan.format)
         left = self._job_seconds - spent - finish
         if left >= MIN_MODEL_SECONDS:
             return left if self._max_job_seconds is None else min(self._max_job_seconds, left)
         output = f"its {width}x{height} {plan.format} output"
-        if self._job_seconds - finish < MIN_MODEL_SECONDS + FETCH_ALLOWANCE_SECONDS:
-            fits = [name for name in FINISH_MEGAPIXELS_PER_SECOND if max(width, height) <= MAX_SIDE[name]
-                    and self._job_seconds - _finish_seconds((width, height), name)
-                    >= MIN_MODEL_SECONDS + FETCH_ALLOWANCE_SECONDS]
+        if not could_finish(plan.format):
+            fits = [name for name in FINISH_MEGAPIXELS_PER_SECOND if could_finish(name)]
             raise JobTooLong(
                 f"no time left for the model: encoding and uploading {output} takes about {finish:.0f} s of "
                 f"the job's {self._job_seconds:g} s; a retry would take as long. "

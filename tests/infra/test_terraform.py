@@ -175,12 +175,8 @@ def test_chains_get_pools_of_their_own(terraform, tmp_path):
         "four": ["remove-background,upscale,enhance,comic"],
     }
     outputs = {f"valid_{name}": condition.replace("var.chains", json.dumps(chains)) for name, chains in samples.items()}
-    locals_ = {name: expr(terraform.locals[name]) for name in ("pool_list", "pools", "pool_names", "pool_accounts")}
-    naming = locals_["pool_accounts"].replace("local.pool_names", f"({locals_['pool_names']})").replace(
-        "local.pools", f"({locals_['pools']})").replace("local.pool_list", f"({locals_['pool_list']})")
-    outputs["accounts"] = naming
-    outputs["names"] = locals_["pool_names"].replace("local.pools", f"({locals_['pools']})").replace(
-        "local.pool_list", f"({locals_['pool_list']})")
+    outputs["accounts"] = _inline(terraform, "local.pool_accounts")
+    outputs["names"] = _inline(terraform, "local.pool_names")
     values = _evaluate(tmp_path, {"operations": ["upscale", "comic"], "name_prefix": "imagen",
                                   "chains": ["remove-background,upscale", "comic,upscale", "remove-background,upscale,enhance"]},
                        outputs)

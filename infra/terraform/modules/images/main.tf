@@ -140,11 +140,6 @@ output "tag" {
   value       = local.tag
 }
 
-output "built" {
-  description = "The build's id in Terraform (null without `build`): depend on it to wait for the images."
-  value       = try(terraform_data.build[0].id, null)
-}
-
 output "files" {
   description = "The files the tag is a hash of."
   value       = local.files
