@@ -12,6 +12,11 @@ it is taken (a run cut short keeps what it measured):
 - `imagen_cold_s`, `imagen_no_read_ahead_cold_s`: imagen's cold start (bench/cold.py's child,
   `Engine.setup` to ready, warm-up included) with its defaults and without `read_ahead`.
 
+`python -m bench.coldprobe --imports` takes only the import, under `python -X importtime`, with
+the page cache dropped and then warm: the seconds, how many modules, and where the time goes by
+package and by module (a module's own time includes loading its C extension's libraries). Is
+a cold start's import its disk (cold much slower than warm) or the work itself (both slow)?
+
 Every figure is a child's whole life, timed from a parent that never imports torch: pages a
 process maps stay cached whatever is dropped, so the bench's own cold figures, taken from a
 parent that built the models, are warmer than a fresh machine.
@@ -163,6 +168,44 @@ def main(operation: str = "comic") -> dict:
     return report
 
 
+def import_profile(code: str = _IMPORTS) -> dict:
+    """A fresh `python -X importtime -c code`: its seconds and `summarise_imports` of its log."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=_ROOT, env=_ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    return {"wall_s": round(time.perf_counter() - started, 2), **summarise_imports(done.stderr)}
+
+
+def summarise_imports(log: str, top: int = 15) -> dict:
+    """From `-X importtime`'s lines (`import time: self [us] | cumulative | name`): how many
+    modules, their own seconds together, and the largest by top-level package and by module."""
+    own: dict[str, int] = {}
+    for line in log.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if not line.startswith("import time:") or len(fields) != 3 or not fields[0].strip().isdigit():
+            continue  # the header, or a warning printed between the lines
+        name = fields[2].strip()
+        own[name] = own.get(name, 0) + int(fields[0])
+    packages: dict[str, int] = {}
+    for name, micros in own.items():
+        packages[name.split(".")[0]] = packages.get(name.split(".")[0], 0) + micros
+
+    def largest(table):
+        return [[name, round(micros / 1e6, 3)] for name, micros in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"modules": len(own), "own_s": round(sum(own.values()) / 1e6, 2),
+            "by_package_s": largest(packages), "by_module_s": largest(own)}
+
+
+def imports() -> dict:
+    """The import alone, page cache dropped then warm (`--imports`)."""
+    report = _Report()
+    report["page_cache"] = drop_all()
+    report["imports_cold"] = import_profile()
+    report["imports_warm"] = import_profile()
+    return report
+
+
 def _site_of(path: Path) -> Path:
     """The sys.path entry `path` was found under (site-packages, or the wheels' target)."""
     roots = [Path(entry).resolve() for entry in sys.path if entry and Path(entry).is_dir()]
@@ -184,4 +227,4 @@ if __name__ == "__main__":
     # A step limit's SIGTERM as an exception: subprocess.run then kills the child it waits on
     # (bench.cold has the same helper, but importing it would import torch here).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    main(*sys.argv[1:])
+    imports() if sys.argv[1:] == ["--imports"] else main(*sys.argv[1:])

@@ -4,14 +4,13 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): the VAE attention probe, upscale 512 and 1024 compiled and
-# profiled, upscale 512 with vae_matmul_attention, enhance autotuned, the compile-cache probe
-# for upscale and enhance, the cold-start probe, the graph tests: more than one session's 15
-# minutes of device time. First call SESSION_SECONDS=580 (steps 1-3: 60 + 300 + 200 s, and
-# the wheels' install), timeout_s=595; what `status` leaves after it (~3 min, the machine's
-# start counts) fits step 6 or 7 at most: STEPS=7, SESSION_SECONDS = that less a minute. Steps
-# 4 and 5 wait for another session. PHASE=explore: comic, enhance, upscale
-# profiled.
+# PHASE=final (the default): the VAE attention probe, the import probe, upscale 256 and 512
+# compiled and profiled, upscale with vae_matmul_attention (1024 too), enhance autotuned, the
+# compile-cache probe for upscale and enhance, the graph tests: more than one session's 15
+# minutes of device time. First call SESSION_SECONDS=580 (steps 1-4, under their limits:
+# 60 + 70 + 330 + 150 s), timeout_s=595; what `status` leaves after it (~3 min, the machine's
+# start counts) fits step 7 at most: STEPS=7, SESSION_SECONDS = that less a minute. Steps 5 and
+# 6 wait for another session. PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -67,27 +66,28 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # Session 4 ran the graph tests, comic with the defaults and the compile-cache probe for
-  # comic; session 5 upscale compiled (it pays: now the default), enhance with the defaults and
-  # the graph tests again. These are what is left.
+  # What is left (sessions 4 and 5 ran the rest): upscale's VAE attention, where a cold start's
+  # import goes, enhance autotuned, the compile cache for upscale and enhance, the GPU tests.
   # 1. The VAE's one-head, 512-wide attention alone (seconds): scaled_dot_product_attention
   #    against the chunked matrix products of the vae_matmul_attention switch, at the
   #    latent sizes the operations decode (512^2 for an upscale 512 tile: ~140 TFLOP).
   want 1 && step 60 "$PY" -m bench.attnprobe "${TINY[@]}"
-  # 2. upscale 512 -> 2048 and 1024 -> 4096 with today's defaults (compiled: both tile buckets,
-  #    ~130-170 s), profiled: does the 16 GiB bound hold compiled, and how much of 512's 4.3 s
-  #    (4 s target) is the VAE's decode (its attention: step 1), which is not compiled.
-  want 2 && step 300 "$PY" -m bench "${TINY[@]}" --cases $UP512,$UP1024 --profile
-  # 3. upscale 512 -> 2048 with the VAE attention as matrix products (Inductor's on-disk
-  #    cache from step 2 shortens the compile): the switch's end-to-end figure and memory.
-  want 3 && step 200 "$PY" -m bench "${TINY[@]}" --cases $UP512 --no-stock --switch vae_matmul_attention=on
-  # 4. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
+  # 2. The import alone under -X importtime, page cache dropped then warm (root): is a cold
+  #    start's 19 s of import the disk or the work?
+  want 2 && [ ${#TINY[@]} -eq 0 ] && step 70 "$PY" -m bench.coldprobe --imports
+  # 3. upscale 256 -> 1024 and 512 -> 2048: stock, today's defaults (compiled: both tile
+  #    buckets, ~130-170 s) and the VAE attention as matrix products (mm: Inductor's on-disk
+  #    cache shortens its compile), in one process, profiled: how much of 512's 4.3 s (4 s
+  #    target) is the VAE's decode, which is not compiled, and what the switch saves of it.
+  want 3 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
+    --variant "mm: vae_matmul_attention=on"
+  # 4. 1024 -> 4096 compiled with the switch: does the 16 GiB bound hold.
+  want 4 && step 150 "$PY" -m bench "${TINY[@]}" --cases $UP1024 --no-stock --switch vae_matmul_attention=on
+  # 5. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
   #    needs; minutes of compiling, paid once per GPU model through the compile cache).
-  want 4 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
-  # 5. How soon a new instance runs compiled, from scratch then with the compile cache.
-  want 5 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
-  # 6. Where a cold start's seconds go (root: drops the page cache).
-  want 6 && [ ${#TINY[@]} -eq 0 ] && step 110 "$PY" -m bench.coldprobe comic
+  want 5 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
+  # 6. How soon a new instance runs compiled, from scratch then with the compile cache.
+  want 6 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
   # 7. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
   want 7 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;

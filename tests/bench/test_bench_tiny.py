@@ -157,3 +157,15 @@ def test_compile_probe_shows_the_second_process_compiling_nothing(tiny_cache, tm
     assert (scratch["graphs_compiled"], scratch["graphs_from_cache"]) == (1, 0), scratch
     assert (cached["graphs_compiled"], cached["graphs_from_cache"]) == (0, 1), cached
     assert scratch["compiled_s"] >= scratch["ready_s"] > 0
+
+
+def test_import_profile_reads_python_importtime():
+    # bench/coldprobe.py --imports: a real `python -X importtime` child, summarised.
+    from bench.coldprobe import import_profile
+
+    profile = import_profile("import json, email.mime.text")
+    names = [name for name, _ in profile["by_module_s"]]
+    packages = dict(profile["by_package_s"])
+    assert "json" in packages and "email" in packages and "email.mime.text" in names
+    assert profile["modules"] >= 5 and 0 < profile["own_s"] <= profile["wall_s"]
+    assert [s for _, s in profile["by_module_s"]] == sorted((s for _, s in profile["by_module_s"]), reverse=True)
