@@ -168,12 +168,12 @@ def main(operation: str = "comic") -> dict:
     return report
 
 
-def import_profile(code: str = _IMPORTS) -> dict:
+def import_profile(code: str = _IMPORTS, top: int = 15) -> dict:
     """A fresh `python -X importtime -c code`: its seconds and `summarise_imports` of its log."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=_ROOT, env=_ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
-    return {"wall_s": round(time.perf_counter() - started, 2), **summarise_imports(done.stderr)}
+    return {"wall_s": round(time.perf_counter() - started, 2), **summarise_imports(done.stderr, top)}
 
 
 def summarise_imports(log: str, top: int = 15) -> dict:

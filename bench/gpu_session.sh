@@ -4,13 +4,13 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): the VAE attention probe, the import probe, upscale 256 and 512
-# compiled and profiled, upscale with vae_matmul_attention (1024 too), enhance autotuned, the
-# compile-cache probe for upscale and enhance, the graph tests: more than one session's 15
-# minutes of device time. First call SESSION_SECONDS=580 (steps 1-4, under their limits:
-# 60 + 70 + 330 + 150 s), timeout_s=595; what `status` leaves after it (~3 min, the machine's
-# start counts) fits step 7 at most: STEPS=7, SESSION_SECONDS = that less a minute. Steps 5 and
-# 6 wait for another session. PHASE=explore: comic, enhance, upscale profiled.
+# PHASE=final (the default): upscale with its VAE decoder compiled, the cold start in a lean
+# environment, enhance autotuned, the compile-cache probe, the GPU tests: more than one
+# session's 15 minutes of device time. First call STEPS="1 2" SESSION_SECONDS=520 (330 + 45 +
+# 110 s under their limits, and the wheels' install), timeout_s=540; what `status` leaves
+# after it (~4 min, the machine's start counts) fits step 5: STEPS=5, SESSION_SECONDS = that
+# less a minute, at once (the machine stays warm 30 s). Steps 3 (~7 min) and 4 (5 min) need a
+# session each. PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -24,8 +24,7 @@ OUT=${OUT:-/tmp/bench-out}
 TINY=()  # BENCH_TINY=1: a dry run of this script on the CPU, tiny models (their own case names)
 UP256=upscale-256
 UP512=upscale-512
-UP1024=upscale-1024
-[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny) && UP256=upscale-64 && UP512=upscale-96 && UP1024=upscale-128
+[ -n "${BENCH_TINY:-}" ] && TINY=(--tiny) && UP256=upscale-64 && UP512=upscale-96
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-480}))
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
@@ -66,30 +65,31 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # What is left (sessions 4 and 5 ran the rest): upscale's VAE attention, where a cold start's
-  # import goes, enhance autotuned, the compile cache for upscale and enhance, the GPU tests.
-  # 1. The VAE's one-head, 512-wide attention alone (seconds): scaled_dot_product_attention
-  #    against the chunked matrix products of the vae_matmul_attention switch, at the
-  #    latent sizes the operations decode (512^2 for an upscale 512 tile: ~140 TFLOP).
-  want 1 && step 60 "$PY" -m bench.attnprobe "${TINY[@]}"
-  # 2. The import alone under -X importtime, page cache dropped then warm (root): is a cold
-  #    start's 19 s of import the disk or the work?
-  want 2 && [ ${#TINY[@]} -eq 0 ] && step 70 "$PY" -m bench.coldprobe --imports
-  # 3. upscale 256 -> 1024 and 512 -> 2048: stock, today's defaults (compiled: both tile
-  #    buckets, ~130-170 s) and the VAE attention as matrix products (mm: Inductor's on-disk
-  #    cache shortens its compile), in one process, profiled: how much of 512's 4.3 s (4 s
-  #    target) is the VAE's decode, which is not compiled, and what the switch saves of it.
-  want 3 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
-    --variant "mm: vae_matmul_attention=on"
-  # 4. 1024 -> 4096 compiled with the switch: does the 16 GiB bound hold.
-  want 4 && step 150 "$PY" -m bench "${TINY[@]}" --cases $UP1024 --no-stock --switch vae_matmul_attention=on
-  # 5. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
-  #    needs; minutes of compiling, paid once per GPU model through the compile cache).
-  want 5 && step 330 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
-  # 6. How soon a new instance runs compiled, from scratch then with the compile cache.
-  want 6 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
-  # 7. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
-  want 7 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
+  # Sessions 4-6 ran the rest (bench/README.md, Figures). What is left, most important first:
+  # 1. upscale 256 -> 1024 and 512 -> 2048: stock, today's defaults (compiled UNet, matrix-
+  #    product VAE attention) and the VAE's decoder compiled too (cv), in one process,
+  #    profiled: session 6's profile has the eager decoder's group norms and element-wise
+  #    kernels at ~0.1 s of 256's 2.0 s (1.9 s target) and ~0.5 s of 512's 3.5 s.
+  want 1 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
+    --variant "cv: compile_vae=on"
+  # 2. A cold start in an environment like imagen's image: the device's Python also holds
+  #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when
+  #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).
+  #    Removed first (root; the machine is thrown away after), then the import alone and the
+  #    cold start (stock and imagen, page cache dropped).
+  if want 2 && [ ${#TINY[@]} -eq 0 ]; then
+    "$PY" -m pip uninstall -y -q peft scipy torchaudio torchvision 2>&1 | tail -2 | tee -a "$LOG"
+    step 45 "$PY" -m bench.coldprobe --imports
+    step 110 "$PY" -m bench.coldprobe comic
+  fi
+  # 3. enhance under imagen's graphs with Inductor's autotuned kernels (what its 0.55 s target
+  #    needs; more than the 126 s session 6 left it: a call of its own).
+  want 3 && step 400 "$PY" -m bench "${TINY[@]}" --cases enhance --switch compile_mode=max-autotune-no-cudagraphs
+  # 4. How soon a new instance runs compiled, from scratch then with the compile cache.
+  want 4 && step 300 "$PY" -m bench.compileprobe "${TINY[@]}" upscale enhance
+  # 5. The GPU tests again (background swap, compile-cache round trip, graphed = eager).
+  want 5 && step 240 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py \
+    tests/bench/test_vae_attention.py
   ;;
 esac
 find "$OUT" -type f -printf "%s %p\n" 2>&1 | tee -a "$LOG"

@@ -17,6 +17,7 @@ SWITCHES = (
     "vae_tiling",
     "vae_bf16",
     "vae_matmul_attention",
+    "compile_vae",
     "compile",
     "cuda_graphs",
 )
@@ -35,6 +36,12 @@ COMPILE_PAYS = frozenset({"comic", "enhance", "upscale"})
 comic 0.454 -> 0.309 s, enhance 0.898 -> 0.792 s, upscale 256 -> 1024 3.62 -> 2.03 s and
 512 -> 2048 5.34 -> 4.33 s (both tile buckets compiled, 133 s on 16 CPUs); remove-background:
 not measured."""
+
+MATMUL_ATTENTION_PAYS = frozenset({"upscale"})
+"""Operations whose VAE attention ran faster as chunked matrix products on an H200: upscale
+512 -> 2048 4.36 -> 3.54 s (the 512 tile's decode attends over 262,144 positions: 1.53 s in
+PyTorch's kernel, 0.69 s as products), 256 -> 1024 2.05 -> 2.01 s, +0.16 GiB. The SDXL
+refiner's 128^2 latent: 3.7 -> 2.3 ms per call, not measured end to end; SD1.5's is smaller."""
 
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); uncompiled
@@ -55,6 +62,7 @@ class Tuning:
     vae_tiling: bool = False
     vae_bf16: bool = False
     vae_matmul_attention: bool = False
+    compile_vae: bool = False
     compile: bool = False
     background_compile: bool = False  # how `compile` runs: after ready, under the graphs
     cuda_graphs: bool = False
@@ -74,7 +82,8 @@ class Tuning:
         if str(device).split(":")[0] == "cuda":  # a torch.device or its name
             compiled = operation in COMPILE_PAYS
             return cls(channels_last=operation in CHANNELS_LAST_PAYS or compiled, fuse_qkv=True, read_ahead=True,
-                       direct_to_device=True, vae_bf16=True, compile=compiled, background_compile=True,
+                       direct_to_device=True, vae_bf16=True,
+                       vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS, compile=compiled, background_compile=True,
                        cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 

@@ -22,7 +22,8 @@ pays (bench/README.md has the figures):
 | `direct_to_device` | safetensors copied straight onto the GPU (`device_map`), no CPU copy | on; as read_ahead |
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
-| `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | off: not measured yet; written for the x4 upscaler's 512-tile decode (262,144 positions, beyond flash attention's 256-wide heads) |
+| `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | upscale: 512 -> 2048 4.36 -> 3.54 s (its 512 tile's decode attention 1.53 -> 0.69 s) |
+| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder, in the warm-up (fixed shapes: upscale's tile buckets) | off: not measured yet; upscale's profile shows the eager decoder's group norms and element-wise work at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
@@ -57,6 +58,7 @@ from image.operations.vae_attention import use_matmul_attention
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
     COMPILE_PAYS,
+    MATMUL_ATTENTION_PAYS,
     DIFFUSION,
     INDUCTOR_GRAPH_MODES,
     SWITCHES,
@@ -91,6 +93,8 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         done.append("vae_tiling")
     if tuning.vae_matmul_attention and use_matmul_attention(pipe.vae):
         done.append("vae_matmul_attention")
+    if tuning.compile_vae:
+        done += compile_vae_decoder(pipe.vae)
     return done + _compile_and_graph(pipe.unet, tuning, device)
 
 
@@ -135,6 +139,17 @@ def compiles_in_background(tuning: Tuning, device: torch.device) -> bool:
     """Whether `tuning` compiles after the warm-up, under CUDA graphs it captures again."""
     return (tuning.compile and tuning.background_compile and tuning.cuda_graphs and device.type == "cuda"
             and tuning.compile_mode not in INDUCTOR_GRAPH_MODES)
+
+
+def compile_vae_decoder(vae) -> list[str]:
+    """`compile_vae`: the decoder's forward through Inductor, compiled at its first call of
+    each shape (upscale's warm-up decodes one tile per bucket, so its compiles happen there).
+    Each new latent shape compiles again: operations whose images vary in size (comic,
+    enhance) would do that in a request, so the switch is meant for upscale. The matrix-
+    product attention stays eager (vae_attention.attention is not traced)."""
+    _inductor_options()
+    vae.decoder.forward = torch.compile(vae.decoder.forward, dynamic=False)
+    return ["compile_vae"]
 
 
 def _inductor_options() -> None:

@@ -80,8 +80,9 @@ def test_cpu_defaults_are_stock():
     assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs"]
     # Measured to pay there: compiled (after ready) in NHWC under the graphs.
     for op in ("comic", "enhance", "upscale"):
+        matmul_attention = ["vae_matmul_attention"] if op == "upscale" else []  # its 512 tile's decode
         assert Tuning.for_device("cuda", op).enabled() == [
-            "channels_last", *cuda, "compile", "cuda_graphs"]
+            "channels_last", *cuda, *matmul_attention, "compile", "cuda_graphs"]
         assert Tuning.for_device("cuda", op).background_compile
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
@@ -199,6 +200,25 @@ def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
     pipe = _pipe("upscale", tiny_cache)
     assert tune_pipeline(pipe, Tuning.stock().replace(compile=True), CPU) == ["compile(default)"]
     assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
+
+
+def test_compiled_vae_decoder_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
+    # compile_vae: the decoder's graphs as Dynamo captures them, run as captured (Inductor
+    # takes minutes on a CPU). tests/bench/test_vae_attention.py: with the matmul attention.
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
+        fn, *args, backend=recording, **kwargs))
+    pipe = _pipe("upscale", tiny_cache)
+    assert tune_pipeline(pipe, Tuning.stock().replace(compile_vae=True), CPU) == ["compile_vae"]
+    assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
+    code = "".join(graph.code for graph in graphs)
+    assert "conv2d" in code and "group_norm" in code, "the decoder was not compiled"
 
 
 def test_upscale_tile_switches_and_batches_give_the_same_pixels(tiny_cache):

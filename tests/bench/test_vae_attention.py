@@ -89,4 +89,33 @@ def test_the_switch_applies_where_a_vae_has_attention(tiny_cache):
     pipe.vae = _vae()
     assert tune_pipeline(pipe, switch, torch.device("cpu")) == ["vae_matmul_attention"]
     assert not use_matmul_attention(_vae(mid_block_add_attention=False))
-    assert "vae_matmul_attention" not in Tuning.for_device("cuda", "upscale").enabled()  # off until measured
+    assert "vae_matmul_attention" in Tuning.for_device("cuda", "upscale").enabled()  # measured: it pays
+    assert "vae_matmul_attention" not in Tuning.for_device("cuda", "enhance").enabled()  # not measured there
+
+
+def test_a_compiled_decoder_leaves_the_attention_loop_eager(monkeypatch):
+    # compile_vae with this switch: Dynamo captures the decoder around the attention (a graph
+    # break) instead of unrolling its chunks (over a thousand for an upscale 512 tile).
+    from image.operations.tuning import compile_vae_decoder
+
+    vae = _vae()
+    latents = torch.randn(1, 4, 24, 20, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
+        fn, *args, backend=recording, **kwargs))
+    assert use_matmul_attention(vae, chunk_bytes=4096)  # many chunks
+    assert compile_vae_decoder(vae) == ["compile_vae"]
+    with torch.no_grad():
+        out = vae.decode(latents).sample
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    code = "".join(graph.code for graph in graphs)
+    assert len(graphs) >= 2 and "conv2d" in code  # the decoder, in pieces around the attention
+    assert "bmm" not in code and "softmax" not in code
