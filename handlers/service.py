@@ -12,7 +12,7 @@ from handlers.storage import Store
 log = logging.getLogger("imagen.service")
 
 
-ONE_SHOT = ("compile=off",)
+ONE_SHOT = ("compile=off", "compile_vae=off")
 """Tuning changes for a process that runs one job and exits (`imagen process`, `imagen run`):
 a compile would outlast the job. IMAGEN_TUNING comes after, so it can still turn it on."""
 

@@ -109,7 +109,12 @@ class Operation:
         """
         from image.models.loading import load_model
         from image.operations.compile_cache import CompileSession
-        from image.operations.tuning import Tuning, compiles_in_background
+        from image.operations.tuning import (
+            Tuning,
+            compile_parts,
+            compiles_in_background,
+            shape_compiled_parts,
+        )
 
         # 1. Load
         started = time.perf_counter()
@@ -139,6 +144,12 @@ class Operation:
         started = time.perf_counter()
         with session:
             self.warm_up()
+            parts = shape_compiled_parts(self.model)  # compile_vae: the shapes are the warm-up's
+            for _, part in parts:
+                part.stop_recording()
+            if parts and not compiles_in_background(self.tuning, self.device):
+                logger.info("%s: compiled VAE in the warm-up: %s", self.name,
+                            ", ".join(compile_parts(parts)) or "no shapes")
         self.warmup_seconds = time.perf_counter() - started
         if compiles_now:
             logger.info("%s: compiled in the warm-up (%s)", self.name, session.describe())
@@ -157,13 +168,15 @@ class Operation:
         from image.operations.tuning import (
             compile_in_background,
             compiles_in_background,
+            shape_compiled_parts,
         )
 
         if self.background is not None or not compiles_in_background(self.tuning, self.device):
             return False
         # Ready already on the uncompiled graphs; the compiled ones replace them when done.
         self.background = compile_in_background(self.name, getattr(self.model, "unet", self.model),
-                                                self.tuning, lock, self.compile_cache, self.artefact_name)
+                                                self.tuning, lock, self.compile_cache, self.artefact_name,
+                                                parts=shape_compiled_parts(self.model))
         return True
 
     @property

@@ -23,7 +23,7 @@ pays (bench/README.md has the figures):
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
 | `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | upscale: 512 -> 2048 4.36 -> 3.54 s (its 512 tile's decode attention 1.53 -> 0.69 s) |
-| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder, in the warm-up (fixed shapes: upscale's tile buckets) | off: not measured yet; upscale's profile shows the eager decoder's group norms and element-wise work at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
+| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder and encoder for the warm-up's shapes (upscale's tile buckets, img2img's native size; shape_compile.py), other shapes eager; compiled with the UNet (after ready, or in the warm-up) | off: not measured yet; upscale's profile shows the eager decoder's group norms and element-wise work at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
@@ -32,7 +32,8 @@ pays (bench/README.md has the figures):
 up and is ready on the uncompiled CUDA graphs; once every operation is (`Engine.setup`), a
 daemon thread compiles each UNet for its captured shapes (the warm-up's native size) while
 jobs keep running, and swaps the compiled graphs in between two jobs (`GraphedForward.adopt`,
-`compile_in_background`, holding the engine's run lock). Compiles run one at a time per
+`compile_in_background`, holding the engine's run lock); with `compile_vae`, the VAE's decoder
+and encoder after it, for the shapes the warm-up gave them (`ShapeCompiled.adopt`). Compiles run one at a time per
 process; a failure is logged and the uncompiled graphs stay. Shapes first seen
 later are captured uncompiled (no compile in a request's path). Without graphs, or on the CPU,
 `compile` compiles in the warm-up instead. `imagen run` and `imagen process` (one job, then
@@ -54,6 +55,7 @@ import torch
 
 from image.operations import compile_cache
 from image.operations.graphs import GraphedForward, graph_module
+from image.operations.shape_compile import ShapeCompiled
 from image.operations.vae_attention import use_matmul_attention
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
@@ -94,7 +96,7 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
     if tuning.vae_matmul_attention and use_matmul_attention(pipe.vae):
         done.append("vae_matmul_attention")
     if tuning.compile_vae:
-        done += compile_vae_decoder(pipe.vae)
+        done += compile_vae(pipe.vae)
     return done + _compile_and_graph(pipe.unet, tuning, device)
 
 
@@ -141,15 +143,35 @@ def compiles_in_background(tuning: Tuning, device: torch.device) -> bool:
             and tuning.compile_mode not in INDUCTOR_GRAPH_MODES)
 
 
-def compile_vae_decoder(vae) -> list[str]:
-    """`compile_vae`: the decoder's forward through Inductor, compiled at its first call of
-    each shape (upscale's warm-up decodes one tile per bucket, so its compiles happen there).
-    Each new latent shape compiles again: operations whose images vary in size (comic,
-    enhance) would do that in a request, so the switch is meant for upscale. The matrix-
-    product attention stays eager (vae_attention.attention is not traced)."""
-    _inductor_options()
-    vae.decoder.forward = torch.compile(vae.decoder.forward, dynamic=False)
+def compile_vae(vae) -> list[str]:
+    """`compile_vae`: the VAE's decoder and encoder forwards behind `ShapeCompiled`, which
+    records the warm-up's signatures; `compile_parts` (in the warm-up) or the background
+    compile then compiles those, and any other shape keeps running eagerly. The matrix-
+    product attention stays out of the graphs (vae_attention.attention is not traced)."""
+    for name in ("decoder", "encoder"):
+        part = getattr(vae, name, None)
+        if part is not None and not isinstance(part.forward, ShapeCompiled):
+            part.forward = ShapeCompiled(part.forward)
     return ["compile_vae"]
+
+
+def shape_compiled_parts(model) -> list[tuple[str, ShapeCompiled]]:
+    """The ("decoder", forward) and ("encoder", forward) `compile_vae` wrapped in `model`."""
+    vae = getattr(model, "vae", None)
+    parts = [(name, getattr(getattr(vae, name, None), "forward", None)) for name in ("decoder", "encoder")]
+    return [(name, forward) for name, forward in parts if isinstance(forward, ShapeCompiled)]
+
+
+def compile_parts(parts, lock=None) -> list[str]:
+    """Compile each (name, ShapeCompiled) for the signatures it recorded (`ShapeCompiled.adopt`);
+    returns "name (N shapes)" for each that had any."""
+    _inductor_options()
+    done = []
+    for name, part in parts:
+        count = part.adopt(torch.compile(part.forward, dynamic=False), lock)
+        if count:
+            done.append(f"{name} ({count} shape{'' if count == 1 else 's'})")
+    return done
 
 
 def _inductor_options() -> None:
@@ -162,29 +184,34 @@ _one_at_a_time = threading.Lock()  # background compiles run one after another
 
 
 def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lock, cache=None,
-                          artefact: str = "") -> threading.Thread:
+                          artefact: str = "", parts=()) -> threading.Thread:
     """Compile `module`'s graphed forward in a daemon thread and swap it into the graphs
-    (`GraphedForward.adopt`); the model serves uncompiled meanwhile. `lock` is held around
-    every call of the model (the engine's run lock: every operation idle). `cache` (a
-    compile_cache.CompileCache) gives the artefact named `artefact` first and takes it after.
-    A failure is logged and changes nothing: the uncompiled graphs stay."""
+    (`GraphedForward.adopt`), then each of `parts` (`shape_compiled_parts`: compile_vae's VAE
+    decoder and encoder) for its warm-up shapes; the model serves uncompiled meanwhile. `lock`
+    is held around every call of the model (the engine's run lock: every operation idle).
+    `cache` (a compile_cache.CompileCache) gives the artefact named `artefact` first and takes
+    it after. A failure is logged and changes nothing: the uncompiled forwards stay."""
     graphed = module.forward
 
     def work():
         started = time.perf_counter()
         with _one_at_a_time:
             try:
-                if not isinstance(graphed, GraphedForward) or not graphed.graphs:
-                    logger.warning("%s: nothing captured to compile; staying uncompiled", name)
-                    return
                 with compile_cache.CompileSession(cache, artefact, name) as session:
                     _inductor_options()
-                    compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
-                    count = graphed.adopt(compiled, lock)
-                    logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
-                                name, time.perf_counter() - started, count, "" if count == 1 else "s",
-                                session.describe())
-            except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
+                    if isinstance(graphed, GraphedForward) and graphed.graphs:
+                        compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
+                        count = graphed.adopt(compiled, lock)
+                        logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
+                                    name, time.perf_counter() - started, count, "" if count == 1 else "s",
+                                    session.describe())
+                    else:
+                        logger.warning("%s: nothing captured to compile; staying uncompiled", name)
+                    done = compile_parts(parts, lock)
+                    if done:
+                        logger.info("%s: compiled VAE in use after %.1f s: %s", name,
+                                    time.perf_counter() - started, ", ".join(done))
+            except Exception as error:  # noqa: BLE001 - the uncompiled forwards keep serving
                 logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
                                name, type(error).__name__, str(error))
 

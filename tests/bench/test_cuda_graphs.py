@@ -213,6 +213,32 @@ def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(t
 
 
 @cuda
+def test_background_compile_takes_the_vae_too_with_compile_vae(tiny_cache):
+    # compile_vae under upscale's defaults: the decoder compiled for the warm-up's tile
+    # buckets in the background thread after the UNet, then the same pixels as without it.
+    import threading
+
+    from image.operations import get_operation
+    from image.params import resolve
+
+    tuning = Tuning.for_device("cuda", "upscale")
+    ops = {}
+    for name, each in (("plain", tuning.replace(compile=False)), ("compiled", tuning.replace(compile_vae=True))):
+        ops[name] = get_operation("upscale")()
+        ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each)
+    op = ops["compiled"]
+    decoder = op.model.vae.decoder.forward
+    assert decoder.compiled_shapes == 0 and len(decoder.examples) == len(op.tile_sizes)  # one per bucket
+    assert op.start_background(threading.Lock()) and op.wait_background(900)
+    assert decoder.compiled_shapes == len(op.tile_sizes)
+    params = resolve("upscale", {"steps": 3})
+    for side in op.tile_sizes:
+        image = input_image(side)
+        compiled, plain = (np.asarray(ops[n].run(image, params, seed=3), dtype=np.int16) for n in ("compiled", "plain"))
+        assert np.abs(compiled - plain).max() <= 3, side  # Inductor's kernels: rounding apart
+
+
+@cuda
 def test_a_fresh_process_takes_the_background_compile_from_the_compile_cache(tiny_cache, tmp_path):
     # What a second instance does: two processes set comic up as `imagen serve` does (ready,
     # then the background compile), sharing a compile cache folder, each with empty Inductor

@@ -109,7 +109,7 @@ def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
 
     settings = Settings.from_env({"IMAGEN_TUNING": "cuda_graphs=off"})
     assert build_engine(settings).tuning_changes == ("cuda_graphs=off",)
-    assert build_engine(settings, one_shot=True).tuning_changes == ("compile=off", "cuda_graphs=off")
+    assert build_engine(settings, one_shot=True).tuning_changes == ("compile=off", "compile_vae=off", "cuda_graphs=off")
     told = Settings.from_env({"IMAGEN_TUNING": "compile=on"})
     engine = build_engine(told, ["comic"], one_shot=True)
     assert engine._tuning_for("comic", "cuda").compile  # IMAGEN_TUNING comes last and wins
@@ -120,7 +120,7 @@ def test_the_engine_starts_background_compiles_once_every_operation_is_ready(tin
 
     started = []
 
-    def start(name, module, tuning, lock, cache, artefact):
+    def start(name, module, tuning, lock, cache, artefact, parts=()):
         started.append((name, engine.state, set(engine._ops), lock))
         assert cache is store and artefact == engine._ops[name].artefact_name
 
@@ -202,23 +202,61 @@ def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
     assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
 
 
-def test_compiled_vae_decoder_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
-    # compile_vae: the decoder's graphs as Dynamo captures them, run as captured (Inductor
-    # takes minutes on a CPU). tests/bench/test_vae_attention.py: with the matmul attention.
-    graphs = []
+@pytest.mark.parametrize("op", ["upscale", "comic"])
+def test_compile_vae_compiles_the_warm_up_shapes_and_runs_others_eagerly(tiny_cache, monkeypatch, op):
+    # compile_vae: the VAE's graphs as Dynamo captures them, run as captured (Inductor takes
+    # minutes on a CPU), for the shapes the warm-up saw (upscale: its tile; comic: 64^2 on a
+    # CPU); another size runs eagerly and compiles nothing. Same pixels as without it.
+    # tests/bench/test_vae_attention.py: with the matrix-product attention.
+    from image.operations.shape_compile import ShapeCompiled
+
+    graphs, calls = [], []
 
     def recording(graph, example_inputs):
         graphs.append(graph)
-        return graph.forward
+        return lambda *args: calls.append(graph) or graph.forward(*args)
 
     compile_function = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
         fn, *args, backend=recording, **kwargs))
-    pipe = _pipe("upscale", tiny_cache)
-    assert tune_pipeline(pipe, Tuning.stock().replace(compile_vae=True), CPU) == ["compile_vae"]
-    assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
-    code = "".join(graph.code for graph in graphs)
-    assert "conv2d" in code and "group_norm" in code, "the decoder was not compiled"
+    plain = Engine([op], tiny_cache, device="cpu", lock=Lock(), tuning=Tuning.for_device(CPU))
+    engine = Engine([op], tiny_cache, device="cpu", lock=Lock(),
+                    tuning=Tuning.for_device(CPU).replace(compile_vae=True))
+    plain.setup()
+    engine.setup()
+    vae = engine._ops[op].model.vae
+    assert isinstance(vae.decoder.forward, ShapeCompiled) and vae.decoder.forward.compiled_shapes == 1
+    assert vae.encoder.forward.compiled_shapes == (1 if op == "comic" else 0)  # img2img encodes
+    assert graphs and "group_norm" in "".join(graph.code for graph in graphs)
+    params = {**CASES[op].params(), "steps": 2}
+    compiled = len(graphs)
+    for size, expect_compiled in (((64, 64), True), ((64, 128), op == "upscale")):  # upscale: 64² tiles
+        before = len(calls)
+        image = input_image(128).crop((0, 0, *size))
+        got = np.asarray(engine.run([op], image, params, seed=5))
+        assert np.abs(got.astype(int) - np.asarray(plain.run([op], image, params, seed=5), dtype=int)).max() <= 1
+        assert (len(calls) > before) == expect_compiled, size
+    assert len(graphs) == compiled  # nothing compiled in a job
+
+
+def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeypatch, caplog):
+    # With the background compile (CUDA's default), compile_vae's shapes compile in its thread
+    # after ready, swapped in under the run lock; the job path stays eager until then.
+    from image.operations import tuning as tuning_module
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
+        fn, *args, backend="eager", **kwargs))
+    monkeypatch.setattr(tuning_module, "compiles_in_background", lambda tuning, device: True)
+    engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
+                    tuning=Tuning.for_device(CPU).replace(compile=True, compile_vae=True))
+    with caplog.at_level(logging.INFO, logger="imagen.operations"):
+        engine.setup()
+        op = engine._ops["upscale"]
+        assert op.wait_background(timeout=120)
+    assert op.model.vae.decoder.forward.compiled_shapes == 1
+    assert "upscale: compiled VAE in use after" in caplog.text and "decoder (1 shape)" in caplog.text
+    assert "compiled VAE in the warm-up" not in caplog.text
 
 
 def test_upscale_tile_switches_and_batches_give_the_same_pixels(tiny_cache):

@@ -96,7 +96,9 @@ def test_the_switch_applies_where_a_vae_has_attention(tiny_cache):
 def test_a_compiled_decoder_leaves_the_attention_loop_eager(monkeypatch):
     # compile_vae with this switch: Dynamo captures the decoder around the attention (a graph
     # break) instead of unrolling its chunks (over a thousand for an upscale 512 tile).
-    from image.operations.tuning import compile_vae_decoder
+    from types import SimpleNamespace
+
+    from image.operations.tuning import compile_parts, compile_vae, shape_compiled_parts
 
     vae = _vae()
     latents = torch.randn(1, 4, 24, 20, generator=torch.Generator().manual_seed(2))
@@ -112,8 +114,13 @@ def test_a_compiled_decoder_leaves_the_attention_loop_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
         fn, *args, backend=recording, **kwargs))
     assert use_matmul_attention(vae, chunk_bytes=4096)  # many chunks
-    assert compile_vae_decoder(vae) == ["compile_vae"]
-    with torch.no_grad():
+    assert compile_vae(vae) == ["compile_vae"]
+    with torch.inference_mode():
+        vae.decode(latents)  # the warm-up: records the decoder's shape
+    parts = shape_compiled_parts(SimpleNamespace(vae=vae))
+    assert [name for name, _ in parts] == ["decoder", "encoder"]
+    assert compile_parts(parts) == ["decoder (1 shape)"]  # the encoder saw nothing
+    with torch.inference_mode():
         out = vae.decode(latents).sample
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
     code = "".join(graph.code for graph in graphs)
