@@ -66,17 +66,19 @@ explore)
   ;;
 final)
   # Sessions 4-6 ran the rest (bench/README.md, Figures). What is left, most important first:
-  # 1. upscale 256 -> 1024 and 512 -> 2048: stock, today's defaults (compiled UNet, matrix-
-  #    product VAE attention) and the VAE's decoder compiled too (cv), in one process,
-  #    profiled: session 6's profile has the eager decoder's group norms and element-wise
-  #    kernels at ~0.1 s of 256's 2.0 s (1.9 s target) and ~0.5 s of 512's 3.5 s.
-  want 1 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
+  # 1. upscale 256 -> 1024 and 512 -> 2048: today's defaults (compiled UNet, matrix-product
+  #    VAE attention) and the VAE's decoder compiled too (cv), in one process, profiled; no
+  #    stock (session 6 ran it; its 330 s step took 319 with it): session 6's profile has the
+  #    eager decoder's group norms and their layout copies at ~0.1 s of 256's 2.0 s (1.9 s
+  #    target) and ~0.5 s of 512's 3.5 s.
+  want 1 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock --profile \
     --variant "cv: compile_vae=on"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
   #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when
   #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).
-  #    Removed first (root; the machine is thrown away after), then the import alone and the
-  #    cold start (stock and imagen, page cache dropped).
+  #    Removed first (root; the machine is thrown away when given back: later steps on it run
+  #    without them too, as in imagen's image), then the import alone and the cold start
+  #    (stock and imagen, page cache dropped).
   if want 2 && [ ${#TINY[@]} -eq 0 ]; then
     "$PY" -m pip uninstall -y -q peft scipy torchaudio torchvision 2>&1 | tail -2 | tee -a "$LOG"
     step 45 "$PY" -m bench.coldprobe --imports

@@ -136,7 +136,8 @@ class Operation:
         self.prepare()
         self.tuned = self.tune(self.tuning)
         self.compile_cache = compile_cache
-        compiles_now = self.tuning.compile and not compiles_in_background(self.tuning, self.device)
+        parts = shape_compiled_parts(self.model)  # compile_vae's: they compile the warm-up's shapes
+        compiles_now = (self.tuning.compile or bool(parts)) and not compiles_in_background(self.tuning, self.device)
         session = (CompileSession(compile_cache, self.artefact_name, self.name) if compiles_now
                    else contextlib.nullcontext())
 
@@ -144,12 +145,11 @@ class Operation:
         started = time.perf_counter()
         with session:
             self.warm_up()
-            parts = shape_compiled_parts(self.model)  # compile_vae: the shapes are the warm-up's
             for _, part in parts:
                 part.stop_recording()
-            if parts and not compiles_in_background(self.tuning, self.device):
+            if parts and compiles_now:
                 logger.info("%s: compiled VAE in the warm-up: %s", self.name,
-                            ", ".join(compile_parts(parts)) or "no shapes")
+                            ", ".join(compile_parts(parts, session=session)) or "nothing")
         self.warmup_seconds = time.perf_counter() - started
         if compiles_now:
             logger.info("%s: compiled in the warm-up (%s)", self.name, session.describe())

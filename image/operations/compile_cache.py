@@ -140,14 +140,17 @@ class CompileSession:
             ...                                   # the first calls of the compiled model
         logger.info("compiled (%s)", session.describe())
 
-    An exception inside stores nothing. Compiles must not overlap (they do not: the warm-ups
-    run one after another, the background compiles one at a time).
+    An exception inside, or `discard()` (a part that failed and was caught), stores nothing:
+    a store keeps the first artefact of a name for good, so a partial one would stay. Compiles
+    must not overlap (they do not: the warm-ups run one after another, the background compiles
+    one at a time).
     """
 
     def __init__(self, cache: CompileCache | None, name: str, operation: str) -> None:
         self.cache, self.name, self.operation = cache, name, operation
         self.loaded = False
         self.counts: dict[str, int] | None = None  # Inductor graphs: hits and misses inside
+        self.discarded = False
         self._apart = contextlib.ExitStack()
 
     def __enter__(self) -> Self:
@@ -159,10 +162,14 @@ class CompileSession:
     def __exit__(self, kind, error, traceback) -> None:
         try:
             self.counts = self._since_start()
-            if kind is None and (self.counts["misses"] or not self.loaded):
+            if kind is None and not self.discarded and (self.counts["misses"] or not self.loaded):
                 save(self.cache, self.name, self.operation)
         finally:
             self._apart.close()
+
+    def discard(self) -> None:
+        """Store nothing at the end: part of the compile failed."""
+        self.discarded = True
 
     def _since_start(self) -> dict[str, int]:
         now = inductor_counts()

@@ -208,6 +208,13 @@ class _Graph:
         return tree_unflatten(out, self.output_spec)
 
 
+def no_captures():
+    """Held while something else compiles on the device (shape_compile.ShapeCompiled.adopt):
+    compiling synchronises the device, which a capture under way cannot survive. A model
+    call that finds it held runs eagerly and captures later, as during `adopt`."""
+    return _capturing
+
+
 def signature(leaves: list, spec) -> tuple | None:
     """What a graph is captured for: tensor shapes, dtypes and devices, the other values.
 

@@ -16,7 +16,9 @@ buckets, img2img's the native size its CUDA warm-up runs.
 
 `adopt` compiles by calling the compiled function once per recorded signature on copies of the
 warm-up's arguments, outside `lock`, so calls go on eagerly meanwhile (image/operations/
-tuning.py runs it in the background compile's thread), then swaps it in holding `lock`.
+tuning.py runs it in the background compile's thread), then swaps it in holding `lock`. Calls
+outside inference mode always run eagerly: the compile was made under it, and Dynamo would
+compile again for them (the operations run every job under it).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ShapeCompiled:
     """`forward`, compiled for the signatures recorded before `stop_recording` once `adopt`
     has compiled them, eager otherwise; see the module docstring."""
 
-    def __init__(self, forward: Callable[..., Any], max_shapes: int = 8) -> None:
+    def __init__(self, forward: Callable[..., Any], max_shapes: int = 4) -> None:
         self.forward = forward
         self.max_shapes = max_shapes
         self.recording = True
@@ -60,7 +62,7 @@ class ShapeCompiled:
     def __call__(self, *args, **kwargs):
         key = signature(args, kwargs)
         compiled, keys = self._compiled  # one read: `adopt` swaps both at once
-        if compiled is not None and key in keys:
+        if compiled is not None and key in keys and torch.is_inference_mode_enabled():
             return compiled(*args, **kwargs)
         if self.recording and key is not None and key not in self.examples and len(self.examples) < self.max_shapes:
             self.examples[key] = tree_map(_copy, (args, kwargs))
@@ -74,13 +76,15 @@ class ShapeCompiled:
     def compiled_shapes(self) -> int:
         return len(self._compiled[1])
 
-    def adopt(self, compiled: Callable[..., Any], lock=None) -> int:
+    def adopt(self, compiled: Callable[..., Any], lock=None, hold=None) -> int:
         """Compile `compiled` (a torch.compile of `forward`) for every recorded signature by
-        calling it on the recorded arguments, outside `lock`, then route those signatures to
-        it holding `lock`; returns how many. Under inference mode, as the operations run."""
+        calling it on the recorded arguments, outside `lock` and holding `hold` (on CUDA,
+        graphs.no_captures()), then route those signatures to it holding `lock`; returns how
+        many. Under inference mode, as the operations run. An exception leaves the eager
+        forward in place."""
         self.stop_recording()
         examples = dict(self.examples)
-        with torch.inference_mode():
+        with torch.inference_mode(), hold if hold is not None else contextlib.nullcontext():
             for args, kwargs in examples.values():
                 with _side_stream(args, kwargs):  # as GraphedForward.adopt: beside the jobs' work
                     compiled(*args, **kwargs)

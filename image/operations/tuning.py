@@ -23,7 +23,7 @@ pays (bench/README.md has the figures):
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
 | `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | upscale: 512 -> 2048 4.36 -> 3.54 s (its 512 tile's decode attention 1.53 -> 0.69 s) |
-| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder and encoder for the warm-up's shapes (upscale's tile buckets, img2img's native size; shape_compile.py), other shapes eager; compiled with the UNet (after ready, or in the warm-up) | off: not measured yet; upscale's profile shows the eager decoder's group norms and element-wise work at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
+| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder and encoder for the warm-up's shapes (upscale's tile buckets, img2img's native size; shape_compile.py), other shapes eager; compiled with the UNet (after ready, or in the warm-up) | off: not measured yet; upscale's profile shows the eager decoder's group norms and their NHWC<->NCHW copies at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
@@ -47,14 +47,16 @@ the compiled speed sooner.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from image.operations import compile_cache
-from image.operations.graphs import GraphedForward, graph_module
+from image.operations.graphs import GraphedForward, graph_module, no_captures
 from image.operations.shape_compile import ShapeCompiled
 from image.operations.vae_attention import use_matmul_attention
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
@@ -162,22 +164,42 @@ def shape_compiled_parts(model) -> list[tuple[str, ShapeCompiled]]:
     return [(name, forward) for name, forward in parts if isinstance(forward, ShapeCompiled)]
 
 
-def compile_parts(parts, lock=None) -> list[str]:
+def compile_parts(parts, lock=None, session=None) -> list[str]:
     """Compile each (name, ShapeCompiled) for the signatures it recorded (`ShapeCompiled.adopt`);
-    returns "name (N shapes)" for each that had any."""
+    returns "name (N shapes)" for each that had any. A part that fails to compile is logged
+    and stays eager, the others go on, and `session` (a compile_cache.CompileSession) stores
+    nothing. On CUDA, graph captures wait meanwhile, and the memory
+    the compile's own stream cached is returned once no job runs (holding `lock`)."""
     _inductor_options()
     done = []
+    cuda = False
     for name, part in parts:
-        count = part.adopt(torch.compile(part.forward, dynamic=False), lock)
+        cuda = cuda or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda
+                           for args in part.examples.values() for leaf in tree_flatten(args)[0])
+        try:
+            count = part.adopt(torch.compile(part.forward, dynamic=False), lock, hold=no_captures() if cuda else None)
+        except Exception as error:  # noqa: BLE001 - the eager forward keeps serving
+            logger.warning("VAE %s: compiling failed, staying eager: %s: %s", name, type(error).__name__, str(error))
+            if hasattr(session, "discard"):
+                session.discard()
+            continue
         if count:
             done.append(f"{name} ({count} shape{'' if count == 1 else 's'})")
+    if cuda:
+        with lock if lock is not None else contextlib.nullcontext():
+            torch.cuda.empty_cache()
     return done
 
 
 def _inductor_options() -> None:
+    import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
     inductor.conv_1x1_as_mm = True  # 1x1 convolutions as matrix products (diffusers' advice)
+    # Code shared by every model of a process (diffusers' ResnetBlock2D.forward, compiled on
+    # its own around compile_vae's graph break) holds one entry per shape and model: more than
+    # Dynamo's default 8 in a process serving several operations, after which it runs eagerly.
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
 
 
 _one_at_a_time = threading.Lock()  # background compiles run one after another
@@ -199,25 +221,33 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
             try:
                 with compile_cache.CompileSession(cache, artefact, name) as session:
                     _inductor_options()
-                    if isinstance(graphed, GraphedForward) and graphed.graphs:
-                        compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
-                        count = graphed.adopt(compiled, lock)
-                        logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
-                                    name, time.perf_counter() - started, count, "" if count == 1 else "s",
-                                    session.describe())
-                    else:
-                        logger.warning("%s: nothing captured to compile; staying uncompiled", name)
-                    done = compile_parts(parts, lock)
+                    try:
+                        _compile_graphed(name, graphed, tuning, lock, session, started)
+                    except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
+                        logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
+                                       name, type(error).__name__, str(error))
+                        session.discard()
+                    done = compile_parts(parts, lock, session)  # each part's failure is its own
                     if done:
                         logger.info("%s: compiled VAE in use after %.1f s: %s", name,
                                     time.perf_counter() - started, ", ".join(done))
-            except Exception as error:  # noqa: BLE001 - the uncompiled forwards keep serving
-                logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
-                               name, type(error).__name__, str(error))
+            except Exception as error:  # noqa: BLE001 - storing the artefact failed; what compiled serves
+                logger.warning("%s: the compile cache failed: %s: %s", name, type(error).__name__, str(error))
 
     thread = threading.Thread(target=work, daemon=True, name=f"compile-{name}")
     thread.start()
     return thread
+
+
+def _compile_graphed(name, graphed, tuning: Tuning, lock, session, started: float) -> None:
+    """The UNet's part of `compile_in_background`: compile its graphed forward, swap it in."""
+    if not isinstance(graphed, GraphedForward) or not graphed.graphs:
+        logger.warning("%s: nothing captured to compile; staying uncompiled", name)
+        return
+    compiled = torch.compile(graphed.forward, mode=tuning.compile_mode, dynamic=False)
+    count = graphed.adopt(compiled, lock)
+    logger.info("%s: compiled model in use after %.1f s (%d graph%s captured again; %s)",
+                name, time.perf_counter() - started, count, "" if count == 1 else "s", session.describe())
 
 
 def _can_fuse(pipe) -> bool:

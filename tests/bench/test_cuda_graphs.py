@@ -231,11 +231,18 @@ def test_background_compile_takes_the_vae_too_with_compile_vae(tiny_cache):
     assert decoder.compiled_shapes == 0 and len(decoder.examples) == len(op.tile_sizes)  # one per bucket
     assert op.start_background(threading.Lock()) and op.wait_background(900)
     assert decoder.compiled_shapes == len(op.tile_sizes)
+    from torch._dynamo.utils import counters
+
     params = resolve("upscale", {"steps": 3})
+    taken = []
+    decoder._compiled = (lambda *a, f=decoder._compiled[0], **k: taken.append(1) or f(*a, **k), decoder._compiled[1])
+    graphs_before = counters["stats"]["unique_graphs"]
     for side in op.tile_sizes:
         image = input_image(side)
         compiled, plain = (np.asarray(ops[n].run(image, params, seed=3), dtype=np.int16) for n in ("compiled", "plain"))
         assert np.abs(compiled - plain).max() <= 3, side  # Inductor's kernels: rounding apart
+    assert len(taken) == len(op.tile_sizes)  # each bucket's decode ran compiled...
+    assert counters["stats"]["unique_graphs"] == graphs_before  # ...and nothing compiled in a job
 
 
 @cuda

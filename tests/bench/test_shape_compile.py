@@ -31,5 +31,45 @@ def test_only_recorded_signatures_run_compiled():
     assert compiled == [(2, 2), (4, 4)] and wrapped.compiled_shapes == 2  # compiled once each
     assert not wrapped.recording and not wrapped.examples
     eager.clear(), compiled.clear()
-    assert torch.equal(wrapped(big), big + 1) and torch.equal(wrapped(other), other + 1)
+    with torch.inference_mode():  # as the operations run every job
+        assert torch.equal(wrapped(big), big + 1) and torch.equal(wrapped(other), other + 1)
     assert compiled == [(4, 4)] and eager == [(3, 3)]
+
+
+def test_outside_inference_mode_calls_run_eagerly():
+    # The compile was made under inference mode; Dynamo would compile again for other calls.
+    eager, compiled = [], []
+    wrapped = ShapeCompiled(lambda t: eager.append(1) or t)
+    x = torch.zeros(2)
+    with torch.inference_mode():
+        wrapped(x)
+    wrapped.adopt(lambda t: compiled.append(1) or t)
+    compiled.clear()
+    with torch.no_grad():
+        wrapped(x)
+    assert not compiled
+    with torch.inference_mode():
+        wrapped(x)
+    assert compiled
+
+
+def test_a_part_that_fails_to_compile_stays_eager_and_stores_nothing(monkeypatch, caplog):
+    from image.operations.tuning import compile_parts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Inductor could not")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    failing, fine = ShapeCompiled(lambda t: t + 1), ShapeCompiled(lambda t: t * 2)
+    failing(torch.ones(2)), fine(torch.ones(3))
+
+    class Session:
+        discarded = False
+
+        def discard(self):
+            self.discarded = True
+
+    session = Session()
+    assert compile_parts([("decoder", failing), ("encoder", fine)], Lock(), session) == []
+    assert session.discarded and "VAE decoder: compiling failed, staying eager" in caplog.text
+    assert failing.compiled_shapes == 0 and torch.equal(failing(torch.ones(2)), torch.full((2,), 2.0))
