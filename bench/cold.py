@@ -33,19 +33,20 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 _STOCK = """
 import time; started = time.perf_counter()
-import json, torch, diffusers
+import json, resource, torch, diffusers
 imported = time.perf_counter()
 cls = getattr(diffusers, {pipeline!r})
 pipe = cls.from_pretrained({snapshot!r}, dtype=getattr(torch, {dtype!r}), **{extra!r}).to({device!r})
 if torch.cuda.is_available() and {device!r}.startswith("cuda"):
     torch.cuda.synchronize()
 done = time.perf_counter()
-print({ready!r} + json.dumps({{"import_seconds": imported - started, "setup_seconds": done - imported}}), flush=True)
+print({ready!r} + json.dumps({{"import_seconds": imported - started, "setup_seconds": done - imported,
+      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}), flush=True)
 """
 
 _IMAGEN = """
 import time; started = time.perf_counter()
-import json
+import json, resource
 from image.engine import Engine
 from image.models.lock import Lock
 from image.operations.switches import Tuning
@@ -55,7 +56,8 @@ engine.setup()
 done = time.perf_counter()
 op = engine._ops[{operation!r}]
 print({ready!r} + json.dumps({{"import_seconds": imported - started, "setup_seconds": done - imported,
-      "load_seconds": op.load_seconds, "warmup_seconds": op.warmup_seconds}}), flush=True)
+      "load_seconds": op.load_seconds, "warmup_seconds": op.warmup_seconds,
+      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}), flush=True)
 """
 
 

@@ -181,21 +181,24 @@ def _switches_on(results: dict) -> str:
 def format_cold(rows: list[dict]) -> str:
     """The cold-start table: a fresh process until ready, stock vs imagen."""
     lines = [
-        "| operation | page cache | stock s | imagen s | imagen/stock | imagen: import / setup s | target |",
-        "|---|---|---|---|---|---|---|",
+        "| operation | page cache | stock s | imagen s | imagen/stock | imagen: import / setup s "
+        "| peak RSS GiB stock / imagen | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratio = "-" if not row.get("stock_seconds") or not row.get("imagen_seconds") else (
             f"{row['imagen_seconds'] / row['stock_seconds']:.2f}")
         phases = row.get("imagen_phases") or {}
         split = f"{_s(phases.get('import_seconds'), 2)} / {_s(phases.get('setup_seconds'), 2)}"
+        rss = (f"{_s((row.get('stock_phases') or {}).get('peak_rss_gib'), 2)} / "
+               f"{_s(phases.get('peak_rss_gib'), 2)}")
         target = "-"
         if row.get("target_seconds") is not None and row.get("imagen_seconds") is not None:
             ok = row["imagen_seconds"] <= row["target_seconds"]
             target = f"≤ {row['target_seconds']} s {'✓' if ok else '✗'}"
         lines.append(
             f"| {row['operation']} | {row['page_cache']} | {_s(row.get('stock_seconds'), 2)} "
-            f"| {_s(row.get('imagen_seconds'), 2)} | {ratio} | {split} | {target} |"
+            f"| {_s(row.get('imagen_seconds'), 2)} | {ratio} | {split} | {rss} | {target} |"
         )
     return "\n".join(lines)
 

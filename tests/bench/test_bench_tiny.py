@@ -127,6 +127,19 @@ def test_cold_start_children(tmp_path):
         cold.time_child("import sys; sys.exit(3)")
 
 
+def test_cold_start_children_report_their_phases_and_memory(tiny_cache):
+    # The children's code is a template: run both for real (tiny upscale, CPU, warm cache).
+    from bench.report import format_cold
+
+    rows = cold.run_cold(["upscale"], tiny_cache, device="cpu", dtype="float32", tuning=None, drop_caches="none")
+    row = rows[0]
+    for label in ("stock", "imagen"):
+        assert row[f"{label}_seconds"] > 0, row
+        assert 0.1 < row[f"{label}_phases"]["peak_rss_gib"] < 16  # GiB of the child, not KiB
+    assert {"load_seconds", "warmup_seconds"} <= set(row["imagen_phases"])
+    assert "peak RSS GiB stock / imagen" in format_cold(rows)
+
+
 def test_unet_arithmetic_matches_the_anchor_architectures(tmp_path, monkeypatch):
     # Counted from a config on the meta device: the full-size comic UNet (SD1.5) does about
     # 0.8 TFLOP per 512-pixel image per step, twice that with guidance (batch 2).
