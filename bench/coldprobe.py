@@ -188,7 +188,8 @@ def summarise_imports(log: str, top: int = 15) -> dict:
         own[name] = own.get(name, 0) + int(fields[0])
     packages: dict[str, int] = {}
     for name, micros in own.items():
-        packages[name.split(".")[0]] = packages.get(name.split(".")[0], 0) + micros
+        package = name.split(".")[0]
+        packages[package] = packages.get(package, 0) + micros
 
     def largest(table):
         return [[name, round(micros / 1e6, 3)] for name, micros in sorted(table.items(), key=lambda kv: -kv[1])[:top]]

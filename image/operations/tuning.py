@@ -33,11 +33,11 @@ up and is ready on the uncompiled CUDA graphs; once every operation is (`Engine.
 daemon thread compiles each UNet for its captured shapes (the warm-up's native size) while
 jobs keep running, and swaps the compiled graphs in between two jobs (`GraphedForward.adopt`,
 `compile_in_background`, holding the engine's run lock); with `compile_vae`, the VAE's decoder
-and encoder after it, for the shapes the warm-up gave them (`ShapeCompiled.adopt`). Compiles run one at a time per
-process; a failure is logged and the uncompiled graphs stay. Shapes first seen
-later are captured uncompiled (no compile in a request's path). Without graphs, or on the CPU,
-`compile` compiles in the warm-up instead. `imagen run` and `imagen process` (one job, then
-exit) turn compile off unless IMAGEN_TUNING turns it on.
+and encoder after it, for the shapes the warm-up gave them (`ShapeCompiled.adopt`). Compiles
+run one at a time per process; a failure is logged and the uncompiled forwards stay. Shapes
+first seen later are captured uncompiled (no compile in a request's path). Without graphs, or
+on the CPU, `compile` and `compile_vae` compile in the warm-up instead. `imagen run` and
+`imagen process` (one job, then exit) turn both off unless IMAGEN_TUNING turns them on.
 
 With a compile cache (`Engine(..., compile_cache=...)`, IMAGEN_COMPILE_CACHE in production;
 image/operations/compile_cache.py), the compile first loads the artefact an earlier instance
@@ -58,17 +58,17 @@ from torch.utils._pytree import tree_flatten
 from image.operations import compile_cache
 from image.operations.graphs import GraphedForward, graph_module, no_captures
 from image.operations.shape_compile import ShapeCompiled
-from image.operations.vae_attention import use_matmul_attention
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
     COMPILE_PAYS,
-    MATMUL_ATTENTION_PAYS,
     DIFFUSION,
     INDUCTOR_GRAPH_MODES,
+    MATMUL_ATTENTION_PAYS,
     SWITCHES,
     Tuning,
     parse_changes,
 )
+from image.operations.vae_attention import use_matmul_attention
 
 logger = logging.getLogger("imagen.operations")
 
@@ -168,8 +168,8 @@ def compile_parts(parts, lock=None, session=None) -> list[str]:
     """Compile each (name, ShapeCompiled) for the signatures it recorded (`ShapeCompiled.adopt`);
     returns "name (N shapes)" for each that had any. A part that fails to compile is logged
     and stays eager, the others go on, and `session` (a compile_cache.CompileSession) stores
-    nothing. On CUDA, graph captures wait meanwhile, and the memory
-    the compile's own stream cached is returned once no job runs (holding `lock`)."""
+    nothing. On CUDA, graph captures wait meanwhile, and the memory the compile's own stream
+    cached is returned once no job runs (holding `lock`)."""
     _inductor_options()
     done = []
     cuda = False
