@@ -147,7 +147,7 @@ class Engine:
     def compiled_artefacts(self) -> dict[str, str]:
         """{operation: its artefact's name in the compile cache} for the operations that
         compile (image/operations/compile_cache.py); after setup."""
-        return {name: op.artefact_name for name, op in self._ops.items() if op.tuning.compile}
+        return {name: op.artefact_name for name, op in self._ops.items() if op.tuning.compile or op.compiles_vae}
 
     def _tuning_for(self, name: str, device) -> Tuning:
         """The switches for operation `name`: the given tuning (None: its defaults on

@@ -257,6 +257,19 @@ def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeyp
     assert op.model.vae.decoder.forward.compiled_shapes == 1
     assert "upscale: compiled VAE in use after" in caplog.text and "decoder (1 shape)" in caplog.text
     assert "compiled VAE in the warm-up" not in caplog.text
+    assert list(engine.compiled_artefacts()) == ["upscale"]  # what `imagen models compile` stores
+
+
+def test_compile_vae_alone_has_an_artefact_where_there_is_a_vae(tiny_cache, monkeypatch):
+    # `imagen models compile` stores what compiles: compile_vae without compile counts, for an
+    # operation with a VAE only.
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
+        fn, *args, backend="eager", **kwargs))
+    engine = Engine(["upscale", "remove-background"], tiny_cache, device="cpu", lock=Lock(),
+                    tuning=Tuning.for_device(CPU).replace(compile_vae=True))
+    engine.setup()
+    assert list(engine.compiled_artefacts()) == ["upscale"]
 
 
 def test_upscale_tile_switches_and_batches_give_the_same_pixels(tiny_cache):
