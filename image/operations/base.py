@@ -61,7 +61,6 @@ class Operation:
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
         self.background: threading.Thread | None = None  # a compile after ready, if any
-        self.compiles_vae = False  # compile_vae applied: its VAE compiles (an artefact of its own)
         self.compile_cache = None  # where compiled artefacts are loaded from and stored
         self.deadline = None  # the running job's image.deadline.Deadline, if it has one
 
@@ -138,7 +137,6 @@ class Operation:
         self.tuned = self.tune(self.tuning)
         self.compile_cache = compile_cache
         parts = shape_compiled_parts(self.model)  # compile_vae's: they compile the warm-up's shapes
-        self.compiles_vae = bool(parts)
         compiles_now = (self.tuning.compile or bool(parts)) and not compiles_in_background(self.tuning, self.device)
         session = (CompileSession(compile_cache, self.artefact_name, self.name) if compiles_now
                    else contextlib.nullcontext())
@@ -180,6 +178,13 @@ class Operation:
                                                 self.tuning, lock, self.compile_cache, self.artefact_name,
                                                 parts=shape_compiled_parts(self.model))
         return True
+
+    @property
+    def compiles_vae(self) -> bool:
+        """Whether `compile_vae` applies here (a model with a VAE): its kernels join the artefact."""
+        from image.operations.tuning import shape_compiled_parts
+
+        return bool(shape_compiled_parts(self.model))
 
     @property
     def artefact_name(self) -> str:

@@ -48,7 +48,7 @@ from image.device import out_of_memory
 
 logger = logging.getLogger("imagen.operations")
 
-_SCALARS = (type(None), bool, int, float, str)
+SCALARS = (type(None), bool, int, float, str)  # plain values a signature keys by value
 _pool = None  # the graph memory pool the live graphs share
 _live: weakref.WeakSet = weakref.WeakSet()  # the captured graphs still alive
 _capturing = threading.Lock()  # one capture at a time in the process (CUDA graphs allow no more)
@@ -227,7 +227,7 @@ def signature(leaves: list, spec) -> tuple | None:
             if leaf.device.type != "cuda" or leaf.requires_grad:
                 return None
             key.append((tuple(leaf.shape), leaf.dtype, leaf.device))
-        elif isinstance(leaf, _SCALARS):
+        elif isinstance(leaf, SCALARS):
             key.append((type(leaf).__name__, leaf))
         else:
             return None

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-_SCALARS = (type(None), bool, int, float, str)
+from image.operations.graphs import SCALARS, no_captures
 
 
 def signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -41,7 +41,7 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
-        elif isinstance(leaf, _SCALARS):
+        elif isinstance(leaf, SCALARS):
             key.append((type(leaf), leaf))
         else:
             return None
@@ -76,33 +76,44 @@ class ShapeCompiled:
     def compiled_shapes(self) -> int:
         return len(self._compiled[1])
 
-    def adopt(self, compiled: Callable[..., Any], lock=None, hold=None) -> int:
+    def adopt(self, compiled: Callable[..., Any], lock=None) -> int:
         """Compile `compiled` (a torch.compile of `forward`) for every recorded signature by
-        calling it on the recorded arguments, outside `lock` and holding `hold` (on CUDA,
-        graphs.no_captures()), then route those signatures to it holding `lock`; returns how
-        many. Under inference mode, as the operations run. An exception leaves the eager
-        forward in place."""
+        calling it on the recorded arguments, outside `lock`, then route those signatures to
+        it holding `lock`; returns how many. Under inference mode, as the operations run. An
+        exception leaves the eager forward in place. On CUDA, as GraphedForward.adopt: graph
+        captures wait meanwhile (compiling synchronises the device), the calls run on a stream
+        of their own beside the jobs' work, and the memory it cached is returned after the
+        swap, while no job runs."""
         self.stop_recording()
         examples = dict(self.examples)
-        with torch.inference_mode(), hold if hold is not None else contextlib.nullcontext():
+        device = _cuda_device(examples.values())
+        with torch.inference_mode(), no_captures() if device else contextlib.nullcontext(), _side_stream(device):
             for args, kwargs in examples.values():
-                with _side_stream(args, kwargs):  # as GraphedForward.adopt: beside the jobs' work
-                    compiled(*args, **kwargs)
+                compiled(*args, **kwargs)
         with lock if lock is not None else contextlib.nullcontext():
             self._compiled = (compiled, frozenset(examples))
+            if device is not None:
+                torch.cuda.empty_cache()
         self.examples.clear()  # the copies are not needed any more
         return len(examples)
 
 
+def _cuda_device(arguments) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among `arguments`, if any."""
+    for leaf in tree_flatten(list(arguments))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            return leaf.device
+    return None
+
+
 @contextlib.contextmanager
-def _side_stream(args, kwargs):
-    """On CUDA, a stream of its own, waited for before returning; elsewhere nothing."""
-    leaves = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
-    if not leaves or not leaves[0].is_cuda:
+def _side_stream(device: torch.device | None):
+    """On `device` (CUDA), a stream of its own, waited for before returning; else nothing."""
+    if device is None:
         yield
         return
-    side = torch.cuda.Stream(leaves[0].device)
-    side.wait_stream(torch.cuda.current_stream(leaves[0].device))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         yield
     side.synchronize()

@@ -47,16 +47,14 @@ the compiled speed sooner.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from image.operations import compile_cache
-from image.operations.graphs import GraphedForward, graph_module, no_captures
+from image.operations.graphs import GraphedForward, graph_module
 from image.operations.shape_compile import ShapeCompiled
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
@@ -168,26 +166,19 @@ def compile_parts(parts, lock=None, session=None) -> list[str]:
     """Compile each (name, ShapeCompiled) for the signatures it recorded (`ShapeCompiled.adopt`);
     returns "name (N shapes)" for each that had any. A part that fails to compile is logged
     and stays eager, the others go on, and `session` (a compile_cache.CompileSession) stores
-    nothing. On CUDA, graph captures wait meanwhile, and the memory the compile's own stream
-    cached is returned once no job runs (holding `lock`)."""
+    nothing."""
     _inductor_options()
     done = []
-    cuda = False
     for name, part in parts:
-        cuda = cuda or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda
-                           for args in part.examples.values() for leaf in tree_flatten(args)[0])
         try:
-            count = part.adopt(torch.compile(part.forward, dynamic=False), lock, hold=no_captures() if cuda else None)
+            count = part.adopt(torch.compile(part.forward, dynamic=False), lock)
         except Exception as error:  # noqa: BLE001 - the eager forward keeps serving
             logger.warning("VAE %s: compiling failed, staying eager: %s: %s", name, type(error).__name__, str(error))
-            if hasattr(session, "discard"):
+            if session is not None:
                 session.discard()
             continue
         if count:
             done.append(f"{name} ({count} shape{'' if count == 1 else 's'})")
-    if cuda:
-        with lock if lock is not None else contextlib.nullcontext():
-            torch.cuda.empty_cache()
     return done
 
 

@@ -189,36 +189,22 @@ def test_vae_tiling_changes_nothing_below_its_tile_and_stays_close_above(tiny_ca
     assert np.array_equal(_call(pipe, "upscale"), stock_np["upscale"])
 
 
-def test_compile_computes_the_same_function(tiny_cache, stock_np, monkeypatch):
-    # Inductor takes minutes on a CPU; the eager backend runs the same captured graphs.
-    compile_function = torch.compile
-
-    def eager(fn, *args, mode=None, **kwargs):
-        return compile_function(fn, *args, backend="eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", eager)
+def test_compile_computes_the_same_function(tiny_cache, stock_np, captured_compile):
+    # Inductor takes minutes on a CPU; the captured graphs run as captured.
     pipe = _pipe("upscale", tiny_cache)
     assert tune_pipeline(pipe, Tuning.stock().replace(compile=True), CPU) == ["compile(default)"]
     assert np.abs(_call(pipe, "upscale") - stock_np["upscale"]).max() <= 1e-5
 
 
 @pytest.mark.parametrize("op", ["upscale", "comic"])
-def test_compile_vae_compiles_the_warm_up_shapes_and_runs_others_eagerly(tiny_cache, monkeypatch, op):
+def test_compile_vae_compiles_the_warm_up_shapes_and_runs_others_eagerly(tiny_cache, captured_compile, op):
     # compile_vae: the VAE's graphs as Dynamo captures them, run as captured (Inductor takes
     # minutes on a CPU), for the shapes the warm-up saw (upscale: its tile; comic: 64^2 on a
     # CPU); another size runs eagerly and compiles nothing. Same pixels as without it.
     # tests/bench/test_vae_attention.py: with the matrix-product attention.
     from image.operations.shape_compile import ShapeCompiled
 
-    graphs, calls = [], []
-
-    def recording(graph, example_inputs):
-        graphs.append(graph)
-        return lambda *args: calls.append(graph) or graph.forward(*args)
-
-    compile_function = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
-        fn, *args, backend=recording, **kwargs))
+    graphs, calls = captured_compile.graphs, captured_compile.calls
     plain = Engine([op], tiny_cache, device="cpu", lock=Lock(), tuning=Tuning.for_device(CPU))
     engine = Engine([op], tiny_cache, device="cpu", lock=Lock(),
                     tuning=Tuning.for_device(CPU).replace(compile_vae=True))
@@ -239,14 +225,11 @@ def test_compile_vae_compiles_the_warm_up_shapes_and_runs_others_eagerly(tiny_ca
     assert len(graphs) == compiled  # nothing compiled in a job
 
 
-def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeypatch, caplog):
+def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeypatch, caplog, captured_compile):
     # With the background compile (CUDA's default), compile_vae's shapes compile in its thread
     # after ready, swapped in under the run lock; the job path stays eager until then.
     from image.operations import tuning as tuning_module
 
-    compile_function = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
-        fn, *args, backend="eager", **kwargs))
     monkeypatch.setattr(tuning_module, "compiles_in_background", lambda tuning, device: True)
     engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
                     tuning=Tuning.for_device(CPU).replace(compile=True, compile_vae=True))
@@ -260,12 +243,9 @@ def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeyp
     assert list(engine.compiled_artefacts()) == ["upscale"]  # what `imagen models compile` stores
 
 
-def test_compile_vae_alone_has_an_artefact_where_there_is_a_vae(tiny_cache, monkeypatch):
+def test_compile_vae_alone_has_an_artefact_where_there_is_a_vae(tiny_cache, captured_compile):
     # `imagen models compile` stores what compiles: compile_vae without compile counts, for an
     # operation with a VAE only.
-    compile_function = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
-        fn, *args, backend="eager", **kwargs))
     engine = Engine(["upscale", "remove-background"], tiny_cache, device="cpu", lock=Lock(),
                     tuning=Tuning.for_device(CPU).replace(compile_vae=True))
     engine.setup()

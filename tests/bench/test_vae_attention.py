@@ -93,7 +93,7 @@ def test_the_switch_applies_where_a_vae_has_attention(tiny_cache):
     assert "vae_matmul_attention" not in Tuning.for_device("cuda", "enhance").enabled()  # not measured there
 
 
-def test_a_compiled_decoder_leaves_the_attention_loop_eager(monkeypatch):
+def test_a_compiled_decoder_leaves_the_attention_loop_eager(captured_compile):
     # compile_vae with this switch: Dynamo captures the decoder around the attention (a graph
     # break) instead of unrolling its chunks (over a thousand for an upscale 512 tile).
     from types import SimpleNamespace
@@ -104,15 +104,7 @@ def test_a_compiled_decoder_leaves_the_attention_loop_eager(monkeypatch):
     latents = torch.randn(1, 4, 24, 20, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = vae.decode(latents).sample
-    graphs = []
-
-    def recording(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    compile_function = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, mode=None, **kwargs: compile_function(
-        fn, *args, backend=recording, **kwargs))
+    graphs = captured_compile.graphs
     assert use_matmul_attention(vae, chunk_bytes=4096)  # many chunks
     assert compile_vae(vae) == ["compile_vae"]
     with torch.inference_mode():
