@@ -93,7 +93,7 @@ def load_model(
     if read_ahead:
         start_read_ahead(snapshot, device)
     try:
-        with quiet_libraries():
+        with quiet_libraries(_LIBRARIES[spec.loader]):
             model = _LOADERS[spec.loader](
                 spec, snapshot, device=device, dtype=dtype, direct_to_device=direct_to_device
             )
@@ -212,6 +212,7 @@ def _load_rmbg(
 
 
 _LOADERS = {DIFFUSERS: _load_pipeline, RMBG: _load_rmbg}
+_LIBRARIES = {DIFFUSERS: ("diffusers", "transformers"), RMBG: ("transformers",)}  # what each loader imports
 
 
 def _first_line(error: Exception) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,6 +141,18 @@ def test_rmbg_comes_from_the_snapshot_code_and_keeps_its_contract(tiny_cache, of
         mask = model(torch.randn(1, 3, 1024, 1024))[0][0]
     assert mask.shape == (1, 1, 1024, 1024)
     assert 0.0 <= float(mask.min()) and float(mask.max()) <= 1.0
+
+
+def test_a_remove_background_start_does_not_import_diffusers(tiny_cache, offline):
+    # Importing it is part of a cold start (0.3-0.7 s on a 2-core machine) that RMBG never uses.
+    code = (
+        "import sys; from pathlib import Path; from image.engine import Engine\n"
+        f"Engine(['remove-background'], Path({str(tiny_cache)!r}), device='cpu').setup()\n"
+        "print('diffusers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.parametrize("operation", ["upscale", "enhance", "comic"])
