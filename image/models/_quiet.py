@@ -1,7 +1,9 @@
 """Keep diffusers' and transformers' progress bars (and, if asked, warnings) out of our output.
 
 Loading happens once per process and is logged by imagen itself with its duration; per-file
-progress bars from the libraries would only fill the service's logs.
+progress bars from the libraries would only fill the service's logs. The warnings the
+libraries do give go to the process's own logging (a service writes them as the same JSON
+lines as its own), not to the plain-text stderr handler each library installs for itself.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import importlib
 
 @contextlib.contextmanager
 def quiet_libraries(libraries: tuple[str, ...] = ("diffusers", "transformers"), *, warnings: bool = True):
-    """Disable `libraries`' progress bars (and their warnings unless `warnings`) inside. Only
-    those are imported: importing diffusers takes 2 s of a start that does not use it."""
-    saved = [
-        (module, module.get_verbosity(), module.is_progress_bar_enabled())
-        for module in (importlib.import_module(f"{library}.utils.logging") for library in libraries)
-    ]
+    """Disable `libraries`' progress bars (and their warnings unless `warnings`) inside, and
+    send their log records to the root logger for good. Only those are imported: importing
+    diffusers takes 2 s of a start that does not use it."""
+    saved = []
+    for library in libraries:
+        module = importlib.import_module(f"{library}.utils.logging")
+        module.disable_default_handler()
+        module.enable_propagation()
+        saved.append((module, module.get_verbosity(), module.is_progress_bar_enabled()))
     for module, _, _ in saved:
         module.disable_progress_bar()
         if not warnings:

@@ -46,3 +46,18 @@ def test_an_exception_comes_with_its_stack_trace():
 
         entry = json.loads(_line("failed", exc_info=sys.exc_info()))
     assert "ValueError: boom" in entry["stack_trace"]
+
+
+def test_the_model_libraries_log_through_the_process_handlers(caplog):
+    # Their own handlers write plain text to stderr: Cloud Logging would get lines without a
+    # severity in a service whose every other line is JSON.
+    from image.models._quiet import quiet_libraries
+
+    with quiet_libraries():
+        pass
+    for library in ("diffusers", "transformers"):
+        logger = logging.getLogger(library)
+        assert logger.propagate and not logger.handlers
+        with caplog.at_level(logging.WARNING):
+            logging.getLogger(f"{library}.pipelines").warning("from %s", library)
+        assert caplog.records[-1].getMessage() == f"from {library}"
