@@ -230,7 +230,7 @@ def _generation(value: Any) -> str | None:
     text = str(value)
     if isinstance(value, bool) or not text.isdigit() or not text.isascii():
         raise EventError(f"generation must be a number, got {value!r}")
-    return text
+    return str(int(text))  # "0017" names generation 17, and is written as Cloud Storage writes it
 
 
 def _json_object(raw: bytes | str, what: str) -> dict:

@@ -212,6 +212,8 @@ class Processor:
             job = dataclasses.replace(job, generation=generation)
             fields["generation"] = generation
 
+            # Before any work: Cloud Storage would refuse the output's metadata at the end.
+            check_metadata_fits(output_metadata(job, plan, self._engine.model_id(plan.chain), 99999.999))
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
             check_replaceable(existing, job, plan)
@@ -236,15 +238,7 @@ class Processor:
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
             seconds = round(time.perf_counter() - started, 3)
-            metadata = {
-                routing.SOURCE_KEY: job.source_uri,
-                routing.SOURCE_GENERATION_KEY: generation,
-                routing.OPERATION_KEY: plan.operation,
-                routing.PARAMS_KEY: plan.canonical,
-                routing.MODEL_KEY: model,
-                routing.VERSION_KEY: IMAGEN_VERSION,
-                routing.SECONDS_KEY: f"{seconds:.3f}",
-            }
+            metadata = output_metadata(job, plan, model, seconds)
             with _timed(timings, "upload"):
                 try:
                     self._store.write_output(
@@ -546,6 +540,37 @@ def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout
             f"pool on this deployment): {where}")
 
 
+# Cloud Storage's limit on an object's custom metadata, keys and values together.
+METADATA_BYTES = 8 * 1024
+
+
+def output_metadata(job: Job, plan: Plan, model: str, seconds: float) -> dict[str, str]:
+    """The custom metadata of `job`'s output (DESIGN.md, bucket layout)."""
+    return {
+        routing.SOURCE_KEY: job.source_uri,
+        routing.SOURCE_GENERATION_KEY: job.generation,
+        routing.OPERATION_KEY: plan.operation,
+        routing.PARAMS_KEY: plan.canonical,
+        routing.MODEL_KEY: model,
+        routing.VERSION_KEY: IMAGEN_VERSION,
+        routing.SECONDS_KEY: f"{seconds:.3f}",
+    }
+
+
+def check_metadata_fits(metadata: Mapping[str, str]) -> None:
+    """InvalidParameter when Cloud Storage would refuse `metadata` (METADATA_BYTES): long
+    prompts in other scripts than Latin, whose characters `imagen-params` escapes (6 bytes
+    each, 12 for an emoji)."""
+    size = sum(len(key.encode()) + len(value.encode("utf-8", "surrogatepass")) for key, value in metadata.items())
+    if size > METADATA_BYTES:
+        params = len(metadata[routing.PARAMS_KEY])
+        raise InvalidParameter(
+            f"the output's metadata would take {size} bytes, more than the {METADATA_BYTES} Cloud Storage keeps "
+            f"for an object; {routing.PARAMS_KEY} is {params} of them (the parameters as JSON, characters "
+            f"outside ASCII written as \\uXXXX, 6 bytes each): shorten the prompts"
+        )
+
+
 def _written_with(existing: ObjectState | None, metadata: Mapping[str, str]) -> bool:
     """Whether `existing` carries exactly this write's metadata: the write itself, whose
     answer was lost and whose retry then found it there (its seconds, to the millisecond,
@@ -619,6 +644,10 @@ def _report_params(raw: Any) -> Any:
         text = json.dumps(raw)
     except (TypeError, ValueError, RecursionError):
         return "<unserialisable parameters>"
+    try:
+        json.dumps(raw, allow_nan=False)
+    except ValueError:  # NaN or Infinity, which a job message's JSON may hold: as text
+        return text[:2000]
     return text[:2000] if len(text) > 2000 else raw
 
 

@@ -14,7 +14,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from handlers.errors import ConfigError
+from handlers.errors import ConfigError, UnsafeObjectName
+from handlers.routing import check_safe_name
 from image.operations import OPERATION_NAMES
 
 DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "imagen" / "models"
@@ -158,6 +159,10 @@ class Settings:
         for name, prefix in prefixes.items():
             if not prefix.endswith("/") or prefix.startswith("/") or "//" in prefix:
                 raise ConfigError(f"{name}: {prefix!r} must be a folder like 'incoming/'")
+            try:  # as every object name under it is checked: else every job would fail on it
+                check_safe_name(prefix + "x")
+            except UnsafeObjectName as error:
+                raise ConfigError(f"{name}: {prefix!r} is not a folder imagen can use: {error}") from None
         names = list(prefixes)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:

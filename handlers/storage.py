@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from collections.abc import Mapping
 
 from google.api_core import exceptions as api_exceptions
@@ -21,7 +22,7 @@ from handlers.errors import (
     StoragePermanentError,
     TransientError,
 )
-from image.errors import ImageTooLarge
+from image.errors import ImageDecodeError, ImageTooLarge
 
 TIMEOUT_SECONDS = 120
 _PERMANENT = (
@@ -31,6 +32,28 @@ _PERMANENT = (
     api_exceptions.NotFound,
     api_exceptions.MethodNotAllowed,
 )
+
+
+def gunzip(data: bytes, max_bytes: int, uri: str) -> bytes:
+    """`data` unpacked from gzip (each member, as `gzip.decompress`), refused with
+    ImageTooLarge as soon as it passes `max_bytes`: a few megabytes of zeros unpack to
+    gigabytes."""
+    out = bytearray()
+    try:
+        while data:
+            unpacker = zlib.decompressobj(wbits=31)  # gzip only
+            out += unpacker.decompress(data, max_bytes + 1 - len(out))
+            if len(out) > max_bytes or unpacker.unconsumed_tail:
+                raise ImageTooLarge(
+                    f"{uri} (Content-Encoding: gzip) unpacks to more than {max_bytes} bytes; the limit "
+                    f"(IMAGEN_MAX_BYTES) is for the unpacked file"
+                )
+            if not unpacker.eof:
+                raise zlib.error("the compressed data ends early")
+            data = unpacker.unused_data
+    except zlib.error as error:
+        raise ImageDecodeError(f"{uri} says it is gzip-compressed (Content-Encoding) but is not: {error}") from None
+    return bytes(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +88,9 @@ class Store:
         """(bytes, generation, metadata) of the source, at the given generation if any.
 
         Raises SourceSuperseded when that generation no longer exists, and ImageTooLarge before
-        downloading anything larger than max_bytes.
+        downloading anything larger than max_bytes. An object stored gzip-compressed
+        (Content-Encoding: gzip, as `gcloud storage cp -Z` writes) is unpacked here under the
+        same limit: the library would unpack it whole, whatever its size, before any check.
         """
         uri = f"gs://{bucket}/{name}" + (f"#{generation}" if generation else "")
         blob = self._client.bucket(bucket).blob(name, generation=int(generation) if generation else None)
@@ -75,15 +100,23 @@ class Store:
                 raise ImageTooLarge(
                     f"{uri} is {blob.size} bytes; the limit (IMAGEN_MAX_BYTES) is {max_bytes}"
                 )
-            data = blob.download_as_bytes(timeout=TIMEOUT_SECONDS)
+            encoding = (blob.content_encoding or "").strip().lower()
+            if encoding not in ("", "identity", "gzip"):
+                raise ImageDecodeError(
+                    f"{uri} is stored with Content-Encoding {blob.content_encoding!r}: upload it as it is, "
+                    f"or gzip-compressed"
+                )
+            data = blob.download_as_bytes(timeout=TIMEOUT_SECONDS, raw_download=True)
         except api_exceptions.NotFound:
             raise SourceSuperseded(f"{uri} no longer exists (deleted or replaced)") from None
-        except ImageTooLarge:
+        except (ImageTooLarge, ImageDecodeError):
             raise
         except Exception as error:
             raise _translate(error, uri) from error
         if len(data) > max_bytes:  # the object changed size under us; never trust metadata alone
             raise ImageTooLarge(f"{uri} is {len(data)} bytes; the limit is {max_bytes}")
+        if encoding == "gzip":
+            data = gunzip(data, max_bytes, uri)
         return data, str(blob.generation), dict(blob.metadata or {})
 
     def write_output(

@@ -4,9 +4,11 @@ duplicate checks, generation preconditions, failure reports and error classifica
 from __future__ import annotations
 
 import datetime
+import gzip
 import io
 import json
 import logging
+import math
 import time
 import uuid
 
@@ -192,6 +194,41 @@ def test_oversize_source_fails_before_download(settings, bucket):
     assert outcome.status == "failed" and outcome.error["type"] == "ImageTooLarge"
 
 
+def test_a_gzip_encoded_upload_is_unpacked_under_the_size_limit(settings, bucket):
+    # `gcloud storage cp -Z` stores files gzip-compressed; the client library would unpack
+    # one whole, whatever it unpacks to, before any size check.
+    def upload_gzipped(name, data):
+        blob = bucket.blob(name)
+        blob.content_encoding = "gzip"
+        blob.upload_from_string(gzip.compress(data), content_type="image/png")
+        return blob
+
+    engine = FakeEngine()
+    png = png_bytes((64, 48))
+    assert _processor(settings, engine).handle(_event(upload_gzipped("incoming/upscale/z.png", png))).status == "succeeded"
+    output = Image.open(io.BytesIO(bucket.get_blob("processed/upscale/z.png").download_as_bytes()))
+    assert engine.calls == 1 and output.size == (128, 96)
+    bomb = upload_gzipped("incoming/upscale/bomb.png", png + bytes(10_000_000))  # 10 MB of zeros: ~10 kB stored
+    outcome = _processor(settings, engine, max_bytes=1_000_000).handle(_event(bomb))
+    assert outcome.status == "failed" and outcome.error["type"] == "ImageTooLarge"
+    assert "unpacks to more than 1000000 bytes" in outcome.error["message"]
+    assert engine.calls == 1
+
+
+def test_parameters_cloud_storage_could_not_keep_fail_before_the_gpu(settings, bucket):
+    # imagen-params escapes what is not ASCII (6 bytes a character): two 1000-character
+    # prompts in Chinese are 12 kB, and an object's custom metadata holds 8 KiB.
+    params = {"prompt": "\u732b" * 1000, "negative_prompt": "\u6a21" * 1000}
+    engine = FakeEngine()
+    source = _upload(bucket, "incoming/upscale/long-prompt.png", metadata={"imagen-params": json.dumps(params)})
+    outcome = _processor(settings, engine).handle(_event(source))
+    assert outcome.status == "failed" and outcome.error["type"] == "InvalidParameter"
+    assert "shorten the prompts" in outcome.error["message"] and engine.calls == 0
+    shorter = _upload(bucket, "incoming/upscale/short-prompt.png",
+                      metadata={"imagen-params": json.dumps({"prompt": "\u732b" * 1000})})
+    assert _processor(settings, engine).handle(_event(shorter)).status == "succeeded"
+
+
 def test_unsafe_name_report_stays_under_the_failure_prefix(settings, bucket):
     source = _upload(bucket, "incoming/upscale/../../escape.png")
     outcome = _processor(settings, FakeEngine()).handle(_event(source))
@@ -299,6 +336,12 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     nan = _event(_upload(bucket, "incoming/upscal/nan.png", metadata={"imagen-params": '{"steps": NaN}'}))
     assert pools["upscale"].handle(nan).status == "failed"
     assert _report(bucket, "failed/upscal/nan.png.json")["params"] == '{"steps": NaN}'
+    # A job message's JSON may hold them too (Python reads NaN): still text in the report.
+    request = JobRequest(bucket.name, "incoming/upscal/nan-job.png", "upscal", {"steps": math.nan})
+    allowed = _processor(settings, FakeEngine(), operations=("upscale",), allowed_buckets=frozenset({bucket.name}),
+                         **deployed)
+    assert allowed.handle(request).status == "failed"
+    assert _report(bucket, "failed/upscal/nan-job.png.json")["params"] == '{"steps": NaN}'
 
 
 def test_job_message_with_explicit_output(settings, bucket):

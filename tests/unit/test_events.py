@@ -139,6 +139,14 @@ def test_malformed_job_messages(job, reason):
         parse_message(Message(json.dumps(job).encode(), {}))
 
 
+def test_a_generation_is_read_as_the_number_it_is():
+    # Written to metadata, reports and results as Cloud Storage writes it: "0017" would not
+    # equal "17" where they are compared as text (imagen backfill, a results consumer).
+    job = parse_message(Message(json.dumps({"source": "gs://b/o", "operation": "upscale",
+                                            "generation": "0017"}).encode(), {}))
+    assert job.generation == "17"
+
+
 @pytest.mark.parametrize(
     "headers, body",
     [

@@ -57,6 +57,9 @@ def test_every_variable_is_read():
         ({"IMAGEN_OUTPUT_PREFIX": "incoming/out/"}, "IMAGEN_INPUT_PREFIX"),
         ({"IMAGEN_FAILED_PREFIX": "processed/"}, "IMAGEN_OUTPUT_PREFIX"),
         ({"IMAGEN_INPUT_PREFIX": "incoming"}, "IMAGEN_INPUT_PREFIX"),
+        ({"IMAGEN_OUTPUT_PREFIX": "processed/./"}, "IMAGEN_OUTPUT_PREFIX"),  # every job would fail on it
+        ({"IMAGEN_FAILED_PREFIX": "failed/../x/"}, "IMAGEN_FAILED_PREFIX"),
+        ({"IMAGEN_INPUT_PREFIX": "in\x01coming/"}, "IMAGEN_INPUT_PREFIX"),
         ({"IMAGEN_MAX_PIXELS": "lots"}, "IMAGEN_MAX_PIXELS"),
         ({"PORT": "-1"}, "PORT"),
         ({"IMAGEN_PUSH_SERVICE_ACCOUNTS": "a@b.iam.gserviceaccount.com"}, "IMAGEN_PUSH_AUDIENCE"),
