@@ -197,8 +197,8 @@ check "unrouted_filter_fits" {
 
 check "k8s_names" {
   assert {
-    condition     = var.mode != "gke" || var.name_prefix == "imagen"
-    error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>: with another name_prefix, rename them there too."
+    condition     = var.mode != "gke" || (var.name_prefix == "imagen" && var.gke_namespace == "imagen")
+    error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>, in the namespace imagen: with another name_prefix or gke_namespace, rename them there too (infra/k8s/base/kustomization.yaml's namespace), or Workload Identity binds accounts no pod uses."
   }
 }
 
