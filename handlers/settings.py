@@ -147,6 +147,11 @@ class Settings:
         elif self.compile_cache and "://" in self.compile_cache:
             raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
                               "or a folder are supported")
+        from PIL import Image
+
+        if Image.MAX_IMAGE_PIXELS and self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ConfigError(f"IMAGEN_MAX_PIXELS: {self.max_pixels} is more than Pillow opens "
+                              f"({2 * Image.MAX_IMAGE_PIXELS}): larger images would fail as decompression bombs")
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError(
                 "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push endpoint URL)"

@@ -84,7 +84,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         raise DecompressionBomb(f"decompression bomb refused by Pillow: {error}") from None
     except Image.UnidentifiedImageError:
         if kind:
-            raise ImageDecodeError(f"truncated or corrupt {kind}: unreadable header") from None
+            raise ImageDecodeError(f"truncated or corrupt {kind}, or a kind of {kind} Pillow cannot read: "
+                                   "unreadable header") from None
         raise ImageDecodeError(_UNSUPPORTED) from None
     except MemoryError:
         raise
@@ -94,7 +95,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
     with opened:
         _check_pixels(opened.size, max_pixels)
-        if (key := _colour_key(opened)) is not None:  # while the tile still says 16-bit
+        key = _colour_key(opened)  # while the tile still says 16-bit (or 2- or 4-bit grey)
+        if (key := key if key is not None else _grey_key(opened)) is not None:
             opened.info["transparency"] = key
         try:
             opened.load()
@@ -243,6 +245,19 @@ def _colour_key(image: Image.Image) -> tuple[int, int, int] | None:
     return key
 
 
+def _grey_key(image: Image.Image) -> int | None:
+    """A 2- or 4-bit grey PNG's tRNS value as its pixels hold it: Pillow reads the pixels
+    scaled to 8 bits (x85, x17) but keeps the key as stored, which then matches no pixel."""
+    key = image.info.get("transparency")
+    if image.mode != "L" or not isinstance(key, int):
+        return None
+    for tile in getattr(image, "tile", None) or ():
+        bits = {"L;2": 2, "L;4": 4}.get(getattr(tile, "args", None))
+        if bits:
+            return key * 255 // (2**bits - 1)
+    return None
+
+
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
     if size[0] * size[1] > max_pixels:
         raise DecompressionBomb(
@@ -283,7 +298,8 @@ def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | 
     """Scale 16-bit or 32-bit grey to "L", 65535 (or 1.0 for float) becoming 255.
 
     Pillow's own conversion clips at 255 instead of scaling. Integer modes are read as
-    0..65535 (what 16-bit files hold; a signed 16-bit TIFF's -32768..32767 is shifted there);
+    0..65535 (what 16-bit files hold; a signed 16-bit TIFF's -32768..32767 is shifted there;
+    32-bit values above it are white);
     float as 0.0..1.0, the convention of float TIFFs; a WhiteIsZero TIFF is inverted.
     """
     values = np.asarray(image)
@@ -295,6 +311,8 @@ def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | 
     else:
         if tags.get(_SAMPLE_FORMAT) == 2 and tags.get(_BITS_PER_SAMPLE) == 16:  # signed: -32768 is black
             values = values.astype(np.int32) + 32768
+        elif tags.get(_SAMPLE_FORMAT, 1) == 1 and tags.get(_BITS_PER_SAMPLE) == 32:  # unsigned, held in int32:
+            values = values.astype(np.int64) & 0xFFFFFFFF  # 2**31 and up would read as negative, black
         scaled = (values.clip(0, 65535).astype(np.uint32) * 255 + 32767) // 65535
     if tags.get(_PHOTOMETRIC) == 0:  # WhiteIsZero (Pillow inverts only 8-bit and 1-bit grey)
         scaled = 255 - scaled

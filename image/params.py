@@ -59,7 +59,7 @@ SEED_MAX = 2**32 - 1
 OUTPUT_FORMATS = ("png", "webp", "jpeg")  # kept equal to image.codec.OUTPUT_FORMATS by a test
 COMIC_TRIGGER = "ghibli style"
 _NUMBER_CHARS = 40  # longest numeric string accepted; Python ints beyond are a DoS vector
-_INT_TEXT = re.compile(r"[+-]?\d+")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")  # ASCII: \d takes any script's digits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +353,7 @@ def _as_int(value: object, bad) -> int:
         if _INT_TEXT.fullmatch(text):
             return int(text)
         try:
-            number = float(text)
+            number = _decimal(text)
         except ValueError:
             raise bad() from None
         if math.isfinite(number) and number.is_integer():
@@ -372,14 +372,21 @@ def _as_float(value: object, bad) -> float:
         number = value
     elif isinstance(value, str) and len(value) <= _NUMBER_CHARS:
         try:
-            number = float(value.strip())
+            number = _decimal(value.strip())
         except ValueError:
             raise bad() from None
     else:
         raise bad()
     if not math.isfinite(number):
         raise bad()
-    return number
+    return number + 0.0  # -0.0 is 0.0: equal parameters give one canonical form
+
+
+def _decimal(text: str) -> float:
+    """`float(text)` for ASCII decimal text only (Python also reads "１２", "٣" and "1_0")."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return float(text)
 
 
 def _as_colour(value: object, bad) -> str:

@@ -228,7 +228,7 @@ class Operation:
             raise InputError(f"{self.name}: the image is empty ({width}x{height})")
         if self.max_aspect_ratio is not None and max(size) > self.max_aspect_ratio * min(size):
             raise ImageTooLarge(
-                f"{self.name} takes images at most {self.max_aspect_ratio} times longer than wide; "
+                f"{self.name} takes images at most {self.max_aspect_ratio} times longer on one side than the other; "
                 f"this one is {width}x{height}: crop it, or cut it into pieces"
             )
         if self.max_input_pixels is not None and width * height > self.max_input_pixels:

@@ -362,8 +362,8 @@ def test_long_thin_strips_are_refused_before_any_work(engine, monkeypatch, chain
     and held in memory, as a far larger image. Refused as input, not retried as a fault."""
     for op in engine._ops.values():
         monkeypatch.setattr(op, "process", lambda *args, **kwargs: pytest.fail("the model ran"))
-    with pytest.raises(ImageTooLarge, match=f"{chain[-1]} takes images at most 32 times longer than wide; "
-                                            "this one is 2x100"):
+    with pytest.raises(ImageTooLarge, match=f"{chain[-1]} takes images at most 32 times longer on one side "
+                                            "than the other; this one is 2x100"):
         engine.run(chain, _image(2, 100), {}, seed=0)
 
 

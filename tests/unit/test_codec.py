@@ -263,6 +263,30 @@ def test_32_bit_integer_tiff_is_read_as_16_bit_range():
     assert pixels(image)[0, :, 0].tolist() == [0, 255, 255]
 
 
+def test_unsigned_32_bit_tiff_is_not_read_as_signed():
+    # Pillow holds it in int32: from 2**31 up it read as negative, the brightest pixels black.
+    values = np.array([[0, 65535, -2**31, -1]], np.int32)  # the last two: 2**31 and 2**32 - 1 unsigned
+    signed = save(Image.fromarray(values, "I"), "TIFF")  # Pillow writes SampleFormat 2 (signed)
+    unsigned = signed.replace(struct.pack("<HHIH", 339, 3, 1, 2), struct.pack("<HHIH", 339, 3, 1, 1))
+    assert unsigned != signed
+    assert pixels(decode(signed))[0, :, 0].tolist() == [0, 255, 0, 0]
+    assert pixels(decode(unsigned))[0, :, 0].tolist() == [0, 255, 255, 255]
+
+
+@pytest.mark.parametrize("bits, row, key, expected", [
+    (2, [0b11100100], 3, [0, 255, 255, 255]),  # values 3, 2, 1, 0; key 3
+    (4, [0xF5, 0x00], 5, [255, 0, 255, 255]),  # values 15, 5, 0, 0; key 5
+])
+def test_low_bit_grey_png_colour_key_marks_its_own_pixels(bits, row, key, expected):
+    # Pillow scales 2- and 4-bit grey to 8 bits but keeps the tRNS value as stored: no pixel
+    # matched it, and the picture came out opaque.
+    from tests.reliability.crafted import png
+
+    data = png(4, 1, bits, 0, b"\x00" + bytes(row), ((b"tRNS", struct.pack(">H", key)),))
+    image = decode(data)
+    assert image.mode == "RGBA" and pixels(image)[0, :, 3].tolist() == expected
+
+
 def test_float_tiff_is_read_as_0_to_1():
     values = np.array([[0.0, 0.5, 1.0, 7.0, -1.0, np.nan]], np.float32)
     image = decode(save(Image.fromarray(values, "F"), "TIFF"))

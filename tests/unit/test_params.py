@@ -184,6 +184,17 @@ def test_guidance_accepts_its_range(value):
     validate_params(("comic",), {"guidance": value})
 
 
+def test_numbers_in_text_are_ascii_decimals_and_zero_has_one_form():
+    # Python's int() and float() also read other scripts' digits and underscores; -0.0 and
+    # 0.0 are equal, but their canonical JSON differed (one needless reprocess).
+    for text in ("\uff11\uff12", "\u0663", "1_0"):
+        with pytest.raises(InvalidParameter):
+            validate_params(("upscale",), {"steps": text})
+        with pytest.raises(InvalidParameter):
+            validate_params(("comic",), {"guidance": text})
+    assert canonical_json(validate_params(("comic",), {"guidance": -0.0})) == canonical_json({"guidance": 0.0})
+
+
 @pytest.mark.parametrize("value", [-0.5, 30.5, 1e308 * 10])
 def test_guidance_rejects_outside(value):
     with pytest.raises(InvalidParameter, match="'guidance'.*from 0 to 30"):

@@ -61,6 +61,7 @@ def test_every_variable_is_read():
         ({"IMAGEN_FAILED_PREFIX": "failed/../x/"}, "IMAGEN_FAILED_PREFIX"),
         ({"IMAGEN_INPUT_PREFIX": "in\x01coming/"}, "IMAGEN_INPUT_PREFIX"),
         ({"IMAGEN_MAX_PIXELS": "lots"}, "IMAGEN_MAX_PIXELS"),
+        ({"IMAGEN_MAX_PIXELS": "200000000"}, "IMAGEN_MAX_PIXELS"),  # over what Pillow opens
         ({"PORT": "-1"}, "PORT"),
         ({"IMAGEN_PUSH_SERVICE_ACCOUNTS": "a@b.iam.gserviceaccount.com"}, "IMAGEN_PUSH_AUDIENCE"),
         ({"IMAGEN_TUNING": "cuda_graph=off"}, "IMAGEN_TUNING"),  # a typo: no such switch
