@@ -228,9 +228,9 @@ def _generation(value: Any) -> str | None:
     if value is None or value == "":
         return None
     text = str(value)
-    if isinstance(value, bool) or not text.isdigit() or not text.isascii():
-        raise EventError(f"generation must be a number, got {value!r}")
-    return str(int(text))  # "0017" names generation 17, and is written as Cloud Storage writes it
+    if isinstance(value, bool) or not text.isdigit() or not text.isascii() or len(text.lstrip("0")) > 19:
+        raise EventError(f"generation must be a number (at most 19 digits), got {value!r}"[:200])
+    return text.lstrip("0") or "0"  # "0017" names generation 17: written as Cloud Storage writes it
 
 
 def _json_object(raw: bytes | str, what: str) -> dict:

@@ -43,3 +43,4 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("imagen").setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too

@@ -641,13 +641,12 @@ def _report_params(raw: Any) -> Any:
             return raw[:2000]
         raw = parsed
     try:
-        text = json.dumps(raw)
+        text = json.dumps(raw, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        return "<unserialisable parameters>"
-    try:
-        json.dumps(raw, allow_nan=False)
-    except ValueError:  # NaN or Infinity, which a job message's JSON may hold: as text
-        return text[:2000]
+        try:  # NaN or Infinity, which a job message's JSON may hold: as text
+            return json.dumps(raw)[:2000]
+        except (TypeError, ValueError, RecursionError):
+            return "<unserialisable parameters>"
     return text[:2000] if len(text) > 2000 else raw
 
 

@@ -25,6 +25,8 @@ from handlers.errors import (
 from image.errors import ImageDecodeError, ImageTooLarge
 
 TIMEOUT_SECONDS = 120
+_CHUNK = 64 * 1024  # what gunzip feeds zlib at a time
+MAX_MEMBERS = 64  # gzip members in one object (gcloud storage cp -Z writes one)
 _PERMANENT = (
     api_exceptions.Forbidden,
     api_exceptions.Unauthorized,
@@ -35,22 +37,28 @@ _PERMANENT = (
 
 
 def gunzip(data: bytes, max_bytes: int, uri: str) -> bytes:
-    """`data` unpacked from gzip (each member, as `gzip.decompress`), refused with
-    ImageTooLarge as soon as it passes `max_bytes`: a few megabytes of zeros unpack to
-    gigabytes."""
-    out = bytearray()
+    """`data` unpacked from gzip (each of up to MAX_MEMBERS members, then any zero padding, as
+    `gzip.decompress` reads it), refused with ImageTooLarge as soon as it passes `max_bytes`:
+    a few megabytes of zeros unpack to gigabytes. Fed in slices, so neither many members nor
+    a large file costs more than one pass over it."""
+    view, out, position, members = memoryview(data), bytearray(), 0, 0
     try:
-        while data:
+        while position < len(data) and (data[position] or data[position:].lstrip(b"\0")):  # zeros: padding
+            members += 1
+            if members > MAX_MEMBERS:
+                raise zlib.error(f"more than {MAX_MEMBERS} gzip members")
             unpacker = zlib.decompressobj(wbits=31)  # gzip only
-            out += unpacker.decompress(data, max_bytes + 1 - len(out))
-            if len(out) > max_bytes or unpacker.unconsumed_tail:
-                raise ImageTooLarge(
-                    f"{uri} (Content-Encoding: gzip) unpacks to more than {max_bytes} bytes; the limit "
-                    f"(IMAGEN_MAX_BYTES) is for the unpacked file"
-                )
-            if not unpacker.eof:
-                raise zlib.error("the compressed data ends early")
-            data = unpacker.unused_data
+            while not unpacker.eof:
+                if position >= len(view):
+                    raise zlib.error("the compressed data ends early")
+                chunk = view[position:position + _CHUNK]
+                out += unpacker.decompress(chunk, max_bytes + 1 - len(out))
+                if len(out) > max_bytes or unpacker.unconsumed_tail:
+                    raise ImageTooLarge(
+                        f"{uri} (Content-Encoding: gzip) unpacks to more than {max_bytes} bytes; the limit "
+                        f"(IMAGEN_MAX_BYTES) is for the unpacked file"
+                    )
+                position += len(chunk) - len(unpacker.unused_data)
     except zlib.error as error:
         raise ImageDecodeError(f"{uri} says it is gzip-compressed (Content-Encoding) but is not: {error}") from None
     return bytes(out)

@@ -131,6 +131,7 @@ def test_malformed_push_envelopes(body, reason):
         ({"source": "gs://b/o", "operation": "upscale", "params": [1]}, "params"),
         ({"source": "gs://b/o", "operation": "upscale", "output": "/tmp/x"}, "gs://"),
         ({"source": "gs://b/o", "operation": "upscale", "generation": "12a"}, "generation"),
+        ({"source": "gs://b/o", "operation": "upscale", "generation": "1" * 5000}, "generation"),  # int() refuses it
         ({"source": "gs://b/o", "operation": "upscale", "surprise": 1}, "unknown field"),
     ],
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 
 from handlers.logs import JsonFormatter
 
@@ -61,3 +63,13 @@ def test_the_model_libraries_log_through_the_process_handlers(caplog):
         with caplog.at_level(logging.WARNING):
             logging.getLogger(f"{library}.pipelines").warning("from %s", library)
         assert caplog.records[-1].getMessage() == f"from {library}"
+
+
+def test_python_warnings_are_json_lines_too():
+    # torch, diffusers and Pillow warn through `warnings`, which writes plain text to stderr.
+    code = ("import warnings; from handlers.logs import configure_logging; configure_logging(); "
+            "warnings.warn('a library warns')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    entry = json.loads(done.stdout)
+    assert entry["severity"] == "WARNING" and "a library warns" in entry["message"]
