@@ -4,7 +4,8 @@
 # sources change; every value comes from the environment Terraform sets:
 #
 #   PROJECT REGION REPOSITORY OPERATIONS MODEL_SOURCE TAG HF_TOKEN_SECRET
-#   BUILD_SERVICE_ACCOUNT STAGING_DIR, and CHAINS (space-separated, may be empty)
+#   BUILD_SERVICE_ACCOUNT STAGING_DIR, and CHAINS (space-separated, may be empty);
+#   BUILD_REGION, where Cloud Build runs (REGION when empty: the registry's region either way)
 #
 # The Hugging Face token: HF_TOKEN, when set, becomes the secret's latest version unless it
 # already is; without it, a secret with no enabled latest version gets the token of
@@ -26,6 +27,7 @@ for name in PROJECT REGION REPOSITORY OPERATIONS MODEL_SOURCE TAG HF_TOKEN_SECRE
   fi
 done
 poll="${BUILD_POLL_SECONDS:-30}"
+build_region="${BUILD_REGION:-$REGION}"
 
 # --- the token -------------------------------------------------------------------------------
 store_token() {
@@ -88,7 +90,7 @@ done
 wait_for() {
   local build=$1 url=$2 status unread=0
   while true; do
-    if ! status=$(gcloud builds describe "$build" --project "$PROJECT" --region "$REGION" --format "value(status)"); then
+    if ! status=$(gcloud builds describe "$build" --project "$PROJECT" --region "$build_region" --format "value(status)"); then
       unread=$((unread + 1))
       if [ "$unread" -ge 10 ]; then
         echo "imagen: cannot read the state of Cloud Build $build (it goes on without us): $url" >&2
@@ -116,12 +118,12 @@ wait_for() {
 # A build of this tag still running (an apply interrupted before it ended): wait for it
 # rather than race it to push the same immutable tags, then build what it did not (another
 # operation since); cloudbuild.yaml skips what it pushed.
-ongoing=$(gcloud builds list --ongoing --project "$PROJECT" --region "$REGION" \
+ongoing=$(gcloud builds list --ongoing --project "$PROJECT" --region "$build_region" \
   --format "value(id,substitutions.COMMIT_SHA)" 2> /dev/null | awk -v tag="$TAG" '$2 == tag {print $1; exit}') || true
 if [ -n "$ongoing" ]; then
   echo "imagen: Cloud Build $ongoing is already building $TAG: waiting for it"
   code=0
-  wait_for "$ongoing" "https://console.cloud.google.com/cloud-build/builds;region=$REGION/$ongoing?project=$PROJECT" || code=$?
+  wait_for "$ongoing" "https://console.cloud.google.com/cloud-build/builds;region=$build_region/$ongoing?project=$PROJECT" || code=$?
   if [ "$code" = 3 ]; then
     echo "imagen: not starting another build of $TAG beside it: apply again once it has ended" >&2
     exit 1
@@ -136,7 +138,7 @@ for try in 1 2; do
   started=$SECONDS
   code=0
   if ! submitted=$(gcloud builds submit . --config cloudbuild.yaml --project "$PROJECT" \
-      --region "$REGION" --service-account "$BUILD_SERVICE_ACCOUNT" \
+      --region "$build_region" --service-account "$BUILD_SERVICE_ACCOUNT" \
       --gcs-source-staging-dir "$STAGING_DIR" --substitutions "$substitutions" \
       --async --format "value(id,logUrl)"); then
     echo "imagen: gcloud builds submit failed (above)" >&2

@@ -10,6 +10,7 @@ module "images" {
   build        = var.build_images && var.image_tag == ""
   project_id   = var.project_id
   region       = var.region
+  build_region = var.build_region
   repository   = google_artifact_registry_repository.images.repository_id
   operations   = var.operations
   chains       = var.chains

@@ -42,6 +42,13 @@ resource "google_cloud_run_v2_service" "worker" {
   # Every caller needs run.invoker (the push or Eventarc service account).
   invoker_iam_disabled = false
 
+  # A revision is ready once its image (6-13 GB) is pulled and its models are loaded and warmed
+  # up: up to startup_timeout_seconds (1800 s at most) after the pull, past the provider's 20 min.
+  timeouts {
+    create = "45m"
+    update = "45m"
+  }
+
   template {
     service_account = google_service_account.worker[each.key].email
 

@@ -271,6 +271,12 @@ variable "compile_cache_bucket" {
   default     = ""
 }
 
+variable "build_region" {
+  description = "Where Cloud Build builds the images (they are pushed to var.region's repository either way). Empty: var.region. A new project may only build in some regions (us-central1, us-west2, europe-west1, asia-east1, australia-southeast1, southamerica-east1): where `gcloud builds submit` says FAILED_PRECONDITION ... cannot run builds in this region, set one of those."
+  type        = string
+  default     = ""
+}
+
 variable "extra_env" {
   description = "More environment variables for every worker, e.g. IMAGEN_MAX_PIXELS."
   type        = map(string)

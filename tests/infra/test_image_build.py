@@ -117,8 +117,10 @@ class Project:
         )
 
     def apply(self, build: bool = True, model_source: str = "hub", operations=("upscale", "comic"),
-              env: dict | None = None, revision: str = "", chains=()) -> subprocess.CompletedProcess:
+              env: dict | None = None, revision: str = "", chains=(),
+              build_region: str = "") -> subprocess.CompletedProcess:
         variables = {
+            "build_region": build_region,
             "chains": json.dumps(list(chains)),
             "source_root": str(self.root), "build": str(build).lower(), "project_id": "proj", "revision": revision,
             "region": "us-central1", "repository": "imagen", "model_source": model_source,
@@ -223,6 +225,16 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
     _ok(project.apply(operations=("upscale", "comic", "enhance"), revision="2026-12-01"))
     assert project.tag() != before
     assert len(project.calls("builds", "submit")) == 5
+
+
+def test_the_build_can_run_in_another_region_than_the_registry(project):
+    # A new project may build only in some regions; the images still go to var.region's.
+    _ok(project.apply(env={"HF_TOKEN": "hf_token"}, build_region="us-west2"))
+    [submit] = project.calls("builds", "submit")
+    assert submit["args"][submit["args"].index("--region") + 1] == "us-west2"
+    assert _substitutions(submit)["_REGION"] == "us-central1"
+    assert all(call["args"][call["args"].index("--region") + 1] == "us-west2"
+               for call in project.calls("builds") if "--region" in call["args"])
 
 
 def test_images_without_models_are_tagged_apart(project):

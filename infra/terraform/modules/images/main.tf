@@ -33,6 +33,12 @@ variable "region" {
   type = string
 }
 
+variable "build_region" {
+  description = "Where Cloud Build runs; empty: var.region."
+  type        = string
+  default     = ""
+}
+
 variable "repository" {
   description = "The Artifact Registry repository (in var.region)."
   type        = string
@@ -123,6 +129,7 @@ resource "terraform_data" "build" {
     environment = {
       PROJECT               = var.project_id
       REGION                = var.region
+      BUILD_REGION          = var.build_region
       REPOSITORY            = var.repository
       OPERATIONS            = join(",", var.operations)
       CHAINS                = join(" ", var.chains)
