@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from google.api_core import exceptions as api_exceptions
@@ -25,6 +25,7 @@ from google.cloud import storage
 from google.cloud.storage import transfer_manager
 
 from image.errors import ModelError, ModelMissing
+from image.models.store import TINY_MARKER
 
 logger = logging.getLogger("imagen.models")
 
@@ -145,6 +146,7 @@ def restore_cache(
     if not files:
         raise ModelMissing(f"the model mirror at {uri} holds none of {', '.join(cache_names or ())}")
     cache_dir = Path(cache_dir)
+    _check_inside(cache_dir, uri, [*files, *refs], links)
     # A ref is as long whatever commit it names: written from the manifest below, or (a mirror
     # made before refs were in it) always fetched.
     fetch = [name for name, size in files.items()
@@ -176,9 +178,29 @@ def restore_cache(
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
+    # A tiny model's marker at a commit the mirror holds a real model for (a test cache
+    # restored into): the snapshot would still pass for tiny, checked against the wrong sizes.
+    for snapshot in {Path(name).parent for name in links if Path(name).parent.parent.name == "snapshots"}:
+        marker = cache_dir / snapshot / TINY_MARKER
+        if (marker.is_symlink() or marker.exists()) and (snapshot / TINY_MARKER).as_posix() not in links:
+            marker.unlink()
     written = [name for name, text in refs.items() if _write_ref(cache_dir / name, text)]
     moved = len(fetch) + len(written)
     return Transfer(moved, len(links), sum(files.get(name, 0) for name in [*fetch, *written]), len(files) - moved)
+
+
+def _check_inside(cache_dir: Path, uri: str, names: Iterable[str], links: Mapping[str, str]) -> None:
+    """ModelError unless every name the manifest lists, and every link's target, lies inside
+    `cache_dir`: a manifest is data from a bucket, not a say over the file system."""
+    root = cache_dir.resolve()
+    for name, target in [*((name, None) for name in names), *links.items()]:
+        parent = (root / name).parent.resolve()  # not the name itself: it may be a link already
+        inside = not Path(name).is_absolute() and ".." not in Path(name).parts and parent.is_relative_to(root)
+        if inside and target is not None:
+            inside = not Path(target).is_absolute() and (parent / target).resolve().is_relative_to(root)
+        if not inside:
+            raise ModelError(f"{uri}/{MANIFEST} names {name!r}{f' -> {target!r}' if target else ''}, outside the "
+                             f"model cache: not restoring from it")
 
 
 def _write_ref(path: Path, text: str) -> bool:

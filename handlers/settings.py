@@ -99,7 +99,8 @@ class Settings:
             values["allowed_buckets"] = frozenset(split_list(get("IMAGEN_ALLOWED_BUCKETS")))
         if get("IMAGEN_PUSH_SERVICE_ACCOUNTS"):
             values["push_service_accounts"] = frozenset(split_list(get("IMAGEN_PUSH_SERVICE_ACCOUNTS")))
-        values["allow_model_download"] = get("HF_HUB_OFFLINE") not in ("1", "true", "True", "yes")
+        # As huggingface_hub reads it: any case of 1, ON, YES or TRUE.
+        values["allow_model_download"] = (get("HF_HUB_OFFLINE") or "").strip().upper() not in ("1", "ON", "YES", "TRUE")
         if get("IMAGEN_FILTERED_SUBSCRIPTION") is not None:
             values["filtered_subscription"] = _flag("IMAGEN_FILTERED_SUBSCRIPTION", get("IMAGEN_FILTERED_SUBSCRIPTION"))
         if get("IMAGEN_DEPLOYED_OPERATIONS"):

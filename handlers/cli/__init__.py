@@ -16,9 +16,9 @@ from image.errors import ImagenError
 
 
 class _Group(click.Group):
-    """Turns imagen's own errors, and a Google Cloud API's refusal (no such topic,
-    subscription or bucket; no permission), into one readable line and exit code 1, not a
-    traceback."""
+    """Turns imagen's own errors, a Google Cloud API's refusal (no such topic, subscription or
+    bucket; no permission) and the file system's (no space, no permission), into one readable
+    line and exit code 1, not a traceback."""
 
     def invoke(self, ctx):
         from google.api_core.exceptions import GoogleAPICallError
@@ -30,6 +30,11 @@ class _Group(click.Group):
             sys.exit(2 if isinstance(error, ConfigError) else 1)
         except GoogleAPICallError as error:
             click.echo(f"imagen: {type(error).__name__}: {error.message or error}", err=True)
+            sys.exit(1)
+        except OSError as error:  # a disk full, a folder it may not write: the system's own words
+            if error.errno is None:
+                raise
+            click.echo(f"imagen: {error}", err=True)
             sys.exit(1)
 
 

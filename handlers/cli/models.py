@@ -144,9 +144,12 @@ def mirror(settings, destination, operations, cache_dir):
     """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
     from handlers.clients import storage_client
     from handlers.model_mirror import mirror_cache
+    from image.models import store
 
     specs = _specs(settings, operations)
     cache_dir = cache_dir or settings.model_cache_dir
+    # A mirror is restored as it is, by every instance: never one of an incomplete cache.
+    _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs)
     done = mirror_cache(
         cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
     )

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from image.errors import ModelError, ModelMissing
 from image.models import store
@@ -97,7 +98,7 @@ def load_model(
             model = _LOADERS[spec.loader](
                 spec, snapshot, device=device, dtype=dtype, direct_to_device=direct_to_device
             )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise ModelError(
             f"{spec.operation}: loading {model_id} from {snapshot} failed: "
             f"{type(error).__name__}: {_first_line(error)}; check it with `imagen models verify`"

@@ -12,12 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from image.errors import ModelError
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _commit(value: object) -> str:
+    """A revision as the lock holds it: a 40-hex commit (a path in the cache is built from it)."""
+    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
+        raise ValueError(value)
+    return value
 
 
 def packaged_lock_path() -> Path:
@@ -48,7 +58,7 @@ class Lock:
             raise ModelError(f"model lock {path} is unreadable: {error}") from None
         try:
             entries = {
-                repo: LockEntry(str(entry["revision"]), {str(k): int(v) for k, v in entry["files"].items()})
+                repo: LockEntry(_commit(entry["revision"]), {str(k): int(v) for k, v in entry["files"].items()})
                 for repo, entry in data.items()
             }
         except (AttributeError, KeyError, TypeError, ValueError):

@@ -162,8 +162,8 @@ def pull(
     """
     commits = {}
     for spec in specs:
-        lock = Lock.read(lock_path)
-        commit, files = fetch(spec, cache_dir, lock=lock, token=token, progress=progress)
+        commit, files = fetch(spec, cache_dir, lock=Lock.read(lock_path), token=token, progress=progress)
+        lock = Lock.read(lock_path)  # again: another pull may have recorded its model meanwhile
         updated = lock.recorded(spec.repo_id, commit, files)
         if updated != lock:
             try:
@@ -200,7 +200,9 @@ def add_snapshot(spec: ModelSpec, cache_dir: Path, commit: str, source: Path) ->
     """Move the files under `source` into the cache as snapshot `commit`, the way the hub does.
 
     Each file becomes a blob named by its sha256 and a relative link from the snapshot,
-    so tools that read or copy a real cache (scan, mirror) see the same shape.
+    so tools that read or copy a real cache (scan, mirror) see the same shape. A blob already
+    there is replaced (so a rebuild repairs a damaged one), readable by every user: a
+    container copies the cache in as root and runs as another user.
     """
     repo = repo_dir(spec, cache_dir)
     snapshot = repo / "snapshots" / commit
@@ -212,10 +214,8 @@ def add_snapshot(spec: ModelSpec, cache_dir: Path, commit: str, source: Path) ->
         if path.is_dir():
             continue
         blob = blobs / _sha256(path)
-        if blob.exists():
-            path.unlink()
-        else:
-            os.replace(path, blob)
+        os.chmod(path, 0o644)  # safetensors writes 0600
+        os.replace(path, blob)
         link = snapshot / path.relative_to(source)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
@@ -277,31 +277,55 @@ def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
         return [missing_message(spec, cache_dir, commit)]
     files = snapshot_files(snapshot)
     problems = _layout_problems(spec, snapshot, files)
+    expected, source = expected_sizes(spec, snapshot, lock)
     for name, size in files.items():
         if size < 0:
             problems.append(f"{name} is a broken link (its blob is gone)")
         elif size == 0:
             problems.append(f"{name} is empty")
-    expected, source = expected_sizes(spec, snapshot, lock)
-    for name, size in expected.items():
-        if name not in files:
-            problems.append(f"{name} is missing")
-        elif files[name] > 0 and files[name] != size:
-            problems.append(f"{name} is {files[name]} bytes, {source} says {size}")
+        elif not os.access(snapshot / name, os.R_OK):
+            problems.append(f"{name} cannot be read by this user (uid {os.getuid()})")
+        elif name in expected:
+            if size != expected[name]:
+                problems.append(f"{name} is {size} bytes, {source} says {expected[name]}")
+        elif name.endswith(".safetensors") and (problem := safetensors_problem(snapshot / name, size)):
+            problems.append(f"{name} {problem}")  # no size recorded: its own header says
+    problems += [f"{name} is missing" for name in expected if name not in files]
     prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
     return [prefix + problem for problem in dict.fromkeys(problems)]
 
 
+def safetensors_problem(path: Path, size: int) -> str | None:
+    """What is wrong with a safetensors file by its own header (an 8-byte length, a JSON
+    table of tensors and their byte ranges), or None: a truncated download is caught where
+    no lock pins the file's size."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > size - 8:
+                return "is not a safetensors file (its header is cut or unreadable)"
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "is not a safetensors file (its header is cut or unreadable)"
+    expected = 8 + length + max(ends, default=0)
+    return None if expected == size else f"is {size} bytes, its header says {expected} (cut short or damaged)"
+
+
 def _layout_problems(spec: ModelSpec, snapshot: Path, files: Mapping[str, int]) -> list[str]:
+    missing = [
+        f"{name} is missing" for name in spec.files
+        if not any(fnmatch.filter(files, pattern) for pattern in (name, *spec.fallbacks.get(name, ())))
+    ]
     if spec.loader != DIFFUSERS:
-        return [f"{name} is missing" for name in spec.files if not fnmatch.filter(files, name)]
+        return missing
     try:
         index = json.loads((snapshot / "model_index.json").read_text())
     except FileNotFoundError:
         return ["model_index.json is missing"]
     except (OSError, ValueError):
         return ["model_index.json is unreadable"]
-    problems = []
+    problems = missing
     for name, entry in index.items():
         if name.startswith("_") or name in spec.disabled or not isinstance(entry, list):
             continue

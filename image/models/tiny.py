@@ -24,7 +24,7 @@ from image.errors import ModelError
 from image.models._quiet import quiet_libraries
 from image.models.lock import Lock
 from image.models.registry import ModelSpec
-from image.models.store import TINY_MARKER, add_snapshot, is_tiny, repo_dir
+from image.models.store import TINY_MARKER, add_snapshot, find_snapshot, is_tiny, repo_dir
 from image.models.tokenizer import BOS, EOS, vocab_size, write_clip_tokenizer
 
 TINY_SEED = 0
@@ -52,11 +52,13 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
         if builder is None:
             raise ModelError(f"no tiny model for operation {spec.operation!r}")
         commit = lock.revision(spec.repo_id) or fake_commit(spec)
-        existing = repo_dir(spec, cache_dir) / "snapshots" / commit
-        if existing.is_dir() and not is_tiny(existing):
-            raise ModelError(
-                f"{existing} holds the real {spec.repo_id}; build tiny models in another MODEL_CACHE_DIR"
-            )
+        # The real model at that commit, or the one the cache's refs run where nothing is locked
+        # (a first-use download): the tiny model would take its place.
+        for existing in (repo_dir(spec, cache_dir) / "snapshots" / commit, find_snapshot(spec, cache_dir, lock)[1]):
+            if existing is not None and existing.is_dir() and not is_tiny(existing):
+                raise ModelError(
+                    f"{existing} holds the real {spec.repo_id}; build tiny models in another MODEL_CACHE_DIR"
+                )
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".tiny-") as tmp:
             staging = Path(tmp)
             with quiet_libraries(warnings=False):

@@ -157,3 +157,47 @@ def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
     assert "restored" in pulled.output
     verified = runner.invoke(models_cli.command, ["verify", "--operations", "comic,remove-background"], obj=target)
     assert verified.exit_code == 0, verified.output
+
+
+def test_an_incomplete_cache_is_not_mirrored(fake_gcs, bucket, cache, tmp_path):
+    # Every instance restores a mirror as it is: a cut weights file would reach them all.
+    broken = tmp_path / "broken"
+    build_tiny([REGISTRY["remove-background"]], broken, lock=Lock.packaged())
+    weights = store.resolve_snapshot(REGISTRY["remove-background"], broken, lock=Lock.packaged()) / "model.safetensors"
+    os.truncate(weights.resolve(), 1000)
+    settings = Settings(model_cache_dir=broken, storage_emulator_host=fake_gcs.url)
+    result = CliRunner().invoke(models_cli.command, ["mirror", f"gs://{bucket.name}/m", "--operations",
+                                                     "remove-background"], obj=settings)
+    assert result.exit_code == 1 and "model.safetensors is 1000 bytes" in result.output
+    assert not list(bucket.list_blobs())
+
+
+def test_a_manifest_naming_paths_outside_the_cache_is_refused(gcs, bucket, tmp_path):
+    # The manifest is data from a bucket: it must not write, or link, outside the cache.
+    import json
+
+    from handlers.model_mirror import _FORMAT
+
+    files = {"models--org--name/blobs/abc": 3}
+    for links in ({"models--org--name/../../escaped": "/etc/passwd"},
+                  {"models--org--name/snapshots/" + "c" * 40 + "/x": "../../../../etc/passwd"}):
+        manifest = {"format": _FORMAT, "files": files, "links": links, "refs": {}}
+        bucket.blob(f"m/{MANIFEST}").upload_from_string(json.dumps(manifest))
+        with pytest.raises(ModelError, match="outside the model cache"):
+            restore_cache(f"gs://{bucket.name}/m", tmp_path / "restored", client=gcs)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "restored").exists()
+
+
+def test_a_real_model_restored_over_a_tiny_one_is_not_taken_for_tiny(gcs, bucket, cache, tmp_path):
+    spec = REGISTRY["remove-background"]
+    real = tmp_path / "real"
+    build_tiny([spec], real, lock=Lock.packaged())
+    snapshot = store.resolve_snapshot(spec, real, lock=Lock.packaged())
+    (snapshot / store.TINY_MARKER).unlink()  # as a real download at that commit leaves it
+    uri = f"gs://{bucket.name}/real"
+    mirror_cache(real, uri, client=gcs, cache_names=[spec.cache_name])
+    target = tmp_path / "target"
+    build_tiny([spec], target, lock=Lock.packaged())  # a test cache, restored into
+    restore_cache(uri, target, client=gcs, cache_names=[spec.cache_name])
+    restored = store.resolve_snapshot(spec, target, lock=Lock.packaged())
+    assert not store.is_tiny(restored) and store.verify([spec], target, Lock.packaged()) == []

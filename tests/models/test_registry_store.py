@@ -112,9 +112,15 @@ def test_lock_round_trip_and_missing_file(tmp_path):
     assert list(json.loads(path.read_text())["org/name"]["files"]) == ["a.json", "b.json"]
 
 
-def test_malformed_lock_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("entry", [
+    {"revision": "abc"},  # no files
+    {"revision": None, "files": {}},  # read as the commit "None"
+    {"revision": "../../../elsewhere", "files": {}},  # a snapshot path is built from it
+    {"revision": "main", "files": {}},  # a lock holds commits, not branches
+])
+def test_malformed_lock_is_a_clear_error(tmp_path, entry):
     path = tmp_path / "lock.json"
-    path.write_text('{"org/name": {"revision": "abc"}}')
+    path.write_text(json.dumps({"org/name": entry}))
     with pytest.raises(ModelError, match="malformed"):
         Lock.read(path)
 
@@ -162,6 +168,24 @@ def test_pull_records_the_commit_and_sizes_then_reuses_the_lock(tmp_path, monkey
     hub.calls.clear()
     store.pull([spec], cache, lock_path=lock_path, progress=False)
     assert hub.calls[0]["revision"] == hub.commit, "a locked repo is pulled at its locked commit"
+
+
+def test_a_pull_keeps_what_another_pull_recorded_meanwhile(tmp_path, monkeypatch):
+    # Two `imagen models pull` at once into one lock: each read it before its download (minutes)
+    # and wrote it back after, dropping the other's model.
+    spec = REGISTRY["remove-background"]
+    hub = FakeHub({name: b"x" for name in spec.files})
+    lock_path = tmp_path / "lock.json"
+
+    def download_while_another_pull_records(*args, **kwargs):
+        if not kwargs.get("dry_run"):
+            Lock.read(lock_path).recorded("other/model", "d" * 40, {"weights": 1}).write(lock_path)
+        return hub(*args, **kwargs)
+
+    monkeypatch.setattr(store, "snapshot_download", download_while_another_pull_records)
+    store.pull([spec], tmp_path / "cache", lock_path=lock_path, progress=False)
+    lock = Lock.read(lock_path)
+    assert lock.revision(spec.repo_id) == hub.commit and lock.revision("other/model") == "d" * 40
 
 
 def test_pull_into_a_volume_with_a_lock_it_cannot_write(tmp_path, monkeypatch, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -102,6 +103,10 @@ def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
     (tmp_path / spec.cache_name / "snapshots" / ("b" * 40) / store.TINY_MARKER).unlink()
     with pytest.raises(ModelError, match="holds the real briaai/RMBG-1.4"):
         build_tiny([spec], tmp_path, lock=lock)
+    # Nothing locked: the real model the cache's refs/main runs (a first-use download) stays too.
+    assert (tmp_path / spec.cache_name / "refs" / "main").read_text() == "b" * 40
+    with pytest.raises(ModelError, match="holds the real briaai/RMBG-1.4"):
+        build_tiny([spec], tmp_path, lock=Lock())
 
 
 def test_a_local_stack_uses_complete_models_or_builds_tiny_ones(tiny_cache, tmp_path, capsys):
@@ -181,6 +186,54 @@ def test_incomplete_model_is_a_clear_error_not_a_library_trace(copy_cache, offli
         _load("upscale", copy_cache)
 
 
+def test_tiny_weights_are_readable_by_every_user(tiny_cache):
+    # A container copies the cache in as root and runs as another user; safetensors writes 0600.
+    blobs = [path for path in tiny_cache.glob("models--*/blobs/*")]
+    assert blobs and all(path.stat().st_mode & 0o444 == 0o444 for path in blobs)
+
+
+def test_pull_tiny_repairs_a_damaged_tiny_model(copy_cache, offline):
+    spec, lock = REGISTRY["remove-background"], Lock.packaged()
+    weights = store.resolve_snapshot(spec, copy_cache, lock=lock) / "model.safetensors"
+    os.truncate(weights.resolve(), 20_000)
+    assert store.spec_problems(spec, copy_cache, lock)
+    build_tiny([spec], copy_cache, lock=lock)  # what `imagen models pull --tiny` runs
+    assert store.spec_problems(spec, copy_cache, lock) == []
+
+
+def _as_downloaded(cache, operation):
+    """The tiny snapshot as an unpinned download leaves a model: no marker (and no lock) to
+    give the files' sizes."""
+    spec = REGISTRY[operation]
+    snapshot = store.resolve_snapshot(spec, cache, lock=Lock())
+    (snapshot / store.TINY_MARKER).unlink()
+    assert store.spec_problems(spec, cache, Lock()) == []
+    return spec, snapshot
+
+
+def test_verify_finds_a_cut_download_and_missing_files_without_a_lock(copy_cache, offline):
+    spec, snapshot = _as_downloaded(copy_cache, "comic")
+    weights = (snapshot / "unet" / "diffusion_pytorch_model.safetensors").resolve()
+    os.truncate(weights, weights.stat().st_size - 1000)
+    (snapshot / "tokenizer" / "tokenizer_config.json").unlink()  # the pipeline fails far from here without it
+    problems = store.spec_problems(spec, copy_cache, Lock())
+    assert any("unet/diffusion_pytorch_model.safetensors is" in p and "cut short" in p for p in problems), problems
+    assert any(p.endswith("tokenizer/tokenizer_config.json is missing") for p in problems), problems
+    with pytest.raises(ModelMissing, match="cut short"):
+        load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+
+
+def test_a_damaged_safetensors_header_is_a_model_error(copy_cache, offline, monkeypatch):
+    spec, snapshot = _as_downloaded(copy_cache, "remove-background")
+    weights = (snapshot / "model.safetensors").resolve()
+    with weights.open("r+b") as handle:
+        handle.write(b"\xff" * 8)  # a header length past the file's end
+    assert any("is not a safetensors file" in p for p in store.spec_problems(spec, copy_cache, Lock()))
+    monkeypatch.setattr(store, "spec_problems", lambda *args: [])  # past verify, the loader says it too
+    with pytest.raises(ModelError, match="imagen models verify"):
+        load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+
+
 def test_missing_model_is_pulled_when_downloads_are_allowed(tmp_path, monkeypatch):
     """The zero-config path: a missing model is fetched first, then loaded from disk."""
     spec = REGISTRY["remove-background"]
@@ -208,3 +261,13 @@ def test_cli_pull_tiny_then_verify(tmp_path, offline):
     assert "built tiny briaai/RMBG-1.4@" in pulled.output
     after = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background"], obj=settings)
     assert after.exit_code == 0, after.output
+
+
+def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path, offline):
+    from handlers.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(main, ["models", "pull", "--tiny", "--operations", "remove-background",
+                                       "--cache-dir", str(tmp_path / "a-file" / "cache")])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError)
+    assert result.output.strip().splitlines() == [f"imagen: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'cache'}'"]

@@ -49,6 +49,12 @@ def test_every_variable_is_read():
     assert not Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "false"}).filtered_subscription
 
 
+@pytest.mark.parametrize("value, offline", [("1", True), ("ON", True), ("True", True), ("yes", True), ("0", False),
+                                            ("", False)])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline):
+    assert Settings.from_env({"HF_HUB_OFFLINE": value}).allow_model_download is not offline
+
+
 @pytest.mark.parametrize(
     "env, variable",
     [
