@@ -47,7 +47,7 @@ from image.errors import (
     OutOfDeviceMemory,
     Withdrawn,
 )
-from image.params import canonical_json, parse_chain, resolve_common, validate_params
+from image.params import canonical_json, format_from_name, parse_chain, resolve_common, validate_params
 
 log = logging.getLogger("imagen.processor")
 
@@ -80,8 +80,6 @@ MIN_MODEL_SECONDS = 30.0
 # What fetching and decoding an input normally takes, for telling an output too big to
 # finish in time (a permanent failure) from an input that came slowly (retried).
 FETCH_ALLOWANCE_SECONDS = 30.0
-_FORMAT_BY_EXTENSION = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}
-
 try:
     IMAGEN_VERSION = version("imagen")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -364,7 +362,8 @@ class Processor:
         if self._filtered:
             return None, OperationNotServed(_not_served(job, chain, self._served, self._layout))
         if not self._deployed or (len(chain) == 1 and chain[0] in self._deployed):
-            return f"operation {job.operation!r} is served by another worker pool", None
+            return (f"operation {job.operation!r} is not this worker's ({', '.join(sorted(self._served))}): "
+                    f"left to the worker pool that serves it"), None
         if reporter:
             return f"operation {job.operation!r} is served by no worker pool; the {reporter} pool reports it", None
         return None, OperationNotDeployed(_not_deployed(job, self._deployed, self._layout))
@@ -512,8 +511,7 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     params = validate_params(chain, _params_dict(job.params))
     fmt = params.get("format")
     if fmt is None and job.output is not None:
-        extension = job.output[1].rsplit(".", 1)[-1].lower() if "." in job.output[1] else ""
-        fmt = _FORMAT_BY_EXTENSION.get(extension)
+        fmt = format_from_name(job.output[1])
     fmt = fmt or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)

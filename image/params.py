@@ -262,6 +262,12 @@ def canonical_json(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def format_from_name(name: str) -> str | None:
+    """The output format a file name's extension names (png, webp, jpg or jpeg), else None."""
+    extension = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    return {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}.get(extension)
+
+
 def default_seed(data: bytes) -> int:
     """A seed in 0..2**32-1 derived from the input bytes: reprocessing gives the same result."""
     return int.from_bytes(hashlib.sha256(data).digest()[:4], "big")

@@ -20,7 +20,9 @@ def command(settings, bucket, work_dir):
     """Start the local stack and print the exports that point tools at it; Ctrl-C stops it."""
     from handlers.localstack import LocalStack, choose_models
 
+    work_dir = work_dir.resolve()  # the exports below are pasted into shells in other folders
     cache_dir, tiny = choose_models(settings.model_cache_dir, work_dir / "models")
+    cache_dir = Path(cache_dir).resolve()
     if tiny:
         click.echo(f"using tiny random-weight models ({cache_dir}): the plumbing is real, the pictures "
                    f"are noise; `imagen models pull` into MODEL_CACHE_DIR for the real ones")
@@ -46,7 +48,13 @@ def command(settings, bucket, work_dir):
             click.echo(f"export {key}={shlex.quote(value)}")
         click.echo(f"\ngcloud storage cp photo.jpg gs://{bucket}/incoming/upscale/photo.jpg")
         click.echo(f"imagen submit photo.jpg --operation upscale --bucket {bucket} --wait")
-        click.echo(f"\nlogs: {stack.log_dir}   (Ctrl-C stops everything)")
+        click.echo(f"\nworker (pull): {', '.join(stack.WORKER_OPERATIONS)}, metrics "
+                   f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
+        click.echo(f"imagen serve (push): {', '.join(stack.SERVE_OPERATIONS)}, "
+                   f"http://127.0.0.1:{stack.serve_port}/readyz")
+        click.echo("a chain runs where one process serves all its operations (remove-background,upscale; "
+                   "enhance,comic); any other is skipped by both")
+        click.echo(f"logs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()
     except KeyboardInterrupt:
         pass

@@ -20,7 +20,7 @@ def command(settings, source, operation, params, output):
     """Run one job on SOURCE now; exit non-zero if it fails."""
     from handlers import routing
     from handlers.clients import storage_client
-    from handlers.errors import ConfigError
+    from handlers.errors import StoragePermanentError
     from handlers.events import FINALIZE, ObjectEvent, parse_gs_uri
     from handlers.service import build_engine, build_processor
     from handlers.storage import Store
@@ -42,10 +42,10 @@ def command(settings, source, operation, params, output):
         )
     else:
         if params or output:
-            raise ConfigError("--param and --output need --operation")
+            raise click.UsageError("--param and --output need --operation")
         state = Store(storage_client(settings)).stat(bucket, name)
-        if state is None:
-            raise ConfigError(f"{source} does not exist")
+        if state is None:  # as a job message naming it would fail (exit 1)
+            raise StoragePermanentError(f"{source} does not exist")
         event = ObjectEvent(FINALIZE, bucket, name, str(state.generation), state.metadata, state.size)
         job = routing.route_event(event, layout)
         if isinstance(job, routing.Ignored):

@@ -17,7 +17,8 @@ from handlers.cli.options import param_options
 @click.command("run")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file; default: <input stem>.<operation>.<format> next to the input.")
+              help="Output file (its extension .png, .webp, .jpg picks the format unless --format "
+              "does); default: <input stem>.<operation>.<format> next to the input.")
 @click.option("--operation", required=True, metavar="OP[,OP...]",
               help="upscale, enhance, comic, remove-background, or a chain such as "
               "remove-background,upscale.")
@@ -34,7 +35,7 @@ def run(settings, source, output, operation, params, output_format, device, mode
     """Run OPERATION on the local image SOURCE and write the result."""
     from image.codec import decode_image, encode_image
     from image.errors import InvalidParameter
-    from image.params import parse_chain, resolve_common, validate_params
+    from image.params import format_from_name, parse_chain, resolve_common, validate_params
 
     # 1. Check inputs: chain, parameters and image, before any model loads
     settings = settings.replace(device=device, model_cache_dir=model_cache_dir)
@@ -44,6 +45,8 @@ def run(settings, source, output, operation, params, output_format, device, mode
         if "format" in raw:
             raise InvalidParameter("give the format once: --format or --param format=...")
         raw["format"] = output_format
+    if "format" not in raw and output is not None and (named := format_from_name(output.name)):
+        raw["format"] = named  # -o cut.jpg: a JPEG, as a job message's output name says too
     params = validate_params(chain, raw)
     data = source.read_bytes()
     image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)

@@ -3,13 +3,20 @@
 Loading happens once per process and is logged by imagen itself with its duration; per-file
 progress bars from the libraries would only fill the service's logs. The warnings the
 libraries do give go to the process's own logging (a service writes them as the same JSON
-lines as its own), not to the plain-text stderr handler each library installs for itself.
+lines as its own), not to the plain-text stderr handler each library installs for itself;
+less transformers' advice to install torchvision for image processors imagen never loads
+(the pipelines' feature extractors are left out), which read as something missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
+
+
+def _no_torchvision_advice(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -23,6 +30,9 @@ def quiet_libraries(libraries: tuple[str, ...] = ("diffusers", "transformers"), 
         module.disable_default_handler()
         module.enable_propagation()
         saved.append((module, module.get_verbosity(), module.is_progress_bar_enabled()))
+    advice = logging.getLogger("transformers.utils.import_utils")  # a filter sees its own logger's records
+    if _no_torchvision_advice not in advice.filters:
+        advice.addFilter(_no_torchvision_advice)
     for module, _, _ in saved:
         module.disable_progress_bar()
         if not warnings:

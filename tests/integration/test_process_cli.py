@@ -51,6 +51,15 @@ def test_process_exits_non_zero_with_the_report_location(settings, tiny_cache, b
     assert bucket.get_blob("failed/upscale/notes.png.json") is not None
 
 
+def test_process_of_a_missing_object_fails_as_a_job_would(settings, tiny_cache, bucket):
+    # It said ConfigError (exit 2), which names a setting to fix.
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/comic/nothere.png"],
+                                env=_env(settings, tiny_cache))
+    assert result.exit_code == 1
+    missing = f"gs://{bucket.name}/incoming/comic/nothere.png"
+    assert result.output.strip() == f"imagen: StoragePermanentError: {missing} does not exist"
+
+
 def test_process_with_an_explicit_operation_outside_the_input_prefix(settings, tiny_cache, bucket):
     bucket.blob("photos/shoe.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
     result = CliRunner().invoke(

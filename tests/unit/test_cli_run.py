@@ -69,6 +69,16 @@ def test_output_option_format_and_params(cli, photo, tmp_path):
         assert out.format == "WEBP" and out.size == (56, 40)
 
 
+def test_the_output_name_picks_the_format_unless_one_is_given(cli, photo, tmp_path):
+    # -o cut.jpg wrote a PNG named .jpg.
+    for name, given, expected in (("cut.jpg", [], "JPEG"), ("cut.WEBP", [], "WEBP"), ("cut.out", [], "PNG"),
+                                  ("cut2.jpg", ["--format", "png"], "PNG")):
+        result = cli(str(photo), "-o", str(tmp_path / name), "--operation", "remove-background", *given)
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name) as out:
+            assert out.format == expected, name
+
+
 def test_jpeg_default_name_and_seed_param(cli, photo):
     args = [str(photo), "--operation", "remove-background", "--param", "background=white",
             "--param", "format=jpg", "--param", "seed=7"]

@@ -63,6 +63,13 @@ def test_the_model_libraries_log_through_the_process_handlers(caplog):
         with caplog.at_level(logging.WARNING):
             logging.getLogger(f"{library}.pipelines").warning("from %s", library)
         assert caplog.records[-1].getMessage() == f"from {library}"
+    # Less the advice to install torchvision for image processors imagen never loads.
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        logging.getLogger("transformers.utils.import_utils").warning("anything else")
+    assert [record.getMessage() for record in caplog.records[-1:]] == ["anything else"]
+    assert not any("torchvision" in record.getMessage() for record in caplog.records)
 
 
 def test_python_warnings_are_json_lines_too():

@@ -1,0 +1,44 @@
+"""`imagen dev`: the local stack left running, as a developer starts it and stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_path):
+    env = {**os.environ, "MODEL_CACHE_DIR": str(tiny_cache), "IMAGEN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    for name in ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"):
+        env.pop(name, None)
+    dev = subprocess.Popen([sys.executable, "-m", "handlers.cli", "dev", "--work-dir", "here", "--bucket", "dev-bucket"],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not any(line.startswith("logs:") for line in lines):
+            line = dev.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+        assert exports, "\n".join(lines)
+        # Pasted into a shell in another folder: paths are absolute.
+        assert exports["MODEL_CACHE_DIR"] == str(tiny_cache)
+        logs = next(line for line in lines if line.startswith("logs:")).split()[1]
+        assert Path(logs) == tmp_path / "here" / "logs"
+        # Which process serves what, and where to look: a chain across the two goes nowhere.
+        assert any(line.startswith("worker (pull): enhance, comic, metrics http://127.0.0.1:") for line in lines)
+        assert any(line.startswith("imagen serve (push): upscale, remove-background, http://") for line in lines)
+    finally:
+        dev.send_signal(signal.SIGINT)
+        rest, _ = dev.communicate(timeout=120)
+    assert dev.returncode == 0 and rest.strip().endswith("stopped."), rest
