@@ -17,6 +17,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from google.cloud import storage
 from google.cloud.storage import transfer_manager
 
 from image.errors import ModelError, ModelMissing
-from image.models.store import TINY_MARKER
+from image.models.store import TINY_MARKER, is_tiny
 
 logger = logging.getLogger("imagen.models")
 
@@ -34,6 +36,7 @@ LARGE_FILE_BYTES = 128 * 1024 * 1024
 """Files from this size (bytes) up are downloaded in concurrent slices, not whole."""
 
 _FORMAT = 1
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,8 @@ def restore_cache(
         raise ModelMissing(f"the model mirror at {uri} holds none of {', '.join(cache_names or ())}")
     cache_dir = Path(cache_dir)
     _check_inside(cache_dir, uri, [*files, *refs], links)
+    if bad := [name for name, text in refs.items() if not _COMMIT.fullmatch(text.strip())]:
+        raise ModelError(f"{uri}/{MANIFEST} gives {bad[0]} a value that is not a commit: not restoring from it")
     # A ref is as long whatever commit it names: written from the manifest below, or (a mirror
     # made before refs were in it) always fetched.
     fetch = [name for name, size in files.items()
@@ -172,18 +177,19 @@ def restore_cache(
     wrong = [name for name in fetch if not _has(cache_dir / name, files[name])]
     if wrong:
         raise ModelError(f"restored files have the wrong size: {', '.join(wrong[:5])}")
+    # A tiny model at a commit the mirror holds a real model for (a test cache restored into):
+    # its marker would make the snapshot pass for tiny, and a file the real model lacks (a
+    # .safetensors beside the real .bin) would still load. Gone before the real one is linked.
+    snapshots = {Path(name).parent for name in links if Path(name).parent.parent.name == "snapshots"}
+    for snapshot in snapshots:
+        if (snapshot / TINY_MARKER).as_posix() not in links and is_tiny(cache_dir / snapshot):
+            shutil.rmtree(cache_dir / snapshot)
     for name, target in links.items():
         link = cache_dir / name
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
-    # A tiny model's marker at a commit the mirror holds a real model for (a test cache
-    # restored into): the snapshot would still pass for tiny, checked against the wrong sizes.
-    for snapshot in {Path(name).parent for name in links if Path(name).parent.parent.name == "snapshots"}:
-        marker = cache_dir / snapshot / TINY_MARKER
-        if (marker.is_symlink() or marker.exists()) and (snapshot / TINY_MARKER).as_posix() not in links:
-            marker.unlink()
     written = [name for name, text in refs.items() if _write_ref(cache_dir / name, text)]
     moved = len(fetch) + len(written)
     return Transfer(moved, len(links), sum(files.get(name, 0) for name in [*fetch, *written]), len(files) - moved)

@@ -15,6 +15,9 @@ from handlers.settings import Settings
 from image.errors import ImagenError
 
 
+_SERVICES = ("serve", "worker", "dev")
+
+
 class _Group(click.Group):
     """Turns imagen's own errors, a Google Cloud API's refusal (no such topic, subscription or
     bucket; no permission) and the file system's (no space, no permission), into one readable
@@ -32,8 +35,8 @@ class _Group(click.Group):
             click.echo(f"imagen: {type(error).__name__}: {error.message or error}", err=True)
             sys.exit(1)
         except OSError as error:  # a disk full, a folder it may not write: the system's own words
-            if error.errno is None:
-                raise
+            if error.errno is None or ctx.invoked_subcommand in _SERVICES:
+                raise  # a service's crash keeps its traceback
             click.echo(f"imagen: {error}", err=True)
             sys.exit(1)
 

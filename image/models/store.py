@@ -299,17 +299,21 @@ def safetensors_problem(path: Path, size: int) -> str | None:
     """What is wrong with a safetensors file by its own header (an 8-byte length, a JSON
     table of tensors and their byte ranges), or None: a truncated download is caught where
     no lock pins the file's size."""
+    unreadable = "is not a safetensors file (its header is cut or unreadable)"
     try:
         with path.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
-            if length > size - 8:
-                return "is not a safetensors file (its header is cut or unreadable)"
+            if length > min(size - 8, _MAX_HEADER_BYTES):
+                return unreadable
             header = json.loads(handle.read(length))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        expected = 8 + length + max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                                     if key != "__metadata__"), default=0)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return "is not a safetensors file (its header is cut or unreadable)"
-    expected = 8 + length + max(ends, default=0)
+        return unreadable
     return None if expected == size else f"is {size} bytes, its header says {expected} (cut short or damaged)"
+
+
+_MAX_HEADER_BYTES = 100_000_000  # what safetensors itself reads at most
 
 
 def _layout_problems(spec: ModelSpec, snapshot: Path, files: Mapping[str, int]) -> list[str]:

@@ -179,11 +179,12 @@ def test_a_manifest_naming_paths_outside_the_cache_is_refused(gcs, bucket, tmp_p
     from handlers.model_mirror import _FORMAT
 
     files = {"models--org--name/blobs/abc": 3}
-    for links in ({"models--org--name/../../escaped": "/etc/passwd"},
-                  {"models--org--name/snapshots/" + "c" * 40 + "/x": "../../../../etc/passwd"}):
-        manifest = {"format": _FORMAT, "files": files, "links": links, "refs": {}}
+    for links, refs in (({"models--org--name/../../escaped": "/etc/passwd"}, {}),
+                        ({"models--org--name/snapshots/" + "c" * 40 + "/x": "../../../../etc/passwd"}, {}),
+                        ({}, {"models--org--name/refs/main": "../../../../elsewhere"})):  # a snapshot path
+        manifest = {"format": _FORMAT, "files": files, "links": links, "refs": refs}
         bucket.blob(f"m/{MANIFEST}").upload_from_string(json.dumps(manifest))
-        with pytest.raises(ModelError, match="outside the model cache"):
+        with pytest.raises(ModelError, match="outside the model cache|not a commit"):
             restore_cache(f"gs://{bucket.name}/m", tmp_path / "restored", client=gcs)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "restored").exists()
 
@@ -198,6 +199,9 @@ def test_a_real_model_restored_over_a_tiny_one_is_not_taken_for_tiny(gcs, bucket
     mirror_cache(real, uri, client=gcs, cache_names=[spec.cache_name])
     target = tmp_path / "target"
     build_tiny([spec], target, lock=Lock.packaged())  # a test cache, restored into
+    leftover = store.resolve_snapshot(spec, target, lock=Lock.packaged()) / "model.pth"
+    leftover.write_bytes(b"a tiny file the real model does not have")
     restore_cache(uri, target, client=gcs, cache_names=[spec.cache_name])
     restored = store.resolve_snapshot(spec, target, lock=Lock.packaged())
     assert not store.is_tiny(restored) and store.verify([spec], target, Lock.packaged()) == []
+    assert not leftover.exists(), "the tiny snapshot is replaced, not overlaid"

@@ -384,3 +384,18 @@ def test_cli_list(tiny_cache, tmp_path):
 def test_cli_unknown_operation(tmp_path):
     result = _cli(["verify", "--operations", "sharpen"], tmp_path)
     assert isinstance(result.exception, UnknownOperation) and "sharpen" in str(result.exception)
+
+
+@pytest.mark.parametrize("header", [
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "x"]}}',  # a string where a number goes
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, null]}}',
+    b'[1, 2]',
+])
+def test_a_damaged_safetensors_header_is_a_problem_not_a_crash(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    assert store.safetensors_problem(path, path.stat().st_size) == (
+        "is not a safetensors file (its header is cut or unreadable)")
+    huge = tmp_path / "huge.safetensors"  # a length past safetensors' own limit is not read
+    huge.write_bytes((2**40).to_bytes(8, "little") + bytes(16))
+    assert "not a safetensors file" in store.safetensors_problem(huge, 2**41)
