@@ -37,7 +37,8 @@ OUTPUT_TAKEN = "would fail: OutputTaken (another source's result holds its outpu
 class Decision:
     uri: str
     action: str  # "queue", "done" or "skip"
-    reason: str = ""
+    reason: str = ""  # what the summary counts by
+    detail: str = ""  # what --verbose adds: the failure's own message
     message: dict | None = None  # the job message to publish, for "queue"
     output: tuple[str, str] | None = None  # (bucket, name) its job would write, for "queue"
 
@@ -80,7 +81,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
     try:
         plan = plan_job(job, layout, frozenset(OPERATION_NAMES))
     except InputError as error:
-        return Decision(uri, "skip", f"would fail: {type(error).__name__}")
+        return Decision(uri, "skip", f"would fail: {type(error).__name__}", detail=str(error))
     if only and plan.operation not in only:
         return Decision(uri, "skip", f"not served: {plan.operation} (not among --only: {'; '.join(sorted(only))})")
     state: ObjectState | None = store.stat(*plan.output)

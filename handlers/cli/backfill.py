@@ -43,7 +43,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
 
     def show(decision):
         if verbose or (dry_run and decision.action == "queue"):
-            click.echo(f"{decision.action:>5}  {decision.uri}  {decision.reason}".rstrip())
+            detail = f" ({decision.detail})" if decision.detail else ""
+            click.echo(f"{decision.action:>5}  {decision.uri}  {decision.reason}{detail}".rstrip())
 
     summary = backfill(
         storage_client(settings), bucket, prefix, Layout.from_settings(settings),

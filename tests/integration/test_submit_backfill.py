@@ -154,6 +154,12 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     assert "1 x failed before with these parameters" in dry.output
     retry = CliRunner().invoke(main, args + ["--dry-run", "--retry-failed"], env=env)
     assert "queued: 2" in retry.output, retry.output
+    # What would fail says why with -v (the summary counts by the error's type alone).
+    upload("incoming/upscale/steps.png", metadata={"imagen-params": '{"steps": 500}'})
+    dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
+    assert (f"skip  gs://{bucket.name}/incoming/upscale/steps.png  would fail: InvalidParameter (parameter 'steps': "
+            "500 is out of range") in dry.output, dry.output
+    assert "1 x would fail: InvalidParameter\n" in dry.output, dry.output
 
     # A job a filtered pool could not serve failed for where it was delivered, not for what it
     # is: backfill's job message names its operation, so it is queued, for that pool.
