@@ -28,6 +28,8 @@ from handlers.settings import child_environment
 
 PROJECT = EMULATOR_PROJECT
 EVENTS_TOPIC = "imagen-events"
+DEAD_LETTER = "imagen-dead-letter"  # topic and subscription: what 5 deliveries did not settle
+MAX_DELIVERIES = 5
 
 
 def answers_200(url: str, timeout: float = 2) -> bool:
@@ -253,11 +255,19 @@ class LocalStack:
         publisher, subscriber = publisher_client(settings), subscriber_client(settings)
         topic = publisher.topic_path(PROJECT, EVENTS_TOPIC)
         publisher.create_topic(name=topic)
+        # As the Terraform deployment does: a message no worker can settle (not JSON, a bucket
+        # not allowed) ends in a dead-letter subscription (`imagen dlq list`), not redelivered
+        # forever.
+        dead_letter = publisher.topic_path(PROJECT, DEAD_LETTER)
+        publisher.create_topic(name=dead_letter)
+        subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, DEAD_LETTER), topic=dead_letter)
+        policy = {"dead_letter_topic": dead_letter, "max_delivery_attempts": MAX_DELIVERIES}
         self.storage.start(pubsub_host=self.pubsub.host)
         storage_client(settings).create_bucket(self.bucket)
 
         worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
-        subscriber.create_subscription(name=worker_sub, topic=topic, ack_deadline_seconds=60)
+        subscriber.create_subscription(request={"name": worker_sub, "topic": topic, "ack_deadline_seconds": 60,
+                                                "dead_letter_policy": policy})
         env = child_environment(self.env())
         worker = self._start_process(
             "worker",
@@ -275,11 +285,11 @@ class LocalStack:
         # The worker opens its metrics port once its models are warm: "ready" means both.
         worker._wait_until(lambda: answers_200(f"http://127.0.0.1:{self.worker_metrics_port}/metrics"),
                            ready_timeout)
-        subscriber.create_subscription(
-            name=subscriber.subscription_path(PROJECT, "imagen-push"), topic=topic,
-            push_config={"push_endpoint": f"http://127.0.0.1:{self.serve_port}/"},
-            ack_deadline_seconds=600,
-        )
+        subscriber.create_subscription(request={
+            "name": subscriber.subscription_path(PROJECT, "imagen-push"), "topic": topic,
+            "push_config": {"push_endpoint": f"http://127.0.0.1:{self.serve_port}/"},
+            "ack_deadline_seconds": 600, "dead_letter_policy": policy,
+        })
         return self
 
     def _start_process(self, name: str, args: list[str], env: dict) -> _Service:

@@ -18,7 +18,7 @@ import click
 @click.pass_obj
 def command(settings, bucket, work_dir):
     """Start the local stack and print the exports that point tools at it; Ctrl-C stops it."""
-    from handlers.localstack import LocalStack, choose_models
+    from handlers.localstack import DEAD_LETTER, MAX_DELIVERIES, LocalStack, choose_models
 
     work_dir = work_dir.resolve()  # the exports below are pasted into shells in other folders
     cache_dir, tiny = choose_models(settings.model_cache_dir, work_dir / "models")
@@ -55,6 +55,7 @@ def command(settings, bucket, work_dir):
         click.echo(f"a chain runs where one process serves all its operations "
                    f"({','.join(stack.SERVE_OPERATIONS[::-1])}; {','.join(stack.WORKER_OPERATIONS)}); "
                    f"any other is skipped by both")
+        click.echo(f"dead letters (after {MAX_DELIVERIES} deliveries): imagen dlq list --subscription {DEAD_LETTER}")
         click.echo(f"logs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()
     except KeyboardInterrupt:

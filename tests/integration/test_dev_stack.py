@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_path):
+def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_path, monkeypatch):
     env = {**os.environ, "MODEL_CACHE_DIR": str(tiny_cache), "IMAGEN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     for name in ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"):
         env.pop(name, None)
@@ -38,6 +38,19 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
         # Which process serves what, and where to look: a chain across the two goes nowhere.
         assert any(line.startswith("worker (pull): enhance, comic, metrics http://127.0.0.1:") for line in lines)
         assert any(line.startswith("imagen serve (push): upscale, remove-background, http://") for line in lines)
+        # A message nothing can settle ends in the dead-letter subscription, not redelivered forever.
+        from google.cloud import pubsub_v1
+
+        assert any(line.startswith("dead letters (after 5 deliveries): imagen dlq list") for line in lines)
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", exports["PUBSUB_EMULATOR_HOST"])
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        publisher.publish(publisher.topic_path("imagen-local", "imagen-events"), b"not json").result(timeout=30)
+        dead = subscriber.subscription_path("imagen-local", "imagen-dead-letter")
+        received = []
+        deadline = time.monotonic() + 120
+        while not received and time.monotonic() < deadline:
+            received = subscriber.pull(subscription=dead, max_messages=10, timeout=10).received_messages
+        assert [m.message.data for m in received][:1] == [b"not json"]
     finally:
         dev.send_signal(signal.SIGINT)
         rest, _ = dev.communicate(timeout=120)
