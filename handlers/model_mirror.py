@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from google.cloud import storage
 from google.cloud.storage import transfer_manager
 
 from image.errors import ModelError, ModelMissing
+from image.models.lock import COMMIT
 from image.models.store import TINY_MARKER, is_tiny
 
 logger = logging.getLogger("imagen.models")
@@ -36,7 +36,6 @@ LARGE_FILE_BYTES = 128 * 1024 * 1024
 """Files from this size (bytes) up are downloaded in concurrent slices, not whole."""
 
 _FORMAT = 1
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +149,7 @@ def restore_cache(
         raise ModelMissing(f"the model mirror at {uri} holds none of {', '.join(cache_names or ())}")
     cache_dir = Path(cache_dir)
     _check_inside(cache_dir, uri, [*files, *refs], links)
-    if bad := [name for name, text in refs.items() if not _COMMIT.fullmatch(text.strip())]:
+    if bad := [name for name, text in refs.items() if not COMMIT.fullmatch(text.strip())]:
         raise ModelError(f"{uri}/{MANIFEST} gives {bad[0]} a value that is not a commit: not restoring from it")
     # A ref is as long whatever commit it names: written from the manifest below, or (a mirror
     # made before refs were in it) always fetched.

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from image.errors import ModelError
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+"""A commit as the lock, the cache's refs and its snapshot folders name it."""
 
 
 def _commit(value: object) -> str:
     """A revision as the lock holds it: a 40-hex commit (a path in the cache is built from it)."""
-    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
+    if not isinstance(value, str) or not COMMIT.fullmatch(value):
         raise ValueError(value)
     return value
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from huggingface_hub.errors import XetDownloadError
 from tqdm.auto import tqdm
 
 from image.errors import ModelError, ModelMissing
-from image.models.lock import Lock
+from image.models.lock import COMMIT, Lock
 from image.models.registry import DIFFUSERS, ModelSpec
 
 logger = logging.getLogger("imagen.models")
@@ -32,7 +31,6 @@ logger = logging.getLogger("imagen.models")
 TINY_MARKER = "imagen-tiny.json"
 """Marks a snapshot built by `build_tiny`; it holds the tiny files' sizes in bytes."""
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def pull_command(specs: Iterable[ModelSpec]) -> str:
@@ -55,7 +53,7 @@ def find_snapshot(spec: ModelSpec, cache_dir: Path, lock: Lock) -> tuple[str | N
     commit is known but its files are not here. Local only.
     """
     commit = lock.revision(spec.repo_id)
-    if commit is None and _COMMIT.fullmatch(spec.revision):
+    if commit is None and COMMIT.fullmatch(spec.revision):
         commit = spec.revision
     if commit is None:
         ref = repo_dir(spec, cache_dir) / "refs" / spec.revision
@@ -189,7 +187,7 @@ def _drop_tiny(spec: ModelSpec, cache_dir: Path, commit: str) -> None:
 
 def write_ref(spec: ModelSpec, cache_dir: Path, revision: str, commit: str) -> None:
     """Point `refs/<revision>` at `commit` (branches and tags only, as huggingface_hub does)."""
-    if _COMMIT.fullmatch(revision):
+    if COMMIT.fullmatch(revision):
         return
     ref = repo_dir(spec, cache_dir) / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
