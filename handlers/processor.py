@@ -211,7 +211,7 @@ class Processor:
             fields["generation"] = generation
 
             # Before any work: Cloud Storage would refuse the output's metadata at the end.
-            check_metadata_fits(output_metadata(job, plan, self._engine.model_id(plan.chain), 99999.999))
+            check_metadata_fits(output_metadata(job, plan, self._engine.model_id(plan.chain), _WIDEST_SECONDS))
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
             check_replaceable(existing, job, plan)
@@ -540,6 +540,7 @@ def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout
 
 # Cloud Storage's limit on an object's custom metadata, keys and values together.
 METADATA_BYTES = 8 * 1024
+_WIDEST_SECONDS = 99999.999  # the longest `imagen-seconds` a job writes, for sizing before it runs
 
 
 def output_metadata(job: Job, plan: Plan, model: str, seconds: float) -> dict[str, str]:

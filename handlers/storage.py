@@ -49,7 +49,7 @@ def gunzip(data: bytes, max_bytes: int, uri: str) -> bytes:
                 raise zlib.error(f"more than {MAX_MEMBERS} gzip members")
             unpacker = zlib.decompressobj(wbits=31)  # gzip only
             while not unpacker.eof:
-                if position >= len(view):
+                if position >= len(data):
                     raise zlib.error("the compressed data ends early")
                 chunk = view[position:position + _CHUNK]
                 out += unpacker.decompress(chunk, max_bytes + 1 - len(out))

@@ -96,7 +96,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     with opened:
         _check_pixels(opened.size, max_pixels)
         key = _colour_key(opened)  # while the tile still says 16-bit (or 2- or 4-bit grey)
-        if (key := key if key is not None else _grey_key(opened)) is not None:
+        if key is None:
+            key = _grey_key(opened)
+        if key is not None:
             opened.info["transparency"] = key
         try:
             opened.load()

@@ -52,9 +52,7 @@ def command(settings, bucket, work_dir):
                    f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
         click.echo(f"imagen serve (push): {', '.join(stack.SERVE_OPERATIONS)}, "
                    f"http://127.0.0.1:{stack.serve_port}/readyz")
-        click.echo(f"a chain runs where one process serves all its operations "
-                   f"({','.join(stack.SERVE_OPERATIONS[::-1])}; {','.join(stack.WORKER_OPERATIONS)}); "
-                   f"any other is skipped by both")
+        click.echo("a chain runs where one process serves all its operations; any other is skipped by both")
         click.echo(f"dead letters (after {MAX_DELIVERIES} deliveries): imagen dlq list --subscription {DEAD_LETTER}")
         click.echo(f"logs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()

@@ -18,8 +18,8 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
     env = {**os.environ, "MODEL_CACHE_DIR": str(tiny_cache), "IMAGEN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     for name in ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"):
         env.pop(name, None)
-    dev = subprocess.Popen([sys.executable, "-m", "handlers.cli", "dev", "--work-dir", "here", "--bucket", "dev-bucket"],
-                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    command = [sys.executable, "-m", "handlers.cli", "dev", "--work-dir", "here", "--bucket", "dev-bucket"]
+    dev = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     lines = []
     try:

@@ -205,7 +205,8 @@ def test_a_gzip_encoded_upload_is_unpacked_under_the_size_limit(settings, bucket
 
     engine = FakeEngine()
     png = png_bytes((64, 48))
-    assert _processor(settings, engine).handle(_event(upload_gzipped("incoming/upscale/z.png", png))).status == "succeeded"
+    outcome = _processor(settings, engine).handle(_event(upload_gzipped("incoming/upscale/z.png", png)))
+    assert outcome.status == "succeeded"
     output = Image.open(io.BytesIO(bucket.get_blob("processed/upscale/z.png").download_as_bytes()))
     assert engine.calls == 1 and output.size == (128, 96)
     bomb = upload_gzipped("incoming/upscale/bomb.png", png + bytes(10_000_000))  # 10 MB of zeros: ~10 kB stored

@@ -270,4 +270,5 @@ def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path, offline):
     result = CliRunner().invoke(main, ["models", "pull", "--tiny", "--operations", "remove-background",
                                        "--cache-dir", str(tmp_path / "a-file" / "cache")])
     assert result.exit_code == 1 and not isinstance(result.exception, OSError)
-    assert result.output.strip().splitlines() == [f"imagen: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'cache'}'"]
+    cache = tmp_path / "a-file" / "cache"
+    assert result.output.strip().splitlines() == [f"imagen: [Errno 20] Not a directory: '{cache}'"]
