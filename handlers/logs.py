@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import sys
+import threading
 
 _OPERATION_KEY = "logging.googleapis.com/operation"
 
@@ -44,3 +45,38 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("imagen").setLevel(level)
     logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too
+    # An exception nothing caught, in a thread or the main one, as a JSON line with its trace.
+    threading.excepthook = _uncaught_in_thread
+    sys.excepthook = _uncaught
+
+
+def is_configured() -> bool:
+    return any(isinstance(handler.formatter, JsonFormatter) for handler in logging.getLogger().handlers)
+
+
+def fatal(error: BaseException, *, trace: bool) -> None:
+    """Log why a service stops, as the last JSON line Cloud Logging gets from it."""
+    if not is_configured():
+        configure_logging()
+    logging.getLogger("imagen").critical(
+        "imagen stopped: %s: %s", type(error).__name__, error,
+        exc_info=error if trace else None,
+        extra={"fields": {"error": {"type": type(error).__name__, "message": str(error)}}},
+    )
+
+
+def _uncaught(exc_type, exc_value, exc_traceback) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc_value, exc_traceback)
+        return
+    logging.getLogger("imagen").critical(
+        "uncaught %s: %s", exc_type.__name__, exc_value, exc_info=(exc_type, exc_value, exc_traceback))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, SystemExit):
+        return  # as threading's own hook: a thread's sys.exit() is not an error
+    thread = args.thread.name if args.thread is not None else "a thread"
+    logging.getLogger("imagen").critical(
+        "uncaught %s in %s: %s", args.exc_type.__name__, thread, args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -189,7 +189,10 @@ class Processor:
     def _run(self, job: Job, *, message_id: str | None, attempt: int | None,
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
         job_id = message_id or _job_id(job)
-        fields = {"job_id": job_id, "source": job.source_uri, "generation": job.generation}
+        # Every line of the job carries these, so one filter finds them all (the operation as
+        # the job names it until it is planned; the message id is what `imagen dlq` shows).
+        fields = {"job_id": job_id, "message_id": message_id, "source": job.source_uri,
+                  "generation": job.generation, "operation": job.operation, "attempt": attempt}
         timings: dict[str, float] = {}
         started = time.perf_counter()
         delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
@@ -199,7 +202,7 @@ class Processor:
             # it neither report nor refuse it (one report, one dead letter, not one per pool).
             skip, report = self._triage(job)
             if skip:
-                log.info("job skipped: %s", skip, extra={"fields": fields})
+                log.info("job skipped: %s", skip, extra={"fields": {**fields, "reason": skip}})
                 return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
             routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
             if report:
@@ -218,7 +221,7 @@ class Processor:
             skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
-            log.info("job started", extra={"fields": {**fields, "attempt": attempt}})
+            log.info("job started", extra={"fields": fields})
             with _timed(timings, "download"):
                 data, _, _ = self._store.read_source(
                     job.bucket, job.name, generation, self._max_bytes
@@ -267,7 +270,7 @@ class Processor:
             log.warning(
                 "job will be retried: %s",
                 error,
-                extra={"fields": {**fields, "attempt": attempt, "timings": timings}},
+                extra={"fields": {**fields, "error": _error(error), "timings": timings}},
             )
             raise
         except Withdrawn as error:
@@ -276,7 +279,8 @@ class Processor:
             raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
-            log.error("job failed on this instance: %s", error, extra={"fields": fields})
+            log.error("job failed on this instance: %s", error,
+                      extra={"fields": {**fields, "error": _error(error)}})
             if (last := last_try(attempt, sent, *_retries_for(error), now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
@@ -301,7 +305,7 @@ class Processor:
             job.source_uri,
             output_uri,
             extra={"fields": {**fields, "output": output_uri, "model": model, "seconds": seconds,
-                              "timings": timings, "attempt": attempt}},
+                              "timings": timings}},
         )
         self._publish(outcome)
         return outcome
@@ -420,13 +424,17 @@ class Processor:
             "attempt": attempt,
             "time": datetime.datetime.now(datetime.UTC).isoformat(),
         }
-        self._store.write_report(bucket, name, report)
         report_uri = f"gs://{bucket}/{name}"
-        log.warning(
-            "job failed: %s",
-            error,
-            extra={"fields": {**fields, "error": details, "report": report_uri, "attempt": attempt}},
-        )
+        try:
+            self._store.write_report(bucket, name, report)
+        except Exception as write_error:
+            # The job's end would otherwise leave no line at all: it goes back to Pub/Sub.
+            log.error("job failed, and its failure report could not be written (%s): %s", write_error,
+                      details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,
+                                                            "report_error": _error(write_error)}})
+            raise
+        log.warning("job failed: %s", details["message"],
+                    extra={"fields": {**fields, "error": details, "report": report_uri}})
         outcome = Outcome(
             "failed",
             job.source_uri,
@@ -647,6 +655,10 @@ def _report_params(raw: Any) -> Any:
         except (TypeError, ValueError, RecursionError):
             return "<unserialisable parameters>"
     return text[:2000] if len(text) > 2000 else raw
+
+
+def _error(error: BaseException) -> dict[str, str]:
+    return {"type": type(error).__name__, "message": str(error)}
 
 
 def _no_constant(name: str):

@@ -16,29 +16,47 @@ from image.errors import ImagenError
 
 
 _SERVICES = ("serve", "worker", "dev")
+_LOGGED = ("serve", "worker")
+"""Their output is Cloud Logging's: why they stop is a JSON line (CRITICAL) like the rest."""
 
 
 class _Group(click.Group):
     """Turns imagen's own errors, a Google Cloud API's refusal (no such topic, subscription or
     bucket; no permission) and the file system's (no space, no permission), into one readable
-    line and exit code 1, not a traceback."""
+    line and exit code 1, not a traceback. For `serve` and `worker` the line is a JSON log
+    entry, and any other error is one too, its traceback inside."""
 
     def invoke(self, ctx):
         from google.api_core.exceptions import GoogleAPICallError
 
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except ImagenError as error:
-            click.echo(f"imagen: {type(error).__name__}: {error}", err=True)
-            sys.exit(2 if isinstance(error, ConfigError) else 1)
+            _stop(ctx, f"{type(error).__name__}: {error}", error, 2 if isinstance(error, ConfigError) else 1)
         except GoogleAPICallError as error:
-            click.echo(f"imagen: {type(error).__name__}: {error.message or error}", err=True)
-            sys.exit(1)
+            _stop(ctx, f"{type(error).__name__}: {error.message or error}", error, 1)
         except OSError as error:  # a disk full, a folder it may not write: the system's own words
+            if ctx.invoked_subcommand in _LOGGED:
+                _stop(ctx, str(error), error, 1, trace=True)
             if error.errno is None or ctx.invoked_subcommand in _SERVICES:
                 raise  # a service's crash keeps its traceback
-            click.echo(f"imagen: {error}", err=True)
-            sys.exit(1)
+            _stop(ctx, str(error), error, 1)
+        except Exception as error:
+            if ctx.invoked_subcommand not in _LOGGED:
+                raise
+            _stop(ctx, str(error), error, 1, trace=True)
+
+
+def _stop(ctx, text: str, error: Exception, code: int, *, trace: bool = False):
+    if ctx.invoked_subcommand in _LOGGED:
+        from handlers.logs import fatal
+
+        fatal(error, trace=trace)
+    else:
+        click.echo(f"imagen: {text}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)

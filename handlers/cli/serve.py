@@ -78,11 +78,23 @@ def _server(app, host: str, port: int, threads: int, post_worker_init):
     request threads, no worker timeout (a job may take minutes; Cloud Run bounds a request,
     and --max-job-seconds the job), `post_worker_init` run in the worker once forked."""
     import gunicorn.app.base
+    import gunicorn.glogging
+
+    class JsonLogger(gunicorn.glogging.Logger):
+        """gunicorn's own lines ("worker was sent SIGKILL! Perhaps out of memory?") through
+        the root logger's JSON handler, not its plain-text one."""
+
+        def setup(self, cfg):
+            super().setup(cfg)
+            for handler in [h for h in self.error_log.handlers if getattr(h, "_gunicorn", False)]:
+                self.error_log.removeHandler(handler)
+            self.error_log.propagate = True
 
     class Server(gunicorn.app.base.BaseApplication):
         def load_config(self):
             options = {"bind": f"{host}:{port}", "workers": 1, "threads": threads, "timeout": 0,
-                       "loglevel": "error", "limit_request_line": 0, "post_worker_init": post_worker_init}
+                       "loglevel": "error", "limit_request_line": 0, "post_worker_init": post_worker_init,
+                       "logger_class": JsonLogger}
             for key, value in options.items():
                 self.cfg.set(key, value)
 

@@ -425,6 +425,25 @@ def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket
     assert _report(bucket, "failed/upscale/t.png.json")["attempt"] == MAX_ATTEMPTS
 
 
+def test_every_line_of_a_job_carries_the_fields_users_filter_on(settings, bucket, caplog):
+    # One Cloud Logging filter (operation, message id, attempt) finds each line of a job,
+    # a failure found before the job is planned included.
+    bad = _upload(bucket, "incoming/upscale/p.png", metadata={"imagen-params": '{"steps": 500}'})
+    flaky = _upload(bucket, "incoming/upscale/t.png")
+    with caplog.at_level(logging.INFO, logger="imagen.processor"):
+        _processor(settings, FakeEngine()).handle(_event(bad), message_id="m-1", attempt=2)
+        with pytest.raises(TransientError):
+            _processor(settings, FakeEngine(fail_with=ModelError("CUDA error"))).handle(
+                _event(flaky), message_id="m-2", attempt=1)
+    lines = {record.getMessage().split(":")[0]: record.fields for record in caplog.records}
+    assert set(lines) == {"job failed", "job started", "job failed on this instance"}
+    for fields in lines.values():
+        assert {"job_id", "message_id", "source", "generation", "operation", "attempt"} <= set(fields)
+        assert fields["operation"] == "upscale" and fields["job_id"] == fields["message_id"]
+    assert lines["job failed"]["attempt"] == 2 and lines["job failed"]["error"]["type"] == "InvalidParameter"
+    assert lines["job failed on this instance"]["error"] == {"type": "ModelError", "message": "CUDA error"}
+
+
 def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket):
     """Another instance (or this one later) may have the memory; a second run out of memory
     settles it, unless a background compile held memory, when the usual attempts remain."""

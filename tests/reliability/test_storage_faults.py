@@ -159,14 +159,19 @@ def test_report_write_faults_retry_then_succeed(bucket, proxy, through_proxy):
     assert bucket.get_blob("failed/upscale/broken.png.json") is not None
 
 
-def test_report_that_cannot_be_written_sends_the_job_back(bucket, proxy, through_proxy):
+def test_report_that_cannot_be_written_sends_the_job_back(bucket, proxy, through_proxy, caplog):
     """A report refused for good is not dropped: the job goes back to Pub/Sub (and, after the
-    dead-letter policy's attempts, to the dead-letter topic)."""
+    dead-letter policy's attempts, to the dead-letter topic), and the log says why."""
     event = _upload(bucket, "incoming/upscale/broken.png", b"not an image")
     proxy.add(Rule(UPLOAD, body=REPORT_BODY, status=403))
     with pytest.raises(TransientError, match="cannot write failure report"):
-        through_proxy().handle(event)
+        through_proxy().handle(event, message_id="m-1", attempt=3)
     assert proxy.count(UPLOAD, faults_only=True) == 1  # 403 is not retried in the process
+    [line] = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert line.getMessage().startswith("job failed, and its failure report could not be written (")
+    assert "403" in line.getMessage()
+    assert line.fields["error"]["type"] == "ImageDecodeError" and line.fields["attempt"] == 3
+    assert line.fields["job_id"] == "m-1" and line.fields["report"].endswith("/failed/upscale/broken.png.json")
 
 
 def test_pull_worker_acks_a_permanent_fault_once(

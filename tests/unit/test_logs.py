@@ -80,3 +80,81 @@ def test_python_warnings_are_json_lines_too():
     assert done.returncode == 0 and done.stderr == ""
     entry = json.loads(done.stdout)
     assert entry["severity"] == "WARNING" and "a library warns" in entry["message"]
+
+
+def test_torch_loggers_reach_the_json_handler_once_a_model_library_loads(caplog):
+    # torch gives torch._dynamo, torch._inductor and others their own plain-text stderr
+    # handler: a background compile's warnings would reach Cloud Logging without a severity.
+    import torch._inductor  # noqa: F401  (its loggers exist once imported)
+
+    from image.models._quiet import quiet_libraries
+
+    with quiet_libraries(("transformers",)):
+        pass
+    for name in ("torch", "torch._dynamo", "torch._inductor"):
+        logger = logging.getLogger(name)
+        assert logger.propagate and not [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torch._dynamo.convert_frame").warning("recompile limit reached")
+        logging.getLogger("torch._inductor.utils").info("below the level")
+    assert [record.getMessage() for record in caplog.records] == ["recompile limit reached"]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def _json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_a_service_that_cannot_start_says_why_in_one_json_line():
+    # Cloud Logging takes a plain-text line as an entry without severity: the reason a
+    # worker or service stopped must be as findable as its other lines.
+    done = _run_python("import os; os.environ.pop('IMAGEN_SUBSCRIPTION', None); from handlers.cli import main; "
+                       "main(['worker'])")
+    assert done.returncode == 2 and done.stderr == ""
+    [entry] = _json_lines(done.stdout)
+    assert entry["severity"] == "CRITICAL" and entry["error"]["type"] == "ConfigError"
+    assert entry["message"].startswith("imagen stopped: ConfigError: IMAGEN_SUBSCRIPTION")
+    assert "stack_trace" not in entry
+
+
+def test_an_unexpected_crash_of_a_service_is_a_json_line_with_its_trace():
+    done = _run_python(
+        "import handlers.service as service\n"
+        "def broken(settings): raise RuntimeError('CUDA driver gone')\n"
+        "service.build_engine = broken\n"
+        "from handlers.cli import main\n"
+        "main(['worker', '--subscription', 's', '--metrics-port', '0'])\n")
+    assert done.returncode == 1 and done.stderr == ""
+    entry = _json_lines(done.stdout)[-1]
+    assert entry["severity"] == "CRITICAL" and entry["message"] == "imagen stopped: RuntimeError: CUDA driver gone"
+    assert "in broken" in entry["stack_trace"]
+
+
+def test_an_exception_no_one_caught_in_a_thread_is_a_json_line():
+    done = _run_python(
+        "import threading\nfrom handlers.logs import configure_logging\nconfigure_logging()\n"
+        "def fail(): raise ValueError('lost in a thread')\n"
+        "thread = threading.Thread(target=fail, name='imagen-compile'); thread.start(); thread.join()\n"
+        "raise KeyError('and in the main one')\n")
+    assert done.returncode == 1 and done.stderr == ""
+    thread, main = _json_lines(done.stdout)
+    assert thread["severity"] == "CRITICAL" and thread["message"] == "uncaught ValueError in imagen-compile: lost in a thread"
+    assert "ValueError: lost in a thread" in thread["stack_trace"]
+    assert main["message"] == "uncaught KeyError: 'and in the main one'" and "KeyError" in main["stack_trace"]
+
+
+def test_gunicorn_errors_are_json_lines_too(caplog):
+    # "Worker (pid:7) was sent SIGKILL! Perhaps out of memory?" is how an out-of-RAM service
+    # shows: gunicorn writes it with a plain-text handler of its own.
+    from handlers.cli.serve import _server
+
+    server = _server(lambda environ, start: [], "127.0.0.1", 0, 1, post_worker_init=lambda worker: None)
+    logger = server.cfg.logger_class(server.cfg)
+    error_log = logging.getLogger("gunicorn.error")
+    assert error_log.propagate and not error_log.handlers
+    with caplog.at_level(logging.WARNING):
+        logger.error("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", 7)
+    assert caplog.records[-1].getMessage() == "Worker (pid:7) was sent SIGKILL! Perhaps out of memory?"
