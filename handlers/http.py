@@ -5,7 +5,7 @@ report written; 503 for a transient fault or while models load (Pub/Sub and Even
 400 for a body that cannot be parsed at all, or a job message refused with no bucket of ours to
 report in (either way it ends in the dead-letter topic);
 401/403 for a push without a valid OIDC token when push authentication is configured.
-`GET /healthz` answers while the process lives; `GET /readyz` only once models are warm;
+`GET /healthz` answers while the process lives and its GPU works; `GET /readyz` only once models are warm;
 `GET /metrics` is for Prometheus (handlers.metrics).
 """
 
@@ -24,6 +24,7 @@ from handlers.events import is_cloudevent, parse_cloudevent, parse_message, pars
 
 log = logging.getLogger("imagen.http")
 READY = "READY"
+DEVICE_FAILED = "DEVICE_FAILED"  # image.engine's, named here so this module needs no torch
 # A push request carries the message base64-encoded in a JSON envelope: Pub/Sub's 10 MB
 # message limit arrives as up to ~13.4 MB, plus attributes.
 MAX_BODY_BYTES = 14 * 1024 * 1024
@@ -37,7 +38,13 @@ def create_app(processor, state: Callable[[], str], authenticator=None) -> flask
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "alive", "state": state()}
+        # A GPU this process can no longer use (a CUDA error other than out of memory) fails
+        # the liveness probe: the platform restarts the instance instead of letting it fail
+        # every job it gets, fast, and so get most of them.
+        current = state()
+        if current == DEVICE_FAILED:
+            return {"status": "device failed", "state": current}, 503
+        return {"status": "alive", "state": current}
 
     @app.get("/readyz")
     def readyz():

@@ -51,12 +51,16 @@ from image.params import canonical_json, format_from_name, parse_chain, resolve_
 
 log = logging.getLogger("imagen.processor")
 
-# From this delivery attempt on a transient fault becomes a failure report, so the user
-# learns why. infra/terraform's dead-letter policy allows more deliveries (20) for those that
-# never reach a job (Cloud Run's 429 while every instance is busy).
+# From this delivery attempt on, once the event is also MAX_RETRY_SECONDS old, a transient
+# fault becomes a failure report, so the user learns why. The age as well: an instance that
+# fails every job fast (a GPU gone bad) would otherwise spend five deliveries in Pub/Sub's
+# first 150 s of backoff and turn a backlog into reports. infra/terraform's dead-letter
+# policy allows more deliveries (20, ~2.3 h of backoff) for those that never reach a job
+# (Cloud Run's 429 while every instance is busy).
 MAX_ATTEMPTS = 5
 # Out of GPU memory with no background compile holding memory: a second delivery (another
-# instance, or this one later) settles it; more would each spend the GPU time again.
+# instance, or this one later) settles it, whatever its age; more would each spend the GPU
+# time again.
 OUT_OF_MEMORY_ATTEMPTS = 2
 # A delivery with no attempt number (Eventarc's CloudEvents; a subscription without a
 # dead-letter policy) is judged by its age instead: one that starts this long after the
@@ -281,7 +285,7 @@ class Processor:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error,
                       extra={"fields": {**fields, "error": _error(error)}})
-            if (last := last_try(attempt, sent, *_retries_for(error), now=delivered)) is not None:
+            if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
@@ -474,29 +478,31 @@ def taken_by(existing: ObjectState | None, job: Job,
 
 
 def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: int = MAX_ATTEMPTS,
-             seconds: float = MAX_RETRY_SECONDS, now: datetime.datetime | None = None) -> str | None:
+             seconds: float = MAX_RETRY_SECONDS, now: datetime.datetime | None = None, *,
+             by_age_too: bool = True) -> str | None:
     """None while a transient fault should be retried; on the last try, a note for the
-    report: the delivery attempt reached `attempts` (MAX_ATTEMPTS), or (no attempt number) the
-    event was `seconds` (MAX_RETRY_SECONDS) old at `now`, when the delivery started. With
-    neither, retries are the transport's to bound."""
+    report. With an attempt number: the delivery attempt reached `attempts` (MAX_ATTEMPTS) and,
+    `by_age_too`, the event was `seconds` (MAX_RETRY_SECONDS) old at `now`, when the delivery
+    started (when it is known). Without one: the event's age alone. With neither, retries are
+    the transport's to bound."""
+    age = None if sent is None else ((now or datetime.datetime.now(datetime.UTC)) - sent).total_seconds()
     if attempt is not None:
-        return "" if attempt >= attempts else None
-    if sent is None:
-        return None
-    age = ((now or datetime.datetime.now(datetime.UTC)) - sent).total_seconds()
-    if age < seconds:
+        if attempt < attempts or (by_age_too and age is not None and age < seconds):
+            return None
+        return ""
+    if age is None or age < seconds:
         return None
     return f" (still failing {age / 60:.0f} min after the event: retries end here)"
 
 
-def _retries_for(error: Exception) -> tuple[int, float]:
-    """How many deliveries a fault of the instance gets, and (without attempt numbers) for how
-    long after the event. Out of GPU memory twice with no background compile holding memory,
-    the job needs more than the GPU has: each further try would spend its GPU time to run out
-    again."""
+def _retries_for(error: Exception) -> dict:
+    """How many deliveries a fault of the instance gets, and for how long after the event
+    (`last_try`'s arguments). Out of GPU memory twice with no background compile holding
+    memory, the job needs more than the GPU has: each further try would spend its GPU time to
+    run out again, so the second attempt ends it whatever its age."""
     if isinstance(error, OutOfDeviceMemory) and not error.compiling:
-        return OUT_OF_MEMORY_ATTEMPTS, OUT_OF_MEMORY_RETRY_SECONDS
-    return MAX_ATTEMPTS, MAX_RETRY_SECONDS
+        return {"attempts": OUT_OF_MEMORY_ATTEMPTS, "seconds": OUT_OF_MEMORY_RETRY_SECONDS, "by_age_too": False}
+    return {}
 
 
 def job_chain(job: Job, layout: Layout) -> tuple[str, ...]:

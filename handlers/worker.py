@@ -6,7 +6,9 @@ so a prefetched job waits for the GPU, not the network); the client library exte
 up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling, lets the job on the GPU
 finish, hands back (nacks) prefetched jobs still waiting for the GPU, so a drain takes one
 job's time, and returns; messages received but not started are nacked by the library, so
-nothing is lost.
+nothing is lost. When the GPU fails for good (`device_failed()`: a CUDA error other than out of
+memory) it stops the same way and raises DeviceFailed, so the process exits non-zero and its
+platform restarts it, instead of failing every job fast (and so taking most of them).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import concurrent.futures
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
+from image.errors import DeviceFailed
 
 log = logging.getLogger("imagen.worker")
 
@@ -36,6 +40,7 @@ class PullWorker:
         prefetch: int = 1,
         max_lease_seconds: int = 3600,
         lease_extension_seconds: int = 60,
+        device_failed: Callable[[], bool] = lambda: False,
     ):
         self._subscriber = subscriber
         self._subscription = subscription
@@ -43,6 +48,7 @@ class PullWorker:
         self._in_hand = concurrency + prefetch
         self._max_lease_seconds = max_lease_seconds
         self._lease_extension_seconds = lease_extension_seconds
+        self._device_failed = device_failed
         self._stop = threading.Event()
         self._future = None
 
@@ -70,12 +76,15 @@ class PullWorker:
             )
         except (TransientError, Undeliverable):
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
-            return
         except Exception:
             log.exception("unexpected error; the message goes back to Pub/Sub", extra={"fields": fields})
             message.nack()
-            return
-        message.ack()
+        else:
+            message.ack()
+        if self._device_failed() and not self._stop.is_set():
+            log.critical("the GPU failed: stopping, so that a new process takes over",
+                         extra={"fields": {"subscription": self._subscription}})
+            self.stop()
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Pull until `stop()` (or SIGTERM/SIGINT); returns once the job on the GPU finishes
@@ -116,6 +125,8 @@ class PullWorker:
         except concurrent.futures.CancelledError:
             pass
         log.info("stopped", extra={"fields": {"subscription": self._subscription}})
+        if self._device_failed():
+            raise DeviceFailed("the GPU failed in a job; the jobs in hand went back to Pub/Sub")
 
     def stop(self) -> None:
         self._stop.set()

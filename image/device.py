@@ -5,7 +5,8 @@ slow and poorly supported). `cuda` without a GPU is a start-up error, not a sile
 a GPU service that quietly runs on the CPU would look healthy and be 100x slower.
 
 `out_of_memory(error)` tells a GPU out of memory apart from other failures, in the forms the
-CUDA libraries raise it besides PyTorch's own.
+CUDA libraries raise it besides PyTorch's own; `device_failure(error)` finds the CUDA errors
+after which the process's CUDA context is unusable.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def out_of_memory(error: BaseException) -> str | None:
     an error raised while an out-of-memory one was being handled is a failure of its own. Only
     a first line counts, so a wrapper's message that quotes the failure further down is looked
     through."""
+    for current, first in _causes(error):
+        if isinstance(current, torch.OutOfMemoryError):
+            return first or "out of memory"
+        if isinstance(current, RuntimeError) and _OUT_OF_MEMORY.search(first):
+            return first
+    return None
+
+
+def _causes(error: BaseException):
+    """`error` and the errors it was raised from, each with its first line."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -64,10 +75,28 @@ def out_of_memory(error: BaseException) -> str | None:
             continue
         seen.add(id(current))
         lines = str(current).strip().splitlines()
-        first = lines[0][:300] if lines else ""
-        if isinstance(current, torch.OutOfMemoryError):
-            return first or "out of memory"
-        if isinstance(current, RuntimeError) and _OUT_OF_MEMORY.search(first):
-            return first
+        yield current, lines[0][:300] if lines else ""
         pending += [current.__cause__, getattr(current, "inner_exception", None)]
+
+
+# The first line of a CUDA error after which the process's CUDA context is unusable (CUDA's
+# "sticky" errors: every later call fails too), as PyTorch words them ("CUDA error: an illegal
+# memory access was encountered") and as cuBLAS and cuDNN report a kernel that failed after
+# one. Other CUDA errors (an invalid launch configuration for a huge tensor) leave the
+# context usable and stay failures of their job.
+_DEVICE_FAILED = re.compile(
+    r"illegal memory access|unspecified launch failure|device-side assert|misaligned address|"
+    r"illegal instruction|hardware stack error|invalid program counter|invalid address space|"
+    r"launch timed out|uncorrectable ECC|_STATUS_EXECUTION_FAILED|CUDA error: unknown error",
+    re.IGNORECASE)
+
+
+def device_failure(error: BaseException) -> str | None:
+    """What says the GPU failed for good in this process (a first line, at most 300
+    characters), found as `out_of_memory` looks; None for out of memory and anything else."""
+    if out_of_memory(error) is not None:
+        return None
+    for current, first in _causes(error):
+        if isinstance(current, RuntimeError) and _DEVICE_FAILED.search(first):
+            return first
     return None

@@ -31,6 +31,7 @@ from PIL import Image
 from image.codec import check_encodable
 from image.deadline import Deadline
 from image.errors import (
+    DeviceFailed,
     ImagenError,
     InvalidParameter,
     ModelError,
@@ -45,6 +46,7 @@ from image.params import COMMON_DEFAULTS, parse_chain, resolve, validate_params
 logger = logging.getLogger("imagen.engine")
 
 STARTING, READY, SETUP_FAILED = "STARTING", "READY", "SETUP_FAILED"
+DEVICE_FAILED = "DEVICE_FAILED"  # a CUDA error this process cannot recover from: restart it
 
 
 class Engine:
@@ -93,6 +95,8 @@ class Engine:
         with self._setup_lock:
             if self.state == READY:
                 return
+            if self.state == DEVICE_FAILED:
+                raise DeviceFailed(f"the GPU failed ({self.error}): only a new process can use it") from self.error
             self.state, self.error = STARTING, None
             try:
                 self._read_weights_ahead()  # before torch and diffusers are imported
@@ -217,7 +221,7 @@ class Engine:
         given back and OutOfDeviceMemory raised: a fault of this instance for now (a background
         compile may hold memory, another instance may have more free), retried like one, whose
         last attempt's report says what ran out on what input."""
-        from image.device import out_of_memory  # imports torch: set up by now
+        from image.device import device_failure, out_of_memory  # imports torch: set up by now
 
         try:
             out = image
@@ -227,6 +231,12 @@ class Engine:
         except ImagenError:
             raise  # classified already
         except Exception as error:
+            if (failure := device_failure(error)) is not None:
+                self.state, self.error = DEVICE_FAILED, error
+                logger.critical("the GPU failed and this process cannot use it again: %s", failure,
+                                exc_info=error)
+                raise DeviceFailed(f"the GPU failed while running {', '.join(chain)} ({failure}): this "
+                                   "process takes no more jobs and must be restarted") from error
             what = out_of_memory(error)  # PyTorch's OutOfMemoryError, or a CUDA library's
             if what is None:
                 raise
@@ -246,6 +256,9 @@ class Engine:
         if self.state != READY:
             if self.state == SETUP_FAILED:
                 raise ModelError(f"the models failed to set up: {self.error}") from self.error
+            if self.state == DEVICE_FAILED:
+                raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes "
+                                   "no more jobs") from self.error
             self.setup()
         for name in _chain(chain):
             if name not in self._ops:

@@ -10,8 +10,10 @@
     │   └── JobTooLong          the job's GPU work ran past its time budget (a retry would too)
     └── ModelError              the models on this machine are at fault
         ├── ModelMissing        a model is not in the cache (names the command that fixes it)
-        └── OutOfDeviceMemory   the job ran out of GPU memory here (retried: elsewhere or later
-                                it may fit)
+        ├── OutOfDeviceMemory   the job ran out of GPU memory here (retried: elsewhere or later
+        │                       it may fit)
+        └── DeviceFailed        the GPU failed in a way this process cannot recover from (a
+                                CUDA error other than out of memory): the process must restart
 
 `handlers.errors` adds the cloud-side failures to the same tree.
 """
@@ -72,3 +74,11 @@ class OutOfDeviceMemory(ModelError):
     def __init__(self, message: str, compiling: bool = False) -> None:
         super().__init__(message)
         self.compiling = compiling
+
+
+class DeviceFailed(ModelError):
+    """A CUDA error other than out of memory ("an illegal memory access was encountered",
+    "unspecified launch failure", a device-side assert): the CUDA context of this process is
+    unusable from then on, so every later job here would fail too. The engine stops taking
+    jobs (`Engine.state` DEVICE_FAILED); the service reports itself unhealthy and the worker
+    exits, so the platform starts a fresh process, and the job is retried elsewhere."""

@@ -56,6 +56,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.service import build_engine, build_processor
     from handlers.settings import split_list
     from handlers.worker import PullWorker
+    from image.engine import DEVICE_FAILED
 
     settings = settings.replace(
         subscription=subscription,
@@ -85,5 +86,6 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         prefetch=prefetch,
         max_lease_seconds=lease_budget(max_job_seconds, concurrency, prefetch),
         lease_extension_seconds=lease_extension_seconds,
+        device_failed=lambda: engine.state == DEVICE_FAILED,
     )
     worker.run()

@@ -452,7 +452,8 @@ def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket
     processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
     with pytest.raises(TransientError):
         processor.handle(_event(source), attempt=1)
-    assert processor.handle(_event(source), attempt=OUT_OF_MEMORY_ATTEMPTS).status == "failed"
+    just_sent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=15)
+    assert processor.handle(_event(source), attempt=OUT_OF_MEMORY_ATTEMPTS, sent=just_sent).status == "failed"
     report = _report(bucket, "failed/upscale/big.png.json")
     assert report["attempt"] == OUT_OF_MEMORY_ATTEMPTS == 2
     assert report["error"] == {"type": "OutOfDeviceMemory", "message": message}
@@ -511,11 +512,26 @@ def test_out_of_gpu_memory_without_attempt_numbers_ends_sooner(settings, bucket)
 
 
 def test_the_attempt_number_wins_over_the_age():
-    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    now = datetime.datetime.now(datetime.UTC)
+    old = now - datetime.timedelta(days=1)
     assert last_try(1, old) is None  # a dead-letter policy counts: five tries, whatever the age
     assert last_try(MAX_ATTEMPTS, None) == ""
     assert last_try(None, None) is None
     assert last_try(None, old).startswith(" (still failing 1440 min")
+
+
+def test_five_fast_deliveries_are_not_the_last_before_the_event_is_half_an_hour_old():
+    # An instance whose GPU fails every job in a second gets the redeliveries too: five
+    # attempts take Pub/Sub's first ~150 s of backoff, too soon to give a job up.
+    now = datetime.datetime.now(datetime.UTC)
+    assert last_try(MAX_ATTEMPTS, now - datetime.timedelta(seconds=160), now=now) is None
+    assert last_try(MAX_ATTEMPTS + 3, now - datetime.timedelta(seconds=MAX_RETRY_SECONDS - 1), now=now) is None
+    assert last_try(MAX_ATTEMPTS, now - datetime.timedelta(seconds=MAX_RETRY_SECONDS), now=now) == ""
+    assert last_try(MAX_ATTEMPTS - 1, now - datetime.timedelta(days=1), now=now) is None
+    # Out of memory twice settles it at once: a third try would spend its GPU time again.
+    soon = now - datetime.timedelta(seconds=20)
+    assert last_try(OUT_OF_MEMORY_ATTEMPTS, soon, OUT_OF_MEMORY_ATTEMPTS, OUT_OF_MEMORY_RETRY_SECONDS,
+                    now=now, by_age_too=False) == ""
 
 
 def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engine, bucket):

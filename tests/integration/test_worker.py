@@ -12,7 +12,7 @@ from handlers.errors import TransientError
 from handlers.processor import Processor
 from handlers.storage import Store
 from handlers.worker import PullWorker
-from image.errors import Withdrawn
+from image.errors import DeviceFailed, Withdrawn
 
 from .conftest import png_bytes, wait_for
 from .test_processor import FakeEngine
@@ -100,3 +100,36 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
     assert [blob.name for blob in bucket.list_blobs(prefix="processed/")] == [f"processed/upscale/{first}.png"]
     assert list(raised) == [f"incoming/upscale/{second}.png"]
     assert isinstance(raised[f"incoming/upscale/{second}.png"], TransientError)
+
+
+def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
+        settings, bucket, subscriber, events_subscription):
+    """A CUDA error other than out of memory leaves the process's GPU unusable: the worker
+    would fail every job fast, and so take most of them. It stops pulling, hands its message
+    back, and raises DeviceFailed, so `imagen worker` exits non-zero and is restarted."""
+    failed = threading.Event()
+
+    class BrokenGpu(FakeEngine):
+        def run(self, *args, **kwargs):
+            failed.set()  # as image.engine.Engine: state DEVICE_FAILED, then DeviceFailed
+            raise DeviceFailed("the GPU failed while running upscale (CUDA error: an illegal memory access)")
+
+    engine = BrokenGpu()
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=0,
+                        device_failed=failed.is_set)
+    outcome = {}
+
+    def run():
+        try:
+            worker.run(install_signal_handlers=False)
+        except DeviceFailed as error:
+            outcome["raised"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    bucket.blob("incoming/upscale/a.png").upload_from_string(png_bytes(), content_type="image/png")
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the worker kept pulling on a failed GPU"
+    assert "raised" in outcome and engine.calls == 0  # FakeEngine.run never reached: no output
+    assert not list(bucket.list_blobs(prefix="failed/")) and not list(bucket.list_blobs(prefix="processed/"))

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from image.codec import encode_image
-from image.device import out_of_memory, resolve_device
-from image.engine import READY, SETUP_FAILED, STARTING, Engine
+from image.device import device_failure, out_of_memory, resolve_device
+from image.engine import DEVICE_FAILED, READY, SETUP_FAILED, STARTING, Engine
 from image.errors import (
+    DeviceFailed,
     ImageTooLarge,
     InvalidParameter,
     ModelError,
@@ -477,3 +478,37 @@ def test_resolve_device():
             resolve_device("cuda")
     with pytest.raises(ModelError, match="not one of"):
         resolve_device("tpu")
+
+
+def test_a_cuda_error_the_process_cannot_recover_from_stops_the_engine(engine, monkeypatch):
+    # CUDA's sticky errors leave the context unusable: every later job would fail, fast.
+    calls = []
+
+    def process(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(engine._ops["upscale"], "process", process)
+    monkeypatch.setattr(engine, "state", engine.state)  # the module's engine is READY again after
+    monkeypatch.setattr(engine, "error", None)
+    with pytest.raises(DeviceFailed, match=r"illegal memory access was encountered\): this process takes no more"):
+        engine.run(["upscale"], _image(32, 24), FAST["upscale"], seed=0)
+    assert engine.state == DEVICE_FAILED
+    with pytest.raises(DeviceFailed):  # refused before any work, and no reload either
+        engine.run(["upscale"], _image(32, 24), FAST["upscale"], seed=0)
+    with pytest.raises(DeviceFailed):
+        engine.setup()
+    assert calls == [1]
+
+
+def test_which_cuda_errors_are_the_devices_for_good():
+    assert device_failure(RuntimeError("CUDA error: unspecified launch failure")) == \
+        "CUDA error: unspecified launch failure"
+    assert device_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert device_failure(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    wrapped = RuntimeError("backend compiler failed")
+    wrapped.__cause__ = RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx")
+    assert device_failure(wrapped) == "CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"
+    assert device_failure(RuntimeError("CUDA error: out of memory")) is None  # retried, not fatal
+    assert device_failure(RuntimeError("CUDA error: invalid configuration argument")) is None  # the job's
+    assert device_failure(ValueError("illegal memory access")) is None  # not from the device
