@@ -225,6 +225,9 @@ class Processor:
             skip = skip_reason(existing, job, plan)
             if skip:
                 return self._skipped(job, plan, skip, fields)
+            if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
+                return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
+                                                f"{report}", fields)
             log.info("job started", extra={"fields": fields})
             with _timed(timings, "download"):
                 data, _, _ = self._store.read_source(
@@ -387,6 +390,21 @@ class Processor:
                 f"output name: rename one of them (outputs drop the source's extension)"
             )
 
+    def _reported_before(self, job: Job, message_id: str) -> str | None:
+        """The failure report this very message ended in, on an earlier delivery whose answer
+        Pub/Sub never got (a push request cut off, a lost ack): the redelivery acks without
+        running the job again. Not looked at on a first delivery; a report that cannot be
+        read is as none."""
+        bucket, name = routing.failure_location(job, self._layout)
+        try:
+            report = self._store.stat(bucket, name)
+        except (TransientError, InputError):
+            return None
+        if report and report.metadata.get(routing.MESSAGE_ID_KEY) == message_id and \
+                report.metadata.get(routing.SOURCE_GENERATION_KEY) == str(job.generation):
+            return f"gs://{bucket}/{name}"
+        return None
+
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):
         a source that does not exist is the sender's mistake, reported like any other."""
@@ -412,7 +430,16 @@ class Processor:
         self, job: Job, plan: Plan | None, error: Exception, attempt: int | None, fields: dict,
         note: str = "",
     ) -> Outcome:
-        """Write the failure report; `note` (why retries ended) is appended to its message."""
+        """Write the failure report; `note` (why retries ended) is appended to its message.
+        A fault that was not the input's is no failure when another delivery of the job wrote
+        its output meanwhile: skipped then, so the job does not end both ways."""
+        if plan is not None and not isinstance(error, InputError):
+            try:
+                done = skip_reason(self._store.stat(*plan.output), job, plan)
+            except (TransientError, InputError):
+                done = None
+            if done:
+                return self._skipped(job, plan, done, fields)
         bucket, name = routing.failure_location(job, self._layout)
         details = {"type": type(error).__name__, "message": f"{error}{note}"}
         if job.origin == "job-message" and bucket not in self._allowed_buckets:
@@ -429,8 +456,13 @@ class Processor:
             "time": datetime.datetime.now(datetime.UTC).isoformat(),
         }
         report_uri = f"gs://{bucket}/{name}"
+        # Which delivery wrote it, beside the report (its JSON is the contract's): a redelivery
+        # of the same message finds it (`_reported_before`).
+        written_by = {routing.SOURCE_GENERATION_KEY: str(job.generation)}
+        if fields.get("message_id"):
+            written_by[routing.MESSAGE_ID_KEY] = fields["message_id"]
         try:
-            self._store.write_report(bucket, name, report)
+            self._store.write_report(bucket, name, report, metadata=written_by)
         except Exception as write_error:
             # The job's end would otherwise leave no line at all: it goes back to Pub/Sub.
             log.error("job failed, and its failure report could not be written (%s): %s", write_error,

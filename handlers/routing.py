@@ -28,6 +28,8 @@ MODEL_KEY = "imagen-model"
 VERSION_KEY = "imagen-version"
 SECONDS_KEY = "imagen-seconds"
 OUTPUT_KEYS = (SOURCE_KEY, SOURCE_GENERATION_KEY, MODEL_KEY, VERSION_KEY, SECONDS_KEY)
+# On a failure report, beside imagen-source-generation: the message whose delivery wrote it.
+MESSAGE_ID_KEY = "imagen-message-id"
 
 MAX_NAME_BYTES = 1024  # Cloud Storage's limit on object names
 # Longest operation text used as a folder of a report path; longer ones file under "_invalid",

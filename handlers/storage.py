@@ -153,6 +153,13 @@ class Store:
             )
         except api_exceptions.PreconditionFailed:
             raise PreconditionLost(f"gs://{bucket}/{name} changed while the job ran") from None
+        except (api_exceptions.Forbidden, api_exceptions.Unauthorized, api_exceptions.NotFound) as error:
+            # The deployment's fault, not the job's (a grant not yet propagated, a bucket not
+            # made yet): retried, and reported only if it lasts, instead of failing for good
+            # each job whose GPU work is done.
+            raise TransientError(f"Cloud Storage refused to write the output gs://{bucket}/{name}: "
+                                 f"{error.code} {error.message} (the runtime service account needs write access "
+                                 f"to the output prefix)") from error
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return int(blob.generation)
@@ -172,9 +179,10 @@ class Store:
             return None
         return report if isinstance(report, dict) else None
 
-    def write_report(self, bucket: str, name: str, report: Mapping) -> None:
-        """Write (or replace) a JSON failure report."""
+    def write_report(self, bucket: str, name: str, report: Mapping, metadata: Mapping[str, str] | None = None) -> None:
+        """Write (or replace) a JSON failure report, with `metadata` as its custom metadata."""
         blob = self._client.bucket(bucket).blob(name)
+        blob.metadata = dict(metadata) if metadata else None
         body = json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True)
         try:
             data = body.encode()

@@ -31,7 +31,7 @@ from handlers.processor import (
 )
 from handlers.results import ResultPublisher
 from handlers.storage import Store
-from image.errors import ModelError, OutOfDeviceMemory
+from image.errors import JobTooLong, ModelError, OutOfDeviceMemory
 
 from .conftest import PROJECT, png_bytes, wait_for
 
@@ -518,6 +518,40 @@ def test_the_attempt_number_wins_over_the_age():
     assert last_try(MAX_ATTEMPTS, None) == ""
     assert last_try(None, None) is None
     assert last_try(None, old).startswith(" (still failing 1440 min")
+
+
+def test_a_redelivery_of_a_message_that_ended_in_a_report_is_not_run_again(settings, bucket):
+    """A push request cut off before its answer (Eventarc's subscription gives 10 s unless
+    told more) is delivered again after the job wrote its report: the same message acks
+    without a second run on the GPU; another message for the same upload runs."""
+    source = _upload(bucket, "incoming/upscale/slow.png")
+    engine = FakeEngine(fail_with=JobTooLong("upscale ran past its 510 s budget"))
+    processor = _processor(settings, engine)
+    assert processor.handle(_event(source), message_id="m-1", attempt=1).status == "failed"
+    assert bucket.get_blob("failed/upscale/slow.png.json").metadata == {
+        "imagen-message-id": "m-1", "imagen-source-generation": str(source.generation)}
+    again = processor.handle(_event(source), message_id="m-1", attempt=2)
+    assert again.status == "skipped" and engine.calls == 1
+    assert again.reason == (f"duplicate: this message already ended in the failure report "
+                            f"gs://{bucket.name}/failed/upscale/slow.png.json")
+    assert processor.handle(_event(source), message_id="m-1").status == "skipped"  # Eventarc: no attempt
+    assert processor.handle(_event(source), message_id="m-2", attempt=2).status == "failed"  # another message
+    assert engine.calls == 2
+
+
+def test_a_last_try_whose_job_another_delivery_finished_is_skipped_not_failed(settings, bucket):
+    # Two deliveries of one job at once: the one whose fault lasted must not write a report
+    # (and a "failed" result) beside the output the other wrote.
+    source = _upload(bucket, "incoming/upscale/race.png")
+
+    class LosesTheRace(FakeEngine):
+        def run(self, *args, **kwargs):
+            assert _processor(settings, FakeEngine()).handle(_event(source)).status == "succeeded"
+            raise ModelError("CUDA error: something of this instance's")
+
+    outcome = _processor(settings, LosesTheRace()).handle(_event(source), attempt=MAX_ATTEMPTS)
+    assert outcome.status == "skipped" and outcome.reason.startswith("duplicate: the output already exists")
+    assert bucket.get_blob("failed/upscale/race.png.json") is None
 
 
 def test_five_fast_deliveries_are_not_the_last_before_the_event_is_half_an_hour_old():
