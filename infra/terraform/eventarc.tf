@@ -85,3 +85,23 @@ resource "google_eventarc_trigger" "worker" {
     google_cloud_run_v2_service_iam_member.eventarc_invokes,
   ]
 }
+
+# Eventarc makes each trigger's Pub/Sub subscription itself, with a 10 s acknowledgement
+# deadline the provider cannot set (hashicorp/terraform-provider-google#17701). For a push
+# subscription that deadline is how long Pub/Sub waits for the request's answer: at 10 s,
+# every job longer than that (most of them, and every cold start) would be delivered again
+# while it runs, to another instance. gcloud raises it to the service's request timeout
+# (600 s, Pub/Sub's maximum) whenever the trigger's subscription is new. Like the image
+# build, this needs gcloud where terraform runs.
+resource "terraform_data" "eventarc_ack_deadline" {
+  for_each = google_eventarc_trigger.worker
+
+  triggers_replace = each.value.transport[0].pubsub[0].subscription
+
+  provisioner "local-exec" {
+    command = "gcloud pubsub subscriptions update \"$SUBSCRIPTION\" --ack-deadline=600 --quiet"
+    environment = {
+      SUBSCRIPTION = each.value.transport[0].pubsub[0].subscription
+    }
+  }
+}

@@ -653,6 +653,19 @@ def test_eventarc_alternative(terraform):
     assert expr(trigger["service_account"]) == "google_service_account.eventarc[0].email"
 
 
+def test_eventarc_waits_for_a_job_as_long_as_the_request_may_take(terraform):
+    """Eventarc's own subscription acks after 10 s unless told more: a longer job would be
+    delivered again while it runs. Each trigger's subscription gets the request timeout."""
+    raised = terraform.resource("terraform_data", "eventarc_ack_deadline")
+    assert expr(raised["for_each"]) == "google_eventarc_trigger.worker"
+    subscription = "each.value.transport[0].pubsub[0].subscription"
+    assert expr(raised["triggers_replace"]) == subscription
+    provisioner = one(raised["provisioner"])["local-exec"]
+    assert provisioner["command"] == 'gcloud pubsub subscriptions update "$SUBSCRIPTION" --ack-deadline=600 --quiet'
+    assert expr(provisioner["environment"]["SUBSCRIPTION"]) == subscription
+    assert one(_service(terraform)["template"])["timeout"] == "600s"  # the service's request timeout
+
+
 # --- storage ------------------------------------------------------------------------------
 
 
