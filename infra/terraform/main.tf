@@ -172,6 +172,7 @@ resource "google_project_service" "enabled" {
       "cloudbuild.googleapis.com",
       "iam.googleapis.com",
       "iamcredentials.googleapis.com",
+      "logging.googleapis.com",
       "monitoring.googleapis.com",
       "pubsub.googleapis.com",
       "run.googleapis.com",

@@ -5,6 +5,14 @@
 #   deployed operation, a chain, a job message without an `operation` attribute, or one
 #   whose attribute names no deployed operation).
 # docs/deploy.md, Troubleshooting, says what to do with each.
+# And what the workers say (one JSON line each, handlers/logs.py), as log-based metrics:
+# - <prefix>-job-failures: each job that ended in a failure report, by operation and error
+#   type; mostly bad input, whose report is the user's answer, so it is charted, not alerted;
+# - <prefix>-errors: each ERROR or CRITICAL line of imagen's (and gunicorn's): a fault of an
+#   instance (a model, the GPU, a report that could not be written, a crash, a bug), which
+#   the "imagen: worker errors" alert watches;
+# and jobs that wait on their subscription longer than job_wait_alert_seconds (a stuck worker,
+# no GPU capacity, scaling that does not happen), the "imagen: jobs waiting" alert.
 
 locals {
   unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
@@ -16,6 +24,11 @@ locals {
     ? { for op, sub in google_pubsub_subscription.dead_letter : "${op}: dead-letter backlog" => [sub.name] }
     : { "dead-letter backlog" = [for sub in google_pubsub_subscription.dead_letter : sub.name] }
   )
+  # The log lines behind the metrics (handlers/processor.py and handlers/logs.py write them;
+  # tests/infra/test_terraform.py checks the filters against lines the code writes).
+  job_failure_filter = "jsonPayload.logger=\"imagen.processor\" AND jsonPayload.message=~\"^job failed: \""
+  error_filter       = "severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\""
+  worker_resource    = local.gke ? "k8s_container" : "cloud_run_revision"
   watched_backlogs = merge(
     local.dead_letter_conditions,
     length(local.unrouted_subscriptions) > 0 ? { "unrouted backlog" = local.unrouted_subscriptions } : {},
@@ -89,3 +102,150 @@ resource "google_monitoring_alert_policy" "dead_letters" {
   depends_on = [google_project_service.enabled]
 }
 
+
+resource "google_logging_metric" "job_failures" {
+  name        = "${var.name_prefix}-job-failures"
+  description = "imagen jobs that ended in a failure report (failed/<operation>/...json), by operation and error type."
+  filter      = local.job_failure_filter
+
+  metric_descriptor {
+    metric_kind = "DELTA"
+    value_type  = "INT64"
+    unit        = "1"
+    labels {
+      key        = "operation"
+      value_type = "STRING"
+    }
+    labels {
+      key        = "error_type"
+      value_type = "STRING"
+    }
+  }
+  label_extractors = {
+    operation  = "EXTRACT(jsonPayload.operation)"
+    error_type = "EXTRACT(jsonPayload.error.type)"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_logging_metric" "errors" {
+  name        = "${var.name_prefix}-errors"
+  description = "ERROR and CRITICAL lines of the imagen workers: faults of an instance, not of a job's input."
+  filter      = local.error_filter
+
+  metric_descriptor {
+    metric_kind = "DELTA"
+    value_type  = "INT64"
+    unit        = "1"
+    labels {
+      key        = "logger"
+      value_type = "STRING"
+    }
+  }
+  label_extractors = {
+    logger = "EXTRACT(jsonPayload.logger)"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_monitoring_alert_policy" "errors" {
+  display_name = "imagen: worker errors"
+  combiner     = "OR"
+  severity     = "ERROR"
+
+  conditions {
+    display_name = "ERROR or CRITICAL log lines"
+    condition_threshold {
+      filter = join(" AND ", [
+        "resource.type = \"${local.worker_resource}\"",
+        "metric.type = \"logging.googleapis.com/user/${google_logging_metric.errors.name}\"",
+      ])
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+      aggregations {
+        alignment_period     = "300s"
+        per_series_aligner   = "ALIGN_SUM"
+        cross_series_reducer = "REDUCE_SUM"
+      }
+      trigger {
+        count = 1
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      An imagen worker logged an ERROR or CRITICAL line: a fault of an instance, not of a
+      job's input (bad input ends in a failure report, charted by the
+      `${var.name_prefix}-job-failures` metric). In Logs Explorer:
+      `severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)"`. Common ones:
+      `job failed on this instance` (a model or GPU fault; the job is retried),
+      `the GPU failed and this process cannot use it again` (the instance restarts),
+      `job failed, and its failure report could not be written` (the runtime service account's
+      access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
+      exited), `unexpected error in job` (a bug: its stack_trace). docs/deploy.md,
+      Troubleshooting, has each.
+    EOT
+  }
+
+  notification_channels = var.alert_notification_channels
+
+  alert_strategy {
+    auto_close = "86400s"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_monitoring_alert_policy" "jobs_waiting" {
+  count = length(google_pubsub_subscription.jobs) > 0 ? 1 : 0
+
+  display_name = "imagen: jobs waiting"
+  combiner     = "OR"
+  severity     = "WARNING"
+
+  conditions {
+    display_name = "oldest job older than ${var.job_wait_alert_seconds} s"
+    condition_threshold {
+      filter = join(" AND ", [
+        "resource.type = \"pubsub_subscription\"",
+        format("resource.labels.subscription_id = one_of(%s)", join(", ", [for sub in google_pubsub_subscription.jobs : "\"${sub.name}\""])),
+        "metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\"",
+      ])
+      comparison      = "COMPARISON_GT"
+      threshold_value = var.job_wait_alert_seconds
+      duration        = "300s"
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+      trigger {
+        count = 1
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      A job has waited on `${var.name_prefix}-<operation>` for over ${var.job_wait_alert_seconds} s
+      without being acknowledged: no instance takes it (every one busy at max_instances, or
+      GKE's GPU node pool at its maximum or out of capacity, or scaling from zero does not
+      happen), or a worker holds it without finishing (a job stuck on the GPU: the worker's
+      lease on it runs up to (jobs in hand) x (max-job-seconds + 120 s)). Look at the
+      subscription's backlog, the instances or pods, and the workers' logs.
+    EOT
+  }
+
+  notification_channels = var.alert_notification_channels
+
+  alert_strategy {
+    auto_close = "86400s"
+  }
+
+  depends_on = [google_project_service.enabled]
+}

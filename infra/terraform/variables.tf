@@ -352,6 +352,17 @@ variable "keep_image_versions" {
   default     = 10
 }
 
+variable "job_wait_alert_seconds" {
+  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, or no GPU capacity for the load. Above the longest wait a burst may cause in normal running."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.job_wait_alert_seconds >= 60
+    error_message = "job_wait_alert_seconds must be at least 60."
+  }
+}
+
 variable "hf_token_secret" {
   description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; an apply that builds (build_images) stores HF_TOKEN from its environment, or add versions yourself. Either way the token never sits in Terraform state."
   type        = string
@@ -359,7 +370,7 @@ variable "hf_token_secret" {
 }
 
 variable "alert_notification_channels" {
-  description = "Cloud Monitoring notification channel ids told when a dead-letter subscription, or an unrouted one, holds messages."
+  description = "Cloud Monitoring notification channel ids told when a dead-letter subscription, or an unrouted one, holds messages, a worker logs an error, or jobs wait too long."
   type        = list(string)
   default     = []
 }

@@ -653,6 +653,34 @@ def test_eventarc_alternative(terraform):
     assert expr(trigger["service_account"]) == "google_service_account.eventarc[0].email"
 
 
+def test_log_metrics_and_alerts_watch_the_workers(terraform):
+    """What the workers log becomes metrics (their filters are checked against real lines in
+    tests/integration/test_processor.py), errors and long waits alerts."""
+    failures = terraform.resource("google_logging_metric", "job_failures")
+    assert expr(failures["filter"]) == "local.job_failure_filter"
+    assert failures["label_extractors"] == {"operation": "EXTRACT(jsonPayload.operation)",
+                                            "error_type": "EXTRACT(jsonPayload.error.type)"}
+    errors = terraform.resource("google_logging_metric", "errors")
+    assert expr(errors["filter"]) == "local.error_filter"
+    for metric in (failures, errors):
+        descriptor = one(metric["metric_descriptor"])
+        assert (descriptor["metric_kind"], descriptor["value_type"]) == ("DELTA", "INT64")
+        assert {label["key"] for label in descriptor["labels"]} == set(metric["label_extractors"])
+    alert = terraform.resource("google_monitoring_alert_policy", "errors")
+    threshold = one(one(alert["conditions"])["condition_threshold"])
+    assert "logging.googleapis.com/user/${google_logging_metric.errors.name}" in expr(threshold["filter"])
+    assert 'resource.type = \\"${local.worker_resource}\\"' in expr(threshold["filter"])
+    assert expr(terraform.locals["worker_resource"]) == 'local.gke ? "k8s_container" : "cloud_run_revision"'
+    waiting = terraform.resource("google_monitoring_alert_policy", "jobs_waiting")
+    threshold = one(one(waiting["conditions"])["condition_threshold"])
+    assert "pubsub.googleapis.com/subscription/oldest_unacked_message_age" in expr(threshold["filter"])
+    assert "google_pubsub_subscription.jobs" in expr(threshold["filter"])
+    assert expr(threshold["threshold_value"]) == "var.job_wait_alert_seconds"
+    assert terraform.default("job_wait_alert_seconds") == 3600
+    for policy in (alert, waiting):
+        assert expr(policy["notification_channels"]) == "var.alert_notification_channels"
+
+
 def test_eventarc_waits_for_a_job_as_long_as_the_request_may_take(terraform):
     """Eventarc's own subscription acks after 10 s unless told more: a longer job would be
     delivered again while it runs. Each trigger's subscription gets the request timeout."""

@@ -772,3 +772,50 @@ def test_an_explicit_output_may_replace_another_sources_result(settings, bucket)
     assert processor.handle(JobRequest(bucket.name, "uploads/a.png", "upscale", {}, target)).status == "succeeded"
     assert processor.handle(JobRequest(bucket.name, "uploads/b.png", "upscale", {}, target)).status == "succeeded"
     assert bucket.get_blob("processed/catalog/item.png").metadata["imagen-source"].endswith("/uploads/b.png")
+
+
+_SEVERITIES = ["DEFAULT", "DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT", "EMERGENCY"]
+
+
+def _logging_filter_matches(text: str, entry: dict) -> bool:
+    """Cloud Logging's query language, the part monitoring.tf's metrics use (clauses joined
+    by AND: `jsonPayload.a.b="v"`, `=~"regex"`, `severity>=LEVEL`), for one JSON line (Cloud
+    Logging takes its `severity` for the entry's; `message` and the rest stay in jsonPayload)."""
+    import re
+
+    for clause in text.split(" AND "):
+        if clause.startswith("severity>="):
+            if _SEVERITIES.index(entry["severity"]) < _SEVERITIES.index(clause.removeprefix("severity>=")):
+                return False
+            continue
+        match = re.fullmatch(r'jsonPayload\.([\w.]+)(=~|=)"(.*)"', clause)
+        assert match, f"cannot read {clause!r}"
+        value = entry
+        for key in match[1].split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None or not (re.search(match[3], str(value)) if match[2] == "=~" else str(value) == match[3]):
+            return False
+    return True
+
+
+def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, caplog):
+    # A log-based metric whose filter matches nothing never counts, and its alert never
+    # fires: monitoring.tf's filters, against the JSON lines of a real failure and fault.
+    from handlers.logs import JsonFormatter
+    from tests.infra.conftest import TERRAFORM_DIR, expr, parse_terraform
+
+    terraform = parse_terraform(TERRAFORM_DIR)
+    failures, errors = (expr(terraform.locals[name]) for name in ("job_failure_filter", "error_filter"))
+    bad = _upload(bucket, "incoming/comic/p.png", metadata={"imagen-params": '{"steps": 500}'})
+    flaky = _upload(bucket, "incoming/upscale/t.png")
+    with caplog.at_level(logging.INFO):
+        _processor(settings, FakeEngine()).handle(_event(bad), message_id="m-1", attempt=1)
+        with pytest.raises(TransientError):
+            _processor(settings, FakeEngine(fail_with=ModelError("CUDA error"))).handle(_event(flaky), attempt=1)
+    lines = [json.loads(JsonFormatter().format(record)) for record in caplog.records]
+    counted = [line["message"].split(":")[0] for line in lines if _logging_filter_matches(failures, line)]
+    assert counted == ["job failed"]
+    [failed] = [line for line in lines if _logging_filter_matches(failures, line)]
+    assert (failed["operation"], failed["error"]["type"]) == ("comic", "InvalidParameter")  # the metric's labels
+    assert [line["message"].split(":")[0] for line in lines if _logging_filter_matches(errors, line)] == [
+        "job failed on this instance"]
