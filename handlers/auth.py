@@ -31,7 +31,9 @@ class AuthError(ImagenError):
 class PushAuthenticator:
     def __init__(self, audience: str, allowed_emails: frozenset[str] = frozenset(),
                  certs_url: str = GOOGLE_CERTS_URL):
-        self._audience = audience
+        # The audience Terraform gives push tokens is the service URL, and the endpoint that
+        # URL with "/": either form set here is the same service's.
+        self._audience = sorted({audience.rstrip("/"), audience.rstrip("/") + "/"})
         self._allowed = allowed_emails
         self._certs_url = certs_url
         # google-auth fetches the signing certificates at every check; a caching session keeps

@@ -95,9 +95,11 @@ def is_cloudevent(headers: Mapping[str, str]) -> bool:
     return "ce-specversion" in lowered or content_type.startswith("application/cloudevents")
 
 
-def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> tuple[ObjectEvent, datetime.datetime | None]:
+def parse_cloudevent(headers: Mapping[str, str],
+                     body: bytes) -> tuple[ObjectEvent, datetime.datetime | None, str | None]:
     """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> (ObjectEvent, its
-    `time`: when the object changed, or None when absent or unreadable)."""
+    `time`: when the object changed, or None when absent or unreadable, its `id`: the same on
+    every redelivery)."""
     try:
         event = from_http(dict(headers), body)
     except Exception as error:  # the SDK raises several unrelated types
@@ -111,7 +113,9 @@ def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> tuple[ObjectEve
         data = _json_object(data, "CloudEvent data")
     if not isinstance(data, dict):
         raise EventError("CloudEvent data is not a Cloud Storage object resource")
-    return _object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(event.get("time"))
+    event_id = event.get("id")
+    return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(event.get("time")),
+            event_id if isinstance(event_id, str) and event_id else None)
 
 
 def parse_push_envelope(body: bytes) -> Message:

@@ -69,8 +69,7 @@ def create_app(processor, state: Callable[[], str], authenticator=None) -> flask
         headers, body = dict(flask.request.headers), flask.request.get_data()
         try:
             if is_cloudevent(headers):
-                event, sent = parse_cloudevent(headers, body)
-                message_id = flask.request.headers.get("ce-id")
+                event, sent, message_id = parse_cloudevent(headers, body)  # binary or structured mode
                 attempt = None  # Eventarc does not count: `sent` bounds the retries
             else:
                 message = parse_push_envelope(body)

@@ -155,7 +155,7 @@ class Settings:
                               f"({2 * Image.MAX_IMAGE_PIXELS}): larger images would fail as decompression bombs")
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError(
-                "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push endpoint URL)"
+                "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's OIDC audience: the service URL)"
             )
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,

@@ -82,7 +82,7 @@ def check(entry: ParserInput) -> str:
             event = parse_message(Message(entry.body, entry.attributes))
         else:
             is_cloudevent(entry.headers)
-            event, _ = parse_cloudevent(entry.headers, entry.body)
+            event, _, _ = parse_cloudevent(entry.headers, entry.body)
     except EventError as error:
         if not isinstance(error.reason, str) or not error.reason:
             raise Crash(f"EventError without a reason for {entry!r}") from error

@@ -141,6 +141,17 @@ def test_signing_certificates_are_fetched_once_while_fresh(settings, certs):
     assert len(FETCHES) - before == 1
 
 
+@pytest.mark.parametrize("configured", [AUDIENCE, AUDIENCE.rstrip("/")])
+@pytest.mark.parametrize("signed_for", [AUDIENCE, AUDIENCE.rstrip("/")])
+def test_the_audience_is_the_service_url_with_or_without_its_slash(certs, configured, signed_for):
+    # Terraform's push tokens carry the service URL; the endpoint is that URL with "/": a user
+    # who sets either must not get 401 on every push (and, 20 deliveries on, dead letters).
+    authenticator = PushAuthenticator(configured, frozenset({PUSHER}), certs[1])
+    assert authenticator.check(f"Bearer {_token(certs[0], aud=signed_for)}")["email"] == PUSHER
+    with pytest.raises(AuthError):
+        authenticator.check(f"Bearer {_token(certs[0], aud=signed_for + 'x')}")
+
+
 def test_unreachable_certificates_answer_503_not_401(certs):
     """Not the token's fault: the push is retried rather than logged as an invalid token."""
     authenticator = PushAuthenticator(AUDIENCE, frozenset({PUSHER}), "http://127.0.0.1:9/certs")  # nothing listens

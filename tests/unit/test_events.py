@@ -45,10 +45,12 @@ def test_cloudevents(name):
     case = _golden(name)
     headers, body = case["input"]["headers"], json.dumps(case["input"]["body"]).encode()
     assert is_cloudevent(headers)
-    event, sent = parse_cloudevent(headers, body)
+    event, sent, event_id = parse_cloudevent(headers, body)
     assert isinstance(event, ObjectEvent)
     assert _plain(event) == case["expected"]
     assert sent == datetime.datetime(2026, 11, 26, 8, 0, 0, 123456, tzinfo=datetime.UTC)
+    # The id, in a header or in the body: what a redelivery's logs and duplicate check match on.
+    assert event_id == "9876543210123456"
 
 
 @pytest.mark.parametrize(
