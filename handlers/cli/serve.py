@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import click
@@ -63,14 +64,23 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     _server(app, host, settings.port, threads, post_worker_init=load_models).run()
 
 
+# gunicorn stops the whole server when its worker exits with this code (its "worker failed
+# to boot"), so the container exits and the platform starts another.
+_STOP_SERVER = 3
+
+
 def _setup(engine) -> None:
     from handlers.metrics import record_model_loads
 
     try:
         engine.setup()
         record_model_loads(engine.setup_seconds)
-    except Exception:
-        log.exception("model set-up failed; /readyz will stay 503")
+    except Exception as error:
+        # Not ready ever: waiting out the startup probe's window (up to 30 minutes) would
+        # only bill the GPU for it. Stop, so the platform says so and tries a new instance.
+        log.critical("model set-up failed; stopping: %s", error, exc_info=error,
+                     extra={"fields": {"error": {"type": type(error).__name__, "message": str(error)}}})
+        os._exit(_STOP_SERVER)
 
 
 def _server(app, host: str, port: int, threads: int, post_worker_init):

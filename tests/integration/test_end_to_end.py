@@ -124,6 +124,23 @@ def serve(tiny_settings, tmp_path):
     process.wait(timeout=30)
 
 
+def test_serve_whose_models_cannot_load_stops_instead_of_idling_on_the_gpu(tiny_settings, tmp_path):
+    # An instance that can never be ready would hold a billed GPU for the startup probe's
+    # whole window: it exits at once, its reason the last JSON line, and the platform retries.
+    settings = tiny_settings.replace(model_cache_dir=tmp_path / "empty-cache")
+    process = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "serve", "--port", str(free_port()), "--host", "127.0.0.1",
+         "--operations", "remove-background"],
+        env=_env(settings), capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 3, process.stdout + process.stderr
+    assert process.stderr == ""  # gunicorn's own lines too: JSON on stdout
+    lines = [json.loads(line) for line in process.stdout.splitlines()]
+    [stopped] = [line for line in lines if line["severity"] == "CRITICAL"]
+    assert stopped["message"].startswith("model set-up failed; stopping: ")
+    assert stopped["error"]["type"] == "ModelMissing" and "imagen models pull" in stopped["error"]["message"]
+
+
 def _post(url, body: bytes, headers: dict):
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
