@@ -30,9 +30,12 @@ DEVICE_FAILED = "DEVICE_FAILED"  # image.engine's, named here so this module nee
 MAX_BODY_BYTES = 14 * 1024 * 1024
 
 
-def create_app(processor, state: Callable[[], str], authenticator=None) -> flask.Flask:
+def create_app(processor, state: Callable[[], str], authenticator=None,
+               on_device_failed: Callable[[], None] | None = None) -> flask.Flask:
     """A Flask app over `processor`; `state()` returns the engine state (READY when warm);
-    `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`."""
+    `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`;
+    `on_device_failed()` runs once the answer to a job that left the GPU unusable is sent
+    (imagen serve stops: a new instance takes over)."""
     app = flask.Flask("imagen")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -54,6 +57,12 @@ def create_app(processor, state: Callable[[], str], authenticator=None) -> flask
     @app.get("/metrics")
     def metrics():
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.after_request
+    def stop_after_a_failed_gpu(response):
+        if on_device_failed is not None and flask.request.method == "POST" and state() == DEVICE_FAILED:
+            response.call_on_close(on_device_failed)
+        return response
 
     @app.post("/")
     def receive():

@@ -36,8 +36,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=True)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send every `imagen.*` (and library warning) record to stdout as JSON lines."""
+def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
+    """Send every `imagen.*` (and library warning) record to stdout as JSON lines; for a
+    `service` (serve, worker), exceptions nothing caught too."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -45,9 +46,9 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("imagen").setLevel(level)
     logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too
-    # An exception nothing caught, in a thread or the main one, as a JSON line with its trace.
-    threading.excepthook = _uncaught_in_thread
-    sys.excepthook = _uncaught
+    if service:  # an exception nothing caught, in a thread or the main one, as a JSON line
+        threading.excepthook = _uncaught_in_thread
+        sys.excepthook = _uncaught
 
 
 def is_configured() -> bool:

@@ -40,6 +40,7 @@ from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
 from image.errors import (
+    DeviceFailed,
     ImagenError,
     InputError,
     InvalidParameter,
@@ -284,6 +285,11 @@ class Processor:
             # Not a fault and no attempt spent on the GPU: back to Pub/Sub whatever the attempt.
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
+        except DeviceFailed as error:
+            # This process's GPU, not the job: retried elsewhere, never reported (the process
+            # is restarting). A job that breaks every GPU it meets ends in the dead-letter topic.
+            log.error("job failed on this instance: %s", error, extra={"fields": {**fields, "error": _error(error)}})
+            raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error,
@@ -433,7 +439,7 @@ class Processor:
         """Write the failure report; `note` (why retries ended) is appended to its message.
         A fault that was not the input's is no failure when another delivery of the job wrote
         its output meanwhile: skipped then, so the job does not end both ways."""
-        if plan is not None and not isinstance(error, InputError):
+        if plan is not None and job.generation is not None and not isinstance(error, InputError):
             try:
                 done = skip_reason(self._store.stat(*plan.output), job, plan)
             except (TransientError, InputError):
@@ -458,9 +464,9 @@ class Processor:
         report_uri = f"gs://{bucket}/{name}"
         # Which delivery wrote it, beside the report (its JSON is the contract's): a redelivery
         # of the same message finds it (`_reported_before`).
-        written_by = {routing.SOURCE_GENERATION_KEY: str(job.generation)}
-        if fields.get("message_id"):
-            written_by[routing.MESSAGE_ID_KEY] = fields["message_id"]
+        written_by = {}
+        if fields.get("message_id") and job.generation is not None:
+            written_by = {routing.MESSAGE_ID_KEY: fields["message_id"], routing.SOURCE_GENERATION_KEY: job.generation}
         try:
             self._store.write_report(bucket, name, report, metadata=written_by)
         except Exception as write_error:

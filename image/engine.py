@@ -211,6 +211,9 @@ class Engine:
 
         # 2. Run the chain
         with self._run_lock:
+            if self.state == DEVICE_FAILED:  # a job that waited for the device while it failed
+                raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes "
+                                   "no more jobs") from self.error
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
             deadline = Deadline(max_seconds) if max_seconds else None
@@ -232,7 +235,8 @@ class Engine:
             raise  # classified already
         except Exception as error:
             if (failure := device_failure(error)) is not None:
-                self.state, self.error = DEVICE_FAILED, error
+                self.error = error  # before the state: a reader that sees the state finds the cause
+                self.state = DEVICE_FAILED
                 logger.critical("the GPU failed and this process cannot use it again: %s", failure,
                                 exc_info=error)
                 raise DeviceFailed(f"the GPU failed while running {', '.join(chain)} ({failure}): this "

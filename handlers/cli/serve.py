@@ -44,7 +44,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     settings = settings.replace(
         port=port, device=device, operations=split_list(operations) if operations else None
     )
-    configure_logging()
+    configure_logging(service=True)
     engine = build_engine(settings)
     processor = build_processor(settings, engine, max_job_seconds=max_job_seconds,
                                 job_seconds=max(max_job_seconds, PUSH_REQUEST_SECONDS))
@@ -53,7 +53,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
         from handlers.auth import PushAuthenticator
 
         authenticator = PushAuthenticator(settings.push_audience, settings.push_service_accounts)
-    app = create_app(processor, lambda: engine.state, authenticator)
+    app = create_app(processor, lambda: engine.state, authenticator, on_device_failed=_stop_for_a_failed_gpu)
 
     def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;
@@ -67,6 +67,13 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
 # gunicorn stops the whole server when its worker exits with this code (its "worker failed
 # to boot"), so the container exits and the platform starts another.
 _STOP_SERVER = 3
+
+
+def _stop_for_a_failed_gpu() -> None:
+    # /healthz says 503 too, but the liveness probe takes a minute or more to act, and every
+    # push meanwhile would get a fast 503 and spend a delivery attempt.
+    log.critical("the GPU failed: stopping, so that a new instance takes over")
+    os._exit(_STOP_SERVER)
 
 
 def _setup(engine) -> None:

@@ -65,7 +65,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     )
     if not settings.subscription:
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
-    configure_logging()
+    configure_logging(service=True)
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message
     record_model_loads(engine.setup_seconds)

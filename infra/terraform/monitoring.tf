@@ -9,8 +9,8 @@
 # - <prefix>-job-failures: each job that ended in a failure report, by operation and error
 #   type; mostly bad input, whose report is the user's answer, so it is charted, not alerted;
 # - <prefix>-errors: each ERROR or CRITICAL line of imagen's (and gunicorn's): a fault of an
-#   instance (a model, the GPU, a report that could not be written, a crash, a bug), which
-#   the "imagen: worker errors" alert watches;
+#   instance (a model, the GPU, a report that could not be written, a crash, a bug), the
+#   lines the "imagen: worker errors" alert watches (a log-match alert);
 # and jobs that wait on their subscription longer than job_wait_alert_seconds (a stuck worker,
 # no GPU capacity, scaling that does not happen), the "imagen: jobs waiting" alert.
 
@@ -155,23 +155,15 @@ resource "google_monitoring_alert_policy" "errors" {
   combiner     = "OR"
   severity     = "ERROR"
 
+  # A log-match condition reads the lines themselves: an alert on the log-based metric would
+  # fail the first apply (the new metric is not visible to Monitoring for minutes).
   conditions {
     display_name = "ERROR or CRITICAL log lines"
-    condition_threshold {
-      filter = join(" AND ", [
-        "resource.type = \"${local.worker_resource}\"",
-        "metric.type = \"logging.googleapis.com/user/${google_logging_metric.errors.name}\"",
-      ])
-      comparison      = "COMPARISON_GT"
-      threshold_value = 0
-      duration        = "0s"
-      aggregations {
-        alignment_period     = "300s"
-        per_series_aligner   = "ALIGN_SUM"
-        cross_series_reducer = "REDUCE_SUM"
-      }
-      trigger {
-        count = 1
+    condition_matched_log {
+      filter = "${local.error_filter} AND resource.type=\"${local.worker_resource}\""
+      label_extractors = {
+        logger  = "EXTRACT(jsonPayload.logger)"
+        message = "EXTRACT(jsonPayload.message)"
       }
     }
   }
@@ -195,7 +187,10 @@ resource "google_monitoring_alert_policy" "errors" {
   notification_channels = var.alert_notification_channels
 
   alert_strategy {
-    auto_close = "86400s"
+    notification_rate_limit {
+      period = "300s" # at most one notification per five minutes
+    }
+    auto_close = "1800s"
   }
 
   depends_on = [google_project_service.enabled]

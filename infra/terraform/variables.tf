@@ -353,9 +353,9 @@ variable "keep_image_versions" {
 }
 
 variable "job_wait_alert_seconds" {
-  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, or no GPU capacity for the load. Above the longest wait a burst may cause in normal running."
+  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, or no GPU capacity for the load. The default is above the longest a GKE worker with its defaults holds a message it is working on ((concurrency + prefetch) x (max-job-seconds + 120 s) = 7440 s), since a held message counts as waiting."
   type        = number
-  default     = 3600
+  default     = 7800
 
   validation {
     condition     = var.job_wait_alert_seconds >= 60

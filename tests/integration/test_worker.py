@@ -103,21 +103,36 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
 
 
 def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
-        settings, bucket, subscriber, events_subscription):
+        tiny_settings, tiny_cache, bucket, subscriber, events_subscription):
     """A CUDA error other than out of memory leaves the process's GPU unusable: the worker
-    would fail every job fast, and so take most of them. It stops pulling, hands its message
-    back, and raises DeviceFailed, so `imagen worker` exits non-zero and is restarted."""
-    failed = threading.Event()
+    would fail every job fast, and so take most of them. The job prefetched behind it does
+    not run on that GPU (nor gets a report: not its fault); the worker stops pulling, hands
+    its messages back and raises DeviceFailed, so `imagen worker` exits 1 and is restarted."""
+    from image.engine import DEVICE_FAILED, Engine
 
-    class BrokenGpu(FakeEngine):
-        def run(self, *args, **kwargs):
-            failed.set()  # as image.engine.Engine: state DEVICE_FAILED, then DeviceFailed
-            raise DeviceFailed("the GPU failed while running upscale (CUDA error: an illegal memory access)")
+    engine = Engine(["remove-background"], tiny_cache, device="cpu")
+    engine.setup()
+    runs = []
 
-    engine = BrokenGpu()
-    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
-    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=0,
-                        device_failed=failed.is_set)
+    def fails_the_gpu(*args, **kwargs):
+        runs.append(1)
+        time.sleep(1.5)  # long enough for the second message to arrive and wait for the device
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine._ops["remove-background"].process = fails_the_gpu
+    processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
+    handed_back, handle = [], processor.handle
+
+    def recording(event, **kwargs):
+        try:
+            return handle(event, **kwargs)
+        except TransientError as error:
+            handed_back.append(error)
+            raise
+
+    processor.handle = recording
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1,
+                        device_failed=lambda: engine.state == DEVICE_FAILED)
     outcome = {}
 
     def run():
@@ -128,8 +143,12 @@ def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    bucket.blob("incoming/upscale/a.png").upload_from_string(png_bytes(), content_type="image/png")
-    thread.join(timeout=60)
+    for index in (1, 2):
+        bucket.blob(f"incoming/remove-background/{index}.png").upload_from_string(png_bytes(seed=index),
+                                                                                  content_type="image/png")
+    thread.join(timeout=90)
     assert not thread.is_alive(), "the worker kept pulling on a failed GPU"
-    assert "raised" in outcome and engine.calls == 0  # FakeEngine.run never reached: no output
+    assert "raised" in outcome and engine.state == DEVICE_FAILED
+    assert runs == [1]  # the second job never ran on the failed GPU
+    assert len(handed_back) == 2 and all("GPU failed" in str(error) for error in handed_back)
     assert not list(bucket.list_blobs(prefix="failed/")) and not list(bucket.list_blobs(prefix="processed/"))

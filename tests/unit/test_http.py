@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 from handlers.http import create_app
 from image import engine
 
@@ -23,3 +26,27 @@ def test_a_failed_gpu_fails_the_liveness_probe():
     answer = client.get("/healthz")
     assert answer.status_code == 503 and answer.get_json() == {"status": "device failed", "state": "DEVICE_FAILED"}
     assert client.get("/readyz").status_code == 503
+
+
+def test_the_answer_to_the_job_that_failed_the_gpu_is_sent_then_the_service_stops():
+    # Cloud Run's liveness probe would take a minute or more; meanwhile every push would get
+    # a fast 503 and spend a delivery attempt. imagen serve exits once the answer is out.
+    from handlers.errors import TransientError
+
+    current, stopped = [engine.READY], []
+
+    class BreaksTheGpu:
+        def handle(self, event, **kwargs):
+            current[0] = engine.DEVICE_FAILED
+            raise TransientError("the GPU failed while running upscale (illegal memory access)")
+
+    app = create_app(BreaksTheGpu(), state=lambda: current[0], on_device_failed=lambda: stopped.append(1))
+    client = app.test_client()
+    resource = {"bucket": "b", "name": "incoming/upscale/a.png", "generation": "1"}
+    envelope = {"message": {"data": base64.b64encode(json.dumps(resource).encode()).decode(),
+                            "attributes": {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"},
+                            "messageId": "1"}, "subscription": "projects/p/subscriptions/s"}
+    with client.post("/", json=envelope) as answer:
+        assert answer.status_code == 503 and not stopped  # the answer first
+    assert stopped == [1]
+    assert client.get("/healthz").status_code == 503 and stopped == [1]  # probes do not stop it

@@ -135,7 +135,7 @@ def test_an_unexpected_crash_of_a_service_is_a_json_line_with_its_trace():
 
 def test_an_exception_no_one_caught_in_a_thread_is_a_json_line():
     done = _run_python(
-        "import threading\nfrom handlers.logs import configure_logging\nconfigure_logging()\n"
+        "import threading\nfrom handlers.logs import configure_logging\nconfigure_logging(service=True)\n"
         "def fail(): raise ValueError('lost in a thread')\n"
         "thread = threading.Thread(target=fail, name='imagen-compile'); thread.start(); thread.join()\n"
         "raise KeyError('and in the main one')\n")
@@ -158,3 +158,10 @@ def test_gunicorn_errors_are_json_lines_too(caplog):
     with caplog.at_level(logging.WARNING):
         logger.error("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", 7)
     assert caplog.records[-1].getMessage() == "Worker (pid:7) was sent SIGKILL! Perhaps out of memory?"
+
+
+def test_a_command_run_by_hand_keeps_pythons_own_tracebacks():
+    # imagen process and imagen models log JSON too, but a crash at a terminal stays readable.
+    done = _run_python("from handlers.logs import configure_logging\nconfigure_logging()\nraise KeyError('by hand')\n")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("Traceback") and "KeyError: 'by hand'" in done.stderr
