@@ -554,6 +554,27 @@ def test_a_last_try_whose_job_another_delivery_finished_is_skipped_not_failed(se
     assert bucket.get_blob("failed/upscale/race.png.json") is None
 
 
+def test_a_last_try_before_the_generation_is_known_still_gets_its_report(settings, bucket, monkeypatch):
+    # A job message names no generation; when looking the source up keeps failing, the last
+    # try's report has none either (and no crash looking for an output of it).
+    _upload(bucket, "uploads/flaky.png")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    job = JobRequest(bucket.name, "uploads/flaky.png", "upscale", {})
+    assert processor.handle(job).status == "succeeded"  # an earlier request's output exists
+    stat = processor._store.stat
+
+    def flaky_stat(bucket_name, name):
+        if name == "uploads/flaky.png":
+            raise TransientError("Cloud Storage error on gs://.../uploads/flaky.png: 503")
+        return stat(bucket_name, name)
+
+    monkeypatch.setattr(processor._store, "stat", flaky_stat)
+    outcome = processor.handle(job, message_id="m-7", attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed" and outcome.error["type"] == "TransientError"
+    report = bucket.get_blob("failed/upscale/uploads/flaky.png.json")
+    assert json.loads(report.download_as_bytes())["generation"] is None and not report.metadata
+
+
 def test_five_fast_deliveries_are_not_the_last_before_the_event_is_half_an_hour_old():
     # An instance whose GPU fails every job in a second gets the redeliveries too: five
     # attempts take Pub/Sub's first ~150 s of backoff, too soon to give a job up.
