@@ -9,6 +9,12 @@ failure report could not be written.
     letters = list_dead_letters(subscriber, dlq_subscription)   # pulled, then nacked: they stay
     report = replay(subscriber, publisher, dlq_subscription)   # republished, then acked
 
+A message that no delivery can ever settle (not a job: unparseable; a job message for a
+bucket not allowed) is moved there by the worker itself when it knows the dead-letter topic
+(`DeadLetterer`, IMAGEN_DEAD_LETTER_TOPIC), with the attributes Pub/Sub would add and the
+reason: otherwise it would go round 20 deliveries, about 2.3 h of backoff, each waking or
+keeping a GPU instance.
+
 Replay is at least once: each message is published (with its attributes, minus the ones
 Pub/Sub added when dead-lettering it) and only acked from the dead-letter subscription once
 the publish is confirmed. A crash in between replays it twice, which the processor's
@@ -36,6 +42,9 @@ _DEAD_LETTER_PREFIX = "CloudPubSubDeadLetter"
 SOURCE_SUBSCRIPTION = "CloudPubSubDeadLetterSourceSubscription"
 SOURCE_PROJECT = "CloudPubSubDeadLetterSourceSubscriptionProject"
 SOURCE_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
+SOURCE_PUBLISH_TIME = "CloudPubSubDeadLetterSourceTopicPublishTime"
+REASON = "imagen-dead-letter-reason"  # why the worker moved it there itself
+MAX_ATTRIBUTE_VALUE = 1024  # bytes, Pub/Sub's limit
 BATCH = 100  # messages per pull
 PULL_SECONDS = 5.0  # how long a pull waits for messages before the subscription looks empty
 LEASE_SECONDS = 120  # how long pulled messages are held while they are listed or replayed
@@ -76,8 +85,13 @@ class DeadLetter:
         return {
             key: value
             for key, value in self.attributes.items()
-            if not key.startswith(_DEAD_LETTER_PREFIX) and not key.startswith("goog")
+            if not key.startswith(_DEAD_LETTER_PREFIX) and not key.startswith("goog") and key != REASON
         }
+
+    @property
+    def reason(self) -> str | None:
+        """Why a worker dead-lettered it at once (None: Pub/Sub did, after its attempts)."""
+        return self.attributes.get(REASON)
 
     def describe(self) -> str:
         """What the message asks for, in one line, or why it cannot be parsed."""
@@ -98,11 +112,42 @@ class DeadLetter:
             "publish_time": self.publish_time.isoformat() if self.publish_time else None,
             "source_subscription": self.source_subscription,
             "source_attempts": self.source_attempts,
+            "reason": self.reason,
             "delivery_attempt": self.delivery_attempt,
             "attributes": dict(self.attributes),
             "data": _excerpt(self.data, 2000),
             "summary": self.describe(),
         }
+
+
+class DeadLetterer:
+    """Moves a message that no delivery can settle to the dead-letter `topic` at once, as
+    Pub/Sub would after its attempts: its data and attributes, plus Pub/Sub's source
+    attributes (so `imagen dlq list` and `replay` treat it alike) and REASON."""
+
+    def __init__(self, publisher: pubsub_v1.PublisherClient, topic: str):
+        self._publisher = publisher
+        self.topic = topic
+
+    def send(self, message: Message, subscription: str | None, reason: str) -> bool:
+        """True once the dead-letter topic has it (then ack the original); False when it could
+        not be published (then nack it: Pub/Sub's own policy still moves it, later)."""
+        added = {SOURCE_DELIVERY_COUNT: str(message.delivery_attempt or 1),
+                 REASON: reason.encode()[:MAX_ATTRIBUTE_VALUE].decode(errors="ignore")}
+        if subscription and subscription.startswith("projects/"):
+            _, project, _, name = subscription.split("/", 3)
+            added |= {SOURCE_SUBSCRIPTION: name, SOURCE_PROJECT: project}
+        if message.published is not None:
+            added[SOURCE_PUBLISH_TIME] = message.published.isoformat()
+        fields = {"message_id": message.message_id, "topic": self.topic, "reason": reason}
+        try:
+            self._publisher.publish(self.topic, message.data, **{**message.attributes, **added}).result(
+                timeout=PUBLISH_SECONDS)
+        except Exception as error:  # the message goes back to Pub/Sub instead
+            log.error("could not move the message to the dead-letter topic: %s", error, extra={"fields": fields})
+            return False
+        log.warning("message moved to the dead-letter topic: %s", reason, extra={"fields": fields})
+        return True
 
 
 @dataclasses.dataclass

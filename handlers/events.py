@@ -76,6 +76,7 @@ class Message:
     message_id: str | None = None
     delivery_attempt: int | None = None  # only set when a dead-letter policy exists
     published: datetime.datetime | None = None  # when Pub/Sub accepted it (UTC)
+    subscription: str | None = None  # the push subscription that delivered it, when it says
 
 
 def parse_gs_uri(uri: Any) -> tuple[str, str]:
@@ -141,7 +142,9 @@ def parse_push_envelope(body: bytes) -> Message:
         raise EventError("push 'deliveryAttempt' is not a number")
     message_id = message.get("messageId") or message.get("message_id")
     published = parse_timestamp(message.get("publishTime") or message.get("publish_time"))
-    return Message(decoded, attributes, str(message_id) if message_id else None, attempt, published)
+    subscription = envelope.get("subscription")
+    return Message(decoded, attributes, str(message_id) if message_id else None, attempt, published,
+                   subscription if isinstance(subscription, str) and subscription else None)
 
 
 def parse_message(message: Message) -> ObjectEvent | JobRequest:

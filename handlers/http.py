@@ -3,7 +3,8 @@
 Answers (DESIGN.md): 2xx when the job is done, skipped, ignored or failed permanently with its
 report written; 503 for a transient fault or while models load (Pub/Sub and Eventarc retry);
 400 for a body that cannot be parsed at all, or a job message refused with no bucket of ours to
-report in (either way it ends in the dead-letter topic);
+report in (either way it ends in the dead-letter topic: at once, answered 200, where
+IMAGEN_DEAD_LETTER_TOPIC names it and the push envelope was read);
 401/403 for a push without a valid OIDC token when push authentication is configured.
 `GET /healthz` answers while the process lives and its GPU works; `GET /readyz` only once models are warm;
 `GET /metrics` is for Prometheus (handlers.metrics).
@@ -31,11 +32,13 @@ MAX_BODY_BYTES = 14 * 1024 * 1024
 
 
 def create_app(processor, state: Callable[[], str], authenticator=None,
-               on_device_failed: Callable[[], None] | None = None) -> flask.Flask:
+               on_device_failed: Callable[[], None] | None = None, dead_letters=None) -> flask.Flask:
     """A Flask app over `processor`; `state()` returns the engine state (READY when warm);
     `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`;
     `on_device_failed()` runs once the answer to a job that left the GPU unusable is sent
-    (imagen serve stops: a new instance takes over)."""
+    (imagen serve stops: a new instance takes over); `dead_letters` (handlers.dlq.DeadLetterer),
+    when given, takes a pushed message that no delivery can settle at once (then 200), where
+    a 400 would have Pub/Sub push it 20 times first."""
     app = flask.Flask("imagen")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -76,6 +79,7 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         if current != READY:
             return _answer(503, error=f"not ready: models are {current.lower()}", retry=True)
         headers, body = dict(flask.request.headers), flask.request.get_data()
+        message = None  # a Pub/Sub message, once the push envelope is read
         try:
             if is_cloudevent(headers):
                 event, sent, message_id = parse_cloudevent(headers, body)  # binary or structured mode
@@ -85,18 +89,27 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
                 event = parse_message(message)
                 message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
         except EventError as error:
-            log.error("unparseable request: %s", error.reason, extra={"fields": {"reason": error.reason}})
-            return _answer(400, error=error.reason)
+            log.error("unparseable request: %s", error.reason,
+                      extra={"fields": {"reason": error.reason, "message_id": message and message.message_id}})
+            return _undeliverable(message, f"unparseable: {error.reason}")
         try:
             outcome = processor.handle(event, message_id=message_id, attempt=attempt, sent=sent)
         except TransientError as error:
             return _answer(503, error=str(error), retry=True)
         except Undeliverable as error:
-            return _answer(400, error=str(error))
+            return _undeliverable(message, str(error))
         except Exception as error:  # a bug: answer 500 so the message is retried, not lost
             log.exception("unexpected error", extra={"fields": {"message_id": message_id}})
             return _answer(500, error=f"{type(error).__name__}: {error}")
         return {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}, 200
+
+    def _undeliverable(message, reason: str):
+        """What no delivery can settle: to the dead-letter topic now where one is known (200),
+        else 400, which Pub/Sub retries until its policy dead-letters it."""
+        if message is not None and dead_letters is not None and \
+                dead_letters.send(message, message.subscription, reason):
+            return {"status": "dead-lettered", "reason": reason}, 200
+        return _answer(400, error=reason)
 
     return app
 

@@ -268,7 +268,8 @@ class LocalStack:
         worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
         subscriber.create_subscription(request={"name": worker_sub, "topic": topic, "ack_deadline_seconds": 60,
                                                 "dead_letter_policy": policy})
-        env = child_environment(self.env())
+        # ... and the worker and serve move such a message there at once, as deployed.
+        env = child_environment({**self.env(), "IMAGEN_DEAD_LETTER_TOPIC": DEAD_LETTER})
         worker = self._start_process(
             "worker",
             ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS),

@@ -42,3 +42,13 @@ def build_processor(settings, engine, max_job_seconds: float | None = None,
         engine=engine, store=Store(storage_client(settings)), settings=settings, results=results,
         max_job_seconds=max_job_seconds, job_seconds=job_seconds,
     )
+
+
+def build_dead_letters(settings):
+    """Where serve and worker move a message no delivery can settle (IMAGEN_DEAD_LETTER_TOPIC),
+    or None."""
+    if not settings.dead_letter_topic:
+        return None
+    from handlers.dlq import DeadLetterer
+
+    return DeadLetterer(publisher_client(settings), topic_path(settings, settings.dead_letter_topic))

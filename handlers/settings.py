@@ -34,6 +34,10 @@ class Settings:
     output_prefix: str = "processed/"
     failed_prefix: str = "failed/"
     results_topic: str | None = None
+    # IMAGEN_DEAD_LETTER_TOPIC: where serve and worker move a message no delivery can settle
+    # (unparseable, a refused job message) at once, instead of nacking it until the
+    # subscription's dead-letter policy does (Terraform: the pool's dead-letter topic).
+    dead_letter_topic: str | None = None
     subscription: str | None = None
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -78,6 +82,7 @@ class Settings:
             ("output_prefix", "IMAGEN_OUTPUT_PREFIX"),
             ("failed_prefix", "IMAGEN_FAILED_PREFIX"),
             ("results_topic", "IMAGEN_RESULTS_TOPIC"),
+            ("dead_letter_topic", "IMAGEN_DEAD_LETTER_TOPIC"),
             ("subscription", "IMAGEN_SUBSCRIPTION"),
             ("push_audience", "IMAGEN_PUSH_AUDIENCE"),
             ("device", "IMAGEN_DEVICE"),

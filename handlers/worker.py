@@ -6,7 +6,8 @@ so a prefetched job waits for the GPU, not the network); the client library exte
 up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling, lets the job on the GPU
 finish, hands back (nacks) prefetched jobs still waiting for the GPU, so a drain takes one
 job's time, and returns; messages received but not started are nacked by the library, so
-nothing is lost. When the GPU fails for good (`device_failed()`: a CUDA error other than out of
+nothing is lost. A message no delivery can settle goes to the dead-letter topic at once where
+one is given (`dead_letters`), else is nacked for the dead-letter policy. When the GPU fails for good (`device_failed()`: a CUDA error other than out of
 memory) it stops the same way and raises DeviceFailed, so the process exits non-zero and its
 platform restarts it, instead of failing every job fast (and so taking most of them).
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
+from handlers.dlq import DeadLetterer
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
 from image.errors import DeviceFailed
@@ -41,6 +43,7 @@ class PullWorker:
         max_lease_seconds: int = 3600,
         lease_extension_seconds: int = 60,
         device_failed: Callable[[], bool] = lambda: False,
+        dead_letters: DeadLetterer | None = None,
     ):
         self._subscriber = subscriber
         self._subscription = subscription
@@ -49,6 +52,7 @@ class PullWorker:
         self._max_lease_seconds = max_lease_seconds
         self._lease_extension_seconds = lease_extension_seconds
         self._device_failed = device_failed
+        self._dead_letters = dead_letters
         self._stop = threading.Event()
         self._future = None
 
@@ -65,16 +69,17 @@ class PullWorker:
         try:
             event = parse_message(parsed_message)
         except EventError as error:
-            # Unparseable: nack, so the dead-letter policy moves it aside after its attempts.
             log.error("unparseable message: %s", error.reason, extra={"fields": fields})
-            message.nack()
+            self._dead_letter(message, parsed_message, f"unparseable: {error.reason}")
             return
         try:
             self._processor.handle(
                 event, message_id=message.message_id, attempt=message.delivery_attempt,
                 sent=parsed_message.published, withdrawn=self._stop.is_set,
             )
-        except (TransientError, Undeliverable):
+        except Undeliverable as error:
+            self._dead_letter(message, parsed_message, str(error))
+        except TransientError:
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
         except Exception:
             log.exception("unexpected error; the message goes back to Pub/Sub", extra={"fields": fields})
@@ -85,6 +90,14 @@ class PullWorker:
             log.critical("the GPU failed: stopping, so that a new process takes over",
                          extra={"fields": {"subscription": self._subscription}})
             self.stop()
+
+    def _dead_letter(self, message, parsed: Message, reason: str) -> None:
+        """A message no delivery can settle: to the dead-letter topic now, where one is known;
+        else (or if that fails) nacked, for the dead-letter policy to move after its attempts."""
+        if self._dead_letters is not None and self._dead_letters.send(parsed, self._subscription, reason):
+            message.ack()
+        else:
+            message.nack()
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Pull until `stop()` (or SIGTERM/SIGINT); returns once the job on the GPU finishes

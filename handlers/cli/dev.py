@@ -53,7 +53,8 @@ def command(settings, bucket, work_dir):
         click.echo(f"imagen serve (push): {', '.join(stack.SERVE_OPERATIONS)}, "
                    f"http://127.0.0.1:{stack.serve_port}/readyz")
         click.echo("a chain runs where one process serves all its operations; any other is skipped by both")
-        click.echo(f"dead letters (after {MAX_DELIVERIES} deliveries): imagen dlq list --subscription {DEAD_LETTER}")
+        click.echo(f"dead letters (unparseable or refused: at once; else after {MAX_DELIVERIES} deliveries): "
+                   f"imagen dlq list --subscription {DEAD_LETTER}")
         click.echo(f"logs: {stack.log_dir}   (Ctrl-C stops everything)")
         stopped.wait()
     except KeyboardInterrupt:

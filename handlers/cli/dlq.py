@@ -64,6 +64,8 @@ def list_(settings, subscription, limit, wait, as_json):
         origin = f" from {letter.source_subscription}" if letter.source_subscription else ""
         click.echo(f"- {letter.message_id}  published {published}  attempts {attempts}{origin}")
         click.echo(f"  {letter.describe()}")
+        if letter.reason:
+            click.echo(f"  moved here by the worker: {letter.reason}")
         attributes = ", ".join(f"{k}={v}" for k, v in sorted(letter.replay_attributes.items()))
         click.echo(f"  attributes: {attributes or '(none)'}")
 

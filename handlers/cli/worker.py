@@ -53,7 +53,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
     from handlers.metrics import record_model_loads
-    from handlers.service import build_engine, build_processor
+    from handlers.service import build_dead_letters, build_engine, build_processor
     from handlers.settings import split_list
     from handlers.worker import PullWorker
     from image.engine import DEVICE_FAILED
@@ -87,5 +87,6 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         max_lease_seconds=lease_budget(max_job_seconds, concurrency, prefetch),
         lease_extension_seconds=lease_extension_seconds,
         device_failed=lambda: engine.state == DEVICE_FAILED,
+        dead_letters=build_dead_letters(settings),
     )
     worker.run()

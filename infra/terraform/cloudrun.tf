@@ -91,6 +91,8 @@ resource "google_cloud_run_v2_service" "worker" {
         for_each = merge(
           local.common_env,
           { IMAGEN_OPERATIONS = each.key },
+          # What no delivery can settle goes there at once, not after 20 pushes.
+          local.push ? { IMAGEN_DEAD_LETTER_TOPIC = google_pubsub_topic.dead_letter[each.key].id } : {},
           var.model_mirror == "" ? {} : { MODEL_CACHE_DIR = local.mirror_cache_dir },
         )
         content {

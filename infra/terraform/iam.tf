@@ -82,6 +82,16 @@ resource "google_storage_bucket_iam_member" "worker_reports_allowed" {
   }
 }
 
+# A message no delivery can settle (unparseable, a job message for a bucket not allowed) is
+# moved by the worker to its pool's dead-letter topic at once (IMAGEN_DEAD_LETTER_TOPIC).
+resource "google_pubsub_topic_iam_member" "worker_dead_letters" {
+  for_each = local.pubsub ? local.pools : toset([])
+
+  topic  = google_pubsub_topic.dead_letter[each.key].id
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.worker[each.key].member
+}
+
 resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
   for_each = var.results_topic ? local.pools : toset([])
 

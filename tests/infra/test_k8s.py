@@ -79,6 +79,8 @@ def test_each_operation_has_a_gpu_worker(rendered, terraform, operation):
     assert env["IMAGEN_SUBSCRIPTION"] == name  # terraform: <name_prefix>-<operation>
     assert terraform.default("name_prefix") == "imagen"
     assert env["IMAGEN_OPERATIONS"] == operation
+    # terraform's google_pubsub_topic.dead_letter, which the pool's account may publish to
+    assert env["IMAGEN_DEAD_LETTER_TOPIC"] == f"{name}-dead-letter"
     assert re.fullmatch(rf".+/imagen-{operation}:[A-Za-z0-9_.-]+", container["image"]), container["image"]
     # One GPU, on a GPU node of the type terraform (and Cloud Run) use.
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -687,6 +687,20 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
         assert expr(policy["notification_channels"]) == "var.alert_notification_channels"
 
 
+def test_each_pool_may_move_what_it_cannot_settle_to_its_own_dead_letters(terraform):
+    """IMAGEN_DEAD_LETTER_TOPIC (the push services; the GKE manifests set the same name) and
+    the pool's account may publish there, only there."""
+    topic = terraform.resource("google_pubsub_topic", "dead_letter")
+    assert topic["name"] == "${var.name_prefix}-${local.pool_names[each.key]}-dead-letter"
+    env = expr(one(one(_service(terraform)["template"])["containers"])["dynamic"][0]["env"]["for_each"])
+    assert "local.push ? {IMAGEN_DEAD_LETTER_TOPIC = google_pubsub_topic.dead_letter[each.key].id} : {}" in env
+    grant = terraform.resource("google_pubsub_topic_iam_member", "worker_dead_letters")
+    assert expr(grant["for_each"]) == "local.pubsub ? local.pools : toset([])"
+    assert expr(grant["topic"]) == "google_pubsub_topic.dead_letter[each.key].id"
+    assert grant["role"] == "roles/pubsub.publisher"
+    assert expr(grant["member"]) == "google_service_account.worker[each.key].member"
+
+
 def test_eventarc_waits_for_a_job_as_long_as_the_request_may_take(terraform):
     """Eventarc's own subscription acks after 10 s unless told more: a longer job would be
     delivered again while it runs. Each trigger's subscription gets the request timeout."""
@@ -752,7 +766,8 @@ def test_project_level_grants_are_the_unavoidable_few(terraform):
 
 def test_worker_accounts_hold_least_privilege(terraform):
     """The runtime accounts read inputs, write results and failure reports in their own
-    folders, publish results, pull their own subscription: nothing else, nowhere else."""
+    folders, publish results and to their own dead-letter topic, pull their own subscription:
+    nothing else, nowhere else."""
     allowed = {
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
         ("google_storage_bucket_iam_member", "roles/storage.objectUser"),
@@ -770,7 +785,8 @@ def test_worker_accounts_hold_least_privilege(terraform):
             condition = one(body["condition"])
             assert "resource.name.startsWith(" in expr(condition["expression"]), name
         if type_ == "google_pubsub_topic_iam_member":
-            assert expr(body["topic"]) == "google_pubsub_topic.results[0].id", name
+            assert expr(body["topic"]) in ("google_pubsub_topic.results[0].id",
+                                            "google_pubsub_topic.dead_letter[each.key].id"), name
         if type_ == "google_pubsub_subscription_iam_member":
             assert expr(body["subscription"]) == "google_pubsub_subscription.jobs[each.key].id", name
     assert found == allowed

@@ -41,7 +41,8 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
         # A message nothing can settle ends in the dead-letter subscription, not redelivered forever.
         from google.cloud import pubsub_v1
 
-        assert any(line.startswith("dead letters (after 5 deliveries): imagen dlq list") for line in lines)
+        assert any(line.startswith("dead letters (unparseable or refused: at once; else after 5 deliveries): "
+                                   "imagen dlq list --subscription imagen-dead-letter") for line in lines)
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", exports["PUBSUB_EMULATOR_HOST"])
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
         publisher.publish(publisher.topic_path("imagen-local", "imagen-events"), b"not json").result(timeout=30)
@@ -51,6 +52,7 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
         while not received and time.monotonic() < deadline:
             received = subscriber.pull(subscription=dead, max_messages=10, timeout=10).received_messages
         assert [m.message.data for m in received][:1] == [b"not json"]
+        assert received[0].message.attributes["imagen-dead-letter-reason"].startswith("unparseable: ")
     finally:
         dev.send_signal(signal.SIGINT)
         rest, _ = dev.communicate(timeout=120)

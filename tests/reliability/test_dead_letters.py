@@ -5,8 +5,10 @@ the push endpoint is tested through the Flask app."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
+import threading
 import uuid
 
 import pytest
@@ -297,3 +299,65 @@ def test_eventarc_retries_end_in_a_report_once_the_event_is_old(bucket, settings
     else:
         error = json.loads(report.download_as_bytes())["error"]
         assert error["type"] == "ModelError" and "retries end here" in error["message"]
+
+
+# -- what no delivery can settle goes to the dead-letter topic at once -------------------------
+
+
+def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
+        settings, bucket, publisher, subscriber, topology):
+    """Unparseable, or a job message for a bucket not allowed: nacked, it would go round 20
+    deliveries (~2.3 h of backoff) keeping a GPU pod up; moved, it is acked and waits in the
+    dead-letter subscription with Pub/Sub's attributes and why, where `replay` takes it back."""
+    from handlers.dlq import DeadLetterer
+    from handlers.worker import PullWorker
+
+    processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
+    worker = PullWorker(subscriber, topology["main_sub"], processor,
+                        dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    try:
+        garbage = publisher.publish(topology["main_topic"], b"\x00not json", origin="catalog").result(timeout=30)
+        refused = publisher.publish(topology["main_topic"], json.dumps(
+            {"source": "gs://someone-elses-bucket/a.png", "operation": "upscale"}).encode()).result(timeout=30)
+        wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 2,
+                 timeout=60, what="two dead letters")
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    letters = {letter.message_id: letter for letter in list_dead_letters(subscriber, topology["dead_sub"],
+                                                                        wait_seconds=WAIT)}
+    moved = {letter.replay_attributes.get("origin"): letter for letter in letters.values()}
+    assert moved["catalog"].reason.startswith("unparseable: job message is not valid JSON")
+    assert "someone-elses-bucket" in moved[None].reason
+    for letter in letters.values():
+        assert letter.source_subscription == topology["main_sub"] and letter.source_attempts == 1
+    assert moved["catalog"].replay_attributes == {"origin": "catalog"}  # as first published
+    # Acked on the worker's subscription: nothing comes back there.
+    assert not subscriber.pull(subscription=topology["main_sub"], max_messages=10, timeout=3).received_messages
+    assert garbage and refused
+    report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
+    assert len(report.replayed) == 2  # back to the topic of the subscription it came from
+
+
+def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings, bucket, publisher, subscriber,
+                                                                         topology):
+    from handlers.dlq import DeadLetterer
+    from handlers.http import create_app
+
+    processor = processor_for(settings, FakeEngine())
+    app = create_app(processor, lambda: "READY", dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
+    envelope = {"message": {"data": base64.b64encode(b"{not json").decode(), "messageId": "p-1",
+                            "attributes": {"origin": "catalog"}},
+                "subscription": topology["main_sub"], "deliveryAttempt": 1}
+    answer = app.test_client().post("/", json=envelope)
+    assert answer.status_code == 200 and answer.get_json()["status"] == "dead-lettered"
+    [letter] = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert letter.reason.startswith("unparseable: ") and letter.source_subscription == topology["main_sub"]
+    # A body that is no push envelope at all has no message to move: 400, as before.
+    assert app.test_client().post("/", data=b"{garbage", content_type="application/json").status_code == 400
+    # And where the topic cannot take it, Pub/Sub keeps it: 400, retried until its policy moves it.
+    broken = create_app(processor, lambda: "READY",
+                        dead_letters=DeadLetterer(publisher, topology["dead_topic"] + "-missing"))
+    assert broken.test_client().post("/", json=envelope).status_code == 400
