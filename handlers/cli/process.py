@@ -20,7 +20,7 @@ def command(settings, source, operation, params, output):
     """Run one job on SOURCE now; exit non-zero if it fails."""
     from handlers import routing
     from handlers.clients import storage_client
-    from handlers.errors import StoragePermanentError
+    from handlers.errors import ConfigError, StoragePermanentError
     from handlers.events import FINALIZE, ObjectEvent, parse_gs_uri
     from handlers.service import build_engine, build_processor
     from handlers.storage import Store

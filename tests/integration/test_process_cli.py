@@ -60,6 +60,16 @@ def test_process_of_a_missing_object_fails_as_a_job_would(settings, tiny_cache, 
     assert result.output.strip() == f"imagen: StoragePermanentError: {missing} does not exist"
 
 
+def test_process_of_an_object_no_event_would_run_says_to_name_the_operation(settings, tiny_cache, bucket):
+    # Outside incoming/: an upload there is ignored, so process asks for --operation (it
+    # crashed with NameError instead).
+    bucket.blob("photos/boot.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/photos/boot.png"], env=_env(settings, tiny_cache))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"imagen: ConfigError: gs://{bucket.name}/photos/boot.png: ")
+    assert result.output.strip().endswith("pass --operation to process it anyway")
+
+
 def test_process_with_an_explicit_operation_outside_the_input_prefix(settings, tiny_cache, bucket):
     bucket.blob("photos/shoe.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
     result = CliRunner().invoke(
