@@ -4,8 +4,11 @@ Objects are judged exactly as the processor judges a job (routing, then `plan_jo
 output's `imagen-source-generation` and parameters, and whether another source's result holds
 the output), so a backfill queues only what a worker would really do, and running it again
 after a stop queues nothing already done. What failed before for the same generation and
-parameters (its failure report says so) is not queued again unless asked (`retry_failed`):
-a permanent failure would fail again, and a transient one already had its retries. Each
+parameters because of what it is (its failure report says so: not an image, too large, bad
+parameters, too long or too big for the GPU, an operation no pool runs) is not queued again
+unless asked (`retry_failed`): it would fail again. A failure of the situation (no access, an
+output name another source held, a fault that outlasted its retries) is queued again: the
+usual moment for a backfill is just after fixing such a thing. Each
 message names the object generation it was listed at, and carries the `operation` attribute
 that each operation's subscription filters on (without it, filtered subscriptions drop it).
 """
@@ -21,12 +24,21 @@ from collections.abc import Callable, Iterator
 from google.cloud import storage
 
 from handlers import routing
-from handlers.errors import OperationNotServed
+from handlers.errors import OperationNotDeployed, UnsafeObjectName
 from handlers.events import FINALIZE, ObjectEvent
 from handlers.processor import plan_job, skip_reason, taken_by
 from handlers.routing import Ignored, Layout
 from handlers.storage import ObjectState, Store
-from image.errors import InputError
+from image.errors import (
+    DecompressionBomb,
+    ImageDecodeError,
+    ImageTooLarge,
+    InputError,
+    InvalidParameter,
+    JobTooLong,
+    OutOfDeviceMemory,
+    UnknownOperation,
+)
 from image.operations import OPERATION_NAMES
 from image.params import canonical_json
 
@@ -98,17 +110,23 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
     return Decision(uri, "queue", message=message, output=plan.output)
 
 
-# Failures of where a job was delivered, not of the job: backfill's job message names the
-# operation, so it reaches the pool that serves it.
-_ROUTING_FAILURES = frozenset({OperationNotServed.__name__})
+# Failures of the job itself, which the same generation and parameters meet again: a report
+# of one of these keeps backfill from queueing it. Any other (no access, OutputTaken, a pool
+# that did not serve where it was delivered, a fault that outlasted its retries) depended on
+# the situation, which a backfill usually follows the fixing of.
+_FAILURES_OF_THE_JOB = frozenset({
+    ImageDecodeError.__name__, ImageTooLarge.__name__, DecompressionBomb.__name__,
+    InvalidParameter.__name__, UnknownOperation.__name__, UnsafeObjectName.__name__,
+    JobTooLong.__name__, OutOfDeviceMemory.__name__, OperationNotDeployed.__name__,
+})
 
 
 def _same_job(report: dict | None, generation: str, canonical: str) -> bool:
-    """Whether a failure report is about this generation with these parameters (and about
-    the job itself, not where it was delivered)."""
+    """Whether a failure report is about this generation with these parameters, and says
+    the job itself failed (`_FAILURES_OF_THE_JOB`)."""
     if not report or str(report.get("generation")) != generation:
         return False
-    if (report.get("error") or {}).get("type") in _ROUTING_FAILURES:
+    if (report.get("error") or {}).get("type") not in _FAILURES_OF_THE_JOB:
         return False
     try:
         return canonical_json(report.get("params") or {}) == canonical

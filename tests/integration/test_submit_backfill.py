@@ -206,3 +206,26 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
     assert "queued: 1" in only.output, only.output
     wrong = CliRunner().invoke(main, args + ["--dry-run", "--only", "upscal"], env=env)
     assert wrong.exit_code == 2 and "unknown operation 'upscal'" in wrong.output, wrong.output
+
+
+def test_backfill_queues_again_what_failed_for_the_situation_not_for_what_it_is(tiny_settings, bucket):
+    """A report of no access, of an output name another source held, or of a fault that
+    outlasted its retries says nothing of the image: the usual moment for a backfill is just
+    after fixing such a thing. A broken image, or bad parameters, would only fail again."""
+    from handlers.backfill import decide
+
+    store = Store(storage_client(tiny_settings))
+    cases = {"StoragePermanentError": "queue", "OutputTaken": "queue", "ModelError": "queue",
+             "TransientError": "queue", "DeviceFailed": "queue", "OperationNotServed": "queue",
+             "ImageDecodeError": "skip", "InvalidParameter": "skip", "JobTooLong": "skip",
+             "OutOfDeviceMemory": "skip", "OperationNotDeployed": "skip"}
+    for error, action in cases.items():
+        blob = bucket.blob(f"incoming/upscale/{error}.png")
+        blob.upload_from_string(png_bytes(), content_type="image/png")
+        blob.reload()
+        bucket.blob(f"failed/upscale/{error}.png.json").upload_from_string(json.dumps({
+            "source": f"gs://{bucket.name}/{blob.name}", "generation": str(blob.generation), "operation": "upscale",
+            "params": {}, "error": {"type": error, "message": "..."}, "attempt": 5, "time": "2026-11-27T00:00:00Z"}))
+        decision = decide(blob, Layout(), store, None)
+        assert decision.action == action, (error, decision)
+        assert decide(blob, Layout(), store, None, retry_failed=True).action == "queue"
