@@ -198,25 +198,31 @@ def replay(
     """
     report = ReplayReport()
     topics: dict[str, str | None] = {}
+    why_no_topic: dict[str, str] = {}
     held: list[str] = []  # ack ids to leave in place, nacked once the whole run is over
     published: set[str] = set()  # message ids of this run's copies
+    replayed: set[str] = set()  # message ids replayed this run: one pulled again (its ack lost) is not
     try:
         for batch in _batches(subscriber, subscription, limit, wait_seconds):
             futures = []
+            again = []
             for letter in batch:
                 if letter.message_id in published:
                     report.returned += 1
                     held.append(letter.ack_id)
                     continue
+                if letter.message_id in replayed:  # published already: only its ack went missing
+                    again.append(letter.ack_id)
+                    continue
                 if message_ids and letter.message_id not in message_ids:
                     report.left += 1
                     held.append(letter.ack_id)
                     continue
-                target = topic or _source_topic(subscriber, letter, topics)
+                target = topic or _source_topic(subscriber, letter, topics, why_no_topic)
                 if target is None:
-                    report.failed[letter.message_id] = (
-                        "no topic: it does not name the subscription it came from; pass --topic"
-                    )
+                    report.failed[letter.message_id] = why_no_topic.get(
+                        letter.source_subscription or "",
+                        "no topic: it does not name the subscription it came from; pass --topic")
                     held.append(letter.ack_id)
                     continue
                 futures.append(
@@ -231,9 +237,10 @@ def replay(
                     held.append(letter.ack_id)
                     continue
                 done.append(letter.ack_id)
+                replayed.add(letter.message_id)
                 report.replayed.append(letter.message_id)
-            if done:
-                subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done})
+            if done or again:
+                subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done + again})
             log.info(
                 "dead letters replayed",
                 extra={
@@ -292,15 +299,20 @@ def _dead_letter(received) -> DeadLetter:
     )
 
 
-def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None]) -> str | None:
+def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None],
+                  why_not: dict[str, str]) -> str | None:
+    """The topic of the subscription that dead-lettered `letter`; None, with the reason in
+    `why_not`, when it cannot be read (gone; no pubsub.subscriptions.get, which
+    roles/pubsub.subscriber lacks)."""
     path = letter.source_subscription
     if path is None:
         return None
     if path not in cache:
         try:
             cache[path] = subscriber.get_subscription(request={"subscription": path}).topic
-        except api_exceptions.NotFound:
+        except api_exceptions.GoogleAPICallError as error:
             cache[path] = None
+            why_not[path] = f"no topic: cannot read {path} ({error.code} {error.message}); pass --topic"
     return cache[path]
 
 

@@ -57,7 +57,8 @@ def list_(settings, subscription, limit, wait, as_json):
         for letter in letters:
             click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
         return
-    click.echo(f"{len(letters)} message(s) in {path} (left there)")
+    click.echo(f"{len(letters)} message(s) in {path} (left there)"
+               + (f"; --limit {limit} reached: more may remain" if len(letters) >= limit else ""))
     for letter in letters:
         published = letter.publish_time.isoformat() if letter.publish_time else "?"
         attempts = letter.source_attempts if letter.source_attempts is not None else "?"
@@ -91,7 +92,8 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         message_ids=frozenset(message_ids),
         wait_seconds=wait,
     )
-    click.echo(f"replayed {len(report.replayed)} message(s) from {path}")
+    click.echo(f"replayed {len(report.replayed)} message(s) from {path}"
+               + (f"; --limit {limit} reached: more may remain" if len(report.replayed) >= limit else ""))
     for message_id, why in sorted(report.failed.items()):
         click.echo(f"not replayed {message_id}: {why}", err=True)
     if report.left:
