@@ -60,8 +60,11 @@ class Summary:
     queued: int = 0
     done: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    looked_at: int = 0  # objects settled so far
+    current: str = ""  # the object being settled: where a stopped run got to
 
     def add(self, decision: Decision) -> None:
+        self.looked_at += 1
         if decision.action == "queue":
             self.queued += 1
         elif decision.action == "done":
@@ -146,19 +149,22 @@ def backfill(
     retry_failed: bool = False,
     only: frozenset[str] = frozenset(),
     on_decision: Callable[[Decision], None] = lambda decision: None,
+    summary: Summary | None = None,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
     `publish(data, attributes)`; None is a dry run. `rate` bounds publishing in messages per
     second. Of two listed objects that would write one output (photo.jpg, photo.png), only
-    the first is queued: the other would fail with OutputTaken.
+    the first is queued: the other would fail with OutputTaken. `summary`, when given, is
+    filled as it goes: what a run that stopped on an error had done.
     """
     store = Store(client)
-    summary = Summary()
+    summary = Summary() if summary is None else summary
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
     claimed: set[tuple[str, str]] = set()
     for blob in _objects(client, bucket, prefix):
+        summary.current = f"gs://{blob.bucket.name}/{blob.name}"
         decision = decide(blob, layout, store, operation, retry_failed, only)
         if decision.action == "queue":
             if decision.output in claimed:

@@ -21,7 +21,9 @@ import click
 def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
-    from handlers.backfill import backfill
+    from google.api_core.exceptions import GoogleAPICallError
+
+    from handlers.backfill import Summary, backfill
     from handlers.clients import publisher_client, storage_client, topic_path
     from handlers.routing import Layout
     from image.errors import ImagenError
@@ -41,17 +43,35 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
         def publish(data: bytes, attributes: dict[str, str]) -> None:
             publisher.publish(path, data, **attributes).result(timeout=60)
 
+    summary = Summary()
+
     def show(decision):
         if verbose or (dry_run and decision.action == "queue"):
             detail = f" ({decision.detail})" if decision.detail else ""
             click.echo(f"{decision.action:>5}  {decision.uri}  {decision.reason}{detail}".rstrip())
+        elif summary.looked_at % PROGRESS_EVERY == 0:  # a large bucket takes hours: say it moves
+            click.echo(f"... {summary.looked_at} object(s) looked at, {summary.queued} queued", err=True)
 
-    summary = backfill(
-        storage_client(settings), bucket, prefix, Layout.from_settings(settings),
-        operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
-        on_decision=show,
-    )
+    try:
+        backfill(
+            storage_client(settings), bucket, prefix, Layout.from_settings(settings),
+            operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
+            on_decision=show, summary=summary,
+        )
+    except (ImagenError, GoogleAPICallError, TimeoutError) as error:
+        # What it did, and where it stopped: a rerun queues nothing already done or queued and
+        # finished, so running it again is the way on.
+        for line in summary.lines():
+            click.echo(line)
+        where = f" at {summary.current}" if summary.current else ""
+        click.echo(f"imagen: stopped{where}, {summary.looked_at} object(s) settled before it: "
+                   f"{type(error).__name__}: {getattr(error, 'message', None) or error}; run it again to go on",
+                   err=True)
+        raise SystemExit(1) from None
     if dry_run:
         click.echo("dry run: nothing published")
     for line in summary.lines():
         click.echo(line)
+
+
+PROGRESS_EVERY = 10_000

@@ -229,3 +229,16 @@ def test_backfill_queues_again_what_failed_for_the_situation_not_for_what_it_is(
         decision = decide(blob, Layout(), store, None)
         assert decision.action == action, (error, decision)
         assert decide(blob, Layout(), store, None, retry_failed=True).action == "queue"
+
+
+def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings, bucket):
+    # Hours into a large bucket, a refused publish ended it with one line and no summary.
+    for name in ("incoming/upscale/a.png", "incoming/upscale/b.png"):
+        bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
+    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "no-such-topic"],
+                                env=_cli_env(tiny_settings))
+    assert result.exit_code == 1, result.output
+    assert "queued: 0" in result.output and "already done: 0" in result.output
+    assert (f"imagen: stopped at gs://{bucket.name}/incoming/upscale/a.png, 0 object(s) settled before it: "
+            "NotFound: ") in result.output
+    assert result.output.rstrip().endswith("run it again to go on")
