@@ -23,6 +23,10 @@
 # Keep its CUDA major version and TORCH_INDEX_URL's (cu128) in step.
 
 # --- python: the CUDA base plus Python 3.12; the build and runtime stages both start here.
+# gcc, libc6-dev and python3.12-dev are for torch.compile, on by default on CUDA (comic,
+# enhance, upscale): Triton compiles its CUDA launcher (a C extension) at run time, and
+# without a C compiler and Python.h every compile fails ("Failed to find C compiler") and the
+# models stay uncompiled. The runtime user, here once, so that every later layer is shared.
 FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS python
 ARG DEBIAN_FRONTEND=noninteractive
 # Versions are not pinned (DL3008): Ubuntu's archive keeps only the current, security-
@@ -30,7 +34,9 @@ ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
-    && rm -rf /var/lib/apt/lists/*
+        gcc libc6-dev python3.12-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin imagen
 # The base image sets NVIDIA_REQUIRE_CUDA=cuda>=12.8, which the NVIDIA container runtime
 # checks against the driver's own CUDA version: a 535 driver (12.2) would refuse to start the
 # container although minor-version compatibility (above) runs it. A driver really too old
@@ -69,16 +75,17 @@ RUN --mount=type=secret,id=hf_token,required=false \
 
 # --- runtime: the interpreter, the virtual environment and the models; nothing else.
 FROM python AS runtime
-ARG OPERATIONS=upscale,enhance,comic,remove-background
-ARG MODEL_SOURCE=hub
 LABEL org.opencontainers.image.title="imagen" \
       org.opencontainers.image.description="Hugging Face image models on Cloud Storage events" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin imagen
 # The venv from the app stage, not the models stage (where the pull rewrote the packaged
-# lock): the same ~6 GB layer in every operation's image, stored and pulled once. The models
-# are found by their pins, or by the cache's refs/<branch> where the lock has none.
+# lock): the same ~6 GB layer in every operation's image, stored and pulled once, as long as
+# nothing before it depends on OPERATIONS (BuildKit puts a declared ARG in the environment
+# of every later RUN: declared after it). The models are found by their pins, or by the
+# cache's refs/<branch> where the lock has none.
 COPY --from=app /opt/imagen /opt/imagen
+ARG OPERATIONS=upscale,enhance,comic,remove-background
+ARG MODEL_SOURCE=hub
 # Owned by root and read-only to the runtime user: nothing at run time may change a model.
 COPY --from=models /models /models
 ENV MODEL_CACHE_DIR=/models \

@@ -1,6 +1,8 @@
 # Every target that needs Python creates .venv first (torch from the CPU wheel on disk
-# locally; the Docker image installs the CUDA build instead).
+# locally; the Docker image installs the CUDA build instead). Elsewhere, plain PyPI gives
+# torch's CUDA build (GBs of nvidia-* packages): `make TORCH_INDEX=https://download.pytorch.org/whl/cpu test`.
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

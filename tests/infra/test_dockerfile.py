@@ -69,7 +69,28 @@ def test_multi_stage_on_a_cuda_base(dockerfile):
     _, stages = dockerfile
     assert [stage.name for stage in stages] == ["python", "deps", "app", "models", "runtime"]
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-base-ubuntu24\.04", stages[0].base)
-    assert _stage(stages, "runtime").base == "python"  # no compilers, sources or pip caches
+    assert _stage(stages, "runtime").base == "python"  # no sources or pip caches
+
+
+def test_the_image_can_compile_what_torch_compile_generates(dockerfile):
+    # Triton builds its CUDA launcher, a C extension, at run time: without gcc and Python.h
+    # every torch.compile (on by default on CUDA) fails and the models stay uncompiled.
+    _, stages = dockerfile
+    installed = " ".join(i.args for i in _stage(stages, "python").instructions if i.keyword == "RUN")
+    for package in ("gcc", "libc6-dev", "python3.12-dev"):
+        assert re.search(rf"(?<![\w.-]){re.escape(package)}(?![\w.-])", installed), package
+
+
+def test_every_operations_image_shares_the_venv_layer(dockerfile):
+    # A declared ARG enters the environment of every later RUN: one before the venv's COPY
+    # (OPERATIONS differs per image) would give each image its own ~6 GB copy of it.
+    _, stages = dockerfile
+    runtime = _stage(stages, "runtime")
+    keywords = [i.keyword for i in runtime.instructions]
+    venv = next(n for n, i in enumerate(runtime.instructions)
+                if i.keyword == "COPY" and copy_sources(i)[0] == ["/opt/imagen"])
+    assert "ARG" not in keywords[:venv] and "RUN" not in keywords[:venv], keywords
+    assert "useradd --uid 10001" in " ".join(i.args for i in _stage(stages, "python").instructions)
 
 
 def test_torch_is_the_cuda_build_of_the_pinned_release(dockerfile):
