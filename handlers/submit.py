@@ -29,10 +29,11 @@ class Submission:
     job: Job
     output: tuple[str, str]
     report: tuple[str, str]
-    status: str = "queued"  # queued, succeeded, failed
+    status: str = "queued"  # queued, succeeded, failed, superseded
     reason: str = ""
     seconds: str = ""
     local_output: Path | None = None
+    output_generation: int | None = None  # the output object checked: the one downloaded
 
     @property
     def output_uri(self) -> str:
@@ -70,13 +71,19 @@ def upload(client: storage.Client, path: Path, job: Job, plan: Plan, layout: Lay
 
 
 def poll(client: storage.Client, submission: Submission) -> bool:
-    """Look once for the submission's result; True when it has one."""
+    """Look once for the submission's result; True when it has one (or, `superseded`, when
+    a newer upload of the same name has its result or report: this one will never)."""
     source = submission.job
     output = _blob(client, *submission.output)
-    if output is not None and (output.metadata or {}).get(routing.SOURCE_GENERATION_KEY) == source.generation:
+    metadata = (output.metadata or {}) if output is not None else {}
+    if output is not None and metadata.get(routing.SOURCE_GENERATION_KEY) == source.generation:
         submission.status = "succeeded"
-        submission.seconds = (output.metadata or {}).get(routing.SECONDS_KEY, "")
+        submission.seconds = metadata.get(routing.SECONDS_KEY, "")
+        submission.output_generation = output.generation
         return True
+    if metadata.get(routing.SOURCE_KEY) == source.source_uri and _newer(metadata.get(routing.SOURCE_GENERATION_KEY),
+                                                                        source.generation):
+        return _superseded(submission, metadata[routing.SOURCE_GENERATION_KEY])
     report = _blob(client, *submission.report)
     if report is not None:
         try:
@@ -88,13 +95,31 @@ def poll(client: storage.Client, submission: Submission) -> bool:
             error = body.get("error") or {}
             submission.reason = f"{error.get('type')}: {error.get('message')}"
             return True
+        if _newer(body.get("generation"), source.generation):
+            return _superseded(submission, body["generation"])
     return False
 
 
+def _newer(generation, than: str) -> bool:
+    try:
+        return int(generation) > int(than)
+    except (TypeError, ValueError):
+        return False
+
+
+def _superseded(submission: Submission, newer: str) -> bool:
+    submission.status = "superseded"
+    submission.reason = (f"gs://{submission.job.bucket}/{submission.job.name} was uploaded again (generation "
+                         f"{newer}) before this upload's result: its result is that one's")
+    return True
+
+
 def download(client: storage.Client, submission: Submission, out_dir: Path) -> Path:
+    """The output `poll` found, that very generation (a newer one may have replaced it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     local = out_dir / Path(submission.output[1]).name
-    client.bucket(submission.output[0]).blob(submission.output[1]).download_to_filename(str(local))
+    bucket, name = submission.output
+    client.bucket(bucket).blob(name, generation=submission.output_generation).download_to_filename(str(local))
     submission.local_output = local
     return local
 

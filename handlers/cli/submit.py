@@ -22,6 +22,8 @@ from handlers.cli.options import param_options
 @click.pass_obj
 def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     """Upload FILES under incoming/<operation>/ and, with --wait, report each result."""
+    from google.api_core.exceptions import GoogleAPICallError
+
     from handlers.clients import storage_client
     from handlers.routing import Layout
     from handlers import submit
@@ -41,9 +43,13 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
         if submission.status == "succeeded":
             line = f"done     {submission.path.name} -> {submission.output_uri} ({submission.seconds} s)"
             if out_dir:
-                line += f" -> {submit.download(client, submission, out_dir)}"
+                try:
+                    line += f" -> {submit.download(client, submission, out_dir)}"
+                except (GoogleAPICallError, OSError) as error:  # one file's, not the others' results
+                    submission.status = "not downloaded"
+                    line += f"; not downloaded: {getattr(error, 'message', None) or error}"
         else:
-            line = f"failed   {submission.path.name}: {submission.reason}"
+            line = f"{submission.status:<8} {submission.path.name}: {submission.reason}"
         click.echo(line)
 
     with click.progressbar(length=len(submissions), label="waiting", file=sys.stderr) as bar:

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from google.api_core.exceptions import NotFound
 from PIL import Image
 
 from handlers.cli import main
@@ -242,3 +243,30 @@ def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings
     assert (f"imagen: stopped at gs://{bucket.name}/incoming/upscale/a.png, 0 object(s) settled before it: "
             "NotFound: ") in result.output
     assert result.output.rstrip().endswith("run it again to go on")
+
+
+def test_submit_says_when_a_newer_upload_of_the_same_name_took_the_result(tiny_settings, bucket, tmp_path):
+    # A script retried, a colleague uploaded the same name: the first submit waited its whole
+    # timeout for a result that could never come.
+    from handlers import submit
+
+    client = storage_client(tiny_settings)
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(png_bytes())
+    [(path, job, plan)] = prepare([picture], bucket.name, "upscale", {}, Layout())
+    first = submit.upload(client, path, job, plan, Layout())
+    second = submit.upload(client, path, job, plan, Layout())
+    processor = Processor(engine=FakeEngine(), store=Store(client), settings=tiny_settings)
+    assert processor.handle(JobRequest(bucket.name, job.name, "upscale", {},
+                                       generation=second.job.generation)).status == "succeeded"
+    assert submit.poll(client, first) and first.status == "superseded"
+    assert f"uploaded again (generation {second.job.generation})" in first.reason
+    assert submit.poll(client, second) and second.status == "succeeded"
+    # What it downloads is the output it checked, never a newer upload's that replaced it.
+    assert submit.download(client, second, tmp_path / "out").read_bytes() == \
+        bucket.get_blob(plan.output[1]).download_as_bytes()
+    third = submit.upload(client, path, job, plan, Layout())
+    assert processor.handle(JobRequest(bucket.name, job.name, "upscale", {"seed": 5},
+                                       generation=third.job.generation)).status == "succeeded"
+    with pytest.raises(NotFound):  # replaced (the bucket keeps no old generations): not someone else's
+        submit.download(client, second, tmp_path / "again")
