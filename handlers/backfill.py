@@ -16,6 +16,7 @@ that each operation's subscription filters on (without it, filtered subscription
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import time
@@ -150,36 +151,58 @@ def backfill(
     only: frozenset[str] = frozenset(),
     on_decision: Callable[[Decision], None] = lambda decision: None,
     summary: Summary | None = None,
+    workers: int = 16,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
     `publish(data, attributes)`; None is a dry run. `rate` bounds publishing in messages per
     second. Of two listed objects that would write one output (photo.jpg, photo.png), only
     the first is queued: the other would fail with OutputTaken. `summary`, when given, is
-    filled as it goes: what a run that stopped on an error had done.
+    filled as it goes: what a run that stopped on an error had done. `workers` objects are
+    looked at (their outputs and reports read) at once, decided and published in listing
+    order: a bucket of millions is hours of lookups one at a time.
     """
     store = Store(client)
     summary = Summary() if summary is None else summary
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
     claimed: set[tuple[str, str]] = set()
-    for blob in _objects(client, bucket, prefix):
-        summary.current = f"gs://{blob.bucket.name}/{blob.name}"
-        decision = decide(blob, layout, store, operation, retry_failed, only)
-        if decision.action == "queue":
-            if decision.output in claimed:
-                decision = Decision(decision.uri, "skip", OUTPUT_TAKEN)
-            else:
-                claimed.add(decision.output)
-        if decision.action == "queue" and publish is not None:
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            publish(json.dumps(decision.message).encode(), {"operation": decision.message["operation"]})
-            next_at = max(next_at, time.monotonic()) + interval
-        summary.add(decision)
-        on_decision(decision)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
+        ahead: collections.deque = collections.deque()  # (uri, its decision to come), in listing order
+
+        def decided() -> Iterator[tuple[str, Decision]]:
+            for blob in _objects(client, bucket, prefix):
+                ahead.append((f"gs://{blob.bucket.name}/{blob.name}",
+                              pool.submit(decide, blob, layout, store, operation, retry_failed, only)))
+                if len(ahead) >= 2 * workers:
+                    uri, future = ahead.popleft()
+                    yield uri, future
+            while ahead:
+                yield ahead.popleft()
+
+        for uri, future in decided():
+            summary.current = uri
+            next_at = _settle(future.result(), summary, claimed, publish, interval, next_at, on_decision)
     return summary
+
+
+def _settle(decision: Decision, summary: Summary, claimed: set, publish, interval: float, next_at: float,
+            on_decision: Callable[[Decision], None]) -> float:
+    """Publish (at the rate) what is to be queued, count it; the next publish's earliest time."""
+    if decision.action == "queue":
+        if decision.output in claimed:
+            decision = Decision(decision.uri, "skip", OUTPUT_TAKEN)
+        else:
+            claimed.add(decision.output)
+    if decision.action == "queue" and publish is not None:
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        publish(json.dumps(decision.message).encode(), {"operation": decision.message["operation"]})
+        next_at = max(next_at, time.monotonic()) + interval
+    summary.add(decision)
+    on_decision(decision)
+    return next_at
 
 
 def _objects(client: storage.Client, bucket: str, prefix: str) -> Iterator[storage.Blob]:

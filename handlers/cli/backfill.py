@@ -16,9 +16,11 @@ import click
 @click.option("--only", "only", multiple=True, metavar="OP",
               help="Queue only jobs for this operation or chain (one a deployed worker serves); "
               "repeatable. Default: every operation and chain.")
+@click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 64),
+              help="Objects looked at (output and report read) at once; decided in listing order.")
 @click.option("--verbose", "-v", is_flag=True, help="Print every object's decision.")
 @click.pass_obj
-def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, verbose):
+def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, workers, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
     from google.api_core.exceptions import GoogleAPICallError
@@ -56,7 +58,7 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
         backfill(
             storage_client(settings), bucket, prefix, Layout.from_settings(settings),
             operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
-            on_decision=show, summary=summary,
+            on_decision=show, summary=summary, workers=workers,
         )
     except (ImagenError, GoogleAPICallError, TimeoutError) as error:
         # What it did, and where it stopped: a rerun queues nothing already done or queued and
