@@ -66,6 +66,7 @@ class Summary:
 
     def add(self, decision: Decision) -> None:
         self.looked_at += 1
+        self.current = ""  # settled: a stop from here on is past it
         if decision.action == "queue":
             self.queued += 1
         elif decision.action == "done":
@@ -119,7 +120,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
 # that did not serve where it was delivered, a fault that outlasted its retries) depended on
 # the situation, which a backfill usually follows the fixing of.
 _FAILURES_OF_THE_JOB = frozenset({
-    ImageDecodeError.__name__, ImageTooLarge.__name__, DecompressionBomb.__name__,
+    InputError.__name__, ImageDecodeError.__name__, ImageTooLarge.__name__, DecompressionBomb.__name__,
     InvalidParameter.__name__, UnknownOperation.__name__, UnsafeObjectName.__name__,
     JobTooLong.__name__, OutOfDeviceMemory.__name__, OperationNotDeployed.__name__,
 })

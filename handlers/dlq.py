@@ -2,9 +2,9 @@
 
 A message lands there after the main subscription's `max_delivery_attempts` (20 with the
 Terraform; more than the processor's MAX_ATTEMPTS, after which a job's transient fault ends in
-a failure report): a job turned away every time (Cloud Run's 429, every instance busy), a
-body that could not be parsed (HTTP 400 / nack), a refused job message, or a job whose
-failure report could not be written.
+a failure report): a job turned away every time (Cloud Run's 429, every instance busy), or a
+job whose failure report could not be written; or at once, moved there by the worker (below):
+a message that cannot be parsed, a refused job message.
 
     letters = list_dead_letters(subscriber, dlq_subscription)   # pulled, then nacked: they stay
     report = replay(subscriber, publisher, dlq_subscription)   # republished, then acked
@@ -44,6 +44,7 @@ SOURCE_PROJECT = "CloudPubSubDeadLetterSourceSubscriptionProject"
 SOURCE_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
 SOURCE_PUBLISH_TIME = "CloudPubSubDeadLetterSourceTopicPublishTime"
 REASON = "imagen-dead-letter-reason"  # why the worker moved it there itself
+MOVED_FROM = "imagen-dead-letter-message-id"  # the id of the message the worker moved
 MAX_ATTRIBUTE_VALUE = 1024  # bytes, Pub/Sub's limit
 BATCH = 100  # messages per pull
 PULL_SECONDS = 5.0  # how long a pull waits for messages before the subscription looks empty
@@ -85,7 +86,7 @@ class DeadLetter:
         return {
             key: value
             for key, value in self.attributes.items()
-            if not key.startswith(_DEAD_LETTER_PREFIX) and not key.startswith("goog") and key != REASON
+            if not _added_on_the_way(key)
         }
 
     @property
@@ -120,6 +121,12 @@ class DeadLetter:
         }
 
 
+def _added_on_the_way(key: str) -> bool:
+    """An attribute Pub/Sub or a worker added when dead-lettering (names starting with "goog"
+    are Google's)."""
+    return key.startswith((_DEAD_LETTER_PREFIX, "goog")) or key in (REASON, MOVED_FROM)
+
+
 class DeadLetterer:
     """Moves a message that no delivery can settle to the dead-letter `topic` at once, as
     Pub/Sub would after its attempts: its data and attributes, plus Pub/Sub's source
@@ -134,6 +141,8 @@ class DeadLetterer:
         not be published (then nack it: Pub/Sub's own policy still moves it, later)."""
         added = {SOURCE_DELIVERY_COUNT: str(message.delivery_attempt or 1),
                  REASON: reason.encode()[:MAX_ATTRIBUTE_VALUE].decode(errors="ignore")}
+        if message.message_id:  # a replay knows its own copies coming back by it
+            added[MOVED_FROM] = message.message_id
         if subscription and subscription.startswith("projects/"):
             _, project, _, name = subscription.split("/", 3)
             added |= {SOURCE_SUBSCRIPTION: name, SOURCE_PROJECT: project}
@@ -141,8 +150,8 @@ class DeadLetterer:
             added[SOURCE_PUBLISH_TIME] = message.published.isoformat()
         fields = {"message_id": message.message_id, "topic": self.topic, "reason": reason}
         try:
-            self._publisher.publish(self.topic, message.data, **{**message.attributes, **added}).result(
-                timeout=PUBLISH_SECONDS)
+            kept = {key: value for key, value in message.attributes.items() if not _added_on_the_way(key)}
+            self._publisher.publish(self.topic, message.data, **kept, **added).result(timeout=PUBLISH_SECONDS)
         except Exception as error:  # the message goes back to Pub/Sub instead
             log.error("could not move the message to the dead-letter topic: %s", error, extra={"fields": fields})
             return False
@@ -156,6 +165,7 @@ class ReplayReport:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # message id -> why
     left: int = 0  # pulled but not selected: left in the dead-letter subscription
     returned: int = 0  # this run's own copies pulled back: the topic feeds the subscription
+    pulled: int = 0  # messages pulled from the dead-letter subscription in all
 
 
 def list_dead_letters(
@@ -207,7 +217,10 @@ def replay(
             futures = []
             again = []
             for letter in batch:
-                if letter.message_id in published:
+                report.pulled += 1
+                # This run's own copy, back again (the topic feeds this subscription, or a worker
+                # moved it here once more: what cannot be parsed always comes back).
+                if letter.message_id in published or letter.attributes.get(MOVED_FROM) in published:
                     report.returned += 1
                     held.append(letter.ack_id)
                     continue
@@ -310,7 +323,7 @@ def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None],
     if path not in cache:
         try:
             cache[path] = subscriber.get_subscription(request={"subscription": path}).topic
-        except api_exceptions.GoogleAPICallError as error:
+        except (api_exceptions.NotFound, api_exceptions.PermissionDenied) as error:
             cache[path] = None
             why_not[path] = f"no topic: cannot read {path} ({error.code} {error.message}); pass --topic"
     return cache[path]

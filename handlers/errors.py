@@ -10,9 +10,11 @@
     │   │                           operation (imagen-operation metadata across folders)
     │   ├── OperationNotDeployed    no pool of an unfiltered deployment serves the job
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
-    ├── EventError                  a request or message that cannot be parsed at all (HTTP 400)
-    ├── Undeliverable               refused, with no bucket of ours to report in (HTTP 400, nack:
-    │                               the message ends in the dead-letter topic)
+    ├── EventError                  a request or message that cannot be parsed (to the dead-letter
+    │                               topic at once where IMAGEN_DEAD_LETTER_TOPIC names it; else
+    │                               HTTP 400, nack; a body that is no push envelope: 400)
+    ├── Undeliverable               refused, with no bucket of ours to report in (the same: the
+    │                               message ends in the dead-letter topic)
     ├── ConfigError                 bad settings; raised at start-up, names the variable
     ├── SourceSuperseded            the event's generation is gone or replaced: skip, ack
     └── TransientError              worth retrying: 429/5xx, timeouts (HTTP 503, nack)

@@ -23,7 +23,7 @@ import click
 def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, workers, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
-    from google.api_core.exceptions import GoogleAPICallError
+    from google.api_core.exceptions import GoogleAPIError
 
     from handlers.backfill import Summary, backfill
     from handlers.clients import publisher_client, storage_client, topic_path
@@ -60,12 +60,12 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
             operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
             on_decision=show, summary=summary, workers=workers,
         )
-    except (ImagenError, GoogleAPICallError, TimeoutError) as error:
+    except (ImagenError, GoogleAPIError, OSError) as error:  # a listing's RetryError, a lost connection
         # What it did, and where it stopped: a rerun queues nothing already done or queued and
         # finished, so running it again is the way on.
         for line in summary.lines():
             click.echo(line)
-        where = f" at {summary.current}" if summary.current else ""
+        where = f" at {summary.current}" if summary.current else " while listing"
         click.echo(f"imagen: stopped{where}, {summary.looked_at} object(s) settled before it: "
                    f"{type(error).__name__}: {getattr(error, 'message', None) or error}; run it again to go on",
                    err=True)

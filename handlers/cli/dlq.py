@@ -93,7 +93,7 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         wait_seconds=wait,
     )
     click.echo(f"replayed {len(report.replayed)} message(s) from {path}"
-               + (f"; --limit {limit} reached: more may remain" if len(report.replayed) >= limit else ""))
+               + (f"; --limit {limit} reached: more may remain" if report.pulled >= limit else ""))
     for message_id, why in sorted(report.failed.items()):
         click.echo(f"not replayed {message_id}: {why}", err=True)
     if report.left:

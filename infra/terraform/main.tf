@@ -199,7 +199,7 @@ check "unrouted_filter_fits" {
 check "k8s_names" {
   assert {
     condition     = var.mode != "gke" || (var.name_prefix == "imagen" && var.gke_namespace == "imagen")
-    error_message = "infra/k8s names its subscriptions and service accounts imagen-<operation>, in the namespace imagen: with another name_prefix or gke_namespace, rename them there too (the namespace of infra/k8s's kustomizations, base and overlays), or Workload Identity binds accounts no pod uses."
+    error_message = "infra/k8s names its subscriptions, dead-letter topics and service accounts imagen-<operation>, in the namespace imagen: with another name_prefix or gke_namespace, rename them there too (the namespace of infra/k8s's kustomizations, base and overlays), or Workload Identity binds accounts no pod uses."
   }
 }
 

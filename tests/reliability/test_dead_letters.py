@@ -361,3 +361,26 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
     broken = create_app(processor, lambda: "READY",
                         dead_letters=DeadLetterer(publisher, topology["dead_topic"] + "-missing"))
     assert broken.test_client().post("/", json=envelope).status_code == 400
+
+
+def test_replaying_what_a_worker_moves_back_at_once_replays_it_once(settings, bucket, publisher, subscriber,
+                                                                    topology):
+    """An unparseable message replayed with a worker running comes straight back (moved again,
+    under a new id): the replay knows its own copy by the id the worker notes, instead of
+    publishing it again and again up to --limit."""
+    from handlers.dlq import DeadLetterer
+    from handlers.worker import PullWorker
+
+    mover = DeadLetterer(publisher, topology["dead_topic"])
+    worker = PullWorker(subscriber, topology["main_sub"], processor_for(settings, FakeEngine()), dead_letters=mover)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    try:
+        publisher.publish(topology["main_topic"], b"\x00not json").result(timeout=30)
+        wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 1,
+                 timeout=60, what="the first move")
+        report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=3.0)
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert len(report.replayed) == 1 and report.returned <= 1, report
