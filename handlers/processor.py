@@ -286,9 +286,13 @@ class Processor:
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
         except DeviceFailed as error:
-            # This process's GPU, not the job: retried elsewhere, never reported (the process
-            # is restarting). A job that breaks every GPU it meets ends in the dead-letter topic.
+            # This process's GPU, not the job: retried elsewhere (the process is restarting),
+            # and with attempt numbers never reported: a job that breaks every GPU it meets ends
+            # in the dead-letter topic. Without them (Eventarc: no dead-letter topic) the age
+            # bounds it, or it would restart instances for Eventarc's 24 h and then be dropped.
             log.error("job failed on this instance: %s", error, extra={"fields": {**fields, "error": _error(error)}})
+            if attempt is None and (last := last_try(None, sent, now=delivered)) is not None:
+                return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.

@@ -31,7 +31,7 @@ from handlers.processor import (
 )
 from handlers.results import ResultPublisher
 from handlers.storage import Store
-from image.errors import JobTooLong, ModelError, OutOfDeviceMemory
+from image.errors import DeviceFailed, JobTooLong, ModelError, OutOfDeviceMemory
 
 from .conftest import PROJECT, png_bytes, wait_for
 
@@ -840,3 +840,16 @@ def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, cap
     assert (failed["operation"], failed["error"]["type"]) == ("comic", "InvalidParameter")  # the metric's labels
     assert [line["message"].split(":")[0] for line in lines if _logging_filter_matches(errors, line)] == [
         "job failed on this instance"]
+
+
+def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket):
+    # With attempt numbers a job that breaks every GPU ends in the dead-letter topic; on
+    # Eventarc (no dead-letter topic) the age bounds it, or it would restart instances for a day.
+    source = _upload(bucket, "incoming/upscale/gpu.png")
+    broken = _processor(settings, FakeEngine(fail_with=DeviceFailed("the GPU failed (illegal memory access)")))
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=MAX_RETRY_SECONDS + 60)
+    with pytest.raises(TransientError):
+        broken.handle(_event(source), attempt=MAX_ATTEMPTS + 10, sent=old)
+    assert bucket.get_blob("failed/upscale/gpu.png.json") is None
+    assert broken.handle(_event(source), sent=old).status == "failed"
+    assert _report(bucket, "failed/upscale/gpu.png.json")["error"]["type"] == "DeviceFailed"
