@@ -54,8 +54,8 @@ log = logging.getLogger("imagen.processor")
 
 # From this delivery attempt on, once the event is also MAX_RETRY_SECONDS old, a transient
 # fault becomes a failure report, so the user learns why. The age as well: an instance that
-# fails every job fast (a GPU gone bad) would otherwise spend five deliveries in Pub/Sub's
-# first 150 s of backoff and turn a backlog into reports. infra/terraform's dead-letter
+# fails every job fast would otherwise spend five deliveries in Pub/Sub's first 150 s of
+# backoff and turn a backlog into reports. infra/terraform's dead-letter
 # policy allows more deliveries (20, ~2.3 h of backoff) for those that never reach a job
 # (Cloud Run's 429 while every instance is busy).
 MAX_ATTEMPTS = 5
@@ -195,7 +195,7 @@ class Processor:
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
         job_id = message_id or _job_id(job)
         # Every line of the job carries these, so one filter finds them all (the operation as
-        # the job names it until it is planned; the message id is what `imagen dlq` shows).
+        # the job names it until it is planned).
         fields = {"job_id": job_id, "message_id": message_id, "source": job.source_uri,
                   "generation": job.generation, "operation": job.operation, "attempt": attempt}
         timings: dict[str, float] = {}

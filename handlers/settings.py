@@ -159,9 +159,8 @@ class Settings:
             raise ConfigError(f"IMAGEN_MAX_PIXELS: {self.max_pixels} is more than Pillow opens "
                               f"({2 * Image.MAX_IMAGE_PIXELS}): larger images would fail as decompression bombs")
         if self.push_service_accounts and not self.push_audience:
-            raise ConfigError(
-                "IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's OIDC audience: the service URL)"
-            )
+            raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
+                              "OIDC audience: the service URL)")
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,
             "IMAGEN_OUTPUT_PREFIX": self.output_prefix,

@@ -7,9 +7,10 @@ up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling, lets the job o
 finish, hands back (nacks) prefetched jobs still waiting for the GPU, so a drain takes one
 job's time, and returns; messages received but not started are nacked by the library, so
 nothing is lost. A message no delivery can settle goes to the dead-letter topic at once where
-one is given (`dead_letters`), else is nacked for the dead-letter policy. When the GPU fails for good (`device_failed()`: a CUDA error other than out of
-memory) it stops the same way and raises DeviceFailed, so the process exits non-zero and its
-platform restarts it, instead of failing every job fast (and so taking most of them).
+one is given (`dead_letters`), else is nacked for the dead-letter policy. When the GPU fails
+for good (`device_failed()`: a CUDA error other than out of memory) it stops the same way and
+raises DeviceFailed, so the process exits non-zero and its platform restarts it, instead of
+failing every job fast (and so taking most of them).
 """
 
 from __future__ import annotations

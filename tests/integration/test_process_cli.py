@@ -64,7 +64,8 @@ def test_process_of_an_object_no_event_would_run_says_to_name_the_operation(sett
     # Outside incoming/: an upload there is ignored, so process asks for --operation (it
     # crashed with NameError instead).
     bucket.blob("photos/boot.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
-    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/photos/boot.png"], env=_env(settings, tiny_cache))
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/photos/boot.png"],
+                                env=_env(settings, tiny_cache))
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"imagen: ConfigError: gs://{bucket.name}/photos/boot.png: ")
     assert result.output.strip().endswith("pass --operation to process it anyway")

@@ -141,7 +141,8 @@ def test_an_exception_no_one_caught_in_a_thread_is_a_json_line():
         "raise KeyError('and in the main one')\n")
     assert done.returncode == 1 and done.stderr == ""
     thread, main = _json_lines(done.stdout)
-    assert thread["severity"] == "CRITICAL" and thread["message"] == "uncaught ValueError in imagen-compile: lost in a thread"
+    assert thread["severity"] == "CRITICAL"
+    assert thread["message"] == "uncaught ValueError in imagen-compile: lost in a thread"
     assert "ValueError: lost in a thread" in thread["stack_trace"]
     assert main["message"] == "uncaught KeyError: 'and in the main one'" and "KeyError" in main["stack_trace"]
 
