@@ -30,8 +30,8 @@ BUILD_ARGS = {"MODEL_SOURCE": "tiny", "TORCH_INDEX_URL": ""}
 
 # RUN lines not run here, each with why; any other RUN line is run.
 SKIPPED_RUNS = {
-    "apt-get ": "installs the image's system Python; this machine has its own",
-    "useradd ": "creates the image's runtime user; it would change this machine",
+    # and creates the image's runtime user, which would change this machine
+    "apt-get ": "installs the image's system Python and C compiler; this machine has its own",
 }
 
 # Absolute paths of the image that the steps use, moved under the temporary root.
