@@ -51,6 +51,11 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
         sys.excepthook = _uncaught
 
 
+def error_fields(error: BaseException, note: str = "") -> dict[str, str]:
+    """An error as log lines and failure reports give it: {"type", "message"}."""
+    return {"type": type(error).__name__, "message": f"{error}{note}"}
+
+
 def is_configured() -> bool:
     return any(isinstance(handler.formatter, JsonFormatter) for handler in logging.getLogger().handlers)
 
@@ -62,7 +67,7 @@ def fatal(error: BaseException, *, trace: bool) -> None:
     logging.getLogger("imagen").critical(
         "imagen stopped: %s: %s", type(error).__name__, error,
         exc_info=error if trace else None,
-        extra={"fields": {"error": {"type": type(error).__name__, "message": str(error)}}},
+        extra={"fields": {"error": error_fields(error)}},
     )
 
 

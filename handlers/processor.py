@@ -36,6 +36,7 @@ from handlers.errors import (
     Undeliverable,
 )
 from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
+from handlers.logs import error_fields
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
@@ -278,7 +279,7 @@ class Processor:
             log.warning(
                 "job will be retried: %s",
                 error,
-                extra={"fields": {**fields, "error": _error(error), "timings": timings}},
+                extra={"fields": {**fields, "error": error_fields(error), "timings": timings}},
             )
             raise
         except Withdrawn as error:
@@ -290,14 +291,15 @@ class Processor:
             # and with attempt numbers never reported: a job that breaks every GPU it meets ends
             # in the dead-letter topic. Without them (Eventarc: no dead-letter topic) the age
             # bounds it, or it would restart instances for Eventarc's 24 h and then be dropped.
-            log.error("job failed on this instance: %s", error, extra={"fields": {**fields, "error": _error(error)}})
+            log.error("job failed on this instance: %s", error,
+                      extra={"fields": {**fields, "error": error_fields(error)}})
             if attempt is None and (last := last_try(None, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error,
-                      extra={"fields": {**fields, "error": _error(error)}})
+                      extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
@@ -451,7 +453,7 @@ class Processor:
             if done:
                 return self._skipped(job, plan, done, fields)
         bucket, name = routing.failure_location(job, self._layout)
-        details = {"type": type(error).__name__, "message": f"{error}{note}"}
+        details = error_fields(error, note)
         if job.origin == "job-message" and bucket not in self._allowed_buckets:
             # Its report would land in a bucket outside the allowlist: write nothing there.
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
@@ -477,7 +479,7 @@ class Processor:
             # The job's end would otherwise leave no line at all: it goes back to Pub/Sub.
             log.error("job failed, and its failure report could not be written (%s): %s", write_error,
                       details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,
-                                                            "report_error": _error(write_error)}})
+                                                            "report_error": error_fields(write_error)}})
             raise
         log.warning("job failed: %s", details["message"],
                     extra={"fields": {**fields, "error": details, "report": report_uri}})
@@ -703,10 +705,6 @@ def _report_params(raw: Any) -> Any:
         except (TypeError, ValueError, RecursionError):
             return "<unserialisable parameters>"
     return text[:2000] if len(text) > 2000 else raw
-
-
-def _error(error: BaseException) -> dict[str, str]:
-    return {"type": type(error).__name__, "message": str(error)}
 
 
 def _no_constant(name: str):

@@ -95,8 +95,7 @@ class Engine:
         with self._setup_lock:
             if self.state == READY:
                 return
-            if self.state == DEVICE_FAILED:
-                raise DeviceFailed(f"the GPU failed ({self.error}): only a new process can use it") from self.error
+            self._refuse_on_a_failed_device()
             self.state, self.error = STARTING, None
             try:
                 self._read_weights_ahead()  # before torch and diffusers are imported
@@ -211,9 +210,7 @@ class Engine:
 
         # 2. Run the chain
         with self._run_lock:
-            if self.state == DEVICE_FAILED:  # a job that waited for the device while it failed
-                raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes "
-                                   "no more jobs") from self.error
+            self._refuse_on_a_failed_device()  # a job that waited for the device while it failed
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
             deadline = Deadline(max_seconds) if max_seconds else None
@@ -260,9 +257,7 @@ class Engine:
         if self.state != READY:
             if self.state == SETUP_FAILED:
                 raise ModelError(f"the models failed to set up: {self.error}") from self.error
-            if self.state == DEVICE_FAILED:
-                raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes "
-                                   "no more jobs") from self.error
+            self._refuse_on_a_failed_device()
             self.setup()
         for name in _chain(chain):
             if name not in self._ops:
@@ -271,6 +266,13 @@ class Engine:
             size = self._ops[name].output_size(size)
         check_encodable(size, format)
         return size
+
+    def _refuse_on_a_failed_device(self) -> None:
+        """DeviceFailed once a CUDA error left the device unusable: no job runs on it, and no
+        set-up either (only a new process can use the GPU)."""
+        if self.state == DEVICE_FAILED:
+            raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes no more "
+                               "jobs") from self.error
 
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""

@@ -37,16 +37,14 @@ class _Group(click.Group):
             _stop(ctx, f"{type(error).__name__}: {error}", error, 2 if isinstance(error, ConfigError) else 1)
         except GoogleAPICallError as error:
             _stop(ctx, f"{type(error).__name__}: {error.message or error}", error, 1)
-        except OSError as error:  # a disk full, a folder it may not write: the system's own words
-            if ctx.invoked_subcommand in _LOGGED:
-                _stop(ctx, str(error), error, 1, trace=True)
-            if error.errno is None or ctx.invoked_subcommand in _SERVICES:
-                raise  # a service's crash keeps its traceback
-            _stop(ctx, str(error), error, 1)
         except Exception as error:
-            if ctx.invoked_subcommand not in _LOGGED:
+            if ctx.invoked_subcommand in _LOGGED:  # any other reason serve or worker stops
+                _stop(ctx, str(error), error, 1, trace=True)
+            # A disk full, a folder it may not write: the system's own words; elsewhere, and for
+            # `imagen dev`, a crash keeps its traceback.
+            if not isinstance(error, OSError) or error.errno is None or ctx.invoked_subcommand in _SERVICES:
                 raise
-            _stop(ctx, str(error), error, 1, trace=True)
+            _stop(ctx, str(error), error, 1)
 
 
 def _stop(ctx, text: str, error: Exception, code: int, *, trace: bool = False):

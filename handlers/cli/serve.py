@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from handlers.logs import configure_logging
+from handlers.logs import configure_logging, error_fields
 
 log = logging.getLogger("imagen.serve")
 
@@ -87,7 +87,7 @@ def _setup(engine) -> None:
         # Not ready ever: waiting out the startup probe's window (up to 30 minutes) would
         # only bill the GPU for it. Stop, so the platform says so and tries a new instance.
         log.critical("model set-up failed; stopping: %s", error, exc_info=error,
-                     extra={"fields": {"error": {"type": type(error).__name__, "message": str(error)}}})
+                     extra={"fields": {"error": error_fields(error)}})
         os._exit(_STOP_SERVER)
 
 
