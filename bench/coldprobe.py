@@ -89,11 +89,14 @@ _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os
 
 
 def _children(operation: str, cache: Path) -> dict:
-    """The cold bench's child programs and the snapshot, from a helper process: this one
-    must not import torch (pages it maps stay in the page cache whatever is dropped)."""
+    """The cold bench's child programs and the snapshot, from a helper process (which builds
+    the model first if this machine has none): this one must not import torch (pages it maps
+    stay in the page cache whatever is dropped)."""
     code = ("import json, sys; from pathlib import Path; from bench.cold import stock_code, imagen_code;"
-            "from bench.configs import snapshot_of; from image.operations.switches import Tuning;"
+            "from bench.configs import FULL, prepare_models, snapshot_of;"
+            "from image.operations.switches import Tuning;"
             f"op, cache = {operation!r}, Path({str(cache)!r});"
+            "prepare_models([op], cache, kind=FULL, device='cuda');"
             "off = Tuning.for_device('cuda', op).replace(read_ahead=False);"
             "print(json.dumps({'snapshot': str(snapshot_of(op, cache)), 'stock': stock_code(op, cache, 'cuda', 'float16'),"
             "'imagen': imagen_code(op, cache, 'cuda', None), 'imagen_no_read_ahead': imagen_code(op, cache, 'cuda', off)}))")
