@@ -43,6 +43,12 @@ MATMUL_ATTENTION_PAYS = frozenset({"upscale"})
 PyTorch's kernel, 0.69 s as products), 256 -> 1024 2.05 -> 2.01 s, +0.16 GiB. The SDXL
 refiner's 128^2 latent: 3.7 -> 2.3 ms per call, not measured end to end; SD1.5's is smaller."""
 
+COMPILE_VAE_PAYS = frozenset({"upscale"})
+"""Operations whose VAE decoder ran faster compiled too (Inductor's group norms take NHWC as it
+is and fuse with their activations; eager ones copy to NCHW and back) on an H200: upscale
+512 -> 2048 3.57 -> 3.12 s and 9.0 -> 7.5 GiB, 256 -> 1024 2.03 -> 1.95 s. comic and enhance:
+not measured (one small decode per image against 50 UNet steps)."""
+
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); uncompiled
 enhance ran 4 % slower. Compiled operations run in NHWC whatever this says (the variant
@@ -83,7 +89,8 @@ class Tuning:
             compiled = operation in COMPILE_PAYS
             return cls(channels_last=operation in CHANNELS_LAST_PAYS or compiled, fuse_qkv=True, read_ahead=True,
                        direct_to_device=True, vae_bf16=True,
-                       vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS, compile=compiled, background_compile=True,
+                       vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS,
+                       compile_vae=operation in COMPILE_VAE_PAYS, compile=compiled, background_compile=True,
                        cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 

@@ -23,9 +23,9 @@ pays (bench/README.md has the figures):
 | `cudnn_benchmark` | cuDNN times its conv algorithms once per shape | off: under 1 % faster, 0.7-4.5 s more warm-up |
 | `vae_tiling` | the VAE decodes big latents in blended tiles (bounded memory) | off: not stock's pixels; the buckets bound memory |
 | `vae_matmul_attention` | the VAE's one-head, 512-wide attention as chunked matrix products (vae_attention.py) | upscale: 512 -> 2048 4.36 -> 3.54 s (its 512 tile's decode attention 1.53 -> 0.69 s) |
-| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder and encoder for the warm-up's shapes (upscale's tile buckets, img2img's native size; shape_compile.py), other shapes eager; compiled with the UNet (after ready, or in the warm-up) | off: not measured yet; upscale's profile shows the eager decoder's group norms and their NHWC<->NCHW copies at ~0.1 s of 256 -> 1024 and ~0.5 s of 512 -> 2048 |
+| `compile_vae` | `torch.compile` (Inductor) of the VAE's decoder and encoder for the warm-up's shapes (upscale's tile buckets, img2img's native size; shape_compile.py), other shapes eager; compiled with the UNet (after ready, or in the warm-up) | upscale: 512 -> 2048 3.57 -> 3.12 s and 9.0 -> 7.5 GiB, 256 -> 1024 2.03 -> 1.95 s (the eager decoder's group norms copy NHWC to NCHW and back) |
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
-| `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-170 s for Inductor |
+| `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-190 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 
 `compile` with `background_compile` (the CUDA default where compile is on): the operation warms
@@ -59,6 +59,7 @@ from image.operations.shape_compile import ShapeCompiled
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
     COMPILE_PAYS,
+    COMPILE_VAE_PAYS,
     DIFFUSION,
     INDUCTOR_GRAPH_MODES,
     MATMUL_ATTENTION_PAYS,

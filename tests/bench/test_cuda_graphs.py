@@ -214,16 +214,19 @@ def test_background_compile_swaps_in_compiled_graphs_that_give_the_same_pixels(t
 
 @cuda
 def test_background_compile_takes_the_vae_too_with_compile_vae(tiny_cache):
-    # compile_vae under upscale's defaults: the decoder compiled for the warm-up's tile
-    # buckets in the background thread after the UNet, then the same pixels as without it.
+    # compile_vae, one of upscale's defaults: the decoder compiled for the warm-up's tile
+    # buckets in the background thread after the UNet, then pixels as close to a float32
+    # VAE's as the eager bfloat16 decoder's are.
     import threading
 
     from image.operations import get_operation
     from image.params import resolve
 
     tuning = Tuning.for_device("cuda", "upscale")
+    assert tuning.compile_vae
     ops = {}
-    for name, each in (("plain", tuning.replace(compile=False)), ("compiled", tuning.replace(compile_vae=True))):
+    plain = tuning.replace(compile=False, compile_vae=False)
+    for name, each in (("plain", plain), ("compiled", tuning), ("float32 VAE", plain.replace(vae_bf16=False))):
         ops[name] = get_operation("upscale")()
         ops[name].setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=each)
     op = ops["compiled"]
@@ -239,8 +242,11 @@ def test_background_compile_takes_the_vae_too_with_compile_vae(tiny_cache):
     graphs_before = counters["stats"]["unique_graphs"]
     for side in op.tile_sizes:
         image = input_image(side)
-        compiled, plain = (np.asarray(ops[n].run(image, params, seed=3), dtype=np.int16) for n in ("compiled", "plain"))
-        assert np.abs(compiled - plain).max() <= 3, side  # Inductor's kernels: rounding apart
+        plain, compiled, wide = (np.asarray(ops[n].run(image, params, seed=3), dtype=np.int16) for n in ops)
+        # bfloat16 keeps 8 bits: eager and compiled decoders round apart by up to ~10 levels
+        # (Inductor keeps fused intermediates in float32; on the CPU the compiled one was closer)
+        assert np.abs(compiled - wide).max() <= np.abs(plain - wide).max() + 2, side
+        assert np.abs(compiled - wide).mean() <= np.abs(plain - wide).mean() * 1.25 + 0.05, side
     assert len(taken) == len(op.tile_sizes)  # each bucket's decode ran compiled...
     assert counters["stats"]["unique_graphs"] == graphs_before  # ...and nothing compiled in a job
 
@@ -257,3 +263,4 @@ def test_a_fresh_process_takes_the_background_compile_from_the_compile_cache(tin
     assert scratch["artefact"] == cached["artefact"] and (tmp_path / "store" / scratch["artefact"]).is_file()
     assert scratch["graphs_compiled"] >= 1 and scratch["graphs_from_cache"] == 0, scratch
     assert cached["graphs_compiled"] == 0 and cached["graphs_from_cache"] >= 1, cached
+

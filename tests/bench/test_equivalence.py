@@ -80,9 +80,9 @@ def test_cpu_defaults_are_stock():
     assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs"]
     # Measured to pay there: compiled (after ready) in NHWC under the graphs.
     for op in ("comic", "enhance", "upscale"):
-        matmul_attention = ["vae_matmul_attention"] if op == "upscale" else []  # its 512 tile's decode
-        assert Tuning.for_device("cuda", op).enabled() == [
-            "channels_last", *cuda, *matmul_attention, "compile", "cuda_graphs"]
+        # upscale's 512 tile's decode: its attention as products, its decoder compiled too
+        vae = ["vae_matmul_attention", "compile_vae"] if op == "upscale" else []
+        assert Tuning.for_device("cuda", op).enabled() == ["channels_last", *cuda, *vae, "compile", "cuda_graphs"]
         assert Tuning.for_device("cuda", op).background_compile
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
