@@ -4,13 +4,13 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): upscale with its VAE decoder compiled, the cold start in a lean
-# environment, enhance autotuned, the compile-cache probe, the GPU tests: more than one
-# session's 15 minutes of device time. First call STEPS="1 2" SESSION_SECONDS=520 (330 + 45 +
-# 110 s under their limits, and the wheels' install), timeout_s=540; what `status` leaves
-# after it (~4 min, the machine's start counts) fits step 5: STEPS=5, SESSION_SECONDS = that
-# less a minute, at once (the machine stays warm 30 s). Steps 3 (~7 min) and 4 (5 min) need a
-# session each. PHASE=explore: comic, enhance, upscale profiled.
+# PHASE=final (the default): upscale against stock with host_timesteps as a variant, the cold
+# start in a lean environment, enhance autotuned, the compile-cache probe, the GPU tests: more
+# than one session's 15 minutes of device time. First call STEPS=1 SESSION_SECONDS=390
+# (360 s under its limit, and the wheels' install), timeout_s=410; what `status` leaves after
+# it (~7 min, the machine's start counts) fits step 5: STEPS=5, SESSION_SECONDS = that less a
+# minute, at once (the machine stays warm 30 s). Steps 2 (2.5 min, session 7 ran it), 3 (~7
+# min) and 4 (5 min) need a session each. PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -65,14 +65,15 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # Sessions 4-6 ran the rest (bench/README.md, Figures). What is left, most important first:
-  # 1. upscale 256 -> 1024 and 512 -> 2048: today's defaults (compiled UNet, matrix-product
-  #    VAE attention) and the VAE's decoder compiled too (cv), in one process, profiled; no
-  #    stock (session 6 ran it; its 330 s step took 319 with it): session 6's profile has the
-  #    eager decoder's group norms and their layout copies at ~0.1 s of 256's 2.0 s (1.9 s
-  #    target) and ~0.5 s of 512's 3.5 s.
-  want 1 && step 330 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock --profile \
-    --variant "cv: compile_vae=on"
+  # Sessions 4-7 ran the rest (bench/README.md, Figures). What is left, most important first:
+  # 1. upscale 256 -> 1024 and 512 -> 2048: today's defaults (compiled UNet and VAE decoder,
+  #    session 7) against stock in one process (the diff column for the compiled decoder), and
+  #    host_timesteps (ht): the DDIM step given CPU timesteps, so the loop stops waiting on the
+  #    GPU six times a step; 256 is 0.05 s over its 1.9 s target, with ~0.17 s of its 1.95 s
+  #    outside GPU time in session 7's profile. Session 7's two configurations without stock:
+  #    278 s.
+  want 1 && step 360 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
+    --variant "ht: host_timesteps=on"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
   #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when
   #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).

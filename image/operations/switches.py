@@ -20,6 +20,7 @@ SWITCHES = (
     "compile_vae",
     "compile",
     "cuda_graphs",
+    "host_timesteps",
 )
 """The on/off switches, in the order reports list them."""
 
@@ -72,6 +73,7 @@ class Tuning:
     compile: bool = False
     background_compile: bool = False  # how `compile` runs: after ready, under the graphs
     cuda_graphs: bool = False
+    host_timesteps: bool = False
     compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
     upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
     upscale_tile_batch: int = 1

@@ -27,6 +27,7 @@ pays (bench/README.md has the figures):
 | `compile` | `torch.compile` (Inductor) of the UNet (`compile_mode`), fixed shapes | comic, enhance, upscale: 0.454 -> 0.309 s, 0.898 -> 0.792 s, 3.62 -> 2.03 s (256 -> 1024) under graphs |
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-190 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
+| `host_timesteps` | DDIM's and PNDM's step (upscale, comic) read each timestep from a CPU copy of the schedule instead of the device (host_timesteps.py): no wait on the GPU at each step | off: not measured yet; the upscaler's DDIM step reads the device six times per step, each waiting for the UNet call before it |
 
 `compile` with `background_compile` (the CUDA default where compile is on): the operation warms
 up and is ready on the uncompiled CUDA graphs; once every operation is (`Engine.setup`), a
@@ -55,6 +56,7 @@ import torch
 
 from image.operations import compile_cache
 from image.operations.graphs import GraphedForward, graph_module
+from image.operations.host_timesteps import host_timesteps
 from image.operations.shape_compile import ShapeCompiled
 from image.operations.switches import (  # noqa: F401  (the data half, re-exported)
     CHANNELS_LAST_PAYS,
@@ -98,6 +100,8 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         done.append("vae_matmul_attention")
     if tuning.compile_vae:
         done += compile_vae(pipe.vae)
+    if tuning.host_timesteps:
+        done += host_timesteps(pipe)
     return done + _compile_and_graph(pipe.unet, tuning, device)
 
 

@@ -264,3 +264,37 @@ def test_a_fresh_process_takes_the_background_compile_from_the_compile_cache(tin
     assert scratch["graphs_compiled"] >= 1 and scratch["graphs_from_cache"] == 0, scratch
     assert cached["graphs_compiled"] == 0 and cached["graphs_from_cache"] >= 1, cached
 
+
+@cuda
+def test_host_timesteps_takes_the_waits_out_of_the_denoising_loop(tiny_cache):
+    # What the switch is for: with it, the upscaler's run waits on the GPU the same number of
+    # times whatever its steps (the input's preparation, the output's copy); without it, more
+    # for each step (DDIM indexing its CPU table with a device timestep).
+    import warnings
+
+    from image.operations import get_operation
+    from image.params import resolve
+
+    def waits(tuning, steps):
+        op = ops.setdefault(tuning, get_operation("upscale")())
+        if not op.is_set_up:
+            op.setup(tiny_cache, torch.device("cuda"), torch.float16, lock=Lock(), tuning=tuning)
+            op.run(input_image(64), resolve("upscale", {"steps": 2}), seed=3)  # its graph captured
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pixels = op.run(input_image(64), resolve("upscale", {"steps": steps}), seed=3)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught), np.asarray(pixels)
+
+    ops = {}
+    plain = Tuning.for_device("cuda", "upscale").replace(compile=False, compile_vae=False, host_timesteps=False)
+    host = plain.replace(host_timesteps=True)
+    (plain_3, _), (plain_6, plain_pixels) = waits(plain, 3), waits(plain, 6)
+    (host_3, _), (host_6, host_pixels) = waits(host, 3), waits(host, 6)
+    assert plain_6 - plain_3 >= 3  # the measure sees the per-step waits
+    assert host_6 == host_3 < plain_3
+    assert np.array_equal(host_pixels, plain_pixels)

@@ -47,14 +47,14 @@ def _pipe(op, cache):
     ).model
 
 
-def _call(pipe, op):
+def _call(pipe, op, steps=None):
     """The pipeline on the case's input, float32 output in 0..1."""
     case = CASES[op]
     kwargs = {
         "prompt": "a photo",
         "negative_prompt": "blurry",
         "image": input_image(case.size),
-        "num_inference_steps": case.steps,
+        "num_inference_steps": steps or case.steps,
         "guidance_scale": case.guidance,
         "generator": torch.Generator(device=CPU).manual_seed(7),
         "output_type": "np",
@@ -175,6 +175,30 @@ def test_switch_computes_the_same_function(tiny_cache, stock_np, op, switch, tol
     if switch == "vae_bf16":
         assert diff.mean() <= 0.004
         assert pipe.vae.dtype == torch.bfloat16 and not pipe.vae.config.force_upcast
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_host_timesteps_steps_with_the_same_timesteps_from_the_cpu(tiny_cache, op):
+    # Six steps (three past img2img's strength): a timestep taken from the wrong place in the
+    # schedule would change the pixels.
+    stock = _call(_pipe(op, tiny_cache), op, steps=6)
+    pipe = _pipe(op, tiny_cache)
+    done = tune_pipeline(pipe, Tuning.stock().replace(host_timesteps=True), CPU)
+    if op == "enhance":  # Euler finds the timestep's index in the schedule itself: left alone
+        assert done == [] and np.array_equal(_call(pipe, op, steps=6), stock)
+        return
+    assert done == ["host_timesteps"]
+    wrapper = pipe.scheduler.step.__self__
+    given = []
+    wrapper._step = lambda output, timestep, *a, step=wrapper._step, **k: given.append(timestep) or step(
+        output, timestep, *a, **k)
+    assert np.array_equal(_call(pipe, op, steps=6), stock)
+    host = wrapper.on_host.untyped_storage().data_ptr()
+    assert given and all(t.untyped_storage().data_ptr() == host for t in given)  # the CPU copy's
+    assert [int(t) for t in given] == wrapper.schedule[-len(given):].tolist()
+    # A timestep that is not a view of the schedule goes through as it came
+    assert wrapper.host_timestep(torch.tensor(int(given[0]))) is None
+    assert tune_pipeline(pipe, Tuning.stock().replace(host_timesteps=True), CPU) == []  # wrapped once
 
 
 def test_vae_tiling_changes_nothing_below_its_tile_and_stays_close_above(tiny_cache, stock_np):

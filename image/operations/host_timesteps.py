@@ -1,0 +1,74 @@
+"""`host_timesteps`: the scheduler's step reads each timestep from a CPU copy of the schedule.
+
+diffusers' pipelines put the schedule on the device (`set_timesteps(device=...)`) and hand each
+step a 0-d device tensor. DDIM (the x4 upscaler's) and PNDM (comic's) then index their CPU
+`alphas_cumprod` with it and test `prev_timestep >= 0`: each a device-to-host read that waits
+for everything queued before it, the UNet call included (the upscaler's step does six). So the
+GPU idles at every step while Python runs the rest of the step, the loop's bookkeeping and the
+next UNet call's launch. Given the same timestep as a CPU tensor, the step computes the same
+values (it indexed the CPU table and got a CPU value before too) without waiting, and Python
+runs ahead of the GPU.
+
+The step finds which timestep it was given without reading it: the pipeline iterates over
+`scheduler.timesteps` (or a slice of it, img2img), so its timestep is a view of the same
+storage, at the offset of its index. Anything else (a timestep the pipeline made itself, a
+schedule set again behind the wrapper's back) goes to the step as it came: stock behaviour.
+
+With the GPU behind, a denoising step's deadline check (`Operation.step_check`) runs when
+Python reaches that step, up to a tile's remaining steps before the GPU does; the output's
+copy to the host waits for them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEDULERS = ("DDIMScheduler", "PNDMScheduler")
+"""Schedulers whose step reads the timestep only to index a CPU table and compare it: DDPM
+and Euler find the timestep's place in the device schedule (`nonzero`) however it comes."""
+
+
+class HostTimesteps:
+    """Wraps one scheduler instance's `set_timesteps` and `step`; see the module docstring."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self._set_timesteps, self._step = scheduler.set_timesteps, scheduler.step
+        self.schedule: torch.Tensor | None = None  # the device schedule the copy is of
+        self.on_host: torch.Tensor | None = None
+        scheduler.set_timesteps, scheduler.step = self.set_timesteps, self.step
+
+    def set_timesteps(self, *args, **kwargs):
+        result = self._set_timesteps(*args, **kwargs)
+        timesteps = self.scheduler.timesteps
+        # A copy on the CPU too (the same values: the tests follow which tensor the step gets)
+        self.schedule = timesteps if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1 else None
+        self.on_host = timesteps.to("cpu", copy=True) if self.schedule is not None else None  # once per image
+        return result
+
+    def step(self, model_output, timestep, *args, **kwargs):
+        host = self.host_timestep(timestep)
+        return self._step(model_output, timestep if host is None else host, *args, **kwargs)
+
+    def host_timestep(self, timestep) -> torch.Tensor | None:
+        """The CPU copy of `timestep`, when it is an element of the schedule copied; else None."""
+        schedule, on_host = self.schedule, self.on_host
+        if (schedule is None or self.scheduler.timesteps is not schedule or not isinstance(timestep, torch.Tensor)
+                or timestep.dim() != 0 or timestep.device != schedule.device or timestep.dtype != schedule.dtype):
+            return None
+        if timestep.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr():
+            return None
+        index, stride = timestep.storage_offset() - schedule.storage_offset(), schedule.stride(0)
+        if stride <= 0 or index % stride or not 0 <= index // stride < len(on_host):
+            return None
+        return on_host[index // stride]
+
+
+def host_timesteps(pipe) -> list[str]:
+    """`host_timesteps` on `pipe.scheduler` where its class is one of SCHEDULERS."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if type(scheduler).__name__ not in SCHEDULERS or isinstance(getattr(scheduler.step, "__self__", None),
+                                                                  HostTimesteps):
+        return []  # another scheduler, or wrapped already
+    HostTimesteps(scheduler)
+    return ["host_timesteps"]
