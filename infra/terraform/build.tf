@@ -29,6 +29,10 @@ module "images" {
   ]
 }
 
+locals {
+  pinned_image_tags = distinct(compact(concat([var.image_tag], var.keep_image_tags)))
+}
+
 resource "google_artifact_registry_repository" "images" {
   location      = var.region
   repository_id = var.artifact_repository
@@ -48,6 +52,20 @@ resource "google_artifact_registry_repository" "images" {
     action = "KEEP"
     most_recent_versions {
       keep_count = var.keep_image_versions
+    }
+  }
+  # The tag the services run (image_tag) and keep_image_tags (the one GKE's manifests name)
+  # are never deleted, however old and however many newer ones a CI pushes meanwhile: a node
+  # or instance that starts later pulls it.
+  dynamic "cleanup_policies" {
+    for_each = length(local.pinned_image_tags) > 0 ? [local.pinned_image_tags] : []
+    content {
+      id     = "keep-deployed"
+      action = "KEEP"
+      condition {
+        tag_state    = "TAGGED"
+        tag_prefixes = cleanup_policies.value
+      }
     }
   }
   cleanup_policies {

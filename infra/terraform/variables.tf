@@ -347,9 +347,15 @@ variable "artifact_repository" {
 }
 
 variable "keep_image_versions" {
-  description = "Image versions kept per operation whatever their age; older ones are deleted once 30 days old (each is 6-13 GB)."
+  description = "Image versions kept per operation whatever their age; older ones are deleted once 30 days old (each is 6-13 GB), except image_tag's and keep_image_tags'."
   type        = number
   default     = 10
+}
+
+variable "keep_image_tags" {
+  description = "Image tags never deleted by the repository's cleanup, whatever their age (image_tag is kept without being listed): the tag infra/k8s runs on GKE, a release you may roll back to."
+  type        = list(string)
+  default     = []
 }
 
 variable "job_wait_alert_seconds" {

@@ -870,6 +870,25 @@ def test_build_account_can_push_read_the_token_and_nothing_else(terraform):
     }
 
 
+def test_the_image_cleanup_never_deletes_the_tags_in_use(terraform, tmp_path):
+    # A CI that pushes every commit makes keep_image_versions newer versions in days: the tag
+    # the services run (image_tag) and the ones listed (GKE's) are kept however old.
+    repo = terraform.resource("google_artifact_registry_repository", "images")
+    [keep] = [block["cleanup_policies"] for block in repo["dynamic"] if "cleanup_policies" in block]
+    content = one(keep["content"])
+    assert (content["action"], one(content["condition"])["tag_state"]) == ("KEEP", "TAGGED")
+    assert expr(one(content["condition"])["tag_prefixes"]) == "cleanup_policies.value"
+    outputs = {"for_each": _inline(terraform, expr(keep["for_each"]))}
+    for name, variables, kept in (
+        ("none", {"image_tag": "", "keep_image_tags": []}, []),
+        ("deployed", {"image_tag": "abc123", "keep_image_tags": []}, [["abc123"]]),
+        ("both", {"image_tag": "abc123", "keep_image_tags": ["v1", "abc123", ""]}, [["abc123", "v1"]]),
+    ):
+        (tmp_path / name).mkdir()
+        assert _evaluate(tmp_path / name, variables, outputs)["for_each"] == kept, name
+    assert terraform.default("keep_image_tags") == []
+
+
 def test_token_secret_holds_no_value(terraform):
     assert "google_secret_manager_secret_version" not in terraform.resources
     repo = terraform.resource("google_artifact_registry_repository", "images")
