@@ -47,7 +47,7 @@ def _pipe(op, cache):
     ).model
 
 
-def _call(pipe, op, steps=None):
+def _call(pipe, op, steps=None, **extra):
     """The pipeline on the case's input, float32 output in 0..1."""
     case = CASES[op]
     kwargs = {
@@ -61,6 +61,7 @@ def _call(pipe, op, steps=None):
     }
     if case.strength is not None:
         kwargs["strength"] = case.strength
+    kwargs.update(extra)
     with torch.inference_mode():
         return pipe(**kwargs).images[0]
 
@@ -180,22 +181,24 @@ def test_switch_computes_the_same_function(tiny_cache, stock_np, op, switch, tol
 @pytest.mark.parametrize("op", OPERATIONS)
 def test_host_timesteps_steps_with_the_same_timesteps_from_the_cpu(tiny_cache, op):
     # Six steps (three past img2img's strength): a timestep taken from the wrong place in the
-    # schedule would change the pixels.
-    stock = _call(_pipe(op, tiny_cache), op, steps=6)
+    # schedule would change the pixels. eta > 0: DDIM draws noise from the generator, which the
+    # pipeline passes only to a step whose signature names it (and eta too).
+    extra = {"eta": 0.5} if op == "upscale" else {}
+    stock = _call(_pipe(op, tiny_cache), op, steps=6, **extra)
     pipe = _pipe(op, tiny_cache)
     done = tune_pipeline(pipe, Tuning.stock().replace(host_timesteps=True), CPU)
-    if op == "enhance":  # Euler finds the timestep's index in the schedule itself: left alone
+    if op == "enhance":  # Euler steps by its own index over CPU sigmas: left alone
         assert done == [] and np.array_equal(_call(pipe, op, steps=6), stock)
         return
     assert done == ["host_timesteps"]
-    wrapper = pipe.scheduler.step.__self__
+    wrapper = pipe.scheduler.step.host_timesteps
     given = []
-    wrapper._step = lambda output, timestep, *a, step=wrapper._step, **k: given.append(timestep) or step(
+    wrapper.step = lambda output, timestep, *a, step=wrapper.step, **k: given.append(timestep) or step(
         output, timestep, *a, **k)
-    assert np.array_equal(_call(pipe, op, steps=6), stock)
-    host = wrapper.on_host.untyped_storage().data_ptr()
-    assert given and all(t.untyped_storage().data_ptr() == host for t in given)  # the CPU copy's
-    assert [int(t) for t in given] == wrapper.schedule[-len(given):].tolist()
+    assert np.array_equal(_call(pipe, op, steps=6, **extra), stock)
+    schedule, on_host = wrapper.copy
+    assert given and all(t.untyped_storage().data_ptr() == on_host.untyped_storage().data_ptr() for t in given)
+    assert [int(t) for t in given] == schedule[-len(given):].tolist()
     # A timestep that is not a view of the schedule goes through as it came
     assert wrapper.host_timestep(torch.tensor(int(given[0]))) is None
     assert tune_pipeline(pipe, Tuning.stock().replace(host_timesteps=True), CPU) == []  # wrapped once
