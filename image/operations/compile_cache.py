@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("imagen.operations")
 
-_NOT_IN_THE_GRAPH = frozenset({"read_ahead", "direct_to_device", "background_compile"})
-"""Switches that change how a model loads or when it compiles, not what is compiled."""
+_NOT_IN_THE_GRAPH = frozenset({"read_ahead", "direct_to_device", "background_compile", "host_timesteps"})
+"""Switches that change how a model loads, when it compiles or what runs around it (the
+scheduler's step), not what is compiled."""
 
 
 class CompileCache(Protocol):

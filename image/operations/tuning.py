@@ -137,14 +137,15 @@ def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.de
         else:
             graph_module(module)
             done.append("cuda_graphs")
-    if background:
+    if background and tuning.compile:
         done.append("compile(background)")
     return done
 
 
 def compiles_in_background(tuning: Tuning, device: torch.device) -> bool:
-    """Whether `tuning` compiles after the warm-up, under CUDA graphs it captures again."""
-    return (tuning.compile and tuning.background_compile and tuning.cuda_graphs and device.type == "cuda"
+    """Whether `tuning` compiles after the warm-up, under CUDA graphs it captures again: the
+    UNet (`compile`), the VAE (`compile_vae`) or both, so neither holds up ready."""
+    return ((tuning.compile or tuning.compile_vae) and tuning.background_compile and tuning.cuda_graphs and device.type == "cuda"
             and tuning.compile_mode not in INDUCTOR_GRAPH_MODES)
 
 
@@ -218,7 +219,8 @@ def compile_in_background(name: str, module: torch.nn.Module, tuning: Tuning, lo
                 with compile_cache.CompileSession(cache, artefact, name) as session:
                     _inductor_options()
                     try:
-                        _compile_graphed(name, graphed, tuning, lock, session, started)
+                        if tuning.compile:  # else compile_vae's parts alone
+                            _compile_graphed(name, graphed, tuning, lock, session, started)
                     except Exception as error:  # noqa: BLE001 - the uncompiled graphs keep serving
                         logger.warning("%s: compiling in the background failed, staying uncompiled: %s: %s",
                                        name, type(error).__name__, str(error))

@@ -102,6 +102,10 @@ def test_compiling_waits_for_ready_only_under_cuda_graphs():
     assert compiles_in_background(Tuning.for_device("cuda", "upscale"), cuda)  # both tile buckets
     assert Tuning.for_device("cuda", "upscale").channels_last  # compiled upscale was measured in NHWC
     assert not compiles_in_background(Tuning.for_device("cuda", "remove-background"), cuda)  # not measured
+    # compile=off leaves upscale's compiled decoder: after ready too, never in the warm-up
+    assert compiles_in_background(Tuning.for_device("cuda", "upscale").replace(compile=False), cuda)
+    assert not compiles_in_background(Tuning.for_device("cuda", "upscale").replace(compile=False, compile_vae=False),
+                                      cuda)
 
 
 def test_one_job_processes_do_not_compile_unless_told(monkeypatch):
@@ -252,14 +256,16 @@ def test_compile_vae_compiles_the_warm_up_shapes_and_runs_others_eagerly(tiny_ca
     assert len(graphs) == compiled  # nothing compiled in a job
 
 
-def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeypatch, caplog, captured_compile):
+@pytest.mark.parametrize("unet", [True, False])
+def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeypatch, caplog, captured_compile, unet):
     # With the background compile (CUDA's default), compile_vae's shapes compile in its thread
-    # after ready, swapped in under the run lock; the job path stays eager until then.
+    # after ready, swapped in under the run lock; the job path stays eager until then. With
+    # compile off (IMAGEN_TUNING=compile=off), the VAE alone: the UNet is left as it is.
     from image.operations import tuning as tuning_module
 
     monkeypatch.setattr(tuning_module, "compiles_in_background", lambda tuning, device: True)
     engine = Engine(["upscale"], tiny_cache, device="cpu", lock=Lock(),
-                    tuning=Tuning.for_device(CPU).replace(compile=True, compile_vae=True))
+                    tuning=Tuning.for_device(CPU).replace(compile=unet, compile_vae=True))
     with caplog.at_level(logging.INFO, logger="imagen.operations"):
         engine.setup()
         op = engine._ops["upscale"]
@@ -267,6 +273,7 @@ def test_the_background_compile_compiles_the_vae_after_ready(tiny_cache, monkeyp
     assert op.model.vae.decoder.forward.compiled_shapes == 1
     assert "upscale: compiled VAE in use after" in caplog.text and "decoder (1 shape)" in caplog.text
     assert "compiled VAE in the warm-up" not in caplog.text
+    assert ("nothing captured to compile" in caplog.text) == unet  # the CPU has no graphs to compile
     assert list(engine.compiled_artefacts()) == ["upscale"]  # what `imagen models compile` stores
 
 
