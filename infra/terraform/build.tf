@@ -54,9 +54,10 @@ resource "google_artifact_registry_repository" "images" {
       keep_count = var.keep_image_versions
     }
   }
-  # The tag the services run (image_tag) and keep_image_tags (the one GKE's manifests name)
-  # are never deleted, however old and however many newer ones a CI pushes meanwhile: a node
-  # or instance that starts later pulls it.
+  # The tag you pin the services to (image_tag) and keep_image_tags (the one GKE's manifests
+  # name) are never deleted, however old and however many newer ones a CI pushes meanwhile: a
+  # node or instance that starts later pulls it. (A tag this apply builds is the newest when
+  # it deploys; it cannot be named here: the build depends on this repository.)
   dynamic "cleanup_policies" {
     for_each = length(local.pinned_image_tags) > 0 ? [local.pinned_image_tags] : []
     content {

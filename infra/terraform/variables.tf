@@ -353,7 +353,7 @@ variable "keep_image_versions" {
 }
 
 variable "keep_image_tags" {
-  description = "Image tags never deleted by the repository's cleanup, whatever their age (image_tag is kept without being listed): the tag infra/k8s runs on GKE, a release you may roll back to."
+  description = "Tag prefixes never deleted by the repository's cleanup, whatever their age (image_tag is kept without being listed): the tag infra/k8s runs on GKE, a release you may roll back to. Prefixes: \"v1\" keeps v1, v10 and v1.2 too."
   type        = list(string)
   default     = []
 }
