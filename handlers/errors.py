@@ -44,6 +44,11 @@ class OutputTaken(InputError):
     """Two sources map to one output (photo.jpg and photo.png): the first keeps it."""
 
 
+class OutputNotWritable(InputError):
+    """Cloud Storage refused the output a job message named, outside the output prefix: the
+    workers may write only under it (Terraform's grant), so no retry would help."""
+
+
 class OperationNotServed(InputError):
     """A job this pool cannot serve reached it through a subscription filtered to its own
     operations (IMAGEN_FILTERED_SUBSCRIPTION): no other pool received it, so skipping it would
@@ -75,6 +80,11 @@ class ConfigError(ImagenError):
 
 class TransientError(ImagenError):
     pass
+
+
+class OutputRefused(TransientError):
+    """Cloud Storage refused an output write (401, 403, 404): the deployment's fault while a
+    grant propagates or a bucket is made, unless the job itself named that output."""
 
 
 class SourceSuperseded(ImagenError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
 import datetime
 import json
@@ -23,6 +24,7 @@ from typing import Any
 from cloudevents.http import from_http
 
 from handlers.errors import EventError
+from handlers.logs import clip
 
 FINALIZE = "finalize"
 # Cloud Storage notification eventType / CloudEvent type -> our event kind.
@@ -82,10 +84,10 @@ class Message:
 def parse_gs_uri(uri: Any) -> tuple[str, str]:
     """`gs://bucket/object` -> (bucket, object)."""
     if not isinstance(uri, str) or not uri.startswith("gs://"):
-        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
+        raise EventError(clip(f"expected a gs://bucket/object URI, got {uri!r}", 300))
     bucket, _, name = uri[len("gs://") :].partition("/")
     if not bucket or not name:
-        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
+        raise EventError(clip(f"expected a gs://bucket/object URI, got {uri!r}", 300))
     return bucket, name
 
 
@@ -107,7 +109,7 @@ def parse_cloudevent(headers: Mapping[str, str],
         raise EventError(f"not a valid CloudEvent: {error}") from None
     event_type = event["type"]
     if not isinstance(event_type, str) or not event_type.startswith(_CLOUDEVENT_PREFIX):
-        raise EventError(f"not a Cloud Storage CloudEvent: type {event_type!r}")
+        raise EventError(clip(f"not a Cloud Storage CloudEvent: type {event_type!r}", 300))
     short = event_type[len(_CLOUDEVENT_PREFIX) :]
     data = event.get_data()
     if isinstance(data, (bytes, str)):
@@ -176,13 +178,14 @@ def _parse_job_message(data: bytes) -> JobRequest:
     body = _json_object(data, "job message")
     unknown = set(body) - _JOB_FIELDS
     if unknown:
-        raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
+        raise EventError(clip(f"job message has unknown field(s): {', '.join(sorted(unknown))}", 300))
     bucket, name = parse_gs_uri(body.get("source"))
     operation = body.get("operation")
     if not isinstance(operation, str) or not operation:
         raise EventError("job message needs 'operation' (a string such as 'upscale')")
-    params = body.get("params") or {}
-    if not isinstance(params, dict):
+    params = body.get("params")
+    params = {} if params is None else params
+    if not isinstance(params, dict):  # [], 0, "": a publisher's mistake, not "no parameters"
         raise EventError("job message 'params' must be an object")
     output = body.get("output")
     if output is not None:
@@ -203,7 +206,7 @@ def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:
     try:
         size = int(size) if size is not None else None
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
-        raise EventError(f"object 'size' is not a number: {size!r}") from None
+        raise EventError(clip(f"object 'size' is not a number: {size!r}", 300)) from None
     content_type = resource.get("contentType")
     return ObjectEvent(
         kind=kind,
@@ -240,11 +243,23 @@ def _generation(value: Any) -> str | None:
     return text.lstrip("0") or "0"  # "0017" names generation 17: written as Cloud Storage writes it
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    # {"operation": "upscale", "operation": "comic"}: a gateway that reads the first would
+    # disagree with imagen, which would read the last
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        twice = sorted(key for key, count in collections.Counter(key for key, _ in pairs).items() if count > 1)
+        raise EventError(clip(f"has duplicate key(s) {', '.join(map(repr, twice))}", 300))
+    return value
+
+
 def _json_object(raw: bytes | str, what: str) -> dict:
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise EventError(f"{what} is not valid JSON") from None
+    except EventError as error:
+        raise EventError(f"{what} {error}") from None
     if not isinstance(value, dict):
         raise EventError(f"{what} is not a JSON object")
     return value

@@ -14,13 +14,32 @@ import sys
 import threading
 
 _OPERATION_KEY = "logging.googleapis.com/operation"
+TEXT_LIMIT = 4000
+"""Characters of one text field a line or report keeps: Cloud Logging refuses an entry over
+256 KB, and a name, operation or key list a message makes up can be any length."""
+TRACE_LIMIT = 32000
+
+
+def clip(text: str, limit: int = TEXT_LIMIT) -> str:
+    """`text`, or its first `limit` characters and how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _clipped(value):
+    if isinstance(value, str):
+        return clip(value)
+    if isinstance(value, dict):
+        return {key: _clipped(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clipped(item) for item in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "severity": record.levelname,
-            "message": record.getMessage(),
+            "message": clip(record.getMessage()),
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "logger": record.name,
         }
@@ -28,9 +47,10 @@ class JsonFormatter(logging.Formatter):
         job_id = fields.get("job_id")
         if job_id:
             entry[_OPERATION_KEY] = {"id": job_id, "producer": "imagen"}
-        entry.update(fields)
-        if record.exc_info:
-            entry["stack_trace"] = self.formatException(record.exc_info)
+        entry.update(_clipped(fields))
+        if record.exc_info:  # its end is where the error is
+            trace = self.formatException(record.exc_info)
+            entry["stack_trace"] = trace if len(trace) <= TRACE_LIMIT else f"...{trace[-TRACE_LIMIT:]}"
         # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
         # name that was not valid UTF-8) cannot make the line unwritable.
         return json.dumps(entry, default=str, ensure_ascii=True)
@@ -53,7 +73,7 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
 
 def error_fields(error: BaseException, note: str = "") -> dict[str, str]:
     """An error as log lines and failure reports give it: {"type", "message"}."""
-    return {"type": type(error).__name__, "message": f"{error}{note}"}
+    return {"type": type(error).__name__, "message": clip(f"{error}{note}")}
 
 
 def is_configured() -> bool:

@@ -27,6 +27,8 @@ from handlers.errors import (
     EventError,
     OperationNotDeployed,
     OperationNotServed,
+    OutputNotWritable,
+    OutputRefused,
     OutputTaken,
     PreconditionLost,
     SourceNotAllowed,
@@ -36,7 +38,7 @@ from handlers.errors import (
     Undeliverable,
 )
 from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
-from handlers.logs import error_fields
+from handlers.logs import clip, error_fields
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
@@ -269,6 +271,14 @@ class Processor:
                             return self._skipped(job, plan, skip, fields)
                         self._check_not_taken(winner, job, plan)  # another source won the race
                         raise
+                except OutputRefused as error:
+                    prefix = self._layout.output_prefix
+                    if job.output is None or plan.output[1].startswith(prefix):
+                        raise  # the deployment's: retried
+                    # The message named a place the workers may not write (they may write
+                    # only under the output prefix): every retry would redo the GPU work.
+                    raise OutputNotWritable(f"{error}; the job message names an output outside "
+                                            f"{prefix!r}: name one under gs://{plan.output[0]}/{prefix}") from None
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -458,10 +468,10 @@ class Processor:
             # Its report would land in a bucket outside the allowlist: write nothing there.
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
             raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
-        report = {
-            "source": job.source_uri,
+        report = {  # what a message made up is clipped: a report is read by people
+            "source": clip(job.source_uri),
             "generation": job.generation,
-            "operation": plan.operation if plan else job.operation,
+            "operation": clip(plan.operation if plan else job.operation),
             "params": plan.params if plan else _report_params(job.params),
             "error": details,
             "attempt": attempt,

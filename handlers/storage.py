@@ -17,6 +17,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from handlers.errors import (
+    OutputRefused,
     PreconditionLost,
     SourceSuperseded,
     StoragePermanentError,
@@ -157,7 +158,7 @@ class Store:
             # The deployment's fault, not the job's (a grant not yet propagated, a bucket not
             # made yet): retried, and reported only if it lasts, instead of failing for good
             # each job whose GPU work is done.
-            raise TransientError(f"Cloud Storage refused to write the output gs://{bucket}/{name}: "
+            raise OutputRefused(f"Cloud Storage refused to write the output gs://{bucket}/{name}: "
                                  f"{error.code} {error.message} (the runtime service account needs write access "
                                  f"to the output prefix)") from error
         except Exception as error:

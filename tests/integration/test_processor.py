@@ -345,6 +345,18 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     assert _report(bucket, "failed/upscal/nan-job.png.json")["params"] == '{"steps": NaN}'
 
 
+def test_a_report_clips_what_a_message_made_up(settings, bucket):
+    # A 100,000-character operation: the report is written (under _invalid) and stays small.
+    _upload(bucket, "uploads/long.png")
+    request = JobRequest(bucket.name, "uploads/long.png", "x" * 100_000, {})
+    outcome = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name})).handle(request)
+    assert outcome.status == "failed"
+    [blob] = [b for b in bucket.list_blobs(prefix="failed/") if b.name.endswith("long.png.json")]
+    assert blob.size < 20_000
+    report = json.loads(blob.download_as_bytes())
+    assert report["operation"].endswith("(96000 more characters)") and report["source"].endswith("uploads/long.png")
+
+
 def test_job_message_with_explicit_output(settings, bucket):
     _upload(bucket, "uploads/p.png")
     request = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "webp"},

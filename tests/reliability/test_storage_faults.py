@@ -18,7 +18,7 @@ import pytest
 from handlers import storage as storage_module
 from handlers.clients import storage_client
 from handlers.errors import TransientError
-from handlers.events import ObjectEvent
+from handlers.events import JobRequest, ObjectEvent
 from handlers.processor import Processor
 from handlers.storage import Store
 from handlers.worker import PullWorker
@@ -160,6 +160,20 @@ def test_an_output_write_refused_is_the_deployments_fault_and_retried(bucket, pr
     assert proxy.count(UPLOAD, faults_only=True) == 1
     found = assert_within_layout(bucket, {SOURCE})
     assert not found["outputs"] and not found["reports"]
+
+
+def test_an_output_a_job_message_names_outside_the_output_prefix_fails_when_refused(bucket, proxy, through_proxy):
+    """Terraform's workers may write only under the output prefix: a job message that names
+    another place fails once, with a report that says where to write, instead of redoing its
+    GPU work at every retry. Under the prefix, a refusal stays the deployment's (above)."""
+    _upload(bucket)
+    proxy.add(Rule(UPLOAD, body=rb'"name": ?"exports/photo\.png"', status=403))
+    request = JobRequest(bucket.name, SOURCE, "upscale", {}, output=f"gs://{bucket.name}/exports/photo.png")
+    outcome = through_proxy(allowed_buckets=frozenset({bucket.name})).handle(request, attempt=1)
+    assert outcome.status == "failed" and outcome.error["type"] == "OutputNotWritable"
+    assert "outside 'processed/'" in outcome.error["message"] and "403" in outcome.error["message"]
+    assert proxy.count(UPLOAD, faults_only=True) == 1
+    assert bucket.get_blob(REPORT) is not None and bucket.get_blob("exports/photo.png") is None
 
 
 def test_report_write_faults_retry_then_succeed(bucket, proxy, through_proxy):

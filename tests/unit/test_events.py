@@ -135,11 +135,28 @@ def test_malformed_push_envelopes(body, reason):
         ({"source": "gs://b/o", "operation": "upscale", "generation": "12a"}, "generation"),
         ({"source": "gs://b/o", "operation": "upscale", "generation": "1" * 5000}, "generation"),  # int() refuses it
         ({"source": "gs://b/o", "operation": "upscale", "surprise": 1}, "unknown field"),
+        # params that are not an object, falsy or not, are the publisher's mistake
+        ({"source": "gs://b/o", "operation": "upscale", "params": []}, "params"),
+        ({"source": "gs://b/o", "operation": "upscale", "params": ""}, "params"),
+        ({"source": "gs://b/o", "operation": "upscale", "params": 0}, "params"),
     ],
 )
 def test_malformed_job_messages(job, reason):
     with pytest.raises(EventError, match=reason):
         parse_message(Message(json.dumps(job).encode(), {}))
+
+
+def test_a_job_message_with_a_key_twice_is_refused_and_made_up_text_is_clipped():
+    # A gateway reading the first "operation" would disagree with imagen reading the last.
+    twice = b'{"source": "gs://b/o", "operation": "upscale", "operation": "comic"}'
+    with pytest.raises(EventError, match=r"job message has duplicate key\(s\) 'operation'"):
+        parse_message(Message(twice, {}))
+    many = {"source": "gs://b/o", "operation": "upscale", **{f"k{i}": 1 for i in range(20_000)}}
+    for job in (many, {"source": "gs://" + "b" * 100_000, "operation": "upscale"}):
+        with pytest.raises(EventError) as caught:
+            parse_message(Message(json.dumps(job).encode(), {}))
+        assert len(caught.value.reason) < 400 and "more characters" in caught.value.reason
+    assert parse_message(Message(b'{"source": "gs://b/o", "operation": "upscale", "params": null}', {})).params == {}
 
 
 def test_a_generation_is_read_as_the_number_it_is():

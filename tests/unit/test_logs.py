@@ -40,6 +40,25 @@ def test_any_text_gives_one_writable_line():
     assert json.loads(stream.buffer.getvalue())["message"] == "\udcff"
 
 
+def test_text_a_message_made_up_is_clipped_so_the_line_stays_under_cloud_loggings_limit():
+    # A job message's operation, a name, an error listing 20,000 keys: each field is clipped,
+    # the line stays far below the 256 KB Cloud Logging refuses.
+    huge = "x" * 300_000
+    try:
+        raise ValueError(huge)
+    except ValueError:
+        import sys
+
+        line = _line("job %s", huge, exc_info=sys.exc_info(),
+                     fields={"operation": huge, "error": {"type": "EventError", "message": huge}, "ids": [huge]})
+    entry = json.loads(line)
+    assert len(line) < 100_000
+    assert entry["message"].startswith("job xxx") and entry["message"].endswith("(296004 more characters)")
+    assert entry["operation"].endswith("(296000 more characters)") and entry["ids"][0].endswith("more characters)")
+    assert entry["error"]["message"].endswith("(296000 more characters)")
+    assert entry["stack_trace"].startswith("...") and entry["stack_trace"].rstrip().endswith("xxx")
+
+
 def test_an_exception_comes_with_its_stack_trace():
     try:
         raise ValueError("boom")
