@@ -159,8 +159,8 @@ class Store:
             # made yet): retried, and reported only if it lasts, instead of failing for good
             # each job whose GPU work is done.
             raise OutputRefused(f"Cloud Storage refused to write the output gs://{bucket}/{name}: "
-                                 f"{error.code} {error.message} (the runtime service account needs write access "
-                                 f"to the output prefix)") from error
+                                f"{error.code} {error.message} (the runtime service account needs write access "
+                                f"to the output prefix)") from error
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return int(blob.generation)

@@ -71,7 +71,7 @@ class Tuning:
     vae_matmul_attention: bool = False
     compile_vae: bool = False
     compile: bool = False
-    background_compile: bool = False  # how `compile` runs: after ready, under the graphs
+    background_compile: bool = False  # how `compile` and `compile_vae` run: after ready, under the graphs
     cuda_graphs: bool = False
     host_timesteps: bool = False
     compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
