@@ -176,8 +176,7 @@ def backfill(
                 ahead.append((f"gs://{blob.bucket.name}/{blob.name}",
                               pool.submit(decide, blob, layout, store, operation, retry_failed, only)))
                 if len(ahead) >= 2 * workers:
-                    uri, future = ahead.popleft()
-                    yield uri, future
+                    yield ahead.popleft()
             while ahead:
                 yield ahead.popleft()
 

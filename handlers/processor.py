@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -296,16 +297,6 @@ class Processor:
             # Not a fault and no attempt spent on the GPU: back to Pub/Sub whatever the attempt.
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
-        except DeviceFailed as error:
-            # This process's GPU, not the job: retried elsewhere (the process is restarting),
-            # and with attempt numbers never reported: a job that breaks every GPU it meets ends
-            # in the dead-letter topic. Without them (Eventarc: no dead-letter topic) the age
-            # bounds it, or it would restart instances for Eventarc's 24 h and then be dropped.
-            log.error("job failed on this instance: %s", error,
-                      extra={"fields": {**fields, "error": error_fields(error)}})
-            if attempt is None and (last := last_try(None, sent, now=delivered)) is not None:
-                return self._failed(job, plan, error, attempt, fields, note=last)
-            raise TransientError(str(error)) from error
         except ImagenError as error:
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error,
@@ -531,7 +522,7 @@ def taken_by(existing: ObjectState | None, job: Job,
         return other
 
 
-def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: int = MAX_ATTEMPTS,
+def last_try(attempt: int | None, sent: datetime.datetime | None, attempts: float = MAX_ATTEMPTS,
              seconds: float = MAX_RETRY_SECONDS, now: datetime.datetime | None = None, *,
              by_age_too: bool = True) -> str | None:
     """None while a transient fault should be retried; on the last try, a note for the
@@ -553,7 +544,13 @@ def _retries_for(error: Exception) -> dict:
     """How many deliveries a fault of the instance gets, and for how long after the event
     (`last_try`'s arguments). Out of GPU memory twice with no background compile holding
     memory, the job needs more than the GPU has: each further try would spend its GPU time to
-    run out again, so the second attempt ends it whatever its age."""
+    run out again, so the second attempt ends it whatever its age. A GPU that failed for good
+    is this process's, not the job's: retried elsewhere (the process is restarting), and with
+    attempt numbers never reported (a job that breaks every GPU it meets ends in the
+    dead-letter topic); without them (Eventarc: no dead-letter topic) the age bounds it, or it
+    would restart instances for Eventarc's 24 h and then be dropped."""
+    if isinstance(error, DeviceFailed):
+        return {"attempts": math.inf}
     if isinstance(error, OutOfDeviceMemory) and not error.compiling:
         return {"attempts": OUT_OF_MEMORY_ATTEMPTS, "seconds": OUT_OF_MEMORY_RETRY_SECONDS, "by_age_too": False}
     return {}

@@ -27,9 +27,9 @@ def torch_logs_to_root() -> None:
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger):
             streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+            for handler in streams:
+                logger.removeHandler(handler)
             if streams:
-                for handler in streams:
-                    logger.removeHandler(handler)
                 logger.propagate = True
 
 

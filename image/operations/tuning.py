@@ -145,8 +145,8 @@ def _compile_and_graph(module: torch.nn.Module, tuning: Tuning, device: torch.de
 def compiles_in_background(tuning: Tuning, device: torch.device) -> bool:
     """Whether `tuning` compiles after the warm-up, under CUDA graphs it captures again: the
     UNet (`compile`), the VAE (`compile_vae`) or both, so neither holds up ready."""
-    return ((tuning.compile or tuning.compile_vae) and tuning.background_compile and tuning.cuda_graphs and device.type == "cuda"
-            and tuning.compile_mode not in INDUCTOR_GRAPH_MODES)
+    return ((tuning.compile or tuning.compile_vae) and tuning.background_compile and tuning.cuda_graphs
+            and device.type == "cuda" and tuning.compile_mode not in INDUCTOR_GRAPH_MODES)
 
 
 def compile_vae(vae) -> list[str]:
