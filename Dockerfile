@@ -47,13 +47,14 @@ ENV NVIDIA_DISABLE_REQUIRE=1 \
     IMAGEN_VENV=/opt/imagen \
     PATH=/opt/imagen/bin:$PATH
 
-# --- deps: the virtual environment with torch (CUDA build) and the other dependencies.
-# Only pyproject.toml comes in, so this multi-GB layer is rebuilt only when it changes.
+# --- deps: the virtual environment with torch (CUDA build) and the other dependencies, at
+# the versions constraints.txt pins. Only pyproject.toml and constraints.txt come in, so this
+# multi-GB layer is rebuilt only when they change.
 FROM python AS deps
 # The PyTorch index of the CUDA build; the torch version itself comes from pyproject.toml.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 COPY scripts/docker_steps.sh /usr/local/bin/docker_steps.sh
-COPY pyproject.toml /src/pyproject.toml
+COPY pyproject.toml constraints.txt /src/
 RUN PYTHON=python3.12 docker_steps.sh venv \
     && TORCH_INDEX_URL=${TORCH_INDEX_URL} docker_steps.sh deps /src
 

@@ -10,15 +10,16 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 OPERATIONS := upscale enhance comic remove-background
 
-.PHONY: venv test demo dev bench download-models models-tiny clean $(addprefix worker-,$(OPERATIONS))
+.PHONY: venv test demo dev bench lock download-models models-tiny clean $(addprefix worker-,$(OPERATIONS))
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the runtime dependencies at the versions the image installs (make lock).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' --constraint constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -39,6 +40,14 @@ $(addprefix worker-,$(OPERATIONS)): worker-%: $(STAMP)
 # Stock diffusers vs imagen, same process (bench/README.md); BENCH_ARGS=--tiny runs on the CPU.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Re-pins constraints.txt from pyproject.toml's ranges (scripts/lock_deps.py): after changing a
+# dependency, or to take newer releases; then `make test`. Needs only torch and uv, so it runs
+# even where the old pins no longer fit pyproject.toml.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0 uv==0.13.9 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/python -m scripts.lock_deps
 
 download-models: $(STAMP)
 	$(BIN)/imagen models pull

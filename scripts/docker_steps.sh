@@ -7,7 +7,8 @@
 #
 #   docker_steps.sh venv          create the virtual environment at $IMAGEN_VENV
 #   docker_steps.sh deps SRC      torch (the CUDA build, from $TORCH_INDEX_URL), then the
-#                                 other dependencies listed in SRC/pyproject.toml
+#                                 other dependencies listed in SRC/pyproject.toml, at the
+#                                 versions SRC/constraints.txt pins (`make lock` writes it)
 #   docker_steps.sh app SRC       the project itself (no dependencies: `deps` did them)
 #   docker_steps.sh models        the models of $OPERATIONS into $MODEL_CACHE_DIR, then
 #                                 `imagen models verify`
@@ -70,8 +71,14 @@ step_deps() {
     # so the second install keeps it instead of fetching PyPI's build).
     log "installing $torch${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch"
+    # The rest at constraints.txt's versions, the same CI tests; this also moves torch's own
+    # requirements (sympy, filelock, ...) from whatever the PyTorch index offered to the pins.
+    [[ -s $src/constraints.txt ]] || {
+        log "$src/constraints.txt is missing: it pins every dependency (make lock)"
+        exit 1
+    }
     log "installing the other dependencies"
-    pip install --no-cache-dir --requirement "$requirements_file"
+    pip install --no-cache-dir --requirement "$requirements_file" --constraint "$src/constraints.txt"
     rm -f "$requirements_file"
     "$IMAGEN_VENV/bin/python" - "$TORCH_INDEX_URL" <<'PY'
 import re, sys
@@ -128,7 +135,7 @@ case ${1:-} in
     app) step_app "${2:-}" ;;
     models) step_models ;;
     *)
-        sed -n '2,27p' "$0" >&2
+        sed -n '2,28p' "$0" >&2
         exit 2
         ;;
 esac

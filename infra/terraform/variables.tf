@@ -324,7 +324,7 @@ variable "build_images" {
 }
 
 variable "image_revision" {
-  description = "build_images: change it (a date, say) to build new images of unchanged sources, which picks up the base image's and the dependencies' newer releases (security fixes) and rolls the services out. Part of the tag's hash; empty adds nothing."
+  description = "build_images: change it (a date, say) to build new images of unchanged sources, which picks up the base image's newer release (security fixes) and rolls the services out; Python dependencies move with `make lock` (constraints.txt, part of the sources). Part of the tag's hash; empty adds nothing."
   type        = string
   default     = ""
 }

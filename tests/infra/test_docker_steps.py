@@ -113,6 +113,8 @@ def test_dockerfile_steps_run(tmp_path):
                     continue
                 for source in sources:
                     target = Path(here(destination))
+                    if destination.endswith("/"):  # into the folder, as Docker does
+                        target = target / Path(source).name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if (ROOT / source).is_dir():
                         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")  # .dockerignore

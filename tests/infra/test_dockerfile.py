@@ -107,7 +107,7 @@ def test_torch_is_the_cuda_build_of_the_pinned_release(dockerfile):
     assert "docker_steps.sh deps" in runs
     # Dependencies before the project: the heavy layer survives code changes.
     copied = [src for i in deps.instructions if i.keyword == "COPY" for src in copy_sources(i)[0]]
-    assert copied == ["scripts/docker_steps.sh", "pyproject.toml"]
+    assert copied == ["scripts/docker_steps.sh", "pyproject.toml", "constraints.txt"]
 
 
 def test_models_are_baked_with_the_token_as_a_build_secret(dockerfile):

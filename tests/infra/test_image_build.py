@@ -73,7 +73,8 @@ class Project:
 
     def __init__(self, tmp_path: Path):
         self.root = tmp_path / "repo"
-        for name in ("Dockerfile", ".dockerignore", "cloudbuild.yaml", "pyproject.toml", "README.md"):
+        for name in ("Dockerfile", ".dockerignore", "cloudbuild.yaml", "pyproject.toml", "constraints.txt",
+                     "README.md"):
             (self.root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, self.root / name)
         for name in ("scripts/docker_steps.sh", "scripts/build_images.sh"):
@@ -212,7 +213,7 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
     _ok(project.apply(build=False, operations=("upscale", "comic", "enhance")))  # and back
 
     # Each of the other inputs makes a new tag too.
-    for name in ("Dockerfile", "pyproject.toml", "cloudbuild.yaml", "scripts/docker_steps.sh",
+    for name in ("Dockerfile", "pyproject.toml", "constraints.txt", "cloudbuild.yaml", "scripts/docker_steps.sh",
                  "handlers/app.py", "image/models.lock.json", ".dockerignore"):
         before = project.tag()
         project.write(name, (project.root / name).read_text() + "\n# changed\n")
@@ -220,7 +221,7 @@ def test_an_apply_builds_when_the_images_sources_change_and_only_then(project):
         assert project.tag() != before, name
     assert len(project.calls("builds", "submit")) == 4  # build = false builds nothing
 
-    # The same sources again, for the base image's and the dependencies' new releases.
+    # The same sources again, for the base image's new release.
     before = project.tag()
     _ok(project.apply(operations=("upscale", "comic", "enhance"), revision="2026-12-01"))
     assert project.tag() != before

@@ -87,7 +87,7 @@ locals {
   # package's long description: left out, so a documentation edit does not rebuild every image.
   patterns = [
     "Dockerfile", ".dockerignore", "cloudbuild.yaml",
-    "pyproject.toml", "scripts/docker_steps.sh", "handlers/**", "image/**",
+    "pyproject.toml", "constraints.txt", "scripts/docker_steps.sh", "handlers/**", "image/**",
   ]
   # .dockerignore's "never" list: what a working tree has that the build context leaves out.
   ignored = "(^|/)(__pycache__|[^/]*\\.egg-info|\\.pytest_cache)(/|$)|\\.py[cod]$"
