@@ -6,8 +6,9 @@
 #   whose attribute names no deployed operation).
 # docs/deploy.md, Troubleshooting, says what to do with each.
 # And what the workers say (one JSON line each, handlers/logs.py), as log-based metrics:
-# - <prefix>-job-failures: each job that ended in a failure report, by operation and error
-#   type; mostly bad input, whose report is the user's answer, so it is charted, not alerted;
+# - <prefix>-job-failures: each job that ended in a failure report, by operation (empty for
+#   one that names none) and error type; mostly bad input, whose report is the user's answer,
+#   so it is charted, not alerted;
 # - <prefix>-errors: each ERROR or CRITICAL line of imagen's (and gunicorn's): a fault of an
 #   instance (a model, the GPU, a report that could not be written, a crash, a bug), the
 #   lines the "imagen: worker errors" alert watches (a log-match alert);
@@ -28,7 +29,12 @@ locals {
   # tests/infra/test_terraform.py checks the filters against lines the code writes).
   job_failure_filter = "jsonPayload.logger=\"imagen.processor\" AND jsonPayload.message=~\"^job failed: \""
   error_filter       = "severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\""
-  worker_resource    = local.gke ? "k8s_container" : "cloud_run_revision"
+  # The job-failures metric's operation label: an operation or a chain of them, else empty.
+  # A failed job's `operation` is whatever its folder or message named (an UnknownOperation
+  # report): a label value per typo would grow the metric's series without bound.
+  operation_names   = ["upscale", "enhance", "comic", "remove-background"]
+  operation_pattern = "^((?:${join("|", local.operation_names)})(?:,(?:${join("|", local.operation_names)}))*)$"
+  worker_resource   = local.gke ? "k8s_container" : "cloud_run_revision"
   watched_backlogs = merge(
     local.dead_letter_conditions,
     length(local.unrouted_subscriptions) > 0 ? { "unrouted backlog" = local.unrouted_subscriptions } : {},
@@ -123,7 +129,7 @@ resource "google_logging_metric" "job_failures" {
     }
   }
   label_extractors = {
-    operation  = "EXTRACT(jsonPayload.operation)"
+    operation  = "REGEXP_EXTRACT(jsonPayload.operation, \"${local.operation_pattern}\")"
     error_type = "EXTRACT(jsonPayload.error.type)"
   }
 

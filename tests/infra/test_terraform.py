@@ -321,13 +321,13 @@ def _matches(pubsub_filter: str, attributes: dict[str, str]) -> bool:
     return value
 
 
-def _evaluate(tmp_path, variables: dict, outputs: dict[str, str]) -> dict:
+def _evaluate(tmp_path, variables: dict, outputs: dict[str, str], text: str = "") -> dict:
     """Terraform's own value of each expression in `outputs`, with `variables` at the given
-    defaults, in a module of its own (no provider, so no network)."""
+    defaults and `text` (more HCL), in a module of its own (no provider, so no network)."""
     binary = shutil.which("terraform")
     if binary is None:
         pytest.skip("terraform is not installed")
-    text = "".join(f'variable "{name}" {{ default = {json.dumps(value)} }}\n' for name, value in variables.items())
+    text += "".join(f'variable "{name}" {{ default = {json.dumps(value)} }}\n' for name, value in variables.items())
     text += "".join(f'output "{name}" {{ value = {expression} }}\n' for name, expression in outputs.items())
     (tmp_path / "main.tf").write_text(text)
     for command in (["init", "-input=false"], ["apply", "-input=false", "-auto-approve"]):
@@ -658,8 +658,10 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
     tests/integration/test_processor.py), errors and long waits alerts."""
     failures = terraform.resource("google_logging_metric", "job_failures")
     assert expr(failures["filter"]) == "local.job_failure_filter"
-    assert failures["label_extractors"] == {"operation": "EXTRACT(jsonPayload.operation)",
-                                            "error_type": "EXTRACT(jsonPayload.error.type)"}
+    assert failures["label_extractors"] == {
+        "operation": 'REGEXP_EXTRACT(jsonPayload.operation, "${local.operation_pattern}")',
+        "error_type": "EXTRACT(jsonPayload.error.type)",
+    }
     errors = terraform.resource("google_logging_metric", "errors")
     assert expr(errors["filter"]) == "local.error_filter"
     for metric in (failures, errors):
@@ -887,6 +889,34 @@ def test_the_image_cleanup_never_deletes_the_tags_in_use(terraform, tmp_path):
         (tmp_path / name).mkdir()
         assert _evaluate(tmp_path / name, variables, outputs)["for_each"] == kept, name
     assert terraform.default("keep_image_tags") == []
+
+
+def test_the_failure_metric_labels_operations_not_whatever_a_job_named(tmp_path):
+    # A folder typo or a job message's free text is a failed job's `operation`: one label value
+    # each would grow the metric's series without bound. Terraform evaluates the extractor as
+    # written in monitoring.tf; Cloud Logging's REGEXP_EXTRACT takes RE2, which reads this
+    # pattern as Python does.
+    from image.params import OPERATION_NAMES
+
+    text = (TERRAFORM_DIR / "monitoring.tf").read_text()
+    locals_ = re.findall(r"^ *operation_(?:names|pattern) += .*$", text, re.M)
+    [extractor] = re.findall(r"^ *operation += (.*)$", text, re.M)
+    label_extractor = _evaluate(tmp_path, {}, {"x": extractor, "names": "local.operation_names"},
+                                "locals {\n" + "\n".join(locals_) + "\n}\n")
+    assert label_extractor["names"] == list(OPERATION_NAMES)
+    match = re.fullmatch(r'REGEXP_EXTRACT\(jsonPayload\.operation, "(.*)"\)', label_extractor["x"])
+    assert match, label_extractor
+    pattern = re.compile(match.group(1))
+    assert pattern.groups == 1  # REGEXP_EXTRACT takes the one capture group
+
+    def label(operation: str) -> str:
+        found = pattern.search(operation)
+        return found.group(1) if found else ""
+
+    for operation in (*OPERATION_NAMES, "remove-background,upscale", "comic,upscale,enhance"):
+        assert label(operation) == operation
+    for typo in ("upscal", "Upscale", "upscale ", "upscale,", ",upscale", "upscale,x", "x" * 4000, ""):
+        assert label(typo) == "", typo
 
 
 def test_token_secret_holds_no_value(terraform):
