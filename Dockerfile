@@ -20,14 +20,18 @@
 # cuBLAS and cuDNN as pip packages, so a `runtime`/`cudnn-runtime` base would hold a second
 # copy (several GB) of the same libraries. CUDA 12.x wheels also run on Cloud Run's L4
 # driver (535, CUDA 12.2) through CUDA minor-version compatibility; CUDA 13 wheels would not.
-# Keep its CUDA major version and TORCH_INDEX_URL's (cu128) in step.
+# Keep its CUDA version and TORCH_INDEX_URL's (cu126) in step. CUDA 12.6 because PyTorch
+# publishes no other CUDA 12 build of 2.12 and later (their CUDA lines: 12.6, 13.0, 13.2; 12.8
+# was dropped), and none at all from 2.15: a torch past 2.14 means CUDA 13 wheels and drivers
+# 580 or newer. 12.6's kernels cover Volta to Hopper (sm_70-sm_90; the L4's sm_89 runs sm_86
+# code); Blackwell GPUs need a CUDA 13 build (this base at 13.0, TORCH_INDEX_URL .../cu130).
 
 # --- python: the CUDA base plus Python 3.12; the build and runtime stages both start here.
 # gcc, libc6-dev and python3.12-dev are for torch.compile, on by default on CUDA (comic,
 # enhance, upscale): Triton compiles its CUDA launcher (a C extension) at run time, and
 # without a C compiler and Python.h every compile fails ("Failed to find C compiler") and the
 # models stay uncompiled. The runtime user, here once, so that every later layer is shared.
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS python
+FROM nvidia/cuda:12.6.3-base-ubuntu24.04 AS python
 ARG DEBIAN_FRONTEND=noninteractive
 # Versions are not pinned (DL3008): Ubuntu's archive keeps only the current, security-
 # patched build of each package, so a pin would break the build at its next update.
@@ -37,7 +41,7 @@ RUN apt-get update \
         gcc libc6-dev python3.12-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin imagen
-# The base image sets NVIDIA_REQUIRE_CUDA=cuda>=12.8, which the NVIDIA container runtime
+# The base image sets NVIDIA_REQUIRE_CUDA=cuda>=12.6, which the NVIDIA container runtime
 # checks against the driver's own CUDA version: a 535 driver (12.2) would refuse to start the
 # container although minor-version compatibility (above) runs it. A driver really too old
 # still fails, at CUDA's initialisation, with CUDA's error.
@@ -52,7 +56,7 @@ ENV NVIDIA_DISABLE_REQUIRE=1 \
 # multi-GB layer is rebuilt only when they change.
 FROM python AS deps
 # The PyTorch index of the CUDA build; the torch version itself comes from pyproject.toml.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 COPY scripts/docker_steps.sh /usr/local/bin/docker_steps.sh
 COPY pyproject.toml constraints.txt /src/
 RUN PYTHON=python3.12 docker_steps.sh venv \

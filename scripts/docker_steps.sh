@@ -16,7 +16,7 @@
 # Environment:
 #   IMAGEN_VENV       the virtual environment (default /opt/imagen)
 #   PYTHON            the interpreter that creates it (default python3)
-#   TORCH_INDEX_URL   where torch comes from, e.g. https://download.pytorch.org/whl/cu128;
+#   TORCH_INDEX_URL   where torch comes from, e.g. https://download.pytorch.org/whl/cu126;
 #                     empty: the default index (PyPI or the local pip configuration)
 #   OPERATIONS        comma-separated operations whose models the image carries
 #   MODEL_SOURCE      hub (Hugging Face; default), tiny (random weights, offline: smoke
@@ -67,7 +67,7 @@ step_deps() {
         exit 1
     }
     # torch first, alone, from the PyTorch index: the CUDA build of the very release
-    # pyproject.toml pins (2.13.0 there; 2.13.0+cu128 here, which `torch==2.13.0` accepts,
+    # pyproject.toml pins (2.13.0 there; 2.13.0+cu126 here, which `torch==2.13.0` accepts,
     # so the second install keeps it instead of fetching PyPI's build).
     log "installing $torch${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch"

@@ -102,7 +102,14 @@ def test_torch_is_the_cuda_build_of_the_pinned_release(dockerfile):
     assert stages[0].base.startswith(f"nvidia/cuda:12.{cuda_minor}."), "base and wheel CUDA versions differ"
     # The version comes from pyproject.toml (the one pin), read by docker_steps.sh deps.
     text = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'"torch==\d+\.\d+\.\d+"', text)
+    pin = re.search(r'"torch==(\d+\.\d+)\.\d+"', text)
+    assert pin
+    # The index must hold that release: PyTorch's CUDA 12 builds by release (its RELEASE.md
+    # support matrix: 12.8 dropped from 2.12, CUDA 12 altogether from 2.15). A torch moved
+    # past this table needs the image moved with it (CUDA 13: drivers 580+; the Dockerfile).
+    cuda12_builds = {"2.11": {"cu126", "cu128"}, "2.12": {"cu126"}, "2.13": {"cu126"}, "2.14": {"cu126"}}
+    assert index.rsplit("/", 1)[1] in cuda12_builds.get(pin.group(1), set()), (
+        f"PyTorch publishes no {index.rsplit('/', 1)[1]} build of torch {pin.group(1)}")
     runs = " ".join(i.args for i in deps.instructions if i.keyword == "RUN")
     assert "docker_steps.sh deps" in runs
     # Dependencies before the project: the heavy layer survives code changes.
