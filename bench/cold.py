@@ -15,21 +15,15 @@ no root needed, harmless on a shared machine), `none` keeps it warm. `all` falls
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from bench.cases import stock_kwargs
+from bench.child import READY, time_child
 from bench.compare import for_operation
 from bench.configs import snapshot_of
 from image.models.registry import REGISTRY
 
-READY = "BENCH-READY "
-_ROOT = Path(__file__).resolve().parent.parent
 
 _STOCK = """
 import time; started = time.perf_counter()
@@ -100,37 +94,6 @@ def drop_page_cache(paths: list[Path], how: str = "weights") -> str:
         finally:
             os.close(fd)
     return "weights evicted" if evicted else "warm"
-
-
-def stop_children_on_sigterm() -> None:
-    """Make SIGTERM (gpu_session.sh's step limit) an exception in this process, so the
-    child it is timing is killed on the way out instead of running on into the next step."""
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def time_child(code: str, *, timeout: float = 600, env: dict | None = None) -> tuple[float, dict]:
-    """Seconds from starting `python -c code` until it prints its ready line, and its phases.
-    `env`: variables for the child on top of this process's."""
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryFile("w+") as errors:
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,
-                                 text=True, env=env, cwd=_ROOT)
-        try:
-            for line in child.stdout:
-                if line.startswith(READY):
-                    seconds = time.perf_counter() - started
-                    return seconds, json.loads(line[len(READY):])
-            child.wait(timeout)
-            errors.seek(0)
-            tail = errors.read()[-2000:]
-            raise RuntimeError(f"the child exited ({child.returncode}) before it was ready:\n{tail}")
-        finally:
-            child.kill()
-            child.wait()
 
 
 def run_cold(operations: list[str], cache_dir: Path, *, device: str, dtype: str, tuning,

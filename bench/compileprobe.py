@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.cold import _ROOT, READY, stop_children_on_sigterm, time_child
+from bench.child import READY, ROOT, stop_children_on_sigterm, time_child
 
 _CHILD = """
 import time; started = time.perf_counter()
@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="compileprobe-") as workdir:
         for operation in args.operations:
             probe(operation, cache, device.type, Path(workdir) / operation, on_row=save)
-    print(f"written: {out.relative_to(_ROOT)}")
+    print(f"written: {out.relative_to(ROOT)}")
     return rows
 
 

@@ -19,6 +19,7 @@ an L4 (Cloud Run GPU) with the same command.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Price:
     """What one second of a GPU instance costs, and where the figure comes from."""
 
     name: str
-    card: str  # matched (case-insensitively) against the results' card name
+    card: str  # a whole word of the results' card name, any case (same_card)
     dollars_per_second: float
     breakdown: str
     source: str
@@ -60,6 +61,12 @@ def _per_thousand(seconds: float | None, price: Price) -> float | None:
     return None if seconds is None else seconds * price.dollars_per_second * 1000
 
 
+def same_card(price_card: str, card: str) -> bool:
+    """Whether `card` (the GPU's name, "NVIDIA L4") is the one a price names ("L4"): a whole
+    word, so an L40S is not priced as an L4."""
+    return re.search(rf"\b{re.escape(price_card)}\b", card, re.IGNORECASE) is not None
+
+
 def cost_rows(results: dict, prices=PRICES) -> list[dict]:
     """Per case and path: seconds per image and dollars per 1000 images at each price."""
     card = results["environment"]["card"]
@@ -79,7 +86,7 @@ def cost_rows(results: dict, prices=PRICES) -> list[dict]:
                 "dollars_per_1000": {
                     p.name: _per_thousand(seconds, p) for p in prices
                 },
-                "same_card": {p.name: p.card.lower() in card.lower() for p in prices},
+                "same_card": {p.name: same_card(p.card, card) for p in prices},
             })
     return rows
 

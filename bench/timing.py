@@ -2,8 +2,12 @@
 
 On CUDA each run is timed with CUDA events between two `torch.cuda.synchronize()` calls
 (device time, no queued work left over), and the peak is `torch.cuda.max_memory_allocated`
-over the timed runs (weights included, as the anchor measured it). On the CPU runs are timed
-with `time.perf_counter` and there is no peak figure (None).
+over the timed runs (weights included, as the anchor measured it). That figure leaves out a
+CUDA graph's memory pool: the activations a replayed graph writes were allocated at capture
+and are "reserved", not "allocated", during a replay. So the peak of
+`torch.cuda.max_memory_reserved` is kept too (what the process holds from the GPU: the
+graph pool, and the allocator's cached blocks, for both paths). On the CPU runs are timed with
+`time.perf_counter` and there are no peak figures (None).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Timing:
     seconds: float
     runs: list[float]
     peak_bytes: int | None
+    reserved_bytes: int | None = None
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> tuple[Timing, object]:
@@ -51,11 +56,16 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
             result = fn()
             runs.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return Timing(statistics.median(runs), runs, peak), result
+    reserved = torch.cuda.max_memory_reserved(device) if cuda else None
+    return Timing(statistics.median(runs), runs, peak, reserved), result
 
 
 def free(device: torch.device) -> None:
-    """Release what the last model held, so the next one's peak is its own."""
+    """Release what the last model held, so the next one's peak is its own: Dynamo's caches
+    too, whose compiled code can hold a model's parameters alive."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

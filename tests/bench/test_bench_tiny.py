@@ -13,6 +13,7 @@ import json
 import pytest
 
 from bench import cold, cost
+from bench.child import READY, time_child
 from bench.cases import FULL_CASES, TINY_CASES, cases_named
 from bench.cli import main, parse_switches, parse_variants
 from bench.configs import FULL_CONFIGS, UNET_PARAMETERS, build_full_pipeline
@@ -67,6 +68,9 @@ def test_cost_per_thousand_images():
     assert rows[1]["dollars_per_1000"][h100.name] == pytest.approx(500 * h100.dollars_per_second)
     assert rows[1]["same_card"] == {"Cloud Run L4": False, "GCE H100 on-demand": True}
     assert "(other card)" in cost.format_cost(results)
+    # A card is priced by its whole name: an L40S is not an L4.
+    assert cost.same_card("L4", "NVIDIA L4") and cost.same_card("h100", "NVIDIA H100 80GB HBM3")
+    assert not cost.same_card("L4", "NVIDIA L40S") and not cost.same_card("H100", "NVIDIA H1000")
 
 
 def test_variants_parse():
@@ -121,10 +125,13 @@ def test_cold_start_children(tmp_path):
     ast.parse(code)
     assert "read_ahead=False" in code and "image.operations.tuning" not in code
     assert "from image.operations.switches import Tuning" in code
-    seconds, phases = cold.time_child(f"print({cold.READY!r} + '{{\"x\": 1}}')")
+    seconds, phases = time_child(f"print({READY!r} + '{{\"x\": 1}}')")
     assert seconds > 0 and phases == {"x": 1}
     with pytest.raises(RuntimeError, match="before it was ready"):
-        cold.time_child("import sys; sys.exit(3)")
+        time_child("import sys; sys.exit(3)")
+    # Timed to its ready line, not its exit (a child that goes on after it is killed there).
+    seconds, _ = time_child(f"import time; print({READY!r} + '{{}}', flush=True); time.sleep(600)")
+    assert seconds < 300
 
 
 def test_cold_start_children_report_their_phases_and_memory(tiny_cache):
@@ -152,10 +159,30 @@ def test_unet_arithmetic_matches_the_anchor_architectures(tmp_path, monkeypatch)
     for component, config in (("unet", FULL_CONFIGS["comic"]["unet"]), ("vae", FULL_CONFIGS["comic"]["vae"])):
         (snapshot / component).mkdir(parents=True)
         (snapshot / component / "config.json").write_text(json.dumps(config))
+    build_full_pipeline("comic", device="meta").scheduler.save_config(snapshot / "scheduler")
     case = next(c for c in FULL_CASES if c.name == "comic")
     monkeypatch.setattr(flops, "snapshot_of", lambda operation, cache_dir: snapshot)
+    # 50 steps x 0.75 strength: PNDM's schedule has 51 timesteps, of which the last 38 run
+    assert flops.unet_calls(case, snapshot) == 38
     tflop = flops.unet_tflop(case, tmp_path)
-    assert tflop == pytest.approx(37 * 1.61, rel=0.02)  # 50 steps x 0.75 strength
+    assert tflop == pytest.approx(38 * 1.61, rel=0.02)
+
+
+def test_unet_calls_are_the_pipelines_own(tiny_cache):
+    # What the flops count multiplies by is what stock diffusers really calls (tiny models on
+    # the CPU carry each repository's scheduler: comic's PNDM, enhance's Euler, upscale's DDIM).
+    import torch
+
+    from bench import flops
+    from bench.cases import StockRunner, input_image
+    from bench.configs import snapshot_of
+
+    for case in (c for c in TINY_CASES if c.stock):
+        runner = StockRunner(case.operation, tiny_cache, torch.device("cpu"), torch.float32)
+        calls = []
+        runner.pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
+        runner(case, input_image(case.size))
+        assert flops.unet_calls(case, snapshot_of(case.operation, tiny_cache)) == len(calls), case.name
 
 
 def test_compile_probe_shows_the_second_process_compiling_nothing(tiny_cache, tmp_path):
@@ -183,3 +210,18 @@ def test_import_profile_reads_python_importtime():
     assert profile["modules"] >= 5 and 0 < profile["own_s"] <= profile["wall_s"]
     assert [s for _, s in profile["by_module_s"]] == sorted((s for _, s in profile["by_module_s"]), reverse=True)
     assert len(import_profile("import json", top=3)["by_module_s"]) == 3  # the largest three
+
+
+def test_the_table_shows_reserved_memory_and_judges_the_peak_by_it():
+    # A replayed CUDA graph's activations are reserved, not allocated: the target is judged by
+    # what the process holds where that was measured (results before it: allocated alone).
+    from bench.report import format_table
+
+    row = {"case": "upscale-512", "input": [512, 512], "output": [2048, 2048], "steps": 20,
+           "target_peak_gib": 12.0, "stock": {"seconds": 8.0, "peak_gib": 20.8, "reserved_gib": 21.5},
+           "imagen": {"seconds": 3.1, "peak_gib": 7.5, "reserved_gib": 12.5}}
+    line = format_table([row]).splitlines()[-1]
+    assert "| 20.80 / 21.50 | 7.50 / 12.50 |" in line and "≤ 12.0 GiB ✗" in line
+    older = {**row, "stock": {"seconds": 8.0, "peak_gib": 20.8}, "imagen": {"seconds": 3.1, "peak_gib": 7.5}}
+    line = format_table([older]).splitlines()[-1]
+    assert "| 20.80 | 7.50 |" in line and "≤ 12.0 GiB ✓" in line
