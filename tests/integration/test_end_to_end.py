@@ -46,7 +46,23 @@ def _env(tiny_settings, **extra):
     return env
 
 
+def _ignored() -> float:
+    """Events this process's worker ignored so far (its Prometheus counter)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "none", "status": "ignored"}) or 0
+
+
+def _jobs(url: str, status: str) -> float:
+    """imagen_jobs_total of `status`, all operations, from an `imagen serve` /metrics page."""
+    with urllib.request.urlopen(url + "/metrics") as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("imagen_jobs_total{") and f'status="{status}"' in line)
+
+
 def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher):
+    ignored_before = _ignored()
     # A user's upload, with parameters in metadata.
     blob = bucket.blob("incoming/upscale/holiday/cat.png")
     blob.metadata = {"imagen-params": json.dumps({"steps": 2, "seed": 5})}
@@ -76,10 +92,9 @@ def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher):
     catalog = _wait_blob(bucket, "catalog/portrait.webp")
     assert catalog.content_type == "image/webp" and _size(catalog) == (48, 40)
 
-    # Our own outputs raise notifications too: they must be ignored, not processed again.
-    import time
-
-    time.sleep(3)
+    # Our own outputs raise notifications too: they must be ignored, not processed again. Five
+    # are (the four written and uploads/, outside incoming/): once they are, nothing more comes.
+    wait_for(lambda: _ignored() - ignored_before >= 5, timeout=60, what="the outputs' notifications ignored")
     names = sorted(b.name for b in bucket.list_blobs())
     assert names == sorted([
         "catalog/portrait.webp", "failed/comic/broken.jpg.json", "incoming/comic/broken.jpg",
@@ -177,9 +192,7 @@ def test_push_subscription_and_cloudevents_into_serve(serve, bucket, subscriber,
             eventType="OBJECT_FINALIZE", payloadFormat="JSON_API_V1", bucketId=bucket.name,
             objectId=source.name, objectGeneration=str(source.generation),
         ).result()
-        import time
-
-        time.sleep(4)
+        wait_for(lambda: _jobs(serve, "skipped") >= 1, timeout=60, what="the redelivery skipped by serve")
         assert bucket.get_blob("processed/comic/street.png").generation == out.generation
     finally:
         subscriber.delete_subscription(subscription=push)

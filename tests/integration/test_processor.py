@@ -685,10 +685,20 @@ def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, buck
     assert unlimited.budgets == [510]
 
 
-def test_unexpected_errors_are_retried_not_crashing(settings, bucket):
+def test_unexpected_errors_are_retried_not_crashing(settings, bucket, caplog):
     source = _upload(bucket, "incoming/upscale/u.png")
+    buggy = _processor(settings, FakeEngine(fail_with=ZeroDivisionError("bug")))
     with pytest.raises(TransientError, match="ZeroDivisionError"):
-        _processor(settings, FakeEngine(fail_with=ZeroDivisionError("bug"))).handle(_event(source))
+        buggy.handle(_event(source), attempt=1)
+    assert not list(bucket.list_blobs(prefix="failed/"))
+    # The last try ends it in a report naming the bug, like any fault that persisted; the
+    # stack trace is in the log, where a bug is looked for.
+    outcome = buggy.handle(_event(source), attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed"
+    report = _report(bucket, "failed/upscale/u.png.json")
+    assert report["error"] == {"type": "ZeroDivisionError", "message": "bug"} and report["attempt"] == MAX_ATTEMPTS
+    traced = [r.exc_info[0] for r in caplog.records if r.getMessage() == "unexpected error in job" and r.exc_info]
+    assert traced == [ZeroDivisionError, ZeroDivisionError]  # each delivery's
 
 
 def test_concurrent_writer_wins_and_loser_acks(settings, bucket):

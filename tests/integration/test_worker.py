@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -19,28 +18,36 @@ from .test_processor import FakeEngine
 
 
 class OneGpuEngine(FakeEngine):
-    """Runs one job at a time, like image.engine.Engine, and records when jobs arrive."""
+    """Runs one job at a time, like image.engine.Engine, and records when jobs arrive. A job
+    holds the "GPU" until `release` is set (at once when another job arrives, with
+    `release_on_arrival`) or `hold` seconds pass: the tests wait for what they look for
+    instead of betting on a loaded machine's timing."""
 
-    def __init__(self):
+    def __init__(self, hold: float = 30.0, release_on_arrival: bool = False):
         super().__init__()
         self.events: list[tuple[str, int]] = []
+        self.release = threading.Event()
+        self._hold, self._release_on_arrival = hold, release_on_arrival
         self._lock = threading.Lock()
 
     def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
         job = seed
         self.events.append(("arrived", job))  # download and decode are done by now
+        if self._release_on_arrival and len([kind for kind, _ in self.events if kind == "arrived"]) > 1:
+            self.release.set()
         with self._lock:
             if withdrawn is not None and withdrawn():  # as image.engine.Engine does
                 self.events.append(("withdrawn", job))
                 raise Withdrawn("stopping")
             self.events.append(("start", job))
-            time.sleep(2.5)
+            self.release.wait(self._hold)
             self.events.append(("end", job))
         return super().run(chain, image, params, seed)
 
 
-def _two_jobs_then_stop(worker, bucket, until, what):
-    """Run `worker`, upload two seeded images, wait `until()`, stop it and wait for it to end."""
+def _two_jobs_then_stop(worker, bucket, until, what, stopped=lambda: None):
+    """Run `worker`, upload two seeded images, wait `until()`, stop it, call `stopped()` and
+    wait for it to end."""
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     thread.start()
     try:
@@ -51,6 +58,7 @@ def _two_jobs_then_stop(worker, bucket, until, what):
         wait_for(until, timeout=60, what=what)
     finally:
         worker.stop()
+        stopped()
         thread.join(timeout=30)
     assert not thread.is_alive()
 
@@ -58,7 +66,9 @@ def _two_jobs_then_stop(worker, bucket, until, what):
 @pytest.mark.parametrize("prefetch", [0, 1])
 def test_prefetch_overlaps_the_next_download_with_the_gpu(settings, bucket, subscriber, events_subscription,
                                                           prefetch):
-    engine = OneGpuEngine()
+    # With prefetch the first job holds the GPU until the second has arrived (decoded); without,
+    # for 2.5 s, in which the second must not arrive (one message in hand at a time).
+    engine = OneGpuEngine(release_on_arrival=True) if prefetch else OneGpuEngine(hold=2.5)
     processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
     worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=prefetch)
     _two_jobs_then_stop(worker, bucket, lambda: len(list(bucket.list_blobs(prefix="processed/"))) == 2,
@@ -78,7 +88,7 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
     one is handed back unrun (TransientError: the worker nacks it), so a drain takes one job's
     time (GKE's grace period). Its redelivery is Pub/Sub's: the emulator honours a nack sent
     after the stream closed only at the ack deadline, so it is not waited for here."""
-    engine = OneGpuEngine()
+    engine = OneGpuEngine()  # the first job holds the GPU until the worker is stopped
     processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
     raised = {}
     handle = processor.handle
@@ -93,7 +103,8 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
     processor.handle = recording
     worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
     _two_jobs_then_stop(worker, bucket, lambda: [kind for kind, _ in engine.events].count("arrived") == 2 and
-                        ("start", engine.events[0][1]) in engine.events, "one job running, one waiting")
+                        ("start", engine.events[0][1]) in engine.events, "one job running, one waiting",
+                        stopped=engine.release.set)
     first, second = engine.events[0][1], 3 - engine.events[0][1]
     assert ("end", first) in engine.events and ("withdrawn", second) in engine.events, engine.events
     assert ("start", second) not in engine.events
@@ -112,18 +123,22 @@ def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
 
     engine = Engine(["remove-background"], tiny_cache, device="cpu")
     engine.setup()
-    runs = []
+    runs, second_arrived = [], threading.Event()
 
     def fails_the_gpu(*args, **kwargs):
         runs.append(1)
-        time.sleep(1.5)  # long enough for the second message to arrive and wait for the device
+        # Fails once the second message has arrived and waits for the device (or after 30 s).
+        second_arrived.wait(30)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     engine._ops["remove-background"].process = fails_the_gpu
     processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
-    handed_back, handle = [], processor.handle
+    handed_back, handle, arrivals = [], processor.handle, []
 
     def recording(event, **kwargs):
+        arrivals.append(event.name)
+        if len(arrivals) == 2:
+            second_arrived.set()
         try:
             return handle(event, **kwargs)
         except TransientError as error:

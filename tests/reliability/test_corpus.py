@@ -533,6 +533,8 @@ def _ce_headers(**overrides) -> dict:
     return {k: v for k, v in headers.items() if v is not None}
 
 
+# The bucket the requests name: a report or output written for one would land there.
+OTHER = "corpus-requests"
 _NOTIFY = {"eventType": "OBJECT_FINALIZE", "payloadFormat": "NONE"}
 REQUESTS = [
     # (id, headers, body, expected HTTP status, expected outcome status or None)
@@ -561,7 +563,7 @@ REQUESTS = [
     (
         "notification-no-object",
         {},
-        {"message": {"attributes": {**_NOTIFY, "bucketId": "b"}}},
+        {"message": {"attributes": {**_NOTIFY, "bucketId": OTHER}}},
         400,
         None,
     ),
@@ -572,7 +574,7 @@ REQUESTS = [
             "message": {
                 "attributes": {
                     **_NOTIFY,
-                    "bucketId": "b",
+                    "bucketId": OTHER,
                     "objectId": "incoming/upscale/a.png",
                     "objectGeneration": "-1",
                 }
@@ -601,7 +603,7 @@ REQUESTS = [
                 "attributes": {
                     "eventType": "OBJECT_DELETE",
                     "payloadFormat": "NONE",
-                    "bucketId": "b",
+                    "bucketId": OTHER,
                     "objectId": "incoming/upscale/a.png",
                 }
             }
@@ -614,7 +616,7 @@ REQUESTS = [
         {},
         {
             "message": {
-                "data": _b64({"source": "gs://b/a.png", "operation": "upscale", "priority": 1})
+                "data": _b64({"source": f"gs://{OTHER}/a.png", "operation": "upscale", "priority": 1})
             }
         },
         400,
@@ -627,13 +629,13 @@ REQUESTS = [
         400,
         None,
     ),
-    ("job-no-operation", {}, {"message": {"data": _b64({"source": "gs://b/a.png"})}}, 400, None),
+    ("job-no-operation", {}, {"message": {"data": _b64({"source": f"gs://{OTHER}/a.png"})}}, 400, None),
     (
         "job-params-list",
         {},
         {
             "message": {
-                "data": _b64({"source": "gs://b/a.png", "operation": "upscale", "params": [1]})
+                "data": _b64({"source": f"gs://{OTHER}/a.png", "operation": "upscale", "params": [1]})
             }
         },
         400,
@@ -642,27 +644,27 @@ REQUESTS = [
     (
         "cloudevent-no-type",
         _ce_headers(**{"ce-type": None}),
-        {"bucket": "b", "name": "a"},
+        {"bucket": OTHER, "name": "a"},
         400,
         None,
     ),
-    ("cloudevent-no-id", _ce_headers(**{"ce-id": None}), {"bucket": "b", "name": "a"}, 400, None),
+    ("cloudevent-no-id", _ce_headers(**{"ce-id": None}), {"bucket": OTHER, "name": "a"}, 400, None),
     (
         "cloudevent-no-source",
         _ce_headers(**{"ce-source": None}),
-        {"bucket": "b", "name": "a"},
+        {"bucket": OTHER, "name": "a"},
         400,
         None,
     ),
     (
         "cloudevent-other-type",
         _ce_headers(**{"ce-type": "com.example.thing"}),
-        {"bucket": "b", "name": "a"},
+        {"bucket": OTHER, "name": "a"},
         400,
         None,
     ),
-    ("cloudevent-no-name", _ce_headers(), {"bucket": "b"}, 400, None),
-    ("cloudevent-data-not-object", _ce_headers(), ["b", "a"], 400, None),
+    ("cloudevent-no-name", _ce_headers(), {"bucket": OTHER}, 400, None),
+    ("cloudevent-data-not-object", _ce_headers(), [OTHER, "a"], 400, None),
     (
         "cloudevent-structured-no-data",
         {"content-type": "application/cloudevents+json"},
@@ -677,7 +679,7 @@ REQUESTS = [
             "specversion": "1.0",
             "source": "//s",
             "type": _FINALIZED,
-            "data": {"bucket": "b", "name": "a"},
+            "data": {"bucket": OTHER, "name": "a"},
         },
         400,
         None,
@@ -685,7 +687,7 @@ REQUESTS = [
     (
         "cloudevent-deleted",
         _ce_headers(**{"ce-type": "google.cloud.storage.object.v1.deleted"}),
-        {"bucket": "b", "name": "incoming/upscale/a.png", "generation": "1"},
+        {"bucket": OTHER, "name": "incoming/upscale/a.png", "generation": "1"},
         200,
         "ignored",
     ),
@@ -713,6 +715,7 @@ REQUESTS = [
 def test_malformed_requests_are_refused_without_side_effects(
     id_, headers, body, status, outcome, bucket, settings
 ):
+    named = bucket.client.lookup_bucket(OTHER) or bucket.client.create_bucket(OTHER)
     client = app_for(processor_for(settings, FakeEngine()))
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json", **headers}
@@ -722,7 +725,7 @@ def test_malformed_requests_are_refused_without_side_effects(
         assert response.get_json()["status"] == outcome
     elif status == 400:
         assert response.get_json()["error"]  # the reason, for the dead-letter inspector
-    assert not list(bucket.list_blobs())
+    assert not list(bucket.list_blobs()) and not list(named.list_blobs())
 
 
 def test_notification_for_a_deleted_object_is_skipped(bucket, settings):

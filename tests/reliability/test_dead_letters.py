@@ -346,7 +346,7 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
     from handlers.dlq import DeadLetterer
     from handlers.http import create_app
 
-    processor = processor_for(settings, FakeEngine())
+    processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
     app = create_app(processor, lambda: "READY", dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
     envelope = {"message": {"data": base64.b64encode(b"{not json").decode(), "messageId": "p-1",
                             "attributes": {"origin": "catalog"}},
@@ -355,6 +355,18 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
     assert answer.status_code == 200 and answer.get_json()["status"] == "dead-lettered"
     [letter] = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
     assert letter.reason.startswith("unparseable: ") and letter.source_subscription == topology["main_sub"]
+    # A job message for a bucket outside the allowlist: parsed, refused by the processor, moved.
+    job = json.dumps({"source": "gs://someone-elses-bucket/a.png", "operation": "upscale"}).encode()
+    refused = {"message": {"data": base64.b64encode(job).decode(), "messageId": "p-2"},
+               "subscription": topology["main_sub"], "deliveryAttempt": 1}
+    answer = app.test_client().post("/", json=refused)
+    assert answer.status_code == 200 and answer.get_json()["status"] == "dead-lettered"
+    assert "someone-elses-bucket" in answer.get_json()["reason"]
+    wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 2,
+             timeout=60, what="the refused job message among the dead letters")
+    reasons = sorted(letter.reason for letter in list_dead_letters(subscriber, topology["dead_sub"],
+                                                                     wait_seconds=WAIT))
+    assert "someone-elses-bucket" in reasons[0] and reasons[1].startswith("unparseable: ")
     # A body that is no push envelope at all has no message to move: 400, as before.
     assert app.test_client().post("/", data=b"{garbage", content_type="application/json").status_code == 400
     # And where the topic cannot take it, Pub/Sub keeps it: 400, retried until its policy moves it.

@@ -50,3 +50,40 @@ def test_the_answer_to_the_job_that_failed_the_gpu_is_sent_then_the_service_stop
         assert answer.status_code == 503 and not stopped  # the answer first
     assert stopped == [1]
     assert client.get("/healthz").status_code == 503 and stopped == [1]  # probes do not stop it
+
+
+def _push(client, resource=None):
+    resource = resource or {"bucket": "b", "name": "incoming/upscale/a.png", "generation": "1"}
+    envelope = {"message": {"data": base64.b64encode(json.dumps(resource).encode()).decode(),
+                            "attributes": {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"},
+                            "messageId": "1"}, "subscription": "projects/p/subscriptions/s"}
+    return client.post("/", json=envelope)
+
+
+class _Recording:
+    def __init__(self, error: Exception | None = None):
+        self.calls, self.error = [], error
+
+    def handle(self, event, **kwargs):
+        self.calls.append(event)
+        raise self.error
+
+
+def test_a_push_before_the_models_are_ready_is_sent_back_untouched():
+    # Cloud Run may deliver while an instance still loads: 503 with Retry-After, so Pub/Sub
+    # retries (another instance, or this one once ready), and the processor never sees it.
+    for state in (engine.STARTING, engine.SETUP_FAILED, engine.DEVICE_FAILED):
+        processor = _Recording()
+        answer = _push(create_app(processor, state=lambda state=state: state).test_client())
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "10", state
+        assert answer.get_json()["error"] == f"not ready: models are {state.lower()}"
+        assert processor.calls == []
+
+
+def test_a_bug_in_the_processor_answers_500_so_the_message_is_retried(caplog):
+    processor = _Recording(KeyError("output_prefix"))
+    answer = _push(create_app(processor, state=lambda: engine.READY).test_client())
+    assert answer.status_code == 500 and answer.get_json() == {"error": "KeyError: 'output_prefix'"}
+    assert len(processor.calls) == 1 and "Retry-After" not in answer.headers
+    [record] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    assert record.exc_info and record.exc_info[0] is KeyError  # the stack trace is in the log
