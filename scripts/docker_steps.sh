@@ -43,8 +43,8 @@ log() {
 }
 
 # The project's runtime requirements from SRC/pyproject.toml, one per line. Read with the
-# standard library so that this step needs nothing installed and pyproject.toml stays the
-# one place that names versions (the torch pin included).
+# standard library so that this step needs nothing installed; the versions installed are
+# SRC/constraints.txt's pins of them (the torch pin is pyproject.toml's too).
 requirements() {
     "$IMAGEN_VENV/bin/python" - "$1/pyproject.toml" <<'PY'
 import sys, tomllib
@@ -80,6 +80,10 @@ step_deps() {
     log "installing the other dependencies"
     pip install --no-cache-dir --requirement "$requirements_file" --constraint "$src/constraints.txt"
     rm -f "$requirements_file"
+    # Everything the image holds, in the build log: torch's own CUDA libraries and Triton too,
+    # which constraints.txt leaves to torch.
+    log "installed:"
+    pip freeze >&2
     "$IMAGEN_VENV/bin/python" - "$TORCH_INDEX_URL" <<'PY'
 import re, sys
 import torch

@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from scripts.lock_deps import CUDA_PACKAGES
 from tests.infra.conftest import ROOT
 
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -36,7 +37,8 @@ def _runtime_requirements() -> list[Requirement]:
 
 
 def _closure() -> dict[str, Version]:
-    """Every distribution the project's runtime requirements reach here, with its version."""
+    """Every distribution the project's runtime requirements reach here, with its version, but
+    a CUDA build of torch's own CUDA libraries (not in the lock: each build pins its own)."""
     found: dict[str, Version] = {}
     pending = _runtime_requirements()
     while pending:
@@ -44,7 +46,7 @@ def _closure() -> dict[str, Version]:
         if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
             continue
         name = canonicalize_name(requirement.name)
-        if name in found:
+        if name in found or CUDA_PACKAGES.match(name):
             continue
         found[name] = Version(importlib.metadata.version(name))
         pending += [Requirement(r) for r in importlib.metadata.requires(name) or []]
@@ -70,3 +72,19 @@ def test_the_pins_are_the_runtime_closure_and_installed_here():
     differ = {name: (str(pins[name]), str(version)) for name, version in closure.items()
               if Version(version.public) != pins[name]}
     assert differ == {}, "installed releases differ from constraints.txt (pinned, installed): run `make venv`"
+
+
+def test_the_lock_takes_torchs_requirements_less_its_cuda_libraries(monkeypatch):
+    # `make lock` in a venv with a CUDA build of torch (PyPI's, say): its CUDA libraries and
+    # Triton, with markers in quotes, must neither break the resolver's TOML nor enter the lock.
+    import scripts.lock_deps as lock
+
+    requires = importlib.metadata.requires
+    cuda = ['nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"', 'triton==3.7.0; platform_system == "Linux"',
+            'cuda-bindings>=13; sys_platform == "linux"']
+    monkeypatch.setattr(importlib.metadata, "requires",
+                        lambda name: requires(name) + (cuda if name == "torch" else []))
+    [entry] = tomllib.loads(lock.torch_metadata(lock.runtime_requirements()))["dependency-metadata"]
+    assert entry["name"] == "torch" and entry["requires-dist"]
+    assert not [r for r in entry["requires-dist"] if CUDA_PACKAGES.match(canonicalize_name(Requirement(r).name))]
+    assert "sympy>=1.13.3" in entry["requires-dist"]

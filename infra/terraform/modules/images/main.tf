@@ -5,8 +5,8 @@
 # uploads, .gcloudignore): an edit to the code, the Dockerfile or the model lock makes a new
 # tag, a new build and, through the services that use the tag, a roll-out; an apply with
 # nothing changed builds nothing. It needs no git (a tarball or a checkout with uncommitted
-# edits gets its own tag, never a commit's). What it cannot see, the base image's and the
-# dependency ranges' newer releases, a new `revision` picks up.
+# edits gets its own tag, never a commit's). What it cannot see, the base image's newer
+# release, a new `revision` picks up (the Python dependencies are constraints.txt's pins).
 #
 # No providers: only Terraform's built-in terraform_data. tests/infra/test_image_build.py
 # applies this module for real, with a recording `gcloud` on PATH.
