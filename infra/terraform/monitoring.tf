@@ -29,11 +29,12 @@ locals {
   # tests/infra/test_terraform.py checks the filters against lines the code writes).
   job_failure_filter = "jsonPayload.logger=\"imagen.processor\" AND jsonPayload.message=~\"^job failed: \""
   error_filter       = "severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\""
-  # The job-failures metric's operation label: an operation or a chain of them, else empty.
-  # A failed job's `operation` is whatever its folder or message named (an UnknownOperation
-  # report): a label value per typo would grow the metric's series without bound.
+  # The job-failures metric's operation label: an operation or a chain of up to four, else
+  # empty. A failed job's `operation` is whatever its folder or message named (an
+  # UnknownOperation report, a chain naming one twice): a label value per typo would grow the
+  # metric's series without bound; bounded, at most 4 + 4^2 + 4^3 + 4^4 values.
   operation_names   = ["upscale", "enhance", "comic", "remove-background"]
-  operation_pattern = "^((?:${join("|", local.operation_names)})(?:,(?:${join("|", local.operation_names)}))*)$"
+  operation_pattern = "^((?:${join("|", local.operation_names)})(?:,(?:${join("|", local.operation_names)})){0,3})$"
   worker_resource   = local.gke ? "k8s_container" : "cloud_run_revision"
   watched_backlogs = merge(
     local.dead_letter_conditions,

@@ -915,7 +915,9 @@ def test_the_failure_metric_labels_operations_not_whatever_a_job_named(tmp_path)
 
     for operation in (*OPERATION_NAMES, "remove-background,upscale", "comic,upscale,enhance"):
         assert label(operation) == operation
-    for typo in ("upscal", "Upscale", "upscale ", "upscale,", ",upscale", "upscale,x", "x" * 4000, ""):
+    assert label("upscale,upscale") == "upscale,upscale"  # refused by imagen, but bounded: four at most
+    for typo in ("upscal", "Upscale", "upscale ", "upscale,", ",upscale", "upscale,x", "x" * 4000, "",
+                 ",".join(["upscale"] * 5), ",".join(["comic"] * 1000)):
         assert label(typo) == "", typo
 
 
