@@ -156,7 +156,7 @@ def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, ou
                         rows[case.name][key] = entry.pop(key, None)
     finally:
         runner.close()
-        free(device)
+        free(device, compiled=True)
 
 
 def _compare(stock: dict | None, entry: dict, stock_pixels, imagen_pixels) -> None:

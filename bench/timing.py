@@ -60,12 +60,14 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     return Timing(statistics.median(runs), runs, peak, reserved), result
 
 
-def free(device: torch.device) -> None:
-    """Release what the last model held, so the next one's peak is its own: Dynamo's caches
-    too, whose compiled code can hold a model's parameters alive."""
-    import torch._dynamo
+def free(device: torch.device, *, compiled: bool = False) -> None:
+    """Release what the last model held, so the next one's peak is its own. `compiled`: its
+    compiled code too (Dynamo's caches can hold a model's parameters alive), once the model is
+    gone; not while it still runs (its compiled code, its background compile)."""
+    if compiled:
+        import torch._dynamo
 
-    torch._dynamo.reset()
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

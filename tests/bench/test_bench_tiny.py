@@ -132,6 +132,9 @@ def test_cold_start_children(tmp_path):
     # Timed to its ready line, not its exit (a child that goes on after it is killed there).
     seconds, _ = time_child(f"import time; print({READY!r} + '{{}}', flush=True); time.sleep(600)")
     assert seconds < 300
+    # And one that never gets ready is killed at the timeout, not waited for.
+    with pytest.raises(RuntimeError, match="not ready after 2 s"):
+        time_child("import time; time.sleep(600)", timeout=2)
 
 
 def test_cold_start_children_report_their_phases_and_memory(tiny_cache):
