@@ -127,18 +127,23 @@ def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
 
     def fails_the_gpu(*args, **kwargs):
         runs.append(1)
-        # Fails once the second message has arrived and waits for the device (or after 30 s).
+        # Fails once the second job waits for the device (or after 30 s).
         second_arrived.wait(30)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     engine._ops["remove-background"].process = fails_the_gpu
     processor = Processor(engine=engine, store=Store(storage_client(tiny_settings)), settings=tiny_settings)
-    handed_back, handle, arrivals = [], processor.handle, []
+    handed_back, handle, arrivals, engine_run = [], processor.handle, [], engine.run
 
-    def recording(event, **kwargs):
-        arrivals.append(event.name)
+    def arriving(*args, **kwargs):  # downloaded and decoded: waits for the device from here
+        arrivals.append(1)
         if len(arrivals) == 2:
             second_arrived.set()
+        return engine_run(*args, **kwargs)
+
+    engine.run = arriving
+
+    def recording(event, **kwargs):
         try:
             return handle(event, **kwargs)
         except TransientError as error:
