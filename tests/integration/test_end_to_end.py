@@ -61,7 +61,7 @@ def _jobs(url: str, status: str) -> float:
                if line.startswith("imagen_jobs_total{") and f'status="{status}"' in line)
 
 
-def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher):
+def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher, tiny_settings):
     ignored_before = _ignored()
     # A user's upload, with parameters in metadata.
     blob = bucket.blob("incoming/upscale/holiday/cat.png")
@@ -78,9 +78,22 @@ def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher):
 
     out = _wait_blob(bucket, "processed/upscale/holiday/cat.png")
     assert _size(out) == (160, 128)
-    assert out.metadata["imagen-source-generation"] == str(bucket.get_blob(blob.name).generation)
-    assert out.metadata["imagen-model"].startswith("stabilityai/stable-diffusion-x4-upscaler@")
-    assert json.loads(out.metadata["imagen-params"]) == {"seed": 5, "steps": 2}
+    # The contract's metadata (DESIGN.md, bucket layout), as the real engine and cache make it.
+    from importlib.metadata import version
+
+    repo = tiny_settings.model_cache_dir / "models--stabilityai--stable-diffusion-x4-upscaler"
+    commit = (repo / "refs" / "main").read_text().strip()
+    metadata = dict(out.metadata)
+    assert float(metadata.pop("imagen-seconds")) > 0
+    assert metadata == {
+        "imagen-source": f"gs://{bucket.name}/incoming/upscale/holiday/cat.png",
+        "imagen-source-generation": str(bucket.get_blob(blob.name).generation),
+        "imagen-operation": "upscale",
+        "imagen-params": metadata["imagen-params"],
+        "imagen-model": f"stabilityai/stable-diffusion-x4-upscaler@{commit}",
+        "imagen-version": version("imagen"),
+    }
+    assert json.loads(metadata["imagen-params"]) == {"seed": 5, "steps": 2}
 
     chained = _wait_blob(bucket, "processed/remove-background,upscale/logo.png")
     image = Image.open(io.BytesIO(chained.download_as_bytes()))
