@@ -575,6 +575,8 @@ def test_a_last_try_before_the_generation_is_known_still_gets_its_report(setting
     assert processor.handle(job).status == "succeeded"  # an earlier request's output exists
     stat = processor._store.stat
 
+    # A stand-in for Cloud Storage failing past the client's 120 s retry deadline (real 503s,
+    # through a fault-injecting proxy, are tests/reliability/test_storage_faults.py's).
     def flaky_stat(bucket_name, name):
         if name == "uploads/flaky.png":
             raise TransientError("Cloud Storage error on gs://.../uploads/flaky.png: 503")
