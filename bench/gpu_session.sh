@@ -71,7 +71,8 @@ final)
   #    host_timesteps (ht): the DDIM step given CPU timesteps, so the loop stops waiting on the
   #    GPU six times a step; 256 is 0.05 s over its 1.9 s target, with ~0.17 s of its 1.95 s
   #    outside GPU time in session 7's profile. Session 7's two configurations without stock:
-  #    278 s; stock ~110 s more (session 6), the variant last (the cut would take it).
+  #    278 s; stock ~110 s more (session 6) and ~12 s for its extra warm-up run (bench/README,
+  #    Columns), the variant last (the cut would take it).
   want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
     --variant "ht: host_timesteps=on"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
