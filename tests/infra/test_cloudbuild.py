@@ -102,11 +102,25 @@ def test_one_image_per_operation_and_per_chain(cloudbuild, tmp_path):
     bin_dir.mkdir()
     docker = bin_dir / "docker"
     docker.write_text('#!/bin/sh\necho "$*" >> "$DOCKER_CALLS"\n'
-                      '[ "$1 $2" = "manifest inspect" ] && case "$3" in *imagen-comic:*) exit 0;; *) exit 1;; esac\nexit 0\n')
+                      '[ "$1 $2" = "manifest inspect" ] && case "$3" in\n'
+                      '  *imagen-comic:*) exit 0;;\n'
+                      '  *"$UNREADABLE"*) echo "unauthorized: authentication failed" >&2; exit 1;;\n'
+                      '  *) echo "no such manifest: $3" >&2; exit 1;;\n'
+                      'esac\nexit 0\n')
     docker.chmod(0o755)
     calls = tmp_path / "calls"
-    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DOCKER_CALLS": str(calls)})
+
+    def run(unreadable="-none-"):
+        return subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DOCKER_CALLS": str(calls),
+                                   "UNREADABLE": unreadable})
+
+    # The registry refusing to say (credentials): stop there, building nothing.
+    refused = run(unreadable="imagen-upscale:")
+    assert refused.returncode == 1 and "cannot tell whether" in refused.stderr and "unauthorized" in refused.stderr
+    assert not [line for line in calls.read_text().splitlines() if line.startswith("build ")]
+    calls.unlink()
+    result = run()
     assert result.returncode == 0, result.stderr
     builds = [line.split() for line in calls.read_text().splitlines() if line.startswith("build ")]
     built = {
