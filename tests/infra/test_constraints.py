@@ -40,16 +40,20 @@ def _closure() -> dict[str, Version]:
     """Every distribution the project's runtime requirements reach here, with its version, but
     a CUDA build of torch's own CUDA libraries (not in the lock: each build pins its own)."""
     found: dict[str, Version] = {}
-    pending = _runtime_requirements()
+    followed: set[tuple[str, str]] = set()  # (distribution, extra) whose requirements are pending
+    pending = [(requirement, "") for requirement in _runtime_requirements()]
     while pending:
-        requirement = pending.pop()
-        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+        requirement, extra = pending.pop()  # `extra`: the one its requirer was asked for with
+        if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(requirement.name)
-        if name in found or CUDA_PACKAGES.match(name):
+        if CUDA_PACKAGES.match(name):
             continue
-        found[name] = Version(importlib.metadata.version(name))
-        pending += [Requirement(r) for r in importlib.metadata.requires(name) or []]
+        found.setdefault(name, Version(importlib.metadata.version(name)))
+        for wanted in ("", *requirement.extras):  # google-api-core[grpc]: its grpc requirements too
+            if (name, wanted) not in followed:
+                followed.add((name, wanted))
+                pending += [(Requirement(r), wanted) for r in importlib.metadata.requires(name) or []]
     return found
 
 
