@@ -809,6 +809,45 @@ def test_two_sources_with_one_output_name_keep_the_first_result(settings, bucket
     assert meta["imagen-source"] == f"gs://{bucket.name}/incoming/upscale/photo.png"
 
 
+def test_a_source_that_wins_the_output_name_while_the_job_runs_keeps_it(settings, bucket):
+    # photo.jpg's result lands at processed/upscale/photo.png while photo.png's job runs: the
+    # write's precondition fails, and the winner is another live source's: a report, once.
+    first = _upload(bucket, "incoming/upscale/photo.jpg")
+    second = _upload(bucket, "incoming/upscale/photo.png")
+
+    class Overtaken(FakeEngine):
+        def run(self, *args, **kwargs):
+            assert _processor(settings, FakeEngine()).handle(_event(first)).status == "succeeded"
+            return super().run(*args, **kwargs)
+
+    outcome = _processor(settings, Overtaken()).handle(_event(second), attempt=1)
+    assert outcome.status == "failed" and outcome.error["type"] == "OutputTaken"
+    meta = bucket.get_blob("processed/upscale/photo.png").metadata
+    assert meta["imagen-source"] == f"gs://{bucket.name}/incoming/upscale/photo.jpg"
+
+
+def test_who_holds_an_output_and_whether_it_is_done_when_its_metadata_is_odd():
+    # Metadata edited by hand, or a source that cannot be looked at.
+    from handlers.errors import StoragePermanentError
+    from handlers.processor import skip_reason, taken_by
+    from handlers.storage import ObjectState
+
+    from handlers.routing import Job
+
+    job = Job("b", "incoming/upscale/photo.png", "5", "upscale", None, "photo.png")
+
+    def held(source):
+        return ObjectState(1, {"imagen-source": source, "imagen-source-generation": "x"}, 10)
+
+    def refused(bucket, name):
+        raise StoragePermanentError("403 Forbidden")
+
+    assert taken_by(held("not a gs:// uri"), job, lambda b, n: None) is None  # cannot be looked at: not a claim
+    assert taken_by(held("gs://b/other.jpg"), job, refused) == "gs://b/other.jpg"  # no access: assume it lives
+    assert taken_by(held("gs://b/other.jpg"), job, lambda b, n: None) is None  # gone: the name is free
+    assert skip_reason(held(job.source_uri), job, None) is None  # a generation that is no number: redo
+
+
 def test_an_explicit_output_may_replace_another_sources_result(settings, bucket):
     processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
     _upload(bucket, "uploads/a.png")

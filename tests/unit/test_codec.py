@@ -404,6 +404,18 @@ def test_icc_profile_is_converted_to_srgb():
     assert image.info == {}
 
 
+def test_icc_profile_of_a_palette_image_describes_its_colours():
+    # A palette PNG with an RGB profile: its colours are converted (through RGB first), not
+    # its palette indices, and not left as they were.
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).profile
+    red, green, blue = (c[0] for c in (srgb.red_colorant, srgb.green_colorant, srgb.blue_colorant))
+    swapped = rgb_profile(green, red, blue)
+    source = Image.new("RGB", (4, 2), (255, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    assert source.mode == "P"
+    image = decode(save(source, "PNG", icc_profile=swapped))
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (0, 255, 0)
+
+
 def test_embedded_srgb_profile_keeps_the_colours():
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     source = gradient().convert("RGBA")
