@@ -25,6 +25,7 @@ Only the HTTP edge (`handlers.http`) and the pull worker turn these into transpo
 
 from __future__ import annotations
 
+from handlers.logs import clip
 from image.errors import ImagenError, InputError
 
 
@@ -62,9 +63,13 @@ class OperationNotDeployed(InputError):
 
 
 class EventError(ImagenError):
-    """The request or message cannot be parsed; `reason` says why."""
+    """The request or message cannot be parsed; `reason` says why, in at most REASON_LIMIT
+    characters (it quotes what the message holds, which may be any length)."""
+
+    REASON_LIMIT = 300
 
     def __init__(self, reason: str):
+        reason = clip(reason, self.REASON_LIMIT)
         super().__init__(reason)
         self.reason = reason
 

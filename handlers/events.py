@@ -24,7 +24,6 @@ from typing import Any
 from cloudevents.http import from_http
 
 from handlers.errors import EventError
-from handlers.logs import clip
 
 FINALIZE = "finalize"
 # Cloud Storage notification eventType / CloudEvent type -> our event kind.
@@ -84,10 +83,10 @@ class Message:
 def parse_gs_uri(uri: Any) -> tuple[str, str]:
     """`gs://bucket/object` -> (bucket, object)."""
     if not isinstance(uri, str) or not uri.startswith("gs://"):
-        raise EventError(clip(f"expected a gs://bucket/object URI, got {uri!r}", 300))
+        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
     bucket, _, name = uri[len("gs://") :].partition("/")
     if not bucket or not name:
-        raise EventError(clip(f"expected a gs://bucket/object URI, got {uri!r}", 300))
+        raise EventError(f"expected a gs://bucket/object URI, got {uri!r}")
     return bucket, name
 
 
@@ -109,7 +108,7 @@ def parse_cloudevent(headers: Mapping[str, str],
         raise EventError(f"not a valid CloudEvent: {error}") from None
     event_type = event["type"]
     if not isinstance(event_type, str) or not event_type.startswith(_CLOUDEVENT_PREFIX):
-        raise EventError(clip(f"not a Cloud Storage CloudEvent: type {event_type!r}", 300))
+        raise EventError(f"not a Cloud Storage CloudEvent: type {event_type!r}")
     short = event_type[len(_CLOUDEVENT_PREFIX) :]
     data = event.get_data()
     if isinstance(data, (bytes, str)):
@@ -178,7 +177,7 @@ def _parse_job_message(data: bytes) -> JobRequest:
     body = _json_object(data, "job message")
     unknown = set(body) - _JOB_FIELDS
     if unknown:
-        raise EventError(clip(f"job message has unknown field(s): {', '.join(sorted(unknown))}", 300))
+        raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
     bucket, name = parse_gs_uri(body.get("source"))
     operation = body.get("operation")
     if not isinstance(operation, str) or not operation:
@@ -206,7 +205,7 @@ def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:
     try:
         size = int(size) if size is not None else None
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
-        raise EventError(clip(f"object 'size' is not a number: {size!r}", 300)) from None
+        raise EventError(f"object 'size' is not a number: {size!r}") from None
     content_type = resource.get("contentType")
     return ObjectEvent(
         kind=kind,
@@ -249,7 +248,7 @@ def _no_duplicate_keys(pairs: list) -> dict:
     value = dict(pairs)
     if len(value) != len(pairs):
         twice = sorted(key for key, count in collections.Counter(key for key, _ in pairs).items() if count > 1)
-        raise EventError(clip(f"has duplicate key(s) {', '.join(map(repr, twice))}", 300))
+        raise EventError(f"has duplicate key(s) {', '.join(map(repr, twice))}")
     return value
 
 
