@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 OPERATIONS := upscale enhance comic remove-background
+# pyproject.toml's pin: the venv takes it first, from TORCH_INDEX when set.
+TORCH := torch==2.13.0
 
 .PHONY: venv test demo dev bench lock download-models models-tiny clean $(addprefix worker-,$(OPERATIONS))
 
@@ -18,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test]' --constraint constraints.txt
 	touch $(STAMP)
 
@@ -46,7 +48,7 @@ bench: $(STAMP)
 # even where the old pins no longer fit pyproject.toml.
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0 uv==0.13.9 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet $(TORCH) uv==0.13.9 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m scripts.lock_deps
 
 download-models: $(STAMP)

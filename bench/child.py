@@ -17,17 +17,21 @@ READY = "BENCH-READY "
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_env(env: dict | None = None) -> dict:
+    """A child's environment: this process's, `env` on top, and this repository importable."""
+    return {**os.environ, **(env or {}),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def time_child(code: str, *, timeout: float = 600, env: dict | None = None) -> tuple[float, dict]:
     """Seconds from starting `python -c code` until it prints its ready line (READY and a JSON
     object: its phases), and that object; the child is killed there, so its exit (interpreter
     shutdown, CUDA teardown, a background compile) is not counted, and after `timeout` seconds
     without it (RuntimeError). `env`: variables for the child on top of this process's."""
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+") as errors:
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,
-                                 text=True, env=env, cwd=ROOT)
+                                 text=True, env=child_env(env), cwd=ROOT)
         deadline = threading.Timer(timeout, child.kill)  # ends the read below: stdout closes
         deadline.start()
         try:

@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.child import time_child
+from bench.child import ROOT, child_env, time_child
 from image.models.readahead import weight_files
 
 PACKAGES = ("torch", "nvidia", "diffusers", "transformers", "safetensors", "tokenizers", "huggingface_hub",
@@ -83,13 +83,12 @@ def timed(code: str) -> float:
     """Seconds a fresh `python -c code` takes from start to exit (it must succeed): for the
     import alone; a cold start is timed until its ready line (`time_child`), not its exit."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT, env=_ENV,
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_ENV,
                    stdout=subprocess.DEVNULL, timeout=300)
     return round(time.perf_counter() - started, 2)
 
 
-_ROOT = Path(__file__).resolve().parent.parent
-_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+_ENV = child_env()
 
 
 def _children(operation: str, cache: Path) -> dict:
@@ -104,7 +103,7 @@ def _children(operation: str, cache: Path) -> dict:
             "off = Tuning.for_device('cuda', op).replace(read_ahead=False);"
             "print(json.dumps({'snapshot': str(snapshot_of(op, cache)), 'stock': stock_code(op, cache, 'cuda', 'float16'),"
             "'imagen': imagen_code(op, cache, 'cuda', None), 'imagen_no_read_ahead': imagen_code(op, cache, 'cuda', off)}))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT, env=_ENV, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_ENV, capture_output=True,
                          text=True, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -178,7 +177,7 @@ def main(operation: str = "comic") -> dict:
 def import_profile(code: str = _IMPORTS, top: int = 15) -> dict:
     """A fresh `python -X importtime -c code`: its seconds and `summarise_imports` of its log."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=_ROOT, env=_ENV,
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=ROOT, env=_ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
     return {"wall_s": round(time.perf_counter() - started, 2), **summarise_imports(done.stderr, top)}
 

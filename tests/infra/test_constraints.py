@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from scripts.lock_deps import CUDA_PACKAGES
+from scripts.lock_deps import CUDA_PACKAGES, runtime_requirements, torch_metadata
 from tests.infra.conftest import ROOT
 
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -32,8 +32,7 @@ def _pins() -> dict[str, Version]:
 
 
 def _runtime_requirements() -> list[Requirement]:
-    with open(ROOT / "pyproject.toml", "rb") as handle:
-        return [Requirement(r) for r in tomllib.load(handle)["project"]["dependencies"]]
+    return [Requirement(r) for r in runtime_requirements()]
 
 
 def _closure() -> dict[str, Version]:
@@ -81,14 +80,12 @@ def test_the_pins_are_the_runtime_closure_and_installed_here():
 def test_the_lock_takes_torchs_requirements_less_its_cuda_libraries(monkeypatch):
     # `make lock` in a venv with a CUDA build of torch (PyPI's, say): its CUDA libraries and
     # Triton, with markers in quotes, must neither break the resolver's TOML nor enter the lock.
-    import scripts.lock_deps as lock
-
     requires = importlib.metadata.requires
     cuda = ['nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"', 'triton==3.7.0; platform_system == "Linux"',
             'cuda-bindings>=13; sys_platform == "linux"']
     monkeypatch.setattr(importlib.metadata, "requires",
                         lambda name: requires(name) + (cuda if name == "torch" else []))
-    [entry] = tomllib.loads(lock.torch_metadata(lock.runtime_requirements()))["dependency-metadata"]
+    [entry] = tomllib.loads(torch_metadata(runtime_requirements()))["dependency-metadata"]
     assert entry["name"] == "torch" and entry["requires-dist"]
     assert not [r for r in entry["requires-dist"] if CUDA_PACKAGES.match(canonicalize_name(Requirement(r).name))]
     assert "sympy>=1.13.3" in entry["requires-dist"]
