@@ -7,8 +7,8 @@
 # docs/deploy.md, Troubleshooting, says what to do with each.
 # And what the workers say (one JSON line each, handlers/logs.py), as log-based metrics:
 # - <prefix>-job-failures: each job that ended in a failure report, by operation (empty for
-#   one that names none) and error type; mostly bad input, whose report is the user's answer,
-#   so it is charted, not alerted;
+#   text that is no operation or chain) and error type; mostly bad input, whose report is the
+#   user's answer, so it is charted, not alerted;
 # - <prefix>-errors: each ERROR or CRITICAL line of imagen's (and gunicorn's): a fault of an
 #   instance (a model, the GPU, a report that could not be written, a crash, a bug), the
 #   lines the "imagen: worker errors" alert watches (a log-match alert);
