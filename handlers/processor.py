@@ -223,7 +223,7 @@ class Processor:
             fields["generation"] = generation
 
             # Before any work: Cloud Storage would refuse the output's metadata at the end.
-            check_metadata_fits(output_metadata(job, plan, self._engine.model_id(plan.chain), _WIDEST_SECONDS))
+            check_params_fit(plan)
             with _timed(timings, "check"):
                 existing = self._store.stat(*plan.output)
             check_replaceable(existing, job, plan)
@@ -603,9 +603,10 @@ def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout
             f"pool on this deployment): {where}")
 
 
-# Cloud Storage's limit on an object's custom metadata, keys and values together.
-METADATA_BYTES = 8 * 1024
-_WIDEST_SECONDS = 99999.999  # the longest `imagen-seconds` a job writes, for sizing before it runs
+# Cloud Storage's limit on one custom metadata value (the Storage API's ServiceConstants; all
+# keys and values together may take 8 KiB). `imagen-params` is the one value a job can make
+# long: the others (a source's URI is at most ~1.3 kB) leave it the whole 4 KiB.
+METADATA_VALUE_BYTES = 4 * 1024
 
 
 def output_metadata(job: Job, plan: Plan, model: str, seconds: float) -> dict[str, str]:
@@ -621,16 +622,15 @@ def output_metadata(job: Job, plan: Plan, model: str, seconds: float) -> dict[st
     }
 
 
-def check_metadata_fits(metadata: Mapping[str, str]) -> None:
-    """InvalidParameter when Cloud Storage would refuse `metadata` (METADATA_BYTES): long
-    prompts in other scripts than Latin, whose characters `imagen-params` escapes (6 bytes
-    each, 12 for an emoji)."""
-    size = sum(len(key.encode()) + len(value.encode("utf-8", "surrogatepass")) for key, value in metadata.items())
-    if size > METADATA_BYTES:
-        params = len(metadata[routing.PARAMS_KEY])
+def check_params_fit(plan: Plan) -> None:
+    """InvalidParameter when Cloud Storage would refuse the output's `imagen-params`
+    (METADATA_VALUE_BYTES): long prompts in other scripts than Latin, whose characters it
+    escapes (6 bytes each, 12 for an emoji)."""
+    size = len(plan.canonical.encode())
+    if size > METADATA_VALUE_BYTES:
         raise InvalidParameter(
-            f"the output's metadata would take {size} bytes, more than the {METADATA_BYTES} Cloud Storage keeps "
-            f"for an object; {routing.PARAMS_KEY} is {params} of them (the parameters as JSON, characters "
+            f"the output's {routing.PARAMS_KEY} metadata would take {size} bytes, more than the "
+            f"{METADATA_VALUE_BYTES} Cloud Storage keeps for one value (the parameters as JSON, characters "
             f"outside ASCII written as \\uXXXX, 6 bytes each): shorten the prompts"
         )
 

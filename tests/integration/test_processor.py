@@ -217,17 +217,20 @@ def test_a_gzip_encoded_upload_is_unpacked_under_the_size_limit(settings, bucket
 
 
 def test_parameters_cloud_storage_could_not_keep_fail_before_the_gpu(settings, bucket):
-    # imagen-params escapes what is not ASCII (6 bytes a character): two 1000-character
-    # prompts in Chinese are 12 kB, and an object's custom metadata holds 8 KiB.
-    params = {"prompt": "\u732b" * 1000, "negative_prompt": "\u6a21" * 1000}
+    # imagen-params escapes what is not ASCII (6 bytes a character), and Cloud Storage keeps
+    # 4 KiB a metadata value: 700 Chinese characters are 4.2 kB (within the 8 KiB of all the
+    # metadata together, which is all the check counted once).
+    params = {"prompt": "\u732b" * 700}
     engine = FakeEngine()
     source = _upload(bucket, "incoming/upscale/long-prompt.png", metadata={"imagen-params": json.dumps(params)})
     outcome = _processor(settings, engine).handle(_event(source))
     assert outcome.status == "failed" and outcome.error["type"] == "InvalidParameter"
+    assert "more than the 4096 Cloud Storage keeps for one value" in outcome.error["message"]
     assert "shorten the prompts" in outcome.error["message"] and engine.calls == 0
-    shorter = _upload(bucket, "incoming/upscale/short-prompt.png",
-                      metadata={"imagen-params": json.dumps({"prompt": "\u732b" * 1000})})
-    assert _processor(settings, engine).handle(_event(shorter)).status == "succeeded"
+    # The longest prompts in ASCII fit, and so do 600 such characters.
+    for params in ({"prompt": "a" * 1000, "negative_prompt": "b" * 1000}, {"prompt": "\u732b" * 600}):
+        source = _upload(bucket, "incoming/upscale/long-prompt.png", metadata={"imagen-params": json.dumps(params)})
+        assert _processor(settings, engine).handle(_event(source)).status == "succeeded"
 
 
 def test_unsafe_name_report_stays_under_the_failure_prefix(settings, bucket):
