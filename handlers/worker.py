@@ -112,9 +112,12 @@ class PullWorker:
         flow_control = pubsub_v1.types.FlowControl(
             max_messages=self._in_hand,
             max_lease_duration=self._max_lease_seconds,
-            # Each renewal extends the deadline by at most this much: if the process dies,
-            # its messages are redelivered after about this long (0: the library's own,
-            # the 99th percentile of ack latency, up to 10 minutes).
+            # Each renewal extends the deadline by this much: if the process dies, its
+            # messages are redelivered after about this long (0: the library's own, the 99th
+            # percentile of ack latency, 10 s to 10 minutes). The minimum too: the library
+            # starts at 10 s (no ack timed yet), and after quick acks (skips, duplicates)
+            # goes back there, so a stall of 10 s would redeliver a running job.
+            min_duration_per_lease_extension=self._lease_extension_seconds,
             max_duration_per_lease_extension=self._lease_extension_seconds,
         )
         self._future = self._subscriber.subscribe(

@@ -172,3 +172,25 @@ def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
     assert runs == [1]  # the second job never ran on the failed GPU
     assert len(handed_back) == 2 and all("GPU failed" in str(error) for error in handed_back)
     assert not list(bucket.list_blobs(prefix="failed/")) and not list(bucket.list_blobs(prefix="processed/"))
+
+
+def test_a_job_in_hand_is_leased_the_extension_from_its_first_renewal(settings, bucket, subscriber,
+                                                                      events_subscription):
+    """The client library renews a lease by the 99th percentile of the acks it has timed: 10 s
+    before the first (and again after a run of quick skips), so a stall of 10 s would have
+    Pub/Sub redeliver a running job. The worker's extension (60 s) is its minimum too."""
+    engine = OneGpuEngine()  # holds the job until released
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=0)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    thread.start()
+    try:
+        bucket.blob("incoming/upscale/leased.png").upload_from_string(png_bytes(), content_type="image/png")
+        wait_for(lambda: any(kind == "start" for kind, _ in engine.events), timeout=60, what="a job on the GPU")
+        manager = worker._future._StreamingPullFuture__manager  # the library's lease keeper reads this
+        assert manager.ack_deadline == 60
+    finally:
+        worker.stop()
+        engine.release.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
