@@ -89,6 +89,7 @@ class Engine:
         self._ops: dict = {}
         self._setup_lock = threading.Lock()
         self._run_lock = threading.Lock()
+        self._busy: tuple[float, float | None, tuple[str, ...]] | None = None  # the job holding the device
 
     def setup(self) -> None:
         """Load and warm up every operation once; logs each model's revision and seconds."""
@@ -214,7 +215,27 @@ class Engine:
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
             deadline = Deadline(max_seconds) if max_seconds else None
-            return self._run_chain(chain, image, params, seed, deadline)
+            self._busy = (time.monotonic(), max_seconds, chain)
+            try:
+                return self._run_chain(chain, image, params, seed, deadline)
+            finally:
+                self._busy = None
+
+    def overdue(self, grace: float) -> str | None:
+        """What job has held the device more than `grace` seconds past its budget
+        (`max_seconds`), as a sentence; None while none has. The budget is checked at every
+        denoising step and tile, so a job that far past it is stuck inside one: a GPU call
+        that never returns, or a deadlock. (imagen serve and imagen worker stop then:
+        handlers/watchdog.py.)"""
+        busy = self._busy
+        if busy is None or not busy[1]:
+            return None
+        started, budget, chain = busy
+        held = time.monotonic() - started
+        if held <= budget + grace:
+            return None
+        return (f"{', '.join(chain)} has held the device for {held:.0f} s, more than {grace:g} s past its "
+                f"budget of {budget:g} s")
 
     def _run_chain(self, chain, image, params, seed, deadline) -> Image.Image:
         """The chain's operations in order. Out of device memory, the allocator's cache is

@@ -40,6 +40,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     from handlers.http import create_app
     from handlers.service import build_dead_letters, build_engine, build_processor
     from handlers.settings import split_list
+    from handlers.watchdog import watch
 
     settings = settings.replace(
         port=port, device=device, operations=split_list(operations) if operations else None
@@ -60,6 +61,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;
         # /readyz answers 503 until the models are loaded and warm.
         threading.Thread(target=_setup, args=(engine,), name="imagen-setup", daemon=True).start()
+        watch(engine, on_hung=lambda: os._exit(_STOP_SERVER))
 
     log.info("serving", extra={"fields": {"port": settings.port, "operations": settings.operations}})
     _server(app, host, settings.port, threads, post_worker_init=load_models).run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from handlers.logs import configure_logging
@@ -55,6 +57,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.metrics import record_model_loads
     from handlers.service import build_dead_letters, build_engine, build_processor
     from handlers.settings import split_list
+    from handlers.watchdog import watch
     from handlers.worker import PullWorker
     from image.engine import DEVICE_FAILED
 
@@ -89,4 +92,5 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         device_failed=lambda: engine.state == DEVICE_FAILED,
         dead_letters=build_dead_letters(settings),
     )
+    watch(engine, on_hung=lambda: os._exit(1))  # a stuck job: its messages go back to Pub/Sub
     worker.run()

@@ -3,6 +3,10 @@ it has passed, and run exactly as before while it has not. Tiny models on the CP
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +164,46 @@ def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache, monkey
                                          "time budget of 2.5 s"):
         engine.run(chain, _image(32), params, seed=0, max_seconds=2.5)
     assert len(clocks) == 1 and clocks[0].checks == 4
+
+
+def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkeypatch):
+    # The budget is checked between steps: a job stuck inside one (a GPU call that never
+    # returns) is seen only from outside, by engine.overdue (handlers/watchdog.py asks it).
+    engine = Engine(["remove-background"], tiny_cache, device="cpu", lock=Lock())
+    engine.setup()
+    op = engine._ops["remove-background"]
+    inside, release = threading.Event(), threading.Event()
+    run = op.run
+
+    def stuck(*args, **kwargs):
+        inside.set()
+        release.wait(60)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(op, "run", stuck)
+    ended = []
+
+    def job(max_seconds):
+        try:
+            engine.run(["remove-background"], _image(48), {}, seed=0, max_seconds=max_seconds)
+            ended.append("output")
+        except JobTooLong:
+            ended.append("JobTooLong")
+
+    for max_seconds, grace, overdue in [(None, 0, False), (60, 0, False), (0.2, 30, False), (0.2, 0.1, True)]:
+        inside.clear()
+        release.clear()
+        thread = threading.Thread(target=job, args=(max_seconds,))
+        thread.start()
+        assert inside.wait(30)
+        time.sleep(0.4)
+        found = engine.overdue(grace)
+        if overdue:
+            assert re.fullmatch(r"remove-background has held the device for 0 s, more than 0\.1 s past its budget "
+                                r"of 0\.2 s", found), found
+        else:
+            assert found is None  # no budget, within it, or within the grace past it
+        release.set()
+        thread.join(30)
+        assert engine.overdue(0) is None  # the device is free again
+    assert ended == ["output", "output", "JobTooLong", "JobTooLong"]
