@@ -2,11 +2,14 @@
 
 `severity` and `message` become the entry's severity and summary; `logging.googleapis.com/operation`
 groups every line of one job; any other field lands in jsonPayload. Pass fields with
-`log.info("...", extra={"fields": {...}})`.
+`log.info("...", extra={"fields": {...}})`; inside `job_context(fields)` every line of the
+thread carries them (the engine's and the libraries' lines of a job too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import json
 import logging
@@ -18,6 +21,20 @@ TEXT_LIMIT = 4000
 """Characters of one text field a line or report keeps: Cloud Logging refuses an entry over
 256 KB, and a name, operation or key list a message makes up can be any length."""
 TRACE_LIMIT = 32000
+_TRACE_HEADER = "Traceback (most recent call last):\n"
+_job: contextvars.ContextVar[dict | None] = contextvars.ContextVar("imagen_job", default=None)
+
+
+@contextlib.contextmanager
+def job_context(fields: dict):
+    """Lines logged inside, in this thread, carry `fields` (a job's id, message and source)
+    unless they give their own: one operation id groups all of a job's lines in Cloud
+    Logging, the GPU's traceback from the engine included."""
+    token = _job.set(dict(fields))
+    try:
+        yield
+    finally:
+        _job.reset(token)
 
 
 def clip(text: str, limit: int = TEXT_LIMIT) -> str:
@@ -43,14 +60,17 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "logger": record.name,
         }
-        fields = dict(getattr(record, "fields", None) or {})
+        fields = {**(_job.get() or {}), **(getattr(record, "fields", None) or {})}
         job_id = fields.get("job_id")
         if job_id:
             entry[_OPERATION_KEY] = {"id": job_id, "producer": "imagen"}
         entry.update(_clipped(fields))
-        if record.exc_info:  # its end is where the error is
+        if record.exc_info:  # its end is where the error is; Error Reporting needs its header
             trace = self.formatException(record.exc_info)
-            entry["stack_trace"] = trace if len(trace) <= TRACE_LIMIT else f"...{trace[-TRACE_LIMIT:]}"
+            if len(trace) > TRACE_LIMIT:
+                header = _TRACE_HEADER if trace.startswith(_TRACE_HEADER) else ""
+                trace = f"{header}...\n{trace[-TRACE_LIMIT:]}"
+            entry["stack_trace"] = trace
         # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
         # name that was not valid UTF-8) cannot make the line unwritable.
         return json.dumps(entry, default=str, ensure_ascii=True)
@@ -66,9 +86,10 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("imagen").setLevel(level)
     logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too
-    if service:  # an exception nothing caught, in a thread or the main one, as a JSON line
+    if service:  # an exception nothing caught, in a thread or the main one, or in a finaliser, as a JSON line
         threading.excepthook = _uncaught_in_thread
         sys.excepthook = _uncaught
+        sys.unraisablehook = _unraisable
 
 
 def error_fields(error: BaseException, note: str = "") -> dict[str, str]:
@@ -106,3 +127,11 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     logging.getLogger("imagen").critical(
         "uncaught %s in %s: %s", args.exc_type.__name__, thread, args.exc_value,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _unraisable(args) -> None:
+    # An exception Python can only report (in __del__, a finaliser, a library's shutdown):
+    # "Exception ignored in ..." would otherwise be plain text on stderr.
+    where = args.err_msg or "Exception ignored in"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_type is not None else None
+    logging.getLogger("imagen").error("%s: %r", where, args.object, exc_info=exc_info)

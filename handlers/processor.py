@@ -39,7 +39,7 @@ from handlers.errors import (
     Undeliverable,
 )
 from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
-from handlers.logs import clip, error_fields
+from handlers.logs import clip, error_fields, job_context
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
@@ -185,9 +185,12 @@ class Processor:
                 fields["event"] = event.kind
             log.info("event ignored: %s", routed.reason, extra={"fields": fields})
             return Outcome("ignored", reason=routed.reason)
-        with metrics.IN_FLIGHT.track_inprogress():
+        job_id = message_id or _job_id(routed)
+        # The engine's and the libraries' lines during the job carry its id too.
+        context = job_context({"job_id": job_id, "message_id": message_id, "source": routed.source_uri})
+        with metrics.IN_FLIGHT.track_inprogress(), context:
             try:
-                outcome = self._run(routed, message_id=message_id, attempt=attempt, sent=sent,
+                outcome = self._run(routed, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
                                     withdrawn=withdrawn)
             except TransientError:
                 metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()
@@ -195,9 +198,8 @@ class Processor:
         metrics.record_outcome(outcome)
         return outcome
 
-    def _run(self, job: Job, *, message_id: str | None, attempt: int | None,
+    def _run(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
-        job_id = message_id or _job_id(job)
         # Every line of the job carries these, so one filter finds them all (the operation as
         # the job names it until it is planned).
         fields = {"job_id": job_id, "message_id": message_id, "source": job.source_uri,

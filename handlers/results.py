@@ -7,6 +7,8 @@ import logging
 
 from google.cloud import pubsub_v1
 
+from handlers.logs import error_fields
+
 log = logging.getLogger("imagen.results")
 PUBLISH_TIMEOUT_SECONDS = 30
 
@@ -39,8 +41,8 @@ class ResultPublisher:
             future.result(timeout=PUBLISH_TIMEOUT_SECONDS)
         except Exception as error:
             log.error(
-                "could not publish the job result",
-                extra={"fields": {"topic": self._topic, "error": str(error), "source": outcome.source}},
+                "could not publish the job result: %s", error,
+                extra={"fields": {"topic": self._topic, "error": error_fields(error), "source": outcome.source}},
             )
 
 

@@ -6,7 +6,8 @@ libraries do give go to the process's own logging (a service writes them as the 
 lines as its own), not to the plain-text stderr handler each library installs for itself;
 less transformers' advice to install torchvision for image processors imagen never loads
 (the pipelines' feature extractors are left out), which read as something missing. torch's
-own loggers (Dynamo's and Inductor's warnings from a compile) go the same way.
+own loggers (Dynamo's and Inductor's warnings from a compile) and huggingface_hub's go the
+same way.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ def _no_torchvision_advice(record: logging.LogRecord) -> bool:
     return "requires torchvision (not installed)" not in record.getMessage()
 
 
-def torch_logs_to_root() -> None:
+def library_logs_to_root() -> None:
     """torch gives `torch`, `torch._dynamo`, `torch._inductor` and others a plain-text stderr
-    handler of their own and stops them propagating: hand their records to the root logger.
-    Its artefact loggers (no handler: off unless TORCH_LOGS asks) stay as they are."""
+    handler of their own and stops them propagating; huggingface_hub's has one too, and
+    propagates as well (each of its lines came out twice, once as plain text): hand their
+    records to the root logger only. torch's artefact loggers (no handler: off unless
+    TORCH_LOGS asks) stay as they are."""
     for name, logger in list(logging.root.manager.loggerDict.items()):
-        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger):
+        if name.split(".")[0] in ("torch", "huggingface_hub") and isinstance(logger, logging.Logger):
             streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
             for handler in streams:
                 logger.removeHandler(handler)
@@ -44,7 +47,7 @@ def quiet_libraries(libraries: tuple[str, ...] = ("diffusers", "transformers"), 
         module.disable_default_handler()
         module.enable_propagation()
         saved.append((module, module.get_verbosity(), module.is_progress_bar_enabled()))
-    torch_logs_to_root()
+    library_logs_to_root()
     advice = logging.getLogger("transformers.utils.import_utils")  # a filter sees its own logger's records
     if _no_torchvision_advice not in advice.filters:
         advice.addFilter(_no_torchvision_advice)

@@ -7,6 +7,9 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+
+import pytest
 
 from handlers.logs import JsonFormatter
 
@@ -56,7 +59,9 @@ def test_text_a_message_made_up_is_clipped_so_the_line_stays_under_cloud_logging
     assert entry["message"].startswith("job xxx") and entry["message"].endswith("(296004 more characters)")
     assert entry["operation"].endswith("(296000 more characters)") and entry["ids"][0].endswith("more characters)")
     assert entry["error"]["message"].endswith("(296000 more characters)")
-    assert entry["stack_trace"].startswith("...") and entry["stack_trace"].rstrip().endswith("xxx")
+    # Clipped in the middle: Error Reporting recognises a Python trace by its first line.
+    assert entry["stack_trace"].startswith("Traceback (most recent call last):\n...\n")
+    assert entry["stack_trace"].rstrip().endswith("xxx")
 
 
 def test_an_exception_comes_with_its_stack_trace():
@@ -99,6 +104,69 @@ def test_python_warnings_are_json_lines_too():
     assert done.returncode == 0 and done.stderr == ""
     entry = json.loads(done.stdout)
     assert entry["severity"] == "WARNING" and "a library warns" in entry["message"]
+
+
+@pytest.fixture
+def json_logging():
+    """configure_logging() for one test (called in the test: pytest gives each phase its own
+    stdout), the logging set-up as it was afterwards."""
+    from handlers.logs import configure_logging
+
+    root, imagen = logging.getLogger(), logging.getLogger("imagen")
+    saved = root.handlers[:], root.level, imagen.level
+    yield configure_logging
+    root.handlers[:], levels = saved[0], saved[1:]
+    root.setLevel(levels[0])
+    imagen.setLevel(levels[1])
+    logging.captureWarnings(False)
+
+
+def test_every_line_logged_during_a_job_carries_its_id(capsys, json_logging):
+    # The engine's lines (the GPU's traceback) and the libraries' warnings in a job's thread
+    # are grouped with the job's own in Cloud Logging; lines outside a job are not.
+    from handlers.logs import job_context
+
+    json_logging()
+    with job_context({"job_id": "m-1", "message_id": "m-1", "source": "gs://b/incoming/upscale/a.png"}):
+        logging.getLogger("imagen.engine").critical("the GPU failed")
+        logging.getLogger("diffusers.pipelines").warning("a library warns")
+        logging.getLogger("imagen.processor").warning("job failed", extra={"fields": {"job_id": "own"}})
+        elsewhere = threading.Thread(target=lambda: logging.getLogger("imagen.compile").warning("compiled"))
+        elsewhere.start()
+        elsewhere.join()
+    logging.getLogger("imagen.engine").warning("after the job")
+    engine, library, own, compiled, after = _json_lines(capsys.readouterr().out)
+    for entry in (engine, library):
+        assert entry["job_id"] == "m-1" and entry["source"] == "gs://b/incoming/upscale/a.png"
+        assert entry["logging.googleapis.com/operation"] == {"id": "m-1", "producer": "imagen"}
+    assert own["job_id"] == "own" and own["logging.googleapis.com/operation"]["id"] == "own"
+    assert "job_id" not in compiled and "job_id" not in after  # another thread; after the job
+
+
+def test_hugging_face_hub_lines_come_once_as_json(capfd, json_logging):
+    # huggingface_hub has a plain-text stderr handler of its own and propagates too: each of
+    # its lines came out twice, once without a severity.
+    from image.models._quiet import quiet_libraries
+
+    json_logging()
+    with quiet_libraries(("transformers",)):
+        pass
+    logging.getLogger("huggingface_hub.file_download").warning("the cache is read-only")
+    out, err = capfd.readouterr()
+    assert err == ""
+    assert [entry["message"] for entry in _json_lines(out)] == ["the cache is read-only"]
+
+
+def test_an_exception_python_can_only_report_is_a_json_line():
+    # In __del__ or a library's shutdown: "Exception ignored in ..." on stderr otherwise.
+    done = _run_python(
+        "from handlers.logs import configure_logging\nconfigure_logging(service=True)\n"
+        "class Channel:\n    def __del__(self): raise OSError('socket closed')\n"
+        "Channel()\n")
+    assert done.returncode == 0 and done.stderr == ""
+    [entry] = _json_lines(done.stdout)
+    assert entry["severity"] == "ERROR" and entry["message"].startswith("Exception ignored")
+    assert "Channel" in entry["message"] and "OSError: socket closed" in entry["stack_trace"]
 
 
 def test_torch_loggers_reach_the_json_handler_once_a_model_library_loads(caplog):
