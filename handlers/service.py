@@ -33,6 +33,25 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
     )
 
 
+def restore_models(settings, operations=None) -> None:
+    """Restore the models of `operations` (default: the served ones) from IMAGEN_MODEL_MIRROR into MODEL_CACHE_DIR,
+    where a mirror is set (an image built without models); files already there with the
+    right size are kept."""
+    if not settings.model_mirror:
+        return
+    import time
+
+    from handlers.model_mirror import restore_cache
+    from image.models.registry import specs_for
+
+    started = time.perf_counter()
+    done = restore_cache(settings.model_mirror, settings.model_cache_dir, client=storage_client(settings),
+                         cache_names=[spec.cache_name for spec in specs_for(operations or settings.operations)])
+    log.info("models restored from %s", settings.model_mirror, extra={"fields": {
+        "files": done.files, "bytes": done.bytes, "already_here": done.skipped,
+        "cache_dir": str(settings.model_cache_dir), "seconds": round(time.perf_counter() - started, 3)}})
+
+
 def build_processor(settings, engine, max_job_seconds: float | None = None,
                     job_seconds: float | None = None) -> Processor:
     results = None

@@ -52,6 +52,10 @@ class Settings:
     allow_model_download: bool = True
     tuning: tuple[str, ...] = ()  # NAME=VALUE speed-switch changes (IMAGEN_TUNING)
     compile_cache: str | None = None  # gs://BUCKET/PREFIX or a folder (IMAGEN_COMPILE_CACHE)
+    # IMAGEN_MODEL_MIRROR: gs://BUCKET/PREFIX written by `imagen models mirror`; serve, worker
+    # and `models compile` restore the served operations' models from it into
+    # model_cache_dir before they load (images built without models).
+    model_mirror: str | None = None
     # IMAGEN_FILTERED_SUBSCRIPTION: this process's subscription delivers only its operations'
     # folders and job messages naming them (Terraform's subscription_filter), so a job for
     # another operation reached no other pool: it fails with a report instead of being skipped.
@@ -87,6 +91,7 @@ class Settings:
             ("push_audience", "IMAGEN_PUSH_AUDIENCE"),
             ("device", "IMAGEN_DEVICE"),
             ("compile_cache", "IMAGEN_COMPILE_CACHE"),
+            ("model_mirror", "IMAGEN_MODEL_MIRROR"),
             ("project", "GOOGLE_CLOUD_PROJECT"),
             ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
             ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST"),
@@ -153,6 +158,9 @@ class Settings:
         elif self.compile_cache and "://" in self.compile_cache:
             raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
                               "or a folder are supported")
+        if self.model_mirror and not re.fullmatch(r"gs://[^/]+(/.*)?", self.model_mirror):
+            raise ConfigError(f"IMAGEN_MODEL_MIRROR: {self.model_mirror!r}: expected gs://BUCKET/PREFIX "
+                              "(written by `imagen models mirror`)")
         from PIL import Image
 
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:

@@ -173,13 +173,14 @@ def compile_(settings, operations, cache_dir, location, device):
     for the others). Exits 1 when an operation ends with no artefact stored.
     """
     from handlers.logs import configure_logging
-    from handlers.service import build_engine
+    from handlers.service import build_engine, restore_models
 
     configure_logging()
     settings = settings.replace(compile_cache=location, device=device, model_cache_dir=cache_dir)
     if not settings.compile_cache:
         raise click.UsageError("where to? give --to gs://BUCKET/PREFIX (or a folder) or set IMAGEN_COMPILE_CACHE")
     names = [spec.operation for spec in _specs(settings, operations)]
+    restore_models(settings, names)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings, names)
     engine.setup()
     artefacts = engine.compiled_artefacts()

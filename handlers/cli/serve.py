@@ -60,7 +60,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;
         # /readyz answers 503 until the models are loaded and warm.
-        threading.Thread(target=_setup, args=(engine,), name="imagen-setup", daemon=True).start()
+        threading.Thread(target=_setup, args=(settings, engine), name="imagen-setup", daemon=True).start()
         watch(engine, on_hung=lambda: os._exit(_STOP_SERVER))
 
     log.info("serving", extra={"fields": {"port": settings.port, "operations": settings.operations}})
@@ -79,10 +79,12 @@ def _stop_for_a_failed_gpu() -> None:
     os._exit(_STOP_SERVER)
 
 
-def _setup(engine) -> None:
+def _setup(settings, engine) -> None:
     from handlers.metrics import record_model_loads
+    from handlers.service import restore_models
 
     try:
+        restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
         engine.setup()
         record_model_loads(engine.setup_seconds)
     except Exception as error:

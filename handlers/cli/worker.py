@@ -55,7 +55,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
     from handlers.metrics import record_model_loads
-    from handlers.service import build_dead_letters, build_engine, build_processor
+    from handlers.service import build_dead_letters, build_engine, build_processor, restore_models
     from handlers.settings import split_list
     from handlers.watchdog import watch
     from handlers.worker import PullWorker
@@ -69,6 +69,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     if not settings.subscription:
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
     configure_logging(service=True)
+    restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message
     record_model_loads(engine.setup_seconds)

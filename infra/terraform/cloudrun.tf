@@ -21,14 +21,11 @@ locals {
   cloud_run_shape_fits = (contains([4, 6, 8], local.cpu_count) && local.memory_gib >= 16 && local.memory_gib <= 32
   && (local.memory_gib <= 16 || local.cpu_count >= 6) && (local.memory_gib <= 24 || local.cpu_count >= 8))
 
-  # With a model mirror the image carries no models (built with MODEL_SOURCE=none): restore
-  # them from the bucket into the instance's in-memory /tmp, then serve. The startup probe
-  # window covers the copy (same region: about a minute for the largest model).
-  mirror_cache_dir = "/tmp/models"
-  mirror_command = var.model_mirror == "" ? null : [
-    "/bin/sh", "-c",
-    "imagen models pull --from '${var.model_mirror}' --quiet && exec imagen serve",
-  ]
+  # With a model mirror the image carries no models (built with MODEL_SOURCE=none): imagen
+  # serve restores them from the bucket (IMAGEN_MODEL_MIRROR) into the instance's in-memory
+  # /tmp before loading them, its lines JSON like the rest. The startup probe window covers
+  # the copy (same region: about a minute for the largest model).
+  mirror_env = var.model_mirror == "" ? {} : { IMAGEN_MODEL_MIRROR = var.model_mirror, MODEL_CACHE_DIR = "/tmp/models" }
 }
 
 resource "google_cloud_run_v2_service" "worker" {
@@ -68,8 +65,7 @@ resource "google_cloud_run_v2_service" "worker" {
     gpu_zonal_redundancy_disabled = !var.gpu_zonal_redundancy
 
     containers {
-      image   = "${local.image_repository}/imagen-${local.pool_names[each.key]}:${local.image_tag}"
-      command = local.mirror_command
+      image = "${local.image_repository}/imagen-${local.pool_names[each.key]}:${local.image_tag}"
 
       ports {
         container_port = 8080
@@ -93,7 +89,7 @@ resource "google_cloud_run_v2_service" "worker" {
           { IMAGEN_OPERATIONS = each.key },
           # What no delivery can settle goes there at once, not after 20 pushes.
           local.push ? { IMAGEN_DEAD_LETTER_TOPIC = google_pubsub_topic.dead_letter[each.key].id } : {},
-          var.model_mirror == "" ? {} : { MODEL_CACHE_DIR = local.mirror_cache_dir },
+          local.mirror_env,
         )
         content {
           name  = env.key

@@ -214,6 +214,21 @@ def test_plans_that_would_leave_workers_without_models_or_an_image_warn(terrafor
     assert expr(mirror["condition"]) == 'var.model_mirror == "" || local.cloudrun'
 
 
+def test_services_with_a_model_mirror_restore_it_themselves(terraform, tmp_path):
+    # imagen serve restores from IMAGEN_MODEL_MIRROR (its lines JSON, its failure a CRITICAL
+    # line): the container runs the image's own command, with no shell in front of it.
+    service = terraform.resource("google_cloud_run_v2_service", "worker")
+    container = one(one(service["template"])["containers"])
+    assert "command" not in container and "args" not in container
+    assert "local.mirror_env" in expr(one(container["dynamic"])["env"]["for_each"])
+    values = {}
+    for name, mirror in (("none", ""), ("mirror", "gs://models-b/imagen")):
+        (tmp_path / name).mkdir()
+        values[name] = _evaluate(tmp_path / name, {"model_mirror": mirror}, {"env": _inline(terraform, "local.mirror_env")})
+    assert values["none"]["env"] == {}
+    assert values["mirror"]["env"] == {"IMAGEN_MODEL_MIRROR": "gs://models-b/imagen", "MODEL_CACHE_DIR": "/tmp/models"}
+
+
 def test_images_are_built_by_the_apply_unless_a_tag_is_given(terraform):
     assert terraform.default("build_images") is True
     assert terraform.default("image_tag") == ""

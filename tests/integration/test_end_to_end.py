@@ -169,6 +169,45 @@ def test_serve_whose_models_cannot_load_stops_instead_of_idling_on_the_gpu(tiny_
     assert stopped["error"]["type"] == "ModelMissing" and "imagen models pull" in stopped["error"]["message"]
 
 
+def test_serve_restores_its_models_from_a_mirror_before_loading_them(tiny_settings, gcs, bucket, tmp_path):
+    # Cloud Run with model_mirror: an image without models, IMAGEN_MODEL_MIRROR and an empty
+    # MODEL_CACHE_DIR. The restore is serve's own, so its lines, and why it stopped when the
+    # mirror is not there, are JSON like the rest (a shell running `models pull --from` first
+    # wrote plain text that no severity filter or alert saw).
+    from handlers.model_mirror import mirror_cache
+    from image.models.registry import REGISTRY
+
+    uri = f"gs://{bucket.name}/mirror"
+    mirror_cache(tiny_settings.model_cache_dir, uri, client=gcs,
+                 cache_names=[REGISTRY["remove-background"].cache_name])
+    command = [sys.executable, "-m", "handlers.cli", "serve", "--host", "127.0.0.1", "--operations",
+               "remove-background"]
+    missing = subprocess.run(
+        [*command, "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+        env=_env(tiny_settings, IMAGEN_MODEL_MIRROR=f"gs://{bucket.name}/elsewhere",
+                 MODEL_CACHE_DIR=str(tmp_path / "nothing-yet")))
+    assert missing.returncode == 3 and missing.stderr == "", missing.stdout + missing.stderr
+    [stopped] = [line for line in map(json.loads, missing.stdout.splitlines()) if line["severity"] == "CRITICAL"]
+    assert stopped["error"]["type"] == "ModelMissing" and "no model mirror at" in stopped["error"]["message"]
+
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stdout=out, stderr=subprocess.PIPE, start_new_session=True,
+            env=_env(tiny_settings, IMAGEN_MODEL_MIRROR=uri, MODEL_CACHE_DIR=str(tmp_path / "restored")))
+    try:
+        wait_for(lambda: process.poll() is None and answers_200(f"http://127.0.0.1:{port}/readyz") or
+                 process.poll() is not None, timeout=120, what="imagen serve /readyz")
+        assert process.poll() is None, log.read_text()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    assert process.stderr.read() == b""
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    [restored] = [line for line in lines if line["message"] == f"models restored from {uri}"]
+    assert restored["files"] > 0 and restored["cache_dir"] == str(tmp_path / "restored")
+
+
 def _post(url, body: bytes, headers: dict):
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:

@@ -31,7 +31,7 @@ def test_every_variable_is_read():
         "HF_HUB_OFFLINE": "1", "IMAGEN_PUSH_AUDIENCE": "https://svc/",
         "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
         "IMAGEN_TUNING": " cuda_graphs=off; upscale_tile=256,512  vae_bf16=off ",
-        "IMAGEN_FILTERED_SUBSCRIPTION": "true",
+        "IMAGEN_FILTERED_SUBSCRIPTION": "true", "IMAGEN_MODEL_MIRROR": "gs://mirror/models",
     })
     assert settings.model_cache_dir == Path("/models")
     assert settings.operations == ("upscale", "comic")
@@ -45,7 +45,7 @@ def test_every_variable_is_read():
     assert settings.push_audience == "https://svc/"
     assert settings.push_service_accounts == {"push@p.iam.gserviceaccount.com"}
     assert settings.tuning == ("cuda_graphs=off", "upscale_tile=256,512", "vae_bf16=off")
-    assert settings.filtered_subscription
+    assert settings.filtered_subscription and settings.model_mirror == "gs://mirror/models"
     assert not Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "false"}).filtered_subscription
 
 
@@ -75,6 +75,8 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline):
         ({"IMAGEN_TUNING": "upscale_tile=0"}, "IMAGEN_TUNING"),
         ({"IMAGEN_FILTERED_SUBSCRIPTION": "sometimes"}, "IMAGEN_FILTERED_SUBSCRIPTION"),
         ({"IMAGEN_DEPLOYED_OPERATIONS": "upscale,sharpen"}, "IMAGEN_DEPLOYED_OPERATIONS"),
+        ({"IMAGEN_MODEL_MIRROR": "mirror/models"}, "IMAGEN_MODEL_MIRROR"),
+        ({"IMAGEN_MODEL_MIRROR": "gs:///models"}, "IMAGEN_MODEL_MIRROR"),
     ],
 )
 def test_misconfiguration_names_the_variable(env, variable):
