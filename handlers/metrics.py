@@ -1,7 +1,9 @@
 """Prometheus metrics for `imagen serve` (at /metrics) and `imagen worker` (on --metrics-port).
 
     imagen_jobs_total{operation,status}     jobs by outcome: succeeded, failed, skipped, ignored,
-                                            retried (a transient fault sent it back)
+                                            retried (sent back to Pub/Sub: a transient fault, a
+                                            stopping worker's hand-back), refused (a job message
+                                            for a bucket not allowed: to the dead-letter topic)
     imagen_job_seconds{operation}           wall time of jobs that ran (histogram, seconds)
     imagen_jobs_in_flight                   jobs being processed now
     imagen_model_load_seconds{operation}    load + warm-up time of each model at start-up

@@ -192,7 +192,10 @@ class Processor:
             try:
                 outcome = self._run(routed, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
                                     withdrawn=withdrawn)
-            except TransientError:
+            except Undeliverable:  # to the dead-letter topic, unread
+                metrics.JOBS.labels(metrics.operation_label(routed.operation), "refused").inc()
+                raise
+            except Exception:  # back to Pub/Sub: a transient fault, a hand-back, a report not written
                 metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()
                 raise
         metrics.record_outcome(outcome)

@@ -400,12 +400,19 @@ def test_job_message_format_follows_the_output_extension(settings, bucket):
 def test_job_message_from_a_bucket_not_allowed_is_refused_unread(settings, bucket):
     """Refused before any read; its report would land in the foreign bucket, so nothing is
     written there and the message is left to the dead-letter topic."""
+    from prometheus_client import REGISTRY
+
+    def counted(status):
+        return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "upscale", "status": status}) or 0
+
     _upload(bucket, "uploads/p.png")
     engine = FakeEngine()
+    before = counted("refused"), counted("retried")
     with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
         _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
     assert [blob.name for blob in bucket.list_blobs()] == ["uploads/p.png"]
     assert engine.calls == 0
+    assert (counted("refused"), counted("retried")) == (before[0] + 1, before[1])  # a job counted by its end
 
 
 def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket(settings, bucket):
