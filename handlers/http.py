@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
+from handlers.logs import job_context, trace_fields
 
 log = logging.getLogger("imagen.http")
 READY = "READY"
@@ -32,13 +33,15 @@ MAX_BODY_BYTES = 14 * 1024 * 1024
 
 
 def create_app(processor, state: Callable[[], str], authenticator=None,
-               on_device_failed: Callable[[], None] | None = None, dead_letters=None) -> flask.Flask:
+               on_device_failed: Callable[[], None] | None = None, dead_letters=None,
+               project: str | None = None) -> flask.Flask:
     """A Flask app over `processor`; `state()` returns the engine state (READY when warm);
     `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`;
     `on_device_failed()` runs once the answer to a job that left the GPU unusable is sent
     (imagen serve stops: a new instance takes over); `dead_letters` (handlers.dlq.DeadLetterer),
     when given, takes a pushed message that no delivery can settle at once (then 200), where
-    a 400 would have Pub/Sub push it 20 times first."""
+    a 400 would have Pub/Sub push it 20 times first. With `project`, the lines of a request
+    carry its trace, so Cloud Logging shows them under Cloud Run's request log entry."""
     app = flask.Flask("imagen")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -69,6 +72,10 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
 
     @app.post("/")
     def receive():
+        with job_context(trace_fields(flask.request.headers, project)):
+            return _receive()
+
+    def _receive():
         if authenticator is not None:
             try:
                 authenticator.check(flask.request.headers.get("Authorization"))

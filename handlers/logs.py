@@ -13,8 +13,10 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 import sys
 import threading
+from collections.abc import Mapping
 
 _OPERATION_KEY = "logging.googleapis.com/operation"
 TEXT_LIMIT = 4000
@@ -30,7 +32,7 @@ def job_context(fields: dict):
     """Lines logged inside, in this thread, carry `fields` (a job's id, message and source)
     unless they give their own: one operation id groups all of a job's lines in Cloud
     Logging, the GPU's traceback from the engine included."""
-    token = _job.set(dict(fields))
+    token = _job.set({**(_job.get() or {}), **fields})  # inside a request's: both
     try:
         yield
     finally:
@@ -90,6 +92,20 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
         threading.excepthook = _uncaught_in_thread
         sys.excepthook = _uncaught
         sys.unraisablehook = _unraisable
+
+
+def trace_fields(headers: Mapping[str, str], project: str | None) -> dict[str, str]:
+    """The request's trace as Cloud Logging links it: Cloud Run's request log entry and the
+    lines logged while serving it, one trace (W3C `traceparent`, else `X-Cloud-Trace-Context`);
+    {} without a project or a trace."""
+    trace = None
+    if match := re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}", headers.get("traceparent", "")):
+        trace = match.group(1)
+    elif match := re.match(r"([0-9a-fA-F]{32})(/|;|$)", headers.get("X-Cloud-Trace-Context", "")):
+        trace = match.group(1).lower()
+    if not project or trace is None:
+        return {}
+    return {"logging.googleapis.com/trace": f"projects/{project}/traces/{trace}"}
 
 
 def error_fields(error: BaseException, note: str = "") -> dict[str, str]:

@@ -52,12 +52,12 @@ def test_the_answer_to_the_job_that_failed_the_gpu_is_sent_then_the_service_stop
     assert client.get("/healthz").status_code == 503 and stopped == [1]  # probes do not stop it
 
 
-def _push(client, resource=None):
+def _push(client, resource=None, headers=None):
     resource = resource or {"bucket": "b", "name": "incoming/upscale/a.png", "generation": "1"}
     envelope = {"message": {"data": base64.b64encode(json.dumps(resource).encode()).decode(),
                             "attributes": {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"},
                             "messageId": "1"}, "subscription": "projects/p/subscriptions/s"}
-    return client.post("/", json=envelope)
+    return client.post("/", json=envelope, headers=headers)
 
 
 class _Recording:
@@ -87,3 +87,40 @@ def test_a_bug_in_the_processor_answers_500_so_the_message_is_retried(caplog):
     assert len(processor.calls) == 1 and "Retry-After" not in answer.headers
     [record] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
     assert record.exc_info and record.exc_info[0] is KeyError  # the stack trace is in the log
+
+
+def test_a_push_requests_lines_carry_its_trace():
+    # Cloud Logging nests the lines of a request under Cloud Run's request log entry (its
+    # status and latency) when they carry the request's trace.
+    import logging
+
+    from handlers.errors import TransientError
+    from handlers.logs import JsonFormatter
+
+    lines = []
+
+    class Formatting(logging.Handler):  # formats as the service's stdout handler does: at once
+        def emit(self, record):
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    class Logs:
+        def handle(self, event, **kwargs):
+            logging.getLogger("imagen.processor").warning("job will be retried")
+            raise TransientError("busy")
+
+    handler = Formatting()
+    logging.getLogger("imagen").addHandler(handler)
+    try:
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        for headers, project, expected in [
+            ({"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}, "proj", f"projects/proj/traces/{trace}"),
+            ({"X-Cloud-Trace-Context": f"{trace.upper()}/1;o=1"}, "proj", f"projects/proj/traces/{trace}"),
+            ({"X-Cloud-Trace-Context": f"{trace}/1;o=1"}, None, None),  # no project: no link
+            ({"traceparent": "junk"}, "proj", None),
+        ]:
+            lines.clear()
+            client = create_app(Logs(), state=lambda: engine.READY, project=project).test_client()
+            _push(client, headers=headers)
+            assert [line.get("logging.googleapis.com/trace") for line in lines] == [expected], headers
+    finally:
+        logging.getLogger("imagen").removeHandler(handler)
