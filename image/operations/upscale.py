@@ -3,7 +3,8 @@
 Every UNet call sees exactly `tile_size` x `tile_size` input pixels (smaller images are
 reflect-padded up to one tile), so GPU memory is bounded whatever the input, and one compiled
 graph serves every job. Tiles overlap by `tile_overlap` pixels and are blended with cosine
-ramps (`image.tiling`). The tile defaults to twice the UNet's training crop (its
+ramps (`image.tiling`); their initial latents are slices of one noise field, so neighbours
+invent the same texture where they overlap (`Upscale.latent_noise`). The tile defaults to twice the UNet's training crop (its
 `sample_size`: 128 for the real model, so 256-pixel tiles giving 1024-pixel outputs); the
 `upscale_tile` and `upscale_tile_batch` switches of `Tuning` change the tile and how many
 tiles go through the UNet at once.
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from image.operations.base import Operation, attach_alpha
@@ -106,15 +108,37 @@ class Upscale(Operation):
         check = self.step_check(where)
         return None if check is None else (lambda step, timestep, latents: check(None, step, timestep, None))
 
+    def latent_noise(self, plan, seed: int) -> torch.Tensor | None:
+        """The initial latents of a tiled image, as one field over the whole canvas
+        ((channels, height, width) on the CPU: the x4 UNet's latents have the input's size),
+        whose slices the tiles take; None for one tile (the pipeline draws them from the
+        tile's generator, as stock diffusers does for the same seed).
+
+        Neighbouring tiles then start their overlap from the same noise, so they invent the
+        same texture there: with noise of their own, the cross-fade averaged two unrelated
+        textures, a band of softer detail along every seam."""
+        if len(plan.boxes) == 1:
+            return None
+        shape = (self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed % 2**32))
+
     def process(self, rgb, alpha, params, seed):
-        # 1. Tiles go through the pipeline in batches, each with its own seeded generator
+        # 1. Tiles go through the pipeline in batches, each with its own seeded generator (for
+        # the noise the pipeline adds to its input) and its slice of the image's latent noise
         pipe = self.model
+        tile, overlap = self.tile_for(rgb.size)
+        plan = plan_tiles(rgb.width, rgb.height, tile, overlap)
+        boxes, noise = plan.boxes, self.latent_noise(plan, seed)
         done = 0
 
         def upscale_batch(batch: np.ndarray) -> np.ndarray:
             nonlocal done
             count = len(batch)
             generators = [self.generator(seed, tile=done + i) for i in range(count)]
+            latents = None
+            if noise is not None:
+                latents = torch.stack([noise[:, box.top:box.bottom, box.left:box.right]
+                                       for box in boxes[done:done + count]]).to(self.device, self.dtype)
             where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
             return pipe(
@@ -125,12 +149,12 @@ class Upscale(Operation):
                 guidance_scale=params["guidance"],
                 noise_level=params["noise_level"],
                 generator=generators if count > 1 else generators[0],
+                latents=latents,
                 output_type="np",
                 callback=self._step_callback(where),
             ).images
 
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done)
-        tile, overlap = self.tile_for(rgb.size)
         array = np.asarray(rgb, dtype=np.float32)
         array /= 255.0
         out = upscale_tiled(

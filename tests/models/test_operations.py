@@ -178,6 +178,37 @@ def test_large_upscale_goes_through_tiles(engine):
     assert out.size == (600, 400) and out.mode == "RGB"
 
 
+def test_upscale_tiles_start_their_overlaps_from_the_same_noise(engine, monkeypatch):
+    # With noise of their own, neighbouring tiles invent unrelated texture where they overlap
+    # and the cross-fade averages it: a band of softer detail along every seam. They take
+    # slices of one latent field instead; one tile takes the pipeline's own, as stock does.
+    upscale = engine._ops["upscale"]
+    pipeline = type(upscale.model)
+    calls = []
+    call = pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        result = call(self, *args, **kwargs)
+        calls.append((kwargs["latents"], result.images))
+        return result
+
+    monkeypatch.setattr(pipeline, "__call__", spy)
+    tile, overlap = upscale.tile_size, upscale.tile_overlap
+    width = 2 * tile - 2 * overlap  # two tiles side by side, overlapping by 2 x overlap
+    _run(engine, ["upscale"], _image(width, tile, seed=3), steps=2)
+    [(left, left_out), (right, right_out)] = calls
+    xs = plan_tiles(width, tile, tile, overlap).xs
+    shared = tile - xs[1]
+    assert torch.equal(left[..., xs[1]:], right[..., :shared])  # the same noise in the overlap
+    assert not torch.equal(left[..., :shared], right[..., :shared])  # and only there
+    scale = upscale.scale
+    disagreement = np.abs(left_out[0][:, xs[1] * scale:] - right_out[0][:, :shared * scale]).mean()
+    assert disagreement < 0.5 * left_out[0].std()  # unrelated noise: about the tile's own spread
+    calls.clear()
+    _run(engine, ["upscale"], _image(tile // 2, tile // 2), steps=1)
+    assert calls[0][0] is None
+
+
 @pytest.mark.parametrize("op", ["enhance", "comic"])
 @pytest.mark.parametrize("size", [(70, 45), (33, 97)])
 def test_img2img_keeps_odd_sizes_exactly(engine, op, size):
