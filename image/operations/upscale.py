@@ -14,7 +14,7 @@ the bucket that needs the fewest tile pixels for it (ties: the larger tile, fewe
 a 512-pixel input runs as one 512 tile instead of nine overlapping 256 ones, and there is
 still one fixed shape per bucket. Each bucket is warmed up at start-up.
 
-Alpha is not the model's business: it is enlarged with Lanczos and re-attached.
+Alpha is not the model's business: it is enlarged bicubically and re-attached.
 """
 
 from __future__ import annotations
@@ -171,6 +171,6 @@ class Upscale(Operation):
         image = Image.fromarray(out, "RGB")
         del out
 
-        # 3. Alpha: Lanczos to the new size
+        # 3. Alpha: enlarged bicubically to the new size
         return attach_alpha(image, alpha)
 

@@ -39,7 +39,7 @@ def test_nothing_hidden_or_nothing_visible_leaves_the_image_alone():
 
 def test_an_enlarged_cut_out_has_no_dark_fringe():
     """The edge of an upscaled cut-out (bicubic standing in for the model, the alpha enlarged
-    with Lanczos as attach_alpha does) stays white where it is half transparent."""
+    as attach_alpha does) stays white where it is half transparent."""
     rgb, alpha = split_alpha(_disc())
 
     def enlarged(colours: Image.Image) -> np.ndarray:
@@ -50,6 +50,20 @@ def test_an_enlarged_cut_out_has_no_dark_fringe():
 
     assert enlarged(rgb) < 200  # the black beneath bleeds in
     assert enlarged(fill_hidden_colours(rgb, alpha)) > 250
+
+
+def test_an_enlarged_cut_out_keeps_its_edge_without_a_halo():
+    # x4 (upscale): the alpha's hard edge becomes a ramp a few pixels wide, and nothing else
+    # changes: no faint ring of opacity outside the cut-out, no dip inside it.
+    alpha = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(alpha).rectangle((16, 16, 47, 47), fill=255)
+    big = np.asarray(attach_alpha(Image.new("RGB", (256, 256)), alpha))[..., 3].astype(int)
+    ramp = 8  # output pixels on either side of the edge
+    outside = np.ones_like(big, dtype=bool)
+    outside[64 - ramp:192 + ramp, 64 - ramp:192 + ramp] = False
+    assert (big[outside] == 0).all()
+    assert (big[64 + ramp:192 - ramp, 64 + ramp:192 - ramp] == 255).all()
+    assert 0 < big[128, 63] < 255 or 0 < big[128, 64] < 255  # a ramp, not a staircase
 
 
 def test_the_fill_is_the_same_whatever_the_band_of_rows(monkeypatch):
