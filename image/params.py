@@ -151,7 +151,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "strength": 0.3,
         "guidance": 5.0,
     },
-    # 0.6 restyles clearly while keeping the composition; 0.75 (the card's) drifts away.
+    # 0.6 restyles clearly while keeping the composition; 0.75 (the bench's anchor setting)
+    # drifts away.
     "comic": {
         "prompt": COMIC_TRIGGER,
         "negative_prompt": "blurry, low quality, deformed",
