@@ -158,9 +158,16 @@ class Settings:
         elif self.compile_cache and "://" in self.compile_cache:
             raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
                               "or a folder are supported")
-        if self.model_mirror and not re.fullmatch(r"gs://[^/]+(/.*)?", self.model_mirror):
-            raise ConfigError(f"IMAGEN_MODEL_MIRROR: {self.model_mirror!r}: expected gs://BUCKET/PREFIX "
-                              "(written by `imagen models mirror`)")
+        if self.model_mirror:
+            if not re.fullmatch(r"gs://[^/]+(/.*)?", self.model_mirror):
+                raise ConfigError(f"IMAGEN_MODEL_MIRROR: {self.model_mirror!r}: expected gs://BUCKET/PREFIX "
+                                  "(written by `imagen models mirror`)")
+            bucket = self.model_mirror[len("gs://"):].split("/", 1)[0]
+            if bucket in self.allowed_buckets or bucket == self.output_bucket:
+                # Models carry code (RMBG's) that the workers import.
+                raise ConfigError(f"IMAGEN_MODEL_MIRROR: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or "
+                                  "IMAGEN_OUTPUT_BUCKET); models carry code the workers run: give the mirror a "
+                                  "bucket only its maintainers can write")
         from PIL import Image
 
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:

@@ -129,6 +129,11 @@ resource "google_cloud_run_v2_service" "worker" {
       condition     = local.cloud_run_shape_fits
       error_message = "cpu = \"${var.cpu}\", memory = \"${var.memory}\" is not a Cloud Run GPU shape: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\")."
     }
+    # imagen refuses to start on such a mirror (handlers/settings.py): say so at plan.
+    precondition {
+      condition     = !contains(concat([var.input_bucket, local.output_bucket], var.allowed_buckets), local.model_mirror_bucket)
+      error_message = "model_mirror = \"${var.model_mirror}\" is in a bucket that holds images (the input or output bucket, or allowed_buckets): models carry code the workers run (RMBG's), so whoever can upload there could run code on every worker. Mirror them to a bucket only you can write."
+    }
     # Someone's `gcloud run services update` stamps these; they change nothing that runs.
     ignore_changes = [
       client,

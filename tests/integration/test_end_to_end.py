@@ -169,7 +169,7 @@ def test_serve_whose_models_cannot_load_stops_instead_of_idling_on_the_gpu(tiny_
     assert stopped["error"]["type"] == "ModelMissing" and "imagen models pull" in stopped["error"]["message"]
 
 
-def test_serve_restores_its_models_from_a_mirror_before_loading_them(tiny_settings, gcs, bucket, tmp_path):
+def test_serve_restores_its_models_from_a_mirror_before_loading_them(tiny_settings, gcs, tmp_path):
     # Cloud Run with model_mirror: an image without models, IMAGEN_MODEL_MIRROR and an empty
     # MODEL_CACHE_DIR. The restore is serve's own, so its lines, and why it stopped when the
     # mirror is not there, are JSON like the rest (a shell running `models pull --from` first
@@ -177,14 +177,15 @@ def test_serve_restores_its_models_from_a_mirror_before_loading_them(tiny_settin
     from handlers.model_mirror import mirror_cache
     from image.models.registry import REGISTRY
 
-    uri = f"gs://{bucket.name}/mirror"
+    mirror = gcs.create_bucket(f"mirror-{uuid.uuid4().hex[:12]}")  # not where images are uploaded
+    uri = f"gs://{mirror.name}/models"
     mirror_cache(tiny_settings.model_cache_dir, uri, client=gcs,
                  cache_names=[REGISTRY["remove-background"].cache_name])
     command = [sys.executable, "-m", "handlers.cli", "serve", "--host", "127.0.0.1", "--operations",
                "remove-background"]
     missing = subprocess.run(
         [*command, "--port", str(free_port())], capture_output=True, text=True, timeout=120,
-        env=_env(tiny_settings, IMAGEN_MODEL_MIRROR=f"gs://{bucket.name}/elsewhere",
+        env=_env(tiny_settings, IMAGEN_MODEL_MIRROR=f"gs://{mirror.name}/elsewhere",
                  MODEL_CACHE_DIR=str(tmp_path / "nothing-yet")))
     assert missing.returncode == 3 and missing.stderr == "", missing.stdout + missing.stderr
     [stopped] = [line for line in map(json.loads, missing.stdout.splitlines()) if line["severity"] == "CRITICAL"]

@@ -77,6 +77,8 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline):
         ({"IMAGEN_DEPLOYED_OPERATIONS": "upscale,sharpen"}, "IMAGEN_DEPLOYED_OPERATIONS"),
         ({"IMAGEN_MODEL_MIRROR": "mirror/models"}, "IMAGEN_MODEL_MIRROR"),
         ({"IMAGEN_MODEL_MIRROR": "gs:///models"}, "IMAGEN_MODEL_MIRROR"),
+        ({"IMAGEN_MODEL_MIRROR": "gs://uploads/models", "IMAGEN_ALLOWED_BUCKETS": "uploads"}, "IMAGEN_MODEL_MIRROR"),
+        ({"IMAGEN_MODEL_MIRROR": "gs://out/models", "IMAGEN_OUTPUT_BUCKET": "out"}, "IMAGEN_MODEL_MIRROR"),
     ],
 )
 def test_misconfiguration_names_the_variable(env, variable):
