@@ -58,6 +58,20 @@ def subscription_path(settings, subscription: str) -> str:
     return pubsub_v1.SubscriberClient.subscription_path(_project(settings), subscription)
 
 
+def log_project(settings) -> str | None:
+    """The project whose traces log lines name (Cloud Run's request traces): the settings',
+    else the credentials'; None where neither says (a laptop without credentials)."""
+    if settings.project:
+        return settings.project
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        return google.auth.default()[1]
+    except google.auth.exceptions.DefaultCredentialsError:
+        return None
+
+
 def _project(settings) -> str:
     if settings.project:
         return settings.project

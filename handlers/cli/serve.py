@@ -37,6 +37,7 @@ the request (processor.Processor's job_seconds)."""
 @click.pass_obj
 def command(settings, port, host, operations, device, threads, max_job_seconds):
     """Accept CloudEvents and Pub/Sub push requests at / (plus /healthz and /readyz)."""
+    from handlers.clients import log_project
     from handlers.http import create_app
     from handlers.service import build_dead_letters, build_engine, build_processor
     from handlers.settings import split_list
@@ -55,7 +56,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
 
         authenticator = PushAuthenticator(settings.push_audience, settings.push_service_accounts)
     app = create_app(processor, lambda: engine.state, authenticator, on_device_failed=_stop_for_a_failed_gpu,
-                     dead_letters=build_dead_letters(settings), project=settings.project)
+                     dead_letters=build_dead_letters(settings), project=log_project(settings))
 
     def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;

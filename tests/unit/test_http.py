@@ -124,3 +124,21 @@ def test_a_push_requests_lines_carry_its_trace():
             assert [line.get("logging.googleapis.com/trace") for line in lines] == [expected], headers
     finally:
         logging.getLogger("imagen").removeHandler(handler)
+
+
+def test_the_trace_names_the_settings_project_else_the_credentials(monkeypatch):
+    import google.auth
+    import google.auth.exceptions
+
+    from handlers.clients import log_project
+    from handlers.settings import Settings
+
+    assert log_project(Settings(project="proj")) == "proj"
+    monkeypatch.setattr(google.auth, "default", lambda: (None, "from-credentials"))
+    assert log_project(Settings()) == "from-credentials"
+
+    def no_credentials():
+        raise google.auth.exceptions.DefaultCredentialsError("none here")
+
+    monkeypatch.setattr(google.auth, "default", no_credentials)
+    assert log_project(Settings()) is None  # no link, and serve still starts
