@@ -71,7 +71,9 @@ class JsonFormatter(logging.Formatter):
             trace = self.formatException(record.exc_info)
             if len(trace) > TRACE_LIMIT:
                 header = _TRACE_HEADER if trace.startswith(_TRACE_HEADER) else ""
-                trace = f"{header}...\n{trace[-TRACE_LIMIT:]}"
+                tail = trace[-TRACE_LIMIT:]
+                tail = tail[tail.find("\n") + 1:]  # from a line's start (a line longer than it all: as it is)
+                trace = f"{header}...\n{tail}"
             entry["stack_trace"] = trace
         # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
         # name that was not valid UTF-8) cannot make the line unwritable.
@@ -147,7 +149,8 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 
 def _unraisable(args) -> None:
     # An exception Python can only report (in __del__, a finaliser, a library's shutdown):
-    # "Exception ignored in ..." would otherwise be plain text on stderr.
+    # "Exception ignored in ..." would otherwise be plain text on stderr. A WARNING: mostly a
+    # channel closing at shutdown, not the instance fault the errors alert is for.
     where = args.err_msg or "Exception ignored in"
     exc_info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_type is not None else None
-    logging.getLogger("imagen").error("%s: %r", where, args.object, exc_info=exc_info)
+    logging.getLogger("imagen").warning("%s: %r", where, args.object, exc_info=exc_info)

@@ -31,8 +31,8 @@ from image.tiling import plan_tiles, upscale_tiled
 
 # Output at most 16384 x 16384 (268 MP), IMAGEN_MAX_PIXELS' default for the input: the tiles
 # stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
-# about 2.5 GB (3.8 GB with alpha; up to ~4.5 GB for a 32:1 strip, whose float band of rows
-# spans its long side). Time is what bounds it on a GPU: a job whose first tiles show it cannot
+# about 2.8 GB (4.1 GB with alpha; up to ~4.8 GB for a 32:1 strip, whose float band of rows
+# spans its long side), the input's latent noise field (Upscale.latent_noise) 0.27 GB of it. Time is what bounds it on a GPU: a job whose first tiles show it cannot
 # finish within its budget stops there (Deadline.check_pace).
 MAX_INPUT_PIXELS = 4096 * 4096
 
@@ -120,7 +120,8 @@ class Upscale(Operation):
         if len(plan.boxes) == 1:
             return None
         shape = (self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width)
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed % 2**32))
+        # A stream of its own: on the CPU, tile 0's generator (seed + 0) would give the same numbers.
+        return torch.randn(shape, generator=torch.Generator().manual_seed((seed ^ 0x9E3779B9) % 2**32))
 
     def process(self, rgb, alpha, params, seed):
         # 1. Tiles go through the pipeline in batches, each with its own seeded generator (for

@@ -185,6 +185,7 @@ resource "google_monitoring_alert_policy" "errors" {
       `severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)"`. Common ones:
       `job failed on this instance` (a model or GPU fault; the job is retried),
       `the GPU failed and this process cannot use it again` (the instance restarts),
+      `a job is stuck on the GPU` (the process exits; its messages are redelivered),
       `job failed, and its failure report could not be written` (the runtime service account's
       access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
       exited), `unexpected error in job` (a bug: its stack_trace). docs/deploy.md,

@@ -199,8 +199,8 @@ def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkey
         time.sleep(0.4)
         found = engine.overdue(grace)
         if overdue:
-            assert re.fullmatch(r"remove-background has held the device for 0 s, more than 0\.1 s past its budget "
-                                r"of 0\.2 s", found), found
+            assert re.fullmatch(r"remove-background has held the device for \d+ s, more than 0\.1 s past its "
+                                r"budget of 0\.2 s", found), found
         else:
             assert found is None  # no budget, within it, or within the grace past it
         release.set()

@@ -165,7 +165,7 @@ def test_an_exception_python_can_only_report_is_a_json_line():
         "Channel()\n")
     assert done.returncode == 0 and done.stderr == ""
     [entry] = _json_lines(done.stdout)
-    assert entry["severity"] == "ERROR" and entry["message"].startswith("Exception ignored")
+    assert entry["severity"] == "WARNING" and entry["message"].startswith("Exception ignored")
     assert "Channel" in entry["message"] and "OSError: socket closed" in entry["stack_trace"]
 
 

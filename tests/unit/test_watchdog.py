@@ -38,6 +38,9 @@ def test_a_stuck_job_is_logged_and_ends_the_process(caplog):
 def test_nothing_happens_while_no_job_is_stuck():
     engine = Engine([None])
     hung = threading.Event()
-    watch(engine, on_hung=hung.set, grace=5, interval=0.01)
+    thread = watch(engine, on_hung=hung.set, grace=5, interval=0.01)
     assert not hung.wait(0.3)
     assert len(engine.asked) > 3 and set(engine.asked) == {5}
+    engine.answers = ["stuck"]  # ends the thread: none left polling for the rest of the session
+    thread.join(10)
+    assert hung.is_set() and not thread.is_alive()
