@@ -5,21 +5,27 @@
 locals {
   startup_probe_period = 10
 
-  # var.cpu and var.memory as numbers (vCPUs, GiB), in the forms Cloud Run takes; 0 for others.
-  cpu_count = try(tonumber(var.cpu), tonumber(trimsuffix(var.cpu, "m")) / 1000, 0)
-  memory_gib = try(
-    tonumber(regex("^([0-9]+)Gi$", var.memory)[0]),
-    tonumber(regex("^([0-9]+)Mi$", var.memory)[0]) / 1024,
-    tonumber(regex("^([0-9]+)G$", var.memory)[0]) * 1000000000 / 1073741824,
-    tonumber(regex("^([0-9]+)M$", var.memory)[0]) * 1000000 / 1073741824,
-    0,
-  )
+  # Each service's cpu and memory (var.service_shapes, else var.cpu and var.memory), and as
+  # numbers (vCPUs, GiB) in the forms Cloud Run takes; 0 for others.
+  shapes = { for pool in local.pools : pool => lookup(var.service_shapes, pool, { cpu = var.cpu, memory = var.memory }) }
+  shape_sizes = { for pool, shape in local.shapes : pool => {
+    cpu = try(tonumber(shape.cpu), tonumber(trimsuffix(shape.cpu, "m")) / 1000, 0)
+    memory = try(
+      tonumber(regex("^([0-9]+)Gi$", shape.memory)[0]),
+      tonumber(regex("^([0-9]+)Mi$", shape.memory)[0]) / 1024,
+      tonumber(regex("^([0-9]+)G$", shape.memory)[0]) * 1000000000 / 1073741824,
+      tonumber(regex("^([0-9]+)M$", shape.memory)[0]) * 1000000 / 1073741824,
+      0,
+    )
+  } }
   # Cloud Run's instance shapes ("Configure memory limits", "Configure CPU limits", GPU
   # requirements): 4, 6 or 8 vCPUs and 16 to 32 GiB for a GPU service; more than 16 GiB needs
   # 6 vCPUs, more than 24 GiB 8 (the default 8 vCPU, 32 GiB is the largest shape). Checked at
   # plan (the service's precondition) rather than failing the apply.
-  cloud_run_shape_fits = (contains([4, 6, 8], local.cpu_count) && local.memory_gib >= 16 && local.memory_gib <= 32
-  && (local.memory_gib <= 16 || local.cpu_count >= 6) && (local.memory_gib <= 24 || local.cpu_count >= 8))
+  shape_misfits = sort([for pool, size in local.shape_sizes : pool if !(
+    contains([4, 6, 8], size.cpu) && size.memory >= 16 && size.memory <= 32
+    && (size.memory <= 16 || size.cpu >= 6) && (size.memory <= 24 || size.cpu >= 8)
+  )])
 
   # With a model mirror the image carries no models (built with MODEL_SOURCE=none): imagen
   # serve restores them from the bucket (IMAGEN_MODEL_MIRROR) into the instance's in-memory
@@ -73,8 +79,8 @@ resource "google_cloud_run_v2_service" "worker" {
 
       resources {
         limits = {
-          cpu              = var.cpu
-          memory           = var.memory
+          cpu              = local.shapes[each.key].cpu
+          memory           = local.shapes[each.key].memory
           "nvidia.com/gpu" = "1"
         }
         # GPU services need CPU always allocated (instance-based billing): no throttling
@@ -126,8 +132,12 @@ resource "google_cloud_run_v2_service" "worker" {
 
   lifecycle {
     precondition {
-      condition     = local.cloud_run_shape_fits
-      error_message = "cpu = \"${var.cpu}\", memory = \"${var.memory}\" is not a Cloud Run GPU shape: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\")."
+      condition     = length(local.shape_misfits) == 0
+      error_message = "Not a Cloud Run GPU shape for ${join(", ", [for pool in local.shape_misfits : "${pool} (cpu = \"${local.shapes[pool].cpu}\", memory = \"${local.shapes[pool].memory}\")"])}: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\"); set cpu and memory, or service_shapes."
+    }
+    precondition {
+      condition     = length(setsubtract(keys(var.service_shapes), local.pool_list)) == 0
+      error_message = "service_shapes names ${join(", ", setsubtract(keys(var.service_shapes), local.pool_list))}, which is not an operation or chain this deployment serves (operations, chains)."
     }
     # imagen refuses to start on such a mirror (handlers/settings.py): say so at plan.
     precondition {

@@ -225,6 +225,16 @@ variable "memory" {
   nullable    = false
 }
 
+variable "service_shapes" {
+  description = "Cloud Run only: cpu and memory for some services instead of cpu and memory above, keyed by operation or chain, e.g. { upscale = { cpu = \"4\", memory = \"16Gi\" } }. The smallest shape (4 vCPU, 16Gi) costs about a quarter less per instance-second than the default (8, 32Gi), GPU included, and takes half the CPU and memory quota; the SDXL refiner (enhance) wants 32Gi. Checked at plan like cpu and memory."
+  type = map(object({
+    cpu    = string
+    memory = string
+  }))
+  default  = {}
+  nullable = false
+}
+
 variable "startup_timeout_seconds" {
   description = "How long a new instance may take to load and warm its models before Cloud Run gives up on it (the /readyz startup probe window)."
   type        = number

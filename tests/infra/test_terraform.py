@@ -419,16 +419,23 @@ def test_cpu_and_memory_outside_cloud_runs_gpu_shapes_stop_the_plan(terraform, t
         ("8", "lots"): False, ("8", "32"): False,
     }
     assert shapes[(terraform.default("cpu"), terraform.default("memory"))]
-    fits = expr(terraform.locals["cloud_run_shape_fits"])
-    cpu, memory = expr(terraform.locals["cpu_count"]), expr(terraform.locals["memory_gib"])
-    outputs = {}
-    for i, (cpu_value, memory_value) in enumerate(shapes):
-        outputs[f"shape_{i}"] = (fits.replace("local.cpu_count", f"({cpu})").replace("local.memory_gib", f"({memory})")
-                                 .replace("var.cpu", json.dumps(cpu_value)).replace("var.memory", json.dumps(memory_value)))
-    got = _evaluate(tmp_path, {}, outputs)
-    assert {shape: got[f"shape_{i}"] for i, shape in enumerate(shapes)} == shapes
-    lifecycle = one(_service(terraform)["lifecycle"])
-    assert "local.cloud_run_shape_fits" in [expr(item["condition"]) for item in lifecycle["precondition"]]
+    # Every shape as a service of its own (service_shapes), and the default for the one not listed.
+    pools = [f"pool-{i}" for i in range(len(shapes))] + ["default"]
+    variables = {
+        "operations": pools, "chains": [], "cpu": terraform.default("cpu"), "memory": terraform.default("memory"),
+        "service_shapes": {f"pool-{i}": {"cpu": cpu, "memory": memory} for i, (cpu, memory) in enumerate(shapes)},
+    }
+    misfits = _evaluate(tmp_path, variables, {"misfits": _inline(terraform, "local.shape_misfits"),
+                                              "limits": _inline(terraform, "local.shapes")})
+    assert set(misfits["misfits"]) == {f"pool-{i}" for i, shape in enumerate(shapes) if not shapes[shape]}
+    assert misfits["limits"]["default"] == {"cpu": "8", "memory": "32Gi"}
+    assert misfits["limits"]["pool-2"] == {"cpu": "4", "memory": "16Gi"}
+    service = _service(terraform)
+    conditions = [expr(item["condition"]) for item in one(service["lifecycle"])["precondition"]]
+    assert "length(local.shape_misfits) == 0" in conditions
+    assert "length(setsubtract(keys(var.service_shapes), local.pool_list)) == 0" in conditions  # a typo'd pool
+    limits = one(one(one(service["template"])["containers"])["resources"])["limits"]
+    assert expr(limits["cpu"]) == "local.shapes[each.key].cpu" and expr(limits["memory"]) == "local.shapes[each.key].memory"
 
 
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
