@@ -6,7 +6,8 @@ so a prefetched job waits for the GPU, not the network); the client library exte
 up to `max_lease_seconds`. On SIGTERM or SIGINT it stops pulling, lets the job on the GPU
 finish, hands back (nacks) prefetched jobs still waiting for the GPU, so a drain takes one
 job's time, and returns; messages received but not started are nacked by the library, so
-nothing is lost. A message no delivery can settle goes to the dead-letter topic at once where
+nothing is lost. A stream that dies (the subscription deleted, permissions lost) stops it the
+same way, and run() raises the stream's error. A message no delivery can settle goes to the dead-letter topic at once where
 one is given (`dead_letters`), else is nacked for the dead-letter policy. When the GPU fails
 for good (`device_failed()`: a CUDA error other than out of memory) it stops the same way and
 raises DeviceFailed, so the process exits non-zero and its platform restarts it, instead of
@@ -30,6 +31,22 @@ from handlers.events import Message, parse_message
 from image.errors import DeviceFailed
 
 log = logging.getLogger("imagen.worker")
+
+
+class _Scheduler(ThreadScheduler):
+    """The client library's scheduler, telling the worker when the stream stops, before the
+    library waits for the jobs in hand: on SIGTERM (the worker's cancel) and when the stream
+    dies (the subscription deleted, permissions lost), so the jobs waiting for the GPU are
+    handed back in both cases. (The stream's future resolves only after every job in hand
+    ended: a prefetched job ran its whole budget on a worker whose stream was gone.)"""
+
+    def __init__(self, executor, stopping: Callable[[], None]):
+        super().__init__(executor)
+        self._stopping = stopping
+
+    def shutdown(self, await_msg_callbacks: bool = False):
+        self._stopping()
+        return super().shutdown(await_msg_callbacks=await_msg_callbacks)
 
 
 class PullWorker:
@@ -124,10 +141,11 @@ class PullWorker:
             self._subscription,
             self.handle,
             flow_control=flow_control,
-            scheduler=ThreadScheduler(executor),
+            scheduler=_Scheduler(executor, stopping=self.stop),
             await_callbacks_on_shutdown=True,
         )
-        # A stream that dies (no such subscription, lost permissions) must end the process too.
+        # A stream that dies (no such subscription, lost permissions) ends the process too:
+        # the scheduler's shutdown says so (_Scheduler), and this for a stream that never started.
         self._future.add_done_callback(lambda _: self._stop.set())
         log.info(
             "pulling",

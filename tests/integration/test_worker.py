@@ -194,3 +194,41 @@ def test_a_job_in_hand_is_leased_the_extension_from_its_first_renewal(settings, 
         engine.release.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_a_stream_that_dies_hands_back_the_job_waiting_for_the_gpu(settings, bucket, subscriber,
+                                                                   events_subscription):
+    """The subscription deleted or the worker's permissions lost mid-job: the stream ends with
+    an error, and the library waits for the jobs in hand before saying so. The job on the GPU
+    finishes, the one waiting for it is handed back instead of run for its whole budget, and
+    run() raises the stream's error (imagen worker exits 1)."""
+    engine = OneGpuEngine()  # the first job holds the GPU until released
+    processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
+    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
+    raised = {}
+
+    def run():
+        try:
+            worker.run(install_signal_handlers=False)
+        except Exception as error:
+            raised["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for index in (1, 2):
+            bucket.blob(f"incoming/upscale/{index}.png").upload_from_string(png_bytes(seed=index),
+                                                                            content_type="image/png")
+        wait_for(lambda: [kind for kind, _ in engine.events].count("arrived") == 2, timeout=60,
+                 what="one job running, one waiting")
+        manager = worker._future._StreamingPullFuture__manager
+        manager.close(reason=RuntimeError("403 the subscription's permissions were lost"))  # as the library does
+        wait_for(worker._stop.is_set, timeout=30, what="the worker told the stream stopped")
+    finally:
+        engine.release.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    first, second = [job for kind, job in engine.events if kind == "arrived"]
+    assert ("end", first) in engine.events and ("withdrawn", second) in engine.events, engine.events
+    assert ("start", second) not in engine.events
+    assert "permissions were lost" in str(raised.get("error")), raised
