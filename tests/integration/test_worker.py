@@ -45,6 +45,27 @@ class OneGpuEngine(FakeEngine):
         return super().run(chain, image, params, seed)
 
 
+def _start(worker) -> tuple[threading.Thread, dict]:
+    """worker.run() in a thread of its own; what it raises lands under "error"."""
+    raised = {}
+
+    def run():
+        try:
+            worker.run(install_signal_handlers=False)
+        except Exception as error:
+            raised["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def _upload_two(bucket, operation):
+    for index in (1, 2):
+        bucket.blob(f"incoming/{operation}/{index}.png").upload_from_string(png_bytes(seed=index),
+                                                                             content_type="image/png")
+
+
 def _two_jobs_then_stop(worker, bucket, until, what, stopped=lambda: None):
     """Run `worker`, upload two seeded images, wait `until()`, stop it, call `stopped()` and
     wait for it to end."""
@@ -153,22 +174,11 @@ def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
     processor.handle = recording
     worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1,
                         device_failed=lambda: engine.state == DEVICE_FAILED)
-    outcome = {}
-
-    def run():
-        try:
-            worker.run(install_signal_handlers=False)
-        except DeviceFailed as error:
-            outcome["raised"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    for index in (1, 2):
-        bucket.blob(f"incoming/remove-background/{index}.png").upload_from_string(png_bytes(seed=index),
-                                                                                  content_type="image/png")
+    thread, raised = _start(worker)
+    _upload_two(bucket, "remove-background")
     thread.join(timeout=90)
     assert not thread.is_alive(), "the worker kept pulling on a failed GPU"
-    assert "raised" in outcome and engine.state == DEVICE_FAILED
+    assert isinstance(raised.get("error"), DeviceFailed) and engine.state == DEVICE_FAILED
     assert runs == [1]  # the second job never ran on the failed GPU
     assert len(handed_back) == 2 and all("GPU failed" in str(error) for error in handed_back)
     assert not list(bucket.list_blobs(prefix="failed/")) and not list(bucket.list_blobs(prefix="processed/"))
@@ -205,20 +215,9 @@ def test_a_stream_that_dies_hands_back_the_job_waiting_for_the_gpu(settings, buc
     engine = OneGpuEngine()  # the first job holds the GPU until released
     processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
     worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
-    raised = {}
-
-    def run():
-        try:
-            worker.run(install_signal_handlers=False)
-        except Exception as error:
-            raised["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, raised = _start(worker)
     try:
-        for index in (1, 2):
-            bucket.blob(f"incoming/upscale/{index}.png").upload_from_string(png_bytes(seed=index),
-                                                                            content_type="image/png")
+        _upload_two(bucket, "upscale")
         wait_for(lambda: [kind for kind, _ in engine.events].count("arrived") == 2, timeout=60,
                  what="one job running, one waiting")
         manager = worker._future._StreamingPullFuture__manager
