@@ -28,10 +28,10 @@ locals {
   )])
 
   # With a model mirror the image carries no models (built with MODEL_SOURCE=none): imagen
-  # serve restores them from the bucket (IMAGEN_MODEL_MIRROR) into the instance's in-memory
-  # /tmp before loading them, its lines JSON like the rest. The startup probe window covers
-  # the copy (same region: about a minute for the largest model).
-  mirror_env = var.model_mirror == "" ? {} : { IMAGEN_MODEL_MIRROR = var.model_mirror, MODEL_CACHE_DIR = "/tmp/models" }
+  # serve restores them from the bucket (IMAGEN_MODEL_MIRROR, local.common_env) into the
+  # instance's in-memory /tmp before loading them, its lines JSON like the rest. The startup
+  # probe window covers the copy (same region: about a minute for the largest model).
+  mirror_env = var.model_mirror == "" ? {} : { MODEL_CACHE_DIR = "/tmp/models" }
 }
 
 resource "google_cloud_run_v2_service" "worker" {
@@ -138,11 +138,6 @@ resource "google_cloud_run_v2_service" "worker" {
     precondition {
       condition     = length(setsubtract(keys(var.service_shapes), local.pool_list)) == 0
       error_message = "service_shapes names ${join(", ", setsubtract(keys(var.service_shapes), local.pool_list))}, which is not an operation or chain this deployment serves (operations, chains)."
-    }
-    # imagen refuses to start on such a mirror (handlers/settings.py): say so at plan.
-    precondition {
-      condition     = !contains(concat([var.input_bucket, local.output_bucket], var.allowed_buckets), local.model_mirror_bucket)
-      error_message = "model_mirror = \"${var.model_mirror}\" is in a bucket that holds images (the input or output bucket, or allowed_buckets): models carry code the workers run (RMBG's), so whoever can upload there could run code on every worker. Mirror them to a bucket only you can write."
     }
     # Someone's `gcloud run services update` stamps these; they change nothing that runs.
     ignore_changes = [

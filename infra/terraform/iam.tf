@@ -138,13 +138,21 @@ resource "google_storage_bucket_iam_member" "worker_stores_compiled" {
   }
 }
 
-# Cloud Run with a model mirror: read it at start.
+# With a model mirror the workers (Cloud Run or GKE) restore their models from it at start.
 resource "google_storage_bucket_iam_member" "worker_reads_model_mirror" {
-  for_each = local.cloudrun && var.model_mirror != "" ? local.pools : toset([])
+  for_each = var.model_mirror != "" ? local.pools : toset([])
 
   bucket = local.model_mirror_bucket
   role   = "roles/storage.objectViewer"
   member = google_service_account.worker[each.key].member
+
+  lifecycle {
+    # imagen refuses to start on such a mirror (handlers/settings.py): say so at plan.
+    precondition {
+      condition     = !contains(concat([var.input_bucket, local.output_bucket], var.allowed_buckets), local.model_mirror_bucket)
+      error_message = "model_mirror = \"${var.model_mirror}\" is in a bucket that holds images (the input or output bucket, or allowed_buckets): models carry code the workers run (RMBG's), so whoever can upload there could run code on every worker. Mirror them to a bucket only you can write."
+    }
+  }
 }
 
 # --- Pub/Sub push -------------------------------------------------------------------------

@@ -155,6 +155,9 @@ locals {
     },
     var.results_topic ? { IMAGEN_RESULTS_TOPIC = google_pubsub_topic.results[0].id } : {},
     var.compile_cache ? { IMAGEN_COMPILE_CACHE = "gs://${google_storage_bucket.compiled[0].name}/" } : {},
+    # Images built without models restore them at start (Cloud Run: into /tmp, cloudrun.tf;
+    # GKE: into the volume infra/k8s/overlays/model-mirror mounts at /models).
+    var.model_mirror != "" ? { IMAGEN_MODEL_MIRROR = var.model_mirror } : {},
     # Filtered, a pool reports what it cannot serve (nobody else received it); unfiltered,
     # every pool receives every job, and the first operation's pool reports those none serves.
     local.filtered ? { IMAGEN_FILTERED_SUBSCRIPTION = "true" } : { IMAGEN_DEPLOYED_OPERATIONS = join(",", var.operations) },
@@ -210,9 +213,3 @@ check "cloud_run_has_an_image" {
   }
 }
 
-check "model_mirror_is_cloud_run_only" {
-  assert {
-    condition     = var.model_mirror == "" || local.cloudrun
-    error_message = "model_mirror: only the Cloud Run services restore models from it. In GKE mode its images are built without models (-slim) and nothing fills /models: use the PVC overlay (infra/k8s/overlays/pvc-models, filled with `imagen models pull --from`), or leave model_mirror empty to bake the models in."
-  }
-}

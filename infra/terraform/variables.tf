@@ -259,7 +259,7 @@ variable "ingress" {
 }
 
 variable "model_mirror" {
-  description = "Cloud Run only: gs://BUCKET/PREFIX written by `imagen models mirror`. Set: the services restore their models from it at start instead of carrying them (build_images then builds them without models, tagged <tag>-slim). Empty: models are baked into the images. (GKE: fill the PVC overlay's volume from the mirror instead.)"
+  description = "gs://BUCKET/PREFIX written by `imagen models mirror` (a bucket of its own: models carry code). Set: the workers restore their models from it at start instead of carrying them (build_images then builds them without models, tagged <tag>-slim; IMAGEN_MODEL_MIRROR); on GKE, apply infra/k8s/overlays/model-mirror, which gives each worker a volume to restore into. Empty: models are baked into the images."
   type        = string
   default     = ""
 

@@ -27,7 +27,7 @@ CLOUDBUILD = ROOT / "cloudbuild.yaml"
 DOCKER_STEPS = ROOT / "scripts" / "docker_steps.sh"
 
 # What kubectl kustomize renders: the base, and each overlay.
-KUSTOMIZATIONS = ("base", "overlays/pvc-models")
+KUSTOMIZATIONS = ("base", "overlays/pvc-models", "overlays/model-mirror")
 
 
 # --- Terraform ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""infra/k8s: what kustomize renders (base and the pvc-models overlay), validated against
+"""infra/k8s: what kustomize renders (base and the overlays), validated against
 the Kubernetes schemas shipped in kubernetes-validate (strict: unknown fields fail) and, for
 KEDA's custom resources, tests/infra/crd_schemas.py; then the properties the GPU workers
 rely on."""
@@ -226,3 +226,30 @@ def test_pvc_overlay_job_pulls_every_model_into_it(rendered):
     for name, deployment in {d["metadata"]["name"]: d for d in by_kind(documents, "Deployment")}.items():
         assert pod["nodeSelector"] == _pod(deployment)["nodeSelector"], name
         assert pod["tolerations"] == _pod(deployment)["tolerations"], name
+
+
+# --- overlays/model-mirror ----------------------------------------------------------------
+
+
+def test_mirror_overlay_gives_each_worker_a_volume_to_restore_into(rendered):
+    # imagen worker restores IMAGEN_MODEL_MIRROR into MODEL_CACHE_DIR (/models in the image)
+    # before loading: a writable volume of the pod's own there, on a read-only root file
+    # system, with room for the largest operation's models.
+    from handlers.settings import Settings
+
+    assert "model_mirror" in Settings.__dataclass_fields__  # the variable the overlay relies on
+    base = _workers(rendered["base"])
+    workers = _workers(rendered["overlays/model-mirror"])
+    assert set(workers) == set(base)
+    for name, deployment in workers.items():
+        container = _container(deployment)
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert not mounts["/models"].get("readOnly"), name
+        volume = {v["name"]: v for v in _pod(deployment)["volumes"]}[mounts["/models"]["name"]]
+        assert volume == {"name": "models", "emptyDir": {"sizeLimit": "16Gi"}}, name
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        resources = container["resources"]
+        assert resources["limits"]["ephemeral-storage"] == "24Gi"  # the volume's 16Gi and the base's 8Gi
+        # Nothing else changes: the same worker as base's.
+        assert {k: v for k, v in container.items() if k not in ("volumeMounts", "resources")} == \
+            {k: v for k, v in _container(base[name]).items() if k not in ("volumeMounts", "resources")}

@@ -202,34 +202,39 @@ def test_chains_get_pools_of_their_own(terraform, tmp_path):
     assert expr(terraform.modules["images"]["chains"]) == "var.chains"
 
 
-def test_plans_that_would_leave_workers_without_models_or_an_image_warn(terraform):
+def test_plans_that_would_leave_workers_without_an_image_warn(terraform):
     """A Cloud Run apply with no tag (build_images = false, image_tag forgotten) removes the
-    services and their push subscriptions; a model mirror in GKE mode builds images without
-    models that nothing fills. Both are legitimate states mid-way, so warnings (check blocks),
-    not errors."""
+    services and their push subscriptions: a legitimate state mid-way, so a warning (a check
+    block), not an error."""
     image = one(terraform.checks["cloud_run_has_an_image"]["assert"])
     assert expr(image["condition"]) == '!local.cloudrun || local.image_tag != ""'
     assert "Set image_tag in terraform.tfvars" in image["error_message"]
-    mirror = one(terraform.checks["model_mirror_is_cloud_run_only"]["assert"])
-    assert expr(mirror["condition"]) == 'var.model_mirror == "" || local.cloudrun'
 
 
-def test_services_with_a_model_mirror_restore_it_themselves(terraform, tmp_path):
-    # imagen serve restores from IMAGEN_MODEL_MIRROR (its lines JSON, its failure a CRITICAL
-    # line): the container runs the image's own command, with no shell in front of it.
+def test_workers_with_a_model_mirror_restore_it_themselves(terraform, tmp_path):
+    # imagen serve and imagen worker restore from IMAGEN_MODEL_MIRROR (their lines JSON, a
+    # failure a CRITICAL line): Cloud Run runs the image's own command, with no shell in front
+    # of it, restoring into /tmp; GKE's config carries the mirror too (the model-mirror overlay
+    # gives the pods a volume at /models), and both read it with their own accounts.
     service = terraform.resource("google_cloud_run_v2_service", "worker")
     container = one(one(service["template"])["containers"])
     assert "command" not in container and "args" not in container
     assert "local.mirror_env" in expr(one(container["dynamic"])["env"]["for_each"])
+    assert "local.common_env" in expr(one(container["dynamic"])["env"]["for_each"])
     values = {}
     for name, mirror in (("none", ""), ("mirror", "gs://models-b/imagen")):
         (tmp_path / name).mkdir()
         values[name] = _evaluate(tmp_path / name, {"model_mirror": mirror}, {"env": _inline(terraform, "local.mirror_env")})
     assert values["none"]["env"] == {}
-    assert values["mirror"]["env"] == {"IMAGEN_MODEL_MIRROR": "gs://models-b/imagen", "MODEL_CACHE_DIR": "/tmp/models"}
+    assert values["mirror"]["env"] == {"MODEL_CACHE_DIR": "/tmp/models"}
+    assert 'var.model_mirror != "" ? {IMAGEN_MODEL_MIRROR = var.model_mirror} : {}' in expr(
+        terraform.locals["common_env"])
+    assert "local.common_env" in expr(terraform.outputs["k8s_config_env"]["value"])
+    grant = terraform.resource("google_storage_bucket_iam_member", "worker_reads_model_mirror")
+    assert expr(grant["for_each"]) == 'var.model_mirror != "" ? local.pools : toset([])'  # Cloud Run and GKE
     # A mirror where images are uploaded would let uploaders put code before every worker:
     # imagen refuses it at start, the plan before that.
-    [condition] = [expr(item["condition"]) for item in one(service["lifecycle"])["precondition"]
+    [condition] = [expr(item["condition"]) for item in one(grant["lifecycle"])["precondition"]
                    if "model_mirror_bucket" in expr(item["condition"])]
     condition = _inline(terraform, condition.replace("local.output_bucket", '"out-b"'))
     cases = {"none": "", "own": "gs://models-b/imagen", "input": "gs://in-b/models", "output": "gs://out-b/m",
