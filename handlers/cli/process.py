@@ -22,8 +22,10 @@ def command(settings, source, operation, params, output):
     from handlers.clients import storage_client
     from handlers.errors import ConfigError, StoragePermanentError
     from handlers.events import FINALIZE, ObjectEvent, parse_gs_uri
+    from handlers.processor import plan_job
     from handlers.service import build_engine, build_processor
     from handlers.storage import Store
+    from image.errors import InputError
     from image.params import parse_chain
 
     configure_logging()
@@ -50,10 +52,18 @@ def command(settings, source, operation, params, output):
         job = routing.route_event(event, layout)
         if isinstance(job, routing.Ignored):
             raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
+    if operation:
+        # The command line's own mistakes (an operation or parameter typo) are said here, before
+        # any model loads, and leave no failure report behind: the object is not at fault.
+        try:
+            plan_job(job, layout, frozenset(parse_chain(operation)))
+        except InputError as error:
+            raise click.UsageError(str(error)) from None
     chain = parse_chain(job.operation) if job.operation else None
     engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)
     settings = settings.replace(operations=tuple(chain) if chain else None)
-    engine.setup()
+    if chain:  # without one the job fails at planning (its report), before any model would load
+        engine.setup()
     outcome = build_processor(settings, engine).handle(job)
     if outcome.status == "succeeded":
         click.echo(outcome.output)

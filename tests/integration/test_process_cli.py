@@ -80,3 +80,23 @@ def test_process_with_an_explicit_operation_outside_the_input_prefix(settings, t
     )
     assert result.exit_code == 0, result.output
     assert bucket.get_blob("processed/remove-background/photos/shoe.png") is not None
+
+
+def test_a_mistake_on_the_command_line_is_said_before_any_model_loads(settings, bucket, tmp_path):
+    # With an empty model cache: loading any model would fail with ModelMissing instead. A
+    # parameter typo is the command line's, not the object's: no failure report for it.
+    bucket.blob("photos/shoe.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
+    env = _env(settings, tmp_path / "no-models")
+    result = CliRunner().invoke(
+        main, ["process", f"gs://{bucket.name}/photos/shoe.png", "--operation", "upscale", "--param", "steps=many"],
+        env=env)
+    assert result.exit_code == 2, result.output
+    assert "steps" in result.output and "ModelMissing" not in result.output
+    assert not list(bucket.list_blobs(prefix="failed/"))
+    # An upload no folder names an operation for fails as the service would fail it (its
+    # report), without loading the four models first.
+    bucket.blob("incoming/loose.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/loose.png"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "no operation for" in result.output and "ModelMissing" not in result.output
+    assert bucket.get_blob("failed/_none/loose.png.json") is not None
