@@ -153,6 +153,7 @@ def backfill(
     on_decision: Callable[[Decision], None] = lambda decision: None,
     summary: Summary | None = None,
     workers: int = 16,
+    start_at: str | None = None,
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
@@ -161,7 +162,8 @@ def backfill(
     the first is queued: the other would fail with OutputTaken. `summary`, when given, is
     filled as it goes: what a run that stopped on an error had done. `workers` objects are
     looked at (their outputs and reports read) at once, decided and published in listing
-    order: a bucket of millions is hours of lookups one at a time.
+    order: a bucket of millions is hours of lookups one at a time. `start_at`: the first
+    object name to list (where a stopped run stopped).
     """
     store = Store(client)
     summary = Summary() if summary is None else summary
@@ -172,7 +174,7 @@ def backfill(
         ahead: collections.deque = collections.deque()  # (uri, its decision to come), in listing order
 
         def decided() -> Iterator[tuple[str, Decision]]:
-            for blob in _objects(client, bucket, prefix):
+            for blob in _objects(client, bucket, prefix, start_at):
                 ahead.append((f"gs://{blob.bucket.name}/{blob.name}",
                               pool.submit(decide, blob, layout, store, operation, retry_failed, only)))
                 if len(ahead) >= 2 * workers:
@@ -205,7 +207,7 @@ def _settle(decision: Decision, summary: Summary, claimed: set, publish, interva
     return next_at
 
 
-def _objects(client: storage.Client, bucket: str, prefix: str) -> Iterator[storage.Blob]:
-    for blob in client.list_blobs(bucket, prefix=prefix):
+def _objects(client: storage.Client, bucket: str, prefix: str, start_at: str | None = None) -> Iterator[storage.Blob]:
+    for blob in client.list_blobs(bucket, prefix=prefix, start_offset=start_at):
         if not blob.name.endswith("/"):
             yield blob

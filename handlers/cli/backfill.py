@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 
@@ -18,9 +20,11 @@ import click
               "repeatable. Default: every operation and chain.")
 @click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 64),
               help="Objects looked at (output and report read) at once; decided in listing order.")
+@click.option("--start-at", metavar="NAME",
+              help="Begin the listing at this object name (inclusive): where a stopped run said to go on.")
 @click.option("--verbose", "-v", is_flag=True, help="Print every object's decision.")
 @click.pass_obj
-def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, workers, verbose):
+def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, workers, start_at, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
     from google.api_core.exceptions import GoogleAPIError
@@ -58,18 +62,24 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
         backfill(
             storage_client(settings), bucket, prefix, Layout.from_settings(settings),
             operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
-            on_decision=show, summary=summary, workers=workers,
+            on_decision=show, summary=summary, workers=workers, start_at=start_at,
         )
-    except (ImagenError, GoogleAPIError, OSError) as error:  # a listing's RetryError, a lost connection
-        # What it did, and where it stopped: a rerun queues nothing already done or queued and
-        # finished, so running it again is the way on.
+    except (ImagenError, GoogleAPIError, OSError, KeyboardInterrupt) as error:  # a RetryError, Ctrl-C
+        # What it did, and where it stopped: every object listed before that one is settled, so
+        # a run that starts there goes on (a run from the start would queue again what the
+        # workers have not reached yet).
         for line in summary.lines():
             click.echo(line)
-        where = f" at {summary.current}" if summary.current else " while listing"
-        click.echo(f"imagen: stopped{where}, {summary.looked_at} object(s) settled before it: "
-                   f"{type(error).__name__}: {getattr(error, 'message', None) or error}; run it again to go on",
-                   err=True)
-        raise SystemExit(1) from None
+        why = "interrupted" if isinstance(error, KeyboardInterrupt) else \
+            f"{type(error).__name__}: {getattr(error, 'message', None) or error}"
+        if summary.current:
+            name = summary.current.split("/", 3)[3]
+            click.echo(f"imagen: stopped at {summary.current}, {summary.looked_at} object(s) settled before it: "
+                       f"{why}; go on with --start-at {shlex.quote(name)}", err=True)
+        else:
+            click.echo(f"imagen: stopped while listing, {summary.looked_at} object(s) settled before it: {why}; "
+                       "run it again to go on", err=True)
+        raise SystemExit(130 if isinstance(error, KeyboardInterrupt) else 1) from None
     if dry_run:
         click.echo("dry run: nothing published")
     for line in summary.lines():

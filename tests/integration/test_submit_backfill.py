@@ -243,10 +243,39 @@ def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings
     assert "queued: 0" in result.output and "already done: 0" in result.output
     assert (f"imagen: stopped at gs://{bucket.name}/incoming/upscale/a.png, 0 object(s) settled before it: "
             "NotFound: ") in result.output
-    assert result.output.rstrip().endswith("run it again to go on")
+    assert result.output.rstrip().endswith("go on with --start-at incoming/upscale/a.png")
+    # Going on from there lists from that object on (a dry run says what it would queue).
+    resumed = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "t", "--dry-run",
+                                        "--start-at", "incoming/upscale/b.png"], env=_cli_env(tiny_settings))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"gs://{bucket.name}/incoming/upscale/b.png" in resumed.output
+    assert f"gs://{bucket.name}/incoming/upscale/a.png" not in resumed.output
     listing = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}-gone/", "--topic", "no-such-topic"],
                                  env=_cli_env(tiny_settings))
     assert listing.exit_code == 1 and "imagen: stopped while listing, 0 object(s) settled before it: " in listing.output
+
+
+def test_a_backfill_stopped_with_ctrl_c_says_where_to_go_on(tiny_settings, bucket, monkeypatch):
+    # "Safe to stop": Ctrl-C gave click's bare "Aborted!", no counts and no place to go on from.
+    from handlers import backfill as backfill_module
+
+    for name in ("incoming/upscale/a.png", "incoming/upscale/b.png"):
+        bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
+    decide = backfill_module.decide
+
+    def interrupted(blob, *args, **kwargs):
+        if blob.name.endswith("b.png"):
+            raise KeyboardInterrupt
+        return decide(blob, *args, **kwargs)
+
+    monkeypatch.setattr(backfill_module, "decide", interrupted)
+    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "t", "--dry-run"],
+                                env=_cli_env(tiny_settings))
+    assert result.exit_code == 130, result.output
+    assert "queued: 1" in result.output
+    assert result.output.rstrip().endswith(
+        f"imagen: stopped at gs://{bucket.name}/incoming/upscale/b.png, 1 object(s) settled before it: "
+        "interrupted; go on with --start-at incoming/upscale/b.png")
 
 
 def test_submit_says_when_a_newer_upload_of_the_same_name_took_the_result(tiny_settings, bucket, tmp_path):
