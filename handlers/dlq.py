@@ -23,6 +23,7 @@ idempotence absorbs (a duplicate is skipped without GPU work).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import json
@@ -117,6 +118,7 @@ class DeadLetter:
             "delivery_attempt": self.delivery_attempt,
             "attributes": dict(self.attributes),
             "data": _excerpt(self.data, 2000),
+            "data_base64": base64.b64encode(bytes(self.data)).decode(),  # whole: a copy to publish again
             "summary": self.describe(),
         }
 

@@ -56,6 +56,8 @@ def list_(settings, subscription, limit, wait, as_json):
     if as_json:
         for letter in letters:
             click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
+        if len(letters) >= limit:  # a copy of the subscription: say it may be cut
+            click.echo(f"imagen: --limit {limit} reached: more may remain", err=True)
         return
     click.echo(f"{len(letters)} message(s) in {path} (left there)"
                + (f"; --limit {limit} reached: more may remain" if len(letters) >= limit else ""))

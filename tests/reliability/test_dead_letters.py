@@ -19,6 +19,7 @@ from handlers.dlq import (
     SOURCE_DELIVERY_COUNT,
     SOURCE_PROJECT,
     SOURCE_SUBSCRIPTION,
+    _excerpt,
     list_dead_letters,
     replay,
 )
@@ -221,6 +222,8 @@ def test_cli_list_and_replay(subscriber, topology, dead_letters):
     )
     rows = [json.loads(line) for line in as_json.output.splitlines()]
     assert {row["message_id"] for row in rows} == set(dead_letters.values())
+    for row in rows:  # each message whole, whatever its data: a copy that can be published again
+        assert row["data"] == _excerpt(base64.b64decode(row["data_base64"]), 2000)
 
     short_name = topology["dead_sub"].rsplit("/", 1)[1]  # a name, resolved in the project
     replayed = runner.invoke(
