@@ -44,6 +44,10 @@ from image.operations import OPERATION_NAMES
 from image.params import canonical_json
 
 OUTPUT_TAKEN = "would fail: OutputTaken (another source's result holds its output name)"
+PUBLISH_WINDOW = 100
+"""Publishes awaiting Pub/Sub's answer at once: one at a time, a publish's round trip (20-50
+ms from a laptop) capped the rate far below --rate."""
+PUBLISH_TIMEOUT_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +161,13 @@ def backfill(
 ) -> Summary:
     """List gs://bucket/prefix and publish a job message for each object needing work.
 
-    `publish(data, attributes)`; None is a dry run. `rate` bounds publishing in messages per
-    second. Of two listed objects that would write one output (photo.jpg, photo.png), only
+    `publish(data, attributes)` returns the publish's future (up to PUBLISH_WINDOW await
+    their answer at once; an object counts as queued, and `on_decision` hears of it, once
+    its publish is answered, in listing order); None is a dry run. `rate` bounds publishing
+    in messages per second. Of two listed objects that would write one output (photo.jpg, photo.png), only
     the first is queued: the other would fail with OutputTaken. `summary`, when given, is
-    filled as it goes: what a run that stopped on an error had done. `workers` objects are
+    filled as it goes: what a run that stopped on an error had done, and (`current`) the
+    first object not settled, where a run can go on. `workers` objects are
     looked at (their outputs and reports read) at once, decided and published in listing
     order: a bucket of millions is hours of lookups one at a time. `start_at`: the first
     object name to list (where a stopped run stopped).
@@ -182,29 +189,49 @@ def backfill(
             while ahead:
                 yield ahead.popleft()
 
-        for uri, future in decided():
-            summary.current = uri
-            next_at = _settle(future.result(), summary, claimed, publish, interval, next_at, on_decision)
+        # (decision, its publish's future or None), in listing order, not yet counted
+        unsettled: collections.deque = collections.deque()
+
+        def settle(keep: int) -> None:
+            """Count the decisions whose publish was answered, in order, leaving at most `keep`."""
+            while unsettled and (len(unsettled) > keep or unsettled[0][1] is None or unsettled[0][1].done()):
+                decision, published = unsettled[0]
+                summary.current = decision.uri
+                if published is not None:
+                    published.result(timeout=PUBLISH_TIMEOUT_SECONDS)
+                unsettled.popleft()
+                summary.add(decision)
+                on_decision(decision)
+
+        try:
+            for uri, future in decided():
+                summary.current = unsettled[0][0].uri if unsettled else uri
+                decision, next_at = _claim(future.result(), claimed, publish, interval, next_at)
+                unsettled.append(decision)
+                settle(PUBLISH_WINDOW)
+            settle(0)
+        except BaseException:  # an error, Ctrl-C: the first object not counted is where to go on
+            if unsettled:
+                summary.current = unsettled[0][0].uri
+            raise
     return summary
 
 
-def _settle(decision: Decision, summary: Summary, claimed: set, publish, interval: float, next_at: float,
-            on_decision: Callable[[Decision], None]) -> float:
-    """Publish (at the rate) what is to be queued, count it; the next publish's earliest time."""
+def _claim(decision: Decision, claimed: set, publish, interval: float, next_at: float):
+    """((the decision, its publish's future or None), the next publish's earliest time):
+    publishes (at the rate) what is to be queued, unless an earlier object claimed its output."""
     if decision.action == "queue":
         if decision.output in claimed:
             decision = Decision(decision.uri, "skip", OUTPUT_TAKEN)
         else:
             claimed.add(decision.output)
-    if decision.action == "queue" and publish is not None:
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        publish(json.dumps(decision.message).encode(), {"operation": decision.message["operation"]})
-        next_at = max(next_at, time.monotonic()) + interval
-    summary.add(decision)
-    on_decision(decision)
-    return next_at
+    if decision.action != "queue" or publish is None:
+        return (decision, None), next_at
+    delay = next_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    published = publish(json.dumps(decision.message).encode(), {"operation": decision.message["operation"]})
+    return (decision, published), max(next_at, time.monotonic()) + interval
 
 
 def _objects(client: storage.Client, bucket: str, prefix: str, start_at: str | None = None) -> Iterator[storage.Blob]:

@@ -12,7 +12,7 @@ import click
 @click.option("--topic", required=True, help="Topic the workers listen on (name or full path).")
 @click.option("--operation", help="Operation or chain for every object (default: from its folder).")
 @click.option("--dry-run", is_flag=True, help="Decide and report; publish nothing.")
-@click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most.")
+@click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most (0: no limit).")
 @click.option("--retry-failed", is_flag=True,
               help="Queue objects whose failure report is for this generation and these parameters too.")
 @click.option("--only", "only", multiple=True, metavar="OP",
@@ -46,8 +46,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     if not dry_run:
         publisher, path = publisher_client(settings), topic_path(settings, topic)
 
-        def publish(data: bytes, attributes: dict[str, str]) -> None:
-            publisher.publish(path, data, **attributes).result(timeout=60)
+        def publish(data: bytes, attributes: dict[str, str]):
+            return publisher.publish(path, data, **attributes)
 
     summary = Summary()
 

@@ -255,6 +255,46 @@ def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings
     assert listing.exit_code == 1 and "imagen: stopped while listing, 0 object(s) settled before it: " in listing.output
 
 
+def test_backfill_keeps_publishes_in_flight_and_counts_each_once_answered(tiny_settings, bucket):
+    # One publish at a time (waiting for each answer, 20-50 ms from a laptop) held --rate far
+    # below what it asked. Several now await their answers at once; an object is counted when
+    # its answer comes, in listing order, and a refused one is where the run stopped.
+    import concurrent.futures
+    import threading
+
+    from handlers.backfill import Summary, backfill
+
+    names = [f"incoming/upscale/{index}.png" for index in range(6)]
+    for name in names:
+        bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
+    published, all_sent = [], threading.Event()
+
+    def publish(data, attributes):
+        published.append(concurrent.futures.Future())
+        if len(published) == len(names):
+            all_sent.set()
+        return published[-1]
+
+    def answer():
+        assert all_sent.wait(60)  # every publish was sent before the first was answered
+        for index, future in enumerate(published):
+            if index == 2:
+                future.set_exception(RuntimeError("refused"))
+            else:
+                future.set_result(str(index))
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    summary, heard = Summary(), []
+    with pytest.raises(RuntimeError, match="refused"):
+        backfill(storage_client(tiny_settings), bucket.name, "", Layout(), operation=None, publish=publish, rate=0,
+                 summary=summary, on_decision=lambda decision: heard.append(decision.uri))
+    answering.join(30)
+    assert len(published) == len(names)
+    assert summary.queued == 2 and heard == [f"gs://{bucket.name}/{name}" for name in names[:2]]
+    assert summary.current == f"gs://{bucket.name}/{names[2]}"  # where --start-at goes on
+
+
 def test_a_backfill_stopped_with_ctrl_c_says_where_to_go_on(tiny_settings, bucket, monkeypatch):
     # "Safe to stop": Ctrl-C gave click's bare "Aborted!", no counts and no place to go on from.
     from handlers import backfill as backfill_module
