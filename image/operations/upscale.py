@@ -4,10 +4,10 @@ Every UNet call sees exactly `tile_size` x `tile_size` input pixels (smaller ima
 reflect-padded up to one tile), so GPU memory is bounded whatever the input, and one compiled
 graph serves every job. Tiles overlap by `tile_overlap` pixels and are blended with cosine
 ramps (`image.tiling`); their initial latents are slices of one noise field, so neighbours
-invent the same texture where they overlap (`Upscale.latent_noise`). The tile defaults to twice the UNet's training crop (its
-`sample_size`: 128 for the real model, so 256-pixel tiles giving 1024-pixel outputs); the
-`upscale_tile` and `upscale_tile_batch` switches of `Tuning` change the tile and how many
-tiles go through the UNet at once.
+invent the same texture where they overlap (`Upscale.latent_noise`). The tile defaults to
+twice the UNet's training crop (its `sample_size`: 128 for the real model, so 256-pixel tiles
+giving 1024-pixel outputs); the `upscale_tile` and `upscale_tile_batch` switches of `Tuning`
+change the tile and how many tiles go through the UNet at once.
 
 `upscale_tile` may also name several sizes, buckets (e.g. (256, 512)): each image then takes
 the bucket that needs the fewest tile pixels for it (ties: the larger tile, fewer seams), so
@@ -32,8 +32,9 @@ from image.tiling import plan_tiles, upscale_tiled
 # Output at most 16384 x 16384 (268 MP), IMAGEN_MAX_PIXELS' default for the input: the tiles
 # stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
 # about 2.8 GB (4.1 GB with alpha; up to ~4.8 GB for a 32:1 strip, whose float band of rows
-# spans its long side), the input's latent noise field (Upscale.latent_noise) 0.27 GB of it. Time is what bounds it on a GPU: a job whose first tiles show it cannot
-# finish within its budget stops there (Deadline.check_pace).
+# spans its long side), the input's latent noise field (Upscale.latent_noise) 0.27 GB of it.
+# Time is what bounds it on a GPU: a job whose first tiles show it cannot finish within its
+# budget stops there (Deadline.check_pace).
 MAX_INPUT_PIXELS = 4096 * 4096
 
 

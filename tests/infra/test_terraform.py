@@ -224,7 +224,8 @@ def test_workers_with_a_model_mirror_restore_it_themselves(terraform, tmp_path):
     values = {}
     for name, mirror in (("none", ""), ("mirror", "gs://models-b/imagen")):
         (tmp_path / name).mkdir()
-        values[name] = _evaluate(tmp_path / name, {"model_mirror": mirror}, {"env": _inline(terraform, "local.mirror_env")})
+        values[name] = _evaluate(tmp_path / name, {"model_mirror": mirror},
+                                 {"env": _inline(terraform, "local.mirror_env")})
     assert values["none"]["env"] == {}
     assert values["mirror"]["env"] == {"MODEL_CACHE_DIR": "/tmp/models"}
     assert 'var.model_mirror != "" ? {IMAGEN_MODEL_MIRROR = var.model_mirror} : {}' in expr(
@@ -440,7 +441,8 @@ def test_cpu_and_memory_outside_cloud_runs_gpu_shapes_stop_the_plan(terraform, t
     assert "length(local.shape_misfits) == 0" in conditions
     assert "length(setsubtract(keys(var.service_shapes), local.pool_list)) == 0" in conditions  # a typo'd pool
     limits = one(one(one(service["template"])["containers"])["resources"])["limits"]
-    assert expr(limits["cpu"]) == "local.shapes[each.key].cpu" and expr(limits["memory"]) == "local.shapes[each.key].memory"
+    assert expr(limits["cpu"]) == "local.shapes[each.key].cpu"
+    assert expr(limits["memory"]) == "local.shapes[each.key].memory"
 
 
 def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
