@@ -213,6 +213,8 @@ def backfill(
         except BaseException:  # an error, Ctrl-C: the first object not counted is where to go on
             if unsettled:
                 summary.current = unsettled[0][0].uri
+            elif not summary.current and ahead:  # the listing failed: the next object listed
+                summary.current = ahead[0][0]
             raise
     return summary
 

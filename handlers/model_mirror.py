@@ -185,6 +185,8 @@ def restore_cache(
             shutil.rmtree(cache_dir / snapshot)
     for name, target in links.items():
         link = cache_dir / name
+        if link.is_symlink() and os.readlink(link) == target:
+            continue  # as it should be: a complete cache (a read-only volume too) is not written
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()

@@ -42,6 +42,9 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     except ImagenError as error:
         raise click.BadParameter(str(error), param_hint="--only") from None
     bucket, _, prefix = location[len("gs://"):].partition("/")
+    if start_at is not None and not start_at.startswith(prefix):
+        raise click.BadParameter(f"{start_at!r} is not under {prefix!r}: give the whole object name, as a stopped run "
+                                 "printed it", param_hint="--start-at")
     publish = None
     if not dry_run:
         publisher, path = publisher_client(settings), topic_path(settings, topic)

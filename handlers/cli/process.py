@@ -25,7 +25,7 @@ def command(settings, source, operation, params, output):
     from handlers.processor import plan_job
     from handlers.service import build_engine, build_processor
     from handlers.storage import Store
-    from image.errors import InputError
+    from image.errors import InvalidParameter, UnknownOperation
     from image.params import parse_chain
 
     configure_logging()
@@ -53,11 +53,13 @@ def command(settings, source, operation, params, output):
         if isinstance(job, routing.Ignored):
             raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
     if operation:
-        # The command line's own mistakes (an operation or parameter typo) are said here, before
-        # any model loads, and leave no failure report behind: the object is not at fault.
+        # The command line's own mistakes (an operation or parameter typo, an --output it may
+        # not write) are said here, before any model loads, and leave no failure report
+        # behind: the object is not at fault. (What is wrong with the object itself, its name,
+        # is the job's to report, as the service would.)
         try:
             plan_job(job, layout, frozenset(parse_chain(operation)))
-        except InputError as error:
+        except (InvalidParameter, UnknownOperation) as error:
             raise click.UsageError(str(error)) from None
     chain = parse_chain(job.operation) if job.operation else None
     engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)

@@ -93,8 +93,11 @@ def test_round_trip_keeps_the_cache_layout(gcs, bucket, cache, tmp_path):
                         dtype=torch.float32, allow_download=False)
     assert loaded.tiny
 
+    links = {path: os.lstat(path).st_ino for path in restored.rglob("*") if path.is_symlink()}
     again = restore_cache(uri, restored, client=gcs)
     assert (again.files, again.skipped) == (0, sent.files), "a second restore fetches nothing"
+    # and writes nothing: a complete cache on a read-only volume (GKE's PVC) restores as it is
+    assert {path: os.lstat(path).st_ino for path in restored.rglob("*") if path.is_symlink()} == links
     resent = mirror_cache(cache, uri, client=gcs)
     refs = [n for n in _tree(cache) if "/refs/" in n]
     assert resent.files == len(refs), "blobs already in the bucket are not sent again"

@@ -93,6 +93,9 @@ def test_a_mistake_on_the_command_line_is_said_before_any_model_loads(settings, 
     assert result.exit_code == 2, result.output
     assert "steps" in result.output and "ModelMissing" not in result.output
     assert not list(bucket.list_blobs(prefix="failed/"))
+    typo = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/photos/shoe.png", "--operation", "upscal"],
+                              env=env)
+    assert typo.exit_code == 2 and "upscal" in typo.output, typo.output
     # An upload no folder names an operation for fails as the service would fail it (its
     # report), without loading the four models first.
     bucket.blob("incoming/loose.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")

@@ -295,6 +295,30 @@ def test_backfill_keeps_publishes_in_flight_and_counts_each_once_answered(tiny_s
     assert summary.current == f"gs://{bucket.name}/{names[2]}"  # where --start-at goes on
 
 
+def test_a_listing_that_fails_mid_way_names_the_next_object_to_go_on_from(tiny_settings, bucket, monkeypatch):
+    # Every object before the first one listed but not settled is settled: the run goes on there.
+    from handlers import backfill as backfill_module
+    from handlers.backfill import Summary, backfill
+
+    names = [f"incoming/upscale/{index}.png" for index in range(5)]
+    for name in names:
+        bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
+    objects = backfill_module._objects
+
+    def fails_after_three(*args, **kwargs):
+        for index, blob in enumerate(objects(*args, **kwargs)):
+            if index == 3:
+                raise NotFound("the next page")
+            yield blob
+
+    monkeypatch.setattr(backfill_module, "_objects", fails_after_three)
+    summary = Summary()
+    with pytest.raises(NotFound):
+        backfill(storage_client(tiny_settings), bucket.name, "", Layout(), operation=None, publish=None, rate=0,
+                 summary=summary, workers=1)
+    assert summary.looked_at == 2 and summary.current == f"gs://{bucket.name}/{names[2]}"
+
+
 def test_a_backfill_stopped_with_ctrl_c_says_where_to_go_on(tiny_settings, bucket, monkeypatch):
     # "Safe to stop": Ctrl-C gave click's bare "Aborted!", no counts and no place to go on from.
     from handlers import backfill as backfill_module
