@@ -66,11 +66,10 @@ class Summary:
     done: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     looked_at: int = 0  # objects settled so far
-    current: str = ""  # the object being settled: where a stopped run got to
+    current: str = ""  # where a stopped run goes on: the first object it did not settle
 
     def add(self, decision: Decision) -> None:
         self.looked_at += 1
-        self.current = ""  # settled: a stop from here on is past it
         if decision.action == "queue":
             self.queued += 1
         elif decision.action == "done":
@@ -196,25 +195,22 @@ def backfill(
             """Count the decisions whose publish was answered, in order, leaving at most `keep`."""
             while unsettled and (len(unsettled) > keep or unsettled[0][1] is None or unsettled[0][1].done()):
                 decision, published = unsettled[0]
-                summary.current = decision.uri
                 if published is not None:
                     published.result(timeout=PUBLISH_TIMEOUT_SECONDS)
                 unsettled.popleft()
                 summary.add(decision)
                 on_decision(decision)
 
+        deciding = None  # the object whose decision is awaited
         try:
-            for uri, future in decided():
-                summary.current = unsettled[0][0].uri if unsettled else uri
+            for deciding, future in decided():
                 decision, next_at = _claim(future.result(), claimed, publish, interval, next_at)
+                deciding = None
                 unsettled.append(decision)
                 settle(PUBLISH_WINDOW)
             settle(0)
         except BaseException:  # an error, Ctrl-C: the first object not counted is where to go on
-            if unsettled:
-                summary.current = unsettled[0][0].uri
-            elif not summary.current and ahead:  # the listing failed: the next object listed
-                summary.current = ahead[0][0]
+            summary.current = unsettled[0][0].uri if unsettled else deciding or (ahead[0][0] if ahead else "")
             raise
     return summary
 

@@ -34,9 +34,9 @@ def build_engine(settings, operations=None, *, one_shot: bool = False):
 
 
 def restore_models(settings, operations=None) -> None:
-    """Restore the models of `operations` (default: the served ones) from IMAGEN_MODEL_MIRROR into MODEL_CACHE_DIR,
-    where a mirror is set (an image built without models); files already there with the
-    right size are kept."""
+    """Restore the models of `operations` (default: the served ones) from IMAGEN_MODEL_MIRROR
+    into MODEL_CACHE_DIR, where a mirror is set (an image built without models); files
+    already there with the right size are kept."""
     if not settings.model_mirror:
         return
     import time

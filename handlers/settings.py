@@ -150,11 +150,8 @@ class Settings:
             if not bucket:
                 raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r} names no bucket; "
                                   "expected gs://BUCKET/PREFIX or a folder")
-            if bucket in self.allowed_buckets or bucket == self.output_bucket:
-                # Whoever can upload there could put code in front of every worker.
-                raise ConfigError(f"IMAGEN_COMPILE_CACHE: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or "
-                                  "IMAGEN_OUTPUT_BUCKET); compiled artefacts are code the workers run: give them "
-                                  "a bucket only the workers can write")
+            self._check_holds_no_images("IMAGEN_COMPILE_CACHE", bucket, "compiled artefacts are code the workers "
+                                        "run: give them a bucket only the workers can write")
         elif self.compile_cache and "://" in self.compile_cache:
             raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r}: only gs://BUCKET/PREFIX "
                               "or a folder are supported")
@@ -162,12 +159,9 @@ class Settings:
             if not re.fullmatch(r"gs://[^/]+(/.*)?", self.model_mirror):
                 raise ConfigError(f"IMAGEN_MODEL_MIRROR: {self.model_mirror!r}: expected gs://BUCKET/PREFIX "
                                   "(written by `imagen models mirror`)")
-            bucket = self.model_mirror[len("gs://"):].split("/", 1)[0]
-            if bucket in self.allowed_buckets or bucket == self.output_bucket:
-                # Models carry code (RMBG's) that the workers import.
-                raise ConfigError(f"IMAGEN_MODEL_MIRROR: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or "
-                                  "IMAGEN_OUTPUT_BUCKET); models carry code the workers run: give the mirror a "
-                                  "bucket only its maintainers can write")
+            self._check_holds_no_images("IMAGEN_MODEL_MIRROR", self.model_mirror[len("gs://"):].split("/", 1)[0],
+                                        "models carry code the workers run (RMBG's): give the mirror a bucket "
+                                        "only its maintainers can write")
         from PIL import Image
 
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
@@ -197,6 +191,13 @@ class Settings:
                         "process its own results; give them separate folders"
                     )
         return self
+
+    def _check_holds_no_images(self, name: str, bucket: str, why: str) -> None:
+        """ConfigError when `bucket`, where `name` keeps code the workers run, is one images are
+        uploaded to or written in: whoever can write there could put code in front of every worker."""
+        if bucket in self.allowed_buckets or bucket == self.output_bucket:
+            raise ConfigError(f"{name}: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or IMAGEN_OUTPUT_BUCKET); "
+                              f"{why}")
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -9,10 +9,9 @@ job's time, and returns; messages received but not started are nacked by the lib
 nothing is lost. A stream that dies (the subscription deleted, permissions lost) stops it the
 same way, and run() raises the stream's error. A message no delivery can settle goes to the
 dead-letter topic at once where one is given (`dead_letters`), else is nacked for the
-dead-letter policy. When the GPU fails
-for good (`device_failed()`: a CUDA error other than out of memory) it stops the same way and
-raises DeviceFailed, so the process exits non-zero and its platform restarts it, instead of
-failing every job fast (and so taking most of them).
+dead-letter policy. When the GPU fails for good (`device_failed()`: a CUDA error other than
+out of memory) it stops the same way and raises DeviceFailed, so the process exits non-zero
+and its platform restarts it, instead of failing every job fast (and so taking most of them).
 """
 
 from __future__ import annotations
