@@ -128,6 +128,7 @@ class StockRunner:
     """Stock diffusers: `from_pretrained(...).to(device)` and a plain pipeline call."""
 
     label = "stock"
+    warmed_by_setup = False  # compare: one more warm-up run
 
     def __init__(self, operation: str, cache_dir: Path, device: torch.device, dtype: torch.dtype):
         self.operation, self.device = operation, device
@@ -170,6 +171,7 @@ class ImagenRunner:
     """imagen's operation: `setup` (load through the production loader, tune, warm up), `run`."""
 
     label = "imagen"
+    warmed_by_setup = True  # its setup's warm-up ran the operation at the cases' shapes
 
     def __init__(self, operation: str, cache_dir: Path, device: torch.device, dtype: torch.dtype,
                  tuning=None):

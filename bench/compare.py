@@ -115,10 +115,10 @@ def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, ou
         for case in cases:
             image = input_image(case.size)
             logger.info("%s %s: %dx%d, %d steps", label, case.name, case.size, case.size, case.steps)
-            # imagen's setup has run its operation once already (its warm-up, at the shapes the
-            # cases use): stock gets that run as one more warm-up, or its first timed run
-            # carries its first-call costs (the H200's stock comic: 1.27-1.41 s, then ~1.05 s).
-            warmup = case.warmup + (1 if label == "stock" and case.warmup else 0)
+            # A path whose setup has not run its operation (stock; imagen's warm-up has) gets
+            # that run as one more warm-up, or its first timed run carries its first-call costs
+            # (the H200's stock comic: 1.27-1.41 s, then ~1.05 s).
+            warmup = case.warmup + (0 if runner_class.warmed_by_setup or not case.warmup else 1)
             try:
                 timing, output = measure(lambda case=case, image=image: runner(case, image), device,
                                          warmup=warmup, repeats=repeats or case.repeats)

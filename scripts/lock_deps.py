@@ -56,8 +56,9 @@ def runtime_requirements() -> list[str]:
 
 def torch_metadata(requirements: list[str]) -> str:
     """uv's dependency-metadata for the pinned torch: the requirements of the one installed."""
-    [pin] = [r for r in requirements if re.match(r"torch\s*==", r)]
-    version = pin.split("==", 1)[1].strip()
+    [pin] = [Requirement(r) for r in requirements if canonical(Requirement(r).name) == "torch"]
+    [spec] = pin.specifier
+    version = spec.version
     installed = importlib.metadata.version("torch").split("+")[0]
     if installed != version:
         sys.exit(f"lock_deps: pyproject.toml pins torch {version}, this environment has {installed}: run `make venv`")
