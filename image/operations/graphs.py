@@ -120,8 +120,8 @@ class GraphedForward:
            replaying the old graphs;
         2. holding `lock` (no call in flight anywhere), each graph is captured again (a
            recompile here fails instead of compiling inside the capture) and the set is
-           swapped in; the old graphs are released there too, never replayed again. A failed
-           capture keeps the old graphs and raises.
+           swapped in; the old graphs are released there too, never replayed again, and the
+           allocator's cache is emptied. A failed capture keeps the old graphs and raises.
 
         Signatures first seen later are captured with the original forward.
         """
@@ -143,6 +143,9 @@ class GraphedForward:
                 compiled.clear()  # the old graphs die here, under the lock
                 graph = None
                 torch.cuda.synchronize()
+                # What compiling cached (blocks of the side streams it ran on, which the jobs'
+                # stream never reuses) goes back to the device, as ShapeCompiled.adopt does.
+                torch.cuda.empty_cache()
             return count
 
     def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
