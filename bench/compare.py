@@ -133,6 +133,7 @@ def _run_path(runner_class, operation, cases, cache_dir, device, dtype, rows, ou
                 "runs": [round(s, 4) for s in timing.runs],
                 "peak_gib": None if timing.peak_bytes is None else round(timing.peak_bytes / GIB, 2),
                 "reserved_gib": None if timing.reserved_bytes is None else round(timing.reserved_bytes / GIB, 2),
+                "pool_gib": None if timing.pool_bytes is None else round(timing.pool_bytes / GIB, 2),
                 "setup_seconds": round(runner.load_seconds, 2),
             }
             if variant is not None:

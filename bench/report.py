@@ -100,11 +100,14 @@ def _path(row: dict, label: str, key: str, digits: int = 3) -> str:
 
 
 def _peaks(row: dict, label: str) -> str:
-    """Peak GiB allocated / reserved (results before the reserved figure: allocated alone)."""
+    """Peak GiB allocated / reserved, then the CUDA graphs' pool where there is one (results
+    before the reserved figure: allocated alone)."""
     allocated = _path(row, label, "peak_gib", 2)
-    if allocated in ("-", "error") or (row.get(label) or {}).get("reserved_gib") is None:
+    entry = row.get(label) or {}
+    if allocated in ("-", "error") or entry.get("reserved_gib") is None:
         return allocated
-    return f"{allocated} / {_path(row, label, 'reserved_gib', 2)}"
+    pool = f" (graphs {entry['pool_gib']:.2f})" if entry.get("pool_gib") else ""
+    return f"{allocated} / {_path(row, label, 'reserved_gib', 2)}{pool}"
 
 
 def _target(row: dict) -> str:
@@ -125,7 +128,7 @@ def format_table(rows: list[dict]) -> str:
     """The stock-vs-imagen table, one line per case (Markdown)."""
     header = (
         "| case | input → output | steps | stock s | imagen s | imagen/stock | stock peak GiB alloc / reserved "
-        "| imagen peak GiB alloc / reserved | max / mean diff | UNet TFLOP/s stock / imagen | imagen setup s "
+        "| imagen peak GiB alloc / reserved (graph pool) | max / mean diff | UNet TFLOP/s stock / imagen | imagen setup s "
         "| target |"
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]

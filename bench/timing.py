@@ -6,7 +6,10 @@ over the timed runs (weights included, as the anchor measured it). That figure l
 CUDA graph's memory pool: the activations a replayed graph writes were allocated at capture
 and are "reserved", not "allocated", during a replay. So the peak of
 `torch.cuda.max_memory_reserved` is kept too (what the process holds from the GPU: the
-graph pool, and the allocator's cached blocks, for both paths). On the CPU runs are timed with
+graph pool, and the allocator's cached blocks, for both paths), and the size of the private
+pools after the runs (`graph_pool_bytes`: CUDA graphs' memory, which the allocator cannot give
+to anything else while the graphs live; the rest of reserved less allocated is cache it frees
+and retries with before it reports out of memory). On the CPU runs are timed with
 `time.perf_counter` and there are no peak figures (None).
 """
 
@@ -29,6 +32,7 @@ class Timing:
     runs: list[float]
     peak_bytes: int | None
     reserved_bytes: int | None = None
+    pool_bytes: int | None = None  # the private (CUDA graph) pools' size after the timed runs
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> tuple[Timing, object]:
@@ -57,7 +61,22 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
             runs.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     reserved = torch.cuda.max_memory_reserved(device) if cuda else None
-    return Timing(statistics.median(runs), runs, peak, reserved), result
+    pool = graph_pool_bytes(device) if cuda else None
+    return Timing(statistics.median(runs), runs, peak, reserved, pool), result
+
+
+def graph_pool_bytes(device: torch.device) -> int | None:
+    """Bytes of `device`'s memory held by private pools (the ones CUDA graphs capture into):
+    the segments not in the default pool, whose id is (0, 0). A pool does not shrink while a
+    graph in it lives, and a replay allocates nothing, so after the runs this is its peak.
+    None where the allocator's snapshot cannot be read (the timings stand without it)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+        return sum(segment["total_size"] for segment in segments if segment.get("device", index) == index
+                   and tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0))
+    except (RuntimeError, KeyError, TypeError):
+        return None
 
 
 def free(device: torch.device, *, compiled: bool = False) -> None:

@@ -225,6 +225,10 @@ def test_the_table_shows_reserved_memory_and_judges_the_peak_by_it():
            "imagen": {"seconds": 3.1, "peak_gib": 7.5, "reserved_gib": 12.5}}
     line = format_table([row]).splitlines()[-1]
     assert "| 20.80 / 21.50 | 7.50 / 12.50 |" in line and "≤ 12.0 GiB ✗" in line
+    # The graphs' pool, where measured, is shown beside it (part of reserved, not of allocated).
+    pooled = {**row, "imagen": {**row["imagen"], "pool_gib": 4.25}, "stock": {**row["stock"], "pool_gib": 0.0}}
+    line = format_table([pooled]).splitlines()[-1]
+    assert "| 20.80 / 21.50 | 7.50 / 12.50 (graphs 4.25) |" in line and "≤ 12.0 GiB ✗" in line
     older = {**row, "stock": {"seconds": 8.0, "peak_gib": 20.8}, "imagen": {"seconds": 3.1, "peak_gib": 7.5}}
     line = format_table([older]).splitlines()[-1]
     assert "| 20.80 | 7.50 |" in line and "≤ 12.0 GiB ✓" in line
