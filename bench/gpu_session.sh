@@ -4,13 +4,14 @@
 #   (once, here: download the wheels as bench/README.md, "On a device machine", says)
 #   run(command="PHASE=explore bash bench/gpu_session.sh", carry=["bench/.cache/wheels"], timeout_s=540)
 #
-# PHASE=final (the default): upscale against stock with host_timesteps as a variant, the cold
-# start in a lean environment, enhance autotuned, the compile-cache probe, the GPU tests: more
-# than one session's 15 minutes of device time. First call STEPS=1 SESSION_SECONDS=450
-# (420 s under its limit, and the wheels' install), timeout_s=470; what `status` leaves after
-# it (~6 min, the machine's start counts) fits step 5: STEPS=5, SESSION_SECONDS = that less a
-# minute, at once (the machine stays warm 30 s). Steps 2 (2.5 min, session 7 ran it), 3 (~7
-# min), 4 (5 min) and 6 (5 min) need a session each. PHASE=explore: comic, enhance, upscale profiled.
+# PHASE=final (the default): upscale's memory split, the cold start in a lean environment,
+# enhance autotuned, the compile-cache probe, the GPU tests, enhance with its VAE compiled:
+# more than one session's 15 minutes of device time. First call STEPS="1 6" SESSION_SECONDS=450
+# (the wheels' install and the steps' limits), timeout_s=470; what `status` leaves after it
+# (~6-7 min, the machine's start counts) fits one more step: STEPS=3, SESSION_SECONDS = that
+# less a minute, at once (the machine stays warm 30 s). Steps 2 (2.5 min, session 7 ran
+# it), 3 (~7 min), 4 (5 min), 5 (3 min, session 8 ran it) and 6 (5 min).
+# PHASE=explore: comic, enhance, upscale profiled.
 #
 # The device image has torch and transformers but no diffusers, and no network: the wheels
 # travel with the call. Steps run most important first, each under its own limit and all
@@ -65,16 +66,13 @@ explore)
   step 50 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py
   ;;
 final)
-  # Sessions 4-7 ran the rest (bench/README.md, Figures). What is left, most important first:
-  # 1. upscale 256 -> 1024 and 512 -> 2048: today's defaults (compiled UNet and VAE decoder,
-  #    session 7) against stock in one process (the diff column for the compiled decoder), and
-  #    host_timesteps (ht): the DDIM step given CPU timesteps, so the loop stops waiting on the
-  #    GPU six times a step; 256 is 0.05 s over its 1.9 s target, with ~0.17 s of its 1.95 s
-  #    outside GPU time in session 7's profile. Session 7's two configurations without stock:
-  #    278 s; stock ~110 s more (session 6) and ~12 s for its extra warm-up run (bench/README,
-  #    Columns), the variant last (the cut would take it).
-  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --profile \
-    --variant "ht: host_timesteps=on"
+  # Sessions 4-8 ran the rest (bench/README.md, Figures). What is left, most important first:
+  # 1. upscale 256 -> 1024 and 512 -> 2048, imagen alone (session 8 ran stock in the same
+  #    configuration: 3.908 / 7.868 s), today's defaults (host_timesteps on since session 8),
+  #    with the CUDA graphs' pool beside the reserved peak: session 8's 512 held 17.9 GiB
+  #    reserved against 7.3 allocated; how much of it is the pool. ~200 s from a cold Inductor
+  #    cache (the setup compiles both tile buckets, 172 s in session 8).
+  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
   #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when
   #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).

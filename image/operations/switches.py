@@ -50,6 +50,11 @@ is and fuse with their activations; eager ones copy to NCHW and back) on an H200
 512 -> 2048 3.57 -> 3.12 s and 9.0 -> 7.5 GiB, 256 -> 1024 2.03 -> 1.95 s. comic and enhance:
 not measured (one small decode per image against 50 UNet steps)."""
 
+HOST_TIMESTEPS_PAYS = frozenset({"upscale"})
+"""Operations whose scheduler step ran faster given CPU timesteps (no wait on the GPU six times
+a DDIM step) on an H200, same pixels: upscale 256 -> 1024 1.948 -> 1.917 s, 512 -> 2048
+3.142 -> 3.085 s (session 8). comic's PNDM step reads the device too: not measured."""
+
 CHANNELS_LAST_PAYS = frozenset({"comic"})
 """Operations whose CUDA-graphed UNet ran faster in NHWC on an H200 (comic 12 %); uncompiled
 enhance ran 4 % slower. Compiled operations run in NHWC whatever this says (the variant
@@ -93,7 +98,8 @@ class Tuning:
                        direct_to_device=True, vae_bf16=True,
                        vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS,
                        compile_vae=operation in COMPILE_VAE_PAYS, compile=compiled, background_compile=True,
-                       cuda_graphs=operation is None or operation in DIFFUSION, upscale_tile=(256, 512))
+                       cuda_graphs=operation is None or operation in DIFFUSION,
+                       host_timesteps=operation in HOST_TIMESTEPS_PAYS, upscale_tile=(256, 512))
         return cls(read_ahead=True)
 
     def replace(self, **changes) -> Tuning:

@@ -83,7 +83,10 @@ def test_cpu_defaults_are_stock():
     for op in ("comic", "enhance", "upscale"):
         # upscale's 512 tile's decode: its attention as products, its decoder compiled too
         vae = ["vae_matmul_attention", "compile_vae"] if op == "upscale" else []
-        assert Tuning.for_device("cuda", op).enabled() == ["channels_last", *cuda, *vae, "compile", "cuda_graphs"]
+        # upscale's DDIM step given CPU timesteps (no wait on the GPU in the loop)
+        steps = ["host_timesteps"] if op == "upscale" else []
+        assert Tuning.for_device("cuda", op).enabled() == ["channels_last", *cuda, *vae, "compile", "cuda_graphs",
+                                                           *steps]
         assert Tuning.for_device("cuda", op).background_compile
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there
