@@ -93,6 +93,17 @@ def test_each_operation_has_a_gpu_worker(rendered, terraform, operation):
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert pod["serviceAccountName"] == name
     assert pod["automountServiceAccountToken"] is False
+    # A rollout waits for a new GPU node, the image and the models: more than the default 600 s.
+    assert deployment["spec"]["progressDeadlineSeconds"] >= 1800
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_everything_rendered_is_labelled_as_imagens(rendered, kustomization):
+    # `kubectl get all,pvc,jobs -l app.kubernetes.io/part-of=imagen` finds what an overlay adds too.
+    for document in rendered[kustomization]:
+        labels = document["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/part-of") == "imagen", (document["kind"], document["metadata"]["name"])
+        assert labels.get("app.kubernetes.io/managed-by") == "kustomize", document["metadata"]["name"]
 
 
 @pytest.mark.parametrize("operation", operation_names())
