@@ -16,14 +16,30 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 EMULATOR_PROJECT = "imagen-local"
 
 
-def storage_client(settings) -> storage.Client:
+POOL_CONNECTIONS = 10
+"""Connections requests keeps per host by default (its HTTPAdapter's pool_maxsize)."""
+
+
+def storage_client(settings, *, connections: int = POOL_CONNECTIONS) -> storage.Client:
+    """A Storage client; `connections`: how many threads will use it at once. Above requests'
+    pool of 10, each request past the tenth opened a connection (a TLS handshake) and threw it
+    away after, with a "Connection pool is full" warning per request."""
     if settings.storage_emulator_host:
-        return storage.Client(
+        client = storage.Client(
             project=settings.project or EMULATOR_PROJECT,
             credentials=AnonymousCredentials(),
             client_options={"api_endpoint": _with_scheme(settings.storage_emulator_host)},
         )
-    return storage.Client(project=settings.project)
+    else:
+        client = storage.Client(project=settings.project)
+    if connections > POOL_CONNECTIONS:
+        # The library has no option for it: its session (an AuthorizedSession, a
+        # requests.Session) gets larger pools, as its maintainers advise
+        # (googleapis/python-storage#253). The adapters already mounted are resized rather
+        # than replaced, so a mutual-TLS one keeps its certificate.
+        for scheme in ("https://", "http://"):
+            client._http.get_adapter(scheme).init_poolmanager(POOL_CONNECTIONS, connections)
+    return client
 
 
 def publisher_client(settings) -> pubsub_v1.PublisherClient:

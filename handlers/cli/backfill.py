@@ -63,7 +63,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
 
     try:
         backfill(
-            storage_client(settings), bucket, prefix, Layout.from_settings(settings),
+            # The workers, and the listing's own thread beside them
+            storage_client(settings, connections=workers + 1), bucket, prefix, Layout.from_settings(settings),
             operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
             on_decision=show, summary=summary, workers=workers, start_at=start_at,
         )

@@ -10,12 +10,15 @@ after a single request: no retry storm, and the pull worker acks.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
 import pytest
+from click.testing import CliRunner
 
 from handlers import storage as storage_module
+from handlers.cli import main
 from handlers.clients import storage_client
 from handlers.errors import TransientError
 from handlers.events import JobRequest, ObjectEvent
@@ -229,3 +232,32 @@ def test_pull_worker_acks_a_permanent_fault_once(
         thread.join(timeout=30)
     assert len(calls) == 1, calls
     assert proxy.count(SOURCE_ANY) == 1
+
+
+def test_backfill_keeps_a_connection_per_worker(bucket, proxy, settings):
+    # requests keeps 10 connections per host: with --workers 16, each read past the tenth at
+    # once opened a connection of its own and dropped it after, with a warning each time (a
+    # TLS handshake per object on the real service).
+    for i in range(40):
+        bucket.blob(f"incoming/upscale/p{i:02}.png").upload_from_string(png_bytes(), content_type="image/png")
+    # Each object's reads take a while, so the 16 workers' reads overlap.
+    proxy.add(Rule(r"^GET /storage/v1/b/[^/]+/o/", status=None, stall=0.2))
+    dropped = []
+
+    class Dropped(logging.Handler):
+        def emit(self, record):
+            if "pool is full" in record.getMessage():
+                dropped.append(record.getMessage())
+
+    handler = Dropped(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").addHandler(handler)
+    env = {"STORAGE_EMULATOR_HOST": proxy.url, "PUBSUB_EMULATOR_HOST": settings.pubsub_emulator_host,
+           "GOOGLE_CLOUD_PROJECT": settings.project or "imagen-local"}
+    try:
+        result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/incoming/", "--topic", "jobs",
+                                           "--dry-run", "--workers", "16"], env=env)
+    finally:
+        logging.getLogger("urllib3.connectionpool").removeHandler(handler)
+    assert result.exit_code == 0 and "queued: 40" in result.output, result.output
+    assert proxy.count(r"^GET /storage/v1/b/[^/]+/o/") >= 40
+    assert dropped == []
