@@ -23,6 +23,8 @@ TEXT_LIMIT = 4000
 """Characters of one text field a line or report keeps: Cloud Logging refuses an entry over
 256 KB, and a name, operation or key list a message makes up can be any length."""
 TRACE_LIMIT = 32000
+REPORTED_ERROR_EVENT = "type.googleapis.com/google.devtools.clouderrorreporting.v1beta1.ReportedErrorEvent"
+"""The @type that makes Error Reporting take a line without a stack trace as an error event."""
 _TRACE_HEADER = "Traceback (most recent call last):\n"
 _job: contextvars.ContextVar[dict | None] = contextvars.ContextVar("imagen_job", default=None)
 
@@ -75,6 +77,11 @@ class JsonFormatter(logging.Formatter):
                 tail = tail[tail.find("\n") + 1:]  # from a line's start (a line longer than it all: as it is)
                 trace = f"{header}...\n{tail}"
             entry["stack_trace"] = trace
+        elif record.levelno >= logging.ERROR:
+            # ERROR and CRITICAL are an instance's faults (a job's bad input is a report, not a
+            # line at ERROR): Error Reporting groups and notifies those with a trace by it, and
+            # these, "imagen stopped: ConfigError ..." say, by this type.
+            entry["@type"] = REPORTED_ERROR_EVENT
         # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
         # name that was not valid UTF-8) cannot make the line unwritable.
         return json.dumps(entry, default=str, ensure_ascii=True)

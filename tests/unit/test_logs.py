@@ -64,6 +64,21 @@ def test_text_a_message_made_up_is_clipped_so_the_line_stays_under_cloud_logging
     assert entry["stack_trace"].rstrip().endswith("xxx")
 
 
+def test_error_reporting_takes_error_lines_by_their_trace_or_their_type():
+    def entry(level, exc_info=None):
+        record = logging.LogRecord("imagen.test", level, __file__, 1, "it broke", (), exc_info)
+        return json.loads(JsonFormatter().format(record))
+
+    event = "type.googleapis.com/google.devtools.clouderrorreporting.v1beta1.ReportedErrorEvent"
+    assert entry(logging.ERROR)["@type"] == event and entry(logging.CRITICAL)["@type"] == event
+    assert "@type" not in entry(logging.WARNING) and "@type" not in entry(logging.INFO)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        traced = entry(logging.ERROR, sys.exc_info())
+    assert "@type" not in traced and "ValueError: boom" in traced["stack_trace"]  # found by its trace
+
+
 def test_an_exception_comes_with_its_stack_trace():
     try:
         raise ValueError("boom")
@@ -205,6 +220,8 @@ def test_a_service_that_cannot_start_says_why_in_one_json_line():
     assert entry["severity"] == "CRITICAL" and entry["error"]["type"] == "ConfigError"
     assert entry["message"].startswith("imagen stopped: ConfigError: IMAGEN_SUBSCRIPTION")
     assert "stack_trace" not in entry
+    # Without a trace, Error Reporting takes it as an error event by its type.
+    assert entry["@type"] == "type.googleapis.com/google.devtools.clouderrorreporting.v1beta1.ReportedErrorEvent"
 
 
 def test_an_unexpected_crash_of_a_service_is_a_json_line_with_its_trace():
