@@ -32,6 +32,7 @@ from handlers.routing import Ignored, Layout
 from handlers.storage import ObjectState, Store
 from image.errors import (
     DecompressionBomb,
+    ImagenError,
     ImageDecodeError,
     ImageTooLarge,
     InputError,
@@ -41,7 +42,7 @@ from image.errors import (
     UnknownOperation,
 )
 from image.operations import OPERATION_NAMES
-from image.params import canonical_json
+from image.params import canonical_json, validate_params
 
 OUTPUT_TAKEN = "would fail: OutputTaken (another source's result holds its output name)"
 PUBLISH_WINDOW = 100
@@ -111,7 +112,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
         return Decision(uri, "skip", OUTPUT_TAKEN)
     if not retry_failed:
         report = store.read_report(*routing.failure_location(job, layout))
-        if _same_job(report, generation, plan.canonical):
+        if _same_job(report, generation, plan):
             return Decision(uri, "skip", "failed before with these parameters (see its failure report; "
                                          "--retry-failed queues it again)")
     message = {"source": uri, "operation": plan.operation, "params": plan.params, "generation": generation}
@@ -129,16 +130,18 @@ _FAILURES_OF_THE_JOB = frozenset({
 })
 
 
-def _same_job(report: dict | None, generation: str, canonical: str) -> bool:
-    """Whether a failure report is about this generation with these parameters, and says
-    the job itself failed (`_FAILURES_OF_THE_JOB`)."""
+def _same_job(report: dict | None, generation: str, plan) -> bool:
+    """Whether a failure report is about this generation with `plan`'s parameters, and says
+    the job itself failed (`_FAILURES_OF_THE_JOB`). The report's parameters are normalised as
+    the plan's were: one written before any pool planned the job (an operation no pool
+    runs) holds them as given, "20" where the plan has 20."""
     if not report or str(report.get("generation")) != generation:
         return False
     if (report.get("error") or {}).get("type") not in _FAILURES_OF_THE_JOB:
         return False
     try:
-        return canonical_json(report.get("params") or {}) == canonical
-    except (TypeError, ValueError):
+        return canonical_json(validate_params(plan.chain, report.get("params") or {})) == plan.canonical
+    except (ImagenError, TypeError, ValueError):
         return False
 
 

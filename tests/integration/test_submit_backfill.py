@@ -174,12 +174,16 @@ def test_backfill_queues_only_what_is_missing_and_can_rerun(tiny_settings, bucke
 
     # One that no pool of the deployment serves failed for what it asks: queued again it would
     # only be reported again, so backfill leaves it (as any other failure) to --retry-failed.
-    left_out = upload("incoming/upscale/left-out.png", metadata={"imagen-operation": "enhance"})
+    # Its report holds the parameters as given ("20"): they are the same job as the plan's 20.
+    left_out = upload("incoming/upscale/left-out.png",
+                      metadata={"imagen-operation": "enhance", "imagen-params": '{"steps": "20"}'})
     unfiltered_pool = Processor(engine=FakeEngine(), store=Store(storage_client(tiny_settings)),
                                 settings=tiny_settings.replace(operations=("upscale",),
                                                                deployed_operations=("upscale", "comic")))
-    assert unfiltered_pool.handle(JobRequest(bucket.name, left_out.name, "enhance", {},
-                                             generation=str(left_out.generation))).error["type"] == "OperationNotDeployed"
+    event = ObjectEvent("finalize", bucket.name, left_out.name, str(left_out.generation), dict(left_out.metadata),
+                        left_out.size, left_out.content_type)
+    assert unfiltered_pool.handle(event).error["type"] == "OperationNotDeployed"
+    assert json.loads(bucket.blob("failed/enhance/left-out.png.json").download_as_bytes())["params"] == {"steps": "20"}
     dry = CliRunner().invoke(main, args + ["--dry-run", "-v"], env=env)
     assert f"queue  gs://{bucket.name}/incoming/upscale/left-out.png" not in dry.output, dry.output
     assert "2 x failed before with these parameters" in dry.output, dry.output
