@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from google.cloud import storage
 
 from handlers import routing
-from handlers.errors import OperationNotDeployed, UnsafeObjectName
+from handlers.errors import JobStoppedWorker, OperationNotDeployed, UnsafeObjectName
 from handlers.events import FINALIZE, ObjectEvent
 from handlers.processor import plan_job, skip_reason, taken_by
 from handlers.routing import Ignored, Layout
@@ -126,7 +126,7 @@ def decide(blob: storage.Blob, layout: Layout, store: Store, operation: str | No
 _FAILURES_OF_THE_JOB = frozenset({
     InputError.__name__, ImageDecodeError.__name__, ImageTooLarge.__name__, DecompressionBomb.__name__,
     InvalidParameter.__name__, UnknownOperation.__name__, UnsafeObjectName.__name__,
-    JobTooLong.__name__, OutOfDeviceMemory.__name__, OperationNotDeployed.__name__,
+    JobTooLong.__name__, OutOfDeviceMemory.__name__, OperationNotDeployed.__name__, JobStoppedWorker.__name__,
 })
 
 

@@ -9,6 +9,8 @@
     │   ├── OperationNotServed      a filtered subscription brought a job for another pool's
     │   │                           operation (imagen-operation metadata across folders)
     │   ├── OperationNotDeployed    no pool of an unfiltered deployment serves the job
+    │   ├── JobStoppedWorker        the job was running each time its process died (a crash,
+    │   │                           memory, a GPU that failed or hung): not run again
     │   └── StoragePermanentError   403/404/400 from Cloud Storage on the job's own objects
     ├── EventError                  a request or message that cannot be parsed (to the dead-letter
     │                               topic at once where IMAGEN_DEAD_LETTER_TOPIC names it; else
@@ -60,6 +62,11 @@ class OperationNotDeployed(InputError):
     """Every pool receives every job (IMAGEN_DEPLOYED_OPERATIONS) and none of them serves this
     one (a chain, an operation left out): one of them reports it. No message reaches a pool
     that is not there."""
+
+
+class JobStoppedWorker(InputError):
+    """Deliveries of the job kept ending with their process (killed while it ran): each
+    retry would take down another worker and its cold start."""
 
 
 class EventError(ImagenError):

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from handlers import metrics, routing
 from handlers.errors import (
     EventError,
+    JobStoppedWorker,
     OperationNotDeployed,
     OperationNotServed,
     OutputNotWritable,
@@ -78,6 +79,19 @@ MAX_RETRY_SECONDS = 1800
 # (Pub/Sub's first backoff is 10 s) usually starts past it, short of MAX_RETRY_SECONDS' eight
 # tries; only a first delivery that waited this long for an instance is its last.
 OUT_OF_MEMORY_RETRY_SECONDS = 600
+# A job's deliveries that died with their process while it ran (a native crash in a decoder,
+# the host or GPU out of memory, a GPU that failed or hung: nothing the processor sees end)
+# before the next one reports it instead of running it (JobStoppedWorker). A redelivery keeps
+# a marker beside the job's failure report while it runs (RUNNING_SUFFIX), which every end the
+# process sees removes; a marker found at the start is a delivery that died. Without a count
+# such a job went round until the dead-letter policy's 20 deliveries, each a restart and a
+# model load, and never got a report. A first delivery writes none (no cost on the usual path),
+# so the report comes at the fifth delivery, like a transient fault's.
+STOPPED_WORKER_LIMIT = 3
+RUNNING_SUFFIX = ".running"
+# A delivery with no attempt number this long after its event may be a redelivery: it keeps
+# the marker too (a fresh one, the usual case, does not).
+REDELIVERY_AGE_SECONDS = 60
 # What a job needs after the model, to encode and upload its output (megapixels a second,
 # both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
 # PNG ran at 3.4 Mpx/s, WebP 7.6, JPEG 200 here), plus a few seconds for the upload to start
@@ -203,6 +217,31 @@ class Processor:
 
     def _run(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
+        """`_attempt`, then the running marker it left removed, whenever this process sees the
+        attempt end: with an outcome, or with an error it hands back to Pub/Sub. Not after a
+        GPU failure (the process stops, as a crash would: a job that breaks every GPU it meets
+        is counted) nor a BaseException (the process is going down)."""
+        running: list[tuple[str, str]] = []
+        ended = False
+        try:
+            outcome = self._attempt(job, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
+                                    withdrawn=withdrawn, running=running)
+            ended = True
+            return outcome
+        except Exception as error:
+            ended = not isinstance(error.__cause__, DeviceFailed)
+            raise
+        finally:
+            if running and ended:
+                try:
+                    self._store.delete(*running[0])
+                except (TransientError, InputError) as error:
+                    # The next delivery, if any, would count a death that was none.
+                    log.warning("the job's running marker gs://%s/%s could not be removed: %s", *running[0], error)
+
+    def _attempt(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
+                 sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None,
+                 running: list) -> Outcome:
         # Every line of the job carries these, so one filter finds them all (the operation as
         # the job names it until it is planned).
         fields = {"job_id": job_id, "message_id": message_id, "source": job.source_uri,
@@ -238,6 +277,7 @@ class Processor:
             if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
                 return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
                                                 f"{report}", fields)
+            self._mark_running(job, attempt, sent, delivered, running)
             log.info("job started", extra={"fields": fields})
             with _timed(timings, "download"):
                 data, _, _ = self._store.read_source(
@@ -408,6 +448,41 @@ class Processor:
                 f"output name: rename one of them (outputs drop the source's extension)"
             )
 
+    def _mark_running(self, job: Job, attempt: int | None, sent: datetime.datetime | None,
+                      delivered: datetime.datetime, running: list) -> None:
+        """On a redelivery, count the deliveries before it that died while the job ran (their
+        marker is still there) and leave this one's marker, its location in `running`;
+        JobStoppedWorker once STOPPED_WORKER_LIMIT died. A marker that cannot be read or
+        written counts nothing: the job runs as it would without one."""
+        if attempt is not None:
+            if attempt <= 1:
+                return
+        elif sent is None or (delivered - sent).total_seconds() < REDELIVERY_AGE_SECONDS:
+            return
+        bucket, name = routing.failure_location(job, self._layout)
+        location = (bucket, name + RUNNING_SUFFIX)
+        try:
+            marker = self._store.read_report(*location)
+        except (TransientError, InputError):
+            return
+        stopped = 0
+        if marker and str(marker.get("generation")) == str(job.generation):
+            previous = marker.get("stopped")
+            stopped = (previous if isinstance(previous, int) else 0) + 1  # the delivery that left it died
+        running.append(location)
+        if stopped >= STOPPED_WORKER_LIMIT:
+            raise JobStoppedWorker(
+                f"the job was running each time its worker stopped, {stopped} deliveries in a row (the process "
+                f"died: a crash, the host or the GPU out of memory, a GPU that failed or hung; the workers' logs "
+                f"at those times say which): not run again. A smaller or re-encoded image may run; upload it "
+                f"again, or queue it again with imagen backfill --retry-failed")
+        marker = {"source": job.source_uri, "generation": job.generation, "stopped": stopped, "attempt": attempt,
+                  "time": datetime.datetime.now(datetime.UTC).isoformat()}
+        try:
+            self._store.write_report(*location, marker)
+        except TransientError:
+            running.clear()
+
     def _reported_before(self, job: Job, message_id: str) -> str | None:
         """The failure report this very message ended in, on an earlier delivery whose answer
         Pub/Sub never got (a push request cut off, a lost ack): the redelivery acks without
@@ -550,10 +625,11 @@ def _retries_for(error: Exception) -> dict:
     (`last_try`'s arguments). Out of GPU memory twice with no background compile holding
     memory, the job needs more than the GPU has: each further try would spend its GPU time to
     run out again, so the second attempt ends it whatever its age. A GPU that failed for good
-    is this process's, not the job's: retried elsewhere (the process is restarting), and with
-    attempt numbers never reported (a job that breaks every GPU it meets ends in the
-    dead-letter topic); without them (Eventarc: no dead-letter topic) the age bounds it, or it
-    would restart instances for Eventarc's 24 h and then be dropped."""
+    is this process's, not the job's: retried elsewhere (the process is restarting), with
+    attempt numbers not reported for it (a job that breaks every GPU it meets is reported as
+    one that stopped its worker: STOPPED_WORKER_LIMIT); without them (Eventarc: no dead-letter
+    topic) the age bounds it too, or it would restart instances for Eventarc's 24 h and then
+    be dropped."""
     if isinstance(error, DeviceFailed):
         return {"attempts": math.inf}
     if isinstance(error, OutOfDeviceMemory) and not error.compiling:

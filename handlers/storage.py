@@ -201,6 +201,16 @@ class Store:
             raise TransientError(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
 
 
+    def delete(self, bucket: str, name: str) -> None:
+        """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
+        try:
+            self._client.bucket(bucket).blob(name).delete(timeout=TIMEOUT_SECONDS, retry=DEFAULT_RETRY)
+        except api_exceptions.NotFound:
+            return
+        except Exception as error:
+            raise _translate(error, f"gs://{bucket}/{name}") from error
+
+
 def _translate(error: Exception, what: str) -> Exception:
     if isinstance(error, _PERMANENT):
         code = getattr(error, "code", "")

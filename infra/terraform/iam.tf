@@ -25,7 +25,8 @@ resource "google_storage_bucket_iam_member" "worker_reads_input" {
   member = google_service_account.worker[each.key].member
 }
 
-# Write (and replace: a retry rewrites its report) failure reports, in failed/ only.
+# Write (and replace: a retry rewrites its report) failure reports, and the running markers
+# a redelivered job keeps beside its report (deleted when it ends), in failed/ only.
 resource "google_storage_bucket_iam_member" "worker_writes_failures" {
   for_each = local.pools
 

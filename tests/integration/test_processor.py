@@ -25,6 +25,7 @@ from handlers.processor import (
     MAX_RETRY_SECONDS,
     OUT_OF_MEMORY_ATTEMPTS,
     OUT_OF_MEMORY_RETRY_SECONDS,
+    STOPPED_WORKER_LIMIT,
     Outcome,
     Processor,
     last_try,
@@ -484,6 +485,62 @@ def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket
     with pytest.raises(TransientError):
         compiling.handle(_event(other), attempt=OUT_OF_MEMORY_ATTEMPTS)
     assert compiling.handle(_event(other), attempt=MAX_ATTEMPTS).status == "failed"
+
+
+class _ProcessDied(BaseException):
+    """What the processor sees of a process killed under it (os._exit, SIGKILL, a native
+    crash): nothing after it runs; a BaseException escapes every handler of the job."""
+
+
+def test_a_job_that_keeps_killing_its_worker_is_reported_not_retried_to_the_dead_letter_topic(settings, bucket):
+    # A native crash or an out-of-memory kill ends the process mid-job: no handler runs, so
+    # each delivery died silently until the dead-letter policy's 20th, each a restart and a
+    # model load. Redeliveries keep a marker while they run; one left behind is a death.
+    source = _upload(bucket, "incoming/upscale/killer.png")
+    marker = "failed/upscale/killer.png.json.running"
+    killer = _processor(settings, FakeEngine(fail_with=_ProcessDied()))
+    with pytest.raises(_ProcessDied):
+        killer.handle(_event(source), attempt=1)  # a first delivery writes no marker
+    assert bucket.get_blob(marker) is None
+    for attempt in range(2, 2 + STOPPED_WORKER_LIMIT):
+        with pytest.raises(_ProcessDied):
+            killer.handle(_event(source), attempt=attempt)
+        assert json.loads(bucket.blob(marker).download_as_bytes())["stopped"] == attempt - 2
+    engine = FakeEngine()
+    outcome = _processor(settings, engine).handle(_event(source), attempt=2 + STOPPED_WORKER_LIMIT)
+    assert outcome.status == "failed" and engine.calls == 0  # not run a fourth time
+    report = _report(bucket, "failed/upscale/killer.png.json")
+    assert report["error"]["type"] == "JobStoppedWorker" and report["attempt"] == 5 == MAX_ATTEMPTS
+    assert "its worker stopped, 3 deliveries in a row" in report["error"]["message"]
+    assert bucket.get_blob(marker) is None
+
+
+def test_a_redelivery_that_ends_leaves_no_marker_and_counts_no_death(settings, bucket):
+    # Every end the process sees removes the marker: a transient fault, a hand-back, a
+    # report, a success; a GPU that failed (the process stops) leaves it, as a crash would.
+    source = _upload(bucket, "incoming/upscale/flaky.png")
+    marker = "failed/upscale/flaky.png.json.running"
+    for attempt in range(2, 2 + STOPPED_WORKER_LIMIT):
+        with pytest.raises(TransientError):
+            _processor(settings, FakeEngine(fail_with=ModelError("CUDA error: busy"))).handle(
+                _event(source), attempt=attempt)
+        assert bucket.get_blob(marker) is None
+    engine = FakeEngine()
+    assert _processor(settings, engine).handle(_event(source), attempt=5).status == "succeeded" and engine.calls == 1
+    assert bucket.get_blob(marker) is None
+    # A delivery without an attempt number keeps it only when it may be a redelivery (old).
+    gpu = _upload(bucket, "incoming/upscale/gpu.png")
+    breaks = _processor(settings, FakeEngine(fail_with=DeviceFailed("the GPU failed")))
+    with pytest.raises(TransientError):
+        breaks.handle(_event(gpu), sent=datetime.datetime.now(datetime.UTC))
+    assert bucket.get_blob("failed/upscale/gpu.png.json.running") is None
+    with pytest.raises(TransientError):
+        breaks.handle(_event(gpu), sent=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5))
+    assert json.loads(bucket.blob("failed/upscale/gpu.png.json.running").download_as_bytes())["stopped"] == 0
+    # A marker of an older generation is not this one's.
+    gpu = _upload(bucket, "incoming/upscale/gpu.png", png_bytes(seed=3))
+    assert _processor(settings, FakeEngine()).handle(_event(gpu), attempt=2).status == "succeeded"
+    assert bucket.get_blob("failed/upscale/gpu.png.json.running") is None
 
 
 def test_deliveries_without_an_attempt_number_stop_retrying_by_age(settings, bucket):
