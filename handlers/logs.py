@@ -77,10 +77,11 @@ class JsonFormatter(logging.Formatter):
                 tail = tail[tail.find("\n") + 1:]  # from a line's start (a line longer than it all: as it is)
                 trace = f"{header}...\n{tail}"
             entry["stack_trace"] = trace
-        elif record.levelno >= logging.ERROR:
-            # ERROR and CRITICAL are an instance's faults (a job's bad input is a report, not a
-            # line at ERROR): Error Reporting groups and notifies those with a trace by it, and
-            # these, "imagen stopped: ConfigError ..." say, by this type.
+        elif record.levelno >= logging.CRITICAL:
+            # Why a process stops ("imagen stopped: ConfigError ...", a job stuck on the GPU):
+            # Error Reporting takes lines with a trace by it, these by this type. Not ERROR:
+            # some of those quote what a sender or an input brought (an unparseable message,
+            # a job out of GPU memory on its input's size), a new group each.
             entry["@type"] = REPORTED_ERROR_EVENT
         # ASCII with \u escapes: Cloud Logging decodes them, and a lone surrogate (an object
         # name that was not valid UTF-8) cannot make the line unwritable.

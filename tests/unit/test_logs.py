@@ -64,18 +64,18 @@ def test_text_a_message_made_up_is_clipped_so_the_line_stays_under_cloud_logging
     assert entry["stack_trace"].rstrip().endswith("xxx")
 
 
-def test_error_reporting_takes_error_lines_by_their_trace_or_their_type():
+def test_error_reporting_takes_why_a_process_stopped_by_its_trace_or_its_type():
     def entry(level, exc_info=None):
         record = logging.LogRecord("imagen.test", level, __file__, 1, "it broke", (), exc_info)
         return json.loads(JsonFormatter().format(record))
 
     event = "type.googleapis.com/google.devtools.clouderrorreporting.v1beta1.ReportedErrorEvent"
-    assert entry(logging.ERROR)["@type"] == event and entry(logging.CRITICAL)["@type"] == event
-    assert "@type" not in entry(logging.WARNING) and "@type" not in entry(logging.INFO)
+    assert entry(logging.CRITICAL)["@type"] == event
+    assert all("@type" not in entry(level) for level in (logging.ERROR, logging.WARNING, logging.INFO))
     try:
         raise ValueError("boom")
     except ValueError:
-        traced = entry(logging.ERROR, sys.exc_info())
+        traced = entry(logging.CRITICAL, sys.exc_info())
     assert "@type" not in traced and "ValueError: boom" in traced["stack_trace"]  # found by its trace
 
 
