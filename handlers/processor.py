@@ -79,19 +79,22 @@ MAX_RETRY_SECONDS = 1800
 # (Pub/Sub's first backoff is 10 s) usually starts past it, short of MAX_RETRY_SECONDS' eight
 # tries; only a first delivery that waited this long for an instance is its last.
 OUT_OF_MEMORY_RETRY_SECONDS = 600
-# A job's deliveries that died with their process while it ran (a native crash in a decoder,
-# the host or GPU out of memory, a GPU that failed or hung: nothing the processor sees end)
-# before the next one reports it instead of running it (JobStoppedWorker). A redelivery keeps
-# a marker beside the job's failure report while it runs (RUNNING_SUFFIX), which every end the
-# process sees removes; a marker found at the start is a delivery that died. Without a count
+# A job's deliveries that died with their process while it held the device (a GPU that failed
+# or hung, the host or the GPU killed for memory, a native crash in the models' libraries:
+# nothing the processor sees end) before the next one reports it instead of running it
+# (JobStoppedWorker). A redelivery keeps a marker beside the job's failure report from the
+# moment it holds the device (RUNNING_SUFFIX), which every end the process sees removes; a
+# marker found then is a delivery that died. Only the job on the device is marked: a job
+# prefetched behind it (the pull worker) dies with it without being counted. Without a count
 # such a job went round until the dead-letter policy's 20 deliveries, each a restart and a
 # model load, and never got a report. A first delivery writes none (no cost on the usual path),
 # so the report comes at the fifth delivery, like a transient fault's.
 STOPPED_WORKER_LIMIT = 3
 RUNNING_SUFFIX = ".running"
-# A delivery with no attempt number this long after its event may be a redelivery: it keeps
-# the marker too (a fresh one, the usual case, does not).
-REDELIVERY_AGE_SECONDS = 60
+# A delivery with no attempt number (Eventarc) this long after its event may be a redelivery:
+# it keeps the marker too (a fresh one, the usual case, does not). Long enough that a backlog's
+# first deliveries mostly write none (on Eventarc every write is an event to every service).
+REDELIVERY_AGE_SECONDS = 300
 # What a job needs after the model, to encode and upload its output (megapixels a second,
 # both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
 # PNG ran at 3.4 Mpx/s, WebP 7.6, JPEG 200 here), plus a few seconds for the upload to start
@@ -115,7 +118,8 @@ def _finish_seconds(size: tuple[int, int], format: str) -> float:
 
 
 class Engine(Protocol):
-    def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None): ...
+    def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None,
+            started=None): ...
 
     def output_size(self, chain, size: tuple[int, int], format: str) -> tuple[int, int]: ...
 
@@ -229,7 +233,9 @@ class Processor:
             ended = True
             return outcome
         except Exception as error:
-            ended = not isinstance(error.__cause__, DeviceFailed)
+            # The count stays where the process stops (a GPU failure) or where the report of
+            # a job that stopped workers could not be written (the next delivery writes it).
+            ended = not (isinstance(error.__cause__, DeviceFailed) or isinstance(error.__context__, JobStoppedWorker))
             raise
         finally:
             if running and ended:
@@ -277,7 +283,6 @@ class Processor:
             if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
                 return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
                                                 f"{report}", fields)
-            self._mark_running(job, attempt, sent, delivered, running)
             log.info("job started", extra={"fields": fields})
             with _timed(timings, "download"):
                 data, _, _ = self._store.read_source(
@@ -290,8 +295,9 @@ class Processor:
             common = resolve_common(plan.params, data)
             budget = self._device_budget(plan, image.size, time.perf_counter() - started)
             with _timed(timings, "operation"):
-                result = self._engine.run(plan.chain, image, plan.params, common["seed"],
-                                          max_seconds=budget, withdrawn=withdrawn)
+                result = self._engine.run(
+                    plan.chain, image, plan.params, common["seed"], max_seconds=budget, withdrawn=withdrawn,
+                    started=lambda: self._mark_running(job, attempt, sent, delivered, running))
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)

@@ -26,6 +26,7 @@ from handlers.errors import (
 from image.errors import ImageDecodeError, ImageTooLarge
 
 TIMEOUT_SECONDS = 120
+DELETE_SECONDS = 15
 _CHUNK = 64 * 1024  # what gunzip feeds zlib at a time
 MAX_MEMBERS = 64  # gzip members in one object (gcloud storage cp -Z writes one)
 _PERMANENT = (
@@ -202,9 +203,11 @@ class Store:
 
 
     def delete(self, bucket: str, name: str) -> None:
-        """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
+        """Delete an object of imagen's own (a job's running marker); one already gone is fine.
+        Briefly (DELETE_SECONDS): it comes after a job's work, inside its request or lease."""
         try:
-            self._client.bucket(bucket).blob(name).delete(timeout=TIMEOUT_SECONDS, retry=DEFAULT_RETRY)
+            self._client.bucket(bucket).blob(name).delete(timeout=DELETE_SECONDS,
+                                                          retry=DEFAULT_RETRY.with_timeout(DELETE_SECONDS))
         except api_exceptions.NotFound:
             return
         except Exception as error:

@@ -187,6 +187,7 @@ class Engine:
         seed: int,
         max_seconds: float | None = None,
         withdrawn: Callable[[], bool] | None = None,
+        started: Callable[[], None] | None = None,
     ) -> Image.Image:
         """Run the operations of `chain` in order on `image`, in memory, on one device.
 
@@ -195,8 +196,10 @@ class Engine:
         budgets the work from when the device is this job's (after any wait for it):
         past it the operation stops at its next denoising step with JobTooLong. `withdrawn()`
         is asked once the device is this job's: True raises Withdrawn before any work (a
-        stopping worker hands back the jobs still waiting rather than run them all). Out of
-        GPU memory raises OutOfDeviceMemory (a ModelError: retried) after freeing the cache.
+        stopping worker hands back the jobs still waiting rather than run them all).
+        `started()` is called next, holding the device, before the budget starts: what it
+        raises ends the job there. Out of GPU memory raises OutOfDeviceMemory (a ModelError:
+        retried) after freeing the cache.
         """
         # 1. Check inputs
         chain = _chain(chain)
@@ -214,6 +217,8 @@ class Engine:
             self._refuse_on_a_failed_device()  # a job that waited for the device while it failed
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
+            if started is not None:
+                started()
             deadline = Deadline(max_seconds) if max_seconds else None
             self._busy = (time.monotonic(), max_seconds, chain)
             try:

@@ -46,7 +46,9 @@ class FakeEngine:
         self.calls = 0
         self.budgets = []
 
-    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
+    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None, started=None):
+        if started is not None:  # as image.engine.Engine does, holding the device
+            started()
         self.calls += 1
         self.budgets.append(max_seconds)
         if self.fail_with:
@@ -508,11 +510,36 @@ def test_a_job_that_keeps_killing_its_worker_is_reported_not_retried_to_the_dead
         assert json.loads(bucket.blob(marker).download_as_bytes())["stopped"] == attempt - 2
     engine = FakeEngine()
     outcome = _processor(settings, engine).handle(_event(source), attempt=2 + STOPPED_WORKER_LIMIT)
-    assert outcome.status == "failed" and engine.calls == 0  # not run a fourth time
+    assert outcome.status == "failed" and engine.calls == 0  # not run a fifth time
     report = _report(bucket, "failed/upscale/killer.png.json")
     assert report["error"]["type"] == "JobStoppedWorker" and report["attempt"] == 5 == MAX_ATTEMPTS
     assert "its worker stopped, 3 deliveries in a row" in report["error"]["message"]
     assert bucket.get_blob(marker) is None
+
+
+def test_a_stopped_worker_report_that_cannot_be_written_keeps_the_count(settings, bucket, monkeypatch):
+    source = _upload(bucket, "incoming/upscale/killer.png")
+    marker = "failed/upscale/killer.png.json.running"
+    killer = _processor(settings, FakeEngine(fail_with=_ProcessDied()))
+    for attempt in range(2, 2 + STOPPED_WORKER_LIMIT):
+        with pytest.raises(_ProcessDied):
+            killer.handle(_event(source), attempt=attempt)
+    processor = _processor(settings, FakeEngine())
+    write = processor._store.write_report
+
+    def no_reports(bucket_name, name, *args, **kwargs):
+        if name.endswith(".json"):
+            raise TransientError("503 from Cloud Storage")
+        return write(bucket_name, name, *args, **kwargs)
+
+    monkeypatch.setattr(processor._store, "write_report", no_reports)
+    with pytest.raises(TransientError):
+        processor.handle(_event(source), attempt=5)
+    assert json.loads(bucket.blob(marker).download_as_bytes())["stopped"] == STOPPED_WORKER_LIMIT - 1
+    monkeypatch.undo()
+    engine = FakeEngine()
+    assert _processor(settings, engine).handle(_event(source), attempt=6).status == "failed" and engine.calls == 0
+    assert _report(bucket, "failed/upscale/killer.png.json")["error"]["type"] == "JobStoppedWorker"
 
 
 def test_a_redelivery_that_ends_leaves_no_marker_and_counts_no_death(settings, bucket):
@@ -537,6 +564,20 @@ def test_a_redelivery_that_ends_leaves_no_marker_and_counts_no_death(settings, b
     with pytest.raises(TransientError):
         breaks.handle(_event(gpu), sent=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5))
     assert json.loads(bucket.blob("failed/upscale/gpu.png.json.running").download_as_bytes())["stopped"] == 0
+    # A job that dies before it holds the device (prefetched behind the one that took the
+    # process down, or refused by a GPU that failed under another job) is not counted.
+    waiting = _upload(bucket, "incoming/upscale/waiting.png")
+
+    class DiesBeforeTheDevice(FakeEngine):
+        def run(self, *args, started=None, **kwargs):
+            raise self.fail_with
+
+    for attempt in range(2, 3 + STOPPED_WORKER_LIMIT):
+        with pytest.raises((_ProcessDied, TransientError)):
+            _processor(settings, DiesBeforeTheDevice(fail_with=_ProcessDied() if attempt % 2 else DeviceFailed(
+                "the GPU failed in an earlier job"))).handle(_event(waiting), attempt=attempt)
+    assert bucket.get_blob("failed/upscale/waiting.png.json.running") is None
+    assert _processor(settings, FakeEngine()).handle(_event(waiting), attempt=9).status == "succeeded"
     # A marker of an older generation is not this one's.
     gpu = _upload(bucket, "incoming/upscale/gpu.png", png_bytes(seed=3))
     assert _processor(settings, FakeEngine()).handle(_event(gpu), attempt=2).status == "succeeded"

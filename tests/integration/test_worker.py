@@ -30,7 +30,7 @@ class OneGpuEngine(FakeEngine):
         self._hold, self._release_on_arrival = hold, release_on_arrival
         self._lock = threading.Lock()
 
-    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None):
+    def run(self, chain, image, params, seed, max_seconds=None, withdrawn=None, started=None):
         job = seed
         self.events.append(("arrived", job))  # download and decode are done by now
         if self._release_on_arrival and len([kind for kind, _ in self.events if kind == "arrived"]) > 1:
@@ -39,6 +39,8 @@ class OneGpuEngine(FakeEngine):
             if withdrawn is not None and withdrawn():  # as image.engine.Engine does
                 self.events.append(("withdrawn", job))
                 raise Withdrawn("stopping")
+            if started is not None:
+                started()
             self.events.append(("start", job))
             self.release.wait(self._hold)
             self.events.append(("end", job))
