@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import time
 from collections.abc import Collection, Iterator, Mapping
 
 from google.api_core import exceptions as api_exceptions
@@ -181,9 +182,11 @@ def list_dead_letters(
 
     `wait_seconds`: how long a pull waits for more messages before the listing ends."""
     letters: list[DeadLetter] = []
+    lease = _Lease(subscriber, subscription)
     try:
         for batch in _batches(subscriber, subscription, limit, wait_seconds):
             letters.extend(batch)
+            lease.keep([letter.ack_id for letter in letters])
     finally:
         # Nack everything pulled: the messages are available again at once.
         _nack(subscriber, subscription, [letter.ack_id for letter in letters])
@@ -214,8 +217,10 @@ def replay(
     held: list[str] = []  # ack ids to leave in place, nacked once the whole run is over
     published: set[str] = set()  # message ids of this run's copies
     replayed: set[str] = set()  # message ids replayed this run: one pulled again (its ack lost) is not
+    lease = _Lease(subscriber, subscription)
     try:
         for batch in _batches(subscriber, subscription, limit, wait_seconds):
+            lease.keep(held)
             futures = []
             again = []
             for letter in batch:
@@ -271,13 +276,34 @@ def replay(
     return report
 
 
+class _Lease:
+    """Keeps the messages a run holds leased: each pull leases its batch for LEASE_SECONDS,
+    and a run that pulls for longer (a --limit of tens of thousands) renews what it still
+    holds, or the first ones would come round again within the same run (twice in a listing,
+    or counted twice as left)."""
+
+    def __init__(self, subscriber, subscription: str):
+        self._subscriber, self._subscription = subscriber, subscription
+        self._renewed = time.monotonic()
+
+    def keep(self, ack_ids: list[str]) -> None:
+        """Renew `ack_ids` once half the lease has passed since the last renewal."""
+        if time.monotonic() - self._renewed < LEASE_SECONDS / 2:
+            return
+        for start in range(0, len(ack_ids), BATCH):
+            self._subscriber.modify_ack_deadline(request={
+                "subscription": self._subscription, "ack_ids": ack_ids[start:start + BATCH],
+                "ack_deadline_seconds": LEASE_SECONDS})
+        self._renewed = time.monotonic()
+
+
 def _batches(
     subscriber: pubsub_v1.SubscriberClient, subscription: str, limit: int, wait_seconds: float
 ) -> Iterator[list[DeadLetter]]:
     """Pulled batches until the subscription looks empty or `limit` messages were pulled.
 
-    Messages pulled stay leased (LEASE_SECONDS) until the caller acks or nacks them, so no
-    message comes twice within one listing."""
+    Messages pulled stay leased (LEASE_SECONDS, renewed by the caller's `_Lease`) until the
+    caller acks or nacks them, so no message comes twice within one listing."""
     seen = 0
     while seen < limit:
         try:

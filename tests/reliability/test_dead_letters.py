@@ -9,6 +9,7 @@ import base64
 import datetime
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -129,6 +130,27 @@ def test_list_shows_each_dead_letter_and_leaves_it_there(subscriber, topology, d
     # Listing is read-only: every message is still there, at once (they were nacked).
     again = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
     assert {letter.message_id for letter in again} == set(dead_letters.values())
+
+
+def test_a_listing_longer_than_the_lease_shows_each_message_once(subscriber, publisher, topology, monkeypatch):
+    # Each pull leased its batch once: a listing that ran past the lease (a --limit of tens of
+    # thousands) got its first messages again, twice in the listing and in a --json backup.
+    import handlers.dlq as dlq
+
+    ids = {_dead_letter(publisher, topology, f"garbage {i}".encode()) for i in range(4)}
+    monkeypatch.setattr(dlq, "LEASE_SECONDS", 2)
+    monkeypatch.setattr(dlq, "BATCH", 1)
+
+    class SlowPulls:  # each pull takes a while, as tens of thousands of messages do together
+        def __getattr__(self, name):
+            return getattr(subscriber, name)
+
+        def pull(self, *args, **kwargs):
+            time.sleep(1.2)
+            return subscriber.pull(*args, **kwargs)
+
+    letters = list_dead_letters(SlowPulls(), topology["dead_sub"], wait_seconds=WAIT, limit=12)
+    assert sorted(letter.message_id for letter in letters) == sorted(ids)
 
 
 def test_replay_republishes_with_the_original_attributes_then_acks(
