@@ -287,14 +287,20 @@ class _Lease:
         self._renewed = time.monotonic()
 
     def keep(self, ack_ids: list[str]) -> None:
-        """Renew `ack_ids` once half the lease has passed since the last renewal."""
-        if time.monotonic() - self._renewed < LEASE_SECONDS / 2:
+        """Renew `ack_ids` once a third of the lease has passed since the last renewal began
+        (renewing tens of thousands takes a while itself). A renewal that fails is logged:
+        at worst some come round again, as before."""
+        now = time.monotonic()
+        if now - self._renewed < LEASE_SECONDS / 3:
             return
-        for start in range(0, len(ack_ids), BATCH):
-            self._subscriber.modify_ack_deadline(request={
-                "subscription": self._subscription, "ack_ids": ack_ids[start:start + BATCH],
-                "ack_deadline_seconds": LEASE_SECONDS})
-        self._renewed = time.monotonic()
+        self._renewed = now
+        try:
+            for start in range(0, len(ack_ids), BATCH):
+                self._subscriber.modify_ack_deadline(request={
+                    "subscription": self._subscription, "ack_ids": ack_ids[start:start + BATCH],
+                    "ack_deadline_seconds": LEASE_SECONDS})
+        except api_exceptions.GoogleAPICallError as error:
+            log.warning("could not renew the lease of %d dead letters: %s", len(ack_ids), error)
 
 
 def _batches(

@@ -91,6 +91,8 @@ OUT_OF_MEMORY_RETRY_SECONDS = 600
 # so the report comes at the fifth delivery, like a transient fault's.
 STOPPED_WORKER_LIMIT = 3
 RUNNING_SUFFIX = ".running"
+# Each read, write and delete of a marker, at most: the first two happen holding the device.
+MARKER_SECONDS = 15
 # A delivery with no attempt number (Eventarc) this long after its event may be a redelivery:
 # it keeps the marker too (a fresh one, the usual case, does not). Long enough that a backlog's
 # first deliveries mostly write none (on Eventarc every write is an event to every service).
@@ -140,6 +142,15 @@ class Outcome:
     reason: str | None = None
     error: dict | None = None
     report: str | None = None  # gs:// URI of the failure report
+
+
+@dataclasses.dataclass
+class _Marker:
+    """The running marker of one attempt (`Processor._mark_running`): where it was written,
+    and whether the attempt's end must leave it."""
+
+    location: tuple[str, str] | None = None
+    keep: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,32 +233,33 @@ class Processor:
     def _run(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
         """`_attempt`, then the running marker it left removed, whenever this process sees the
-        attempt end: with an outcome, or with an error it hands back to Pub/Sub. Not after a
-        GPU failure (the process stops, as a crash would: a job that breaks every GPU it meets
-        is counted) nor a BaseException (the process is going down)."""
-        running: list[tuple[str, str]] = []
+        attempt end: with an outcome, or with an error it hands back to Pub/Sub. Not where
+        `_attempt` said to keep it (a GPU failure: the process stops, as a crash would, so a
+        job that breaks every GPU it meets is counted; a JobStoppedWorker report that could not
+        be written: the next delivery writes it), nor after a BaseException (the process is
+        going down)."""
+        marker = _Marker()
         ended = False
         try:
             outcome = self._attempt(job, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
-                                    withdrawn=withdrawn, running=running)
+                                    withdrawn=withdrawn, marker=marker)
             ended = True
             return outcome
-        except Exception as error:
-            # The count stays where the process stops (a GPU failure) or where the report of
-            # a job that stopped workers could not be written (the next delivery writes it).
-            ended = not (isinstance(error.__cause__, DeviceFailed) or isinstance(error.__context__, JobStoppedWorker))
+        except Exception:
+            ended = not marker.keep
             raise
         finally:
-            if running and ended:
+            if marker.location and ended:
                 try:
-                    self._store.delete(*running[0])
+                    self._store.delete(*marker.location, timeout=MARKER_SECONDS)
                 except (TransientError, InputError) as error:
                     # The next delivery, if any, would count a death that was none.
-                    log.warning("the job's running marker gs://%s/%s could not be removed: %s", *running[0], error)
+                    log.warning("the job's running marker gs://%s/%s could not be removed: %s", *marker.location,
+                                error)
 
     def _attempt(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
                  sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None,
-                 running: list) -> Outcome:
+                 marker: _Marker) -> Outcome:
         # Every line of the job carries these, so one filter finds them all (the operation as
         # the job names it until it is planned).
         fields = {"job_id": job_id, "message_id": message_id, "source": job.source_uri,
@@ -297,7 +309,7 @@ class Processor:
             with _timed(timings, "operation"):
                 result = self._engine.run(
                     plan.chain, image, plan.params, common["seed"], max_seconds=budget, withdrawn=withdrawn,
-                    started=lambda: self._mark_running(job, attempt, sent, delivered, running))
+                    started=lambda: self._mark_running(job, attempt, sent, delivered, marker))
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
@@ -334,6 +346,7 @@ class Processor:
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
+            marker.keep = isinstance(error, JobStoppedWorker)  # until its report is written
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
             if (last := last_try(attempt, sent, now=delivered)) is not None:
@@ -349,6 +362,7 @@ class Processor:
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
         except ImagenError as error:
+            marker.keep = isinstance(error, DeviceFailed)  # the process stops: counted, unless reported now
             # A model or configuration fault on this machine: another instance may do better.
             log.error("job failed on this instance: %s", error,
                       extra={"fields": {**fields, "error": error_fields(error)}})
@@ -455,11 +469,12 @@ class Processor:
             )
 
     def _mark_running(self, job: Job, attempt: int | None, sent: datetime.datetime | None,
-                      delivered: datetime.datetime, running: list) -> None:
-        """On a redelivery, count the deliveries before it that died while the job ran (their
-        marker is still there) and leave this one's marker, its location in `running`;
-        JobStoppedWorker once STOPPED_WORKER_LIMIT died. A marker that cannot be read or
-        written counts nothing: the job runs as it would without one."""
+                      delivered: datetime.datetime, marker: _Marker) -> None:
+        """Called holding the device. On a redelivery, count the deliveries before it that
+        died holding it (their marker is still there) and leave this one's marker (its place
+        in `marker`); JobStoppedWorker once STOPPED_WORKER_LIMIT died. A marker that cannot
+        be read or written within MARKER_SECONDS counts nothing: the job runs as it would
+        without one."""
         if attempt is not None:
             if attempt <= 1:
                 return
@@ -468,26 +483,26 @@ class Processor:
         bucket, name = routing.failure_location(job, self._layout)
         location = (bucket, name + RUNNING_SUFFIX)
         try:
-            marker = self._store.read_report(*location)
+            found = self._store.read_report(*location, timeout=MARKER_SECONDS)
         except (TransientError, InputError):
             return
         stopped = 0
-        if marker and str(marker.get("generation")) == str(job.generation):
-            previous = marker.get("stopped")
+        if found and str(found.get("generation")) == str(job.generation):
+            previous = found.get("stopped")
             stopped = (previous if isinstance(previous, int) else 0) + 1  # the delivery that left it died
-        running.append(location)
+        marker.location = location
         if stopped >= STOPPED_WORKER_LIMIT:
             raise JobStoppedWorker(
-                f"the job was running each time its worker stopped, {stopped} deliveries in a row (the process "
-                f"died: a crash, the host or the GPU out of memory, a GPU that failed or hung; the workers' logs "
+                f"the job held the GPU each time its worker stopped, {stopped} deliveries in a row (the process "
+                f"died: a GPU that failed or hung, the host or the GPU out of memory, a crash; the workers' logs "
                 f"at those times say which): not run again. A smaller or re-encoded image may run; upload it "
                 f"again, or queue it again with imagen backfill --retry-failed")
-        marker = {"source": job.source_uri, "generation": job.generation, "stopped": stopped, "attempt": attempt,
+        record = {"source": job.source_uri, "generation": job.generation, "stopped": stopped, "attempt": attempt,
                   "time": datetime.datetime.now(datetime.UTC).isoformat()}
         try:
-            self._store.write_report(*location, marker)
+            self._store.write_report(*location, record, timeout=MARKER_SECONDS)
         except TransientError:
-            running.clear()
+            marker.location = None
 
     def _reported_before(self, job: Job, message_id: str) -> str | None:
         """The failure report this very message ended in, on an earlier delivery whose answer

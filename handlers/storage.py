@@ -26,7 +26,6 @@ from handlers.errors import (
 from image.errors import ImageDecodeError, ImageTooLarge
 
 TIMEOUT_SECONDS = 120
-DELETE_SECONDS = 15
 _CHUNK = 64 * 1024  # what gunzip feeds zlib at a time
 MAX_MEMBERS = 64  # gzip members in one object (gcloud storage cp -Z writes one)
 _PERMANENT = (
@@ -166,11 +165,12 @@ class Store:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return int(blob.generation)
 
-    def read_report(self, bucket: str, name: str) -> dict | None:
+    def read_report(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> dict | None:
         """A failure report written by `write_report`; None when there is none (or it is
         not a JSON object)."""
         try:
-            data = self._client.bucket(bucket).blob(name).download_as_bytes(timeout=TIMEOUT_SECONDS)
+            data = self._client.bucket(bucket).blob(name).download_as_bytes(
+                timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
         except api_exceptions.NotFound:
             return None
         except Exception as error:
@@ -181,8 +181,10 @@ class Store:
             return None
         return report if isinstance(report, dict) else None
 
-    def write_report(self, bucket: str, name: str, report: Mapping, metadata: Mapping[str, str] | None = None) -> None:
-        """Write (or replace) a JSON failure report, with `metadata` as its custom metadata."""
+    def write_report(self, bucket: str, name: str, report: Mapping, metadata: Mapping[str, str] | None = None, *,
+                     timeout: float = TIMEOUT_SECONDS) -> None:
+        """Write (or replace) a JSON failure report, with `metadata` as its custom metadata;
+        each try and the retries within `timeout` seconds."""
         blob = self._client.bucket(bucket).blob(name)
         blob.metadata = dict(metadata) if metadata else None
         body = json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True)
@@ -194,20 +196,19 @@ class Store:
             blob.upload_from_string(
                 data,
                 content_type="application/json",
-                timeout=TIMEOUT_SECONDS,
-                retry=DEFAULT_RETRY,  # replacing a report with the same content is idempotent
+                timeout=timeout,
+                # replacing a report with the same content is idempotent
+                retry=DEFAULT_RETRY if timeout == TIMEOUT_SECONDS else DEFAULT_RETRY.with_timeout(timeout),
             )
         except Exception as error:
             # A report that cannot be written must not be lost: retry the whole job later.
             raise TransientError(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
 
 
-    def delete(self, bucket: str, name: str) -> None:
-        """Delete an object of imagen's own (a job's running marker); one already gone is fine.
-        Briefly (DELETE_SECONDS): it comes after a job's work, inside its request or lease."""
+    def delete(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
+        """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
         try:
-            self._client.bucket(bucket).blob(name).delete(timeout=DELETE_SECONDS,
-                                                          retry=DEFAULT_RETRY.with_timeout(DELETE_SECONDS))
+            self._client.bucket(bucket).blob(name).delete(timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
         except api_exceptions.NotFound:
             return
         except Exception as error:

@@ -529,7 +529,10 @@ def test_a_stopped_worker_report_that_cannot_be_written_keeps_the_count(settings
 
     def no_reports(bucket_name, name, *args, **kwargs):
         if name.endswith(".json"):
-            raise TransientError("503 from Cloud Storage")
+            try:  # as Store.write_report raises it: chained to the library's error
+                raise OSError("503 from Cloud Storage")
+            except OSError as error:
+                raise TransientError(f"cannot write failure report: {error}") from error
         return write(bucket_name, name, *args, **kwargs)
 
     monkeypatch.setattr(processor._store, "write_report", no_reports)
