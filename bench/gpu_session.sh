@@ -70,9 +70,13 @@ final)
   # 1. upscale 256 -> 1024 and 512 -> 2048, imagen alone (session 8 ran stock in the same
   #    configuration: 3.908 / 7.868 s), today's defaults (host_timesteps on since session 8),
   #    with the CUDA graphs' pool beside the reserved peak: session 8's 512 held 17.9 GiB
-  #    reserved against 7.3 allocated; how much of it is the pool. ~200 s from a cold Inductor
-  #    cache (the setup compiles both tile buckets, 172 s in session 8).
-  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock
+  #    reserved against 7.3 allocated; how much of it is the pool. The variant compiles in
+  #    the warm-up (wc: background_compile=off), so its graphs are captured compiled only,
+  #    never uncompiled first into the same pool: if its pool is much smaller, capturing the
+  #    compiled graphs into a fresh pool would pay. ~200 s from a cold Inductor cache (the
+  #    setup compiles both tile buckets, 172 s in session 8), the variant ~40 s more.
+  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock \
+    --variant "wc: background_compile=off"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
   #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when
   #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).
