@@ -75,7 +75,9 @@ final)
   #    never uncompiled first into the same pool: if its pool is much smaller, capturing the
   #    compiled graphs into a fresh pool would pay. ~200 s from a cold Inductor cache (the
   #    setup compiles both tile buckets, 172 s in session 8), the variant ~40 s more.
-  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock \
+  #    Profiled: the profiles now also list the host's side by self CPU time (256 -> 1024
+  #    is 17 ms over 1.9 s with ~0.12 s of its time outside GPU work).
+  want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock --profile \
     --variant "wc: background_compile=off"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds
   #    peft, scipy, torchaudio and torchvision, which diffusers and transformers import when

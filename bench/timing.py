@@ -95,7 +95,10 @@ def free(device: torch.device, *, compiled: bool = False) -> None:
 
 def profile(fn: Callable[[], object], device: torch.device, path) -> str:
     """Run `fn` once under torch.profiler and write its top operators by self device time
-    (CPU time on the CPU) to `path`; returns the table."""
+    (CPU time on the CPU) to `path`; returns the table. On CUDA the top operators by self
+    CPU time follow: where the host spends its time while the device may wait for it
+    (copies to the host, synchronisations, each operator's launch work; Python between
+    operators shows only as the gap between this table's total and the run's)."""
     from pathlib import Path
 
     from torch.profiler import ProfilerActivity
@@ -116,6 +119,12 @@ def profile(fn: Callable[[], object], device: torch.device, path) -> str:
         except (AttributeError, KeyError, ValueError):
             continue
     table = table or averages.table(row_limit=30)
+    if cuda:
+        try:
+            host = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            table += "\n\nBy self CPU time (the host's side of the same run):\n" + host
+        except (AttributeError, KeyError, ValueError):
+            pass
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(table + "\n")
     return table
