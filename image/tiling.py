@@ -74,18 +74,23 @@ class TilePlan:
         return [Box(x, y, x + self.tile, y + self.tile) for y in self.ys for x in self.xs]
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
-    """Start offsets of fixed-size tiles covering `length` pixels, overlapping >= `overlap`."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> tuple[int, ...]:
+    """Start offsets of fixed-size tiles covering `length` pixels, overlapping >= `overlap`,
+    each a multiple of `align` (then `length - tile` must be one too)."""
     _check_geometry(tile, overlap)
     if length <= tile:
         return (0,)
-    count = math.ceil((length - overlap) / (tile - overlap))
     span = length - tile
-    return tuple(round(i * span / (count - 1)) for i in range(count))
+    if span % align:
+        raise ValueError(f"{length} - {tile} is not a multiple of {align}")
+    margin = align - 1  # what rounding to a multiple of `align` can take off an overlap
+    count = math.ceil((length - overlap - margin) / (tile - overlap - margin))
+    return tuple(align * round(i * span / (count - 1) / align) for i in range(count))
 
 
-def plan_tiles(width: int, height: int, tile: int, overlap: int) -> TilePlan:
-    """The tile grid for a `width` x `height` image (pixels)."""
+def plan_tiles(width: int, height: int, tile: int, overlap: int, align: int = 1) -> TilePlan:
+    """The tile grid for a `width` x `height` image (pixels); tiles start at multiples of
+    `align` (a latent grid's: the image padded to one first)."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     return TilePlan(
@@ -93,8 +98,8 @@ def plan_tiles(width: int, height: int, tile: int, overlap: int) -> TilePlan:
         height=height,
         tile=tile,
         overlap=overlap,
-        xs=tile_starts(width, tile, overlap),
-        ys=tile_starts(height, tile, overlap),
+        xs=tile_starts(width, tile, overlap, align),
+        ys=tile_starts(height, tile, overlap, align),
     )
 
 
@@ -214,6 +219,7 @@ def upscale_tiled(
     batch_size: int = 1,
     on_tile: Callable[[int, int], None] | None = None,
     levels: float | None = None,
+    align: int = 1,
 ) -> np.ndarray:
     """Run `process` over fixed-size tiles of an (H, W, C) array and blend the results.
 
@@ -221,13 +227,13 @@ def upscale_tiled(
     N is at most `batch_size`. `on_tile(done, total)` is called after each batch. Returns
     (H*scale, W*scale, C): float32, or uint8 with `levels` (each value x `levels`, rounded and
     clipped to 0..255: 255 for values in 0..1). Memory besides the input and the output: one
-    band of tile*scale output rows in float32 (Stitcher).
+    band of tile*scale output rows in float32 (Stitcher). `align`: as `plan_tiles`.
     """
     _check_geometry(tile, overlap)
     if array.ndim != 3:
         raise ValueError(f"expected an (H, W, C) array, got shape {array.shape}")
     height, width, channels = array.shape
-    plan = plan_tiles(width, height, tile, overlap)
+    plan = plan_tiles(width, height, tile, overlap, align)
     canvas = pad_to(array, plan.canvas_width, plan.canvas_height)
     stitcher = Stitcher(plan, scale, channels, levels)
     boxes = plan.boxes

@@ -18,12 +18,13 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from image.models._quiet import quiet_libraries
 from image.operations.base import Operation, attach_alpha
 from image.params import resolve
-from image.tiling import pad_to_multiple, upscale_tiled
+from image.tiling import pad_to_multiple, plan_tiles, upscale_tiled
 
 
 class Img2ImgOperation(Operation):
@@ -81,10 +82,15 @@ class Img2ImgOperation(Operation):
                 out = out.resize(rgb.size, Image.Resampling.LANCZOS)
         return attach_alpha(out, alpha)
 
-    def _pipe(self, image: Image.Image, params: dict[str, Any], generator, where: str) -> Image.Image:
+    def _pipe(self, image: Image.Image, params: dict[str, Any], generator, where: str,
+              noise: torch.Tensor | None = None) -> Image.Image:
+        """The pipeline on `image`; `noise` (latent-sized, on the CPU): the noise its encoded
+        image starts from, instead of noise the pipeline draws from `generator` (a tile's
+        slice of its image's `noise_field`)."""
         # The SDXL pipeline re-casts its VAE on every call and warns each time: noise in
         # the service's logs, one line per job.
         with quiet_libraries(warnings=False):
+            latents = None if noise is None else self._noised_latents(image, params, generator, noise)
             return self.model(
                 prompt=self.prompt(params),
                 negative_prompt=params["negative_prompt"] or None,
@@ -93,27 +99,52 @@ class Img2ImgOperation(Operation):
                 num_inference_steps=params["steps"],
                 guidance_scale=params["guidance"],
                 generator=generator,
+                latents=latents,
                 output_type="pil",
                 callback_on_step_end=self.step_check(where),
             ).images[0]
 
+    def _noised_latents(self, image: Image.Image, params: dict[str, Any], generator, noise: torch.Tensor):
+        """What the pipeline's own prepare_latents makes of `image` (encoded, with `generator`
+        for the encoder's sample), with `noise` added at the first timestep `strength` leaves
+        instead of noise drawn from `generator`. The pipeline sets its schedule again the same
+        way when it runs."""
+        pipe = self.model
+        device, dtype = pipe._execution_device, pipe.unet.dtype
+        pipe.scheduler.set_timesteps(params["steps"], device=device)
+        timesteps, _ = pipe.get_timesteps(params["steps"], params["strength"], device)
+        first = timesteps[:1]
+        encoded = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, 1, 1, dtype, device, generator,
+                                       add_noise=False)
+        return pipe.scheduler.add_noise(encoded, noise.to(device=device, dtype=dtype), first)
+
     def _tiled(self, rgb: Image.Image, params: dict[str, Any], seed: int) -> Image.Image:
         tile = self.native
         overlap = _round_to(self.native * self.tile_overlap_ratio, self.multiple // 2 or 1)
+        # Tiles start on the latent grid, so neighbours' slices of the image's noise field
+        # line up where they overlap (the image padded to that grid first, cropped after).
+        factor = self.model.vae_scale_factor
+        array = pad_to_multiple(np.asarray(rgb), factor)
+        plan = plan_tiles(array.shape[1], array.shape[0], tile, overlap, align=factor)
+        channels = self.model.vae.config.latent_channels
+        field = self.noise_field((channels, plan.canvas_height // factor, plan.canvas_width // factor), seed)
         counter = iter(range(1 << 30))
 
         def process(batch: np.ndarray) -> np.ndarray:
             outs = []
             for tile_array in batch:
                 number = next(counter)
+                box = plan.boxes[number]
+                noise = field[None, :, box.top // factor:box.bottom // factor, box.left // factor:box.right // factor]
                 generator = self.generator(seed, tile=number)
                 tile_image = Image.fromarray(tile_array.astype(np.uint8))
-                outs.append(np.asarray(self._pipe(tile_image, params, generator, f"tile {number + 1} "), np.float32))
+                out = self._pipe(tile_image, params, generator, f"tile {number + 1} ", noise=noise)
+                outs.append(np.asarray(out, np.float32))
             return np.stack(outs)
 
-        out = upscale_tiled(np.asarray(rgb), process, scale=1, tile=tile, overlap=overlap, levels=1.0,
-                            on_tile=self.tile_check())
-        return Image.fromarray(out, "RGB")
+        out = upscale_tiled(array, process, scale=1, tile=tile, overlap=overlap, levels=1.0,
+                            on_tile=self.tile_check(), align=factor)
+        return Image.fromarray(out[:rgb.height, :rgb.width], "RGB")
 
 
 def working_scale(size: tuple[int, int], *, min_side: float, max_pixels: float) -> float:

@@ -327,6 +327,16 @@ class Operation:
         """
         return torch.Generator(device=self.device).manual_seed((seed + 7919 * tile) % 2**32)
 
+    @staticmethod
+    def noise_field(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """One field of Gaussian noise over a tiled image's whole latent canvas, on the CPU
+        (device memory stays bounded), whose slices its tiles take: neighbouring tiles then
+        start their overlap from the same noise and invent the same texture there (with
+        noise of their own, the cross-fade averaged two unrelated textures: a band of softer
+        detail along every seam). A stream of its own: on the CPU, tile 0's generator (seed
+        + 0) would give the same numbers."""
+        return torch.randn(shape, generator=torch.Generator().manual_seed((seed ^ 0x9E3779B9) % 2**32))
+
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     """(RGB image, alpha as "L" or None). Any other mode, an embedded ICC profile or a

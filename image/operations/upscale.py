@@ -110,19 +110,13 @@ class Upscale(Operation):
         return None if check is None else (lambda step, timestep, latents: check(None, step, timestep, None))
 
     def latent_noise(self, plan, seed: int) -> torch.Tensor | None:
-        """The initial latents of a tiled image, as one field over the whole canvas
-        ((channels, height, width) on the CPU: the x4 UNet's latents have the input's size),
-        whose slices the tiles take; None for one tile (the pipeline draws them from the
-        tile's generator, as stock diffusers does for the same seed).
-
-        Neighbouring tiles then start their overlap from the same noise, so they invent the
-        same texture there: with noise of their own, the cross-fade averaged two unrelated
-        textures, a band of softer detail along every seam."""
+        """The initial latents of a tiled image, as one `noise_field` over the whole canvas
+        ((channels, height, width): the x4 UNet's latents have the input's size), whose
+        slices the tiles take; None for one tile (the pipeline draws them from the tile's
+        generator, as stock diffusers does for the same seed)."""
         if len(plan.boxes) == 1:
             return None
-        shape = (self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width)
-        # A stream of its own: on the CPU, tile 0's generator (seed + 0) would give the same numbers.
-        return torch.randn(shape, generator=torch.Generator().manual_seed((seed ^ 0x9E3779B9) % 2**32))
+        return self.noise_field((self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width), seed)
 
     def process(self, rgb, alpha, params, seed):
         # 1. Tiles go through the pipeline in batches, each with its own seeded generator (for

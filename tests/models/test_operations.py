@@ -26,7 +26,7 @@ from image.errors import (
     Withdrawn,
 )
 from image.operations import OPERATION_NAMES, get_operation
-from image.operations._img2img import working_scale
+from image.operations._img2img import _round_to, working_scale
 from image.params import resolve, validate_params
 from image.tiling import plan_tiles
 
@@ -221,9 +221,9 @@ def test_enhance_tiles_inputs_beyond_its_range(engine, monkeypatch):
     calls = []
     original = enhance._pipe
 
-    def spy(image, params, generator, where):
+    def spy(image, params, generator, where, **kwargs):
         calls.append(image.size)
-        return original(image, params, generator, where)
+        return original(image, params, generator, where, **kwargs)
 
     monkeypatch.setattr(enhance, "_pipe", spy)
     # 2 x 1.25 native: more than (1.5 x native)**2 pixels, so tiled at native size.
@@ -231,6 +231,45 @@ def test_enhance_tiles_inputs_beyond_its_range(engine, monkeypatch):
     out = _run(engine, ["enhance"], _image(*size))
     assert out.size == size
     assert len(calls) > 1 and set(calls) == {(enhance.native, enhance.native)}
+
+
+def test_enhance_tiles_start_their_overlaps_from_the_same_noise(engine, monkeypatch):
+    # As upscale's: with noise of their own, neighbouring tiles refine the strip they share
+    # differently and the cross-fade averages two renderings (softer detail along each seam).
+    # Tiles start on the latent grid and take slices of one noise field.
+    enhance = engine._ops["enhance"]
+    original = enhance._pipe
+    calls = []
+
+    def spy(image, params, generator, where, noise=None):
+        out = original(image, params, generator, where, noise=noise if sharing else None)
+        calls.append((noise, np.asarray(out, np.float32)))
+        return out
+
+    monkeypatch.setattr(enhance, "_pipe", spy)
+    tile, factor = enhance.native, enhance.model.vae_scale_factor
+    size = (tile * 2 - tile // 4 + 5, tile * 3 // 2 + 3)  # tiled (over 1.5^2 native^2 pixels), off the grid
+    image = _image(*size, seed=4)
+    overlap = _round_to(tile * enhance.tile_overlap_ratio, enhance.multiple // 2 or 1)
+    plan = plan_tiles(size[0] + -size[0] % factor, size[1] + -size[1] % factor, tile, overlap, align=factor)
+    shift = plan.xs[1]
+    shared = tile - shift
+
+    def disagreement() -> float:
+        calls.clear()
+        out = _run(engine, ["enhance"], image, steps=4, strength=0.5)
+        assert out.size == size and len(calls) == len(plan.boxes) == 4
+        (left, left_out), (right, right_out) = calls[0], calls[1]  # the first row's two tiles
+        assert torch.equal(left[..., shift // factor:], right[..., :shared // factor])  # the same noise there
+        assert not torch.equal(left[..., :shared // factor], right[..., :shared // factor])  # and only there
+        return float(np.abs(left_out[:, shift:] - right_out[:, :shared]).mean())
+
+    assert all(x % factor == 0 for x in plan.xs + plan.ys) and len(plan.xs) == 2
+    sharing = True
+    together = disagreement()
+    sharing = False  # each tile's own noise, drawn by the pipeline: as before
+    apart = disagreement()
+    assert together < 0.7 * apart, (together, apart)
 
 
 def test_working_scale():
