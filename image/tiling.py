@@ -83,8 +83,12 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> tuple[i
     span = length - tile
     if span % align:
         raise ValueError(f"{length} - {tile} is not a multiple of {align}")
-    margin = align - 1  # what rounding to a multiple of `align` can take off an overlap
-    count = math.ceil((length - overlap - margin) / (tile - overlap - margin))
+    # The widest step that keeps the overlap, on the grid: evenly spread starts rounded to the
+    # grid then step by at most that (a multiple of `align` below it plus `align`).
+    step = align * ((tile - overlap) // align)
+    if step < 1:
+        raise ValueError(f"tiles of {tile} overlapping by {overlap} leave no step on a grid of {align}")
+    count = math.ceil(span / step) + 1
     return tuple(align * round(i * span / (count - 1) / align) for i in range(count))
 
 

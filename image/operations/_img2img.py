@@ -108,7 +108,8 @@ class Img2ImgOperation(Operation):
         """What the pipeline's own prepare_latents makes of `image` (encoded, with `generator`
         for the encoder's sample), with `noise` added at the first timestep `strength` leaves
         instead of noise drawn from `generator`. The pipeline sets its schedule again the same
-        way when it runs."""
+        way when it runs. SDXL's img2img pipeline (enhance): SD1.5's prepare_latents, comic's,
+        has no `add_noise` (comic does not tile)."""
         pipe = self.model
         device, dtype = pipe._execution_device, pipe.unet.dtype
         pipe.scheduler.set_timesteps(params["steps"], device=device)

@@ -257,3 +257,17 @@ def test_to_uint8_rounds_and_clips():
     assert out.dtype == np.uint8
     assert out.tolist() == [[0, 0, 0, 2, 255, 255]]
     assert to_uint8(np.array([-3.0, 2.5, 3.5, 254.6, 300.0]), levels=1.0).tolist() == [0, 2, 4, 255, 255]
+
+
+@pytest.mark.parametrize("tile, overlap, align", [(1024, 128, 8), (256, 32, 8), (64, 8, 4)])
+def test_aligned_tiles_start_on_the_grid_keep_the_overlap_and_add_no_tile(tile, overlap, align):
+    # enhance's tiles start on the latent grid so their slices of one noise field line up;
+    # rounding to it must neither shrink an overlap nor cost a row of tiles.
+    for length in range(tile, 6 * tile, align):
+        starts = tile_starts(length, tile, overlap, align)
+        assert all(start % align == 0 for start in starts) and starts[0] == 0 and starts[-1] == length - tile
+        assert all(b + tile - c >= overlap and c > b for b, c in zip(starts, starts[1:], strict=False))
+        assert len(starts) == len(tile_starts(length, tile, overlap))
+    assert tile_starts(1920, 1024, 128, 8) == (0, 896)
+    with pytest.raises(ValueError):
+        tile_starts(tile + 1, tile, overlap, align)  # the image is padded to the grid first
