@@ -182,14 +182,16 @@ def list_dead_letters(
 
     `wait_seconds`: how long a pull waits for more messages before the listing ends."""
     letters: list[DeadLetter] = []
+    held: list[str] = []  # their ack ids
     lease = _Lease(subscriber, subscription)
     try:
         for batch in _batches(subscriber, subscription, limit, wait_seconds):
             letters.extend(batch)
-            lease.keep([letter.ack_id for letter in letters])
+            held.extend(letter.ack_id for letter in batch)
+            lease.keep(held)
     finally:
         # Nack everything pulled: the messages are available again at once.
-        _nack(subscriber, subscription, [letter.ack_id for letter in letters])
+        _nack(subscriber, subscription, held)
     return letters
 
 

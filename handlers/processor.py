@@ -239,23 +239,24 @@ class Processor:
         be written: the next delivery writes it), nor after a BaseException (the process is
         going down)."""
         marker = _Marker()
-        ended = False
         try:
             outcome = self._attempt(job, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
                                     withdrawn=withdrawn, marker=marker)
-            ended = True
-            return outcome
         except Exception:
-            ended = not marker.keep
+            if not marker.keep:
+                self._remove_marker(marker)
             raise
-        finally:
-            if marker.location and ended:
-                try:
-                    self._store.delete(*marker.location, timeout=MARKER_SECONDS)
-                except (TransientError, InputError) as error:
-                    # The next delivery, if any, would count a death that was none.
-                    log.warning("the job's running marker gs://%s/%s could not be removed: %s", *marker.location,
-                                error)
+        self._remove_marker(marker)
+        return outcome
+
+    def _remove_marker(self, marker: _Marker) -> None:
+        if marker.location is None:
+            return
+        try:
+            self._store.delete(*marker.location, timeout=MARKER_SECONDS)
+        except (TransientError, InputError) as error:
+            # The next delivery, if any, would count a death that was none.
+            log.warning("the job's running marker gs://%s/%s could not be removed: %s", *marker.location, error)
 
     def _attempt(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
                  sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None,
@@ -475,10 +476,9 @@ class Processor:
         in `marker`); JobStoppedWorker once STOPPED_WORKER_LIMIT died. A marker that cannot
         be read or written within MARKER_SECONDS counts nothing: the job runs as it would
         without one."""
-        if attempt is not None:
-            if attempt <= 1:
-                return
-        elif sent is None or (delivered - sent).total_seconds() < REDELIVERY_AGE_SECONDS:
+        redelivered = attempt > 1 if attempt is not None else \
+            sent is not None and (delivered - sent).total_seconds() >= REDELIVERY_AGE_SECONDS
+        if not redelivered:
             return
         bucket, name = routing.failure_location(job, self._layout)
         location = (bucket, name + RUNNING_SUFFIX)

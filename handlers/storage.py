@@ -197,13 +197,11 @@ class Store:
                 data,
                 content_type="application/json",
                 timeout=timeout,
-                # replacing a report with the same content is idempotent
-                retry=DEFAULT_RETRY if timeout == TIMEOUT_SECONDS else DEFAULT_RETRY.with_timeout(timeout),
+                retry=DEFAULT_RETRY.with_timeout(timeout),  # replacing a report with the same content is idempotent
             )
         except Exception as error:
             # A report that cannot be written must not be lost: retry the whole job later.
             raise TransientError(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
-
 
     def delete(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
         """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
