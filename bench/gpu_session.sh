@@ -70,13 +70,15 @@ final)
   # 1. upscale 256 -> 1024 and 512 -> 2048, imagen alone (session 8 ran stock in the same
   #    configuration: 3.908 / 7.868 s), today's defaults (host_timesteps on since session 8),
   #    with the CUDA graphs' pool beside the reserved peak: session 8's 512 held 17.9 GiB
-  #    reserved against 7.3 allocated; how much of it is the pool. The variant compiles in
-  #    the warm-up (wc: background_compile=off), so its graphs are captured compiled only,
-  #    never uncompiled first into the same pool: if its pool is much smaller, capturing the
-  #    compiled graphs into a fresh pool would pay. ~200 s from a cold Inductor cache (the
-  #    setup compiles both tile buckets, 172 s in session 8), the variant ~40 s more.
-  #    Profiled: the profiles now also list the host's side by self CPU time (256 -> 1024
-  #    is 17 ms over 1.9 s with ~0.12 s of its time outside GPU work).
+  #    reserved against 7.3 allocated; how much of it is the pool. Since session 8 the
+  #    background compile captures its graphs into a fresh pool and the uncompiled graphs'
+  #    pool is given back (GraphedForward.adopt; its two GPU tests run first, seconds): the
+  #    reserved peak should fall to about the variant's, which compiles in the warm-up
+  #    (wc: background_compile=off: graphs captured compiled only, never uncompiled first).
+  #    ~200 s from a cold Inductor cache (the setup compiles both tile buckets, 172 s in
+  #    session 8), the variant ~40 s more. Profiled: the profiles now also list the host's
+  #    side by self CPU time (256 -> 1024 is 17 ms over 1.9 s with ~0.12 s outside GPU work).
+  want 1 && step 30 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py -k adopt
   want 1 && step 420 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock --profile \
     --variant "wc: background_compile=off"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds

@@ -19,7 +19,9 @@ How it keeps the model's function:
   (schedulers keep past outputs);
 - the live graphs of the process share one memory pool, so shapes and models do not each keep
   their own activations; it is safe because replays never overlap (the engine runs one job
-  at a time) and each replay's output is copied out before any other graph runs;
+  at a time) and each replay's output is copied out before any other graph runs. A pool
+  never shrinks while one of its graphs lives, so `adopt` moves a model whose graphs are the
+  process's only ones to a fresh pool and gives the old one back;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
   sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
   captured) marks its signature eager, logs once, and the call runs eagerly. One capture at a
@@ -122,11 +124,17 @@ class GraphedForward:
            recompile here fails instead of compiling inside the capture) and the set is
            swapped in; the old graphs are released there too, never replayed again, and the
            allocator's cache is emptied. A failed capture keeps the old graphs and raises.
+           The new graphs go to a fresh pool when no other model has graphs, so the old
+           pool's memory is given back rather than kept beside them.
 
         Signatures first seen later are captured with the original forward.
         """
+        global _pool
         with _capturing, torch.inference_mode():
             compiled = dict(self.graphs)
+            # The process's only graphs: a fresh pool, and the old one is given back once they
+            # die below. Other models' graphs (a chain) still use the old one: shared, as before.
+            pool = torch.cuda.graph_pool_handle() if set(_live) <= set(compiled.values()) else _shared_pool()
             side = torch.cuda.Stream()
             for graph in compiled.values():
                 args, kwargs = tree_unflatten(graph.input_copies(), graph.spec)
@@ -137,8 +145,8 @@ class GraphedForward:
             with lock, torch.compiler.set_stance("fail_on_recompile"):
                 adopted = dict(self.graphs)
                 for key, graph in compiled.items():
-                    adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward)
-                self.graphs, self.adopted = adopted, forward
+                    adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward, pool)
+                self.graphs, self.adopted, _pool = adopted, forward, pool
                 count = len(compiled)
                 compiled.clear()  # the old graphs die here, under the lock
                 graph = None
@@ -148,7 +156,7 @@ class GraphedForward:
                 torch.cuda.empty_cache()
             return count
 
-    def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
+    def _capture(self, key: tuple, leaves: list, spec, forward, pool=None) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = tree_unflatten(inputs, spec)
         stream = torch.cuda.current_stream()
@@ -162,7 +170,7 @@ class GraphedForward:
             graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls other threads make meanwhile (another operation's job, a
             # background compile) do not invalidate this capture.
-            with torch.cuda.graph(graph, pool=_shared_pool(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool or _shared_pool(), capture_error_mode="thread_local"):
                 output = forward(*args, **kwargs)
         except BaseException:
             # A failed capture can leave the capture stream current: put the caller's back.

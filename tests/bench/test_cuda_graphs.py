@@ -7,6 +7,8 @@ tiny models through the production loader).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,79 @@ def test_graphs_of_a_dropped_model_leave_a_pool_the_next_model_can_capture_into(
     capture_one()
     torch.randn(4, device="cuda")  # the generator is not left mid-capture
     assert kept.isfinite().all()
+
+
+def _pools(old=()) -> dict:
+    """Bytes per private (CUDA graph) pool on the current device, by pool id; not `old`'s."""
+    sizes: dict = {}
+    for segment in torch.cuda.memory_snapshot():
+        pool = tuple(segment.get("segment_pool_id", (0, 0)))
+        if pool != (0, 0) and pool not in old:
+            sizes[pool] = sizes.get(pool, 0) + segment["total_size"]
+    return sizes
+
+
+def _drop_other_graphs() -> dict:
+    """Let earlier tests' models (and Dynamo's references to them) die with their graphs;
+    returns the pools left (a dead graph's pool keeps what cuBLAS's workspace holds there)."""
+    import gc
+
+    from image.operations import graphs
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert not list(graphs._live), "an earlier test's CUDA graphs are still alive"
+    return _pools()
+
+
+def _wide_layer():
+    """A forward whose graph holds 64 MiB of intermediates and a 32 MiB output."""
+    layer = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024))
+    return layer.to("cuda", torch.float16), torch.randn(16384, 1024, device="cuda", dtype=torch.float16)
+
+
+@cuda
+def test_adopt_gives_the_old_graphs_memory_back_when_they_were_the_only_ones():
+    # A pool never shrinks while one of its graphs lives: captured into the old pool, the
+    # adopted graphs would hold the old ones' outputs and intermediates beside their own for
+    # the process's life (upscale held ~7.8 GiB beyond its tensors at 256 -> 1024).
+    from image.operations import graphs
+
+    old = _drop_other_graphs()
+    layer, x = _wide_layer()
+    graphed = graph_module(layer)
+    with torch.inference_mode():
+        expected = layer(x)
+        before = _pools(old)
+        assert len(before) == 1
+        assert graphed.adopt(lambda *a, **k: graphed.forward(*a, **k), threading.Lock()) == 1
+        after = _pools(old)
+        assert graphs._pool not in before  # a pool of its own...
+        # ...and the old one given back (but for cuBLAS's workspace, if its first capture
+        # allocated it there: kept for the handle and stream, 32 MiB on Hopper): captured
+        # into the old pool, the new graph would add its 32 MiB output at least.
+        assert sum(after.values()) <= sum(before.values())
+        assert after.get(next(iter(before)), 0) <= 64 << 20
+        assert torch.allclose(layer(x), expected, atol=1e-3)  # the new graph replays the same function
+        other = graph_module(_wide_layer()[0])  # a later capture shares the new pool
+        other(x)
+        assert _pools(old).keys() == after.keys() and len(other.graphs) == 1
+
+
+@cuda
+def test_adopt_keeps_the_pool_shared_while_another_models_graphs_use_it():
+    old = _drop_other_graphs()
+    first, x = _wide_layer()
+    second = _wide_layer()[0]
+    graphed, kept = graph_module(first), graph_module(second)
+    with torch.inference_mode():
+        first(x), second(x)
+        before = _pools(old)
+        assert len(before) == 1 and len(kept.graphs) == 1
+        graphed.adopt(lambda *a, **k: graphed.forward(*a, **k), threading.Lock())
+        assert _pools(old).keys() == before.keys()  # the other model's graph still replays from it
+        assert torch.allclose(second(x), kept.forward(x), atol=1e-3)
 
 
 @cuda
