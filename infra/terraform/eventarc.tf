@@ -14,6 +14,29 @@ resource "google_service_account" "eventarc" {
   depends_on = [google_project_service.enabled]
 }
 
+# Eventarc's own service agent acts for the triggers. Google makes it lazily and grants its role
+# minutes after the API is enabled, so a fresh project's first apply failed creating the
+# triggers ("Permission denied while using the Eventarc Service Agent"; a sleep does not help:
+# the agent may not exist until something asks for it). Made and granted here instead.
+resource "google_project_service_identity" "eventarc" {
+  count    = local.eventarc ? 1 : 0
+  provider = google-beta
+
+  project = var.project_id
+  service = "eventarc.googleapis.com"
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_project_iam_member" "eventarc_agent" {
+  # checkov:skip=CKV_GCP_49: Google's own Eventarc agent, given the role Google grants it itself, minutes later
+  count = local.eventarc ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/eventarc.serviceAgent"
+  member  = "serviceAccount:${google_project_service_identity.eventarc[0].email}"
+}
+
 # Eventarc requires its trigger identities to hold eventReceiver; the role exists only at
 # project level and grants receiving events, nothing else.
 resource "google_project_iam_member" "eventarc_receiver" {
@@ -79,6 +102,7 @@ resource "google_eventarc_trigger" "worker" {
   }
 
   depends_on = [
+    google_project_iam_member.eventarc_agent,
     google_project_iam_member.eventarc_receiver,
     google_project_iam_member.gcs_publishes_for_eventarc,
     google_service_account_iam_member.pubsub_signs_as_eventarc,

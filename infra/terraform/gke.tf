@@ -55,7 +55,18 @@ resource "google_service_account_iam_member" "keda_workload_identity" {
   member             = "serviceAccount:${local.workload_pool}[${var.keda_namespace}/${var.keda_service_account}]"
 }
 
-# The GPU nodes pull the worker images.
+# The GPU nodes write the workers' logs and metrics (GKE's agents run as the node's account:
+# without this role, in projects whose default compute account holds none, which is the
+# default for organisations since May 2024, no worker line reaches Cloud Logging and the
+# alerts never fire) and pull the worker images.
+resource "google_project_iam_member" "gke_nodes_default_role" {
+  count = local.gke && var.gke_node_service_account != "" ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/container.defaultNodeServiceAccount"
+  member  = "serviceAccount:${var.gke_node_service_account}"
+}
+
 resource "google_artifact_registry_repository_iam_member" "gke_nodes_pull" {
   count = local.gke && var.gke_node_service_account != "" ? 1 : 0
 

@@ -68,8 +68,13 @@ resource "google_pubsub_subscription" "jobs" {
   }
 
   # The service agent must be able to move messages to the dead-letter topic before the
-  # first one fails five times.
-  depends_on = [google_pubsub_topic_iam_member.dead_letter_publisher]
+  # first one fails five times, and push requests carry a token the service accepts from the
+  # first (else each early delivery is refused, 401/403, and waits out Pub/Sub's backoff).
+  depends_on = [
+    google_pubsub_topic_iam_member.dead_letter_publisher,
+    google_cloud_run_v2_service_iam_member.push_invokes,
+    google_service_account_iam_member.pubsub_signs_as_push,
+  ]
 }
 
 # Messages no operation's subscription takes (main.tf, local.unrouted_filters): kept for a

@@ -186,6 +186,14 @@ variable "gpu_type" {
   description = "GPU of each Cloud Run instance (node_selector accelerator). Cloud Run only: GKE's is the node pool's and infra/k8s's node selector."
   type        = string
   default     = "nvidia-l4"
+
+  # Cloud Run's other GPU, nvidia-rtx-pro-6000 (Blackwell), needs 20+ vCPUs and 80+ GiB (the
+  # shape check knows the L4's shapes only) and a CUDA 13 image, which the Dockerfile does not
+  # build by default.
+  validation {
+    condition     = var.gpu_type == "nvidia-l4"
+    error_message = "gpu_type: nvidia-l4 is the GPU this module deploys on Cloud Run. A Blackwell GPU (nvidia-rtx-pro-6000) needs an image built for CUDA 13 (the Dockerfile's comment says how) and its own instance shapes: not supported here yet."
+  }
 }
 
 variable "gpu_zonal_redundancy" {
@@ -308,7 +316,7 @@ variable "gke_namespace" {
 }
 
 variable "gke_node_service_account" {
-  description = "GKE mode: email of the GPU node pool's service account, given read access to the image repository. Empty: grant it yourself."
+  description = "GKE mode: email of the GPU node pool's service account, given roles/container.defaultNodeServiceAccount (logs, metrics) and read access to the image repository. Empty: grant them yourself."
   type        = string
   default     = ""
 }

@@ -9,6 +9,12 @@ terraform {
       # node_selector, gpu_zonal_redundancy_disabled) and in 7.x.
       version = ">= 6.40, < 8.0"
     }
+    # google_project_service_identity alone (Eventarc's service agent, eventarc.tf): in no
+    # GA release of the google provider yet.
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = ">= 6.40, < 8.0"
+    }
   }
 }
 
@@ -17,4 +23,9 @@ provider "google" {
   region  = var.region
 
   default_labels = merge({ app = "imagen" }, var.labels)
+}
+
+provider "google-beta" {
+  project = var.project_id
+  region  = var.region
 }

@@ -26,6 +26,8 @@ PROJECT_ROLES = {
     "roles/pubsub.publisher": "Cloud Storage agent, for Eventarc's own (unnamed) topic",
     "roles/monitoring.viewer": "KEDA reads subscription backlogs; metric reads are project-wide",
     "roles/logging.logWriter": "the build writes its logs",
+    "roles/eventarc.serviceAgent": "Eventarc's own agent, granted by the apply instead of minutes after the API",
+    "roles/container.defaultNodeServiceAccount": "GKE nodes write the workers' logs and metrics",
 }
 
 
@@ -692,6 +694,49 @@ def test_eventarc_alternative(terraform):
     destination = one(one(trigger["destination"])["cloud_run_service"])
     assert expr(destination["service"]) == "google_cloud_run_v2_service.worker[each.key].name"
     assert expr(trigger["service_account"]) == "google_service_account.eventarc[0].email"
+
+
+def test_eventarc_triggers_wait_for_its_service_agent_made_and_granted_by_the_apply(terraform):
+    """A fresh project's first apply failed creating the triggers: Google makes Eventarc's
+    service agent lazily and grants its role minutes after the API is enabled."""
+    identity = terraform.resource("google_project_service_identity", "eventarc")
+    assert identity["service"] == "eventarc.googleapis.com" and expr(identity["provider"]) == "google-beta"
+    assert expr(identity["count"]) == "local.eventarc ? 1 : 0"
+    grant = terraform.resource("google_project_iam_member", "eventarc_agent")
+    assert grant["role"] == "roles/eventarc.serviceAgent"
+    assert expr(grant["member"]) == "serviceAccount:${google_project_service_identity.eventarc[0].email}"
+    trigger = terraform.resource("google_eventarc_trigger", "worker")
+    assert "google_project_iam_member.eventarc_agent" in [expr(item) for item in trigger["depends_on"]]
+    providers = one(terraform.terraform)["required_providers"][0]
+    assert providers["google-beta"] == {"source": "hashicorp/google-beta", "version": providers["google"]["version"]}
+
+
+def test_push_subscriptions_wait_for_the_grants_their_requests_need(terraform):
+    subscription = terraform.resource("google_pubsub_subscription", "jobs")
+    assert {expr(item) for item in subscription["depends_on"]} >= {
+        "google_cloud_run_v2_service_iam_member.push_invokes",
+        "google_service_account_iam_member.pubsub_signs_as_push",
+    }
+
+
+def test_gke_nodes_may_write_the_workers_logs_and_pull_their_images(terraform):
+    for type_, name, role in (("google_project_iam_member", "gke_nodes_default_role",
+                               "roles/container.defaultNodeServiceAccount"),
+                              ("google_artifact_registry_repository_iam_member", "gke_nodes_pull",
+                               "roles/artifactregistry.reader")):
+        grant = terraform.resource(type_, name)
+        assert grant["role"] == role
+        assert expr(grant["member"]) == "serviceAccount:${var.gke_node_service_account}"
+        assert expr(grant["count"]) == 'local.gke && var.gke_node_service_account != "" ? 1 : 0'
+
+
+def test_a_gpu_other_than_the_l4_stops_the_plan(terraform, tmp_path):
+    """The shape check and the image know the L4 only: another GPU would fail the apply."""
+    rule = expr(one(terraform.variables["gpu_type"]["validation"])["condition"])
+    values = _evaluate(tmp_path, {}, {name.replace("-", "_"): rule.replace("var.gpu_type", json.dumps(name))
+                                      for name in ("nvidia-l4", "nvidia-rtx-pro-6000", "nvidia-t4")})
+    assert values == {"nvidia_l4": True, "nvidia_rtx_pro_6000": False, "nvidia_t4": False}
+    assert terraform.default("gpu_type") == "nvidia-l4"
 
 
 def test_log_metrics_and_alerts_watch_the_workers(terraform):
