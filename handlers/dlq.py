@@ -142,13 +142,15 @@ class DeadLetterer:
     def send(self, message: Message, subscription: str | None, reason: str) -> bool:
         """True once the dead-letter topic has it (then ack the original); False when it could
         not be published (then nack it: Pub/Sub's own policy still moves it, later)."""
+        # A reason may quote what the message brought, lone surrogates of a JSON escape included
+        # (not UTF-8: Pub/Sub would refuse the attribute): replaced, so the move cannot fail on it.
         added = {SOURCE_DELIVERY_COUNT: str(message.delivery_attempt or 1),
-                 REASON: reason.encode()[:MAX_ATTRIBUTE_VALUE].decode(errors="ignore")}
+                 REASON: reason.encode(errors="replace")[:MAX_ATTRIBUTE_VALUE].decode(errors="ignore")}
         if message.message_id:  # a replay knows its own copies coming back by it
             added[MOVED_FROM] = message.message_id
-        if subscription and subscription.startswith("projects/"):
-            _, project, _, name = subscription.split("/", 3)
-            added |= {SOURCE_SUBSCRIPTION: name, SOURCE_PROJECT: project}
+        parts = (subscription or "").split("/")
+        if len(parts) == 4 and parts[0] == "projects" and parts[2] == "subscriptions":  # a push envelope's, as sent
+            added |= {SOURCE_SUBSCRIPTION: parts[3], SOURCE_PROJECT: parts[1]}
         if message.published is not None:
             added[SOURCE_PUBLISH_TIME] = message.published.isoformat()
         fields = {"message_id": message.message_id, "topic": self.topic, "reason": reason}

@@ -75,7 +75,17 @@ class PullWorker:
         self._future = None
 
     def handle(self, message) -> None:
-        """Process one pulled message, then ack it, or nack it for a retry."""
+        """Process one pulled message, then ack it, or nack it for a retry. Nothing escapes: an
+        error out of this callback would end the streaming pull, and the process with it, at
+        every delivery of the message that raised it."""
+        try:
+            self._handle(message)
+        except Exception:
+            log.exception("unexpected error; the message goes back to Pub/Sub",
+                          extra={"fields": {"message_id": message.message_id}})
+            message.nack()
+
+    def _handle(self, message) -> None:
         parsed_message = Message(
             bytes(message.data),
             dict(message.attributes),

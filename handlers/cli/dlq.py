@@ -36,6 +36,12 @@ def _limit_option(function):
     )(function)
 
 
+def _echo(text: str) -> None:
+    """`text` as it came, but for lone surrogates (a forged JSON escape in a message: no UTF-8
+    exists for them), written as their escapes instead of failing the listing there."""
+    click.echo(text.encode(errors="backslashreplace").decode())
+
+
 @click.group("dlq")
 def command() -> None:
     """Inspect and replay dead-lettered messages."""
@@ -55,7 +61,12 @@ def list_(settings, subscription, limit, wait, as_json):
     letters = list_dead_letters(subscriber_client(settings), path, limit=limit, wait_seconds=wait)
     if as_json:
         for letter in letters:
-            click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
+            line = json.dumps(letter.to_json(), ensure_ascii=False)
+            try:
+                line.encode()
+            except UnicodeEncodeError:  # a lone surrogate: JSON escapes it
+                line = json.dumps(letter.to_json())
+            click.echo(line)
         if len(letters) >= limit:  # a copy of the subscription: say it may be cut
             click.echo(f"imagen: --limit {limit} reached: more may remain", err=True)
         return
@@ -65,12 +76,12 @@ def list_(settings, subscription, limit, wait, as_json):
         published = letter.publish_time.isoformat() if letter.publish_time else "?"
         attempts = letter.source_attempts if letter.source_attempts is not None else "?"
         origin = f" from {letter.source_subscription}" if letter.source_subscription else ""
-        click.echo(f"- {letter.message_id}  published {published}  attempts {attempts}{origin}")
-        click.echo(f"  {letter.describe()}")
+        _echo(f"- {letter.message_id}  published {published}  attempts {attempts}{origin}")
+        _echo(f"  {letter.describe()}")
         if letter.reason:
-            click.echo(f"  moved here by the worker: {letter.reason}")
+            _echo(f"  moved here by the worker: {letter.reason}")
         attributes = ", ".join(f"{k}={v}" for k, v in sorted(letter.replay_attributes.items()))
-        click.echo(f"  attributes: {attributes or '(none)'}")
+        _echo(f"  attributes: {attributes or '(none)'}")
 
 
 @command.command("replay")

@@ -346,8 +346,13 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
         garbage = publisher.publish(topology["main_topic"], b"\x00not json", origin="catalog").result(timeout=30)
         refused = publisher.publish(topology["main_topic"], json.dumps(
             {"source": "gs://someone-elses-bucket/a.png", "operation": "upscale"}).encode()).result(timeout=30)
-        wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 2,
-                 timeout=60, what="two dead letters")
+        # A field named by a lone surrogate (valid JSON, no UTF-8): quoted in the reason, it
+        # made the move raise out of the callback, which ended the pull at every delivery.
+        publisher.publish(topology["main_topic"], b'{"source": "gs://b/x.png", "operation": "upscale", '
+                          b'"\\ud800": 1}', origin="odd").result(timeout=30)
+        wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 3,
+                 timeout=60, what="three dead letters")
+        assert thread.is_alive()
     finally:
         worker.stop()
         thread.join(timeout=30)
@@ -356,6 +361,7 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     moved = {letter.replay_attributes.get("origin"): letter for letter in letters.values()}
     assert moved["catalog"].reason.startswith("unparseable: job message is not valid JSON")
     assert "someone-elses-bucket" in moved[None].reason
+    assert moved["odd"].reason == "unparseable: job message has unknown field(s): ?"
     for letter in letters.values():
         assert letter.source_subscription == topology["main_sub"] and letter.source_attempts == 1
     assert moved["catalog"].replay_attributes == {"origin": "catalog"}  # as first published
@@ -363,7 +369,7 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     assert not subscriber.pull(subscription=topology["main_sub"], max_messages=10, timeout=3).received_messages
     assert garbage and refused
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
-    assert len(report.replayed) == 2  # back to the topic of the subscription it came from
+    assert len(report.replayed) == 3  # back to the topic of the subscription it came from
 
 
 def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings, bucket, publisher, subscriber,
@@ -398,6 +404,30 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
     broken = create_app(processor, lambda: "READY",
                         dead_letters=DeadLetterer(publisher, topology["dead_topic"] + "-missing"))
     assert broken.test_client().post("/", json=envelope).status_code == 400
+
+
+def test_push_dead_letters_what_it_cannot_quote_or_place_instead_of_failing(settings, publisher, subscriber,
+                                                                           topology):
+    """A reason quoting a lone surrogate, and a `subscription` that is no subscription path:
+    the move raised (500, retried to Pub/Sub's policy); now moved, without the source names."""
+    from handlers.dlq import DeadLetterer
+    from handlers.http import create_app
+
+    app = create_app(processor_for(settings, FakeEngine()), lambda: "READY",
+                     dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
+    data = b'{"source": "gs://b/x.png", "operation": "upscale", "\\ud800": 1}'
+    envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "p-odd"},
+                "subscription": "projects/p", "deliveryAttempt": 1}
+    answer = app.test_client().post("/", json=envelope)
+    assert answer.status_code == 200 and answer.get_json()["status"] == "dead-lettered", answer.get_json()
+    [letter] = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert letter.reason == "unparseable: job message has unknown field(s): ?"
+    assert letter.source_subscription is None
+    # `dlq list` shows it (the surrogate escaped) instead of failing at that message.
+    for extra in ([], ["--json"]):
+        listed = CliRunner().invoke(imagen, ["dlq", "list", "--subscription", topology["dead_sub"], "--wait", "1",
+                                             *extra])
+        assert listed.exit_code == 0 and "\\ud800" in listed.output, listed.output
 
 
 def test_replaying_what_a_worker_moves_back_at_once_replays_it_once(settings, bucket, publisher, subscriber,
