@@ -100,8 +100,8 @@ def is_cloudevent(headers: Mapping[str, str]) -> bool:
 def parse_cloudevent(headers: Mapping[str, str],
                      body: bytes) -> tuple[ObjectEvent, datetime.datetime | None, str | None]:
     """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> (ObjectEvent, its
-    `time`: when the object changed, or None when absent or unreadable, its `id`: the same on
-    every redelivery)."""
+    `time`: when the object changed (where a sender leaves it out, the object's own `updated`
+    or `timeCreated`), or None when unreadable, its `id`: the same on every redelivery)."""
     try:
         event = from_http(dict(headers), body)
     except Exception as error:  # the SDK raises several unrelated types
@@ -116,8 +116,22 @@ def parse_cloudevent(headers: Mapping[str, str],
     if not isinstance(data, dict):
         raise EventError("CloudEvent data is not a Cloud Storage object resource")
     event_id = event.get("id")
-    return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(event.get("time")),
+    # The SDK sets a missing `time` to now: at every redelivery the event would look new, and
+    # a lasting fault would be retried for as long as the sender retries, never reported.
+    sent = event.get("time") if _time_given(headers, body) else data.get("updated") or data.get("timeCreated")
+    return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(sent),
             event_id if isinstance(event_id, str) and event_id else None)
+
+
+def _time_given(headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether the sender gave the CloudEvent's `time`: a ce-time header (binary mode) or a
+    `time` member (structured)."""
+    if any(key.lower() == "ce-specversion" for key in headers):
+        return any(key.lower() == "ce-time" for key in headers)
+    try:
+        return "time" in json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return False
 
 
 def parse_push_envelope(body: bytes) -> Message:

@@ -53,6 +53,16 @@ def test_cloudevents(name):
     assert event_id == "9876543210123456"
 
 
+@pytest.mark.parametrize("name", ["cloudevent_binary_finalized.json", "cloudevent_structured_finalized.json"])
+def test_a_cloudevent_without_time_is_as_old_as_its_object_not_new_at_every_delivery(name):
+    # The SDK sets a missing `time` to now: a lasting fault would never reach its last try.
+    case = _golden(name)
+    headers = {key: value for key, value in case["input"]["headers"].items() if key != "ce-time"}
+    body = {key: value for key, value in case["input"]["body"].items() if key != "time"}
+    _, sent, _ = parse_cloudevent(headers, json.dumps(body).encode())
+    assert sent == datetime.datetime(2026, 11, 26, 8, 0, 0, 123000, tzinfo=datetime.UTC)  # the object's `updated`
+
+
 @pytest.mark.parametrize(
     "name",
     ["push_notification_json_api_v1.json", "push_notification_none.json", "push_job_message.json"],
