@@ -288,7 +288,10 @@ class Processor:
             # Before any work: Cloud Storage would refuse the output's metadata at the end.
             check_params_fit(plan)
             with _timed(timings, "check"):
-                existing = self._store.stat(*plan.output)
+                try:
+                    existing = self._store.stat(*plan.output, output=True)
+                except OutputRefused as error:
+                    raise self._refused(job, plan, error) from None
             check_replaceable(existing, job, plan)
             skip = skip_reason(existing, job, plan)
             if skip:
@@ -317,14 +320,12 @@ class Processor:
             seconds = round(time.perf_counter() - started, 3)
             metadata = output_metadata(job, plan, model, seconds)
             with _timed(timings, "upload"):
+                def write(over: ObjectState | None) -> None:  # the output, if `over` is still there
+                    self._store.write_output(*plan.output, encoded, content_type=CONTENT_TYPES[plan.format],
+                                             metadata=metadata, if_generation_match=over.generation if over else 0)
+
                 try:
-                    self._store.write_output(
-                        *plan.output,
-                        encoded,
-                        content_type=CONTENT_TYPES[plan.format],
-                        metadata=metadata,
-                        if_generation_match=existing.generation if existing else 0,
-                    )
+                    write(existing)
                 except PreconditionLost:
                     # Another delivery of this job (or a newer one) wrote first: look at what
                     # it wrote. Anything else (and this look's own errors) goes to the
@@ -335,15 +336,14 @@ class Processor:
                         if skip:
                             return self._skipped(job, plan, skip, fields)
                         self._check_not_taken(winner, job, plan)  # another source won the race
-                        raise
+                        # An older generation's result (or other parameters') landed while this
+                        # job ran: this one replaces it, as it would have found it there. Raising
+                        # would only redo the GPU work, or on the last try report a job whose
+                        # result was ready while the older one stayed.
+                        check_replaceable(winner, job, plan)
+                        write(winner)
                 except OutputRefused as error:
-                    prefix = self._layout.output_prefix
-                    if job.output is None or plan.output[1].startswith(prefix):
-                        raise  # the deployment's: retried
-                    # The message named a place the workers may not write (they may write
-                    # only under the output prefix): every retry would redo the GPU work.
-                    raise OutputNotWritable(f"{error}; the job message names an output outside "
-                                            f"{prefix!r}: name one under gs://{plan.output[0]}/{prefix}") from None
+                    raise self._refused(job, plan, error) from None
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -395,6 +395,16 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _refused(self, job: Job, plan: Plan, error: OutputRefused) -> ImagenError:
+        """What Cloud Storage refusing the output means: the deployment's fault (a grant not yet
+        propagated), retried; unless a job message named a place the workers may not use (only
+        the output prefix is theirs), where every retry would be refused again."""
+        prefix = self._layout.output_prefix
+        if job.output is None or plan.output[1].startswith(prefix):
+            return error
+        return OutputNotWritable(f"{error}; the job message names an output outside {prefix!r}: name one under "
+                                 f"gs://{plan.output[0]}/{prefix}")
 
     def _device_budget(self, plan: Plan, size: tuple[int, int], spent: float) -> float | None:
         """The job's seconds on the device: `max_job_seconds`, less what `job_seconds` cannot

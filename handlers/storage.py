@@ -80,13 +80,20 @@ class Store:
     def __init__(self, client: storage.Client):
         self._client = client
 
-    def stat(self, bucket: str, name: str) -> ObjectState | None:
-        """The live generation of an object and its metadata; None when it does not exist."""
+    def stat(self, bucket: str, name: str, *, output: bool = False) -> ObjectState | None:
+        """The live generation of an object and its metadata; None when it does not exist.
+        `output`: the job's output, whose refusal is OutputRefused, as its write's is."""
         blob = self._client.bucket(bucket).blob(name)
         try:
             blob.reload(timeout=TIMEOUT_SECONDS)
         except api_exceptions.NotFound:
             return None
+        except (api_exceptions.Forbidden, api_exceptions.Unauthorized) as error:
+            if output:
+                raise OutputRefused(f"Cloud Storage refused to read the output gs://{bucket}/{name}: {error.code} "
+                                    f"{error.message} (the runtime service account needs access to the output "
+                                    f"prefix)") from error
+            raise _translate(error, f"gs://{bucket}/{name}") from error
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return ObjectState(int(blob.generation), dict(blob.metadata or {}), blob.size)

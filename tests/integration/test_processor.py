@@ -829,26 +829,63 @@ def test_concurrent_writer_wins_and_loser_acks(settings, bucket):
     assert len(list(bucket.list_blobs(prefix="processed/"))) == 1
 
 
-def test_a_lost_write_race_on_the_last_attempt_still_gets_its_report(settings, bucket):
-    """Another job (other parameters) writes the same output while this one runs: not a
-    duplicate, so a retry; on the last delivery attempt a failure report, never a dead
-    letter without one."""
+def test_an_older_result_landing_while_the_job_runs_is_replaced_not_redone(settings, bucket):
+    """The output of an older generation, or of other parameters, written between this job's
+    check and its write: this job's result replaces it, as it would have found it there.
+    It used to be a retry: the whole GPU job again, and on the last attempt a report while
+    the older result stayed."""
+    old = _upload(bucket, "incoming/upscale/r.png", png_bytes(seed=1))
+    old_event = _event(old)
+    new_event = _event(_upload(bucket, "incoming/upscale/r.png", png_bytes(seed=2)))
+
+    def older_job_writes():  # it downloaded generation 1 before generation 2 replaced it
+        blob = bucket.blob("processed/upscale/r.png")
+        blob.metadata = {"imagen-source": f"gs://{bucket.name}/incoming/upscale/r.png",
+                         "imagen-source-generation": old_event.generation, "imagen-operation": "upscale",
+                         "imagen-params": "{}"}
+        blob.upload_from_string(b"older", content_type="image/png")
+
+    engine = FakeEngine(before_return=older_job_writes)
+    outcome = _processor(settings, engine).handle(new_event, attempt=MAX_ATTEMPTS)
+    assert outcome.status == "succeeded" and engine.calls == 1
+    assert bucket.get_blob("processed/upscale/r.png").metadata["imagen-source-generation"] == new_event.generation
+    # Other parameters of the same generation, as a job message would bring: replaced too.
     _upload(bucket, "uploads/race.png")
     allowed = frozenset({bucket.name})
     rival = _processor(settings, FakeEngine(), allowed_buckets=allowed)
-    rival_seeds = iter([7, 8])
+    engine = FakeEngine(before_return=lambda: rival.handle(
+        JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 7})))
+    request = JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 1})
+    assert _processor(settings, engine, allowed_buckets=allowed).handle(request, attempt=1).status == "succeeded"
+    assert json.loads(bucket.get_blob("processed/upscale/uploads/race.png").metadata["imagen-params"])["seed"] == 1
+    assert engine.calls == 1
 
-    def rival_finishes_first():  # a new output each time, between our check and our write
-        request = JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": next(rival_seeds)})
-        assert rival.handle(request).status == "succeeded"
 
-    loser = _processor(settings, FakeEngine(before_return=rival_finishes_first), allowed_buckets=allowed)
+def test_a_lost_write_race_on_the_last_attempt_still_gets_its_report(settings, bucket):
+    """Another job (other parameters) writes the same output before each of this job's
+    writes: a retry; on the last delivery attempt a failure report, never a dead letter
+    without one."""
+    _upload(bucket, "uploads/race.png")
+    allowed = frozenset({bucket.name})
+    rival = _processor(settings, FakeEngine(), allowed_buckets=allowed)
+    rival_seeds = iter(range(7, 20))
+
+    def loser(attempt):  # whose every write finds a newer output than the one it saw
+        processor = _processor(settings, FakeEngine(), allowed_buckets=allowed)
+        write = processor._store.write_output
+
+        def rival_writes_first(*args, **kwargs):
+            request = JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": next(rival_seeds)})
+            assert rival.handle(request).status == "succeeded"
+            return write(*args, **kwargs)
+
+        processor._store.write_output = rival_writes_first
+        return processor.handle(JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": attempt}),
+                                attempt=attempt)
+
     with pytest.raises(TransientError, match="changed while the job ran"):
-        loser.handle(JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 1}), attempt=1)
-    loser = _processor(settings, FakeEngine(before_return=rival_finishes_first), allowed_buckets=allowed)
-    outcome = loser.handle(JobRequest(bucket.name, "uploads/race.png", "upscale", {"seed": 2}),
-                           attempt=MAX_ATTEMPTS)
-    assert outcome.status == "failed"
+        loser(1)
+    assert loser(MAX_ATTEMPTS).status == "failed"
     assert _report(bucket, "failed/upscale/uploads/race.png.json")["error"]["type"] == "PreconditionLost"
 
 

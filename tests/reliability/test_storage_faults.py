@@ -165,6 +165,20 @@ def test_an_output_write_refused_is_the_deployments_fault_and_retried(bucket, pr
     assert not found["outputs"] and not found["reports"]
 
 
+def test_an_output_refused_at_the_check_before_the_gpu_is_retried_like_its_write(bucket, proxy, through_proxy):
+    """The look at the existing output, before any GPU work, is refused as the write would be
+    (a separate output bucket whose grant is still propagating): the deployment's fault,
+    retried, not a report for good for every job of a fresh deployment."""
+    event = _upload(bucket)
+    proxy.add(Rule(r"^GET /storage/v1/b/[^/]+/o/processed/upscale/photo\.png\?", status=403))
+    engine = FakeEngine()
+    with pytest.raises(TransientError, match="refused to read the output .*: 403 .*needs access"):
+        through_proxy(engine).handle(event, attempt=1)
+    assert proxy.count("processed", faults_only=True) == 1 and engine.calls == 0
+    found = assert_within_layout(bucket, {SOURCE})
+    assert not found["outputs"] and not found["reports"]
+
+
 def test_an_output_a_job_message_names_outside_the_output_prefix_fails_when_refused(bucket, proxy, through_proxy):
     """Terraform's workers may write only under the output prefix: a job message that names
     another place fails once, with a report that says where to write, instead of redoing its
