@@ -295,7 +295,7 @@ class Processor:
             check_replaceable(existing, job, plan)
             skip = skip_reason(existing, job, plan)
             if skip:
-                return self._skipped(job, plan, skip, fields)
+                return self._skipped(job, plan, skip, fields, has_output=True)
             if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
                 return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
                                                 f"{report}", fields)
@@ -334,7 +334,7 @@ class Processor:
                     if not _written_with(winner, metadata):  # else: our own write, whose answer
                         skip = skip_reason(winner, job, plan)  # was lost and retried
                         if skip:
-                            return self._skipped(job, plan, skip, fields)
+                            return self._skipped(job, plan, skip, fields, has_output=True)
                         self._check_not_taken(winner, job, plan)  # another source won the race
                         # An older generation's result (or other parameters') landed while this
                         # job ran: this one replaces it, as it would have found it there. Raising
@@ -537,14 +537,17 @@ class Processor:
             raise StoragePermanentError(f"{job.source_uri} does not exist")
         return str(state.generation)
 
-    def _skipped(self, job: Job, plan: Plan | None, reason: str, fields: dict) -> Outcome:
+    def _skipped(self, job: Job, plan: Plan | None, reason: str, fields: dict, *,
+                 has_output: bool = False) -> Outcome:
+        """`has_output`: the output holds this source's result (this job's, or a newer
+        generation's); otherwise (an earlier failure report, a source gone) none is named."""
         log.info("job skipped: %s", reason, extra={"fields": {**fields, "reason": reason}})
         outcome = Outcome(
             "skipped",
             job.source_uri,
             job.generation,
             plan.operation if plan else job.operation,
-            output=f"gs://{plan.output[0]}/{plan.output[1]}" if plan else None,
+            output=f"gs://{plan.output[0]}/{plan.output[1]}" if plan and has_output else None,
             reason=reason,
         )
         self._publish(outcome)
@@ -563,7 +566,7 @@ class Processor:
             except (TransientError, InputError):
                 done = None
             if done:
-                return self._skipped(job, plan, done, fields)
+                return self._skipped(job, plan, done, fields, has_output=True)
         bucket, name = routing.failure_location(job, self._layout)
         details = error_fields(error, note)
         if job.origin == "job-message" and bucket not in self._allowed_buckets:

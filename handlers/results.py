@@ -30,6 +30,7 @@ class ResultPublisher:
             "model": outcome.model,
             "seconds": outcome.seconds,
             "error": outcome.error,
+            "reason": outcome.reason,  # why it was skipped (or failed), in words
         }
         try:
             future = self._publisher.publish(

@@ -900,22 +900,31 @@ def test_results_topic_gets_one_message_per_job(settings, bucket, publisher, sub
     good = _event(_upload(bucket, "incoming/upscale/r.png"))
     processor.handle(good)
     processor.handle(good)
-    processor.handle(_event(_upload(bucket, "incoming/upscale/bad.png", b"nope")))
+    bad = _event(_upload(bucket, "incoming/upscale/bad.png", b"nope"))
+    processor.handle(bad, message_id="m-bad", attempt=1)
+    processor.handle(bad, message_id="m-bad", attempt=2)  # its answer lost: skipped, no output to name
     received = []
 
     def pulled():
         response = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
         received.extend(response.received_messages)
-        return len(received) >= 3
+        return len(received) >= 4
 
-    wait_for(pulled, timeout=30, what="three result messages")
-    by_status = {m.message.attributes["status"]: json.loads(m.message.data) for m in received}
-    assert set(by_status) == {"succeeded", "skipped", "failed"}
+    wait_for(pulled, timeout=30, what="four result messages")
+    by_status = {}
+    for m in received:
+        by_status.setdefault(m.message.attributes["status"], []).append(json.loads(m.message.data))
+    assert {status: len(results) for status, results in by_status.items()} == {"succeeded": 1, "skipped": 2,
+                                                                              "failed": 1}
     assert all(m.message.attributes["operation"] == "upscale" for m in received)
-    assert by_status["succeeded"]["output"].endswith("processed/upscale/r.png")
-    assert by_status["succeeded"]["model"] == "fake/upscale@0123"
-    assert by_status["failed"]["error"]["type"] == "ImageDecodeError"
-    assert set(by_status["succeeded"]) == {"source", "generation", "output", "model", "seconds", "error"}
+    [succeeded], [failed] = by_status["succeeded"], by_status["failed"]
+    assert succeeded["output"].endswith("processed/upscale/r.png")
+    assert succeeded["model"] == "fake/upscale@0123"
+    assert failed["error"]["type"] == "ImageDecodeError" and failed["output"] is None
+    assert set(succeeded) == {"source", "generation", "output", "model", "seconds", "error", "reason"}
+    skipped = {result["source"].rsplit("/", 1)[1]: result for result in by_status["skipped"]}
+    assert skipped["r.png"]["output"].endswith("processed/upscale/r.png") and "duplicate" in skipped["r.png"]["reason"]
+    assert skipped["bad.png"]["output"] is None and "failure report" in skipped["bad.png"]["reason"]
 
 
 def test_a_result_for_an_overlong_operation_is_still_published(settings, publisher, subscriber):
