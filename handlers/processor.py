@@ -281,6 +281,7 @@ class Processor:
                 raise report
             plan = plan_job(job, self._layout, self._served)
             fields["operation"] = plan.operation
+            named = job.generation is not None  # by the event or message, not looked up here
             generation = job.generation or self._live_generation(job)
             job = dataclasses.replace(job, generation=generation)
             fields["generation"] = generation
@@ -301,9 +302,12 @@ class Processor:
                                                 f"{report}", fields)
             log.info("job started", extra={"fields": fields})
             with _timed(timings, "download"):
-                data, _, _ = self._store.read_source(
-                    job.bucket, job.name, generation, self._max_bytes
-                )
+                try:
+                    data, _, _ = self._store.read_source(job.bucket, job.name, generation, self._max_bytes)
+                except SourceSuperseded:
+                    if job.origin != "notification":
+                        self._check_source_lives(job, named)
+                    raise
             # After the download, which skips a late event for a source since replaced.
             self._check_not_taken(existing, job, plan)
             with _timed(timings, "decode"):
@@ -528,6 +532,16 @@ class Processor:
                 report.metadata.get(routing.SOURCE_GENERATION_KEY) == str(job.generation):
             return f"gs://{bucket}/{name}"
         return None
+
+    def _check_source_lives(self, job: Job, named: bool) -> None:
+        """A job message's or command's source gone at its generation: a notification's is
+        superseded (skipped), but a source that does not exist at all is the sender's mistake
+        (a generation that never was), reported; and one replaced after its live generation
+        was looked up is retried (no event brings its new generation to the job)."""
+        if self._store.stat(job.bucket, job.name) is None:
+            raise StoragePermanentError(f"{job.source_uri} does not exist")
+        if not named:
+            raise TransientError(f"{job.source_uri} was replaced as the job started: retried for its new generation")
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):

@@ -434,6 +434,34 @@ def test_job_message_for_a_missing_object_is_reported_not_skipped(settings, buck
     assert outcome.status == "failed"
     report = _report(bucket, "failed/upscale/uploads/typo.png.json")["error"]
     assert report == {"type": "StoragePermanentError", "message": f"gs://{bucket.name}/uploads/typo.png does not exist"}
+    # The same with a generation named: it was skipped in silence, as a replaced source is.
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/typo2.png", "upscale", {}, generation="123"))
+    assert outcome.status == "failed" and outcome.error["type"] == "StoragePermanentError"
+    # A generation since replaced is superseded, as for a notification: skipped.
+    source = _upload(bucket, "uploads/kept.png", png_bytes(seed=1))
+    old_generation = str(source.generation)
+    _upload(bucket, "uploads/kept.png", png_bytes(seed=2))
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/kept.png", "upscale", {}, generation=old_generation))
+    assert outcome.status == "skipped" and "no longer exists" in outcome.reason
+
+
+def test_a_job_messages_source_replaced_as_its_job_starts_is_retried_for_its_new_generation(settings, bucket):
+    """Without a generation a job message means the live object: replaced between the look-up
+    and the download, it was skipped, and no event would bring the new generation to it."""
+    _upload(bucket, "uploads/moving.png", png_bytes(seed=1))
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    read = processor._store.read_source
+
+    def replaced_first(*args, **kwargs):
+        processor._store.read_source = read
+        _upload(bucket, "uploads/moving.png", png_bytes(seed=2))
+        return read(*args, **kwargs)
+
+    processor._store.read_source = replaced_first
+    with pytest.raises(TransientError, match="replaced as the job started"):
+        processor.handle(JobRequest(bucket.name, "uploads/moving.png", "upscale", {}), attempt=1)
+    assert processor.handle(JobRequest(bucket.name, "uploads/moving.png", "upscale", {}),
+                            attempt=2).status == "succeeded"
 
 
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
