@@ -533,6 +533,17 @@ class Processor:
             return f"gs://{bucket}/{name}"
         return None
 
+    def _newer_generation(self, job: Job) -> int | None:
+        """The source's live generation where it is newer than the job's; None otherwise, and
+        where that cannot be told (no generation, the source gone or unreadable)."""
+        if job.generation is None:
+            return None
+        try:
+            live = self._store.stat(job.bucket, job.name)
+        except (TransientError, InputError):
+            return None
+        return live.generation if live is not None and live.generation > int(job.generation) else None
+
     def _check_source_lives(self, job: Job, named: bool) -> None:
         """A job message's or command's source gone at its generation: a notification's is
         superseded (skipped), but a source that does not exist at all is the sender's mistake
@@ -581,6 +592,11 @@ class Processor:
                 done = None
             if done:
                 return self._skipped(job, plan, done, fields, has_output=True)
+        # A late event's report would replace the one of the source's live generation. (Where
+        # the source itself could not be read, a look at it would be refused too.)
+        if not isinstance(error, StoragePermanentError) and (newer := self._newer_generation(job)) is not None:
+            return self._skipped(job, plan, f"superseded: the source is generation {newer} now, whose own job "
+                                            f"writes its result or report", fields)
         bucket, name = routing.failure_location(job, self._layout)
         details = error_fields(error, note)
         if job.origin == "job-message" and bucket not in self._allowed_buckets:

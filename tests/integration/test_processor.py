@@ -146,6 +146,19 @@ def test_newer_generation_replaces_and_older_never_overwrites(settings, bucket):
     assert after.metadata["imagen-source-generation"] == new_event.generation
 
 
+def test_a_late_event_for_an_older_generation_never_replaces_the_newer_ones_report(settings, bucket):
+    """Both generations with bad parameters, the newer reported first: the older's late
+    event replaced that report with its own, so `submit --wait` for the newer one timed out
+    and backfill queued it again."""
+    old = _event(_upload(bucket, "incoming/upscale/c.png", metadata={"imagen-params": '{"steps": -1}'}))
+    new = _event(_upload(bucket, "incoming/upscale/c.png", metadata={"imagen-params": '{"steps": -2}'}))
+    processor = _processor(settings, FakeEngine())
+    assert processor.handle(new).status == "failed"
+    late = processor.handle(old)
+    assert late.status == "skipped" and f"generation {new.generation} now" in late.reason
+    assert _report(bucket, "failed/upscale/c.png.json")["generation"] == new.generation
+
+
 def test_older_output_is_replaced_by_newer_generation(settings, bucket):
     processor = _processor(settings, FakeEngine())
     first = _event(_upload(bucket, "incoming/upscale/w.png", png_bytes(seed=1)))
