@@ -26,7 +26,9 @@ the request (processor.Processor's job_seconds)."""
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
-@click.option("--threads", default=8, show_default=True, help="HTTP threads (jobs still run one at a time).")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(2),
+              help="HTTP threads (jobs still run one at a time); at least 2: one answers the health checks while "
+                   "a job runs (with one, gunicorn serves a request at a time and the liveness probe fails).")
 @click.option(
     "--max-job-seconds", default=PUSH_JOB_SECONDS, show_default=True, type=click.IntRange(1),
     help="A job's budget on the GPU: past it the job stops and fails with a report, before the "
