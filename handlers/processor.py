@@ -334,7 +334,7 @@ class Processor:
                     # Another delivery of this job (or a newer one) wrote first: look at what
                     # it wrote. Anything else (and this look's own errors) goes to the
                     # handlers below, the last attempt's report included.
-                    winner = self._store.stat(*plan.output)
+                    winner = self._store.stat(*plan.output, output=True)
                     if not _written_with(winner, metadata):  # else: our own write, whose answer
                         skip = skip_reason(winner, job, plan)  # was lost and retried
                         if skip:
@@ -545,14 +545,19 @@ class Processor:
         return live.generation if live is not None and live.generation > int(job.generation) else None
 
     def _check_source_lives(self, job: Job, named: bool) -> None:
-        """A job message's or command's source gone at its generation: a notification's is
-        superseded (skipped), but a source that does not exist at all is the sender's mistake
-        (a generation that never was), reported; and one replaced after its live generation
-        was looked up is retried (no event brings its new generation to the job)."""
-        if self._store.stat(job.bucket, job.name) is None:
-            raise StoragePermanentError(f"{job.source_uri} does not exist")
+        """A job message's or command's source gone at its generation: one replaced by a newer
+        generation is superseded (skipped), as a notification's is; but a source that does not
+        exist, or not at a generation as new as the one named (which never was), is the
+        sender's mistake, reported; and one replaced after its live generation was looked up
+        is a transient fault (no event brings the new generation to the job: its next try
+        takes it)."""
+        live = self._store.stat(job.bucket, job.name)
+        if live is None or (named and live.generation < int(job.generation)):
+            at = f" at generation {job.generation}" if named and live is not None else ""
+            raise StoragePermanentError(f"{job.source_uri} does not exist{at}")
         if not named:
-            raise TransientError(f"{job.source_uri} was replaced as the job started: retried for its new generation")
+            raise TransientError(f"{job.source_uri} was replaced as the job started: its next try takes the new "
+                                 f"generation")
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):
@@ -592,9 +597,12 @@ class Processor:
                 done = None
             if done:
                 return self._skipped(job, plan, done, fields, has_output=True)
-        # A late event's report would replace the one of the source's live generation. (Where
-        # the source itself could not be read, a look at it would be refused too.)
-        if not isinstance(error, StoragePermanentError) and (newer := self._newer_generation(job)) is not None:
+        # A late event's report would replace the one of the source's live generation, whose own
+        # event brings its job. Notifications only: a job message's or command's newer generation
+        # gets no job of its own (nor may a refused one's bucket be looked at); and not where
+        # the source itself was refused (a look would be too).
+        if job.origin == "notification" and not isinstance(error, StoragePermanentError) and \
+                (newer := self._newer_generation(job)) is not None:
             return self._skipped(job, plan, f"superseded: the source is generation {newer} now, whose own job "
                                             f"writes its result or report", fields)
         bucket, name = routing.failure_location(job, self._layout)

@@ -456,25 +456,46 @@ def test_job_message_for_a_missing_object_is_reported_not_skipped(settings, buck
     _upload(bucket, "uploads/kept.png", png_bytes(seed=2))
     outcome = processor.handle(JobRequest(bucket.name, "uploads/kept.png", "upscale", {}, generation=old_generation))
     assert outcome.status == "skipped" and "no longer exists" in outcome.reason
+    # A generation newer than the live one never was: reported too.
+    later = str(int(old_generation) + 10**9)
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/kept.png", "upscale", {}, generation=later))
+    assert outcome.status == "failed" and outcome.error["message"].endswith(f"does not exist at generation {later}")
 
 
 def test_a_job_messages_source_replaced_as_its_job_starts_is_retried_for_its_new_generation(settings, bucket):
     """Without a generation a job message means the live object: replaced between the look-up
     and the download, it was skipped, and no event would bring the new generation to it."""
     _upload(bucket, "uploads/moving.png", png_bytes(seed=1))
+    _upload(bucket, "uploads/moving-too.png", png_bytes(seed=1))
     processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
     read = processor._store.read_source
 
-    def replaced_first(*args, **kwargs):
+    def replaced_first(bucket_name, name, *args, **kwargs):
         processor._store.read_source = read
-        _upload(bucket, "uploads/moving.png", png_bytes(seed=2))
-        return read(*args, **kwargs)
+        _upload(bucket, name, png_bytes(seed=2))
+        return read(bucket_name, name, *args, **kwargs)
 
     processor._store.read_source = replaced_first
     with pytest.raises(TransientError, match="replaced as the job started"):
         processor.handle(JobRequest(bucket.name, "uploads/moving.png", "upscale", {}), attempt=1)
     assert processor.handle(JobRequest(bucket.name, "uploads/moving.png", "upscale", {}),
                             attempt=2).status == "succeeded"
+    # Replaced on the last try: a report, not a skip (no event would bring the job back).
+    processor._store.read_source = replaced_first
+    outcome = processor.handle(JobRequest(bucket.name, "uploads/moving-too.png", "upscale", {}),
+                               attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed" and "replaced as the job started" in outcome.error["message"]
+
+
+def test_a_refused_job_message_naming_a_generation_looks_at_nothing_in_that_bucket(settings, bucket, gcs):
+    """Its refusal (a dead letter) comes before anything: the check for a newer generation,
+    made before a report, looked at the object in the bucket it may not read, skipped the
+    message if one was there, and said its generation in the reason."""
+    other = gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    _upload(other, "private.png")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
+        processor.handle(JobRequest(other.name, "private.png", "upscale", {}, generation="1"))
 
 
 def test_transient_faults_retry_then_report_on_the_last_attempt(settings, bucket):
