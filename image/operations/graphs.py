@@ -120,12 +120,13 @@ class GraphedForward:
         1. `forward` runs once per captured signature on a side stream, outside `lock`: this
            is where torch.compile compiles, for as long as it takes, while calls go on
            replaying the old graphs;
-        2. holding `lock` (no call in flight anywhere), each graph is captured again (a
-           recompile here fails instead of compiling inside the capture) and the set is
-           swapped in; the old graphs are released there too, never replayed again, and the
-           allocator's cache is emptied. A failed capture keeps the old graphs and raises.
-           The new graphs go to a fresh pool when no other model has graphs, so the old
-           pool's memory is given back rather than kept beside them.
+        2. holding `lock` (no call in flight anywhere), the old graphs are released first
+           (their memory is the new ones': never both at once), then each signature is captured
+           again (a recompile here fails instead of compiling inside the capture) and the set
+           swapped in, and the allocator's cache is emptied. Where no other model has graphs,
+           the new ones go to a fresh pool and the old pool goes back to the device whole (a
+           pool never shrinks while one of its graphs lives). A failed capture raises and
+           leaves no graphs: each signature is captured again, uncompiled, at its next call.
 
         Signatures first seen later are captured with the original forward.
         """
@@ -143,18 +144,22 @@ class GraphedForward:
                     forward(*args, **kwargs)
                 side.synchronize()
             with lock, torch.compiler.set_stance("fail_on_recompile"):
-                adopted = dict(self.graphs)
-                for key, graph in compiled.items():
-                    adopted[key] = self._capture(key, graph.input_copies(), graph.spec, forward, pool)
-                self.graphs, self.adopted, _pool = adopted, forward, pool
-                count = len(compiled)
+                signatures = [(key, graph.input_copies(), graph.spec) for key, graph in compiled.items()]
+                self.graphs, graph = {}, None
                 compiled.clear()  # the old graphs die here, under the lock
-                graph = None
                 torch.cuda.synchronize()
-                # What compiling cached (blocks of the side streams it ran on, which the jobs'
-                # stream never reuses) goes back to the device, as ShapeCompiled.adopt does.
+                # Their pool where it was theirs alone, and what compiling cached (blocks of the
+                # side streams it ran on, which the jobs' stream never reuses), as
+                # ShapeCompiled.adopt does, go back to the device before the captures.
                 torch.cuda.empty_cache()
-            return count
+                _pool = pool  # where later captures go too
+                adopted = {}
+                for key, leaves, spec in signatures:
+                    adopted[key] = self._capture(key, leaves, spec, forward, pool)
+                self.graphs, self.adopted = adopted, forward
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            return len(signatures)
 
     def _capture(self, key: tuple, leaves: list, spec, forward, pool=None) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

@@ -236,6 +236,28 @@ def test_adopt_gives_the_old_graphs_memory_back_when_they_were_the_only_ones():
 
 
 @cuda
+def test_an_adoption_that_fails_to_capture_leaves_the_signatures_to_capture_again_at_their_next_call():
+    # The old graphs are released before the new captures (never both in memory): a failed
+    # capture leaves none, and the next call captures the original forward again.
+    _drop_other_graphs()
+    layer, x = _wide_layer()
+    graphed = graph_module(layer)
+
+    def cannot_be_captured(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return graphed.forward(*args, **kwargs)
+
+    with torch.inference_mode():
+        expected = layer(x)
+        with pytest.raises(RuntimeError, match="not capturable"):
+            graphed.adopt(cannot_be_captured, threading.Lock())
+        assert not graphed.graphs and graphed.adopted is None
+        assert torch.allclose(layer(x), expected, atol=1e-3) and len(graphed.graphs) == 1
+        torch.randn(4, device="cuda")  # the generator is not left mid-capture
+
+
+@cuda
 def test_adopt_keeps_the_pool_shared_while_another_models_graphs_use_it():
     old = _drop_other_graphs()
     first, x = _wide_layer()
