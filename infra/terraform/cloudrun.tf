@@ -131,6 +131,13 @@ resource "google_cloud_run_v2_service" "worker" {
   }
 
   lifecycle {
+    # Cloud Run's other GPU, nvidia-rtx-pro-6000 (Blackwell), needs 20+ vCPUs and 80+ GiB (the
+    # shape check below knows the L4's shapes only) and a CUDA 13 image, which the Dockerfile
+    # does not build by default. A precondition, not a validation: GKE mode does not use it.
+    precondition {
+      condition     = var.gpu_type == "nvidia-l4"
+      error_message = "gpu_type: nvidia-l4 is the GPU this module deploys on Cloud Run. A Blackwell GPU (nvidia-rtx-pro-6000) needs an image built for CUDA 13 (the Dockerfile's comment says how) and its own instance shapes: not supported here yet."
+    }
     precondition {
       condition     = length(local.shape_misfits) == 0
       error_message = "Not a Cloud Run GPU shape for ${join(", ", [for pool in local.shape_misfits : "${pool} (cpu = \"${local.shapes[pool].cpu}\", memory = \"${local.shapes[pool].memory}\")"])}: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\"); set cpu and memory, or service_shapes."

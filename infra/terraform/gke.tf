@@ -1,5 +1,6 @@
 # mode = "gke": the Google side of the workers in infra/k8s. The cluster is assumed to
-# exist, with Workload Identity, a GPU node pool (var.gpu_type) and KEDA installed;
+# exist, with Workload Identity, a GPU node pool (its GPU is the pool's and infra/k8s's node
+# selector's, not var.gpu_type, which is Cloud Run's) and KEDA installed;
 # docs/deploy.md has the commands. Here: each worker's Kubernetes service account
 # (imagen-<operation> in var.gke_namespace) acts as its Google service account, which may
 # pull from its own subscription; KEDA's may read backlogs from Cloud Monitoring.

@@ -186,14 +186,6 @@ variable "gpu_type" {
   description = "GPU of each Cloud Run instance (node_selector accelerator). Cloud Run only: GKE's is the node pool's and infra/k8s's node selector."
   type        = string
   default     = "nvidia-l4"
-
-  # Cloud Run's other GPU, nvidia-rtx-pro-6000 (Blackwell), needs 20+ vCPUs and 80+ GiB (the
-  # shape check knows the L4's shapes only) and a CUDA 13 image, which the Dockerfile does not
-  # build by default.
-  validation {
-    condition     = var.gpu_type == "nvidia-l4"
-    error_message = "gpu_type: nvidia-l4 is the GPU this module deploys on Cloud Run. A Blackwell GPU (nvidia-rtx-pro-6000) needs an image built for CUDA 13 (the Dockerfile's comment says how) and its own instance shapes: not supported here yet."
-  }
 }
 
 variable "gpu_zonal_redundancy" {

@@ -731,8 +731,11 @@ def test_gke_nodes_may_write_the_workers_logs_and_pull_their_images(terraform):
 
 
 def test_a_gpu_other_than_the_l4_stops_the_plan(terraform, tmp_path):
-    """The shape check and the image know the L4 only: another GPU would fail the apply."""
-    rule = expr(one(terraform.variables["gpu_type"]["validation"])["condition"])
+    """The shape check and the image know the L4 only: another GPU would fail the apply.
+    On the Cloud Run services (a precondition): GKE mode does not use the variable."""
+    assert "validation" not in terraform.variables["gpu_type"]
+    rule = next(expr(item["condition"]) for item in one(_service(terraform)["lifecycle"])["precondition"]
+                if "var.gpu_type" in expr(item["condition"]))
     values = _evaluate(tmp_path, {}, {name.replace("-", "_"): rule.replace("var.gpu_type", json.dumps(name))
                                       for name in ("nvidia-l4", "nvidia-rtx-pro-6000", "nvidia-t4")})
     assert values == {"nvidia_l4": True, "nvidia_rtx_pro_6000": False, "nvidia_t4": False}
