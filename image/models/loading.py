@@ -42,7 +42,8 @@ logger = logging.getLogger("imagen.models")
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model ready to run. `model_id` is "repo@commit"; `seconds` is the load time."""
+    """A model ready to run. `model_id` is "repo@commit" ("repo@commit+tiny" for a tiny model);
+    `seconds` is the load time."""
 
     model: object
     model_id: str
@@ -88,8 +89,10 @@ def load_model(
     if problems:
         raise ModelMissing(_missing(spec, problems))
     snapshot = store.resolve_snapshot(spec, cache_dir, lock=lock)
-    model_id = f"{spec.repo_id}@{snapshot.name}"
     tiny = store.is_tiny(snapshot)
+    # A tiny model built at the lock's commit carries the real one's: marked, so neither an
+    # output's imagen-model nor a compile artefact's name passes random weights for real ones.
+    model_id = f"{spec.repo_id}@{snapshot.name}" + ("+tiny" if tiny else "")
     logger.info("%s: loading %s%s from %s", spec.operation, model_id, " (tiny)" if tiny else "", cache_dir)
     if read_ahead:
         start_read_ahead(snapshot, device)

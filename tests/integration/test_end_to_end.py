@@ -90,7 +90,7 @@ def test_upload_to_output_through_the_pull_worker(worker, bucket, publisher, tin
         "imagen-source-generation": str(bucket.get_blob(blob.name).generation),
         "imagen-operation": "upscale",
         "imagen-params": metadata["imagen-params"],
-        "imagen-model": f"stabilityai/stable-diffusion-x4-upscaler@{commit}",
+        "imagen-model": f"stabilityai/stable-diffusion-x4-upscaler@{commit}+tiny",  # not the real weights
         "imagen-version": version("imagen"),
     }
     assert json.loads(metadata["imagen-params"]) == {"seed": 5, "steps": 2}

@@ -87,7 +87,7 @@ def test_engine_is_ready_with_tiny_models(engine):
 def test_model_ids(engine):
     one = engine.model_id(["upscale"])
     repo, _, commit = one.partition("@")
-    assert repo == "stabilityai/stable-diffusion-x4-upscaler" and len(commit) == 40
+    assert repo == "stabilityai/stable-diffusion-x4-upscaler" and commit.endswith("+tiny") and len(commit) == 45
     chain = engine.model_id(("remove-background", "upscale"))
     assert chain == f"{engine.model_id(['remove-background'])},{one}"
     assert engine.model_id("remove-background,upscale") == chain

@@ -97,7 +97,8 @@ def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
     spec = REGISTRY["remove-background"]
     lock = Lock().recorded(spec.repo_id, "b" * 40, {"model.safetensors": 1})
     assert build_tiny([spec], tmp_path, lock=lock) == {spec.repo_id: "b" * 40}
-    assert _load("remove-background", tmp_path, lock=lock).model_id == f"{spec.repo_id}@{'b' * 40}"
+    # The real model's commit, and marked: its outputs and compile artefacts are not the real one's.
+    assert _load("remove-background", tmp_path, lock=lock).model_id == f"{spec.repo_id}@{'b' * 40}+tiny"
     assert build_tiny([spec], tmp_path, lock=lock)  # rebuilding a tiny model is fine
 
     (tmp_path / spec.cache_name / "snapshots" / ("b" * 40) / store.TINY_MARKER).unlink()
@@ -129,8 +130,8 @@ def test_a_local_stack_uses_complete_models_or_builds_tiny_ones(tiny_cache, tmp_
 def test_load_each_model_offline(tiny_cache, offline, operation):
     loaded = _load(operation, tiny_cache)
     spec = REGISTRY[operation]
-    assert re.fullmatch(re.escape(spec.repo_id) + "@[0-9a-f]{40}", loaded.model_id)
-    assert loaded.model_id.endswith("@" + loaded.revision)
+    assert re.fullmatch(re.escape(spec.repo_id) + r"@[0-9a-f]{40}\+tiny", loaded.model_id)
+    assert loaded.model_id.endswith("@" + loaded.revision + "+tiny")
     assert loaded.tiny is True and loaded.seconds > 0
     if spec.loader == "diffusers":
         assert type(loaded.model).__name__ == spec.pipeline
