@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import XetDownloadError
 from tqdm.auto import tqdm
 
 from image.errors import ModelError, ModelMissing
@@ -135,7 +135,9 @@ def fetch(
             spec.repo_id, revision=commit, cache_dir=cache_dir, token=token,
             allow_patterns=wanted, tqdm_class=None if progress else _QuietTqdm,
         )
-    except (OSError, XetDownloadError) as error:
+    except ModelError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the Hub's, OS ones, and its HTTP client's (not OSErrors)
         raise ModelError(_pull_failure(spec, revision, error)) from error
     if revision != commit:
         write_ref(spec, cache_dir, revision, commit)
@@ -286,11 +288,34 @@ def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
         elif name in expected:
             if size != expected[name]:
                 problems.append(f"{name} is {size} bytes, {source} says {expected[name]}")
-        elif name.endswith(".safetensors") and (problem := safetensors_problem(snapshot / name, size)):
-            problems.append(f"{name} {problem}")  # no size recorded: its own header says
+        elif problem := content_problem(snapshot / name, size):
+            problems.append(f"{name} {problem}")  # no size recorded: what its own format says
     problems += [f"{name} is missing" for name in expected if name not in files]
     prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
     return [prefix + problem for problem in dict.fromkeys(problems)]
+
+
+def content_problem(path: Path, size: int) -> str | None:
+    """What a file's own format says is wrong with it, where no lock pins its size (a copy cut
+    short: a mirror's restore, a volume's copy; the Hub's downloads are atomic): safetensors
+    by their header, JSON and Python (the remote code) by parsing, a PyTorch zip checkpoint
+    (.bin) by its central directory, which a cut copy loses. Other files: None."""
+    suffix = path.suffix
+    if suffix == ".safetensors":
+        return safetensors_problem(path, size)
+    try:
+        if suffix == ".json":
+            json.loads(path.read_bytes())
+        elif suffix == ".py":
+            compile(path.read_bytes(), str(path), "exec")
+        elif suffix == ".bin":
+            with path.open("rb") as handle:
+                zipped = handle.read(4) == b"PK\x03\x04"  # else a legacy pickle: nothing to check it by
+            if zipped and not zipfile.is_zipfile(path):
+                return "is cut short or damaged (its zip directory is missing)"
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"cannot be parsed ({type(error).__name__}): cut short or damaged"
+    return None
 
 
 def safetensors_problem(path: Path, size: int) -> str | None:

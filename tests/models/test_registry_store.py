@@ -246,6 +246,20 @@ def test_pull_failure_is_one_readable_line(tmp_path, monkeypatch):
     assert "\n" not in str(caught.value)
 
 
+def test_a_network_failure_the_hub_lets_through_is_one_readable_line_too(tmp_path, monkeypatch):
+    # huggingface_hub re-raises its HTTP client's timeouts and connection errors, which are
+    # not OSErrors: they escaped as themselves, naming neither the model nor the fix.
+    class ReadTimeout(Exception):
+        pass
+
+    def times_out(*args, **kwargs):
+        raise ReadTimeout("The read operation timed out")
+
+    monkeypatch.setattr(store, "snapshot_download", times_out)
+    with pytest.raises(ModelError, match="stable-diffusion-xl-refiner-1.0.*ReadTimeout: The read operation timed out"):
+        store.pull([REGISTRY["enhance"]], tmp_path, lock_path=tmp_path / "lock.json", progress=False)
+
+
 # --- resolve and verify --------------------------------------------------------------------
 
 
@@ -399,3 +413,34 @@ def test_a_damaged_safetensors_header_is_a_problem_not_a_crash(tmp_path, header)
     huge = tmp_path / "huge.safetensors"  # a length past safetensors' own limit is not read
     huge.write_bytes((2**40).to_bytes(8, "little") + bytes(16))
     assert "not a safetensors file" in store.safetensors_problem(huge, 2**41)
+
+
+def test_without_recorded_sizes_a_file_cut_short_is_told_by_its_own_format(tmp_path):
+    # A copy cut short (a mirror's restore, a volume's copy) where no lock pins the sizes: the
+    # safetensors header said so, but a checkpoint, a config or the remote code passed.
+    import torch
+
+    whole = {"config.json": b'{"in_ch": 3, "out_ch": 1}', "briarmbg.py": b"class A:\n    x = 1\n"}
+    torch.save({"w": torch.zeros(64)}, tmp_path / "whole.bin")
+    whole["model.bin"] = (tmp_path / "whole.bin").read_bytes()
+    for name, data in whole.items():
+        (tmp_path / name).write_bytes(data)
+        assert store.content_problem(tmp_path / name, len(data)) is None, name
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(data[: len(data) // 2])
+        assert "cut short or damaged" in store.content_problem(cut, cut.stat().st_size), name
+    legacy = tmp_path / "legacy.bin"  # a pre-zip pickle: nothing to tell it by, so no problem
+    torch.save({"w": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    assert store.content_problem(legacy, legacy.stat().st_size) is None
+
+
+def test_verify_reads_a_real_snapshots_config_where_the_lock_pins_no_sizes(copy_cache):
+    snapshot = _snapshot(copy_cache, "comic")
+    (snapshot / store.TINY_MARKER).unlink()  # as a real model's: no sizes but the lock's (none)
+    config = snapshot / "unet" / "config.json"
+    text = config.read_text()
+    config.unlink()  # a link into the blobs, shared with the cache it was copied from
+    config.write_text(text[: len(text) // 2])
+    problems = store.verify([REGISTRY["comic"]], copy_cache, Lock())
+    assert any(p.endswith("unet/config.json cannot be parsed (JSONDecodeError): cut short or damaged")
+               for p in problems), problems
