@@ -89,6 +89,13 @@ def test_jpeg_default_name_and_seed_param(cli, photo):
         assert out.format == "JPEG" and out.mode == "RGB"
 
 
+def test_a_text_parameter_keeps_what_looks_like_a_number(cli, photo, tmp_path):
+    # --param values were read as JSON first: prompt=1984 became an int and was refused.
+    result = cli(str(photo), "-o", str(tmp_path / "c.png"), "--operation", "comic", *FAST["comic"],
+                 "--param", "prompt=1984", "--param", "negative_prompt=null")
+    assert result.exit_code == 0, result.output
+
+
 def test_same_input_same_bytes(cli, photo, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for target in (a, b):
