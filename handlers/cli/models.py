@@ -120,6 +120,14 @@ def list_(settings, operations, cache_dir, lock_path):
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
+def _tiny(specs, cache_dir, lock) -> list[str]:
+    """The operations of `specs` whose model in `cache_dir` is a tiny random-weight one."""
+    from image.models import store
+
+    return [spec.operation for spec in specs
+            if (snapshot := store.find_snapshot(spec, cache_dir, lock)[1]) is not None and store.is_tiny(snapshot)]
+
+
 @command.command("verify")
 @_operations_option
 @_cache_dir_option
@@ -131,16 +139,21 @@ def verify(settings, operations, cache_dir, lock_path):
 
     specs = _specs(settings, operations)
     cache_dir = cache_dir or settings.model_cache_dir
-    _report_problems(verify_models(specs, cache_dir, Lock.read(lock_path or packaged_lock_path())), specs)
-    click.echo(f"{len(specs)} model(s) complete in {cache_dir}")
+    lock = Lock.read(lock_path or packaged_lock_path())
+    _report_problems(verify_models(specs, cache_dir, lock), specs)
+    tiny = _tiny(specs, cache_dir, lock)
+    click.echo(f"{len(specs)} model(s) complete in {cache_dir}"
+               + (f"; tiny random-weight (noise, for trying the plumbing): {', '.join(tiny)}" if tiny else ""))
 
 
 @command.command("mirror")
 @click.argument("destination", metavar="gs://BUCKET/PREFIX")
 @_operations_option
 @_cache_dir_option
+@click.option("--tiny", "allow_tiny", is_flag=True,
+              help="Mirror tiny random-weight models too (a smoke test of a deployment's plumbing).")
 @click.pass_obj
-def mirror(settings, destination, operations, cache_dir):
+def mirror(settings, destination, operations, cache_dir, allow_tiny):
     """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
     from handlers.clients import storage_client
     from handlers.model_mirror import mirror_cache
@@ -148,8 +161,13 @@ def mirror(settings, destination, operations, cache_dir):
 
     specs = _specs(settings, operations)
     cache_dir = cache_dir or settings.model_cache_dir
-    # A mirror is restored as it is, by every instance: never one of an incomplete cache.
+    # A mirror is restored as it is, by every instance: never one of an incomplete cache, nor
+    # (unless asked) one of random weights, whose every output would be noise.
     _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs)
+    if (tiny := _tiny(specs, cache_dir, Lock.packaged())) and not allow_tiny:
+        raise click.UsageError(f"{cache_dir} holds tiny random-weight models ({', '.join(tiny)}): every instance "
+                               f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "
+                               f"or pass --tiny for a smoke test")
     done = mirror_cache(
         cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
     )

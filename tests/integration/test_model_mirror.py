@@ -156,7 +156,12 @@ def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
     settings = Settings(model_cache_dir=cache, storage_emulator_host=fake_gcs.url)
     uri = f"gs://{bucket.name}/cli"
     runner = CliRunner()
-    mirrored = runner.invoke(models_cli.command, ["mirror", uri, "--operations", "comic,remove-background"], obj=settings)
+    # Random weights would reach every instance: refused unless asked for.
+    refused = runner.invoke(models_cli.command, ["mirror", uri, "--operations", "comic,remove-background"], obj=settings)
+    assert refused.exit_code == 2 and "tiny random-weight models (comic, remove-background)" in refused.output
+    assert not list(bucket.list_blobs())
+    mirrored = runner.invoke(models_cli.command, ["mirror", uri, "--operations", "comic,remove-background", "--tiny"],
+                             obj=settings)
     assert mirrored.exit_code == 0, mirrored.output
 
     target = Settings(model_cache_dir=tmp_path / "fresh", storage_emulator_host=fake_gcs.url)
@@ -166,6 +171,7 @@ def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
     assert "restored" in pulled.output
     verified = runner.invoke(models_cli.command, ["verify", "--operations", "comic,remove-background"], obj=target)
     assert verified.exit_code == 0, verified.output
+    assert "tiny random-weight (noise, for trying the plumbing): comic, remove-background" in verified.output
 
 
 def test_an_incomplete_cache_is_not_mirrored(fake_gcs, bucket, cache, tmp_path):
