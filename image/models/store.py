@@ -131,6 +131,7 @@ def fetch(
             spec.repo_id, commit, len(wanted), total / 1e9, cache_dir,
         )
         _drop_tiny(spec, cache_dir, commit)
+        _drop_damaged(spec, cache_dir, commit, lock)
         folder = snapshot_download(
             spec.repo_id, revision=commit, cache_dir=cache_dir, token=token,
             allow_patterns=wanted, tqdm_class=None if progress else _QuietTqdm,
@@ -278,21 +279,52 @@ def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
     files = snapshot_files(snapshot)
     problems = _layout_problems(spec, snapshot, files)
     expected, source = expected_sizes(spec, snapshot, lock)
-    for name, size in files.items():
-        if size < 0:
-            problems.append(f"{name} is a broken link (its blob is gone)")
-        elif size == 0:
-            problems.append(f"{name} is empty")
-        elif not os.access(snapshot / name, os.R_OK):
-            problems.append(f"{name} cannot be read by this user (uid {os.getuid()})")
-        elif name in expected:
-            if size != expected[name]:
-                problems.append(f"{name} is {size} bytes, {source} says {expected[name]}")
-        elif problem := content_problem(snapshot / name, size):
-            problems.append(f"{name} {problem}")  # no size recorded: what its own format says
+    problems += [f"{name} {why}" for name, why in _file_problems(snapshot, files, expected, source).items()]
     problems += [f"{name} is missing" for name in expected if name not in files]
     prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
     return [prefix + problem for problem in dict.fromkeys(problems)]
+
+
+_UNREADABLE = "cannot be read by this user"
+
+
+def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[str, int],
+                   source: str) -> dict[str, str]:
+    """Each file of `snapshot` that would stop it loading, and why."""
+    problems = {}
+    for name, size in files.items():
+        if size < 0:
+            problems[name] = "is a broken link (its blob is gone)"
+        elif size == 0:
+            problems[name] = "is empty"
+        elif not os.access(snapshot / name, os.R_OK):
+            problems[name] = f"{_UNREADABLE} (uid {os.getuid()})"
+        elif name in expected:
+            if size != expected[name]:
+                problems[name] = f"is {size} bytes, {source} says {expected[name]}"
+        elif problem := content_problem(snapshot / name, size):
+            problems[name] = problem  # no size recorded: what its own format says
+    return problems
+
+
+def _drop_damaged(spec: ModelSpec, cache_dir: Path, commit: str, lock: Lock) -> None:
+    """Remove the files of the snapshot about to be pulled that verify finds damaged (cut,
+    empty, a broken link), with their blobs: the Hub keeps a file whose link exists, and
+    links a file to a blob it has, whatever their size, so pulling again repaired nothing
+    and verify kept naming the pull as the fix."""
+    snapshot = repo_dir(spec, cache_dir) / "snapshots" / commit
+    if not snapshot.is_dir():
+        return
+    expected, source = expected_sizes(spec, snapshot, lock)
+    for name, why in _file_problems(snapshot, snapshot_files(snapshot), expected, source).items():
+        if why.startswith(_UNREADABLE):
+            continue  # whole, only not ours to read: the Hub would not fix that either
+        logger.warning("%s: %s %s: fetching it again", spec.repo_id, name, why)
+        path = snapshot / name
+        blob = path.resolve() if path.is_symlink() else None
+        path.unlink(missing_ok=True)
+        if blob is not None and blob.parent.name == "blobs":
+            blob.unlink(missing_ok=True)
 
 
 def content_problem(path: Path, size: int) -> str | None:

@@ -218,6 +218,39 @@ def test_pull_into_a_volume_with_a_lock_it_cannot_write(tmp_path, monkeypatch, c
     store.pull(specs, tmp_path / "again", lock_path=pinned, progress=False)
 
 
+def test_pull_fetches_again_what_verify_finds_damaged(tmp_path, monkeypatch):
+    """verify names `imagen models pull` as the fix for a file cut short, but the Hub keeps a
+    file whose link exists, whatever its size: the pull repaired nothing, and verify named it
+    again. (The stand-in keeps existing files, as the Hub does.)"""
+    spec = REGISTRY["remove-background"]
+    files = {"briarmbg.py": b"code = 1\n", "MyConfig.py": b"cfg = 2\n", "config.json": b"{}",
+             "model.safetensors": b"w" * 10}
+
+    class KeepingHub(FakeHub):
+        def __call__(self, repo_id, *, revision, cache_dir, allow_patterns=None, dry_run=False, **kwargs):
+            if not dry_run:
+                snapshot = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / self.commit
+                kept = {n: (snapshot / n).read_bytes() for n in self.files if (snapshot / n).exists()}
+                folder = super().__call__(repo_id, revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=allow_patterns, dry_run=False, **kwargs)
+                for name, data in kept.items():
+                    (snapshot / name).write_bytes(data)
+                return folder
+            return super().__call__(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns,
+                                    dry_run=True, **kwargs)
+
+    monkeypatch.setattr(store, "snapshot_download", KeepingHub(files))
+    lock_path, cache = tmp_path / "lock.json", tmp_path / "cache"
+    store.pull([spec], cache, lock_path=lock_path, progress=False)
+    snapshot = store.resolve_snapshot(spec, cache, lock=Lock.read(lock_path))
+    (snapshot / "model.safetensors").write_bytes(b"w" * 4)  # cut short
+    (snapshot / "config.json").write_bytes(b"")  # emptied
+    assert len(store.verify([spec], cache, Lock.read(lock_path))) == 2
+    store.pull([spec], cache, lock_path=lock_path, progress=False)
+    assert store.verify([spec], cache, Lock.read(lock_path)) == []
+    assert (snapshot / "model.safetensors").read_bytes() == b"w" * 10 and (snapshot / "briarmbg.py").exists()
+
+
 def test_pull_replaces_a_tiny_model_at_the_same_commit(tmp_path, monkeypatch):
     from image.models.tiny import build_tiny
 
