@@ -167,6 +167,10 @@ class Settings:
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
             raise ConfigError(f"IMAGEN_MAX_PIXELS: {self.max_pixels} is more than Pillow opens "
                               f"({2 * Image.MAX_IMAGE_PIXELS}): larger images would fail as decompression bombs")
+        if self.output_bucket:
+            check_bucket_name("IMAGEN_OUTPUT_BUCKET", self.output_bucket)
+        for bucket in sorted(self.allowed_buckets):
+            check_bucket_name("IMAGEN_ALLOWED_BUCKETS", bucket)
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
                               "OIDC audience: the service URL)")
@@ -198,6 +202,19 @@ class Settings:
         if bucket in self.allowed_buckets or bucket == self.output_bucket:
             raise ConfigError(f"{name}: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or IMAGEN_OUTPUT_BUCKET); "
                               f"{why}")
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
+def check_bucket_name(name: str, bucket: str) -> None:
+    """ConfigError naming `name` unless `bucket` is a Cloud Storage bucket name (a `gs://`
+    before it, or a folder after it, would match no bucket: every job or write refused)."""
+    if _BUCKET_NAME.fullmatch(bucket):
+        return
+    hint = "give the name alone, without gs://" if bucket.startswith("gs://") else \
+        "a name alone is 3 to 63 lowercase letters, digits, dashes, underscores and dots"
+    raise ConfigError(f"{name}: {bucket!r} is not a bucket name: {hint}")
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -26,7 +26,7 @@ def test_every_variable_is_read():
         "IMAGEN_INPUT_PREFIX": "in/", "IMAGEN_OUTPUT_BUCKET": "out-bkt", "IMAGEN_OUTPUT_PREFIX": "out/",
         "IMAGEN_FAILED_PREFIX": "bad/", "IMAGEN_RESULTS_TOPIC": "results", "IMAGEN_SUBSCRIPTION": "sub",
         "IMAGEN_DEVICE": "cpu", "IMAGEN_MAX_PIXELS": "1000", "IMAGEN_MAX_BYTES": "2000",
-        "IMAGEN_ALLOWED_BUCKETS": "a,b", "GOOGLE_CLOUD_PROJECT": "proj", "PORT": "9000",
+        "IMAGEN_ALLOWED_BUCKETS": "bkt-a,bkt-b", "GOOGLE_CLOUD_PROJECT": "proj", "PORT": "9000",
         "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "PUBSUB_EMULATOR_HOST": "127.0.0.1:2",
         "HF_HUB_OFFLINE": "1", "IMAGEN_PUSH_AUDIENCE": "https://svc/",
         "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
@@ -39,7 +39,7 @@ def test_every_variable_is_read():
     assert settings.output_bucket == "out-bkt" and settings.results_topic == "results"
     assert settings.subscription == "sub" and settings.device == "cpu"
     assert (settings.max_pixels, settings.max_bytes, settings.port) == (1000, 2000, 9000)
-    assert settings.allowed_buckets == {"a", "b"} and settings.project == "proj"
+    assert settings.allowed_buckets == {"bkt-a", "bkt-b"} and settings.project == "proj"
     assert settings.storage_emulator_host and settings.pubsub_emulator_host
     assert not settings.allow_model_download
     assert settings.push_audience == "https://svc/"
@@ -101,3 +101,14 @@ def test_tuning_is_validated_without_torch():
             "Settings.from_env({'IMAGEN_TUNING': 'cuda_graphs=off'}); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bucket_settings_take_bucket_names_not_uris():
+    # IMAGEN_OUTPUT_BUCKET=gs://out/ was taken as it was: every output write refused (and
+    # retried as the deployment's fault), every job message dead-lettered, all in silence.
+    with pytest.raises(ConfigError, match="IMAGEN_OUTPUT_BUCKET: 'gs://out/' is not a bucket name: give the name alone"):
+        Settings.from_env({"IMAGEN_OUTPUT_BUCKET": "gs://out/"})
+    with pytest.raises(ConfigError, match="IMAGEN_ALLOWED_BUCKETS: 'In' is not a bucket name"):
+        Settings.from_env({"IMAGEN_ALLOWED_BUCKETS": "ok-bucket,In"})
+    settings = Settings.from_env({"IMAGEN_OUTPUT_BUCKET": "out.example.com", "IMAGEN_ALLOWED_BUCKETS": "a_b-1,c9c"})
+    assert settings.output_bucket == "out.example.com" and settings.allowed_buckets == {"a_b-1", "c9c"}
