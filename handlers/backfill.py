@@ -215,6 +215,9 @@ def backfill(
             settle(0)
         except BaseException:  # an error, Ctrl-C: the first object not counted is where to go on
             summary.current = unsettled[0][0].uri if unsettled else deciding or (ahead[0][0] if ahead else "")
+            # The lookups not started are dropped: leaving the pool would wait for each (up
+            # to 2 x workers, each retried for minutes where the network is what failed).
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
     return summary
 

@@ -346,6 +346,34 @@ def test_a_backfill_stopped_with_ctrl_c_says_where_to_go_on(tiny_settings, bucke
         "interrupted; go on with --start-at incoming/upscale/b.png")
 
 
+def test_a_stopped_backfill_drops_the_lookups_not_started(tiny_settings, bucket, monkeypatch):
+    # Leaving the pool waited for every lookup queued ahead (2 x workers), each retried for
+    # minutes where the network is what failed: Ctrl-C took that long to answer.
+    import threading
+
+    from handlers import backfill as backfill_module
+
+    for i in range(8):
+        bucket.blob(f"incoming/upscale/{i}.png").upload_from_string(png_bytes(), content_type="image/png")
+    looked, release = [], threading.Event()
+
+    def slow(blob, *args, **kwargs):
+        looked.append(blob.name)
+        if blob.name.endswith("0.png"):
+            raise KeyboardInterrupt
+        release.wait(2)  # a lookup stuck on the network
+        return backfill_module.Decision(f"gs://{bucket.name}/{blob.name}", "skip", "test")
+
+    monkeypatch.setattr(backfill_module, "decide", slow)
+    with pytest.raises(KeyboardInterrupt):
+        from handlers.backfill import backfill
+
+        backfill(storage_client(tiny_settings), bucket.name, "", Layout(), operation=None, publish=None, rate=0,
+                 workers=2)
+    release.set()
+    assert len(looked) <= 3, looked  # the two running (one of them the interrupted) and none of the queued
+
+
 def test_submit_says_when_a_newer_upload_of_the_same_name_took_the_result(tiny_settings, bucket, tmp_path):
     # A script retried, a colleague uploaded the same name: the first submit waited its whole
     # timeout for a result that could never come.
