@@ -20,8 +20,9 @@ How it keeps the model's function:
 - the live graphs of the process share one memory pool, so shapes and models do not each keep
   their own activations; it is safe because replays never overlap (the engine runs one job
   at a time) and each replay's output is copied out before any other graph runs. A pool
-  never shrinks while one of its graphs lives, so `adopt` moves a model whose graphs are the
-  process's only ones to a fresh pool and gives the old one back;
+  never shrinks while one of its graphs lives: `adopt` releases a model's graphs before
+  capturing their replacements, so where they were the process's only ones their pool goes
+  back to the device and the new ones start another;
 - at most `max_graphs` signatures are captured; later ones run eagerly (many distinct image
   sizes would otherwise pile up graphs). A capture that fails (an operation that cannot be
   captured) marks its signature eager, logs once, and the call runs eagerly. One capture at a
@@ -124,18 +125,15 @@ class GraphedForward:
            (their memory is the new ones': never both at once), then each signature is captured
            again (a recompile here fails instead of compiling inside the capture) and the set
            swapped in, and the allocator's cache is emptied. Where no other model has graphs,
-           the new ones go to a fresh pool and the old pool goes back to the device whole (a
-           pool never shrinks while one of its graphs lives). A failed capture raises and
-           leaves no graphs: each signature is captured again, uncompiled, at its next call.
+           their pool dies with them and goes back to the device whole (a pool never shrinks
+           while one of its graphs lives), and the new ones start a pool of their own. A failed
+           capture raises after capturing the signatures again with the original forward,
+           in the memory the failure freed (one that fails again is captured at its next call).
 
         Signatures first seen later are captured with the original forward.
         """
-        global _pool
         with _capturing, torch.inference_mode():
             compiled = dict(self.graphs)
-            # The process's only graphs: a fresh pool, and the old one is given back once they
-            # die below. Other models' graphs (a chain) still use the old one: shared, as before.
-            pool = torch.cuda.graph_pool_handle() if set(_live) <= set(compiled.values()) else _shared_pool()
             side = torch.cuda.Stream()
             for graph in compiled.values():
                 args, kwargs = tree_unflatten(graph.input_copies(), graph.spec)
@@ -152,16 +150,33 @@ class GraphedForward:
                 # side streams it ran on, which the jobs' stream never reuses), as
                 # ShapeCompiled.adopt does, go back to the device before the captures.
                 torch.cuda.empty_cache()
-                _pool = pool  # where later captures go too
                 adopted = {}
-                for key, leaves, spec in signatures:
-                    adopted[key] = self._capture(key, leaves, spec, forward, pool)
+                try:
+                    for key, leaves, spec in signatures:
+                        adopted[key] = self._capture(key, leaves, spec, forward)
+                except Exception:
+                    adopted.clear()  # what it captured goes too: room for the uncompiled graphs
+                    self.graphs = self._capture_each(signatures, self.forward)
+                    raise
                 self.graphs, self.adopted = adopted, forward
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             return len(signatures)
 
-    def _capture(self, key: tuple, leaves: list, spec, forward, pool=None) -> _Graph:
+    def _capture_each(self, signatures: list, forward) -> dict:
+        """The graphs of `signatures` ((key, leaves, spec) each) that capture; one that fails is
+        left to be captured at its next call (none once CUDA is left unusable for captures)."""
+        graphs = {}
+        for key, leaves, spec in signatures:
+            if _broken:
+                break
+            try:
+                graphs[key] = self._capture(key, leaves, spec, forward)
+            except Exception as error:  # noqa: BLE001 - as in __call__: that shape waits for its next call
+                logger.warning("CUDA graph capture failed again, capturing at the next call: %s", str(error))
+        return graphs
+
+    def _capture(self, key: tuple, leaves: list, spec, forward) -> _Graph:
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = tree_unflatten(inputs, spec)
         stream = torch.cuda.current_stream()
@@ -175,7 +190,7 @@ class GraphedForward:
             graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls other threads make meanwhile (another operation's job, a
             # background compile) do not invalidate this capture.
-            with torch.cuda.graph(graph, pool=pool or _shared_pool(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=_shared_pool(), capture_error_mode="thread_local"):
                 output = forward(*args, **kwargs)
         except BaseException:
             # A failed capture can leave the capture stream current: put the caller's back.
