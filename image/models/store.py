@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -131,7 +132,15 @@ def fetch(
             spec.repo_id, commit, len(wanted), total / 1e9, cache_dir,
         )
         _drop_tiny(spec, cache_dir, commit)
-        _drop_damaged(spec, cache_dir, commit, lock)
+        # What the Hub says each file weighs: what a file already here must weigh, and what the
+        # lock records (a file cut before this pull would otherwise be pinned cut).
+        hub_sizes = {info.filename: info.file_size for info in plan if info.filename in wanted and info.file_size}
+        _drop_damaged(spec, repo_dir(spec, cache_dir) / "snapshots" / commit, hub_sizes, "the Hub")
+        # And the snapshot verify looked at, where it is another commit (the branch moved on):
+        # its damaged blobs would otherwise be linked into the new one.
+        checked, snapshot = find_snapshot(spec, cache_dir, lock)
+        if snapshot is not None and checked != commit:
+            _drop_damaged(spec, snapshot, *expected_sizes(spec, snapshot, lock))
         folder = snapshot_download(
             spec.repo_id, revision=commit, cache_dir=cache_dir, token=token,
             allow_patterns=wanted, tqdm_class=None if progress else _QuietTqdm,
@@ -143,7 +152,7 @@ def fetch(
     if revision != commit:
         write_ref(spec, cache_dir, revision, commit)
     sizes = snapshot_files(Path(folder))
-    return commit, {name: sizes[name] for name in wanted if name in sizes}
+    return commit, {name: hub_sizes.get(name, sizes[name]) for name in wanted if name in sizes}
 
 
 def pull(
@@ -307,15 +316,13 @@ def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[s
     return problems
 
 
-def _drop_damaged(spec: ModelSpec, cache_dir: Path, commit: str, lock: Lock) -> None:
-    """Remove the files of the snapshot about to be pulled that verify finds damaged (cut,
-    empty, a broken link), with their blobs: the Hub keeps a file whose link exists, and
-    links a file to a blob it has, whatever their size, so pulling again repaired nothing
-    and verify kept naming the pull as the fix."""
-    snapshot = repo_dir(spec, cache_dir) / "snapshots" / commit
+def _drop_damaged(spec: ModelSpec, snapshot: Path, expected: Mapping[str, int], source: str) -> None:
+    """Remove the files of `snapshot` that verify would find damaged (cut, empty, a broken
+    link; `expected` sizes by `source`), with their blobs: the Hub keeps a file whose link
+    exists, and links a file to a blob it has, whatever their size, so pulling again
+    repaired nothing and verify kept naming the pull as the fix."""
     if not snapshot.is_dir():
         return
-    expected, source = expected_sizes(spec, snapshot, lock)
     for name, why in _file_problems(snapshot, snapshot_files(snapshot), expected, source).items():
         if why.startswith(_UNREADABLE):
             continue  # whole, only not ours to read: the Hub would not fix that either
@@ -339,13 +346,15 @@ def content_problem(path: Path, size: int) -> str | None:
         if suffix == ".json":
             json.loads(path.read_bytes())
         elif suffix == ".py":
-            compile(path.read_bytes(), str(path), "exec")
+            with warnings.catch_warnings():  # its invalid escapes are the loader's to warn of, once
+                warnings.simplefilter("ignore")
+                compile(path.read_bytes(), str(path), "exec")
         elif suffix == ".bin":
             with path.open("rb") as handle:
                 zipped = handle.read(4) == b"PK\x03\x04"  # else a legacy pickle: nothing to check it by
             if zipped and not zipfile.is_zipfile(path):
                 return "is cut short or damaged (its zip directory is missing)"
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, RecursionError, MemoryError) as error:
         return f"cannot be parsed ({type(error).__name__}): cut short or damaged"
     return None
 

@@ -251,6 +251,54 @@ def test_pull_fetches_again_what_verify_finds_damaged(tmp_path, monkeypatch):
     assert (snapshot / "model.safetensors").read_bytes() == b"w" * 10 and (snapshot / "briarmbg.py").exists()
 
 
+class BlobHub(FakeHub):
+    """The Hub's cache as it is: blobs named by their content's etag, the snapshot's files
+    links to them; a blob already there is linked, not fetched, whatever its size."""
+
+    def __call__(self, repo_id, *, revision, cache_dir, allow_patterns=None, dry_run=False, **kwargs):
+        if dry_run:
+            return super().__call__(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns,
+                                    dry_run=True, **kwargs)
+        import hashlib
+        import os
+
+        repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / self.commit
+        for name in allow_patterns:
+            link = snapshot / name
+            if link.exists() or link.is_symlink():
+                continue
+            blob = repo / "blobs" / hashlib.sha256(self.files[name]).hexdigest()
+            if not blob.exists():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                blob.write_bytes(self.files[name])
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return str(snapshot)
+
+
+def test_a_pull_after_the_branch_moved_on_fetches_again_the_blobs_verify_found_damaged(tmp_path, monkeypatch):
+    # Nothing pinned: verify looks at refs/main's commit A; by the time of the pull, main is
+    # commit B with the same files, which the Hub links to A's blobs, the cut one included.
+    import torch
+    from safetensors.torch import save
+
+    spec = REGISTRY["remove-background"]
+    weights_bytes = save({"w": torch.zeros(16)})
+    files = {"briarmbg.py": b"code = 1\n", "MyConfig.py": b"cfg = 2\n", "config.json": b"{}",
+             "model.safetensors": weights_bytes}
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(store, "snapshot_download", BlobHub(files, commit="a" * 40))
+    store.pull([spec], cache, lock_path=tmp_path / "lock-a.json", progress=False)
+    weights = cache / spec.cache_name / "snapshots" / ("a" * 40) / "model.safetensors"
+    os.truncate(weights.resolve(), len(weights_bytes) - 8)
+    assert store.verify([spec], cache, Lock())  # what a user runs: no lock pins the sizes
+    monkeypatch.setattr(store, "snapshot_download", BlobHub(files, commit="b" * 40))
+    store.pull([spec], cache, lock_path=tmp_path / "lock-b.json", progress=False)
+    assert store.verify([spec], cache, Lock()) == []
+    assert (cache / spec.cache_name / "snapshots" / ("b" * 40) / "model.safetensors").read_bytes() == weights_bytes
+
+
 def test_pull_replaces_a_tiny_model_at_the_same_commit(tmp_path, monkeypatch):
     from image.models.tiny import build_tiny
 
