@@ -334,7 +334,10 @@ class Processor:
                     # Another delivery of this job (or a newer one) wrote first: look at what
                     # it wrote. Anything else (and this look's own errors) goes to the
                     # handlers below, the last attempt's report included.
-                    winner = self._store.stat(*plan.output, output=True)
+                    try:
+                        winner = self._store.stat(*plan.output, output=True)
+                    except OutputRefused as error:  # raised here, the handler beside this one is passed by
+                        raise self._refused(job, plan, error) from None
                     if not _written_with(winner, metadata):  # else: our own write, whose answer
                         skip = skip_reason(winner, job, plan)  # was lost and retried
                         if skip:
@@ -345,7 +348,10 @@ class Processor:
                         # would only redo the GPU work, or on the last try report a job whose
                         # result was ready while the older one stayed.
                         check_replaceable(winner, job, plan)
-                        write(winner)
+                        try:
+                            write(winner)
+                        except OutputRefused as error:
+                            raise self._refused(job, plan, error) from None
                 except OutputRefused as error:
                     raise self._refused(job, plan, error) from None
         except SourceSuperseded as error:

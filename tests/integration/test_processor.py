@@ -923,6 +923,35 @@ def test_an_older_result_landing_while_the_job_runs_is_replaced_not_redone(setti
     assert engine.calls == 1
 
 
+def test_a_refusal_after_a_lost_write_race_is_judged_as_any_output_refusal(settings, bucket):
+    """Raised inside the handler of the lost race, the refusal passed the handler beside it:
+    retried, GPU work and all, where a job message's output outside the output prefix fails
+    for good (OutputNotWritable)."""
+    from handlers.errors import OutputRefused, PreconditionLost
+
+    _upload(bucket, "uploads/race.png")
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    stat = processor._store.stat
+
+    def lost(*args, **kwargs):
+        raise PreconditionLost("changed while the job ran")
+
+    def refused_after_the_race(bucket_name, name, *, output=False):
+        if output and lost.raised:
+            raise OutputRefused("Cloud Storage refused to read the output: 403 Forbidden")
+        return stat(bucket_name, name, output=output)
+
+    def write(*args, **kwargs):
+        lost.raised = True
+        lost()
+
+    lost.raised = False
+    processor._store.write_output, processor._store.stat = write, refused_after_the_race
+    request = JobRequest(bucket.name, "uploads/race.png", "upscale", {}, output=f"gs://{bucket.name}/exports/r.png")
+    outcome = processor.handle(request, attempt=1)
+    assert outcome.status == "failed" and outcome.error["type"] == "OutputNotWritable"
+
+
 def test_a_lost_write_race_on_the_last_attempt_still_gets_its_report(settings, bucket):
     """Another job (other parameters) writes the same output before each of this job's
     writes: a retry; on the last delivery attempt a failure report, never a dead letter
