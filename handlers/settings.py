@@ -213,7 +213,7 @@ def check_bucket_name(name: str, bucket: str) -> None:
     if _BUCKET_NAME.fullmatch(bucket):
         return
     hint = "give the name alone, without gs://" if bucket.startswith("gs://") else \
-        "a name alone is 3 to 63 lowercase letters, digits, dashes, underscores and dots"
+        "a name alone is 3 to 63 lowercase letters, digits, dashes and underscores (up to 222 with dots)"
     raise ConfigError(f"{name}: {bucket!r} is not a bucket name: {hint}")
 
 

@@ -38,12 +38,16 @@ class _Group(click.Group):
             _stop(ctx, f"{type(error).__name__}: {error}", error, 2 if isinstance(error, ConfigError) else 1)
         except GoogleAPICallError as error:
             _stop(ctx, f"{type(error).__name__}: {error.message or error}", error, 1)
-        except GoogleAPIError as error:  # retries that ran out (RetryError): a service that never answered
+        except (GoogleAPIError, GoogleAuthError) as error:
+            if ctx.invoked_subcommand in _LOGGED:  # a service's: its trace in the log line
+                _stop(ctx, str(error), error, 1, trace=True)
+            if isinstance(error, GoogleAuthError):
+                first = str(error).splitlines()[0] if str(error) else ""
+                _stop(ctx, f"{type(error).__name__}: {first}; on your machine, sign in with `gcloud auth "
+                           f"application-default login` (or, for the local stack, paste the exports `imagen dev` "
+                           f"prints); on Google Cloud, check the service account it runs as", error, 1)
+            # Retries that ran out (RetryError): a service that never answered.
             _stop(ctx, f"{type(error).__name__}: {error}{_unreachable_hint(ctx.obj)}", error, 1)
-        except GoogleAuthError as error:
-            _stop(ctx, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; sign in with "
-                       f"`gcloud auth application-default login`, or, for the local stack, paste the exports "
-                       f"`imagen dev` prints", error, 1)
         except Exception as error:
             if ctx.invoked_subcommand in _LOGGED:  # any other reason serve or worker stops
                 _stop(ctx, str(error), error, 1, trace=True)

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import click
 
+from handlers.cli.options import bucket_name
+
 
 @click.command("dev")
-@click.option("--bucket", default="imagen-dev", show_default=True, help="Bucket to create.")
+@click.option("--bucket", default="imagen-dev", show_default=True, help="Bucket to create.",
+              callback=bucket_name)
 @click.option("--work-dir", default=".dev", show_default=True, type=click.Path(path_type=Path),
               help="Where logs go.")
 @click.pass_obj

@@ -5,6 +5,19 @@ from __future__ import annotations
 import click
 
 
+def bucket_name(ctx, param, value: str | None) -> str | None:
+    """A click callback: `value` if it is a bucket name (else a usage error saying why)."""
+    from handlers.errors import ConfigError
+    from handlers.settings import check_bucket_name
+
+    if value is not None:
+        try:
+            check_bucket_name(param.opts[0], value)
+        except ConfigError as error:
+            raise click.BadParameter(str(error).removeprefix(f"{param.opts[0]}: ")) from None
+    return value
+
+
 def param_options(values: tuple[str, ...]) -> dict:
     """`--param k=v` options -> a params dict of the values as written: the parameters'
     checks read text as what each takes (`steps=20` -> 20, `mask_only=true` -> True), so a

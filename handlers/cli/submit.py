@@ -7,24 +7,14 @@ from pathlib import Path
 
 import click
 
-from handlers.cli.options import param_options
-from handlers.errors import ConfigError
-from handlers.settings import check_bucket_name
-
-
-def _bucket(value: str) -> str:
-    try:
-        check_bucket_name("--bucket", value)
-    except ConfigError as error:
-        raise click.BadParameter(str(error).removeprefix("--bucket: ")) from None
-    return value
+from handlers.cli.options import bucket_name, param_options
 
 
 @click.command("submit")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--operation", required=True, help="Operation or chain, e.g. upscale or remove-background,upscale.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
-@click.option("--bucket", required=True, envvar="IMAGEN_BUCKET", callback=lambda ctx, param, value: _bucket(value),
+@click.option("--bucket", required=True, envvar="IMAGEN_BUCKET", callback=bucket_name,
               help="Input bucket [env IMAGEN_BUCKET].")
 @click.option("--wait/--no-wait", default=False, help="Wait for each output or failure report.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -16,3 +16,13 @@ def test_no_google_credentials_is_one_line_naming_the_fix(tmp_path):
     assert result.exit_code == 1, result.output
     assert result.output.startswith("imagen: DefaultCredentialsError: ") and "Traceback" not in result.output
     assert "gcloud auth application-default login" in result.output and "imagen dev" in result.output
+
+
+def test_a_bucket_option_takes_a_bucket_name(tmp_path):
+    # submit --bucket gs://... hung on retries against a bucket that cannot exist.
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"not read")
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale", "--bucket", "gs://imagen-dev"])
+    assert result.exit_code == 2 and "'gs://imagen-dev' is not a bucket name: give the name alone" in result.output
+    result = CliRunner().invoke(main, ["dev", "--bucket", "Imagen"])
+    assert result.exit_code == 2 and "'Imagen' is not a bucket name" in result.output
