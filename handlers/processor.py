@@ -324,36 +324,12 @@ class Processor:
             seconds = round(time.perf_counter() - started, 3)
             metadata = output_metadata(job, plan, model, seconds)
             with _timed(timings, "upload"):
-                def write(over: ObjectState | None) -> None:  # the output, if `over` is still there
-                    self._store.write_output(*plan.output, encoded, content_type=CONTENT_TYPES[plan.format],
-                                             metadata=metadata, if_generation_match=over.generation if over else 0)
-
                 try:
-                    write(existing)
-                except PreconditionLost:
-                    # Another delivery of this job (or a newer one) wrote first: look at what
-                    # it wrote. Anything else (and this look's own errors) goes to the
-                    # handlers below, the last attempt's report included.
-                    try:
-                        winner = self._store.stat(*plan.output, output=True)
-                    except OutputRefused as error:  # raised here, the handler beside this one is passed by
-                        raise self._refused(job, plan, error) from None
-                    if not _written_with(winner, metadata):  # else: our own write, whose answer
-                        skip = skip_reason(winner, job, plan)  # was lost and retried
-                        if skip:
-                            return self._skipped(job, plan, skip, fields, has_output=True)
-                        self._check_not_taken(winner, job, plan)  # another source won the race
-                        # An older generation's result (or other parameters') landed while this
-                        # job ran: this one replaces it, as it would have found it there. Raising
-                        # would only redo the GPU work, or on the last try report a job whose
-                        # result was ready while the older one stayed.
-                        check_replaceable(winner, job, plan)
-                        try:
-                            write(winner)
-                        except OutputRefused as error:
-                            raise self._refused(job, plan, error) from None
+                    skip = self._upload(job, plan, encoded, metadata, existing)
                 except OutputRefused as error:
                     raise self._refused(job, plan, error) from None
+                if skip:
+                    return self._skipped(job, plan, skip, fields, has_output=True)
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -405,6 +381,34 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _upload(self, job: Job, plan: Plan, encoded: bytes, metadata: dict[str, str],
+                 existing: ObjectState | None) -> str | None:
+        """Write the output where `existing` still is (the generation precondition); None once
+        written, or why the write is needless (another delivery's result is there)."""
+        def write(over: ObjectState | None) -> None:
+            self._store.write_output(*plan.output, encoded, content_type=CONTENT_TYPES[plan.format],
+                                     metadata=metadata, if_generation_match=over.generation if over else 0)
+
+        try:
+            write(existing)
+        except PreconditionLost:
+            # Another delivery of this job (or a newer one) wrote first: look at what it
+            # wrote. Anything else (and this look's own errors) goes to `_attempt`'s handlers,
+            # the last attempt's report included.
+            winner = self._store.stat(*plan.output, output=True)
+            if _written_with(winner, metadata):
+                return None  # our own write, whose answer was lost and retried
+            if skip := skip_reason(winner, job, plan):
+                return skip
+            self._check_not_taken(winner, job, plan)  # another source won the race
+            # An older generation's result (or other parameters') landed while this job ran:
+            # this one replaces it, as it would have found it there. Raising would only redo
+            # the GPU work, or on the last try report a job whose result was ready while the
+            # older one stayed.
+            check_replaceable(winner, job, plan)
+            write(winner)
+        return None
 
     def _refused(self, job: Job, plan: Plan, error: OutputRefused) -> ImagenError:
         """What Cloud Storage refusing the output means: the deployment's fault (a grant not yet
