@@ -111,7 +111,7 @@ def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
         bucket=event.bucket,
         name=name,
         generation=event.generation,
-        operation=_spelled(operation),
+        operation=spelled(operation),
         params=metadata.get(PARAMS_KEY),
         rel_path=rel_path,
         origin="notification",
@@ -119,7 +119,7 @@ def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
     )
 
 
-def _spelled(operation: str) -> str:
+def spelled(operation: str) -> str:
     """The operation or chain as imagen writes it, when it parses; as given otherwise (the
     processor reports what is wrong with it)."""
     try:
@@ -134,7 +134,7 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
         bucket=request.bucket,
         name=request.name,
         generation=request.generation,
-        operation=_spelled(request.operation),
+        operation=spelled(request.operation),
         params=dict(request.params),
         rel_path=route_request_rel_path(request.name, layout),
         output=parse_gs_uri(request.output) if request.output else None,

@@ -36,7 +36,7 @@ def command(settings, source, operation, params, output):
             bucket=bucket,
             name=name,
             generation=None,
-            operation=operation,
+            operation=routing.spelled(operation),  # "a, b" as the service writes it: "a,b"
             params=param_options(params),
             rel_path=routing.route_request_rel_path(name, layout),
             output=parse_gs_uri(output) if output else None,

@@ -49,6 +49,12 @@ def test_process_exits_non_zero_with_the_report_location(settings, tiny_cache, b
     assert "not a supported image" in result.output
     assert f"gs://{bucket.name}/failed/upscale/notes.png.json" in result.output
     assert bucket.get_blob("failed/upscale/notes.png.json") is not None
+    # A chain spelled with spaces reports where the service would: the chain's own folder.
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/upscale/notes.png", "--operation",
+                                       "remove-background, upscale"], env=_env(settings, tiny_cache))
+    assert result.exit_code == 1
+    assert bucket.get_blob("failed/remove-background,upscale/notes.png.json") is not None, \
+        [blob.name for blob in bucket.list_blobs(prefix="failed/")]
 
 
 def test_process_of_a_missing_object_fails_as_a_job_would(settings, tiny_cache, bucket):
