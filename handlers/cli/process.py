@@ -61,7 +61,10 @@ def command(settings, source, operation, params, output):
             plan_job(job, layout, frozenset(parse_chain(operation)))
         except (InvalidParameter, UnknownOperation) as error:
             raise click.UsageError(str(error)) from None
-    chain = parse_chain(job.operation) if job.operation else None
+    try:
+        chain = parse_chain(job.operation) if job.operation else None
+    except UnknownOperation:  # the object's folder or metadata names none: reported, as the service does
+        chain = None
     engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)
     settings = settings.replace(operations=tuple(chain) if chain else None)
     if chain:  # without one the job fails at planning (its report), before any model would load

@@ -66,6 +66,16 @@ def test_process_of_a_missing_object_fails_as_a_job_would(settings, tiny_cache, 
     assert result.output.strip() == f"imagen: StoragePermanentError: {missing} does not exist"
 
 
+def test_process_of_an_object_in_an_unknown_folder_gets_the_report_an_upload_would(settings, tiny_cache, bucket):
+    # It stopped at the command line (exit 1, no report) where an upload gets a report.
+    bucket.blob("incoming/upscal/x.png").upload_from_string(png_bytes((20, 20)), content_type="image/png")
+    result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/upscal/x.png"],
+                                env=_env(settings, tiny_cache))
+    assert result.exit_code == 1 and f"report: gs://{bucket.name}/failed/" in result.output, result.output
+    reports = [blob.name for blob in bucket.list_blobs(prefix="failed/")]
+    assert len(reports) == 1 and "unknown operation 'upscal'" in bucket.blob(reports[0]).download_as_text()
+
+
 def test_process_of_an_object_no_event_would_run_says_to_name_the_operation(settings, tiny_cache, bucket):
     # Outside incoming/: an upload there is ignored, so process asks for --operation (it
     # crashed with NameError instead).
