@@ -150,14 +150,18 @@ class GraphedForward:
                 # side streams it ran on, which the jobs' stream never reuses), as
                 # ShapeCompiled.adopt does, go back to the device before the captures.
                 torch.cuda.empty_cache()
-                adopted = {}
+                adopted, failure = {}, None
                 try:
                     for key, leaves, spec in signatures:
                         adopted[key] = self._capture(key, leaves, spec, forward)
-                except Exception:
-                    adopted.clear()  # what it captured goes too: room for the uncompiled graphs
+                except Exception as error:
+                    # Without its frames, which hold the failed capture's memory, and without
+                    # what it did capture: room for the uncompiled graphs again.
+                    failure = error.with_traceback(None)
+                    adopted.clear()
+                if failure is not None:
                     self.graphs = self._capture_each(signatures, self.forward)
-                    raise
+                    raise failure
                 self.graphs, self.adopted = adopted, forward
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
