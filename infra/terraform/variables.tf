@@ -183,7 +183,7 @@ variable "image_tag" {
 }
 
 variable "gpu_type" {
-  description = "GPU of each Cloud Run instance (node_selector accelerator). Cloud Run only: GKE's is the node pool's and infra/k8s's node selector."
+  description = "GPU of each Cloud Run instance (node_selector accelerator): nvidia-l4, the one this module's shapes and CUDA 12.6 image fit. Cloud Run only: GKE's is the node pool's and infra/k8s's node selector."
   type        = string
   default     = "nvidia-l4"
 }
