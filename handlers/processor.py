@@ -561,10 +561,9 @@ class Processor:
         sender's mistake, reported; and one replaced after its live generation was looked up
         is a transient fault (no event brings the new generation to the job: its next try
         takes it)."""
-        live = self._store.stat(job.bucket, job.name)
-        if live is None or (named and live.generation < int(job.generation)):
-            at = f" at generation {job.generation}" if named and live is not None else ""
-            raise StoragePermanentError(f"{job.source_uri} does not exist{at}")
+        live = int(self._live_generation(job))  # none at all: StoragePermanentError
+        if named and live < int(job.generation):
+            raise StoragePermanentError(f"{job.source_uri} does not exist at generation {job.generation}")
         if not named:
             raise TransientError(f"{job.source_uri} was replaced as the job started: its next try takes the new "
                                  f"generation")

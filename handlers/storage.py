@@ -88,13 +88,9 @@ class Store:
             blob.reload(timeout=TIMEOUT_SECONDS)
         except api_exceptions.NotFound:
             return None
-        except (api_exceptions.Forbidden, api_exceptions.Unauthorized) as error:
-            if output:
-                raise OutputRefused(f"Cloud Storage refused to read the output gs://{bucket}/{name}: {error.code} "
-                                    f"{error.message} (the runtime service account needs access to the output "
-                                    f"prefix)") from error
-            raise _translate(error, f"gs://{bucket}/{name}") from error
         except Exception as error:
+            if output and isinstance(error, (api_exceptions.Forbidden, api_exceptions.Unauthorized)):
+                raise _output_refused("read", bucket, name, error) from error
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return ObjectState(int(blob.generation), dict(blob.metadata or {}), blob.size)
 
@@ -165,9 +161,7 @@ class Store:
             # The deployment's fault, not the job's (a grant not yet propagated, a bucket not
             # made yet): retried, and reported only if it lasts, instead of failing for good
             # each job whose GPU work is done.
-            raise OutputRefused(f"Cloud Storage refused to write the output gs://{bucket}/{name}: "
-                                f"{error.code} {error.message} (the runtime service account needs write access "
-                                f"to the output prefix)") from error
+            raise _output_refused("write", bucket, name, error) from error
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
         return int(blob.generation)
@@ -218,6 +212,13 @@ class Store:
             return
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
+
+
+def _output_refused(action: str, bucket: str, name: str, error: api_exceptions.GoogleAPICallError) -> OutputRefused:
+    """The deployment's refusal of the job's output (`action`: read or write), retried."""
+    need = "write access" if action == "write" else "access"
+    return OutputRefused(f"Cloud Storage refused to {action} the output gs://{bucket}/{name}: {error.code} "
+                         f"{error.message} (the runtime service account needs {need} to the output prefix)")
 
 
 def _translate(error: Exception, what: str) -> Exception:
