@@ -4,7 +4,9 @@
     ├── InputError                  permanent: a failure report, then an ack
     │   ├── ... image errors ...
     │   ├── UnsafeObjectName        a name that cannot be mapped safely into the layout
-    │   ├── SourceNotAllowed        a job message names a bucket outside IMAGEN_ALLOWED_BUCKETS
+    │   ├── SourceNotAllowed        a job message's output not allowed, or any job message where
+    │   │                           IMAGEN_ALLOWED_BUCKETS is unset (a source outside the list
+    │   │                           when set: Undeliverable instead)
     │   ├── OutputTaken             the output path holds another live source's result
     │   ├── OperationNotServed      a filtered subscription brought a job for another pool's
     │   │                           operation (imagen-operation metadata across folders)

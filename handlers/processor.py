@@ -616,8 +616,12 @@ class Processor:
                                             f"writes its result or report", fields)
         bucket, name = routing.failure_location(job, self._layout)
         details = error_fields(error, note)
-        if job.origin == "job-message" and bucket not in self._allowed_buckets:
-            # Its report would land in a bucket outside the allowlist: write nothing there.
+        # A job message's report lands beside its source. Where an allowlist is set, a bucket
+        # outside it is not ours to write in: the message goes to the dead-letter topic. Where
+        # none is (job messages were never enabled), the refusal is reported where the sender
+        # looks for its result, saying what to set; a bucket that cannot take it dead-letters.
+        unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets
+        if unlisted and self._allowed_buckets:
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
             raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         report = {  # what a message made up is clipped: a report is read by people
@@ -638,6 +642,11 @@ class Processor:
         try:
             self._store.write_report(bucket, name, report, metadata=written_by)
         except Exception as write_error:
+            if unlisted:
+                log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
+                            extra={"fields": {**fields, "error": details, "report": report_uri}})
+                raise Undeliverable(f"{error} (no failure report could be written in gs://{bucket}: the message "
+                                    f"goes to the dead-letter topic)") from None
             # The job's end would otherwise leave no line at all: it goes back to Pub/Sub.
             log.error("job failed, and its failure report could not be written (%s): %s", write_error,
                       details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,

@@ -144,10 +144,13 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
 
 def check_source_allowed(job: Job, allowed_buckets: frozenset[str]) -> None:
     """Job messages may read only allowlisted buckets: anything else is refused, never tried."""
+    if job.origin == "job-message" and not allowed_buckets:
+        raise SourceNotAllowed("job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the "
+                               "buckets job messages may read (Terraform: allowed_buckets)")
     if job.origin == "job-message" and job.bucket not in allowed_buckets:
         raise SourceNotAllowed(
             f"job messages may not read gs://{job.bucket}: it is not in IMAGEN_ALLOWED_BUCKETS "
-            f"({', '.join(sorted(allowed_buckets)) or 'unset'})"
+            f"({', '.join(sorted(allowed_buckets))})"
         )
 
 

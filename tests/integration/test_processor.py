@@ -335,7 +335,7 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     """Where every pool receives every job, a job naming no valid operation (a typo'd folder,
     an upload with no folder) is reported by the first deployed operation's pool only, and a
     job message the allowlist refuses is dead-lettered only by the pool that would run it."""
-    deployed = {"deployed_operations": ("upscale", "comic")}
+    deployed = {"deployed_operations": ("upscale", "comic"), "allowed_buckets": frozenset({"partner-bucket"})}
     pools = {op: _processor(settings, FakeEngine(), operations=(op,), **deployed) for op in ("upscale", "comic")}
     for name, report_name in (("incoming/upscal/typo.png", "failed/upscal/typo.png.json"),
                               ("incoming/enhance,comic,enhance/twice.png", "failed/enhance,comic,enhance/twice.png.json")):
@@ -358,8 +358,8 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     assert _report(bucket, "failed/upscal/nan.png.json")["params"] == '{"steps": NaN}'
     # A job message's JSON may hold them too (Python reads NaN): still text in the report.
     request = JobRequest(bucket.name, "incoming/upscal/nan-job.png", "upscal", {"steps": math.nan})
-    allowed = _processor(settings, FakeEngine(), operations=("upscale",), allowed_buckets=frozenset({bucket.name}),
-                         **deployed)
+    allowed = _processor(settings, FakeEngine(), operations=("upscale",),
+                         **{**deployed, "allowed_buckets": frozenset({bucket.name})})
     assert allowed.handle(request).status == "failed"
     assert _report(bucket, "failed/upscal/nan-job.png.json")["params"] == '{"steps": NaN}'
 
@@ -413,22 +413,48 @@ def test_job_message_format_follows_the_output_extension(settings, bucket):
     assert bucket.get_blob("results/q.jpg").content_type == "image/jpeg"
 
 
-def test_job_message_from_a_bucket_not_allowed_is_refused_unread(settings, bucket):
-    """Refused before any read; its report would land in the foreign bucket, so nothing is
-    written there and the message is left to the dead-letter topic."""
+def _jobs_counted(status):
     from prometheus_client import REGISTRY
 
-    def counted(status):
-        return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "upscale", "status": status}) or 0
+    return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "upscale", "status": status}) or 0
 
+
+def test_job_message_from_a_bucket_not_allowed_is_refused_unread(settings, bucket):
+    """Refused before any read; its report would land in a bucket outside the allowlist, so
+    nothing is written there and the message is left to the dead-letter topic."""
     _upload(bucket, "uploads/p.png")
     engine = FakeEngine()
-    before = counted("refused"), counted("retried")
-    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
-        _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
+    before = _jobs_counted("refused"), _jobs_counted("retried")
+    processor = _processor(settings, engine, allowed_buckets=frozenset({"partner-bucket"}))
+    with pytest.raises(Undeliverable, match=f"may not read gs://{bucket.name}: it is not in IMAGEN_ALLOWED_BUCKETS "
+                                            r"\(partner-bucket\)"):
+        processor.handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}))
     assert [blob.name for blob in bucket.list_blobs()] == ["uploads/p.png"]
     assert engine.calls == 0
-    assert (counted("refused"), counted("retried")) == (before[0] + 1, before[1])  # a job counted by its end
+    assert (_jobs_counted("refused"), _jobs_counted("retried")) == (before[0] + 1, before[1])  # counted by its end
+
+
+def test_job_message_with_no_allowlist_set_is_reported_saying_what_to_set(settings, bucket):
+    """DESIGN.md: with IMAGEN_ALLOWED_BUCKETS unset, job messages are refused with a failure
+    report that says so, where the sender looks for its result; it was a dead letter the
+    sender never saw (`imagen submit`-style waits timed out)."""
+    _upload(bucket, "uploads/p.png")
+    engine = FakeEngine()
+    outcome = _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}),
+                                                  attempt=1)
+    assert outcome.status == "failed" and engine.calls == 0
+    report = _report(bucket, "failed/upscale/uploads/p.png.json")
+    assert report["error"] == {"type": "SourceNotAllowed", "message": (
+        "job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the buckets job messages "
+        "may read (Terraform: allowed_buckets)")}
+    assert sorted(blob.name for blob in bucket.list_blobs()) == ["failed/upscale/uploads/p.png.json", "uploads/p.png"]
+    # A bucket that cannot take the report (here: none by that name): the dead-letter topic keeps it.
+    before = _jobs_counted("refused"), _jobs_counted("retried")
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS is unset.*no failure report could be written "
+                                            "in gs://imagen-no-such-bucket-"):
+        _processor(settings, engine).handle(
+            JobRequest(f"imagen-no-such-bucket-{uuid.uuid4().hex[:8]}", "a.png", "upscale", {}), attempt=1)
+    assert (_jobs_counted("refused"), _jobs_counted("retried")) == (before[0] + 1, before[1])
 
 
 def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket(settings, bucket):
