@@ -745,10 +745,8 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     if not set(chain) <= served:
         return None
     params = validate_params(chain, _params_dict(job.params))
-    fmt = params.get("format")
-    if fmt is None and job.output is not None:
-        fmt = format_from_name(job.output[1])
-    fmt = fmt or "png"
+    named = format_from_name(job.output[1]) if job.output is not None else None  # an output .gif is refused
+    fmt = params.get("format") or named or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)
 

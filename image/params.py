@@ -263,9 +263,19 @@ def canonical_json(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+# Image formats an output name may announce that imagen does not write: a result named so would
+# be PNG (or WebP, JPEG) data under the wrong extension, which viewers and pipelines misread.
+_UNWRITTEN_EXTENSIONS = frozenset({"gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico", "svg"})
+
+
 def format_from_name(name: str) -> str | None:
-    """The output format a file name's extension names (png, webp, jpg or jpeg), else None."""
+    """The output format a file name's extension names (png, webp, jpg or jpeg), else None
+    (no extension, or one that is no image format: the format parameter decides). An image
+    format imagen cannot write is refused."""
     extension = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    if extension in _UNWRITTEN_EXTENSIONS:
+        raise InvalidParameter(f"output {name.rsplit('/', 1)[-1]!r} names a .{extension} file, which imagen does not "
+                               f"write: name it .png, .webp or .jpg")
     return {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}.get(extension)
 
 

@@ -45,7 +45,8 @@ def run(settings, source, output, operation, params, output_format, device, mode
         if "format" in raw:
             raise InvalidParameter("give the format once: --format or --param format=...")
         raw["format"] = output_format
-    if "format" not in raw and output is not None and (named := format_from_name(output.name)):
+    named = format_from_name(output.name) if output is not None else None  # -o out.gif is refused
+    if "format" not in raw and named:
         raw["format"] = named  # -o cut.jpg: a JPEG, as a job message's output name says too
     params = validate_params(chain, raw)
     data = source.read_bytes()

@@ -385,6 +385,13 @@ def test_job_message_with_explicit_output(settings, bucket):
     assert outcome.status == "succeeded" and outcome.output.endswith("/results/p.webp")
     blob = bucket.get_blob("results/p.webp")
     assert blob.content_type == "image/webp" and blob.metadata["imagen-source-generation"]
+    # An output named as an image format imagen does not write got PNG data under that name.
+    gif = JobRequest(bucket.name, "uploads/p.png", "upscale", {}, f"gs://{bucket.name}/results/p.gif")
+    outcome = processor.handle(gif)
+    assert outcome.status == "failed" and outcome.error == {
+        "type": "InvalidParameter",
+        "message": "output 'p.gif' names a .gif file, which imagen does not write: name it .png, .webp or .jpg"}
+    assert bucket.get_blob("results/p.gif") is None
 
 
 def test_an_explicit_output_replaces_imagens_own_but_never_a_users_object(settings, bucket):

@@ -113,14 +113,18 @@ def test_same_input_same_bytes(cli, photo, tmp_path):
         (["--operation", "comic", "--param", "strength=2"], "parameter 'strength'"),
         (["--operation", "remove-background", "--param", "background=nocolour"], "'background'"),
         (["--operation", "upscale", "--format", "png", "--param", "format=png"], "format once"),
+        # -o out.gif wrote PNG data under .gif (nothing else in the name says what it holds).
+        (["--operation", "upscale", "-o", "{dir}/out.GIF"], "InvalidParameter: output 'out.GIF' names a .gif file, "
+                                                      "which imagen does not write: name it .png, .webp or .jpg"),
     ],
 )
 def test_bad_input_exits_non_zero_naming_it(cli, photo, args, message):
+    args = [arg.format(dir=photo.parent) for arg in args]
     result = CliRunner().invoke(main, ["run", str(photo), *args], env={"IMAGEN_DEVICE": "cpu"})
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
-    assert not list(photo.parent.glob("photo.*.*"))
+    assert not list(photo.parent.glob("photo.*.*")) and not list(photo.parent.glob("out.*"))
 
 
 def test_not_an_image(cli, tmp_path):
