@@ -102,6 +102,10 @@ def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
         segment, _, rel_path = rest.partition("/")
         if not rel_path:  # dropped straight into incoming/: no operation folder
             segment, rel_path = "", rest
+        if operation and not _operation_folder(segment, operation):
+            # incoming/photos/a.jpg routed by its metadata: photos/ is part of its path, so
+            # incoming/archive/a.jpg does not claim the same output.
+            rel_path = rest
         operation = operation or segment
     elif operation:
         rel_path = name
@@ -136,7 +140,7 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
         generation=request.generation,
         operation=spelled(request.operation),
         params=dict(request.params),
-        rel_path=route_request_rel_path(request.name, layout),
+        rel_path=route_request_rel_path(request.name, layout, request.operation),
         output=parse_gs_uri(request.output) if request.output else None,
         origin="job-message",
     )
@@ -218,13 +222,28 @@ def check_safe_name(name: str) -> None:
         raise UnsafeObjectName(f"object name {name!r} has an empty, '.' or '..' segment")
 
 
-def route_request_rel_path(name: str, layout: Layout) -> str:
-    """The path an explicitly requested job files its output under: below incoming/<op>/ when
-    the source lies there, else the whole name."""
+def route_request_rel_path(name: str, layout: Layout, operation: str) -> str:
+    """The path an explicitly requested job (of `operation`) files its output under: below
+    incoming/<op>/ when the source lies in an operation's folder, below incoming/ elsewhere
+    under it, else the whole name (as an upload routed by metadata)."""
     if name.startswith(layout.input_prefix):
         rest = name[len(layout.input_prefix) :]
-        return rest.partition("/")[2] or rest
+        segment, _, below = rest.partition("/")
+        return below if below and _operation_folder(segment, operation) else rest
     return name
+
+
+def _operation_folder(segment: str, operation: str) -> bool:
+    """Whether a folder under the input prefix is a routing folder, left out of output and
+    report paths: it names an operation or chain, or the job's own operation (a misspelt one
+    is reported under its name); any other folder is part of the paths."""
+    if spelled(segment) == spelled(operation):
+        return True
+    try:
+        parse_chain(segment)
+    except InputError:
+        return False
+    return True
 
 
 def _is_safe_segment(text: str) -> bool:

@@ -38,7 +38,7 @@ def command(settings, source, operation, params, output):
             generation=None,
             operation=routing.spelled(operation),  # "a, b" as the service writes it: "a,b"
             params=param_options(params),
-            rel_path=routing.route_request_rel_path(name, layout),
+            rel_path=routing.route_request_rel_path(name, layout, operation),
             output=parse_gs_uri(output) if output else None,
             origin="cli",
         )

@@ -63,6 +63,25 @@ def test_metadata_operation_overrides_the_folder():
     assert (job.operation, job.rel_path) == ("comic", "a.jpg")
 
 
+def test_a_folder_that_names_no_operation_stays_in_the_path():
+    """incoming/photos/p.jpg and incoming/archive/p.jpg routed by metadata both became
+    processed/comic/p.png: the second got OutputTaken (or a job message's replaced the first)."""
+    for name in ("incoming/photos/p.jpg", "incoming/archive/2024/p.jpg"):
+        job = route_event(_event(name, metadata={"imagen-operation": "comic"}), LAYOUT)
+        rest = name.removeprefix("incoming/")
+        assert (job.operation, job.rel_path) == ("comic", rest)
+        assert output_location(job, LAYOUT, "comic", "png") == ("bkt", f"processed/comic/{rest[:-4]}.png")
+        assert failure_location(job, LAYOUT) == ("bkt", f"failed/comic/{rest}.json")
+        assert route_request(JobRequest("bkt", name, "comic", {}), LAYOUT).rel_path == rest
+    # An operation's or chain's folder is the routing folder, whichever operation runs.
+    for folder in ("upscale", "remove-background,upscale"):
+        job = route_event(_event(f"incoming/{folder}/p.jpg", metadata={"imagen-operation": "comic"}), LAYOUT)
+        assert job.rel_path == "p.jpg"
+        assert route_request(JobRequest("bkt", f"incoming/{folder}/p.jpg", "comic", {}), LAYOUT).rel_path == "p.jpg"
+    # Without metadata the folder is the operation, even a misspelt one (reported under it).
+    assert route_event(_event("incoming/upscal/p.jpg"), LAYOUT).rel_path == "p.jpg"
+
+
 def test_file_directly_in_incoming_has_no_operation():
     job = route_event(_event("incoming/a.jpg"), LAYOUT)
     assert (job.operation, job.rel_path) == ("", "a.jpg")
