@@ -97,6 +97,13 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("imagen").setLevel(level)
+    # The Google client libraries' own set-up (at a Pub/Sub client's creation) stops the
+    # "google" logger propagating unless it was configured: streaming-pull and credential
+    # errors were plain text on stderr, or nothing. A level marks it configured; propagate
+    # undoes a set-up that came first.
+    google = logging.getLogger("google")
+    google.setLevel(logging.WARNING)
+    google.propagate = True
     logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too
     if service:  # an exception nothing caught, in a thread or the main one, or in a finaliser, as a JSON line
         threading.excepthook = _uncaught_in_thread

@@ -270,3 +270,29 @@ def test_a_command_run_by_hand_keeps_pythons_own_tracebacks():
     done = _run_python("from handlers.logs import configure_logging\nconfigure_logging()\nraise KeyError('by hand')\n")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("Traceback") and "KeyError: 'by hand'" in done.stderr
+
+
+@pytest.mark.parametrize("clients_first", [False, True])
+def test_google_client_library_lines_stay_json_once_a_pubsub_client_exists(clients_first):
+    """Creating a Pub/Sub client runs google-api-core's logging set-up, which stopped the
+    "google" logger propagating: a streaming pull's callback error came as bare text on
+    stderr, google.auth's warnings not at all."""
+    code = (
+        "import logging\n"
+        "from google.api_core import client_logging\n"
+        "from google.auth.credentials import AnonymousCredentials\n"
+        "from google.cloud import pubsub_v1\n"
+        "from handlers.logs import configure_logging\n"
+        f"if {clients_first}: client_logging.initialize_logging()\n"
+        "configure_logging(service=True)\n"
+        "pubsub_v1.PublisherClient(credentials=AnonymousCredentials())\n"
+        "logging.getLogger('google.cloud.pubsub_v1.subscriber._protocol').error('Top-level exception in callback')\n"
+        "logging.getLogger('google.auth.transport.requests').warning('refreshing credentials failed')\n"
+        "logging.getLogger('google.cloud.pubsub_v1').info('not shown: below WARNING')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    entries = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(entry["severity"], entry["message"]) for entry in entries] == [
+        ("ERROR", "Top-level exception in callback"), ("WARNING", "refreshing credentials failed")]
+    assert out.stderr == ""
+
