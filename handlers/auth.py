@@ -54,10 +54,22 @@ class PushAuthenticator:
             # Not the token's fault: the sender retries on 503 (Pub/Sub and Eventarc do).
             raise AuthError(503, f"could not fetch the token's signing certificates: {error}") from None
         except (ValueError, google.auth.exceptions.GoogleAuthError) as error:
-            raise AuthError(401, f"invalid token: {error}") from None
+            # google-auth quotes a malformed token whole (an access token sent by mistake is a
+            # credential): never into a log line or the answer.
+            raise AuthError(401, f"invalid token: {_without(str(error), token.strip())}") from None
         email = claims.get("email")
         if not claims.get("email_verified") or not email:
             raise AuthError(403, "token has no verified email")
         if self._allowed and email not in self._allowed:
             raise AuthError(403, f"{email} may not push to this service")
         return claims
+
+
+def _without(text: str, token: str) -> str:
+    """`text` with the token, and any of its dot-separated parts long enough to be secret,
+    replaced by `<token>`."""
+    for part in sorted({token, *token.split(".")}, key=len, reverse=True):
+        if len(part) >= 8:
+            text = text.replace(part, "<token>")
+    return text
+

@@ -126,6 +126,21 @@ def test_missing_or_wrong_tokens_get_no_work(client, certs, make_token, status):
     assert engine.calls == 0
 
 
+def test_a_rejected_token_is_never_quoted(client, certs, caplog):
+    """google-auth quotes a malformed token whole: an OAuth access token sent by mistake
+    (a credential) went into the log line and the 401 body."""
+    http_client, body, engine = client
+    secret = "ya29.a0AfB_SECRETACCESSTOKENxyz123"
+    with caplog.at_level("WARNING", logger="imagen"):
+        response = _push(http_client, body, secret)
+    assert response.status_code == 401 and response.json["error"].startswith("invalid token: ")
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "push refused: invalid token" in logged
+    for text in (response.json["error"], logged):
+        assert "SECRET" not in text and "ya29" not in text and "<token>" in text
+    assert engine.calls == 0
+
+
 def test_health_endpoints_stay_open(client):
     http_client, _, _ = client
     assert http_client.get("/healthz").status_code == 200
