@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
-from handlers.logs import job_context, trace_fields
+from handlers.logs import error_fields, job_context, trace_fields
 
 log = logging.getLogger("imagen.http")
 READY = "READY"
@@ -96,7 +96,7 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
                 event = parse_message(message)
                 message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
         except EventError as error:
-            log.error("unparseable request: %s", error.reason,
+            log.warning("unparseable request: %s", error.reason,
                       extra={"fields": {"reason": error.reason, "message_id": message and message.message_id}})
             return _undeliverable(message, f"unparseable: {error.reason}")
         try:
@@ -106,7 +106,8 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         except Undeliverable as error:
             return _undeliverable(message, str(error))
         except Exception as error:  # a bug: answer 500 so the message is retried, not lost
-            log.exception("unexpected error", extra={"fields": {"message_id": message_id}})
+            log.exception("unexpected error: %s: %s", type(error).__name__, error,
+                          extra={"fields": {"message_id": message_id, "error": error_fields(error)}})
             return _answer(500, error=f"{type(error).__name__}: {error}")
         return {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}, 200
 

@@ -351,13 +351,15 @@ class Processor:
         except ImagenError as error:
             marker.keep = isinstance(error, DeviceFailed)  # the process stops: counted, unless reported now
             # A model or configuration fault on this machine: another instance may do better.
-            log.error("job failed on this instance: %s", error,
-                      extra={"fields": {**fields, "error": error_fields(error)}})
+            # Out of GPU memory is mostly the input's size: a warning, not the errors alert.
+            log.log(logging.WARNING if isinstance(error, OutOfDeviceMemory) else logging.ERROR,
+                    "job failed on this instance: %s", error, extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
-            log.exception("unexpected error in job", extra={"fields": fields})
+            log.exception("unexpected error in job: %s: %s", type(error).__name__, error,
+                          extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(f"unexpected {type(error).__name__}: {error}") from error
@@ -652,8 +654,11 @@ class Processor:
                       details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,
                                                             "report_error": error_fields(write_error)}})
             raise
-        log.warning("job failed: %s", details["message"],
-                    extra={"fields": {**fields, "error": details, "report": report_uri}})
+        # The input's fault is the sender's to fix (its size, where it ran out of GPU memory);
+        # a fault that outlasted its retries (the deployment's access, a model failing on every
+        # instance) is the operator's: ERROR.
+        log.log(logging.WARNING if isinstance(error, (InputError, OutOfDeviceMemory)) else logging.ERROR,
+                "job failed: %s", details["message"], extra={"fields": {**fields, "error": details, "report": report_uri}})
         outcome = Outcome(
             "failed",
             job.source_uri,

@@ -28,6 +28,7 @@ from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from handlers.dlq import DeadLetterer
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
+from handlers.logs import error_fields
 from image.errors import DeviceFailed
 
 log = logging.getLogger("imagen.worker")
@@ -80,9 +81,9 @@ class PullWorker:
         every delivery of the message that raised it."""
         try:
             self._handle(message)
-        except Exception:
-            log.exception("unexpected error; the message goes back to Pub/Sub",
-                          extra={"fields": {"message_id": message.message_id}})
+        except Exception as error:
+            log.exception("unexpected error; the message goes back to Pub/Sub: %s: %s", type(error).__name__, error,
+                          extra={"fields": {"message_id": message.message_id, "error": error_fields(error)}})
             message.nack()
 
     def _handle(self, message) -> None:
@@ -97,7 +98,7 @@ class PullWorker:
         try:
             event = parse_message(parsed_message)
         except EventError as error:
-            log.error("unparseable message: %s", error.reason, extra={"fields": fields})
+            log.warning("unparseable message: %s", error.reason, extra={"fields": fields})
             self._dead_letter(message, parsed_message, f"unparseable: {error.reason}")
             return
         try:
@@ -109,8 +110,9 @@ class PullWorker:
             self._dead_letter(message, parsed_message, str(error))
         except TransientError:
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
-        except Exception:
-            log.exception("unexpected error; the message goes back to Pub/Sub", extra={"fields": fields})
+        except Exception as error:
+            log.exception("unexpected error; the message goes back to Pub/Sub: %s: %s", type(error).__name__, error,
+                          extra={"fields": {**fields, "error": error_fields(error)}})
             message.nack()
         else:
             message.ack()

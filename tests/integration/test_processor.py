@@ -564,9 +564,10 @@ def test_every_line_of_a_job_carries_the_fields_users_filter_on(settings, bucket
     assert lines["job failed on this instance"]["error"] == {"type": "ModelError", "message": "CUDA error"}
 
 
-def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket):
+def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket, caplog):
     """Another instance (or this one later) may have the memory; a second run out of memory
-    settles it, unless a background compile held memory, when the usual attempts remain."""
+    settles it, unless a background compile held memory, when the usual attempts remain.
+    Its lines are warnings: mostly the input's size, not a fault for the errors alert."""
     source = _upload(bucket, "incoming/upscale/big.png")
     message = "upscale ran out of GPU memory on a 64x64 input (CUDA out of memory. Tried to allocate 9.00 GiB)"
     processor = _processor(settings, FakeEngine(fail_with=OutOfDeviceMemory(message)))
@@ -582,6 +583,7 @@ def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket
     with pytest.raises(TransientError):
         compiling.handle(_event(other), attempt=OUT_OF_MEMORY_ATTEMPTS)
     assert compiling.handle(_event(other), attempt=MAX_ATTEMPTS).status == "failed"
+    assert {r.levelname for r in caplog.records if r.name == "imagen.processor"} <= {"INFO", "WARNING"}
 
 
 class _ProcessDied(BaseException):
@@ -905,8 +907,11 @@ def test_unexpected_errors_are_retried_not_crashing(settings, bucket, caplog):
     assert outcome.status == "failed"
     report = _report(bucket, "failed/upscale/u.png.json")
     assert report["error"] == {"type": "ZeroDivisionError", "message": "bug"} and report["attempt"] == MAX_ATTEMPTS
-    traced = [r.exc_info[0] for r in caplog.records if r.getMessage() == "unexpected error in job" and r.exc_info]
-    assert traced == [ZeroDivisionError, ZeroDivisionError]  # each delivery's
+    traced = [r.exc_info[0] for r in caplog.records
+              if r.getMessage() == "unexpected error in job: ZeroDivisionError: bug" and r.exc_info]
+    assert traced == [ZeroDivisionError, ZeroDivisionError]  # each delivery's, its summary saying what
+    [ended] = [r for r in caplog.records if r.getMessage().startswith("job failed: ")]
+    assert ended.levelname == "ERROR"  # a fault that outlasted its retries is the operator's
 
 
 def test_concurrent_writer_wins_and_loser_acks(settings, bucket):
@@ -1184,6 +1189,7 @@ def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, cap
     assert (failed["operation"], failed["error"]["type"]) == ("comic", "InvalidParameter")  # the metric's labels
     assert [line["message"].split(":")[0] for line in lines if _logging_filter_matches(errors, line)] == [
         "job failed on this instance"]
+    assert failed["severity"] == "WARNING"  # a bad input is the sender's to fix: no errors alert
 
 
 def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket):

@@ -85,8 +85,19 @@ def test_a_bug_in_the_processor_answers_500_so_the_message_is_retried(caplog):
     answer = _push(create_app(processor, state=lambda: engine.READY).test_client())
     assert answer.status_code == 500 and answer.get_json() == {"error": "KeyError: 'output_prefix'"}
     assert len(processor.calls) == 1 and "Retry-After" not in answer.headers
-    [record] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    [record] = [r for r in caplog.records if r.getMessage() == "unexpected error: KeyError: 'output_prefix'"]
     assert record.exc_info and record.exc_info[0] is KeyError  # the stack trace is in the log
+
+
+def test_an_unparseable_message_is_the_senders_fault_a_warning_not_an_error(caplog):
+    # It is dead-lettered (its backlog alerts); at ERROR it also paged as an instance fault.
+    processor = _Recording()
+    envelope = {"message": {"data": base64.b64encode(b"{not json").decode(), "messageId": "9"},
+                "subscription": "projects/p/subscriptions/s"}
+    answer = create_app(processor, state=lambda: engine.READY).test_client().post("/", json=envelope)
+    assert answer.status_code == 400 and processor.calls == []
+    [record] = [r for r in caplog.records if r.getMessage().startswith("unparseable request: ")]
+    assert record.levelname == "WARNING"
 
 
 def test_a_push_requests_lines_carry_its_trace():
