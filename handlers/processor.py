@@ -216,7 +216,8 @@ class Processor:
             return Outcome("ignored", reason=routed.reason)
         job_id = message_id or _job_id(routed)
         # The engine's and the libraries' lines during the job carry its id too.
-        context = job_context({"job_id": job_id, "message_id": message_id, "source": routed.source_uri})
+        context = job_context({"job_id": job_id, "message_id": message_id, "source": routed.source_uri,
+                               "generation": routed.generation, "operation": routed.operation, "attempt": attempt})
         with metrics.IN_FLIGHT.track_inprogress(), context:
             try:
                 outcome = self._run(routed, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
@@ -269,6 +270,10 @@ class Processor:
         started = time.perf_counter()
         delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
         plan = None
+
+        def ended() -> None:  # every outcome's line says what the job cost, failures and retries too
+            fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
+
         try:
             # Whose job it is first: where every pool receives every job, the pools that skip
             # it neither report nor refuse it (one report, one dead letter, not one per pool).
@@ -331,24 +336,29 @@ class Processor:
                 if skip:
                     return self._skipped(job, plan, skip, fields, has_output=True)
         except SourceSuperseded as error:
+            ended()
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
+            ended()
             marker.keep = isinstance(error, JobStoppedWorker)  # until its report is written
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
+            ended()
             if (last := last_try(attempt, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             log.warning(
                 "job will be retried: %s",
                 error,
-                extra={"fields": {**fields, "error": error_fields(error), "timings": timings}},
+                extra={"fields": {**fields, "error": error_fields(error)}},
             )
             raise
         except Withdrawn as error:
+            ended()
             # Not a fault and no attempt spent on the GPU: back to Pub/Sub whatever the attempt.
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
         except ImagenError as error:
+            ended()
             marker.keep = isinstance(error, DeviceFailed)  # the process stops: counted, unless reported now
             # A model or configuration fault on this machine: another instance may do better.
             # Out of GPU memory is mostly the input's size: a warning, not the errors alert.
@@ -358,6 +368,7 @@ class Processor:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
+            ended()
             log.exception("unexpected error in job: %s: %s", type(error).__name__, error,
                           extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered)) is not None:

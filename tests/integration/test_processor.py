@@ -1203,3 +1203,37 @@ def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bu
     assert bucket.get_blob("failed/upscale/gpu.png.json") is None
     assert broken.handle(_event(source), sent=old).status == "failed"
     assert _report(bucket, "failed/upscale/gpu.png.json")["error"]["type"] == "DeviceFailed"
+
+
+def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_the_job(settings, bucket, caplog):
+    """Only a success said its seconds and timings: a failure's or retry's GPU time could not
+    be charted. And the engine's and libraries' lines during a job carried its id and source
+    but not the operation, generation and attempt the README promises on every line."""
+    from handlers.logs import JsonFormatter
+
+    def library_warns():
+        logging.getLogger("diffusers.pipelines").warning("a library warns")
+
+    class AsWritten(logging.Handler):  # formatted as it is emitted, inside the job's context
+        def emit(self, record):
+            entry = json.loads(JsonFormatter().format(record))
+            lines[entry["message"].split(":")[0]] = entry
+
+    lines, handler = {}, AsWritten()
+    source = _upload(bucket, "incoming/upscale/cost.png")
+    logging.getLogger().addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            for fault in (ModelError("CUDA error: launch failure"), TransientError("503 from Cloud Storage")):
+                with pytest.raises(TransientError):
+                    _processor(settings, FakeEngine(fail_with=fault)).handle(_event(source), message_id="m-7",
+                                                                             attempt=2)
+            _processor(settings, FakeEngine(before_return=library_warns)).handle(_event(source), message_id="m-8",
+                                                                                 attempt=1)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    for name in ("job failed on this instance", "job will be retried", "job succeeded"):
+        assert lines[name]["seconds"] >= 0 and "operation" in lines[name]["timings"], name
+    library = lines["a library warns"]
+    assert (library["job_id"], library["operation"], library["attempt"]) == ("m-8", "upscale", 1)
+    assert library["generation"] == str(source.generation)
