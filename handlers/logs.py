@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import faulthandler
 import json
 import logging
 import re
@@ -106,6 +107,10 @@ def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
     google.propagate = True
     logging.captureWarnings(True)  # warnings.warn (torch, diffusers, Pillow) as JSON lines too
     if service:  # an exception nothing caught, in a thread or the main one, or in a finaliser, as a JSON line
+        # A native crash (a segfault in a CUDA library or driver: what JobStoppedWorker's
+        # reports send operators to) leaves every thread's Python stack on stderr, as text.
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # a stderr with no file (a test's capture)
+            faulthandler.enable(sys.stderr, all_threads=True)
         threading.excepthook = _uncaught_in_thread
         sys.excepthook = _uncaught
         sys.unraisablehook = _unraisable

@@ -23,6 +23,7 @@ DEFAULT_MAX_PIXELS = 16_777_216  # 4096 x 4096
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_PORT = 8080
 DEVICES = ("auto", "cuda", "cpu")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,9 @@ class Settings:
     # out) is reported by one of them, the pool serving the first listed, instead of being
     # skipped by all. Not for pools of several operations: they serve chains it cannot see.
     deployed_operations: tuple[str, ...] = ()
+    log_level: str = "INFO"  # IMAGEN_LOG_LEVEL: imagen's own lines (libraries' stay at WARNING)
+    bucket: str | None = None  # IMAGEN_BUCKET: `imagen submit`'s input bucket
+    hf_token: str | None = dataclasses.field(default=None, repr=False)  # HF_TOKEN: `models pull` (never printed)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +97,8 @@ class Settings:
             ("compile_cache", "IMAGEN_COMPILE_CACHE"),
             ("model_mirror", "IMAGEN_MODEL_MIRROR"),
             ("project", "GOOGLE_CLOUD_PROJECT"),
+            ("bucket", "IMAGEN_BUCKET"),
+            ("hf_token", "HF_TOKEN"),
             ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
             ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST"),
         ):
@@ -115,6 +121,8 @@ class Settings:
             values["filtered_subscription"] = _flag("IMAGEN_FILTERED_SUBSCRIPTION", get("IMAGEN_FILTERED_SUBSCRIPTION"))
         if get("IMAGEN_DEPLOYED_OPERATIONS"):
             values["deployed_operations"] = split_list(get("IMAGEN_DEPLOYED_OPERATIONS"))
+        if get("IMAGEN_LOG_LEVEL"):
+            values["log_level"] = get("IMAGEN_LOG_LEVEL").upper()
         if get("IMAGEN_TUNING"):
             # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
             values["tuning"] = tuple(item for item in re.split(r"[;\s]+", get("IMAGEN_TUNING")) if item)
@@ -136,6 +144,8 @@ class Settings:
         if unknown:
             raise ConfigError(f"IMAGEN_DEPLOYED_OPERATIONS: unknown operation(s) {', '.join(unknown)}; "
                               f"choose from {', '.join(OPERATION_NAMES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"IMAGEN_LOG_LEVEL: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"IMAGEN_DEVICE: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.tuning:
@@ -171,6 +181,8 @@ class Settings:
             check_bucket_name("IMAGEN_OUTPUT_BUCKET", self.output_bucket)
         for bucket in sorted(self.allowed_buckets):
             check_bucket_name("IMAGEN_ALLOWED_BUCKETS", bucket)
+        if self.bucket:
+            check_bucket_name("IMAGEN_BUCKET", self.bucket)
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
                               "OIDC audience: the service URL)")

@@ -59,7 +59,7 @@ def command() -> None:
 @_lock_option
 @click.option("--tiny", is_flag=True, help="Build small random-weight models instead (offline).")
 @click.option("--from", "source", metavar="gs://BUCKET/PREFIX", help="Restore from a mirror made by `models mirror`.")
-@click.option("--token", envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for gated models.")
+@click.option("--token", help="Hugging Face token for gated models [default: HF_TOKEN].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_obj
 def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet):
@@ -69,6 +69,7 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
     specs = _specs(settings, operations)
     cache_dir = cache_dir or settings.model_cache_dir
     lock_path = lock_path or packaged_lock_path()
+    token = token or settings.hf_token
     if tiny and source:
         raise click.UsageError("--tiny and --from exclude each other")
     if tiny:

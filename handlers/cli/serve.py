@@ -48,7 +48,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     settings = settings.replace(
         port=port, device=device, operations=split_list(operations) if operations else None
     )
-    configure_logging(service=True)
+    configure_logging(settings.log_level, service=True)
     engine = build_engine(settings)
     processor = build_processor(settings, engine, max_job_seconds=max_job_seconds,
                                 job_seconds=max(max_job_seconds, PUSH_REQUEST_SECONDS))

@@ -14,8 +14,7 @@ from handlers.cli.options import bucket_name, param_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--operation", required=True, help="Operation or chain, e.g. upscale or remove-background,upscale.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
-@click.option("--bucket", required=True, envvar="IMAGEN_BUCKET", callback=bucket_name,
-              help="Input bucket [env IMAGEN_BUCKET].")
+@click.option("--bucket", callback=bucket_name, help="Input bucket [default: IMAGEN_BUCKET].")
 @click.option("--wait/--no-wait", default=False, help="Wait for each output or failure report.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Download outputs here (implies --wait).")
@@ -29,6 +28,9 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     from handlers.routing import Layout
     from handlers import submit
 
+    bucket = bucket or settings.bucket
+    if not bucket:
+        raise click.UsageError("give the input bucket: --bucket or IMAGEN_BUCKET")
     client = storage_client(settings)
     layout = Layout.from_settings(settings)
     values = param_options(params)

@@ -68,7 +68,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     )
     if not settings.subscription:
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
-    configure_logging(service=True)
+    configure_logging(settings.log_level, service=True)
     restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message

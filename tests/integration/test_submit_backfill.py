@@ -38,8 +38,8 @@ def test_submit_waits_downloads_and_reports_failures(worker, tiny_settings, buck
     result = CliRunner().invoke(
         main,
         ["submit", str(good), str(bad), "--operation", "remove-background", "--param", "mask_only=true",
-         "--bucket", bucket.name, "--out", str(out), "--timeout", "120"],
-        env=_cli_env(tiny_settings),
+         "--out", str(out), "--timeout", "120"],
+        env={**_cli_env(tiny_settings), "IMAGEN_BUCKET": bucket.name},  # as Terraform's client_env sets it
     )
     assert result.exit_code == 1, result.output  # one of the two failed
     assert f"gs://{bucket.name}/incoming/remove-background/sunset.png" in result.output

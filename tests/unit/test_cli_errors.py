@@ -26,3 +26,5 @@ def test_a_bucket_option_takes_a_bucket_name(tmp_path):
     assert result.exit_code == 2 and "'gs://imagen-dev' is not a bucket name: give the name alone" in result.output
     result = CliRunner().invoke(main, ["dev", "--bucket", "Imagen"])
     assert result.exit_code == 2 and "'Imagen' is not a bucket name" in result.output
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale"], env={"IMAGEN_BUCKET": ""})
+    assert result.exit_code == 2 and "give the input bucket: --bucket or IMAGEN_BUCKET" in result.output

@@ -296,3 +296,21 @@ def test_google_client_library_lines_stay_json_once_a_pubsub_client_exists(clien
         ("ERROR", "Top-level exception in callback"), ("WARNING", "refreshing credentials failed")]
     assert out.stderr == ""
 
+
+def test_a_service_logs_at_imagen_log_level_and_a_native_crash_leaves_its_stack():
+    """IMAGEN_LOG_LEVEL=DEBUG shows imagen's debug lines (read-ahead, graph capture) without a
+    rebuild; a segfault in a native library (no exception Python sees) leaves the threads'
+    Python stacks on stderr instead of nothing."""
+    done = _run_python(
+        "import ctypes, logging\n"
+        "from handlers.logs import configure_logging\n"
+        "from handlers.settings import Settings\n"
+        "configure_logging(Settings.from_env({'IMAGEN_LOG_LEVEL': 'debug'}).log_level, service=True)\n"
+        "logging.getLogger('imagen.engine').debug('captured the graphs')\n"
+        "def load_the_model(): ctypes.string_at(0)\n"
+        "load_the_model()\n")
+    assert done.returncode != 0
+    [entry] = _json_lines(done.stdout)
+    assert (entry["severity"], entry["message"]) == ("DEBUG", "captured the graphs")
+    assert "Fatal Python error: Segmentation fault" in done.stderr and "in load_the_model" in done.stderr
+

@@ -32,6 +32,7 @@ def test_every_variable_is_read():
         "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@p.iam.gserviceaccount.com",
         "IMAGEN_TUNING": " cuda_graphs=off; upscale_tile=256,512  vae_bf16=off ",
         "IMAGEN_FILTERED_SUBSCRIPTION": "true", "IMAGEN_MODEL_MIRROR": "gs://mirror/models",
+        "IMAGEN_LOG_LEVEL": "debug", "IMAGEN_BUCKET": "in-bkt", "HF_TOKEN": "hf_secret",
     })
     assert settings.model_cache_dir == Path("/models")
     assert settings.operations == ("upscale", "comic")
@@ -47,6 +48,8 @@ def test_every_variable_is_read():
     assert settings.tuning == ("cuda_graphs=off", "upscale_tile=256,512", "vae_bf16=off")
     assert settings.filtered_subscription and settings.model_mirror == "gs://mirror/models"
     assert not Settings.from_env({"IMAGEN_FILTERED_SUBSCRIPTION": "false"}).filtered_subscription
+    assert (settings.log_level, settings.bucket, settings.hf_token) == ("DEBUG", "in-bkt", "hf_secret")
+    assert "hf_secret" not in repr(settings)  # settings are logged and printed; the token never
 
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("ON", True), ("True", True), ("yes", True), ("0", False),
@@ -112,3 +115,11 @@ def test_bucket_settings_take_bucket_names_not_uris():
         Settings.from_env({"IMAGEN_ALLOWED_BUCKETS": "ok-bucket,In"})
     settings = Settings.from_env({"IMAGEN_OUTPUT_BUCKET": "out.example.com", "IMAGEN_ALLOWED_BUCKETS": "a_b-1,c9c"})
     assert settings.output_bucket == "out.example.com" and settings.allowed_buckets == {"a_b-1", "c9c"}
+
+
+def test_log_level_and_bucket_are_checked():
+    with pytest.raises(ConfigError, match="IMAGEN_LOG_LEVEL: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"):
+        Settings.from_env({"IMAGEN_LOG_LEVEL": "loud"})
+    with pytest.raises(ConfigError, match="IMAGEN_BUCKET: 'gs://in' is not a bucket name"):
+        Settings.from_env({"IMAGEN_BUCKET": "gs://in"})
+
