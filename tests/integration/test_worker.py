@@ -47,6 +47,22 @@ class OneGpuEngine(FakeEngine):
         return super().run(chain, image, params, seed)
 
 
+class SettlingWorker(PullWorker):
+    """A PullWorker that records how it settled each real message (by object name): a job
+    handed back must be nacked (redelivered), never acked (lost)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settled: dict[str, list[str]] = {}
+
+    def handle(self, message) -> None:
+        calls = self.settled.setdefault(message.attributes.get("objectId", ""), [])
+        for name in ("ack", "nack"):
+            settle = getattr(message, name)
+            setattr(message, name, lambda name=name, settle=settle: (calls.append(name), settle())[1])
+        super().handle(message)
+
+
 def _start(worker) -> tuple[threading.Thread, dict]:
     """worker.run() in a thread of its own; what it raises lands under "error"."""
     raised = {}
@@ -124,7 +140,7 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
             raise
 
     processor.handle = recording
-    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
+    worker = SettlingWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
     _two_jobs_then_stop(worker, bucket, lambda: [kind for kind, _ in engine.events].count("arrived") == 2 and
                         ("start", engine.events[0][1]) in engine.events, "one job running, one waiting",
                         stopped=engine.release.set)
@@ -134,6 +150,7 @@ def test_stopping_finishes_the_job_on_the_gpu_and_hands_back_the_waiting_one(
     assert [blob.name for blob in bucket.list_blobs(prefix="processed/")] == [f"processed/upscale/{first}.png"]
     assert list(raised) == [f"incoming/upscale/{second}.png"]
     assert isinstance(raised[f"incoming/upscale/{second}.png"], TransientError)
+    assert worker.settled == {f"incoming/upscale/{first}.png": ["ack"], f"incoming/upscale/{second}.png": ["nack"]}
 
 
 def test_a_failed_gpu_stops_the_worker_so_its_platform_restarts_it(
@@ -216,7 +233,7 @@ def test_a_stream_that_dies_hands_back_the_job_waiting_for_the_gpu(settings, buc
     run() raises the stream's error (imagen worker exits 1)."""
     engine = OneGpuEngine()  # the first job holds the GPU until released
     processor = Processor(engine=engine, store=Store(storage_client(settings)), settings=settings)
-    worker = PullWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
+    worker = SettlingWorker(subscriber, events_subscription, processor, concurrency=1, prefetch=1)
     thread, raised = _start(worker)
     try:
         _upload_two(bucket, "upscale")
@@ -233,3 +250,6 @@ def test_a_stream_that_dies_hands_back_the_job_waiting_for_the_gpu(settings, buc
     assert ("end", first) in engine.events and ("withdrawn", second) in engine.events, engine.events
     assert ("start", second) not in engine.events
     assert "permissions were lost" in str(raised.get("error")), raised
+    [done] = [blob.name.replace("processed/", "incoming/") for blob in bucket.list_blobs(prefix="processed/")]
+    assert worker.settled == {done: ["ack"], ({"incoming/upscale/1.png", "incoming/upscale/2.png"} - {done}).pop():
+                              ["nack"]}  # handed back, not lost
