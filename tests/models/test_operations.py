@@ -285,15 +285,18 @@ def test_working_scale():
 def test_comic_prompt_gets_its_trigger_words(engine, monkeypatch):
     comic = engine._ops["comic"]
     seen = []
-    original = comic._pipe
 
-    def spy(image, params, generator, where):
-        seen.append(comic.prompt(params))
-        return original(image, params, generator, where)
+    pipeline = type(comic.model)
+    call = pipeline.__call__
 
-    monkeypatch.setattr(comic, "_pipe", spy)
+    def spy(self, *args, **kwargs):  # the prompt the pipeline is given
+        seen.append(kwargs["prompt"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "__call__", spy)
     _run(engine, ["comic"], _image(), prompt="a harbour at dusk")
-    assert seen == ["ghibli style, a harbour at dusk"]
+    _run(engine, ["comic"], _image(), prompt="Ghibli Style harbour")
+    assert seen == ["ghibli style, a harbour at dusk", "Ghibli Style harbour"]
 
 
 # -- alpha ----------------------------------------------------------------------------------
@@ -446,6 +449,43 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
     monkeypatch.setattr(engine._ops["upscale"], "process", fail)
     with pytest.raises(Withdrawn, match="handed back"):
         engine.run(["upscale"], _image(), {}, seed=0, withdrawn=lambda: True)
+
+    # Asked once the device is the job's: a job already waiting for it when the worker began
+    # to stop is handed back too, not run for its whole budget (a drain takes one job's time).
+    import threading
+
+    class Watched:  # the engine's lock, saying when a job starts waiting for it
+        def __init__(self, lock):
+            self.lock, self.waiting = lock, threading.Event()
+
+        def __enter__(self):
+            self.waiting.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    holding, release, stopping, raised = threading.Event(), threading.Event(), threading.Event(), []
+    first = threading.Thread(target=engine.run, args=(["remove-background"], _image(), {}, 0),
+                             kwargs={"started": lambda: (holding.set(), release.wait(30))})
+    first.start()
+    assert holding.wait(30)
+    monkeypatch.setattr(engine, "_run_lock", Watched(engine._run_lock))
+
+    def waiting_job():
+        try:
+            engine.run(["upscale"], _image(), {}, seed=0, withdrawn=stopping.is_set)
+        except Exception as error:
+            raised.append(error)
+
+    second = threading.Thread(target=waiting_job)
+    second.start()
+    assert engine._run_lock.waiting.wait(30)
+    stopping.set()
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert [type(error) for error in raised] == [Withdrawn]
 
 
 def test_out_of_device_memory_frees_the_cache_and_says_what_ran_out(engine, monkeypatch):
