@@ -24,6 +24,7 @@ from typing import Any
 from cloudevents.http import from_http
 
 from handlers.errors import EventError
+from handlers.logs import clip
 
 FINALIZE = "finalize"
 # Cloud Storage notification eventType / CloudEvent type -> our event kind.
@@ -66,6 +67,10 @@ class JobRequest:
     params: Mapping[str, Any]
     output: str | None = None  # "gs://bucket/path.png"
     generation: str | None = None
+    # What is wrong with the message beyond its source (an unknown field, params that are no
+    # object, a bad output or generation): its failure report says so, beside the source,
+    # as an upload's bad `imagen-params` would be reported.
+    problem: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,22 +193,45 @@ def _parse_notification(message: Message) -> ObjectEvent:
 
 
 def _parse_job_message(data: bytes) -> JobRequest:
+    """A job message -> a JobRequest. Only a body that is no JSON object, or names no source,
+    is unparseable (nowhere to report it: the dead-letter topic); anything else wrong is the
+    request's `problem`, for a failure report beside the source (DESIGN.md: 400 only for a
+    body that cannot be parsed at all)."""
     body = _json_object(data, "job message")
     unknown = set(body) - _JOB_FIELDS
+    try:
+        bucket, name = parse_gs_uri(body.get("source"))
+    except EventError as error:
+        if unknown:  # {"src": ...}: say what it holds instead
+            raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}") from None
+        raise EventError(f"job message 'source': {error}") from None
+    problems = []
     if unknown:
-        raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
-    bucket, name = parse_gs_uri(body.get("source"))
+        problems.append(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
     operation = body.get("operation")
     if not isinstance(operation, str) or not operation:
-        raise EventError("job message needs 'operation' (a string such as 'upscale')")
+        problems.append("job message needs 'operation' (a string such as 'upscale')")
+        operation = ""
     params = body.get("params")
     params = {} if params is None else params
     if not isinstance(params, dict):  # [], 0, "": a publisher's mistake, not "no parameters"
-        raise EventError("job message 'params' must be an object")
+        problems.append("job message 'params' must be an object")
+        params = {}
     output = body.get("output")
     if output is not None:
-        parse_gs_uri(output)
-    return JobRequest(bucket, name, operation, params, output, _generation(body.get("generation")))
+        try:
+            parse_gs_uri(output)
+        except EventError as error:
+            problems.append(f"job message 'output': {error}")
+            output = None
+    try:
+        generation = _generation(body.get("generation"))
+    except EventError as error:
+        problems.append(f"job message 'generation': {error}")
+        generation = None
+    # Each clipped as an unparseable message's reason is: a message may list 20,000 keys.
+    problem = "; ".join(clip(text, EventError.REASON_LIMIT) for text in problems) or None
+    return JobRequest(bucket, name, operation, params, output, generation, problem=problem)
 
 
 def _object_event(kind: str, resource: Mapping[str, Any]) -> ObjectEvent:

@@ -284,6 +284,8 @@ class Processor:
             routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
             if report:
                 raise report
+            if job.problem:
+                raise InvalidParameter(job.problem)
             plan = plan_job(job, self._layout, self._served)
             fields["operation"] = plan.operation
             named = job.generation is not None  # by the event or message, not looked up here
@@ -747,6 +749,8 @@ def job_chain(job: Job, layout: Layout) -> tuple[str, ...]:
     """The job's operations in order; InvalidParameter or UnknownOperation when it names none
     or a bad one."""
     chain = parse_chain(job.operation) if job.operation else None
+    if not chain and job.origin == "job-message":
+        raise InvalidParameter(job.problem or "job message needs 'operation' (a string such as 'upscale')")
     if not chain:
         raise InvalidParameter(
             f"no operation for {job.name!r}: upload it under "

@@ -71,6 +71,7 @@ class Job:
     output: tuple[str, str] | None = None  # explicit (bucket, name) from a job message
     origin: str = "notification"  # "notification", "job-message" or "cli"
     size: int | None = None  # bytes, when the event says
+    problem: str | None = None  # what else is wrong with a job message (reported: events.JobRequest)
 
     @property
     def source_uri(self) -> str:
@@ -143,6 +144,7 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
         rel_path=route_request_rel_path(request.name, layout, request.operation),
         output=parse_gs_uri(request.output) if request.output else None,
         origin="job-message",
+        problem=request.problem,
     )
 
 

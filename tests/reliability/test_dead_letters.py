@@ -348,7 +348,8 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
             {"source": "gs://someone-elses-bucket/a.png", "operation": "upscale"}).encode()).result(timeout=30)
         # A field named by a lone surrogate (valid JSON, no UTF-8): quoted in the reason, it
         # made the move raise out of the callback, which ended the pull at every delivery.
-        publisher.publish(topology["main_topic"], b'{"source": "gs://b/x.png", "operation": "upscale", '
+        # (No source: a job message naming one gets a report instead, in an allowed bucket.)
+        publisher.publish(topology["main_topic"], b'{"src": "gs://b/x.png", "operation": "upscale", '
                           b'"\\ud800": 1}', origin="odd").result(timeout=30)
         wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 3,
                  timeout=60, what="three dead letters")
@@ -361,7 +362,7 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     moved = {letter.replay_attributes.get("origin"): letter for letter in letters.values()}
     assert moved["catalog"].reason.startswith("unparseable: job message is not valid JSON")
     assert "someone-elses-bucket" in moved[None].reason
-    assert moved["odd"].reason == "unparseable: job message has unknown field(s): ?"
+    assert moved["odd"].reason == "unparseable: job message has unknown field(s): src, ?"
     for letter in letters.values():
         assert letter.source_subscription == topology["main_sub"] and letter.source_attempts == 1
     assert moved["catalog"].replay_attributes == {"origin": "catalog"}  # as first published
@@ -415,13 +416,13 @@ def test_push_dead_letters_what_it_cannot_quote_or_place_instead_of_failing(sett
 
     app = create_app(processor_for(settings, FakeEngine()), lambda: "READY",
                      dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
-    data = b'{"source": "gs://b/x.png", "operation": "upscale", "\\ud800": 1}'
+    data = b'{"src": "gs://b/x.png", "operation": "upscale", "\\ud800": 1}'
     envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "p-odd"},
                 "subscription": "projects/p", "deliveryAttempt": 1}
     answer = app.test_client().post("/", json=envelope)
     assert answer.status_code == 200 and answer.get_json()["status"] == "dead-lettered", answer.get_json()
     [letter] = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
-    assert letter.reason == "unparseable: job message has unknown field(s): ?"
+    assert letter.reason == "unparseable: job message has unknown field(s): src, ?"
     assert letter.source_subscription is None
     # `dlq list` shows it (the surrogate escaped) instead of failing at that message.
     for extra in ([], ["--json"]):

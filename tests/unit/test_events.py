@@ -143,6 +143,18 @@ def test_malformed_push_envelopes(body, reason):
         ({"operation": "upscale"}, "gs://"),
         ({"source": "s3://b/o", "operation": "upscale"}, "gs://"),
         ({"source": "gs://bucket-only", "operation": "upscale"}, "gs://"),
+        ({"src": "gs://b/o", "operation": "upscale"}, r"unknown field\(s\): src"),  # no source: says what it holds
+    ],
+)
+def test_job_messages_with_no_source_are_unparseable(job, reason):
+    """Nowhere to write their report: the dead-letter topic keeps them."""
+    with pytest.raises(EventError, match=reason):
+        parse_message(Message(json.dumps(job).encode(), {}))
+
+
+@pytest.mark.parametrize(
+    "job, reason",
+    [
         ({"source": "gs://b/o"}, "operation"),
         ({"source": "gs://b/o", "operation": "upscale", "params": [1]}, "params"),
         ({"source": "gs://b/o", "operation": "upscale", "output": "/tmp/x"}, "gs://"),
@@ -155,9 +167,13 @@ def test_malformed_push_envelopes(body, reason):
         ({"source": "gs://b/o", "operation": "upscale", "params": 0}, "params"),
     ],
 )
-def test_malformed_job_messages(job, reason):
-    with pytest.raises(EventError, match=reason):
-        parse_message(Message(json.dumps(job).encode(), {}))
+def test_a_job_message_with_a_bad_field_is_a_request_whose_problem_is_reported(job, reason):
+    """DESIGN.md: 400 (a dead letter) only for a body that cannot be parsed at all; one that
+    names its source gets a failure report there saying what is wrong, as an upload's bad
+    imagen-params does."""
+    request = parse_message(Message(json.dumps(job).encode(), {}))
+    assert isinstance(request, JobRequest) and (request.bucket, request.name) == ("b", "o")
+    assert reason in request.problem
 
 
 def test_a_job_message_with_a_key_twice_is_refused_and_made_up_text_is_clipped():
@@ -166,7 +182,10 @@ def test_a_job_message_with_a_key_twice_is_refused_and_made_up_text_is_clipped()
     with pytest.raises(EventError, match=r"job message has duplicate key\(s\) 'operation'"):
         parse_message(Message(twice, {}))
     many = {"source": "gs://b/o", "operation": "upscale", **{f"k{i}": 1 for i in range(20_000)}}
-    for job in (many, {"source": "gs://" + "b" * 100_000, "operation": "upscale"}):
+    problem = parse_message(Message(json.dumps(many).encode(), {})).problem
+    assert len(problem) < 400 and "more characters" in problem
+    sourceless = {key: value for key, value in many.items() if key != "source"}
+    for job in (sourceless, {"source": "gs://" + "b" * 100_000, "operation": "upscale"}):
         with pytest.raises(EventError) as caught:
             parse_message(Message(json.dumps(job).encode(), {}))
         assert len(caught.value.reason) < 400 and "more characters" in caught.value.reason
