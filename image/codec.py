@@ -15,7 +15,9 @@ accepted if `max_pixels` allows it (unless warnings are errors: then it is a bom
 from __future__ import annotations
 
 import io
+import re
 import struct
+import warnings
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -54,6 +56,16 @@ _JPEG_BACKGROUND = (255, 255, 255)
 # Passed on every save: some Pillow encoders copy these from `image.info` otherwise.
 _NO_METADATA = {"exif": b"", "icc_profile": None, "xmp": b"", "comment": None}
 
+MAX_JPEG_SCANS = 256
+"""Scans a JPEG may hold: each progressive scan decodes the whole image again, so a file of a
+few hundred kilobytes repeating one scan thousands of times took hours to decode (libjpeg's
+own tools cap them for that reason). Real progressive JPEGs hold about ten; 256 scans of the
+largest image allowed decode in seconds."""
+
+# Pillow's warning for an image over its own limit went to stderr as plain text: the size is
+# checked here against `max_pixels` (and over twice Pillow's limit it refuses to open).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """Decode `data` into a detached 8-bit "RGB" or "RGBA" sRGB image, EXIF orientation applied.
@@ -76,12 +88,20 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     kind = _sniff_format(data)
     if kind in ("GIF", "WEBP") and (declared := _declared_size(kind, data)):
         _check_pixels(declared, max_pixels)
+    if kind == "JPEG" and (scans := _jpeg_scans(data, MAX_JPEG_SCANS + 1)) > MAX_JPEG_SCANS:
+        raise ImageDecodeError(f"JPEG with more than {MAX_JPEG_SCANS} scans ({scans} found before counting "
+                               "stopped): refused, decoding each scan again would take minutes; re-encode it")
 
     # 2. Open (reads the header only) and check the declared size before decoding.
     try:
         opened = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise DecompressionBomb(f"decompression bomb refused by Pillow: {error}") from None
+        # Pillow's own limit (twice its MAX_IMAGE_PIXELS) is not the one to quote: ours is.
+        said = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+        if said is None:
+            raise DecompressionBomb(f"decompression bomb refused by Pillow: {error}") from None
+        raise DecompressionBomb(f"image declares {int(said[1]):,} pixels, over the limit of "
+                                f"{min(max_pixels, int(said[2])):,} pixels") from None
     except Image.UnidentifiedImageError:
         if kind:
             raise ImageDecodeError(f"truncated or corrupt {kind}, or a kind of {kind} Pillow cannot read: "
@@ -120,9 +140,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
             image = to_srgb_8bit(opened)
-        except ValueError as error:
+        except MemoryError:
+            raise
+        except Exception as error:  # a mode Pillow cannot convert; a corrupt tag read only now
             raise ImageDecodeError(
-                f"unsupported {opened.format} colour mode {opened.mode}: {error}"
+                f"unsupported or corrupt {opened.format} colour mode {opened.mode}: {type(error).__name__}: {error}"
             ) from None
     image.info = {}
     return image
@@ -187,6 +209,28 @@ def _sniff_format(data: bytes) -> str | None:
         if data.startswith(signature):
             return kind
     return None
+
+
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # fill bytes, then the marker (FF 00 is a stuffed byte)
+
+
+def _jpeg_scans(data: bytes, limit: int) -> int:
+    """How many scans (SOS segments) the JPEG `data` holds, counting no further than `limit`.
+
+    Segments are skipped by their length (an EXIF thumbnail's scans are not the image's);
+    after a scan's header its entropy-coded data runs to the next marker other than a
+    restart."""
+    scans, position = 0, 2
+    while scans < limit and (found := _JPEG_MARKER.search(data, position)):
+        marker, position = found[1][0], found.end()
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # restarts, SOI, TEM: no length
+            continue
+        if marker == 0xD9 or position + 2 > len(data):  # end of image
+            break
+        length = int.from_bytes(data[position:position + 2], "big")
+        scans += marker == 0xDA
+        position += max(length, 2)
+    return scans
 
 
 def _declared_size(kind: str, data: bytes) -> tuple[int, int] | None:
@@ -305,9 +349,14 @@ def _high_depth_to_8bit(image: Image.Image) -> tuple[Image.Image, Image.Image | 
     float as 0.0..1.0, the convention of float TIFFs; a WhiteIsZero TIFF is inverted.
     """
     values = np.asarray(image)
-    tags = {number: value[0] if isinstance(value, tuple) and value else value  # per sample: the first's
-            for number, value in (getattr(image, "tag_v2", None) or {}).items()
-            if number in (_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT)}  # a TIFF's: how its samples read
+    tags = {}  # a TIFF's: how its samples read (per sample: the first's)
+    for number in (_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT):
+        try:
+            value = (getattr(image, "tag_v2", None) or {}).get(number)
+        except Exception:  # a corrupt entry (a count past the file): read as absent, as Pillow decoded it
+            continue
+        if value is not None:
+            tags[number] = value[0] if isinstance(value, tuple) and value else value
     if image.mode == "F":
         scaled = np.rint(np.nan_to_num(values, nan=0.0).clip(0.0, 1.0) * 255)
     else:
