@@ -53,7 +53,7 @@ from image.errors import (
     OutOfDeviceMemory,
     Withdrawn,
 )
-from image.params import canonical_json, format_from_name, parse_chain, resolve_common, validate_params
+from image.params import canonical_json, output_format, parse_chain, resolve_common, validate_params
 
 log = logging.getLogger("imagen.processor")
 
@@ -765,8 +765,8 @@ def plan_job(job: Job, layout: Layout, served: frozenset[str]) -> Plan | None:
     if not set(chain) <= served:
         return None
     params = validate_params(chain, _params_dict(job.params))
-    named = format_from_name(job.output[1]) if job.output is not None else None  # an output .gif is refused
-    fmt = params.get("format") or named or "png"
+    given = params.get("format")  # an output's name says it too (.gif refused, a .png holding webp too)
+    fmt = (output_format(job.output[1], given) if job.output is not None else given) or "png"
     output = routing.output_location(job, layout, ",".join(chain), fmt)
     return Plan(chain, params, canonical_json(params), fmt, output)
 

@@ -263,20 +263,39 @@ def canonical_json(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-# Image formats an output name may announce that imagen does not write: a result named so would
-# be PNG (or WebP, JPEG) data under the wrong extension, which viewers and pipelines misread.
-_UNWRITTEN_EXTENSIONS = frozenset({"gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico", "svg"})
+# Image (and document) formats an output name may announce that imagen does not write: a
+# result named so would be PNG (or WebP, JPEG) data under the wrong extension, which viewers
+# and pipelines misread. Names with no extension, or another one (.out, .bin), take the format
+# parameter.
+_UNWRITTEN_EXTENSIONS = frozenset({
+    "gif", "apng", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jxr", "jp2", "j2k", "jpx", "ico", "icns",
+    "svg", "pdf", "eps", "psd", "ppm", "pgm", "pbm", "pnm", "tga", "dds", "exr", "hdr", "dng", "raw", "cr2",
+    "nef", "qoi", "pcx", "xbm", "xpm",
+})
+_NAMED_FORMATS = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg"}
 
 
 def format_from_name(name: str) -> str | None:
-    """The output format a file name's extension names (png, webp, jpg or jpeg), else None
-    (no extension, or one that is no image format: the format parameter decides). An image
-    format imagen cannot write is refused."""
-    extension = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    """The output format a file name's extension names (png, webp, jpeg), else None (no
+    extension, or one that is no image format: the format parameter decides). An image format
+    imagen cannot write is refused."""
+    base = name.rsplit("/", 1)[-1]
+    extension = base.rsplit(".", 1)[-1].lower() if "." in base else ""
     if extension in _UNWRITTEN_EXTENSIONS:
-        raise InvalidParameter(f"output {name.rsplit('/', 1)[-1]!r} names a .{extension} file, which imagen does not "
-                               f"write: name it .png, .webp or .jpg")
-    return {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg"}.get(extension)
+        raise InvalidParameter(f"output {base!r} names a .{extension} file, which imagen does not write: "
+                               f"name it .png, .webp or .jpg")
+    return _NAMED_FORMATS.get(extension)
+
+
+def output_format(name: str, given: str | None) -> str | None:
+    """The format an output named `name` is written in, `given` being the validated format
+    parameter (or None): the name's when it names one, refused when the two disagree (a .png
+    holding WebP data); else `given`."""
+    named = format_from_name(name)
+    if given and named and given != named:
+        raise InvalidParameter(f"output {name.rsplit('/', 1)[-1]!r} names a {named} file but the format "
+                               f"parameter is {given}: make them agree, or leave the format to the name")
+    return given or named
 
 
 def default_seed(data: bytes) -> int:

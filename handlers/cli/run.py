@@ -17,38 +17,39 @@ from handlers.cli.options import param_options
 @click.command("run")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (its extension .png, .webp, .jpg picks the format unless --format "
-              "does); default: <input stem>.<operation>.<format> next to the input.")
+              help="Output file (its extension .png, .webp, .jpg picks the format; --format must agree "
+              "with it); default: <input stem>.<operation>.<format> next to the input.")
 @click.option("--operation", required=True, metavar="OP[,OP...]",
               help="upscale, enhance, comic, remove-background, or a chain such as "
               "remove-background,upscale.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="An operation parameter (repeatable), e.g. --param steps=20.")
-@click.option("--format", "output_format", type=click.Choice(["png", "webp", "jpeg", "jpg"]),
+@click.option("--format", "format_given", type=click.Choice(["png", "webp", "jpeg", "jpg"]),
               help="Output format (the same as --param format=...); default png.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),
               help="Where the models run (IMAGEN_DEVICE); default auto.")
 @click.option("--model-cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the models are (MODEL_CACHE_DIR).")
 @click.pass_obj
-def run(settings, source, output, operation, params, output_format, device, model_cache_dir):
+def run(settings, source, output, operation, params, format_given, device, model_cache_dir):
     """Run OPERATION on the local image SOURCE and write the result."""
     from image.codec import decode_image, encode_image
     from image.errors import InvalidParameter
-    from image.params import format_from_name, parse_chain, resolve_common, validate_params
+    from image.params import output_format, parse_chain, resolve_common, validate_params
 
     # 1. Check inputs: chain, parameters and image, before any model loads
     settings = settings.replace(device=device, model_cache_dir=model_cache_dir)
     chain = parse_chain(operation)
     raw = param_options(params)
-    if output_format:
+    if format_given:
         if "format" in raw:
             raise InvalidParameter("give the format once: --format or --param format=...")
-        raw["format"] = output_format
-    named = format_from_name(output.name) if output is not None else None  # -o out.gif is refused
-    if "format" not in raw and named:
-        raw["format"] = named  # -o cut.jpg: a JPEG, as a job message's output name says too
+        raw["format"] = format_given
     params = validate_params(chain, raw)
+    # -o cut.jpg: a JPEG, as a job message's output name says too (-o out.gif, or -o q.png
+    # with --format webp, refused)
+    if output is not None and (named := output_format(output.name, params.get("format"))):
+        params["format"] = named
     data = source.read_bytes()
     image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     common = resolve_common(params, data)

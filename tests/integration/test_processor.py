@@ -392,6 +392,9 @@ def test_job_message_with_explicit_output(settings, bucket):
         "type": "InvalidParameter",
         "message": "output 'p.gif' names a .gif file, which imagen does not write: name it .png, .webp or .jpg"}
     assert bucket.get_blob("results/p.gif") is None
+    clash = JobRequest(bucket.name, "uploads/p.png", "upscale", {"format": "jpeg"}, f"gs://{bucket.name}/results/q.png")
+    assert processor.handle(clash).error["message"].startswith(
+        "output 'q.png' names a png file but the format parameter is jpeg: make them agree")
 
 
 def test_an_explicit_output_replaces_imagens_own_but_never_a_users_object(settings, bucket):

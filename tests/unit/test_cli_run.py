@@ -72,7 +72,8 @@ def test_output_option_format_and_params(cli, photo, tmp_path):
 def test_the_output_name_picks_the_format_unless_one_is_given(cli, photo, tmp_path):
     # -o cut.jpg wrote a PNG named .jpg.
     for name, given, expected in (("cut.jpg", [], "JPEG"), ("cut.WEBP", [], "WEBP"), ("cut.out", [], "PNG"),
-                                  ("cut2.jpg", ["--format", "png"], "PNG")):
+                                  ("cut.jfif", [], "JPEG"), ("cut2.jpg", ["--format", "jpg"], "JPEG"),
+                                  ("cut2.out", ["--format", "webp"], "WEBP")):
         result = cli(str(photo), "-o", str(tmp_path / name), "--operation", "remove-background", *given)
         assert result.exit_code == 0, result.output
         with Image.open(tmp_path / name) as out:
@@ -116,6 +117,9 @@ def test_same_input_same_bytes(cli, photo, tmp_path):
         # -o out.gif wrote PNG data under .gif (nothing else in the name says what it holds).
         (["--operation", "upscale", "-o", "{dir}/out.GIF"], "InvalidParameter: output 'out.GIF' names a .gif file, "
                                                       "which imagen does not write: name it .png, .webp or .jpg"),
+        # -o q.png --format webp wrote WebP data under .png.
+        (["--operation", "upscale", "-o", "{dir}/out.png", "--format", "webp"],
+         "InvalidParameter: output 'out.png' names a png file but the format parameter is webp: make them agree"),
     ],
 )
 def test_bad_input_exits_non_zero_naming_it(cli, photo, args, message):
