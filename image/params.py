@@ -451,4 +451,6 @@ def _short_repr(value: object) -> str:
 
 
 def _fmt(number: float) -> str:
+    if abs(number) >= 1e15:  # 1e308 as 1e+308, not 309 digits
+        return f"{float(number):g}"
     return str(int(number)) if float(number).is_integer() else repr(float(number))

@@ -28,5 +28,7 @@ def param_options(values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        if key.strip() in params:  # steps=3 and steps=4: which one was meant?
+            raise click.BadParameter(f"{key.strip()!r} is given twice", param_hint="--param")
         params[key.strip()] = raw
     return params

@@ -45,12 +45,15 @@ def run(settings, source, output, operation, params, format_given, device, model
         if "format" in raw:
             raise InvalidParameter("give the format once: --format or --param format=...")
         raw["format"] = format_given
+    if not source.is_file():  # /dev/zero would be read until memory ran out, a pipe waited on
+        raise click.BadParameter(f"{source} is not a regular file", param_hint="SOURCE")
     params = validate_params(chain, raw)
     # -o cut.jpg: a JPEG, as a job message's output name says too (-o out.gif, or -o q.png
     # with --format webp, refused)
     if output is not None and (named := output_format(output.name, params.get("format"))):
         params["format"] = named
-    data = source.read_bytes()
+    with source.open("rb") as file:  # no more than the limit and one byte: enough to refuse it
+        data = file.read(settings.max_bytes + 1)
     image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     common = resolve_common(params, data)
     if output is None:
