@@ -874,12 +874,21 @@ def _params_dict(raw: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
         return {}
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):
             raise InvalidParameter(f"{routing.PARAMS_KEY} is not valid JSON") from None
     if not isinstance(raw, Mapping):
         raise InvalidParameter(f"{routing.PARAMS_KEY} must be a JSON object")
     return raw
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice ({"steps": 3, "steps": 4}: which was
+    meant?) is refused, as in job messages."""
+    keys = [key for key, _ in pairs]
+    if twice := sorted({key for key in keys if keys.count(key) > 1}):
+        raise InvalidParameter(f"{routing.PARAMS_KEY} gives {', '.join(map(repr, twice))} twice")
+    return dict(pairs)
 
 
 def _report_params(raw: Any) -> Any:

@@ -1240,3 +1240,16 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
     library = lines["a library warns"]
     assert (library["job_id"], library["operation"], library["attempt"]) == ("m-8", "upscale", 1)
     assert library["generation"] == str(source.generation)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"steps": 3, "steps": 4}', "imagen-params gives 'steps' twice"),  # ran with 4, in silence
+    ("{steps: 3}", "imagen-params is not valid JSON"),
+    ("[3]", "imagen-params must be a JSON object"),
+])
+def test_an_uploads_params_that_cannot_be_read_one_way_are_reported(settings, bucket, text, message):
+    source = _upload(bucket, "incoming/upscale/twice.png", metadata={"imagen-params": text})
+    engine = FakeEngine()
+    outcome = _processor(settings, engine).handle(_event(source))
+    assert outcome.status == "failed" and outcome.error == {"type": "InvalidParameter", "message": message}
+    assert engine.calls == 0
