@@ -20,6 +20,7 @@ failed setup may be retried); `run` is serialised, since all operations share on
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -89,7 +90,9 @@ class Engine:
         self._ops: dict = {}
         self._setup_lock = threading.Lock()
         self._run_lock = threading.Lock()
-        self._busy: tuple[float, float | None, tuple[str, ...]] | None = None  # the job holding the device
+        # The job holding the device: when it started there, its budget, its chain, and the
+        # context it runs in (its caller's context variables: what its log lines carry).
+        self._busy: tuple[float, float | None, tuple[str, ...], contextvars.Context] | None = None
 
     def setup(self) -> None:
         """Load and warm up every operation once; logs each model's revision and seconds."""
@@ -220,7 +223,7 @@ class Engine:
             if started is not None:
                 started()
             deadline = Deadline(max_seconds) if max_seconds else None
-            self._busy = (time.monotonic(), max_seconds, chain)
+            self._busy = (time.monotonic(), max_seconds, chain, contextvars.copy_context())
             try:
                 return self._run_chain(chain, image, params, seed, deadline)
             finally:
@@ -235,12 +238,19 @@ class Engine:
         busy = self._busy
         if busy is None or not busy[1]:
             return None
-        started, budget, chain = busy
+        started, budget, chain, _ = busy
         held = time.monotonic() - started
         if held <= budget + grace:
             return None
         return (f"{', '.join(chain)} has held the device for {held:.0f} s, more than {grace:g} s past its "
                 f"budget of {budget:g} s")
+
+    def busy_context(self) -> contextvars.Context | None:
+        """The context variables of the job holding the device (its caller's), or None: a
+        watchdog logging about it from another thread runs its line in this context, so the
+        line carries the job's fields."""
+        busy = self._busy
+        return None if busy is None else busy[3]
 
     def _run_chain(self, chain, image, params, seed, deadline) -> Image.Image:
         """The chain's operations in order. Out of device memory, the allocator's cache is

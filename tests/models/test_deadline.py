@@ -3,6 +3,7 @@ it has passed, and run exactly as before while it has not. Tiny models on the CP
 
 from __future__ import annotations
 
+import contextvars
 import re
 import threading
 import time
@@ -182,8 +183,10 @@ def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkey
 
     monkeypatch.setattr(op, "run", stuck)
     ended = []
+    caller = contextvars.ContextVar("caller")
 
     def job(max_seconds):
+        caller.set(f"job with budget {max_seconds}")  # what the job's log lines carry (handlers.logs)
         try:
             engine.run(["remove-background"], _image(48), {}, seed=0, max_seconds=max_seconds)
             ended.append("output")
@@ -198,6 +201,7 @@ def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkey
         assert inside.wait(30)
         time.sleep(0.4)
         found = engine.overdue(grace)
+        assert engine.busy_context()[caller] == f"job with budget {max_seconds}"  # the watchdog logs in it
         if overdue:
             assert re.fullmatch(r"remove-background has held the device for \d+ s, more than 0\.1 s past its "
                                 r"budget of 0\.2 s", found), found
@@ -205,5 +209,5 @@ def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkey
             assert found is None  # no budget, within it, or within the grace past it
         release.set()
         thread.join(30)
-        assert engine.overdue(0) is None  # the device is free again
+        assert engine.overdue(0) is None and engine.busy_context() is None  # the device is free again
     assert ended == ["output", "output", "JobTooLong", "JobTooLong"]

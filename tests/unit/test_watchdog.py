@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -33,6 +34,34 @@ def test_a_stuck_job_is_logged_and_ends_the_process(caplog):
     assert record.getMessage() == (
         "a job is stuck on the GPU: upscale has held the device for 900 s, more than 300 s past its budget of "
         "510 s; stopping, so that a new process takes over and Pub/Sub redelivers its messages")
+
+
+def test_the_stuck_line_names_the_job(capsys):
+    """The watchdog's thread has no job context of its own: the line said only the chain, and
+    could not be tied to the object that hung the GPU."""
+    import contextvars
+
+    from handlers.logs import JsonFormatter, job_context
+
+    with job_context({"job_id": "m-9", "message_id": "m-9", "source": "gs://b/incoming/upscale/hang.png"}):
+        context = contextvars.copy_context()  # as the engine keeps it for the job on the device
+    engine = Engine(["upscale has held the device for 900 s"])
+    engine.busy_context = lambda: context
+    lines, hung = [], threading.Event()
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(json.loads(JsonFormatter().format(record)))
+    logger = logging.getLogger("imagen.watchdog")
+    logger.addHandler(handler)
+    try:
+        thread = watch(engine, on_hung=hung.set, interval=0.01)
+        assert hung.wait(10)
+        thread.join(10)
+    finally:
+        logger.removeHandler(handler)
+    [line] = lines
+    assert line["severity"] == "CRITICAL" and line["message"].startswith("a job is stuck on the GPU: upscale")
+    assert (line["job_id"], line["source"]) == ("m-9", "gs://b/incoming/upscale/hang.png")
+    assert line["logging.googleapis.com/operation"]["id"] == "m-9"
 
 
 def test_nothing_happens_while_no_job_is_stuck():
