@@ -152,6 +152,55 @@ def serve(tiny_settings, tmp_path):
     process.wait(timeout=30)
 
 
+def test_serve_answers_not_ready_until_its_models_are_loaded(tiny_settings, bucket, monkeypatch):
+    """Cloud Run's startup probe and every push wait on /readyz: 503 while the models load
+    (here held by a model restore that waits), 200 once they are warm. The serve tests
+    above only ever saw 200: `imagen serve` wired to say ready at once passed them all. In
+    this process (gunicorn's run replaced): the app serve builds, and the set-up it starts."""
+    import threading
+
+    from click.testing import CliRunner
+
+    import handlers.cli.serve as serve
+    import handlers.service as service
+    from handlers.cli import main
+
+    built, restoring, release = {}, threading.Event(), threading.Event()
+
+    class Captured:  # gunicorn, which would fork and serve: keeps what it was given
+        def __init__(self, app, host, port, threads, post_worker_init):
+            built.update(app=app, post_worker_init=post_worker_init)
+
+        def run(self):
+            pass
+
+    def slow_restore(settings):  # a model mirror being copied in
+        restoring.set()
+        assert release.wait(120)
+
+    monkeypatch.setattr(serve, "_server", Captured)
+    monkeypatch.setattr(serve, "configure_logging", lambda *args, **kwargs: None)  # pytest's own capture stays
+    monkeypatch.setattr(service, "restore_models", slow_restore)
+    result = CliRunner().invoke(main, ["serve", "--operations", "remove-background"], env=_env(tiny_settings),
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = built["app"].test_client()
+    built["post_worker_init"](None)  # in the forked worker: the models load in a thread
+    assert restoring.wait(60)
+    envelope = {"message": {"data": base64.b64encode(json.dumps({"bucket": bucket.name, "name": "incoming/x.png",
+                                                                  "generation": "1"}).encode()).decode(),
+                            "attributes": {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"},
+                            "messageId": "1"}, "subscription": "projects/p/subscriptions/s"}
+    try:
+        assert client.get("/healthz").status_code == 200  # alive while loading: not restarted
+        assert client.get("/readyz").status_code == 503
+        pushed = client.post("/", json=envelope)
+        assert pushed.status_code == 503 and pushed.headers["Retry-After"]
+    finally:
+        release.set()
+    wait_for(lambda: client.get("/readyz").status_code == 200, timeout=120, what="/readyz once the models load")
+
+
 def test_serve_whose_models_cannot_load_stops_instead_of_idling_on_the_gpu(tiny_settings, tmp_path):
     # An instance that can never be ready would hold a billed GPU for the startup probe's
     # whole window: it exits at once, its reason the last JSON line, and the platform retries.
