@@ -19,9 +19,9 @@ from handlers.cli.options import param_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (its extension .png, .webp, .jpg picks the format; --format must agree "
               "with it); default: <input stem>.<operation>.<format> next to the input.")
-@click.option("--operation", required=True, metavar="OP[,OP...]",
+@click.option("--operation", metavar="OP[,OP...]",
               help="upscale, enhance, comic, remove-background, or a chain such as "
-              "remove-background,upscale.")
+              "remove-background,upscale [default: IMAGEN_OPERATIONS, where it names one: an operation's image].")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="An operation parameter (repeatable), e.g. --param steps=20.")
 @click.option("--format", "format_given", type=click.Choice(["png", "webp", "jpeg", "jpg"]),
@@ -39,6 +39,10 @@ def run(settings, source, output, operation, params, format_given, device, model
 
     # 1. Check inputs: chain, parameters and image, before any model loads
     settings = settings.replace(device=device, model_cache_dir=model_cache_dir)
+    if operation is None:
+        if len(settings.operations) != 1:
+            raise click.UsageError("give --operation (IMAGEN_OPERATIONS names no single operation to default to)")
+        operation = settings.operations[0]
     chain = parse_chain(operation)
     raw = param_options(params)
     if format_given:

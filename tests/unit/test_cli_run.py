@@ -133,6 +133,16 @@ def test_bad_input_exits_non_zero_naming_it(cli, photo, args, message):
     assert not list(photo.parent.glob("photo.*.*")) and not list(photo.parent.glob("out.*"))
 
 
+def test_the_operation_defaults_to_the_one_the_image_serves(tiny_cache, photo):
+    # DESIGN.md's `imagen run local.png`: in an operation's image, IMAGEN_OPERATIONS names it.
+    env = {"MODEL_CACHE_DIR": str(tiny_cache), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"}
+    result = CliRunner().invoke(main, ["run", str(photo)], env={**env, "IMAGEN_OPERATIONS": "remove-background"})
+    assert result.exit_code == 0, result.output
+    assert photo.with_name("photo.remove-background.png").exists()
+    result = CliRunner().invoke(main, ["run", str(photo)], env={**env, "IMAGEN_OPERATIONS": ""})
+    assert result.exit_code == 2 and "give --operation" in result.output
+
+
 def test_a_device_or_pipe_is_refused_not_read_forever(tmp_path):
     # /dev/zero was read until memory ran out; a named pipe waited for a writer.
     import os
