@@ -120,14 +120,23 @@ def trace_fields(headers: Mapping[str, str], project: str | None) -> dict[str, s
     """The request's trace as Cloud Logging links it: Cloud Run's request log entry and the
     lines logged while serving it, one trace (W3C `traceparent`, else `X-Cloud-Trace-Context`);
     {} without a project or a trace."""
-    trace = None
-    if match := re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}", headers.get("traceparent", "")):
-        trace = match.group(1)
-    elif match := re.match(r"([0-9a-fA-F]{32})(/|;|$)", headers.get("X-Cloud-Trace-Context", "")):
-        trace = match.group(1).lower()
+    trace = span = sampled = None
+    if match := re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})",
+                             headers.get("traceparent", "")):
+        trace, span, sampled = match[1], match[2], bool(int(match[3], 16) & 1)
+    elif match := re.match(r"([0-9a-fA-F]{32})(?=/|;|$)(?:/(\d{1,20}))?(?:;o=([01]))?", headers.get("X-Cloud-Trace-Context", "")):
+        trace = match[1].lower()
+        if match[2] and int(match[2]) < 2**64:  # the span id in decimal: Cloud Logging takes 16 hex digits
+            span = f"{int(match[2]):016x}"
+        sampled = None if match[3] is None else match[3] == "1"
     if not project or trace is None:
         return {}
-    return {"logging.googleapis.com/trace": f"projects/{project}/traces/{trace}"}
+    fields: dict = {"logging.googleapis.com/trace": f"projects/{project}/traces/{trace}"}
+    if span:  # the span the request's entry belongs to, so the lines sit under it in Trace
+        fields["logging.googleapis.com/spanId"] = span
+    if sampled is not None:
+        fields["logging.googleapis.com/trace_sampled"] = sampled
+    return fields
 
 
 def error_fields(error: BaseException, note: str = "") -> dict[str, str]:

@@ -135,6 +135,17 @@ def test_a_push_requests_lines_carry_its_trace():
             assert [line.get("logging.googleapis.com/trace") for line in lines] == [expected], headers
     finally:
         logging.getLogger("imagen").removeHandler(handler)
+    # The span and whether it was sampled too, so Trace shows the lines under the request's span.
+    from handlers.logs import trace_fields
+
+    assert trace_fields({"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}, "p") == {
+        "logging.googleapis.com/trace": f"projects/p/traces/{trace}",
+        "logging.googleapis.com/spanId": "00f067aa0ba902b7", "logging.googleapis.com/trace_sampled": True}
+    assert trace_fields({"X-Cloud-Trace-Context": f"{trace}/255;o=0"}, "p") == {
+        "logging.googleapis.com/trace": f"projects/p/traces/{trace}",
+        "logging.googleapis.com/spanId": "00000000000000ff", "logging.googleapis.com/trace_sampled": False}
+    assert trace_fields({"X-Cloud-Trace-Context": trace}, "p") == {
+        "logging.googleapis.com/trace": f"projects/p/traces/{trace}"}
 
 
 def test_the_trace_names_the_settings_project_else_the_credentials(monkeypatch):
