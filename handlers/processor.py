@@ -321,10 +321,18 @@ class Processor:
                 image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
             common = resolve_common(plan.params, data)
             budget = self._device_budget(plan, image.size, time.perf_counter() - started)
+            asked = time.perf_counter()
+
+            def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
+                timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
+                log.info("job on the GPU", extra={"fields": {**fields, "waited": timings["gpu_wait"]}})
+                self._mark_running(job, attempt, sent, delivered, marker)
+
             with _timed(timings, "operation"):
                 result = self._engine.run(
                     plan.chain, image, plan.params, common["seed"], max_seconds=budget, withdrawn=withdrawn,
-                    started=lambda: self._mark_running(job, attempt, sent, delivered, marker))
+                    started=on_device)
+            timings["operation"] = round(timings["operation"] - timings.get("gpu_wait", 0.0), 4)  # the model's own
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)

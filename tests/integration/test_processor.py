@@ -559,7 +559,7 @@ def test_every_line_of_a_job_carries_the_fields_users_filter_on(settings, bucket
             _processor(settings, FakeEngine(fail_with=ModelError("CUDA error"))).handle(
                 _event(flaky), message_id="m-2", attempt=1)
     lines = {record.getMessage().split(":")[0]: record.fields for record in caplog.records}
-    assert set(lines) == {"job failed", "job started", "job failed on this instance"}
+    assert set(lines) == {"job failed", "job started", "job on the GPU", "job failed on this instance"}
     for fields in lines.values():
         assert {"job_id", "message_id", "source", "generation", "operation", "attempt"} <= set(fields)
         assert fields["operation"] == "upscale" and fields["job_id"] == fields["message_id"]
@@ -1237,6 +1237,8 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
         logging.getLogger().removeHandler(handler)
     for name in ("job failed on this instance", "job will be retried", "job succeeded"):
         assert lines[name]["seconds"] >= 0 and "operation" in lines[name]["timings"], name
+        assert lines[name]["timings"]["gpu_wait"] >= 0, name  # apart from the model's own time
+    assert lines["job on the GPU"]["waited"] >= 0 and lines["job on the GPU"]["job_id"] == "m-8"
     library = lines["a library warns"]
     assert (library["job_id"], library["operation"], library["attempt"]) == ("m-8", "upscale", 1)
     assert library["generation"] == str(source.generation)
