@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from image.models._quiet import quiet_libraries
 from image.operations.base import Operation, attach_alpha
 from image.params import resolve
 from image.tiling import plan_tiles, upscale_tiled
@@ -137,18 +138,21 @@ class Upscale(Operation):
                                        for box in boxes[done:done + count]]).to(self.device, self.dtype)
             where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
-            return pipe(
-                prompt=[params["prompt"]] * count,
-                negative_prompt=[params["negative_prompt"]] * count,
-                image=batch,
-                num_inference_steps=params["steps"],
-                guidance_scale=params["guidance"],
-                noise_level=params["noise_level"],
-                generator=generators if count > 1 else generators[0],
-                latents=latents,
-                output_type="np",
-                callback=self._step_callback(where),
-            ).images
+            # As img2img's: a prompt past CLIP's 77 tokens (README says it is cut there) was
+            # two warnings per tile, one quoting the cut text.
+            with quiet_libraries(warnings=False):
+                return pipe(
+                    prompt=[params["prompt"]] * count,
+                    negative_prompt=[params["negative_prompt"]] * count,
+                    image=batch,
+                    num_inference_steps=params["steps"],
+                    guidance_scale=params["guidance"],
+                    noise_level=params["noise_level"],
+                    generator=generators if count > 1 else generators[0],
+                    latents=latents,
+                    output_type="np",
+                    callback=self._step_callback(where),
+                ).images
 
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done)
         array = np.asarray(rgb, dtype=np.float32)

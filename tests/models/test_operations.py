@@ -7,6 +7,8 @@ and errors. The pixels of tiny random-weight models mean nothing.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -622,3 +624,12 @@ def test_which_cuda_errors_are_the_devices_for_good():
     assert device_failure(RuntimeError("CUDA error: out of memory")) is None  # retried, not fatal
     assert device_failure(RuntimeError("CUDA error: invalid configuration argument")) is None  # the job's
     assert device_failure(ValueError("illegal memory access")) is None  # not from the device
+
+
+@pytest.mark.parametrize("op", ["upscale", "enhance", "comic"])
+def test_a_prompt_past_clips_77_tokens_is_cut_without_warnings(engine, op, caplog):
+    """README: the models read the first 77 CLIP tokens. upscale warned twice per tile, one
+    line quoting the cut text (stderr on the CLI, a WARNING per tile in the service)."""
+    with caplog.at_level(logging.WARNING):
+        _run(engine, [op], _image(), prompt="a harbour at dusk, " * 45)
+    assert [r.getMessage()[:80] for r in caplog.records if r.name.startswith(("diffusers", "transformers"))] == []
