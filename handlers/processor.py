@@ -371,8 +371,9 @@ class Processor:
             ended()
             marker.keep = isinstance(error, DeviceFailed)  # the process stops: counted, unless reported now
             # A model or configuration fault on this machine: another instance may do better.
-            # Out of GPU memory is mostly the input's size: a warning, not the errors alert.
-            log.log(logging.WARNING if isinstance(error, OutOfDeviceMemory) else logging.ERROR,
+            # Out of GPU memory is mostly the input's size: a warning, not the errors alert; a
+            # failed GPU is the engine's CRITICAL line (with its stack) and the process's stop.
+            log.log(logging.WARNING if isinstance(error, (OutOfDeviceMemory, DeviceFailed)) else logging.ERROR,
                     "job failed on this instance: %s", error, extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)

@@ -183,7 +183,7 @@ resource "google_monitoring_alert_policy" "errors" {
       job's input (bad input ends in a failure report, charted by the
       `${var.name_prefix}-job-failures` metric). In Logs Explorer:
       `severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)"`. Common ones:
-      `job failed on this instance` (a model or GPU fault; the job is retried),
+      `job failed on this instance` (a model fault; the job is retried),
       `job failed:` (a fault that was not the input's and outlasted its retries, e.g. the
       runtime account's access to the bucket; the failure report says which),
       `the GPU failed and this process cannot use it again` (the instance restarts),

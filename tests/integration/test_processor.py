@@ -1195,14 +1195,18 @@ def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, cap
     assert failed["severity"] == "WARNING"  # a bad input is the sender's to fix: no errors alert
 
 
-def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket):
+def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket, caplog):
     # With attempt numbers a job that breaks every GPU ends in the dead-letter topic; on
     # Eventarc (no dead-letter topic) the age bounds it, or it would restart instances for a day.
     source = _upload(bucket, "incoming/upscale/gpu.png")
     broken = _processor(settings, FakeEngine(fail_with=DeviceFailed("the GPU failed (illegal memory access)")))
     old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=MAX_RETRY_SECONDS + 60)
-    with pytest.raises(TransientError):
+    with caplog.at_level(logging.INFO, logger="imagen.processor"), pytest.raises(TransientError):
         broken.handle(_event(source), attempt=MAX_ATTEMPTS + 10, sent=old)
+    # One incident, one alert: the engine's CRITICAL line and the process's stop say it; the
+    # job's own line is a warning, not a third ERROR for the errors alert and Error Reporting.
+    [line] = [r for r in caplog.records if r.getMessage().startswith("job failed on this instance")]
+    assert line.levelname == "WARNING"
     assert bucket.get_blob("failed/upscale/gpu.png.json") is None
     assert broken.handle(_event(source), sent=old).status == "failed"
     assert _report(bucket, "failed/upscale/gpu.png.json")["error"]["type"] == "DeviceFailed"
