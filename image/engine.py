@@ -40,7 +40,7 @@ from image.errors import (
     UnknownOperation,
     Withdrawn,
 )
-from image.operations import OPERATION_NAMES, get_operation
+from image.operations import OPERATION_NAMES, check_operation, get_operation
 from image.operations.switches import Tuning, parse_changes
 from image.params import COMMON_DEFAULTS, parse_chain, resolve, validate_params
 
@@ -68,7 +68,9 @@ class Engine:
         if isinstance(operations, str):
             operations = parse_chain(operations)
         for name in operations:
-            get_operation(name)  # UnknownOperation before anything loads
+            # UnknownOperation before anything loads; nothing imported: setup reads the
+            # weights ahead before torch and the model libraries are (a cold start's longest part).
+            check_operation(name)
         self.operations: tuple[str, ...] = tuple(dict.fromkeys(operations))
         if not self.operations:
             raise UnknownOperation(f"no operation given; choose from {', '.join(OPERATION_NAMES)}")

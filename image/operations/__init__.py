@@ -21,12 +21,20 @@ _CLASSES = {
 }
 
 
-def get_operation(name: str):
-    """The `Operation` subclass for `name`; `UnknownOperation` names the valid ones."""
+def check_operation(name: str) -> None:
+    """UnknownOperation, naming the valid ones, unless `name` is an operation; imports nothing
+    (torch stays out of a process until its models load: image.engine.Engine.setup)."""
     try:
-        module_name, class_name = _CLASSES[name]
+        _CLASSES[name]
     except (KeyError, TypeError):
         raise UnknownOperation(
             f"unknown operation {str(name)[:60]!r}; choose from {', '.join(OPERATION_NAMES)}"
         ) from None
+
+
+def get_operation(name: str):
+    """The `Operation` subclass for `name` (its module imported: torch and the model
+    libraries); `UnknownOperation` names the valid ones."""
+    check_operation(name)
+    module_name, class_name = _CLASSES[name]
     return getattr(importlib.import_module(module_name), class_name)

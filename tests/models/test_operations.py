@@ -123,6 +123,27 @@ def test_unknown_operation_at_construction(tiny_cache):
         get_operation("sharpen")
 
 
+def test_building_an_engine_or_a_service_imports_no_torch(tiny_cache):
+    """Setup reads the weights ahead before torch and the model libraries are imported (the
+    longest part of a cold start), and gunicorn forks the serving process: an Engine built by
+    `imagen serve` imported every operation's module (torch with it) before either, in the
+    main thread, ~2.5 s of this machine's start-up before the server even listened."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from handlers.service import build_engine, build_processor\n"
+            "from handlers.settings import Settings\n"
+            f"settings = Settings.from_env({{'MODEL_CACHE_DIR': {str(tiny_cache)!r}, 'IMAGEN_DEVICE': 'cpu', "
+            "'GOOGLE_CLOUD_PROJECT': 'p', 'STORAGE_EMULATOR_HOST': 'http://127.0.0.1:1'})\n"
+            "engine = build_engine(settings)\n"
+            "build_processor(settings, engine)\n"
+            "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_run_checks_the_chain(engine):
     with pytest.raises(InvalidParameter, match="twice"):
         engine.run(["upscale", "upscale"], _image(), {}, seed=0)
