@@ -257,6 +257,8 @@ def test_cli_pull_tiny_then_verify(tmp_path, offline):
     runner = CliRunner()
     before = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background"], obj=settings)
     assert before.exit_code == 1
+    assert "model briaai/RMBG-1.4 is not in the model cache" in before.output  # which, and the fix
+    assert "run `imagen models pull --operations remove-background`" in before.output
     pulled = runner.invoke(models_cli.command, ["pull", "--tiny", "--operations", "remove-background"], obj=settings)
     assert pulled.exit_code == 0, pulled.output
     assert "built tiny briaai/RMBG-1.4@" in pulled.output
