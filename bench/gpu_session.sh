@@ -86,7 +86,8 @@ final)
   #    present (3,916 modules there against 2,759 with imagen's dependencies; session 6).
   #    Removed first (root; the machine is thrown away when given back: later steps on it run
   #    without them too, as in imagen's image), then the import alone and the cold start
-  #    (stock and imagen, page cache dropped).
+  #    (stock and imagen, page cache dropped). Since session 19 Engine() imports no operation
+  #    module, so setup's read-ahead overlaps the torch import (before, torch came first).
   if want 2 && [ ${#TINY[@]} -eq 0 ]; then
     "$PY" -m pip uninstall -y -q peft scipy torchaudio torchvision 2>&1 | tail -2 | tee -a "$LOG"
     step 45 "$PY" -m bench.coldprobe --imports
