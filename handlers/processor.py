@@ -324,13 +324,24 @@ class Processor:
             asked = time.perf_counter()
 
             def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
-                timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
-                log.info("job on the GPU", extra={"fields": {**fields, "waited": timings["gpu_wait"]}})
+                waited = timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
+                log.info("job on the GPU", extra={"fields": {**fields, "waited": waited}})
+                if self._job_seconds is not None and budget is not None and \
+                        budget - waited < MIN_MODEL_SECONDS <= budget:
+                    # Behind other requests (imagen serve taking several): what the request
+                    # has left would cut the job off, to be redelivered and run again.
+                    raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: {budget - waited:.0f} s "
+                                    f"of the request are left for the model; handed back to run later")
                 self._mark_running(job, attempt, sent, delivered, marker)
+
+            def device_budget() -> float | None:  # a whole-job limit (a request's) counts the wait
+                if self._job_seconds is None or budget is None or budget - timings["gpu_wait"] <= 0:
+                    return budget
+                return budget - timings["gpu_wait"]
 
             with _timed(timings, "operation"):
                 result = self._engine.run(
-                    plan.chain, image, plan.params, common["seed"], max_seconds=budget, withdrawn=withdrawn,
+                    plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
                     started=on_device)
             timings["operation"] = round(timings["operation"] - timings.get("gpu_wait", 0.0), 4)  # the model's own
             with _timed(timings, "encode"):

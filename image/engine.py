@@ -190,7 +190,7 @@ class Engine:
         image: Image.Image,
         params: Mapping[str, object],
         seed: int,
-        max_seconds: float | None = None,
+        max_seconds: float | Callable[[], float] | None = None,
         withdrawn: Callable[[], bool] | None = None,
         started: Callable[[], None] | None = None,
     ) -> Image.Image:
@@ -199,7 +199,9 @@ class Engine:
         `params` are `validate_params(chain, ...)`'s output (checked again here: it is
         cheap and idempotent); each operation gets its defaults filled in. `max_seconds`
         budgets the work from when the device is this job's (after any wait for it):
-        past it the operation stops at its next denoising step with JobTooLong. `withdrawn()`
+        past it the operation stops at its next denoising step with JobTooLong; a callable
+        gives it then, after `started()` (a caller whose own time ran on while the job waited
+        takes the wait off). `withdrawn()`
         is asked once the device is this job's: True raises Withdrawn before any work (a
         stopping worker hands back the jobs still waiting rather than run them all).
         `started()` is called next, holding the device, before the budget starts: what it
@@ -224,8 +226,9 @@ class Engine:
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
             if started is not None:
                 started()
-            deadline = Deadline(max_seconds) if max_seconds else None
-            self._busy = (time.monotonic(), max_seconds, chain, contextvars.copy_context())
+            budget = max_seconds() if callable(max_seconds) else max_seconds
+            deadline = Deadline(budget) if budget else None
+            self._busy = (time.monotonic(), budget, chain, contextvars.copy_context())
             try:
                 return self._run_chain(chain, image, params, seed, deadline)
             finally:

@@ -165,6 +165,12 @@ def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache, monkey
                                          "time budget of 2.5 s"):
         engine.run(chain, _image(32), params, seed=0, max_seconds=2.5)
     assert len(clocks) == 1 and clocks[0].checks == 4
+    # A budget given as a callable is asked once the device is the job's, after `started`.
+    asked = []
+    with pytest.raises(JobTooLong, match="past the job's time budget of 2.5 s"):
+        engine.run(chain, _image(32), params, seed=0, started=lambda: asked.append("started"),
+                   max_seconds=lambda: asked.append("budget") or 2.5)
+    assert asked == ["started", "budget"] and len(clocks) == 2
 
 
 def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkeypatch):
