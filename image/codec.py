@@ -8,8 +8,11 @@ ICC, comments).
 Limits are arguments, not globals: Pillow's `Image.MAX_IMAGE_PIXELS` is process-wide, so it is
 neither relied on nor changed here. It still applies on top of `max_pixels`: Pillow refuses to
 open an image over twice its value (about 179 MP by default), and that refusal is reported as
-a `DecompressionBomb` like ours. Over its value alone Pillow only warns, and the image is
-accepted if `max_pixels` allows it (unless warnings are errors: then it is a bomb too).
+a `DecompressionBomb` like ours. Over its value alone Pillow only warns; importing this module
+silences that warning process-wide (it went to stderr as plain text, and the size is checked
+here against `max_pixels`), so the image is accepted if `max_pixels` allows it. A filter added
+later (`warnings.simplefilter("error", Image.DecompressionBombWarning)`) takes precedence: the
+image is then a bomb too.
 """
 
 from __future__ import annotations
@@ -211,7 +214,11 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
-_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # fill bytes, then the marker (FF 00 is a stuffed byte)
+# A marker with a length: FF then its code (fill bytes before it match from their last FF). FF 00
+# is a stuffed byte, FF D0-D7 a restart, FF 01 and FF D8 have no length: none is matched, so the
+# search runs in C over entropy-coded data and runs of FF (a search from each FF of a run was
+# quadratic: 80 KB of FF took 78 s).
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\x01\xd0-\xd8\xff])")
 
 
 def _jpeg_scans(data: bytes, limit: int) -> int:
@@ -223,8 +230,6 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
     scans, position = 0, 2
     while scans < limit and (found := _JPEG_MARKER.search(data, position)):
         marker, position = found[1][0], found.end()
-        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # restarts, SOI, TEM: no length
-            continue
         if marker == 0xD9 or position + 2 > len(data):  # end of image
             break
         length = int.from_bytes(data[position:position + 2], "big")

@@ -559,6 +559,26 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
 
     assert 2 <= _jpeg_scans(photo.getvalue(), 1000) <= 20
     assert _jpeg_scans(hostile, 1000) == 1000  # stops counting at the limit
+    # Restart markers and fill bytes: one scan each way, and a baseline JPEG one.
+    restarts = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(restarts, "JPEG", restart_marker_blocks=1)
+    baseline = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(baseline, "JPEG")
+    filled = baseline.getvalue().replace(b"\xff\xda", b"\xff\xff\xff\xda", 1)  # fill bytes before SOS
+    assert [_jpeg_scans(data, 1000) for data in (restarts.getvalue(), baseline.getvalue(), filled)] == [1, 1, 1]
+    assert decode(filled).size == (64, 64)
+
+
+def test_counting_the_scans_of_hostile_bytes_is_linear():
+    """A run of FF bytes made the marker search start again from each of them: 80 KB took
+    78 s, holding the GIL (health checks and lease renewals stalled), and 1 MB hours. Each case
+    here took far longer than the suite's timeout before."""
+    from image.codec import _jpeg_scans
+
+    for data in (b"\xff\xd8" + b"\xff" * 2_000_000 + b"\x00", b"\xff\xd8" + b"\xff\xd0" * 1_000_000):
+        assert _jpeg_scans(data, 257) == 0
+        with pytest.raises(ImageDecodeError):
+            decode(data)
 
 
 def test_a_corrupt_tag_in_a_high_depth_tiff_is_read_as_absent_not_a_crash():
