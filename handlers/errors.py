@@ -4,6 +4,7 @@
     ├── InputError                  permanent: a failure report, then an ack
     │   ├── ... image errors ...
     │   ├── UnsafeObjectName        a name that cannot be mapped safely into the layout
+    │   ├── BadJobMessage           a job message naming its source but wrong otherwise
     │   ├── SourceNotAllowed        a job message's output not allowed, or any job message where
     │   │                           IMAGEN_ALLOWED_BUCKETS is unset (a source outside the list
     │   │                           when set: Undeliverable instead)
@@ -43,6 +44,13 @@ class SourceNotAllowed(InputError):
 
 class StoragePermanentError(InputError):
     pass
+
+
+class BadJobMessage(InputError):
+    """A job message that names its source but is wrong otherwise (an unknown field, no
+    operation, params that are no object, a bad output or generation): reported beside the
+    source. Its own type: the report says nothing about the object (imagen backfill queues it
+    as it would any object whose report is of another kind)."""
 
 
 class OutputTaken(InputError):

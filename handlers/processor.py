@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from handlers import metrics, routing
 from handlers.errors import (
+    BadJobMessage,
     EventError,
     JobStoppedWorker,
     OperationNotDeployed,
@@ -42,7 +43,7 @@ from handlers.errors import (
 from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
 from handlers.logs import clip, error_fields, job_context
 from handlers.routing import Ignored, Job, Layout
-from handlers.storage import ObjectState, Store
+from handlers.storage import ObjectState, Store, refused_for_good
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
 from image.errors import (
     DeviceFailed,
@@ -181,6 +182,11 @@ class Processor:
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
+        # Buckets of code the workers run (compiled kernels, the model mirror): no job's
+        # report is ever written there, whatever a message names.
+        self._code_buckets = frozenset(
+            location[len("gs://"):].split("/", 1)[0] for location in (settings.compile_cache, settings.model_mirror)
+            if location and location.startswith("gs://"))
         self._filtered = settings.filtered_subscription
         self._deployed = settings.deployed_operations
         self._max_bytes = settings.max_bytes
@@ -285,7 +291,7 @@ class Processor:
             if report:
                 raise report
             if job.problem:
-                raise InvalidParameter(job.problem)
+                raise BadJobMessage(job.problem)
             plan = plan_job(job, self._layout, self._served)
             fields["operation"] = plan.operation
             named = job.generation is not None  # by the event or message, not looked up here
@@ -656,7 +662,7 @@ class Processor:
         # none is (job messages were never enabled), the refusal is reported where the sender
         # looks for its result, saying what to set; a bucket that cannot take it dead-letters.
         unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets
-        if unlisted and self._allowed_buckets:
+        if unlisted and (self._allowed_buckets or bucket in self._code_buckets):
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
             raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         report = {  # what a message made up is clipped: a report is read by people
@@ -677,7 +683,7 @@ class Processor:
         try:
             self._store.write_report(bucket, name, report, metadata=written_by)
         except Exception as write_error:
-            if unlisted:
+            if unlisted and refused_for_good(write_error):  # a bucket we may not write in: leave it be
                 log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
                             extra={"fields": {**fields, "error": details, "report": report_uri}})
                 raise Undeliverable(f"{error} (no failure report could be written in gs://{bucket}: the message "
@@ -770,7 +776,7 @@ def job_chain(job: Job, layout: Layout) -> tuple[str, ...]:
     or a bad one."""
     chain = parse_chain(job.operation) if job.operation else None
     if not chain and job.origin == "job-message":
-        raise InvalidParameter(job.problem or "job message needs 'operation' (a string such as 'upscale')")
+        raise BadJobMessage(job.problem or "job message needs 'operation' (a string such as 'upscale')")
     if not chain:
         raise InvalidParameter(
             f"no operation for {job.name!r}: upload it under "

@@ -181,8 +181,6 @@ class Settings:
             check_bucket_name("IMAGEN_OUTPUT_BUCKET", self.output_bucket)
         for bucket in sorted(self.allowed_buckets):
             check_bucket_name("IMAGEN_ALLOWED_BUCKETS", bucket)
-        if self.bucket:
-            check_bucket_name("IMAGEN_BUCKET", self.bucket)
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
                               "OIDC audience: the service URL)")

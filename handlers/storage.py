@@ -214,6 +214,16 @@ class Store:
             raise _translate(error, f"gs://{bucket}/{name}") from error
 
 
+def refused_for_good(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is Cloud Storage refusing for good
+    (400, 401, 403, 404: no retry would change it), as against a fault worth retrying."""
+    while error is not None:
+        if isinstance(error, _PERMANENT):
+            return True
+        error = error.__cause__
+    return False
+
+
 def _output_refused(action: str, bucket: str, name: str, error: api_exceptions.GoogleAPICallError) -> OutputRefused:
     """The deployment's refusal of the job's output (`action`: read or write), retried."""
     need = "write access" if action == "write" else "access"

@@ -28,9 +28,17 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     from handlers.routing import Layout
     from handlers import submit
 
-    bucket = bucket or settings.bucket
-    if not bucket:
-        raise click.UsageError("give the input bucket: --bucket or IMAGEN_BUCKET")
+    if bucket is None:  # only submit reads it: a bad value stops no other command
+        from handlers.errors import ConfigError
+        from handlers.settings import check_bucket_name
+
+        if not settings.bucket:
+            raise click.UsageError("give the input bucket: --bucket or IMAGEN_BUCKET")
+        try:
+            check_bucket_name("IMAGEN_BUCKET", settings.bucket)
+        except ConfigError as error:
+            raise click.UsageError(str(error)) from None
+        bucket = settings.bucket
     client = storage_client(settings)
     layout = Layout.from_settings(settings)
     values = param_options(params)

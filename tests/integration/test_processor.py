@@ -465,6 +465,12 @@ def test_job_message_with_no_allowlist_set_is_reported_saying_what_to_set(settin
         _processor(settings, engine).handle(
             JobRequest(f"imagen-no-such-bucket-{uuid.uuid4().hex[:8]}", "a.png", "upscale", {}), attempt=1)
     assert (_jobs_counted("refused"), _jobs_counted("retried")) == (before[0] + 1, before[1])
+    # Never a report in a bucket of code the workers run, whatever a message names.
+    for code in ({"compile_cache": f"gs://{bucket.name}/kernels"}, {"model_mirror": f"gs://{bucket.name}/models"}):
+        with pytest.raises(Undeliverable, match="no failure report: the message goes to the dead-letter topic"):
+            _processor(settings, engine, **code).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}),
+                                                        attempt=1)
+    assert sorted(blob.name for blob in bucket.list_blobs()) == ["failed/upscale/uploads/p.png.json", "uploads/p.png"]
 
 
 def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket(settings, bucket):

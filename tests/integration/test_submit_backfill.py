@@ -222,6 +222,7 @@ def test_backfill_queues_again_what_failed_for_the_situation_not_for_what_it_is(
     store = Store(storage_client(tiny_settings))
     cases = {"StoragePermanentError": "queue", "OutputTaken": "queue", "ModelError": "queue",
              "TransientError": "queue", "DeviceFailed": "queue", "OperationNotServed": "queue",
+             "BadJobMessage": "queue", "SourceNotAllowed": "queue",  # the message's fault, not the object's
              "ImageDecodeError": "skip", "InvalidParameter": "skip", "JobTooLong": "skip",
              "OutOfDeviceMemory": "skip", "OperationNotDeployed": "skip", "InputError": "skip",
              "RuntimeError": "queue"}  # an unexpected error that outlasted its retries: a bug, fixed since

@@ -726,7 +726,7 @@ def test_a_job_message_that_names_its_source_is_reported_for_what_else_is_wrong(
     response = app_for(allowed).post("/", json=envelope)
     assert response.status_code == 200 and response.get_json()["status"] == "failed", response.get_json()
     report = json.loads(bucket.blob(f"failed/{folder}/a.png.json").download_as_bytes())
-    assert report["error"]["type"] == "InvalidParameter" and report["error"]["message"].startswith(problem)
+    assert report["error"]["type"] == "BadJobMessage" and report["error"]["message"].startswith(problem)
     assert engine.calls == 0 and not list(bucket.list_blobs(prefix="processed/"))
     refused = processor_for(settings, engine, allowed_buckets=frozenset({"partner-bucket"}))
     response = app_for(refused).post("/", json=envelope)

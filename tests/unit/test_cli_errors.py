@@ -28,3 +28,8 @@ def test_a_bucket_option_takes_a_bucket_name(tmp_path):
     assert result.exit_code == 2 and "'Imagen' is not a bucket name" in result.output
     result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale"], env={"IMAGEN_BUCKET": ""})
     assert result.exit_code == 2 and "give the input bucket: --bucket or IMAGEN_BUCKET" in result.output
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale"],
+                                env={"IMAGEN_BUCKET": "gs://imagen-dev"})
+    assert result.exit_code == 2 and "IMAGEN_BUCKET: 'gs://imagen-dev' is not a bucket name" in result.output
+    # Another command, or --bucket given, is not stopped by it.
+    assert CliRunner().invoke(main, ["models", "list", "--help"], env={"IMAGEN_BUCKET": "gs://x"}).exit_code == 0
