@@ -27,6 +27,7 @@ from handlers.clients import EMULATOR_PROJECT, publisher_client, storage_client,
 from handlers.errors import ConfigError
 from handlers.settings import child_environment
 from image.errors import ImagenError
+from image.operations import OPERATION_NAMES
 
 
 class ServiceFailed(ImagenError):
@@ -244,7 +245,10 @@ class LocalStack:
             "IMAGEN_DEPLOYED_OPERATIONS": "",
             "IMAGEN_DEVICE": self.device,
             "HF_HUB_OFFLINE": "1",
+            "IMAGEN_BUCKET": self.bucket,  # imagen submit's
             **gcloud_storage_env(self.storage.url),
+            # gcloud ignores PUBSUB_EMULATOR_HOST: `gcloud pubsub topics publish` needs its own override.
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://{self.pubsub.host}/",
         }
 
     def settings(self):
@@ -270,6 +274,13 @@ class LocalStack:
         self.storage.start(pubsub_host=self.pubsub.host)
         storage_client(settings).create_bucket(self.bucket)
 
+        # One per operation too, as Terraform's pools have, for a worker of one's own
+        # (`make worker-upscale`): it reads its own copy of every message and leaves the
+        # stack's workers theirs (unfiltered: the emulator applies no filters).
+        for operation in OPERATION_NAMES:
+            subscriber.create_subscription(request={
+                "name": subscriber.subscription_path(PROJECT, f"imagen-{operation}"), "topic": topic,
+                "ack_deadline_seconds": 60, "dead_letter_policy": policy})
         worker_sub = subscriber.subscription_path(PROJECT, "imagen-worker")
         subscriber.create_subscription(request={"name": worker_sub, "topic": topic, "ack_deadline_seconds": 60,
                                                 "dead_letter_policy": policy})

@@ -21,7 +21,7 @@ from handlers.cli.options import bucket_name
 @click.pass_obj
 def command(settings, bucket, work_dir):
     """Start the local stack and print the exports that point tools at it; Ctrl-C stops it."""
-    from handlers.localstack import DEAD_LETTER, MAX_DELIVERIES, LocalStack, choose_models
+    from handlers.localstack import DEAD_LETTER, EVENTS_TOPIC, MAX_DELIVERIES, LocalStack, choose_models
 
     work_dir = work_dir.resolve()  # the exports below are pasted into shells in other folders
     cache_dir, tiny = choose_models(settings.model_cache_dir, work_dir / "models")
@@ -50,12 +50,17 @@ def command(settings, bucket, work_dir):
         for key, value in stack.env().items():
             click.echo(f"export {key}={shlex.quote(value)}")
         click.echo(f"\ngcloud storage cp photo.jpg gs://{bucket}/incoming/upscale/photo.jpg")
-        click.echo(f"imagen submit photo.jpg --operation upscale --bucket {bucket} --wait")
+        click.echo("imagen submit photo.jpg --operation upscale --wait")
+        click.echo(f"gcloud pubsub topics publish {EVENTS_TOPIC} '--attribute=^;^operation=remove-background,upscale' "
+                   f"""--message='{{"source": "gs://{bucket}/incoming/upscale/photo.jpg", """
+                   """"operation": "remove-background,upscale"}'""")
         click.echo(f"\nworker (pull): {', '.join(stack.WORKER_OPERATIONS)}, metrics "
                    f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
         click.echo(f"imagen serve (push): {', '.join(stack.SERVE_OPERATIONS)}, "
                    f"http://127.0.0.1:{stack.serve_port}/readyz")
-        click.echo("a chain runs where one process serves all its operations; any other is skipped by both")
+        chains = [",".join(ops) for ops in (stack.SERVE_OPERATIONS[::-1], stack.WORKER_OPERATIONS)]
+        click.echo(f"chains: {' and '.join(chains)} (one process serves each); any other is skipped by both")
+        click.echo("a worker of your own: make worker-<operation> (subscriptions imagen-<operation> exist)")
         click.echo(f"dead letters (unparseable or refused: at once; else after {MAX_DELIVERIES} deliveries): "
                    f"imagen dlq list --subscription {DEAD_LETTER}")
         click.echo(f"logs: {stack.log_dir}   (Ctrl-C stops everything)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +55,22 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
             received = subscriber.pull(subscription=dead, max_messages=10, timeout=10).received_messages
         assert [m.message.data for m in received][:1] == [b"not json"]
         assert received[0].message.attributes["imagen-dead-letter-reason"].startswith("unparseable: ")
+        # The job message it prints publishes as pasted (gcloud ignores PUBSUB_EMULATOR_HOST: the
+        # exports carry its own override), the chain's comma kept; a worker of one's own reads
+        # its copy from imagen-<operation>.
+        assert exports["IMAGEN_BUCKET"] == "dev-bucket"
+        [publish] = [line for line in lines if line.startswith("gcloud pubsub topics publish ")]
+        if shutil.which("gcloud"):
+            shell_env = {**env, **{key: shlex.split(value)[0] for key, value in exports.items()}}
+            done = subprocess.run(publish, shell=True, env=shell_env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            own = subscriber.subscription_path("imagen-local", "imagen-upscale")
+            found = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(b'"source"' in m.message.data for m in found):
+                found += subscriber.pull(subscription=own, max_messages=10, timeout=10).received_messages
+            [job] = [m.message for m in found if b'"source"' in m.message.data]
+            assert job.attributes["operation"] == "remove-background,upscale"
     finally:
         dev.send_signal(signal.SIGINT)
         rest, _ = dev.communicate(timeout=120)
