@@ -79,7 +79,7 @@ def list_(settings, subscription, limit, wait, as_json):
         _echo(f"- {letter.message_id}  published {published}  attempts {attempts}{origin}")
         _echo(f"  {letter.describe()}")
         if letter.reason:
-            _echo(f"  moved here by the worker: {letter.reason}")
+            _echo(f"  moved here by imagen (its worker or serve) at once: {letter.reason}")
         attributes = ", ".join(f"{k}={v}" for k, v in sorted(letter.replay_attributes.items()))
         _echo(f"  attributes: {attributes or '(none)'}")
 

@@ -8,6 +8,7 @@ all) unless `--operations` names others, and on the cache dir from MODEL_CACHE_D
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def verify(settings, operations, cache_dir, lock_path):
     from image.models.store import verify as verify_models
 
     specs = _specs(settings, operations)
-    cache_dir = cache_dir or settings.model_cache_dir
+    given, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     lock = Lock.read(lock_path or packaged_lock_path())
-    _report_problems(verify_models(specs, cache_dir, lock), specs)
+    _report_problems(verify_models(specs, cache_dir, lock), specs, given)
     tiny = _tiny(specs, cache_dir, lock)
     click.echo(f"{len(specs)} model(s) complete in {cache_dir}"
                + (f"; tiny random-weight (noise, for trying the plumbing): {', '.join(tiny)}" if tiny else ""))
@@ -219,8 +220,9 @@ def compile_(settings, operations, cache_dir, location, device):
         sys.exit(1)
 
 
-def _report_problems(problems: list[str], specs) -> None:
-    """Print each problem and the command that fixes them, then exit 1; nothing if none."""
+def _report_problems(problems: list[str], specs, cache_dir: Path | None = None) -> None:
+    """Print each problem and the command that fixes them, then exit 1; nothing if none.
+    `cache_dir`: the --cache-dir given, which the fix must name too (else it fills MODEL_CACHE_DIR)."""
     if not problems:
         return
     from image.models.store import pull_command
@@ -228,7 +230,9 @@ def _report_problems(problems: list[str], specs) -> None:
     for problem in problems:
         click.echo(problem, err=True)
     broken = [spec for spec in specs if any(p.startswith(f"{spec.operation}: ") for p in problems)]
-    click.echo(f"fix: run `{pull_command(broken or specs)}` (or `imagen models pull --tiny` for test models)", err=True)
+    where = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""
+    click.echo(f"fix: run `{pull_command(broken or specs)}{where}` (or `imagen models pull --tiny{where}` for test "
+               f"models)", err=True)
     sys.exit(1)
 
 

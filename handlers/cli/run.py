@@ -79,8 +79,11 @@ def run(settings, source, output, operation, params, format_given, device, model
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(encoded)
     tiny = "  [tiny models]" if engine.is_tiny() else ""
+    written = result.mode  # what the file holds: JPEG lays transparency on white
+    if common["format"] == "jpeg":
+        written = {"RGBA": "RGB", "LA": "L"}.get(written, written)
     click.echo(
-        f"{output}  {result.width}x{result.height} {result.mode}  "
+        f"{output}  {result.width}x{result.height} {written}  "
         f"{','.join(chain)} seed={common['seed']}  "
         f"{run_seconds:.2f} s (models {setup_seconds:.2f} s){tiny}"
     )

@@ -259,6 +259,11 @@ def test_cli_pull_tiny_then_verify(tmp_path, offline):
     assert before.exit_code == 1
     assert "model briaai/RMBG-1.4 is not in the model cache" in before.output  # which, and the fix
     assert "run `imagen models pull --operations remove-background`" in before.output
+    # With --cache-dir, the fix names it too: without, the pull would fill MODEL_CACHE_DIR instead.
+    other = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background",
+                                               "--cache-dir", str(tmp_path / "other dir")], obj=settings)
+    assert other.exit_code == 1 and (f"fix: run `imagen models pull --operations remove-background --cache-dir "
+                                     f"'{tmp_path / 'other dir'}'`") in other.output
     pulled = runner.invoke(models_cli.command, ["pull", "--tiny", "--operations", "remove-background"], obj=settings)
     assert pulled.exit_code == 0, pulled.output
     assert "built tiny briaai/RMBG-1.4@" in pulled.output

@@ -90,6 +90,16 @@ def test_jpeg_default_name_and_seed_param(cli, photo):
         assert out.format == "JPEG" and out.mode == "RGB"
 
 
+def test_the_line_says_the_mode_the_file_holds(cli, photo, tmp_path):
+    # A cut-out written as JPEG is laid on white: the line said RGBA of an RGB file.
+    result = cli(str(photo), "-o", str(tmp_path / "cut.jpg"), "--operation", "remove-background")
+    assert result.exit_code == 0 and " 56x40 RGB " in result.output, result.output
+    with Image.open(tmp_path / "cut.jpg") as out:
+        assert out.mode == "RGB"
+    result = cli(str(photo), "-o", str(tmp_path / "cut.png"), "--operation", "remove-background")
+    assert result.exit_code == 0 and " 56x40 RGBA " in result.output, result.output
+
+
 def test_a_text_parameter_keeps_what_looks_like_a_number(cli, photo, tmp_path):
     # --param values were read as JSON first: prompt=1984 became an int and was refused.
     result = cli(str(photo), "-o", str(tmp_path / "c.png"), "--operation", "comic", *FAST["comic"],
