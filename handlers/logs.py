@@ -89,10 +89,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=True)
 
 
-def configure_logging(level: str = "INFO", *, service: bool = False) -> None:
-    """Send every `imagen.*` (and library warning) record to stdout as JSON lines; for a
-    `service` (serve, worker), exceptions nothing caught too."""
-    handler = logging.StreamHandler(sys.stdout)
+def configure_logging(level: str = "INFO", *, service: bool = False, stream=None) -> None:
+    """Send every `imagen.*` (and library warning) record to `stream` (stdout) as JSON lines;
+    for a `service` (serve, worker), exceptions nothing caught too. A command whose stdout is
+    its result (`imagen process`) logs to stderr, which Cloud Logging parses alike."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

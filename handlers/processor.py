@@ -609,6 +609,19 @@ class Processor:
             raise TransientError(f"{job.source_uri} was replaced as the job started: its next try takes the new "
                                  f"generation")
 
+    def already_done(self, job: Job) -> str | None:
+        """Why `job` would be skipped at once, its output already holding this generation's
+        result with these parameters; None otherwise, or where looking fails (the job itself
+        then says why). For a one-shot command, before it loads any model."""
+        try:
+            plan = plan_job(job, self._layout, self._served)
+            if plan is None or (job.origin == "job-message" and job.bucket not in self._allowed_buckets):
+                return None
+            job = dataclasses.replace(job, generation=job.generation or self._live_generation(job))
+            return skip_reason(self._store.stat(*plan.output, output=True), job, plan)
+        except (ImagenError, EventError):
+            return None
+
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):
         a source that does not exist is the sender's mistake, reported like any other."""

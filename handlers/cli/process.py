@@ -28,7 +28,7 @@ def command(settings, source, operation, params, output):
     from image.errors import InvalidParameter, UnknownOperation
     from image.params import parse_chain
 
-    configure_logging()
+    configure_logging(stream=sys.stderr)  # stdout is the result: a script reads it alone
     bucket, name = parse_gs_uri(source)
     layout = routing.Layout.from_settings(settings)
     if operation:
@@ -67,9 +67,13 @@ def command(settings, source, operation, params, output):
         chain = None
     engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)
     settings = settings.replace(operations=tuple(chain) if chain else None)
+    processor = build_processor(settings, engine)
+    if chain and (done := processor.already_done(job)):  # no model loaded to say so
+        click.echo(f"skipped: {done}")
+        return
     if chain:  # without one the job fails at planning (its report), before any model would load
         engine.setup()
-    outcome = build_processor(settings, engine).handle(job)
+    outcome = processor.handle(job)
     if outcome.status == "succeeded":
         click.echo(outcome.output)
     elif outcome.status == "failed":

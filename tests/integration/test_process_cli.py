@@ -29,8 +29,14 @@ def test_process_gives_the_same_bytes_as_imagen_run(settings, tiny_cache, bucket
 
     result = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/comic/harbour.png"], env=env)
     assert result.exit_code == 0, result.output
-    assert f"gs://{bucket.name}/processed/comic/harbour.png" in result.output
+    # stdout is the result alone (the JSON log lines go to stderr): a script can read it.
+    assert result.stdout == f"gs://{bucket.name}/processed/comic/harbour.png\n"
+    assert "setting up comic" in result.stderr
     cloud = bucket.get_blob("processed/comic/harbour.png").download_as_bytes()
+    # Again: a duplicate, said before any model loads (it loaded them all, then skipped).
+    again = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/comic/harbour.png"], env=env)
+    assert again.exit_code == 0 and again.stdout.startswith("skipped: duplicate"), again.output
+    assert "setting up comic" not in again.stderr
 
     local_in, local_out = tmp_path / "harbour.png", tmp_path / "out.png"
     local_in.write_bytes(data)
