@@ -284,9 +284,10 @@ def _generation(value: Any) -> str | None:
     return text.lstrip("0") or "0"  # "0017" names generation 17: written as Cloud Storage writes it
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
-    # {"operation": "upscale", "operation": "comic"}: a gateway that reads the first would
-    # disagree with imagen, which would read the last
+def no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object's pairs as a dict (json's `object_pairs_hook`); EventError for a key given
+    twice: {"operation": "upscale", "operation": "comic"}: a gateway that reads the first would
+    disagree with imagen, which would read the last."""
     value = dict(pairs)
     if len(value) != len(pairs):
         twice = sorted(key for key, count in collections.Counter(key for key, _ in pairs).items() if count > 1)
@@ -296,7 +297,7 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 def _json_object(raw: bytes | str, what: str) -> dict:
     try:
-        value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        value = json.loads(raw, object_pairs_hook=no_duplicate_keys)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise EventError(f"{what} is not valid JSON") from None
     except EventError as error:

@@ -40,7 +40,7 @@ from handlers.errors import (
     TransientError,
     Undeliverable,
 )
-from handlers.events import JobRequest, ObjectEvent, parse_gs_uri
+from handlers.events import JobRequest, ObjectEvent, no_duplicate_keys, parse_gs_uri
 from handlers.logs import clip, error_fields, job_context
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store, refused_for_good
@@ -345,11 +345,14 @@ class Processor:
                     return budget
                 return budget - timings["gpu_wait"]
 
-            with _timed(timings, "operation"):
+            try:
                 result = self._engine.run(
                     plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
                     started=on_device)
-            timings["operation"] = round(timings["operation"] - timings.get("gpu_wait", 0.0), 4)  # the model's own
+            finally:  # the models' own time apart from the wait, however the run ended
+                spent = time.perf_counter() - asked
+                waited = timings.setdefault("gpu_wait", round(spent, 4))  # never on the device: all waiting
+                timings["operation"] = round(max(spent - waited, 0.0), 4)
             with _timed(timings, "encode"):
                 encoded = encode_image(result, plan.format, common["quality"])
             model = self._engine.model_id(plan.chain)
@@ -913,21 +916,14 @@ def _params_dict(raw: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
         return {}
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw, object_pairs_hook=_unique_keys)
+            raw = json.loads(raw, object_pairs_hook=no_duplicate_keys)  # {"steps": 3, "steps": 4}: which?
+        except EventError as error:
+            raise InvalidParameter(f"{routing.PARAMS_KEY} {error}") from None
         except (ValueError, RecursionError):
             raise InvalidParameter(f"{routing.PARAMS_KEY} is not valid JSON") from None
     if not isinstance(raw, Mapping):
         raise InvalidParameter(f"{routing.PARAMS_KEY} must be a JSON object")
     return raw
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """A JSON object's pairs as a dict; a key given twice ({"steps": 3, "steps": 4}: which was
-    meant?) is refused, as in job messages."""
-    keys = [key for key, _ in pairs]
-    if twice := sorted({key for key in keys if keys.count(key) > 1}):
-        raise InvalidParameter(f"{routing.PARAMS_KEY} gives {', '.join(map(repr, twice))} twice")
-    return dict(pairs)
 
 
 def _report_params(raw: Any) -> Any:

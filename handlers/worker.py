@@ -82,9 +82,11 @@ class PullWorker:
         try:
             self._handle(message)
         except Exception as error:
-            log.exception("unexpected error; the message goes back to Pub/Sub: %s: %s", type(error).__name__, error,
-                          extra={"fields": {"message_id": message.message_id, "error": error_fields(error)}})
-            message.nack()
+            try:  # even an error whose text cannot be made (a __str__ that raises) is nacked
+                log.exception("unexpected error; the message goes back to Pub/Sub: %s: %s", type(error).__name__,
+                              error, extra={"fields": {"message_id": message.message_id, "error": error_fields(error)}})
+            finally:
+                message.nack()
 
     def _handle(self, message) -> None:
         parsed_message = Message(

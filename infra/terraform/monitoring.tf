@@ -184,8 +184,8 @@ resource "google_monitoring_alert_policy" "errors" {
       `${var.name_prefix}-job-failures` metric). In Logs Explorer:
       `severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)"`. Common ones:
       `job failed on this instance` (a model fault; the job is retried),
-      `job failed:` (a fault that was not the input's and outlasted its retries, e.g. the
-      runtime account's access to the bucket; the failure report says which),
+      `job failed:` (a fault that was not the input's and outlasted its retries, e.g. Cloud
+      Storage refusing the output to the runtime account; the failure report says which),
       `the GPU failed and this process cannot use it again` (the instance restarts),
       `a job is stuck on the GPU` (the process exits; its messages are redelivered),
       `job failed, and its failure report could not be written` (the runtime service account's

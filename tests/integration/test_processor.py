@@ -1267,6 +1267,14 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
     def library_warns():
         logging.getLogger("diffusers.pipelines").warning("a library warns")
 
+    class Waits(FakeEngine):  # the device someone else's for a moment, then the model fails
+        def run(self, *args, started=None, **kwargs):
+            def after_a_wait():
+                time.sleep(0.3)
+                started()
+
+            return super().run(*args, started=after_a_wait, **kwargs)
+
     class AsWritten(logging.Handler):  # formatted as it is emitted, inside the job's context
         def emit(self, record):
             entry = json.loads(JsonFormatter().format(record))
@@ -1279,8 +1287,8 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
         with caplog.at_level(logging.INFO):
             for fault in (ModelError("CUDA error: launch failure"), TransientError("503 from Cloud Storage")):
                 with pytest.raises(TransientError):
-                    _processor(settings, FakeEngine(fail_with=fault)).handle(_event(source), message_id="m-7",
-                                                                             attempt=2)
+                    _processor(settings, Waits(fail_with=fault)).handle(_event(source), message_id="m-7",
+                                                                        attempt=2)
             _processor(settings, FakeEngine(before_return=library_warns)).handle(_event(source), message_id="m-8",
                                                                                  attempt=1)
     finally:
@@ -1288,6 +1296,8 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
     for name in ("job failed on this instance", "job will be retried", "job succeeded"):
         assert lines[name]["seconds"] >= 0 and "operation" in lines[name]["timings"], name
         assert lines[name]["timings"]["gpu_wait"] >= 0, name  # apart from the model's own time
+    for name in ("job failed on this instance", "job will be retried"):  # waited 0.3 s, failed at once
+        assert lines[name]["timings"]["gpu_wait"] >= 0.3 > lines[name]["timings"]["operation"], name
     assert lines["job on the GPU"]["waited"] >= 0 and lines["job on the GPU"]["job_id"] == "m-8"
     library = lines["a library warns"]
     assert (library["job_id"], library["operation"], library["attempt"]) == ("m-8", "upscale", 1)
@@ -1295,7 +1305,7 @@ def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_th
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"steps": 3, "steps": 4}', "imagen-params gives 'steps' twice"),  # ran with 4, in silence
+    ('{"steps": 3, "steps": 4}', "imagen-params has duplicate key(s) 'steps'"),  # ran with 4, in silence
     ("{steps: 3}", "imagen-params is not valid JSON"),
     ("[3]", "imagen-params must be a JSON object"),
 ])
