@@ -138,7 +138,9 @@ def wait(client: storage.Client, submissions: list[Submission], timeout: float,
     for submission in pending:
         report = f"gs://{submission.report[0]}/{submission.report[1]}"
         submission.status = "timed out"
-        submission.reason = f"no result after {timeout:.0f} s (watched {submission.output_uri} and {report})"
+        submission.reason = (f"no result after {timeout:.0f} s (watched {submission.output_uri} and {report}); "
+                             f"still queued or running, or no worker serves {submission.job.operation!r} (its "
+                             f"workers' logs then say 'job skipped: ... is not this worker's')")
 
 
 def _blob(client: storage.Client, bucket: str, name: str):

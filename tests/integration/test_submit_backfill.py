@@ -400,3 +400,19 @@ def test_submit_says_when_a_newer_upload_of_the_same_name_took_the_result(tiny_s
                                        generation=third.job.generation)).status == "succeeded"
     with pytest.raises(NotFound):  # replaced (the bucket keeps no old generations): not someone else's
         submit.download(client, second, tmp_path / "again")
+
+
+def test_a_submission_that_times_out_says_where_to_look(tiny_settings, bucket, tmp_path):
+    # A chain no worker served waited the whole timeout (900 s by default) and said only that.
+    from handlers import submit
+    from handlers.routing import Layout
+
+    picture = tmp_path / "p.png"
+    picture.write_bytes(png_bytes())
+    client = storage_client(tiny_settings)
+    [(path, job, plan)] = submit.prepare([picture], bucket.name, "upscale,comic", {}, Layout())
+    submission = submit.upload(client, path, job, plan, Layout())
+    submit.wait(client, [submission], timeout=0)
+    assert submission.status == "timed out"
+    assert submission.reason.endswith("still queued or running, or no worker serves 'upscale,comic' (its workers' "
+                                      "logs then say 'job skipped: ... is not this worker's')")
