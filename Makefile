@@ -37,7 +37,7 @@ dev: $(STAMP)
 # A local pull worker for one operation, e.g. `make worker-upscale` (subscription
 # imagen-<operation> unless IMAGEN_SUBSCRIPTION is set; point it at `imagen dev` or GCP).
 $(addprefix worker-,$(OPERATIONS)): worker-%: $(STAMP)
-	$(BIN)/imagen worker --operations $* --subscription $${IMAGEN_SUBSCRIPTION:-imagen-$*}
+	$(BIN)/imagen worker --operations $* --subscription $${IMAGEN_SUBSCRIPTION:-imagen-$*} --metrics-port 0
 
 # Stock diffusers vs imagen, same process (bench/README.md); BENCH_ARGS=--tiny runs on the CPU.
 bench: $(STAMP)

@@ -169,21 +169,26 @@ class Plan:
 
 class Processor:
     def __init__(self, *, engine: Engine, store: Store, settings, results=None,
-                 max_job_seconds: float | None = None, job_seconds: float | None = None):
+                 max_job_seconds: float | None = None, job_seconds: float | None = None,
+                 wait_counts: bool = False):
         """`max_job_seconds`: each job's budget on the device; past it the job fails with a
         report (JobTooLong) instead of holding the GPU until the request or lease ends.
         `job_seconds`: the time a job has in all, from its delivery to its upload (the push
         request's limit, a lease's share), not counting a wait for the device: the device's
-        budget shrinks so that what came before and the output's encode and upload fit."""
+        budget shrinks so that what came before and the output's encode and upload fit.
+        `wait_counts`: a wait for the device counts too (a push request's time runs on while
+        imagen serve's job waits behind others; a pull worker's lease is extended instead):
+        the budget is what the wait leaves, and a job left too little is handed back."""
         self._engine = engine
         self._max_job_seconds = max_job_seconds
         self._job_seconds = job_seconds
+        self._wait_counts = wait_counts
         self._store = store
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
-        # Buckets of code the workers run (compiled kernels, the model mirror): no job's
-        # report is ever written there, whatever a message names.
+        # Buckets of code the workers run (compiled kernels, the model mirror): with the
+        # allowlist unset, no job message's refusal report is written there.
         self._code_buckets = frozenset(
             location[len("gs://"):].split("/", 1)[0] for location in (settings.compile_cache, settings.model_mirror)
             if location and location.startswith("gs://"))
@@ -329,26 +334,32 @@ class Processor:
             budget = self._device_budget(plan, image.size, time.perf_counter() - started)
             asked = time.perf_counter()
 
+            wait_counts = self._wait_counts and budget is not None
+
             def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
                 waited = timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
                 log.info("job on the GPU", extra={"fields": {**fields, "waited": waited}})
-                if self._job_seconds is not None and budget is not None and \
-                        budget - waited < MIN_MODEL_SECONDS <= budget:
+                if wait_counts and budget - waited < min(MIN_MODEL_SECONDS, budget / 2):
                     # Behind other requests (imagen serve taking several): what the request
                     # has left would cut the job off, to be redelivered and run again.
                     raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: {budget - waited:.0f} s "
                                     f"of the request are left for the model; handed back to run later")
                 self._mark_running(job, attempt, sent, delivered, marker)
 
-            def device_budget() -> float | None:  # a whole-job limit (a request's) counts the wait
-                if self._job_seconds is None or budget is None or budget - timings["gpu_wait"] <= 0:
-                    return budget
-                return budget - timings["gpu_wait"]
+            def device_budget() -> float | None:  # a request's time ran on while the job waited
+                return budget - timings["gpu_wait"] if wait_counts else budget
 
             try:
                 result = self._engine.run(
                     plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
                     started=on_device)
+            except JobTooLong as error:
+                if wait_counts and timings.get("gpu_wait", 0.0) >= 1.0:
+                    # Its budget was what the wait left: alone on the GPU it may fit. Retried
+                    # (reported like any lasting fault), not failed for good for its input.
+                    raise TransientError(f"{error} (its budget was cut by {timings['gpu_wait']:.0f} s of waiting for "
+                                         f"the GPU behind other requests; retried)") from error
+                raise
             finally:  # the models' own time apart from the wait, however the run ended
                 spent = time.perf_counter() - asked
                 waited = timings.setdefault("gpu_wait", round(spent, 4))  # never on the device: all waiting
@@ -612,18 +623,23 @@ class Processor:
             raise TransientError(f"{job.source_uri} was replaced as the job started: its next try takes the new "
                                  f"generation")
 
-    def already_done(self, job: Job) -> str | None:
-        """Why `job` would be skipped at once, its output already holding this generation's
-        result with these parameters; None otherwise, or where looking fails (the job itself
-        then says why). For a one-shot command, before it loads any model."""
+    def skip_if_done(self, job: Job) -> Outcome | None:
+        """`job` skipped (logged, and on the results topic) if its output already holds this
+        generation's result with these parameters; None otherwise, or where looking fails (the
+        job itself then says why). For a one-shot command, before it loads any model."""
         try:
             plan = plan_job(job, self._layout, self._served)
             if plan is None or (job.origin == "job-message" and job.bucket not in self._allowed_buckets):
                 return None
             job = dataclasses.replace(job, generation=job.generation or self._live_generation(job))
-            return skip_reason(self._store.stat(*plan.output, output=True), job, plan)
+            reason = skip_reason(self._store.stat(*plan.output, output=True), job, plan)
         except (ImagenError, EventError):
             return None
+        if not reason:
+            return None
+        fields = {"job_id": _job_id(job), "source": job.source_uri, "generation": job.generation,
+                  "operation": plan.operation}
+        return self._skipped(job, plan, reason, fields, has_output=True)
 
     def _live_generation(self, job: Job) -> str:
         """The source's current generation, for jobs that name none (job messages, the CLI):

@@ -53,13 +53,13 @@ def restore_models(settings, operations=None) -> None:
 
 
 def build_processor(settings, engine, max_job_seconds: float | None = None,
-                    job_seconds: float | None = None) -> Processor:
+                    job_seconds: float | None = None, wait_counts: bool = False) -> Processor:
     results = None
     if settings.results_topic:
         results = ResultPublisher(publisher_client(settings), topic_path(settings, settings.results_topic))
     return Processor(
         engine=engine, store=Store(storage_client(settings)), settings=settings, results=results,
-        max_job_seconds=max_job_seconds, job_seconds=job_seconds,
+        max_job_seconds=max_job_seconds, job_seconds=job_seconds, wait_counts=wait_counts,
     )
 
 

@@ -139,8 +139,10 @@ def wait(client: storage.Client, submissions: list[Submission], timeout: float,
         report = f"gs://{submission.report[0]}/{submission.report[1]}"
         submission.status = "timed out"
         submission.reason = (f"no result after {timeout:.0f} s (watched {submission.output_uri} and {report}); "
-                             f"still queued or running, or no worker serves {submission.job.operation!r} (its "
-                             f"workers' logs then say 'job skipped: ... is not this worker's')")
+                             f"still queued or running, or no worker serves {submission.job.operation!r}: on "
+                             f"Terraform's filtered subscriptions it waits in <prefix>-unrouted (imagen dlq list "
+                             f"--subscription ...), elsewhere the workers' logs say 'job skipped: ... is not this "
+                             f"worker's'")
 
 
 def _blob(client: storage.Client, bucket: str, name: str):

@@ -58,8 +58,8 @@ def command(settings, bucket, work_dir):
                    f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
         click.echo(f"imagen serve (push): {', '.join(stack.SERVE_OPERATIONS)}, "
                    f"http://127.0.0.1:{stack.serve_port}/readyz")
-        chains = [",".join(ops) for ops in (stack.SERVE_OPERATIONS[::-1], stack.WORKER_OPERATIONS)]
-        click.echo(f"chains: {' and '.join(chains)} (one process serves each); any other is skipped by both")
+        click.echo("chains run where one process serves all their operations (e.g. remove-background,upscale; "
+                   "enhance,comic); any other is skipped by both")
         click.echo("a worker of your own: make worker-<operation> (subscriptions imagen-<operation> exist)")
         click.echo(f"dead letters (unparseable or refused: at once; else after {MAX_DELIVERIES} deliveries): "
                    f"imagen dlq list --subscription {DEAD_LETTER}")

@@ -68,7 +68,7 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
     from image.models import store
 
     specs = _specs(settings, operations)
-    cache_dir = cache_dir or settings.model_cache_dir
+    given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     lock_path = lock_path or packaged_lock_path()
     token = token or settings.hf_token
     if tiny and source:
@@ -92,7 +92,7 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
         for repo, commit in commits.items():
             click.echo(f"pulled {repo}@{commit} into {cache_dir}")
         click.echo(f"lock: {lock_path}")
-    _report_problems(store.verify(specs, cache_dir, Lock.read(lock_path)), specs)
+    _report_problems(store.verify(specs, cache_dir, Lock.read(lock_path)), specs, given_dir)
 
 
 @command.command("list")
@@ -162,10 +162,10 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
     from image.models import store
 
     specs = _specs(settings, operations)
-    cache_dir = cache_dir or settings.model_cache_dir
+    given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     # A mirror is restored as it is, by every instance: never one of an incomplete cache, nor
     # (unless asked) one of random weights, whose every output would be noise.
-    _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs)
+    _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs, given_dir)
     if (tiny := _tiny(specs, cache_dir, Lock.packaged())) and not allow_tiny:
         raise click.UsageError(f"{cache_dir} holds tiny random-weight models ({', '.join(tiny)}): every instance "
                                f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "

@@ -68,8 +68,8 @@ def command(settings, source, operation, params, output):
     engine = build_engine(settings, operations=chain or settings.operations, one_shot=True)
     settings = settings.replace(operations=tuple(chain) if chain else None)
     processor = build_processor(settings, engine)
-    if chain and (done := processor.already_done(job)):  # no model loaded to say so
-        click.echo(f"skipped: {done}")
+    if chain and (done := processor.skip_if_done(job)):  # no model loaded to say so
+        click.echo(f"skipped: {done.reason}")
         return
     if chain:  # without one the job fails at planning (its report), before any model would load
         engine.setup()

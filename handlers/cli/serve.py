@@ -51,7 +51,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     configure_logging(settings.log_level, service=True)
     engine = build_engine(settings)
     processor = build_processor(settings, engine, max_job_seconds=max_job_seconds,
-                                job_seconds=max(max_job_seconds, PUSH_REQUEST_SECONDS))
+                                job_seconds=max(max_job_seconds, PUSH_REQUEST_SECONDS), wait_counts=True)
     authenticator = None
     if settings.push_audience:
         from handlers.auth import PushAuthenticator

@@ -37,6 +37,7 @@ def test_process_gives_the_same_bytes_as_imagen_run(settings, tiny_cache, bucket
     again = CliRunner().invoke(main, ["process", f"gs://{bucket.name}/incoming/comic/harbour.png"], env=env)
     assert again.exit_code == 0 and again.stdout.startswith("skipped: duplicate"), again.output
     assert "setting up comic" not in again.stderr
+    assert "job skipped: duplicate" in again.stderr  # logged (and on the results topic) as any skip
 
     local_in, local_out = tmp_path / "harbour.png", tmp_path / "out.png"
     local_in.write_bytes(data)

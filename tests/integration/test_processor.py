@@ -909,12 +909,15 @@ def test_a_job_that_waited_for_the_gpu_gets_what_is_left_of_its_request(settings
     """imagen serve taking several requests at once (self-hosted behind push): the budget ran
     from when the device was the job's, so a job that waited behind others got its whole 510 s
     and outlived the request: cut off, redelivered, run again. The wait now comes off, and a
-    job left too little is handed back (503) before any work."""
+    job left too little is handed back (503) before any work. The pull worker's wait does not
+    count: its lease is extended for the jobs ahead (both built as serve and worker build them)."""
+    from handlers.service import build_processor
+
     monkeypatch.setattr("handlers.processor.MIN_MODEL_SECONDS", 2.0)
 
     class Queued(FakeEngine):  # the device is someone else's for `wait` seconds first
-        def __init__(self, wait):
-            super().__init__()
+        def __init__(self, wait, fail_with=None):
+            super().__init__(fail_with=fail_with)
             self.wait = wait
 
         def run(self, *args, started=None, **kwargs):
@@ -924,24 +927,29 @@ def test_a_job_that_waited_for_the_gpu_gets_what_is_left_of_its_request(settings
 
             return super().run(*args, started=after_the_wait, **kwargs)
 
-    def processor(engine):
-        return Processor(engine=engine, store=Store(storage_client(settings)), settings=settings,
-                         max_job_seconds=4, job_seconds=585)
+    def serve(engine):  # as handlers/cli/serve.py builds it
+        return build_processor(settings, engine, max_job_seconds=4, job_seconds=585, wait_counts=True)
+
+    def worker(engine):  # as handlers/cli/worker.py builds it
+        return build_processor(settings, engine, max_job_seconds=4, job_seconds=4 + 120)
 
     waited = Queued(1.0)
-    assert processor(waited).handle(_event(_upload(bucket, "incoming/upscale/q1.png")), attempt=1).status == "succeeded"
+    assert serve(waited).handle(_event(_upload(bucket, "incoming/upscale/q1.png")), attempt=1).status == "succeeded"
     [budget] = waited.budgets
     assert 2.5 < budget < 3.05  # 4 s less the second it waited
     starved = Queued(2.5)
     with pytest.raises(TransientError, match=r"waited \d s for the GPU behind other jobs: \d s of the request are "
                                              r"left for the model; handed back"):
-        processor(starved).handle(_event(_upload(bucket, "incoming/upscale/q2.png")), attempt=MAX_ATTEMPTS)
+        serve(starved).handle(_event(_upload(bucket, "incoming/upscale/q2.png")), attempt=MAX_ATTEMPTS)
     assert starved.calls == 0 and not list(bucket.list_blobs(prefix="failed/"))  # no work, no report
-    # The pull worker's lease runs while a job waits (no whole-job limit): the budget is whole.
-    patient = Queued(1.0)
-    worker = Processor(engine=patient, store=Store(storage_client(settings)), settings=settings, max_job_seconds=4)
-    assert worker.handle(_event(_upload(bucket, "incoming/upscale/q3.png")), attempt=1).status == "succeeded"
-    assert patient.budgets == [4]
+    # Stopped at what the wait left: retried, not reported for its input (alone it may fit).
+    cut = Queued(1.0, fail_with=JobTooLong("upscale tile 3: stopped after 3 s, past the job's time budget"))
+    with pytest.raises(TransientError, match=r"its budget was cut by 1 s of waiting for the GPU .*retried"):
+        serve(cut).handle(_event(_upload(bucket, "incoming/upscale/q4.png")), attempt=1)
+    for patient in (Queued(1.0), Queued(2.5)):
+        name = f"incoming/upscale/q3-{patient.wait}.png"
+        assert worker(patient).handle(_event(_upload(bucket, name)), attempt=1).status == "succeeded"
+        assert patient.budgets == [4]
 
 
 def test_unexpected_errors_are_retried_not_crashing(settings, bucket, caplog):
