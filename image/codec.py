@@ -65,6 +65,9 @@ few hundred kilobytes repeating one scan thousands of times took hours to decode
 own tools cap them for that reason). Real progressive JPEGs hold about ten; 256 scans of the
 largest image allowed decode in seconds."""
 
+MAX_JPEG_SEGMENTS = 10_000
+"""Marker segments a JPEG may hold (real ones hold tens: tables, headers, scans, metadata)."""
+
 # Pillow's warning for an image over its own limit went to stderr as plain text: the size is
 # checked here against `max_pixels` (and over twice Pillow's limit it refuses to open).
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -227,11 +230,14 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
     Segments are skipped by their length (an EXIF thumbnail's scans are not the image's);
     after a scan's header its entropy-coded data runs to the next marker other than a
     restart."""
-    scans, position = 0, 2
+    scans, segments, position = 0, 0, 2
     while scans < limit and (found := _JPEG_MARKER.search(data, position)):
         marker, position = found[1][0], found.end()
         if marker == 0xD9 or position + 2 > len(data):  # end of image
             break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:  # millions of empty segments: seconds of this loop alone
+            raise ImageDecodeError(f"JPEG with more than {MAX_JPEG_SEGMENTS} segments: refused; re-encode it")
         length = int.from_bytes(data[position:position + 2], "big")
         scans += marker == 0xDA
         position += max(length, 2)
