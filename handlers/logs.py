@@ -117,6 +117,9 @@ def configure_logging(level: str = "INFO", *, service: bool = False, stream=None
         sys.unraisablehook = _unraisable
 
 
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?=/|;|$)(?:/(\d{1,20}))?(?:;o=([01]))?")  # TRACE/SPAN;o=1
+
+
 def trace_fields(headers: Mapping[str, str], project: str | None) -> dict[str, str]:
     """The request's trace as Cloud Logging links it: Cloud Run's request log entry and the
     lines logged while serving it, one trace (W3C `traceparent`, else `X-Cloud-Trace-Context`);
@@ -125,7 +128,7 @@ def trace_fields(headers: Mapping[str, str], project: str | None) -> dict[str, s
     if match := re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})",
                              headers.get("traceparent", "")):
         trace, span, sampled = match[1], match[2], bool(int(match[3], 16) & 1)
-    elif match := re.match(r"([0-9a-fA-F]{32})(?=/|;|$)(?:/(\d{1,20}))?(?:;o=([01]))?", headers.get("X-Cloud-Trace-Context", "")):
+    elif match := _CLOUD_TRACE.match(headers.get("X-Cloud-Trace-Context", "")):
         trace = match[1].lower()
         if match[2] and int(match[2]) < 2**64:  # the span id in decimal: Cloud Logging takes 16 hex digits
             span = f"{int(match[2]):016x}"

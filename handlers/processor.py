@@ -187,11 +187,8 @@ class Processor:
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
-        # Buckets of code the workers run (compiled kernels, the model mirror): with the
-        # allowlist unset, no job message's refusal report is written there.
-        self._code_buckets = frozenset(
-            location[len("gs://"):].split("/", 1)[0] for location in (settings.compile_cache, settings.model_mirror)
-            if location and location.startswith("gs://"))
+        # With the allowlist unset, no job message's refusal report is written in these.
+        self._code_buckets = settings.code_buckets
         self._filtered = settings.filtered_subscription
         self._deployed = settings.deployed_operations
         self._max_bytes = settings.max_bytes
@@ -282,109 +279,106 @@ class Processor:
         delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
         plan = None
 
-        def ended() -> None:  # every outcome's line says what the job cost, failures and retries too
-            fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
-
         try:
-            # Whose job it is first: where every pool receives every job, the pools that skip
-            # it neither report nor refuse it (one report, one dead letter, not one per pool).
-            skip, report = self._triage(job)
-            if skip:
-                log.info("job skipped: %s", skip, extra={"fields": {**fields, "reason": skip}})
-                return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
-            routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
-            if report:
-                raise report
-            if job.problem:
-                raise BadJobMessage(job.problem)
-            plan = plan_job(job, self._layout, self._served)
-            fields["operation"] = plan.operation
-            named = job.generation is not None  # by the event or message, not looked up here
-            generation = job.generation or self._live_generation(job)
-            job = dataclasses.replace(job, generation=generation)
-            fields["generation"] = generation
-
-            # Before any work: Cloud Storage would refuse the output's metadata at the end.
-            check_params_fit(plan)
-            with _timed(timings, "check"):
-                try:
-                    existing = self._store.stat(*plan.output, output=True)
-                except OutputRefused as error:
-                    raise self._refused(job, plan, error) from None
-            check_replaceable(existing, job, plan)
-            skip = skip_reason(existing, job, plan)
-            if skip:
-                return self._skipped(job, plan, skip, fields, has_output=True)
-            if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
-                return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
-                                                f"{report}", fields)
-            log.info("job started", extra={"fields": fields})
-            with _timed(timings, "download"):
-                try:
-                    data, _, _ = self._store.read_source(job.bucket, job.name, generation, self._max_bytes)
-                except SourceSuperseded:
-                    if job.origin != "notification":
-                        self._check_source_lives(job, named)
-                    raise
-            # After the download, which skips a late event for a source since replaced.
-            self._check_not_taken(existing, job, plan)
-            with _timed(timings, "decode"):
-                image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
-            common = resolve_common(plan.params, data)
-            budget = self._device_budget(plan, image.size, time.perf_counter() - started)
-            asked = time.perf_counter()
-
-            wait_counts = self._wait_counts and budget is not None
-
-            def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
-                waited = timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
-                log.info("job on the GPU", extra={"fields": {**fields, "waited": waited}})
-                if wait_counts and budget - waited < min(MIN_MODEL_SECONDS, budget / 2):
-                    # Behind other requests (imagen serve taking several): what the request
-                    # has left would cut the job off, to be redelivered and run again.
-                    raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: {budget - waited:.0f} s "
-                                    f"of the request are left for the model; handed back to run later")
-                self._mark_running(job, attempt, sent, delivered, marker)
-
-            def device_budget() -> float | None:  # a request's time ran on while the job waited
-                return budget - timings["gpu_wait"] if wait_counts else budget
-
             try:
-                result = self._engine.run(
-                    plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
-                    started=on_device)
-            except JobTooLong as error:
-                if wait_counts and timings.get("gpu_wait", 0.0) >= 1.0:
-                    # Its budget was what the wait left: alone on the GPU it may fit. Retried
-                    # (reported like any lasting fault), not failed for good for its input.
-                    raise TransientError(f"{error} (its budget was cut by {timings['gpu_wait']:.0f} s of waiting for "
-                                         f"the GPU behind other requests; retried)") from error
-                raise
-            finally:  # the models' own time apart from the wait, however the run ended
-                spent = time.perf_counter() - asked
-                waited = timings.setdefault("gpu_wait", round(spent, 4))  # never on the device: all waiting
-                timings["operation"] = round(max(spent - waited, 0.0), 4)
-            with _timed(timings, "encode"):
-                encoded = encode_image(result, plan.format, common["quality"])
-            model = self._engine.model_id(plan.chain)
-            seconds = round(time.perf_counter() - started, 3)
-            metadata = output_metadata(job, plan, model, seconds)
-            with _timed(timings, "upload"):
-                try:
-                    skip = self._upload(job, plan, encoded, metadata, existing)
-                except OutputRefused as error:
-                    raise self._refused(job, plan, error) from None
+                # Whose job it is first: where every pool receives every job, the pools that skip
+                # it neither report nor refuse it (one report, one dead letter, not one per pool).
+                skip, report = self._triage(job)
+                if skip:
+                    log.info("job skipped: %s", skip, extra={"fields": {**fields, "reason": skip}})
+                    return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
+                routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
+                if report:
+                    raise report
+                if job.problem:
+                    raise BadJobMessage(job.problem)
+                plan = plan_job(job, self._layout, self._served)
+                fields["operation"] = plan.operation
+                named = job.generation is not None  # by the event or message, not looked up here
+                generation = job.generation or self._live_generation(job)
+                job = dataclasses.replace(job, generation=generation)
+                fields["generation"] = generation
+
+                # Before any work: Cloud Storage would refuse the output's metadata at the end.
+                check_params_fit(plan)
+                with _timed(timings, "check"):
+                    try:
+                        existing = self._store.stat(*plan.output, output=True)
+                    except OutputRefused as error:
+                        raise self._refused(job, plan, error) from None
+                check_replaceable(existing, job, plan)
+                skip = skip_reason(existing, job, plan)
                 if skip:
                     return self._skipped(job, plan, skip, fields, has_output=True)
+                if message_id and attempt != 1 and (report := self._reported_before(job, message_id)):
+                    return self._skipped(job, plan, f"duplicate: this message already ended in the failure report "
+                                                    f"{report}", fields)
+                log.info("job started", extra={"fields": fields})
+                with _timed(timings, "download"):
+                    try:
+                        data, _, _ = self._store.read_source(job.bucket, job.name, generation, self._max_bytes)
+                    except SourceSuperseded:
+                        if job.origin != "notification":
+                            self._check_source_lives(job, named)
+                        raise
+                # After the download, which skips a late event for a source since replaced.
+                self._check_not_taken(existing, job, plan)
+                with _timed(timings, "decode"):
+                    image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
+                common = resolve_common(plan.params, data)
+                budget = self._device_budget(plan, image.size, time.perf_counter() - started)
+                asked = time.perf_counter()
+
+                wait_counts = self._wait_counts and budget is not None
+
+                def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
+                    waited = timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
+                    log.info("job on the GPU", extra={"fields": {**fields, "waited": waited}})
+                    if wait_counts and budget - waited < min(MIN_MODEL_SECONDS, budget / 2):
+                        # Behind other requests (imagen serve taking several): what the request
+                        # has left would cut the job off, to be redelivered and run again.
+                        raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: {budget - waited:.0f} s "
+                                        f"of the request are left for the model; handed back to run later")
+                    self._mark_running(job, attempt, sent, delivered, marker)
+
+                def device_budget() -> float | None:  # a request's time ran on while the job waited
+                    return budget - timings["gpu_wait"] if wait_counts else budget
+
+                try:
+                    result = self._engine.run(
+                        plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
+                        started=on_device)
+                except JobTooLong as error:
+                    if wait_counts and timings.get("gpu_wait", 0.0) >= 1.0:
+                        # Its budget was what the wait left: alone on the GPU it may fit. Retried
+                        # (reported like any lasting fault), not failed for good for its input.
+                        raise TransientError(f"{error} (its budget was cut by {timings['gpu_wait']:.0f} s of waiting "
+                                             f"for the GPU behind other requests; retried)") from error
+                    raise
+                finally:  # the models' own time apart from the wait, however the run ended
+                    spent = time.perf_counter() - asked
+                    waited = timings.setdefault("gpu_wait", round(spent, 4))  # never on the device: all waiting
+                    timings["operation"] = round(max(spent - waited, 0.0), 4)
+                with _timed(timings, "encode"):
+                    encoded = encode_image(result, plan.format, common["quality"])
+                model = self._engine.model_id(plan.chain)
+                seconds = round(time.perf_counter() - started, 3)
+                metadata = output_metadata(job, plan, model, seconds)
+                with _timed(timings, "upload"):
+                    try:
+                        skip = self._upload(job, plan, encoded, metadata, existing)
+                    except OutputRefused as error:
+                        raise self._refused(job, plan, error) from None
+                    if skip:
+                        return self._skipped(job, plan, skip, fields, has_output=True)
+            finally:  # every outcome's line says what the job cost, failures and retries too
+                fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
         except SourceSuperseded as error:
-            ended()
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
-            ended()
             marker.keep = isinstance(error, JobStoppedWorker)  # until its report is written
             return self._failed(job, plan, error, attempt, fields)
         except TransientError as error:
-            ended()
             if (last := last_try(attempt, sent, now=delivered)) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             log.warning(
@@ -394,23 +388,21 @@ class Processor:
             )
             raise
         except Withdrawn as error:
-            ended()
             # Not a fault and no attempt spent on the GPU: back to Pub/Sub whatever the attempt.
             log.info("job handed back: %s", error, extra={"fields": fields})
             raise TransientError(str(error)) from error
         except ImagenError as error:
-            ended()
             marker.keep = isinstance(error, DeviceFailed)  # the process stops: counted, unless reported now
             # A model or configuration fault on this machine: another instance may do better.
             # Out of GPU memory is mostly the input's size: a warning, not the errors alert; a
             # failed GPU is the engine's CRITICAL line (with its stack) and the process's stop.
             log.log(logging.WARNING if isinstance(error, (OutOfDeviceMemory, DeviceFailed)) else logging.ERROR,
-                    "job failed on this instance: %s", error, extra={"fields": {**fields, "error": error_fields(error)}})
+                    "job failed on this instance: %s", error,
+                    extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:
-            ended()
             log.exception("unexpected error in job: %s: %s", type(error).__name__, error,
                           extra={"fields": {**fields, "error": error_fields(error)}})
             if (last := last_try(attempt, sent, now=delivered)) is not None:
@@ -729,7 +721,8 @@ class Processor:
         # a fault that outlasted its retries (the deployment's access, a model failing on every
         # instance) is the operator's: ERROR.
         log.log(logging.WARNING if isinstance(error, (InputError, OutOfDeviceMemory)) else logging.ERROR,
-                "job failed: %s", details["message"], extra={"fields": {**fields, "error": details, "report": report_uri}})
+                "job failed: %s", details["message"],
+                extra={"fields": {**fields, "error": details, "report": report_uri}})
         outcome = Outcome(
             "failed",
             job.source_uri,

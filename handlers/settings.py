@@ -156,7 +156,7 @@ class Settings:
             except ValueError as error:
                 raise ConfigError(f"IMAGEN_TUNING: {error}") from None
         if self.compile_cache and self.compile_cache.startswith("gs://"):
-            bucket = self.compile_cache[len("gs://"):].split("/", 1)[0]
+            bucket = _bucket_of(self.compile_cache)
             if not bucket:
                 raise ConfigError(f"IMAGEN_COMPILE_CACHE: {self.compile_cache!r} names no bucket; "
                                   "expected gs://BUCKET/PREFIX or a folder")
@@ -169,7 +169,7 @@ class Settings:
             if not re.fullmatch(r"gs://[^/]+(/.*)?", self.model_mirror):
                 raise ConfigError(f"IMAGEN_MODEL_MIRROR: {self.model_mirror!r}: expected gs://BUCKET/PREFIX "
                                   "(written by `imagen models mirror`)")
-            self._check_holds_no_images("IMAGEN_MODEL_MIRROR", self.model_mirror[len("gs://"):].split("/", 1)[0],
+            self._check_holds_no_images("IMAGEN_MODEL_MIRROR", _bucket_of(self.model_mirror),
                                         "models carry code the workers run (RMBG's): give the mirror a bucket "
                                         "only its maintainers can write")
         from PIL import Image
@@ -206,12 +206,23 @@ class Settings:
                     )
         return self
 
+    @property
+    def code_buckets(self) -> frozenset[str]:
+        """The buckets of code the workers run: IMAGEN_COMPILE_CACHE's and IMAGEN_MODEL_MIRROR's."""
+        return frozenset(_bucket_of(location) for location in (self.compile_cache, self.model_mirror)
+                         if location and location.startswith("gs://"))
+
     def _check_holds_no_images(self, name: str, bucket: str, why: str) -> None:
         """ConfigError when `bucket`, where `name` keeps code the workers run, is one images are
         uploaded to or written in: whoever can write there could put code in front of every worker."""
         if bucket in self.allowed_buckets or bucket == self.output_bucket:
             raise ConfigError(f"{name}: gs://{bucket} holds images (IMAGEN_ALLOWED_BUCKETS or IMAGEN_OUTPUT_BUCKET); "
                               f"{why}")
+
+
+def _bucket_of(location: str) -> str:
+    """The bucket of a gs://BUCKET/PREFIX location."""
+    return location[len("gs://"):].split("/", 1)[0]
 
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
