@@ -23,7 +23,8 @@
     ├── ConfigError                 bad settings; raised at start-up, names the variable
     ├── SourceSuperseded            the event's generation is gone or replaced: skip, ack
     └── TransientError              worth retrying: 429/5xx, timeouts (HTTP 503, nack)
-        └── PreconditionLost        another writer changed the output first: look again
+        ├── PreconditionLost        another writer changed the output first: look again
+        └── ReportRefused           a failure report refused for good (400/403/404)
 
 Only the HTTP edge (`handlers.http`) and the pull worker turn these into transport answers.
 """
@@ -115,3 +116,8 @@ class SourceSuperseded(ImagenError):
 
 class PreconditionLost(TransientError):
     pass
+
+
+class ReportRefused(TransientError):
+    """Cloud Storage refused a failure report for good (400, 401, 403, 404): retried like any
+    report not written, except where the bucket was never ours to write in."""

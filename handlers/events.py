@@ -199,15 +199,11 @@ def _parse_job_message(data: bytes) -> JobRequest:
     body that cannot be parsed at all)."""
     body = _json_object(data, "job message")
     unknown = set(body) - _JOB_FIELDS
+    problems = [f"job message has unknown field(s): {', '.join(sorted(unknown))}"] if unknown else []
     try:
         bucket, name = parse_gs_uri(body.get("source"))
-    except EventError as error:
-        if unknown:  # {"src": ...}: say what it holds instead
-            raise EventError(f"job message has unknown field(s): {', '.join(sorted(unknown))}") from None
-        raise EventError(f"job message 'source': {error}") from None
-    problems = []
-    if unknown:
-        problems.append(f"job message has unknown field(s): {', '.join(sorted(unknown))}")
+    except EventError as error:  # {"src": ...}: say what it holds rather than what it lacks
+        raise EventError(problems[0] if problems else f"job message 'source': {error}") from None
     operation = body.get("operation")
     if not isinstance(operation, str) or not operation:
         problems.append("job message needs 'operation' (a string such as 'upscale')")

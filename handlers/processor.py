@@ -34,6 +34,7 @@ from handlers.errors import (
     OutputRefused,
     OutputTaken,
     PreconditionLost,
+    ReportRefused,
     SourceNotAllowed,
     SourceSuperseded,
     StoragePermanentError,
@@ -43,7 +44,7 @@ from handlers.errors import (
 from handlers.events import JobRequest, ObjectEvent, no_duplicate_keys, parse_gs_uri
 from handlers.logs import clip, error_fields, job_context
 from handlers.routing import Ignored, Job, Layout
-from handlers.storage import ObjectState, Store, refused_for_good
+from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
 from image.errors import (
     DeviceFailed,
@@ -621,7 +622,7 @@ class Processor:
         job itself then says why). For a one-shot command, before it loads any model."""
         try:
             plan = plan_job(job, self._layout, self._served)
-            if plan is None or (job.origin == "job-message" and job.bucket not in self._allowed_buckets):
+            if plan is None:
                 return None
             job = dataclasses.replace(job, generation=job.generation or self._live_generation(job))
             reason = skip_reason(self._store.stat(*plan.output, output=True), job, plan)
@@ -707,7 +708,7 @@ class Processor:
         try:
             self._store.write_report(bucket, name, report, metadata=written_by)
         except Exception as write_error:
-            if unlisted and refused_for_good(write_error):  # a bucket we may not write in: leave it be
+            if unlisted and isinstance(write_error, ReportRefused):  # a bucket we may not write in: leave it be
                 log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
                             extra={"fields": {**fields, "error": details, "report": report_uri}})
                 raise Undeliverable(f"{error} (no failure report could be written in gs://{bucket}: the message "
@@ -801,7 +802,7 @@ def job_chain(job: Job, layout: Layout) -> tuple[str, ...]:
     or a bad one."""
     chain = parse_chain(job.operation) if job.operation else None
     if not chain and job.origin == "job-message":
-        raise BadJobMessage(job.problem or "job message needs 'operation' (a string such as 'upscale')")
+        raise BadJobMessage(job.problem)  # a job message without an operation has it said there
     if not chain:
         raise InvalidParameter(
             f"no operation for {job.name!r}: upload it under "

@@ -98,18 +98,13 @@ def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
     if any(key in metadata for key in OUTPUT_KEYS):
         return Ignored("an imagen output (carries imagen-* output metadata)")
     operation = metadata.get(OPERATION_KEY, "").strip()  # metadata wins over the folder
-    if name.startswith(layout.input_prefix):
+    if operation:  # as a job message's path: incoming/photos/a.jpg keeps photos/
+        rel_path = route_request_rel_path(name, layout, operation)
+    elif name.startswith(layout.input_prefix):
         rest = name[len(layout.input_prefix) :]
-        segment, _, rel_path = rest.partition("/")
+        operation, _, rel_path = rest.partition("/")
         if not rel_path:  # dropped straight into incoming/: no operation folder
-            segment, rel_path = "", rest
-        if operation and not _operation_folder(segment, operation):
-            # incoming/photos/a.jpg routed by its metadata: photos/ is part of its path, so
-            # incoming/archive/a.jpg does not claim the same output.
-            rel_path = rest
-        operation = operation or segment
-    elif operation:
-        rel_path = name
+            operation, rel_path = "", rest
     else:
         return Ignored(f"outside the input prefix {layout.input_prefix!r}")
     return Job(

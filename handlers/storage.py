@@ -19,6 +19,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from handlers.errors import (
     OutputRefused,
     PreconditionLost,
+    ReportRefused,
     SourceSuperseded,
     StoragePermanentError,
     TransientError,
@@ -202,7 +203,8 @@ class Store:
             )
         except Exception as error:
             # A report that cannot be written must not be lost: retry the whole job later.
-            raise TransientError(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
+            refused = ReportRefused if isinstance(error, _PERMANENT) else TransientError
+            raise refused(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
 
     def delete(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
         """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
@@ -212,16 +214,6 @@ class Store:
             return
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
-
-
-def refused_for_good(error: BaseException | None) -> bool:
-    """Whether `error`, or an error it was raised from, is Cloud Storage refusing for good
-    (400, 401, 403, 404: no retry would change it), as against a fault worth retrying."""
-    while error is not None:
-        if isinstance(error, _PERMANENT):
-            return True
-        error = error.__cause__
-    return False
 
 
 def _output_refused(action: str, bucket: str, name: str, error: api_exceptions.GoogleAPICallError) -> OutputRefused:

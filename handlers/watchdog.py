@@ -10,7 +10,6 @@ and lets the platform start a new one, as after a failed GPU.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 import time
@@ -34,10 +33,12 @@ def watch(engine, on_hung: Callable[[], None], *, grace: float = GRACE_SECONDS,
             if (what := engine.overdue(grace)) is not None:
                 # In the job's context: the line carries its id, source and message, so the
                 # object that hung the GPU can be found (JobStoppedWorker's reports send people here).
-                context = engine.busy_context() if hasattr(engine, "busy_context") else None
-                (context or contextvars.copy_context()).run(
-                    log.critical, "a job is stuck on the GPU: %s; stopping, so that a new process takes over and "
-                    "Pub/Sub redelivers its messages", what)
+                message = ("a job is stuck on the GPU: %s; stopping, so that a new process takes over and Pub/Sub "
+                           "redelivers its messages")
+                if (context := engine.busy_context()) is not None:
+                    context.run(log.critical, message, what)
+                else:
+                    log.critical(message, what)
                 on_hung()
                 return
 

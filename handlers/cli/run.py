@@ -6,6 +6,7 @@ goes next to the input as `<stem>.<operation>.<format>` unless `-o` says otherwi
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from handlers.cli.options import param_options
 @click.pass_obj
 def run(settings, source, output, operation, params, format_given, device, model_cache_dir):
     """Run OPERATION on the local image SOURCE and write the result."""
+    from PIL import Image
+
     from image.codec import decode_image, encode_image
     from image.errors import InvalidParameter
     from image.params import output_format, parse_chain, resolve_common, validate_params
@@ -79,11 +82,10 @@ def run(settings, source, output, operation, params, format_given, device, model
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(encoded)
     tiny = "  [tiny models]" if engine.is_tiny() else ""
-    written = result.mode  # what the file holds: JPEG lays transparency on white
-    if common["format"] == "jpeg":
-        written = {"RGBA": "RGB", "LA": "L"}.get(written, written)
+    with Image.open(io.BytesIO(encoded)) as written:  # the header: JPEG lays transparency on white
+        mode = written.mode
     click.echo(
-        f"{output}  {result.width}x{result.height} {written}  "
+        f"{output}  {result.width}x{result.height} {mode}  "
         f"{','.join(chain)} seed={common['seed']}  "
         f"{run_seconds:.2f} s (models {setup_seconds:.2f} s){tiny}"
     )

@@ -138,35 +138,35 @@ class Upscale(Operation):
                                        for box in boxes[done:done + count]]).to(self.device, self.dtype)
             where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
-            # As img2img's: a prompt past CLIP's 77 tokens (README says it is cut there) was
-            # two warnings per tile, one quoting the cut text.
-            with quiet_libraries(warnings=False):
-                return pipe(
-                    prompt=[params["prompt"]] * count,
-                    negative_prompt=[params["negative_prompt"]] * count,
-                    image=batch,
-                    num_inference_steps=params["steps"],
-                    guidance_scale=params["guidance"],
-                    noise_level=params["noise_level"],
-                    generator=generators if count > 1 else generators[0],
-                    latents=latents,
-                    output_type="np",
-                    callback=self._step_callback(where),
-                ).images
+            return pipe(
+                prompt=[params["prompt"]] * count,
+                negative_prompt=[params["negative_prompt"]] * count,
+                image=batch,
+                num_inference_steps=params["steps"],
+                guidance_scale=params["guidance"],
+                noise_level=params["noise_level"],
+                generator=generators if count > 1 else generators[0],
+                latents=latents,
+                output_type="np",
+                callback=self._step_callback(where),
+            ).images
 
-        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done)
+        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done).
+        # As img2img's: a prompt past CLIP's 77 tokens (README says it is cut there) was two
+        # warnings per tile, one quoting the cut text.
         array = np.asarray(rgb, dtype=np.float32)
         array /= 255.0
-        out = upscale_tiled(
-            array,
-            upscale_batch,
-            scale=self.scale,
-            tile=tile,
-            overlap=overlap,
-            batch_size=self.tile_batch,
-            on_tile=self.tile_check(),  # hundreds of tiles on a slow card: stop after the first
-            levels=255.0,
-        )
+        with quiet_libraries(warnings=False):
+            out = upscale_tiled(
+                array,
+                upscale_batch,
+                scale=self.scale,
+                tile=tile,
+                overlap=overlap,
+                batch_size=self.tile_batch,
+                on_tile=self.tile_check(),  # hundreds of tiles on a slow card: stop after the first
+                levels=255.0,
+            )
         del array
         image = Image.fromarray(out, "RGB")
         del out
