@@ -122,8 +122,8 @@ def _finish_seconds(size: tuple[int, int], format: str) -> float:
 
 
 class Engine(Protocol):
-    def run(self, chain, image, params, seed: int, max_seconds: float | None = None, withdrawn=None,
-            started=None): ...
+    def run(self, chain, image, params, seed: int, max_seconds: float | Callable[[], float | None] | None = None,
+            withdrawn=None, started=None): ...
 
     def output_size(self, chain, size: tuple[int, int], format: str) -> tuple[int, int]: ...
 
@@ -179,7 +179,8 @@ class Processor:
         budget shrinks so that what came before and the output's encode and upload fit.
         `wait_counts`: a wait for the device counts too (a push request's time runs on while
         imagen serve's job waits behind others; a pull worker's lease is extended instead):
-        the budget is what the wait leaves, and a job left too little is handed back."""
+        the budget is taken again once the device is the job's, the wait counted as time spent,
+        and a job left too little is handed back."""
         self._engine = engine
         self._max_job_seconds = max_job_seconds
         self._job_seconds = job_seconds
@@ -330,27 +331,26 @@ class Processor:
                 budget = self._device_budget(plan, image.size, time.perf_counter() - started)
                 asked = time.perf_counter()
 
-                wait_counts = self._wait_counts and budget is not None
+                wait_counts = self._wait_counts and self._job_seconds is not None
+                device = {"budget": budget}
 
                 def on_device() -> None:  # holding it: the wait behind another job (a prefetch) ends here
                     waited = timings["gpu_wait"] = round(time.perf_counter() - asked, 4)
                     log.info("job on the GPU", extra={"fields": {**fields, "waited": waited}})
-                    if wait_counts and budget - waited < min(MIN_MODEL_SECONDS, budget / 2):
-                        # Behind other requests (imagen serve taking several): what the request
-                        # has left would cut the job off, to be redelivered and run again.
-                        raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: {budget - waited:.0f} s "
-                                        f"of the request are left for the model; handed back to run later")
+                    if wait_counts:  # the request's time ran on while the job waited: budgeted again
+                        try:
+                            device["budget"] = self._device_budget(plan, image.size, time.perf_counter() - started)
+                        except TransientError:  # too little left: cut off, it would be redelivered and run again
+                            raise Withdrawn(f"waited {waited:.0f} s for the GPU behind other jobs: too little of the "
+                                            f"request is left for the model; handed back to run later") from None
                     self._mark_running(job, attempt, sent, delivered, marker)
-
-                def device_budget() -> float | None:  # a request's time ran on while the job waited
-                    return budget - timings["gpu_wait"] if wait_counts else budget
 
                 try:
                     result = self._engine.run(
-                        plan.chain, image, plan.params, common["seed"], max_seconds=device_budget, withdrawn=withdrawn,
-                        started=on_device)
+                        plan.chain, image, plan.params, common["seed"], max_seconds=lambda: device["budget"],
+                        withdrawn=withdrawn, started=on_device)
                 except JobTooLong as error:
-                    if wait_counts and timings.get("gpu_wait", 0.0) >= 1.0:
+                    if wait_counts and device["budget"] < budget:
                         # Its budget was what the wait left: alone on the GPU it may fit. Retried
                         # (reported like any lasting fault), not failed for good for its input.
                         raise TransientError(f"{error} (its budget was cut by {timings['gpu_wait']:.0f} s of waiting "
