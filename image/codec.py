@@ -39,6 +39,22 @@ CONTENT_TYPES: dict[str, str] = {
 _INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
 _UNSUPPORTED = "not a supported image (PNG, JPEG, WebP, GIF, TIFF, BMP)"
 
+# Kinds people upload that are refused, named in the error so the fix is plain (a phone's
+# HEIC photo is the common one). ISO media files are told apart by the brands of their
+# "ftyp" box; other kinds by their first bytes.
+_ISO_MEDIA_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC",
+                     b"heis": "HEIC", b"hevc": "HEIC", b"hevx": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
+_REFUSED_SIGNATURES = (
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"8BPS", "Photoshop (PSD)"),
+    (b"%PDF-", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"qoif", "QOI"),
+)
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -112,6 +128,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         if kind:
             raise ImageDecodeError(f"truncated or corrupt {kind}, or a kind of {kind} Pillow cannot read: "
                                    "unreadable header") from None
+        if refused := _refused_kind(data):
+            raise ImageDecodeError(f"{refused} file: {_UNSUPPORTED}; convert it to one of these "
+                                   "(JPEG for a photo) and upload it again") from None
         raise ImageDecodeError(_UNSUPPORTED) from None
     except MemoryError:
         raise
@@ -212,6 +231,21 @@ def _sniff_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     for signature, kind in _SIGNATURES:
+        if data.startswith(signature):
+            return kind
+    return None
+
+
+def _refused_kind(data: bytes) -> str | None:
+    """The name of a known kind of file that is not accepted that `data` starts like, or None."""
+    if data[4:8] == b"ftyp":  # ISO media: the major brand, then (after a version) compatible ones
+        end = min(len(data), int.from_bytes(data[:4]), 64)
+        kinds = {_ISO_MEDIA_BRANDS.get(data[i:i + 4]) for i in (8, *range(16, end, 4))}
+        for kind in ("AVIF", "HEIC", "HEIF"):  # the most specific a brand names
+            if kind in kinds:
+                return kind
+        return f"video or other ISO media ({data[8:12].decode('latin-1')!r})"
+    for signature, kind in _REFUSED_SIGNATURES:
         if data.startswith(signature):
             return kind
     return None

@@ -468,6 +468,32 @@ def test_not_a_supported_image(data):
         decode(data)
 
 
+def _iso_media(major: bytes, *compatible: bytes) -> bytes:
+    box = b"ftyp" + major + bytes(4) + b"".join(compatible)
+    return (len(box) + 4).to_bytes(4) + box + bytes(64)
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (save(Image.new("RGB", (16, 16)), "AVIF"), "AVIF"),
+        (_iso_media(b"heic", b"mif1", b"heic"), "HEIC"),  # as an iPhone writes it
+        (_iso_media(b"mif1", b"mif1", b"heic"), "HEIC"),
+        (_iso_media(b"mif1", b"mif1"), "HEIF"),
+        (_iso_media(b"isom", b"isom", b"mp41"), "video or other ISO media ('isom')"),
+        (b"\xff\x0a" + bytes(32), "JPEG XL"),
+        (b"%PDF-1.7\n" + bytes(32), "PDF"),
+        (b"8BPS\x00\x01" + bytes(6) + struct.pack(">HIIHH", 3, 4, 4, 8, 3) + bytes(64), "Photoshop (PSD)"),
+    ],
+    ids=["avif", "heic", "heif-heic", "heif", "mp4", "jxl", "pdf", "psd"],
+)
+def test_known_refused_kinds_are_named(data, kind):
+    with pytest.raises(ImageDecodeError) as raised:
+        decode(data)
+    assert str(raised.value).startswith(f"{kind} file: not a supported image (PNG, JPEG, WebP, GIF, TIFF, BMP); "
+                                        "convert it")
+
+
 def test_zero_bytes():
     with pytest.raises(ImageDecodeError, match="empty file"):
         decode(b"")
