@@ -95,6 +95,8 @@ STOPPED_WORKER_LIMIT = 3
 RUNNING_SUFFIX = ".running"
 # Each read, write and delete of a marker, at most: the first two happen holding the device.
 MARKER_SECONDS = 15
+# Writes of a failure report, each over the report last seen there, before the job is retried.
+REPORT_TRIES = 3
 # A delivery with no attempt number (Eventarc) this long after its event may be a redelivery:
 # it keeps the marker too (a fresh one, the usual case, does not). Long enough that a backlog's
 # first deliveries mostly write none (on Eventarc every write is an event to every service).
@@ -663,9 +665,10 @@ class Processor:
         note: str = "",
     ) -> Outcome:
         """Write the failure report; `note` (why retries ended) is appended to its message.
-        A fault that was not the input's is no failure when another delivery of the job wrote
-        its output meanwhile: skipped then, so the job does not end both ways."""
-        if plan is not None and job.generation is not None and not isinstance(error, InputError):
+        No failure when another delivery of the job wrote its output meanwhile (a fault not
+        the input's, or one of this run's: out of time, a worker stopped): skipped then, so the
+        job does not end both ways; nor where the report there is a newer generation's."""
+        if plan is not None and job.generation is not None:
             try:
                 done = skip_reason(self._store.stat(*plan.output), job, plan)
             except (TransientError, InputError):
@@ -703,10 +706,12 @@ class Processor:
         # Which delivery wrote it, beside the report (its JSON is the contract's): a redelivery
         # of the same message finds it (`_reported_before`).
         written_by = {}
-        if fields.get("message_id") and job.generation is not None:
-            written_by = {routing.MESSAGE_ID_KEY: fields["message_id"], routing.SOURCE_GENERATION_KEY: job.generation}
+        if job.generation is not None:
+            written_by[routing.SOURCE_GENERATION_KEY] = job.generation
+            if fields.get("message_id"):
+                written_by[routing.MESSAGE_ID_KEY] = fields["message_id"]
         try:
-            self._store.write_report(bucket, name, report, metadata=written_by)
+            newer = self._write_report(job, bucket, name, report, written_by, guarded=not unlisted)
         except Exception as write_error:
             if unlisted and isinstance(write_error, ReportRefused):  # a bucket we may not write in: leave it be
                 log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
@@ -718,6 +723,9 @@ class Processor:
                       details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,
                                                             "report_error": error_fields(write_error)}})
             raise
+        if newer is not None:
+            return self._skipped(job, plan, f"superseded: the failure report {report_uri} is about generation "
+                                            f"{newer}, newer than this job's: left as it is", fields)
         # The input's fault is the sender's to fix (its size, where it ran out of GPU memory);
         # a fault that outlasted its retries (the deployment's access, a model failing on every
         # instance) is the operator's: ERROR.
@@ -735,6 +743,31 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _write_report(self, job: Job, bucket: str, name: str, report: dict, metadata: dict, *,
+                      guarded: bool) -> str | None:
+        """Write the report unless the one there is about a newer generation of the source (an
+        older generation's job, a job message or a late event, never replaces it); that
+        generation then, None once written. `guarded`: looked at first and written only over
+        what was seen (where it cannot be looked at, or the job names no generation, as is)."""
+        for _ in range(REPORT_TRIES):
+            expected = None  # no precondition
+            if guarded and job.generation is not None:
+                try:
+                    seen = self._store.stat(bucket, name)
+                except (TransientError, InputError):  # cannot be looked at: written as is
+                    seen = None
+                else:
+                    expected = seen.generation if seen else 0
+                theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if seen else ""
+                if theirs.isdigit() and int(theirs) > int(job.generation):
+                    return theirs
+            try:
+                self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=expected)
+                return None
+            except PreconditionLost:
+                continue  # another job's report landed: look again
+        raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
 
     def _publish(self, outcome: Outcome) -> None:
         if self._results is not None:

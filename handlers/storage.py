@@ -109,6 +109,8 @@ class Store:
         blob = self._client.bucket(bucket).blob(name, generation=int(generation) if generation else None)
         try:
             blob.reload(timeout=TIMEOUT_SECONDS)
+            if blob.time_deleted is not None:  # a bucket keeping versions: a noncurrent one
+                raise SourceSuperseded(f"{uri} was replaced: it is no longer the live version")
             if blob.size is not None and blob.size > max_bytes:
                 raise ImageTooLarge(
                     f"{uri} is {blob.size} bytes; the limit (IMAGEN_MAX_BYTES) is {max_bytes}"
@@ -122,7 +124,7 @@ class Store:
             data = blob.download_as_bytes(timeout=TIMEOUT_SECONDS, raw_download=True)
         except api_exceptions.NotFound:
             raise SourceSuperseded(f"{uri} no longer exists (deleted or replaced)") from None
-        except (ImageTooLarge, ImageDecodeError):
+        except (ImageTooLarge, ImageDecodeError, SourceSuperseded):
             raise
         except Exception as error:
             raise _translate(error, uri) from error
@@ -184,9 +186,10 @@ class Store:
         return report if isinstance(report, dict) else None
 
     def write_report(self, bucket: str, name: str, report: Mapping, metadata: Mapping[str, str] | None = None, *,
-                     timeout: float = TIMEOUT_SECONDS) -> None:
+                     if_generation_match: int | None = None, timeout: float = TIMEOUT_SECONDS) -> None:
         """Write (or replace) a JSON failure report, with `metadata` as its custom metadata;
-        each try and the retries within `timeout` seconds."""
+        each try and the retries within `timeout` seconds. `if_generation_match`: only over
+        that generation of it (0: none there), else PreconditionLost."""
         blob = self._client.bucket(bucket).blob(name)
         blob.metadata = dict(metadata) if metadata else None
         body = json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True)
@@ -198,9 +201,12 @@ class Store:
             blob.upload_from_string(
                 data,
                 content_type="application/json",
+                if_generation_match=if_generation_match,
                 timeout=timeout,
                 retry=DEFAULT_RETRY.with_timeout(timeout),  # replacing a report with the same content is idempotent
             )
+        except api_exceptions.PreconditionFailed:
+            raise PreconditionLost(f"gs://{bucket}/{name} changed as its failure report was written") from None
         except Exception as error:
             # A report that cannot be written must not be lost: retry the whole job later.
             refused = ReportRefused if isinstance(error, _PERMANENT) else TransientError

@@ -159,6 +159,65 @@ def test_a_late_event_for_an_older_generation_never_replaces_the_newer_ones_repo
     assert _report(bucket, "failed/upscale/c.png.json")["generation"] == new.generation
 
 
+def test_a_job_message_for_an_older_generation_never_replaces_the_newer_ones_report(settings, bucket):
+    """Reports are per path: a job message naming an older generation (a backfill listed it
+    just before a new upload) that failed wrote over the newer generation's report."""
+    old = _upload(bucket, "uploads/d.png", metadata={"imagen-params": '{"steps": -1}'})
+    old_generation = str(old.generation)
+    new = _upload(bucket, "uploads/d.png", metadata={"imagen-params": '{"steps": -2}'})
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    failed = processor.handle(JobRequest(bucket.name, "uploads/d.png", "upscale", {"steps": -2},
+                                         generation=str(new.generation)), message_id="m-new")
+    assert failed.status == "failed"
+    late = processor.handle(JobRequest(bucket.name, "uploads/d.png", "upscale", {"steps": -1},
+                                       generation=old_generation), message_id="m-old")
+    assert late.status == "skipped" and f"about generation {new.generation}, newer" in late.reason
+    report = bucket.get_blob("failed/upscale/uploads/d.png.json")
+    assert json.loads(report.download_as_bytes())["generation"] == str(new.generation)
+    assert report.metadata == {"imagen-source-generation": str(new.generation), "imagen-message-id": "m-new"}
+    # The same generation's report, or an older one's, is replaced.
+    again = processor.handle(JobRequest(bucket.name, "uploads/d.png", "upscale", {"steps": -3},
+                                        generation=str(new.generation)))
+    assert again.status == "failed" and _report(bucket, "failed/upscale/uploads/d.png.json")["params"] == {"steps": -3}
+
+
+def test_a_report_written_meanwhile_is_looked_at_again_not_overwritten(settings, bucket):
+    """Between the look at the report's place and the write, a newer generation's report
+    landed: the write's precondition fails, and the second look finds it."""
+    old = _upload(bucket, "incoming/upscale/e.png", metadata={"imagen-params": '{"steps": -1}'})
+    old_event = _event(old)
+    new_event = _event(_upload(bucket, "incoming/upscale/e.png", metadata={"imagen-params": '{"steps": -2}'}))
+    processor = _processor(settings, FakeEngine())
+    processor._newer_generation = lambda job: None  # the live generation looked up before the upload
+    stat = processor._store.stat
+
+    def newer_report_lands(bucket_name, name, **kwargs):
+        state = stat(bucket_name, name, **kwargs)
+        if name.startswith("failed/") and state is None:
+            assert _processor(settings, FakeEngine()).handle(new_event).status == "failed"
+        return state
+
+    processor._store.stat = newer_report_lands
+    late = processor.handle(old_event)
+    assert late.status == "skipped" and f"about generation {new_event.generation}" in late.reason
+    assert _report(bucket, "failed/upscale/e.png.json")["generation"] == new_event.generation
+
+
+def test_a_late_event_on_a_bucket_keeping_versions_is_superseded_not_run(settings, gcs):
+    """Where a bucket keeps noncurrent versions, an older generation can still be read: its
+    late event ran the model on content the user had replaced and wrote its output."""
+    versioned = gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    versioned.versioning_enabled = True
+    versioned.patch()
+    old_event = _event(_upload(versioned, "incoming/upscale/f.png", png_bytes(seed=1)))
+    new_event = _event(_upload(versioned, "incoming/upscale/f.png", png_bytes(seed=2)))
+    engine = FakeEngine()
+    late = _processor(settings, engine).handle(old_event)
+    assert late.status == "skipped" and "no longer the live version" in late.reason
+    assert engine.calls == 0 and versioned.get_blob("processed/upscale/f.png") is None
+    assert _processor(settings, engine).handle(new_event).status == "succeeded"
+
+
 def test_older_output_is_replaced_by_newer_generation(settings, bucket):
     processor = _processor(settings, FakeEngine())
     first = _event(_upload(bucket, "incoming/upscale/w.png", png_bytes(seed=1)))
@@ -768,15 +827,19 @@ def test_a_redelivery_of_a_message_that_ended_in_a_report_is_not_run_again(setti
     assert engine.calls == 2
 
 
-def test_a_last_try_whose_job_another_delivery_finished_is_skipped_not_failed(settings, bucket):
-    # Two deliveries of one job at once: the one whose fault lasted must not write a report
-    # (and a "failed" result) beside the output the other wrote.
+@pytest.mark.parametrize("error", [ModelError("CUDA error: something of this instance's"),
+                                   JobTooLong("over its time budget on this slower instance")],
+                         ids=["lasting-fault", "out-of-time"])
+def test_a_last_try_whose_job_another_delivery_finished_is_skipped_not_failed(settings, bucket, error):
+    # Two deliveries of one job at once: the one whose fault lasted (or which ran out of time,
+    # a failure of this run, not of the input) must not write a report (and a "failed"
+    # result) beside the output the other wrote.
     source = _upload(bucket, "incoming/upscale/race.png")
 
     class LosesTheRace(FakeEngine):
         def run(self, *args, **kwargs):
             assert _processor(settings, FakeEngine()).handle(_event(source)).status == "succeeded"
-            raise ModelError("CUDA error: something of this instance's")
+            raise error
 
     outcome = _processor(settings, LosesTheRace()).handle(_event(source), attempt=MAX_ATTEMPTS)
     assert outcome.status == "skipped" and outcome.reason.startswith("duplicate: the output already exists")
