@@ -102,7 +102,7 @@ locals {
   # subscriptions (pubsub.tf) that monitoring.tf alerts on:
   # - <prefix>-unrouted: uploads outside every pool's folder (a typo, a chain not in
   #   var.chains, an object straight under the input prefix) and job messages without an
-  #   `operation` attribute;
+  #   `operation` attribute (the jobs topic's transform copies it from the body: pubsub.tf);
   # - <prefix>-unrouted-jobs: job messages whose `operation` attribute names no deployed
   #   operation or chain (a typo, one this deployment leaves out).
   # A filter holds at most 256 bytes: one filter for both would not fit four operations, and

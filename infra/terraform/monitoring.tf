@@ -90,8 +90,8 @@ resource "google_monitoring_alert_policy" "dead_letters" {
       no worker pool's subscription takes, so no output and no failure report. In
       `-unrouted`: an upload under a folder that names no deployed operation (a typo,
       `${var.input_prefix}` itself, a console folder placeholder, or a chain such as
-      `remove-background,upscale` that is not in `chains`), or a job message without an
-      `operation` attribute. In `-unrouted-jobs`: a job message whose `operation` attribute
+      `remove-background,upscale` that is not in `chains`), or a job message naming no
+      `operation` (attribute or body). In `-unrouted-jobs`: a job message whose `operation` attribute
       names no deployed operation or chain (a typo, one left out).
       `imagen dlq list --subscription <name>` shows them. Move the objects under an
       operation's folder (or fix the publisher), then drain the subscription

@@ -14,7 +14,7 @@ output "compile_cache" {
 }
 
 output "notification_topic" {
-  description = "The topic of the Storage notifications; other services publish job messages here (with an `operation` attribute)."
+  description = "The topic of the Storage notifications; other services publish job messages here (their `operation` attribute is copied from the body where missing)."
   value       = local.pubsub ? google_pubsub_topic.jobs[0].id : null
 }
 
@@ -34,7 +34,7 @@ output "dead_letter_subscriptions" {
 }
 
 output "unrouted_subscription" {
-  description = "Keeps the uploads no operation's subscription takes, and job messages without an operation attribute (null when not created)."
+  description = "Keeps the uploads no operation's subscription takes, and job messages naming no operation (null when not created)."
   value       = try(google_pubsub_subscription.unrouted["unrouted"].id, null)
 }
 

@@ -9,6 +9,18 @@ resource "google_pubsub_topic" "jobs" {
   # Long enough to replay a day of uploads after a bad release (seek to a time).
   message_retention_duration = "86400s"
 
+  # Filtered subscriptions read attributes only: a job message published without the
+  # `operation` attribute gets it from its body (job_operation_attribute.js).
+  dynamic "message_transforms" {
+    for_each = local.filtered ? [file("${path.module}/job_operation_attribute.js")] : []
+    content {
+      javascript_udf {
+        function_name = "jobOperationAttribute"
+        code          = message_transforms.value
+      }
+    }
+  }
+
   depends_on = [google_project_service.enabled]
 }
 

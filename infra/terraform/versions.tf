@@ -6,14 +6,14 @@ terraform {
     google = {
       source = "hashicorp/google"
       # What this module uses is in 6.x from mid-2025 (Cloud Run v2 GPU fields:
-      # node_selector, gpu_zonal_redundancy_disabled) and in 7.x.
-      version = ">= 6.40, < 8.0"
+      # node_selector, gpu_zonal_redundancy_disabled; a topic's message_transforms) and in 7.x.
+      version = ">= 6.41, < 8.0"
     }
     # google_project_service_identity alone (Eventarc's service agent, eventarc.tf): in no
     # GA release of the google provider yet.
     google-beta = {
       source  = "hashicorp/google-beta"
-      version = ">= 6.40, < 8.0"
+      version = ">= 6.41, < 8.0"
     }
   }
 }

@@ -50,7 +50,7 @@ def test_terraform_fmt():
 def test_provider_is_google_6_or_7(terraform):
     google = one(terraform.terraform)["required_providers"][0]["google"]
     assert google["source"] == "hashicorp/google"
-    assert google["version"] == ">= 6.40, < 8.0"
+    assert google["version"] == ">= 6.41, < 8.0"
 
 
 def test_operations_match_the_code(terraform):
@@ -1076,6 +1076,58 @@ def test_client_env_and_backfill_command_point_the_cli_at_the_deployment(terrafo
 
 
 _REFERENCE = re.compile(r"(?<![\w.\"])(var|local|data\.[a-z0-9_]+|google_[a-z0-9_]+)\.([a-z0-9_]+)")
+
+
+# Runs a transform's function, as Pub/Sub would, on each message given on stdin.
+_RUN_UDF = """
+const fs = require("fs");
+const transform = new Function(fs.readFileSync(process.argv[1], "utf8") + "\\nreturn " + process.argv[2] + ";")();
+const messages = JSON.parse(fs.readFileSync(0, "utf8"));
+process.stdout.write(JSON.stringify(messages.map((message) => transform(message, {message_id: "1"}))));
+"""
+
+
+def test_job_messages_without_the_operation_attribute_get_it_from_their_body(terraform):
+    """The operations' subscriptions filter on attributes alone, and DESIGN.md's job message
+    names its operation in its body: the jobs topic's transform copies it into the attribute
+    (only where the subscriptions are filtered). Run here with Node.js, as Pub/Sub runs it."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    transform = one(terraform.resource("google_pubsub_topic", "jobs")["dynamic"])["message_transforms"]
+    assert expr(transform["for_each"]) == 'local.filtered ? [file("${path.module}/job_operation_attribute.js")] : []'
+    udf = one(one(transform["content"])["javascript_udf"])
+    assert expr(udf["code"]) == "message_transforms.value"
+    job = json.dumps({"source": "gs://b/a.png", "operation": "upscale", "params": {"steps": 20}})
+    notification = {"data": json.dumps({"name": "incoming/comic/a.png", "bucket": "b"}),
+                    "attributes": {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1",
+                                   "objectId": "incoming/comic/a.png", "bucketId": "b"}}
+    unchanged = [
+        notification,
+        {"data": "{}", "attributes": {"payloadFormat": "JSON_API_V1"}},
+        {"data": job, "attributes": {"operation": "comic"}},  # the processor reports the disagreement
+        {"data": "not json", "attributes": {}},
+        {"data": "[1, 2]", "attributes": {}},
+        {"data": "null", "attributes": {}},
+        {"data": json.dumps({"source": "gs://b/a.png", "operation": 7}), "attributes": {}},
+        {"data": json.dumps({"source": "gs://b/a.png", "operation": ""}), "attributes": {}},
+        {"data": json.dumps({"source": "gs://b/a.png", "operation": "x" * 300}), "attributes": {}},
+        {"data": "\ud800", "attributes": {}},
+    ]
+    routed = [
+        ({"data": job, "attributes": {}}, {"operation": "upscale"}),
+        ({"data": job, "attributes": {"sender": "catalog"}}, {"sender": "catalog", "operation": "upscale"}),
+        ({"data": json.dumps({"source": "gs://b/a.png", "operation": "remove-background,upscale"})},
+         {"operation": "remove-background,upscale"}),
+    ]
+    messages = unchanged + [message for message, _ in routed]
+    run = subprocess.run([node, "-e", _RUN_UDF, str(TERRAFORM_DIR / "job_operation_attribute.js"), udf["function_name"]],
+                         input=json.dumps(messages), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    assert results[:len(unchanged)] == unchanged
+    for (message, attributes), result in zip(routed, results[len(unchanged):], strict=True):
+        assert result == {"data": message["data"], "attributes": attributes}
 
 
 def test_references_resolve(terraform):
