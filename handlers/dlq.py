@@ -299,10 +299,7 @@ class _Lease:
             return
         self._renewed = now
         try:
-            for start in range(0, len(ack_ids), BATCH):
-                self._subscriber.modify_ack_deadline(request={
-                    "subscription": self._subscription, "ack_ids": ack_ids[start:start + BATCH],
-                    "ack_deadline_seconds": LEASE_SECONDS})
+            _set_deadline(self._subscriber, self._subscription, ack_ids, LEASE_SECONDS)
         except api_exceptions.GoogleAPICallError as error:
             log.warning("could not renew the lease of %d dead letters: %s", len(ack_ids), error)
 
@@ -326,13 +323,7 @@ def _batches(
         received = list(response.received_messages)
         if not received:
             return
-        subscriber.modify_ack_deadline(
-            request={
-                "subscription": subscription,
-                "ack_ids": [r.ack_id for r in received],
-                "ack_deadline_seconds": LEASE_SECONDS,
-            }
-        )
+        _set_deadline(subscriber, subscription, [r.ack_id for r in received], LEASE_SECONDS)
         seen += len(received)
         yield [_dead_letter(r) for r in received]
 
@@ -368,14 +359,14 @@ def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None],
 
 
 def _nack(subscriber, subscription: str, ack_ids: list[str]) -> None:
+    _set_deadline(subscriber, subscription, ack_ids, 0)
+
+
+def _set_deadline(subscriber, subscription: str, ack_ids: list[str], seconds: int) -> None:
+    """Lease `ack_ids` for `seconds` more (0: nack), BATCH at a time."""
     for start in range(0, len(ack_ids), BATCH):
-        subscriber.modify_ack_deadline(
-            request={
-                "subscription": subscription,
-                "ack_ids": ack_ids[start : start + BATCH],
-                "ack_deadline_seconds": 0,
-            }
-        )
+        subscriber.modify_ack_deadline(request={"subscription": subscription, "ack_ids": ack_ids[start:start + BATCH],
+                                                "ack_deadline_seconds": seconds})
 
 
 def _excerpt(data: bytes, limit: int = 160) -> str:

@@ -12,6 +12,7 @@ is behind the `engine` seam (`image.engine.Engine`, or a fake in unit tests).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -320,7 +321,7 @@ class Processor:
                 log.info("job started", extra={"fields": fields})
                 with _timed(timings, "download"):
                     try:
-                        data, _, _ = self._store.read_source(job.bucket, job.name, generation, self._max_bytes)
+                        data = self._store.read_source(job.bucket, job.name, generation, self._max_bytes)
                     except SourceSuperseded:
                         if job.origin != "notification":
                             self._check_source_lives(job, named)
@@ -866,11 +867,10 @@ def _not_deployed(job: Job, deployed: tuple[str, ...], layout: Layout) -> str:
 
 def _not_served(job: Job, chain: tuple[str, ...], served: frozenset[str], layout: Layout) -> str:
     """Why a filtered subscription's job cannot run here, and where it should have gone."""
-    where = (f"upload it under {layout.input_prefix}{chain[0]}/ instead, or publish a job message with the "
-             f"attribute operation={chain[0]}" if len(chain) == 1 else
-             f"upload it under {layout.input_prefix}{','.join(chain)}/ instead, or publish a job message with the "
-             f"attribute operation={','.join(chain)}, where a worker pool serves the whole chain (Terraform: list "
-             f"it in chains)")
+    named = ",".join(chain)
+    where = (f"upload it under {layout.input_prefix}{named}/ instead, or publish a job message with the attribute "
+             f"operation={named}" + ("" if len(chain) == 1 else
+                                     ", where a worker pool serves the whole chain (Terraform: list it in chains)"))
     return (f"{job.source_uri} asks for {job.operation!r}, which this worker pool ({', '.join(sorted(served))}) "
             f"does not serve; its subscription takes only its own operations' folders and job messages, so "
             f"no other pool received it ({routing.OPERATION_KEY} metadata cannot send an upload to another "
@@ -999,15 +999,11 @@ def _job_id(job: Job) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-class _timed:
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
     """Adds the block's wall time in seconds to timings[name]."""
-
-    def __init__(self, timings: dict[str, float], name: str):
-        self._timings, self._name = timings, name
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self._timings[self._name] = round(time.perf_counter() - self._start, 4)
-        return False
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - start, 4)

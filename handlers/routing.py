@@ -179,8 +179,7 @@ def output_location(job: Job, layout: Layout, chain: str, extension: str) -> tup
             )
         return out_bucket, out_name
     check_safe_name(job.rel_path)
-    stem = posixpath.splitext(job.rel_path)[0] if "." in _last(job.rel_path)[1:] else job.rel_path
-    name = f"{layout.output_prefix}{chain}/{stem}.{extension}"
+    name = f"{layout.output_prefix}{chain}/{posixpath.splitext(job.rel_path)[0]}.{extension}"
     check_safe_name(name)
     return bucket, name
 
@@ -252,6 +251,3 @@ def _is_safe_segment(text: str) -> bool:
     except UnicodeEncodeError:
         return False
 
-
-def _last(path: str) -> str:
-    return path.rsplit("/", 1)[-1]

@@ -80,52 +80,43 @@ class Settings:
             return value or None
 
         values: dict = {}
-        if get("MODEL_CACHE_DIR"):
-            values["model_cache_dir"] = Path(get("MODEL_CACHE_DIR")).expanduser()
-        if get("IMAGEN_OPERATIONS"):
-            values["operations"] = split_list(get("IMAGEN_OPERATIONS"))
-        for field, name in (
-            ("input_prefix", "IMAGEN_INPUT_PREFIX"),
-            ("output_bucket", "IMAGEN_OUTPUT_BUCKET"),
-            ("output_prefix", "IMAGEN_OUTPUT_PREFIX"),
-            ("failed_prefix", "IMAGEN_FAILED_PREFIX"),
-            ("results_topic", "IMAGEN_RESULTS_TOPIC"),
-            ("dead_letter_topic", "IMAGEN_DEAD_LETTER_TOPIC"),
-            ("subscription", "IMAGEN_SUBSCRIPTION"),
-            ("push_audience", "IMAGEN_PUSH_AUDIENCE"),
-            ("device", "IMAGEN_DEVICE"),
-            ("compile_cache", "IMAGEN_COMPILE_CACHE"),
-            ("model_mirror", "IMAGEN_MODEL_MIRROR"),
-            ("project", "GOOGLE_CLOUD_PROJECT"),
-            ("bucket", "IMAGEN_BUCKET"),
-            ("hf_token", "HF_TOKEN"),
-            ("storage_emulator_host", "STORAGE_EMULATOR_HOST"),
-            ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST"),
+        for field, name, read in (
+            ("model_cache_dir", "MODEL_CACHE_DIR", lambda text: Path(text).expanduser()),
+            ("operations", "IMAGEN_OPERATIONS", split_list),
+            ("input_prefix", "IMAGEN_INPUT_PREFIX", str),
+            ("output_bucket", "IMAGEN_OUTPUT_BUCKET", str),
+            ("output_prefix", "IMAGEN_OUTPUT_PREFIX", str),
+            ("failed_prefix", "IMAGEN_FAILED_PREFIX", str),
+            ("results_topic", "IMAGEN_RESULTS_TOPIC", str),
+            ("dead_letter_topic", "IMAGEN_DEAD_LETTER_TOPIC", str),
+            ("subscription", "IMAGEN_SUBSCRIPTION", str),
+            ("push_audience", "IMAGEN_PUSH_AUDIENCE", str),
+            ("device", "IMAGEN_DEVICE", str),
+            ("compile_cache", "IMAGEN_COMPILE_CACHE", str),
+            ("model_mirror", "IMAGEN_MODEL_MIRROR", str),
+            ("project", "GOOGLE_CLOUD_PROJECT", str),
+            ("bucket", "IMAGEN_BUCKET", str),
+            ("hf_token", "HF_TOKEN", str),
+            ("storage_emulator_host", "STORAGE_EMULATOR_HOST", str),
+            ("pubsub_emulator_host", "PUBSUB_EMULATOR_HOST", str),
+            ("max_pixels", "IMAGEN_MAX_PIXELS", _positive_int),
+            ("max_bytes", "IMAGEN_MAX_BYTES", _positive_int),
+            ("port", "PORT", _positive_int),
+            ("allowed_buckets", "IMAGEN_ALLOWED_BUCKETS", lambda text: frozenset(split_list(text))),
+            ("push_service_accounts", "IMAGEN_PUSH_SERVICE_ACCOUNTS", lambda text: frozenset(split_list(text))),
+            ("filtered_subscription", "IMAGEN_FILTERED_SUBSCRIPTION", _flag),
+            ("deployed_operations", "IMAGEN_DEPLOYED_OPERATIONS", split_list),
+            ("log_level", "IMAGEN_LOG_LEVEL", str.upper),
+            # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
+            ("tuning", "IMAGEN_TUNING", lambda text: tuple(item for item in re.split(r"[;\s]+", text) if item)),
         ):
-            if get(name) is not None:
-                values[field] = get(name)
-        for field, name in (
-            ("max_pixels", "IMAGEN_MAX_PIXELS"),
-            ("max_bytes", "IMAGEN_MAX_BYTES"),
-            ("port", "PORT"),
-        ):
-            if get(name) is not None:
-                values[field] = _positive_int(name, get(name))
-        if get("IMAGEN_ALLOWED_BUCKETS"):
-            values["allowed_buckets"] = frozenset(split_list(get("IMAGEN_ALLOWED_BUCKETS")))
-        if get("IMAGEN_PUSH_SERVICE_ACCOUNTS"):
-            values["push_service_accounts"] = frozenset(split_list(get("IMAGEN_PUSH_SERVICE_ACCOUNTS")))
+            if (text := get(name)) is not None:
+                try:
+                    values[field] = read(text)
+                except ValueError as error:
+                    raise ConfigError(f"{name}: {error}") from None
         # As huggingface_hub reads it: any case of 1, ON, YES or TRUE.
         values["allow_model_download"] = (get("HF_HUB_OFFLINE") or "").strip().upper() not in ("1", "ON", "YES", "TRUE")
-        if get("IMAGEN_FILTERED_SUBSCRIPTION") is not None:
-            values["filtered_subscription"] = _flag("IMAGEN_FILTERED_SUBSCRIPTION", get("IMAGEN_FILTERED_SUBSCRIPTION"))
-        if get("IMAGEN_DEPLOYED_OPERATIONS"):
-            values["deployed_operations"] = split_list(get("IMAGEN_DEPLOYED_OPERATIONS"))
-        if get("IMAGEN_LOG_LEVEL"):
-            values["log_level"] = get("IMAGEN_LOG_LEVEL").upper()
-        if get("IMAGEN_TUNING"):
-            # Separated by ";" or spaces: a value may hold commas (upscale_tile=256,512).
-            values["tuning"] = tuple(item for item in re.split(r"[;\s]+", get("IMAGEN_TUNING")) if item)
         return cls(**values).validate()
 
     def replace(self, **overrides) -> Settings:
@@ -247,19 +238,19 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def _positive_int(name: str, value: str) -> int:
+def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+        raise ValueError(f"{value!r} is not a whole number") from None
     if number <= 0:
-        raise ConfigError(f"{name}: must be positive, got {number}")
+        raise ValueError(f"must be positive, got {number}")
     return number
 
 
-def _flag(name: str, value: str) -> bool:
+def _flag(value: str) -> bool:
     if value.lower() in ("1", "true", "yes"):
         return True
     if value.lower() in ("0", "false", "no"):
         return False
-    raise ConfigError(f"{name}: {value!r} is not true or false")
+    raise ValueError(f"{value!r} is not true or false")

@@ -97,8 +97,8 @@ class Store:
 
     def read_source(
         self, bucket: str, name: str, generation: str | None, max_bytes: int
-    ) -> tuple[bytes, str, Mapping[str, str]]:
-        """(bytes, generation, metadata) of the source, at the given generation if any.
+    ) -> bytes:
+        """The source's bytes, at the given generation if any.
 
         Raises SourceSuperseded when that generation no longer exists, and ImageTooLarge before
         downloading anything larger than max_bytes. An object stored gzip-compressed
@@ -132,7 +132,7 @@ class Store:
             raise ImageTooLarge(f"{uri} is {len(data)} bytes; the limit is {max_bytes}")
         if encoding == "gzip":
             data = gunzip(data, max_bytes, uri)
-        return data, str(blob.generation), dict(blob.metadata or {})
+        return data
 
     def write_output(
         self,

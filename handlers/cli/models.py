@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from handlers.settings import DEVICES, split_list
 from image.models.lock import Lock, packaged_lock_path
 from image.models.registry import specs_for
 
@@ -45,8 +46,7 @@ def _lock_option(function):
 
 
 def _specs(settings, operations: str | None):
-    names = [name.strip() for name in operations.split(",") if name.strip()] if operations else settings.operations
-    return specs_for(names)
+    return specs_for(split_list(operations) if operations else settings.operations)
 
 
 @click.group("models")
@@ -181,7 +181,7 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
 @_cache_dir_option
 @click.option("--to", "location", metavar="gs://BUCKET/PREFIX|DIR",
               help="Compile cache to fill; default: IMAGEN_COMPILE_CACHE.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
+@click.option("--device", type=click.Choice(DEVICES), help="[env IMAGEN_DEVICE]")
 @click.pass_obj
 def compile_(settings, operations, cache_dir, location, device):
     """Compile the models here and store the artefacts the instances load.

@@ -42,6 +42,14 @@ def command(settings, source, operation, params, output):
             output=parse_gs_uri(output) if output else None,
             origin="cli",
         )
+        # The command line's own mistakes (an operation or parameter typo, an --output it may
+        # not write) are said here, before any model loads, and leave no failure report
+        # behind: the object is not at fault. (What is wrong with the object itself, its name,
+        # is the job's to report, as the service would.)
+        try:
+            plan_job(job, layout, frozenset(parse_chain(operation)))
+        except (InvalidParameter, UnknownOperation) as error:
+            raise click.UsageError(str(error)) from None
     else:
         if params or output:
             raise click.UsageError("--param and --output need --operation")
@@ -52,15 +60,6 @@ def command(settings, source, operation, params, output):
         job = routing.route_event(event, layout)
         if isinstance(job, routing.Ignored):
             raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
-    if operation:
-        # The command line's own mistakes (an operation or parameter typo, an --output it may
-        # not write) are said here, before any model loads, and leave no failure report
-        # behind: the object is not at fault. (What is wrong with the object itself, its name,
-        # is the job's to report, as the service would.)
-        try:
-            plan_job(job, layout, frozenset(parse_chain(operation)))
-        except (InvalidParameter, UnknownOperation) as error:
-            raise click.UsageError(str(error)) from None
     try:
         chain = parse_chain(job.operation) if job.operation else None
     except UnknownOperation:  # the object's folder or metadata names none: reported, as the service does

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from handlers.cli.options import param_options
+from handlers.settings import DEVICES
 
 
 @click.command("run")
@@ -27,7 +28,7 @@ from handlers.cli.options import param_options
               help="An operation parameter (repeatable), e.g. --param steps=20.")
 @click.option("--format", "format_given", type=click.Choice(["png", "webp", "jpeg", "jpg"]),
               help="Output format (the same as --param format=...); default png.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),
+@click.option("--device", type=click.Choice(DEVICES),
               help="Where the models run (IMAGEN_DEVICE); default auto.")
 @click.option("--model-cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the models are (MODEL_CACHE_DIR).")

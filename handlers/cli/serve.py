@@ -9,6 +9,7 @@ import threading
 import click
 
 from handlers.logs import configure_logging, error_fields
+from handlers.settings import DEVICES
 
 log = logging.getLogger("imagen.serve")
 
@@ -25,7 +26,7 @@ the request (processor.Processor's job_seconds)."""
 @click.option("--port", type=int, help="Port to listen on [env PORT, default 8080].")
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
+@click.option("--device", type=click.Choice(DEVICES), help="[env IMAGEN_DEVICE]")
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(2),
               help="HTTP threads (jobs still run one at a time); at least 2: one answers the health checks while "
                    "a job runs (with one, gunicorn serves a request at a time and the liveness probe fails).")

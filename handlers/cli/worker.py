@@ -7,6 +7,7 @@ import os
 import click
 
 from handlers.logs import configure_logging
+from handlers.settings import DEVICES
 
 
 def _lease_extension(ctx, param, value: int) -> int:
@@ -29,7 +30,7 @@ def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
 @click.command("worker")
 @click.option("--subscription", help="Subscription name or full path [env IMAGEN_SUBSCRIPTION].")
 @click.option("--operations", help="Comma-separated operations to serve [env IMAGEN_OPERATIONS].")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env IMAGEN_DEVICE]")
+@click.option("--device", type=click.Choice(DEVICES), help="[env IMAGEN_DEVICE]")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1),
               help="Jobs handled at once; the GPU still runs one at a time (one device per process), "
               "so more only overlaps their transfers.")

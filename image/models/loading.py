@@ -50,7 +50,6 @@ class LoadedModel:
     revision: str
     tiny: bool
     seconds: float
-    spec: ModelSpec | None = None
 
 
 def load_model(
@@ -61,7 +60,6 @@ def load_model(
     dtype: torch.dtype,
     allow_download: bool,
     lock: Lock | None = None,
-    token: str | None = None,
     read_ahead: bool = False,
     direct_to_device: bool = False,
 ) -> LoadedModel:
@@ -82,7 +80,7 @@ def load_model(
     if problems and allow_download and (found is None or not store.is_tiny(found)):
         logger.info("%s: model %s not in %s; pulling it now", spec.operation, spec.repo_id, cache_dir)
         try:
-            store.fetch(spec, cache_dir, lock=lock, token=token)
+            store.fetch(spec, cache_dir, lock=lock)
         except ModelError as error:
             raise ModelMissing(f"{_missing(spec, problems)}; pulling it now failed: {error}") from error
         problems = store.spec_problems(spec, cache_dir, lock)
@@ -108,7 +106,7 @@ def load_model(
         ) from error
     seconds = time.perf_counter() - started
     logger.info("%s: loaded %s on %s (%s) in %.1f s", spec.operation, model_id, device, dtype, seconds)
-    return LoadedModel(model, model_id, snapshot.name, tiny, seconds, spec)
+    return LoadedModel(model, model_id, snapshot.name, tiny, seconds)
 
 
 def _missing(spec: ModelSpec, problems: list[str]) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from image.errors import ModelError
+from image.files import write_atomically
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 """A commit as the lock, the cache's refs and its snapshot folders name it."""
@@ -93,13 +92,4 @@ class Lock:
 
     def write(self, path: Path) -> None:
         """Replace the file at `path` atomically, so a failed pull never leaves half a lock."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.to_json())
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the committed file from others
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(Path(path), self.to_json().encode())

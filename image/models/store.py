@@ -223,7 +223,8 @@ def add_snapshot(spec: ModelSpec, cache_dir: Path, commit: str, source: Path) ->
     for path in sorted(source.rglob("*")):
         if path.is_dir():
             continue
-        blob = blobs / _sha256(path)
+        with path.open("rb") as handle:
+            blob = blobs / hashlib.file_digest(handle, "sha256").hexdigest()
         os.chmod(path, 0o644)  # safetensors writes 0600
         os.replace(path, blob)
         link = snapshot / path.relative_to(source)
@@ -231,14 +232,6 @@ def add_snapshot(spec: ModelSpec, cache_dir: Path, commit: str, source: Path) ->
         link.symlink_to(os.path.relpath(blob, link.parent))
     write_ref(spec, cache_dir, spec.revision, commit)
     return snapshot
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pull_failure(spec: ModelSpec, revision: str, error: BaseException) -> str:
@@ -425,15 +418,14 @@ class ModelRow:
     bytes: int
     complete: bool
     tiny: bool
-    problems: tuple[str, ...]
 
 
 def list_models(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock) -> list[ModelRow]:
     rows = []
     for spec in specs:
         commit, snapshot = find_snapshot(spec, cache_dir, lock)
-        problems = tuple(spec_problems(spec, cache_dir, lock))
+        complete = not spec_problems(spec, cache_dir, lock)
         size = sum(max(s, 0) for s in snapshot_files(snapshot).values()) if snapshot else 0
         tiny = snapshot is not None and is_tiny(snapshot)
-        rows.append(ModelRow(spec.operation, spec.repo_id, commit, size, not problems, tiny, problems))
+        rows.append(ModelRow(spec.operation, spec.repo_id, commit, size, complete, tiny))
     return rows

@@ -76,20 +76,17 @@ class Operation:
     @property
     def model(self):
         """The loaded pipeline or network."""
-        if self.loaded is None:
-            raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
-        return self.loaded.model
+        return self._loaded().model
 
     @property
     def model_id(self) -> str:
         """"repo@commit" of the loaded model."""
+        return self._loaded().model_id
+
+    def _loaded(self):
         if self.loaded is None:
             raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
-        return self.loaded.model_id
-
-    @property
-    def is_set_up(self) -> bool:
-        return self.loaded is not None
+        return self.loaded
 
     def setup(
         self,
@@ -242,8 +239,7 @@ class Operation:
 
     def check_inputs(self, image: Image.Image, params: Mapping[str, Any], seed: int) -> None:
         """Concise errors before any model work; `params` are resolved (all keys present)."""
-        if self.loaded is None:
-            raise ModelError(f"{self.name}: the model is not loaded; call setup() first")
+        self._loaded()
         if not isinstance(image, Image.Image):
             raise InputError(f"{self.name}: expected a PIL image, got {type(image).__name__}")
         self.check_size(image.size)

@@ -31,12 +31,12 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self
+
+from image.files import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -80,16 +80,7 @@ class DirectoryCache:
         if path.exists():
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Whole or not at all: another instance may be reading the folder meanwhile.
-        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.chmod(partial, 0o644)  # readable by the other instances' users
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)  # another instance may be reading the folder meanwhile
         return True
 
 

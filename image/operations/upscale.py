@@ -45,14 +45,12 @@ class Upscale(Operation):
     max_aspect_ratio = 32
     warmup_params: ClassVar[dict[str, Any]] = {"steps": 2}
 
-    def __init__(self, tile_size: int | None = None, tile_overlap: int | None = None,
-                 tile_batch: int | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.tile_size = tile_size  # input pixels; None: the tuning's, else 2 x the UNet's sample_size
-        self.tile_overlap = tile_overlap  # input pixels; None: tile_size / 8
-        self.tile_batch = tile_batch  # None: the tuning's (1 by default)
+        self.tile_size: int | None = None  # input pixels; None: the tuning's, else 2 x the UNet's sample_size
+        self.tile_overlap: int | None = None  # input pixels: tile_size / 8
+        self.tile_batch: int | None = None  # None: the tuning's (1 by default)
         self.tile_sizes: tuple[int, ...] = ()  # the buckets, smallest first (tile_size is the first)
-        self._overlap_given = tile_overlap
         self.scale = 4
 
     def prepare(self) -> None:
@@ -81,8 +79,7 @@ class Upscale(Operation):
         self.tile_overlap = self._overlap(self.tile_size)
 
     def _overlap(self, tile: int) -> int:
-        given = self._overlap_given
-        return given if given is not None else max(self._multiple, tile // 8)
+        return max(self._multiple, tile // 8)
 
     def tile_for(self, size: tuple[int, int]) -> tuple[int, int]:
         """(tile, overlap) in input pixels for an image of `size`: the bucket with the
