@@ -704,10 +704,12 @@ class Processor:
             "time": datetime.datetime.now(datetime.UTC).isoformat(),
         }
         report_uri = f"gs://{bucket}/{name}"
-        # Which delivery wrote it, beside the report (its JSON is the contract's): a redelivery
-        # of the same message finds it (`_reported_before`).
+        # Which source generation and delivery wrote it, beside the report (its JSON is the
+        # contract's): a redelivery of the same message finds it (`_reported_before`), an older
+        # generation's job leaves it be (`_write_report`).
         written_by = {}
         if job.generation is not None:
+            written_by[routing.SOURCE_KEY] = job.source_uri
             written_by[routing.SOURCE_GENERATION_KEY] = job.generation
             if fields.get("message_id"):
                 written_by[routing.MESSAGE_ID_KEY] = fields["message_id"]
@@ -747,10 +749,12 @@ class Processor:
 
     def _write_report(self, job: Job, bucket: str, name: str, report: dict, metadata: dict, *,
                       guarded: bool) -> str | None:
-        """Write the report unless the one there is about a newer generation of the source (an
-        older generation's job, a job message or a late event, never replaces it); that
+        """Write the report unless the one there is about a newer generation of the same source
+        (an older generation's job, a job message or a late event, never replaces it); that
         generation then, None once written. `guarded`: looked at first and written only over
-        what was seen (where it cannot be looked at, or the job names no generation, as is)."""
+        what was seen (where it cannot be looked at, or the job names no generation, as is).
+        Another source's report at the same place (two folders routed to one output path) is
+        replaced, as is one naming a generation the source never reached (a job message's typo)."""
         for _ in range(REPORT_TRIES):
             expected = None  # no precondition
             if guarded and job.generation is not None:
@@ -760,8 +764,9 @@ class Processor:
                     seen = None
                 else:
                     expected = seen.generation if seen else 0
-                theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if seen else ""
-                if theirs.isdigit() and int(theirs) > int(job.generation):
+                same_source = seen is not None and seen.metadata.get(routing.SOURCE_KEY) == job.source_uri
+                theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if same_source else ""
+                if theirs.isdigit() and int(theirs) > int(job.generation) and self._reached(job, int(theirs)):
                     return theirs
             try:
                 self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=expected)
@@ -769,6 +774,15 @@ class Processor:
             except PreconditionLost:
                 continue  # another job's report landed: look again
         raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
+
+    def _reached(self, job: Job, generation: int) -> bool:
+        """Whether the source has reached `generation` (its live one is as new); True where
+        that cannot be told."""
+        try:
+            live = self._store.stat(job.bucket, job.name)
+        except (TransientError, InputError):
+            return True
+        return live is not None and live.generation >= generation
 
     def _publish(self, outcome: Outcome) -> None:
         if self._results is not None:

@@ -16,6 +16,7 @@ from google.api_core.exceptions import NotFound
 from google.cloud import storage
 
 from handlers import routing
+from handlers.logs import clip
 from handlers.processor import Plan, plan_job
 from handlers.routing import Job, Layout
 from image.errors import InvalidParameter
@@ -90,6 +91,8 @@ def poll(client: storage.Client, submission: Submission) -> bool:
             body = json.loads(report.download_as_bytes())
         except (NotFound, ValueError):
             return False
+        if not isinstance(body, dict) or body.get("source") != clip(source.source_uri):
+            return False  # another object's, routed to the same place (a job message's, another folder's)
         if body.get("generation") == source.generation:
             submission.status = "failed"
             error = body.get("error") or {}

@@ -174,11 +174,37 @@ def test_a_job_message_for_an_older_generation_never_replaces_the_newer_ones_rep
     assert late.status == "skipped" and f"about generation {new.generation}, newer" in late.reason
     report = bucket.get_blob("failed/upscale/uploads/d.png.json")
     assert json.loads(report.download_as_bytes())["generation"] == str(new.generation)
-    assert report.metadata == {"imagen-source-generation": str(new.generation), "imagen-message-id": "m-new"}
+    assert report.metadata == {"imagen-source": f"gs://{bucket.name}/uploads/d.png",
+                               "imagen-source-generation": str(new.generation), "imagen-message-id": "m-new"}
     # The same generation's report, or an older one's, is replaced.
     again = processor.handle(JobRequest(bucket.name, "uploads/d.png", "upscale", {"steps": -3},
                                         generation=str(new.generation)))
     assert again.status == "failed" and _report(bucket, "failed/upscale/uploads/d.png.json")["params"] == {"steps": -3}
+
+
+def test_a_report_naming_a_generation_never_reached_or_another_source_is_replaced(settings, bucket):
+    """What a report names is trusted only for its own source, and only where the source got
+    that far: a job message's typo'd generation (a report that it "does not exist") kept every
+    real failure of the object from being reported; and two sources routed to one report
+    place (a job message for one folder's object, an upload in another's) are not generations
+    of one another."""
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    source = _upload(bucket, "uploads/typo.png", metadata={"imagen-params": '{"steps": -1}'})
+    ahead = str(source.generation + 10**9)
+    typo = processor.handle(JobRequest(bucket.name, "uploads/typo.png", "upscale", {}, generation=ahead))
+    assert typo.status == "failed" and typo.error["message"].endswith(f"does not exist at generation {ahead}")
+    real = processor.handle(JobRequest(bucket.name, "uploads/typo.png", "upscale", {"steps": -1},
+                                       generation=str(source.generation)))
+    assert real.status == "failed"
+    assert _report(bucket, "failed/upscale/uploads/typo.png.json")["generation"] == str(source.generation)
+
+    older = _upload(bucket, "incoming/remove-background/p.png")
+    newer = _event(_upload(bucket, "incoming/upscale/p.png", metadata={"imagen-params": '{"steps": -1}'}))
+    assert processor.handle(newer).status == "failed"
+    other = processor.handle(JobRequest(bucket.name, older.name, "upscale", {"steps": -2},
+                                        generation=str(older.generation)))
+    assert other.status == "failed"
+    assert _report(bucket, "failed/upscale/p.png.json")["source"] == f"gs://{bucket.name}/{older.name}"
 
 
 def test_a_report_written_meanwhile_is_looked_at_again_not_overwritten(settings, bucket):
@@ -817,7 +843,8 @@ def test_a_redelivery_of_a_message_that_ended_in_a_report_is_not_run_again(setti
     processor = _processor(settings, engine)
     assert processor.handle(_event(source), message_id="m-1", attempt=1).status == "failed"
     assert bucket.get_blob("failed/upscale/slow.png.json").metadata == {
-        "imagen-message-id": "m-1", "imagen-source-generation": str(source.generation)}
+        "imagen-message-id": "m-1", "imagen-source": f"gs://{bucket.name}/incoming/upscale/slow.png",
+        "imagen-source-generation": str(source.generation)}
     again = processor.handle(_event(source), message_id="m-1", attempt=2)
     assert again.status == "skipped" and engine.calls == 1
     assert again.reason == (f"duplicate: this message already ended in the failure report "

@@ -402,6 +402,29 @@ def test_submit_says_when_a_newer_upload_of_the_same_name_took_the_result(tiny_s
         submit.download(client, second, tmp_path / "again")
 
 
+def test_submit_does_not_take_another_objects_report_at_the_same_place_for_its_own(tiny_settings, bucket, tmp_path):
+    # A job message for another folder's p.png, asking for upscale, reports where the upload's
+    # report would go: its newer generation said the upload was "uploaded again".
+    from handlers import submit
+
+    client = storage_client(tiny_settings)
+    picture = tmp_path / "p.png"
+    picture.write_bytes(png_bytes())
+    [(path, job, plan)] = prepare([picture], bucket.name, "upscale", {}, Layout())
+    mine = submit.upload(client, path, job, plan, Layout())
+    other = bucket.blob("incoming/remove-background/p.png")
+    other.upload_from_string(png_bytes(), content_type="image/png")
+    processor = Processor(engine=FakeEngine(), store=Store(client),
+                          settings=tiny_settings.replace(allowed_buckets=frozenset({bucket.name})))
+    assert processor.handle(JobRequest(bucket.name, other.name, "upscale", {"steps": -1},
+                                       generation=str(other.generation))).status == "failed"
+    assert bucket.get_blob(mine.report[1]) is not None  # the same place
+    assert not submit.poll(client, mine) and mine.status != "superseded"
+    assert processor.handle(JobRequest(bucket.name, job.name, "upscale", {},
+                                       generation=mine.job.generation)).status == "succeeded"
+    assert submit.poll(client, mine) and mine.status == "succeeded"
+
+
 def test_a_submission_that_times_out_says_where_to_look(tiny_settings, bucket, tmp_path):
     # A chain no worker served waited the whole timeout (900 s by default) and said only that.
     from handlers import submit
