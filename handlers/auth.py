@@ -1,7 +1,8 @@
 """Push authentication: verify the OIDC token Pub/Sub push (or Eventarc) attaches to a request.
 
-Enabled when IMAGEN_PUSH_AUDIENCE is set: the token must be a Google-signed ID token for that
-audience, from one of IMAGEN_PUSH_SERVICE_ACCOUNTS (when set), with a verified email. On Cloud
+Enabled when IMAGEN_PUSH_AUDIENCE is set: the token must be a Google-signed ID token issued by
+Google for that audience, from one of IMAGEN_PUSH_SERVICE_ACCOUNTS (required with it: any
+Google account can mint a token for any audience), with a verified email. On Cloud
 Run the platform's own invoker check runs first; this check makes `imagen serve` safe to expose
 anywhere else too (GKE, a VM) and guards against a misconfigured ingress.
 """
@@ -17,6 +18,7 @@ from google.oauth2 import id_token
 from image.errors import ImagenError
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 
 
 class AuthError(ImagenError):
@@ -29,8 +31,7 @@ class AuthError(ImagenError):
 
 
 class PushAuthenticator:
-    def __init__(self, audience: str, allowed_emails: frozenset[str] = frozenset(),
-                 certs_url: str = GOOGLE_CERTS_URL):
+    def __init__(self, audience: str, allowed_emails: frozenset[str], certs_url: str = GOOGLE_CERTS_URL):
         # The audience Terraform gives push tokens is the service URL, and the endpoint that
         # URL with "/": either form set here is the same service's.
         self._audience = sorted({audience.rstrip("/"), audience.rstrip("/") + "/"})
@@ -57,10 +58,12 @@ class PushAuthenticator:
             # google-auth quotes a malformed token whole (an access token sent by mistake is a
             # credential): never into a log line or the answer.
             raise AuthError(401, f"invalid token: {_without(str(error), token.strip())}") from None
+        if claims.get("iss") not in GOOGLE_ISSUERS:
+            raise AuthError(401, f"invalid token: issued by {str(claims.get('iss'))[:100]!r}, not Google")
         email = claims.get("email")
         if not claims.get("email_verified") or not email:
             raise AuthError(403, "token has no verified email")
-        if self._allowed and email not in self._allowed:
+        if email not in self._allowed:
             raise AuthError(403, f"{email} may not push to this service")
         return claims
 

@@ -292,7 +292,7 @@ class Processor:
                 if skip:
                     log.info("job skipped: %s", skip, extra={"fields": {**fields, "reason": skip}})
                     return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
-                routing.check_source_allowed(job, self._allowed_buckets)  # a refusal comes first
+                routing.check_source_allowed(job, self._allowed_buckets, self._code_buckets)  # a refusal comes first
                 if report:
                     raise report
                 if job.problem:
@@ -669,6 +669,19 @@ class Processor:
         No failure when another delivery of the job wrote its output meanwhile (a fault not
         the input's, or one of this run's: out of time, a worker stopped): skipped then, so the
         job does not end both ways; nor where the report there is a newer generation's."""
+        bucket, name = routing.failure_location(job, self._layout)
+        details = error_fields(error, note)
+        # A report lands beside its source. A bucket no job may read (outside a set allowlist,
+        # or holding code) is not ours to look at or write in: the message goes to the
+        # dead-letter topic. Where no allowlist is set (job messages were never enabled), a job
+        # message's refusal is reported where its sender looks for the result, saying what to
+        # set; a bucket that cannot take it dead-letters.
+        refused = job.origin != "cli" and (bucket in self._code_buckets or
+                                           bool(self._allowed_buckets) and bucket not in self._allowed_buckets)
+        if refused:
+            log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
+            raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
+        unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets
         if plan is not None and job.generation is not None:
             try:
                 done = skip_reason(self._store.stat(*plan.output), job, plan)
@@ -684,16 +697,6 @@ class Processor:
                 (newer := self._newer_generation(job)) is not None:
             return self._skipped(job, plan, f"superseded: the source is generation {newer} now, whose own job "
                                             f"writes its result or report", fields)
-        bucket, name = routing.failure_location(job, self._layout)
-        details = error_fields(error, note)
-        # A job message's report lands beside its source. Where an allowlist is set, a bucket
-        # outside it is not ours to write in: the message goes to the dead-letter topic. Where
-        # none is (job messages were never enabled), the refusal is reported where the sender
-        # looks for its result, saying what to set; a bucket that cannot take it dead-letters.
-        unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets
-        if unlisted and (self._allowed_buckets or bucket in self._code_buckets):
-            log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
-            raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         report = {  # what a message made up is clipped: a report is read by people
             "source": clip(job.source_uri),
             "generation": job.generation,

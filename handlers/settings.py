@@ -175,6 +175,9 @@ class Settings:
         if self.push_service_accounts and not self.push_audience:
             raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
                               "OIDC audience: the service URL)")
+        if self.push_audience and not self.push_service_accounts:
+            raise ConfigError("IMAGEN_PUSH_AUDIENCE needs IMAGEN_PUSH_SERVICE_ACCOUNTS (the push subscription's "
+                              "service account): any Google account can get a token for any audience")
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,
             "IMAGEN_OUTPUT_PREFIX": self.output_prefix,

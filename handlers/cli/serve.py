@@ -119,7 +119,7 @@ def _server(app, host: str, port: int, threads: int, post_worker_init):
     class Server(gunicorn.app.base.BaseApplication):
         def load_config(self):
             options = {"bind": f"{host}:{port}", "workers": 1, "threads": threads, "timeout": 0,
-                       "loglevel": "error", "limit_request_line": 0, "post_worker_init": post_worker_init,
+                       "loglevel": "error", "post_worker_init": post_worker_init,
                        "logger_class": JsonLogger}
             for key, value in options.items():
                 self.cfg.set(key, value)

@@ -558,6 +558,22 @@ def test_job_message_with_no_allowlist_set_is_reported_saying_what_to_set(settin
     assert sorted(blob.name for blob in bucket.list_blobs()) == ["failed/upscale/uploads/p.png.json", "uploads/p.png"]
 
 
+def test_a_notification_from_a_bucket_no_job_may_read_is_refused_unread(settings, bucket, gcs):
+    """Notifications are told apart by attributes any publisher on the topic can set: one
+    naming a bucket outside a set allowlist, or the compile cache's (code the workers run),
+    read it and wrote the output where the deployment never meant."""
+    other = gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    forged = _event(_upload(other, "incoming/upscale/private.png"))
+    engine = FakeEngine()
+    with pytest.raises(Undeliverable, match="notifications may not read gs://.*list every bucket whose notifications"):
+        _processor(settings, engine, allowed_buckets=frozenset({bucket.name})).handle(forged)
+    with pytest.raises(Undeliverable, match="holds code the workers run"):
+        _processor(settings, engine, compile_cache=f"gs://{other.name}/compiled").handle(forged)
+    assert engine.calls == 0 and [blob.name for blob in other.list_blobs()] == ["incoming/upscale/private.png"]
+    # A listed bucket's, and any where no list is set, as before.
+    assert _processor(settings, engine, allowed_buckets=frozenset({other.name})).handle(forged).status == "succeeded"
+
+
 def test_job_message_refused_for_its_parameters_is_reported_in_an_allowed_bucket(settings, bucket):
     _upload(bucket, "uploads/p.png")
     processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))

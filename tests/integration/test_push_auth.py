@@ -115,7 +115,9 @@ def test_valid_token_from_the_push_account_is_processed(client, certs):
         (lambda key: _token(key, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200), 401),
         (lambda key: _token(_key_and_cert("forger")[0]), 401),  # signed by a key Google never had
         (lambda key: _token(key, kid="unknown-kid"), 401),
-        (lambda key: _token(key, email="intruder@evil.example"), 403),
+        (lambda key: _token(key, iss="https://issuer.example"), 401),
+        (lambda key: _token(key, iss=None), 401),
+        (lambda key: _token(key, email="intruder@evil.example"), 403),  # any Google account can get a token
         (lambda key: _token(key, email_verified=False), 403),
     ],
 )

@@ -12,3 +12,37 @@ def test_serve_needs_a_thread_for_health_checks_beside_the_job():
     # a whole job, and the liveness probe would restart the instance mid-job.
     result = CliRunner().invoke(main, ["serve", "--threads", "1"])
     assert result.exit_code == 2 and "--threads" in result.output and "1 is not in the range x>=2" in result.output
+
+
+def test_the_server_refuses_an_overlong_request_line_before_the_app(tmp_path):
+    """gunicorn read a request line without limit (an option copied from functions-framework),
+    rescanning its growing buffer at each read: a few connections sending one endless line
+    held the CPU and the memory, before any authentication, until the health checks failed."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from handlers.localstack import free_port
+
+    port = free_port()
+    script = ("import flask\nfrom handlers.cli.serve import _server\n"
+              "app = flask.Flask('t')\n"
+              f"_server(app, '127.0.0.1', {port}, 2, lambda worker: None).run()\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.1)
+        with connection:
+            connection.sendall(b"GET /" + b"A" * 65_536 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = connection.recv(200)
+        assert answer.startswith(b"HTTP/1.1 414 "), answer  # unlimited, it reached the app: 404
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

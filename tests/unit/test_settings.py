@@ -73,6 +73,7 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline):
         ({"IMAGEN_MAX_PIXELS": "200000000"}, "IMAGEN_MAX_PIXELS"),  # over what Pillow opens
         ({"PORT": "-1"}, "PORT"),
         ({"IMAGEN_PUSH_SERVICE_ACCOUNTS": "a@b.iam.gserviceaccount.com"}, "IMAGEN_PUSH_AUDIENCE"),
+        ({"IMAGEN_PUSH_AUDIENCE": "https://svc/"}, "IMAGEN_PUSH_SERVICE_ACCOUNTS"),  # would take anyone's token
         ({"IMAGEN_TUNING": "cuda_graph=off"}, "IMAGEN_TUNING"),  # a typo: no such switch
         ({"IMAGEN_TUNING": "vae_bf16=maybe"}, "IMAGEN_TUNING"),
         ({"IMAGEN_TUNING": "upscale_tile=0"}, "IMAGEN_TUNING"),
