@@ -420,7 +420,7 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     """Where every pool receives every job, a job naming no valid operation (a typo'd folder,
     an upload with no folder) is reported by the first deployed operation's pool only, and a
     job message the allowlist refuses is dead-lettered only by the pool that would run it."""
-    deployed = {"deployed_operations": ("upscale", "comic"), "allowed_buckets": frozenset({"partner-bucket"})}
+    deployed = {"deployed_operations": ("upscale", "comic"), "allowed_buckets": frozenset({"partner-bucket", bucket.name})}
     pools = {op: _processor(settings, FakeEngine(), operations=(op,), **deployed) for op in ("upscale", "comic")}
     for name, report_name in (("incoming/upscal/typo.png", "failed/upscal/typo.png.json"),
                               ("incoming/enhance,comic,enhance/twice.png", "failed/enhance,comic,enhance/twice.png.json")):
@@ -429,23 +429,21 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
         assert skipped.status == "skipped" and "names no valid operation; the upscale pool reports it" in skipped.reason
         assert pools["upscale"].handle(event).status == "failed"
         assert _report(bucket, report_name)["params"] == {"steps": 5}  # the object, as uploaded
-    refused = JobRequest(bucket.name, "uploads/p.png", "comic", {})
+    refused = JobRequest("elsewhere-bucket", "uploads/p.png", "comic", {})  # never looked at
     assert pools["upscale"].handle(refused).status == "skipped"  # not its job: acked, not refused
     with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
         pools["comic"].handle(refused)
     # Refused and misnamed: the refusal is what the reporting pool says (fixing the name alone
     # would not help).
     with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS"):
-        pools["upscale"].handle(JobRequest(bucket.name, "uploads/p.png", "upscal", {}))
+        pools["upscale"].handle(JobRequest("elsewhere-bucket", "uploads/p.png", "upscal", {}))
     # Parameters JSON cannot hold stay the text they were: a report is strict JSON.
     nan = _event(_upload(bucket, "incoming/upscal/nan.png", metadata={"imagen-params": '{"steps": NaN}'}))
     assert pools["upscale"].handle(nan).status == "failed"
     assert _report(bucket, "failed/upscal/nan.png.json")["params"] == '{"steps": NaN}'
     # A job message's JSON may hold them too (Python reads NaN): still text in the report.
     request = JobRequest(bucket.name, "incoming/upscal/nan-job.png", "upscal", {"steps": math.nan})
-    allowed = _processor(settings, FakeEngine(), operations=("upscale",),
-                         **{**deployed, "allowed_buckets": frozenset({bucket.name})})
-    assert allowed.handle(request).status == "failed"
+    assert pools["upscale"].handle(request).status == "failed"
     assert _report(bucket, "failed/upscal/nan-job.png.json")["params"] == '{"steps": NaN}'
 
 
