@@ -7,7 +7,8 @@
     │   ├── BadJobMessage           a job message naming its source but wrong otherwise
     │   ├── SourceNotAllowed        a job message's output not allowed, or any job message where
     │   │                           IMAGEN_ALLOWED_BUCKETS is unset (a source outside the list
-    │   │                           when set: Undeliverable instead)
+    │   │                           when set, a notification's too, or a code bucket's:
+    │   │                           Undeliverable instead)
     │   ├── OutputTaken             the output path holds another live source's result
     │   ├── OperationNotServed      a filtered subscription brought a job for another pool's
     │   │                           operation (imagen-operation metadata across folders)

@@ -293,6 +293,7 @@ def run_load(
             "MODEL_CACHE_DIR": str(model_cache_dir),
             "IMAGEN_DEVICE": "cpu",
             "HF_HUB_OFFLINE": "1",
+            "IMAGEN_ALLOWED_BUCKETS": bucket.name,  # not the shell's (imagen dev's): its uploads' bucket
             "OMP_NUM_THREADS": "1",  # two workers on a small machine: one core each
             "PYTHONUNBUFFERED": "1",
         }

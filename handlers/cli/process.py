@@ -18,6 +18,8 @@ from handlers.logs import configure_logging
 @click.pass_obj
 def command(settings, source, operation, params, output):
     """Run one job on SOURCE now; exit non-zero if it fails."""
+    import dataclasses
+
     from handlers import routing
     from handlers.clients import storage_client
     from handlers.errors import ConfigError, StoragePermanentError
@@ -60,6 +62,7 @@ def command(settings, source, operation, params, output):
         job = routing.route_event(event, layout)
         if isinstance(job, routing.Ignored):
             raise ConfigError(f"{source}: {job.reason}; pass --operation to process it anyway")
+        job = dataclasses.replace(job, origin="cli")  # routed as an upload's, but the user's own job
     try:
         chain = parse_chain(job.operation) if job.operation else None
     except UnknownOperation:  # the object's folder or metadata names none: reported, as the service does

@@ -77,8 +77,9 @@ resource "google_monitoring_alert_policy" "dead_letters" {
     mime_type = "text/markdown"
     content   = <<-EOT
       **Dead letters** (`${var.name_prefix}-<operation>-dead-letter`): messages no delivery
-      can settle, moved there at once by the worker (unparseable, or job messages for a
-      bucket outside allowed_buckets: `imagen dlq list` shows the reason), and messages that
+      can settle, moved there at once by the worker (unparseable, or job messages or
+      notifications for a bucket outside allowed_buckets and the input bucket: `imagen dlq
+      list` shows the reason), and messages that
       went ${local.max_delivery_attempts} deliveries without a result or a failure report
       (turned away while every instance was busy, HTTP 429: raise max_instances; a report
       that could not be written). `imagen dlq list` shows them; the worker logs say why. Replay them with

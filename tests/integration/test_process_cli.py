@@ -17,6 +17,9 @@ def _env(settings, tiny_cache) -> dict:
         "MODEL_CACHE_DIR": str(tiny_cache),
         "IMAGEN_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
+        # As a Cloud Run Job given the workers' environment has it: the user's own command
+        # reads any bucket it can (routed by folder, it was refused as a notification).
+        "IMAGEN_ALLOWED_BUCKETS": "partner-bucket",
     }
 
 
