@@ -1121,7 +1121,8 @@ def test_job_messages_without_the_operation_attribute_get_it_from_their_body(ter
          {"operation": "remove-background,upscale"}),
     ]
     messages = unchanged + [message for message, _ in routed]
-    run = subprocess.run([node, "-e", _RUN_UDF, str(TERRAFORM_DIR / "job_operation_attribute.js"), udf["function_name"]],
+    script = str(TERRAFORM_DIR / "job_operation_attribute.js")
+    run = subprocess.run([node, "-e", _RUN_UDF, script, udf["function_name"]],
                          input=json.dumps(messages), capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout)

@@ -420,7 +420,8 @@ def test_unfiltered_deployment_reports_a_bad_operation_once_and_refuses_a_job_on
     """Where every pool receives every job, a job naming no valid operation (a typo'd folder,
     an upload with no folder) is reported by the first deployed operation's pool only, and a
     job message the allowlist refuses is dead-lettered only by the pool that would run it."""
-    deployed = {"deployed_operations": ("upscale", "comic"), "allowed_buckets": frozenset({"partner-bucket", bucket.name})}
+    deployed = {"deployed_operations": ("upscale", "comic"),
+                "allowed_buckets": frozenset({"partner-bucket", bucket.name})}
     pools = {op: _processor(settings, FakeEngine(), operations=(op,), **deployed) for op in ("upscale", "comic")}
     for name, report_name in (("incoming/upscal/typo.png", "failed/upscal/typo.png.json"),
                               ("incoming/enhance,comic,enhance/twice.png", "failed/enhance,comic,enhance/twice.png.json")):
