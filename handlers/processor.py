@@ -192,8 +192,7 @@ class Processor:
         self._layout = Layout.from_settings(settings)
         self._served = frozenset(settings.operations)
         self._allowed_buckets = settings.allowed_buckets
-        # With the allowlist unset, no job message's refusal report is written in these.
-        self._code_buckets = settings.code_buckets
+        self._code_buckets = settings.code_buckets  # code the workers run: never a job's (routing.bucket_refused)
         self._filtered = settings.filtered_subscription
         self._deployed = settings.deployed_operations
         self._max_bytes = settings.max_bytes
@@ -669,16 +668,13 @@ class Processor:
         No failure when another delivery of the job wrote its output meanwhile (a fault not
         the input's, or one of this run's: out of time, a worker stopped): skipped then, so the
         job does not end both ways; nor where the report there is a newer generation's."""
-        bucket, name = routing.failure_location(job, self._layout)
+        bucket, name = routing.failure_location(job, self._layout)  # beside the source
         details = error_fields(error, note)
-        # A report lands beside its source. A bucket no job may read (outside a set allowlist,
-        # or holding code) is not ours to look at or write in: the message goes to the
+        # A bucket no job may read is not ours to look at or write in: the message goes to the
         # dead-letter topic. Where no allowlist is set (job messages were never enabled), a job
         # message's refusal is reported where its sender looks for the result, saying what to
         # set; a bucket that cannot take it dead-letters.
-        refused = job.origin != "cli" and (bucket in self._code_buckets or
-                                           bool(self._allowed_buckets) and bucket not in self._allowed_buckets)
-        if refused:
+        if routing.bucket_refused(job, self._allowed_buckets, self._code_buckets):
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
             raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets

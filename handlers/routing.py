@@ -143,21 +143,24 @@ def route_request(request: JobRequest, layout: Layout) -> Job:
     )
 
 
+def bucket_refused(job: Job, allowed_buckets: frozenset[str], code_buckets: frozenset[str]) -> bool:
+    """Whether the job's bucket is one no message may have read or written in: outside a set
+    allowlist (a notification is told apart by attributes any publisher on the topic can set,
+    so it must come from a listed bucket too: Terraform lists the input bucket), or holding
+    code the workers run (`code_buckets`: the compile cache's, the model mirror's). Its
+    refusal is a dead letter: nothing is written there. The command line's jobs are the
+    user's own."""
+    return job.origin != "cli" and (job.bucket in code_buckets or
+                                    bool(allowed_buckets) and job.bucket not in allowed_buckets)
+
+
 def check_source_allowed(job: Job, allowed_buckets: frozenset[str], code_buckets: frozenset[str] = frozenset()) -> None:
-    """Job messages may read only allowlisted buckets: anything else is refused, never tried.
-    A notification is told apart by attributes any publisher on the topic can set, so where
-    an allowlist is set it must come from one of those buckets too (Terraform lists the input
-    bucket); and no message may name a bucket holding code the workers run (`code_buckets`:
-    the compile cache's, the model mirror's). The command line's jobs are the user's own."""
-    if job.origin == "cli":
-        return
-    if job.bucket in code_buckets:
-        raise SourceNotAllowed(f"gs://{job.bucket} holds code the workers run (IMAGEN_COMPILE_CACHE or "
-                               f"IMAGEN_MODEL_MIRROR): never read or written as a job's")
-    if job.origin == "job-message" and not allowed_buckets:
-        raise SourceNotAllowed("job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the "
-                               "buckets job messages may read (Terraform: allowed_buckets)")
-    if job.bucket not in allowed_buckets and (job.origin == "job-message" or allowed_buckets):
+    """SourceNotAllowed for a `bucket_refused` job, and for every job message where no
+    allowlist is set (job messages were never enabled): refused, never tried."""
+    if bucket_refused(job, allowed_buckets, code_buckets):
+        if job.bucket in code_buckets:
+            raise SourceNotAllowed(f"gs://{job.bucket} holds code the workers run (IMAGEN_COMPILE_CACHE or "
+                                   f"IMAGEN_MODEL_MIRROR): never read or written as a job's")
         sender = "job messages" if job.origin == "job-message" else "notifications"
         raise SourceNotAllowed(
             f"{sender} may not read gs://{job.bucket}: it is not in IMAGEN_ALLOWED_BUCKETS "
@@ -165,6 +168,9 @@ def check_source_allowed(job: Job, allowed_buckets: frozenset[str], code_buckets
             + ("" if job.origin == "job-message" else "; list every bucket whose notifications reach this topic "
                "(a publisher on the topic can make a message look like a notification)")
         )
+    if job.origin == "job-message" and not allowed_buckets:
+        raise SourceNotAllowed("job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the "
+                               "buckets job messages may read (Terraform: allowed_buckets)")
 
 
 def output_location(job: Job, layout: Layout, chain: str, extension: str) -> tuple[str, str]:

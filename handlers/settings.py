@@ -172,12 +172,10 @@ class Settings:
             check_bucket_name("IMAGEN_OUTPUT_BUCKET", self.output_bucket)
         for bucket in sorted(self.allowed_buckets):
             check_bucket_name("IMAGEN_ALLOWED_BUCKETS", bucket)
-        if self.push_service_accounts and not self.push_audience:
-            raise ConfigError("IMAGEN_PUSH_SERVICE_ACCOUNTS needs IMAGEN_PUSH_AUDIENCE (the push subscription's "
-                              "OIDC audience: the service URL)")
-        if self.push_audience and not self.push_service_accounts:
-            raise ConfigError("IMAGEN_PUSH_AUDIENCE needs IMAGEN_PUSH_SERVICE_ACCOUNTS (the push subscription's "
-                              "service account): any Google account can get a token for any audience")
+        if bool(self.push_audience) != bool(self.push_service_accounts):
+            raise ConfigError("IMAGEN_PUSH_AUDIENCE (the push subscription's OIDC audience: the service URL) and "
+                              "IMAGEN_PUSH_SERVICE_ACCOUNTS (its service account) are set together: any Google "
+                              "account can get a token for any audience")
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,
             "IMAGEN_OUTPUT_PREFIX": self.output_prefix,

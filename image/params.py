@@ -275,26 +275,20 @@ _UNWRITTEN_EXTENSIONS = frozenset({
 _NAMED_FORMATS = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg"}
 
 
-def format_from_name(name: str) -> str | None:
-    """The output format a file name's extension names (png, webp, jpeg), else None (no
-    extension, or one that is no image format: the format parameter decides). An image format
-    imagen cannot write is refused."""
+def output_format(name: str, given: str | None) -> str | None:
+    """The format an output named `name` is written in, `given` being the validated format
+    parameter (or None): the one its extension names (png, webp, jpeg), refused when the two
+    disagree (a .png holding WebP data); else `given` (no extension, or one that is no image
+    format). An image format imagen cannot write is refused."""
     base = name.rsplit("/", 1)[-1]
     extension = base.rsplit(".", 1)[-1].lower() if "." in base else ""
     if extension in _UNWRITTEN_EXTENSIONS:
         raise InvalidParameter(f"output {base!r} names a .{extension} file, which imagen does not write: "
                                f"name it .png, .webp or .jpg")
-    return _NAMED_FORMATS.get(extension)
-
-
-def output_format(name: str, given: str | None) -> str | None:
-    """The format an output named `name` is written in, `given` being the validated format
-    parameter (or None): the name's when it names one, refused when the two disagree (a .png
-    holding WebP data); else `given`."""
-    named = format_from_name(name)
+    named = _NAMED_FORMATS.get(extension)
     if given and named and given != named:
-        raise InvalidParameter(f"output {name.rsplit('/', 1)[-1]!r} names a {named} file but the format "
-                               f"parameter is {given}: make them agree, or leave the format to the name")
+        raise InvalidParameter(f"output {base!r} names a {named} file but the format parameter is {given}: "
+                               f"make them agree, or leave the format to the name")
     return given or named
 
 
