@@ -7,12 +7,18 @@ fake-gcs-server, forwards every request, and lets rules replace or delay answers
     proxy.add(Rule(r"^GET /download/.*incoming/", status=503, times=2))  # two 503s, then fine
     proxy.add(Rule(r"^POST /upload/", stall=3.0, times=1))               # one 3 s stall
     proxy.add(Rule(r"^POST /upload/", status=503, after_forward=True))   # done, answer lost
+    proxy.add(Rule(r"^GET /storage/v1/b/[^/]+/o\?", status=None,
+                   query={"maxResults": "3"}))                          # listings in pages of 3
     proxy.count(r"^GET /download/")                                      # requests seen
 
 A rule's pattern is searched in "METHOD /path?query" with the path and query percent-decoded,
 so object names read as they are (`incoming/upscale/a.png`, not `incoming%2Fupscale%2Fa.png`);
 `body` (bytes regex) also searches the first 64 KiB of the request body, where multipart
 uploads carry the object's name. The first matching rule that still has `times` left applies.
+
+fake-gcs-server answers a listing in one page whatever its length (Cloud Storage cuts pages at
+1000 objects); `query` forwards a request with query parameters set, so a listing of a few
+objects comes in pages, and a rule on its `pageToken=` request fails it mid-way.
 
 The emulator puts its own address in `mediaLink` and upload `Location`s; the proxy rewrites
 those to its own, so downloads and resumable uploads go through it too.
@@ -57,7 +63,8 @@ class Rule:
 
     `status`: answer with it (None: forward normally); `stall`: seconds to wait first;
     `after_forward`: forward, then answer `status` anyway (the change is made, the answer lost);
-    `times`: how many requests it applies to (None: every one); `probability`: of applying.
+    `times`: how many requests it applies to (None: every one); `probability`: of applying;
+    `query`: forwarded with these query parameters set (added, or replacing the client's).
     """
 
     pattern: str
@@ -67,6 +74,7 @@ class Rule:
     after_forward: bool = False
     probability: float = 1.0
     body: bytes | None = None
+    query: dict[str, str] | None = None
     applied: int = 0
 
     def matches(self, line: str, body: bytes) -> bool:
@@ -118,7 +126,10 @@ class FaultProxy:
     # -- control ---------------------------------------------------------------------------
 
     def start(self) -> FaultProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Polled for `stop` every 50 ms (serve_forever's default, 0.5 s, is each stop's wait).
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -166,6 +177,8 @@ class FaultProxy:
         fault = None
         if rule is not None:
             parts = [f"stall {rule.stall} s"] if rule.stall else []
+            if rule.query:
+                parts.append(f"query {urllib.parse.urlencode(rule.query)}")
             if rule.status is not None:
                 parts.append(
                     f"{rule.status} after forward" if rule.after_forward else str(rule.status)
@@ -214,9 +227,12 @@ class FaultProxy:
                 if rule is not None and rule.status is not None and not rule.after_forward:
                     self._reply(seen, rule.status, "Injected fault", [], _error_body(rule.status))
                     return
+                target = self.path
+                if rule is not None and rule.query:
+                    target = _with_query(target, rule.query)
                 try:
                     status, reason, headers, data = proxy._forward(
-                        self.command, self.path, self.headers, body
+                        self.command, target, self.headers, body
                     )
                 except OSError:
                     self._reply(seen, 502, "Bad Gateway", [], _error_body(502))
@@ -248,6 +264,14 @@ class FaultProxy:
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
         return Handler
+
+
+def _with_query(target: str, values: dict[str, str]) -> str:
+    """A request target ("/path?query") with `values` set in its query."""
+    path, _, query = target.partition("?")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    kept = [(key, value) for key, value in pairs if key not in values]
+    return f"{path}?{urllib.parse.urlencode(kept + list(values.items()))}"
 
 
 def _error_body(status: int) -> bytes:

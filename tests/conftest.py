@@ -68,6 +68,36 @@ def gcs(storage_emulator):
 
 
 @pytest.fixture
+def proxy(storage_emulator):
+    """A fault-injecting proxy (scripts/fault_proxy.py) in front of the storage emulator: a
+    client built with `storage_emulator_host=proxy.url` meets the faults its rules inject."""
+    from scripts.fault_proxy import FaultProxy
+
+    with FaultProxy(storage_emulator.url) as running:
+        yield running
+
+
+@pytest.fixture
+def short_storage_deadlines(monkeypatch) -> float:
+    """Cloud Storage's retry deadlines, 120 s in production, cut to 1 s, so that a fault that
+    lasts (a proxy rule without `times`) outlasts the client's retries within a test: imagen's
+    TIMEOUT_SECONDS (also the default of Store methods' `timeout`, bound at import) and the
+    deadline of google-cloud-storage's DEFAULT_RETRY, the policy of the library's own calls.
+    Timeouts only: every request still goes to the emulator (through the proxy)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    from handlers import storage as storage_module
+    from handlers.storage import Store
+
+    seconds = 1.0
+    monkeypatch.setattr(storage_module, "TIMEOUT_SECONDS", seconds)
+    for method in (Store.read_report, Store.write_report, Store.delete):
+        monkeypatch.setitem(method.__kwdefaults__, "timeout", seconds)
+    monkeypatch.setattr(DEFAULT_RETRY, "_timeout", seconds)  # one shared object: the default argument
+    return seconds
+
+
+@pytest.fixture
 def bucket(gcs):
     return gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
 

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 import uuid
 
@@ -33,8 +34,12 @@ from handlers.processor import (
 from handlers.results import ResultPublisher
 from handlers.storage import Store
 from image.errors import DeviceFailed, JobTooLong, ModelError, OutOfDeviceMemory
+from scripts.fault_proxy import Rule
 
 from .conftest import PROJECT, png_bytes, wait_for
+
+# Request lines as the fault proxy (tests/conftest.py's `proxy`) sees them, percent-decoded.
+UPLOAD = r"^POST /upload/storage/v1/b/"
 
 
 class FakeEngine:
@@ -723,29 +728,22 @@ def test_a_job_that_keeps_killing_its_worker_is_reported_not_retried_to_the_dead
     assert bucket.get_blob(marker) is None
 
 
-def test_a_stopped_worker_report_that_cannot_be_written_keeps_the_count(settings, bucket, monkeypatch):
+def test_a_stopped_worker_report_that_cannot_be_written_keeps_the_count(settings, bucket, proxy,
+                                                                       short_storage_deadlines):
     source = _upload(bucket, "incoming/upscale/killer.png")
     marker = "failed/upscale/killer.png.json.running"
     killer = _processor(settings, FakeEngine(fail_with=_ProcessDied()))
     for attempt in range(2, 2 + STOPPED_WORKER_LIMIT):
         with pytest.raises(_ProcessDied):
             killer.handle(_event(source), attempt=attempt)
-    processor = _processor(settings, FakeEngine())
-    write = processor._store.write_report
-
-    def no_reports(bucket_name, name, *args, **kwargs):
-        if name.endswith(".json"):
-            try:  # as Store.write_report raises it: chained to the library's error
-                raise OSError("503 from Cloud Storage")
-            except OSError as error:
-                raise TransientError(f"cannot write failure report: {error}") from error
-        return write(bucket_name, name, *args, **kwargs)
-
-    monkeypatch.setattr(processor._store, "write_report", no_reports)
-    with pytest.raises(TransientError):
+    # Cloud Storage answers the report's upload with 503s past the client's retry deadline
+    # (the marker's own writes go through: its name ends in .running).
+    proxy.add(Rule(UPLOAD, body=rb'"name": ?"failed/upscale/killer\.png\.json"', status=503))
+    processor = _processor(settings, FakeEngine(), storage_emulator_host=proxy.url)
+    with pytest.raises(TransientError, match="cannot write failure report"):
         processor.handle(_event(source), attempt=5)
+    assert proxy.count(UPLOAD, faults_only=True) >= 1
     assert json.loads(bucket.blob(marker).download_as_bytes())["stopped"] == STOPPED_WORKER_LIMIT - 1
-    monkeypatch.undo()
     engine = FakeEngine()
     assert _processor(settings, engine).handle(_event(source), attempt=6).status == "failed" and engine.calls == 0
     assert _report(bucket, "failed/upscale/killer.png.json")["error"]["type"] == "JobStoppedWorker"
@@ -888,24 +886,20 @@ def test_a_last_try_whose_job_another_delivery_finished_is_skipped_not_failed(se
     assert bucket.get_blob("failed/upscale/race.png.json") is None
 
 
-def test_a_last_try_before_the_generation_is_known_still_gets_its_report(settings, bucket, monkeypatch):
+def test_a_last_try_before_the_generation_is_known_still_gets_its_report(settings, bucket, proxy,
+                                                                         short_storage_deadlines):
     # A job message names no generation; when looking the source up keeps failing, the last
     # try's report has none either (and no crash looking for an output of it).
     _upload(bucket, "uploads/flaky.png")
-    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}),
+                           storage_emulator_host=proxy.url)
     job = JobRequest(bucket.name, "uploads/flaky.png", "upscale", {})
     assert processor.handle(job).status == "succeeded"  # an earlier request's output exists
-    stat = processor._store.stat
-
-    # A stand-in for Cloud Storage failing past the client's 120 s retry deadline (real 503s,
-    # through a fault-injecting proxy, are tests/reliability/test_storage_faults.py's).
-    def flaky_stat(bucket_name, name):
-        if name == "uploads/flaky.png":
-            raise TransientError("Cloud Storage error on gs://.../uploads/flaky.png: 503")
-        return stat(bucket_name, name)
-
-    monkeypatch.setattr(processor._store, "stat", flaky_stat)
+    # Cloud Storage answers the source's metadata with 503s past the client's retry deadline.
+    source_metadata = r"^GET /storage/v1/b/[^/]+/o/uploads/flaky\.png\?"
+    proxy.add(Rule(source_metadata, status=503))
     outcome = processor.handle(job, message_id="m-7", attempt=MAX_ATTEMPTS)
+    assert proxy.count(source_metadata, faults_only=True) >= 1
     assert outcome.status == "failed" and outcome.error["type"] == "TransientError"
     report = bucket.get_blob("failed/upscale/uploads/flaky.png.json")
     assert json.loads(report.download_as_bytes())["generation"] is None and not report.metadata
@@ -942,12 +936,12 @@ def test_a_job_past_its_time_budget_fails_once_with_a_report(tiny_settings, engi
     assert roomy.handle(_event(_upload(bucket, "incoming/upscale/fast.png")), attempt=1).status == "succeeded"
 
 
-def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, bucket, monkeypatch):
+def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, bucket, monkeypatch, proxy):
     """With a limit on the whole job (a push request's), the model gets what the input's
     download and the output's encode and upload leave, at most --max-job-seconds; a job with
     nothing left does not run only to be cut off and redelivered to run again."""
 
-    def processor(engine, job_seconds):
+    def processor(engine, job_seconds, settings=settings):
         return Processor(engine=engine, store=Store(storage_client(settings)), settings=settings,
                          max_job_seconds=510, job_seconds=job_seconds)
 
@@ -990,19 +984,15 @@ def test_the_device_budget_leaves_room_to_fetch_encode_and_upload(settings, buck
     monkeypatch.setattr("handlers.processor.MIN_MODEL_SECONDS", 1.0)
     monkeypatch.setattr("handlers.processor.FETCH_ALLOWANCE_SECONDS", 0.0)
     monkeypatch.setattr("handlers.processor.FINISH_BASE_SECONDS", 0.0)
-    slow = processor(FakeEngine(), 2.0)
-    read = slow._store.read_source
-
-    def slow_read(*args, **kwargs):
-        time.sleep(1.5)
-        return read(*args, **kwargs)
-
-    monkeypatch.setattr(slow._store, "read_source", slow_read)
+    slow = processor(FakeEngine(), 2.0, settings.replace(storage_emulator_host=proxy.url))
+    slow_download = r"^GET /download/storage/v1/b/[^/]+/o/incoming/upscale/b[56]\.png\?"
+    proxy.add(Rule(slow_download, status=None, stall=1.5))  # each download answered 1.5 s late
     with pytest.raises(TransientError, match=r"fetching and decoding the input took \d+ s.*retried"):
         slow.handle(_event(_upload(bucket, "incoming/upscale/b5.png")), attempt=1)
     last = slow.handle(_event(_upload(bucket, "incoming/upscale/b6.png")), attempt=MAX_ATTEMPTS)
     assert last.status == "failed"
     assert _report(bucket, "failed/upscale/b6.png.json")["error"]["type"] == "TransientError"
+    assert proxy.count(slow_download, faults_only=True) == 2
 
     # Without a limit on the whole job (the one-shot CLI), the device budget is all there is.
     unlimited = Huge()
@@ -1131,33 +1121,25 @@ def test_an_older_result_landing_while_the_job_runs_is_replaced_not_redone(setti
     assert engine.calls == 1
 
 
-def test_a_refusal_after_a_lost_write_race_is_judged_as_any_output_refusal(settings, bucket):
+def test_a_refusal_after_a_lost_write_race_is_judged_as_any_output_refusal(settings, bucket, proxy):
     """Raised inside the handler of the lost race, the refusal passed the handler beside it:
     retried, GPU work and all, where a job message's output outside the output prefix fails
     for good (OutputNotWritable)."""
-    from handlers.errors import OutputRefused, PreconditionLost
-
     _upload(bucket, "uploads/race.png")
-    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
-    stat = processor._store.stat
-
-    def lost(*args, **kwargs):
-        raise PreconditionLost("changed while the job ran")
-
-    def refused_after_the_race(bucket_name, name, *, output=False):
-        if output and lost.raised:
-            raise OutputRefused("Cloud Storage refused to read the output: 403 Forbidden")
-        return stat(bucket_name, name, output=output)
-
-    def write(*args, **kwargs):
-        lost.raised = True
-        lost()
-
-    lost.raised = False
-    processor._store.write_output, processor._store.stat = write, refused_after_the_race
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}),
+                           storage_emulator_host=proxy.url)
+    # The look before the job finds no output; its write loses the race (412: another writer's
+    # generation is there); the look at the winner is refused (403).
+    output_metadata = r"^GET /storage/v1/b/[^/]+/o/exports/r\.png\?"
+    proxy.add(Rule(output_metadata, status=None, times=1))  # forwarded as it is
+    proxy.add(Rule(UPLOAD, body=rb'"name": ?"exports/r\.png"', status=412, times=1))
+    proxy.add(Rule(output_metadata, status=403))
     request = JobRequest(bucket.name, "uploads/race.png", "upscale", {}, output=f"gs://{bucket.name}/exports/r.png")
     outcome = processor.handle(request, attempt=1)
     assert outcome.status == "failed" and outcome.error["type"] == "OutputNotWritable"
+    assert proxy.count(UPLOAD, faults_only=True) == 1
+    looks = [seen.status for seen in proxy.seen if re.search(output_metadata, seen.line)]
+    assert looks[:2] == [404, 403]  # none there before the job; refused after the race
 
 
 def test_a_lost_write_race_on_the_last_attempt_still_gets_its_report(settings, bucket):

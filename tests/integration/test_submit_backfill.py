@@ -17,6 +17,7 @@ from handlers.processor import Processor
 from handlers.routing import Layout, failure_location
 from handlers.storage import Store
 from handlers.submit import prepare
+from scripts.fault_proxy import Rule
 
 from .conftest import PROJECT, png_bytes, wait_for
 from .test_processor import FakeEngine
@@ -300,27 +301,23 @@ def test_backfill_keeps_publishes_in_flight_and_counts_each_once_answered(tiny_s
     assert summary.current == f"gs://{bucket.name}/{names[2]}"  # where --start-at goes on
 
 
-def test_a_listing_that_fails_mid_way_names_the_next_object_to_go_on_from(tiny_settings, bucket, monkeypatch):
+def test_a_listing_that_fails_mid_way_names_the_next_object_to_go_on_from(tiny_settings, bucket, proxy):
     # Every object before the first one listed but not settled is settled: the run goes on there.
-    from handlers import backfill as backfill_module
     from handlers.backfill import Summary, backfill
 
     names = [f"incoming/upscale/{index}.png" for index in range(5)]
     for name in names:
         bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
-    objects = backfill_module._objects
-
-    def fails_after_three(*args, **kwargs):
-        for index, blob in enumerate(objects(*args, **kwargs)):
-            if index == 3:
-                raise NotFound("the next page")
-            yield blob
-
-    monkeypatch.setattr(backfill_module, "_objects", fails_after_three)
+    # The listing comes in pages of three (as Cloud Storage's of 1000); the second page's
+    # request is answered 404 (the bucket deleted meanwhile).
+    listing = rf"^GET /storage/v1/b/{bucket.name}/o\?"
+    proxy.add(Rule(listing + ".*pageToken=", status=404))
+    proxy.add(Rule(listing, status=None, query={"maxResults": "3"}))
     summary = Summary()
     with pytest.raises(NotFound):
-        backfill(storage_client(tiny_settings), bucket.name, "", Layout(), operation=None, publish=None, rate=0,
-                 summary=summary, workers=1)
+        backfill(storage_client(tiny_settings.replace(storage_emulator_host=proxy.url)), bucket.name, "", Layout(),
+                 operation=None, publish=None, rate=0, summary=summary, workers=1)
+    assert proxy.count(listing) == 2 and proxy.count(listing + ".*pageToken=") == 1
     assert summary.looked_at == 2 and summary.current == f"gs://{bucket.name}/{names[2]}"
 
 

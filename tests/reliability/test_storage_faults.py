@@ -25,7 +25,7 @@ from handlers.events import JobRequest, ObjectEvent
 from handlers.processor import Processor
 from handlers.storage import Store
 from handlers.worker import PullWorker
-from scripts.fault_proxy import FaultProxy, Rule
+from scripts.fault_proxy import Rule
 from tests.integration.conftest import png_bytes, wait_for
 from tests.integration.test_processor import FakeEngine
 from tests.reliability.conftest import assert_within_layout
@@ -43,12 +43,6 @@ UPLOAD = r"^POST /upload/storage/v1/b/"
 # Multipart uploads name their object in the metadata part of the body.
 OUTPUT_BODY = rb'"name": ?"processed/upscale/photo\.png"'
 REPORT_BODY = rb'"name": ?"failed/upscale/broken\.png\.json"'
-
-
-@pytest.fixture
-def proxy(storage_emulator):
-    with FaultProxy(storage_emulator.url) as running:
-        yield running
 
 
 @pytest.fixture
