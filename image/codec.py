@@ -135,6 +135,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except MemoryError:
         raise
     except Exception as error:  # hostile bytes can make a plugin fail in any way
+        if kind == "PNG" and _TEXT_TOO_LARGE in str(error) and (bare := _without_png_text(data)) != data:
+            return decode_image(bare, max_bytes=max_bytes, max_pixels=max_pixels)
         raise ImageDecodeError(f"truncated or corrupt {kind or 'image'}: {error}") from None
 
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
@@ -150,6 +152,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         except MemoryError:
             raise
         except Exception as error:
+            if kind == "PNG" and _TEXT_TOO_LARGE in str(error) and (bare := _without_png_text(data)) != data:
+                return decode_image(bare, max_bytes=max_bytes, max_pixels=max_pixels)
             raise ImageDecodeError(f"truncated or corrupt {opened.format}: {error}") from None
         try:
             ImageOps.exif_transpose(opened, in_place=True)
@@ -164,7 +168,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
-            image = to_srgb_8bit(opened)
+            image = to_srgb_8bit(_opaque_if_bmp_alpha_unused(opened))
         except MemoryError:
             raise
         except Exception as error:  # a mode Pillow cannot convert; a corrupt tag read only now
@@ -355,6 +359,40 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
             f"image declares {_dims(size)} = {size[0] * size[1]:,} pixels, over the limit of "
             f"{max_pixels:,} pixels"
         )
+
+
+# Pillow inflates a compressed PNG text chunk (XMP, EXIF as "Raw profile" text) only up to
+# PngImagePlugin.MAX_TEXT_CHUNK (1 MB) and refuses the file beyond it. Photoshop's XMP can grow
+# past that (a long DocumentAncestors list); imagen drops the input's text anyway, so such a
+# PNG is decoded again without its text chunks.
+_TEXT_TOO_LARGE = "MAX_TEXT_CHUNK"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _without_png_text(data: bytes) -> bytes:
+    """`data`, a PNG, without its text chunks up to IEND; as it is where its chunks cannot be
+    walked to IEND."""
+    kept, position = [data[:8]], 8
+    while position + 12 <= len(data):
+        chunk = data[position + 4:position + 8]
+        end = position + 12 + int.from_bytes(data[position:position + 4], "big")
+        if chunk not in _PNG_TEXT_CHUNKS:
+            kept.append(data[position:end])
+        if chunk == b"IEND":
+            return b"".join(kept)
+        position = end
+    return data
+
+
+def _opaque_if_bmp_alpha_unused(image: Image.Image) -> Image.Image:
+    """A 32-bit BMP whose alpha channel is 0 everywhere, as opaque: many Windows programs write
+    BMPs with an alpha mask they never fill, and browsers show those as opaque (taken at its
+    word, every operation would return an invisible image)."""
+    if image.format == "BMP" and image.mode == "RGBA" and image.getchannel("A").getextrema() == (0, 0):
+        opaque = image.convert("RGB")
+        opaque.info = image.info
+        return opaque
+    return image
 
 
 def _dims(size: tuple[int, int]) -> str:

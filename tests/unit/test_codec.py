@@ -349,6 +349,42 @@ def test_one_bit_and_grey_become_rgb(fmt):
     assert decode(save(Image.new("L", (1, 1), 77), fmt)).getpixel((0, 0)) == (77, 77, 77)
 
 
+def bmp_v4(alpha: int) -> bytes:
+    """A 4x4 32-bit BMP with a BITMAPV4HEADER whose bit fields include an alpha mask, every
+    pixel (200, 20, 30) with `alpha`: what Windows programs write, often with alpha left 0."""
+    data = bytes([30, 20, 200, alpha]) * 16
+    header = struct.pack("<IiiHHIIiiII", 108, 4, 4, 1, 32, 3, len(data), 2835, 2835, 0, 0)
+    header += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + bytes(48)
+    return b"BM" + struct.pack("<IHHI", 14 + len(header) + len(data), 0, 0, 14 + len(header)) + header + data
+
+
+def test_a_bmp_alpha_channel_left_at_zero_is_opaque_as_browsers_show_it():
+    assert decode(bmp_v4(alpha=0)).getpixel((0, 0)) == (200, 20, 30)  # was (200, 20, 30, 0): invisible
+    assert decode(bmp_v4(alpha=128)).getpixel((0, 0)) == (200, 20, 30, 128)  # a used alpha is kept
+    assert decode(save(Image.new("RGBA", (2, 2), (1, 2, 3, 0)), "PNG")).getpixel((0, 0)) == (1, 2, 3, 0)
+
+
+def test_a_png_whose_compressed_text_is_over_pillows_limit_decodes_without_it():
+    # Photoshop's XMP can inflate past PngImagePlugin.MAX_TEXT_CHUNK (1 MB); Pillow refused the
+    # whole file, reported as "truncated or corrupt PNG". The text is dropped on decode anyway.
+    from PIL import PngImagePlugin
+
+    picture = gradient()
+    for place in ("before", "after"):  # the chunk read with the header, or once the pixels are
+        info = PngImagePlugin.PngInfo()
+        info.add_text("XML:com.adobe.xmp", "<x:xmpmeta/>" * 200_000, zip=True)
+        data = save(picture, "PNG", pnginfo=info)
+        if place == "after":  # the text chunk moved behind the image data
+            start = data.index(b"zTXt") - 4
+            end = start + 12 + int.from_bytes(data[start:start + 4], "big")
+            iend = data.index(b"IEND") - 4
+            data = data[:start] + data[end:iend] + data[start:end] + data[iend:]
+        assert b"zTXt" in data and len(data) < 100_000
+        assert np.array_equal(pixels(decode(data)), pixels(picture)), place
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt PNG"):  # a broken chunk walk
+        decode(data[:-20] + b"\x00" * 4)
+
+
 def test_premultiplied_alpha_tiff_is_unpremultiplied():
     # (200, 100, 50) at half coverage, stored premultiplied: ExtraSamples = 1 (associated).
     data = save(Image.new("RGBA", (2, 2), (100, 50, 25, 128)), "TIFF")
