@@ -5,8 +5,10 @@ Post: `model(x)[0][0]` is a [1, 1, 1024, 1024] mask in 0..1; it is resized back 
 input's size (bilinear) and min-max normalised. An input that already had transparency
 keeps it (the mask is multiplied by the old alpha).
 
-Output: RGBA (the input's colours, the mask as alpha); `mask_only` gives the mask as an "L"
-image; `background` composites onto that colour and gives RGB.
+Output: RGBA (the input's colours, the mask as alpha; black under fully transparent pixels,
+so the background removed is not in the file: a viewer or tool that ignores alpha would show
+it, and it made PNGs several times larger); `mask_only` gives the mask as an "L" image;
+`background` composites onto that colour and gives RGB.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MEAN, STD = 0.5, 1.0
 
 class RemoveBackground(Operation):
     name = "remove-background"
-    fills_hidden_colours = False  # its result keeps the input's colours as they are
+    fills_hidden_colours = False  # its result keeps the input's colours where they show
 
     def prepare(self) -> None:
         self.model.eval()
@@ -61,6 +63,7 @@ class RemoveBackground(Operation):
         if params["background"] is not None:
             background = Image.new("RGB", rgb.size, params["background"])
             return Image.composite(rgb, background, mask)
-        out = rgb.copy()
+        out = Image.new("RGB", rgb.size)
+        out.paste(rgb, mask=mask.point(lambda level: 255 if level else 0))
         out.putalpha(mask)
         return out
