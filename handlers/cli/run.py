@@ -38,7 +38,7 @@ def run(settings, source, output, operation, params, format_given, device, model
     from PIL import Image
 
     from image.codec import decode_image, encode_image
-    from image.errors import InvalidParameter
+    from image.errors import ImageTooLarge, InvalidParameter
     from image.params import output_format, parse_chain, resolve_common, validate_params
 
     # 1. Check inputs: chain, parameters and image, before any model loads
@@ -62,6 +62,9 @@ def run(settings, source, output, operation, params, format_given, device, model
         params["format"] = named
     with source.open("rb") as file:  # no more than the limit and one byte: enough to refuse it
         data = file.read(settings.max_bytes + 1)
+    if len(data) > settings.max_bytes:  # the file's own size, as the service reports an object's
+        raise ImageTooLarge(f"{source} is {source.stat().st_size:,} bytes; the limit (IMAGEN_MAX_BYTES) is "
+                            f"{settings.max_bytes:,}")
     image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     common = resolve_common(params, data)
     if output is None:

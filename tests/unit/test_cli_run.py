@@ -164,6 +164,15 @@ def test_a_device_or_pipe_is_refused_not_read_forever(tmp_path):
         assert result.exit_code == 2 and "is not a regular file" in result.output, result.output
 
 
+def test_a_file_over_the_byte_limit_is_named_with_its_own_size(photo):
+    # Only the limit and one byte are read: the message gave that count as the file's size.
+    size = photo.stat().st_size
+    result = CliRunner().invoke(main, ["run", str(photo), "--operation", "upscale"],
+                                env={"IMAGEN_DEVICE": "cpu", "IMAGEN_MAX_BYTES": "1000"})
+    assert result.exit_code == 1 and "ImageTooLarge" in result.output, result.output
+    assert f"is {size:,} bytes; the limit (IMAGEN_MAX_BYTES) is 1,000" in result.output
+
+
 def test_not_an_image(cli, tmp_path):
     path = tmp_path / "notes.png"
     path.write_bytes(b"hello, not an image")
