@@ -19,7 +19,9 @@ from handlers.routing import check_safe_name
 from image.operations import OPERATION_NAMES
 
 DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "imagen" / "models"
-DEFAULT_MAX_PIXELS = 16_777_216  # 4096 x 4096
+# 8192 x 8192: every phone's and full-frame camera's photo (48-61 MP) decodes (about 1.4 GB of
+# memory for a 48 MP remove-background); upscale refuses over 16.8 MP itself (ImageTooLarge).
+DEFAULT_MAX_PIXELS = 67_108_864
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_PORT = 8080
 DEVICES = ("auto", "cuda", "cpu")

@@ -132,7 +132,7 @@ CASES = [
         "bomb-png-zlib",
         f"{RB}zeros.png",
         "report",
-        crafted.zlib_bomb_png(5000, 5000),
+        crafted.zlib_bomb_png(10_000, 10_000),  # over the default IMAGEN_MAX_PIXELS (8192²)
         error="DecompressionBomb",
     ),
     Case(
@@ -184,7 +184,7 @@ CASES = [
         "long-thin-png",
         f"{RB}line.png",
         "report",
-        crafted.declare_size("PNG", crafted.sample("PNG"), 1, 20_000_000),
+        crafted.declare_size("PNG", crafted.sample("PNG"), 1, 100_000_000),
         error="DecompressionBomb",
     ),
     # -- odd but valid images: each reaches the model ----------------------------------------

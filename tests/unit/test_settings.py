@@ -124,3 +124,19 @@ def test_the_log_level_is_checked():
     # IMAGEN_BUCKET is submit's alone: checked there (tests/unit/test_cli_errors.py), stopping no other command.
     assert Settings.from_env({"IMAGEN_BUCKET": "gs://in"}).bucket == "gs://in"
 
+
+
+def test_the_default_pixel_limit_takes_a_camera_photo():
+    # 16.8 MP was the default: a 24 MP camera's photo (6000x4000) was refused as a decompression
+    # bomb for every operation, remove-background and comic included.
+    import io
+
+    from PIL import Image
+
+    from image.codec import decode_image
+
+    photo = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (90, 120, 200)).save(photo, "JPEG")
+    settings = Settings.from_env({})
+    decoded = decode_image(photo.getvalue(), max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    assert decoded.size == (6000, 4000)
