@@ -836,9 +836,10 @@ def _retries_for(error: Exception) -> dict:
     attempt numbers not reported for it (a job that breaks every GPU it meets is reported as
     one that stopped its worker: STOPPED_WORKER_LIMIT); without them (Eventarc: no dead-letter
     topic) the age bounds it too, or it would restart instances for Eventarc's 24 h and then
-    be dropped."""
+    be dropped. A job refused because the GPU had failed in an earlier one never ran: no age
+    ends it (a backlog's jobs waiting behind the one that broke it were reported)."""
     if isinstance(error, DeviceFailed):
-        return {"attempts": math.inf}
+        return {"attempts": math.inf} if error.ran else {"attempts": math.inf, "seconds": math.inf}
     if isinstance(error, OutOfDeviceMemory) and not error.compiling:
         return {"attempts": OUT_OF_MEMORY_ATTEMPTS, "seconds": OUT_OF_MEMORY_RETRY_SECONDS, "by_age_too": False}
     return {}

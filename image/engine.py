@@ -313,7 +313,7 @@ class Engine:
         set-up either (only a new process can use the GPU)."""
         if self.state == DEVICE_FAILED:
             raise DeviceFailed(f"the GPU failed in an earlier job ({self.error}): this process takes no more "
-                               "jobs") from self.error
+                               "jobs", ran=False) from self.error
 
     def model_id(self, chain: Sequence[str] | str) -> str:
         """"repo@revision" for one operation; joined with "," for a chain."""

@@ -81,4 +81,10 @@ class DeviceFailed(ModelError):
     "unspecified launch failure", a device-side assert): the CUDA context of this process is
     unusable from then on, so every later job here would fail too. The engine stops taking
     jobs (`Engine.state` DEVICE_FAILED); the service reports itself unhealthy and the worker
-    exits, so the platform starts a fresh process, and the job is retried elsewhere."""
+    exits, so the platform starts a fresh process, and the job is retried elsewhere.
+    `ran`: False for a job refused because the GPU had failed in an earlier one (it waited for
+    the device meanwhile): it never touched the GPU, so it is no suspect."""
+
+    def __init__(self, message: str, ran: bool = True) -> None:
+        super().__init__(message)
+        self.ran = ran

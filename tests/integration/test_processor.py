@@ -1361,6 +1361,22 @@ def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bu
     assert _report(bucket, "failed/upscale/gpu.png.json")["error"]["type"] == "DeviceFailed"
 
 
+def test_a_job_that_waited_while_another_broke_the_gpu_goes_back_whatever_its_age(tiny_settings, engine,
+                                                                                  bucket, monkeypatch):
+    # A backlog's job waiting for the device (a prefetch; a second request) while another broke
+    # it was refused by the engine and, on Eventarc (no attempt numbers) 30 minutes after its
+    # event, reported as if it had broken the GPU: it never ran.
+    from image.engine import DEVICE_FAILED
+
+    monkeypatch.setattr(engine, "state", DEVICE_FAILED)  # as the job before it left the engine
+    monkeypatch.setattr(engine, "error", RuntimeError("CUDA error: an illegal memory access was encountered"))
+    source = _upload(bucket, "incoming/remove-background/waited.png")
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=MAX_RETRY_SECONDS + 60)
+    with pytest.raises(TransientError, match="the GPU failed in an earlier job"):
+        _processor(tiny_settings, engine).handle(_event(source), sent=old)
+    assert bucket.get_blob("failed/remove-background/waited.png.json") is None
+
+
 def test_failure_and_retry_lines_say_what_the_job_cost_and_library_lines_name_the_job(settings, bucket, caplog):
     """Only a success said its seconds and timings: a failure's or retry's GPU time could not
     be charted. And the engine's and libraries' lines during a job carried its id and source
