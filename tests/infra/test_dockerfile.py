@@ -145,6 +145,7 @@ def test_runtime_is_offline_non_root_and_serves(dockerfile):
     assert env["IMAGEN_OPERATIONS"] == "${OPERATIONS}"
     assert _args(runtime)["OPERATIONS"] == ",".join(operation_names())
     assert env["PORT"] == "8080"
+    assert env["MALLOC_ARENA_MAX"] == "2"  # memory that job threads freed is used again, not kept per thread
     users = [i.args for i in runtime.instructions if i.keyword == "USER"]
     assert users == ["10001:10001"]  # numeric: Kubernetes runAsNonRoot can check it
     keywords = [i.keyword for i in runtime.instructions]
