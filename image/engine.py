@@ -48,6 +48,10 @@ logger = logging.getLogger("imagen.engine")
 
 STARTING, READY, SETUP_FAILED = "STARTING", "READY", "SETUP_FAILED"
 DEVICE_FAILED = "DEVICE_FAILED"  # a CUDA error this process cannot recover from: restart it
+SWAP_SECONDS = 60.0
+"""A background compile's budget for holding the device while it swaps the compiled model in
+(the captures of at most eight graphs; seconds): past it, with the watchdog's grace, the GPU
+is taken to be hung, as for a job."""
 
 
 class Engine:
@@ -140,7 +144,7 @@ class Engine:
             for name, op in self._ops.items():
                 # After every model is loaded (compiling overlaps nothing but jobs), holding
                 # the run lock only to swap the compiled graphs in.
-                if op.start_background(self._run_lock):
+                if op.start_background(_DeviceHold(self, f"{name} (swapping its compiled model in)")):
                     logger.info("%s: compiling in the background; serving uncompiled meanwhile", name)
 
     def wait_background(self, timeout: float | None = None) -> bool:
@@ -337,6 +341,24 @@ def _release_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+class _DeviceHold:
+    """The engine's run lock as a background compile holds it, around each swap of its compiled
+    model in (`with hold:`, as often as it swaps): held as a job holds it (`Engine._busy`, with
+    SWAP_SECONDS as budget), so a swap that hangs on the GPU is seen by `Engine.overdue`, and
+    the watchdog stops the process as it would for a job."""
+
+    def __init__(self, engine: Engine, what: str) -> None:
+        self._engine, self._what = engine, what
+
+    def __enter__(self) -> None:
+        self._engine._run_lock.acquire()
+        self._engine._busy = (time.monotonic(), SWAP_SECONDS, (self._what,), contextvars.copy_context())
+
+    def __exit__(self, *exc_info) -> None:
+        self._engine._busy = None
+        self._engine._run_lock.release()
 
 
 def _chain(chain: Sequence[str] | str) -> tuple[str, ...]:

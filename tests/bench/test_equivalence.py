@@ -139,8 +139,11 @@ def test_the_engine_starts_background_compiles_once_every_operation_is_ready(tin
     engine = Engine(["comic", "remove-background"], tiny_cache, device="cpu", lock=Lock(), compile_cache=store)
     engine.setup()
     assert [name for name, *_ in started] == ["comic", "remove-background"]
-    for _, state, loaded, lock in started:
-        assert state == READY and loaded == {"comic", "remove-background"} and lock is engine._run_lock
+    for _, state, loaded, hold in started:
+        assert state == READY and loaded == {"comic", "remove-background"}
+        with hold:  # the engine's run lock: no job runs while a compiled model is swapped in
+            assert engine._run_lock.locked()
+        assert not engine._run_lock.locked()
 
 
 @pytest.mark.parametrize("op", OPERATIONS)

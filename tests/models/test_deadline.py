@@ -217,3 +217,36 @@ def test_a_job_stuck_on_the_device_past_its_budget_is_overdue(tiny_cache, monkey
         thread.join(30)
         assert engine.overdue(0) is None and engine.busy_context() is None  # the device is free again
     assert ended == ["output", "output", "JobTooLong", "JobTooLong"]
+
+
+def test_a_background_compile_stuck_swapping_its_model_in_is_overdue(tiny_cache, monkeypatch):
+    # The background compile swaps its graphs in holding the run lock, GPU work with no job on
+    # the device: hung there, the watchdog saw nothing, and jobs waited behind it for ever.
+    from image import engine as engine_module
+    from image.operations.remove_background import RemoveBackground
+
+    holds = []
+    monkeypatch.setattr(RemoveBackground, "start_background", lambda op, lock: holds.append(lock) or False)
+    monkeypatch.setattr(engine_module, "SWAP_SECONDS", 0.2)
+    engine = Engine(["remove-background"], tiny_cache, device="cpu", lock=Lock())
+    engine.setup()
+    [hold] = holds  # what the operation's background compile holds around each swap
+    swapping, release = threading.Event(), threading.Event()
+
+    def swap():
+        with hold:
+            swapping.set()
+            release.wait(60)
+
+    for _ in range(2):  # held around each swap: as often as the compile swaps
+        release.clear()
+        thread = threading.Thread(target=swap)
+        thread.start()
+        assert swapping.wait(30)
+        time.sleep(0.4)
+        assert re.fullmatch(r"remove-background \(swapping its compiled model in\) has held the device for \d+ s, "
+                            r"more than 0\.1 s past its budget of 0\.2 s", engine.overdue(0.1) or "")
+        release.set()
+        thread.join(30)
+        assert engine.overdue(0) is None
+    assert engine.run(["remove-background"], _image(48), {}, seed=0).size == (48, 48)  # the lock is free
