@@ -48,6 +48,8 @@ logger = logging.getLogger("imagen.engine")
 
 STARTING, READY, SETUP_FAILED = "STARTING", "READY", "SETUP_FAILED"
 DEVICE_FAILED = "DEVICE_FAILED"  # a CUDA error this process cannot recover from: restart it
+WITHDRAWN_POLL_SECONDS = 1.0
+"""How often a job waiting for the device asks whether it was handed back (`Engine.run`)."""
 SWAP_SECONDS = 60.0
 """A background compile's budget for holding the device while it swaps the compiled model in
 (the captures of at most eight graphs; seconds): past it, with the watchdog's grace, the GPU
@@ -205,9 +207,9 @@ class Engine:
         budgets the work from when the device is this job's (after any wait for it):
         past it the operation stops at its next denoising step with JobTooLong; a callable
         gives it then, after `started()` (a caller whose own time ran on while the job waited
-        takes the wait off). `withdrawn()`
-        is asked once the device is this job's: True raises Withdrawn before any work (a
-        stopping worker hands back the jobs still waiting rather than run them all).
+        takes the wait off). `withdrawn()` is asked every second while the job waits for the
+        device and once it is the job's: True raises Withdrawn before any work (a stopping
+        worker hands back the jobs still waiting rather than run them all).
         `started()` is called next, holding the device, before the budget starts: what it
         raises ends the job there. Out of GPU memory raises OutOfDeviceMemory (a ModelError:
         retried) after freeing the cache.
@@ -224,7 +226,9 @@ class Engine:
         self.output_size(chain, image.size, params.get("format", COMMON_DEFAULTS["format"]))
 
         # 2. Run the chain
-        with self._run_lock:
+        if not self._wait_for_device(withdrawn):
+            raise Withdrawn("the job was handed back before it started: this process is stopping")
+        try:
             self._refuse_on_a_failed_device()  # a job that waited for the device while it failed
             if withdrawn is not None and withdrawn():
                 raise Withdrawn("the job was handed back before it started: this process is stopping")
@@ -237,6 +241,19 @@ class Engine:
                 return self._run_chain(chain, image, params, seed, deadline)
             finally:
                 self._busy = None
+        finally:
+            self._run_lock.release()
+
+    def _wait_for_device(self, withdrawn: Callable[[], bool] | None) -> bool:
+        """Take the run lock once it is free; False, without it, as soon as `withdrawn()` is
+        True while waiting (asked every WITHDRAWN_POLL_SECONDS): a stopping worker's waiting
+        job goes back to Pub/Sub at once, not after the job on the device (up to an hour)."""
+        if withdrawn is None:
+            return self._run_lock.acquire()
+        while not self._run_lock.acquire(timeout=WITHDRAWN_POLL_SECONDS):
+            if withdrawn():
+                return False
+        return True
 
     def overdue(self, grace: float) -> str | None:
         """What job has held the device more than `grace` seconds past its budget

@@ -483,24 +483,25 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
     with pytest.raises(Withdrawn, match="handed back"):
         engine.run(["upscale"], _image(), {}, seed=0, withdrawn=lambda: True)
 
-    # Asked once the device is the job's: a job already waiting for it when the worker began
-    # to stop is handed back too, not run for its whole budget (a drain takes one job's time).
+    # Asked while the job waits for the device, too: a job already waiting for it when the
+    # worker began to stop is handed back at once, not after the job on the device (up to an
+    # hour) nor run for its whole budget then (a drain takes one job's time).
     import threading
 
     class Watched:  # the engine's lock, saying when a job starts waiting for it
         def __init__(self, lock):
             self.lock, self.waiting = lock, threading.Event()
 
-        def __enter__(self):
+        def acquire(self, blocking=True, timeout=-1):
             self.waiting.set()
-            return self.lock.__enter__()
+            return self.lock.acquire(blocking, timeout)
 
-        def __exit__(self, *exc):
-            return self.lock.__exit__(*exc)
+        def release(self):
+            self.lock.release()
 
     holding, release, stopping, raised = threading.Event(), threading.Event(), threading.Event(), []
     first = threading.Thread(target=engine.run, args=(["remove-background"], _image(), {}, 0),
-                             kwargs={"started": lambda: (holding.set(), release.wait(30))})
+                             kwargs={"started": lambda: (holding.set(), release.wait(60))})
     first.start()
     assert holding.wait(30)
     monkeypatch.setattr(engine, "_run_lock", Watched(engine._run_lock))
@@ -515,9 +516,10 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
     second.start()
     assert engine._run_lock.waiting.wait(30)
     stopping.set()
+    second.join(10)
+    assert not second.is_alive() and first.is_alive()  # handed back while the first job runs on
     release.set()
     first.join(60)
-    second.join(60)
     assert [type(error) for error in raised] == [Withdrawn]
 
 
