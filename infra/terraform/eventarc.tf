@@ -1,8 +1,9 @@
 # delivery = "eventarc": the alternative to push. One trigger per operation sends every
 # object-finalized CloudEvent of the input bucket to that operation's service, which skips
 # (2xx) the objects outside its folder. Eventarc cannot filter Storage events by prefix and
-# manages its own subscription, so there is no per-operation filter, dead-letter topic or
-# backlog alert here: prefer push unless you need CloudEvents end to end.
+# manages its own subscription, so there is no per-operation filter or dead-letter topic here
+# (the jobs-waiting alert watches the triggers' subscriptions): prefer push unless you need
+# CloudEvents end to end.
 
 resource "google_service_account" "eventarc" {
   count = local.eventarc ? 1 : 0

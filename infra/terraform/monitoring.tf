@@ -12,8 +12,9 @@
 # - <prefix>-errors: each ERROR or CRITICAL line of imagen's (and gunicorn's): a fault of an
 #   instance (a model, the GPU, a report that could not be written, a crash, a bug), the
 #   lines the "imagen: worker errors" alert watches (a log-match alert);
-# and jobs that wait on their subscription longer than job_wait_alert_seconds (a stuck worker,
-# no GPU capacity, scaling that does not happen), the "imagen: jobs waiting" alert.
+# and jobs that wait on their subscription (with Eventarc, their trigger's) longer than
+# job_wait_alert_seconds (a stuck worker, no GPU capacity, scaling that does not happen), the
+# "imagen: jobs waiting" alert.
 
 locals {
   unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
@@ -27,8 +28,10 @@ locals {
   )
   # The log lines behind the metrics (handlers/processor.py and handlers/logs.py write them;
   # tests/infra/test_terraform.py checks the filters against lines the code writes).
+  # A native crash (a segfault in a CUDA library) writes no JSON line: faulthandler's text on
+  # stderr, whose first line says it (and the severity stderr text gets differs by platform).
   job_failure_filter = "jsonPayload.logger=\"imagen.processor\" AND jsonPayload.message=~\"^job failed: \""
-  error_filter       = "severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\""
+  error_filter       = "(severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\") OR textPayload=~\"^Fatal Python error: \""
   # The job-failures metric's operation label: an operation or a chain of up to four, else
   # empty. A failed job's `operation` is whatever its folder or message named (an
   # UnknownOperation report, a chain naming one twice): a label value per typo would grow the
@@ -36,6 +39,12 @@ locals {
   operation_names   = ["upscale", "enhance", "comic", "remove-background"]
   operation_pattern = "^((?:${join("|", local.operation_names)})(?:,(?:${join("|", local.operation_names)})){0,3})$"
   worker_resource   = local.gke ? "k8s_container" : "cloud_run_revision"
+  # Where jobs wait for a worker: each operation's subscription, or with Eventarc the
+  # subscription each trigger made for itself (projects/<project>/subscriptions/<name>).
+  job_subscriptions = concat(
+    [for sub in google_pubsub_subscription.jobs : sub.name],
+    [for trigger in google_eventarc_trigger.worker : element(split("/", trigger.transport[0].pubsub[0].subscription), 3)],
+  )
   watched_backlogs = merge(
     local.dead_letter_conditions,
     length(local.unrouted_subscriptions) > 0 ? { "unrouted backlog" = local.unrouted_subscriptions } : {},
@@ -169,10 +178,13 @@ resource "google_monitoring_alert_policy" "errors" {
   conditions {
     display_name = "ERROR or CRITICAL log lines"
     condition_matched_log {
-      filter = "${local.error_filter} AND resource.type=\"${local.worker_resource}\""
+      filter = "(${local.error_filter}) AND resource.type=\"${local.worker_resource}\""
+      # Each combination of label values is its own incident and notification, rate limit
+      # included: the message's words before its first colon ("job failed on this
+      # instance", "imagen stopped"), not the whole free text (one per failed job).
       label_extractors = {
         logger  = "EXTRACT(jsonPayload.logger)"
-        message = "EXTRACT(jsonPayload.message)"
+        message = "REGEXP_EXTRACT(jsonPayload.message, \"^([^:]{1,60})\")"
       }
     }
   }
@@ -183,7 +195,8 @@ resource "google_monitoring_alert_policy" "errors" {
       An imagen worker logged an ERROR or CRITICAL line: a fault of an instance, not of a
       job's input (bad input ends in a failure report, charted by the
       `${var.name_prefix}-job-failures` metric). In Logs Explorer:
-      `severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)"`. Common ones:
+      `(severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)") OR textPayload=~"^Fatal Python error: "`.
+      Common ones:
       `job failed on this instance` (a model fault; the job is retried),
       `job failed:` (a fault that was not the input's and outlasted its retries, e.g. Cloud
       Storage refusing the output to the runtime account; the failure report says which),
@@ -191,7 +204,8 @@ resource "google_monitoring_alert_policy" "errors" {
       `a job is stuck on the GPU` (the process exits; its messages are redelivered),
       `job failed, and its failure report could not be written` (the runtime service account's
       access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
-      exited), `unexpected error in job` (a bug: its stack_trace). docs/deploy.md,
+      exited), `unexpected error in job` (a bug: its stack_trace), `Fatal Python error` (a
+      native crash, as text: every thread's stack follows it). docs/deploy.md,
       Troubleshooting, has each.
     EOT
   }
@@ -209,7 +223,7 @@ resource "google_monitoring_alert_policy" "errors" {
 }
 
 resource "google_monitoring_alert_policy" "jobs_waiting" {
-  count = length(google_pubsub_subscription.jobs) > 0 ? 1 : 0
+  count = length(google_pubsub_subscription.jobs) + length(google_eventarc_trigger.worker) > 0 ? 1 : 0
 
   display_name = "imagen: jobs waiting"
   combiner     = "OR"
@@ -220,7 +234,7 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
     condition_threshold {
       filter = join(" AND ", [
         "resource.type = \"pubsub_subscription\"",
-        format("resource.labels.subscription_id = one_of(%s)", join(", ", [for sub in google_pubsub_subscription.jobs : "\"${sub.name}\""])),
+        format("resource.labels.subscription_id = one_of(%s)", join(", ", [for name in local.job_subscriptions : "\"${name}\""])),
         "metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\"",
       ])
       comparison      = "COMPARISON_GT"
@@ -239,8 +253,9 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
   documentation {
     mime_type = "text/markdown"
     content   = <<-EOT
-      A job has waited on `${var.name_prefix}-<operation>` for over ${var.job_wait_alert_seconds} s
-      without being acknowledged: no instance takes it (every one busy at max_instances, or
+      A job has waited on `${var.name_prefix}-<operation>` (with Eventarc, on the subscription
+      of an operation's trigger) for over ${var.job_wait_alert_seconds} s without being
+      acknowledged: no instance takes it (every one busy at max_instances, or
       GKE's GPU node pool at its maximum or out of capacity, or scaling from zero does not
       happen), or a worker holds it without finishing (a job stuck on the GPU: the worker's
       lease on it runs up to (jobs in hand) x (max-job-seconds + 120 s)). Look at the

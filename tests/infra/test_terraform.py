@@ -761,13 +761,17 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
     # metric is not visible to Monitoring for minutes); such a policy needs a rate limit.
     alert = terraform.resource("google_monitoring_alert_policy", "errors")
     matched = one(one(alert["conditions"])["condition_matched_log"])
-    assert expr(matched["filter"]) == '${local.error_filter} AND resource.type="${local.worker_resource}"'
+    assert expr(matched["filter"]) == '(${local.error_filter}) AND resource.type="${local.worker_resource}"'
+    # Each combination of label values is an incident and a notification of its own: not the
+    # message's free text (one per failed job), its words before the first colon.
+    assert matched["label_extractors"] == {
+        "logger": "EXTRACT(jsonPayload.logger)", "message": 'REGEXP_EXTRACT(jsonPayload.message, "^([^:]{1,60})")'}
     assert expr(terraform.locals["worker_resource"]) == 'local.gke ? "k8s_container" : "cloud_run_revision"'
     assert one(one(alert["alert_strategy"])["notification_rate_limit"])["period"] == "300s"
     waiting = terraform.resource("google_monitoring_alert_policy", "jobs_waiting")
     threshold = one(one(waiting["conditions"])["condition_threshold"])
     assert "pubsub.googleapis.com/subscription/oldest_unacked_message_age" in expr(threshold["filter"])
-    assert "google_pubsub_subscription.jobs" in expr(threshold["filter"])
+    assert "local.job_subscriptions" in expr(threshold["filter"])
     assert expr(threshold["threshold_value"]) == "var.job_wait_alert_seconds"
     # Above the longest lease of a GKE worker with its defaults: a message being worked on
     # counts as unacknowledged.
@@ -978,6 +982,25 @@ def test_the_image_cleanup_never_deletes_the_tags_in_use(terraform, tmp_path):
         (tmp_path / name).mkdir()
         assert _evaluate(tmp_path / name, variables, outputs)["for_each"] == kept, name
     assert terraform.default("keep_image_tags") == []
+
+
+def test_jobs_waiting_watches_the_eventarc_triggers_subscriptions_too(terraform, tmp_path):
+    # With Eventarc there was no jobs-waiting alert at all (it watched the push/pull
+    # subscriptions only): a stuck service or no GPU capacity went unseen there.
+    waiting = terraform.resource("google_monitoring_alert_policy", "jobs_waiting")
+    assert expr(waiting["count"]) == \
+        "length(google_pubsub_subscription.jobs) + length(google_eventarc_trigger.worker) > 0 ? 1 : 0"
+    watched = expr(terraform.locals["job_subscriptions"])
+    assert "[for sub in google_pubsub_subscription.jobs : sub.name]" in watched
+    # The attribute the ack-deadline fix reads (a full name); the metric's label is the short one.
+    attribute = "trigger.transport[0].pubsub[0].subscription"
+    [name] = re.findall(r"\[for trigger in google_eventarc_trigger\.worker : (.*)\]", watched)
+    assert attribute in name
+    raised = terraform.resource("terraform_data", "eventarc_ack_deadline")
+    assert expr(raised["triggers_replace"]) == attribute.replace("trigger.", "each.value.")
+    full = "projects/p/subscriptions/eventarc-us-central1-imagen-upscale-000-sub-111"
+    value = _evaluate(tmp_path, {"full": full}, {"name": name.replace(attribute, "var.full")})
+    assert value["name"] == "eventarc-us-central1-imagen-upscale-000-sub-111"
 
 
 def test_the_failure_metric_labels_operations_not_whatever_a_job_named(tmp_path):

@@ -10,8 +10,11 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -1301,23 +1304,46 @@ _SEVERITIES = ["DEFAULT", "DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITIC
 
 def _logging_filter_matches(text: str, entry: dict) -> bool:
     """Cloud Logging's query language, the part monitoring.tf's metrics use (clauses joined
-    by AND: `jsonPayload.a.b="v"`, `=~"regex"`, `severity>=LEVEL`), for one JSON line (Cloud
-    Logging takes its `severity` for the entry's; `message` and the rest stay in jsonPayload)."""
+    by AND and OR, groups in parentheses: `jsonPayload.a.b="v"`, `=~"regex"`, `textPayload`,
+    `severity>=LEVEL`), for one entry: a JSON line (Cloud Logging takes its `severity` for the
+    entry's; `message` and the rest stay in jsonPayload), or {"textPayload": ..., "severity": ...}."""
     import re
 
-    for clause in text.split(" AND "):
-        if clause.startswith("severity>="):
-            if _SEVERITIES.index(entry["severity"]) < _SEVERITIES.index(clause.removeprefix("severity>=")):
-                return False
-            continue
-        match = re.fullmatch(r'jsonPayload\.([\w.]+)(=~|=)"(.*)"', clause)
-        assert match, f"cannot read {clause!r}"
-        value = entry
-        for key in match[1].split("."):
+    for word in ("OR", "AND"):
+        if len(parts := _top_level_parts(text, word)) > 1:
+            matches = (_logging_filter_matches(part, entry) for part in parts)
+            return any(matches) if word == "OR" else all(matches)
+    clause = text.strip()
+    if clause.startswith("(") and clause.endswith(")"):
+        return _logging_filter_matches(clause[1:-1], entry)
+    if clause.startswith("severity>="):
+        return _SEVERITIES.index(entry["severity"]) >= _SEVERITIES.index(clause.removeprefix("severity>="))
+    match = re.fullmatch(r'(jsonPayload\.[\w.]+|textPayload)(=~|=)"(.*)"', clause)
+    assert match, f"cannot read {clause!r}"
+    if match[1] == "textPayload":
+        value = entry.get("textPayload")
+    else:
+        value = None if "textPayload" in entry else entry
+        for key in match[1].split(".")[1:]:
             value = value.get(key) if isinstance(value, dict) else None
-        if value is None or not (re.search(match[3], str(value)) if match[2] == "=~" else str(value) == match[3]):
-            return False
-    return True
+    return value is not None and bool(re.search(match[3], str(value)) if match[2] == "=~" else str(value) == match[3])
+
+
+def _top_level_parts(text: str, word: str) -> list[str]:
+    """`text` split at ` word ` outside parentheses and quoted strings."""
+    parts, depth, quoted, start, at = [], 0, False, 0, 0
+    while at < len(text):
+        char = text[at]
+        if char == '"' and text[at - 1] != "\\":
+            quoted = not quoted
+        elif not quoted and char in "()":
+            depth += 1 if char == "(" else -1
+        elif not quoted and depth == 0 and text.startswith(f" {word} ", at):
+            parts.append(text[start:at])
+            at = start = at + len(word) + 2
+            continue
+        at += 1
+    return parts + [text[start:]]
 
 
 def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, caplog):
@@ -1342,6 +1368,15 @@ def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, cap
     assert [line["message"].split(":")[0] for line in lines if _logging_filter_matches(errors, line)] == [
         "job failed on this instance"]
     assert failed["severity"] == "WARNING"  # a bad input is the sender's to fix: no errors alert
+    # A native crash writes no JSON line: faulthandler's text on stderr (as a worker sets it up).
+    crash = subprocess.run([sys.executable, "-c", "import ctypes\nfrom handlers.logs import configure_logging\n"
+                            "configure_logging(service=True)\nctypes.string_at(0)"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert crash.returncode != 0
+    first = crash.stderr.splitlines()[0]
+    for severity in ("DEFAULT", "ERROR"):  # whichever the platform gives stderr's text
+        assert _logging_filter_matches(errors, {"textPayload": first, "severity": severity}), first
+    assert not _logging_filter_matches(errors, {"textPayload": "a library's own line", "severity": "ERROR"})
 
 
 def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket, caplog):
