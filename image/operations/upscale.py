@@ -30,7 +30,7 @@ from image.operations.base import Operation, attach_alpha
 from image.params import resolve
 from image.tiling import plan_tiles, upscale_tiled
 
-# Output at most 16384 x 16384 (268 MP), IMAGEN_MAX_PIXELS' default for the input: the tiles
+# Output at most 16384 x 16384 (268 MP), from MAX_INPUT_PIXELS below: the tiles
 # stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
 # about 2.8 GB (4.1 GB with alpha; up to ~4.8 GB for a 32:1 strip, whose float band of rows
 # spans its long side), the input's latent noise field (Upscale.latent_noise) 0.27 GB of it.

@@ -95,7 +95,7 @@ variable "allowed_buckets" {
 }
 
 variable "job_publishers" {
-  description = "IAM members (e.g. serviceAccount:svc@p.iam.gserviceaccount.com) allowed to publish job messages to the notification topic. Each must set the message attribute `operation`."
+  description = "IAM members (e.g. serviceAccount:svc@p.iam.gserviceaccount.com) allowed to publish job messages to the notification topic. The message attribute `operation` routes a job; where a message has none, the topic copies it from the JSON body (filtered subscriptions)."
   type        = list(string)
   default     = []
 
