@@ -1,8 +1,10 @@
 """JSON schemas for the custom resources infra/k8s uses, which kubernetes-validate (built-in
-kinds only) does not know: KEDA's ScaledObject and TriggerAuthentication.
+kinds only) does not know: KEDA's ScaledObject and TriggerAuthentication, Managed Service for
+Prometheus' PodMonitoring.
 
 Written from KEDA's documentation (keda.sh/docs/latest/reference/scaledobject-spec and
-.../concepts/authentication) for the fields a manifest here may use; additionalProperties
+.../concepts/authentication) and prometheus-engine's CRD (monitoring.googleapis.com/v1) for
+the fields a manifest here may use; additionalProperties
 is false wherever the field set is known, so a misspelt field fails instead of being
 ignored by the cluster. A CRD not listed here is an error: add its schema.
 """
@@ -176,7 +178,62 @@ TRIGGER_AUTHENTICATION = {
     "additionalProperties": False,
 }
 
+_DURATION = {"type": "string", "pattern": r"^((\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"}
+
+POD_MONITORING = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.googleapis.com/v1"},
+        "kind": {"const": "PodMonitoring"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": _STRING},
+                        "matchExpressions": {"type": "array"},
+                    },
+                    "additionalProperties": False,
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": ["string", "integer"]},
+                            "scheme": {"enum": ["http", "https"]},
+                            "path": _STRING,
+                            "params": {"type": "object"},
+                            "interval": _DURATION,
+                            "timeout": _DURATION,
+                            "metricRelabeling": {"type": "array"},
+                            "proxyUrl": _STRING,
+                            "authorization": {"type": "object"},
+                            "basicAuth": {"type": "object"},
+                            "oauth2": {"type": "object"},
+                            "tls": {"type": "object"},
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "targetLabels": {"type": "object"},
+                "limits": {"type": "object"},
+                "filterRunning": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+    },
+    "additionalProperties": False,
+}
+
 SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
+    ("monitoring.googleapis.com/v1", "PodMonitoring"): POD_MONITORING,
 }

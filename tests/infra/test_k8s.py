@@ -41,7 +41,7 @@ def test_manifests_match_the_schemas(rendered, kustomization, version):
 
     for document in rendered[kustomization]:
         kind = (document["apiVersion"], document["kind"])
-        if kind[0].startswith("keda.sh/"):
+        if kind[0].startswith(("keda.sh/", "monitoring.googleapis.com/")):
             assert kind in crd_schemas.SCHEMAS, f"no schema for {kind}: add it to tests/infra/crd_schemas.py"
             jsonschema.validate(document, crd_schemas.SCHEMAS[kind])
         else:
@@ -177,6 +177,21 @@ def test_only_the_metrics_port_accepts_connections(rendered):
     assert default_deny and default_deny[0]["spec"]["policyTypes"] == ["Ingress"]
     ports = [port for p in policies for rule in p["spec"].get("ingress", []) for port in rule["ports"]]
     assert ports == [{"protocol": "TCP", "port": 9090}]
+
+
+def test_every_workers_metrics_are_collected(rendered):
+    # The workers served Prometheus metrics that nothing scraped on GKE.
+    [monitoring] = by_kind(rendered["base"], "PodMonitoring")
+    assert monitoring["metadata"]["namespace"] == "imagen"
+    selector = monitoring["spec"]["selector"]["matchLabels"]
+    [endpoint] = monitoring["spec"]["endpoints"]
+    workers = by_kind(rendered["base"], "Deployment")
+    assert len(workers) == len(operation_names())
+    for worker in workers:  # each worker's pods, on the port its readiness probe reads
+        assert selector.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+        container = _container(worker)
+        assert {"name": endpoint["port"], "containerPort": 9090} in container["ports"]
+        assert container["readinessProbe"]["httpGet"]["path"] == endpoint["path"] == "/metrics"
 
 
 def test_worker_environment_follows_design(rendered, terraform):
