@@ -78,8 +78,17 @@ _NO_METADATA = {"exif": b"", "icc_profile": None, "xmp": b"", "comment": None}
 MAX_JPEG_SCANS = 256
 """Scans a JPEG may hold: each progressive scan decodes the whole image again, so a file of a
 few hundred kilobytes repeating one scan thousands of times took hours to decode (libjpeg's
-own tools cap them for that reason). Real progressive JPEGs hold about ten; 256 scans of the
-largest image allowed decode in seconds."""
+own tools cap them for that reason). Real progressive JPEGs hold about ten. Above 16.8 MP
+fewer (`max_jpeg_scans`): 256 scans of 16.8 MP decode in about 5 s on one core, and 256 of
+64 MP (the default IMAGEN_MAX_PIXELS) took 16 s."""
+MIN_JPEG_SCANS = 32
+
+
+def max_jpeg_scans(size: tuple[int, int]) -> int:
+    """The scans a JPEG of `size` may hold: MAX_JPEG_SCANS up to 16.8 MP, then as many as
+    decode in the same time, but never fewer than MIN_JPEG_SCANS."""
+    pixels = max(1, size[0] * size[1])
+    return min(MAX_JPEG_SCANS, max(MIN_JPEG_SCANS, MAX_JPEG_SCANS * 4096 * 4096 // pixels))
 
 MAX_JPEG_SEGMENTS = 10_000
 """Marker segments a JPEG may hold (real ones hold tens: tables, headers, scans, metadata)."""
@@ -99,6 +108,21 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
     Raises ImageTooLarge, DecompressionBomb or ImageDecodeError.
     """
+    try:
+        return _decode(data, max_bytes, max_pixels)
+    except _PngTextTooLarge as error:  # out of the first try, its pixels released
+        if (bare := _without_png_text(data)) is data:
+            raise ImageDecodeError(str(error)) from None
+    try:
+        return _decode(bare, max_bytes, max_pixels)
+    except _PngTextTooLarge as error:  # its colour profile (iCCP) is over the limit too
+        raise ImageDecodeError(f"PNG whose colour profile unpacks to more than Pillow reads ({error}): "
+                               "re-save it with a smaller profile, or none (sRGB)") from None
+
+
+def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """`decode_image`, raising _PngTextTooLarge where a PNG's text or colour profile unpacks to
+    more than Pillow reads."""
     # 1. Check the size of the bytes and, where Pillow allocates while opening, the header.
     if len(data) > max_bytes:
         raise ImageTooLarge(
@@ -110,9 +134,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     kind = _sniff_format(data)
     if kind in ("GIF", "WEBP") and (declared := _declared_size(kind, data)):
         _check_pixels(declared, max_pixels)
-    if kind == "JPEG" and (scans := _jpeg_scans(data, MAX_JPEG_SCANS + 1)) > MAX_JPEG_SCANS:
-        raise ImageDecodeError(f"JPEG with more than {MAX_JPEG_SCANS} scans ({scans} found before counting "
-                               "stopped): refused, decoding each scan again would take minutes; re-encode it")
+    # Before Pillow reads the header: a JPEG of millions of segments took it seconds (counting
+    # refuses it); the scans allowed depend on the size, checked once it is known.
+    scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1) if kind == "JPEG" else 0
 
     # 2. Open (reads the header only) and check the declared size before decoding.
     try:
@@ -135,13 +159,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except MemoryError:
         raise
     except Exception as error:  # hostile bytes can make a plugin fail in any way
-        if kind == "PNG" and _TEXT_TOO_LARGE in str(error) and (bare := _without_png_text(data)) != data:
-            return decode_image(bare, max_bytes=max_bytes, max_pixels=max_pixels)
+        if kind == "PNG" and any(limit in str(error) for limit in _PNG_TEXT_LIMITS):
+            raise _PngTextTooLarge(f"truncated or corrupt PNG: {error}") from None
         raise ImageDecodeError(f"truncated or corrupt {kind or 'image'}: {error}") from None
 
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
     with opened:
         _check_pixels(opened.size, max_pixels)
+        if scans > (limit := max_jpeg_scans(opened.size)):
+            counted = f"{scans} or more" if scans > MAX_JPEG_SCANS else scans
+            raise ImageDecodeError(f"JPEG with more than {limit} scans at {_dims(opened.size)} ({counted}): refused, "
+                                   "decoding each scan again would take minutes; re-encode it")
         key = _colour_key(opened)  # while the tile still says 16-bit (or 2- or 4-bit grey)
         if key is None:
             key = _grey_key(opened)
@@ -152,8 +180,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         except MemoryError:
             raise
         except Exception as error:
-            if kind == "PNG" and _TEXT_TOO_LARGE in str(error) and (bare := _without_png_text(data)) != data:
-                return decode_image(bare, max_bytes=max_bytes, max_pixels=max_pixels)
+            if kind == "PNG" and any(limit in str(error) for limit in _PNG_TEXT_LIMITS):
+                raise _PngTextTooLarge(f"truncated or corrupt PNG: {error}") from None
             raise ImageDecodeError(f"truncated or corrupt {opened.format}: {error}") from None
         try:
             ImageOps.exif_transpose(opened, in_place=True)
@@ -362,23 +390,35 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 # Pillow inflates a compressed PNG text chunk (XMP, EXIF as "Raw profile" text) only up to
-# PngImagePlugin.MAX_TEXT_CHUNK (1 MB) and refuses the file beyond it. Photoshop's XMP can grow
-# past that (a long DocumentAncestors list); imagen drops the input's text anyway, so such a
-# PNG is decoded again without its text chunks.
-_TEXT_TOO_LARGE = "MAX_TEXT_CHUNK"
+# PngImagePlugin.MAX_TEXT_CHUNK (1 MB; the colour profile too), and all of them only up to
+# MAX_TEXT_MEMORY (64 MB), and refuses the file beyond. Photoshop's XMP can grow past that
+# (a long DocumentAncestors list); imagen drops the input's text anyway, so such a PNG is
+# decoded again without its text chunks.
+_PNG_TEXT_LIMITS = ("MAX_TEXT_CHUNK", "MAX_TEXT_MEMORY")
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 
 
+class _PngTextTooLarge(ImageDecodeError):
+    """A PNG's text chunks or colour profile unpack to more than Pillow reads."""
+
+
 def _without_png_text(data: bytes) -> bytes:
-    """`data`, a PNG, without its text chunks up to IEND; as it is where its chunks cannot be
-    walked to IEND."""
-    kept, position = [data[:8]], 8
+    """`data`, a PNG, without its text chunks up to IEND (the same object where it has none,
+    or where its chunks cannot be walked to IEND)."""
+    dropped, position = [], 8
     while position + 12 <= len(data):
         chunk = data[position + 4:position + 8]
         end = position + 12 + int.from_bytes(data[position:position + 4], "big")
-        if chunk not in _PNG_TEXT_CHUNKS:
-            kept.append(data[position:end])
+        if chunk in _PNG_TEXT_CHUNKS:
+            dropped.append((position, end))
         if chunk == b"IEND":
+            if not dropped:
+                return data
+            view, kept, start = memoryview(data), [], 0
+            for first, last in dropped:  # the bytes between the chunks dropped, copied once
+                kept.append(view[start:first])
+                start = last
+            kept.append(view[start:])
             return b"".join(kept)
         position = end
     return data

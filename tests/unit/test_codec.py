@@ -383,6 +383,16 @@ def test_a_png_whose_compressed_text_is_over_pillows_limit_decodes_without_it():
         assert np.array_equal(pixels(decode(data)), pixels(picture)), place
     with pytest.raises(ImageDecodeError, match="truncated or corrupt PNG"):  # a broken chunk walk
         decode(data[:-20] + b"\x00" * 4)
+    # Many chunks each under 1 MB, together over Pillow's 64 MB for all text.
+    info = PngImagePlugin.PngInfo()
+    for number in range(80):
+        info.add_text(f"note{number}", "x" * 900_000, zip=True)
+    assert np.array_equal(pixels(decode(save(picture, "PNG", pnginfo=info))), pixels(picture))
+    # A colour profile over the limit is not text: it is named, not dropped (the colours need it).
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    huge = save(picture, "PNG", icc_profile=profile + bytes(2_000_000), pnginfo=info)
+    with pytest.raises(ImageDecodeError, match="^PNG whose colour profile unpacks to more than Pillow reads"):
+        decode(huge)
 
 
 def test_premultiplied_alpha_tiff_is_unpremultiplied():
@@ -629,6 +639,24 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
     filled = baseline.getvalue().replace(b"\xff\xda", b"\xff\xff\xff\xda", 1)  # fill bytes before SOS
     assert [_jpeg_scans(data, 1000) for data in (restarts.getvalue(), baseline.getvalue(), filled)] == [1, 1, 1]
     assert decode(filled).size == (64, 64)
+
+
+def test_a_large_jpeg_may_repeat_fewer_scans():
+    # 256 scans of 64 MP (the default pixel limit) took 16 s to decode on one core; of 16.8 MP 5 s.
+    from image.codec import MAX_JPEG_SCANS, MIN_JPEG_SCANS, max_jpeg_scans
+
+    assert max_jpeg_scans((4096, 4096)) == max_jpeg_scans((10, 10)) == MAX_JPEG_SCANS
+    assert max_jpeg_scans((8192, 8192)) == 64 and max_jpeg_scans((20_000, 20_000)) == MIN_JPEG_SCANS
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]
+    repeated = data[:-2] + last_scan * 90 + b"\xff\xd9"  # under 256 scans: a small image decodes
+    assert decode(repeated).size == (64, 64)
+    frame = repeated.index(b"\xff\xc2") + 5  # the progressive frame header's height and width
+    large = repeated[:frame] + struct.pack(">HH", 8192, 8192) + repeated[frame + 4:]
+    with pytest.raises(ImageDecodeError, match=r"^JPEG with more than 64 scans at 8192x8192 \(9\d\): refused"):
+        decode(large, max_pixels=10**8)
 
 
 def test_counting_the_scans_of_hostile_bytes_is_linear():
