@@ -38,7 +38,11 @@ locals {
   # metric's series without bound; bounded, at most 4 + 4^2 + 4^3 + 4^4 values.
   operation_names   = ["upscale", "enhance", "comic", "remove-background"]
   operation_pattern = "^((?:${join("|", local.operation_names)})(?:,(?:${join("|", local.operation_names)})){0,3})$"
-  worker_resource   = local.gke ? "k8s_container" : "cloud_run_revision"
+  # The workers' lines, not another service's or namespace's (a crash's text names no logger).
+  worker_scope = (local.gke
+    ? "resource.type=\"k8s_container\" AND resource.labels.namespace_name=\"${var.gke_namespace}\""
+    : "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=~\"^${var.name_prefix}-\""
+  )
   # Where jobs wait for a worker: each operation's subscription, or with Eventarc the
   # subscription each trigger made for itself (projects/<project>/subscriptions/<name>).
   job_subscriptions = concat(
@@ -150,7 +154,7 @@ resource "google_logging_metric" "job_failures" {
 resource "google_logging_metric" "errors" {
   name        = "${var.name_prefix}-errors"
   description = "ERROR and CRITICAL lines of the imagen workers: faults of an instance, not of a job's input."
-  filter      = local.error_filter
+  filter      = "(${local.error_filter}) AND ${local.worker_scope}"
 
   metric_descriptor {
     metric_kind = "DELTA"
@@ -178,7 +182,7 @@ resource "google_monitoring_alert_policy" "errors" {
   conditions {
     display_name = "ERROR or CRITICAL log lines"
     condition_matched_log {
-      filter = "(${local.error_filter}) AND resource.type=\"${local.worker_resource}\""
+      filter = "(${local.error_filter}) AND ${local.worker_scope}"
       # Each combination of label values is its own incident and notification, rate limit
       # included: the message's words before its first colon ("job failed on this
       # instance", "imagen stopped"), not the whole free text (one per failed job).

@@ -752,7 +752,6 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
         "error_type": "EXTRACT(jsonPayload.error.type)",
     }
     errors = terraform.resource("google_logging_metric", "errors")
-    assert expr(errors["filter"]) == "local.error_filter"
     for metric in (failures, errors):
         descriptor = one(metric["metric_descriptor"])
         assert (descriptor["metric_kind"], descriptor["value_type"]) == ("DELTA", "INT64")
@@ -761,12 +760,15 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
     # metric is not visible to Monitoring for minutes); such a policy needs a rate limit.
     alert = terraform.resource("google_monitoring_alert_policy", "errors")
     matched = one(one(alert["conditions"])["condition_matched_log"])
-    assert expr(matched["filter"]) == '(${local.error_filter}) AND resource.type="${local.worker_resource}"'
+    assert expr(matched["filter"]) == expr(errors["filter"]) == "(${local.error_filter}) AND ${local.worker_scope}"
     # Each combination of label values is an incident and a notification of its own: not the
     # message's free text (one per failed job), its words before the first colon.
     assert matched["label_extractors"] == {
         "logger": "EXTRACT(jsonPayload.logger)", "message": 'REGEXP_EXTRACT(jsonPayload.message, "^([^:]{1,60})")'}
-    assert expr(terraform.locals["worker_resource"]) == 'local.gke ? "k8s_container" : "cloud_run_revision"'
+    scope = expr(terraform.locals["worker_scope"])  # the workers' own lines: their namespace, their services
+    assert 'resource.type=\\"k8s_container\\" AND resource.labels.namespace_name=\\"${var.gke_namespace}\\"' in scope
+    assert ('resource.type=\\"cloud_run_revision\\" AND '
+            'resource.labels.service_name=~\\"^${var.name_prefix}-\\"') in scope
     assert one(one(alert["alert_strategy"])["notification_rate_limit"])["period"] == "300s"
     waiting = terraform.resource("google_monitoring_alert_policy", "jobs_waiting")
     threshold = one(one(waiting["conditions"])["condition_threshold"])
