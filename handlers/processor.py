@@ -209,8 +209,8 @@ class Processor:
         withdrawn: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Run what `event` asks for. Raises TransientError when the job should be retried,
-        also when `withdrawn()` is True once the GPU is free for it (a stopping worker).
-        `attempt` is the delivery attempt when the transport counts them; otherwise `sent`
+        also when `withdrawn()` is True while it waits for the GPU or once the GPU is free for
+        it (a stopping worker). `attempt` is the delivery attempt when the transport counts them; otherwise `sent`
         (when the event happened or was published) bounds the retries (MAX_RETRY_SECONDS)."""
         if isinstance(event, ObjectEvent):
             routed = routing.route_event(event, self._layout)

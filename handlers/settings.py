@@ -19,7 +19,7 @@ from handlers.routing import check_safe_name
 from image.operations import OPERATION_NAMES
 
 DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "imagen" / "models"
-# 8192 x 8192: every phone's and full-frame camera's photo (48-61 MP) decodes (about 1.4 GB of
+# 8192 x 8192: full-frame cameras' and most phones' photos (24-61 MP) decode (about 1.4 GB of
 # memory for a 48 MP remove-background); upscale refuses over 16.8 MP itself (ImageTooLarge).
 DEFAULT_MAX_PIXELS = 67_108_864
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024

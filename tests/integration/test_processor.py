@@ -1309,10 +1309,13 @@ def _logging_filter_matches(text: str, entry: dict) -> bool:
     entry's; `message` and the rest stay in jsonPayload), or {"textPayload": ..., "severity": ...}."""
     import re
 
-    for word in ("OR", "AND"):
-        if len(parts := _top_level_parts(text, word)) > 1:
-            matches = (_logging_filter_matches(part, entry) for part in parts)
-            return any(matches) if word == "OR" else all(matches)
+    ands, ors = _top_level_parts(text, "AND"), _top_level_parts(text, "OR")
+    # Cloud Logging binds OR tighter than AND, unlike most languages: a filter must say it.
+    assert len(ands) == 1 or len(ors) == 1, f"AND and OR unparenthesised in {text!r}"
+    if len(ands) > 1:
+        return all(_logging_filter_matches(part, entry) for part in ands)
+    if len(ors) > 1:
+        return any(_logging_filter_matches(part, entry) for part in ors)
     clause = text.strip()
     if clause.startswith("(") and clause.endswith(")"):
         return _logging_filter_matches(clause[1:-1], entry)
