@@ -25,6 +25,18 @@ _METADATA = {
     },
 }
 
+
+def _resource(api_version: str, kind: str, spec: dict) -> dict:
+    """A custom resource's schema: its apiVersion, kind, metadata and `spec`, nothing else."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _METADATA,
+                       "spec": spec},
+        "additionalProperties": False,
+    }
+
+
 # gcp-pubsub scaler parameters (keda.sh/docs/latest/scalers/gcp-pub-sub); all strings.
 _GCP_PUBSUB_METADATA = {
     "type": "object",
@@ -69,168 +81,138 @@ _TRIGGER = {
     "then": {"properties": {"metadata": _GCP_PUBSUB_METADATA}},
 }
 
-SCALED_OBJECT = {
+SCALED_OBJECT = _resource("keda.sh/v1alpha1", "ScaledObject", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["scaleTargetRef", "triggers"],
     "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "ScaledObject"},
-        "metadata": _METADATA,
-        "spec": {
+        "scaleTargetRef": {
             "type": "object",
-            "required": ["scaleTargetRef", "triggers"],
+            "required": ["name"],
             "properties": {
-                "scaleTargetRef": {
+                "name": _STRING, "kind": _STRING, "apiVersion": _STRING, "envSourceContainerName": _STRING,
+            },
+            "additionalProperties": False,
+        },
+        "pollingInterval": _INT,
+        "cooldownPeriod": _INT,
+        "initialCooldownPeriod": _INT,
+        "idleReplicaCount": _INT,
+        "minReplicaCount": _INT,
+        "maxReplicaCount": _INT,
+        "fallback": {
+            "type": "object",
+            "required": ["failureThreshold", "replicas"],
+            "properties": {"failureThreshold": _INT, "replicas": _INT, "behavior": _STRING},
+            "additionalProperties": False,
+        },
+        "advanced": {
+            "type": "object",
+            "properties": {
+                "restoreToOriginalReplicaCount": {"type": "boolean"},
+                "horizontalPodAutoscalerConfig": {
                     "type": "object",
-                    "required": ["name"],
                     "properties": {
-                        "name": _STRING, "kind": _STRING, "apiVersion": _STRING, "envSourceContainerName": _STRING,
-                    },
-                    "additionalProperties": False,
-                },
-                "pollingInterval": _INT,
-                "cooldownPeriod": _INT,
-                "initialCooldownPeriod": _INT,
-                "idleReplicaCount": _INT,
-                "minReplicaCount": _INT,
-                "maxReplicaCount": _INT,
-                "fallback": {
-                    "type": "object",
-                    "required": ["failureThreshold", "replicas"],
-                    "properties": {"failureThreshold": _INT, "replicas": _INT, "behavior": _STRING},
-                    "additionalProperties": False,
-                },
-                "advanced": {
-                    "type": "object",
-                    "properties": {
-                        "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        "horizontalPodAutoscalerConfig": {
+                        "name": _STRING,
+                        # autoscaling/v2 HorizontalPodAutoscalerBehavior
+                        "behavior": {
                             "type": "object",
                             "properties": {
-                                "name": _STRING,
-                                # autoscaling/v2 HorizontalPodAutoscalerBehavior
-                                "behavior": {
+                                direction: {
                                     "type": "object",
                                     "properties": {
-                                        direction: {
-                                            "type": "object",
-                                            "properties": {
-                                                "stabilizationWindowSeconds": _INT,
-                                                "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
-                                                "policies": {"type": "array"},
-                                            },
-                                            "additionalProperties": False,
-                                        }
-                                        for direction in ("scaleUp", "scaleDown")
+                                        "stabilizationWindowSeconds": _INT,
+                                        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+                                        "policies": {"type": "array"},
                                     },
                                     "additionalProperties": False,
-                                },
+                                }
+                                for direction in ("scaleUp", "scaleDown")
                             },
                             "additionalProperties": False,
                         },
-                        "scalingModifiers": {"type": "object"},
                     },
                     "additionalProperties": False,
                 },
-                "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
+                "scalingModifiers": {"type": "object"},
             },
             "additionalProperties": False,
         },
+        "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
     },
     "additionalProperties": False,
-}
+})
 
-TRIGGER_AUTHENTICATION = {
+TRIGGER_AUTHENTICATION = _resource("keda.sh/v1alpha1", "TriggerAuthentication", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": _METADATA,
-        "spec": {
+        "podIdentity": {
             "type": "object",
+            "required": ["provider"],
             "properties": {
-                "podIdentity": {
-                    "type": "object",
-                    "required": ["provider"],
-                    "properties": {
-                        "provider": {"enum": ["none", "azure-workload", "aws", "aws-eks", "gcp"]},
-                        "identityId": _STRING,
-                        "identityTenantId": _STRING,
-                        "identityAuthorityHost": _STRING,
-                        "roleArn": _STRING,
-                        "identityOwner": {"enum": ["keda", "workload"]},
-                    },
-                    "additionalProperties": False,
-                },
-                "secretTargetRef": {"type": "array"},
-                "env": {"type": "array"},
-                "configMapTargetRef": {"type": "array"},
-                "hashiCorpVault": {"type": "object"},
-                "azureKeyVault": {"type": "object"},
-                "awsSecretManager": {"type": "object"},
-                "gcpSecretManager": {"type": "object"},
-                "boundServiceAccountToken": {"type": "array"},
+                "provider": {"enum": ["none", "azure-workload", "aws", "aws-eks", "gcp"]},
+                "identityId": _STRING,
+                "identityTenantId": _STRING,
+                "identityAuthorityHost": _STRING,
+                "roleArn": _STRING,
+                "identityOwner": {"enum": ["keda", "workload"]},
             },
             "additionalProperties": False,
         },
+        "secretTargetRef": {"type": "array"},
+        "env": {"type": "array"},
+        "configMapTargetRef": {"type": "array"},
+        "hashiCorpVault": {"type": "object"},
+        "azureKeyVault": {"type": "object"},
+        "awsSecretManager": {"type": "object"},
+        "gcpSecretManager": {"type": "object"},
+        "boundServiceAccountToken": {"type": "array"},
     },
     "additionalProperties": False,
-}
+})
 
 _DURATION = {"type": "string", "pattern": r"^((\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"}
 
-POD_MONITORING = {
+POD_MONITORING = _resource("monitoring.googleapis.com/v1", "PodMonitoring", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["selector", "endpoints"],
     "properties": {
-        "apiVersion": {"const": "monitoring.googleapis.com/v1"},
-        "kind": {"const": "PodMonitoring"},
-        "metadata": _METADATA,
-        "spec": {
+        "selector": {
             "type": "object",
-            "required": ["selector", "endpoints"],
             "properties": {
-                "selector": {
-                    "type": "object",
-                    "properties": {
-                        "matchLabels": {"type": "object", "additionalProperties": _STRING},
-                        "matchExpressions": {"type": "array"},
-                    },
-                    "additionalProperties": False,
-                },
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["port"],
-                        "properties": {
-                            "port": {"type": ["string", "integer"]},
-                            "scheme": {"enum": ["http", "https"]},
-                            "path": _STRING,
-                            "params": {"type": "object"},
-                            "interval": _DURATION,
-                            "timeout": _DURATION,
-                            "metricRelabeling": {"type": "array"},
-                            "proxyUrl": _STRING,
-                            "authorization": {"type": "object"},
-                            "basicAuth": {"type": "object"},
-                            "oauth2": {"type": "object"},
-                            "tls": {"type": "object"},
-                        },
-                        "additionalProperties": False,
-                    },
-                },
-                "targetLabels": {"type": "object"},
-                "limits": {"type": "object"},
-                "filterRunning": {"type": "boolean"},
+                "matchLabels": {"type": "object", "additionalProperties": _STRING},
+                "matchExpressions": {"type": "array"},
             },
             "additionalProperties": False,
         },
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["port"],
+                "properties": {
+                    "port": {"type": ["string", "integer"]},
+                    "scheme": {"enum": ["http", "https"]},
+                    "path": _STRING,
+                    "params": {"type": "object"},
+                    "interval": _DURATION,
+                    "timeout": _DURATION,
+                    "metricRelabeling": {"type": "array"},
+                    "proxyUrl": _STRING,
+                    "authorization": {"type": "object"},
+                    "basicAuth": {"type": "object"},
+                    "oauth2": {"type": "object"},
+                    "tls": {"type": "object"},
+                },
+                "additionalProperties": False,
+            },
+        },
+        "targetLabels": {"type": "object"},
+        "limits": {"type": "object"},
+        "filterRunning": {"type": "boolean"},
     },
     "additionalProperties": False,
-}
+})
 
 SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
