@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -133,10 +134,10 @@ class PullWorker:
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Pull until `stop()` (or SIGTERM/SIGINT); returns once the job on the GPU finishes
-        and the ones waiting for it are handed back."""
+        and the ones waiting for it are handed back. A second signal ends the process at once."""
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: self.stop())
+                signal.signal(signum, self._on_signal)
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._in_hand, thread_name_prefix="imagen-job"
         )
@@ -179,3 +180,13 @@ class PullWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        """The first SIGTERM or SIGINT stops pulling and lets the job on the GPU finish; a
+        second (a second Ctrl-C while a CPU job takes minutes) ends the process there."""
+        if not self._stop.is_set():
+            self.stop()
+            return
+        log.warning("%s again: stopping now; the jobs in hand go back to Pub/Sub when their leases run out",
+                    signal.Signals(signum).name, extra={"fields": {"subscription": self._subscription}})
+        os._exit(128 + signum)

@@ -365,3 +365,31 @@ def test_sigterm_during_a_job_loses_nothing(tiny_settings, bucket, events_subscr
     assert stopping < finished, messages  # the signal came while the job ran, and it finished
     done = bucket.get_blob("processed/upscale/slow.png")
     assert done is not None and _size(done) == (640, 640)
+
+
+def test_a_second_signal_stops_the_worker_at_once(tiny_settings, bucket, events_subscription, tmp_path):
+    """Ctrl-C waits for the job on the GPU (minutes for a job on a CPU); a second Ctrl-C did
+    nothing, so a local worker could only be killed. It ends the process now; the job's message
+    comes back from Pub/Sub when its lease runs out, and no output is written."""
+    log_path = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handlers.cli", "worker", "--subscription", events_subscription,
+         "--operations", "upscale", "--metrics-port", str(free_port())],
+        env=_env(tiny_settings), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: b'"pulling"' in log_path.read_bytes(), timeout=120, what="worker start")
+        blob = bucket.blob("incoming/upscale/long.png")
+        blob.metadata = {"imagen-params": '{"steps": 150}'}  # a minute or more here
+        blob.upload_from_string(png_bytes((160, 160)), content_type="image/png")
+        wait_for(lambda: b"job on the GPU" in log_path.read_bytes(), timeout=60, what="job on the GPU")
+        process.send_signal(signal.SIGINT)
+        wait_for(lambda: b"stopping: finishing the job on the GPU" in log_path.read_bytes(), timeout=30,
+                 what="the first signal")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 128 + signal.SIGINT, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert b"SIGINT again: stopping now" in log_path.read_bytes()
+    assert bucket.get_blob("processed/upscale/long.png") is None
