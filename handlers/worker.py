@@ -17,6 +17,7 @@ and its platform restarts it, instead of failing every job fast (and so taking m
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import signal
@@ -74,6 +75,7 @@ class PullWorker:
         self._device_failed = device_failed
         self._dead_letters = dead_letters
         self._stop = threading.Event()
+        self._signalled = False  # a SIGTERM or SIGINT came (`stop` is also called without one)
         self._future = None
 
     def handle(self, message) -> None:
@@ -184,9 +186,14 @@ class PullWorker:
     def _on_signal(self, signum: int, frame) -> None:
         """The first SIGTERM or SIGINT stops pulling and lets the job on the GPU finish; a
         second (a second Ctrl-C while a CPU job takes minutes) ends the process there."""
-        if not self._stop.is_set():
+        if not self._signalled:
+            self._signalled = True
             self.stop()
             return
-        log.warning("%s again: stopping now; the jobs in hand go back to Pub/Sub when their leases run out",
-                    signal.Signals(signum).name, extra={"fields": {"subscription": self._subscription}})
+        # Written directly, not through logging: the handler's lock may be held by the thread
+        # this signal interrupted, or by one blocked writing.
+        line = {"severity": "WARNING", "logger": log.name, "subscription": self._subscription,
+                "message": f"{signal.Signals(signum).name} again: stopping now; the jobs in hand go back to "
+                           "Pub/Sub when their leases run out"}
+        os.write(1, (json.dumps(line) + "\n").encode())
         os._exit(128 + signum)
