@@ -108,16 +108,20 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
     Raises ImageTooLarge, DecompressionBomb or ImageDecodeError.
     """
+    profile_too_large = ImageDecodeError("PNG whose colour profile (iCCP) unpacks to more than Pillow reads "
+                                         "(1 MB): re-save it with a smaller profile, or none (sRGB)")
     try:
         return _decode(data, max_bytes, max_pixels)
     except _PngTextTooLarge as error:  # out of the first try, its pixels released
-        if (bare := _without_png_text(data)) is data:
+        bare = _without_png_text(data)
+        if bare is None:  # its chunks cannot be walked: as Pillow said
             raise ImageDecodeError(str(error)) from None
+        if bare is data:  # no text: the colour profile is what is over the limit
+            raise profile_too_large from None
     try:
         return _decode(bare, max_bytes, max_pixels)
-    except _PngTextTooLarge as error:  # its colour profile (iCCP) is over the limit too
-        raise ImageDecodeError(f"PNG whose colour profile unpacks to more than Pillow reads ({error}): "
-                               "re-save it with a smaller profile, or none (sRGB)") from None
+    except _PngTextTooLarge:  # its colour profile is over the limit too
+        raise profile_too_large from None
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -402,16 +406,19 @@ class _PngTextTooLarge(ImageDecodeError):
     """A PNG's text chunks or colour profile unpack to more than Pillow reads."""
 
 
-def _without_png_text(data: bytes) -> bytes:
-    """`data`, a PNG, without its text chunks up to IEND (the same object where it has none,
-    or where its chunks cannot be walked to IEND)."""
+def _without_png_text(data: bytes) -> bytes | None:
+    """`data`, a PNG, without its text chunks up to IEND or its end (the same object where it
+    has none); None where its chunks cannot be walked."""
     dropped, position = [], 8
     while position + 12 <= len(data):
         chunk = data[position + 4:position + 8]
         end = position + 12 + int.from_bytes(data[position:position + 4], "big")
+        if end > len(data):
+            return None
         if chunk in _PNG_TEXT_CHUNKS:
             dropped.append((position, end))
-        if chunk == b"IEND":
+        position = end
+        if chunk == b"IEND" or position == len(data):  # Pillow reads a file that ends without IEND
             if not dropped:
                 return data
             view, kept, start = memoryview(data), [], 0
@@ -420,8 +427,7 @@ def _without_png_text(data: bytes) -> bytes:
                 start = last
             kept.append(view[start:])
             return b"".join(kept)
-        position = end
-    return data
+    return None
 
 
 def _opaque_if_bmp_alpha_unused(image: Image.Image) -> Image.Image:

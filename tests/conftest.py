@@ -82,8 +82,9 @@ def short_storage_deadlines(monkeypatch) -> float:
     """Cloud Storage's retry deadlines, 120 s in production, cut to 3 s, so that a fault that
     lasts (a proxy rule without `times`) outlasts the client's retries within a test: the
     deadline of google-cloud-storage's DEFAULT_RETRY (the policy of the library's own calls)
-    and the `timeout` of the Store methods that retry within it (bound at import). Each
-    request's own timeout stays as it is (a loaded machine may take a second to answer).
+    and the `timeout` of the Store methods that retry within it (bound at import; each of
+    their requests may take as long). Other requests' own timeouts stay as they are (a
+    loaded machine may take a second to answer).
     Timeouts only: every request still goes to the emulator (through the proxy)."""
     from google.cloud.storage.retry import DEFAULT_RETRY
 

@@ -390,9 +390,19 @@ def test_a_png_whose_compressed_text_is_over_pillows_limit_decodes_without_it():
     assert np.array_equal(pixels(decode(save(picture, "PNG", pnginfo=info))), pixels(picture))
     # A colour profile over the limit is not text: it is named, not dropped (the colours need it).
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    huge = save(picture, "PNG", icc_profile=profile + bytes(2_000_000), pnginfo=info)
-    with pytest.raises(ImageDecodeError, match="^PNG whose colour profile unpacks to more than Pillow reads"):
-        decode(huge)
+    for text in (info, None):  # with text to drop first, and alone
+        huge = save(picture, "PNG", icc_profile=profile + bytes(2_000_000), pnginfo=text)
+        with pytest.raises(ImageDecodeError, match=r"^PNG whose colour profile \(iCCP\) unpacks to more than Pillow"):
+            decode(huge)
+    # A file that ends after its last chunk without IEND, as Pillow reads it, is walked too.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("XML:com.adobe.xmp", "<x:xmpmeta/>" * 200_000, zip=True)
+    data = save(picture, "PNG", pnginfo=info)
+    start = data.index(b"zTXt") - 4
+    end = start + 12 + int.from_bytes(data[start:start + 4], "big")
+    iend = data.index(b"IEND") - 4
+    ending_in_text = data[:start] + data[end:iend] + data[start:end]
+    assert np.array_equal(pixels(decode(ending_in_text)), pixels(picture))
 
 
 def test_premultiplied_alpha_tiff_is_unpremultiplied():
