@@ -41,7 +41,7 @@ locals {
   # The workers' lines, not another service's or namespace's (a crash's text names no logger).
   worker_scope = (local.gke
     ? "resource.type=\"k8s_container\" AND resource.labels.namespace_name=\"${var.gke_namespace}\""
-    : "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=~\"^${var.name_prefix}-\""
+    : "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=~\"^${var.name_prefix}-(${join("|", values(local.pool_names))})$\""
   )
   # Where jobs wait for a worker: each operation's subscription, or with Eventarc the
   # subscription each trigger made for itself (projects/<project>/subscriptions/<name>).

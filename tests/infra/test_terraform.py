@@ -767,8 +767,8 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
         "logger": "EXTRACT(jsonPayload.logger)", "message": 'REGEXP_EXTRACT(jsonPayload.message, "^([^:]{1,60})")'}
     scope = expr(terraform.locals["worker_scope"])  # the workers' own lines: their namespace, their services
     assert 'resource.type=\\"k8s_container\\" AND resource.labels.namespace_name=\\"${var.gke_namespace}\\"' in scope
-    assert ('resource.type=\\"cloud_run_revision\\" AND '
-            'resource.labels.service_name=~\\"^${var.name_prefix}-\\"') in scope
+    assert ('resource.type=\\"cloud_run_revision\\" AND resource.labels.service_name=~'
+            '\\"^${var.name_prefix}-(${join("|", values(local.pool_names))})$\\"') in scope
     assert one(one(alert["alert_strategy"])["notification_rate_limit"])["period"] == "300s"
     waiting = terraform.resource("google_monitoring_alert_policy", "jobs_waiting")
     threshold = one(one(waiting["conditions"])["condition_threshold"])
