@@ -30,8 +30,10 @@ locals {
   # tests/infra/test_terraform.py checks the filters against lines the code writes).
   # A native crash (a segfault in a CUDA library) writes no JSON line: faulthandler's text on
   # stderr, whose first line says it (and the severity stderr text gets differs by platform).
+  # Nor does an instance Cloud Run stops for memory: its own line says so ("Memory limit of
+  # 32768 MiB exceeded with 33012 MiB used. ...").
   job_failure_filter = "jsonPayload.logger=\"imagen.processor\" AND jsonPayload.message=~\"^job failed: \""
-  error_filter       = "(severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\") OR textPayload=~\"^Fatal Python error: \""
+  error_filter       = "(severity>=ERROR AND jsonPayload.logger=~\"^(imagen|gunicorn)\") OR textPayload=~\"^Fatal Python error: \" OR textPayload=~\"^Memory limit of \""
   # The job-failures metric's operation label: an operation or a chain of up to four, else
   # empty. A failed job's `operation` is whatever its folder or message named (an
   # UnknownOperation report, a chain naming one twice): a label value per typo would grow the
@@ -199,7 +201,8 @@ resource "google_monitoring_alert_policy" "errors" {
       An imagen worker logged an ERROR or CRITICAL line: a fault of an instance, not of a
       job's input (bad input ends in a failure report, charted by the
       `${var.name_prefix}-job-failures` metric). In Logs Explorer:
-      `(severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)") OR textPayload=~"^Fatal Python error: "`.
+      `(severity>=ERROR AND jsonPayload.logger=~"^(imagen|gunicorn)") OR textPayload=~"^Fatal Python error: "
+      OR textPayload=~"^Memory limit of "`.
       Common ones:
       `job failed on this instance` (a model fault; the job is retried),
       `job failed:` (a fault that was not the input's and outlasted its retries, e.g. Cloud
@@ -209,7 +212,8 @@ resource "google_monitoring_alert_policy" "errors" {
       `job failed, and its failure report could not be written` (the runtime service account's
       access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
       exited), `unexpected error in job` (a bug: its stack_trace), `Fatal Python error` (a
-      native crash, as text: every thread's stack follows it). docs/deploy.md,
+      native crash, as text: every thread's stack follows it), `Memory limit of ... exceeded`
+      (Cloud Run stopped an instance for memory: raise `memory`). docs/deploy.md,
       Troubleshooting, has each.
     EOT
   }

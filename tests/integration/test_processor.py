@@ -1380,6 +1380,9 @@ def test_the_log_metrics_count_the_lines_the_workers_write(settings, bucket, cap
     for severity in ("DEFAULT", "ERROR"):  # whichever the platform gives stderr's text
         assert _logging_filter_matches(errors, {"textPayload": first, "severity": severity}), first
     assert not _logging_filter_matches(errors, {"textPayload": "a library's own line", "severity": "ERROR"})
+    # Nor does an instance Cloud Run stops for memory (its own line, on the revision's system log).
+    stopped = "Memory limit of 32768 MiB exceeded with 33012 MiB used. Consider increasing the memory limit"
+    assert _logging_filter_matches(errors, {"textPayload": stopped, "severity": "ERROR"})
 
 
 def test_a_failed_gpu_is_never_the_jobs_report_while_pub_sub_counts(settings, bucket, caplog):
