@@ -108,8 +108,6 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
     Raises ImageTooLarge, DecompressionBomb or ImageDecodeError.
     """
-    profile_too_large = ImageDecodeError("PNG whose colour profile (iCCP) unpacks to more than Pillow reads "
-                                         "(1 MB): re-save it with a smaller profile, or none (sRGB)")
     try:
         return _decode(data, max_bytes, max_pixels)
     except _PngTextTooLarge as error:  # out of the first try, its pixels released
@@ -117,11 +115,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         if bare is None:  # its chunks cannot be walked: as Pillow said
             raise ImageDecodeError(str(error)) from None
         if bare is data:  # no text: the colour profile is what is over the limit
-            raise profile_too_large from None
+            raise ImageDecodeError(_PNG_PROFILE_TOO_LARGE) from None
     try:
         return _decode(bare, max_bytes, max_pixels)
     except _PngTextTooLarge:  # its colour profile is over the limit too
-        raise profile_too_large from None
+        raise ImageDecodeError(_PNG_PROFILE_TOO_LARGE) from None
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -163,9 +161,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     except MemoryError:
         raise
     except Exception as error:  # hostile bytes can make a plugin fail in any way
-        if kind == "PNG" and any(limit in str(error) for limit in _PNG_TEXT_LIMITS):
-            raise _PngTextTooLarge(f"truncated or corrupt PNG: {error}") from None
-        raise ImageDecodeError(f"truncated or corrupt {kind or 'image'}: {error}") from None
+        raise _corrupt(kind or "image", error) from None
 
     # 3. Decode in full, so truncation surfaces here, then apply EXIF orientation.
     with opened:
@@ -184,9 +180,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         except MemoryError:
             raise
         except Exception as error:
-            if kind == "PNG" and any(limit in str(error) for limit in _PNG_TEXT_LIMITS):
-                raise _PngTextTooLarge(f"truncated or corrupt PNG: {error}") from None
-            raise ImageDecodeError(f"truncated or corrupt {opened.format}: {error}") from None
+            raise _corrupt(opened.format, error) from None
         try:
             ImageOps.exif_transpose(opened, in_place=True)
         except MemoryError:
@@ -200,7 +194,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
 
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
-            image = to_srgb_8bit(_opaque_if_bmp_alpha_unused(opened))
+            image = to_srgb_8bit(opened)
         except MemoryError:
             raise
         except Exception as error:  # a mode Pillow cannot convert; a corrupt tag read only now
@@ -400,10 +394,19 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 # decoded again without its text chunks.
 _PNG_TEXT_LIMITS = ("MAX_TEXT_CHUNK", "MAX_TEXT_MEMORY")
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_PROFILE_TOO_LARGE = ("PNG whose colour profile (iCCP) unpacks to more than Pillow reads (1 MB): re-save it "
+                          "with a smaller profile, or none (sRGB)")
 
 
 class _PngTextTooLarge(ImageDecodeError):
     """A PNG's text chunks or colour profile unpack to more than Pillow reads."""
+
+
+def _corrupt(kind: str, error: Exception) -> ImageDecodeError:
+    """The error for a file Pillow failed to read: _PngTextTooLarge where that was a PNG's text
+    limits (decode_image tries again without the text)."""
+    too_large = kind == "PNG" and any(limit in str(error) for limit in _PNG_TEXT_LIMITS)
+    return (_PngTextTooLarge if too_large else ImageDecodeError)(f"truncated or corrupt {kind}: {error}")
 
 
 def _without_png_text(data: bytes) -> bytes | None:
@@ -430,24 +433,17 @@ def _without_png_text(data: bytes) -> bytes | None:
     return None
 
 
-def _opaque_if_bmp_alpha_unused(image: Image.Image) -> Image.Image:
-    """A 32-bit BMP whose alpha channel is 0 everywhere, as opaque: many Windows programs write
-    BMPs with an alpha mask they never fill, and browsers show those as opaque (taken at its
-    word, every operation would return an invisible image)."""
-    if image.format == "BMP" and image.mode == "RGBA" and image.getchannel("A").getextrema() == (0, 0):
-        opaque = image.convert("RGB")
-        opaque.info = image.info
-        return opaque
-    return image
-
-
 def _dims(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
 def to_srgb_8bit(image: Image.Image) -> Image.Image:
-    """A new "RGB" or "RGBA" sRGB image from any Pillow mode; a fully opaque alpha is dropped."""
+    """A new "RGB" or "RGBA" sRGB image from any Pillow mode; a fully opaque alpha is dropped,
+    and a BMP's alpha that is 0 everywhere: many Windows programs write 32-bit BMPs with an
+    alpha mask they never fill, and browsers show those as opaque (taken at its word, every
+    operation would return an invisible image)."""
     icc = image.info.get("icc_profile")
+    unused_alpha = (0, 0) if image.format == "BMP" else None
     if image.mode in _PREMULTIPLIED:
         image = image.convert(_PREMULTIPLIED[image.mode])
     alpha = None
@@ -461,7 +457,7 @@ def to_srgb_8bit(image: Image.Image) -> Image.Image:
         alpha = image.getchannel("A")
         image = image.convert(image.mode[:-1])
     colour = _to_srgb(image, icc)
-    if alpha is not None and alpha.getextrema() != (255, 255):
+    if alpha is not None and alpha.getextrema() not in ((255, 255), unused_alpha):
         colour.putalpha(alpha)
     return colour
 

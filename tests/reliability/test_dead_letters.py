@@ -1,7 +1,8 @@
 """Dead letters. The Pub/Sub emulator dead-letters a push subscription's message after its
 policy's deliveries but numbers none of them, so a topic and subscription play the
-dead-letter pair, filled with messages shaped as Pub/Sub dead-letters them; `imagen dlq list | replay` run against the emulator. The deliveryAttempt-aware path of
-the push endpoint is tested through the Flask app."""
+dead-letter pair, filled with messages shaped as Pub/Sub dead-letters them; `imagen dlq
+list | replay` run against the emulator. The deliveryAttempt-aware path of the push endpoint
+is tested through the Flask app."""
 
 from __future__ import annotations
 
