@@ -17,7 +17,6 @@ and its platform restarts it, instead of failing every job fast (and so taking m
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import signal
@@ -30,7 +29,7 @@ from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from handlers.dlq import DeadLetterer
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
-from handlers.logs import error_fields
+from handlers.logs import JsonFormatter, error_fields
 from image.errors import DeviceFailed
 
 log = logging.getLogger("imagen.worker")
@@ -190,10 +189,10 @@ class PullWorker:
             self._signalled = True
             self.stop()
             return
-        # Written directly, not through logging: the handler's lock may be held by the thread
-        # this signal interrupted, or by one blocked writing.
-        line = {"severity": "WARNING", "logger": log.name, "subscription": self._subscription,
-                "message": f"{signal.Signals(signum).name} again: stopping now; the jobs in hand go back to "
-                           "Pub/Sub when their leases run out"}
-        os.write(1, (json.dumps(line) + "\n").encode())
+        # Formatted as every line is, but written directly, not through logging's handler: its
+        # lock may be held by the thread this signal interrupted, or by one blocked writing.
+        record = log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s again: stopping now; the jobs in hand go "
+                                "back to Pub/Sub when their leases run out", (signal.Signals(signum).name,), None,
+                                extra={"fields": {"subscription": self._subscription}})
+        os.write(1, (JsonFormatter().format(record) + "\n").encode())
         os._exit(128 + signum)
