@@ -264,6 +264,12 @@ def test_cli_pull_tiny_then_verify(tmp_path, offline):
                                                "--cache-dir", str(tmp_path / "other dir")], obj=settings)
     assert other.exit_code == 1 and (f"fix: run `imagen models pull --operations remove-background --cache-dir "
                                      f"'{tmp_path / 'other dir'}'`") in other.output
+    # And --lock: pulled at the packaged lock's commits, the cache would still fail this verify.
+    lock = tmp_path / "my lock.json"
+    lock.write_text(json.dumps({"briaai/RMBG-1.4": {"revision": "1" * 40, "files": {}}}))
+    locked = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background", "--lock", str(lock)],
+                           obj=settings)
+    assert locked.exit_code == 1 and f"remove-background --lock '{lock}'`" in locked.output
     pulled = runner.invoke(models_cli.command, ["pull", "--tiny", "--operations", "remove-background"], obj=settings)
     assert pulled.exit_code == 0, pulled.output
     assert "built tiny briaai/RMBG-1.4@" in pulled.output
