@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from image.errors import ModelError, ModelMissing
 from image.models import store
@@ -99,7 +98,9 @@ def load_model(
             model = _LOADERS[spec.loader](
                 spec, snapshot, device=device, dtype=dtype, direct_to_device=direct_to_device
             )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+    except ModelError:
+        raise
+    except Exception as error:  # any library's: tokenizers raises plain Exception for a cut merges.txt
         raise ModelError(
             f"{spec.operation}: loading {model_id} from {snapshot} failed: "
             f"{type(error).__name__}: {_first_line(error)}; check it with `imagen models verify`"
@@ -194,14 +195,21 @@ def _load_rmbg(
 
     config_json = json.loads((snapshot / "config.json").read_text())
     auto_map = config_json.get("auto_map", {})
-    model_class = get_class_from_dynamic_module(
-        auto_map.get("AutoModelForImageSegmentation", "briarmbg.BriaRMBG"), snapshot, local_files_only=True
-    )
+
+    def own_class(key: str, default: str):
+        # transformers also takes "other/repo--module.Class" (code from another repository)
+        # and dotted module paths: only a module file of this snapshot is ever imported.
+        reference = auto_map.get(key, default)
+        module, _, name = str(reference).rpartition(".")
+        if not (module.isidentifier() and name.isidentifier() and (snapshot / f"{module}.py").is_file()):
+            raise ModelError(f"{snapshot / 'config.json'}: auto_map.{key} is {reference!r}, not a class of the "
+                             f"snapshot's own code; check it with `imagen models verify`")
+        return get_class_from_dynamic_module(reference, snapshot, local_files_only=True)
+
+    model_class = own_class("AutoModelForImageSegmentation", "briarmbg.BriaRMBG")
     config_class = getattr(model_class, "config_class", None)
     if config_class is None or not hasattr(config_class, "model_type"):
-        config_class = get_class_from_dynamic_module(
-            auto_map.get("AutoConfig", "MyConfig.RMBGConfig"), snapshot, local_files_only=True
-        )
+        config_class = own_class("AutoConfig", "MyConfig.RMBGConfig")
     config = config_class(in_ch=config_json.get("in_ch", 3), out_ch=config_json.get("out_ch", 1))
     with torch.device("meta"):
         model = model_class(config)

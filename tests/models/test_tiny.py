@@ -235,6 +235,35 @@ def test_a_damaged_safetensors_header_is_a_model_error(copy_cache, offline, monk
         load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
 
 
+def test_a_tokenizer_file_cut_mid_line_is_a_model_error(copy_cache, offline):
+    """verify cannot tell a cut merges.txt (plain text, no size pinned); the tokenizers library
+    then raises a plain Exception, which must still be the one-line start-up error."""
+    spec, snapshot = _as_downloaded(copy_cache, "comic")
+    merges = (snapshot / "tokenizer" / "merges.txt").resolve()
+    merges.write_text("#version: 0.2\ng h\ngh")  # cut inside its second merge
+    with pytest.raises(ModelError, match=r"loading .* failed: Exception: .*; check it with `imagen models verify`"):
+        load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+
+
+def test_rmbg_imports_only_its_snapshot_code(copy_cache, offline, tmp_path, monkeypatch):
+    """config.json's auto_map may name code of another repository ("org/repo--module.Class")
+    or a dotted module path: the loader imports only a module file of the snapshot itself."""
+    spec, snapshot = _as_downloaded(copy_cache, "remove-background")
+    ran = tmp_path / "ran"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.py").write_text(f"open({str(ran)!r}, 'w').close()\nclass BriaRMBG: pass\n")
+    monkeypatch.syspath_prepend(str(outside))
+    config_path = (snapshot / "config.json").resolve()
+    config = json.loads(config_path.read_text())
+    for reference in ("evil/repo--briarmbg.BriaRMBG", "evil.BriaRMBG", "os.path.BriaRMBG"):
+        config["auto_map"]["AutoModelForImageSegmentation"] = reference
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(ModelError, match="not a class of the snapshot's own code"):
+            load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+    assert not ran.exists()
+
+
 def test_missing_model_is_pulled_when_downloads_are_allowed(tmp_path, monkeypatch):
     """The zero-config path: a missing model is fetched first, then loaded from disk."""
     spec = REGISTRY["remove-background"]
