@@ -63,16 +63,19 @@ def mirror_cache(
     *,
     client: storage.Client,
     cache_names: Iterable[str] | None = None,
+    commits: Mapping[str, str] | None = None,
     max_workers: int = 8,
 ) -> Transfer:
     """Copy the models in `cache_dir` (only `cache_names`, e.g. "models--org--name", if given).
 
-    Blobs already in the bucket with the same size are not sent again: they are named by
-    their content.
+    `commits` (cache name -> commit): of those models only that snapshot and its blobs, not
+    every revision the cache still holds (each would be restored, into the memory of every
+    Cloud Run instance, and a stale one's missing blob would stop the mirror). Blobs already
+    in the bucket with the same size are not sent again: they are named by their content.
     """
     bucket_name, prefix = parse_mirror_uri(uri)
     bucket = client.bucket(bucket_name)
-    files, links, refs = _scan(Path(cache_dir), cache_names)
+    files, links, refs = _scan(Path(cache_dir), cache_names, commits or {})
     if not files:
         raise ModelMissing(f"no models in {cache_dir} to mirror; run `imagen models pull` first")
     present = {blob.name[len(prefix) :]: blob.size for blob in client.list_blobs(bucket, prefix=prefix)}
@@ -221,9 +224,11 @@ def _write_ref(path: Path, text: str) -> bool:
     return True
 
 
-def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+def _scan(cache_dir: Path, cache_names: Iterable[str] | None,
+          commits: Mapping[str, str]) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     """Files to upload (relative name -> bytes), links to record (name -> target) and the refs'
-    contents (name -> commit; uploaded as files too).
+    contents (name -> commit; uploaded as files too). A model named in `commits` gives only that
+    commit's snapshot and the blobs it links to.
 
     Only links that stay inside the cache are recorded as links; any other link is
     followed and its content uploaded as a file. Download leftovers are skipped.
@@ -234,9 +239,15 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str,
     links: dict[str, str] = {}
     refs: dict[str, str] = {}
     for repo in sorted(cache_dir.glob("models--*")):
+        commit = commits.get(repo.name)
+        blobs = None if commit is None else {
+            path.resolve() for path in (repo / "snapshots" / commit).rglob("*") if path.is_symlink()
+        }
         for path in sorted(repo.rglob("*")):
             name = path.relative_to(cache_dir).as_posix()
             if not wanted(name) or path.name.endswith((".incomplete", ".lock")):
+                continue
+            if blobs is not None and not _of_commit(name, commit, path, blobs):
                 continue
             if path.is_symlink():
                 target = os.readlink(path)
@@ -251,6 +262,17 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None) -> tuple[dict[str,
                 if _is_ref(name):
                     refs[name] = path.read_text()
     return files, links, refs
+
+
+def _of_commit(name: str, commit: str, path: Path, blobs: set[Path]) -> bool:
+    """Whether a cache-relative name belongs to `commit`'s snapshot: its own files, the refs,
+    and the blobs its links (`blobs`, resolved) point at."""
+    kind, _, rest = name.split("/", 1)[1].partition("/")
+    if kind in ("snapshots", ".no_exist"):
+        return rest.split("/", 1)[0] == commit
+    if kind == "blobs":
+        return path.resolve() in blobs
+    return True
 
 
 def _is_ref(name: str) -> bool:

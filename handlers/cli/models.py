@@ -171,7 +171,8 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
                                f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "
                                f"or pass --tiny for a smoke test")
     done = mirror_cache(
-        cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
+        cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs],
+        commits={s.cache_name: store.find_snapshot(s, cache_dir, Lock.packaged())[0] for s in specs},
     )
     click.echo(f"mirrored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already there) to {destination}")
 

