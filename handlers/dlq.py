@@ -96,10 +96,22 @@ class DeadLetter:
         """Why a worker dead-lettered it at once (None: Pub/Sub did, after its attempts)."""
         return self.attributes.get(REASON)
 
+    @property
+    def unparseable(self) -> str | None:
+        """Why no worker can parse it (this imagen's parser), or None."""
+        try:
+            self._parsed()
+        except EventError as error:
+            return error.reason
+        return None
+
+    def _parsed(self):
+        return parse_message(Message(self.data, self.replay_attributes, self.message_id))
+
     def describe(self) -> str:
         """What the message asks for, in one line, or why it cannot be parsed."""
         try:
-            event = parse_message(Message(self.data, self.replay_attributes, self.message_id))
+            event = self._parsed()
         except EventError as error:
             return f"unparseable: {error.reason}; data {_excerpt(self.data)}"
         if isinstance(event, ObjectEvent):
@@ -169,6 +181,7 @@ class ReplayReport:
     replayed: list[str] = dataclasses.field(default_factory=list)  # message ids
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # message id -> why
     left: int = 0  # pulled but not selected: left in the dead-letter subscription
+    unparseable: list[str] = dataclasses.field(default_factory=list)  # message ids left: they would come back
     returned: int = 0  # this run's own copies pulled back: the topic feeds the subscription
     pulled: int = 0  # messages pulled from the dead-letter subscription in all
 
@@ -211,7 +224,8 @@ def replay(
 
     Each goes to `topic` (a full path) or, when None, back to the topic of the subscription
     that dead-lettered it. `message_ids`, when given, selects which; the rest are left, and so
-    is any message whose publish fails. Where `topic` feeds `subscription` itself (the unrouted
+    is any message whose publish fails, and any this imagen cannot parse: every reader of the
+    topic would only dead-letter it again (each its own copy, so the copies multiplied). Where `topic` feeds `subscription` itself (the unrouted
     subscriptions' filters take the copies again), a copy this run published and pulls back is
     left too (`returned`): each message is replayed once, not until `limit`.
     """
@@ -240,6 +254,10 @@ def replay(
                     continue
                 if message_ids and letter.message_id not in message_ids:
                     report.left += 1
+                    held.append(letter.ack_id)
+                    continue
+                if letter.unparseable:
+                    report.unparseable.append(letter.message_id)
                     held.append(letter.ack_id)
                     continue
                 target = topic or _source_topic(subscriber, letter, topics, why_no_topic)

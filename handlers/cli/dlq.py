@@ -111,10 +111,13 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         click.echo(f"not replayed {message_id}: {why}", err=True)
     if report.left:
         click.echo(f"left {report.left} unselected message(s) in place")
+    if report.unparseable:
+        click.echo(f"left {len(report.unparseable)} message(s) that cannot be parsed in place: every reader of the "
+                   f"topic would dead-letter them again (`imagen dlq list` shows them; fix the publisher)", err=True)
     if report.returned:
         click.echo(f"{report.returned} replayed message(s) came back to {path}: the topic feeds it (nothing "
                    "else serves them yet); they are left there: drain it once they are done", err=True)
-    missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed))
+    missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed) - set(report.unparseable))
     if missing:
         click.echo(f"not found in {path}: {', '.join(missing)}", err=True)
     if report.failed or missing:

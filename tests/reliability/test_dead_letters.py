@@ -160,10 +160,11 @@ def test_replay_republishes_with_the_original_attributes_then_acks(
     report = replay(
         subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT
     )  # topic: from the source sub
-    assert sorted(report.replayed) == sorted(dead_letters.values()) and not report.failed
-    received = _pull_all(subscriber, topology["main_sub"], 3)
+    assert sorted(report.replayed) == sorted([dead_letters["notification"], dead_letters["job"]])
+    assert not report.failed and report.unparseable == [dead_letters["garbage"]]
+    received = _pull_all(subscriber, topology["main_sub"], 2)
     by_data = {bytes(m.message.data): dict(m.message.attributes) for m in received}
-    assert by_data[b"\x00not json"] == {}
+    assert b"\x00not json" not in by_data  # every reader would dead-letter it again
     assert by_data[
         json.dumps({"source": "gs://b/uploads/a.png", "operation": "comic"}).encode()
     ] == {"origin": "catalog"}
@@ -175,9 +176,8 @@ def test_replay_republishes_with_the_original_attributes_then_acks(
         "objectId": "incoming/upscale/cat.png",
         "objectGeneration": "7",
     }
-    assert (
-        list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT) == []
-    )  # acked: gone
+    left = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
+    assert [letter.message_id for letter in left] == [dead_letters["garbage"]]  # the replayed acked: gone
 
 
 def test_replay_of_selected_messages_leaves_the_rest(subscriber, publisher, topology, dead_letters):
@@ -199,7 +199,8 @@ def test_replay_of_selected_messages_leaves_the_rest(subscriber, publisher, topo
 
 
 def test_replay_without_a_known_topic_leaves_the_message(subscriber, publisher, topology):
-    publisher.publish(topology["dead_topic"], b"{}").result(timeout=30)  # no source attributes
+    job = json.dumps({"source": "gs://b/a.png", "operation": "upscale"}).encode()
+    publisher.publish(topology["dead_topic"], job).result(timeout=30)  # no source attributes
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
     assert not report.replayed and len(report.failed) == 1
     assert "--topic" in next(iter(report.failed.values()))
@@ -210,13 +211,14 @@ def test_replay_into_the_topic_that_feeds_the_subscription_replays_each_once(sub
     """The unrouted subscriptions' filters take a replayed copy again (nothing serves it yet):
     each message is published once, its copy left where it came back, not replayed until
     `limit` (the copies would multiply, each a job for whatever does serve them)."""
-    ids = {publisher.publish(topology["dead_topic"], f"job {n}".encode()).result(timeout=30) for n in range(3)}
+    jobs = [json.dumps({"source": f"gs://b/{n}.png", "operation": "upscale"}).encode() for n in range(3)]
+    ids = {publisher.publish(topology["dead_topic"], job).result(timeout=30) for job in jobs}
     report = replay(subscriber, publisher, topology["dead_sub"], topic=topology["dead_topic"], limit=50,
                     wait_seconds=WAIT)
     assert sorted(report.replayed) == sorted(ids) and not report.failed
     assert report.returned == 3
     left = list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)
-    assert sorted(bytes(letter.data) for letter in left) == [b"job 0", b"job 1", b"job 2"]
+    assert sorted(bytes(letter.data) for letter in left) == jobs
 
 
 def test_cli_names_a_missing_message_or_subscription_in_one_line(subscriber, topology, dead_letters):
@@ -263,8 +265,12 @@ def test_cli_list_and_replay(subscriber, topology, dead_letters):
         ],
     )
     assert replayed.exit_code == 0, replayed.output
-    assert "replayed 3 message(s)" in replayed.output
-    assert len(_pull_all(subscriber, topology["main_sub"], 3)) == 3
+    assert "replayed 2 message(s)" in replayed.output
+    assert "left 1 message(s) that cannot be parsed in place" in replayed.output
+    assert len(_pull_all(subscriber, topology["main_sub"], 2)) == 2
+    garbage = runner.invoke(imagen, ["dlq", "replay", "--subscription", short_name, "--wait", "1",
+                                     "--message-id", dead_letters["garbage"]])
+    assert garbage.exit_code == 0 and "cannot be parsed" in garbage.output and "not found" not in garbage.output
 
 
 # -- the deliveryAttempt-aware push path -----------------------------------------------------
@@ -371,7 +377,9 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     assert not subscriber.pull(subscription=topology["main_sub"], max_messages=10, timeout=3).received_messages
     assert garbage and refused
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
-    assert len(report.replayed) == 3  # back to the topic of the subscription it came from
+    assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()
+                               if refused_copy.unparseable is None]  # back to the topic it came from
+    assert len(report.replayed) == 1 and len(report.unparseable) == 2  # those two would only come back
 
 
 def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings, bucket, publisher, subscriber,
@@ -434,18 +442,20 @@ def test_push_dead_letters_what_it_cannot_quote_or_place_instead_of_failing(sett
 
 def test_replaying_what_a_worker_moves_back_at_once_replays_it_once(settings, bucket, publisher, subscriber,
                                                                     topology):
-    """An unparseable message replayed with a worker running comes straight back (moved again,
-    under a new id): the replay knows its own copy by the id the worker notes, instead of
-    publishing it again and again up to --limit."""
+    """A refused job message replayed before its bucket is allowed comes straight back (moved
+    again, under a new id): the replay knows its own copy by the id the worker notes, instead of
+    publishing it again and again up to --limit. (An unparseable one is not replayed at all.)"""
     from handlers.dlq import DeadLetterer
     from handlers.worker import PullWorker
 
     mover = DeadLetterer(publisher, topology["dead_topic"])
-    worker = PullWorker(subscriber, topology["main_sub"], processor_for(settings, FakeEngine()), dead_letters=mover)
+    processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
+    worker = PullWorker(subscriber, topology["main_sub"], processor, dead_letters=mover)
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     thread.start()
     try:
-        publisher.publish(topology["main_topic"], b"\x00not json").result(timeout=30)
+        job = json.dumps({"source": "gs://someone-elses-bucket/a.png", "operation": "upscale"}).encode()
+        publisher.publish(topology["main_topic"], job).result(timeout=30)
         wait_for(lambda: len(list_dead_letters(subscriber, topology["dead_sub"], wait_seconds=WAIT)) == 1,
                  timeout=60, what="the first move")
         report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=3.0)
