@@ -12,7 +12,8 @@ import click
 @click.option("--topic", required=True, help="Topic the workers listen on (name or full path).")
 @click.option("--operation", help="Operation or chain for every object (default: from its folder).")
 @click.option("--dry-run", is_flag=True, help="Decide and report; publish nothing.")
-@click.option("--rate", default=10.0, show_default=True, help="Messages per second, at most (0: no limit).")
+@click.option("--rate", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Messages per second, at most (0: no limit).")
 @click.option("--retry-failed", is_flag=True,
               help="Queue objects whose failure report is for this generation and these parameters too.")
 @click.option("--only", "only", multiple=True, metavar="OP",
@@ -27,7 +28,9 @@ import click
 def command(settings, location, topic, operation, dry_run, rate, retry_failed, only, workers, start_at, verbose):
     """List LOCATION and publish job messages only for objects with no output for their current
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
-    from google.api_core.exceptions import GoogleAPIError
+    from google.api_core.exceptions import GoogleAPIError, RetryError
+
+    from handlers.cli import _unreachable_hint
 
     from handlers.backfill import Summary, backfill
     from handlers.clients import publisher_client, storage_client, topic_path
@@ -41,13 +44,20 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
         served = frozenset(",".join(parse_chain(item)) for item in only)
     except ImagenError as error:
         raise click.BadParameter(str(error), param_hint="--only") from None
+    try:
+        operation and parse_chain(operation)  # a typo found now, not after hours of listing
+    except ImagenError as error:
+        raise click.BadParameter(str(error), param_hint="--operation") from None
     bucket, _, prefix = location[len("gs://"):].partition("/")
+    if not bucket:
+        raise click.BadParameter("expected gs://BUCKET/PREFIX", param_hint="LOCATION")
     if start_at is not None and not start_at.startswith(prefix):
         raise click.BadParameter(f"{start_at!r} is not under {prefix!r}: give the whole object name, as a stopped run "
                                  "printed it", param_hint="--start-at")
+    publisher, path = publisher_client(settings), topic_path(settings, topic)
+    _check_exist(storage_client(settings), bucket, publisher, path)
     publish = None
     if not dry_run:
-        publisher, path = publisher_client(settings), topic_path(settings, topic)
 
         def publish(data: bytes, attributes: dict[str, str]):
             return publisher.publish(path, data, **attributes)
@@ -76,6 +86,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
             click.echo(line)
         why = "interrupted" if isinstance(error, KeyboardInterrupt) else \
             f"{type(error).__name__}: {getattr(error, 'message', None) or error}"
+        if isinstance(error, RetryError):  # a service that never answered
+            why += _unreachable_hint(settings)
         if summary.current:
             name = summary.current.split("/", 3)[3]
             click.echo(f"imagen: stopped at {summary.current}, {summary.looked_at} object(s) settled before it: "
@@ -91,3 +103,23 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
 
 
 PROGRESS_EVERY = 10_000
+
+
+def _check_exist(storage, bucket: str, publisher, topic: str) -> None:
+    """Both ends exist, or say which does not before any listing (a dry run too): a missing
+    topic was found at the first publish, maybe hours into a large bucket. An account that may
+    publish or list but not read the bucket's or topic's own metadata goes on unchecked."""
+    from google.api_core.exceptions import Forbidden, NotFound, PermissionDenied
+
+    try:
+        if not storage.bucket(bucket).exists():
+            raise click.BadParameter(f"bucket {bucket} does not exist (or this account cannot see it)",
+                                     param_hint="LOCATION")
+    except Forbidden:
+        pass
+    try:
+        publisher.get_topic(request={"topic": topic})
+    except NotFound:
+        raise click.BadParameter(f"{topic} does not exist", param_hint="--topic") from None
+    except PermissionDenied:
+        pass

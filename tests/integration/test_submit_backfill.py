@@ -13,6 +13,7 @@ from PIL import Image
 from handlers.cli import main
 from handlers.clients import storage_client
 from handlers.events import JobRequest, Message, ObjectEvent, parse_message
+from handlers.localstack import EVENTS_TOPIC
 from handlers.processor import Processor
 from handlers.routing import Layout, failure_location
 from handlers.storage import Store
@@ -239,26 +240,60 @@ def test_backfill_queues_again_what_failed_for_the_situation_not_for_what_it_is(
         assert decide(blob, Layout(), store, None, retry_failed=True).action == "queue"
 
 
-def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings, bucket):
+def test_a_backfill_stopped_by_an_error_says_what_it_did_and_where(tiny_settings, bucket, publisher, monkeypatch):
     # Hours into a large bucket, a refused publish ended it with one line and no summary.
+    from handlers.cli import backfill as backfill_cli
+
     for name in ("incoming/upscale/a.png", "incoming/upscale/b.png"):
         bucket.blob(name).upload_from_string(png_bytes(), content_type="image/png")
-    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "no-such-topic"],
+    topic = publisher.topic_path(PROJECT, f"gone-{uuid.uuid4().hex[:8]}")
+    publisher.create_topic(name=topic)
+    check = backfill_cli._check_exist
+
+    def deleted_after_the_check(*args):  # the topic goes while the run lists
+        check(*args)
+        publisher.delete_topic(topic=topic)
+
+    monkeypatch.setattr(backfill_cli, "_check_exist", deleted_after_the_check)
+    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", topic],
                                 env=_cli_env(tiny_settings))
+    monkeypatch.setattr(backfill_cli, "_check_exist", check)
     assert result.exit_code == 1, result.output
     assert "queued: 0" in result.output and "already done: 0" in result.output
     assert (f"imagen: stopped at gs://{bucket.name}/incoming/upscale/a.png, 0 object(s) settled before it: "
             "NotFound: ") in result.output
     assert result.output.rstrip().endswith("go on with --start-at incoming/upscale/a.png")
     # Going on from there lists from that object on (a dry run says what it would queue).
-    resumed = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "t", "--dry-run",
+    resumed = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", EVENTS_TOPIC, "--dry-run",
                                         "--start-at", "incoming/upscale/b.png"], env=_cli_env(tiny_settings))
     assert resumed.exit_code == 0, resumed.output
     assert f"gs://{bucket.name}/incoming/upscale/b.png" in resumed.output
     assert f"gs://{bucket.name}/incoming/upscale/a.png" not in resumed.output
-    listing = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}-gone/", "--topic", "no-such-topic"],
-                                 env=_cli_env(tiny_settings))
-    assert listing.exit_code == 1 and "imagen: stopped while listing, 0 object(s) settled before it: " in listing.output
+
+
+@pytest.mark.parametrize("location, topic, extra, says", [
+    ("gs://{bucket}-gone/", EVENTS_TOPIC, [], "bucket {bucket}-gone does not exist"),
+    ("gs://{bucket}/", "no-such-topic", [], "topics/no-such-topic does not exist"),
+    ("gs://{bucket}/", EVENTS_TOPIC, ["--operation", "upscal"], "unknown operation"),
+    ("gs://", EVENTS_TOPIC, [], "expected gs://BUCKET/PREFIX"),
+])
+def test_backfill_names_a_wrong_end_or_operation_before_listing(tiny_settings, bucket, location, topic, extra, says):
+    # Each was found at the first publish or decision, maybe hours into a large bucket, or
+    # never (a dry run); "run it again to go on" could not help.
+    result = CliRunner().invoke(main, ["backfill", location.format(bucket=bucket.name), "--topic", topic,
+                                       "--dry-run", *extra], env=_cli_env(tiny_settings))
+    assert result.exit_code == 2, result.output
+    assert says.format(bucket=bucket.name) in result.output and "queued" not in result.output
+
+
+def test_backfill_against_a_stopped_emulator_says_so(tiny_settings, short_storage_deadlines):
+    # Two silent minutes, then a RetryError and "run it again to go on".
+    from handlers.localstack import free_port
+
+    env = {**_cli_env(tiny_settings), "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"}
+    result = CliRunner().invoke(main, ["backfill", "gs://b/", "--topic", EVENTS_TOPIC, "--dry-run"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "RetryError" in result.output and "(is the emulator running? STORAGE_EMULATOR_HOST=" in result.output
 
 
 def test_backfill_keeps_publishes_in_flight_and_counts_each_once_answered(tiny_settings, bucket):
@@ -335,7 +370,7 @@ def test_a_backfill_stopped_with_ctrl_c_says_where_to_go_on(tiny_settings, bucke
         return decide(blob, *args, **kwargs)
 
     monkeypatch.setattr(backfill_module, "decide", interrupted)
-    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", "t", "--dry-run"],
+    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", EVENTS_TOPIC, "--dry-run"],
                                 env=_cli_env(tiny_settings))
     assert result.exit_code == 130, result.output
     assert "queued: 1" in result.output

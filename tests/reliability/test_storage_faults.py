@@ -22,6 +22,7 @@ from handlers.cli import main
 from handlers.clients import storage_client
 from handlers.errors import TransientError
 from handlers.events import JobRequest, ObjectEvent
+from handlers.localstack import EVENTS_TOPIC
 from handlers.processor import Processor
 from handlers.storage import Store
 from handlers.worker import PullWorker
@@ -262,7 +263,7 @@ def test_backfill_keeps_a_connection_per_worker(bucket, proxy, settings):
     env = {"STORAGE_EMULATOR_HOST": proxy.url, "PUBSUB_EMULATOR_HOST": settings.pubsub_emulator_host,
            "GOOGLE_CLOUD_PROJECT": settings.project or "imagen-local"}
     try:
-        result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/incoming/", "--topic", "jobs",
+        result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/incoming/", "--topic", EVENTS_TOPIC,
                                            "--dry-run", "--workers", "16"], env=env)
     finally:
         logging.getLogger("urllib3.connectionpool").removeHandler(handler)
