@@ -7,6 +7,7 @@ goes next to the input as `<stem>.<operation>.<format>` unless `-o` says otherwi
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from handlers.settings import DEVICES
 
 @click.command("run")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=click.Path(path_type=str),
               help="Output file (its extension .png, .webp, .jpg picks the format; --format must agree "
-              "with it); default: <input stem>.<operation>.<format> next to the input.")
+              "with it), or a folder (an existing one, or a name ending in /) for the default name; default: "
+              "<input stem>.<operation>.<format> next to the input.")
 @click.option("--operation", metavar="OP[,OP...]",
               help="upscale, enhance, comic, remove-background, or a chain such as "
               "remove-background,upscale [default: IMAGEN_OPERATIONS, where it names one: an operation's image].")
@@ -56,6 +58,10 @@ def run(settings, source, output, operation, params, format_given, device, model
     if not source.is_file():  # /dev/zero would be read until memory ran out, a pipe waited on
         raise click.BadParameter(f"{source} is not a regular file", param_hint="SOURCE")
     params = validate_params(chain, raw)
+    folder = source.parent
+    if output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir()):
+        folder, output = Path(output), None
+    output = Path(output) if output is not None else None
     # -o cut.jpg: a JPEG, as a job message's output name says too (-o out.gif, or -o q.png
     # with --format webp, refused)
     if output is not None and (named := output_format(output.name, params.get("format"))):
@@ -68,7 +74,13 @@ def run(settings, source, output, operation, params, format_given, device, model
     image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     common = resolve_common(params, data)
     if output is None:
-        output = source.with_name(f"{source.stem}.{'+'.join(chain)}.{common['format']}")
+        output = folder / f"{source.stem}.{'+'.join(chain)}.{common['format']}"
+    if output.resolve() == source.resolve():
+        raise click.BadParameter(f"{output} is the input itself: give another name", param_hint="-o")
+    # Where the result goes must take it before the models load and run (minutes, on real ones).
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise click.BadParameter(f"{output} cannot be written", param_hint="-o")
 
     # 2. Load only the chain's models
     from handlers.service import build_engine  # keeps the image package off `imagen --help`
@@ -83,7 +95,6 @@ def run(settings, source, output, operation, params, format_given, device, model
     result = engine.run(chain, image, params, common["seed"])
     encoded = encode_image(result, common["format"], common["quality"])
     run_seconds = time.perf_counter() - started
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(encoded)
     tiny = "  [tiny models]" if engine.is_tiny() else ""
     with Image.open(io.BytesIO(encoded)) as written:  # the header: JPEG lays transparency on white

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from handlers.cli.options import bucket_name, param_options
 @click.option("--wait/--no-wait", default=False, help="Wait for each output or failure report.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Download outputs here (implies --wait).")
-@click.option("--timeout", default=900, show_default=True, help="Seconds to wait, in all.")
+@click.option("--timeout", default=900, show_default=True, type=click.IntRange(min=1),
+              help="Seconds to wait, in all.")
 @click.pass_obj
 def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     """Upload FILES under incoming/<operation>/ and, with --wait, report each result."""
@@ -39,6 +41,10 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
         except ConfigError as error:
             raise click.UsageError(str(error)) from None
         bucket = settings.bucket
+    if out_dir is not None:  # before any upload: its GPU work would be spent for nothing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise click.BadParameter(f"{out_dir} cannot be written", param_hint="--out")
     client = storage_client(settings)
     layout = Layout.from_settings(settings)
     values = param_options(params)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import warnings
 import zipfile
@@ -34,9 +35,10 @@ TINY_MARKER = "imagen-tiny.json"
 
 
 
-def pull_command(specs: Iterable[ModelSpec]) -> str:
-    """The command that fetches these models, for error messages."""
-    return "imagen models pull --operations " + ",".join(spec.operation for spec in specs)
+def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None) -> str:
+    """The command that fetches these models (into `cache_dir` where given), for error messages."""
+    where = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir is not None else ""
+    return "imagen models pull --operations " + ",".join(spec.operation for spec in specs) + where
 
 
 def repo_dir(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -77,7 +79,7 @@ def missing_message(spec: ModelSpec, cache_dir: Path, commit: str | None) -> str
     at = f"@{commit}" if commit else ""
     return (
         f"{spec.operation}: model {spec.repo_id}{at} is not in the model cache {cache_dir} "
-        f"(MODEL_CACHE_DIR); run `{pull_command([spec])}`"
+        f"(MODEL_CACHE_DIR); run `{pull_command([spec], cache_dir)}`"
     )
 
 

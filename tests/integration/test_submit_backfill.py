@@ -64,6 +64,16 @@ def test_submit_refuses_bad_parameters_before_uploading(tiny_settings, bucket, t
     assert list(bucket.list_blobs()) == []
 
 
+def test_submit_refuses_an_output_folder_it_cannot_make_before_uploading(tiny_settings, bucket, tmp_path):
+    # Found after the jobs had run: "not downloaded: [Errno 20] Not a directory" for each.
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes())
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale", "--bucket", bucket.name,
+                                       "--out", f"{picture}/results"], env=_cli_env(tiny_settings))
+    assert result.exit_code == 1 and "Not a directory" in result.output, result.output
+    assert list(bucket.list_blobs()) == []
+
+
 @pytest.mark.parametrize("names", [("a/photo.jpg", "b/photo.jpg"), ("photo.jpg", "photo.png")])
 def test_submit_refuses_files_that_would_share_an_object_or_output(tiny_settings, bucket, tmp_path, names):
     paths = []

@@ -186,3 +186,35 @@ def test_missing_models_name_the_fix(photo, tmp_path):
     result = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic"], env=env)
     assert result.exit_code == 1
     assert "imagen models pull" in result.output
+
+
+def test_the_fix_for_missing_models_names_the_cache_given(photo, tmp_path):
+    # `imagen models pull` alone would fill MODEL_CACHE_DIR, not the folder given.
+    empty = tmp_path / "other cache"
+    result = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "--model-cache-dir", str(empty)],
+                                env={"HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"})
+    assert result.exit_code == 1
+    assert f"run `imagen models pull --operations comic --cache-dir '{empty}'`" in result.output
+
+
+def test_the_output_is_checked_before_any_model_loads(photo, tmp_path):
+    # Each was found after the models had loaded and run (minutes, on real ones); -o photo.png
+    # replaced the input. The cache is empty: reaching the models would fail differently.
+    env = {"MODEL_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"}
+    original = photo.read_bytes()
+    itself = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", str(photo)], env=env)
+    assert itself.exit_code == 2 and "is the input itself" in itself.output, itself.output
+    assert photo.read_bytes() == original
+    under_a_file = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", f"{photo}/out.png"],
+                                      env=env)
+    assert under_a_file.exit_code == 1 and "File exists" in under_a_file.output, under_a_file.output
+    assert "models pull" not in itself.output + under_a_file.output
+
+
+@pytest.mark.parametrize("folder", ["new/", "existing"])
+def test_an_output_folder_gets_the_default_name(cli, photo, tmp_path, folder):
+    (tmp_path / "existing").mkdir()
+    given = str(tmp_path / folder) + ("/" if folder.endswith("/") else "")  # Path() would drop the slash
+    result = cli(str(photo), "--operation", "remove-background", "-o", given)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / folder.rstrip("/") / "photo.remove-background.png").is_file()
