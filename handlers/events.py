@@ -98,7 +98,7 @@ def parse_gs_uri(uri: Any) -> tuple[str, str]:
 def is_cloudevent(headers: Mapping[str, str]) -> bool:
     """True for a CloudEvent in binary (ce-* headers) or structured mode."""
     lowered = {key.lower(): value for key, value in headers.items()}
-    content_type = lowered.get("content-type", "")
+    content_type = lowered.get("content-type", "").lower()  # media types are case-insensitive
     return "ce-specversion" in lowered or content_type.startswith("application/cloudevents")
 
 
@@ -107,8 +107,18 @@ def parse_cloudevent(headers: Mapping[str, str],
     """An Eventarc Cloud Storage CloudEvent (binary or structured mode) -> (ObjectEvent, its
     `time`: when the object changed (where a sender leaves it out, the object's own `updated`
     or `timeCreated`), or None when unreadable, its `id`: the same on every redelivery)."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if "ce-specversion" in lowered and (missing := [h for h in _CE_REQUIRED if not lowered.get(h)]):
+        raise EventError(f"not a valid CloudEvent: no {', '.join(missing)} header")  # the SDK blames specversion
     try:
-        event = from_http(dict(headers), body)
+        # A key given twice is refused here as in a push message (the SDK keeps the last).
+        json.loads(body, object_pairs_hook=no_duplicate_keys)
+    except EventError as error:
+        raise EventError(f"CloudEvent {error}") from None
+    except (ValueError, TypeError, RecursionError):
+        pass  # not JSON: the SDK's to judge
+    try:
+        event = from_http({**headers, "content-type": lowered.get("content-type", "").lower()}, body)
     except Exception as error:  # the SDK raises several unrelated types
         raise EventError(f"not a valid CloudEvent: {error}") from None
     event_type = event["type"]
@@ -121,22 +131,28 @@ def parse_cloudevent(headers: Mapping[str, str],
     if not isinstance(data, dict):
         raise EventError("CloudEvent data is not a Cloud Storage object resource")
     event_id = event.get("id")
-    # The SDK sets a missing `time` to now: at every redelivery the event would look new, and
-    # a lasting fault would be retried for as long as the sender retries, never reported.
-    sent = event.get("time") if _time_given(headers, body) else data.get("updated") or data.get("timeCreated")
-    return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), parse_timestamp(sent),
+    # The SDK sets a missing or null `time` to now: at every redelivery the event would look
+    # new, and a lasting fault would be retried for as long as the sender retries, never
+    # reported. So the sender's own, else the object's `updated` or `timeCreated`.
+    sent = next(filter(None, map(parse_timestamp, (_time_given(lowered, body), data.get("updated"),
+                                                    data.get("timeCreated")))), None)
+    return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), sent,
             event_id if isinstance(event_id, str) and event_id else None)
 
 
-def _time_given(headers: Mapping[str, str], body: bytes) -> bool:
-    """Whether the sender gave the CloudEvent's `time`: a ce-time header (binary mode) or a
-    `time` member (structured)."""
-    if any(key.lower() == "ce-specversion" for key in headers):
-        return any(key.lower() == "ce-time" for key in headers)
+_CE_REQUIRED = ("ce-id", "ce-source", "ce-type")  # binary mode's required attributes, with ce-specversion
+
+
+def _time_given(lowered_headers: Mapping[str, str], body: bytes) -> Any:
+    """The CloudEvent's `time` as its sender wrote it: the ce-time header (binary mode) or the
+    `time` member (structured); None where there is none."""
+    if "ce-specversion" in lowered_headers:
+        return lowered_headers.get("ce-time")
     try:
-        return "time" in json.loads(body)
+        envelope = json.loads(body)
     except (ValueError, TypeError, RecursionError):
-        return False
+        return None
+    return envelope.get("time") if isinstance(envelope, dict) else None
 
 
 def parse_push_envelope(body: bytes) -> Message:

@@ -61,6 +61,42 @@ def test_a_cloudevent_without_time_is_as_old_as_its_object_not_new_at_every_deli
     body = {key: value for key, value in case["input"]["body"].items() if key != "time"}
     _, sent, _ = parse_cloudevent(headers, json.dumps(body).encode())
     assert sent == datetime.datetime(2026, 11, 26, 8, 0, 0, 123000, tzinfo=datetime.UTC)  # the object's `updated`
+    # A `time` given but null or unreadable is no time either (the SDK made a null one now).
+    for odd in (None, "yesterday"):
+        if "ce-specversion" in headers:
+            given, given_body = ({**headers, "ce-time": odd} if odd else headers), body
+        else:
+            given, given_body = headers, {**body, "time": odd}
+        _, sent, _ = parse_cloudevent(given, json.dumps(given_body).encode())
+        assert sent == datetime.datetime(2026, 11, 26, 8, 0, 0, 123000, tzinfo=datetime.UTC), odd
+
+
+def test_a_structured_cloudevent_is_known_whatever_the_case_of_its_media_type():
+    case = _golden("cloudevent_structured_finalized.json")
+    headers = {"Content-Type": "Application/CloudEvents+JSON; charset=UTF-8"}
+    assert is_cloudevent(headers)
+    event, _, _ = parse_cloudevent(headers, json.dumps(case["input"]["body"]).encode())
+    assert _plain(event) == case["expected"]
+
+
+@pytest.mark.parametrize("name", ["cloudevent_binary_finalized.json", "cloudevent_structured_finalized.json"])
+def test_a_cloudevent_with_a_key_given_twice_is_refused_as_a_push_message_is(name):
+    # Processed as the last key's object; the same body in a push message is dead-lettered.
+    case = _golden(name)
+    body = json.dumps(case["input"]["body"])
+    twice = body.replace('"name": ', '"name": "incoming/upscale/other.png", "name": ', 1)
+    assert twice != body
+    with pytest.raises(EventError, match="duplicate key"):
+        parse_cloudevent(case["input"]["headers"], twice.encode())
+
+
+@pytest.mark.parametrize("missing", ["ce-id", "ce-type", "ce-source"])
+def test_a_binary_cloudevent_missing_a_header_is_named(missing):
+    # The SDK said "Failed to find specversion" for each, ce-specversion being there.
+    case = _golden("cloudevent_binary_finalized.json")
+    headers = {key: value for key, value in case["input"]["headers"].items() if key != missing}
+    with pytest.raises(EventError, match=f"no {missing} header"):
+        parse_cloudevent(headers, json.dumps(case["input"]["body"]).encode())
 
 
 @pytest.mark.parametrize(
