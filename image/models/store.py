@@ -61,7 +61,7 @@ def find_snapshot(spec: ModelSpec, cache_dir: Path, lock: Lock) -> tuple[str | N
     if commit is None:
         ref = repo_dir(spec, cache_dir) / "refs" / spec.revision
         commit = ref.read_text().strip() if ref.is_file() else None
-    if commit is None:
+    if commit is None or not COMMIT.fullmatch(commit):  # an empty or damaged ref names no snapshot
         return None, None
     snapshot = repo_dir(spec, cache_dir) / "snapshots" / commit
     return commit, (snapshot if snapshot.is_dir() else None)

@@ -235,6 +235,18 @@ def test_a_damaged_safetensors_header_is_a_model_error(copy_cache, offline, monk
         load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
 
 
+@pytest.mark.parametrize("ref", ["", "not a commit\n", "../../.."])
+def test_a_damaged_ref_is_a_missing_model_not_missing_files(copy_cache, offline, ref):
+    # An empty refs/main made the snapshots/ folder itself the snapshot: "briarmbg.py is
+    # missing" for every file, all of them present.
+    spec, snapshot = _as_downloaded(copy_cache, "remove-background")
+    (store.repo_dir(spec, copy_cache) / "refs" / spec.revision).write_text(ref)
+    problems = store.spec_problems(spec, copy_cache, Lock())
+    assert len(problems) == 1 and "is not in the model cache" in problems[0], problems
+    with pytest.raises(ModelMissing, match="imagen models pull --operations remove-background"):
+        load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+
+
 def test_a_tokenizer_file_cut_mid_line_is_a_model_error(copy_cache, offline):
     """verify cannot tell a cut merges.txt (plain text, no size pinned); the tokenizers library
     then raises a plain Exception, which must still be the one-line start-up error."""
