@@ -219,13 +219,15 @@ def replay(
     limit: int = 1000,
     message_ids: Collection[str] = (),
     wait_seconds: float = PULL_SECONDS,
+    unparseable: bool = False,
 ) -> ReplayReport:
     """Republish dead letters, then ack them from the dead-letter `subscription`.
 
     Each goes to `topic` (a full path) or, when None, back to the topic of the subscription
     that dead-lettered it. `message_ids`, when given, selects which; the rest are left, and so
-    is any message whose publish fails, and any this imagen cannot parse: every reader of the
-    topic would only dead-letter it again (each its own copy, so the copies multiplied). Where `topic` feeds `subscription` itself (the unrouted
+    is any message whose publish fails, and, unless `unparseable`, any this imagen cannot
+    parse: every reader of the topic would only dead-letter it again (each its own copy, so
+    the copies multiplied). Where `topic` feeds `subscription` itself (the unrouted
     subscriptions' filters take the copies again), a copy this run published and pulls back is
     left too (`returned`): each message is replayed once, not until `limit`.
     """
@@ -256,7 +258,7 @@ def replay(
                     report.left += 1
                     held.append(letter.ack_id)
                     continue
-                if letter.unparseable:
+                if not unparseable and letter.unparseable is not None:
                     report.unparseable.append(letter.message_id)
                     held.append(letter.ack_id)
                     continue

@@ -112,13 +112,13 @@ def parse_cloudevent(headers: Mapping[str, str],
         raise EventError(f"not a valid CloudEvent: no {', '.join(missing)} header")  # the SDK blames specversion
     try:
         # A key given twice is refused here as in a push message (the SDK keeps the last).
-        json.loads(body, object_pairs_hook=no_duplicate_keys)
+        parsed = json.loads(body, object_pairs_hook=no_duplicate_keys)
     except EventError as error:
         raise EventError(f"CloudEvent {error}") from None
     except (ValueError, TypeError, RecursionError):
-        pass  # not JSON: the SDK's to judge
+        parsed = None  # not JSON: the SDK's to judge
     try:
-        event = from_http({**headers, "content-type": lowered.get("content-type", "").lower()}, body)
+        event = from_http({**lowered, "content-type": lowered.get("content-type", "").lower()}, body)
     except Exception as error:  # the SDK raises several unrelated types
         raise EventError(f"not a valid CloudEvent: {error}") from None
     event_type = event["type"]
@@ -134,25 +134,14 @@ def parse_cloudevent(headers: Mapping[str, str],
     # The SDK sets a missing or null `time` to now: at every redelivery the event would look
     # new, and a lasting fault would be retried for as long as the sender retries, never
     # reported. So the sender's own, else the object's `updated` or `timeCreated`.
-    sent = next(filter(None, map(parse_timestamp, (_time_given(lowered, body), data.get("updated"),
-                                                    data.get("timeCreated")))), None)
+    given = lowered.get("ce-time") if "ce-specversion" in lowered else \
+        parsed.get("time") if isinstance(parsed, dict) else None  # binary mode's header, structured's member
+    sent = next(filter(None, map(parse_timestamp, (given, data.get("updated"), data.get("timeCreated")))), None)
     return (_object_event(_CLOUDEVENT_KINDS.get(short, short), data), sent,
             event_id if isinstance(event_id, str) and event_id else None)
 
 
 _CE_REQUIRED = ("ce-id", "ce-source", "ce-type")  # binary mode's required attributes, with ce-specversion
-
-
-def _time_given(lowered_headers: Mapping[str, str], body: bytes) -> Any:
-    """The CloudEvent's `time` as its sender wrote it: the ce-time header (binary mode) or the
-    `time` member (structured); None where there is none."""
-    if "ce-specversion" in lowered_headers:
-        return lowered_headers.get("ce-time")
-    try:
-        envelope = json.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        return None
-    return envelope.get("time") if isinstance(envelope, dict) else None
 
 
 def parse_push_envelope(body: bytes) -> Message:

@@ -265,13 +265,16 @@ def _scan(cache_dir: Path, cache_names: Iterable[str] | None,
 
 
 def _of_commit(name: str, commit: str, path: Path, blobs: set[Path]) -> bool:
-    """Whether a cache-relative name belongs to `commit`'s snapshot: its own files, the refs,
-    and the blobs its links (`blobs`, resolved) point at."""
+    """Whether a cache-relative name belongs to `commit`'s snapshot: its own files, the blobs
+    its links (`blobs`, resolved) point at, and the refs that name it (one naming another
+    commit would point a restore without that lock at a snapshot the mirror lacks)."""
     kind, _, rest = name.split("/", 1)[1].partition("/")
     if kind in ("snapshots", ".no_exist"):
         return rest.split("/", 1)[0] == commit
     if kind == "blobs":
         return path.resolve() in blobs
+    if kind == "refs":
+        return path.is_file() and path.read_text().strip() == commit
     return True
 
 

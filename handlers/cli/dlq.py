@@ -89,8 +89,11 @@ def list_(settings, subscription, limit, wait, as_json):
 @_limit_option
 @click.option("--topic", help="Publish here instead of the topic each message came from.")
 @click.option("--message-id", "message_ids", multiple=True, help="Only these (repeatable).")
+@click.option("--include-unparseable", is_flag=True,
+              help="Replay messages this imagen cannot parse too (left by default: every reader of the topic would "
+              "dead-letter them again); for workers of a newer imagen that can.")
 @click.pass_obj
-def replay_(settings, subscription, limit, wait, topic, message_ids):
+def replay_(settings, subscription, limit, wait, topic, message_ids, include_unparseable):
     """Publish dead letters back (publish first, then ack: at least once)."""
     from handlers.clients import publisher_client, subscriber_client, subscription_path, topic_path
     from handlers.dlq import replay
@@ -104,6 +107,7 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
         limit=limit,
         message_ids=frozenset(message_ids),
         wait_seconds=wait,
+        unparseable=include_unparseable,
     )
     click.echo(f"replayed {len(report.replayed)} message(s) from {path}"
                + (f"; --limit {limit} reached: more may remain" if report.pulled >= limit else ""))
@@ -112,13 +116,14 @@ def replay_(settings, subscription, limit, wait, topic, message_ids):
     if report.left:
         click.echo(f"left {report.left} unselected message(s) in place")
     if report.unparseable:
-        click.echo(f"left {len(report.unparseable)} message(s) that cannot be parsed in place: every reader of the "
-                   f"topic would dead-letter them again (`imagen dlq list` shows them; fix the publisher)", err=True)
+        click.echo(f"left {len(report.unparseable)} message(s) this imagen cannot parse in place: every reader of the "
+                   f"topic would dead-letter them again (`imagen dlq list` shows why; --include-unparseable replays "
+                   f"them for workers that can)", err=True)
     if report.returned:
         click.echo(f"{report.returned} replayed message(s) came back to {path}: the topic feeds it (nothing "
                    "else serves them yet); they are left there: drain it once they are done", err=True)
     missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed) - set(report.unparseable))
     if missing:
         click.echo(f"not found in {path}: {', '.join(missing)}", err=True)
-    if report.failed or missing:
+    if report.failed or missing or set(message_ids) & set(report.unparseable):  # one asked for and not replayed
         raise SystemExit(1)

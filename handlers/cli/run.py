@@ -59,9 +59,11 @@ def run(settings, source, output, operation, params, format_given, device, model
         raise click.BadParameter(f"{source} is not a regular file", param_hint="SOURCE")
     params = validate_params(chain, raw)
     folder = source.parent
-    if output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir()):
-        folder, output = Path(output), None
-    output = Path(output) if output is not None else None
+    if output == "":
+        raise click.BadParameter("is empty: give a file or folder", param_hint="-o")
+    if output is not None and (output.endswith(("/", os.sep)) or Path(output).expanduser().is_dir()):
+        folder, output = Path(output).expanduser(), None
+    output = Path(output).expanduser() if output is not None else None
     # -o cut.jpg: a JPEG, as a job message's output name says too (-o out.gif, or -o q.png
     # with --format webp, refused)
     if output is not None and (named := output_format(output.name, params.get("format"))):
@@ -75,7 +77,7 @@ def run(settings, source, output, operation, params, format_given, device, model
     common = resolve_common(params, data)
     if output is None:
         output = folder / f"{source.stem}.{'+'.join(chain)}.{common['format']}"
-    if output.resolve() == source.resolve():
+    if output.resolve() == source.resolve() or (output.exists() and output.samefile(source)):  # a hard link too
         raise click.BadParameter(f"{output} is the input itself: give another name", param_hint="-o")
     # Where the result goes must take it before the models load and run (minutes, on real ones).
     output.parent.mkdir(parents=True, exist_ok=True)

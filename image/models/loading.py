@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from image.errors import ModelError, ModelMissing
 from image.models import store
@@ -98,9 +99,11 @@ def load_model(
             model = _LOADERS[spec.loader](
                 spec, snapshot, device=device, dtype=dtype, direct_to_device=direct_to_device
             )
-    except ModelError:
-        raise
-    except Exception as error:  # any library's: tokenizers raises plain Exception for a cut merges.txt
+    except Exception as error:
+        # What a damaged or unreadable model raises, and tokenizers' plain Exception (a cut
+        # merges.txt); anything else (MemoryError, an ImportError of the image, a bug) as it is.
+        if not isinstance(error, _LOAD_ERRORS) and type(error) is not Exception:
+            raise
         raise ModelError(
             f"{spec.operation}: loading {model_id} from {snapshot} failed: "
             f"{type(error).__name__}: {_first_line(error)}; check it with `imagen models verify`"
@@ -222,6 +225,7 @@ def _load_rmbg(
 
 
 _LOADERS = {DIFFUSERS: _load_pipeline, RMBG: _load_rmbg}
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError)
 _LIBRARIES = {DIFFUSERS: ("diffusers", "transformers"), RMBG: ("transformers",)}  # what each loader imports
 
 

@@ -190,6 +190,7 @@ def test_cli_mirrors_only_the_revision_it_runs(fake_gcs, gcs, bucket, tmp_path):
     (old / "model.safetensors").symlink_to(os.path.relpath(blob, old))
     (old / "config.json").symlink_to(os.path.relpath(blob, old))
     blob.unlink()  # its link in the old snapshot is broken now
+    (cache / spec.cache_name / "refs" / "v1.0").write_text(old.name)  # a ref to the old revision
     settings = Settings(model_cache_dir=cache, storage_emulator_host=fake_gcs.url)
     uri = f"gs://{bucket.name}/one-revision"
     runner = CliRunner()
@@ -203,6 +204,8 @@ def test_cli_mirrors_only_the_revision_it_runs(fake_gcs, gcs, bucket, tmp_path):
     blobs = {path.name for path in (restored / spec.cache_name / "blobs").iterdir()}
     assert blobs == {os.readlink(path).rsplit("/", 1)[1] for path in current.rglob("*") if path.is_symlink()}
     assert store.verify([spec], restored, Lock.packaged()) == []
+    refs = restored / spec.cache_name / "refs"
+    assert {ref.name: ref.read_text() for ref in refs.iterdir()} == {spec.revision: current.name}
 
 
 def test_an_incomplete_cache_is_not_mirrored(fake_gcs, bucket, cache, tmp_path):

@@ -296,14 +296,23 @@ def test_backfill_names_a_wrong_end_or_operation_before_listing(tiny_settings, b
     assert says.format(bucket=bucket.name) in result.output and "queued" not in result.output
 
 
-def test_backfill_against_a_stopped_emulator_says_so(tiny_settings, short_storage_deadlines):
-    # Two silent minutes, then a RetryError and "run it again to go on".
+def test_backfill_against_a_stopped_emulator_says_so(tiny_settings, bucket, proxy, short_storage_deadlines):
+    # A RetryError and "run it again to go on", nothing about what was not answering.
     from handlers.localstack import free_port
 
     env = {**_cli_env(tiny_settings), "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"}
     result = CliRunner().invoke(main, ["backfill", "gs://b/", "--topic", EVENTS_TOPIC, "--dry-run"], env=env)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 1, result.output  # at the first check
     assert "RetryError" in result.output and "(is the emulator running? STORAGE_EMULATOR_HOST=" in result.output
+    # And when it stops answering once the listing has begun.
+    bucket.blob("incoming/upscale/a.png").upload_from_string(png_bytes(), content_type="image/png")
+    proxy.add(Rule(rf"^GET /storage/v1/b/{bucket.name}/o\?", status=503))
+    env["STORAGE_EMULATOR_HOST"] = proxy.url
+    result = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", EVENTS_TOPIC, "--dry-run"],
+                                env=env)
+    assert result.exit_code == 1, result.output
+    assert "imagen: stopped while listing, 0 object(s) settled before it: RetryError" in result.output
+    assert f"(is the emulator running? STORAGE_EMULATOR_HOST={proxy.url}, " in result.output
 
 
 def test_backfill_keeps_publishes_in_flight_and_counts_each_once_answered(tiny_settings, bucket):

@@ -202,9 +202,13 @@ def test_the_output_is_checked_before_any_model_loads(photo, tmp_path):
     # replaced the input. The cache is empty: reaching the models would fail differently.
     env = {"MODEL_CACHE_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu"}
     original = photo.read_bytes()
-    itself = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", str(photo)], env=env)
-    assert itself.exit_code == 2 and "is the input itself" in itself.output, itself.output
+    (tmp_path / "linked.png").hardlink_to(photo)
+    for same in (photo, tmp_path / "linked.png"):
+        itself = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", str(same)], env=env)
+        assert itself.exit_code == 2 and "is the input itself" in itself.output, itself.output
     assert photo.read_bytes() == original
+    empty = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", ""], env=env)
+    assert empty.exit_code == 2 and "is empty" in empty.output, empty.output
     under_a_file = CliRunner().invoke(main, ["run", str(photo), "--operation", "comic", "-o", f"{photo}/out.png"],
                                       env=env)
     assert under_a_file.exit_code == 1 and "File exists" in under_a_file.output, under_a_file.output
