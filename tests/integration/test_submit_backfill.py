@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -300,10 +301,17 @@ def test_backfill_against_a_stopped_emulator_says_so(tiny_settings, bucket, prox
     # A RetryError and "run it again to go on", nothing about what was not answering.
     from handlers.localstack import free_port
 
-    env = {**_cli_env(tiny_settings), "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"}
+    stopped = f"http://127.0.0.1:{free_port()}"
+    env = {**_cli_env(tiny_settings), "STORAGE_EMULATOR_HOST": stopped}
+    started = time.monotonic()
     result = CliRunner().invoke(main, ["backfill", "gs://b/", "--topic", EVENTS_TOPIC, "--dry-run"], env=env)
-    assert result.exit_code == 1, result.output  # at the first check
-    assert "RetryError" in result.output and "(is the emulator running? STORAGE_EMULATOR_HOST=" in result.output
+    assert result.exit_code == 2, result.output  # before anything (the libraries retried for two minutes)
+    assert f"imagen: ConfigError: STORAGE_EMULATOR_HOST={stopped} does not answer (Connection refused)" \
+        in result.output and time.monotonic() - started < 10
+    no_pubsub = {**_cli_env(tiny_settings), "PUBSUB_EMULATOR_HOST": stopped.removeprefix("http://")}
+    for args in (["backfill", "gs://b/", "--topic", EVENTS_TOPIC, "--dry-run"], ["dlq", "list", "--subscription", "s"]):
+        result = CliRunner().invoke(main, args, env=no_pubsub)
+        assert result.exit_code == 2 and "PUBSUB_EMULATOR_HOST=" in result.output, result.output
     # And when it stops answering once the listing has begun.
     bucket.blob("incoming/upscale/a.png").upload_from_string(png_bytes(), content_type="image/png")
     proxy.add(Rule(rf"^GET /storage/v1/b/{bucket.name}/o\?", status=503))
