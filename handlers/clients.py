@@ -7,6 +7,9 @@ environment is read in one place only.
 
 from __future__ import annotations
 
+import socket
+from urllib.parse import urlsplit
+
 import grpc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
@@ -54,6 +57,25 @@ def subscriber_client(settings) -> pubsub_v1.SubscriberClient:
         channel = grpc.insecure_channel(settings.pubsub_emulator_host)
         return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
     return pubsub_v1.SubscriberClient()
+
+
+def check_emulators(settings, *services: str) -> None:
+    """ConfigError naming an emulator the settings point at (`services`: "storage", "pubsub")
+    that refuses connections: the client libraries retry a refused connection for one to two
+    minutes before saying anything (a shell still holding `imagen dev`'s exports, the stack gone)."""
+    from handlers.errors import ConfigError
+
+    for service in services:
+        name = f"{service.upper()}_EMULATOR_HOST"
+        if not (host := getattr(settings, f"{service}_emulator_host", None)):
+            continue
+        address = urlsplit(_with_scheme(host))
+        try:
+            socket.create_connection((address.hostname, address.port or 80), timeout=2).close()
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{name}={host} does not answer ({getattr(error, 'strerror', None) or error}): start "
+                              f"the emulator (`imagen dev` prints the exports), or unset {name} to use Google "
+                              f"Cloud") from None
 
 
 def _with_scheme(host: str) -> str:

@@ -82,30 +82,6 @@ def _stop(ctx, text: str, error: Exception, code: int, *, trace: bool = False):
 def main(ctx: click.Context) -> None:
     """Run Hugging Face image models on Google Cloud Storage events."""
     ctx.obj = Settings.from_env()
-    _emulators_answer(ctx.obj, _USES.get(ctx.invoked_subcommand, ()))
-
-
-_USES = {"submit": ("storage",), "process": ("storage",), "backfill": ("storage", "pubsub"), "dlq": ("pubsub",)}
-"""The commands that talk to Cloud Storage or Pub/Sub first thing, and which."""
-
-
-def _emulators_answer(settings, services) -> None:
-    """ConfigError naming an emulator the settings point at that refuses connections: the
-    client libraries retry a refused connection for one to two minutes before saying anything."""
-    import socket
-    from urllib.parse import urlsplit
-
-    for service in services:
-        name = f"{service.upper()}_EMULATOR_HOST"
-        if not (host := getattr(settings, f"{service}_emulator_host", None)):
-            continue
-        address = urlsplit(host if "://" in host else f"http://{host}")
-        try:
-            socket.create_connection((address.hostname, address.port or 80), timeout=2).close()
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"{name}={host} does not answer ({getattr(error, 'strerror', None) or error}): start "
-                              f"the emulator (`imagen dev` prints the exports), or unset {name} to use Google "
-                              f"Cloud") from None
 
 
 def _register() -> None:

@@ -33,7 +33,7 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     from handlers.cli import _unreachable_hint
 
     from handlers.backfill import Summary, backfill
-    from handlers.clients import publisher_client, storage_client, topic_path
+    from handlers.clients import check_emulators, publisher_client, storage_client, topic_path
     from handlers.routing import Layout
     from image.errors import ImagenError
     from image.params import parse_chain
@@ -54,6 +54,7 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     if start_at is not None and not start_at.startswith(prefix):
         raise click.BadParameter(f"{start_at!r} is not under {prefix!r}: give the whole object name, as a stopped run "
                                  "printed it", param_hint="--start-at")
+    check_emulators(settings, "storage", "pubsub")
     publisher, path = publisher_client(settings), topic_path(settings, topic)
     _check_exist(storage_client(settings), bucket, publisher, path)
     publish = None

@@ -54,9 +54,10 @@ def command() -> None:
 @click.pass_obj
 def list_(settings, subscription, limit, wait, as_json):
     """Show the messages in a dead-letter subscription; they stay there."""
-    from handlers.clients import subscriber_client, subscription_path
+    from handlers.clients import check_emulators, subscriber_client, subscription_path
     from handlers.dlq import list_dead_letters
 
+    check_emulators(settings, "pubsub")
     path = subscription_path(settings, subscription)
     letters = list_dead_letters(subscriber_client(settings), path, limit=limit, wait_seconds=wait)
     if as_json:
@@ -95,9 +96,10 @@ def list_(settings, subscription, limit, wait, as_json):
 @click.pass_obj
 def replay_(settings, subscription, limit, wait, topic, message_ids, include_unparseable):
     """Publish dead letters back (publish first, then ack: at least once)."""
-    from handlers.clients import publisher_client, subscriber_client, subscription_path, topic_path
+    from handlers.clients import check_emulators, publisher_client, subscriber_client, subscription_path, topic_path
     from handlers.dlq import replay
 
+    check_emulators(settings, "pubsub")
     path = subscription_path(settings, subscription)
     report = replay(
         subscriber_client(settings),

@@ -21,7 +21,7 @@ def command(settings, source, operation, params, output):
     import dataclasses
 
     from handlers import routing
-    from handlers.clients import storage_client
+    from handlers.clients import check_emulators, storage_client
     from handlers.errors import ConfigError, StoragePermanentError
     from handlers.events import FINALIZE, ObjectEvent, parse_gs_uri
     from handlers.processor import plan_job
@@ -32,6 +32,7 @@ def command(settings, source, operation, params, output):
 
     configure_logging(stream=sys.stderr)  # stdout is the result: a script reads it alone
     bucket, name = parse_gs_uri(source)
+    check_emulators(settings, "storage")
     layout = routing.Layout.from_settings(settings)
     if operation:
         job = routing.Job(

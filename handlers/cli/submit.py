@@ -26,7 +26,7 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     """Upload FILES under incoming/<operation>/ and, with --wait, report each result."""
     from google.api_core.exceptions import GoogleAPICallError
 
-    from handlers.clients import storage_client
+    from handlers.clients import check_emulators, storage_client
     from handlers.routing import Layout
     from handlers import submit
 
@@ -45,6 +45,7 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
         out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise click.BadParameter(f"{out_dir} cannot be written", param_hint="--out")
+    check_emulators(settings, "storage")
     client = storage_client(settings)
     layout = Layout.from_settings(settings)
     values = param_options(params)

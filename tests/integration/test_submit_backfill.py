@@ -312,6 +312,8 @@ def test_backfill_against_a_stopped_emulator_says_so(tiny_settings, bucket, prox
     for args in (["backfill", "gs://b/", "--topic", EVENTS_TOPIC, "--dry-run"], ["dlq", "list", "--subscription", "s"]):
         result = CliRunner().invoke(main, args, env=no_pubsub)
         assert result.exit_code == 2 and "PUBSUB_EMULATOR_HOST=" in result.output, result.output
+    for args in (["submit", "--help"], ["dlq", "replay", "--help"]):  # help needs no emulator
+        assert CliRunner().invoke(main, args, env={**no_pubsub, "STORAGE_EMULATOR_HOST": stopped}).exit_code == 0
     # And when it stops answering once the listing has begun.
     bucket.blob("incoming/upscale/a.png").upload_from_string(png_bytes(), content_type="image/png")
     proxy.add(Rule(rf"^GET /storage/v1/b/{bucket.name}/o\?", status=503))
