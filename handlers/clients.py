@@ -69,13 +69,21 @@ def check_emulators(settings, *services: str) -> None:
         name = f"{service.upper()}_EMULATOR_HOST"
         if not (host := getattr(settings, f"{service}_emulator_host", None)):
             continue
-        address = urlsplit(_with_scheme(host))
+        try:  # HOST:PORT, or a URL with one; any other form (gRPC's dns:///...) the libraries' to read
+            address = urlsplit(host if host.startswith(("http://", "https://")) else f"http://{host}")
+            endpoint = (address.hostname, address.port)
+        except ValueError:
+            continue
+        if None in endpoint:
+            continue
         try:
-            socket.create_connection((address.hostname, address.port or 80), timeout=2).close()
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"{name}={host} does not answer ({getattr(error, 'strerror', None) or error}): start "
-                              f"the emulator (`imagen dev` prints the exports), or unset {name} to use Google "
+            socket.create_connection(endpoint, timeout=2).close()
+        except (ConnectionRefusedError, socket.gaierror) as error:  # a slow answer is still one
+            raise ConfigError(f"{name}={host} does not answer ({error.strerror or error}): start the emulator "
+                              f"(`imagen dev` prints the exports), or fix or unset {name} to use Google "
                               f"Cloud") from None
+        except OSError:
+            pass
 
 
 def _with_scheme(host: str) -> str:

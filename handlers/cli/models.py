@@ -80,9 +80,10 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
         for repo, commit in commits.items():
             click.echo(f"built tiny {repo}@{commit} in {cache_dir}")
     elif source:
-        from handlers.clients import storage_client
+        from handlers.clients import check_emulators, storage_client
         from handlers.model_mirror import restore_cache
 
+        check_emulators(settings, "storage")
         done = restore_cache(
             source, cache_dir, client=storage_client(settings), cache_names=[s.cache_name for s in specs]
         )
@@ -157,7 +158,7 @@ def verify(settings, operations, cache_dir, lock_path):
 @click.pass_obj
 def mirror(settings, destination, operations, cache_dir, allow_tiny):
     """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
-    from handlers.clients import storage_client
+    from handlers.clients import check_emulators, storage_client
     from handlers.model_mirror import mirror_cache
     from image.models import store
 
@@ -170,6 +171,7 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
         raise click.UsageError(f"{cache_dir} holds tiny random-weight models ({', '.join(tiny)}): every instance "
                                f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "
                                f"or pass --tiny for a smoke test")
+    check_emulators(settings, "storage")
     done = mirror_cache(
         cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs],
         commits={s.cache_name: store.find_snapshot(s, cache_dir, Lock.packaged())[0] for s in specs},

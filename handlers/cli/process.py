@@ -32,7 +32,6 @@ def command(settings, source, operation, params, output):
 
     configure_logging(stream=sys.stderr)  # stdout is the result: a script reads it alone
     bucket, name = parse_gs_uri(source)
-    check_emulators(settings, "storage")
     layout = routing.Layout.from_settings(settings)
     if operation:
         job = routing.Job(
@@ -53,9 +52,11 @@ def command(settings, source, operation, params, output):
             plan_job(job, layout, frozenset(parse_chain(operation)))
         except (InvalidParameter, UnknownOperation) as error:
             raise click.UsageError(str(error)) from None
+        check_emulators(settings, "storage")
     else:
         if params or output:
             raise click.UsageError("--param and --output need --operation")
+        check_emulators(settings, "storage")
         state = Store(storage_client(settings)).stat(bucket, name)
         if state is None:  # as a job message naming it would fail (exit 1)
             raise StoragePermanentError(f"{source} does not exist")

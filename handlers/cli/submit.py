@@ -45,12 +45,12 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
         out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise click.BadParameter(f"{out_dir} cannot be written", param_hint="--out")
+    layout = Layout.from_settings(settings)
+    prepared = submit.prepare(list(files), bucket, operation, param_options(params), layout)  # the typos first
     check_emulators(settings, "storage")
     client = storage_client(settings)
-    layout = Layout.from_settings(settings)
-    values = param_options(params)
     submissions = []
-    for path, job, plan in submit.prepare(list(files), bucket, operation, values, layout):
+    for path, job, plan in prepared:
         submission = submit.upload(client, path, job, plan, layout)
         click.echo(f"uploaded {path} -> gs://{bucket}/{submission.job.name} (generation {submission.job.generation})")
         submissions.append(submission)

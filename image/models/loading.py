@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from image.device import device_failure, out_of_memory
 from image.errors import ModelError, ModelMissing
 from image.models import store
 from image.models._quiet import quiet_libraries
@@ -101,8 +102,10 @@ def load_model(
             )
     except Exception as error:
         # What a damaged or unreadable model raises, and tokenizers' plain Exception (a cut
-        # merges.txt); anything else (MemoryError, an ImportError of the image, a bug) as it is.
-        if not isinstance(error, _LOAD_ERRORS) and type(error) is not Exception:
+        # merges.txt); anything else (the GPU out of memory or failed, MemoryError, an
+        # ImportError of the image, a bug) as it is.
+        if (not isinstance(error, _LOAD_ERRORS) and type(error) is not Exception) or out_of_memory(error) \
+                or device_failure(error):  # the GPU's, not the model's
             raise
         raise ModelError(
             f"{spec.operation}: loading {model_id} from {snapshot} failed: "

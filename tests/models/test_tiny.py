@@ -272,9 +272,11 @@ def test_rmbg_imports_only_its_snapshot_code(copy_cache, offline):
 
 
 def test_loading_lets_what_is_no_model_fault_through(copy_cache, offline, monkeypatch):
-    # Out of host memory, or a bug: not "check it with imagen models verify", which would pass.
+    # Out of host or GPU memory, a failed GPU, or a bug: not "check it with imagen models
+    # verify", which would pass.
     spec, _ = _as_downloaded(copy_cache, "remove-background")
-    for error in (MemoryError(), NameError("name 'x' is not defined")):
+    for error in (MemoryError(), NameError("name 'x' is not defined"), torch.OutOfMemoryError("CUDA out of memory"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
         def fail(*args, error=error, **kwargs):
             raise error
 
