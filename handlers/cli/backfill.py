@@ -30,9 +30,8 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     generation. Safe to stop and run again. Workers must list the bucket in IMAGEN_ALLOWED_BUCKETS."""
     from google.api_core.exceptions import GoogleAPIError, RetryError
 
-    from handlers.cli import _unreachable_hint
-
     from handlers.backfill import Summary, backfill
+    from handlers.cli import _unreachable_hint
     from handlers.clients import check_emulators, publisher_client, storage_client, topic_path
     from handlers.routing import Layout
     from image.errors import ImagenError
