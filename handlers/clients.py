@@ -70,7 +70,7 @@ def check_emulators(settings, *services: str) -> None:
         if not (host := getattr(settings, f"{service}_emulator_host", None)):
             continue
         try:  # HOST:PORT, or a URL with one; any other form (gRPC's dns:///...) the libraries' to read
-            address = urlsplit(host if host.startswith(("http://", "https://")) else f"http://{host}")
+            address = urlsplit(_with_scheme(host))
             endpoint = (address.hostname, address.port)
         except ValueError:
             continue

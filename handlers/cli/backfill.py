@@ -54,8 +54,10 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
         raise click.BadParameter(f"{start_at!r} is not under {prefix!r}: give the whole object name, as a stopped run "
                                  "printed it", param_hint="--start-at")
     check_emulators(settings, "storage", "pubsub")
+    # The workers, and the listing's own thread beside them
+    storage = storage_client(settings, connections=workers + 1)
     publisher, path = publisher_client(settings), topic_path(settings, topic)
-    _check_exist(storage_client(settings), bucket, publisher, path)
+    _check_exist(storage, bucket, publisher, path)
     publish = None
     if not dry_run:
 
@@ -73,8 +75,7 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
 
     try:
         backfill(
-            # The workers, and the listing's own thread beside them
-            storage_client(settings, connections=workers + 1), bucket, prefix, Layout.from_settings(settings),
+            storage, bucket, prefix, Layout.from_settings(settings),
             operation=operation, publish=publish, rate=rate, retry_failed=retry_failed, only=served,
             on_decision=show, summary=summary, workers=workers, start_at=start_at,
         )

@@ -61,9 +61,10 @@ def run(settings, source, output, operation, params, format_given, device, model
     folder = source.parent
     if output == "":
         raise click.BadParameter("is empty: give a file or folder", param_hint="-o")
-    if output is not None and (output.endswith(("/", os.sep)) or Path(output).expanduser().is_dir()):
-        folder, output = Path(output).expanduser(), None
-    output = Path(output).expanduser() if output is not None else None
+    if output is not None:
+        given, output = output, Path(output).expanduser()
+        if given.endswith(("/", os.sep)) or output.is_dir():  # Path() drops the trailing slash
+            folder, output = output, None
     # -o cut.jpg: a JPEG, as a job message's output name says too (-o out.gif, or -o q.png
     # with --format webp, refused)
     if output is not None and (named := output_format(output.name, params.get("format"))):
