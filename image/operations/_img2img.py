@@ -92,8 +92,7 @@ class Img2ImgOperation(Operation):
         with quiet_libraries(warnings=False):
             latents = None if noise is None else self._noised_latents(image, params, generator, noise)
             return self.model(
-                prompt=self.prompt(params),
-                negative_prompt=params["negative_prompt"] or None,
+                **self.prompt_arguments(self.prompt(params), params["negative_prompt"] or None),
                 image=image,
                 strength=params["strength"],
                 num_inference_steps=params["steps"],

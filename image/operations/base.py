@@ -63,6 +63,7 @@ class Operation:
         self.background: threading.Thread | None = None  # a compile after ready, if any
         self.compile_cache = None  # where compiled artefacts are loaded from and stored
         self.deadline = None  # the running job's image.deadline.Deadline, if it has one
+        self._prompts = None  # prompts.PromptEmbeddings of the loaded pipeline, once asked
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -312,6 +313,20 @@ class Operation:
     ) -> Image.Image:
         """The model step: RGB in (and the input's alpha, if any), the result out."""
         raise NotImplementedError
+
+    def prompt_arguments(self, prompt: str, negative_prompt: str | None, count: int = 1) -> dict[str, Any]:
+        """The pipeline's prompt arguments for a batch of `count`: with `prompt_cache` the
+        embeddings, encoded once per distinct pair (image/operations/prompts.py); else the
+        strings, as stock diffusers is given them."""
+        from image.operations.prompts import PromptEmbeddings
+
+        if not (self.tuning and self.tuning.prompt_cache):
+            if count == 1:
+                return {"prompt": prompt, "negative_prompt": negative_prompt}
+            return {"prompt": [prompt] * count, "negative_prompt": [negative_prompt] * count}
+        if self._prompts is None or self._prompts.pipeline is not self.model:
+            self._prompts = PromptEmbeddings(self.model)
+        return self._prompts.arguments(prompt, negative_prompt, count)
 
     def generator(self, seed: int, tile: int = 0) -> torch.Generator:
         """A generator on the model's device: same seed, same noise.

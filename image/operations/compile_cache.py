@@ -43,9 +43,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("imagen.operations")
 
-_NOT_IN_THE_GRAPH = frozenset({"read_ahead", "direct_to_device", "background_compile", "host_timesteps"})
+_NOT_IN_THE_GRAPH = frozenset({"read_ahead", "direct_to_device", "background_compile", "host_timesteps",
+                               "prompt_cache"})
 """Switches that change how a model loads, when it compiles or what runs around it (the
-scheduler's step), not what is compiled."""
+scheduler's step, the text encoder), not what is compiled."""
 
 
 class CompileCache(Protocol):

@@ -21,6 +21,7 @@ SWITCHES = (
     "compile",
     "cuda_graphs",
     "host_timesteps",
+    "prompt_cache",
 )
 """The on/off switches, in the order reports list them."""
 
@@ -79,6 +80,7 @@ class Tuning:
     background_compile: bool = False  # how `compile` and `compile_vae` run: after ready, under the graphs
     cuda_graphs: bool = False
     host_timesteps: bool = False
+    prompt_cache: bool = False
     compile_mode: str | None = None  # torch.compile mode: None (default), "max-autotune", ...
     upscale_tile: int | tuple[int, ...] | None = None  # input pixels; several: buckets
     upscale_tile_batch: int = 1
@@ -91,7 +93,8 @@ class Tuning:
     @classmethod
     def for_device(cls, device, operation: str | None = None) -> Tuning:
         """The defaults for `operation` on `device`: on CUDA the switches the bench showed to
-        pay (see the module docstring); stock diffusers on the CPU."""
+        pay (see the module docstring); stock diffusers' pixels on the CPU (what is on there
+        only reads files early or keeps work already done)."""
         if str(device).split(":")[0] == "cuda":  # a torch.device or its name
             compiled = operation in COMPILE_PAYS
             return cls(channels_last=operation in CHANNELS_LAST_PAYS or compiled, fuse_qkv=True, read_ahead=True,
@@ -99,8 +102,9 @@ class Tuning:
                        vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS,
                        compile_vae=operation in COMPILE_VAE_PAYS, compile=compiled, background_compile=True,
                        cuda_graphs=operation is None or operation in DIFFUSION,
-                       host_timesteps=operation in HOST_TIMESTEPS_PAYS, upscale_tile=(256, 512))
-        return cls(read_ahead=True)
+                       host_timesteps=operation in HOST_TIMESTEPS_PAYS, prompt_cache=True,
+                       upscale_tile=(256, 512))
+        return cls(read_ahead=True, prompt_cache=True)
 
     def replace(self, **changes) -> Tuning:
         """A copy with `changes`; unknown names raise TypeError."""

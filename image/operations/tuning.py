@@ -7,9 +7,10 @@
 Every switch but `vae_tiling` and `vae_bf16` keeps the function the model computes to within
 fp16 rounding (tests/bench/test_equivalence.py and tests/bench/test_cuda_graphs.py check each
 on tiny models; the bench's diff column on full-size ones). On the CPU the defaults are all
-off except `read_ahead` (it only reads files early), so CPU results are stock diffusers' to
-the bit. On CUDA a switch is on by default only where an H200 run of `make bench` showed it
-pays (bench/README.md has the figures):
+off except `read_ahead` (it only reads files early) and `prompt_cache` (it keeps tensors the
+pipeline would compute again), so CPU results are stock diffusers' to the bit. On CUDA a
+switch is on by default only where an H200 run of `make bench` showed it pays
+(bench/README.md has the figures; `prompt_cache` only drops repeated work, not yet measured):
 
 | switch | what it does | CUDA default, and why |
 |---|---|---|
@@ -28,6 +29,7 @@ pays (bench/README.md has the figures):
 | `background_compile` | with graphs: ready at once uncompiled, compiled after (below) | on: a cold start does not wait 50-190 s for Inductor |
 | `upscale_tile_batch` | upscale tiles per UNet call | 1 |
 | `host_timesteps` | DDIM's and PNDM's step (upscale, comic) read each timestep from a CPU copy of the schedule instead of the device (host_timesteps.py): no wait on the GPU at each step (the per-step deadline check then runs up to one pipeline call ahead of the GPU) | upscale: 256 -> 1024 1.948 -> 1.917 s, 512 -> 2048 3.142 -> 3.085 s (its DDIM step read the device six times per step, each a wait for the UNet call before it); comic's PNDM not measured |
+| `prompt_cache` | the pipelines are given prompt embeddings, each distinct (prompt, negative prompt) encoded once by the pipeline's own `encode_prompt` and kept (prompts.py), instead of the strings: no tokenizer or text encoder in a request's path, or a tile's | on: the same tensors (stock's pixels to the bit on the CPU); not yet measured on a GPU (session 8: ~0.12 s of upscale 256 -> 1024's 1.92 s was outside the UNet and VAE, the prompts' encoding part of it) |
 
 `compile` with `background_compile` (the CUDA default where compile is on): the operation warms
 up and is ready on the uncompiled CUDA graphs; once every operation is (`Engine.setup`), a
@@ -102,6 +104,8 @@ def tune_pipeline(pipe, tuning: Tuning, device: torch.device) -> list[str]:
         done += compile_vae(pipe.vae)
     if tuning.host_timesteps:
         done += host_timesteps(pipe)
+    if tuning.prompt_cache:  # applied by the operations' prompt_arguments; listed for the log
+        done.append("prompt_cache")
     return done + _compile_and_graph(pipe.unet, tuning, device)
 
 

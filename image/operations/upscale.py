@@ -136,8 +136,7 @@ class Upscale(Operation):
             where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
             return pipe(
-                prompt=[params["prompt"]] * count,
-                negative_prompt=[params["negative_prompt"]] * count,
+                **self.prompt_arguments(params["prompt"], params["negative_prompt"], count),
                 image=batch,
                 num_inference_steps=params["steps"],
                 guidance_scale=params["guidance"],

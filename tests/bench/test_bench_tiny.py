@@ -35,14 +35,15 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert path.name.startswith("cpu-") and "-tiny-" in path.name
     assert path.with_suffix(".md").read_text().startswith("cpu")
     results = json.loads(path.read_text())
-    assert results["environment"]["kind"] == "tiny" and results["switches_on"] == {"upscale": ["read_ahead"]}
+    assert results["environment"]["kind"] == "tiny"
+    assert results["switches_on"] == {"upscale": ["read_ahead", "prompt_cache"]}
     [row] = results["cases"]
     assert row["stock"]["seconds"] > 0 and row["imagen"]["seconds"] > 0
     assert row["ratio"] == pytest.approx(row["imagen"]["seconds"] / row["stock"]["seconds"], rel=0.01)
     assert row["max_diff"] == 0  # one tile, CPU defaults: stock's pixels
     assert row["unet_tflop"] > 0  # counted on the meta device from the snapshot's config
     variant = row["variants"]["batched"]
-    assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead"]
+    assert variant["seconds"] > 0 and variant["switches_on"] == ["channels_last", "read_ahead", "prompt_cache"]
     assert variant["max_diff"] <= 1 and "ratio" in variant
     assert results["variants"]["batched"]["upscale"]["upscale_tile_batch"] == 2
     [profiles] = results_dir.glob("profile-*")

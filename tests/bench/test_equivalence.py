@@ -76,9 +76,10 @@ def stock_np(tiny_cache):
 
 
 def test_cpu_defaults_are_stock():
-    assert Tuning.for_device(CPU).enabled() == ["read_ahead"]  # reads files early, nothing else
+    # reads files early and keeps prompts' embeddings (the same tensors), nothing else
+    assert Tuning.for_device(CPU).enabled() == ["read_ahead", "prompt_cache"]
     cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16"]
-    assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs"]
+    assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs", "prompt_cache"]
     # Measured to pay there: compiled (after ready) in NHWC under the graphs.
     for op in ("comic", "enhance", "upscale"):
         # upscale's 512 tile's decode: its attention as products, its decoder compiled too
@@ -86,7 +87,7 @@ def test_cpu_defaults_are_stock():
         # upscale's DDIM step given CPU timesteps (no wait on the GPU in the loop)
         steps = ["host_timesteps"] if op == "upscale" else []
         assert Tuning.for_device("cuda", op).enabled() == ["channels_last", *cuda, *vae, "compile", "cuda_graphs",
-                                                           *steps]
+                                                           *steps, "prompt_cache"]
         assert Tuning.for_device("cuda", op).background_compile
     assert Tuning.for_device("cuda").upscale_tile == (256, 512)
     assert not Tuning.for_device("cuda", "remove-background").cuda_graphs  # not measured there

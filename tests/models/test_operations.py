@@ -310,16 +310,81 @@ def test_comic_prompt_gets_its_trigger_words(engine, monkeypatch):
     seen = []
 
     pipeline = type(comic.model)
-    call = pipeline.__call__
+    encode = pipeline.encode_prompt
 
-    def spy(self, *args, **kwargs):  # the prompt the pipeline is given
-        seen.append(kwargs["prompt"])
-        return call(self, *args, **kwargs)
+    def spy(self, *args, **kwargs):  # the prompt the pipeline's text encoder is given
+        if kwargs.get("prompt_embeds") is None:
+            seen.append(kwargs["prompt"] if "prompt" in kwargs else args[0])
+        return encode(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "__call__", spy)
+    monkeypatch.setattr(pipeline, "encode_prompt", spy)
     _run(engine, ["comic"], _image(), prompt="a harbour at dusk")
     _run(engine, ["comic"], _image(), prompt="Ghibli Style harbour")
     assert seen == ["ghibli style, a harbour at dusk", "Ghibli Style harbour"]
+
+
+def _text_encoder_calls(pipe) -> list:
+    """The text encoders' forward calls from now on (a hook on each: the real modules run)."""
+    calls = []
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.register_forward_hook(lambda module, args, output: calls.append(module))
+    return calls
+
+
+@pytest.mark.parametrize("op", ["upscale", "enhance", "comic"])
+def test_a_prompt_is_encoded_once_and_gives_the_pixels_of_the_strings(tiny_cache, op):
+    """Jobs and tiles after the first with the same prompts run no text encoder, and the
+    kept embeddings give the pixels the pipeline gives for the prompt strings itself."""
+    fresh = Engine([op], tiny_cache, device="cpu", allow_download=False)
+    fresh.setup()
+    operation = fresh._ops[op]
+    calls = _text_encoder_calls(operation.model)
+    params = _fast([op])
+    params["prompt"] = "a lighthouse on a cliff"
+    first = fresh.run((op,), _image(), params, 1)
+    assert calls, "the first job with a new prompt encodes it"
+    encoded = len(calls)
+    size = (160, 160) if op == "upscale" else (64, 64)  # upscale: several tiles
+    again = fresh.run((op,), _image(*size), params, 1)
+    assert len(calls) == encoded, "a prompt already seen is not encoded again"
+    assert fresh.run((op,), _image(), params, 1).tobytes() == first.tobytes()
+
+    # prompt_cache off: the pipeline is given the strings, as stock diffusers is, every call
+    tuning = operation.tuning
+    operation.tuning = tuning.replace(prompt_cache=False)
+    try:
+        stock = operation.run(_image(*size), resolve(op, params), seed=1)
+    finally:
+        operation.tuning = tuning
+    assert len(calls) > encoded
+    assert np.array_equal(np.asarray(stock), np.asarray(again))
+
+
+def test_kept_prompts_are_bounded_least_recently_used_first(tiny_cache):
+    from image.operations.prompts import PromptEmbeddings
+
+    fresh = Engine(["comic"], tiny_cache, device="cpu", allow_download=False)
+    fresh.setup()
+    pipe = fresh._ops["comic"].model
+    kept = PromptEmbeddings(pipe, size=2)
+    calls = _text_encoder_calls(pipe)
+    with torch.inference_mode():
+        one = kept.arguments("one", None)
+        kept.arguments("two", "")
+        kept.arguments("one", None)  # used again: "two" is now the oldest
+        kept.arguments("three", None)
+        assert len(kept) == 2 and len(calls) == 6  # each new pair: its prompt and its negative
+        kept.arguments("one", None)
+        assert len(calls) == 6
+        kept.arguments("two", "")
+        assert len(calls) == 8
+        batch = kept.arguments("one", None, count=3)
+    assert set(one) == {"prompt_embeds", "negative_prompt_embeds"}
+    for name, tensor in one.items():
+        assert batch[name].shape == (3, *tensor.shape[1:])
+        assert all(torch.equal(row, tensor[0]) for row in batch[name])
 
 
 # -- alpha ----------------------------------------------------------------------------------
