@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from image.models._quiet import quiet_libraries
-from image.operations.base import Operation, attach_alpha
+from image.operations.base import Operation, attach_alpha, to_bytes
 from image.params import resolve
 from image.tiling import pad_to_multiple, plan_tiles, upscale_tiled
 
@@ -91,7 +91,7 @@ class Img2ImgOperation(Operation):
         # the service's logs, one line per job.
         with quiet_libraries(warnings=False):
             latents = None if noise is None else self._noised_latents(image, params, generator, noise)
-            return self.model(
+            images = self.model(
                 **self.prompt_arguments(self.prompt(params), params["negative_prompt"] or None),
                 image=image,
                 strength=params["strength"],
@@ -99,9 +99,10 @@ class Img2ImgOperation(Operation):
                 guidance_scale=params["guidance"],
                 generator=generator,
                 latents=latents,
-                output_type="pil",
+                output_type="pt",
                 callback_on_step_end=self.step_check(where),
-            ).images[0]
+            ).images
+        return Image.fromarray(to_bytes(images)[0], "RGB")
 
     def _noised_latents(self, image: Image.Image, params: dict[str, Any], generator, noise: torch.Tensor):
         """What the pipeline's own prepare_latents makes of `image` (encoded, with `generator`

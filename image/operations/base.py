@@ -417,6 +417,15 @@ def _block_sums(values: np.ndarray) -> np.ndarray:
     return even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]
 
 
+def to_bytes(images: torch.Tensor) -> np.ndarray:
+    """A pipeline's images as `output_type="pt"` gives them ((N, C, H, W), 0..1, on the
+    model's device) as (N, H, W, C) uint8 on the host. Rounded where they are, so only bytes
+    cross to the host, not floats for it to convert, scale and round while the GPU waits; the
+    values diffusers' own "np" and "pil" outputs round to (float32 x 255, half to even)."""
+    pixels = (images.permute(0, 2, 3, 1).float() * 255).round_().clamp_(0, 255)
+    return pixels.to(torch.uint8).cpu().numpy()
+
+
 def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:
     """`image` with `alpha` re-attached (resized bicubically when the size changed: Lanczos
     rings around a cut-out's hard edge, a faint halo outside it and a dip inside); an RGB

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from image.models._quiet import quiet_libraries
-from image.operations.base import Operation, attach_alpha
+from image.operations.base import Operation, attach_alpha, to_bytes
 from image.params import resolve
-from image.tiling import plan_tiles, upscale_tiled
+from image.tiling import pad_to, plan_tiles, upscale_tiled
 
 # Output at most 16384 x 16384 (268 MP), from MAX_INPUT_PIXELS below: the tiles
 # stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
@@ -125,7 +125,7 @@ class Upscale(Operation):
         boxes, noise = plan.boxes, self.latent_noise(plan, seed)
         done = 0
 
-        def upscale_batch(batch: np.ndarray) -> np.ndarray:
+        def upscale_batch(batch: np.ndarray, output_type: str = "np"):
             nonlocal done
             count = len(batch)
             generators = [self.generator(seed, tile=done + i) for i in range(count)]
@@ -143,7 +143,7 @@ class Upscale(Operation):
                 noise_level=params["noise_level"],
                 generator=generators if count > 1 else generators[0],
                 latents=latents,
-                output_type="np",
+                output_type=output_type,
                 callback=self._step_callback(where),
             ).images
 
@@ -153,16 +153,22 @@ class Upscale(Operation):
         array = np.asarray(rgb, dtype=np.float32)
         array /= 255.0
         with quiet_libraries(warnings=False):
-            out = upscale_tiled(
-                array,
-                upscale_batch,
-                scale=self.scale,
-                tile=tile,
-                overlap=overlap,
-                batch_size=self.tile_batch,
-                on_tile=self.tile_check(),  # hundreds of tiles on a slow card: stop after the first
-                levels=255.0,
-            )
+            if len(boxes) == 1:
+                # One tile (reflect-padded to it, as upscale_tiled pads): nothing to blend, so the
+                # device rounds the cropped pixels to bytes, the values the blend would give.
+                images = upscale_batch(pad_to(array, tile, tile)[None], output_type="pt")
+                out = to_bytes(images[:, :, :rgb.height * self.scale, :rgb.width * self.scale])[0]
+            else:
+                out = upscale_tiled(
+                    array,
+                    upscale_batch,
+                    scale=self.scale,
+                    tile=tile,
+                    overlap=overlap,
+                    batch_size=self.tile_batch,
+                    on_tile=self.tile_check(),  # hundreds of tiles on a slow card: stop after the first
+                    levels=255.0,
+                )
         del array
         image = Image.fromarray(out, "RGB")
         del out

@@ -159,6 +159,28 @@ def test_operation_with_cpu_defaults_gives_stock_pixels(tiny_cache, op):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bytes_rounded_on_the_device_are_diffusers_own(dtype):
+    """The operations round a pipeline's "pt" output where it is (base.to_bytes): the same
+    bytes as diffusers' "np" then "pil" path and as the tiles' blend (tiling.to_uint8),
+    halfway values (k + 0.5) / 255 included."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from image.operations.base import to_bytes
+    from image.tiling import to_uint8
+
+    halves = (torch.arange(255, dtype=torch.float64) + 0.5) / 255  # within 0..1, as the pipelines clamp
+    values = torch.cat([torch.rand(3 * 64 * 64 - 257, dtype=torch.float64), halves, torch.tensor([0.0, 1.0])])
+    images = values.reshape(1, 3, 64, 64).to(dtype)
+    floats = VaeImageProcessor.pt_to_numpy(images)  # diffusers' "np" output
+    expected = np.asarray(VaeImageProcessor.numpy_to_pil(floats)[0])  # and its "pil"
+    got = to_bytes(images)
+    assert got.dtype == np.uint8 and got.shape == (1, 64, 64, 3)
+    assert np.array_equal(got[0], expected)
+    assert np.array_equal(got[0], to_uint8(floats[0].copy()))
+    assert np.array_equal(to_bytes(images.contiguous(memory_format=torch.channels_last)), got)
+
+
 # -- each switch alone -----------------------------------------------------------------------
 
 

@@ -123,11 +123,11 @@ def test_enhance_stops_after_the_first_tile_of_a_large_image_that_would_not_fit(
 @pytest.mark.parametrize(("name", "side", "steps", "where"), [
     ("comic", 64, 4, "comic at denoising step 2"),  # 4 x 0.75 strength: 3 steps run
     ("enhance", 64, 10, "enhance at denoising step 2"),  # SDXL's pipeline; 10 x 0.3: 3 steps
-    ("upscale", 32, 4, "upscale tile 1 at denoising step 1"),  # the x4 pipeline's older callback
+    ("upscale", 32, 4, "upscale tile 1 at denoising step 2"),  # the x4 pipeline's older callback; one tile
 ])
 def test_diffusion_stops_at_the_first_step_past_the_budget(ops, name, side, steps, where):
     params = resolve(name, {"steps": steps})
-    clock = Clock(2.5)  # check 1: before the start, 2: after step 1 (upscale: the tiles' start), 3: past
+    clock = Clock(2.5)  # check 1: before the start, 2: after step 1, 3: past
     with pytest.raises(JobTooLong, match=f"^{where}: stopped after 3 s"):
         ops[name].run(_image(side), params, seed=1, deadline=clock)
     assert clock.checks == 3
@@ -158,13 +158,13 @@ def test_the_engine_budgets_the_whole_chain_from_when_it_runs(tiny_cache, monkey
     chain = ["remove-background", "upscale"]
     assert engine.run(chain, _image(32), params, seed=0, max_seconds=3600).size == (128, 128)
     # One budget for the chain: remove-background's check uses the first second, upscale's
-    # start the second, its tiles' start the third, its first step the fourth.
+    # start the second, its first step (of its one tile) the third.
     clocks = []
     monkeypatch.setattr(engine_module, "Deadline", lambda seconds: clocks.append(Clock(seconds)) or clocks[-1])
-    with pytest.raises(JobTooLong, match="^upscale tile 1 at denoising step 1: stopped after 4 s, past the job's "
+    with pytest.raises(JobTooLong, match="^upscale tile 1 at denoising step 1: stopped after 3 s, past the job's "
                                          "time budget of 2.5 s"):
         engine.run(chain, _image(32), params, seed=0, max_seconds=2.5)
-    assert len(clocks) == 1 and clocks[0].checks == 4
+    assert len(clocks) == 1 and clocks[0].checks == 3
     # A budget given as a callable is asked once the device is the job's, after `started`.
     asked = []
     with pytest.raises(JobTooLong, match="past the job's time budget of 2.5 s"):
