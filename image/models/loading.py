@@ -83,10 +83,10 @@ def load_model(
         try:
             store.fetch(spec, cache_dir, lock=lock)
         except ModelError as error:
-            raise ModelMissing(f"{_missing(spec, problems, cache_dir)}; pulling it now failed: {error}") from error
+            raise ModelMissing(f"{_missing(spec, problems, cache_dir, lock)}; pulling it now failed: {error}") from error
         problems = store.spec_problems(spec, cache_dir, lock)
     if problems:
-        raise ModelMissing(_missing(spec, problems, cache_dir))
+        raise ModelMissing(_missing(spec, problems, cache_dir, lock))
     snapshot = store.resolve_snapshot(spec, cache_dir, lock=lock)
     tiny = store.is_tiny(snapshot)
     # A tiny model built at the lock's commit carries the real one's: marked, so neither an
@@ -116,10 +116,10 @@ def load_model(
     return LoadedModel(model, model_id, snapshot.name, tiny, seconds)
 
 
-def _missing(spec: ModelSpec, problems: list[str], cache_dir: Path) -> str:
+def _missing(spec: ModelSpec, problems: list[str], cache_dir: Path, lock: Lock) -> str:
     if len(problems) == 1 and "is not in the model cache" in problems[0]:
         return problems[0]
-    return "; ".join(problems) + f"; run `{store.pull_command([spec], cache_dir)}`"
+    return "; ".join(problems) + f"; run `{store.pull_command([spec], cache_dir, lock)}`"
 
 
 def start_read_ahead(snapshot: Path, device: torch.device) -> list[threading.Thread]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,8 @@ class Lock:
     """An immutable view of a lock file; `recorded()` returns an updated copy."""
 
     entries: Mapping[str, LockEntry] = dataclasses.field(default_factory=dict)
+    #: The file it was read from (None: made in memory), for the fix a message names.
+    path: Path | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def read(cls, path: Path) -> Lock:
@@ -53,7 +56,7 @@ class Lock:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            return cls()
+            return cls(path=Path(path))
         except (OSError, ValueError) as error:
             raise ModelError(f"model lock {path} is unreadable: {error}") from None
         try:
@@ -66,7 +69,7 @@ class Lock:
                 f"model lock {path} is malformed: expected "
                 '{"org/repo": {"revision": "<commit>", "files": {"path": bytes}}}'
             ) from None
-        return cls(entries)
+        return cls(entries, Path(path))
 
     @classmethod
     def packaged(cls) -> Lock:
@@ -81,7 +84,13 @@ class Lock:
         return entry.files if entry else {}
 
     def recorded(self, repo_id: str, revision: str, files: Mapping[str, int]) -> Lock:
-        return Lock({**self.entries, repo_id: LockEntry(revision, dict(files))})
+        return Lock({**self.entries, repo_id: LockEntry(revision, dict(files))}, self.path)
+
+    def option(self) -> str:
+        """` --lock <path>` for a command that must use this lock: "" for the packaged one."""
+        if self.path is None or self.path == packaged_lock_path():
+            return ""
+        return f" --lock {shlex.quote(str(self.path))}"
 
     def to_json(self) -> str:
         data = {

@@ -35,9 +35,11 @@ TINY_MARKER = "imagen-tiny.json"
 
 
 
-def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None) -> str:
-    """The command that fetches these models (into `cache_dir` where given), for error messages."""
+def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None, lock: Lock | None = None) -> str:
+    """The command that fetches these models (into `cache_dir` where given, at `lock`'s pins
+    where it is not the packaged lock), for error messages."""
     where = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir is not None else ""
+    where += lock.option() if lock is not None else ""
     return "imagen models pull --operations " + ",".join(spec.operation for spec in specs) + where
 
 
@@ -71,15 +73,15 @@ def resolve_snapshot(spec: ModelSpec, cache_dir: Path, *, lock: Lock) -> Path:
     """The snapshot folder to load `spec` from; ModelMissing (naming the fix) if absent."""
     commit, snapshot = find_snapshot(spec, cache_dir, lock)
     if snapshot is None:
-        raise ModelMissing(missing_message(spec, cache_dir, commit))
+        raise ModelMissing(missing_message(spec, cache_dir, commit, lock))
     return snapshot
 
 
-def missing_message(spec: ModelSpec, cache_dir: Path, commit: str | None) -> str:
+def missing_message(spec: ModelSpec, cache_dir: Path, commit: str | None, lock: Lock | None = None) -> str:
     at = f"@{commit}" if commit else ""
     return (
         f"{spec.operation}: model {spec.repo_id}{at} is not in the model cache {cache_dir} "
-        f"(MODEL_CACHE_DIR); run `{pull_command([spec], cache_dir)}`"
+        f"(MODEL_CACHE_DIR); run `{pull_command([spec], cache_dir, lock)}`"
     )
 
 
@@ -279,7 +281,7 @@ def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
     """`verify` for one model; each problem starts with "<operation>: <repo>@<commit>: "."""
     commit, snapshot = find_snapshot(spec, cache_dir, lock)
     if snapshot is None:
-        return [missing_message(spec, cache_dir, commit)]
+        return [missing_message(spec, cache_dir, commit, lock)]
     files = snapshot_files(snapshot)
     problems = _layout_problems(spec, snapshot, files)
     expected, source = expected_sizes(spec, snapshot, lock)

@@ -320,6 +320,10 @@ def test_cli_pull_tiny_then_verify(tmp_path, offline):
     locked = runner.invoke(models_cli.command, ["verify", "--operations", "remove-background", "--lock", str(lock)],
                            obj=settings)
     assert locked.exit_code == 1 and f"remove-background --lock '{lock}'`" in locked.output
+    # each model's own line too (the one a log shows when a worker cannot load it)
+    [line] = [line for line in locked.output.splitlines() if "is not in the model cache" in line]
+    assert line.endswith(f"run `imagen models pull --operations remove-background --cache-dir {tmp_path} "
+                         f"--lock '{lock}'`")
     pulled = runner.invoke(models_cli.command, ["pull", "--tiny", "--operations", "remove-background"], obj=settings)
     assert pulled.exit_code == 0, pulled.output
     assert "built tiny briaai/RMBG-1.4@" in pulled.output
