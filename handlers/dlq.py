@@ -184,6 +184,8 @@ class ReplayReport:
     unparseable: list[str] = dataclasses.field(default_factory=list)  # message ids left: they would come back
     returned: int = 0  # this run's own copies pulled back: the topic feeds the subscription
     pulled: int = 0  # messages pulled from the dead-letter subscription in all
+    unacked: list[str] = dataclasses.field(default_factory=list)  # replayed, but their ack failed: still here
+    ack_error: str | None = None  # why; the run stopped there
 
 
 def list_dead_letters(
@@ -284,7 +286,14 @@ def replay(
                 replayed.add(letter.message_id)
                 report.replayed.append(letter.message_id)
             if done or again:
-                subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done + again})
+                try:
+                    subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done + again})
+                except api_exceptions.GoogleAPICallError as error:
+                    # Published, yet still in the subscription: another run would publish them
+                    # again, and so would each later batch's failing ack. Stop here and say so.
+                    report.unacked = [letter.message_id for letter, _ in futures if letter.ack_id in done]
+                    report.ack_error = f"{type(error).__name__}: {error}"
+                    break  # they come back once their lease runs out
             log.info(
                 "dead letters replayed",
                 extra={
@@ -296,7 +305,11 @@ def replay(
                 },
             )
     finally:
-        _nack(subscriber, subscription, held)
+        try:
+            _nack(subscriber, subscription, held)
+        except api_exceptions.GoogleAPICallError as error:  # not the report's (or a failure's) end
+            log.warning("could not hand %d dead letters back at once (%s): they come back within %d s",
+                        len(held), error, LEASE_SECONDS)
     return report
 
 

@@ -124,8 +124,13 @@ def replay_(settings, subscription, limit, wait, topic, message_ids, include_unp
     if report.returned:
         click.echo(f"{report.returned} replayed message(s) came back to {path}: the topic feeds it (nothing "
                    "else serves them yet); they are left there: drain it once they are done", err=True)
+    if report.ack_error:
+        click.echo(f"stopped: acknowledging {len(report.unacked)} replayed message(s) in {path} failed "
+                   f"({report.ack_error}): they are published and still there, so another replay publishes them "
+                   f"again (a worker skips a job whose output is written); what was not pulled yet is untouched",
+                   err=True)
     missing = sorted(set(message_ids) - set(report.replayed) - set(report.failed) - set(report.unparseable))
     if missing:
         click.echo(f"not found in {path}: {', '.join(missing)}", err=True)
-    if report.failed or missing or set(message_ids) & set(report.unparseable):  # one asked for and not replayed
+    if report.failed or missing or report.ack_error or set(message_ids) & set(report.unparseable):
         raise SystemExit(1)

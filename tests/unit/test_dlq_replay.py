@@ -64,3 +64,23 @@ def test_a_source_subscription_the_operator_may_not_read_says_to_pass_the_topic(
     assert not report.replayed and not publisher.published and subscriber.nacked == ["a1"]
     assert report.failed == {"m1": "no topic: cannot read projects/p/subscriptions/imagen-upscale (403 User not "
                                    "authorized to perform this action.); pass --topic"}
+
+
+def test_an_ack_that_fails_stops_the_run_and_names_what_was_published():
+    # Pub/Sub failing after the publish: the copies are out, the originals still there.
+    class _Refusing(_Subscriber):
+        def acknowledge(self, request):
+            raise api_exceptions.ServiceUnavailable("The service is currently unavailable.")
+
+        def modify_ack_deadline(self, request):  # leases taken; handing back fails too
+            if request["ack_deadline_seconds"] == 0:
+                raise api_exceptions.ServiceUnavailable("The service is currently unavailable.")
+
+    later = [_received("b1", "m3")]
+    first = [_received("a1", "m1"), _received("a9", "m9"), _received("a2", "m2")]  # m9 not asked for
+    subscriber, publisher = _Refusing(first, later), _Publisher()
+    report = dlq.replay(subscriber, publisher, "projects/p/subscriptions/dl", topic="projects/p/topics/t",
+                        message_ids={"m1", "m2", "m3"})  # handing m9 back fails too: the report still comes
+    assert report.replayed == ["m1", "m2"] and report.unacked == ["m1", "m2"] and report.left == 1
+    assert report.ack_error == "ServiceUnavailable: 503 The service is currently unavailable."
+    assert len(publisher.published) == 2 and subscriber.batches[0] == later  # the next batch not pulled
