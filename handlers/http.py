@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import flask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
 
 from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
@@ -63,6 +64,18 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
     @app.get("/metrics")
     def metrics():
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.errorhandler(HTTPException)
+    def refused(error: HTTPException):
+        """Flask's own refusals (an unknown path or method, a body past MAX_BODY_BYTES) as
+        JSON like every other answer, not HTML pages; its headers (a 405's Allow) kept."""
+        if flask.request.method == "POST":  # a push or event that never reached _receive
+            log.warning("request refused: %s %s", error.code, error.description,
+                        extra={"fields": {"status": error.code, "path": flask.request.path}})
+        response = error.get_response()
+        response.set_data(flask.json.dumps({"error": f"{error.code} {error.name}: {error.description}"}))
+        response.mimetype = "application/json"
+        return response
 
     @app.after_request
     def stop_after_a_failed_gpu(response):

@@ -164,3 +164,18 @@ def test_the_trace_names_the_settings_project_else_the_credentials(monkeypatch):
 
     monkeypatch.setattr(google.auth, "default", no_credentials)
     assert log_project(Settings()) is None  # no link, and serve still starts
+
+
+def test_the_frameworks_own_refusals_answer_json_and_a_refused_post_is_logged(caplog):
+    processor = _Recording()
+    client = create_app(processor, state=lambda: engine.READY).test_client()
+    answer = client.get("/")  # a browser, or a probe pointed at the wrong path
+    assert answer.status_code == 405 and answer.is_json and "POST" in answer.headers["Allow"]
+    assert answer.get_json()["error"].startswith("405 Method Not Allowed: ")
+    missing = client.get("/nothing-here")
+    assert missing.status_code == 404 and missing.get_json()["error"].startswith("404 Not Found: ")
+    big = client.post("/", data=b"x" * (15 * 1024 * 1024), content_type="application/json")
+    assert big.status_code == 413 and big.get_json()["error"].startswith("413 Request Entity Too Large: ")
+    assert processor.calls == []
+    [record] = [r for r in caplog.records if r.getMessage().startswith("request refused: 413 ")]
+    assert record.levelname == "WARNING"
