@@ -81,7 +81,8 @@ final)
   #    And first the variant pc: prompt_cache=off (the defaults since session 23 give the
   #    pipeline prompt embeddings encoded once; off: the strings, encoded every call, as in
   #    session 8), ~30 s of set-up from Inductor's warm cache: what keeping them saves.
-  want 1 && step 30 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py -k adopt
+  #    The tests first: adopt's two, and the GPU's rounding to bytes = the host's (-k bytes).
+  want 1 && step 30 "$PY" -m pytest -q -p no:cacheprovider tests/bench/test_cuda_graphs.py -k "adopt or bytes"
   want 1 && step 440 "$PY" -m bench "${TINY[@]}" --cases $UP256,$UP512 --no-stock --profile \
     --variant "pc: prompt_cache=off" --variant "wc: background_compile=off"
   # 2. A cold start in an environment like imagen's image: the device's Python also holds

@@ -423,7 +423,8 @@ def to_bytes(images: torch.Tensor) -> np.ndarray:
     cross to the host, not floats for it to convert, scale and round while the GPU waits; the
     values diffusers' own "np" and "pil" outputs round to (float32 x 255, half to even)."""
     pixels = (images.permute(0, 2, 3, 1).float() * 255).round_().clamp_(0, 255)
-    return pixels.to(torch.uint8).cpu().numpy()
+    # Contiguous there too: a strided array would have PIL transpose it byte by byte here.
+    return pixels.to(torch.uint8).contiguous().cpu().numpy()
 
 
 def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:

@@ -6,7 +6,9 @@ encoding its prompt and its negative prompt). The prompts are nearly always the 
 defaults, so the operations pass the pipeline the embeddings instead: `PromptEmbeddings` runs
 the pipeline's own `encode_prompt` once per distinct (prompt, negative prompt) and keeps its
 tensors on the model's device, the least recently used given up past `size`. They are the
-tensors the pipeline makes of the same strings itself, so the pixels are unchanged; the
+tensors the pipeline makes of the same strings itself (for a batch of several, one row
+repeated where the pipeline would encode them as a batch: the same numbers but for kernels
+that round differently at another batch size), so the pixels are unchanged; the
 request path loses the tokenizer's Python work and the text encoder's kernels, during which
 the GPU would otherwise wait.
 """
@@ -57,11 +59,13 @@ class PromptEmbeddings:
     def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
         pipe = self.pipeline
         # Keywords: SD's encode_prompt and SDXL's (which has prompt_2 second) both take these.
-        encoded = pipe.encode_prompt(
-            prompt=prompt,
-            device=pipe._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
+        # Inference mode whoever calls: kept tensors must hold no autograd graph.
+        with torch.inference_mode():
+            encoded = pipe.encode_prompt(
+                prompt=prompt,
+                device=pipe._execution_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative_prompt,
+            )
         return dict(zip(EMBEDDING_ARGUMENTS, encoded, strict=False))

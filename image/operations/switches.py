@@ -95,6 +95,7 @@ class Tuning:
         """The defaults for `operation` on `device`: on CUDA the switches the bench showed to
         pay (see the module docstring); stock diffusers' pixels on the CPU (what is on there
         only reads files early or keeps work already done)."""
+        prompted = operation is None or operation in DIFFUSION  # remove-background has no prompt
         if str(device).split(":")[0] == "cuda":  # a torch.device or its name
             compiled = operation in COMPILE_PAYS
             return cls(channels_last=operation in CHANNELS_LAST_PAYS or compiled, fuse_qkv=True, read_ahead=True,
@@ -102,9 +103,9 @@ class Tuning:
                        vae_matmul_attention=operation in MATMUL_ATTENTION_PAYS,
                        compile_vae=operation in COMPILE_VAE_PAYS, compile=compiled, background_compile=True,
                        cuda_graphs=operation is None or operation in DIFFUSION,
-                       host_timesteps=operation in HOST_TIMESTEPS_PAYS, prompt_cache=True,
+                       host_timesteps=operation in HOST_TIMESTEPS_PAYS, prompt_cache=prompted,
                        upscale_tile=(256, 512))
-        return cls(read_ahead=True, prompt_cache=True)
+        return cls(read_ahead=True, prompt_cache=prompted)
 
     def replace(self, **changes) -> Tuning:
         """A copy with `changes`; unknown names raise TypeError."""

@@ -147,7 +147,8 @@ class Upscale(Operation):
                 callback=self._step_callback(where),
             ).images
 
-        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done).
+        # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done;
+        # one tile: rounded on the device).
         # As img2img's: a prompt past CLIP's 77 tokens (README says it is cut there) was two
         # warnings per tile, one quoting the cut text.
         array = np.asarray(rgb, dtype=np.float32)

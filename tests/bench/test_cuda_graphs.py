@@ -399,3 +399,19 @@ def test_host_timesteps_takes_the_waits_out_of_the_denoising_loop(tiny_cache):
     assert plain_6 - plain_3 >= 3  # the measure sees the per-step waits
     assert host_6 == host_3 < plain_3
     assert np.abs(host_pixels.astype(np.int16) - plain_pixels).max() <= 1  # two set-ups: kernels may differ
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bytes_rounded_on_the_gpu_are_the_hosts(dtype):
+    """base.to_bytes on the GPU: the bytes the host's rounding gives (test_equivalence.py
+    checks those against diffusers' own), halfway values included, any layout."""
+    from image.operations.base import to_bytes
+
+    halves = (torch.arange(255, dtype=torch.float64) + 0.5) / 255
+    values = torch.cat([torch.rand(3 * 64 * 64 - 257, dtype=torch.float64), halves, torch.tensor([0.0, 1.0])])
+    images = values.reshape(1, 3, 64, 64).to(dtype)
+    on_host = to_bytes(images)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        on_gpu = to_bytes(images.cuda().contiguous(memory_format=layout))
+        assert on_gpu.flags.c_contiguous and np.array_equal(on_gpu, on_host)

@@ -78,6 +78,7 @@ def stock_np(tiny_cache):
 def test_cpu_defaults_are_stock():
     # reads files early and keeps prompts' embeddings (the same tensors), nothing else
     assert Tuning.for_device(CPU).enabled() == ["read_ahead", "prompt_cache"]
+    assert Tuning.for_device(CPU, "remove-background").enabled() == ["read_ahead"]  # no prompt there
     cuda = ["fuse_qkv", "read_ahead", "direct_to_device", "vae_bf16"]
     assert Tuning.for_device("cuda").enabled() == [*cuda, "cuda_graphs", "prompt_cache"]
     # Measured to pay there: compiled (after ready) in NHWC under the graphs.
@@ -175,7 +176,7 @@ def test_bytes_rounded_on_the_device_are_diffusers_own(dtype):
     floats = VaeImageProcessor.pt_to_numpy(images)  # diffusers' "np" output
     expected = np.asarray(VaeImageProcessor.numpy_to_pil(floats)[0])  # and its "pil"
     got = to_bytes(images)
-    assert got.dtype == np.uint8 and got.shape == (1, 64, 64, 3)
+    assert got.dtype == np.uint8 and got.shape == (1, 64, 64, 3) and got.flags.c_contiguous  # PIL takes it as is
     assert np.array_equal(got[0], expected)
     assert np.array_equal(got[0], to_uint8(floats[0].copy()))
     assert np.array_equal(to_bytes(images.contiguous(memory_format=torch.channels_last)), got)
