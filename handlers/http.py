@@ -24,6 +24,7 @@ from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
 from handlers.logs import error_fields, job_context, trace_fields
+from handlers.metrics import record_unparseable
 
 log = logging.getLogger("imagen.http")
 READY = "READY"
@@ -111,6 +112,7 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         except EventError as error:
             log.warning("unparseable request: %s", error.reason,
                       extra={"fields": {"reason": error.reason, "message_id": message and message.message_id}})
+            record_unparseable()
             return _undeliverable(message, f"unparseable: {error.reason}")
         try:
             outcome = processor.handle(event, message_id=message_id, attempt=attempt, sent=sent)

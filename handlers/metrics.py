@@ -2,8 +2,10 @@
 
     imagen_jobs_total{operation,status}     jobs by outcome: succeeded, failed, skipped, ignored,
                                             retried (sent back to Pub/Sub: a transient fault, a
-                                            stopping worker's hand-back), refused (a job message
-                                            for a bucket not allowed: to the dead-letter topic)
+                                            stopping worker's hand-back), refused (to the dead-
+                                            letter topic unread: a job message for a bucket not
+                                            allowed, or a message no reader can parse, whose
+                                            operation is "invalid")
     imagen_job_seconds{operation}           wall time of jobs that ran (histogram, seconds)
     imagen_jobs_in_flight                   jobs being processed now
     imagen_model_load_seconds{operation}    load + warm-up time of each model at start-up
@@ -47,6 +49,11 @@ def record_outcome(outcome) -> None:
     JOBS.labels(operation, outcome.status).inc()
     if outcome.status == "succeeded" and outcome.seconds is not None:
         JOB_SECONDS.labels(operation).observe(outcome.seconds)
+
+
+def record_unparseable() -> None:
+    """A message (or request) no reader can parse: refused, its operation unknown."""
+    JOBS.labels("invalid", "refused").inc()
 
 
 def record_model_loads(setup_seconds: dict[str, float]) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
+from handlers import metrics
 from handlers.dlq import DeadLetterer
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import Message, parse_message
@@ -103,6 +104,7 @@ class PullWorker:
             event = parse_message(parsed_message)
         except EventError as error:
             log.warning("unparseable message: %s", error.reason, extra={"fields": fields})
+            metrics.record_unparseable()
             self._dead_letter(message, parsed_message, f"unparseable: {error.reason}")
             return
         try:

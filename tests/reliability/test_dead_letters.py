@@ -350,6 +350,7 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
     worker = PullWorker(subscriber, topology["main_sub"], processor,
                         dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
+    refused_before = {label: _refused(label) for label in ("invalid", "upscale")}
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     thread.start()
     try:
@@ -378,6 +379,15 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     assert moved["catalog"].replay_attributes == {"origin": "catalog"}  # as first published
     # Acked on the worker's subscription: nothing comes back there.
     assert not subscriber.pull(subscription=topology["main_sub"], max_messages=10, timeout=3).received_messages
+    # Counted, so a dashboard of imagen_jobs_total sees them: the two unreadable under "invalid"
+    assert _refused("invalid") - refused_before["invalid"] == 2
+    assert _refused("upscale") - refused_before["upscale"] == 1
+
+
+def _refused(operation: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": operation, "status": "refused"}) or 0.0
     assert garbage and refused
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
     assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()

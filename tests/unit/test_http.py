@@ -94,8 +94,15 @@ def test_an_unparseable_message_is_the_senders_fault_a_warning_not_an_error(capl
     processor = _Recording()
     envelope = {"message": {"data": base64.b64encode(b"{not json").decode(), "messageId": "9"},
                 "subscription": "projects/p/subscriptions/s"}
+    from prometheus_client import REGISTRY
+
+    def refused():
+        return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "invalid", "status": "refused"}) or 0
+
+    before = refused()
     answer = create_app(processor, state=lambda: engine.READY).test_client().post("/", json=envelope)
     assert answer.status_code == 400 and processor.calls == []
+    assert refused() == before + 1  # counted: imagen_jobs_total's refused, operation "invalid"
     [record] = [r for r in caplog.records if r.getMessage().startswith("unparseable request: ")]
     assert record.levelname == "WARNING"
 
