@@ -17,6 +17,7 @@ image is then a bomb too.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -141,6 +142,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1) if kind == "JPEG" else 0
 
     # 2. Open (reads the header only) and check the declared size before decoding.
+    _check_readers()
     try:
         opened = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -158,7 +160,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             raise ImageDecodeError(f"{refused} file: {_UNSUPPORTED}; convert it to one of these "
                                    "(JPEG for a photo) and upload it again") from None
         raise ImageDecodeError(_UNSUPPORTED) from None
-    except MemoryError:
+    except (MemoryError, ImportError):  # the process's, never the file's
         raise
     except Exception as error:  # hostile bytes can make a plugin fail in any way
         raise _corrupt(kind or "image", error) from None
@@ -177,13 +179,13 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             opened.info["transparency"] = key
         try:
             opened.load()
-        except MemoryError:
+        except (MemoryError, ImportError):
             raise
         except Exception as error:
             raise _corrupt(opened.format, error) from None
         try:
             ImageOps.exif_transpose(opened, in_place=True)
-        except MemoryError:
+        except (MemoryError, ImportError):
             raise
         except Exception:
             pass  # unreadable EXIF is bad metadata, not a bad image: keep it as stored
@@ -195,7 +197,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
             image = to_srgb_8bit(opened)
-        except MemoryError:
+        except (MemoryError, ImportError):
             raise
         except Exception as error:  # a mode Pillow cannot convert; a corrupt tag read only now
             raise ImageDecodeError(
@@ -400,6 +402,22 @@ _PNG_PROFILE_TOO_LARGE = ("PNG whose colour profile (iCCP) unpacks to more than 
 
 class _PngTextTooLarge(ImageDecodeError):
     """A PNG's text chunks or colour profile unpack to more than Pillow reads."""
+
+
+@functools.cache
+def _missing_readers() -> tuple[str, ...]:
+    Image.init()
+    return tuple(kind for kind in _INPUT_FORMATS if kind not in Image.OPEN)
+
+
+def _check_readers() -> None:
+    """RuntimeError (this process's fault, retried elsewhere, not the file's) where Pillow has
+    no reader for a kind it should accept: its plugin did not load (a Pillow built without
+    libwebp, a broken install), and Image.open would then fail every file it tried that
+    kind's reader on with a KeyError that reads like a corrupt file."""
+    if missing := _missing_readers():
+        raise RuntimeError(f"Pillow here has no reader for {', '.join(missing)} (its plugin did not load): "
+                           "this installation is broken, not the image")
 
 
 def _corrupt(kind: str, error: Exception) -> ImageDecodeError:

@@ -882,3 +882,36 @@ def test_encode_png_from_other_modes(source, mode):
 def test_encode_rejects_bad_parameters(kwargs):
     with pytest.raises(InvalidParameter):
         encode_image(gradient(), **kwargs)
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "GIF")
+    return buffer.getvalue()
+
+
+def test_a_reader_missing_from_pillow_is_this_installations_fault_not_the_files(monkeypatch):
+    # A Pillow without libwebp: Image.open raised KeyError('WEBP') for any file it had not
+    # matched before WebP (a GIF), and that read as "truncated or corrupt GIF": a permanent report.
+    from image import codec
+
+    codec._missing_readers.cache_clear()
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "WEBP"})
+    try:
+        with pytest.raises(RuntimeError, match=r"^Pillow here has no reader for WEBP .*not the image$"):
+            decode_image(_gif(), max_bytes=10**6, max_pixels=10**6)
+    finally:
+        monkeypatch.undo()
+        codec._missing_readers.cache_clear()
+    assert decode_image(_gif(), max_bytes=10**6, max_pixels=10**6).size == (8, 8)
+
+
+def test_an_import_failing_inside_a_reader_is_not_blamed_on_the_file(monkeypatch):
+    from PIL import GifImagePlugin
+
+    def broken(self):
+        raise ModuleNotFoundError("No module named 'PIL._imaging_gif'")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", broken)
+    with pytest.raises(ModuleNotFoundError):
+        decode_image(_gif(), max_bytes=10**6, max_pixels=10**6)
