@@ -246,6 +246,9 @@ class LocalStack:
             "IMAGEN_DEVICE": self.device,
             "HF_HUB_OFFLINE": "1",
             "IMAGEN_BUCKET": self.bucket,  # imagen submit's
+            # A worker started by hand (make worker-<op>) moves what it cannot settle at once, as
+            # the stack's own do, instead of nacking it round the subscription's 5 deliveries.
+            "IMAGEN_DEAD_LETTER_TOPIC": DEAD_LETTER,
             **gcloud_storage_env(self.storage.url),
             # gcloud ignores PUBSUB_EMULATOR_HOST: `gcloud pubsub topics publish` needs its own override.
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://{self.pubsub.host}/",
@@ -285,7 +288,7 @@ class LocalStack:
         subscriber.create_subscription(request={"name": worker_sub, "topic": topic, "ack_deadline_seconds": 60,
                                                 "dead_letter_policy": policy})
         # ... and the worker and serve move such a message there at once, as deployed.
-        env = child_environment({**self.env(), "IMAGEN_DEAD_LETTER_TOPIC": DEAD_LETTER})
+        env = child_environment(self.env())
         worker = self._start_process(
             "worker",
             ["worker", "--subscription", worker_sub, "--operations", ",".join(self.WORKER_OPERATIONS),

@@ -176,7 +176,7 @@ class Settings:
             check_bucket_name("IMAGEN_ALLOWED_BUCKETS", bucket)
         if bool(self.push_audience) != bool(self.push_service_accounts):
             raise ConfigError("IMAGEN_PUSH_AUDIENCE (the push subscription's OIDC audience: the service URL) and "
-                              "IMAGEN_PUSH_SERVICE_ACCOUNTS (its service account) are set together: any Google "
+                              "IMAGEN_PUSH_SERVICE_ACCOUNTS (its service account) must be set together: any Google "
                               "account can get a token for any audience")
         prefixes = {
             "IMAGEN_INPUT_PREFIX": self.input_prefix,

@@ -49,6 +49,7 @@ def command(settings, bucket, work_dir):
         click.echo("\nready. In another terminal:\n")
         for key, value in stack.env().items():
             click.echo(f"export {key}={shlex.quote(value)}")
+        click.echo(f"# once the stack is stopped (its ports change at each start): unset {' '.join(stack.env())}")
         click.echo(f"\ngcloud storage cp photo.jpg gs://{bucket}/incoming/upscale/photo.jpg")
         click.echo("imagen submit photo.jpg --operation upscale --wait")
         click.echo(f"gcloud pubsub topics publish {EVENTS_TOPIC} '--attribute=^;^operation=remove-background,upscale' "

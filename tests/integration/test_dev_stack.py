@@ -35,6 +35,10 @@ def test_imagen_dev_prints_what_to_paste_then_stops_everything(tiny_cache, tmp_p
         assert exports, "\n".join(lines)
         # Pasted into a shell in another folder: paths are absolute.
         assert exports["MODEL_CACHE_DIR"] == str(tiny_cache)
+        # A worker started by hand dead-letters as the stack's do; one line undoes every export.
+        assert exports["IMAGEN_DEAD_LETTER_TOPIC"] == "imagen-dead-letter"
+        [unset] = [line for line in lines if "unset " in line]
+        assert unset.split("unset ", 1)[1].split() == list(exports)
         logs = next(line for line in lines if line.startswith("logs:")).split()[1]
         assert Path(logs) == tmp_path / "here" / "logs"
         # Which process serves what, and where to look: a chain across the two goes nowhere.
