@@ -83,7 +83,8 @@ def load_model(
         try:
             store.fetch(spec, cache_dir, lock=lock)
         except ModelError as error:
-            raise ModelMissing(f"{_missing(spec, problems, cache_dir, lock)}; pulling it now failed: {error}") from error
+            missing = _missing(spec, problems, cache_dir, lock)
+            raise ModelMissing(f"{missing}; pulling it now failed: {error}") from error
         problems = store.spec_problems(spec, cache_dir, lock)
     if problems:
         raise ModelMissing(_missing(spec, problems, cache_dir, lock))

@@ -142,6 +142,12 @@ resource "google_cloud_run_v2_service" "worker" {
       condition     = length(local.shape_misfits) == 0
       error_message = "Not a Cloud Run GPU shape for ${join(", ", [for pool in local.shape_misfits : "${pool} (cpu = \"${local.shapes[pool].cpu}\", memory = \"${local.shapes[pool].memory}\")"])}: 4, 6 or 8 vCPUs, 16Gi to 32Gi, and above 16Gi at least 6 vCPUs, above 24Gi 8 (e.g. cpu = \"8\" with memory = \"32Gi\", or cpu = \"4\" with memory = \"16Gi\"); set cpu and memory, or service_shapes."
     }
+    # Images built without models, and no mirror to restore them from: every instance would
+    # stop at set-up and the apply wait out its timeout (45 min) for a revision never ready.
+    precondition {
+      condition     = var.build_model_source != "none" || var.model_mirror != "" || !(var.build_images && var.image_tag == "")
+      error_message = "build_model_source = \"none\" builds images without models, and Cloud Run has no model volume: set model_mirror (a bucket `imagen models mirror` filled), or build_model_source = \"hub\"."
+    }
     precondition {
       condition     = length(setsubtract(keys(var.service_shapes), local.pool_list)) == 0
       error_message = "service_shapes names ${join(", ", setsubtract(keys(var.service_shapes), local.pool_list))}, which is not an operation or chain this deployment serves (operations, chains)."

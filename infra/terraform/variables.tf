@@ -51,8 +51,8 @@ variable "input_prefix" {
     # As handlers/settings.py checks IMAGEN_INPUT_PREFIX at start-up, so a bad value stops the plan
     # rather than every worker; stricter in its characters, as the prefix is written into
     # Pub/Sub filters (quoted, and measured in bytes).
-    condition     = can(regex("^([A-Za-z0-9._-]+/)+$", var.input_prefix))
-    error_message = "input_prefix: a folder like \"incoming/\" (letters, digits, . _ - and /; ends with /, no leading / or empty segment)."
+    condition     = can(regex("^(([A-Za-z0-9_-]|\\.[A-Za-z0-9_-]|\\.\\.[A-Za-z0-9._-])[A-Za-z0-9._-]*/)+$", var.input_prefix))
+    error_message = "input_prefix: a folder like \"incoming/\" (letters, digits, . _ - and /; ends with /, no leading /, empty, . or .. segment)."
   }
 }
 
@@ -64,8 +64,8 @@ variable "output_prefix" {
   validation {
     # As handlers/settings.py checks IMAGEN_OUTPUT_PREFIX at start-up, so a bad value stops the plan
     # rather than every worker.
-    condition     = can(regex("^([A-Za-z0-9._-]+/)+$", var.output_prefix))
-    error_message = "output_prefix: a folder like \"processed/\" (letters, digits, . _ - and /; ends with /, no leading / or empty segment)."
+    condition     = can(regex("^(([A-Za-z0-9_-]|\\.[A-Za-z0-9_-]|\\.\\.[A-Za-z0-9._-])[A-Za-z0-9._-]*/)+$", var.output_prefix))
+    error_message = "output_prefix: a folder like \"processed/\" (letters, digits, . _ - and /; ends with /, no leading /, empty, . or .. segment)."
   }
 }
 
@@ -77,8 +77,8 @@ variable "failed_prefix" {
   validation {
     # As handlers/settings.py checks IMAGEN_FAILED_PREFIX at start-up, so a bad value stops the plan
     # rather than every worker.
-    condition     = can(regex("^([A-Za-z0-9._-]+/)+$", var.failed_prefix))
-    error_message = "failed_prefix: a folder like \"failed/\" (letters, digits, . _ - and /; ends with /, no leading / or empty segment)."
+    condition     = can(regex("^(([A-Za-z0-9_-]|\\.[A-Za-z0-9_-]|\\.\\.[A-Za-z0-9._-])[A-Za-z0-9._-]*/)+$", var.failed_prefix))
+    error_message = "failed_prefix: a folder like \"failed/\" (letters, digits, . _ - and /; ends with /, no leading /, empty, . or .. segment)."
   }
 }
 

@@ -249,6 +249,23 @@ def test_workers_with_a_model_mirror_restore_it_themselves(terraform, tmp_path):
     assert {name for name in cases if values[name]["ok"]} == {"none", "own"}
 
 
+def test_cloud_run_images_built_without_models_need_a_mirror(terraform, tmp_path):
+    # Else every instance stops at set-up and the apply waits 45 min for a revision never ready.
+    service = terraform.resource("google_cloud_run_v2_service", "worker")
+    [condition] = [expr(item["condition"]) for item in one(service["lifecycle"])["precondition"]
+                   if "build_model_source" in expr(item["condition"])]
+    cases = {"hub": ({}, True), "default": ({"build_model_source": ""}, True),
+             "none": ({"build_model_source": "none"}, False),
+             "none-mirror": ({"build_model_source": "none", "model_mirror": "gs://m-b/imagen"}, True),
+             "none-own-tag": ({"build_model_source": "none", "image_tag": "v1"}, True),
+             "none-no-build": ({"build_model_source": "none", "build_images": False}, True)}
+    defaults = {name: terraform.default(name) for name in ("build_model_source", "model_mirror", "build_images",
+                                                             "image_tag")}
+    for name, (variables, ok) in cases.items():
+        (tmp_path / name).mkdir()
+        assert _evaluate(tmp_path / name, {**defaults, **variables}, {"ok": condition})["ok"] is ok, name
+
+
 def test_images_are_built_by_the_apply_unless_a_tag_is_given(terraform):
     assert terraform.default("build_images") is True
     assert terraform.default("image_tag") == ""
@@ -458,7 +475,9 @@ def test_prefixes_are_checked_at_plan_as_at_start_up(terraform, tmp_path):
                ("a/b/", "processed/", "failed/"), ("incoming", "processed/", "failed/"),
                ("/incoming/", "processed/", "failed/"), ("in//x/", "processed/", "failed/"),
                ("incoming/", "incoming/done/", "failed/"), ("failed/", "processed/", "failed/"),
-               ('in"x/', "processed/", "failed/"), ("entrée/", "processed/", "failed/")]
+               ('in"x/', "processed/", "failed/"), ("entrée/", "processed/", "failed/"),
+               ("in/./x/", "processed/", "failed/"), ("../in/", "processed/", "failed/"),
+               ("in/", "out/../", "failed/"), (".in/", "out.v2/", "...failed../")]
     rule = expr(one(terraform.variables["input_prefix"]["validation"])["condition"])
     precondition = next(
         expr(item["condition"]) for item in one(terraform.resource("google_storage_bucket", "input")["lifecycle"])["precondition"]
