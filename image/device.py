@@ -28,10 +28,7 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, torch.dtype]:
         return torch.device("cpu"), torch.float32
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ModelError(
-                f"device {name!r} was asked for but CUDA is not available on this machine "
-                "(no GPU or no CUDA build of torch); use device 'auto' or 'cpu'"
-            )
+            raise ModelError(f"device {name!r} was asked for but CUDA is not available here: {_why_no_cuda()}")
         try:
             device = torch.device(name)
         except RuntimeError:
@@ -42,6 +39,21 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, torch.dtype]:
             )
         return device, torch.float16
     raise ModelError(f"device {name!r} is not one of {', '.join(DEVICE_NAMES)}")
+
+
+def _why_no_cuda() -> str:
+    """Why torch sees no GPU, and what to do: a CPU build of torch, or CUDA that would not
+    start (no GPU attached, or one that failed: restarting on the same GPU does not help)."""
+    if torch.version.cuda is None:
+        return "this torch is a CPU build; use device 'auto' or 'cpu', or install torch's CUDA build"
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device found"
+    except Exception as error:  # torch's own words: no driver, no device, a driver or GPU fault
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"CUDA did not start ({reason}): no GPU attached, or a failed GPU or driver (on GKE, a restart "
+            "lands on the same GPU: cordon the node and delete the pod); use device 'auto' or 'cpu' to run "
+            "without one")
 
 
 # The first line of an error that says the GPU ran out of memory, besides PyTorch's own

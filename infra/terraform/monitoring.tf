@@ -17,6 +17,9 @@
 # "imagen: jobs waiting" alert.
 
 locals {
+  # variables.tf says why: a GKE worker holds a message for up to its lease budget; a push
+  # never past 600 s.
+  job_wait_alert_seconds = coalesce(var.job_wait_alert_seconds, local.gke ? 7800 : 1800)
   unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
   # condition name -> the subscriptions it watches (one condition for both unrouted ones: a
   # policy holds at most 6 conditions; one per pool's dead letters while they fit, else one
@@ -207,7 +210,9 @@ resource "google_monitoring_alert_policy" "errors" {
       `job failed on this instance` (a model fault; the job is retried),
       `job failed:` (a fault that was not the input's and outlasted its retries, e.g. Cloud
       Storage refusing the output to the runtime account; the failure report says which),
-      `the GPU failed and this process cannot use it again` (the instance restarts),
+      `the GPU failed and this process cannot use it again` (Cloud Run starts another instance;
+      on GKE the container restarts in the same pod, on the same GPU: "imagen: GKE workers
+      restarting" fires if that GPU keeps failing),
       `a job is stuck on the GPU` (the process exits; its messages are redelivered),
       `job failed, and its failure report could not be written` (the runtime service account's
       access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
@@ -238,7 +243,7 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
   severity     = "WARNING"
 
   conditions {
-    display_name = "oldest job older than ${var.job_wait_alert_seconds} s"
+    display_name = "oldest job older than ${local.job_wait_alert_seconds} s"
     condition_threshold {
       filter = join(" AND ", [
         "resource.type = \"pubsub_subscription\"",
@@ -246,7 +251,7 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
         "metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\"",
       ])
       comparison      = "COMPARISON_GT"
-      threshold_value = var.job_wait_alert_seconds
+      threshold_value = local.job_wait_alert_seconds
       duration        = "300s"
       aggregations {
         alignment_period   = "60s"
@@ -262,7 +267,7 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
     mime_type = "text/markdown"
     content   = <<-EOT
       A job has waited on `${var.name_prefix}-<operation>` (with Eventarc, on the subscription
-      of an operation's trigger) for over ${var.job_wait_alert_seconds} s without being
+      of an operation's trigger) for over ${local.job_wait_alert_seconds} s without being
       acknowledged: no instance takes it (every one busy at max_instances, or
       GKE's GPU node pool at its maximum or out of capacity, or scaling from zero does not
       happen), or a worker holds it without finishing (a job stuck on the GPU: the worker's
@@ -275,6 +280,61 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
 
   alert_strategy {
     auto_close = "86400s"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+# GKE: a worker container that keeps restarting. Kubernetes restarts it in the same pod, on the
+# same node and GPU: a GPU that fails at every start (an Xid error; `imagen worker` exits 1) or
+# an OOM kill at the pod's memory limit (no log line at all) loops there for good, holding its
+# node, while the errors alert sees at most a line per start.
+resource "google_monitoring_alert_policy" "restarts" {
+  count = local.gke ? 1 : 0
+
+  display_name = "imagen: GKE workers restarting"
+  combiner     = "OR"
+  severity     = "ERROR"
+
+  conditions {
+    display_name = "a worker container restarted more than 3 times in 30 min"
+    condition_threshold {
+      filter = join(" AND ", [
+        "resource.type = \"k8s_container\"",
+        "resource.labels.namespace_name = \"${var.gke_namespace}\"",
+        "metric.type = \"kubernetes.io/container/restart_count\"",
+      ])
+      comparison      = "COMPARISON_GT"
+      threshold_value = 3
+      duration        = "0s"
+      aggregations {
+        alignment_period   = "1800s"
+        per_series_aligner = "ALIGN_DELTA"
+      }
+      trigger {
+        count = 1
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      A worker container in the `${var.gke_namespace}` namespace keeps restarting. `kubectl -n
+      ${var.gke_namespace} describe pod <pod>` shows its last state: `OOMKilled` (the pod's
+      memory limit: raise it in infra/k8s, or lower `--prefetch`), or an exit code, with the
+      reason in the worker's last lines (`kubectl -n ${var.gke_namespace} logs <pod> --previous`):
+      `the GPU failed`, or `CUDA did not start` at set-up, is a failed GPU, and a restart
+      lands on the same one: `kubectl cordon <node>`, then `kubectl -n ${var.gke_namespace}
+      delete pod <pod>` so it is scheduled elsewhere (look for Xid errors in the node's logs).
+      `model set-up failed` names its cause (docs/deploy.md, Troubleshooting).
+    EOT
+  }
+
+  notification_channels = var.alert_notification_channels
+
+  alert_strategy {
+    auto_close = "3600s"
   }
 
   depends_on = [google_project_service.enabled]

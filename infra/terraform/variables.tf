@@ -369,13 +369,13 @@ variable "keep_image_tags" {
 }
 
 variable "job_wait_alert_seconds" {
-  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, or no GPU capacity for the load. The default is above the longest a GKE worker with its defaults holds a message it is working on ((concurrency + prefetch) x (max-job-seconds + 120 s) = 7440 s), since a held message counts as waiting."
+  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, no instance starting (GPU quota, a failing start-up), or no GPU capacity for the load. Null (the default): 7800 s on GKE, above the longest a worker with its defaults holds a message it is working on ((concurrency + prefetch) x (max-job-seconds + 120 s) = 7440 s, a held message counting as waiting); 1800 s on Cloud Run, where no push is held past the request's 600 s, so that the alert comes well before the retries end in the dead-letter topic (~2 h)."
   type        = number
-  default     = 7800
+  default     = null
 
   validation {
-    condition     = var.job_wait_alert_seconds >= 60
-    error_message = "job_wait_alert_seconds must be at least 60."
+    condition     = var.job_wait_alert_seconds == null || try(var.job_wait_alert_seconds >= 60, false)
+    error_message = "job_wait_alert_seconds must be at least 60 (or null for the mode's default)."
   }
 }
 

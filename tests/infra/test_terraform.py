@@ -761,7 +761,7 @@ def test_a_gpu_other_than_the_l4_stops_the_plan(terraform, tmp_path):
     assert terraform.default("gpu_type") == "nvidia-l4"
 
 
-def test_log_metrics_and_alerts_watch_the_workers(terraform):
+def test_log_metrics_and_alerts_watch_the_workers(terraform, tmp_path):
     """What the workers log becomes metrics (their filters are checked against real lines in
     tests/integration/test_processor.py), errors and long waits alerts."""
     failures = terraform.resource("google_logging_metric", "job_failures")
@@ -793,13 +793,29 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform):
     threshold = one(one(waiting["conditions"])["condition_threshold"])
     assert "pubsub.googleapis.com/subscription/oldest_unacked_message_age" in expr(threshold["filter"])
     assert "local.job_subscriptions" in expr(threshold["filter"])
-    assert expr(threshold["threshold_value"]) == "var.job_wait_alert_seconds"
-    # Above the longest lease of a GKE worker with its defaults: a message being worked on
-    # counts as unacknowledged.
+    assert expr(threshold["threshold_value"]) == "local.job_wait_alert_seconds"
+    # On GKE above the longest lease of a worker with its defaults (a message being worked on
+    # counts as unacknowledged); on Cloud Run, where no push is held past 600 s, well before
+    # the retries' ~2 h end in the dead-letter topic; a value given is taken in both.
     from handlers.cli.worker import lease_budget
 
-    assert terraform.default("job_wait_alert_seconds") > lease_budget(3600, 1, 1) == 7440
-    for policy in (alert, waiting):
+    wait = _inline(terraform, expr(terraform.locals["job_wait_alert_seconds"]))
+    waits = {}
+    for mode, given in (("gke", None), ("cloudrun", None), ("cloudrun", 900)):
+        folder = tmp_path / f"wait-{mode}-{given}"
+        folder.mkdir()
+        waits[mode, given] = _evaluate(folder, {"mode": mode, "job_wait_alert_seconds": given}, {"wait": wait})["wait"]
+    assert waits["gke", None] > lease_budget(3600, 1, 1) == 7440
+    assert 600 < waits["cloudrun", None] <= 1800 and waits["cloudrun", 900] == 900
+    assert terraform.default("job_wait_alert_seconds") is None
+    # GKE: a container restarting on the same GPU (or OOM-killed, silently) is alerted on.
+    restarts = terraform.resource("google_monitoring_alert_policy", "restarts")
+    assert expr(restarts["count"]) == "local.gke ? 1 : 0"
+    restart = one(one(restarts["conditions"])["condition_threshold"])
+    assert 'metric.type = \\"kubernetes.io/container/restart_count\\"' in expr(restart["filter"])
+    assert 'resource.labels.namespace_name = \\"${var.gke_namespace}\\"' in expr(restart["filter"])
+    assert "cordon" in one(restarts["documentation"])["content"]
+    for policy in (alert, waiting, restarts):
         assert expr(policy["notification_channels"]) == "var.alert_notification_channels"
 
 

@@ -684,10 +684,23 @@ def test_resolve_device():
         assert device.type == "cuda" and dtype == torch.float16
     else:
         assert device == torch.device("cpu") and dtype == torch.float32
-        with pytest.raises(ModelError, match="CUDA is not available"):
+        why = "CPU build" if torch.version.cuda is None else "CUDA did not start"
+        with pytest.raises(ModelError, match=f"CUDA is not available here: .*{why}"):
             resolve_device("cuda")
     with pytest.raises(ModelError, match="not one of"):
         resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_cuda_that_does_not_start_says_why_and_that_a_restart_on_that_gpu_will_not_help(monkeypatch):
+    # A CUDA build on a node whose GPU failed (an Xid): torch sees no device. The old hint
+    # ("use device 'auto' or 'cpu'") read as a configuration mistake on a GPU node.
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    with pytest.raises(ModelError) as raised:
+        resolve_device("cuda")
+    message = str(raised.value)
+    assert message.startswith("device 'cuda' was asked for but CUDA is not available here: CUDA did not start (")
+    assert "cordon the node and delete the pod" in message
 
 
 def test_a_cuda_error_the_process_cannot_recover_from_stops_the_engine(engine, monkeypatch):
