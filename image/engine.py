@@ -31,6 +31,7 @@ from PIL import Image
 
 from image.codec import check_encodable
 from image.deadline import Deadline
+from image.fair_lock import FairLock
 from image.errors import (
     DeviceFailed,
     ImagenError,
@@ -97,7 +98,7 @@ class Engine:
         self.setup_seconds: dict[str, float] = {}  # per operation: load + warm-up
         self._ops: dict = {}
         self._setup_lock = threading.Lock()
-        self._run_lock = threading.Lock()
+        self._run_lock = FairLock()  # jobs take the device in the order they asked for it
         # The job holding the device: when it started there, its budget, its chain, and the
         # context it runs in (its caller's context variables: what its log lines carry).
         self._busy: tuple[float, float | None, tuple[str, ...], contextvars.Context] | None = None
@@ -245,15 +246,11 @@ class Engine:
             self._run_lock.release()
 
     def _wait_for_device(self, withdrawn: Callable[[], bool] | None) -> bool:
-        """Take the run lock once it is free; False, without it, as soon as `withdrawn()` is
-        True while waiting (asked every WITHDRAWN_POLL_SECONDS): a stopping worker's waiting
-        job goes back to Pub/Sub at once, not after the job on the device (up to an hour)."""
-        if withdrawn is None:
-            return self._run_lock.acquire()
-        while not self._run_lock.acquire(timeout=WITHDRAWN_POLL_SECONDS):
-            if withdrawn():
-                return False
-        return True
+        """Take the run lock once it is free and the jobs that asked before have had it
+        (FairLock); False, without it, as soon as `withdrawn()` is True while waiting (asked
+        every WITHDRAWN_POLL_SECONDS): a stopping worker's waiting job goes back to Pub/Sub at
+        once, not after the job on the device (up to an hour)."""
+        return self._run_lock.acquire(cancelled=withdrawn, poll=WITHDRAWN_POLL_SECONDS)
 
     def overdue(self, grace: float) -> str | None:
         """What job has held the device more than `grace` seconds past its budget

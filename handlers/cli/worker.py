@@ -21,9 +21,10 @@ TRANSFER_SECONDS = 120
 
 
 def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
-    """The longest a message is leased: the engine runs one job at a time, so the last of
-    the `concurrency + prefetch` messages in hand may wait for all the others before it runs
-    its own budget; the lease must outlast that, or Pub/Sub redelivers a running job."""
+    """The longest a message is leased: the engine runs one job at a time, in the order they
+    asked for the device (image/fair_lock.py), so the last of the `concurrency + prefetch`
+    messages in hand may wait for all the others before it runs its own budget; the lease
+    must outlast that, or Pub/Sub redelivers a running job."""
     return (concurrency + prefetch) * (max_job_seconds + TRANSFER_SECONDS)
 
 

@@ -557,9 +557,9 @@ def test_a_withdrawn_job_gives_the_device_back_before_any_work(engine, monkeypat
         def __init__(self, lock):
             self.lock, self.waiting = lock, threading.Event()
 
-        def acquire(self, blocking=True, timeout=-1):
+        def acquire(self, *args, **kwargs):
             self.waiting.set()
-            return self.lock.acquire(blocking, timeout)
+            return self.lock.acquire(*args, **kwargs)
 
         def release(self):
             self.lock.release()
