@@ -191,10 +191,29 @@ class PullWorker:
             self._signalled = True
             self.stop()
             return
-        # Formatted as every line is, but written directly, not through logging's handler: its
-        # lock may be held by the thread this signal interrupted, or by one blocked writing.
-        record = log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s again: stopping now; the jobs in hand go "
-                                "back to Pub/Sub when their leases run out", (signal.Signals(signum).name,), None,
-                                extra={"fields": {"subscription": self._subscription}})
-        os.write(1, (JsonFormatter().format(record) + "\n").encode())
+        _write_now(logging.WARNING, "%s again: stopping now; the jobs in hand go back to Pub/Sub when their leases "
+                   "run out", signal.Signals(signum).name, fields={"subscription": self._subscription})
         os._exit(128 + signum)
+
+
+def exit_on_signal_while_starting() -> None:
+    """Until `PullWorker.run` installs its own handlers: SIGTERM or SIGINT while the models
+    load ends the process at once (no message is held yet). A process with no handler for
+    SIGTERM that is PID 1 in its container (GKE runs `imagen worker` itself) never receives
+    it: a scale-down or a drain during set-up went unheard, and the pod then took jobs until
+    the grace period's SIGKILL cut one off, an hour later."""
+
+    def stop(signum: int, frame) -> None:
+        _write_now(logging.INFO, "%s while starting: stopped before taking any job", signal.Signals(signum).name)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def _write_now(level: int, message: str, *args, fields: dict | None = None) -> None:
+    """One log line from a signal handler: formatted as every line is, but written directly,
+    not through logging's handler, whose lock may be held by the thread the signal
+    interrupted, or by one blocked writing."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, args, None, extra={"fields": fields or {}})
+    os.write(1, (JsonFormatter().format(record) + "\n").encode())

@@ -60,7 +60,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.service import build_dead_letters, build_engine, build_processor, restore_models
     from handlers.settings import split_list
     from handlers.watchdog import watch
-    from handlers.worker import PullWorker
+    from handlers.worker import PullWorker, exit_on_signal_while_starting
     from image.engine import DEVICE_FAILED
 
     settings = settings.replace(
@@ -71,6 +71,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     if not settings.subscription:
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
     configure_logging(settings.log_level, service=True)
+    exit_on_signal_while_starting()  # PID 1 in its container: unhandled, a SIGTERM is dropped
     restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message

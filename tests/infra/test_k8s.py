@@ -90,6 +90,11 @@ def test_each_operation_has_a_gpu_worker(rendered, terraform, operation):
     max_job = int(container["args"][container["args"].index("--max-job-seconds") + 1])
     assert pod["terminationGracePeriodSeconds"] >= max_job + TRANSFER_SECONDS and max_job >= 3600
     assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    # A set-up that hangs (before the watchdog starts) is restarted, within 30 minutes.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert 20 * 60 <= startup["periodSeconds"] * startup["failureThreshold"] <= 30 * 60
+    assert "livenessProbe" not in container  # a restart mid-job would only redeliver it
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert pod["serviceAccountName"] == name
     assert pod["automountServiceAccountToken"] is False

@@ -393,3 +393,24 @@ def test_a_second_signal_stops_the_worker_at_once(tiny_settings, bucket, events_
             process.kill()
     assert b"SIGINT again: stopping now" in log_path.read_bytes()
     assert bucket.get_blob("processed/upscale/long.png") is None
+
+
+def test_sigterm_while_the_models_load_stops_the_worker_before_any_job(tiny_settings, events_subscription, tmp_path):
+    """On GKE the worker is its container's PID 1, which the kernel sends no signal it has no
+    handler for: a SIGTERM during set-up (a scale-down, a drain) was dropped and the pod went on
+    to take jobs until the grace period's SIGKILL. Now it stops there, holding nothing."""
+    log_path = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handlers.cli", "worker", "--subscription", events_subscription,
+         "--operations", "comic,enhance,upscale,remove-background"],
+        env=_env(tiny_settings), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: b": loading " in log_path.read_bytes(), timeout=120, what="the first model's load")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log_path.read_text()
+    assert "SIGTERM while starting: stopped before taking any job" in text and '"pulling"' not in text
