@@ -97,6 +97,8 @@ class Undeliverable(ImagenError):
     """A job refused before any read whose report would have to be written into a bucket we
     must not touch: it is left to the dead-letter topic instead."""
 
+    operation: str | None = None  # the job's operation text, for the metrics' label (Processor.handle sets it)
+
 
 class ConfigError(ImagenError):
     pass

@@ -24,7 +24,7 @@ from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
 from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
 from handlers.logs import error_fields, job_context, trace_fields
-from handlers.metrics import record_unparseable
+from handlers.metrics import record_undeliverable
 
 log = logging.getLogger("imagen.http")
 READY = "READY"
@@ -112,25 +112,26 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         except EventError as error:
             log.warning("unparseable request: %s", error.reason,
                       extra={"fields": {"reason": error.reason, "message_id": message and message.message_id}})
-            record_unparseable()
-            return _undeliverable(message, f"unparseable: {error.reason}")
+            return _undeliverable(message, f"unparseable: {error.reason}", None, unparseable=True)
         try:
             outcome = processor.handle(event, message_id=message_id, attempt=attempt, sent=sent)
         except TransientError as error:
             return _answer(503, error=str(error), retry=True)
         except Undeliverable as error:
-            return _undeliverable(message, str(error))
+            return _undeliverable(message, str(error), error.operation)
         except Exception as error:  # a bug: answer 500 so the message is retried, not lost
             log.exception("unexpected error: %s: %s", type(error).__name__, error,
                           extra={"fields": {"message_id": message_id, "error": error_fields(error)}})
             return _answer(500, error=f"{type(error).__name__}: {error}")
         return {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}, 200
 
-    def _undeliverable(message, reason: str):
+    def _undeliverable(message, reason: str, operation: str | None, *, unparseable: bool = False):
         """What no delivery can settle: to the dead-letter topic now where one is known (200),
         else 400, which Pub/Sub retries until its policy dead-letters it."""
-        if message is not None and dead_letters is not None and \
-                dead_letters.send(message, message.subscription, reason):
+        moved = message is not None and dead_letters is not None and \
+            dead_letters.send(message, message.subscription, reason)
+        record_undeliverable(operation, moved, unparseable=unparseable)
+        if moved:
             return {"status": "dead-lettered", "reason": reason}, 200
         return _answer(400, error=reason)
 

@@ -2,10 +2,10 @@
 
     imagen_jobs_total{operation,status}     jobs by outcome: succeeded, failed, skipped, ignored,
                                             retried (sent back to Pub/Sub: a transient fault, a
-                                            stopping worker's hand-back), refused (to the dead-
-                                            letter topic unread: a job message for a bucket not
-                                            allowed, or a message no reader can parse, whose
-                                            operation is "invalid")
+                                            stopping worker's hand-back), refused (moved to the
+                                            dead-letter topic unread: a job message for a bucket
+                                            not allowed, or a message no reader can parse, whose
+                                            operation is "invalid"; a move that fails: retried)
     imagen_job_seconds{operation}           wall time of jobs that ran (histogram, seconds)
     imagen_jobs_in_flight                   jobs being processed now
     imagen_model_load_seconds{operation}    load + warm-up time of each model at start-up
@@ -51,9 +51,12 @@ def record_outcome(outcome) -> None:
         JOB_SECONDS.labels(operation).observe(outcome.seconds)
 
 
-def record_unparseable() -> None:
-    """A message (or request) no reader can parse: refused, its operation unknown."""
-    JOBS.labels("invalid", "refused").inc()
+def record_undeliverable(operation: str | None, moved: bool, *, unparseable: bool = False) -> None:
+    """A message no delivery can settle (a job refused unread; `unparseable`: one no reader can
+    parse, its operation "invalid"): refused once in the dead-letter topic (`moved`), else
+    retried (nacked or answered 400: Pub/Sub delivers it again, until its policy moves it)."""
+    label = "invalid" if unparseable else operation_label(operation)
+    JOBS.labels(label, "refused" if moved else "retried").inc()
 
 
 def record_model_loads(setup_seconds: dict[str, float]) -> None:

@@ -234,8 +234,8 @@ class Processor:
             try:
                 outcome = self._run(routed, job_id=job_id, message_id=message_id, attempt=attempt, sent=sent,
                                     withdrawn=withdrawn)
-            except Undeliverable:  # to the dead-letter topic, unread
-                metrics.JOBS.labels(metrics.operation_label(routed.operation), "refused").inc()
+            except Undeliverable as error:  # to the dead-letter topic, unread: counted where it is moved
+                error.operation = routed.operation
                 raise
             except Exception:  # back to Pub/Sub: a transient fault, a hand-back, a report not written
                 metrics.JOBS.labels(metrics.operation_label(routed.operation), "retried").inc()

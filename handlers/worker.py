@@ -104,8 +104,8 @@ class PullWorker:
             event = parse_message(parsed_message)
         except EventError as error:
             log.warning("unparseable message: %s", error.reason, extra={"fields": fields})
-            metrics.record_unparseable()
-            self._dead_letter(message, parsed_message, f"unparseable: {error.reason}")
+            moved = self._dead_letter(message, parsed_message, f"unparseable: {error.reason}")
+            metrics.record_undeliverable(None, moved, unparseable=True)
             return
         try:
             self._processor.handle(
@@ -113,7 +113,7 @@ class PullWorker:
                 sent=parsed_message.published, withdrawn=self._stop.is_set,
             )
         except Undeliverable as error:
-            self._dead_letter(message, parsed_message, str(error))
+            metrics.record_undeliverable(error.operation, self._dead_letter(message, parsed_message, str(error)))
         except TransientError:
             message.nack()  # back to Pub/Sub: retried, or dead-lettered after its attempts
         except Exception as error:
@@ -127,13 +127,15 @@ class PullWorker:
                          extra={"fields": {"subscription": self._subscription}})
             self.stop()
 
-    def _dead_letter(self, message, parsed: Message, reason: str) -> None:
-        """A message no delivery can settle: to the dead-letter topic now, where one is known;
-        else (or if that fails) nacked, for the dead-letter policy to move after its attempts."""
+    def _dead_letter(self, message, parsed: Message, reason: str) -> bool:
+        """A message no delivery can settle: to the dead-letter topic now, where one is known
+        (True); else (or if that fails) nacked, for the dead-letter policy to move after its
+        attempts."""
         if self._dead_letters is not None and self._dead_letters.send(parsed, self._subscription, reason):
             message.ack()
-        else:
-            message.nack()
+            return True
+        message.nack()
+        return False
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Pull until `stop()` (or SIGTERM/SIGINT); returns once the job on the GPU finishes

@@ -384,10 +384,10 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     assert _refused("upscale") - refused_before["upscale"] == 1
 
 
-def _refused(operation: str) -> float:
+def _refused(operation: str, status: str = "refused") -> float:
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": operation, "status": "refused"}) or 0.0
+    return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": operation, "status": status}) or 0.0
     assert garbage and refused
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
     assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()
@@ -402,6 +402,8 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
 
     processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
     app = create_app(processor, lambda: "READY", dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
+    before = {(label, status): _refused(label, status) for label in ("invalid", "upscale")
+              for status in ("refused", "retried")}
     envelope = {"message": {"data": base64.b64encode(b"{not json").decode(), "messageId": "p-1",
                             "attributes": {"origin": "catalog"}},
                 "subscription": topology["main_sub"], "deliveryAttempt": 1}
@@ -427,6 +429,11 @@ def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings
     broken = create_app(processor, lambda: "READY",
                         dead_letters=DeadLetterer(publisher, topology["dead_topic"] + "-missing"))
     assert broken.test_client().post("/", json=envelope).status_code == 400
+    # Counted as they ended: two moved (refused); answered 400, so sent again, retried: the one
+    # the topic could not take and the body that is no push envelope at all.
+    after = {key: _refused(*key) - value for key, value in before.items()}
+    assert after == {("invalid", "refused"): 1, ("upscale", "refused"): 1, ("invalid", "retried"): 2,
+                     ("upscale", "retried"): 0}
 
 
 def test_push_dead_letters_what_it_cannot_quote_or_place_instead_of_failing(settings, publisher, subscriber,
