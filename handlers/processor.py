@@ -365,7 +365,9 @@ class Processor:
                 with _timed(timings, "encode"):
                     encoded = encode_image(result, plan.format, common["quality"])
                 model = self._engine.model_id(plan.chain)
-                seconds = round(time.perf_counter() - started, 3)
+                # The job's own time: a wait for the GPU behind another job (a prefetch) is the
+                # worker's queue, not this job's cost (it is in the log line's timings).
+                seconds = round(time.perf_counter() - started - timings["gpu_wait"], 3)
                 metadata = output_metadata(job, plan, model, seconds)
                 with _timed(timings, "upload"):
                     try:

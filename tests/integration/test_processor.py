@@ -117,6 +117,23 @@ def test_success_writes_output_with_contract_metadata(settings, bucket):
     assert meta["imagen-version"] and float(meta["imagen-seconds"]) >= 0
 
 
+def test_seconds_leave_out_the_wait_for_the_gpu_behind_another_job(settings, bucket):
+    """imagen-seconds, the outcome's and the histogram's: the job's own time. A prefetched job
+    waited behind the one on the GPU, and its seconds doubled under any backlog."""
+
+    class Behind(FakeEngine):
+        def run(self, *args, started=None, **kwargs):
+            time.sleep(1.5)  # the job before it, on the GPU
+            return super().run(*args, started=started, **kwargs)
+
+    source = _upload(bucket, "incoming/upscale/queued.png")
+    began = time.perf_counter()
+    outcome = _processor(settings, Behind()).handle(_event(source))
+    elapsed = time.perf_counter() - began
+    assert outcome.status == "succeeded" and outcome.seconds < elapsed - 1.4
+    assert float(bucket.get_blob("processed/upscale/queued.png").metadata["imagen-seconds"]) == outcome.seconds
+
+
 def test_redelivery_is_acked_without_gpu_work(settings, bucket):
     source = _upload(bucket, "incoming/upscale/a.png")
     engine = FakeEngine()
