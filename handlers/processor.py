@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -96,6 +97,8 @@ STOPPED_WORKER_LIMIT = 3
 RUNNING_SUFFIX = ".running"
 # Each read, write and delete of a marker, at most: the first two happen holding the device.
 MARKER_SECONDS = 15
+# How often a delivery waiting for another of the same output asks whether it is handed back.
+OUTPUT_WAIT_POLL_SECONDS = 1.0
 # Writes of a failure report, each over the report last seen there, before the job is retried.
 REPORT_TRIES = 3
 # A delivery with no attempt number (Eventarc) this long after its event may be a redelivery:
@@ -198,6 +201,10 @@ class Processor:
         self._max_bytes = settings.max_bytes
         self._max_pixels = settings.max_pixels
         self._results = results
+        # Outputs an attempt in this process works on, each with the event its end sets: a
+        # second delivery for the same output waits for the first (_take_output).
+        self._outputs: dict[tuple[str, str], threading.Event] = {}
+        self._outputs_lock = threading.Lock()
 
     def handle(
         self,
@@ -282,6 +289,7 @@ class Processor:
         started = time.perf_counter()
         delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
         plan = None
+        taken: list = []  # the output this attempt holds in self._outputs, once it does
 
         try:
             try:
@@ -298,6 +306,10 @@ class Processor:
                     raise BadJobMessage(job.problem)
                 plan = plan_job(job, self._layout, self._served)
                 fields["operation"] = plan.operation
+                if self._take_output(plan.output, withdrawn, fields, taken) and not self._wait_counts:
+                    # Its own time starts once the other delivery ended (a lease is extended
+                    # meanwhile; a push request's time runs on, and counts, as for the GPU).
+                    started = time.perf_counter()
                 named = job.generation is not None  # by the event or message, not looked up here
                 generation = job.generation or self._live_generation(job)
                 job = dataclasses.replace(job, generation=generation)
@@ -378,6 +390,7 @@ class Processor:
                         return self._skipped(job, plan, skip, fields, has_output=True)
             finally:  # every outcome's line says what the job cost, failures and retries too
                 fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
+                self._release_output(taken)
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -433,6 +446,41 @@ class Processor:
         )
         self._publish(outcome)
         return outcome
+
+    def _take_output(self, output: tuple[str, str], withdrawn: Callable[[], bool] | None, fields: dict,
+                     taken: list) -> bool:
+        """Hold `output` for this attempt (in `taken`), first waiting while another attempt in
+        this process holds it: a duplicate delivery of its message, or a job message beside
+        its notification (a backfill), would otherwise wait only for the GPU, then run the
+        whole model again before finding the first one's output at its upload. After the
+        wait, the usual look at the output skips it. True when it waited. Handed back
+        (Withdrawn) if the process starts stopping meanwhile."""
+        waited = False
+        while True:
+            with self._outputs_lock:
+                other = self._outputs.get(output)
+                if other is None:
+                    mine = self._outputs[output] = threading.Event()
+                    taken.append((output, mine))
+                    return waited
+            if not waited:
+                log.info("job waits for another delivery of the same output in this worker",
+                         extra={"fields": fields})
+                waited = True
+            while True:
+                if withdrawn is not None and withdrawn():
+                    raise Withdrawn("handed back while another delivery of the same output ran: this process is "
+                                    "stopping")
+                if other.wait(OUTPUT_WAIT_POLL_SECONDS):
+                    break
+
+    def _release_output(self, taken: list) -> None:
+        for output, mine in taken:
+            with self._outputs_lock:
+                if self._outputs.get(output) is mine:
+                    del self._outputs[output]
+            mine.set()
+        taken.clear()
 
     def _upload(self, job: Job, plan: Plan, encoded: bytes, metadata: dict[str, str],
                  existing: ObjectState | None) -> str | None:

@@ -134,6 +134,51 @@ def test_seconds_leave_out_the_wait_for_the_gpu_behind_another_job(settings, buc
     assert float(bucket.get_blob("processed/upscale/queued.png").metadata["imagen-seconds"]) == outcome.seconds
 
 
+def test_a_second_delivery_of_one_output_in_a_worker_waits_for_the_first_and_runs_no_model(settings, bucket):
+    """A duplicate delivery (or a job message beside the notification) in the same worker:
+    it waited only for the GPU, then ran the model again and found the output at its upload.
+    It now waits for the first delivery to end, and is skipped as a duplicate."""
+    import threading
+
+    class Slow(FakeEngine):
+        def __init__(self):
+            super().__init__()
+            self.device, self.running = threading.Lock(), threading.Event()
+
+        def run(self, *args, **kwargs):
+            with self.device:  # one job at a time, as the real engine
+                self.running.set()
+                time.sleep(1.0)
+                return super().run(*args, **kwargs)
+
+    source = _upload(bucket, "incoming/upscale/twice.png")
+    engine = Slow()
+    processor = _processor(settings, engine)
+    outcomes = {}
+    first = threading.Thread(target=lambda: outcomes.setdefault("first", processor.handle(_event(source),
+                                                                                         message_id="m-1")))
+    first.start()
+    assert engine.running.wait(30)
+    second = processor.handle(_event(source), message_id="m-2", attempt=1)
+    first.join(30)
+    assert outcomes["first"].status == "succeeded" and engine.calls == 1
+    assert second.status == "skipped" and second.reason.startswith("duplicate: the output already exists")
+    assert not processor._outputs  # nothing held once both ended
+
+    # A stopping worker hands the waiting one back rather than wait out the first job.
+    stop = threading.Event()
+    source = _upload(bucket, "incoming/upscale/again.png")
+    engine.running.clear()
+    first = threading.Thread(target=lambda: processor.handle(_event(source), message_id="m-3"))
+    first.start()
+    assert engine.running.wait(30)
+    stop.set()
+    with pytest.raises(TransientError, match="handed back while another delivery of the same output ran"):
+        processor.handle(_event(source), message_id="m-4", attempt=1, withdrawn=stop.is_set)
+    first.join(30)
+    assert engine.calls == 2 and not processor._outputs
+
+
 def test_redelivery_is_acked_without_gpu_work(settings, bucket):
     source = _upload(bucket, "incoming/upscale/a.png")
     engine = FakeEngine()
