@@ -288,7 +288,7 @@ def replay(
             if done or again:
                 try:
                     subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done + again})
-                except api_exceptions.GoogleAPICallError as error:
+                except api_exceptions.GoogleAPIError as error:  # a refusal, or the client's retries running out
                     # Published, yet still in the subscription: another run would publish them
                     # again, and so would each later batch's failing ack. Stop here and say so.
                     report.unacked = [letter.message_id for letter, _ in futures if letter.ack_id in done]
@@ -307,7 +307,7 @@ def replay(
     finally:
         try:
             _nack(subscriber, subscription, held)
-        except api_exceptions.GoogleAPICallError as error:  # not the report's (or a failure's) end
+        except api_exceptions.GoogleAPIError as error:  # not the report's (or a failure's) end
             log.warning("could not hand %d dead letters back at once (%s): they come back within %d s",
                         len(held), error, LEASE_SECONDS)
     return report

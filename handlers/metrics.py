@@ -6,8 +6,9 @@
                                             dead-letter topic unread: a job message for a bucket
                                             not allowed, or a message no reader can parse, whose
                                             operation is "invalid"; a move that fails: retried)
-    imagen_job_seconds{operation}           time of jobs that ran, download to upload, a wait for
-                                            the GPU behind another job left out (histogram, s)
+    imagen_job_seconds{operation}           time of jobs that ran, from their start to their
+                                            output's upload, a wait for the GPU behind another job
+                                            left out (histogram, seconds)
     imagen_jobs_in_flight                   jobs being processed now
     imagen_model_load_seconds{operation}    load + warm-up time of each model at start-up
 
@@ -25,7 +26,8 @@ from image.params import parse_chain
 JOBS = Counter("imagen_jobs", "Jobs finished, by operation and status.", ["operation", "status"])
 JOB_SECONDS = Histogram(
     "imagen_job_seconds",
-    "Time of jobs that ran, download to upload (a wait for the GPU behind another job left out), in seconds.",
+    "Time of jobs that ran, from their start to their output's upload (a wait for the GPU behind another job "
+    "left out), in seconds.",
     ["operation"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )

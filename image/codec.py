@@ -142,9 +142,9 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1) if kind == "JPEG" else 0
 
     # 2. Open (reads the header only) and check the declared size before decoding.
-    _check_readers()
+    readers = _readers(kind)
     try:
-        opened = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
+        opened = Image.open(io.BytesIO(data), formats=readers)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # Pillow's own limit (twice its MAX_IMAGE_PIXELS) is not the one to quote: ours is.
         said = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
@@ -405,19 +405,21 @@ class _PngTextTooLarge(ImageDecodeError):
 
 
 @functools.cache
-def _missing_readers() -> tuple[str, ...]:
+def _available_readers() -> tuple[str, ...]:
     Image.init()
-    return tuple(kind for kind in _INPUT_FORMATS if kind not in Image.OPEN)
+    return tuple(kind for kind in _INPUT_FORMATS if kind in Image.OPEN)
 
 
-def _check_readers() -> None:
-    """RuntimeError (this process's fault, retried elsewhere, not the file's) where Pillow has
-    no reader for a kind it should accept: its plugin did not load (a Pillow built without
-    libwebp, a broken install), and Image.open would then fail every file it tried that
-    kind's reader on with a KeyError that reads like a corrupt file."""
-    if missing := _missing_readers():
-        raise RuntimeError(f"Pillow here has no reader for {', '.join(missing)} (its plugin did not load): "
-                           "this installation is broken, not the image")
+def _readers(kind: str | None) -> tuple[str, ...]:
+    """The accepted kinds Pillow has a reader for, to open with. RuntimeError (this process's
+    fault, retried elsewhere, not the file's) where `kind`'s own did not load (a Pillow built
+    without libwebp, a broken install): passed to Image.open, a missing reader raised a
+    KeyError for every file it was tried on, reported as a corrupt file, never retried."""
+    available = _available_readers()
+    if kind is not None and kind not in available:
+        raise RuntimeError(f"Pillow here has no reader for {kind} (its plugin did not load): this installation is "
+                           "broken, not the image")
+    return available
 
 
 def _corrupt(kind: str, error: Exception) -> ImageDecodeError:

@@ -19,7 +19,7 @@
 locals {
   # variables.tf says why: a GKE worker holds a message for up to its lease budget; a push
   # never past 600 s.
-  job_wait_alert_seconds = coalesce(var.job_wait_alert_seconds, local.gke ? 7800 : 1800)
+  job_wait_alert_seconds = coalesce(var.job_wait_alert_seconds, local.gke ? 7800 : 2700)
   unrouted_subscriptions = [for sub in google_pubsub_subscription.unrouted : sub.name]
   # condition name -> the subscriptions it watches (one condition for both unrouted ones: a
   # policy holds at most 6 conditions; one per pool's dead letters while they fit, else one
@@ -297,7 +297,7 @@ resource "google_monitoring_alert_policy" "restarts" {
   severity     = "ERROR"
 
   conditions {
-    display_name = "a worker container restarted more than 3 times in 30 min"
+    display_name = "a worker container restarted more than once in an hour"
     condition_threshold {
       filter = join(" AND ", [
         "resource.type = \"k8s_container\"",
@@ -305,10 +305,12 @@ resource "google_monitoring_alert_policy" "restarts" {
         "metric.type = \"kubernetes.io/container/restart_count\"",
       ])
       comparison      = "COMPARISON_GT"
-      threshold_value = 3
+      threshold_value = 1
       duration        = "0s"
       aggregations {
-        alignment_period   = "1800s"
+        # Twice an hour: a crash loop, and a set-up that hangs until the startup probe (30
+        # minutes) restarts it; a single GPU hiccup's restart is not an incident.
+        alignment_period   = "3600s"
         per_series_aligner = "ALIGN_DELTA"
       }
       trigger {

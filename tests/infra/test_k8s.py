@@ -94,6 +94,7 @@ def test_each_operation_has_a_gpu_worker(rendered, terraform, operation):
     startup = container["startupProbe"]
     assert startup["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert 20 * 60 <= startup["periodSeconds"] * startup["failureThreshold"] <= 30 * 60
+    assert startup["terminationGracePeriodSeconds"] <= 60  # not the pod's hour: a stuck set-up runs no handler
     assert "livenessProbe" not in container  # a restart mid-job would only redeliver it
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert pod["serviceAccountName"] == name

@@ -382,17 +382,17 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     # Counted, so a dashboard of imagen_jobs_total sees them: the two unreadable under "invalid"
     assert _refused("invalid") - refused_before["invalid"] == 2
     assert _refused("upscale") - refused_before["upscale"] == 1
+    assert garbage and refused
+    report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
+    assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()
+                               if refused_copy.unparseable is None]  # back to the topic it came from
+    assert len(report.replayed) == 1 and len(report.unparseable) == 2  # those two would only come back
 
 
 def _refused(operation: str, status: str = "refused") -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": operation, "status": status}) or 0.0
-    assert garbage and refused
-    report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
-    assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()
-                               if refused_copy.unparseable is None]  # back to the topic it came from
-    assert len(report.replayed) == 1 and len(report.unparseable) == 2  # those two would only come back
 
 
 def test_push_answers_200_once_an_unsettleable_message_is_dead_lettered(settings, bucket, publisher, subscriber,

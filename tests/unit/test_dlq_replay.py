@@ -84,3 +84,20 @@ def test_an_ack_that_fails_stops_the_run_and_names_what_was_published():
     assert report.replayed == ["m1", "m2"] and report.unacked == ["m1", "m2"] and report.left == 1
     assert report.ack_error == "ServiceUnavailable: 503 The service is currently unavailable."
     assert len(publisher.published) == 2 and subscriber.batches[0] == later  # the next batch not pulled
+
+
+def test_an_ack_whose_retries_run_out_stops_the_run_too():
+    # What the client library raises in an outage: its own retries of acknowledge (and of the
+    # hand-back) exhausted, a RetryError, which is no GoogleAPICallError.
+    class _Outage(_Subscriber):
+        def acknowledge(self, request):
+            raise api_exceptions.RetryError("Timeout of 60.0s exceeded", api_exceptions.ServiceUnavailable("503"))
+
+        def modify_ack_deadline(self, request):
+            if request["ack_deadline_seconds"] == 0:
+                raise api_exceptions.RetryError("Timeout of 60.0s exceeded", api_exceptions.ServiceUnavailable("503"))
+
+    subscriber, publisher = _Outage([_received("a1", "m1"), _received("a9", "m9")]), _Publisher()
+    report = dlq.replay(subscriber, publisher, "projects/p/subscriptions/dl", topic="projects/p/topics/t",
+                        message_ids={"m1"})
+    assert report.unacked == ["m1"] and report.ack_error.startswith("RetryError: Timeout of 60.0s exceeded")
