@@ -289,7 +289,7 @@ class Processor:
         started = time.perf_counter()
         delivered = datetime.datetime.now(datetime.UTC)  # a delivery's age is judged at its start
         plan = None
-        taken: list = []  # the output this attempt holds in self._outputs, once it does
+        held = None  # the event of the output this attempt holds in self._outputs, once it does
 
         try:
             try:
@@ -306,7 +306,8 @@ class Processor:
                     raise BadJobMessage(job.problem)
                 plan = plan_job(job, self._layout, self._served)
                 fields["operation"] = plan.operation
-                if self._take_output(plan.output, withdrawn, fields, taken) and not self._wait_counts:
+                held, waited = self._take_output(plan.output, withdrawn, fields)
+                if waited and not self._wait_counts:
                     # Its own time starts once the other delivery ended (a lease is extended
                     # meanwhile; a push request's time runs on, and counts, as for the GPU).
                     started = time.perf_counter()
@@ -390,7 +391,8 @@ class Processor:
                         return self._skipped(job, plan, skip, fields, has_output=True)
             finally:  # every outcome's line says what the job cost, failures and retries too
                 fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
-                self._release_output(taken)
+                if held is not None:
+                    self._release_output(plan.output, held)
         except SourceSuperseded as error:
             return self._skipped(job, plan, str(error), fields)
         except InputError as error:
@@ -447,40 +449,35 @@ class Processor:
         self._publish(outcome)
         return outcome
 
-    def _take_output(self, output: tuple[str, str], withdrawn: Callable[[], bool] | None, fields: dict,
-                     taken: list) -> bool:
-        """Hold `output` for this attempt (in `taken`), first waiting while another attempt in
-        this process holds it: a duplicate delivery of its message, or a job message beside
-        its notification (a backfill), would otherwise wait only for the GPU, then run the
-        whole model again before finding the first one's output at its upload. After the
-        wait, the usual look at the output skips it. True when it waited. Handed back
-        (Withdrawn) if the process starts stopping meanwhile."""
+    def _take_output(self, output: tuple[str, str], withdrawn: Callable[[], bool] | None,
+                     fields: dict) -> tuple[threading.Event, bool]:
+        """Hold `output` for this attempt (the event `_release_output` sets; whether it
+        waited), first waiting while another attempt in this process holds it: a duplicate
+        delivery of its message, or a job message beside its notification (a backfill), would
+        otherwise wait only for the GPU, then run the whole model again before finding the
+        first one's output at its upload. After the wait, the usual look at the output skips
+        it. Handed back (Withdrawn) if the process starts stopping meanwhile."""
         waited = False
         while True:
             with self._outputs_lock:
                 other = self._outputs.get(output)
                 if other is None:
                     mine = self._outputs[output] = threading.Event()
-                    taken.append((output, mine))
-                    return waited
+                    return mine, waited
             if not waited:
                 log.info("job waits for another delivery of the same output in this worker",
                          extra={"fields": fields})
                 waited = True
-            while True:
-                if withdrawn is not None and withdrawn():
-                    raise Withdrawn("handed back while another delivery of the same output ran: this process is "
-                                    "stopping")
-                if other.wait(OUTPUT_WAIT_POLL_SECONDS):
-                    break
+            if withdrawn is not None and withdrawn():
+                raise Withdrawn("handed back while another delivery of the same output ran: this process is "
+                                "stopping")
+            other.wait(OUTPUT_WAIT_POLL_SECONDS)
 
-    def _release_output(self, taken: list) -> None:
-        for output, mine in taken:
-            with self._outputs_lock:
-                if self._outputs.get(output) is mine:
-                    del self._outputs[output]
-            mine.set()
-        taken.clear()
+    def _release_output(self, output: tuple[str, str], mine: threading.Event) -> None:
+        with self._outputs_lock:
+            if self._outputs.get(output) is mine:
+                del self._outputs[output]
+        mine.set()
 
     def _upload(self, job: Job, plan: Plan, encoded: bytes, metadata: dict[str, str],
                  existing: ObjectState | None) -> str | None:

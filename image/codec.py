@@ -38,6 +38,7 @@ CONTENT_TYPES: dict[str, str] = {
 # Pillow plugin names; nothing else is ever tried, which also keeps the many rarely used
 # plugins (ICO, PSD, EPS, ...) away from untrusted bytes.
 _INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
+_NOT_THE_FILES = (MemoryError, ImportError)  # raised while decoding, yet the process's fault: passed on
 _UNSUPPORTED = "not a supported image (PNG, JPEG, WebP, GIF, TIFF, BMP)"
 
 # Kinds people upload that are refused, named in the error so the fix is plain (a phone's
@@ -160,7 +161,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             raise ImageDecodeError(f"{refused} file: {_UNSUPPORTED}; convert it to one of these "
                                    "(JPEG for a photo) and upload it again") from None
         raise ImageDecodeError(_UNSUPPORTED) from None
-    except (MemoryError, ImportError):  # the process's, never the file's
+    except _NOT_THE_FILES:
         raise
     except Exception as error:  # hostile bytes can make a plugin fail in any way
         raise _corrupt(kind or "image", error) from None
@@ -179,13 +180,13 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             opened.info["transparency"] = key
         try:
             opened.load()
-        except (MemoryError, ImportError):
+        except _NOT_THE_FILES:
             raise
         except Exception as error:
             raise _corrupt(opened.format, error) from None
         try:
             ImageOps.exif_transpose(opened, in_place=True)
-        except (MemoryError, ImportError):
+        except _NOT_THE_FILES:
             raise
         except Exception:
             pass  # unreadable EXIF is bad metadata, not a bad image: keep it as stored
@@ -197,7 +198,7 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         # 4. Normalise to 8-bit sRGB, detached from the file and without metadata.
         try:
             image = to_srgb_8bit(opened)
-        except (MemoryError, ImportError):
+        except _NOT_THE_FILES:
             raise
         except Exception as error:  # a mode Pillow cannot convert; a corrupt tag read only now
             raise ImageDecodeError(

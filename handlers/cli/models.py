@@ -8,7 +8,6 @@ all) unless `--operations` names others, and on the cache dir from MODEL_CACHE_D
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
 
     specs = _specs(settings, operations)
     given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
-    given_lock, lock_path = lock_path, lock_path or packaged_lock_path()
+    lock_path = lock_path or packaged_lock_path()
     token = token or settings.hf_token
     if tiny and source:
         raise click.UsageError("--tiny and --from exclude each other")
@@ -93,7 +92,8 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
         for repo, commit in commits.items():
             click.echo(f"pulled {repo}@{commit} into {cache_dir}")
         click.echo(f"lock: {lock_path}")
-    _report_problems(store.verify(specs, cache_dir, Lock.read(lock_path)), specs, given_dir, given_lock)
+    lock = Lock.read(lock_path)
+    _report_problems(store.verify(specs, cache_dir, lock), specs, given_dir, lock)
 
 
 @command.command("list")
@@ -143,7 +143,7 @@ def verify(settings, operations, cache_dir, lock_path):
     specs = _specs(settings, operations)
     given, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     lock = Lock.read(lock_path or packaged_lock_path())
-    _report_problems(verify_models(specs, cache_dir, lock), specs, given, lock_path)
+    _report_problems(verify_models(specs, cache_dir, lock), specs, given, lock)
     tiny = _tiny(specs, cache_dir, lock)
     click.echo(f"{len(specs)} model(s) complete in {cache_dir}"
                + (f"; tiny random-weight (noise, for trying the plumbing): {', '.join(tiny)}" if tiny else ""))
@@ -223,21 +223,19 @@ def compile_(settings, operations, cache_dir, location, device):
         sys.exit(1)
 
 
-def _report_problems(problems: list[str], specs, cache_dir: Path | None = None, lock_path: Path | None = None) -> None:
+def _report_problems(problems: list[str], specs, cache_dir: Path | None = None, lock: Lock | None = None) -> None:
     """Print each problem and the command that fixes them, then exit 1; nothing if none.
-    `cache_dir`, `lock_path`: the --cache-dir and --lock given, which the fix must name too (else
-    it fills MODEL_CACHE_DIR at the packaged lock's commits)."""
+    `cache_dir`: the --cache-dir given, and `lock` the lock in use, which the fix must name
+    too (`pull_options`)."""
     if not problems:
         return
-    from image.models.store import pull_command
+    from image.models.store import pull_command, pull_options
 
     for problem in problems:
         click.echo(problem, err=True)
     broken = [spec for spec in specs if any(p.startswith(f"{spec.operation}: ") for p in problems)]
-    where = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""
-    where += f" --lock {shlex.quote(str(lock_path))}" if lock_path else ""
-    click.echo(f"fix: run `{pull_command(broken or specs)}{where}` (or `imagen models pull --tiny{where}` for test "
-               f"models)", err=True)
+    click.echo(f"fix: run `{pull_command(broken or specs, cache_dir, lock)}` (or `imagen models pull --tiny"
+               f"{pull_options(cache_dir, lock)}` for test models)", err=True)
     sys.exit(1)
 
 

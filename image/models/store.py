@@ -35,12 +35,17 @@ TINY_MARKER = "imagen-tiny.json"
 
 
 
-def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None, lock: Lock | None = None) -> str:
-    """The command that fetches these models (into `cache_dir` where given, at `lock`'s pins
-    where it is not the packaged lock), for error messages."""
+def pull_options(cache_dir: Path | None = None, lock: Lock | None = None) -> str:
+    """` --cache-dir D --lock L` for a fix that must fill `cache_dir` (where given) at `lock`'s
+    pins (where it is not the packaged lock), not MODEL_CACHE_DIR at the packaged ones."""
     where = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir is not None else ""
-    where += lock.option() if lock is not None else ""
-    return "imagen models pull --operations " + ",".join(spec.operation for spec in specs) + where
+    return where + (lock.option() if lock is not None else "")
+
+
+def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None, lock: Lock | None = None) -> str:
+    """The command that fetches these models (`pull_options`), for error messages."""
+    operations = ",".join(spec.operation for spec in specs)
+    return f"imagen models pull --operations {operations}{pull_options(cache_dir, lock)}"
 
 
 def repo_dir(spec: ModelSpec, cache_dir: Path) -> Path:
