@@ -72,9 +72,14 @@ class Settings:
     log_level: str = "INFO"  # IMAGEN_LOG_LEVEL: imagen's own lines (libraries' stay at WARNING)
     bucket: str | None = None  # IMAGEN_BUCKET: `imagen submit`'s input bucket
     hf_token: str | None = dataclasses.field(default=None, repr=False)  # HF_TOKEN: `models pull` (never printed)
+    # Variables whose text could not be read (field -> why): `validate` refuses them, unless a
+    # command-line option replaced the field first.
+    unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, validate: bool = True) -> Settings:
+        """The settings the environment gives. `validate=False` (the command line) leaves the
+        checks to `replace`, once the command's options have replaced what they override."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
@@ -82,6 +87,7 @@ class Settings:
             return value or None
 
         values: dict = {}
+        unreadable: dict[str, str] = {}
         for field, name, read in (
             ("model_cache_dir", "MODEL_CACHE_DIR", lambda text: Path(text).expanduser()),
             ("operations", "IMAGEN_OPERATIONS", split_list),
@@ -116,21 +122,25 @@ class Settings:
                 try:
                     values[field] = read(text)
                 except ValueError as error:
-                    raise ConfigError(f"{name}: {error}") from None
+                    unreadable[field] = f"{name}: {error}"
         # As huggingface_hub reads it: any case of 1, ON, YES or TRUE.
         values["allow_model_download"] = (get("HF_HUB_OFFLINE") or "").strip().upper() not in ("1", "ON", "YES", "TRUE")
-        return cls(**values).validate()
+        settings = cls(**values, unreadable=unreadable)
+        return settings.validate() if validate else settings
 
     def replace(self, **overrides) -> Settings:
         """A copy with the given (non-None) fields replaced, validated again."""
         changes = {key: value for key, value in overrides.items() if value is not None}
-        return dataclasses.replace(self, **changes).validate()
+        unreadable = {field: why for field, why in self.unreadable.items() if field not in changes}
+        return dataclasses.replace(self, **changes, unreadable=unreadable).validate()
 
     def validate(self) -> Settings:
+        for why in self.unreadable.values():
+            raise ConfigError(why)
         unknown = [op for op in self.operations if op not in OPERATION_NAMES]
         if unknown or not self.operations:
             raise ConfigError(
-                f"IMAGEN_OPERATIONS: unknown operation(s) {', '.join(unknown) or '(none given)'}; "
+                f"IMAGEN_OPERATIONS (or --operations): unknown operation(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(OPERATION_NAMES)}"
             )
         unknown = [op for op in self.deployed_operations if op not in OPERATION_NAMES]

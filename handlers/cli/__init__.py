@@ -1,17 +1,20 @@
 """`imagen`: the command line. One module per subcommand group.
 
 Settings are read from the environment once, here, and handed to each subcommand through
-click's context (`ctx.obj`); each subcommand's options override them.
+click's context (`ctx.obj`); each subcommand's options override them. They are checked only
+once the command's options are parsed (`_checked`): an option replaces a variable it
+overrides, a bad value in it included, and `--help` never depends on the environment.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
 
 from handlers.errors import ConfigError
-from handlers.settings import Settings
+from handlers.settings import Settings, split_list
 from image.errors import ImagenError
 
 
@@ -81,13 +84,44 @@ def _stop(ctx, text: str, error: Exception, code: int, *, trace: bool = False):
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Run Hugging Face image models on Google Cloud Storage events."""
-    ctx.obj = Settings.from_env()
+    ctx.obj = Settings.from_env(validate=False)
+
+
+# A command's option -> the setting it overrides (the option's value as the setting holds it).
+_OVERRIDES = {
+    "device": ("device", str),
+    "port": ("port", int),
+    "operations": ("operations", split_list),
+    "model_cache_dir": ("model_cache_dir", lambda path: path),
+    "cache_dir": ("model_cache_dir", lambda path: path),
+}
+
+
+def _checked(command: click.Command) -> None:
+    """Check the settings before `command` runs, with its options in place of the variables
+    they override (each command applies its own overrides again: the same values)."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _checked(sub)
+        return
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        ctx = click.get_current_context()
+        overrides = {field: convert(ctx.params[option]) for option, (field, convert) in _OVERRIDES.items()
+                     if ctx.params.get(option) is not None}
+        ctx.obj = ctx.obj.replace(**overrides)
+        return callback(*args, **kwargs)
+
+    command.callback = run
 
 
 def _register() -> None:
     from handlers.cli import backfill, dev, dlq, models, process, run, serve, submit, worker
 
     for module in (backfill, dev, dlq, models, process, run, serve, submit, worker):
+        _checked(module.command)
         main.add_command(module.command)
 
 

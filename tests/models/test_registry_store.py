@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from handlers.cli import models as models_cli
 from handlers.settings import Settings
+from handlers.errors import ConfigError
 from image.errors import ModelError, ModelMissing, UnknownOperation
 from image.models import store
 from image.models.lock import Lock, packaged_lock_path
@@ -478,7 +479,8 @@ def test_cli_list(tiny_cache, tmp_path):
 
 def test_cli_unknown_operation(tmp_path):
     result = _cli(["verify", "--operations", "sharpen"], tmp_path)
-    assert isinstance(result.exception, UnknownOperation) and "sharpen" in str(result.exception)
+    assert isinstance(result.exception, ConfigError) and "--operations): unknown operation(s) sharpen" in str(
+        result.exception)
 
 
 @pytest.mark.parametrize("header", [

@@ -96,3 +96,32 @@ def test_an_emulator_that_answers_slowly_or_is_named_otherwise_is_left_to_the_li
     check_emulators(Settings(storage_emulator_host="http://127.0.0.1:9"), "storage")
     for target in ("dns:///127.0.0.1:8085", "ipv4:127.0.0.1:8085", "localhost"):  # gRPC's forms, no port
         check_emulators(Settings(pubsub_emulator_host=target), "pubsub")
+
+
+@pytest.mark.parametrize("env", [{"IMAGEN_DEVICE": "gpu"}, {"PORT": "abc"}, {"IMAGEN_OPERATIONS": "foo"}])
+def test_an_option_overrides_a_bad_variable_and_help_never_reads_them(tmp_path, env):
+    # DESIGN: command-line options override the variables. Every variable was checked before
+    # the command saw its options, so `--device cpu` could not mend IMAGEN_DEVICE=gpu, and
+    # `imagen run --help` printed only the ConfigError.
+    for command in (["run"], ["serve"], ["worker"], ["models"], ["models", "verify"], ["dlq", "replay"]):
+        result = CliRunner().invoke(main, [*command, "--help"], env=env)
+        assert result.exit_code == 0 and "Usage:" in result.output, (command, result.output)
+    overrides = {"IMAGEN_DEVICE": ["--operations", "comic"], "PORT": ["--operations", "comic"],
+                 "IMAGEN_OPERATIONS": ["--operations", "comic"]}
+    result = CliRunner().invoke(main, ["models", "list", "--cache-dir", str(tmp_path), *overrides[next(iter(env))]],
+                                env=env)
+    if "IMAGEN_OPERATIONS" in env:  # overridden: lists the one operation asked for
+        assert result.exit_code == 0 and "comic" in result.output and "upscale" not in result.output, result.output
+    else:  # not overridden: still refused, naming the variable
+        assert result.exit_code == 2 and f"ConfigError: {next(iter(env))}" in result.output, result.output
+
+
+def test_a_device_option_replaces_a_bad_device_variable(tmp_path):
+    picture = tmp_path / "a.txt"
+    picture.write_bytes(b"not a picture")
+    args = ["run", str(picture), "--operation", "upscale", "--model-cache-dir", str(tmp_path), "-o", str(tmp_path)]
+    refused = CliRunner().invoke(main, args, env={"IMAGEN_DEVICE": "gpu"})
+    assert refused.exit_code == 2 and "IMAGEN_DEVICE: 'gpu' is not one of" in refused.output
+    mended = CliRunner().invoke(main, [*args, "--device", "cpu"], env={"IMAGEN_DEVICE": "gpu"})
+    # Past the settings, to the input's own refusal (before any model loads).
+    assert mended.exit_code == 1 and "ImageDecodeError: not a supported image" in mended.output, mended.output
