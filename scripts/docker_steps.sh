@@ -125,7 +125,8 @@ step_models() {
         [[ $MODEL_SOURCE == hub ]] && log "no Hugging Face token at $HF_TOKEN_FILE: gated models will fail"
         "${pull[@]}"
     fi
-    "$imagen" models verify --operations "$OPERATIONS"
+    # Every file read whole against its checksum, once, where it was downloaded.
+    "$imagen" models verify --checksums --operations "$OPERATIONS"
     "$imagen" models list --operations "$OPERATIONS"
     # The commits this image carries: copy them into image/models.lock.json to pin them.
     log "model lock:"

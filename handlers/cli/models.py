@@ -26,10 +26,16 @@ def _operations_option(function):
     )(function)
 
 
+def _home(ctx, param, value: Path | None) -> Path | None:
+    """`~` expanded, as in MODEL_CACHE_DIR (`--cache-dir=~/models` reaches us unexpanded)."""
+    return value.expanduser() if value is not None else None
+
+
 def _cache_dir_option(function):
     return click.option(
         "--cache-dir",
         type=click.Path(file_okay=False, path_type=Path),
+        callback=_home,
         help="Model cache; default: MODEL_CACHE_DIR.",
     )(function)
 
@@ -40,12 +46,31 @@ def _lock_option(function):
         "lock_path",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
+        callback=_home,
         help="Lock file; default: the image/models.lock.json shipped with imagen.",
     )(function)
 
 
+def _lock(lock_path: Path | None, *, created: bool = False) -> Lock:
+    """The lock named by --lock (it must exist: a mistyped path read as an empty lock passed
+    every check; `created`: a pull may start it, in a folder that exists), else the packaged."""
+    if lock_path is None:
+        return Lock.packaged()
+    if not lock_path.exists() and not (created and lock_path.parent.is_dir()):
+        raise click.BadParameter(f"{lock_path} does not exist", param_hint="--lock")
+    return Lock.read(lock_path)
+
+
 def _specs(settings, operations: str | None):
     return specs_for(split_list(operations) if operations else settings.operations)
+
+
+def _checksums_option(function):
+    return click.option(
+        "--checksums", is_flag=True,
+        help="Also read every file whole against its checksum (the blob's name): damage of any kind, "
+        "at the cost of reading the whole cache.",
+    )(function)
 
 
 @click.group("models")
@@ -61,17 +86,20 @@ def command() -> None:
 @click.option("--from", "source", metavar="gs://BUCKET/PREFIX", help="Restore from a mirror made by `models mirror`.")
 @click.option("--token", help="Hugging Face token for gated models [default: HF_TOKEN].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_checksums_option
 @click.pass_obj
-def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet):
+def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet, checksums):
     """Fetch models into the cache and pin their commits in the lock."""
     from image.models import store
 
     specs = _specs(settings, operations)
     given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
-    lock_path = lock_path or packaged_lock_path()
-    token = token or settings.hf_token
     if tiny and source:
         raise click.UsageError("--tiny and --from exclude each other")
+    given_lock = lock_path
+    _lock(lock_path, created=not (tiny or source))
+    lock_path = lock_path or packaged_lock_path()
+    token = token or settings.hf_token
     if tiny:
         from image.models.tiny import build_tiny
 
@@ -88,12 +116,14 @@ def pull(settings, operations, cache_dir, lock_path, tiny, source, token, quiet)
         )
         click.echo(f"restored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already here) to {cache_dir}")
     else:
-        commits = store.pull(specs, cache_dir, lock_path=lock_path, token=token, progress=not quiet)
+        commits = store.pull(specs, cache_dir, lock_path=lock_path, token=token, progress=not quiet,
+                             checksums=checksums, lock_required=given_lock is not None)
         for repo, commit in commits.items():
             click.echo(f"pulled {repo}@{commit} into {cache_dir}")
         click.echo(f"lock: {lock_path}")
     lock = Lock.read(lock_path)
-    _report_problems(store.verify(specs, cache_dir, lock), specs, given_dir, lock)
+    _report_problems(store.verify(specs, cache_dir, lock, checksums=checksums), specs, cache_dir, given_dir, lock,
+                     checksums=checksums)
 
 
 @command.command("list")
@@ -106,7 +136,7 @@ def list_(settings, operations, cache_dir, lock_path):
     from image.models.store import list_models
 
     cache_dir = cache_dir or settings.model_cache_dir
-    rows = list_models(_specs(settings, operations), cache_dir, Lock.read(lock_path or packaged_lock_path()))
+    rows = list_models(_specs(settings, operations), cache_dir, _lock(lock_path))
     click.echo(f"model cache: {cache_dir}")
     table = [("OPERATION", "REPOSITORY", "REVISION", "SIZE", "STATUS")]
     for row in rows:
@@ -135,15 +165,17 @@ def _tiny(specs, cache_dir, lock) -> list[str]:
 @_operations_option
 @_cache_dir_option
 @_lock_option
+@_checksums_option
 @click.pass_obj
-def verify(settings, operations, cache_dir, lock_path):
+def verify(settings, operations, cache_dir, lock_path, checksums):
     """Check every model is complete; exit 1 naming the fix."""
     from image.models.store import verify as verify_models
 
     specs = _specs(settings, operations)
     given, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
-    lock = Lock.read(lock_path or packaged_lock_path())
-    _report_problems(verify_models(specs, cache_dir, lock), specs, given, lock)
+    lock = _lock(lock_path)
+    _report_problems(verify_models(specs, cache_dir, lock, checksums=checksums), specs, cache_dir, given, lock,
+                     checksums=checksums)
     tiny = _tiny(specs, cache_dir, lock)
     click.echo(f"{len(specs)} model(s) complete in {cache_dir}"
                + (f"; tiny random-weight (noise, for trying the plumbing): {', '.join(tiny)}" if tiny else ""))
@@ -166,7 +198,7 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
     given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     # A mirror is restored as it is, by every instance: never one of an incomplete cache, nor
     # (unless asked) one of random weights, whose every output would be noise.
-    _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs, given_dir)
+    _report_problems(store.verify(specs, cache_dir, Lock.packaged()), specs, cache_dir, given_dir)
     if (tiny := _tiny(specs, cache_dir, Lock.packaged())) and not allow_tiny:
         raise click.UsageError(f"{cache_dir} holds tiny random-weight models ({', '.join(tiny)}): every instance "
                                f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "
@@ -223,19 +255,30 @@ def compile_(settings, operations, cache_dir, location, device):
         sys.exit(1)
 
 
-def _report_problems(problems: list[str], specs, cache_dir: Path | None = None, lock: Lock | None = None) -> None:
+def _report_problems(problems: list[str], specs, cache_dir: Path, given_dir: Path | None, lock: Lock | None = None,
+                     *, checksums: bool = False) -> None:
     """Print each problem and the command that fixes them, then exit 1; nothing if none.
-    `cache_dir`: the --cache-dir given, and `lock` the lock in use, which the fix must name
-    too (`pull_options`)."""
+    `given_dir`: the --cache-dir given, and `lock` the lock in use, which the fix must name too
+    (`pull_options`); `checksums`: found reading files whole, which the pull must do too."""
     if not problems:
         return
-    from image.models.store import pull_command, pull_options
+    from image.models.store import find_snapshot, is_tiny, pull_command
 
     for problem in problems:
         click.echo(problem, err=True)
-    broken = [spec for spec in specs if any(p.startswith(f"{spec.operation}: ") for p in problems)]
-    click.echo(f"fix: run `{pull_command(broken or specs, cache_dir, lock)}` (or `imagen models pull --tiny"
-               f"{pull_options(cache_dir, lock)}` for test models)", err=True)
+    broken = [spec for spec in specs if any(p.startswith(f"{spec.operation}: ") for p in problems)] or list(specs)
+    # Tiny random-weight models are rebuilt (a real model is never replaced by one); where
+    # nothing is there yet, either.
+    snapshots = [find_snapshot(spec, cache_dir, lock or Lock.packaged())[1] for spec in broken]
+    real = pull_command(broken, given_dir, lock) + (" --checksums" if checksums else "")
+    tiny = pull_command(broken, given_dir, lock, tiny=True)
+    if all(snapshot is None for snapshot in snapshots):
+        fix = f"`{real}` (or `{tiny}` for test models)"
+    elif all(snapshot is None or is_tiny(snapshot) for snapshot in snapshots):
+        fix = f"`{tiny}` (the tiny random-weight models, built again)"
+    else:
+        fix = f"`{real}`"
+    click.echo(f"fix: run {fix}", err=True)
     sys.exit(1)
 
 

@@ -83,11 +83,11 @@ def load_model(
         try:
             store.fetch(spec, cache_dir, lock=lock)
         except ModelError as error:
-            missing = _missing(spec, problems, cache_dir, lock)
+            missing = _missing(spec, problems, cache_dir, lock, found)
             raise ModelMissing(f"{missing}; pulling it now failed: {error}") from error
         problems = store.spec_problems(spec, cache_dir, lock)
     if problems:
-        raise ModelMissing(_missing(spec, problems, cache_dir, lock))
+        raise ModelMissing(_missing(spec, problems, cache_dir, lock, found))
     snapshot = store.resolve_snapshot(spec, cache_dir, lock=lock)
     tiny = store.is_tiny(snapshot)
     # A tiny model built at the lock's commit carries the real one's: marked, so neither an
@@ -117,10 +117,11 @@ def load_model(
     return LoadedModel(model, model_id, snapshot.name, tiny, seconds)
 
 
-def _missing(spec: ModelSpec, problems: list[str], cache_dir: Path, lock: Lock) -> str:
+def _missing(spec: ModelSpec, problems: list[str], cache_dir: Path, lock: Lock, found: Path | None) -> str:
     if len(problems) == 1 and "is not in the model cache" in problems[0]:
         return problems[0]
-    return "; ".join(problems) + f"; run `{store.pull_command([spec], cache_dir, lock)}`"
+    tiny = found is not None and store.is_tiny(found)  # rebuilt, not downloaded (a gated repo, offline)
+    return "; ".join(problems) + f"; run `{store.pull_command([spec], cache_dir, lock, tiny=tiny)}`"
 
 
 def start_read_ahead(snapshot: Path, device: torch.device) -> list[threading.Thread]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import warnings
@@ -42,10 +43,12 @@ def pull_options(cache_dir: Path | None = None, lock: Lock | None = None) -> str
     return where + (lock.option() if lock is not None else "")
 
 
-def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None, lock: Lock | None = None) -> str:
-    """The command that fetches these models (`pull_options`), for error messages."""
+def pull_command(specs: Iterable[ModelSpec], cache_dir: Path | None = None, lock: Lock | None = None, *,
+                 tiny: bool = False) -> str:
+    """The command that fetches these models (`pull_options`), for error messages; `tiny`:
+    the one that builds them again (tiny random-weight models are repaired that way, offline)."""
     operations = ",".join(spec.operation for spec in specs)
-    return f"imagen models pull --operations {operations}{pull_options(cache_dir, lock)}"
+    return f"imagen models pull{' --tiny' if tiny else ''} --operations {operations}{pull_options(cache_dir, lock)}"
 
 
 def repo_dir(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -120,9 +123,11 @@ def select_files(spec: ModelSpec, available: Iterable[str]) -> list[str]:
 
 
 def fetch(
-    spec: ModelSpec, cache_dir: Path, *, lock: Lock, token: str | None = None, progress: bool = True
+    spec: ModelSpec, cache_dir: Path, *, lock: Lock, token: str | None = None, progress: bool = True,
+    checksums: bool = False,
 ) -> tuple[str, dict[str, int]]:
-    """Download `spec` at its locked commit (else its revision); return the commit and file sizes."""
+    """Download `spec` at its locked commit (else its revision); return the commit and file sizes.
+    A file already here that is damaged is fetched again (`checksums`: every file read whole)."""
     revision = lock.revision(spec.repo_id) or spec.revision
     patterns = sorted({*spec.files, *(f for alts in spec.fallbacks.values() for f in alts)})
     try:
@@ -144,12 +149,13 @@ def fetch(
         # What the Hub says each file weighs: what a file already here must weigh, and what the
         # lock records (a file cut before this pull would otherwise be pinned cut).
         hub_sizes = {info.filename: info.file_size for info in plan if info.filename in wanted and info.file_size}
-        _drop_damaged(spec, repo_dir(spec, cache_dir) / "snapshots" / commit, hub_sizes, "the Hub")
+        _drop_damaged(spec, repo_dir(spec, cache_dir) / "snapshots" / commit, hub_sizes, "the Hub",
+                      checksums=checksums)
         # And the snapshot verify looked at, where it is another commit (the branch moved on):
         # its damaged blobs would otherwise be linked into the new one.
         checked, snapshot = find_snapshot(spec, cache_dir, lock)
-        if snapshot is not None and checked != commit:
-            _drop_damaged(spec, snapshot, *expected_sizes(spec, snapshot, lock))
+        if snapshot is not None and checked != commit and not is_tiny(snapshot):
+            _drop_damaged(spec, snapshot, *expected_sizes(spec, snapshot, lock), checksums=checksums)
         folder = snapshot_download(
             spec.repo_id, revision=commit, cache_dir=cache_dir, token=token,
             allow_patterns=wanted, tqdm_class=None if progress else _QuietTqdm,
@@ -171,23 +177,31 @@ def pull(
     lock_path: Path,
     token: str | None = None,
     progress: bool = True,
+    checksums: bool = False,
+    lock_required: bool = False,
 ) -> dict[str, str]:
-    """Download each model and record its commit and file sizes in the lock at `lock_path`.
+    """Download each model and record its commit and file sizes in the lock at `lock_path`
+    (`checksums`: files already here are read whole, and fetched again where damaged).
 
     Returns repo id -> commit. The lock is written after each model, so an interrupted
     pull keeps what it finished; only when it changes, and a lock that cannot be written (the
     one packaged in an image, pulled into a volume by a read-only container) is left as it
-    is with a warning: an unpinned model is then found by the cache's `refs/<branch>`.
+    is with a warning: an unpinned model is then found by the cache's `refs/<branch>`. Not
+    `lock_required` (a lock the user named): ModelError then.
     """
     commits = {}
     for spec in specs:
-        commit, files = fetch(spec, cache_dir, lock=Lock.read(lock_path), token=token, progress=progress)
+        commit, files = fetch(spec, cache_dir, lock=Lock.read(lock_path), token=token, progress=progress,
+                              checksums=checksums)
         lock = Lock.read(lock_path)  # again: another pull may have recorded its model meanwhile
         updated = lock.recorded(spec.repo_id, commit, files)
         if updated != lock:
             try:
                 updated.write(lock_path)
             except OSError as error:
+                if lock_required:
+                    raise ModelError(f"{spec.repo_id}@{commit} is pulled but the model lock {lock_path} could not "
+                                     f"be written: {error}") from None
                 logger.warning("%s@%s is pulled but not recorded in the model lock %s (%s); the loader finds "
                                "it through the cache's refs/%s", spec.repo_id, commit, lock_path, error, spec.revision)
         commits[spec.repo_id] = commit
@@ -271,26 +285,42 @@ def expected_sizes(spec: ModelSpec, snapshot: Path, lock: Lock) -> tuple[Mapping
     an unlocked download (the Hub checked each file as it arrived).
     """
     if is_tiny(snapshot):
-        return json.loads((snapshot / TINY_MARKER).read_text()).get("files", {}), TINY_MARKER
+        try:
+            files = json.loads((snapshot / TINY_MARKER).read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):  # cut short, or not the object it was
+            files = None
+        if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
+            raise DamagedMarker(f"{TINY_MARKER} is damaged (not the JSON object build_tiny writes)")
+        return files, TINY_MARKER
     if lock.revision(spec.repo_id) == snapshot.name:
         return lock.files(spec.repo_id), "the lock"
     return {}, "the lock"
 
 
-def verify(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock) -> list[str]:
-    """Every problem that would stop a model from loading; an empty list means complete."""
-    return [problem for spec in specs for problem in spec_problems(spec, cache_dir, lock)]
+class DamagedMarker(ValueError):
+    """A tiny snapshot's marker that cannot be read: the snapshot is rebuilt, not trusted."""
 
 
-def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock) -> list[str]:
+def verify(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock, *, checksums: bool = False) -> list[str]:
+    """Every problem that would stop a model from loading; an empty list means complete.
+    `checksums`: also read every file whole against its blob's name (`checksum_problems`)."""
+    return [problem for spec in specs for problem in spec_problems(spec, cache_dir, lock, checksums=checksums)]
+
+
+def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock, *, checksums: bool = False) -> list[str]:
     """`verify` for one model; each problem starts with "<operation>: <repo>@<commit>: "."""
     commit, snapshot = find_snapshot(spec, cache_dir, lock)
     if snapshot is None:
         return [missing_message(spec, cache_dir, commit, lock)]
     files = snapshot_files(snapshot)
     problems = _layout_problems(spec, snapshot, files)
-    expected, source = expected_sizes(spec, snapshot, lock)
-    problems += [f"{name} {why}" for name, why in _file_problems(snapshot, files, expected, source).items()]
+    try:
+        expected, source = expected_sizes(spec, snapshot, lock)
+    except DamagedMarker as error:
+        problems.append(str(error))
+        expected, source = {}, TINY_MARKER
+    problems += [f"{name} {why}" for name, why in
+                 _file_problems(snapshot, files, expected, source, checksums=checksums).items()]
     problems += [f"{name} is missing" for name in expected if name not in files]
     prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
     return [prefix + problem for problem in dict.fromkeys(problems)]
@@ -300,8 +330,10 @@ _UNREADABLE = "cannot be read by this user"
 
 
 def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[str, int],
-                   source: str) -> dict[str, str]:
-    """Each file of `snapshot` that would stop it loading, and why."""
+                   source: str, *, checksums: bool = False) -> dict[str, str]:
+    """Each file of `snapshot` that would stop it loading, and why: its size against
+    `expected` (by `source`), then what its own format says (a file of the right size can
+    still be damaged: zeros left by a crash, a bad copy), then, `checksums`, its content."""
     problems = {}
     for name, size in files.items():
         if size < 0:
@@ -310,22 +342,46 @@ def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[s
             problems[name] = "is empty"
         elif not os.access(snapshot / name, os.R_OK):
             problems[name] = f"{_UNREADABLE} (uid {os.getuid()})"
-        elif name in expected:
-            if size != expected[name]:
-                problems[name] = f"is {size} bytes, {source} says {expected[name]}"
-        elif problem := content_problem(snapshot / name, size):
-            problems[name] = problem  # no size recorded: what its own format says
+        elif name in expected and size != expected[name]:
+            problems[name] = f"is {size} bytes, {source} says {expected[name]}"
+        elif problem := content_problem(snapshot / name, size) or (checksums and checksum_problem(snapshot / name)):
+            problems[name] = problem
     return problems
 
 
-def _drop_damaged(spec: ModelSpec, snapshot: Path, expected: Mapping[str, int], source: str) -> None:
+def checksum_problem(path: Path) -> str | None:
+    """Whether a file's content is what its blob's name says: the Hub names a large (LFS) file's
+    blob by its sha256 and a small one's by its git blob sha1 (imagen's tiny models: sha256);
+    None for a blob named otherwise (nothing to check it by). Reads the whole file."""
+    name = path.resolve().name
+    try:
+        with path.open("rb") as handle:
+            if len(name) == 64 and _HEX.fullmatch(name):
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif len(name) == 40 and _HEX.fullmatch(name):
+                git = hashlib.sha1(f"blob {os.fstat(handle.fileno()).st_size}\0".encode(), usedforsecurity=False)
+                digest = hashlib.file_digest(handle, lambda: git).hexdigest()
+            else:
+                return None
+    except OSError as error:
+        return f"cannot be read ({error})"
+    return None if digest == name else "is damaged: its content does not match its checksum (the blob's name)"
+
+
+_HEX = re.compile("[0-9a-f]+")
+
+
+def _drop_damaged(spec: ModelSpec, snapshot: Path, expected: Mapping[str, int], source: str, *,
+                  checksums: bool = False) -> None:
     """Remove the files of `snapshot` that verify would find damaged (cut, empty, a broken
-    link; `expected` sizes by `source`), with their blobs: the Hub keeps a file whose link
-    exists, and links a file to a blob it has, whatever their size, so pulling again
-    repaired nothing and verify kept naming the pull as the fix."""
+    link, a header or JSON that does not parse; `expected` sizes by `source`; `checksums`:
+    content unlike its blob's name), with their blobs: the Hub keeps a file whose link exists,
+    and links a file to a blob it has, whatever their content, so pulling again repaired
+    nothing and verify kept naming the pull as the fix."""
     if not snapshot.is_dir():
         return
-    for name, why in _file_problems(snapshot, snapshot_files(snapshot), expected, source).items():
+    for name, why in _file_problems(snapshot, snapshot_files(snapshot), expected, source,
+                                    checksums=checksums).items():
         if why.startswith(_UNREADABLE):
             continue  # whole, only not ours to read: the Hub would not fix that either
         logger.warning("%s: %s %s: fetching it again", spec.repo_id, name, why)
@@ -337,8 +393,8 @@ def _drop_damaged(spec: ModelSpec, snapshot: Path, expected: Mapping[str, int], 
 
 
 def content_problem(path: Path, size: int) -> str | None:
-    """What a file's own format says is wrong with it, where no lock pins its size (a copy cut
-    short: a mirror's restore, a volume's copy; the Hub's downloads are atomic): safetensors
+    """What a file's own format says is wrong with it (a copy cut short where no lock pins its
+    size: a mirror's restore, a volume's copy; a whole-size file of zeros): safetensors
     by their header, JSON and Python (the remote code) by parsing, a PyTorch zip checkpoint
     (.bin) by its central directory, which a cut copy loses. Other files: None."""
     suffix = path.suffix

@@ -45,11 +45,11 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
     overwritten.
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    commits = {}
+    specs = list(specs)
+    # Every refusal before any model is built: a cache half real and half random (served as
+    # it is) is worse than either.
     for spec in specs:
-        builder = _BUILDERS.get(spec.operation)
-        if builder is None:
+        if spec.operation not in _BUILDERS:
             raise ModelError(f"no tiny model for operation {spec.operation!r}")
         commit = lock.revision(spec.repo_id) or fake_commit(spec)
         # The real model at that commit, or the one the cache's refs run where nothing is locked
@@ -59,6 +59,11 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
                 raise ModelError(
                     f"{existing} holds the real {spec.repo_id}; build tiny models in another MODEL_CACHE_DIR"
                 )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    commits = {}
+    for spec in specs:
+        builder = _BUILDERS[spec.operation]
+        commit = lock.revision(spec.repo_id) or fake_commit(spec)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".tiny-") as tmp:
             staging = Path(tmp)
             with quiet_libraries(warnings=False):

@@ -128,7 +128,7 @@ def test_models_are_baked_with_the_token_as_a_build_secret(dockerfile):
     assert "docker_steps.sh models" in runs[0].args
     steps = DOCKER_STEPS.read_text()
     assert "/run/secrets/hf_token" in steps
-    assert re.search(r"^\s+\"\$imagen\" models verify --operations \"\$OPERATIONS\"$", steps, re.M)
+    assert re.search(r"^\s+\"\$imagen\" models verify --checksums --operations \"\$OPERATIONS\"$", steps, re.M)
     assert re.search(r"pull=\(\"\$imagen\" models pull --operations \"\$OPERATIONS\"", steps)
     # Never an ARG, ENV or label: those land in the image's metadata and history.
     for instruction in instructions:

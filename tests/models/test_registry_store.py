@@ -23,6 +23,9 @@ from image.operations import OPERATION_NAMES
 pytestmark = pytest.mark.models
 
 ALL = list(REGISTRY.values())
+# The smallest whole safetensors file: an 8-byte header length and a header of no tensors (10
+# bytes; verify reads every weight file's header).
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -151,7 +154,7 @@ class FakeHub:
 
 def test_pull_records_the_commit_and_sizes_then_reuses_the_lock(tmp_path, monkeypatch):
     spec = REGISTRY["remove-background"]
-    hub = FakeHub({"briarmbg.py": b"code", "MyConfig.py": b"cfg", "config.json": b"{}", "model.safetensors": b"w" * 10,
+    hub = FakeHub({"briarmbg.py": b"code", "MyConfig.py": b"cfg", "config.json": b"{}", "model.safetensors": EMPTY_SAFETENSORS,
                    "model.pth": b"not this", "onnx/model.onnx": b"nor this"})
     monkeypatch.setattr(store, "snapshot_download", hub)
     lock_path = tmp_path / "lock.json"
@@ -225,7 +228,7 @@ def test_pull_fetches_again_what_verify_finds_damaged(tmp_path, monkeypatch):
     again. (The stand-in keeps existing files, as the Hub does.)"""
     spec = REGISTRY["remove-background"]
     files = {"briarmbg.py": b"code = 1\n", "MyConfig.py": b"cfg = 2\n", "config.json": b"{}",
-             "model.safetensors": b"w" * 10}
+             "model.safetensors": EMPTY_SAFETENSORS}
 
     class KeepingHub(FakeHub):
         def __call__(self, repo_id, *, revision, cache_dir, allow_patterns=None, dry_run=False, **kwargs):
@@ -249,7 +252,7 @@ def test_pull_fetches_again_what_verify_finds_damaged(tmp_path, monkeypatch):
     assert len(store.verify([spec], cache, Lock.read(lock_path))) == 2
     store.pull([spec], cache, lock_path=lock_path, progress=False)
     assert store.verify([spec], cache, Lock.read(lock_path)) == []
-    assert (snapshot / "model.safetensors").read_bytes() == b"w" * 10 and (snapshot / "briarmbg.py").exists()
+    assert (snapshot / "model.safetensors").read_bytes() == EMPTY_SAFETENSORS and (snapshot / "briarmbg.py").exists()
 
 
 class BlobHub(FakeHub):
@@ -431,6 +434,57 @@ def test_verify_detects_truncation_of_a_tiny_model_too(copy_cache):
                for p in store.verify(ALL, copy_cache, Lock.packaged()))
 
 
+def test_verify_reads_what_a_whole_size_file_holds(copy_cache):
+    """A file of the right size can still be damaged (zeros a crash left on a volume, a bad
+    copy): verify compared sizes alone wherever a size was recorded, so it passed a cache the
+    loader then refused with 'check it with imagen models verify'."""
+    snapshot = _snapshot(copy_cache, "remove-background")
+    weights, config = (snapshot / "model.safetensors").resolve(), (snapshot / "config.json").resolve()
+    weights.write_bytes(bytes(weights.stat().st_size))  # zeros, whole size
+    config.write_bytes(b"#" + config.read_bytes()[1:])
+    problems = " | ".join(store.verify(ALL, copy_cache, Lock.packaged()))
+    assert "model.safetensors is not a safetensors file" in problems
+    assert "config.json cannot be parsed (JSONDecodeError)" in problems
+
+
+def test_checksums_find_damage_no_header_shows(copy_cache):
+    spec = REGISTRY["remove-background"]
+    weights = (_snapshot(copy_cache, "remove-background") / "model.safetensors").resolve()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit among the weights: header and size still right
+    weights.write_bytes(bytes(data))
+    assert store.verify([spec], copy_cache, Lock.packaged()) == []
+    (problem,) = store.verify([spec], copy_cache, Lock.packaged(), checksums=True)
+    assert problem.endswith("model.safetensors is damaged: its content does not match its checksum (the blob's name)")
+    assert store.verify(ALL, copy_cache, Lock.packaged(), checksums=True) == [problem]  # the rest is whole
+
+
+def test_checksums_read_the_hubs_git_named_blobs(tmp_path):
+    """The Hub names a small file's blob by its git blob sha1, not its sha256."""
+    import hashlib
+
+    data = b'{"a": 1}'
+    blob = tmp_path / hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    blob.write_bytes(data)
+    assert store.checksum_problem(blob) is None
+    blob.write_bytes(b'{"a": 2}')
+    assert "does not match its checksum" in store.checksum_problem(blob)
+    other = tmp_path / "not-a-digest"
+    other.write_bytes(data)
+    assert store.checksum_problem(other) is None  # nothing to check it by
+
+
+@pytest.mark.parametrize("marker", [b'{"tiny": tr', b"[]", b'{"files": {"a": "x"}}'])
+def test_a_damaged_tiny_marker_is_a_problem_not_a_traceback(copy_cache, marker):
+    snapshot = _snapshot(copy_cache, "remove-background")
+    (snapshot / store.TINY_MARKER).resolve().write_bytes(marker)
+    problems = store.verify([REGISTRY["remove-background"]], copy_cache, Lock.packaged())
+    assert any("imagen-tiny.json is damaged" in p for p in problems)
+    result = _cli(["verify", "--operations", "remove-background", "--cache-dir", str(copy_cache)], copy_cache)
+    assert result.exit_code == 1 and "imagen-tiny.json is damaged" in result.output, result.output
+    assert "imagen models pull --tiny --operations remove-background" in result.output
+
+
 def test_list_models_rows(tiny_cache, tmp_path):
     rows = {row.operation: row for row in store.list_models(ALL, tiny_cache, Lock.packaged())}
     assert set(rows) == set(OPERATION_NAMES)
@@ -464,7 +518,61 @@ def test_cli_verify_names_only_the_broken_operation(copy_cache):
     (_snapshot(copy_cache, "comic") / "model_index.json").unlink()
     result = _cli(["verify"], copy_cache)
     assert result.exit_code == 1
-    assert "fix: run `imagen models pull --operations comic`" in result.output
+    # A tiny model is built again (the real one is a gated download): the fix says so.
+    assert "fix: run `imagen models pull --tiny --operations comic` (the tiny random-weight models" in result.output
+
+
+def test_cli_a_named_lock_must_exist(copy_cache, tmp_path):
+    """A mistyped --lock read as an empty lock: verify passed where the right one failed."""
+    result = _cli(["verify", "--lock", str(tmp_path / "othr.json")], copy_cache)
+    assert result.exit_code == 2 and "othr.json does not exist" in result.output
+    assert _cli(["list", "--lock", str(tmp_path / "othr.json")], copy_cache).exit_code == 2
+    assert _cli(["pull", "--tiny", "--lock", str(tmp_path / "othr.json")], copy_cache).exit_code == 2
+    # A pull may start a lock, in a folder that exists.
+    result = _cli(["pull", "--operations", "comic", "--lock", str(tmp_path / "nodir" / "lock.json")], copy_cache)
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_pull_into_a_named_lock_that_cannot_be_written_fails(tmp_path, monkeypatch):
+    spec = REGISTRY["remove-background"]
+    monkeypatch.setattr(store, "snapshot_download", FakeHub({"briarmbg.py": b"code = 1\n", "MyConfig.py": b"c = 2\n",
+                                                             "config.json": b"{}", "model.safetensors": EMPTY_SAFETENSORS}))
+    monkeypatch.setattr(Lock, "write", lambda self, path: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(ModelError, match="is pulled but the model lock .* could not be written: .*No space left"):
+        store.pull([spec], tmp_path / "cache", lock_path=tmp_path / "lock.json", progress=False, lock_required=True)
+
+
+def test_cli_operations_must_name_one(tiny_cache):
+    # "0 model(s) complete", exit 0: a build script's empty list passed an image with no models.
+    result = _cli(["verify", "--operations", ","], tiny_cache)
+    assert isinstance(result.exception, ConfigError) and "unknown operation(s) (none given)" in str(result.exception)
+
+
+def test_cli_paths_expand_the_home_folder(tiny_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").symlink_to(tiny_cache)
+    result = _cli(["list", "--operations", "comic", "--cache-dir", "~/models"], tmp_path / "elsewhere")
+    assert result.exit_code == 0 and f"model cache: {tmp_path}/models" in result.output
+    assert "complete (tiny)" in result.output
+
+
+def test_cli_fix_offers_tiny_models_only_where_no_real_one_is_broken(copy_cache, tmp_path):
+    # Nothing there: either kind.
+    result = _cli(["verify", "--operations", "comic"], tmp_path)
+    assert "fix: run `imagen models pull --operations comic` (or `imagen models pull --tiny --operations comic` " \
+           "for test models)" in result.output
+    # A real model broken: its pull only (a tiny build refuses to replace it), with --checksums
+    # where that found it.
+    spec = REGISTRY["remove-background"]
+    snapshot = _snapshot(copy_cache, "remove-background")
+    (snapshot / store.TINY_MARKER).unlink()
+    weights = (snapshot / "model.safetensors").resolve()
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    result = _cli(["verify", "--operations", "remove-background", "--checksums"], copy_cache)
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == \
+        "fix: run `imagen models pull --operations remove-background --checksums`", result.output
+    assert spec.repo_id in result.output
 
 
 def test_cli_list(tiny_cache, tmp_path):

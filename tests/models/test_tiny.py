@@ -110,6 +110,18 @@ def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
         build_tiny([spec], tmp_path, lock=Lock())
 
 
+def test_a_real_model_anywhere_stops_the_build_before_any_tiny_one(tmp_path):
+    """The refusal came at the real model's turn, after the operations before it were built
+    into the real cache: a worker on it served noise for those."""
+    specs = [REGISTRY["comic"], REGISTRY["remove-background"]]
+    build_tiny([REGISTRY["remove-background"]], tmp_path, lock=Lock())
+    real = tmp_path / REGISTRY["remove-background"].cache_name / "snapshots"
+    (next(real.iterdir()) / store.TINY_MARKER).unlink()  # the real one, as far as anyone can tell
+    with pytest.raises(ModelError, match="holds the real briaai/RMBG-1.4"):
+        build_tiny(specs, tmp_path, lock=Lock())
+    assert not (tmp_path / REGISTRY["comic"].cache_name).exists()
+
+
 def test_a_local_stack_uses_complete_models_or_builds_tiny_ones(tiny_cache, tmp_path, capsys):
     """`make demo` and `make dev` on a fresh checkout: no models anywhere, so tiny ones are
     built once (and said so); complete models in MODEL_CACHE_DIR are used as they are."""
@@ -183,7 +195,7 @@ def test_missing_model_is_a_clear_error(tmp_path, offline):
 def test_incomplete_model_is_a_clear_error_not_a_library_trace(copy_cache, offline):
     snapshot = store.resolve_snapshot(REGISTRY["upscale"], copy_cache, lock=Lock.packaged())
     shutil.rmtree(snapshot / "text_encoder")
-    with pytest.raises(ModelMissing, match="component text_encoder has no config.json.*imagen models pull --operations upscale"):
+    with pytest.raises(ModelMissing, match="component text_encoder has no config.json.*imagen models pull --tiny --operations upscale"):
         _load("upscale", copy_cache)
 
 
