@@ -101,9 +101,19 @@ def replay_(settings, subscription, limit, wait, topic, message_ids, include_unp
 
     check_emulators(settings, "pubsub")
     path = subscription_path(settings, subscription)
+    publisher = publisher_client(settings)
+    if topic:  # before any message is leased: each publish failed, one by one, on a typo
+        from google.api_core.exceptions import NotFound, PermissionDenied
+
+        try:
+            publisher.get_topic(request={"topic": topic_path(settings, topic)})
+        except NotFound:
+            raise click.BadParameter(f"{topic_path(settings, topic)} does not exist", param_hint="--topic") from None
+        except PermissionDenied:  # may publish but not read the topic's settings: the publish tells
+            pass
     report = replay(
         subscriber_client(settings),
-        publisher_client(settings),
+        publisher,
         path,
         topic=topic_path(settings, topic) if topic else None,
         limit=limit,

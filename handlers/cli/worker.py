@@ -72,6 +72,9 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
     configure_logging(settings.log_level, service=True)
     exit_on_signal_while_starting()  # PID 1 in its container: unhandled, a SIGTERM is dropped
+    subscriber = subscriber_client(settings)
+    path = subscription_path(settings, settings.subscription)
+    _check_subscription(subscriber, path)
     restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message
@@ -85,8 +88,8 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
         except OSError as error:
             raise ConfigError(f"--metrics-port {metrics_port}: {error}; pass another port or 0") from None
     worker = PullWorker(
-        subscriber_client(settings),
-        subscription_path(settings, settings.subscription),
+        subscriber,
+        path,
         build_processor(settings, engine, max_job_seconds=max_job_seconds,
                         job_seconds=max_job_seconds + TRANSFER_SECONDS),
         concurrency=concurrency,
@@ -98,3 +101,21 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     )
     watch(engine, on_hung=lambda: os._exit(1))  # a stuck job: its messages go back to Pub/Sub
     worker.run()
+
+
+def _check_subscription(subscriber, path: str) -> None:
+    """A subscription that does not exist, said before the models load (a mistyped name cost
+    a whole cold start, then a restart loop doing it again). The runtime account of a
+    deployment may consume but not read a subscription's settings (roles/pubsub.subscriber):
+    that, and any other failure to look, leaves it to the streaming pull."""
+    from google.api_core.exceptions import GoogleAPIError, NotFound
+
+    from handlers.errors import ConfigError
+
+    try:
+        subscriber.get_subscription(request={"subscription": path}, timeout=30)
+    except NotFound:
+        raise ConfigError(f"subscription {path} does not exist: check --subscription (IMAGEN_SUBSCRIPTION) "
+                          f"and GOOGLE_CLOUD_PROJECT") from None
+    except GoogleAPIError:
+        pass

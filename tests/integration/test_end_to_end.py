@@ -414,3 +414,17 @@ def test_sigterm_while_the_models_load_stops_the_worker_before_any_job(tiny_sett
             process.kill()
     text = log_path.read_text()
     assert "SIGTERM while starting: stopped before taking any job" in text and '"pulling"' not in text
+
+
+def test_a_subscription_that_does_not_exist_stops_the_worker_before_the_models_load(tiny_settings, tmp_path):
+    """A mistyped subscription was found only once every model had loaded and warmed up: a
+    whole cold start, then a restart loop doing it again."""
+    log_path = tmp_path / "worker.log"
+    process = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "worker", "--subscription", "imagen-upscael", "--operations", "upscale"],
+        env=_env(tiny_settings), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, timeout=120,
+    )
+    text = log_path.read_text()
+    assert process.returncode == 2, text
+    assert "subscriptions/imagen-upscael does not exist: check --subscription" in text
+    assert ": loading " not in text

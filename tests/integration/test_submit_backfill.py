@@ -64,6 +64,14 @@ def test_submit_refuses_bad_parameters_before_uploading(tiny_settings, bucket, t
     assert list(bucket.list_blobs()) == []
 
 
+def test_submit_names_a_bucket_that_does_not_exist_in_one_line(tiny_settings, tmp_path):
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes())
+    result = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale", "--bucket", "no-such-bucket"],
+                                env=_cli_env(tiny_settings))
+    assert result.exit_code == 2 and "bucket no-such-bucket does not exist" in result.output, result.output
+
+
 def test_submit_refuses_an_output_folder_it_cannot_make_before_uploading(tiny_settings, bucket, tmp_path):
     # Found after the jobs had run: "not downloaded: [Errno 20] Not a directory" for each.
     picture = tmp_path / "a.png"
