@@ -474,7 +474,9 @@ def to_srgb_8bit(image: Image.Image) -> Image.Image:
         alpha = Image.fromarray(np.where((np.asarray(image) == key).all(axis=-1), 0, 255).astype(np.uint8))
     elif image.has_transparency_data:
         if image.mode not in ("LA", "RGBA"):
-            image = image.convert("RGBA")  # palette or tRNS colour key becomes a channel
+            # A palette's or tRNS colour key becomes a channel; grey stays grey, so that a grey
+            # ICC profile still applies to it.
+            image = image.convert("LA" if image.mode in ("1", "L") else "RGBA")
         alpha = image.getchannel("A")
         image = image.convert(image.mode[:-1])
     colour = _to_srgb(image, icc)

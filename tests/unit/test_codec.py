@@ -481,6 +481,34 @@ def test_embedded_srgb_profile_keeps_the_colours():
     assert np.abs(pixels(image) - pixels(source)).max() <= 1
 
 
+def grey_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 grey profile: a gamma curve (kTRC) and a D50 white point."""
+    d50 = (0.9642, 1.0, 0.8249)
+    tags = [(b"wtpt", b"XYZ \0\0\0\0" + _s15fixed16(d50)),
+            (b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2))]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for signature, data in tags:
+        table += struct.pack(">4sII", signature, offset + len(body), len(data))
+        body += data
+    header = struct.pack(">I4sI4s4s4s12s4s", offset + len(body), b"none", 0x02100000, b"mntr", b"GRAY", b"XYZ ",
+                         bytes(12), b"acsp")
+    header += bytes(28) + _s15fixed16(d50) + bytes(48)
+    return header + table + body
+
+
+def test_a_grey_profile_applies_to_grey_with_a_transparent_value_too():
+    """Grey with a tRNS key became RGBA before its profile was applied: a grey profile
+    cannot take RGB pixels, the error was swallowed, and the colours stayed unconverted."""
+    source = Image.fromarray(np.array([[128, 64, 255]], np.uint8))
+    linear = grey_profile(1.0)
+    plain = decode(save(source, "PNG", icc_profile=linear))
+    keyed = decode(save(source, "PNG", icc_profile=linear, transparency=64))
+    assert pixels(plain)[0, 0, 0] > 150  # linear 128 is a light sRGB grey (about 188)
+    assert keyed.mode == "RGBA" and np.array_equal(pixels(keyed)[..., :3], pixels(plain))
+    assert pixels(keyed)[0, :, 3].tolist() == [255, 0, 255]
+
+
 @pytest.mark.parametrize(
     "profile",
     [b"not a profile", ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()],
