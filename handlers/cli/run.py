@@ -100,8 +100,7 @@ def run(settings, source, output, operation, params, format_given, device, model
     run_seconds = time.perf_counter() - started
     output.write_bytes(encoded)
     tiny = "  [tiny models]" if engine.is_tiny() else ""
-    with Image.open(io.BytesIO(encoded)) as written:  # the header: JPEG lays transparency on white
-        mode = written.mode
+    mode = _written_mode(encoded)
     click.echo(
         f"{output}  {result.width}x{result.height} {mode}  "
         f"{','.join(chain)} seed={common['seed']}  "
@@ -110,3 +109,17 @@ def run(settings, source, output, operation, params, format_given, device, model
 
 
 command = run
+
+
+def _written_mode(encoded: bytes) -> str:
+    """The mode the written file's header says (JPEG lays transparency on white, WebP has no
+    grey). Only the header is read, so Pillow's decompression-bomb limit is lifted for it: an
+    upscale's result has 16 times its input's pixels (a 12 MP photo's is over the limit)."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(encoded)) as written:
+            return written.mode
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit

@@ -42,6 +42,17 @@ def photo(tmp_path):
     return path
 
 
+def test_a_result_over_pillows_pixel_limit_is_written_and_said(cli, photo, monkeypatch):
+    """The command read its own output back to print its mode: an upscale of a 12 MP photo
+    (192 MP) is over Pillow's limit, so it died with DecompressionBombError, exit 1, after
+    writing the file. Here the limit is lowered below this upscale's result instead."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 224 * 160 // 3)  # opens up to twice that: 23,892
+    monkeypatch.setenv("IMAGEN_MAX_PIXELS", "20000")  # within it (settings refuse more)
+    result = cli(str(photo), "--operation", "upscale", *FAST["upscale"])
+    assert result.exit_code == 0 and "224x160 RGB" in result.output, result.output
+    assert Image.MAX_IMAGE_PIXELS == 224 * 160 // 3  # put back
+
+
 @pytest.mark.parametrize(
     "operation, size, mode",
     [("upscale", (224, 160), "RGB"), ("enhance", (56, 40), "RGB"), ("comic", (56, 40), "RGB"),
