@@ -94,7 +94,7 @@ OUT_OF_MEMORY_RETRY_SECONDS = 600
 # model load, and never got a report. A first delivery writes none (no cost on the usual path),
 # so the report comes at the fifth delivery, like a transient fault's.
 STOPPED_WORKER_LIMIT = 3
-RUNNING_SUFFIX = ".running"
+RUNNING_SUFFIX = routing.MARKER_SUFFIX
 # Each read, write and delete of a marker, at most: the first two happen holding the device.
 MARKER_SECONDS = 15
 # How often a delivery waiting for another of the same output asks whether it is handed back.

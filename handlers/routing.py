@@ -32,6 +32,9 @@ OUTPUT_KEYS = (SOURCE_KEY, SOURCE_GENERATION_KEY, MODEL_KEY, VERSION_KEY, SECOND
 MESSAGE_ID_KEY = "imagen-message-id"
 
 MAX_NAME_BYTES = 1024  # Cloud Storage's limit on object names
+# The running marker beside a failure report (handlers/processor.py): the report's name leaves
+# room for it, or a marker Cloud Storage refused left a job that kills its worker uncounted.
+MARKER_SUFFIX = ".running"
 # Longest operation text used as a folder of a report path; longer ones file under "_invalid",
 # so a report name always fits in MAX_NAME_BYTES.
 MAX_SEGMENT_BYTES = 200
@@ -206,14 +209,14 @@ def failure_location(job: Job, layout: Layout) -> tuple[str, str]:
     """(bucket, name) of the job's failure report: failed/<operation>/<path>.json.
 
     Unsafe or unusable names get a report named by their hash, so the report itself always lands
-    under the failure prefix.
+    under the failure prefix (with its running marker, MARKER_SUFFIX, within the name limit).
     """
     operation = job.operation or "_none"
     operation = operation if _is_safe_segment(operation) else "_invalid"
     try:
         check_safe_name(job.rel_path)
         name = f"{layout.failed_prefix}{operation}/{job.rel_path}.json"
-        check_safe_name(name)
+        check_safe_name(name + MARKER_SUFFIX)
     except UnsafeObjectName:
         digest = hashlib.sha256(job.name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         name = f"{layout.failed_prefix}{operation}/_unsafe/{digest}.json"
