@@ -55,6 +55,9 @@ class ObjectEvent:
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     size: int | None = None  # bytes, when the payload says
     content_type: str | None = None
+    # False for a notification without its object (payloadFormat NONE): its metadata, which
+    # routes the object and holds its parameters, is not known from the event.
+    described: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,14 +190,15 @@ def _parse_notification(message: Message) -> ObjectEvent:
     attributes = message.attributes
     event_type = attributes.get("eventType", "")
     kind = _NOTIFICATION_KINDS.get(event_type, event_type or "unknown")
-    if attributes.get("payloadFormat") == "JSON_API_V1" and message.data:
+    described = attributes.get("payloadFormat") == "JSON_API_V1" and bool(message.data)
+    if described:
         resource = _json_object(message.data, "notification payload")
     else:  # payload NONE: the attributes are all there is
         resource = {}
     resource.setdefault("bucket", attributes.get("bucketId"))
     resource.setdefault("name", attributes.get("objectId"))
     resource.setdefault("generation", attributes.get("objectGeneration"))
-    return _object_event(kind, resource)
+    return dataclasses.replace(_object_event(kind, resource), described=described)
 
 
 def _parse_job_message(data: bytes) -> JobRequest:

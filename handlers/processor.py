@@ -220,7 +220,7 @@ class Processor:
         it (a stopping worker). `attempt` is the delivery attempt when the transport counts them; otherwise `sent`
         (when the event happened or was published) bounds the retries (MAX_RETRY_SECONDS)."""
         if isinstance(event, ObjectEvent):
-            routed = routing.route_event(event, self._layout)
+            routed = routing.route_event(self._described(event), self._layout)
         elif isinstance(event, JobRequest):
             routed = routing.route_request(event, self._layout)
         else:
@@ -249,6 +249,23 @@ class Processor:
                 raise
         metrics.record_outcome(outcome)
         return outcome
+
+    def _described(self, event: ObjectEvent) -> ObjectEvent:
+        """A new object's notification without its payload (a bucket notification made with
+        payloadFormat NONE) with the object's metadata looked up: it routes the object
+        (imagen-operation) and holds its parameters (imagen-params), which were otherwise
+        taken as none, the defaults answered as done. A source gone or replaced since is left
+        as it is (its job is skipped; a newer generation has its own event); one that cannot
+        be looked at is retried (TransientError) or routed by its path alone."""
+        if event.described or event.kind != "finalize":
+            return event
+        try:
+            state = self._store.stat(event.bucket, event.name)
+        except InputError:  # no access: its job says so
+            return event
+        if state is None or (event.generation is not None and str(state.generation) != event.generation):
+            return event
+        return dataclasses.replace(event, metadata=state.metadata, size=state.size, described=True)
 
     def _run(self, job: Job, *, job_id: str, message_id: str | None, attempt: int | None,
              sent: datetime.datetime | None, withdrawn: Callable[[], bool] | None) -> Outcome:
@@ -389,6 +406,7 @@ class Processor:
                         raise self._refused(job, plan, error) from None
                     if skip:
                         return self._skipped(job, plan, skip, fields, has_output=True)
+                self._clear_report(job, fields)
             finally:  # every outcome's line says what the job cost, failures and retries too
                 fields.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
                 if held is not None:
@@ -585,10 +603,14 @@ class Processor:
         other = taken_by(existing, job, self._store.stat)
         if other is not None:
             bucket, name = plan.output
-            raise OutputTaken(
-                f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
-                f"output name: rename one of them (outputs drop the source's extension)"
-            )
+            if other.startswith(f"gs://{job.bucket}/"):
+                why = "rename one of them (outputs drop the source's extension)"
+            else:  # the output path leaves the source's bucket out: the same name in another one
+                why = (f"the sources are in different buckets, whose outputs share gs://{bucket}/"
+                       f"{self._layout.output_prefix} (the path leaves the bucket out): rename one of them, or "
+                       f"name an \"output\" of its own in the job message")
+            raise OutputTaken(f"gs://{bucket}/{name} already holds the result of {other}, which maps to the same "
+                              f"output name: {why}")
 
     def _mark_running(self, job: Job, attempt: int | None, sent: datetime.datetime | None,
                       delivered: datetime.datetime, marker: _Marker) -> None:
@@ -725,6 +747,13 @@ class Processor:
             log.warning("job refused: %s", error, extra={"fields": {**fields, "error": details}})
             raise Undeliverable(f"{error} (no failure report: the message goes to the dead-letter topic)")
         unlisted = job.origin == "job-message" and bucket not in self._allowed_buckets
+        if job.generation is None and not unlisted and not isinstance(error, StoragePermanentError):
+            # Refused before its generation was looked up (a bad field, bad parameters): the
+            # report says which generation it is about, as every report does, and is guarded
+            # like theirs (it replaced even a newer generation's report, with generation null).
+            with contextlib.suppress(TransientError, InputError):
+                job = dataclasses.replace(job, generation=self._live_generation(job))
+                fields["generation"] = job.generation
         if plan is not None and job.generation is not None:
             try:
                 done = skip_reason(self._store.stat(*plan.output), job, plan)
@@ -820,6 +849,26 @@ class Processor:
             except PreconditionLost:
                 continue  # another job's report landed: look again
         raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
+
+    def _clear_report(self, job: Job, fields: dict) -> None:
+        """Remove this source's failure report once its output is written, where the report is
+        about this generation or an older one (a last try's, a backfill's with other parameters):
+        beside an output of the same generation it read as the job having failed. Only the
+        very report looked at (its generation) is removed; one that cannot be is left, said."""
+        bucket, name = routing.failure_location(job, self._layout)
+        try:
+            seen = self._store.stat(bucket, name)
+            theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if seen else ""
+            if seen is None or seen.metadata.get(routing.SOURCE_KEY) != job.source_uri or not theirs.isdigit() \
+                    or int(theirs) > int(job.generation):
+                return
+            self._store.delete(bucket, name, if_generation_match=seen.generation, timeout=MARKER_SECONDS)
+        except (TransientError, InputError) as error:
+            log.warning("the job succeeded, but its earlier failure report gs://%s/%s could not be removed: %s",
+                        bucket, name, error, extra={"fields": fields})
+            return
+        log.info("removed the earlier failure report gs://%s/%s (generation %s)", bucket, name, theirs,
+                 extra={"fields": fields})
 
     def _reached(self, job: Job, generation: int) -> bool:
         """Whether the source has reached `generation` (its live one is as new); True where

@@ -212,12 +212,18 @@ class Store:
             refused = ReportRefused if isinstance(error, _PERMANENT) else TransientError
             raise refused(f"cannot write failure report gs://{bucket}/{name}: {error}") from error
 
-    def delete(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
-        """Delete an object of imagen's own (a job's running marker); one already gone is fine."""
+    def delete(self, bucket: str, name: str, *, if_generation_match: int | None = None,
+               timeout: float = TIMEOUT_SECONDS) -> None:
+        """Delete an object of imagen's own (a job's running marker, a stale failure report);
+        one already gone is fine. `if_generation_match`: only that generation of it, else
+        PreconditionLost."""
         try:
-            self._client.bucket(bucket).blob(name).delete(timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
+            self._client.bucket(bucket).blob(name).delete(if_generation_match=if_generation_match, timeout=timeout,
+                                                          retry=DEFAULT_RETRY.with_timeout(timeout))
         except api_exceptions.NotFound:
             return
+        except api_exceptions.PreconditionFailed:
+            raise PreconditionLost(f"gs://{bucket}/{name} changed before it was deleted") from None
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
 

@@ -3,6 +3,7 @@ duplicate checks, generation preconditions, failure reports and error classifica
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import io
@@ -1311,6 +1312,93 @@ def test_two_sources_with_one_output_name_keep_the_first_result(settings, bucket
     assert processor.handle(_event(second)).status == "succeeded"
     meta = bucket.get_blob("processed/upscale/photo.png").metadata
     assert meta["imagen-source"] == f"gs://{bucket.name}/incoming/upscale/photo.png"
+
+
+def test_the_same_name_in_two_buckets_is_told_as_such(settings, gcs, bucket):
+    """Every source bucket's outputs share the output bucket (Terraform always sets it), and the
+    path leaves the bucket out: the report said the sources differ in extension ("rename one
+    of them (outputs drop the source's extension)"), which they do not."""
+    partner = gcs.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    processor = _processor(settings, FakeEngine(), output_bucket=bucket.name,
+                           allowed_buckets=frozenset({bucket.name, partner.name}))
+    _upload(partner, "incoming/upscale/cat.jpg")
+    assert processor.handle(JobRequest(partner.name, "incoming/upscale/cat.jpg", "upscale", {}),
+                            message_id="job-1").status == "succeeded"
+    outcome = processor.handle(_event(_upload(bucket, "incoming/upscale/cat.jpg")))
+    assert outcome.status == "failed" and outcome.error["type"] == "OutputTaken"
+    message = outcome.error["message"]
+    assert f"already holds the result of gs://{partner.name}/incoming/upscale/cat.jpg" in message
+    assert "the sources are in different buckets" in message and 'name an "output" of its own' in message
+    assert "extension" not in message
+
+
+def test_a_job_message_refused_before_its_generation_was_known_reports_it(settings, bucket):
+    """A bad field or bad parameters are refused before the source's generation is looked
+    up: the report said generation null, carried no metadata, and replaced whatever report
+    was there unguarded (submit --wait never matched it)."""
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    source = _upload(bucket, "incoming/upscale/bad.png")
+    outcome = processor.handle(JobRequest(bucket.name, "incoming/upscale/bad.png", "upscale", {},
+                                          problem="job message has unknown field(s): colour"), message_id="j-1")
+    assert outcome.status == "failed" and outcome.generation == str(source.generation)
+    report = bucket.get_blob("failed/upscale/bad.png.json")
+    assert json.loads(report.download_as_bytes())["generation"] == str(source.generation)
+    assert report.metadata["imagen-source-generation"] == str(source.generation)
+    # Guarded like any report: a newer generation's stays.
+    newer = _upload(bucket, "incoming/upscale/bad.png", b"not a picture")
+    assert processor.handle(_event(newer)).status == "failed"
+    stale = JobRequest(bucket.name, "incoming/upscale/bad.png", "upscale", {}, generation=str(source.generation),
+                       problem="job message has unknown field(s): colour")
+    assert processor.handle(stale, message_id="j-2").status == "skipped"
+    assert json.loads(bucket.get_blob("failed/upscale/bad.png.json").download_as_bytes())["error"]["type"] == \
+        "ImageDecodeError"
+
+
+def test_a_success_removes_the_sources_earlier_failure_report(settings, bucket):
+    """A report of a last try, then a success of the same generation (backfill --retry-failed, a
+    delivery still in flight): both stayed, and failed/ listed a job that had succeeded."""
+    source = _upload(bucket, "incoming/upscale/flaky.png")
+    report = "failed/upscale/flaky.png.json"
+
+    class Failing(FakeEngine):
+        def run(self, *args, **kwargs):
+            raise ModelError("a model fault on every try")
+
+    assert _processor(settings, Failing()).handle(_event(source), attempt=5).status == "failed"
+    assert bucket.get_blob(report) is not None
+    assert _processor(settings, FakeEngine()).handle(_event(source), message_id="again").status == "succeeded"
+    assert bucket.get_blob(report) is None
+    # Another source's report at the same place (photo.jpg's beside photo.png's output) stays.
+    other = "failed/upscale/other.png.json"
+    theirs = bucket.blob(other)
+    theirs.metadata = {"imagen-source": f"gs://{bucket.name}/incoming/upscale/elsewhere.png",
+                       "imagen-source-generation": "1"}
+    theirs.upload_from_string("{}", content_type="application/json")
+    assert _processor(settings, FakeEngine()).handle(_event(_upload(bucket, "incoming/upscale/other.png"))).status \
+        == "succeeded"
+    assert bucket.get_blob(other) is not None
+
+
+def test_a_notification_without_its_payload_takes_the_objects_metadata(settings, bucket):
+    """payloadFormat NONE (gcloud's --payload-format=none) names the object but not its
+    metadata: its imagen-params were taken as none (a PNG with the defaults, answered as done)
+    and an object routed by imagen-operation alone was ignored, acked with nothing written."""
+    processor = _processor(settings, FakeEngine())
+
+    def bare(blob):
+        event = _event(blob)
+        return dataclasses.replace(event, metadata={}, size=None, described=False)
+
+    with_params = _upload(bucket, "incoming/upscale/p.png", metadata={"imagen-params": '{"format": "webp"}'})
+    outcome = processor.handle(bare(with_params))
+    assert outcome.status == "succeeded" and outcome.output.endswith("processed/upscale/p.webp")
+    routed = _upload(bucket, "uploads/q.png", metadata={"imagen-operation": "upscale"})
+    assert processor.handle(bare(routed)).status == "succeeded"
+    assert bucket.get_blob("processed/upscale/uploads/q.png") is not None
+    # Replaced since: the late event is left as it was, and its job skipped.
+    late = bare(routed)
+    _upload(bucket, "uploads/q.png", metadata={"imagen-operation": "upscale"})
+    assert processor.handle(late).status in ("skipped", "ignored")
 
 
 def test_a_source_that_wins_the_output_name_while_the_job_runs_keeps_it(settings, bucket):

@@ -262,3 +262,14 @@ def test_notification_for_other_event_types_keeps_the_kind():
                             "bucketId": "b", "objectId": "incoming/upscale/x.png",
                             "objectGeneration": "7"})
     assert parse_message(message).kind == "delete"
+
+
+def test_a_notification_without_its_payload_says_its_object_is_not_described():
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "incoming/upscale/x.png",
+                  "objectGeneration": "7"}
+    bare = parse_message(Message(b"", {**attributes, "payloadFormat": "NONE"}))
+    assert (bare.kind, bare.generation, bare.metadata, bare.described) == ("finalize", "7", {}, False)
+    payload = json.dumps({"bucket": "b", "name": "incoming/upscale/x.png", "generation": "7",
+                          "metadata": {"imagen-params": "{}"}}).encode()
+    full = parse_message(Message(payload, {**attributes, "payloadFormat": "JSON_API_V1"}))
+    assert full.described and full.metadata == {"imagen-params": "{}"}
