@@ -99,6 +99,21 @@ def _setup(settings, engine) -> None:
         os._exit(_STOP_SERVER)
 
 
+def _worker_died(server, worker) -> None:
+    """gunicorn's hook in the server process when its worker exits any other way than
+    _STOP_SERVER (a native crash, the kernel's OOM killer): it started another in the same
+    instance, which loaded the models for minutes while /healthz answered 200 and every push
+    got a 503, a delivery attempt spent each. The whole server stops instead, so that the
+    platform starts a new instance, as for a failed GPU. Not while the server itself stops
+    (its listeners are closed first)."""
+    if server.LISTENERS:
+        from gunicorn.errors import HaltServer
+
+        log.critical("the server's worker process (pid %s) died: stopping, so that a new instance takes over",
+                     worker.pid)
+        raise HaltServer("the worker died", _STOP_SERVER)
+
+
 def _server(app, host: str, port: int, threads: int, post_worker_init):
     """gunicorn serving `app`: one worker process (the GPU's one set of models), `threads`
     request threads, no worker timeout (a job may take minutes; Cloud Run bounds a request,
@@ -120,7 +135,7 @@ def _server(app, host: str, port: int, threads: int, post_worker_init):
         def load_config(self):
             options = {"bind": f"{host}:{port}", "workers": 1, "threads": threads, "timeout": 0,
                        "loglevel": "error", "post_worker_init": post_worker_init,
-                       "logger_class": JsonLogger}
+                       "child_exit": _worker_died, "logger_class": JsonLogger}
             for key, value in options.items():
                 self.cfg.set(key, value)
 

@@ -46,3 +46,56 @@ def test_the_server_refuses_an_overlong_request_line_before_the_app(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_worker_that_dies_stops_the_server_instead_of_starting_another():
+    """gunicorn restarted a worker killed for memory (or crashed) in the same instance: minutes
+    of model loading with /healthz answering 200 and each push a 503, a delivery attempt spent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from handlers.localstack import free_port
+
+    port = free_port()
+    script = ("import os, flask\nfrom handlers.cli.serve import _server\n"
+              "app = flask.Flask('t')\napp.get('/pid')(lambda: str(os.getpid()))\n"
+              f"_server(app, '127.0.0.1', {port}, 2, lambda worker: None).run()\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as answer:
+                    worker = int(answer.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.1)
+        assert worker != server.pid
+        os.kill(worker, signal.SIGKILL)
+        assert server.wait(timeout=30) == 3
+        assert b"the server's worker process" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    # A server stopped on purpose (SIGTERM, as the platform does) still ends cleanly.
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.1)
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
