@@ -145,6 +145,26 @@ def parse_cloudevent(headers: Mapping[str, str],
 
 
 _CE_REQUIRED = ("ce-id", "ce-source", "ce-type")  # binary mode's required attributes, with ce-specversion
+PUBSUB_CLOUDEVENT = "google.cloud.pubsub.topic.v1.messagePublished"
+
+
+def pubsub_cloudevent(headers: Mapping[str, str], body: bytes) -> Message | None:
+    """The Pub/Sub message an Eventarc trigger on the topic delivers (`messagePublished`: its
+    data is a push envelope, `{"subscription": ..., "message": {...}}`); None for any other
+    CloudEvent. Such a trigger is the Eventarc way to take job messages from the topic."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if "ce-specversion" in lowered:  # binary mode: the body is the data
+        return parse_push_envelope(body) if lowered.get("ce-type") == PUBSUB_CLOUDEVENT else None
+    try:
+        event = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None  # parse_cloudevent says what is wrong with it
+    if not isinstance(event, dict) or event.get("type") != PUBSUB_CLOUDEVENT:
+        return None
+    data = event.get("data")
+    if not isinstance(data, dict):
+        raise EventError("Pub/Sub CloudEvent data is not a push envelope")
+    return parse_push_envelope(json.dumps(data).encode())
 
 
 def parse_push_envelope(body: bytes) -> Message:

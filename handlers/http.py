@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from handlers.auth import AuthError
 from handlers.errors import EventError, TransientError, Undeliverable
-from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope
+from handlers.events import is_cloudevent, parse_cloudevent, parse_message, parse_push_envelope, pubsub_cloudevent
 from handlers.logs import error_fields, job_context, trace_fields
 from handlers.metrics import record_undeliverable
 
@@ -102,7 +102,10 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         headers, body = dict(flask.request.headers), flask.request.get_data()
         message = None  # a Pub/Sub message, once the push envelope is read
         try:
-            if is_cloudevent(headers):
+            if is_cloudevent(headers) and (message := pubsub_cloudevent(headers, body)) is not None:
+                event = parse_message(message)  # an Eventarc trigger on the topic: no attempt count
+                message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
+            elif is_cloudevent(headers):
                 event, sent, message_id = parse_cloudevent(headers, body)  # binary or structured mode
                 attempt = None  # Eventarc does not count: `sent` bounds the retries
             else:

@@ -187,3 +187,46 @@ def test_the_frameworks_own_refusals_answer_json_and_a_refused_post_is_logged(ca
     assert processor.calls == []
     [record] = [r for r in caplog.records if r.getMessage().startswith("request refused: 413 ")]
     assert record.levelname == "WARNING"
+
+
+def test_an_eventarc_trigger_on_the_topic_delivers_its_messages():
+    """An Eventarc trigger on the Pub/Sub topic sends `messagePublished` CloudEvents, whose data
+    is a push envelope: they were refused as no Cloud Storage CloudEvent (400, retried by
+    Eventarc for a day, each try waking a GPU instance, then dropped)."""
+    from handlers.events import JobRequest, ObjectEvent
+    from handlers.processor import Outcome
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def handle(self, event, **kwargs):
+            self.calls.append((event, kwargs))
+            return Outcome("succeeded", "gs://b/a.png", "1", "upscale")
+
+    job = {"source": "gs://b/uploads/a.png", "operation": "upscale"}
+    envelope = {"subscription": "projects/p/subscriptions/eventarc-trigger",
+                "message": {"data": base64.b64encode(json.dumps(job).encode()).decode(),
+                            "attributes": {"operation": "upscale"}, "messageId": "42",
+                            "publishTime": "2026-11-28T10:00:00.123456789Z"}}
+    binary = {"ce-specversion": "1.0", "ce-id": "42", "ce-source": "//pubsub.googleapis.com/projects/p/topics/t",
+              "ce-type": "google.cloud.pubsub.topic.v1.messagePublished", "Content-Type": "application/json"}
+    structured = {"specversion": "1.0", "id": "42", "source": "//pubsub.googleapis.com/projects/p/topics/t",
+                  "type": "google.cloud.pubsub.topic.v1.messagePublished", "data": envelope}
+    processor = Recording()
+    client = create_app(processor, state=lambda: engine.READY).test_client()
+    assert client.post("/", data=json.dumps(envelope), headers=binary).status_code == 200
+    assert client.post("/", data=json.dumps(structured),
+                       headers={"Content-Type": "application/cloudevents+json"}).status_code == 200
+    for event, kwargs in processor.calls:
+        assert isinstance(event, JobRequest) and (event.bucket, event.name) == ("b", "uploads/a.png")
+        assert kwargs["message_id"] == "42" and kwargs["attempt"] is None and kwargs["sent"].year == 2026
+    # A Storage notification on the topic, and a Storage CloudEvent, as before.
+    resource = {"bucket": "b", "name": "incoming/upscale/a.png", "generation": "1"}
+    notification = {**envelope, "message": {"data": base64.b64encode(json.dumps(resource).encode()).decode(),
+                                            "attributes": {"eventType": "OBJECT_FINALIZE",
+                                                           "payloadFormat": "JSON_API_V1"}, "messageId": "43"}}
+    assert client.post("/", data=json.dumps(notification), headers=binary).status_code == 200
+    storage = {**binary, "ce-type": "google.cloud.storage.object.v1.finalized", "ce-id": "44"}
+    assert client.post("/", data=json.dumps(resource), headers=storage).status_code == 200
+    assert [type(event) for event, _ in processor.calls[2:]] == [ObjectEvent, ObjectEvent]
