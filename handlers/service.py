@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from handlers.clients import publisher_client, storage_client, topic_path
+from handlers.errors import ConfigError
 from handlers.processor import Processor
 from handlers.results import ResultPublisher
 from handlers.storage import Store
@@ -50,6 +51,24 @@ def restore_models(settings, operations=None) -> None:
     log.info("models restored from %s", settings.model_mirror, extra={"fields": {
         "files": done.files, "bytes": done.bytes, "already_here": done.skipped,
         "cache_dir": str(settings.model_cache_dir), "seconds": round(time.perf_counter() - started, 3)}})
+
+
+def check_output_bucket(settings) -> None:
+    """IMAGEN_OUTPUT_BUCKET that does not exist, said before the models load: its 404 reads as
+    "no output yet", so every job ran the model and was refused only at its upload, retried
+    until its report. An account that may write objects but not read the bucket's own
+    settings, or a look that fails, goes on."""
+    if not settings.output_bucket:
+        return
+    from google.api_core.exceptions import GoogleAPIError
+
+    try:
+        exists = storage_client(settings).bucket(settings.output_bucket).exists(timeout=30)
+    except GoogleAPIError:
+        return
+    if not exists:
+        raise ConfigError(f"IMAGEN_OUTPUT_BUCKET: bucket {settings.output_bucket} does not exist "
+                          f"(or this account cannot see it)")
 
 
 def build_processor(settings, engine, max_job_seconds: float | None = None,

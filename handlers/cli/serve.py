@@ -85,9 +85,10 @@ def _stop_for_a_failed_gpu() -> None:
 
 def _setup(settings, engine) -> None:
     from handlers.metrics import record_model_loads
-    from handlers.service import restore_models
+    from handlers.service import check_output_bucket, restore_models
 
     try:
+        check_output_bucket(settings)
         restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
         engine.setup()
         record_model_loads(engine.setup_seconds)

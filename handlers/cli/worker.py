@@ -57,7 +57,8 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.clients import subscriber_client, subscription_path
     from handlers.errors import ConfigError
     from handlers.metrics import record_model_loads
-    from handlers.service import build_dead_letters, build_engine, build_processor, restore_models
+    from handlers.service import (build_dead_letters, build_engine, build_processor, check_output_bucket,
+                                  restore_models)
     from handlers.settings import split_list
     from handlers.watchdog import watch
     from handlers.worker import PullWorker, exit_on_signal_while_starting
@@ -75,6 +76,7 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     subscriber = subscriber_client(settings)
     path = subscription_path(settings, settings.subscription)
     _check_subscription(subscriber, path)
+    check_output_bucket(settings)
     restore_models(settings)  # an image built without models, with IMAGEN_MODEL_MIRROR
     engine = build_engine(settings)
     engine.setup()  # load and warm up before taking the first message

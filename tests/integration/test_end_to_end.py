@@ -428,3 +428,19 @@ def test_a_subscription_that_does_not_exist_stops_the_worker_before_the_models_l
     assert process.returncode == 2, text
     assert "subscriptions/imagen-upscael does not exist: check --subscription" in text
     assert ": loading " not in text
+
+
+def test_an_output_bucket_that_does_not_exist_stops_the_worker_before_the_models_load(
+        tiny_settings, events_subscription, tmp_path):
+    """A missing output bucket reads as "no output yet": every job ran the model and was
+    refused at its upload, retried until its report."""
+    log_path = tmp_path / "worker.log"
+    env = {**_env(tiny_settings), "IMAGEN_OUTPUT_BUCKET": "no-such-output-bucket"}
+    process = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "worker", "--subscription", events_subscription,
+         "--operations", "upscale"],
+        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, timeout=120,
+    )
+    text = log_path.read_text()
+    assert process.returncode == 2, text
+    assert "IMAGEN_OUTPUT_BUCKET: bucket no-such-output-bucket does not exist" in text and ": loading " not in text
