@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 
 import flask
@@ -36,15 +37,20 @@ MAX_BODY_BYTES = 14 * 1024 * 1024
 
 def create_app(processor, state: Callable[[], str], authenticator=None,
                on_device_failed: Callable[[], None] | None = None, dead_letters=None,
-               project: str | None = None) -> flask.Flask:
+               project: str | None = None, max_jobs: int | None = None) -> flask.Flask:
     """A Flask app over `processor`; `state()` returns the engine state (READY when warm);
     `authenticator` (handlers.auth.PushAuthenticator), when given, guards `POST /`;
     `on_device_failed()` runs once the answer to a job that left the GPU unusable is sent
     (imagen serve stops: a new instance takes over); `dead_letters` (handlers.dlq.DeadLetterer),
     when given, takes a pushed message that no delivery can settle at once (then 200), where
     a 400 would have Pub/Sub push it 20 times first. With `project`, the lines of a request
-    carry its trace, so Cloud Logging shows them under Cloud Run's request log entry."""
+    carry its trace, so Cloud Logging shows them under Cloud Run's request log entry.
+    `max_jobs`: the most jobs in hand at once (the server's threads less one); one more is
+    answered 503 at once, so that a thread is always left for the health checks (a platform
+    concurrency of all the threads left /healthz waiting behind jobs, and the liveness probe
+    restarted the instance mid-job)."""
     app = flask.Flask("imagen")
+    slots = threading.BoundedSemaphore(max_jobs) if max_jobs else None
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
     @app.get("/healthz")
@@ -116,6 +122,11 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
             log.warning("unparseable request: %s", error.reason,
                       extra={"fields": {"reason": error.reason, "message_id": message and message.message_id}})
             return _undeliverable(message, f"unparseable: {error.reason}", None, unparseable=True)
+        if slots is not None and not slots.acquire(blocking=False):
+            log.warning("request sent back: %d jobs are in hand, the most this server takes at once", max_jobs,
+                        extra={"fields": {"message_id": message_id}})
+            return _answer(503, error=f"busy: {max_jobs} jobs in hand, the most this instance takes at once "
+                                      f"(a thread stays free for the health checks)", retry=True)
         try:
             outcome = processor.handle(event, message_id=message_id, attempt=attempt, sent=sent)
         except TransientError as error:
@@ -126,6 +137,9 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
             log.exception("unexpected error: %s: %s", type(error).__name__, error,
                           extra={"fields": {"message_id": message_id, "error": error_fields(error)}})
             return _answer(500, error=f"{type(error).__name__}: {error}")
+        finally:
+            if slots is not None:
+                slots.release()
         return {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}, 200
 
     def _undeliverable(message, reason: str, operation: str | None, *, unparseable: bool = False):

@@ -59,7 +59,7 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
 
         authenticator = PushAuthenticator(settings.push_audience, settings.push_service_accounts)
     app = create_app(processor, lambda: engine.state, authenticator, on_device_failed=_stop_for_a_failed_gpu,
-                     dead_letters=build_dead_letters(settings), project=log_project(settings))
+                     dead_letters=build_dead_letters(settings), project=log_project(settings), max_jobs=threads - 1)
 
     def load_models(_worker):
         # Runs in the serving process after gunicorn forks, so CUDA is initialised there;

@@ -230,3 +230,32 @@ def test_an_eventarc_trigger_on_the_topic_delivers_its_messages():
     storage = {**binary, "ce-type": "google.cloud.storage.object.v1.finalized", "ce-id": "44"}
     assert client.post("/", data=json.dumps(resource), headers=storage).status_code == 200
     assert [type(event) for event, _ in processor.calls[2:]] == [ObjectEvent, ObjectEvent]
+
+
+def test_a_thread_is_always_left_for_the_health_checks():
+    """With the platform's concurrency at the server's threads, every thread held a job waiting
+    for the GPU, and /healthz waited behind them: the liveness probe restarted the instance
+    mid-job. One job more than `max_jobs` is sent back at once (503) instead."""
+    import threading
+
+    from handlers.processor import Outcome
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow:
+        def handle(self, event, **kwargs):
+            entered.set()
+            release.wait(30)
+            return Outcome("succeeded", "gs://b/a.png", "1", "upscale")
+
+    app = create_app(Slow(), state=lambda: engine.READY, max_jobs=1)
+    first = threading.Thread(target=lambda: _push(app.test_client()))
+    first.start()
+    assert entered.wait(30)
+    busy = _push(app.test_client())
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "10"
+    assert busy.get_json()["error"].startswith("busy: 1 jobs in hand")
+    assert app.test_client().get("/healthz").status_code == 200
+    release.set()
+    first.join(30)
+    assert _push(app.test_client()).status_code == 200  # its slot given back
