@@ -3,8 +3,9 @@
 Every UNet call sees exactly `tile_size` x `tile_size` input pixels (smaller images are
 reflect-padded up to one tile), so GPU memory is bounded whatever the input, and one compiled
 graph serves every job. Tiles overlap by `tile_overlap` pixels and are blended with cosine
-ramps (`image.tiling`); their initial latents are slices of one noise field, so neighbours
-invent the same texture where they overlap (`Upscale.latent_noise`). The tile defaults to
+ramps (`image.tiling`); their initial latents, and the noise the pipeline adds to its input
+(its `noise_level`), are slices of noise fields over the whole image, so neighbours see the
+same input and invent the same texture where they overlap (`Upscale.noise`). The tile defaults to
 twice the UNet's training crop (its `sample_size`: 128 for the real model, so 256-pixel tiles
 giving 1024-pixel outputs); the `upscale_tile` and `upscale_tile_batch` switches of `Tuning`
 change the tile and how many tiles go through the UNet at once.
@@ -19,6 +20,7 @@ Alpha is not the model's business: it is enlarged bicubically and re-attached.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,8 +34,8 @@ from image.tiling import pad_to, plan_tiles, upscale_tiled
 
 # Output at most 16384 x 16384 (268 MP), from MAX_INPUT_PIXELS below: the tiles
 # stream into a uint8 result (image.tiling.Stitcher), so at this limit the CPU side peaks at
-# about 2.8 GB (4.1 GB with alpha; up to ~4.8 GB for a 32:1 strip, whose float band of rows
-# spans its long side), the input's latent noise field (Upscale.latent_noise) 0.27 GB of it.
+# about 3 GB (4.3 GB with alpha; up to ~5 GB for a 32:1 strip, whose float band of rows
+# spans its long side), the input's noise fields (Upscale.noise) 0.47 GB of it.
 # Time is what bounds it on a GPU: a job whose first tiles show it cannot finish within its
 # budget stops there (Deadline.check_pace).
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -107,14 +109,19 @@ class Upscale(Operation):
         check = self.step_check(where)
         return None if check is None else (lambda step, timestep, latents: check(None, step, timestep, None))
 
-    def latent_noise(self, plan, seed: int) -> torch.Tensor | None:
-        """The initial latents of a tiled image, as one `noise_field` over the whole canvas
-        ((channels, height, width): the x4 UNet's latents have the input's size), whose
-        slices the tiles take; None for one tile (the pipeline draws them from the tile's
-        generator, as stock diffusers does for the same seed)."""
+    def noise(self, plan, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A tiled image's initial latents and the noise added to its input pixels, each one
+        `noise_field` over the whole canvas ((channels, height, width): the x4 UNet's latents
+        have the input's size), whose slices the tiles take: drawn per tile, neighbours saw
+        differently noised input where they overlap (7.6 levels apart at the default
+        noise_level, 87 at its highest) and the cross-fade averaged what each made of it.
+        None for one tile (the pipeline draws both from the tile's generator, as stock
+        diffusers does for the same seed)."""
         if len(plan.boxes) == 1:
             return None
-        return self.noise_field((self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width), seed)
+        latent = self.noise_field((self.model.vae.config.latent_channels, plan.canvas_height, plan.canvas_width), seed)
+        pixels = self.noise_field((3, plan.canvas_height, plan.canvas_width), seed + 1)
+        return latent, pixels
 
     def process(self, rgb, alpha, params, seed):
         # 1. Tiles go through the pipeline in batches, each with its own seeded generator (for
@@ -122,30 +129,33 @@ class Upscale(Operation):
         pipe = self.model
         tile, overlap = self.tile_for(rgb.size)
         plan = plan_tiles(rgb.width, rgb.height, tile, overlap)
-        boxes, noise = plan.boxes, self.latent_noise(plan, seed)
+        boxes, noise = plan.boxes, self.noise(plan, seed)
         done = 0
 
         def upscale_batch(batch: np.ndarray, output_type: str = "np"):
             nonlocal done
             count = len(batch)
             generators = [self.generator(seed, tile=done + i) for i in range(count)]
-            latents = None
+            latents = pixel_noise = None
             if noise is not None:
-                latents = torch.stack([noise[:, box.top:box.bottom, box.left:box.right]
-                                       for box in boxes[done:done + count]]).to(self.device, self.dtype)
+                latents, pixel_noise = (
+                    torch.stack([field[:, box.top:box.bottom, box.left:box.right]
+                                 for box in boxes[done:done + count]]).to(self.device, self.dtype)
+                    for field in noise)
             where = f"tile {done + 1} " if count == 1 else f"tiles {done + 1}-{done + count} "
             done += count
-            return pipe(
-                **self.prompt_arguments(params["prompt"], params["negative_prompt"], count),
-                image=batch,
-                num_inference_steps=params["steps"],
-                guidance_scale=params["guidance"],
-                noise_level=params["noise_level"],
-                generator=generators if count > 1 else generators[0],
-                latents=latents,
-                output_type=output_type,
-                callback=self._step_callback(where),
-            ).images
+            with _input_noise(pipe.low_res_scheduler, pixel_noise):
+                return pipe(
+                    **self.prompt_arguments(params["prompt"], params["negative_prompt"], count),
+                    image=batch,
+                    num_inference_steps=params["steps"],
+                    guidance_scale=params["guidance"],
+                    noise_level=params["noise_level"],
+                    generator=generators if count > 1 else generators[0],
+                    latents=latents,
+                    output_type=output_type,
+                    callback=self._step_callback(where),
+                ).images
 
         # 2. Tile, upscale and blend (float 0..1 throughout, one rounding as rows are done;
         # one tile: rounded on the device).
@@ -177,3 +187,23 @@ class Upscale(Operation):
         # 3. Alpha: enlarged bicubically to the new size
         return attach_alpha(image, alpha)
 
+
+@contextlib.contextmanager
+def _input_noise(scheduler, noise: torch.Tensor | None):
+    """For one pipeline call, `noise` (the tiles' slices of the image's field) in place of the
+    noise the x4 pipeline draws from its generator for its low-resolution input (it adds it
+    with `low_res_scheduler.add_noise`, its only call); nothing changed for None. The engine
+    runs one job at a time, so the scheduler is this call's alone meanwhile."""
+    if noise is None:
+        yield
+        return
+    add_noise = scheduler.add_noise
+
+    def shared(original: torch.Tensor, drawn: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return add_noise(original, noise.to(drawn), timesteps)
+
+    scheduler.add_noise = shared
+    try:
+        yield
+    finally:
+        del scheduler.add_noise

@@ -204,18 +204,27 @@ def test_large_upscale_goes_through_tiles(engine):
 def test_upscale_tiles_start_their_overlaps_from_the_same_noise(engine, monkeypatch):
     # With noise of their own, neighbouring tiles invent unrelated texture where they overlap
     # and the cross-fade averages it: a band of softer detail along every seam. They take
-    # slices of one latent field instead; one tile takes the pipeline's own, as stock does.
+    # slices of one latent field instead, and of one field for the noise the pipeline adds to
+    # its input (drawn per tile, it differed by 7.6 levels in the overlap at noise_level 20);
+    # one tile takes the pipeline's own, as stock does.
+    from diffusers import DDPMScheduler
+
     upscale = engine._ops["upscale"]
     pipeline = type(upscale.model)
-    calls = []
-    call = pipeline.__call__
+    calls, added = [], []
+    call, add_noise = pipeline.__call__, DDPMScheduler.add_noise
 
     def spy(self, *args, **kwargs):
         result = call(self, *args, **kwargs)
         calls.append((kwargs["latents"], result.images))
         return result
 
+    def spy_noise(self, original, noise, timesteps):
+        added.append(noise)
+        return add_noise(self, original, noise, timesteps)
+
     monkeypatch.setattr(pipeline, "__call__", spy)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", spy_noise)
     tile, overlap = upscale.tile_size, upscale.tile_overlap
     width = 2 * tile - 2 * overlap  # two tiles side by side, overlapping by 2 x overlap
     _run(engine, ["upscale"], _image(width, tile, seed=3), steps=2)
@@ -224,6 +233,11 @@ def test_upscale_tiles_start_their_overlaps_from_the_same_noise(engine, monkeypa
     shared = tile - xs[1]
     assert torch.equal(left[..., xs[1]:], right[..., :shared])  # the same noise in the overlap
     assert not torch.equal(left[..., :shared], right[..., :shared])  # and only there
+    left_input, right_input = added
+    assert left_input.shape == (1, 3, tile, tile)
+    assert torch.equal(left_input[..., xs[1]:], right_input[..., :shared])
+    assert not torch.equal(left_input[..., :shared], right_input[..., :shared])
+    assert "add_noise" not in vars(upscale.model.low_res_scheduler)  # the scheduler given back as it was
     scale = upscale.scale
     disagreement = np.abs(left_out[0][:, xs[1] * scale:] - right_out[0][:, :shared * scale]).mean()
     assert disagreement < 0.5 * left_out[0].std()  # unrelated noise: about the tile's own spread
