@@ -154,7 +154,8 @@ class FakeHub:
 
 def test_pull_records_the_commit_and_sizes_then_reuses_the_lock(tmp_path, monkeypatch):
     spec = REGISTRY["remove-background"]
-    hub = FakeHub({"briarmbg.py": b"code", "MyConfig.py": b"cfg", "config.json": b"{}", "model.safetensors": EMPTY_SAFETENSORS,
+    hub = FakeHub({"briarmbg.py": b"code", "MyConfig.py": b"cfg", "config.json": b"{}",
+                   "model.safetensors": EMPTY_SAFETENSORS,
                    "model.pth": b"not this", "onnx/model.onnx": b"nor this"})
     monkeypatch.setattr(store, "snapshot_download", hub)
     lock_path = tmp_path / "lock.json"
@@ -535,8 +536,9 @@ def test_cli_a_named_lock_must_exist(copy_cache, tmp_path):
 
 def test_pull_into_a_named_lock_that_cannot_be_written_fails(tmp_path, monkeypatch):
     spec = REGISTRY["remove-background"]
-    monkeypatch.setattr(store, "snapshot_download", FakeHub({"briarmbg.py": b"code = 1\n", "MyConfig.py": b"c = 2\n",
-                                                             "config.json": b"{}", "model.safetensors": EMPTY_SAFETENSORS}))
+    files = {"briarmbg.py": b"code = 1\n", "MyConfig.py": b"c = 2\n", "config.json": b"{}",
+             "model.safetensors": EMPTY_SAFETENSORS}
+    monkeypatch.setattr(store, "snapshot_download", FakeHub(files))
     monkeypatch.setattr(Lock, "write", lambda self, path: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(ModelError, match="is pulled but the model lock .* could not be written: .*No space left"):
         store.pull([spec], tmp_path / "cache", lock_path=tmp_path / "lock.json", progress=False, lock_required=True)

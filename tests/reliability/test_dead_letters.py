@@ -252,7 +252,8 @@ def test_cli_list_and_replay(subscriber, topology, dead_letters):
 
     short_name = topology["dead_sub"].rsplit("/", 1)[1]  # a name, resolved in the project
     # A mistyped --topic, said before any message is leased (each publish failed, one by one).
-    typo = runner.invoke(imagen, ["dlq", "replay", "--subscription", short_name, "--wait", "1", "--topic", "imagen-jbos"])
+    typo = runner.invoke(imagen, ["dlq", "replay", "--subscription", short_name, "--wait", "1",
+                                  "--topic", "imagen-jbos"])
     assert typo.exit_code == 2 and "topics/imagen-jbos does not exist" in typo.output, typo.output
     replayed = runner.invoke(
         imagen,
