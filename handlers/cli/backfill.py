@@ -6,6 +6,8 @@ import shlex
 
 import click
 
+from handlers.cli.options import check_bucket_exists
+
 
 @click.command("backfill")
 @click.argument("location")
@@ -110,14 +112,9 @@ def _check_exist(storage, bucket: str, publisher, topic: str) -> None:
     """Both ends exist, or say which does not before any listing (a dry run too): a missing
     topic was found at the first publish, maybe hours into a large bucket. An account that may
     publish or list but not read the bucket's or topic's own metadata goes on unchecked."""
-    from google.api_core.exceptions import Forbidden, NotFound, PermissionDenied
+    from google.api_core.exceptions import NotFound, PermissionDenied
 
-    try:
-        if not storage.bucket(bucket).exists():
-            raise click.BadParameter(f"bucket {bucket} does not exist (or this account cannot see it)",
-                                     param_hint="LOCATION")
-    except Forbidden:
-        pass
+    check_bucket_exists(storage, bucket, "LOCATION")
     try:
         publisher.get_topic(request={"topic": topic})
     except NotFound:

@@ -32,3 +32,17 @@ def param_options(values: tuple[str, ...]) -> dict:
             raise click.BadParameter(f"{key.strip()!r} is given twice", param_hint="--param")
         params[key.strip()] = raw
     return params
+
+
+def check_bucket_exists(client, bucket: str, param_hint: str) -> None:
+    """A usage error where `bucket` does not exist, before any work (a listing, an upload);
+    an account that may list or write objects but not read the bucket's own settings goes on."""
+    from google.api_core.exceptions import Forbidden
+
+    try:
+        exists = client.bucket(bucket).exists()
+    except Forbidden:
+        return
+    if not exists:
+        raise click.BadParameter(f"bucket {bucket} does not exist (or this account cannot see it)",
+                                 param_hint=param_hint)

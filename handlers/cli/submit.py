@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from handlers.cli.options import bucket_name, param_options
+from handlers.cli.options import bucket_name, check_bucket_exists, param_options
 
 
 @click.command("submit")
@@ -49,7 +49,7 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     prepared = submit.prepare(list(files), bucket, operation, param_options(params), layout)  # the typos first
     check_emulators(settings, "storage")
     client = storage_client(settings)
-    _check_bucket(client, bucket)
+    check_bucket_exists(client, bucket, "--bucket")  # before any upload: its 404 was a raw HTTP dump
     submissions = []
     for path, job, plan in prepared:
         submission = submit.upload(client, path, job, plan, layout)
@@ -79,15 +79,3 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     if any(s.status != "succeeded" for s in submissions):
         sys.exit(1)
 
-
-def _check_bucket(client, bucket: str) -> None:
-    """A bucket that does not exist, said in one line before any upload (the upload's own 404
-    was a raw HTTP dump); an account that may upload but not read the bucket goes on."""
-    from google.api_core.exceptions import Forbidden
-
-    try:
-        if not client.bucket(bucket).exists():
-            raise click.BadParameter(f"bucket {bucket} does not exist (or this account cannot see it)",
-                                     param_hint="--bucket")
-    except Forbidden:
-        pass

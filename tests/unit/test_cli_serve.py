@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 from click.testing import CliRunner
 
 from handlers.cli import main
+from handlers.localstack import free_port
 
 
 def test_serve_needs_a_thread_for_health_checks_beside_the_job():
@@ -14,88 +23,63 @@ def test_serve_needs_a_thread_for_health_checks_beside_the_job():
     assert result.exit_code == 2 and "--threads" in result.output and "1 is not in the range x>=2" in result.output
 
 
+def _start(app_lines: str, port: int) -> subprocess.Popen:
+    """`_server` serving the Flask app `app_lines` define, in a process of its own, once it
+    accepts connections on `port`."""
+    script = (f"import os, flask\nfrom handlers.cli.serve import _server\napp = flask.Flask('t')\n{app_lines}"
+              f"_server(app, '127.0.0.1', {port}, 2, lambda worker: None).run()\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise AssertionError("the server did not start") from None
+            time.sleep(0.1)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.kill()
+    server.wait(timeout=30)
+
+
 def test_the_server_refuses_an_overlong_request_line_before_the_app(tmp_path):
     """gunicorn read a request line without limit (an option copied from functions-framework),
     rescanning its growing buffer at each read: a few connections sending one endless line
     held the CPU and the memory, before any authentication, until the health checks failed."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from handlers.localstack import free_port
-
     port = free_port()
-    script = ("import flask\nfrom handlers.cli.serve import _server\n"
-              "app = flask.Flask('t')\n"
-              f"_server(app, '127.0.0.1', {port}, 2, lambda worker: None).run()\n")
-    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _start("", port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
-        with connection:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
             connection.sendall(b"GET /" + b"A" * 65_536 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = connection.recv(200)
         assert answer.startswith(b"HTTP/1.1 414 "), answer  # unlimited, it reached the app: 404
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
 
 
 def test_a_worker_that_dies_stops_the_server_instead_of_starting_another():
     """gunicorn restarted a worker killed for memory (or crashed) in the same instance: minutes
     of model loading with /healthz answering 200 and each push a 503, a delivery attempt spent."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from handlers.localstack import free_port
-
     port = free_port()
-    script = ("import os, flask\nfrom handlers.cli.serve import _server\n"
-              "app = flask.Flask('t')\napp.get('/pid')(lambda: str(os.getpid()))\n"
-              f"_server(app, '127.0.0.1', {port}, 2, lambda worker: None).run()\n")
-    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = _start("app.get('/pid')(lambda: str(os.getpid()))\n", port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as answer:
-                    worker = int(answer.read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as answer:
+            worker = int(answer.read())
         assert worker != server.pid
         os.kill(worker, signal.SIGKILL)
         assert server.wait(timeout=30) == 3
         assert b"the server's worker process" in server.stderr.read()
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
+        _stop(server)
     # A server stopped on purpose (SIGTERM, as the platform does) still ends cleanly.
-    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _start("", port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
         server.terminate()
         assert server.wait(timeout=30) == 0
     finally:
-        if server.poll() is None:
-            server.kill()
+        _stop(server)
