@@ -201,7 +201,10 @@ def output_location(job: Job, layout: Layout, chain: str, extension: str) -> tup
         return out_bucket, out_name
     check_safe_name(job.rel_path)
     name = f"{layout.output_prefix}{chain}/{posixpath.splitext(job.rel_path)[0]}.{extension}"
-    check_safe_name(name)
+    if (size := len(name.encode("utf-8"))) > MAX_NAME_BYTES:  # the source's own name fits
+        raise UnsafeObjectName(f"its output's name would be {size} bytes ({layout.output_prefix}{chain}/...), over "
+                               f"Cloud Storage's {MAX_NAME_BYTES}: shorten the source's name by "
+                               f"{size - MAX_NAME_BYTES} bytes")
     return bucket, name
 
 

@@ -153,6 +153,15 @@ def test_a_report_name_leaves_room_for_its_running_marker():
             assert report == f"failed/upscale/{'k' * length}.png.json"
 
 
+def test_an_output_name_too_long_says_it_is_the_outputs_and_by_how_much():
+    """The source's name fits but its output's does not: the report said only "object name
+    longer than 1024 bytes", of a source whose name is shorter than that."""
+    job = route_event(_event("incoming/upscale/" + "x" * 1004 + ".j"), LAYOUT)  # 1023 bytes
+    with pytest.raises(UnsafeObjectName, match=r"its output's name would be 1026 bytes \(processed/upscale/\.\.\.\), "
+                                               r"over Cloud Storage's 1024: shorten the source's name by 2 bytes"):
+        output_location(job, LAYOUT, "upscale", "png")
+
+
 def test_job_message_routing_and_allowlist():
     request = JobRequest("bkt", "uploads/p.png", "upscale", {"steps": 3}, "gs://bkt/out/p.png")
     job = route_request(request, LAYOUT)
