@@ -61,10 +61,11 @@ def check_output_bucket(settings) -> None:
     if not settings.output_bucket:
         return
     from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
 
     try:
         exists = storage_client(settings).bucket(settings.output_bucket).exists(timeout=30)
-    except GoogleAPIError:
+    except (GoogleAPIError, GoogleAuthError):  # no credentials here: the first job says so
         return
     if not exists:
         raise ConfigError(f"IMAGEN_OUTPUT_BUCKET: bucket {settings.output_bucket} does not exist "

@@ -109,8 +109,9 @@ def _check_subscription(subscriber, path: str) -> None:
     """A subscription that does not exist, said before the models load (a mistyped name cost
     a whole cold start, then a restart loop doing it again). The runtime account of a
     deployment may consume but not read a subscription's settings (roles/pubsub.subscriber):
-    that, and any other failure to look, leaves it to the streaming pull."""
+    that, and any other failure to look (credentials too), leaves it to the streaming pull."""
     from google.api_core.exceptions import GoogleAPIError, NotFound
+    from google.auth.exceptions import GoogleAuthError
 
     from handlers.errors import ConfigError
 
@@ -119,5 +120,5 @@ def _check_subscription(subscriber, path: str) -> None:
     except NotFound:
         raise ConfigError(f"subscription {path} does not exist: check --subscription (IMAGEN_SUBSCRIPTION) "
                           f"and GOOGLE_CLOUD_PROJECT") from None
-    except GoogleAPIError:
+    except (GoogleAPIError, GoogleAuthError):  # no credentials here: the pull says so, as before
         pass

@@ -226,9 +226,12 @@ def test_a_service_that_cannot_start_says_why_in_one_json_line():
 
 def test_an_unexpected_crash_of_a_service_is_a_json_line_with_its_trace():
     done = _run_python(
-        "import handlers.service as service\n"
+        "import os, handlers.clients as clients, handlers.service as service, types\n"
+        "os.environ['GOOGLE_CLOUD_PROJECT'] = 'p'\n"
         "def broken(settings): raise RuntimeError('CUDA driver gone')\n"
         "service.build_engine = broken\n"
+        "# A subscription that exists, without credentials: the set-up is what fails.\n"
+        "clients.subscriber_client = lambda settings: types.SimpleNamespace(get_subscription=lambda **kw: None)\n"
         "from handlers.cli import main\n"
         "main(['worker', '--subscription', 's', '--metrics-port', '0'])\n")
     assert done.returncode == 1 and done.stderr == ""
