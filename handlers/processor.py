@@ -220,7 +220,16 @@ class Processor:
         it (a stopping worker). `attempt` is the delivery attempt when the transport counts them; otherwise `sent`
         (when the event happened or was published) bounds the retries (MAX_RETRY_SECONDS)."""
         if isinstance(event, ObjectEvent):
-            routed = routing.route_event(self._described(event), self._layout)
+            try:
+                event = self._described(event)
+            except TransientError as error:  # before any job: its own line, and counted
+                metrics.JOBS.labels("none", "retried").inc()
+                log.warning("job will be retried: the object's metadata could not be read: %s", error,
+                            extra={"fields": {"message_id": message_id, "source": f"gs://{event.bucket}/{event.name}",
+                                              "generation": event.generation, "attempt": attempt,
+                                              "error": error_fields(error)}})
+                raise
+            routed = routing.route_event(event, self._layout)
         elif isinstance(event, JobRequest):
             routed = routing.route_request(event, self._layout)
         else:
@@ -434,10 +443,14 @@ class Processor:
             # A model or configuration fault on this machine: another instance may do better.
             # Out of GPU memory is mostly the input's size: a warning, not the errors alert; a
             # failed GPU is the engine's CRITICAL line (with its stack) and the process's stop.
-            log.log(logging.WARNING if isinstance(error, (OutOfDeviceMemory, DeviceFailed)) else logging.ERROR,
-                    "job failed on this instance: %s", error,
-                    extra={"fields": {**fields, "error": error_fields(error)}})
-            if (last := last_try(attempt, sent, now=delivered, **_retries_for(error))) is not None:
+            last = last_try(attempt, sent, now=delivered, **_retries_for(error))
+            # On the last try the report's line says it, once (an ERROR line more was one more
+            # notification of the errors alert, and read as if the job would be retried).
+            if last is None or isinstance(error, DeviceFailed):
+                log.log(logging.WARNING if isinstance(error, (OutOfDeviceMemory, DeviceFailed)) else logging.ERROR,
+                        "job failed on this instance: %s", error,
+                        extra={"fields": {**fields, "error": error_fields(error)}})
+            if last is not None:
                 return self._failed(job, plan, error, attempt, fields, note=last)
             raise TransientError(str(error)) from error
         except Exception as error:

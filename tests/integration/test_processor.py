@@ -745,6 +745,18 @@ def test_every_line_of_a_job_carries_the_fields_users_filter_on(settings, bucket
     assert lines["job failed on this instance"]["error"] == {"type": "ModelError", "message": "CUDA error"}
 
 
+def test_a_model_fault_on_its_last_try_is_one_error_line(settings, bucket, caplog):
+    """'job failed on this instance' (ERROR) came before the report's 'job failed' (ERROR) on
+    the last try too: two notifications of the errors alert, the first reading as a retry."""
+    source = _upload(bucket, "incoming/upscale/last.png")
+    with caplog.at_level(logging.INFO, logger="imagen.processor"):
+        outcome = _processor(settings, FakeEngine(fail_with=ModelError("a model fault"))).handle(
+            _event(source), message_id="m-9", attempt=MAX_ATTEMPTS)
+    assert outcome.status == "failed"
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("job failed: a model fault"), errors
+
+
 def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket, caplog):
     """Another instance (or this one later) may have the memory; a second run out of memory
     settles it, unless a background compile held memory, when the usual attempts remain.
@@ -1379,7 +1391,7 @@ def test_a_success_removes_the_sources_earlier_failure_report(settings, bucket):
     assert bucket.get_blob(other) is not None
 
 
-def test_a_notification_without_its_payload_takes_the_objects_metadata(settings, bucket):
+def test_a_notification_without_its_payload_takes_the_objects_metadata(settings, bucket, caplog):
     """payloadFormat NONE (gcloud's --payload-format=none) names the object but not its
     metadata: its imagen-params were taken as none (a PNG with the defaults, answered as done)
     and an object routed by imagen-operation alone was ignored, acked with nothing written."""
@@ -1395,6 +1407,16 @@ def test_a_notification_without_its_payload_takes_the_objects_metadata(settings,
     routed = _upload(bucket, "uploads/q.png", metadata={"imagen-operation": "upscale"})
     assert processor.handle(bare(routed)).status == "succeeded"
     assert bucket.get_blob("processed/upscale/uploads/q.png") is not None
+    # A look that fails is retried, said in a line of its own (it came before any job's).
+    class Unreachable(Store):
+        def stat(self, *args, **kwargs):
+            raise TransientError("Cloud Storage answered 503")
+
+    unreachable = Processor(engine=FakeEngine(), store=Unreachable(storage_client(settings)), settings=settings)
+    with caplog.at_level(logging.INFO, logger="imagen.processor"), pytest.raises(TransientError):
+        unreachable.handle(bare(routed), message_id="m-5", attempt=3)
+    [line] = [r for r in caplog.records if r.getMessage().startswith("job will be retried: the object's metadata")]
+    assert line.fields["message_id"] == "m-5" and line.fields["source"].endswith("/uploads/q.png")
     # Replaced since: the late event is left as it was, and its job skipped.
     late = bare(routed)
     _upload(bucket, "uploads/q.png", metadata={"imagen-operation": "upscale"})
