@@ -57,6 +57,9 @@ def _clipped(value):
     return value
 
 
+_SOURCE_KEY = "logging.googleapis.com/sourceLocation"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -64,6 +67,9 @@ class JsonFormatter(logging.Formatter):
             "message": clip(record.getMessage()),
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "logger": record.name,
+            # The Logs Explorer shows where a line was written (a library's lines too).
+            _SOURCE_KEY: {"file": record.pathname.rpartition("site-packages/")[2], "line": str(record.lineno),
+                          "function": record.funcName},
         }
         fields = {**(_job.get() or {}), **(getattr(record, "fields", None) or {})}
         job_id = fields.get("job_id")

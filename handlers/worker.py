@@ -123,8 +123,9 @@ class PullWorker:
         else:
             message.ack()
         if self._device_failed() and not self._stop.is_set():
-            log.critical("the GPU failed: stopping, so that a new process takes over",
-                         extra={"fields": {"subscription": self._subscription}})
+            # The engine's CRITICAL line said why; this one, what is done about it.
+            log.warning("the GPU failed: stopping, so that a new process takes over",
+                        extra={"fields": {"subscription": self._subscription}})
             self.stop()
 
     def _dead_letter(self, message, parsed: Message, reason: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import os
 import threading
 
@@ -79,7 +80,7 @@ _STOP_SERVER = 3
 def _stop_for_a_failed_gpu() -> None:
     # /healthz says 503 too, but the liveness probe takes a minute or more to act, and every
     # push meanwhile would get a fast 503 and spend a delivery attempt.
-    log.critical("the GPU failed: stopping, so that a new instance takes over")
+    log.warning("the GPU failed: stopping, so that a new instance takes over")  # the engine's CRITICAL said why
     os._exit(_STOP_SERVER)
 
 
@@ -100,6 +101,20 @@ def _setup(settings, engine) -> None:
         os._exit(_STOP_SERVER)
 
 
+# gunicorn's own ERROR lines when the server stops on purpose (_STOP_SERVER: a failed GPU, a
+# stuck job, a set-up that failed, a dead worker), each after imagen's CRITICAL line saying why:
+# as errors, each was one more notification of the errors alert, and "Worker failed to boot"
+# sent the reader to the start-up. INFO instead.
+_OUR_STOP = re.compile(rf"Worker \(pid:\d+\) exited with code {_STOP_SERVER}\.|Shutting down: Master|"
+                       r"Reason: (Worker failed to boot\.|the worker died)")
+
+
+def _our_stop(record: logging.LogRecord) -> bool:
+    if record.levelno == logging.ERROR and _OUR_STOP.fullmatch(record.getMessage()):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
 def _worker_died(server, worker) -> None:
     """gunicorn's hook in the server process when its worker exits any other way than
     _STOP_SERVER (a native crash, the kernel's OOM killer): it started another in the same
@@ -110,7 +125,7 @@ def _worker_died(server, worker) -> None:
     if server.LISTENERS:
         from gunicorn.errors import HaltServer
 
-        log.critical("the server's worker process (pid %s) died: stopping, so that a new instance takes over",
+        log.critical("the server's worker process died: stopping, so that a new instance takes over (pid %s)",
                      worker.pid)
         raise HaltServer("the worker died", _STOP_SERVER)
 
@@ -131,6 +146,7 @@ def _server(app, host: str, port: int, threads: int, post_worker_init):
             for handler in [h for h in self.error_log.handlers if getattr(h, "_gunicorn", False)]:
                 self.error_log.removeHandler(handler)
             self.error_log.propagate = True
+            self.error_log.addFilter(_our_stop)
 
     class Server(gunicorn.app.base.BaseApplication):
         def load_config(self):

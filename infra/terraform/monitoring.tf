@@ -216,7 +216,10 @@ resource "google_monitoring_alert_policy" "errors" {
       `a job is stuck on the GPU` (the process exits; its messages are redelivered),
       `job failed, and its failure report could not be written` (the runtime service account's
       access to the failure prefix), `model set-up failed`, `imagen stopped` (why a worker
-      exited), `unexpected error in job` (a bug: its stack_trace), `Fatal Python error` (a
+      exited), `the server's worker process died` (imagen serve's process crashed or was
+      killed for memory: the instance stops for a new one), `could not publish the job result`,
+      `could not move the message to the dead-letter topic` (the runtime account's access to
+      those topics), `unexpected error` (a bug: its stack_trace), `Fatal Python error` (a
       native crash, as text: every thread's stack follows it), `Memory limit of ... exceeded`
       (Cloud Run stopped an instance for memory: raise `memory`). docs/deploy.md,
       Troubleshooting, has each.

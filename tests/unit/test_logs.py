@@ -263,9 +263,19 @@ def test_gunicorn_errors_are_json_lines_too(caplog):
     logger = server.cfg.logger_class(server.cfg)
     error_log = logging.getLogger("gunicorn.error")
     assert error_log.propagate and not error_log.handlers
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         logger.error("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", 7)
-    assert caplog.records[-1].getMessage() == "Worker (pid:7) was sent SIGKILL! Perhaps out of memory?"
+        # Its own lines when imagen stops it on purpose (exit 3, after a CRITICAL line saying
+        # why) are INFO: as errors, each was one more notification of the errors alert.
+        for line in ("Worker (pid:7) exited with code 3.", "Shutting down: Master", "Reason: Worker failed to boot.",
+                     "Reason: the worker died"):
+            logger.error(line)
+        logger.error("Worker (pid:%s) exited with code %s.", 8, 1)
+    levels = {record.getMessage(): record.levelname for record in caplog.records if record.name == "gunicorn.error"}
+    assert levels == {"Worker (pid:7) was sent SIGKILL! Perhaps out of memory?": "ERROR",
+                      "Worker (pid:7) exited with code 3.": "INFO", "Shutting down: Master": "INFO",
+                      "Reason: Worker failed to boot.": "INFO", "Reason: the worker died": "INFO",
+                      "Worker (pid:8) exited with code 1.": "ERROR"}
 
 
 def test_a_command_run_by_hand_keeps_pythons_own_tracebacks():
@@ -317,3 +327,14 @@ def test_a_service_logs_at_imagen_log_level_and_a_native_crash_leaves_its_stack(
     assert (entry["severity"], entry["message"]) == ("DEBUG", "captured the graphs")
     assert "Fatal Python error: Segmentation fault" in done.stderr and "in load_the_model" in done.stderr
 
+
+
+def test_each_line_says_where_it_was_written():
+    # Cloud Logging's sourceLocation: the Logs Explorer shows the file, line and function.
+    from handlers.logs import JsonFormatter
+
+    record = logging.LogRecord("imagen.processor", logging.INFO, "/opt/imagen/lib/python3.12/site-packages/handlers/"
+                               "processor.py", 42, "job started", None, None, func="_attempt")
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["logging.googleapis.com/sourceLocation"] == {"file": "handlers/processor.py", "line": "42",
+                                                               "function": "_attempt"}
