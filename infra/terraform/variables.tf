@@ -12,7 +12,7 @@ variable "region" {
 }
 
 variable "name_prefix" {
-  description = "Prefix of every resource name (topics, subscriptions, services, service accounts: <prefix>-<operation>). infra/k8s assumes the default, imagen."
+  description = "Prefix of every resource name (topics, subscriptions, services, service accounts: <prefix>-<operation>), but for artifact_repository's and hf_token_secret's defaults: a second deployment in the same project sets those two as well. infra/k8s assumes the default, imagen."
   type        = string
   default     = "imagen"
 
@@ -351,7 +351,7 @@ variable "build_model_source" {
 }
 
 variable "artifact_repository" {
-  description = "Artifact Registry repository the images are pushed to (cloudbuild.yaml's _REPOSITORY)."
+  description = "Artifact Registry repository the images are pushed to (cloudbuild.yaml's _REPOSITORY). Not from name_prefix: a second deployment in the project needs its own (the apply fails with 409 otherwise)."
   type        = string
   default     = "imagen"
 }
@@ -380,7 +380,7 @@ variable "job_wait_alert_seconds" {
 }
 
 variable "hf_token_secret" {
-  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; an apply that builds (build_images) stores HF_TOKEN from its environment, or add versions yourself. Either way the token never sits in Terraform state."
+  description = "Secret Manager secret holding the Hugging Face token (cloudbuild.yaml's _HF_TOKEN_SECRET). Created empty; an apply that builds (build_images) stores HF_TOKEN from its environment, or add versions yourself. Either way the token never sits in Terraform state. Not from name_prefix: a second deployment in the project needs its own (the apply fails with 409 otherwise)."
   type        = string
   default     = "imagen-hf-token"
 }
