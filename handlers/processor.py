@@ -42,6 +42,7 @@ from handlers.errors import (
     StoragePermanentError,
     TransientError,
     Undeliverable,
+    UnsafeObjectName,
 )
 from handlers.events import JobRequest, ObjectEvent, no_duplicate_keys, parse_gs_uri
 from handlers.logs import clip, error_fields, job_context
@@ -105,6 +106,8 @@ REPORT_TRIES = 3
 # it keeps the marker too (a fresh one, the usual case, does not). Long enough that a backlog's
 # first deliveries mostly write none (on Eventarc every write is an event to every service).
 REDELIVERY_AGE_SECONDS = 300
+# At most, the look-up of a payload-less notification's metadata (`Processor._described`).
+DESCRIBE_SECONDS = 30
 # What a job needs after the model, to encode and upload its output (megapixels a second,
 # both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
 # PNG ran at 3.4 Mpx/s, WebP 7.6, JPEG 200 here), plus a few seconds for the upload to start
@@ -266,10 +269,17 @@ class Processor:
         taken as none, the defaults answered as done. A source gone or replaced since is left
         as it is (its job is skipped; a newer generation has its own event); one that cannot
         be looked at is retried (TransientError) or routed by its path alone."""
-        if event.described or event.kind != "finalize":
-            return event
+        if event.described or event.kind != "finalize" or event.name.endswith("/") or \
+                event.name.startswith((self._layout.output_prefix, self._layout.failed_prefix)):
+            return event  # ignored whatever its metadata says: nothing to read
         try:
-            state = self._store.stat(event.bucket, event.name)
+            routing.check_safe_name(event.name)
+        except UnsafeObjectName:
+            return event  # reported as such, unread
+        if event.bucket in self._code_buckets or (self._allowed_buckets and event.bucket not in self._allowed_buckets):
+            return event  # refused, unread
+        try:
+            state = self._store.stat(event.bucket, event.name, timeout=DESCRIBE_SECONDS)
         except InputError:  # no access: its job says so
             return event
         if state is None or (event.generation is not None and str(state.generation) != event.generation):
@@ -864,18 +874,27 @@ class Processor:
         raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
 
     def _clear_report(self, job: Job, fields: dict) -> None:
-        """Remove this source's failure report once its output is written, where the report is
-        about this generation or an older one (a last try's, a backfill's with other parameters):
-        beside an output of the same generation it read as the job having failed. Only the
-        very report looked at (its generation) is removed; one that cannot be is left, said."""
+        """Remove this source's failure report once its derived output is written (the report
+        and the output are the same job's places: processed/ and failed/<operation>/<path>),
+        where the report is about this generation or an older one (a last try's, then a
+        backfill's): beside the output it read as the job having failed. Not after a job
+        message's own `output` (another job's result: the upload's report stays). Only the
+        very report looked at (its generation) is removed; one that cannot be is left."""
+        if job.output is not None:
+            return
         bucket, name = routing.failure_location(job, self._layout)
         try:
-            seen = self._store.stat(bucket, name)
-            theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if seen else ""
-            if seen is None or seen.metadata.get(routing.SOURCE_KEY) != job.source_uri or not theirs.isdigit() \
-                    or int(theirs) > int(job.generation):
-                return
+            seen = self._store.stat(bucket, name, timeout=MARKER_SECONDS)
+        except (TransientError, InputError):  # none can be told there: left as it may be
+            return
+        theirs = seen.metadata.get(routing.SOURCE_GENERATION_KEY, "") if seen else ""
+        if seen is None or seen.metadata.get(routing.SOURCE_KEY) != job.source_uri or not theirs.isdigit() \
+                or int(theirs) > int(job.generation):
+            return
+        try:
             self._store.delete(bucket, name, if_generation_match=seen.generation, timeout=MARKER_SECONDS)
+        except PreconditionLost:
+            return  # another report landed meanwhile: its own job's
         except (TransientError, InputError) as error:
             log.warning("the job succeeded, but its earlier failure report gs://%s/%s could not be removed: %s",
                         bucket, name, error, extra={"fields": fields})

@@ -81,12 +81,14 @@ class Store:
     def __init__(self, client: storage.Client):
         self._client = client
 
-    def stat(self, bucket: str, name: str, *, output: bool = False) -> ObjectState | None:
+    def stat(self, bucket: str, name: str, *, output: bool = False,
+             timeout: float = TIMEOUT_SECONDS) -> ObjectState | None:
         """The live generation of an object and its metadata; None when it does not exist.
-        `output`: the job's output, whose refusal is OutputRefused, as its write's is."""
+        `output`: the job's output, whose refusal is OutputRefused, as its write's is;
+        `timeout`: for each try and the retries together."""
         blob = self._client.bucket(bucket).blob(name)
         try:
-            blob.reload(timeout=TIMEOUT_SECONDS)
+            blob.reload(timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
         except api_exceptions.NotFound:
             return None
         except Exception as error:

@@ -3,6 +3,7 @@ duplicate checks, generation preconditions, failure reports and error classifica
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -1389,6 +1390,14 @@ def test_a_success_removes_the_sources_earlier_failure_report(settings, bucket):
     assert _processor(settings, FakeEngine()).handle(_event(_upload(bucket, "incoming/upscale/other.png"))).status \
         == "succeeded"
     assert bucket.get_blob(other) is not None
+    # A job message's own output is another job's result: the upload's report stays.
+    bad = _upload(bucket, "incoming/upscale/bad.png", metadata={"imagen-params": '{"steps": "many"}'})
+    processor = _processor(settings, FakeEngine(), allowed_buckets=frozenset({bucket.name}))
+    assert processor.handle(_event(bad)).status == "failed"
+    elsewhere = JobRequest(bucket.name, "incoming/upscale/bad.png", "upscale", {},
+                           f"gs://{bucket.name}/custom/bad.png")
+    assert processor.handle(elsewhere, message_id="j-1").status == "succeeded"
+    assert bucket.get_blob("failed/upscale/bad.png.json") is not None
 
 
 def test_a_notification_without_its_payload_takes_the_objects_metadata(settings, bucket, caplog):
@@ -1417,6 +1426,22 @@ def test_a_notification_without_its_payload_takes_the_objects_metadata(settings,
         unreachable.handle(bare(routed), message_id="m-5", attempt=3)
     [line] = [r for r in caplog.records if r.getMessage().startswith("job will be retried: the object's metadata")]
     assert line.fields["message_id"] == "m-5" and line.fields["source"].endswith("/uploads/q.png")
+    # What routing ignores or refuses by its name or bucket alone is not read.
+    class Counting(Store):
+        looked: list = []
+
+        def stat(self, bucket_name, name, **kwargs):
+            self.looked.append(name)
+            return super().stat(bucket_name, name, **kwargs)
+
+    counting = Processor(engine=FakeEngine(), store=Counting(storage_client(settings)),
+                         settings=settings.replace(allowed_buckets=frozenset({"another-bucket"})))
+    for name in ("processed/upscale/x.png", "failed/upscale/x.png.json.running", "incoming/upscale/folder/",
+                 "incoming/upscale/in-a-bucket-not-listed.png"):
+        blob = _upload(bucket, name)
+        with contextlib.suppress(Undeliverable):  # the bucket not listed: refused, dead-lettered
+            counting.handle(bare(blob))
+    assert Counting.looked == []
     # Replaced since: the late event is left as it was, and its job skipped.
     late = bare(routed)
     _upload(bucket, "uploads/q.png", metadata={"imagen-operation": "upscale"})
