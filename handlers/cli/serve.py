@@ -121,8 +121,9 @@ def _worker_died(server, worker) -> None:
     instance, which loaded the models for minutes while /healthz answered 200 and every push
     got a 503, a delivery attempt spent each. The whole server stops instead, so that the
     platform starts a new instance, as for a failed GPU. Not while the server itself stops
-    (its listeners are closed first)."""
-    if server.LISTENERS:
+    (its listeners are closed first), nor for a worker it replaced on purpose (a SIGHUP's
+    reload: the new one is already there)."""
+    if server.LISTENERS and len(server.WORKERS) < server.num_workers:
         from gunicorn.errors import HaltServer
 
         log.critical("the server's worker process died: stopping, so that a new instance takes over (pid %s)",

@@ -76,9 +76,22 @@ def test_a_worker_that_dies_stops_the_server_instead_of_starting_another():
         assert b"the server's worker process" in server.stderr.read()
     finally:
         _stop(server)
-    # A server stopped on purpose (SIGTERM, as the platform does) still ends cleanly.
-    server = _start("", port)
+    # A worker replaced on purpose (a SIGHUP's reload) goes on serving; a server stopped on
+    # purpose (SIGTERM, as the platform does) still ends cleanly.
+    server = _start("app.get('/pid')(lambda: str(os.getpid()))\n", port)
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as answer:
+            first = int(answer.read())
+        server.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as answer:
+                if int(answer.read()) != first:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None, "no new worker after the reload"
+            time.sleep(0.2)
+        time.sleep(1)  # the old worker's exit reaped
+        assert server.poll() is None
         server.terminate()
         assert server.wait(timeout=30) == 0
     finally:
