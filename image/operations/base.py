@@ -331,10 +331,11 @@ class Operation:
     def generator(self, seed: int, tile: int = 0) -> torch.Generator:
         """A generator on the model's device: same seed, same noise.
 
-        Tile `tile` of a tiled run gets its own stream (upscale: for the noise the pipeline
-        adds to its input; its latents are slices of one field), so its noise does not
-        depend on how tiles are batched (the pixels may still differ by a level or so:
-        kernels round differently at another batch size).
+        Tile `tile` of a tiled run gets its own stream, so what it draws does not depend on
+        how tiles are batched (the pixels may still differ by a level or so: kernels round
+        differently at another batch size); the noise tiles must agree on where they overlap
+        (upscale's latents and input noise, enhance's latents) are slices of one
+        `noise_field` instead.
         """
         return torch.Generator(device=self.device).manual_seed((seed + 7919 * tile) % 2**32)
 
