@@ -42,6 +42,14 @@ def job_context(fields: dict):
         _job.reset(token)
 
 
+def job_context_learns(fields: dict) -> None:
+    """What the job in this context learnt since it began (the generation a job message did
+    not name, the operation its plan settled on), on its later lines: the engine's too."""
+    current = _job.get()
+    if current is not None:
+        current.update(fields)
+
+
 def clip(text: str, limit: int = TEXT_LIMIT) -> str:
     """`text`, or its first `limit` characters and how many more there were."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"

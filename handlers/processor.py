@@ -45,7 +45,7 @@ from handlers.errors import (
     UnsafeObjectName,
 )
 from handlers.events import JobRequest, ObjectEvent, no_duplicate_keys, parse_gs_uri
-from handlers.logs import clip, error_fields, job_context
+from handlers.logs import clip, error_fields, job_context, job_context_learns
 from handlers.routing import Ignored, Job, Layout
 from handlers.storage import ObjectState, Store
 from image.codec import CONTENT_TYPES, MAX_SIDE, decode_image, encode_image
@@ -351,6 +351,7 @@ class Processor:
                 generation = job.generation or self._live_generation(job)
                 job = dataclasses.replace(job, generation=generation)
                 fields["generation"] = generation
+                job_context_learns({"generation": generation, "operation": plan.operation})
 
                 # Before any work: Cloud Storage would refuse the output's metadata at the end.
                 check_params_fit(plan)

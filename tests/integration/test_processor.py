@@ -758,6 +758,30 @@ def test_a_model_fault_on_its_last_try_is_one_error_line(settings, bucket, caplo
     assert len(errors) == 1 and errors[0].startswith("job failed: a model fault"), errors
 
 
+def test_the_engines_lines_carry_the_generation_a_job_message_did_not_name(settings, bucket):
+    """The job's context kept the generation as the message brought it: a job message's
+    engine and watchdog lines (the GPU's CRITICAL one too) said generation null while the
+    processor's said the real one."""
+    from handlers.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    engine_log = logging.getLogger("imagen.engine")
+    engine_log.addHandler(handler)
+    source = _upload(bucket, "uploads/g.png")
+    try:
+        engine = FakeEngine(before_return=lambda: engine_log.warning("an engine line"))
+        processor = _processor(settings, engine, allowed_buckets=frozenset({bucket.name}))
+        assert processor.handle(JobRequest(bucket.name, "uploads/g.png", "comic", {}), message_id="j-7").status == \
+            "succeeded"
+    finally:
+        engine_log.removeHandler(handler)
+    [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["message"] == "an engine line" and line["generation"] == str(source.generation)
+    assert line["operation"] == "comic" and line["message_id"] == "j-7"
+
+
 def test_out_of_gpu_memory_gets_a_second_delivery_then_a_report(settings, bucket, caplog):
     """Another instance (or this one later) may have the memory; a second run out of memory
     settles it, unless a background compile held memory, when the usual attempts remain.
