@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import logging
 import threading
 import time
 import uuid
@@ -344,13 +345,14 @@ def test_eventarc_retries_end_in_a_report_once_the_event_is_old(bucket, settings
 
 
 def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
-        settings, bucket, publisher, subscriber, topology):
+        settings, bucket, publisher, subscriber, topology, caplog):
     """Unparseable, or a job message for a bucket not allowed: nacked, it would go round 20
     deliveries (~2.3 h of backoff) keeping a GPU pod up; moved, it is acked and waits in the
     dead-letter subscription with Pub/Sub's attributes and why, where `replay` takes it back."""
     from handlers.dlq import DeadLetterer
     from handlers.worker import PullWorker
 
+    caplog.set_level(logging.INFO, logger="imagen")
     processor = processor_for(settings.replace(allowed_buckets=frozenset({bucket.name})), FakeEngine())
     worker = PullWorker(subscriber, topology["main_sub"], processor,
                         dead_letters=DeadLetterer(publisher, topology["dead_topic"]))
@@ -387,6 +389,9 @@ def test_the_worker_moves_an_unsettleable_message_to_the_dead_letters_at_once(
     assert _refused("invalid") - refused_before["invalid"] == 2
     assert _refused("upscale") - refused_before["upscale"] == 1
     assert garbage and refused
+    # Each move's line joins its job's others (its job id is its message id): one operation.
+    lines = [r.fields for r in caplog.records if r.getMessage().startswith("message moved to the dead-letter topic")]
+    assert len(lines) == 3 and all(line["job_id"] == line["message_id"] is not None for line in lines)
     report = replay(subscriber, publisher, topology["dead_sub"], wait_seconds=WAIT)
     assert report.replayed == [refused_copy.message_id for refused_copy in moved.values()
                                if refused_copy.unparseable is None]  # back to the topic it came from
