@@ -1,6 +1,8 @@
 """Prometheus metrics for `imagen serve` (at /metrics) and `imagen worker` (on --metrics-port).
 
     imagen_jobs_total{operation,status}     jobs by outcome: succeeded, failed, skipped, ignored,
+                                            elsewhere (another pool's job, where every pool
+                                            receives every job: not this pool's to count),
                                             retried (sent back to Pub/Sub: a transient fault, a
                                             stopping worker's hand-back), refused (moved to the
                                             dead-letter topic unread: a job message for a bucket
@@ -49,7 +51,7 @@ def operation_label(operation: str | None) -> str:
 
 def record_outcome(outcome) -> None:
     operation = operation_label(outcome.operation)
-    JOBS.labels(operation, outcome.status).inc()
+    JOBS.labels(operation, "elsewhere" if outcome.elsewhere else outcome.status).inc()
     if outcome.status == "succeeded" and outcome.seconds is not None:
         JOB_SECONDS.labels(operation).observe(outcome.seconds)
 

@@ -153,6 +153,9 @@ class Outcome:
     reason: str | None = None
     error: dict | None = None
     report: str | None = None  # gs:// URI of the failure report
+    # Skipped as another pool's job, where every pool receives every job (Eventarc, unfiltered
+    # subscriptions): counted apart from this pool's own skips (duplicates, superseded).
+    elsewhere: bool | None = None
 
 
 @dataclasses.dataclass
@@ -334,7 +337,8 @@ class Processor:
                 skip, report = self._triage(job)
                 if skip:
                     log.info("job skipped: %s", skip, extra={"fields": {**fields, "reason": skip}})
-                    return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip)
+                    return Outcome("skipped", job.source_uri, job.generation, job.operation, reason=skip,
+                                   elsewhere=True)
                 routing.check_source_allowed(job, self._allowed_buckets, self._code_buckets)  # a refusal comes first
                 if report:
                     raise report

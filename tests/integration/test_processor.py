@@ -480,9 +480,18 @@ def test_unfiltered_deployment_reports_once_what_no_pool_serves(settings, bucket
         report = _report(bucket, f"failed/{operation}/{name.rsplit('/', 1)[1]}.json")
         assert report["error"]["type"] == "OperationNotDeployed"
         assert "no worker pool of this deployment serves" in report["error"]["message"]
-    # Another pool's job is skipped without a report; its own pool runs it.
+    # Another pool's job is skipped without a report (counted "elsewhere", not with this
+    # pool's own skips: N - 1 of them per job); its own pool runs it.
+    from prometheus_client import REGISTRY
+
+    def counted(status):
+        return REGISTRY.get_sample_value("imagen_jobs_total", {"operation": "comic", "status": status}) or 0.0
+
+    before = {status: counted(status) for status in ("elsewhere", "skipped")}
     other = _event(_upload(bucket, "incoming/comic/mine.png"))
-    assert pools["upscale"].handle(other).status == "skipped"
+    elsewhere = pools["upscale"].handle(other)
+    assert elsewhere.status == "skipped" and elsewhere.elsewhere
+    assert (counted("elsewhere") - before["elsewhere"], counted("skipped") - before["skipped"]) == (1, 0)
     assert pools["comic"].handle(other).status == "succeeded"
     assert engines["upscale"].calls == 0 and engines["comic"].calls == 1
     assert not bucket.get_blob("failed/comic/mine.png.json")
