@@ -24,8 +24,10 @@ idempotence absorbs (a duplicate is skipped without GPU work).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import datetime
+import inspect
 import json
 import logging
 import time
@@ -171,7 +173,7 @@ class DeadLetterer:
                   "reason": reason}
         try:
             kept = {key: value for key, value in message.attributes.items() if not _added_on_the_way(key)}
-            self._publisher.publish(self.topic, message.data, **kept, **added).result(timeout=PUBLISH_SECONDS)
+            publish(self._publisher, self.topic, message.data, {**kept, **added}).result(timeout=PUBLISH_SECONDS)
         except Exception as error:  # the message goes back to Pub/Sub instead
             log.error("could not move the message to the dead-letter topic: %s", error, extra={"fields": fields})
             return False
@@ -267,16 +269,19 @@ def replay(
                     report.unparseable.append(letter.message_id)
                     held.append(letter.ack_id)
                     continue
-                target = topic or _source_topic(subscriber, letter, topics, why_no_topic)
+                # Nothing one letter raises may leave the batch's published copies unacked (a
+                # later run would publish them again): it is failed and left, and the run goes on.
+                try:
+                    target = topic or _source_topic(subscriber, letter, topics, why_no_topic)
+                except Exception as error:  # the look-up's retries running out, a refusal
+                    target, why_no_topic[letter.source_subscription or ""] = None, f"no topic: {error}"
                 if target is None:
                     report.failed[letter.message_id] = why_no_topic.get(
                         letter.source_subscription or "",
                         "no topic: it does not name the subscription it came from; pass --topic")
                     held.append(letter.ack_id)
                     continue
-                futures.append(
-                    (letter, publisher.publish(target, letter.data, **letter.replay_attributes))
-                )
+                futures.append((letter, publish(publisher, target, letter.data, letter.replay_attributes)))
             done = []
             for letter, future in futures:  # publish first, ack after: at least once
                 try:
@@ -375,6 +380,28 @@ def _dead_letter(received) -> DeadLetter:
         publish_time=publish_time,
         delivery_attempt=received.delivery_attempt or None,
     )
+
+
+# publish()'s own parameters: an attribute of one of these names passed as a keyword went to
+# the parameter (retry, timeout, ordering_key) or raised (topic, data).
+_PUBLISH_PARAMETERS = frozenset(inspect.signature(pubsub_v1.PublisherClient.publish).parameters) - {"attrs"}
+
+
+def publish(publisher: pubsub_v1.PublisherClient, topic: str, data: bytes,
+            attributes: Mapping[str, str]) -> concurrent.futures.Future:
+    """`publisher.publish(topic, data, **attributes)`, whatever the attributes are named (one
+    named like a parameter of publish() goes through the API itself: one request, at once),
+    and what it raises at once in the future too, as what the publish raises later."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        if not _PUBLISH_PARAMETERS & set(attributes):
+            return publisher.publish(topic, data, **attributes)
+        response = publisher.api.publish(request={"topic": topic, "messages": [
+            {"data": data, "attributes": dict(attributes)}]}, timeout=PUBLISH_SECONDS)
+        future.set_result(response.message_ids[0])
+    except Exception as error:
+        future.set_exception(error)
+    return future
 
 
 def _source_topic(subscriber, letter: DeadLetter, cache: dict[str, str | None],

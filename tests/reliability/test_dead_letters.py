@@ -181,6 +181,23 @@ def test_replay_republishes_with_the_original_attributes_then_acks(
     assert [letter.message_id for letter in left] == [dead_letters["garbage"]]  # the replayed acked: gone
 
 
+def test_attributes_named_like_publishs_parameters_are_moved_and_replayed_as_they_are(
+        subscriber, publisher, topology):
+    """publish(topic, data, ordering_key=, retry=, timeout=, **attributes): an attribute called
+    data or topic raised, retry and timeout went to the parameters, ordering_key became one:
+    such a message could not be moved (20 deliveries instead) nor replayed."""
+    from handlers.dlq import DeadLetterer
+    from handlers.events import Message
+
+    odd = {"data": "d", "topic": "t", "retry": "r", "timeout": "5", "ordering_key": "k", "origin": "catalog"}
+    message = Message(b'{"source": "gs://b/a.png", "operation": "upscale"}', odd, "m-odd")
+    assert DeadLetterer(publisher, topology["dead_topic"]).send(message, topology["main_sub"], "refused: a test")
+    report = replay(subscriber, publisher, topology["dead_sub"], topic=topology["main_topic"], wait_seconds=WAIT)
+    assert len(report.replayed) == 1 and not report.failed
+    [received] = _pull_all(subscriber, topology["main_sub"], 1)
+    assert dict(received.message.attributes) == odd
+
+
 def test_replay_of_selected_messages_leaves_the_rest(subscriber, publisher, topology, dead_letters):
     report = replay(
         subscriber,
