@@ -18,14 +18,19 @@ def _lease_extension(ctx, param, value: int) -> int:
 
 TRANSFER_SECONDS = 120
 """Lease time per job beyond its GPU budget: download, decode, encode, upload, report."""
+LEASE_MARGIN_SECONDS = 300
+"""Lease time beyond the jobs': what no job's budget counts (a notification's metadata
+look-up, a compiled graph swapped in between jobs, an encode slower than estimated, the
+running marker's clean-up)."""
 
 
 def lease_budget(max_job_seconds: int, concurrency: int, prefetch: int) -> int:
     """The longest a message is leased: the engine runs one job at a time, in the order they
     asked for the device (image/fair_lock.py), so the last of the `concurrency + prefetch`
     messages in hand may wait for all the others before it runs its own budget; the lease
-    must outlast that, or Pub/Sub redelivers a running job."""
-    return (concurrency + prefetch) * (max_job_seconds + TRANSFER_SECONDS)
+    must outlast that, or Pub/Sub redelivers a running job (with `--prefetch 0` a lone job's
+    lease was its budget exactly: LEASE_MARGIN_SECONDS more)."""
+    return (concurrency + prefetch) * (max_job_seconds + TRANSFER_SECONDS) + LEASE_MARGIN_SECONDS
 
 
 @click.command("worker")

@@ -274,7 +274,7 @@ resource "google_monitoring_alert_policy" "jobs_waiting" {
       acknowledged: no instance takes it (every one busy at max_instances, or
       GKE's GPU node pool at its maximum or out of capacity, or scaling from zero does not
       happen), or a worker holds it without finishing (a job stuck on the GPU: the worker's
-      lease on it runs up to (jobs in hand) x (max-job-seconds + 120 s)). Look at the
+      lease on it runs up to (jobs in hand) x (max-job-seconds + 120 s) + 300 s). Look at the
       subscription's backlog, the instances or pods, and the workers' logs.
     EOT
   }

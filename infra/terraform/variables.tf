@@ -369,7 +369,7 @@ variable "keep_image_tags" {
 }
 
 variable "job_wait_alert_seconds" {
-  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, no instance starting (GPU quota, a failing start-up), or no GPU capacity for the load. Null (the default): 7800 s on GKE, above the longest a worker with its defaults holds a message it is working on ((concurrency + prefetch) x (max-job-seconds + 120 s) = 7440 s, a held message counting as waiting); 2700 s on Cloud Run, where no push is held past the request's 600 s: past a transient fault's retries (they end 30 min after the event, and Pub/Sub's backoff reaches 600 s), well before those of a message no instance takes end in the dead-letter topic (~2 h)."
+  description = "Alert (\"imagen: jobs waiting\") when a job has waited this long on its operation's subscription: a stuck worker, no instance starting (GPU quota, a failing start-up), or no GPU capacity for the load. Null (the default): 7800 s on GKE, above the longest a worker with its defaults holds a message it is working on ((concurrency + prefetch) x (max-job-seconds + 120 s) + 300 s = 7740 s, a held message counting as waiting); 2700 s on Cloud Run, where no push is held past the request's 600 s: past a transient fault's retries (they end 30 min after the event, and Pub/Sub's backoff reaches 600 s), well before those of a message no instance takes end in the dead-letter topic (~2 h)."
   type        = number
   default     = null
 

@@ -805,7 +805,7 @@ def test_log_metrics_and_alerts_watch_the_workers(terraform, tmp_path):
         folder = tmp_path / f"wait-{mode}-{given}"
         folder.mkdir()
         waits[mode, given] = _evaluate(folder, {"mode": mode, "job_wait_alert_seconds": given}, {"wait": wait})["wait"]
-    assert waits["gke", None] > lease_budget(3600, 1, 1) == 7440
+    assert waits["gke", None] > lease_budget(3600, 1, 1) == 7740
     from handlers.processor import MAX_RETRY_SECONDS
 
     # past a transient fault's retries (30 min after the event, then one backoff of up to 600 s)
