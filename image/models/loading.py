@@ -75,7 +75,7 @@ def load_model(
     lock = Lock.packaged() if lock is None else lock
     if spec.loader not in _LOADERS:
         raise ModelError(f"{spec.operation}: unknown loader {spec.loader!r}")
-    problems = store.spec_problems(spec, cache_dir, lock)
+    problems = store.spec_problems(spec, cache_dir, lock, formats=False)
     _, found = store.find_snapshot(spec, cache_dir, lock)
     # A broken tiny model is repaired by rebuilding it, not by downloading the real one.
     if problems and allow_download and (found is None or not store.is_tiny(found)):
@@ -85,7 +85,7 @@ def load_model(
         except ModelError as error:
             missing = _missing(spec, problems, cache_dir, lock, found)
             raise ModelMissing(f"{missing}; pulling it now failed: {error}") from error
-        problems = store.spec_problems(spec, cache_dir, lock)
+        problems = store.spec_problems(spec, cache_dir, lock, formats=False)
     if problems:
         raise ModelMissing(_missing(spec, problems, cache_dir, lock, found))
     snapshot = store.resolve_snapshot(spec, cache_dir, lock=lock)

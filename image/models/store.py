@@ -303,12 +303,15 @@ class DamagedMarker(ValueError):
 
 def verify(specs: Iterable[ModelSpec], cache_dir: Path, lock: Lock, *, checksums: bool = False) -> list[str]:
     """Every problem that would stop a model from loading; an empty list means complete.
-    `checksums`: also read every file whole against its blob's name (`checksum_problems`)."""
+    `checksums`: also read every file whole against its blob's name (`checksum_problem`)."""
     return [problem for spec in specs for problem in spec_problems(spec, cache_dir, lock, checksums=checksums)]
 
 
-def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock, *, checksums: bool = False) -> list[str]:
-    """`verify` for one model; each problem starts with "<operation>: <repo>@<commit>: "."""
+def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock, *, checksums: bool = False,
+                  formats: bool = True) -> list[str]:
+    """`verify` for one model; each problem starts with "<operation>: <repo>@<commit>: ".
+    `formats=False` (a start-up's check, on the cold start's path): a file of the size recorded
+    is not read (a damaged one then fails its load, whose error names `imagen models verify`)."""
     commit, snapshot = find_snapshot(spec, cache_dir, lock)
     if snapshot is None:
         return [missing_message(spec, cache_dir, commit, lock)]
@@ -320,7 +323,7 @@ def spec_problems(spec: ModelSpec, cache_dir: Path, lock: Lock, *, checksums: bo
         problems.append(str(error))
         expected, source = {}, TINY_MARKER
     problems += [f"{name} {why}" for name, why in
-                 _file_problems(snapshot, files, expected, source, checksums=checksums).items()]
+                 _file_problems(snapshot, files, expected, source, checksums=checksums, formats=formats).items()]
     problems += [f"{name} is missing" for name in expected if name not in files]
     prefix = f"{spec.operation}: {spec.repo_id}@{commit}: "
     return [prefix + problem for problem in dict.fromkeys(problems)]
@@ -330,10 +333,11 @@ _UNREADABLE = "cannot be read by this user"
 
 
 def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[str, int],
-                   source: str, *, checksums: bool = False) -> dict[str, str]:
+                   source: str, *, checksums: bool = False, formats: bool = True) -> dict[str, str]:
     """Each file of `snapshot` that would stop it loading, and why: its size against
     `expected` (by `source`), then what its own format says (a file of the right size can
-    still be damaged: zeros left by a crash, a bad copy), then, `checksums`, its content."""
+    still be damaged: zeros left by a crash, a bad copy; `formats=False`: only a file of no
+    recorded size), then, `checksums`, its content."""
     problems = {}
     for name, size in files.items():
         if size < 0:
@@ -344,6 +348,8 @@ def _file_problems(snapshot: Path, files: Mapping[str, int], expected: Mapping[s
             problems[name] = f"{_UNREADABLE} (uid {os.getuid()})"
         elif name in expected and size != expected[name]:
             problems[name] = f"is {size} bytes, {source} says {expected[name]}"
+        elif not formats and name in expected:
+            continue
         elif problem := content_problem(snapshot / name, size) or (checksums and checksum_problem(snapshot / name)):
             problems[name] = problem
     return problems

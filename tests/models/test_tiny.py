@@ -110,6 +110,21 @@ def test_build_uses_the_locked_commit_and_never_replaces_a_real_model(tmp_path):
         build_tiny([spec], tmp_path, lock=Lock())
 
 
+def test_loading_reads_no_file_whose_size_is_recorded(tiny_cache, monkeypatch):
+    """The start-up's check is on the cold start's path: it compares recorded sizes and leaves
+    reading the files' formats (tokenizers, headers: megabytes of JSON) to `imagen models
+    verify`, which a damaged file's load error names."""
+    read = []
+    content_problem = store.content_problem
+    monkeypatch.setattr(store, "content_problem",
+                        lambda path, size: read.append(path.name) or content_problem(path, size))
+    _load("comic", tiny_cache)
+    assert set(read) <= {store.TINY_MARKER}  # the marker itself: no size recorded for it
+    read.clear()
+    assert store.verify([REGISTRY["comic"]], tiny_cache, Lock.packaged()) == []
+    assert len(read) > 10  # verify reads them all
+
+
 def test_a_real_model_anywhere_stops_the_build_before_any_tiny_one(tmp_path):
     """The refusal came at the real model's turn, after the operations before it were built
     into the real cache: a worker on it served noise for those."""
@@ -243,7 +258,7 @@ def test_a_damaged_safetensors_header_is_a_model_error(copy_cache, offline, monk
     with weights.open("r+b") as handle:
         handle.write(b"\xff" * 8)  # a header length past the file's end
     assert any("is not a safetensors file" in p for p in store.spec_problems(spec, copy_cache, Lock()))
-    monkeypatch.setattr(store, "spec_problems", lambda *args: [])  # past verify, the loader says it too
+    monkeypatch.setattr(store, "spec_problems", lambda *args, **kwargs: [])  # past verify, the loader says it too
     with pytest.raises(ModelError, match="imagen models verify"):
         load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
 
