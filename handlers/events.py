@@ -164,12 +164,16 @@ def pubsub_cloudevent(headers: Mapping[str, str], body: bytes) -> Message | None
     data = event.get("data")
     if not isinstance(data, dict):
         raise EventError("Pub/Sub CloudEvent data is not a push envelope")
-    return parse_push_envelope(json.dumps(data).encode())
+    return _envelope_message(data)
 
 
 def parse_push_envelope(body: bytes) -> Message:
     """A Pub/Sub push request body -> Message."""
-    envelope = _json_object(body, "push request body")
+    return _envelope_message(_json_object(body, "push request body"))
+
+
+def _envelope_message(envelope: Mapping[str, Any]) -> Message:
+    """A push envelope's JSON object -> Message."""
     message = envelope.get("message")
     if not isinstance(message, dict):
         raise EventError("push request has no 'message' object")

@@ -108,14 +108,12 @@ def create_app(processor, state: Callable[[], str], authenticator=None,
         headers, body = dict(flask.request.headers), flask.request.get_data()
         message = None  # a Pub/Sub message, once the push envelope is read
         try:
-            if is_cloudevent(headers) and (message := pubsub_cloudevent(headers, body)) is not None:
-                event = parse_message(message)  # an Eventarc trigger on the topic: no attempt count
-                message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
-            elif is_cloudevent(headers):
+            if not is_cloudevent(headers):
+                message = parse_push_envelope(body)
+            elif (message := pubsub_cloudevent(headers, body)) is None:  # else an Eventarc trigger on the topic
                 event, sent, message_id = parse_cloudevent(headers, body)  # binary or structured mode
                 attempt = None  # Eventarc does not count: `sent` bounds the retries
-            else:
-                message = parse_push_envelope(body)
+            if message is not None:
                 event = parse_message(message)
                 message_id, attempt, sent = message.message_id, message.delivery_attempt, message.published
         except EventError as error:
