@@ -88,14 +88,13 @@ OUT_OF_MEMORY_RETRY_SECONDS = 600
 # or hung, the host or the GPU killed for memory, a native crash in the models' libraries:
 # nothing the processor sees end) before the next one reports it instead of running it
 # (JobStoppedWorker). A redelivery keeps a marker beside the job's failure report from the
-# moment it holds the device (RUNNING_SUFFIX), which every end the process sees removes; a
+# moment it holds the device (routing.MARKER_SUFFIX), which every end the process sees removes; a
 # marker found then is a delivery that died. Only the job on the device is marked: a job
 # prefetched behind it (the pull worker) dies with it without being counted. Without a count
 # such a job went round until the dead-letter policy's 20 deliveries, each a restart and a
 # model load, and never got a report. A first delivery writes none (no cost on the usual path),
 # so the report comes at the fifth delivery, like a transient fault's.
 STOPPED_WORKER_LIMIT = 3
-RUNNING_SUFFIX = routing.MARKER_SUFFIX
 # Each read, write and delete of a marker, at most: the first two happen holding the device.
 MARKER_SECONDS = 15
 # How often a delivery waiting for another of the same output asks whether it is handed back.
@@ -272,8 +271,7 @@ class Processor:
         taken as none, the defaults answered as done. A source gone or replaced since is left
         as it is (its job is skipped; a newer generation has its own event); one that cannot
         be looked at is retried (TransientError) or routed by its path alone."""
-        if event.described or event.kind != "finalize" or event.name.endswith("/") or \
-                event.name.startswith((self._layout.output_prefix, self._layout.failed_prefix)):
+        if event.described or routing.ignored_by_name(event, self._layout):
             return event  # ignored whatever its metadata says: nothing to read
         try:
             routing.check_safe_name(event.name)
@@ -652,7 +650,7 @@ class Processor:
         if not redelivered:
             return
         bucket, name = routing.failure_location(job, self._layout)
-        location = (bucket, name + RUNNING_SUFFIX)
+        location = (bucket, name + routing.MARKER_SUFFIX)
         try:
             found = self._store.read_report(*location, timeout=MARKER_SECONDS)
         except (TransientError, InputError):

@@ -88,16 +88,24 @@ class Ignored:
     reason: str
 
 
-def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
-    """A Storage event -> the job it asks for, or why it is none of ours."""
-    name, metadata = event.name, event.metadata
+def ignored_by_name(event: ObjectEvent, layout: Layout) -> Ignored | None:
+    """Why an event is none of ours whatever its object's metadata says (its kind, a folder
+    placeholder, imagen's own prefixes), or None."""
     if event.kind != FINALIZE:
         return Ignored(f"not a finalize event ({event.kind})")
-    if name.endswith("/"):
+    if event.name.endswith("/"):
         return Ignored("folder placeholder")
     for prefix in (layout.output_prefix, layout.failed_prefix):
-        if name.startswith(prefix):
+        if event.name.startswith(prefix):
             return Ignored(f"under imagen's own prefix {prefix!r}")
+    return None
+
+
+def route_event(event: ObjectEvent, layout: Layout) -> Job | Ignored:
+    """A Storage event -> the job it asks for, or why it is none of ours."""
+    if ignored := ignored_by_name(event, layout):
+        return ignored
+    name, metadata = event.name, event.metadata
     if any(key in metadata for key in OUTPUT_KEYS):
         return Ignored("an imagen output (carries imagen-* output metadata)")
     operation = metadata.get(OPERATION_KEY, "").strip()  # metadata wins over the folder
