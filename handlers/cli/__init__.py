@@ -87,19 +87,14 @@ def main(ctx: click.Context) -> None:
     ctx.obj = Settings.from_env(validate=False)
 
 
-# A command's option -> the setting it overrides (the option's value as the setting holds it).
-_OVERRIDES = {
-    "device": ("device", str),
-    "port": ("port", int),
-    "operations": ("operations", split_list),
-    "model_cache_dir": ("model_cache_dir", lambda path: path),
-    "cache_dir": ("model_cache_dir", lambda path: path),
-}
+# A command's option -> the setting it overrides.
+_OVERRIDES = {"device": "device", "port": "port", "operations": "operations",
+              "model_cache_dir": "model_cache_dir", "cache_dir": "model_cache_dir"}
 
 
 def _checked(command: click.Command) -> None:
     """Check the settings before `command` runs, with its options in place of the variables
-    they override (each command applies its own overrides again: the same values)."""
+    they override: the command's `settings` hold them (its other options it applies itself)."""
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _checked(sub)
@@ -109,8 +104,10 @@ def _checked(command: click.Command) -> None:
     @functools.wraps(callback)
     def run(*args, **kwargs):
         ctx = click.get_current_context()
-        overrides = {field: convert(ctx.params[option]) for option, (field, convert) in _OVERRIDES.items()
+        overrides = {field: ctx.params[option] for option, field in _OVERRIDES.items()
                      if ctx.params.get(option) is not None}
+        if "operations" in overrides:  # "a,b" as IMAGEN_OPERATIONS reads it
+            overrides["operations"] = split_list(overrides["operations"])
         ctx.obj = ctx.obj.replace(**overrides)
         return callback(*args, **kwargs)
 

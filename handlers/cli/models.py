@@ -231,7 +231,7 @@ def compile_(settings, operations, cache_dir, location, device):
     from handlers.service import build_engine, restore_models
 
     configure_logging()
-    settings = settings.replace(compile_cache=location, device=device, model_cache_dir=cache_dir)
+    settings = settings.replace(compile_cache=location)  # --device, --cache-dir: in it already
     if not settings.compile_cache:
         raise click.UsageError("where to? give --to gs://BUCKET/PREFIX (or a folder) or set IMAGEN_COMPILE_CACHE")
     names = [spec.operation for spec in _specs(settings, operations)]

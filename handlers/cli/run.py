@@ -43,8 +43,8 @@ def run(settings, source, output, operation, params, format_given, device, model
     from image.errors import ImageTooLarge, InvalidParameter
     from image.params import output_format, parse_chain, resolve_common, validate_params
 
-    # 1. Check inputs: chain, parameters and image, before any model loads
-    settings = settings.replace(device=device, model_cache_dir=model_cache_dir)
+    # 1. Check inputs: chain, parameters and image, before any model loads (--device and
+    # --model-cache-dir are in `settings` already: handlers/cli/__init__.py)
     if operation is None:
         if len(settings.operations) != 1:
             raise click.UsageError("give --operation (IMAGEN_OPERATIONS names no single operation to default to)")

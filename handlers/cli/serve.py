@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import threading
 
 import click
@@ -44,12 +44,9 @@ def command(settings, port, host, operations, device, threads, max_job_seconds):
     from handlers.clients import log_project
     from handlers.http import create_app
     from handlers.service import build_dead_letters, build_engine, build_processor
-    from handlers.settings import split_list
     from handlers.watchdog import watch
 
-    settings = settings.replace(
-        port=port, device=device, operations=split_list(operations) if operations else None
-    )
+    # --port, --device and --operations are in `settings` already (handlers/cli/__init__.py).
     configure_logging(settings.log_level, service=True)
     engine = build_engine(settings)
     processor = build_processor(settings, engine, max_job_seconds=max_job_seconds,

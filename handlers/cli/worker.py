@@ -64,16 +64,11 @@ def command(settings, subscription, operations, device, concurrency, prefetch, m
     from handlers.metrics import record_model_loads
     from handlers.service import (build_dead_letters, build_engine, build_processor, check_output_bucket,
                                   restore_models)
-    from handlers.settings import split_list
     from handlers.watchdog import watch
     from handlers.worker import PullWorker, exit_on_signal_while_starting
     from image.engine import DEVICE_FAILED
 
-    settings = settings.replace(
-        subscription=subscription,
-        device=device,
-        operations=split_list(operations) if operations else None,
-    )
+    settings = settings.replace(subscription=subscription)  # --device, --operations: in it already
     if not settings.subscription:
         raise ConfigError("IMAGEN_SUBSCRIPTION: set it or pass --subscription")
     configure_logging(settings.log_level, service=True)
