@@ -6,7 +6,7 @@ import shlex
 
 import click
 
-from handlers.cli.options import check_bucket_exists
+from handlers.cli.options import check_bucket_exists, check_topic_exists
 
 
 @click.command("backfill")
@@ -112,12 +112,5 @@ def _check_exist(storage, bucket: str, publisher, topic: str) -> None:
     """Both ends exist, or say which does not before any listing (a dry run too): a missing
     topic was found at the first publish, maybe hours into a large bucket. An account that may
     publish or list but not read the bucket's or topic's own metadata goes on unchecked."""
-    from google.api_core.exceptions import NotFound, PermissionDenied
-
     check_bucket_exists(storage, bucket, "LOCATION")
-    try:
-        publisher.get_topic(request={"topic": topic})
-    except NotFound:
-        raise click.BadParameter(f"{topic} does not exist", param_hint="--topic") from None
-    except PermissionDenied:
-        pass
+    check_topic_exists(publisher, topic, "--topic")

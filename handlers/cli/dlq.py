@@ -97,25 +97,20 @@ def list_(settings, subscription, limit, wait, as_json):
 def replay_(settings, subscription, limit, wait, topic, message_ids, include_unparseable):
     """Publish dead letters back (publish first, then ack: at least once)."""
     from handlers.clients import check_emulators, publisher_client, subscriber_client, subscription_path, topic_path
+    from handlers.cli.options import check_topic_exists
     from handlers.dlq import replay
 
     check_emulators(settings, "pubsub")
     path = subscription_path(settings, subscription)
     publisher = publisher_client(settings)
+    topic = topic_path(settings, topic) if topic else None
     if topic:  # before any message is leased: each publish failed, one by one, on a typo
-        from google.api_core.exceptions import NotFound, PermissionDenied
-
-        try:
-            publisher.get_topic(request={"topic": topic_path(settings, topic)})
-        except NotFound:
-            raise click.BadParameter(f"{topic_path(settings, topic)} does not exist", param_hint="--topic") from None
-        except PermissionDenied:  # may publish but not read the topic's settings: the publish tells
-            pass
+        check_topic_exists(publisher, topic, "--topic")
     report = replay(
         subscriber_client(settings),
         publisher,
         path,
-        topic=topic_path(settings, topic) if topic else None,
+        topic=topic,
         limit=limit,
         message_ids=frozenset(message_ids),
         wait_seconds=wait,

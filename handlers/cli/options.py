@@ -46,3 +46,16 @@ def check_bucket_exists(client, bucket: str, param_hint: str) -> None:
     if not exists:
         raise click.BadParameter(f"bucket {bucket} does not exist (or this account cannot see it)",
                                  param_hint=param_hint)
+
+
+def check_topic_exists(publisher, topic: str, param_hint: str) -> None:
+    """A usage error where `topic` (a full path) does not exist, before any work; an account
+    that may publish but not read the topic's settings goes on (its publish tells)."""
+    from google.api_core.exceptions import NotFound, PermissionDenied
+
+    try:
+        publisher.get_topic(request={"topic": topic})
+    except NotFound:
+        raise click.BadParameter(f"{topic} does not exist", param_hint=param_hint) from None
+    except PermissionDenied:
+        pass

@@ -78,4 +78,3 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
             click.echo(f"timeout  {submission.path.name}: {submission.reason}", err=True)
     if any(s.status != "succeeded" for s in submissions):
         sys.exit(1)
-
