@@ -360,21 +360,21 @@ def checksum_problem(path: Path) -> str | None:
     blob by its sha256 and a small one's by its git blob sha1 (imagen's tiny models: sha256);
     None for a blob named otherwise (nothing to check it by). Reads the whole file."""
     name = path.resolve().name
+    if not _BLOB_DIGEST.fullmatch(name):
+        return None
     try:
         with path.open("rb") as handle:
-            if len(name) == 64 and _HEX.fullmatch(name):
+            if len(name) == 64:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            elif len(name) == 40 and _HEX.fullmatch(name):
+            else:
                 git = hashlib.sha1(f"blob {os.fstat(handle.fileno()).st_size}\0".encode(), usedforsecurity=False)
                 digest = hashlib.file_digest(handle, lambda: git).hexdigest()
-            else:
-                return None
     except OSError as error:
         return f"cannot be read ({error})"
     return None if digest == name else "is damaged: its content does not match its checksum (the blob's name)"
 
 
-_HEX = re.compile("[0-9a-f]+")
+_BLOB_DIGEST = re.compile("[0-9a-f]{64}|[0-9a-f]{40}")  # sha256, git's sha1
 
 
 def _drop_damaged(spec: ModelSpec, snapshot: Path, expected: Mapping[str, int], source: str, *,

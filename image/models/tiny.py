@@ -46,12 +46,13 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
     """
     cache_dir = Path(cache_dir)
     specs = list(specs)
+    commits = {spec.repo_id: lock.revision(spec.repo_id) or fake_commit(spec) for spec in specs}
     # Every refusal before any model is built: a cache half real and half random (served as
     # it is) is worse than either.
     for spec in specs:
         if spec.operation not in _BUILDERS:
             raise ModelError(f"no tiny model for operation {spec.operation!r}")
-        commit = lock.revision(spec.repo_id) or fake_commit(spec)
+        commit = commits[spec.repo_id]
         # The real model at that commit, or the one the cache's refs run where nothing is locked
         # (a first-use download): the tiny model would take its place.
         for existing in (repo_dir(spec, cache_dir) / "snapshots" / commit, find_snapshot(spec, cache_dir, lock)[1]):
@@ -60,10 +61,8 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
                     f"{existing} holds the real {spec.repo_id}; build tiny models in another MODEL_CACHE_DIR"
                 )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    commits = {}
     for spec in specs:
-        builder = _BUILDERS[spec.operation]
-        commit = lock.revision(spec.repo_id) or fake_commit(spec)
+        builder, commit = _BUILDERS[spec.operation], commits[spec.repo_id]
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".tiny-") as tmp:
             staging = Path(tmp)
             with quiet_libraries(warnings=False):
@@ -76,7 +75,6 @@ def build_tiny(specs, cache_dir: Path, *, lock: Lock) -> dict[str, str]:
             marker = {"tiny": True, "seed": TINY_SEED, "version": _TINY_VERSION, "files": files}
             (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             add_snapshot(spec, cache_dir, commit, staging)
-        commits[spec.repo_id] = commit
     return commits
 
 

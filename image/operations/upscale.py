@@ -124,8 +124,8 @@ class Upscale(Operation):
         return latent, pixels
 
     def process(self, rgb, alpha, params, seed):
-        # 1. Tiles go through the pipeline in batches, each with its own seeded generator (for
-        # the noise the pipeline adds to its input) and its slice of the image's latent noise
+        # 1. Tiles go through the pipeline in batches, each with its own seeded generator (one
+        # tile's noise: the pipeline draws it) and, tiled, its slices of the image's noise fields
         pipe = self.model
         tile, overlap = self.tile_for(rgb.size)
         plan = plan_tiles(rgb.width, rgb.height, tile, overlap)
