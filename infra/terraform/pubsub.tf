@@ -24,6 +24,19 @@ resource "google_pubsub_topic" "jobs" {
   depends_on = [google_project_service.enabled]
 }
 
+# The Pub/Sub service agent signs push and Eventarc tokens and forwards dead letters. Google
+# makes it when the API is enabled, but lazily: on a brand-new project the grants below could
+# run before it exists ("Service account service-...@gcp-sa-pubsub... does not exist"). Made
+# here, so every grant to it waits for it (as Eventarc's agent, eventarc.tf).
+resource "google_project_service_identity" "pubsub" {
+  provider = google-beta
+
+  project = var.project_id
+  service = "pubsub.googleapis.com"
+
+  depends_on = [google_project_service.enabled]
+}
+
 # The Cloud Storage service agent publishes the bucket's notifications.
 resource "google_pubsub_topic_iam_member" "gcs_publishes_jobs" {
   count = local.pubsub ? 1 : 0

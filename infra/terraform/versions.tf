@@ -9,8 +9,8 @@ terraform {
       # node_selector, gpu_zonal_redundancy_disabled; a topic's message_transforms) and in 7.x.
       version = ">= 6.41, < 8.0"
     }
-    # google_project_service_identity alone (Eventarc's service agent, eventarc.tf): in no
-    # GA release of the google provider yet.
+    # google_project_service_identity alone (the Pub/Sub and Eventarc service agents, pubsub.tf
+    # and eventarc.tf): in no GA release of the google provider yet.
     google-beta = {
       source  = "hashicorp/google-beta"
       version = ">= 6.41, < 8.0"

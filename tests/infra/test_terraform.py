@@ -647,9 +647,13 @@ def test_dead_letter_topics_are_kept_and_watched(terraform, tmp_path):
     assert subscriber["role"] == "roles/pubsub.subscriber"
     assert expr(subscriber["member"]) == "local.pubsub_service_agent"
     assert expr(subscriber["subscription"]) == "google_pubsub_subscription.jobs[each.key].id"
+    # Made by the apply (Google makes it lazily): every grant to it waits for it.
     assert expr(terraform.locals["pubsub_service_agent"]) == (
-        "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+        "serviceAccount:${google_project_service_identity.pubsub.email}"
     )
+    identity = terraform.resource("google_project_service_identity", "pubsub")
+    assert identity["service"] == "pubsub.googleapis.com" and expr(identity["provider"]) == "google-beta"
+    assert "count" not in identity  # Eventarc's deliveries go through Pub/Sub push too
     alert = terraform.resource("google_monitoring_alert_policy", "dead_letters")
     conditions = one(alert["dynamic"])["conditions"]
     assert expr(conditions["for_each"]) == "local.watched_backlogs"
