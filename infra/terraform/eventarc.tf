@@ -56,6 +56,8 @@ resource "google_service_account_iam_member" "pubsub_signs_as_eventarc" {
   service_account_id = google_service_account.eventarc[0].name
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_service_agent
+
+  depends_on = [google_project_service_identity.pubsub]
 }
 
 resource "google_cloud_run_v2_service_iam_member" "eventarc_invokes" {

@@ -177,6 +177,8 @@ resource "google_service_account_iam_member" "pubsub_signs_as_push" {
   service_account_id = google_service_account.push[0].name
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_service_agent
+
+  depends_on = [google_project_service_identity.pubsub]
 }
 
 resource "google_cloud_run_v2_service_iam_member" "push_invokes" {

@@ -9,6 +9,10 @@
 # One file per concern: storage.tf, pubsub.tf, cloudrun.tf, eventarc.tf, gke.tf, iam.tf,
 # build.tf, monitoring.tf. docs/deploy.md walks through an apply.
 
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
 data "google_storage_project_service_account" "gcs" {
   project = var.project_id
 }
@@ -57,7 +61,7 @@ locals {
   input_bucket  = google_storage_bucket.input.name
   output_bucket = var.output_bucket == "" ? google_storage_bucket.input.name : google_storage_bucket.output[0].name
 
-  pubsub_service_agent = "serviceAccount:${google_project_service_identity.pubsub.email}"
+  pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
   gcs_service_agent    = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
 
   image_repository = "${var.region}-docker.pkg.dev/${var.project_id}/${var.artifact_repository}"

@@ -25,9 +25,11 @@ resource "google_pubsub_topic" "jobs" {
 }
 
 # The Pub/Sub service agent signs push and Eventarc tokens and forwards dead letters. Google
-# makes it when the API is enabled, but lazily: on a brand-new project the grants below could
+# makes it when the API is enabled, but lazily: on a brand-new project the grants to it could
 # run before it exists ("Service account service-...@gcp-sa-pubsub... does not exist"). Made
-# here, so every grant to it waits for it (as Eventarc's agent, eventarc.tf).
+# here (as Eventarc's agent, eventarc.tf), and each grant depends on it; the grants name it by
+# the project number (local.pubsub_service_agent), known at plan time, so a deployment made
+# before this resource keeps its grants instead of replacing them.
 resource "google_project_service_identity" "pubsub" {
   provider = google-beta
 
@@ -165,6 +167,8 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
   topic  = google_pubsub_topic.dead_letter[each.key].id
   role   = "roles/pubsub.publisher"
   member = local.pubsub_service_agent
+
+  depends_on = [google_project_service_identity.pubsub]
 }
 
 resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
@@ -173,6 +177,8 @@ resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
   subscription = google_pubsub_subscription.jobs[each.key].id
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_service_agent
+
+  depends_on = [google_project_service_identity.pubsub]
 }
 
 # --- results ------------------------------------------------------------------------------

@@ -647,13 +647,9 @@ def test_dead_letter_topics_are_kept_and_watched(terraform, tmp_path):
     assert subscriber["role"] == "roles/pubsub.subscriber"
     assert expr(subscriber["member"]) == "local.pubsub_service_agent"
     assert expr(subscriber["subscription"]) == "google_pubsub_subscription.jobs[each.key].id"
-    # Made by the apply (Google makes it lazily): every grant to it waits for it.
     assert expr(terraform.locals["pubsub_service_agent"]) == (
-        "serviceAccount:${google_project_service_identity.pubsub.email}"
+        "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
     )
-    identity = terraform.resource("google_project_service_identity", "pubsub")
-    assert identity["service"] == "pubsub.googleapis.com" and expr(identity["provider"]) == "google-beta"
-    assert "count" not in identity  # Eventarc's deliveries go through Pub/Sub push too
     alert = terraform.resource("google_monitoring_alert_policy", "dead_letters")
     conditions = one(alert["dynamic"])["conditions"]
     assert expr(conditions["for_each"]) == "local.watched_backlogs"
@@ -678,6 +674,22 @@ def test_dead_letter_topics_are_kept_and_watched(terraform, tmp_path):
     assert values["n5"] == {f"p{i}: dead-letter backlog": [f"imagen-p{i}-dead-letter"] for i in range(5)}
     assert values["n6"] == {"dead-letter backlog": [f"imagen-p{i}-dead-letter" for i in range(6)]}
     assert len(values["n4"]) == 4
+
+
+def test_grants_to_the_pubsub_service_agent_wait_for_the_apply_to_make_it(terraform):
+    """Google makes the agent lazily: on a brand-new project a grant could run before it
+    exists. Made by the apply (Eventarc's deliveries go through Pub/Sub push too: always),
+    every grant waits for it; they keep naming it by the project number, known at plan time
+    (the identity's email is not, before it exists: an upgrade would replace every grant)."""
+    identity = terraform.resource("google_project_service_identity", "pubsub")
+    assert identity["service"] == "pubsub.googleapis.com" and expr(identity["provider"]) == "google-beta"
+    assert "count" not in identity
+    grants = [(type_, name, body) for type_, name, body in terraform.all_resources()
+              if expr(body.get("member", "")) == "local.pubsub_service_agent"]
+    assert len(grants) == 4
+    for type_, name, body in grants:
+        assert [expr(item) for item in body.get("depends_on", [])] == ["google_project_service_identity.pubsub"], \
+            (type_, name)
 
 
 def test_push_carries_an_oidc_token_of_the_invoker(terraform):
