@@ -820,8 +820,8 @@ class Processor:
             if unlisted and isinstance(write_error, ReportRefused):  # a bucket we may not write in: leave it be
                 log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
                             extra={"fields": {**fields, "error": details, "report": report_uri}})
-                raise Undeliverable(f"{error} (no failure report could be written in gs://{bucket}: the message "
-                                    f"goes to the dead-letter topic)") from None
+                raise Undeliverable(f"{error} (no failure report written: {write_error}; the message goes to the "
+                                    f"dead-letter topic)") from None
             # The job's end would otherwise leave no line at all: it goes back to Pub/Sub.
             log.error("job failed, and its failure report could not be written (%s): %s", write_error,
                       details["message"], extra={"fields": {**fields, "error": details, "report": report_uri,
@@ -855,10 +855,18 @@ class Processor:
         generation then, None once written. `guarded`: looked at first and written only over
         what was seen (where it cannot be looked at, or the job names no generation, as is).
         Another source's report at the same place (two folders routed to one output path) is
-        replaced, as is one naming a generation the source never reached (a job message's typo)."""
+        replaced, as is one naming a generation the source never reached (a job message's typo).
+        Not `guarded` (a job message refused unread: job messages are not enabled): written only
+        where no report is, ReportRefused where one is (the upload's own reason stays)."""
+        if not guarded:
+            try:
+                self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=0)
+            except PreconditionLost:
+                raise ReportRefused(f"gs://{bucket}/{name} already holds a failure report: left as it is") from None
+            return None
         for _ in range(REPORT_TRIES):
             expected = None  # no precondition
-            if guarded and job.generation is not None:
+            if job.generation is not None:
                 try:
                     seen = self._store.stat(bucket, name)
                 except (TransientError, InputError):  # cannot be looked at: written as is

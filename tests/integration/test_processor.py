@@ -624,10 +624,23 @@ def test_job_message_with_no_allowlist_set_is_reported_saying_what_to_set(settin
         "job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the buckets job messages "
         "may read (Terraform: allowed_buckets)")}
     assert sorted(blob.name for blob in bucket.list_blobs()) == ["failed/upscale/uploads/p.png.json", "uploads/p.png"]
+    # Never over a report already there (the upload's own reason, a newer generation's): it
+    # replaced it unguarded. The dead-letter topic keeps the message.
+    _upload(bucket, "incoming/upscale/broken.png", b"not a picture")
+    assert _processor(settings, engine).handle(_event(bucket.get_blob("incoming/upscale/broken.png"))).status == \
+        "failed"
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS is unset.*no failure report written: gs://.*"
+                                            "already holds a failure report: left as it is; the message goes to "
+                                            "the dead-letter topic"):
+        _processor(settings, engine).handle(JobRequest(bucket.name, "incoming/upscale/broken.png", "upscale", {},
+                                                       generation="1"), attempt=1)
+    assert _report(bucket, "failed/upscale/broken.png.json")["error"]["type"] == "ImageDecodeError"
+    bucket.delete_blob("failed/upscale/broken.png.json")
+    bucket.delete_blob("incoming/upscale/broken.png")
     # A bucket that cannot take the report (here: none by that name): the dead-letter topic keeps it.
     before = _jobs_counted("refused"), _jobs_counted("retried")
-    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS is unset.*no failure report could be written "
-                                            "in gs://imagen-no-such-bucket-"):
+    with pytest.raises(Undeliverable, match="IMAGEN_ALLOWED_BUCKETS is unset.*no failure report written: cannot "
+                                            "write failure report gs://imagen-no-such-bucket-"):
         _processor(settings, engine).handle(
             JobRequest(f"imagen-no-such-bucket-{uuid.uuid4().hex[:8]}", "a.png", "upscale", {}), attempt=1)
     assert (_jobs_counted("refused"), _jobs_counted("retried")) == before
