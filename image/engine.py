@@ -24,6 +24,7 @@ import contextvars
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -140,6 +141,11 @@ class Engine:
                     self.setup_seconds[name] = time.perf_counter() - started
             except BaseException as error:
                 self.state, self.error = SETUP_FAILED, error
+                # The failed operation, half set up (its model on the device), is dropped: the
+                # error's traceback kept it alive through its frames, so a setup tried again
+                # (out of memory at warm-up) loaded a second copy beside it.
+                op = None  # noqa: F841
+                traceback.clear_frames(error.__traceback__)
                 raise
             self.state = READY
             each = ", ".join(f"{name} {secs:.2f} s" for name, secs in self.setup_seconds.items())

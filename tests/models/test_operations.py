@@ -114,6 +114,33 @@ def test_missing_models_fail_setup_clearly(tmp_path):
         engine.run(("comic",), _image(), {}, seed=0)
 
 
+def test_a_failed_setup_lets_go_of_the_operation_it_was_setting_up(tiny_cache, offline, monkeypatch):
+    """Its model stayed on the device, held by the error's traceback, so a setup tried again
+    (out of memory at warm-up) loaded a second copy beside it."""
+    import gc
+    import weakref
+
+    from image.operations._img2img import Img2ImgOperation
+
+    seen = []
+
+    def failing(self, *args, **kwargs):
+        seen.append(weakref.ref(self))
+        raise torch.OutOfMemoryError("CUDA out of memory (a warm-up that did not fit)")
+
+    monkeypatch.setattr(Img2ImgOperation, "warm_up", failing)
+    engine = Engine(["remove-background", "comic"], tiny_cache, device="cpu")
+    with pytest.raises(torch.OutOfMemoryError, match="did not fit") as raised:
+        engine.setup()
+    assert engine.state == SETUP_FAILED and engine.error is raised.value
+    del raised
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None
+    monkeypatch.undo()
+    engine.setup()  # tried again: the loaded remove-background kept, comic loaded once
+    assert engine.state == READY and engine.run(("comic",), _image(), {"steps": 2}, seed=0).size == _image().size
+
+
 def test_unknown_operation_at_construction(tiny_cache):
     with pytest.raises(UnknownOperation, match="sharpen"):
         Engine(["sharpen"], tiny_cache)
