@@ -207,6 +207,15 @@ def choose_models(model_cache_dir: Path, tiny_dir: Path) -> tuple[Path, bool]:
     return cache_dir, any(row.tiny for row in list_models(specs, cache_dir, lock))
 
 
+# The variables that say where a deployment's buckets, folders, topics and callers are: the
+# stack sets them all empty (its defaults) for its processes and in the exports it prints.
+DEPLOYMENT_VARIABLES = (
+    "IMAGEN_INPUT_PREFIX", "IMAGEN_OUTPUT_BUCKET", "IMAGEN_OUTPUT_PREFIX", "IMAGEN_FAILED_PREFIX",
+    "IMAGEN_RESULTS_TOPIC", "IMAGEN_MODEL_MIRROR", "IMAGEN_COMPILE_CACHE", "IMAGEN_PUSH_AUDIENCE",
+    "IMAGEN_PUSH_SERVICE_ACCOUNTS",
+)
+
+
 class LocalStack:
     """The whole local stack: both emulators, a bucket, a pull worker and `imagen serve` behind a
     push subscription, each worker serving some of the operations (as separate pools would).
@@ -243,6 +252,11 @@ class LocalStack:
             # pool does not serve applies, whatever the shell says.
             "IMAGEN_FILTERED_SUBSCRIPTION": "false",
             "IMAGEN_DEPLOYED_OPERATIONS": "",
+            # What locates a deployment is the stack's own (empty reads as unset), not a shell's
+            # that ran `terraform output client_env`: its output bucket, which the emulator does
+            # not have, stopped the stack; its folders left the demo's uploads unseen; a push
+            # audience refused the emulator's token-less pushes.
+            **dict.fromkeys(DEPLOYMENT_VARIABLES, ""),
             "IMAGEN_DEVICE": self.device,
             "HF_HUB_OFFLINE": "1",
             "IMAGEN_BUCKET": self.bucket,  # imagen submit's

@@ -31,6 +31,15 @@ def test_demo_runs_end_to_end_and_every_gallery_image_loads(tiny_cache, tmp_path
 
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tiny_cache))
     monkeypatch.setenv("IMAGEN_DEVICE", "cpu")
+    # A shell that ran `eval "$(terraform output -raw client_env)"` (docs/deploy.md), and more a
+    # deployment's environment holds: the stack runs on its own (its output bucket, which the
+    # emulator does not have, stopped it; its folders left the demo's uploads unseen).
+    for name, value in {"IMAGEN_OUTPUT_BUCKET": "my-prod-out", "IMAGEN_INPUT_PREFIX": "uploads/",
+                        "IMAGEN_OUTPUT_PREFIX": "results/", "IMAGEN_FAILED_PREFIX": "errors/",
+                        "IMAGEN_RESULTS_TOPIC": "projects/prod/topics/results",
+                        "IMAGEN_PUSH_AUDIENCE": "https://imagen.example.run.app",
+                        "IMAGEN_PUSH_SERVICE_ACCOUNTS": "push@prod.iam.gserviceaccount.com"}.items():
+        monkeypatch.setenv(name, value)
     output_dir = tmp_path / "demo-output"
     assert demo.main(output_dir=output_dir, work_dir=tmp_path / "work") == 0
     page = (output_dir / "index.html").read_text()
