@@ -59,7 +59,7 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
     # The workers, and the listing's own thread beside them
     storage = storage_client(settings, connections=workers + 1)
     publisher, path = publisher_client(settings), topic_path(settings, topic)
-    _check_exist(storage, bucket, publisher, path)
+    _check_exist(storage, bucket, publisher, path, settings.output_bucket)
     publish = None
     if not dry_run:
 
@@ -108,9 +108,13 @@ def command(settings, location, topic, operation, dry_run, rate, retry_failed, o
 PROGRESS_EVERY = 10_000
 
 
-def _check_exist(storage, bucket: str, publisher, topic: str) -> None:
+def _check_exist(storage, bucket: str, publisher, topic: str, output_bucket: str | None) -> None:
     """Both ends exist, or say which does not before any listing (a dry run too): a missing
     topic was found at the first publish, maybe hours into a large bucket. An account that may
-    publish or list but not read the bucket's or topic's own metadata goes on unchecked."""
+    publish or list but not read the bucket's or topic's own metadata goes on unchecked. The
+    output bucket too, where one is set: a mistyped one held no outputs, so every object was
+    queued again."""
     check_bucket_exists(storage, bucket, "LOCATION")
+    if output_bucket and output_bucket != bucket:
+        check_bucket_exists(storage, output_bucket, "IMAGEN_OUTPUT_BUCKET")
     check_topic_exists(publisher, topic, "--topic")

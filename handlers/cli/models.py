@@ -190,10 +190,16 @@ def verify(settings, operations, cache_dir, lock_path, checksums):
 @click.pass_obj
 def mirror(settings, destination, operations, cache_dir, allow_tiny):
     """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
+    from handlers.cli.options import check_bucket_exists
     from handlers.clients import check_emulators, storage_client
-    from handlers.model_mirror import mirror_cache
+    from handlers.model_mirror import mirror_cache, parse_mirror_uri
+    from image.errors import ModelError
     from image.models import store
 
+    try:
+        bucket, _ = parse_mirror_uri(destination)
+    except ModelError as error:
+        raise click.BadParameter(str(error), param_hint="gs://BUCKET/PREFIX") from None
     specs = _specs(settings, operations)
     given_dir, cache_dir = cache_dir, cache_dir or settings.model_cache_dir
     # A mirror is restored as it is, by every instance: never one of an incomplete cache, nor
@@ -204,8 +210,10 @@ def mirror(settings, destination, operations, cache_dir, allow_tiny):
                                f"restoring the mirror would serve noise. Pull the real ones (imagen models pull), "
                                f"or pass --tiny for a smoke test")
     check_emulators(settings, "storage")
+    client = storage_client(settings)
+    check_bucket_exists(client, bucket, "gs://BUCKET/PREFIX")  # a raw 404 from the first listing otherwise
     done = mirror_cache(
-        cache_dir, destination, client=storage_client(settings), cache_names=[s.cache_name for s in specs],
+        cache_dir, destination, client=client, cache_names=[s.cache_name for s in specs],
         commits={s.cache_name: store.find_snapshot(s, cache_dir, Lock.packaged())[0] for s in specs},
     )
     click.echo(f"mirrored {done.files} files ({done.bytes / 1e9:.2f} GB, {done.skipped} already there) to {destination}")

@@ -50,6 +50,8 @@ def command(settings, files, operation, params, bucket, wait, out_dir, timeout):
     check_emulators(settings, "storage")
     client = storage_client(settings)
     check_bucket_exists(client, bucket, "--bucket")  # before any upload: its 404 was a raw HTTP dump
+    if settings.output_bucket and settings.output_bucket != bucket:  # a mistyped one was waited on to the timeout
+        check_bucket_exists(client, settings.output_bucket, "IMAGEN_OUTPUT_BUCKET")
     submissions = []
     for path, job, plan in prepared:
         submission = submit.upload(client, path, job, plan, layout)

@@ -175,6 +175,19 @@ def test_cli_mirror_then_pull_from(fake_gcs, bucket, cache, tmp_path):
     assert "tiny random-weight (noise, for trying the plumbing): comic, remove-background" in verified.output
 
 
+def test_cli_mirror_names_a_bad_destination_before_any_work(fake_gcs, cache):
+    settings = Settings(model_cache_dir=cache, storage_emulator_host=fake_gcs.url)
+    runner = CliRunner()
+    missing = runner.invoke(models_cli.command, ["mirror", "gs://imagen-no-such-bucket/m", "--operations", "comic",
+                                                 "--tiny"], obj=settings)
+    assert missing.exit_code == 2, missing.output
+    assert "bucket imagen-no-such-bucket does not exist (or this account cannot see it)" in missing.output
+    assert "NotFound" not in missing.output  # a raw 404 from the first listing, before
+    malformed = runner.invoke(models_cli.command, ["mirror", "bucket/m", "--operations", "comic", "--tiny"],
+                              obj=settings)
+    assert malformed.exit_code == 2 and "expected gs://BUCKET/PREFIX, got 'bucket/m'" in malformed.output
+
+
 def test_cli_mirrors_only_the_revision_it_runs(fake_gcs, gcs, bucket, tmp_path):
     """A cache still holding an older revision (pulled before the lock moved) mirrors only the
     one imagen resolves: every instance restores the whole mirror, and the old revision's blob

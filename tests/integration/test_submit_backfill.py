@@ -72,6 +72,23 @@ def test_submit_names_a_bucket_that_does_not_exist_in_one_line(tiny_settings, tm
     assert result.exit_code == 2 and "bucket no-such-bucket does not exist" in result.output, result.output
 
 
+def test_submit_and_backfill_name_an_output_bucket_that_does_not_exist_before_any_work(tiny_settings, bucket,
+                                                                                         tmp_path):
+    """A mistyped IMAGEN_OUTPUT_BUCKET: submit --wait watched it to its timeout, backfill found
+    no outputs there and queued every object again."""
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes())
+    env = {**_cli_env(tiny_settings), "IMAGEN_OUTPUT_BUCKET": f"{bucket.name}-typo"}
+    says = f"IMAGEN_OUTPUT_BUCKET: bucket {bucket.name}-typo does not exist"
+    submitted = CliRunner().invoke(main, ["submit", str(picture), "--operation", "upscale", "--bucket", bucket.name],
+                                   env=env)
+    assert submitted.exit_code == 2 and says in submitted.output, submitted.output
+    assert list(bucket.list_blobs()) == []
+    backfilled = CliRunner().invoke(main, ["backfill", f"gs://{bucket.name}/", "--topic", EVENTS_TOPIC, "--dry-run"],
+                                    env=env)
+    assert backfilled.exit_code == 2 and says in backfilled.output, backfilled.output
+
+
 def test_submit_refuses_an_output_folder_it_cannot_make_before_uploading(tiny_settings, bucket, tmp_path):
     # Found after the jobs had run: "not downloaded: [Errno 20] Not a directory" for each.
     picture = tmp_path / "a.png"
