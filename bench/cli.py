@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the same process, against the same stock run, e.g. "
                         "'bf16vae: vae_bf16=on upscale_tile=256,512'; repeatable")
     parser.add_argument("--stock-tuning", action="store_true",
-                        help="run imagen with every switch off (checks it equals stock)")
+                        help="run imagen with every switch off (checks it equals stock; an upscale larger than "
+                             "one tile is still tiled)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: the case's)")
     parser.add_argument("--no-stock", action="store_true", help="time imagen only")
     parser.add_argument("--profile", action="store_true",

@@ -16,6 +16,7 @@ no root needed, harmless on a shared machine), `none` keeps it warm. `all` falls
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 from bench.cases import stock_kwargs
@@ -117,7 +118,7 @@ def run_cold(operations: list[str], cache_dir: Path, *, device: str, dtype: str,
                     break
                 times.append(seconds)
             if times:
-                row[f"{label}_seconds"] = round(sorted(times)[len(times) // 2], 2)
+                row[f"{label}_seconds"] = round(statistics.median(times), 2)
                 row[f"{label}_runs"] = [round(t, 2) for t in times]
                 row[f"{label}_phases"] = {k: round(v, 2) for k, v in phases.items()}
         rows.append(row)

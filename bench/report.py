@@ -48,8 +48,10 @@ def _cpu_count() -> int:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10, check=False)
+        # "-dirty" where the code measured differs from the commit (a device machine runs the
+        # working tree copied to it).
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+                             capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -76,14 +78,25 @@ def write_results(results: dict, folder: Path = RESULTS_DIR) -> Path:
     return path
 
 
+# What `write_results` names a bench run's file: <card>-<full|tiny>-<UTC time>.json (the probes
+# write <card>-<probe>-<time>.json, rows of their own).
+_RESULTS_NAME = re.compile(r"-(full|tiny)-(\d{8}-\d{6})\.json$")
+
+
 def read_results(path: Path | None = None, folder: Path = RESULTS_DIR) -> tuple[dict, Path]:
-    """A results JSON: `path`, else the newest in `folder`."""
+    """A bench run's results JSON: `path`, else the newest in `folder` by the time in its name
+    (a clone gives every file the same modification time; a probe's file is no run's)."""
     if path is None:
-        found = sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime)
+        found = sorted((p for p in Path(folder).glob("*.json") if _RESULTS_NAME.search(p.name)),
+                       key=lambda p: _RESULTS_NAME.search(p.name).group(2))
         if not found:
             raise SystemExit(f"no results in {folder}; run `python -m bench` first")
         path = found[-1]
-    return json.loads(Path(path).read_text()), Path(path)
+    results = json.loads(Path(path).read_text())
+    if not isinstance(results, dict) or not {"environment", "cases"} <= results.keys():
+        raise SystemExit(f"{path} is not a bench run's results (python -m bench writes "
+                         f"<card>-<full|tiny>-<time>.json; a probe's file holds rows of its own)")
+    return results, Path(path)
 
 
 def _s(value, digits=3) -> str:

@@ -59,6 +59,22 @@ def test_tiny_bench_prints_the_table_and_writes_json(tiny_cache, tmp_path, capsy
     assert "list prices" in table
 
 
+def test_cost_reads_the_newest_run_by_its_name_never_a_probes_file(tmp_path):
+    """By modification time (the same for every file of a clone) it took any run, and a probe's
+    file written after a session's runs (no environment) ended in a KeyError."""
+    from bench import report
+
+    run = {"environment": {"card": "NVIDIA H200"}, "cases": []}
+    for name in ("nvidia-h200-full-20261128-011557.json", "nvidia-h200-full-20261127-111438.json",
+                 "cpu-x86-64-tiny-20261126-121734.json"):
+        (tmp_path / name).write_text(json.dumps({**run, "name": name}))
+    (tmp_path / "nvidia-h200-compileprobe-20261129-000000.json").write_text(json.dumps({"rows": []}))
+    results, path = report.read_results(folder=tmp_path)
+    assert path.name == "nvidia-h200-full-20261128-011557.json" == results["name"]
+    with pytest.raises(SystemExit, match="is not a bench run's results"):
+        report.read_results(tmp_path / "nvidia-h200-compileprobe-20261129-000000.json")
+
+
 def test_cost_per_thousand_images():
     results = {"environment": {"card": "NVIDIA H100 80GB HBM3", "device": "cuda:0"},
                "cases": [{"case": "comic", "operation": "comic", "stock": {"seconds": 1.0},

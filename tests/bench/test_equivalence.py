@@ -245,7 +245,9 @@ def test_vae_tiling_changes_nothing_below_its_tile_and_stays_close_above(tiny_ca
     assert tune_pipeline(pipe, Tuning.stock().replace(vae_tiling=True), CPU) == ["vae_tiling"]
     tiled = _call(pipe, "upscale")
     assert tiled.shape == stock_np["upscale"].shape and np.isfinite(tiled).all()
-    assert np.abs(tiled - stock_np["upscale"]).mean() < 0.15
+    # Close: 0.048 here; a flat grey picture is 0.14 from stock, and passed the bound this had.
+    flat = np.abs(0.5 - stock_np["upscale"]).mean()
+    assert np.abs(tiled - stock_np["upscale"]).mean() < min(0.08, flat / 2)
     pipe.vae.tile_latent_min_size, pipe.vae.tile_sample_min_size = 4096, 16384
     assert np.array_equal(_call(pipe, "upscale"), stock_np["upscale"])
 
