@@ -91,7 +91,7 @@ def short_storage_deadlines(monkeypatch) -> float:
     from handlers.storage import Store
 
     seconds = 3.0
-    for method in (Store.read_report, Store.write_report, Store.delete):
+    for method in (Store.stat, Store.read_report, Store.write_report, Store.delete):
         monkeypatch.setitem(method.__kwdefaults__, "timeout", seconds)
     monkeypatch.setattr(DEFAULT_RETRY, "_timeout", seconds)  # one shared object: the default argument
     return seconds
