@@ -27,6 +27,11 @@ from handlers.errors import (
 from image.errors import ImageDecodeError, ImageTooLarge
 
 TIMEOUT_SECONDS = 120
+# The most a failure report or running marker may hold to be read as one: imagen's are a few
+# KiB (clipped messages, parameters of at most 4 KiB). A larger object at that name was put
+# there by someone else; a running marker is read holding the GPU, and read whole it could
+# take the worker's memory.
+MAX_REPORT_BYTES = 64 * 1024
 _CHUNK = 64 * 1024  # what gunzip feeds zlib at a time
 MAX_MEMBERS = 64  # gzip members in one object (gcloud storage cp -Z writes one)
 _PERMANENT = (
@@ -173,14 +178,17 @@ class Store:
 
     def read_report(self, bucket: str, name: str, *, timeout: float = TIMEOUT_SECONDS) -> dict | None:
         """A failure report written by `write_report`; None when there is none (or it is
-        not a JSON object)."""
+        not a JSON object, or larger than any report imagen writes: its first
+        MAX_REPORT_BYTES + 1 bytes are all that is read, whatever was put there)."""
         try:
             data = self._client.bucket(bucket).blob(name).download_as_bytes(
-                timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
+                start=0, end=MAX_REPORT_BYTES, timeout=timeout, retry=DEFAULT_RETRY.with_timeout(timeout))
         except api_exceptions.NotFound:
             return None
         except Exception as error:
             raise _translate(error, f"gs://{bucket}/{name}") from error
+        if len(data) > MAX_REPORT_BYTES:
+            return None
         try:
             report = json.loads(data)
         except ValueError:

@@ -854,6 +854,26 @@ def test_a_job_that_keeps_killing_its_worker_is_reported_not_retried_to_the_dead
     assert bucket.get_blob(marker) is None
 
 
+def test_a_marker_larger_than_any_imagen_writes_is_not_read_whole(settings, bucket):
+    """A running marker is read holding the GPU, on every redelivery: one planted at the
+    marker's name (anyone who may write the bucket's failed/), gigabytes large, was downloaded
+    whole and could take the worker's memory. Read as no marker, and replaced."""
+    from handlers.storage import MAX_REPORT_BYTES
+
+    source = _upload(bucket, "incoming/upscale/big.png")
+    marker = "failed/upscale/big.png.json.running"
+    planted = json.dumps({"generation": str(source.generation), "stopped": 2, "pad": "x" * MAX_REPORT_BYTES})
+    bucket.blob(marker).upload_from_string(planted)
+    store = Store(storage_client(settings))
+    assert store.read_report(bucket.name, marker) is None
+    assert store.read_report(bucket.name, marker[:-len(".running")]) is None  # none there
+    with pytest.raises(_ProcessDied):
+        _processor(settings, FakeEngine(fail_with=_ProcessDied())).handle(_event(source), attempt=2)
+    assert json.loads(bucket.blob(marker).download_as_bytes())["stopped"] == 0  # counted from nothing
+    bucket.blob(marker).upload_from_string(json.dumps({"generation": str(source.generation), "stopped": 1}))
+    assert store.read_report(bucket.name, marker)["stopped"] == 1  # what imagen writes still reads
+
+
 def test_a_stopped_worker_report_that_cannot_be_written_keeps_the_count(settings, bucket, proxy,
                                                                        short_storage_deadlines):
     source = _upload(bucket, "incoming/upscale/killer.png")
