@@ -808,7 +808,7 @@ class Processor:
         # Which source generation and delivery wrote it, beside the report (its JSON is the
         # contract's): a redelivery of the same message finds it (`_reported_before`), an older
         # generation's job leaves it be (`_write_report`).
-        written_by = {}
+        written_by = {routing.REFUSAL_KEY: "job messages are not enabled"} if unlisted else {}
         if job.generation is not None:
             written_by[routing.SOURCE_KEY] = job.source_uri
             written_by[routing.SOURCE_GENERATION_KEY] = job.generation
@@ -856,14 +856,26 @@ class Processor:
         what was seen (where it cannot be looked at, or the job names no generation, as is).
         Another source's report at the same place (two folders routed to one output path) is
         replaced, as is one naming a generation the source never reached (a job message's typo).
-        Not `guarded` (a job message refused unread: job messages are not enabled): written only
-        where no report is, ReportRefused where one is (the upload's own reason stays)."""
+        Not `guarded` (a job message refused unread: job messages are not enabled): written where
+        no report is or over an earlier such refusal, ReportRefused where a job's own report is
+        (the upload's own reason stays)."""
         if not guarded:
-            try:
-                self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=0)
-            except PreconditionLost:
-                raise ReportRefused(f"gs://{bucket}/{name} already holds a failure report: left as it is") from None
-            return None
+            expected = 0
+            for _ in range(REPORT_TRIES):
+                try:
+                    self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=expected)
+                    return None
+                except PreconditionLost:
+                    try:
+                        seen = self._store.stat(bucket, name)
+                    except InputError as error:
+                        raise ReportRefused(f"gs://{bucket}/{name} could not be looked at: {error}") from None
+                # An earlier refusal (this message again, its write retried after an answer lost,
+                # another message for the source) is replaced: the job is answered as before.
+                if seen is not None and not seen.metadata.get(routing.REFUSAL_KEY):
+                    raise ReportRefused(f"gs://{bucket}/{name} already holds a failure report: left as it is")
+                expected = seen.generation if seen is not None else 0
+            raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
         for _ in range(REPORT_TRIES):
             expected = None  # no precondition
             if job.generation is not None:

@@ -30,6 +30,9 @@ SECONDS_KEY = "imagen-seconds"
 OUTPUT_KEYS = (SOURCE_KEY, SOURCE_GENERATION_KEY, MODEL_KEY, VERSION_KEY, SECONDS_KEY)
 # On a failure report, beside imagen-source-generation: the message whose delivery wrote it.
 MESSAGE_ID_KEY = "imagen-message-id"
+# On a job message's refusal written because job messages are not enabled (no allowlist): a
+# later one may replace it, a job's own report never.
+REFUSAL_KEY = "imagen-refusal"
 
 MAX_NAME_BYTES = 1024  # Cloud Storage's limit on object names
 # The running marker beside a failure report (handlers/processor.py): the report's name leaves

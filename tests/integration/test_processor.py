@@ -624,6 +624,12 @@ def test_job_message_with_no_allowlist_set_is_reported_saying_what_to_set(settin
         "job messages are refused here: IMAGEN_ALLOWED_BUCKETS is unset; set it to the buckets job messages "
         "may read (Terraform: allowed_buckets)")}
     assert sorted(blob.name for blob in bucket.list_blobs()) == ["failed/upscale/uploads/p.png.json", "uploads/p.png"]
+    # The same message again (Pub/Sub delivers at least once) is answered as the first was, over
+    # its own refusal: it was dead-lettered for the report the first delivery wrote.
+    again = _processor(settings, engine).handle(JobRequest(bucket.name, "uploads/p.png", "upscale", {}), attempt=2)
+    assert again.status == "failed" and again.error["type"] == "SourceNotAllowed"
+    assert bucket.get_blob("failed/upscale/uploads/p.png.json").metadata == {"imagen-refusal": "job messages are "
+                                                                                               "not enabled"}
     # Never over a report already there (the upload's own reason, a newer generation's): it
     # replaced it unguarded. The dead-letter topic keeps the message.
     _upload(bucket, "incoming/upscale/broken.png", b"not a picture")
