@@ -94,6 +94,14 @@ def max_jpeg_scans(size: tuple[int, int]) -> int:
 
 MAX_JPEG_SEGMENTS = 10_000
 """Marker segments a JPEG may hold (real ones hold tens: tables, headers, scans, metadata)."""
+MAX_PNG_CHUNKS = 10_000
+"""Chunks a PNG may hold besides one per KiB of the file (its image data comes in chunks of 8
+to 64 KiB as encoders write it; the rest are tens): Pillow reads each in Python and keeps every
+chunk it does not know, so 50 MB of empty ones took 17 s and 0.5 GB to open."""
+MAX_GIF_SUB_BLOCKS = 100_000
+"""Sub-blocks the extensions before a GIF's first frame may hold (a comment, an ICC profile or
+XMP takes tens to hundreds): Pillow reads and keeps each, so 50 MB of one-byte ones took 10 s and
+2 GB to open."""
 
 # Pillow's warning for an image over its own limit went to stderr as plain text: the size is
 # checked here against `max_pixels` (and over twice Pillow's limit it refuses to open).
@@ -141,6 +149,9 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     # Before Pillow reads the header: a JPEG of millions of segments took it seconds (counting
     # refuses it); the scans allowed depend on the size, checked once it is known.
     scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1) if kind == "JPEG" else 0
+    if kind == "PNG" and (limit := MAX_PNG_CHUNKS + len(data) // 1024) < _png_chunks(data, limit + 1):
+        raise ImageDecodeError(f"PNG with more than {limit:,} chunks for its {len(data):,} bytes: refused, reading "
+                               "them would take seconds of a worker; re-encode it")
 
     # 2. Open (reads the header only) and check the declared size before decoding.
     readers = _readers(kind)
@@ -311,6 +322,18 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
     return scans
 
 
+def _png_chunks(data: bytes, limit: int) -> int:
+    """How many chunks the PNG `data` holds up to IEND or its end, counting no further than
+    `limit` (each is skipped by its length, not read)."""
+    chunks, position = 0, 8
+    while chunks < limit and position + 12 <= len(data):
+        chunks += 1
+        if data[position + 4:position + 8] == b"IEND":
+            break
+        position += 12 + int.from_bytes(data[position:position + 4], "big")
+    return chunks
+
+
 def _declared_size(kind: str, data: bytes) -> tuple[int, int] | None:
     """Width and height (pixels) a GIF or WebP header declares, or None if unreadable.
 
@@ -343,10 +366,16 @@ def _gif_size(data: bytes) -> tuple[int, int]:
     """The logical screen grown to cover the first frame, as Pillow does."""
     width, height, flags = struct.unpack_from("<HHB", data, 6)
     position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    blocks = 0
     while data[position] == 0x21:  # extension: label, then sub-blocks up to a zero length
         position += 2
         while data[position]:
             position += data[position] + 1
+            blocks += 1
+            if blocks > MAX_GIF_SUB_BLOCKS:
+                raise ImageDecodeError(f"GIF with more than {MAX_GIF_SUB_BLOCKS:,} extension blocks before its "
+                                       "first frame: refused, reading them would take seconds of a worker; "
+                                       "re-encode it")
         position += 1
     if data[position] == 0x2C:  # image descriptor: left, top, width, height
         left, top, frame_width, frame_height = struct.unpack_from("<4H", data, position + 1)

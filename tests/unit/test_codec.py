@@ -712,6 +712,42 @@ def test_counting_the_scans_of_hostile_bytes_is_linear():
         decode(b"\xff\xd8" + b"\xff\xc4\x00\x02" * 1_000_000)
 
 
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_floods_of_png_chunks_or_gif_blocks_are_refused_before_pillow_reads_them():
+    """Pillow reads each PNG chunk and GIF extension block in Python and keeps the unknown
+    ones: a 1x1 picture under the byte limit with millions of empty ones took 17 s and 0.5 GB
+    (PNG), 10 s and 2 GB (GIF) to open, on every delivery."""
+    png = save(Image.new("RGB", (1, 1)), "PNG")
+    flood = png[:33] + _png_chunk(b"prVt") * 200_000 + png[33:]  # after IHDR
+    with pytest.raises(ImageDecodeError, match="PNG with more than 12,343 chunks for its 2,400,069 bytes"):
+        decode(flood)
+    gif = save(Image.new("P", (1, 1)), "GIF")
+    start = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # after the global colour table
+    comment = b"\x21\xfe" + b"\x01x" * 200_000 + b"\x00"
+    with pytest.raises(ImageDecodeError, match="GIF with more than 100,000 extension blocks"):
+        decode(gif[:start] + comment + gif[start:])
+    # Image data in 1 KiB chunks (encoders write 8 to 64 KiB), a comment of a few blocks: read.
+    picture = noise(size=(256, 256))
+    whole = save(picture, "PNG", compress_level=0)
+    first, end = whole.index(b"IDAT") - 4, whole.index(b"IEND") - 4
+    idat = b"".join(whole[p + 8:p + 8 + int.from_bytes(whole[p:p + 4], "big")]
+                    for p in _chunk_positions(whole, first, end))
+    small = whole[:first] + b"".join(_png_chunk(b"IDAT", idat[i:i + 1024]) for i in range(0, len(idat), 1024)) + \
+        whole[end:]
+    assert small.count(b"IDAT") > 190
+    assert np.array_equal(pixels(decode(small)), pixels(picture))
+    assert pixels(decode(gif[:start] + b"\x21\xfe" + b"\x05hello" * 40 + b"\x00" + gif[start:])).shape == (1, 1, 3)
+
+
+def _chunk_positions(data: bytes, start: int, end: int):
+    while start < end:
+        yield start
+        start += 12 + int.from_bytes(data[start:start + 4], "big")
+
+
 def test_a_corrupt_tag_in_a_high_depth_tiff_is_read_as_absent_not_a_crash():
     # A float TIFF whose Photometric entry points past the file: KeyError from deep in Pillow,
     # retried as an unexpected fault for 30 minutes instead of reported.
