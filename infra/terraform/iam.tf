@@ -156,6 +156,40 @@ resource "google_storage_bucket_iam_member" "worker_reads_model_mirror" {
   }
 }
 
+# --- the people and services that drop images (var.uploaders) ---------------------------
+
+# New objects under the input folder only: an upload may not replace or delete another, nor
+# write where imagen writes (a planted failure report or running marker would stop a job).
+resource "google_storage_bucket_iam_member" "uploader_uploads" {
+  for_each = toset(var.uploaders)
+
+  bucket = google_storage_bucket.input.name
+  role   = "roles/storage.objectCreator"
+  member = each.value
+
+  condition {
+    title       = "uploads-only"
+    description = "New objects under ${var.input_prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.input.name}/objects/${var.input_prefix}\")"
+  }
+}
+
+# What comes of them, by name: results and failure reports (imagen submit --wait reads both).
+# A list request names the bucket, not an object, so the conditions let no listing through.
+resource "google_storage_bucket_iam_member" "uploader_reads" {
+  for_each = local.uploader_reads
+
+  bucket = each.value.bucket
+  role   = "roles/storage.objectViewer"
+  member = each.value.member
+
+  condition {
+    title       = "${each.value.folder}-only"
+    description = "Objects under ${each.value.prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value.bucket}/objects/${each.value.prefix}\")"
+  }
+}
+
 # --- Pub/Sub push -------------------------------------------------------------------------
 
 # Signs the push requests' OIDC tokens; holds run.invoker on the services and nothing else.

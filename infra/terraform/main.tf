@@ -76,6 +76,14 @@ locals {
     if pair[1] != var.input_bucket
   }
 
+  # Each uploader's reads (iam.tf): results in the output bucket, reports in the input bucket.
+  uploader_reads = merge([
+    for member in var.uploaders : {
+      "${member} results" = { member = member, bucket = local.output_bucket, prefix = var.output_prefix, folder = "results" }
+      "${member} reports" = { member = member, bucket = google_storage_bucket.input.name, prefix = var.failed_prefix, folder = "reports" }
+    }
+  ]...)
+
   compile_cache_bucket = var.compile_cache_bucket != "" ? var.compile_cache_bucket : "${var.input_bucket}-compiled"
 
   model_mirror_bucket = var.model_mirror == "" ? "" : split("/", trimprefix(var.model_mirror, "gs://"))[0]

@@ -94,6 +94,17 @@ variable "allowed_buckets" {
   default     = []
 }
 
+variable "uploaders" {
+  description = "IAM members (user:, group:, serviceAccount:) who drop images in: they may create objects under the input folder and read results under the output folder and failure reports under the failed folder, by name (no listing, replacing or deleting). Enough for gcloud storage cp and imagen submit --wait; leave empty to grant access yourself."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.uploaders : !contains(["allUsers", "allAuthenticatedUsers"], m)])
+    error_message = "uploaders: allUsers and allAuthenticatedUsers are not allowed."
+  }
+}
+
 variable "job_publishers" {
   description = "IAM members (e.g. serviceAccount:svc@p.iam.gserviceaccount.com) allowed to publish job messages to the notification topic. The message attribute `operation` routes a job; where a message has none, the topic copies it from the JSON body (filtered subscriptions)."
   type        = list(string)

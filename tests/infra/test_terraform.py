@@ -901,6 +901,31 @@ def test_nothing_is_public(terraform):
     assert "allUsers" not in code and "allAuthenticatedUsers" not in code
 
 
+def test_uploaders_may_create_under_the_input_folder_and_read_results_and_reports_by_name(terraform, tmp_path):
+    """Whoever drops images needed a hand-made grant, in practice objectCreator on the whole
+    bucket: a failure report or running marker planted beside an upload could stop its job."""
+    variable = terraform.variables["uploaders"]
+    assert one(variable["validation"])["condition"] and "allUsers" in expr(one(variable["validation"])["condition"])
+    uploads = terraform.resource("google_storage_bucket_iam_member", "uploader_uploads")
+    assert uploads["role"] == "roles/storage.objectCreator" and expr(uploads["for_each"]) == "toset(var.uploaders)"
+    assert expr(one(uploads["condition"])["expression"]) == (
+        'resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.input.name}/objects/'
+        '${var.input_prefix}\")')
+    reads = terraform.resource("google_storage_bucket_iam_member", "uploader_reads")
+    assert reads["role"] == "roles/storage.objectViewer" and expr(reads["for_each"]) == "local.uploader_reads"
+    assert "resource.name.startsWith(" in expr(one(reads["condition"])["expression"])  # no listing
+    text = _inline(terraform, "local.uploader_reads").replace("google_storage_bucket.input.name", '"in-b"')
+    text = text.replace("google_storage_bucket.output[0].name", '"out-b"')
+    values = _evaluate(tmp_path, {"uploaders": ["user:ann@example.com", "group:team@example.com"],
+                                  "input_bucket": "in-b", "output_bucket": "out-b", "output_prefix": "processed/",
+                                  "failed_prefix": "failed/"}, {"reads": text})["reads"]
+    assert values["user:ann@example.com results"] == {"member": "user:ann@example.com", "bucket": "out-b",
+                                                      "prefix": "processed/", "folder": "results"}
+    assert values["group:team@example.com reports"] == {"member": "group:team@example.com", "bucket": "in-b",
+                                                        "prefix": "failed/", "folder": "reports"}
+    assert len(values) == 4
+
+
 def test_no_primitive_roles_and_no_authoritative_bindings(terraform):
     for type_, name, body in terraform.all_resources():
         assert not AUTHORITATIVE_IAM.match(type_), f"{type_}.{name} would replace others' grants"
