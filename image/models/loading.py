@@ -165,7 +165,9 @@ def _load_pipeline(
         pipeline_class.from_pretrained,
         snapshot,
         dtype=dtype,
-        variant=spec.variant,
+        # Only where a weight file carries it: diffusers refuses a variant no file has, and a
+        # repo without fp16 files is pulled with every component on its fallback.
+        variant=spec.variant if spec.variant and any(f".{spec.variant}." in w for w in weights) else None,
         # Only where every component has safetensors: a pickle-only repo still loads.
         use_safetensors=True if weights and all(w.endswith(".safetensors") for w in weights) else None,
         local_files_only=True,

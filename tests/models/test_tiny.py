@@ -240,6 +240,18 @@ def _as_downloaded(cache, operation):
     return spec, snapshot
 
 
+def test_a_repo_without_fp16_files_loads_from_the_fallbacks_it_was_pulled_with(copy_cache, offline):
+    """The registry falls back per file where a repo has no fp16 variant; with none at all
+    (an older pinned commit, a fork), pull and verify said complete but every load failed:
+    diffusers refuses a variant no file has, and its error pointed back to verify."""
+    spec, snapshot = _as_downloaded(copy_cache, "enhance")
+    for weights in list(snapshot.rglob("*.fp16.safetensors")):
+        weights.rename(weights.with_name(weights.name.replace(".fp16.", ".")))
+    assert not list(snapshot.rglob("*.fp16.*"))
+    loaded = load_model(spec, copy_cache, device=CPU, dtype=torch.float32, allow_download=False, lock=Lock())
+    assert type(loaded.model).__name__ == spec.pipeline
+
+
 def test_verify_finds_a_cut_download_and_missing_files_without_a_lock(copy_cache, offline):
     spec, snapshot = _as_downloaded(copy_cache, "comic")
     weights = (snapshot / "unet" / "diffusion_pytorch_model.safetensors").resolve()
