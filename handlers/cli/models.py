@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from handlers.cli.options import check_bucket_exists, expand_home
 from handlers.settings import DEVICES, split_list
 from image.models.lock import Lock, packaged_lock_path
 from image.models.registry import specs_for
@@ -26,16 +27,11 @@ def _operations_option(function):
     )(function)
 
 
-def _home(ctx, param, value: Path | None) -> Path | None:
-    """`~` expanded, as in MODEL_CACHE_DIR (`--cache-dir=~/models` reaches us unexpanded)."""
-    return value.expanduser() if value is not None else None
-
-
 def _cache_dir_option(function):
     return click.option(
         "--cache-dir",
         type=click.Path(file_okay=False, path_type=Path),
-        callback=_home,
+        callback=expand_home,
         help="Model cache; default: MODEL_CACHE_DIR.",
     )(function)
 
@@ -46,7 +42,7 @@ def _lock_option(function):
         "lock_path",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        callback=_home,
+        callback=expand_home,
         help="Lock file; default: the image/models.lock.json shipped with imagen.",
     )(function)
 
@@ -190,7 +186,6 @@ def verify(settings, operations, cache_dir, lock_path, checksums):
 @click.pass_obj
 def mirror(settings, destination, operations, cache_dir, allow_tiny):
     """Copy the model cache to gs://BUCKET/PREFIX (see pull --from)."""
-    from handlers.cli.options import check_bucket_exists
     from handlers.clients import check_emulators, storage_client
     from handlers.model_mirror import mirror_cache, parse_mirror_uri
     from image.errors import ModelError

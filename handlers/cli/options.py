@@ -18,6 +18,12 @@ def bucket_name(ctx, param, value: str | None) -> str | None:
     return value
 
 
+def expand_home(ctx, param, value):
+    """A path option's `~` expanded, as in MODEL_CACHE_DIR (`--cache-dir=~/models` reaches us
+    unexpanded)."""
+    return value.expanduser() if value is not None else None
+
+
 def param_options(values: tuple[str, ...]) -> dict:
     """`--param k=v` options -> a params dict of the values as written: the parameters'
     checks read text as what each takes (`steps=20` -> 20, `mask_only=true` -> True), so a

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from handlers.cli.options import param_options
+from handlers.cli.options import expand_home, param_options
 from handlers.settings import DEVICES
 
 
@@ -32,7 +32,7 @@ from handlers.settings import DEVICES
               help="Output format (the same as --param format=...); default png.")
 @click.option("--device", type=click.Choice(DEVICES),
               help="Where the models run (IMAGEN_DEVICE); default auto.")
-@click.option("--model-cache-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--model-cache-dir", type=click.Path(file_okay=False, path_type=Path), callback=expand_home,
               help="Where the models are (MODEL_CACHE_DIR).")
 @click.pass_obj
 def run(settings, source, output, operation, params, format_given, device, model_cache_dir):

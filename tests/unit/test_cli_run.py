@@ -42,6 +42,19 @@ def photo(tmp_path):
     return path
 
 
+def test_the_model_cache_option_expands_the_home_folder_as_models_pull_does(tiny_cache, photo, tmp_path):
+    """`--model-cache-dir=~/m` (the shell leaves a `~` after `=` alone) looked in a folder named
+    `~`, where `imagen models pull --cache-dir=~/m` had put the models in the home folder."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "m").symlink_to(tiny_cache)
+    result = CliRunner().invoke(main, ["run", str(photo), "--operation", "remove-background",
+                                       "--model-cache-dir=~/m", "-o", str(tmp_path / "out.png")],
+                                env={"HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "IMAGEN_DEVICE": "cpu",
+                                     "MODEL_CACHE_DIR": ""})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.png").is_file()
+
+
 def test_a_result_over_pillows_pixel_limit_is_written_and_said(cli, photo, monkeypatch):
     """The command read its own output back to print its mode: an upscale of a 12 MP photo
     (192 MP) is over Pillow's limit, so it died with DecompressionBombError, exit 1, after
