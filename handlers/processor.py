@@ -109,9 +109,10 @@ REDELIVERY_AGE_SECONDS = 300
 DESCRIBE_SECONDS = 30
 # What a job needs after the model, to encode and upload its output (megapixels a second,
 # both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
-# PNG ran at 3.4 Mpx/s, WebP 7.6, JPEG 200 here), plus a few seconds for the upload to start
-# and for a failure report. A 16384x16384 PNG (a 4096-wide upscale) needs over two minutes.
-FINISH_MEGAPIXELS_PER_SECOND = {"png": 2.0, "webp": 4.0, "jpeg": 25.0}
+# PNG (run-length deflate, image/codec.py) ran at 12-13 Mpx/s, WebP 7.6, JPEG 200 here), plus
+# a few seconds for the upload to start and for a failure report. A 16384x16384 PNG (a
+# 4096-wide upscale) needs about a minute.
+FINISH_MEGAPIXELS_PER_SECOND = {"png": 6.0, "webp": 4.0, "jpeg": 25.0}
 FINISH_BASE_SECONDS = 10.0
 # Less than this left for the model is no time at all: it would stop at its first steps.
 MIN_MODEL_SECONDS = 30.0
