@@ -231,6 +231,13 @@ def test_16_bit_grey_is_scaled_not_clipped(fmt):
     assert pixels(image)[0].tolist() == [[0] * 3, [1] * 3, [128] * 3, [255] * 3]
 
 
+def test_every_16_bit_grey_value_rounds_to_the_nearest_8_bit_one():
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = pixels(decode(save(Image.fromarray(values), "PNG")))
+    assert got.shape == (256, 256, 3) and (got == got[..., :1]).all()
+    assert np.array_equal(got[..., 0], np.rint(values / 65535 * 255).astype(int))
+
+
 def test_16_bit_grey_png_with_a_transparent_value():
     values = np.array([[0, 65535]], np.uint16)
     image = decode(save(Image.fromarray(values), "PNG", transparency=65535))
