@@ -574,7 +574,7 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
         return ImageCms.applyTransform(image, lab_to_srgb)
     if icc and image.mode not in _ICC_MODES:
         image = image.convert("RGB")  # palette, 1-bit, YCbCr: the profile describes RGB
-    if icc:
+    if icc and not (image.mode == "RGB" and _srgb_already(icc)):
         # A fresh sRGB profile each call: LittleCMS profiles are not safe to share between
         # threads, and creating one costs microseconds.
         try:
@@ -584,6 +584,24 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
             pass  # a broken profile, or one for another colour space: keep the pixels as they are
     return image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_already(icc: bytes) -> bool:
+    """Whether converting RGB from the profile `icc` to sRGB changes no colour at all (an sRGB
+    profile, as phones and cameras embed): tried once per profile and process on all 2**24
+    colours (0.3 s), so a picture carrying one skips the transform (0.18 s a 12 MP photo)."""
+    levels = np.arange(256, dtype=np.uint8)
+    every = np.empty((2**24, 3), np.uint8)  # 48 MB, each colour once
+    every[:, 0], every[:, 1], every[:, 2] = levels.repeat(65536), np.tile(levels.repeat(256), 256), np.tile(levels, 65536)
+    every = every.reshape(4096, 4096, 3)
+    try:
+        converted = ImageCms.profileToProfile(
+            Image.fromarray(every), io.BytesIO(icc), ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return False  # _to_srgb says what becomes of it
+    return np.array_equal(np.asarray(converted), every)
 
 
 def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
