@@ -593,7 +593,9 @@ def _srgb_already(icc: bytes) -> bool:
     colours (0.3 s), so a picture carrying one skips the transform (0.18 s a 12 MP photo)."""
     levels = np.arange(256, dtype=np.uint8)
     every = np.empty((2**24, 3), np.uint8)  # 48 MB, each colour once
-    every[:, 0], every[:, 1], every[:, 2] = levels.repeat(65536), np.tile(levels.repeat(256), 256), np.tile(levels, 65536)
+    every[:, 0] = levels.repeat(65536)
+    every[:, 1] = np.tile(levels.repeat(256), 256)
+    every[:, 2] = np.tile(levels, 65536)
     every = every.reshape(4096, 4096, 3)
     try:
         converted = ImageCms.profileToProfile(
