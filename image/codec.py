@@ -18,6 +18,7 @@ image is then a bomb too.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import re
 import struct
@@ -586,11 +587,25 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     return image.convert("RGB")
 
 
-@functools.lru_cache(maxsize=32)
 def _srgb_already(icc: bytes) -> bool:
     """Whether converting RGB from the profile `icc` to sRGB changes no colour at all (an sRGB
     profile, as phones and cameras embed): tried once per profile and process on all 2**24
-    colours (0.3 s), so a picture carrying one skips the transform (0.18 s a 12 MP photo)."""
+    colours (0.3 s), so a picture carrying one skips the transform (0.18 s a 12 MP photo).
+    Remembered by the profile's digest (a JPEG's profile may be megabytes), 64 at most."""
+    key = hashlib.sha256(icc).digest()
+    known = _SRGB_PROFILES.get(key)
+    if known is None:
+        known = _changes_no_colour(icc)
+        if len(_SRGB_PROFILES) >= 64:
+            _SRGB_PROFILES.clear()
+        _SRGB_PROFILES[key] = known
+    return known
+
+
+_SRGB_PROFILES: dict[bytes, bool] = {}  # a profile's sha256 -> _srgb_already's answer
+
+
+def _changes_no_colour(icc: bytes) -> bool:
     levels = np.arange(256, dtype=np.uint8)
     every = np.empty((2**24, 3), np.uint8)  # 48 MB, each colour once
     every[:, 0] = levels.repeat(65536)

@@ -474,7 +474,7 @@ def test_an_srgb_profile_is_recognised_once_and_its_pictures_are_not_transformed
 
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     picture = noise(size=(48, 32))
-    codec._srgb_already.cache_clear()
+    codec._SRGB_PROFILES.clear()
     transforms = []
     real = ImageCms.profileToProfile
     monkeypatch.setattr(ImageCms, "profileToProfile", lambda *a, **k: transforms.append(a[0].size) or real(*a, **k))
