@@ -109,7 +109,8 @@ REDELIVERY_AGE_SECONDS = 300
 DESCRIBE_SECONDS = 30
 # What a job needs after the model, to encode and upload its output (megapixels a second,
 # both together, from Pillow's single-threaded encoders on noisy photos with room to spare:
-# PNG (run-length deflate, image/codec.py) ran at 12-13 Mpx/s, WebP 7.6, JPEG 200 here), plus
+# PNG ran at 12-13 Mpx/s (run-length deflate, which image/codec.py takes for photo-like
+# pictures; graphics, on the default strategy, ran at 50 and more), WebP 7.6, JPEG 200 here), plus
 # a few seconds for the upload to start and for a failure report. A 16384x16384 PNG (a
 # 4096-wide upscale) needs about a minute.
 FINISH_MEGAPIXELS_PER_SECOND = {"png": 6.0, "webp": 4.0, "jpeg": 25.0}
