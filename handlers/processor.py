@@ -817,7 +817,11 @@ class Processor:
             if fields.get("message_id"):
                 written_by[routing.MESSAGE_ID_KEY] = fields["message_id"]
         try:
-            newer = self._write_report(job, bucket, name, report, written_by, guarded=not unlisted)
+            if unlisted:
+                self._write_refusal(bucket, name, report, written_by)
+                newer = None
+            else:
+                newer = self._write_report(job, bucket, name, report, written_by)
         except Exception as write_error:
             if unlisted and isinstance(write_error, ReportRefused):  # a bucket we may not write in: leave it be
                 log.warning("job refused, and its failure report could not be written (%s): %s", write_error, error,
@@ -850,34 +854,13 @@ class Processor:
         self._publish(outcome)
         return outcome
 
-    def _write_report(self, job: Job, bucket: str, name: str, report: dict, metadata: dict, *,
-                      guarded: bool) -> str | None:
+    def _write_report(self, job: Job, bucket: str, name: str, report: dict, metadata: dict) -> str | None:
         """Write the report unless the one there is about a newer generation of the same source
         (an older generation's job, a job message or a late event, never replaces it); that
-        generation then, None once written. `guarded`: looked at first and written only over
-        what was seen (where it cannot be looked at, or the job names no generation, as is).
-        Another source's report at the same place (two folders routed to one output path) is
-        replaced, as is one naming a generation the source never reached (a job message's typo).
-        Not `guarded` (a job message refused unread: job messages are not enabled): written where
-        no report is or over an earlier such refusal, ReportRefused where a job's own report is
-        (the upload's own reason stays)."""
-        if not guarded:
-            expected = 0
-            for _ in range(REPORT_TRIES):
-                try:
-                    self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=expected)
-                    return None
-                except PreconditionLost:
-                    try:
-                        seen = self._store.stat(bucket, name)
-                    except InputError as error:
-                        raise ReportRefused(f"gs://{bucket}/{name} could not be looked at: {error}") from None
-                # An earlier refusal (this message again, its write retried after an answer lost,
-                # another message for the source) is replaced: the job is answered as before.
-                if seen is not None and not seen.metadata.get(routing.REFUSAL_KEY):
-                    raise ReportRefused(f"gs://{bucket}/{name} already holds a failure report: left as it is")
-                expected = seen.generation if seen is not None else 0
-            raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
+        generation then, None once written. Looked at first and written only over what was seen
+        (where it cannot be looked at, or the job names no generation, as is). Another source's
+        report at the same place (two folders routed to one output path) is replaced, as is one
+        naming a generation the source never reached (a job message's typo)."""
         for _ in range(REPORT_TRIES):
             expected = None  # no precondition
             if job.generation is not None:
@@ -896,6 +879,26 @@ class Processor:
                 return None
             except PreconditionLost:
                 continue  # another job's report landed: look again
+        raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
+
+    def _write_refusal(self, bucket: str, name: str, report: dict, metadata: dict) -> None:
+        """Write the report of a job message refused unread (job messages are not enabled) where
+        no report is, or over an earlier such refusal (this message again, its write retried
+        after an answer lost, another message for the source: answered as before); ReportRefused
+        where a job's own report is (the upload's own reason stays)."""
+        expected = 0
+        for _ in range(REPORT_TRIES):
+            try:
+                self._store.write_report(bucket, name, report, metadata=metadata, if_generation_match=expected)
+                return
+            except PreconditionLost:
+                try:
+                    seen = self._store.stat(bucket, name)
+                except InputError as error:
+                    raise ReportRefused(f"gs://{bucket}/{name} could not be looked at: {error}") from None
+            if seen is not None and not seen.metadata.get(routing.REFUSAL_KEY):
+                raise ReportRefused(f"gs://{bucket}/{name} already holds a failure report: left as it is")
+            expected = seen.generation if seen is not None else 0
         raise TransientError(f"gs://{bucket}/{name} kept changing as the failure report was written")
 
     def _clear_report(self, job: Job, fields: dict) -> None:
