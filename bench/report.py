@@ -87,11 +87,10 @@ def read_results(path: Path | None = None, folder: Path = RESULTS_DIR) -> tuple[
     """A bench run's results JSON: `path`, else the newest in `folder` by the time in its name
     (a clone gives every file the same modification time; a probe's file is no run's)."""
     if path is None:
-        found = sorted((p for p in Path(folder).glob("*.json") if _RESULTS_NAME.search(p.name)),
-                       key=lambda p: _RESULTS_NAME.search(p.name).group(2))
-        if not found:
+        runs = {match[2]: p for p in Path(folder).glob("*.json") if (match := _RESULTS_NAME.search(p.name))}
+        if not runs:
             raise SystemExit(f"no results in {folder}; run `python -m bench` first")
-        path = found[-1]
+        path = runs[max(runs)]
     results = json.loads(Path(path).read_text())
     if not isinstance(results, dict) or not {"environment", "cases"} <= results.keys():
         raise SystemExit(f"{path} is not a bench run's results (python -m bench writes "
